@@ -1,0 +1,1 @@
+//! The QEMU device model and launcher (work in progress).

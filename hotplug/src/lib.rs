@@ -1,0 +1,1 @@
+//! Hot-plug disks and NICs into running QEMU guests (work in progress).

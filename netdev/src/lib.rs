@@ -1,0 +1,1 @@
+//! Host side of QEMU NICs (work in progress).

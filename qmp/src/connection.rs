@@ -1,0 +1,250 @@
+//! The task that owns the socket.
+//!
+//! One [`Connection`] reads every frame and writes every request for its [`Client`]s. In-band
+//! replies are matched first-in first-out (QEMU answers in-band commands in order, exactly one reply
+//! each); `exec-oob` replies by their `id`. Events go to a broadcast channel. A caller that went away
+//! leaves its slot in the queue, so its reply is read and discarded and the stream stays in step.
+//! When the socket closes, every waiter fails with [`Error::Disconnected`] at once.
+//!
+//! [`Client`]: crate::Client
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use bytes::{Buf, BytesMut};
+use futures::StreamExt;
+use sendfd::SendWithFd;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+
+use crate::codec::QmpCodec;
+use crate::error::{Error, QmpError, Result};
+use crate::event::Event;
+use crate::message::{Message, Reply};
+
+/// What a waiter receives: the raw `return` value or QEMU's error.
+pub(crate) type ReplyResult = std::result::Result<Box<RawValue>, QmpError>;
+
+/// A request on its way from a [`Client`](crate::Client) to the socket.
+pub(crate) struct Op {
+    /// The encoded request, CRLF included.
+    pub bytes: Vec<u8>,
+    /// An fd to send with the first byte of `bytes` (`getfd`, `add-fd`).
+    pub fd: Option<OwnedFd>,
+    /// `Some(id)` for `exec-oob`.
+    pub oob_id: Option<u64>,
+    /// Where the reply goes. Dropped unanswered when the connection ends.
+    pub reply: oneshot::Sender<ReplyResult>,
+}
+
+struct InBand {
+    reply: oneshot::Sender<ReplyResult>,
+    carries_fd: bool,
+}
+
+/// Bytes waiting to be written, and the one fd (if any) that must ride on a given byte of them.
+#[derive(Default)]
+struct Outbox {
+    buf: BytesMut,
+    /// The fd and the offset in `buf` of the first byte of the request that carries it.
+    fd: Option<(usize, OwnedFd)>,
+}
+
+impl Outbox {
+    fn push(&mut self, bytes: &[u8], fd: Option<OwnedFd>) {
+        if let Some(fd) = fd {
+            debug_assert!(self.fd.is_none(), "one fd-carrying request at a time");
+            self.fd = Some((self.buf.len(), fd));
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Writes as much as the socket takes without blocking.
+    fn write_some(&mut self, sock: &OwnedWriteHalf) -> io::Result<()> {
+        while !self.buf.is_empty() {
+            let written = match &self.fd {
+                Some((0, fd)) => sock.as_ref().send_with_fd(&self.buf, &[fd.as_raw_fd()]),
+                Some((at, _)) => sock.try_write(&self.buf[..*at]),
+                None => sock.try_write(&self.buf),
+            };
+            let n = match written {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.buf.advance(n);
+            self.fd = match self.fd.take() {
+                // Sent along with the first byte: our copy closes here, QEMU has its own.
+                Some((0, _)) => None,
+                Some((at, fd)) => Some((at - n, fd)),
+                None => None,
+            };
+        }
+        Ok(())
+    }
+}
+
+/// The future that drives one QMP connection. [`connect`](crate::connect) spawns it for you; with
+/// [`Config::handshake`](crate::Config::handshake) you run it yourself.
+#[must_use = "a Connection does nothing unless it is run"]
+pub struct Connection {
+    pub(crate) frames: FramedRead<OwnedReadHalf, QmpCodec>,
+    pub(crate) write: OwnedWriteHalf,
+    pub(crate) ops: mpsc::UnboundedReceiver<Op>,
+    pub(crate) events: broadcast::Sender<Event>,
+}
+
+struct State {
+    outbox: Outbox,
+    inband: VecDeque<InBand>,
+    oob: HashMap<u64, oneshot::Sender<ReplyResult>>,
+    /// fd-carrying requests wait here while another one is unanswered.
+    fd_queue: VecDeque<Op>,
+    fd_in_flight: bool,
+}
+
+impl State {
+    fn accept(&mut self, op: Op) {
+        if op.fd.is_some() {
+            if self.fd_in_flight {
+                self.fd_queue.push_back(op);
+                return;
+            }
+            self.fd_in_flight = true;
+        }
+        let Op {
+            bytes,
+            fd,
+            oob_id,
+            reply,
+        } = op;
+        match oob_id {
+            Some(id) => {
+                self.oob.insert(id, reply);
+            }
+            None => self.inband.push_back(InBand {
+                reply,
+                carries_fd: fd.is_some(),
+            }),
+        }
+        self.outbox.push(&bytes, fd);
+    }
+
+    fn on_reply(&mut self, reply: Reply) {
+        match reply.id {
+            Some(id) => {
+                let waiter = id.as_u64().and_then(|id| self.oob.remove(&id));
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send(reply.result);
+                    }
+                    None => tracing::warn!(%id, "dropping a reply with an unknown id"),
+                }
+            }
+            None => match self.inband.pop_front() {
+                Some(waiter) => {
+                    // A waiter that timed out or was dropped is gone; its reply is discarded.
+                    let _ = waiter.reply.send(reply.result);
+                    if waiter.carries_fd {
+                        self.fd_in_flight = false;
+                        if let Some(next) = self.fd_queue.pop_front() {
+                            self.accept(next);
+                        }
+                    }
+                }
+                None => tracing::warn!(result = ?reply.result, "dropping a reply nobody waits for"),
+            },
+        }
+    }
+}
+
+impl Connection {
+    /// Runs the connection until the socket closes or every [`Client`](crate::Client) is dropped.
+    ///
+    /// Returns `Ok(())` on a clean end (EOF, or no client left) and the I/O error otherwise. Either
+    /// way every pending command fails with [`Error::Disconnected`] and event streams end.
+    pub async fn run(self) -> Result<()> {
+        let Connection {
+            mut frames,
+            write,
+            mut ops,
+            events,
+        } = self;
+        let mut state = State {
+            outbox: Outbox::default(),
+            inband: VecDeque::new(),
+            oob: HashMap::new(),
+            fd_queue: VecDeque::new(),
+            fd_in_flight: false,
+        };
+        let result: Result<()> = loop {
+            tokio::select! {
+                frame = frames.next() => match frame {
+                    None => break Ok(()),
+                    Some(Err(e)) => break Err(e.into()),
+                    Some(Ok(Err(bad))) => tracing::warn!(error = %bad, "skipping a bad frame from QEMU"),
+                    Some(Ok(Ok(Message::Reply(reply)))) => state.on_reply(reply),
+                    Some(Ok(Ok(Message::Event(event)))) => {
+                        tracing::trace!(event = event.name(), "event");
+                        // No subscriber is not an error; a slow one lags, it never blocks us.
+                        let _ = events.send(event);
+                    }
+                    Some(Ok(Ok(Message::Greeting(_)))) => tracing::warn!("ignoring a second greeting"),
+                },
+                writable = write.as_ref().writable(), if !state.outbox.buf.is_empty() => {
+                    if let Err(e) = writable.and_then(|()| state.outbox.write_some(&write)) {
+                        break Err(e.into());
+                    }
+                }
+                op = ops.recv() => match op {
+                    None => break Ok(()),
+                    Some(op) => {
+                        state.accept(op);
+                        while let Ok(op) = ops.try_recv() {
+                            state.accept(op);
+                        }
+                        if let Err(e) = state.outbox.write_some(&write) {
+                            break Err(e.into());
+                        }
+                    }
+                },
+            }
+        };
+        // Fail everything still queued: dropping a reply sender wakes its waiter with Disconnected.
+        ops.close();
+        while ops.try_recv().is_ok() {}
+        if let Err(e) = &result {
+            tracing::debug!(error = %e, "QMP connection ended");
+        }
+        result
+    }
+}
+
+/// Turns a waiter's outcome into the caller's result.
+pub(crate) fn finish(
+    command: &str,
+    outcome: std::result::Result<ReplyResult, oneshot::error::RecvError>,
+) -> Result<Box<RawValue>> {
+    match outcome {
+        Ok(Ok(raw)) => Ok(raw),
+        Ok(Err(error)) => Err(Error::Qmp {
+            command: command.to_owned(),
+            error,
+        }),
+        Err(_) => Err(Error::Disconnected),
+    }
+}
+
+/// `Value` of a raw reply, for `execute_raw`.
+pub(crate) fn raw_to_value(command: &str, raw: &RawValue) -> Result<Value> {
+    serde_json::from_str(raw.get()).map_err(|e| Error::UnexpectedReply {
+        command: command.to_owned(),
+        reason: e.to_string(),
+    })
+}

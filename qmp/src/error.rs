@@ -1,0 +1,129 @@
+//! The crate's error type.
+
+use std::{io, sync::Arc, time::Duration};
+
+/// A `Result` whose error is this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error reply from QEMU: `{"error": {"class": ..., "desc": ...}}`.
+///
+/// `class` is one of QAPI's `QapiErrorClass` values (almost always `GenericError`); `desc` is for
+/// humans and is not meant to be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct QmpError {
+    /// The error class, for example `GenericError`, `CommandNotFound` or `DeviceNotFound`.
+    pub class: String,
+    /// QEMU's human-readable description.
+    pub desc: String,
+}
+
+impl std::fmt::Display for QmpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.class, self.desc)
+    }
+}
+
+/// Why a frame from the server could not be used. The stream goes on after any of these.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// A frame grew past the configured limit before its newline arrived; its bytes were discarded.
+    #[error("frame exceeds the limit of {limit} bytes")]
+    TooLong {
+        /// The configured limit, in bytes.
+        limit: usize,
+    },
+    /// The stream ended inside a frame (no newline after its last bytes).
+    #[error("stream ended inside a frame ({len} bytes)")]
+    Incomplete {
+        /// How many bytes the unfinished frame had.
+        len: usize,
+    },
+    /// A complete frame was not a QMP message (bad JSON, bad UTF-8, or no known member).
+    #[error("malformed frame: {reason}")]
+    Malformed {
+        /// What was wrong with it.
+        reason: String,
+    },
+}
+
+/// Everything that can go wrong talking QMP.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// QEMU answered the command with an error reply.
+    #[error("QMP command `{command}` failed: {error}")]
+    Qmp {
+        /// The command that failed.
+        command: String,
+        /// QEMU's error.
+        error: QmpError,
+    },
+    /// The connection is gone (QEMU exited, the socket closed, or the connection task ended). Every
+    /// pending and future command fails with this.
+    #[error("QMP connection closed")]
+    Disconnected,
+    /// No reply came within the deadline. The connection stays usable: the late reply is discarded.
+    #[error("QMP command `{command}` timed out after {after:?}")]
+    Timeout {
+        /// The command (or `"connect"` / `"handshake"`) that timed out.
+        command: String,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// The server broke the protocol: a bad greeting, a reply that matches nothing we can use, or a
+    /// frame that could not be decoded during the handshake.
+    #[error("QMP protocol error: {0}")]
+    Protocol(String),
+    /// A reply arrived but its `return` value did not have the shape the command promises.
+    #[error("unexpected reply to `{command}`: {reason}")]
+    UnexpectedReply {
+        /// The command.
+        command: String,
+        /// The deserialization error.
+        reason: String,
+    },
+    /// A command's arguments could not be serialized.
+    #[error("cannot serialize arguments of `{command}`: {reason}")]
+    Serialize {
+        /// The command.
+        command: String,
+        /// The serializer's message.
+        reason: String,
+    },
+    /// An event the caller was waiting for could not be seen because the subscription lagged.
+    #[error("missed {0} events while waiting (subscriber lagged)")]
+    EventsLost(u64),
+    /// A socket error.
+    #[error("I/O error: {0}")]
+    Io(#[source] Arc<io::Error>),
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(Arc::new(e))
+    }
+}
+
+impl Error {
+    /// True when the connection is gone and no further command can succeed on it.
+    pub fn is_disconnected(&self) -> bool {
+        matches!(self, Error::Disconnected)
+    }
+
+    /// The QMP error class when this is an error reply from QEMU.
+    pub fn qmp_class(&self) -> Option<&str> {
+        match self {
+            Error::Qmp { error, .. } => Some(&error.class),
+            _ => None,
+        }
+    }
+
+    /// QEMU's error description when this is an error reply from QEMU.
+    pub fn qmp_desc(&self) -> Option<&str> {
+        match self {
+            Error::Qmp { error, .. } => Some(&error.desc),
+            _ => None,
+        }
+    }
+}

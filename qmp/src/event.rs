@@ -1,0 +1,198 @@
+//! Asynchronous events.
+//!
+//! The events the SDK reasons about are typed variants of [`EventKind`]; every other event, and any
+//! known event whose data does not have the expected shape, is [`EventKind::Other`] with its raw data.
+//! An event the SDK does not know never breaks anything.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::message::Timestamp;
+
+/// One event, as QEMU emitted it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// When QEMU emitted it.
+    pub timestamp: Timestamp,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// What an event says.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// `DEVICE_DELETED`: the guest acknowledged a device's removal (or it needed no acknowledgement).
+    /// Virtio devices also emit one for their internal `…/virtio-backend` child, without `device`.
+    DeviceDeleted(DeviceEvent),
+    /// `DEVICE_UNPLUG_GUEST_ERROR` (QEMU 6.2+): the guest refused to let the device go.
+    DeviceUnplugGuestError(DeviceEvent),
+    /// `SHUTDOWN`: the guest or the host asked the VM to shut down.
+    Shutdown(RunStateChange),
+    /// `RESET`: the VM was reset.
+    Reset(RunStateChange),
+    /// `POWERDOWN`: the guest was asked to power down (ACPI).
+    Powerdown,
+    /// `STOP`: the VM stopped running (paused).
+    Stop,
+    /// `RESUME`: the VM runs again.
+    Resume,
+    /// `NIC_RX_FILTER_CHANGED`: a NIC's receive filter (MAC, multicast) changed in the guest.
+    NicRxFilterChanged(NicRxFilterChanged),
+    /// Any other event, with its data untouched (`Null` when it had none).
+    Other {
+        /// The event's name.
+        name: String,
+        /// The event's `data` member.
+        data: Value,
+    },
+}
+
+/// The data of `DEVICE_DELETED` and `DEVICE_UNPLUG_GUEST_ERROR`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct DeviceEvent {
+    /// The device's id, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The device's QOM path, for example `/machine/peripheral/disk-1`.
+    pub path: String,
+}
+
+/// The data of `SHUTDOWN` and `RESET`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct RunStateChange {
+    /// True when the guest asked for it.
+    pub guest: bool,
+    /// QEMU's `ShutdownCause`, for example `host-qmp-quit` or `guest-shutdown`.
+    pub reason: String,
+}
+
+/// The data of `NIC_RX_FILTER_CHANGED`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct NicRxFilterChanged {
+    /// The NIC's id, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The NIC's QOM path.
+    pub path: String,
+}
+
+fn typed<T: DeserializeOwned>(data: &Option<Value>) -> Option<T> {
+    T::deserialize(data.as_ref()?).ok()
+}
+
+impl Event {
+    /// Builds an event from the members of its wire form.
+    pub fn from_wire(name: String, data: Option<Value>, timestamp: Timestamp) -> Event {
+        let kind = match name.as_str() {
+            "DEVICE_DELETED" => typed(&data).map(EventKind::DeviceDeleted),
+            "DEVICE_UNPLUG_GUEST_ERROR" => typed(&data).map(EventKind::DeviceUnplugGuestError),
+            "SHUTDOWN" => typed(&data).map(EventKind::Shutdown),
+            "RESET" => typed(&data).map(EventKind::Reset),
+            "NIC_RX_FILTER_CHANGED" => typed(&data).map(EventKind::NicRxFilterChanged),
+            "POWERDOWN" => Some(EventKind::Powerdown),
+            "STOP" => Some(EventKind::Stop),
+            "RESUME" => Some(EventKind::Resume),
+            _ => None,
+        };
+        let kind = kind.unwrap_or_else(|| EventKind::Other {
+            name,
+            data: data.unwrap_or(Value::Null),
+        });
+        Event { timestamp, kind }
+    }
+
+    /// The event's QMP name, for example `DEVICE_DELETED`.
+    pub fn name(&self) -> &str {
+        match &self.kind {
+            EventKind::DeviceDeleted(_) => "DEVICE_DELETED",
+            EventKind::DeviceUnplugGuestError(_) => "DEVICE_UNPLUG_GUEST_ERROR",
+            EventKind::Shutdown(_) => "SHUTDOWN",
+            EventKind::Reset(_) => "RESET",
+            EventKind::Powerdown => "POWERDOWN",
+            EventKind::Stop => "STOP",
+            EventKind::Resume => "RESUME",
+            EventKind::NicRxFilterChanged(_) => "NIC_RX_FILTER_CHANGED",
+            EventKind::Other { name, .. } => name,
+        }
+    }
+
+    /// The event's `data` member as JSON (`Null` when it has none).
+    pub fn data(&self) -> Value {
+        fn to_value<T: Serialize>(v: &T) -> Value {
+            serde_json::to_value(v).unwrap_or(Value::Null)
+        }
+        match &self.kind {
+            EventKind::DeviceDeleted(d) | EventKind::DeviceUnplugGuestError(d) => to_value(d),
+            EventKind::Shutdown(d) | EventKind::Reset(d) => to_value(d),
+            EventKind::NicRxFilterChanged(d) => to_value(d),
+            EventKind::Powerdown | EventKind::Stop | EventKind::Resume => Value::Null,
+            EventKind::Other { data, .. } => data.clone(),
+        }
+    }
+
+    /// The event in QMP's wire form: `{"event": …, "data": …, "timestamp": …}`.
+    pub fn to_json(&self) -> Value {
+        let mut obj = Map::new();
+        obj.insert("event".into(), Value::String(self.name().to_owned()));
+        let data = self.data();
+        if !data.is_null() {
+            obj.insert("data".into(), data);
+        }
+        obj.insert(
+            "timestamp".into(),
+            serde_json::to_value(self.timestamp).unwrap_or(Value::Null),
+        );
+        Value::Object(obj)
+    }
+
+    /// For `DEVICE_DELETED`: the id of the device that is gone. `None` for other events and for the
+    /// id-less events QEMU emits for a device's internal children (such as `virtio-backend`).
+    pub fn deleted_device(&self) -> Option<&str> {
+        match &self.kind {
+            EventKind::DeviceDeleted(DeviceEvent {
+                device: Some(id), ..
+            }) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn typed_and_other_events() {
+        let ts = Timestamp::default();
+        let e = Event::from_wire(
+            "DEVICE_DELETED".into(),
+            Some(json!({"device": "d1", "path": "/machine/peripheral/d1"})),
+            ts,
+        );
+        assert_eq!(e.deleted_device(), Some("d1"));
+        assert_eq!(e.data(), json!({"device": "d1", "path": "/machine/peripheral/d1"}));
+
+        let backend = Event::from_wire(
+            "DEVICE_DELETED".into(),
+            Some(json!({"path": "/machine/peripheral/d1/virtio-backend"})),
+            ts,
+        );
+        assert_eq!(backend.deleted_device(), None);
+
+        let odd = Event::from_wire("DEVICE_DELETED".into(), Some(json!({"weird": 1})), ts);
+        assert!(matches!(odd.kind, EventKind::Other { .. }));
+        assert_eq!(odd.name(), "DEVICE_DELETED");
+
+        let unknown = Event::from_wire("BRAND_NEW".into(), Some(json!([1, 2])), ts);
+        assert_eq!(unknown.name(), "BRAND_NEW");
+        assert_eq!(
+            unknown.to_json(),
+            json!({"event": "BRAND_NEW", "data": [1, 2], "timestamp": {"seconds": 0, "microseconds": 0}})
+        );
+        let stop = Event::from_wire("STOP".into(), None, ts);
+        assert_eq!(stop.kind, EventKind::Stop);
+        assert_eq!(stop.to_json().get("data"), None);
+    }
+}
