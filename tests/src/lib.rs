@@ -1,1 +1,57 @@
-//! Test harness for qhotplug.
+//! Test harness for qhotplug: a guard for real QEMU processes, a scriptable mock QMP server for what
+//! QEMU cannot be made to do (garbage, exact disconnects, floods), and fd accounting for our process.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use qhotplug_tests::{Qemu, MockServer};
+//! // Real QEMU, paused, no guest:
+//! let qemu = Qemu::paused();
+//! let client = qemu.connect().await;
+//! // A mock on one end of a socketpair:
+//! let (mut server, stream) = MockServer::pair();
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod mock;
+pub mod qemu;
+mod sys;
+
+pub use mock::{MockServer, Received};
+pub use qemu::Qemu;
+
+/// The fds our process has open, as `(fd, target)` pairs from `/proc/self/fd`.
+pub fn open_fds() -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").expect("read /proc/self/fd") {
+        let entry = entry.expect("dir entry");
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // The directory's own fd is gone by the time we readlink it.
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            out.push((fd, target.to_string_lossy().into_owned()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// How many fds our process has open.
+pub fn open_fd_count() -> usize {
+    open_fds().len()
+}
+
+/// Waits until `cond` holds, polling every millisecond, or panics after `deadline` naming `what`.
+/// For conditions that have no event to wait on (a file appearing, a process exiting).
+pub async fn wait_until(what: &str, deadline: std::time::Duration, mut cond: impl FnMut() -> bool) {
+    let end = tokio::time::Instant::now() + deadline;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+}

@@ -1,0 +1,45 @@
+//! The harness's only `unsafe`: taking ownership of fds the kernel handed us.
+
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+/// Wraps fds received with SCM_RIGHTS.
+pub(crate) fn own_received(fds: &[RawFd]) -> Vec<OwnedFd> {
+    fds.iter()
+        // SAFETY: each fd was just installed in our table by recvmsg(SCM_RIGHTS) and nothing else
+        // owns it; wrapping it once makes it closed exactly once.
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect()
+}
+
+/// Sends `signal` to process `pid`.
+pub(crate) fn kill(pid: u32, signal: i32) -> std::io::Result<()> {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Makes `fd` appear as `target` in the child `command` will spawn (without close-on-exec).
+pub(crate) fn inherit_fd(command: &mut std::process::Command, fd: OwnedFd, target: RawFd) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and calls only dup2/fcntl, which are
+    // async-signal-safe; `fd` is moved in and stays open until the child execs.
+    unsafe {
+        command.pre_exec(move || {
+            let src = fd.as_raw_fd();
+            if src == target {
+                let flags = libc::fcntl(src, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(src, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(src, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
