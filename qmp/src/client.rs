@@ -163,7 +163,9 @@ impl Config {
                 }
                 Message::Event(_) => continue,
                 Message::Greeting(_) => {
-                    return Err(Error::Protocol("a second greeting during negotiation".into()))
+                    return Err(Error::Protocol(
+                        "a second greeting during negotiation".into(),
+                    ))
                 }
             }
         }
@@ -316,7 +318,11 @@ impl Client {
     ///
     /// The fd is closed on our side once sent (QEMU holds its own copy), or when the command fails
     /// before it is sent.
-    pub async fn execute_with_fd<C: Command>(&self, command: &C, fd: OwnedFd) -> Result<C::Returns> {
+    pub async fn execute_with_fd<C: Command>(
+        &self,
+        command: &C,
+        fd: OwnedFd,
+    ) -> Result<C::Returns> {
         let raw = self
             .send(
                 C::NAME,
@@ -417,12 +423,14 @@ impl Client {
                 .map_err(|_| Error::Disconnected)?;
             let outcome = match timeout {
                 None => rx.await,
-                Some(after) => tokio::time::timeout(after, rx)
-                    .await
-                    .map_err(|_| Error::Timeout {
-                        command: name.to_owned(),
-                        after,
-                    })?,
+                Some(after) => {
+                    tokio::time::timeout(after, rx)
+                        .await
+                        .map_err(|_| Error::Timeout {
+                            command: name.to_owned(),
+                            after,
+                        })?
+                }
             };
             let result = finish(name, outcome);
             if let Err(e) = &result {

@@ -226,12 +226,18 @@ mod tests {
             assert!(buf.len() <= 16);
         }
         buf.extend_from_slice(b"end\r\n{\"x\":1}\r\n");
-        assert_eq!(&c.decode(&mut buf).unwrap().unwrap().unwrap()[..], b"{\"x\":1}");
+        assert_eq!(
+            &c.decode(&mut buf).unwrap().unwrap().unwrap()[..],
+            b"{\"x\":1}"
+        );
     }
 
     #[test]
     fn frame_at_exactly_the_limit_passes_and_one_past_fails() {
-        let got = decode_all(&mut FrameCodec::new(7), &[b"{\"a\":1}\r\n", b"{\"ab\":1}\r\n"]);
+        let got = decode_all(
+            &mut FrameCodec::new(7),
+            &[b"{\"a\":1}\r\n", b"{\"ab\":1}\r\n"],
+        );
         assert_eq!(got[0], Ok(b"{\"a\":1}".to_vec()));
         assert_eq!(got[1], Err("frame exceeds the limit of 7 bytes".into()));
         // A CR that arrives before its LF does not count against the limit.
@@ -252,12 +258,18 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"{\"return\": {}}\r\n{garbage\r\n{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 0}}\r\n"[..],
         );
-        assert!(matches!(c.decode(&mut buf).unwrap(), Some(Ok(Message::Reply(_)))));
+        assert!(matches!(
+            c.decode(&mut buf).unwrap(),
+            Some(Ok(Message::Reply(_)))
+        ));
         assert!(matches!(
             c.decode(&mut buf).unwrap(),
             Some(Err(FrameError::Malformed { .. }))
         ));
-        assert!(matches!(c.decode(&mut buf).unwrap(), Some(Ok(Message::Event(_)))));
+        assert!(matches!(
+            c.decode(&mut buf).unwrap(),
+            Some(Ok(Message::Event(_)))
+        ));
         assert!(c.decode(&mut buf).unwrap().is_none());
     }
 

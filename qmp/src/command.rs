@@ -486,9 +486,10 @@ mod tests {
 
     #[test]
     fn unknown_run_state_is_kept_apart() {
-        let s: StatusInfo =
-            serde_json::from_str(r#"{"running": false, "status": "brand-new", "singlestep": false}"#)
-                .unwrap();
+        let s: StatusInfo = serde_json::from_str(
+            r#"{"running": false, "status": "brand-new", "singlestep": false}"#,
+        )
+        .unwrap();
         assert_eq!(s.status, RunState::Unknown);
         let s: StatusInfo =
             serde_json::from_str(r#"{"running": false, "status": "prelaunch"}"#).unwrap();

@@ -172,7 +172,10 @@ mod tests {
             ts,
         );
         assert_eq!(e.deleted_device(), Some("d1"));
-        assert_eq!(e.data(), json!({"device": "d1", "path": "/machine/peripheral/d1"}));
+        assert_eq!(
+            e.data(),
+            json!({"device": "d1", "path": "/machine/peripheral/d1"})
+        );
 
         let backend = Event::from_wire(
             "DEVICE_DELETED".into(),

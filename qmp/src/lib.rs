@@ -52,3 +52,8 @@ pub use connection::Connection;
 pub use error::{Error, FrameError, QmpError, Result};
 pub use event::{Event, EventKind};
 pub use message::{Greeting, Timestamp};
+
+/// The README's example, compiled as a doctest so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

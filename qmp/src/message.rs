@@ -253,8 +253,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match Message::from_slice(br#"{"error": {"class": "GenericError", "desc": "no"}}"#)
-            .unwrap()
+        match Message::from_slice(br#"{"error": {"class": "GenericError", "desc": "no"}}"#).unwrap()
         {
             Message::Reply(r) => {
                 assert_eq!(r.id, None);

@@ -135,7 +135,10 @@ impl MockServer {
                     .unwrap_or(&line[..line.len() - 1])
                     .to_vec();
                 let request = serde_json::from_slice(&raw).unwrap_or_else(|e| {
-                    panic!("client sent invalid JSON ({e}): {}", String::from_utf8_lossy(&raw))
+                    panic!(
+                        "client sent invalid JSON ({e}): {}",
+                        String::from_utf8_lossy(&raw)
+                    )
                 });
                 return Some(Received { request, raw, fds });
             }

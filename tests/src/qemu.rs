@@ -39,16 +39,31 @@ impl Qemu {
             crate::sys::inherit_fd(&mut command, fd, target);
         }
         let child = command
-            .args(["-S", "-nodefaults", "-display", "none", "-accel", "tcg", "-m", "128"])
+            .args([
+                "-S",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-accel",
+                "tcg",
+                "-m",
+                "128",
+            ])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .args(extra.iter().map(|a| a.replace("{dir}", &dir.path().to_string_lossy())))
+            .args(
+                extra
+                    .iter()
+                    .map(|a| a.replace("{dir}", &dir.path().to_string_lossy())),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot run {QEMU} ({e}); `scripts/test` installs it (Debian qemu-system-x86)")
+                panic!(
+                    "cannot run {QEMU} ({e}); `scripts/test` installs it (Debian qemu-system-x86)"
+                )
             });
         Qemu { child, dir, qmp }
     }

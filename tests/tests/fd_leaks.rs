@@ -2,12 +2,12 @@
 //! or closes fds while one counts them (nextest runs each test in its own process anyway).
 
 use std::os::fd::OwnedFd;
-use std::sync::Mutex;
+use tokio::sync::Mutex;
 
 use qhotplug_qmp::command::{AddFd, Closefd, Cont, RemoveFd};
 use qhotplug_tests::{open_fd_count, open_fds, Qemu};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: Mutex<()> = Mutex::const_new(());
 
 fn pipe_fd() -> OwnedFd {
     let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -16,7 +16,7 @@ fn pipe_fd() -> OwnedFd {
 
 #[tokio::test]
 async fn a_thousand_getfd_closefd_rounds_leave_our_fd_table_as_it_was() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let qemu = Qemu::paused();
     let client = qemu.connect().await;
     let before = open_fds();
@@ -25,22 +25,41 @@ async fn a_thousand_getfd_closefd_rounds_leave_our_fd_table_as_it_was() {
         client.getfd(&name, pipe_fd()).await.unwrap();
         client.execute(&Closefd { fdname: name }).await.unwrap();
     }
-    assert_eq!(open_fds(), before, "our fd table after 1000 getfd/closefd rounds");
+    assert_eq!(
+        open_fds(),
+        before,
+        "our fd table after 1000 getfd/closefd rounds"
+    );
 }
 
 #[tokio::test]
 async fn a_refused_fd_command_still_closes_our_copy() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let qemu = Qemu::paused();
     let client = qemu.connect().await;
     let before = open_fd_count();
-    let err = client.getfd("1starts-with-a-digit", pipe_fd()).await.unwrap_err();
+    let err = client
+        .getfd("1starts-with-a-digit", pipe_fd())
+        .await
+        .unwrap_err();
     assert_eq!(err.qmp_class(), Some("GenericError"));
     client.execute(&Cont).await.unwrap();
     let info = client
-        .add_fd(&AddFd { fdset_id: None, opaque: None }, pipe_fd())
+        .add_fd(
+            &AddFd {
+                fdset_id: None,
+                opaque: None,
+            },
+            pipe_fd(),
+        )
         .await
         .unwrap();
-    client.execute(&RemoveFd { fdset_id: info.fdset_id, fd: None }).await.unwrap();
+    client
+        .execute(&RemoveFd {
+            fdset_id: info.fdset_id,
+            fd: None,
+        })
+        .await
+        .unwrap();
     assert_eq!(open_fd_count(), before);
 }

@@ -54,7 +54,9 @@ async fn a_failed_negotiation_is_a_typed_error() {
     let client = tokio::spawn(async move { Config::new().connect_stream(stream).await });
     server.send(&default_greeting()).await;
     server.recv().await.unwrap();
-    server.error("GenericError", "Capability oob not available").await;
+    server
+        .error("GenericError", "Capability oob not available")
+        .await;
     let err = client.await.unwrap().unwrap_err();
     assert_eq!(err.qmp_class(), Some("GenericError"));
 }
@@ -75,7 +77,10 @@ async fn a_silent_server_times_out_the_handshake() {
         .connect_stream(stream)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Timeout { ref command, .. } if command == "handshake"), "{err}");
+    assert!(
+        matches!(err, Error::Timeout { ref command, .. } if command == "handshake"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -114,7 +119,11 @@ async fn oob_replies_overtake_in_band_ones() {
     let c2 = client.clone();
     let oob = tokio::spawn(async move { c2.execute_oob_raw("migrate-pause", &Value::Null).await });
     let req = server.recv().await.unwrap();
-    assert!(req.raw.starts_with(br#"{"exec-oob":"migrate-pause","id":"#), "{:?}", req.request);
+    assert!(
+        req.raw.starts_with(br#"{"exec-oob":"migrate-pause","id":"#),
+        "{:?}",
+        req.request
+    );
     let id = req.id().unwrap().clone();
     // An unknown id is dropped, not matched to anybody.
     server.reply_id(json!("nobody"), &json!(999_999)).await;
@@ -186,7 +195,9 @@ async fn garbage_frames_are_skipped_and_the_connection_goes_on() {
     let c = client.clone();
     let call = tokio::spawn(async move { c.execute(&QueryStatus).await });
     server.recv().await.unwrap();
-    server.send_raw(b"{not json\r\n\xff\xfe\xfd\r\n[1,2,3]\r\n{}\r\n").await;
+    server
+        .send_raw(b"{not json\r\n\xff\xfe\xfd\r\n[1,2,3]\r\n{}\r\n")
+        .await;
     server.send_raw(&vec![b'x'; 5000]).await;
     server.send_raw(b"\r\n").await;
     server.reply(STATUS()).await;
@@ -203,14 +214,23 @@ async fn events_interleaved_with_replies_reach_every_subscriber() {
     server.recv().await.unwrap();
     server.event("RESUME", json!({})).await;
     server
-        .event("DEVICE_DELETED", json!({"device": "d1", "path": "/machine/peripheral/d1"}))
+        .event(
+            "DEVICE_DELETED",
+            json!({"device": "d1", "path": "/machine/peripheral/d1"}),
+        )
         .await;
     server.reply(STATUS()).await;
     server.event("SOMETHING_NEW", json!({"x": 1})).await;
     call.await.unwrap().unwrap();
     for events in [&mut a, &mut b] {
-        assert_eq!(events.next().await.unwrap().unwrap().kind, EventKind::Resume);
-        assert_eq!(events.next().await.unwrap().unwrap().deleted_device(), Some("d1"));
+        assert_eq!(
+            events.next().await.unwrap().unwrap().kind,
+            EventKind::Resume
+        );
+        assert_eq!(
+            events.next().await.unwrap().unwrap().deleted_device(),
+            Some("d1")
+        );
         let other = events.next().await.unwrap().unwrap();
         assert_eq!(other.name(), "SOMETHING_NEW");
         assert_eq!(other.data(), json!({"x": 1}));
@@ -231,10 +251,16 @@ async fn execute_and_wait_catches_an_event_that_beats_the_reply() {
     });
     server.recv().await.unwrap();
     server
-        .event("DEVICE_DELETED", json!({"path": "/machine/peripheral/d1/virtio-backend"}))
+        .event(
+            "DEVICE_DELETED",
+            json!({"path": "/machine/peripheral/d1/virtio-backend"}),
+        )
         .await;
     server
-        .event("DEVICE_DELETED", json!({"device": "d1", "path": "/machine/peripheral/d1"}))
+        .event(
+            "DEVICE_DELETED",
+            json!({"device": "d1", "path": "/machine/peripheral/d1"}),
+        )
         .await;
     server.reply(json!({})).await;
     let (_, event) = call.await.unwrap().unwrap();
@@ -247,7 +273,8 @@ async fn a_flood_of_events_never_blocks_replies_and_lag_is_reported() {
     let mut never_reads = client.events();
     let mut flood = Vec::with_capacity(100_000 * 90);
     for i in 0..100_000 {
-        let mut line = serde_json::to_vec(&event_json("BLOCK_IO_ERROR", json!({ "n": i }))).unwrap();
+        let mut line =
+            serde_json::to_vec(&event_json("BLOCK_IO_ERROR", json!({ "n": i }))).unwrap();
         line.extend_from_slice(b"\r\n");
         flood.extend_from_slice(&line);
     }
@@ -279,7 +306,10 @@ async fn fds_ride_with_their_command_and_only_one_is_in_flight() {
     let c = client.clone();
     let first = tokio::spawn(async move { c.getfd("fd-one", w1.into()).await });
     let got1 = server.recv().await.unwrap();
-    assert_eq!(got1.raw, br#"{"execute":"getfd","arguments":{"fdname":"fd-one"}}"#);
+    assert_eq!(
+        got1.raw,
+        br#"{"execute":"getfd","arguments":{"fdname":"fd-one"}}"#
+    );
     assert_eq!(got1.fds.len(), 1);
 
     // A second fd command waits for the first's reply; an fd-less command overtakes it.

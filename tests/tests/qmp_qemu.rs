@@ -29,11 +29,24 @@ async fn greeting_and_queries_on_a_paused_vm() {
     assert!(version.qemu.major >= 7);
 
     let status = client.execute(&QueryStatus).await.unwrap();
-    assert_eq!((status.running, status.status), (false, RunState::Prelaunch));
+    assert_eq!(
+        (status.running, status.status),
+        (false, RunState::Prelaunch)
+    );
 
     let commands = client.execute(&QueryCommands).await.unwrap();
-    for needed in ["device_add", "blockdev-add", "netdev_add", "getfd", "add-fd", "query-fdsets"] {
-        assert!(commands.iter().any(|c| c.name == needed), "{needed} missing");
+    for needed in [
+        "device_add",
+        "blockdev-add",
+        "netdev_add",
+        "getfd",
+        "add-fd",
+        "query-fdsets",
+    ] {
+        assert!(
+            commands.iter().any(|c| c.name == needed),
+            "{needed} missing"
+        );
     }
 
     let pci = client.execute(&QueryPci).await.unwrap();
@@ -42,18 +55,29 @@ async fn greeting_and_queries_on_a_paused_vm() {
 
     assert!(client.execute(&QueryFdsets).await.unwrap().is_empty());
     let peripherals = client
-        .execute(&QomList { path: "/machine/peripheral".into() })
+        .execute(&QomList {
+            path: "/machine/peripheral".into(),
+        })
         .await
         .unwrap();
-    assert!(peripherals.iter().all(|p| p.child_type().is_none()), "{peripherals:?}");
+    assert!(
+        peripherals.iter().all(|p| p.child_type().is_none()),
+        "{peripherals:?}"
+    );
 
     let hmp = client
-        .execute(&HumanMonitorCommand { command_line: "info version".into(), cpu_index: None })
+        .execute(&HumanMonitorCommand {
+            command_line: "info version".into(),
+            cpu_index: None,
+        })
         .await
         .unwrap();
     assert!(hmp.starts_with(&version.qemu.to_string()), "{hmp}");
 
-    let err = client.execute_raw("no-such-command", &Value::Null).await.unwrap_err();
+    let err = client
+        .execute_raw("no-such-command", &Value::Null)
+        .await
+        .unwrap_err();
     assert_eq!(err.qmp_class(), Some("CommandNotFound"));
     assert!(matches!(err, Error::Qmp { ref command, .. } if command == "no-such-command"));
 }
@@ -70,8 +94,13 @@ async fn block_and_device_commands_show_in_qemu_state() {
         })
         .await
         .unwrap();
-    let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
-    assert!(nodes.iter().any(|n| n.node_name.as_deref() == Some("null0") && n.ro));
+    let nodes = client
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap();
+    assert!(nodes
+        .iter()
+        .any(|n| n.node_name.as_deref() == Some("null0") && n.ro));
 
     client
         .execute(&DeviceAdd {
@@ -92,12 +121,20 @@ async fn block_and_device_commands_show_in_qemu_state() {
         .await
         .unwrap();
     let pci = client.execute(&QueryPci).await.unwrap();
-    let scsi = pci[0].devices.iter().find(|d| d.qdev_id == "scsi0").unwrap();
+    let scsi = pci[0]
+        .devices
+        .iter()
+        .find(|d| d.qdev_id == "scsi0")
+        .unwrap();
     assert_eq!(scsi.slot, 5);
     let block = client.execute(&QueryBlock).await.unwrap();
-    assert!(block.iter().any(|b| b.qdev.as_deref().is_some_and(|q| q.contains("disk0"))));
+    assert!(block
+        .iter()
+        .any(|b| b.qdev.as_deref().is_some_and(|q| q.contains("disk0"))));
     let peripherals = client
-        .execute(&QomList { path: "/machine/peripheral".into() })
+        .execute(&QomList {
+            path: "/machine/peripheral".into(),
+        })
         .await
         .unwrap();
     let disk = peripherals.iter().find(|p| p.name == "disk0").unwrap();
@@ -113,9 +150,19 @@ async fn block_and_device_commands_show_in_qemu_state() {
         .await
         .unwrap();
     assert!(matches!(event.kind, EventKind::DeviceDeleted(_)));
-    client.execute(&BlockdevDel { node_name: "null0".into() }).await.unwrap();
-    let nodes = client.execute(&QueryNamedBlockNodes { flat: Some(true) }).await.unwrap();
-    assert!(nodes.iter().all(|n| n.node_name.as_deref() != Some("null0")));
+    client
+        .execute(&BlockdevDel {
+            node_name: "null0".into(),
+        })
+        .await
+        .unwrap();
+    let nodes = client
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap();
+    assert!(nodes
+        .iter()
+        .all(|n| n.node_name.as_deref() != Some("null0")));
 
     // A bad device is a typed error naming the command.
     let err = client
@@ -135,16 +182,30 @@ async fn netdev_add_and_del() {
     let qemu = Qemu::paused();
     let client = qemu.connect().await;
     client
-        .execute(&NetdevAdd { kind: "user".into(), id: "net0".into(), props: Map::new() })
+        .execute(&NetdevAdd {
+            kind: "user".into(),
+            id: "net0".into(),
+            props: Map::new(),
+        })
         .await
         .unwrap();
     let dup = client
-        .execute(&NetdevAdd { kind: "user".into(), id: "net0".into(), props: Map::new() })
+        .execute(&NetdevAdd {
+            kind: "user".into(),
+            id: "net0".into(),
+            props: Map::new(),
+        })
         .await
         .unwrap_err();
     assert!(dup.qmp_desc().unwrap().contains("Duplicate"), "{dup}");
-    client.execute(&NetdevDel { id: "net0".into() }).await.unwrap();
-    let gone = client.execute(&NetdevDel { id: "net0".into() }).await.unwrap_err();
+    client
+        .execute(&NetdevDel { id: "net0".into() })
+        .await
+        .unwrap();
+    let gone = client
+        .execute(&NetdevDel { id: "net0".into() })
+        .await
+        .unwrap_err();
     assert_eq!(gone.qmp_class(), Some("DeviceNotFound"));
 }
 
@@ -154,30 +215,65 @@ async fn run_state_commands_and_their_events() {
     let client = qemu.connect().await;
     let mut events = client.events();
     client.execute(&Cont).await.unwrap();
-    assert_eq!(events.next().await.unwrap().unwrap().kind, EventKind::Resume);
+    assert_eq!(
+        events.next().await.unwrap().unwrap().kind,
+        EventKind::Resume
+    );
     assert!(client.execute(&QueryStatus).await.unwrap().running);
     client.execute(&Stop).await.unwrap();
     assert_eq!(events.next().await.unwrap().unwrap().kind, EventKind::Stop);
     client.execute(&SystemReset).await.unwrap();
     let reset = events.next().await.unwrap().unwrap();
-    assert!(matches!(reset.kind, EventKind::Reset(ref r) if !r.guest), "{reset:?}");
+    assert!(
+        matches!(reset.kind, EventKind::Reset(ref r) if !r.guest),
+        "{reset:?}"
+    );
     client.execute(&Quit).await.unwrap();
     let shutdown = events.next().await.unwrap().unwrap();
     assert!(matches!(shutdown.kind, EventKind::Shutdown(ref s) if s.reason == "host-qmp-quit"));
-    assert!(events.next().await.is_none(), "the stream ends when QEMU exits");
+    assert!(
+        events.next().await.is_none(),
+        "the stream ends when QEMU exits"
+    );
     assert!(qemu.wait().success());
 }
 
 #[tokio::test]
 async fn getfd_names_belong_to_their_connection() {
-    let qemu = Qemu::spawn(&["-machine", "pc", "-qmp", "unix:{dir}/second.sock,server=on,wait=off"]);
+    let qemu = Qemu::spawn(&[
+        "-machine",
+        "pc",
+        "-qmp",
+        "unix:{dir}/second.sock,server=on,wait=off",
+    ]);
     let first = qemu.connect().await;
-    let second = Config::new().connect(qemu.dir().join("second.sock")).await.unwrap();
+    let second = Config::new()
+        .connect(qemu.dir().join("second.sock"))
+        .await
+        .unwrap();
     first.getfd("mine", pipe_fd()).await.unwrap();
-    let elsewhere = second.execute(&Closefd { fdname: "mine".into() }).await.unwrap_err();
-    assert!(elsewhere.qmp_desc().unwrap().contains("not found"), "{elsewhere}");
-    first.execute(&Closefd { fdname: "mine".into() }).await.unwrap();
-    let again = first.execute(&Closefd { fdname: "mine".into() }).await.unwrap_err();
+    let elsewhere = second
+        .execute(&Closefd {
+            fdname: "mine".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        elsewhere.qmp_desc().unwrap().contains("not found"),
+        "{elsewhere}"
+    );
+    first
+        .execute(&Closefd {
+            fdname: "mine".into(),
+        })
+        .await
+        .unwrap();
+    let again = first
+        .execute(&Closefd {
+            fdname: "mine".into(),
+        })
+        .await
+        .unwrap_err();
     assert!(again.qmp_desc().unwrap().contains("not found"), "{again}");
 }
 
@@ -188,7 +284,13 @@ async fn add_fd_shows_in_query_fdsets_and_remove_fd_takes_it_away() {
     // QEMU before 9.1 defers closing removed fds while the VM is paused: run it (SeaBIOS, no disk).
     client.execute(&Cont).await.unwrap();
     let info = client
-        .add_fd(&AddFd { fdset_id: None, opaque: Some("disk-1".into()) }, pipe_fd())
+        .add_fd(
+            &AddFd {
+                fdset_id: None,
+                opaque: Some("disk-1".into()),
+            },
+            pipe_fd(),
+        )
         .await
         .unwrap();
     let sets = client.execute(&QueryFdsets).await.unwrap();
@@ -198,13 +300,25 @@ async fn add_fd_shows_in_query_fdsets_and_remove_fd_takes_it_away() {
     assert_eq!(sets[0].fds[0].opaque.as_deref(), Some("disk-1"));
 
     let info2 = client
-        .add_fd(&AddFd { fdset_id: Some(info.fdset_id), opaque: None }, pipe_fd())
+        .add_fd(
+            &AddFd {
+                fdset_id: Some(info.fdset_id),
+                opaque: None,
+            },
+            pipe_fd(),
+        )
         .await
         .unwrap();
     assert_eq!(info2.fdset_id, info.fdset_id);
     assert_eq!(client.execute(&QueryFdsets).await.unwrap()[0].fds.len(), 2);
 
-    client.execute(&RemoveFd { fdset_id: info.fdset_id, fd: None }).await.unwrap();
+    client
+        .execute(&RemoveFd {
+            fdset_id: info.fdset_id,
+            fd: None,
+        })
+        .await
+        .unwrap();
     let sets = client.execute(&QueryFdsets).await.unwrap();
     assert!(sets.is_empty(), "after remove-fd: {sets:?}");
 }
@@ -236,11 +350,20 @@ async fn sixty_four_pipelined_commands_each_get_their_reply() {
 async fn oob_commands_carry_an_id_and_come_back_to_their_caller() {
     let qemu = Qemu::paused();
     let client = qemu.connect().await;
-    let err = client.execute_oob_raw("migrate-pause", &Value::Null).await.unwrap_err();
+    let err = client
+        .execute_oob_raw("migrate-pause", &Value::Null)
+        .await
+        .unwrap_err();
     assert_eq!(err.qmp_class(), Some("GenericError"), "{err}");
     // A command that does not allow oob is refused, and the reply still finds its caller.
-    let err = client.execute_oob_raw("query-status", &Value::Null).await.unwrap_err();
-    assert!(err.qmp_desc().unwrap().contains("does not support OOB"), "{err}");
+    let err = client
+        .execute_oob_raw("query-status", &Value::Null)
+        .await
+        .unwrap_err();
+    assert!(
+        err.qmp_desc().unwrap().contains("does not support OOB"),
+        "{err}"
+    );
     client.execute(&QueryStatus).await.unwrap();
 
     let plain = qemu_without_oob().await;
@@ -260,7 +383,14 @@ async fn qemu_without_oob() -> qhotplug_qmp::Client {
 async fn connect_from_a_socketpair_given_to_qemu() {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let qemu = Qemu::spawn_with_fds(
-        &["-machine", "pc", "-chardev", "socket,id=mon1,fd=100", "-mon", "chardev=mon1,mode=control"],
+        &[
+            "-machine",
+            "pc",
+            "-chardev",
+            "socket,id=mon1,fd=100",
+            "-mon",
+            "chardev=mon1,mode=control",
+        ],
         vec![(theirs.into(), 100)],
     );
     ours.set_nonblocking(true).unwrap();
@@ -281,7 +411,10 @@ async fn connecting_to_a_missing_socket_fails_at_the_deadline() {
         .connect(dir.path().join("nothing.sock"))
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Io(ref e) if e.kind() == std::io::ErrorKind::NotFound), "{err}");
+    assert!(
+        matches!(err, Error::Io(ref e) if e.kind() == std::io::ErrorKind::NotFound),
+        "{err}"
+    );
     assert!(start.elapsed() < Duration::from_secs(5));
 }
 

@@ -1,0 +1,216 @@
+//! `cargo bench -p qhotplug-tests --bench qmp`
+//!
+//! Starts one paused QEMU with two QMP sockets and measures, in alternating rounds against the same
+//! process: sequential `query-status` round trips and 64-in-flight throughput for the client, and
+//! the same two for the floor, a raw blocking Unix-socket loop sending the shortest valid request
+//! (pipelined with `oob` enabled for the concurrent figure). Prints each figure and, last,
+//! `ratio_seq=X ratio_concurrent=Y` where a ratio is floor time / client time (1.0 = no overhead).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use qhotplug_qmp::command::QueryStatus;
+use qhotplug_tests::Qemu;
+
+const SEQ: usize = 500;
+const CONC: usize = 5_000;
+const WINDOW: usize = 64;
+const ROUNDS: usize = 21;
+const REQUEST: &[u8] = b"{\"execute\":\"query-status\"}\r\n";
+
+struct Raw {
+    write: UnixStream,
+    read: BufReader<UnixStream>,
+    line: String,
+}
+
+impl Raw {
+    fn connect(path: &std::path::Path) -> Raw {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("raw connect: {e}"),
+            }
+        };
+        let mut raw = Raw {
+            write: stream.try_clone().unwrap(),
+            read: BufReader::new(stream),
+            line: String::new(),
+        };
+        raw.read_line(); // greeting
+        raw.write
+            .write_all(
+                b"{\"execute\":\"qmp_capabilities\",\"arguments\":{\"enable\":[\"oob\"]}}\r\n",
+            )
+            .unwrap();
+        raw.read_line();
+        raw
+    }
+
+    fn read_line(&mut self) {
+        self.line.clear();
+        self.read.read_line(&mut self.line).unwrap();
+        assert!(
+            self.line.starts_with("{\"return\"") || self.line.starts_with("{\"QMP\""),
+            "{}",
+            self.line
+        );
+    }
+
+    fn sequential(&mut self, n: usize) -> Duration {
+        let start = Instant::now();
+        for _ in 0..n {
+            self.write.write_all(REQUEST).unwrap();
+            self.read_line();
+        }
+        start.elapsed()
+    }
+
+    fn pipelined(&mut self, n: usize) -> Duration {
+        let start = Instant::now();
+        let first = WINDOW.min(n);
+        self.write.write_all(&REQUEST.repeat(first)).unwrap();
+        let mut sent = first;
+        for _ in 0..n {
+            self.read_line();
+            if sent < n {
+                self.write.write_all(REQUEST).unwrap();
+                sent += 1;
+            }
+        }
+        start.elapsed()
+    }
+}
+
+async fn client_sequential(client: &qhotplug_qmp::Client, n: usize) -> Duration {
+    let start = Instant::now();
+    for _ in 0..n {
+        client.execute(&QueryStatus).await.unwrap();
+    }
+    start.elapsed()
+}
+
+async fn client_pipelined(client: &qhotplug_qmp::Client, n: usize) -> Duration {
+    let start = Instant::now();
+    let done = futures::stream::iter(0..n)
+        .map(|_| client.execute(&QueryStatus))
+        .buffer_unordered(WINDOW)
+        .fold(0usize, |acc, r| async move {
+            r.unwrap();
+            acc + 1
+        })
+        .await;
+    assert_eq!(done, n);
+    start.elapsed()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn per_op(d: Duration, n: usize) -> f64 {
+    d.as_secs_f64() * 1e6 / n as f64
+}
+
+fn main() {
+    let runtime = match std::env::var("QHOTPLUG_BENCH_RUNTIME").as_deref() {
+        Ok("current_thread") => tokio::runtime::Builder::new_current_thread(),
+        Ok(workers) if workers.parse::<usize>().is_ok() => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(workers.parse().unwrap());
+            b
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()
+    .unwrap();
+    // Run on a worker thread, as an orchestrator's tasks do: in a multi-thread runtime the future
+    // given to `block_on` runs on the main thread, which is not a worker, so every wake-up would
+    // cross threads.
+    runtime.block_on(async { tokio::spawn(run()).await.unwrap() });
+}
+
+async fn run() {
+    let qemu = Qemu::spawn(&[
+        "-machine",
+        "pc",
+        "-qmp",
+        "unix:{dir}/floor.sock,server=on,wait=off",
+    ]);
+    let client = qemu.connect().await;
+    let floor_path = qemu.dir().join("floor.sock");
+    let mut raw = tokio::task::spawn_blocking(move || Raw::connect(&floor_path))
+        .await
+        .unwrap();
+    println!(
+        "QEMU {} ({}), client oob={}",
+        client.greeting().version.qemu,
+        client.greeting().version.package,
+        client.oob_enabled()
+    );
+
+    // Warm up both paths.
+    client_sequential(&client, 200).await;
+    raw = tokio::task::spawn_blocking(move || {
+        raw.sequential(200);
+        raw
+    })
+    .await
+    .unwrap();
+
+    let (mut fs, mut cs, mut fc, mut cc) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..ROUNDS {
+        let (r, seq) = tokio::task::spawn_blocking(move || {
+            let seq = raw.sequential(SEQ);
+            (raw, seq)
+        })
+        .await
+        .unwrap();
+        fs.push(seq);
+        cs.push(client_sequential(&client, SEQ).await);
+        let (r, conc) = tokio::task::spawn_blocking(move || {
+            let mut raw = r;
+            let conc = raw.pipelined(CONC);
+            (raw, conc)
+        })
+        .await
+        .unwrap();
+        raw = r;
+        fc.push(conc);
+        cc.push(client_pipelined(&client, CONC).await);
+    }
+    // Each round measures floor and client moments apart; the median of the per-round ratios
+    // resists the drift of a shared 2-core machine better than a ratio of medians.
+    let ratio = |floor: &[Duration], client: &[Duration]| {
+        let mut r: Vec<f64> = floor
+            .iter()
+            .zip(client)
+            .map(|(f, c)| f.as_secs_f64() / c.as_secs_f64())
+            .collect();
+        r.sort_by(f64::total_cmp);
+        r[r.len() / 2]
+    };
+    let (ratio_seq, ratio_conc) = (ratio(&fs, &cs), ratio(&fc, &cc));
+    let (fs, cs, fc, cc) = (median(fs), median(cs), median(fc), median(cc));
+    println!("sequential query-status, {SEQ} round trips, median of {ROUNDS} rounds:");
+    println!("  floor  (raw socket loop) {:8.1} us/op", per_op(fs, SEQ));
+    println!("  client (qhotplug-qmp)    {:8.1} us/op", per_op(cs, SEQ));
+    println!("{WINDOW}-in-flight query-status, {CONC} commands, median of {ROUNDS} rounds:");
+    println!(
+        "  floor  (raw, pipelined, oob) {:8.0} ops/s",
+        CONC as f64 / fc.as_secs_f64()
+    );
+    println!(
+        "  client (qhotplug-qmp)        {:8.0} ops/s",
+        CONC as f64 / cc.as_secs_f64()
+    );
+    println!("ratio_seq={ratio_seq:.3} ratio_concurrent={ratio_conc:.3}");
+}
