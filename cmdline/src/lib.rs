@@ -1,1 +1,35 @@
-//! The QEMU device model and launcher (work in progress).
+//! The device model shared by QEMU's command line and QMP hotplug, and a QEMU launcher.
+//!
+//! A [`Disk`] or [`Nic`] is one value. It renders as `-blockdev`/`-netdev`/`-device` arguments at
+//! boot and as `blockdev-add`/`netdev_add`/`device_add` arguments at hotplug, so a VM relaunched
+//! from its recorded [`VmSpec`] has the topology it had. Values are escaped (`,` becomes `,,`) and
+//! ids are checked against QEMU's rules before anything starts.
+//!
+//! ```no_run
+//! use qhotplug_cmdline::{Disk, Launcher, Machine, Pci, VmSpec};
+//! # async fn demo() -> qhotplug_cmdline::Result<()> {
+//! let mut spec = VmSpec::new("vm1", Machine::Pc);
+//! spec.paused = true;
+//! spec.disks.push(Disk::virtio_blk("disk-1", "/var/lib/vm1/root.img", Pci::new("pci.0", 9)));
+//! let (client, qemu) = Launcher::new(spec, "/run/vm1").launch().await?;
+//! println!("QEMU {} is pid {}", client.greeting().version.qemu, qemu.pid());
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod device;
+mod error;
+mod launch;
+mod spec;
+mod sys;
+pub mod value;
+
+pub use device::{
+    props_to_json, Cache, Disk, DiskBackend, DiskFrontend, Format, Nic, Pci, Props, RootPort,
+    ScsiAddr, ScsiController,
+};
+pub use error::{Error, Result};
+pub use launch::{Launcher, QemuProcess};
+pub use spec::{Accel, Machine, Serial, VmSpec};
+pub use value::{escape, ganeti_id, validate_id, Prop};

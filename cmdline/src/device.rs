@@ -1,0 +1,673 @@
+//! Devices: one value renders as launch arguments and as hotplug (QMP) arguments.
+
+use std::path::PathBuf;
+
+use qhotplug_netdev::MacAddr;
+use qhotplug_qmp::command::{BlockdevAdd, DeviceAdd, NetdevAdd};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::value::{render, validate_id, Prop};
+
+/// Ordered properties: the order is the command line's.
+pub type Props = Vec<(String, Prop)>;
+
+fn p(key: &str, value: impl Into<Prop>) -> (String, Prop) {
+    (key.to_owned(), value.into())
+}
+
+/// Typed JSON of `props`, with dotted keys (`cache.direct`) nested as QMP wants them.
+pub fn props_to_json(props: &[(String, Prop)]) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (key, value) in props {
+        let mut obj = &mut out;
+        let mut parts = key.split('.').peekable();
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                obj.insert(part.to_owned(), value.to_json());
+            } else {
+                obj = obj
+                    .entry(part.to_owned())
+                    .or_insert_with(|| Value::Object(Map::new()))
+                    .as_object_mut()
+                    .expect("dotted keys nest objects");
+            }
+        }
+    }
+    out
+}
+
+/// A PCI address: a bus and a slot (and function) on it. `addr` is hexadecimal on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Pci {
+    /// The bus: `pci.0` on `pc`, `pcie.0` or a root port's id on `q35`.
+    pub bus: String,
+    /// The slot, 0–31.
+    pub slot: u8,
+    /// The function, 0–7.
+    pub function: u8,
+}
+
+impl Pci {
+    /// Slot `slot`, function 0, on `bus`.
+    pub fn new(bus: impl Into<String>, slot: u8) -> Self {
+        Pci {
+            bus: bus.into(),
+            slot,
+            function: 0,
+        }
+    }
+
+    /// The `addr` property: `0x9`, or `0x9.0x1` for a function other than 0.
+    pub fn addr(&self) -> String {
+        if self.function == 0 {
+            format!("{:#x}", self.slot)
+        } else {
+            format!("{:#x}.{:#x}", self.slot, self.function)
+        }
+    }
+
+    fn props(&self) -> Props {
+        vec![p("bus", self.bus.clone()), p("addr", self.addr())]
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.slot > 31 || self.function > 7 {
+            return Err(Error::InvalidSpec(format!(
+                "PCI address {}:{} out of range",
+                self.slot, self.function
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A SCSI address on a virtio-scsi controller's bus.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ScsiAddr {
+    /// The controller's bus, `<controller id>.0`.
+    pub bus: String,
+    /// The channel (0).
+    pub channel: u8,
+    /// The target.
+    pub scsi_id: u16,
+    /// The LUN.
+    pub lun: u16,
+}
+
+impl ScsiAddr {
+    fn props(&self) -> Props {
+        vec![
+            p("bus", self.bus.clone()),
+            p("channel", i64::from(self.channel)),
+            p("scsi-id", i64::from(self.scsi_id)),
+            p("lun", i64::from(self.lun)),
+        ]
+    }
+}
+
+/// The guest-facing side of a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskFrontend {
+    /// `virtio-blk-pci` at a PCI address.
+    VirtioBlk(Pci),
+    /// `scsi-hd` on a virtio-scsi controller.
+    ScsiHd(ScsiAddr),
+    /// `scsi-generic` (SCSI passthrough of a host `/dev/sgN`) on a virtio-scsi controller.
+    ScsiGeneric(ScsiAddr),
+}
+
+/// The host-side protocol driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskBackend {
+    /// A regular file (`file`).
+    File,
+    /// A block or character device (`host_device`).
+    HostDevice,
+}
+
+/// The image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `raw`.
+    Raw,
+    /// `qcow2`.
+    Qcow2,
+}
+
+/// Host cache mode, as libvirt names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Cache {
+    /// Page cache, flushes honoured (QEMU's default).
+    #[default]
+    Writeback,
+    /// `O_DIRECT`, flushes honoured.
+    None,
+    /// Page cache, flushes ignored (`unsafe`): for throw-away guests only.
+    Unsafe,
+    /// `O_DIRECT`, flushes honoured, and the guest sees a write-through cache.
+    Directsync,
+}
+
+impl Cache {
+    fn direct(self) -> bool {
+        matches!(self, Cache::None | Cache::Directsync)
+    }
+    fn no_flush(self) -> bool {
+        matches!(self, Cache::Unsafe)
+    }
+}
+
+/// A disk: image, format, and how the guest sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    /// The device id; node names derive from it (`<id>-file`, `<id>-fmt`).
+    pub id: String,
+    /// The guest side.
+    pub frontend: DiskFrontend,
+    /// The image (opened by QEMU at boot; by us and passed as an fd at hotplug).
+    pub path: PathBuf,
+    /// The protocol driver.
+    pub backend: DiskBackend,
+    /// The format.
+    pub format: Format,
+    /// Read-only.
+    pub read_only: bool,
+    /// Host cache mode.
+    pub cache: Cache,
+}
+
+impl Disk {
+    /// A raw, read-write, writeback `virtio-blk-pci` disk on a file.
+    pub fn virtio_blk(id: impl Into<String>, path: impl Into<PathBuf>, pci: Pci) -> Disk {
+        Disk {
+            id: id.into(),
+            frontend: DiskFrontend::VirtioBlk(pci),
+            path: path.into(),
+            backend: DiskBackend::File,
+            format: Format::Raw,
+            read_only: false,
+            cache: Cache::default(),
+        }
+    }
+
+    /// A raw, read-write, writeback `scsi-hd` disk on a file.
+    pub fn scsi_hd(id: impl Into<String>, path: impl Into<PathBuf>, addr: ScsiAddr) -> Disk {
+        Disk {
+            frontend: DiskFrontend::ScsiHd(addr),
+            ..Disk::virtio_blk(id, path, Pci::new("", 0))
+        }
+    }
+
+    /// The protocol node's name.
+    pub fn file_node(&self) -> String {
+        format!("{}-file", self.id)
+    }
+
+    /// The format node's name (what the device's `drive` names), or the protocol node for
+    /// `scsi-generic`, which sits on it directly.
+    pub fn top_node(&self) -> String {
+        match self.frontend {
+            DiskFrontend::ScsiGeneric(_) => self.file_node(),
+            _ => format!("{}-fmt", self.id),
+        }
+    }
+
+    /// The device model.
+    pub fn driver(&self) -> &'static str {
+        match self.frontend {
+            DiskFrontend::VirtioBlk(_) => "virtio-blk-pci",
+            DiskFrontend::ScsiHd(_) => "scsi-hd",
+            DiskFrontend::ScsiGeneric(_) => "scsi-generic",
+        }
+    }
+
+    /// Checks ids, node names and addresses.
+    pub fn check(&self) -> Result<()> {
+        validate_id(&self.id)?;
+        if self.file_node().len() > 31 {
+            return Err(Error::InvalidId {
+                id: self.id.clone(),
+                reason: "too long for a block node name (26 bytes at most)",
+            });
+        }
+        if let DiskFrontend::VirtioBlk(pci) = &self.frontend {
+            pci.check()?;
+        }
+        if matches!(self.frontend, DiskFrontend::ScsiGeneric(_))
+            && self.backend != DiskBackend::HostDevice
+        {
+            return Err(Error::InvalidSpec(format!(
+                "{}: scsi-generic needs a host_device backend",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// The id and placement properties (the Ganeti seed form, without the backend).
+    pub fn frontend_props(&self) -> Props {
+        let mut props = vec![p("id", self.id.clone())];
+        props.extend(match &self.frontend {
+            DiskFrontend::VirtioBlk(pci) => pci.props(),
+            DiskFrontend::ScsiHd(a) | DiskFrontend::ScsiGeneric(a) => a.props(),
+        });
+        props
+    }
+
+    /// Every device property: placement, then `drive`.
+    pub fn device_props(&self) -> Props {
+        let mut props = self.frontend_props();
+        props.push(p("drive", self.top_node()));
+        props
+    }
+
+    /// The protocol node's properties; `filename` is the path at boot, `/dev/fdset/N` at hotplug.
+    pub fn protocol_props(&self, filename: &str) -> Props {
+        vec![
+            p(
+                "driver",
+                match self.backend {
+                    DiskBackend::File => "file",
+                    DiskBackend::HostDevice => "host_device",
+                },
+            ),
+            p("node-name", self.file_node()),
+            p("filename", filename),
+            p("read-only", self.read_only),
+            p("cache.direct", self.cache.direct()),
+            p("cache.no-flush", self.cache.no_flush()),
+        ]
+    }
+
+    /// The format node's properties (none for `scsi-generic`).
+    pub fn format_props(&self) -> Option<Props> {
+        if matches!(self.frontend, DiskFrontend::ScsiGeneric(_)) {
+            return None;
+        }
+        Some(vec![
+            p(
+                "driver",
+                match self.format {
+                    Format::Raw => "raw",
+                    Format::Qcow2 => "qcow2",
+                },
+            ),
+            p("node-name", self.top_node()),
+            p("file", self.file_node()),
+            p("read-only", self.read_only),
+            p("cache.direct", self.cache.direct()),
+            p("cache.no-flush", self.cache.no_flush()),
+        ])
+    }
+
+    /// Launch arguments: `-blockdev` (protocol, then format) and `-device`.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec![
+            "-blockdev".to_owned(),
+            render_kv(&self.protocol_props(&self.path.to_string_lossy())),
+        ];
+        if let Some(format) = self.format_props() {
+            args.extend(["-blockdev".to_owned(), render_kv(&format)]);
+        }
+        args.extend([
+            "-device".to_owned(),
+            render(self.driver(), &self.device_props()),
+        ]);
+        args
+    }
+
+    /// `blockdev-add` arguments: the protocol node, then the format node when there is one.
+    pub fn blockdev_add(&self, filename: &str) -> Vec<BlockdevAdd> {
+        let mut out = vec![blockdev(&self.protocol_props(filename))];
+        out.extend(self.format_props().as_deref().map(blockdev));
+        out
+    }
+
+    /// `device_add` arguments.
+    pub fn device_add(&self) -> DeviceAdd {
+        device_add(self.driver(), &self.device_props())
+    }
+}
+
+fn render_kv(props: &[(String, Prop)]) -> String {
+    let s = render("", props);
+    s.strip_prefix(',').unwrap_or(&s).to_owned()
+}
+
+fn blockdev(props: &[(String, Prop)]) -> BlockdevAdd {
+    let mut map = props_to_json(props);
+    let driver = map
+        .remove("driver")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let node_name = map
+        .remove("node-name")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    BlockdevAdd {
+        driver,
+        node_name,
+        props: map,
+    }
+}
+
+fn device_add(driver: &str, props: &[(String, Prop)]) -> DeviceAdd {
+    let mut map = props_to_json(props);
+    let take = |m: &mut Map<String, Value>, k: &str| {
+        m.remove(k).and_then(|v| v.as_str().map(str::to_owned))
+    };
+    let id = take(&mut map, "id");
+    let bus = take(&mut map, "bus");
+    DeviceAdd {
+        driver: driver.to_owned(),
+        id,
+        bus,
+        props: map,
+    }
+}
+
+/// A `virtio-net-pci` NIC on a tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// The device id; the netdev is `<id>-net`.
+    pub id: String,
+    /// The guest's MAC address.
+    pub mac: MacAddr,
+    /// Queue pairs (one tap fd each).
+    pub queues: u16,
+    /// Where it sits.
+    pub pci: Pci,
+    /// Use vhost-net (one vhost fd per queue).
+    pub vhost: bool,
+}
+
+impl Nic {
+    /// The netdev's id.
+    pub fn netdev_id(&self) -> String {
+        format!("{}-net", self.id)
+    }
+
+    /// Checks the id, queues and address.
+    pub fn check(&self) -> Result<()> {
+        validate_id(&self.id)?;
+        if !(1..=256).contains(&self.queues) {
+            return Err(Error::InvalidSpec(format!(
+                "{}: {} queues (1 to 256)",
+                self.id, self.queues
+            )));
+        }
+        if !self.mac.is_unicast() {
+            return Err(Error::InvalidSpec(format!(
+                "{}: MAC {} is not unicast",
+                self.id, self.mac
+            )));
+        }
+        self.pci.check()
+    }
+
+    /// The id and placement properties (the Ganeti seed form).
+    pub fn frontend_props(&self) -> Props {
+        let mut props = vec![p("id", self.id.clone())];
+        props.extend(self.pci.props());
+        props
+    }
+
+    /// Every device property: placement, `netdev`, `mac`, and `mq`/`vectors` (2N+2) for N > 1.
+    pub fn device_props(&self) -> Props {
+        let mut props = self.frontend_props();
+        props.push(p("netdev", self.netdev_id()));
+        props.push(p("mac", self.mac.to_string()));
+        if self.queues > 1 {
+            props.push(p("mq", true));
+            props.push(p("vectors", 2 * i64::from(self.queues) + 2));
+        }
+        props
+    }
+
+    /// The netdev's properties. `tap_fds`/`vhost_fds` are fd numbers (at boot) or `getfd` names (at
+    /// hotplug), one per queue.
+    pub fn netdev_props(&self, tap_fds: &[String], vhost_fds: &[String]) -> Props {
+        let mut props = vec![p("id", self.netdev_id())];
+        if tap_fds.len() == 1 {
+            props.push(p("fd", tap_fds[0].clone()));
+        } else {
+            props.push(p("fds", tap_fds.join(":")));
+        }
+        if !vhost_fds.is_empty() {
+            props.push(p("vhost", true));
+            let key = if vhost_fds.len() == 1 {
+                "vhostfd"
+            } else {
+                "vhostfds"
+            };
+            props.push(p(key, vhost_fds.join(":")));
+        }
+        props
+    }
+
+    /// Launch arguments: `-netdev` and `-device`.
+    pub fn args(&self, tap_fds: &[String], vhost_fds: &[String]) -> Vec<String> {
+        vec![
+            "-netdev".into(),
+            render("tap", &self.netdev_props(tap_fds, vhost_fds)),
+            "-device".into(),
+            render("virtio-net-pci", &self.device_props()),
+        ]
+    }
+
+    /// `netdev_add` arguments.
+    pub fn netdev_add(&self, tap_fds: &[String], vhost_fds: &[String]) -> NetdevAdd {
+        let mut map = props_to_json(&self.netdev_props(tap_fds, vhost_fds));
+        let id = map
+            .remove("id")
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        NetdevAdd {
+            kind: "tap".into(),
+            id,
+            props: map,
+        }
+    }
+
+    /// `device_add` arguments.
+    pub fn device_add(&self) -> DeviceAdd {
+        device_add("virtio-net-pci", &self.device_props())
+    }
+}
+
+/// A `virtio-scsi-pci` controller; its bus is `<id>.0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScsiController {
+    /// The id.
+    pub id: String,
+    /// Where it sits.
+    pub pci: Pci,
+}
+
+impl ScsiController {
+    /// The bus its disks plug into.
+    pub fn bus(&self) -> String {
+        format!("{}.0", self.id)
+    }
+
+    /// Launch arguments.
+    pub fn args(&self) -> Vec<String> {
+        let mut props = vec![p("id", self.id.clone())];
+        props.extend(self.pci.props());
+        vec!["-device".into(), render("virtio-scsi-pci", &props)]
+    }
+}
+
+/// A `pcie-root-port` on `q35`: one hot-pluggable device sits behind each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RootPort {
+    /// The id (the bus name of the device behind it).
+    pub id: String,
+    /// The chassis number (unique per port).
+    pub chassis: u8,
+    /// Its address on `pcie.0`.
+    pub pci: Pci,
+}
+
+impl RootPort {
+    /// Launch arguments.
+    pub fn args(&self) -> Vec<String> {
+        let mut props = vec![
+            p("id", self.id.clone()),
+            p("chassis", i64::from(self.chassis)),
+        ];
+        props.extend(self.pci.props());
+        vec!["-device".into(), render("pcie-root-port", &props)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::parse;
+    use proptest::prelude::*;
+
+    fn mac() -> MacAddr {
+        "52:54:00:12:34:56".parse().unwrap()
+    }
+
+    #[test]
+    fn golden_seed_forms() {
+        let disk = Disk::virtio_blk("disk-1234", "/img", Pci::new("pci.0", 9));
+        assert_eq!(
+            render(disk.driver(), &disk.frontend_props()),
+            "virtio-blk-pci,id=disk-1234,bus=pci.0,addr=0x9"
+        );
+        let nic = Nic {
+            id: "nic-1234".into(),
+            mac: mac(),
+            queues: 1,
+            pci: Pci::new("pci.0", 9),
+            vhost: false,
+        };
+        assert_eq!(
+            render("virtio-net-pci", &nic.frontend_props()),
+            "virtio-net-pci,id=nic-1234,bus=pci.0,addr=0x9"
+        );
+        let sg = Disk {
+            frontend: DiskFrontend::ScsiGeneric(ScsiAddr {
+                bus: "scsi.0".into(),
+                channel: 0,
+                scsi_id: 1,
+                lun: 0,
+            }),
+            backend: DiskBackend::HostDevice,
+            ..Disk::virtio_blk("disk-1234", "/dev/sg0", Pci::new("pci.0", 9))
+        };
+        assert_eq!(
+            render(sg.driver(), &sg.frontend_props()),
+            "scsi-generic,id=disk-1234,bus=scsi.0,channel=0,scsi-id=1,lun=0"
+        );
+        assert_eq!(
+            Pci {
+                bus: "pci.0".into(),
+                slot: 0x1f,
+                function: 3
+            }
+            .addr(),
+            "0x1f.0x3"
+        );
+    }
+
+    #[test]
+    fn nic_queues_set_mq_and_vectors() {
+        let nic = Nic {
+            id: "nic0".into(),
+            mac: mac(),
+            queues: 2,
+            pci: Pci::new("pci.0", 4),
+            vhost: true,
+        };
+        let args = nic.args(&["3".into(), "4".into()], &["5".into(), "6".into()]);
+        assert_eq!(args[1], "tap,id=nic0-net,fds=3:4,vhost=on,vhostfds=5:6");
+        assert_eq!(args[3], "virtio-net-pci,id=nic0,bus=pci.0,addr=0x4,netdev=nic0-net,mac=52:54:00:12:34:56,mq=on,vectors=6");
+        let add = nic.netdev_add(&["t0".into(), "t1".into()], &[]);
+        assert_eq!(
+            serde_json::to_value(&add).unwrap(),
+            serde_json::json!({"type": "tap", "id": "nic0-net", "fds": "t0:t1"})
+        );
+    }
+
+    #[test]
+    fn dotted_keys_nest_in_qmp() {
+        let disk = Disk {
+            cache: Cache::None,
+            ..Disk::virtio_blk("d", "/a,b", Pci::new("pci.0", 5))
+        };
+        let adds = disk.blockdev_add("/dev/fdset/3");
+        assert_eq!(
+            serde_json::to_value(&adds[0]).unwrap(),
+            serde_json::json!({"driver": "file", "node-name": "d-file", "filename": "/dev/fdset/3",
+                               "read-only": false, "cache": {"direct": true, "no-flush": false}})
+        );
+        assert_eq!(disk.args()[1], "driver=file,node-name=d-file,filename=/a,,b,read-only=off,cache.direct=on,cache.no-flush=off");
+    }
+
+    /// The `-device` string, parsed back the way QEMU parses it, equals the `device_add` arguments.
+    fn assert_same(driver: &str, args: &[String], add: &DeviceAdd) {
+        let device = &args[args.iter().rposition(|a| a == "-device").unwrap() + 1];
+        let (parsed_driver, pairs) = parse(device);
+        assert_eq!(parsed_driver, driver);
+        let qmp = serde_json::to_value(add).unwrap();
+        let qmp = qmp.as_object().unwrap();
+        assert_eq!(qmp["driver"], driver);
+        assert_eq!(pairs.len() + 1, qmp.len(), "{device} vs {qmp:?}");
+        for (k, v) in pairs {
+            let cli = match &qmp[&k] {
+                Value::String(s) => s.clone(),
+                Value::Bool(b) => if *b { "on" } else { "off" }.to_owned(),
+                other => other.to_string(),
+            };
+            assert_eq!(cli, v, "property {k}");
+        }
+    }
+
+    fn id() -> impl Strategy<Value = String> {
+        "[a-z][a-z0-9._-]{0,15}"
+    }
+
+    fn pci() -> impl Strategy<Value = Pci> {
+        (
+            prop_oneof![Just("pci.0".to_owned()), Just("pcie.0".to_owned()), id()],
+            0u8..32,
+            0u8..8,
+        )
+            .prop_map(|(bus, slot, function)| Pci {
+                bus,
+                slot,
+                function,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn disks_render_the_same_both_ways(id in id(), path in "[/a-z,=.]{1,30}", pci in pci(), scsi in proptest::option::of((0u16..256, 0u16..64)), ro: bool, fmt: bool) {
+            let frontend = match scsi {
+                Some((t, l)) => DiskFrontend::ScsiHd(ScsiAddr { bus: "scsi0.0".into(), channel: 0, scsi_id: t, lun: l }),
+                None => DiskFrontend::VirtioBlk(pci),
+            };
+            let disk = Disk { id, frontend, path: path.into(), backend: DiskBackend::File,
+                              format: if fmt { Format::Qcow2 } else { Format::Raw }, read_only: ro, cache: Cache::Writeback };
+            assert_same(disk.driver(), &disk.args(), &disk.device_add());
+            // The -blockdev strings parse back to the image path exactly, commas and all.
+            let (_, pairs) = parse(&disk.args()[1]);
+            let filename = pairs.iter().find(|(k, _)| k == "filename").unwrap();
+            prop_assert_eq!(&filename.1, &disk.path.to_string_lossy().into_owned());
+        }
+
+        #[test]
+        fn nics_render_the_same_both_ways(id in id(), pci in pci(), queues in 1u16..9, mac in any::<[u8; 6]>()) {
+            let mut mac = mac;
+            mac[0] &= !1;
+            let nic = Nic { id, mac: MacAddr(mac), queues, pci, vhost: false };
+            let fds: Vec<String> = (0..queues).map(|q| (10 + q).to_string()).collect();
+            assert_same("virtio-net-pci", &nic.args(&fds, &[]), &nic.device_add());
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Launching QEMU from a [`VmSpec`], with its fds at known numbers, and a guard that ends it.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use qhotplug_qmp::{Client, Config};
+
+use crate::error::{Error, Result};
+use crate::spec::VmSpec;
+
+/// Starts QEMU for a spec and connects to its monitor.
+///
+/// The monitor is a Unix listener we bind before QEMU starts and pass to it as an fd, so there is no
+/// window where QEMU runs without a monitor or we poll for a socket file. Tap and vhost fds are passed
+/// at fd numbers from 3 up; every other fd of ours is closed in QEMU's process.
+#[derive(Debug)]
+pub struct Launcher {
+    spec: VmSpec,
+    dir: PathBuf,
+    binary: String,
+    nic_fds: HashMap<String, (Vec<OwnedFd>, Vec<OwnedFd>)>,
+    start_timeout: Duration,
+    config: Config,
+}
+
+/// A running QEMU. Dropping it kills and reaps the process.
+#[derive(Debug)]
+pub struct QemuProcess {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Launcher {
+    /// A launcher for `spec` whose monitor socket and logs go in `runtime_dir` (created if absent).
+    pub fn new(spec: VmSpec, runtime_dir: impl Into<PathBuf>) -> Self {
+        Launcher {
+            spec,
+            dir: runtime_dir.into(),
+            binary: "qemu-system-x86_64".into(),
+            nic_fds: HashMap::new(),
+            start_timeout: Duration::from_secs(30),
+            config: Config::new(),
+        }
+    }
+
+    /// The QEMU binary (default `qemu-system-x86_64`).
+    pub fn binary(mut self, binary: impl Into<String>) -> Self {
+        self.binary = binary.into();
+        self
+    }
+
+    /// The tap fds (one per queue) and vhost fds (none, or one per queue) of the NIC `id`.
+    pub fn nic_fds(mut self, id: &str, taps: Vec<OwnedFd>, vhost: Vec<OwnedFd>) -> Self {
+        self.nic_fds.insert(id.to_owned(), (taps, vhost));
+        self
+    }
+
+    /// How long QEMU may take to answer on its monitor (default 30 s).
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+
+    /// The QMP client's configuration.
+    pub fn qmp_config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Validates the spec, starts QEMU, and returns the connected client and the process guard.
+    /// When QEMU exits during start-up, the error carries what it wrote to stderr.
+    pub async fn launch(mut self) -> Result<(Client, QemuProcess)> {
+        self.spec.validate()?;
+        std::fs::create_dir_all(&self.dir)?;
+        let qmp_path = self.dir.join("qmp.sock");
+        let _ = std::fs::remove_file(&qmp_path);
+        let listener = std::os::unix::net::UnixListener::bind(&qmp_path)?;
+
+        let mut fds: Vec<OwnedFd> = vec![listener.into()];
+        let mut nic_numbers = Vec::new();
+        for nic in &self.spec.nics {
+            let (taps, vhost) = self
+                .nic_fds
+                .remove(&nic.id)
+                .ok_or_else(|| Error::InvalidSpec(format!("{}: no tap fds given", nic.id)))?;
+            if taps.len() != usize::from(nic.queues)
+                || !(vhost.is_empty() || vhost.len() == taps.len())
+                || nic.vhost == vhost.is_empty()
+            {
+                return Err(Error::InvalidSpec(format!(
+                    "{}: {} queues need {} tap fds and, with vhost, as many vhost fds (got {} and {})",
+                    nic.id, nic.queues, nic.queues, taps.len(), vhost.len()
+                )));
+            }
+            let mut number = |list: Vec<OwnedFd>| -> Vec<String> {
+                list.into_iter()
+                    .map(|fd| {
+                        fds.push(fd);
+                        (2 + fds.len()).to_string()
+                    })
+                    .collect()
+            };
+            let taps = number(taps);
+            let vhost = number(vhost);
+            nic_numbers.push((taps, vhost));
+        }
+        if let Some(extra) = self.nic_fds.keys().next() {
+            return Err(Error::InvalidSpec(format!(
+                "fds given for {extra}, which the spec does not have"
+            )));
+        }
+        let args = self
+            .spec
+            .args("socket,id=qmp,fd=3,server=on,wait=off", |i| {
+                nic_numbers[i].clone()
+            });
+
+        let stderr_path = self.dir.join("qemu.stderr");
+        let mut command = Command::new(&self.binary);
+        command
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path)?);
+        crate::sys::inherit_fds(&mut command, fds)?;
+        tracing::debug!(binary = %self.binary, ?args, "launching QEMU");
+        let child = command.spawn().map_err(|source| Error::Spawn {
+            program: self.binary.clone(),
+            source,
+        })?;
+        // Our copies of the fds were moved into `command`; drop it so they close now.
+        drop(command);
+        let mut process = QemuProcess {
+            child,
+            dir: self.dir.clone(),
+        };
+
+        let config = self.config.clone().connect_timeout(self.start_timeout);
+        let connect = config.connect(&qmp_path);
+        tokio::pin!(connect);
+        let mut poll = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            tokio::select! {
+                client = &mut connect => match client {
+                    Ok(client) => return Ok((client, process)),
+                    Err(e) => {
+                        // A closed monitor usually means QEMU is exiting: report its own words.
+                        if let Some(status) = process.wait_exit(Duration::from_secs(2)).await {
+                            return Err(Error::Exited { status, stderr: process.stderr() });
+                        }
+                        return Err(e.into());
+                    }
+                },
+                _ = poll.tick() => {
+                    if let Some(status) = process.child.try_wait()? {
+                        return Err(Error::Exited { status, stderr: process.stderr() });
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl QemuProcess {
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The monitor socket's path (one client at a time).
+    pub fn qmp_path(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
+    /// The runtime directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What QEMU wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("qemu.stderr"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
+    /// Whether QEMU has exited, without waiting.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
+        let end = tokio::time::Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= end {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,53 @@
+//! The crate's only `unsafe`: placing inherited fds at known numbers in QEMU's process and keeping
+//! every other fd of ours out of it.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+/// `CLOSE_RANGE_CLOEXEC` (Linux 5.11): mark the range close-on-exec instead of closing it now, so
+/// std's own exec-status pipe keeps working until exec.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
+/// Arranges for `fds[i]` to be fd `3 + i` in the child, and for every fd above those to be closed at
+/// exec.
+pub(crate) fn inherit_fds(command: &mut Command, fds: Vec<OwnedFd>) -> io::Result<()> {
+    let first_free = 3 + fds.len() as RawFd;
+    // Move the sources above every target first, so no dup2 overwrites a source still to be moved.
+    let high: Vec<OwnedFd> = fds
+        .iter()
+        .map(|fd| {
+            // SAFETY: F_DUPFD_CLOEXEC takes an int and returns a new fd we then own exactly once.
+            let dup = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, first_free) };
+            if dup < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `dup` is a fresh fd nothing else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+        })
+        .collect::<io::Result<_>>()?;
+    drop(fds);
+    // SAFETY: the closure runs in the forked child before exec and calls only dup2 and close_range,
+    // which are async-signal-safe; it allocates nothing. `high` is moved in and lives until exec.
+    unsafe {
+        command.pre_exec(move || {
+            for (i, fd) in high.iter().enumerate() {
+                if libc::dup2(fd.as_raw_fd(), 3 + i as RawFd) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::syscall(
+                libc::SYS_close_range,
+                first_free as libc::c_uint,
+                libc::c_uint::MAX,
+                CLOSE_RANGE_CLOEXEC,
+            ) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
