@@ -18,6 +18,8 @@ pub mod mock;
 pub mod qemu;
 mod sys;
 
+pub use sys::clear_cloexec;
+
 pub use mock::{MockServer, Received};
 pub use qemu::Qemu;
 

@@ -43,3 +43,13 @@ pub(crate) fn inherit_fd(command: &mut std::process::Command, fd: OwnedFd, targe
         });
     }
 }
+
+/// Clears close-on-exec on `fd`, so a child would inherit it unless the spawner closes it.
+pub fn clear_cloexec(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_SETFD with 0 only clears the close-on-exec flag of an fd the caller borrows.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

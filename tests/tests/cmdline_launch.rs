@@ -1,0 +1,213 @@
+//! Launching real QEMU from a spec, and checking that what runs is what the spec says.
+
+use std::os::fd::AsFd;
+
+use qhotplug_cmdline::*;
+use qhotplug_netdev::{MacAddr, TapBuilder};
+use qhotplug_qmp::command::{QomList, QueryBlock, QueryPci};
+
+fn image(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn two_disks_and_a_two_queue_nic_on_a_real_tap_run_where_the_spec_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = VmSpec::new("launch-test", Machine::Pc);
+    spec.paused = true;
+    spec.scsi_controllers.push(ScsiController {
+        id: "scsi0".into(),
+        pci: Pci::new("pci.0", 5),
+    });
+    spec.disks.push(Disk::virtio_blk(
+        "disk-a",
+        image(dir.path(), "a.img"),
+        Pci::new("pci.0", 9),
+    ));
+    spec.disks.push(Disk {
+        read_only: true,
+        ..Disk::scsi_hd(
+            "disk-b",
+            image(dir.path(), "b.img"),
+            ScsiAddr {
+                bus: "scsi0.0".into(),
+                channel: 0,
+                scsi_id: 2,
+                lun: 0,
+            },
+        )
+    });
+    let mac = MacAddr::random_qemu();
+    spec.nics.push(Nic {
+        id: "nic-a".into(),
+        mac,
+        queues: 2,
+        pci: Pci::new("pci.0", 0x10),
+        vhost: false,
+    });
+    let tap = TapBuilder::new("qhl%d").queues(2).create().unwrap();
+    let tap_name = tap.name().to_owned();
+
+    // A marker fd of ours, deliberately without close-on-exec: it must not reach QEMU.
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    let marker_fd = std::fs::File::open(marker.path()).unwrap();
+    qhotplug_tests::clear_cloexec(marker_fd.as_fd()).unwrap();
+
+    let (client, qemu) = Launcher::new(spec, dir.path().join("run"))
+        .nic_fds("nic-a", tap.into_queues(), vec![])
+        .launch()
+        .await
+        .unwrap();
+
+    let pci = client.execute(&QueryPci).await.unwrap();
+    let at = |id: &str| {
+        pci[0]
+            .devices
+            .iter()
+            .find(|d| d.qdev_id == id)
+            .map(|d| d.slot)
+    };
+    assert_eq!(at("disk-a"), Some(9));
+    assert_eq!(at("scsi0"), Some(5));
+    assert_eq!(at("nic-a"), Some(0x10));
+
+    let block = client.execute(&QueryBlock).await.unwrap();
+    let b = block
+        .iter()
+        .find(|b| b.qdev.as_deref().is_some_and(|q| q.contains("disk-b")))
+        .unwrap();
+    let inserted = b.inserted.as_ref().unwrap();
+    assert!(inserted.ro, "disk-b is read-only");
+    assert_eq!(inserted.node_name.as_deref(), Some("disk-b-fmt"));
+    let a = block
+        .iter()
+        .find(|b| b.qdev.as_deref().is_some_and(|q| q.contains("disk-a")))
+        .unwrap();
+    assert!(a.inserted.as_ref().unwrap().file.ends_with("a.img"));
+
+    let peripherals = client
+        .execute(&QomList {
+            path: "/machine/peripheral".into(),
+        })
+        .await
+        .unwrap();
+    let kinds: Vec<(String, String)> = peripherals
+        .iter()
+        .filter_map(|p| Some((p.name.clone(), p.child_type()?.to_owned())))
+        .collect();
+    for (id, kind) in [
+        ("disk-a", "virtio-blk-pci"),
+        ("disk-b", "scsi-hd"),
+        ("nic-a", "virtio-net-pci"),
+        ("scsi0", "virtio-scsi-pci"),
+    ] {
+        assert!(
+            kinds.contains(&(id.to_owned(), kind.to_owned())),
+            "{id}: {kinds:?}"
+        );
+    }
+    let mac_prop = client
+        .execute_raw(
+            "qom-get",
+            &serde_json::json!({"path": "/machine/peripheral/nic-a", "property": "mac"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(mac_prop, mac.to_string());
+
+    // QEMU's fds: the tap's two queues are there (as /dev/net/tun), our marker file is not.
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", qemu.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        fds.iter().filter(|t| *t == "/dev/net/tun").count(),
+        2,
+        "{fds:?}"
+    );
+    assert!(
+        !fds.iter().any(|t| t == &marker.path().to_string_lossy()),
+        "our fd leaked into QEMU: {fds:?}"
+    );
+    drop(marker_fd);
+
+    // The tap lives as long as QEMU holds it.
+    assert!(std::path::Path::new("/sys/class/net")
+        .join(&tap_name)
+        .exists());
+    drop(client);
+    drop(qemu);
+    assert!(
+        !std::path::Path::new("/sys/class/net")
+            .join(&tap_name)
+            .exists(),
+        "QEMU is reaped and its tap gone"
+    );
+}
+
+#[tokio::test]
+async fn a_comma_in_a_path_opens_exactly_that_file_and_injects_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("a,file=");
+    std::fs::create_dir_all(&sub).unwrap();
+    let tricky = image(&sub, "x.img");
+    assert!(tricky.to_string_lossy().contains(",file="));
+    let mut spec = VmSpec::new("comma,name", Machine::Pc);
+    spec.paused = true;
+    spec.disks
+        .push(Disk::virtio_blk("disk-c", &tricky, Pci::new("pci.0", 6)));
+    let (client, _qemu) = Launcher::new(spec, dir.path().join("run"))
+        .launch()
+        .await
+        .unwrap();
+    let block = client.execute(&QueryBlock).await.unwrap();
+    let files: Vec<String> = block
+        .iter()
+        .filter_map(|b| Some(b.inserted.as_ref()?.file.clone()))
+        .collect();
+    assert_eq!(files, vec![tricky.to_string_lossy().into_owned()]);
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_a_typed_error_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = VmSpec::new("bad", Machine::Pc);
+    spec.disks.push(Disk::virtio_blk(
+        "1disk",
+        "/nonexistent",
+        Pci::new("pci.0", 6),
+    ));
+    let err = Launcher::new(spec.clone(), dir.path())
+        .launch()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidId { .. }), "{err}");
+
+    spec.disks[0].id = "disk-1".into();
+    spec.disks.push(Disk::virtio_blk(
+        "disk-2",
+        "/nonexistent",
+        Pci::new("pci.0", 6),
+    ));
+    let err = Launcher::new(spec, dir.path()).launch().await.unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidSpec(ref m) if m.contains("PCI address taken")),
+        "{err}"
+    );
+    assert!(!dir.path().join("qmp.sock").exists(), "nothing was started");
+}
+
+#[tokio::test]
+async fn qemu_failing_at_start_up_reports_its_own_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = VmSpec::new("fails", Machine::Pc);
+    spec.extra_args = vec!["-device".into(), "virtio-blk-pci,no-such-property=1".into()];
+    let err = Launcher::new(spec, dir.path()).launch().await.unwrap_err();
+    match err {
+        Error::Exited { stderr, .. } => assert!(stderr.contains("no-such-property"), "{stderr}"),
+        other => panic!("expected QEMU's exit, got {other}"),
+    }
+}
