@@ -57,3 +57,9 @@ pub async fn wait_until(what: &str, deadline: std::time::Duration, mut cond: imp
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
+
+/// A throw-away fd to pass around (one end of a fresh socketpair; the other end is closed).
+pub fn pipe_fd() -> std::os::fd::OwnedFd {
+    let (ours, _theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    ours.into()
+}

@@ -1,18 +1,12 @@
 //! Checks on our own fd table. Every test here takes one lock, so no other test of this binary opens
 //! or closes fds while one counts them (nextest runs each test in its own process anyway).
 
-use std::os::fd::OwnedFd;
 use tokio::sync::Mutex;
 
 use qhotplug_qmp::command::{AddFd, Closefd, Cont, RemoveFd};
-use qhotplug_tests::{open_fd_count, open_fds, Qemu};
+use qhotplug_tests::{open_fd_count, open_fds, pipe_fd, Qemu};
 
 static SERIAL: Mutex<()> = Mutex::const_new(());
-
-fn pipe_fd() -> OwnedFd {
-    let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
-    r.into()
-}
 
 #[tokio::test]
 async fn a_thousand_getfd_closefd_rounds_leave_our_fd_table_as_it_was() {

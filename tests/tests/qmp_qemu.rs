@@ -1,21 +1,15 @@
 //! The QMP client against a real, paused `qemu-system-x86_64` (TCG, no guest).
 
-use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use futures::StreamExt;
 use qhotplug_qmp::command::*;
 use qhotplug_qmp::{Config, Error, EventKind};
-use qhotplug_tests::Qemu;
+use qhotplug_tests::{pipe_fd, Qemu};
 use serde_json::{json, Map, Value};
 
 fn props(v: Value) -> Map<String, Value> {
     v.as_object().unwrap().clone()
-}
-
-fn pipe_fd() -> OwnedFd {
-    let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
-    r.into()
 }
 
 #[tokio::test]
