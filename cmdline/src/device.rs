@@ -178,11 +178,11 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// A raw, read-write, writeback `virtio-blk-pci` disk on a file.
-    pub fn virtio_blk(id: impl Into<String>, path: impl Into<PathBuf>, pci: Pci) -> Disk {
+    /// A raw, read-write, writeback disk on a file.
+    pub fn new(id: impl Into<String>, path: impl Into<PathBuf>, frontend: DiskFrontend) -> Disk {
         Disk {
             id: id.into(),
-            frontend: DiskFrontend::VirtioBlk(pci),
+            frontend,
             path: path.into(),
             backend: DiskBackend::File,
             format: Format::Raw,
@@ -191,12 +191,14 @@ impl Disk {
         }
     }
 
+    /// A raw, read-write, writeback `virtio-blk-pci` disk on a file.
+    pub fn virtio_blk(id: impl Into<String>, path: impl Into<PathBuf>, pci: Pci) -> Disk {
+        Disk::new(id, path, DiskFrontend::VirtioBlk(pci))
+    }
+
     /// A raw, read-write, writeback `scsi-hd` disk on a file.
     pub fn scsi_hd(id: impl Into<String>, path: impl Into<PathBuf>, addr: ScsiAddr) -> Disk {
-        Disk {
-            frontend: DiskFrontend::ScsiHd(addr),
-            ..Disk::virtio_blk(id, path, Pci::new("", 0))
-        }
+        Disk::new(id, path, DiskFrontend::ScsiHd(addr))
     }
 
     /// The protocol node's name.

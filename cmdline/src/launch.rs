@@ -15,13 +15,16 @@ use crate::spec::VmSpec;
 ///
 /// The monitor is a Unix listener we bind before QEMU starts and pass to it as an fd, so there is no
 /// window where QEMU runs without a monitor or we poll for a socket file. Tap and vhost fds are passed
-/// at fd numbers from 3 up; every other fd of ours is closed in QEMU's process.
+/// at known fd numbers; every other fd of ours is closed in QEMU's process. The numbering: fd 3 is
+/// the monitor, fds given with [`inherit`](Launcher::inherit) follow at 4, 5, … in order, then each
+/// NIC's tap fds and vhost fds in spec order.
 #[derive(Debug)]
 pub struct Launcher {
     spec: VmSpec,
     dir: PathBuf,
     binary: String,
     nic_fds: HashMap<String, (Vec<OwnedFd>, Vec<OwnedFd>)>,
+    extra_fds: Vec<OwnedFd>,
     start_timeout: Duration,
     config: Config,
 }
@@ -41,6 +44,7 @@ impl Launcher {
             dir: runtime_dir.into(),
             binary: "qemu-system-x86_64".into(),
             nic_fds: HashMap::new(),
+            extra_fds: Vec::new(),
             start_timeout: Duration::from_secs(30),
             config: Config::new(),
         }
@@ -55,6 +59,13 @@ impl Launcher {
     /// The tap fds (one per queue) and vhost fds (none, or one per queue) of the NIC `id`.
     pub fn nic_fds(mut self, id: &str, taps: Vec<OwnedFd>, vhost: Vec<OwnedFd>) -> Self {
         self.nic_fds.insert(id.to_owned(), (taps, vhost));
+        self
+    }
+
+    /// Passes one more fd to QEMU, for arguments of your own (see the numbering above): the first
+    /// one given is fd 4, the next 5, and so on.
+    pub fn inherit(mut self, fd: OwnedFd) -> Self {
+        self.extra_fds.push(fd);
         self
     }
 
@@ -80,6 +91,7 @@ impl Launcher {
         let listener = std::os::unix::net::UnixListener::bind(&qmp_path)?;
 
         let mut fds: Vec<OwnedFd> = vec![listener.into()];
+        fds.append(&mut self.extra_fds);
         let mut nic_numbers = Vec::new();
         for nic in &self.spec.nics {
             let (taps, vhost) = self
@@ -139,25 +151,24 @@ impl Launcher {
         };
 
         let config = self.config.clone().connect_timeout(self.start_timeout);
-        let connect = config.connect(&qmp_path);
-        tokio::pin!(connect);
-        let mut poll = tokio::time::interval(Duration::from_millis(10));
-        loop {
-            tokio::select! {
-                client = &mut connect => match client {
-                    Ok(client) => return Ok((client, process)),
-                    Err(e) => {
-                        // A closed monitor usually means QEMU is exiting: report its own words.
-                        if let Some(status) = process.wait_exit(Duration::from_secs(2)).await {
-                            return Err(Error::Exited { status, stderr: process.stderr() });
-                        }
-                        return Err(e.into());
-                    }
-                },
-                _ = poll.tick() => {
-                    if let Some(status) = process.child.try_wait()? {
-                        return Err(Error::Exited { status, stderr: process.stderr() });
-                    }
+        let start = tokio::select! {
+            client = config.connect(&qmp_path) => Ok(client),
+            status = process.wait() => Err(status?),
+        };
+        match start {
+            Ok(Ok(client)) => Ok((client, process)),
+            Err(status) => Err(Error::Exited {
+                status,
+                stderr: process.stderr(),
+            }),
+            Ok(Err(e)) => {
+                // A closed monitor usually means QEMU is exiting: report its own words.
+                match tokio::time::timeout(Duration::from_secs(2), process.wait()).await {
+                    Ok(Ok(status)) => Err(Error::Exited {
+                        status,
+                        stderr: process.stderr(),
+                    }),
+                    _ => Err(e.into()),
                 }
             }
         }
@@ -193,17 +204,21 @@ impl QemuProcess {
         self.child.try_wait()
     }
 
-    async fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
-        let end = tokio::time::Instant::now() + within;
+    /// Waits for QEMU to exit. std's `Child` has no async wait (the guard needs its blocking
+    /// `wait` in `Drop`), so this checks every 5 ms.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
+            tick.tick().await;
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
             }
-            if tokio::time::Instant::now() >= end {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// Kills QEMU (SIGKILL) without waiting for it.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        self.child.kill()
     }
 }
 

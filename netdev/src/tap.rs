@@ -221,7 +221,7 @@ impl TapBuilder {
             sys::tun_set_iff(fd.as_fd(), &name, flags).map_err(Error::sys("TUNSETIFF", &name))?;
             queues.push(fd);
         }
-        let tap = Tap {
+        let mut tap = Tap {
             name,
             queues,
             vnet_hdr,
@@ -243,8 +243,8 @@ impl TapBuilder {
         if self.up {
             tap.set_up(true)?;
         }
-        // Last, so that a failure above leaves nothing behind.
-        let mut tap = tap;
+        // Last, so that a failure above leaves no device behind (one we attached to keeps what was
+        // set on it).
         if self.persistent {
             sys::tun_set_persist(tap.queues[0].as_fd(), true)
                 .map_err(Error::sys("TUNSETPERSIST", &tap.name))?;

@@ -139,13 +139,11 @@ fn main() {
 }
 
 async fn run() {
-    let qemu = Qemu::spawn(&[
-        "-machine",
-        "pc",
-        "-qmp",
-        "unix:{dir}/floor.sock,server=on,wait=off",
-    ]);
-    let client = qemu.connect().await;
+    let (qemu, client) = Qemu::launch(
+        &["-qmp", "unix:{dir}/floor.sock,server=on,wait=off"],
+        qhotplug_qmp::Config::new(),
+    )
+    .await;
     let floor_path = qemu.dir().join("floor.sock");
     let mut raw = tokio::task::spawn_blocking(move || Raw::connect(&floor_path))
         .await

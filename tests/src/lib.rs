@@ -5,8 +5,7 @@
 //! # async fn demo() {
 //! use qhotplug_tests::{Qemu, MockServer};
 //! // Real QEMU, paused, no guest:
-//! let qemu = Qemu::paused();
-//! let client = qemu.connect().await;
+//! let (qemu, client) = Qemu::paused().await;
 //! // A mock on one end of a socketpair:
 //! let (mut server, stream) = MockServer::pair();
 //! # }
@@ -43,19 +42,6 @@ pub fn open_fds() -> Vec<(i32, String)> {
 /// How many fds our process has open.
 pub fn open_fd_count() -> usize {
     open_fds().len()
-}
-
-/// Waits until `cond` holds, polling every millisecond, or panics after `deadline` naming `what`.
-/// For conditions that have no event to wait on (a file appearing, a process exiting).
-pub async fn wait_until(what: &str, deadline: std::time::Duration, mut cond: impl FnMut() -> bool) {
-    let end = tokio::time::Instant::now() + deadline;
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "timed out after {deadline:?} waiting for {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
 }
 
 /// A throw-away fd to pass around (one end of a fresh socketpair; the other end is closed).

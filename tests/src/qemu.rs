@@ -1,81 +1,61 @@
-//! A real `qemu-system-x86_64`, paused, with a QMP socket in a temporary directory; killed and
-//! reaped when dropped.
+//! A real `qemu-system-x86_64`, paused, launched with [`qhotplug_cmdline::Launcher`] in a
+//! temporary directory; killed and reaped when dropped.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::time::Duration;
 
+use qhotplug_cmdline::{Launcher, Machine, QemuProcess, VmSpec};
 use qhotplug_qmp::{Client, Config};
 
-/// The QEMU binary the tests run.
-pub const QEMU: &str = "qemu-system-x86_64";
-
-/// A running QEMU. Dropping it kills and reaps the process.
+/// A running, paused (`-S`) `pc` machine under TCG with no devices. Dropping it kills and reaps the
+/// process; its scratch directory goes after it.
 pub struct Qemu {
-    child: Child,
+    process: QemuProcess,
     dir: tempfile::TempDir,
-    qmp: PathBuf,
 }
 
 impl Qemu {
-    /// A paused (`-S`) `pc` machine under TCG with no devices but the defaults of `-nodefaults`.
-    pub fn paused() -> Qemu {
-        Self::spawn(&["-machine", "pc"])
+    /// A paused QEMU and a client connected with the default config.
+    pub async fn paused() -> (Qemu, Client) {
+        Self::launch(&[], Config::new()).await
     }
 
-    /// A paused QEMU with these extra arguments (machine, devices).
-    pub fn spawn(extra: &[&str]) -> Qemu {
-        Self::spawn_with_fds(extra, Vec::new())
+    /// A paused QEMU with extra arguments (devices, more monitors), and a client with `config`.
+    /// `{dir}` in an argument stands for the process's scratch directory.
+    pub async fn launch(extra: &[&str], config: Config) -> (Qemu, Client) {
+        Self::launch_with_fds(extra, Vec::new(), config).await
     }
 
-    /// A paused QEMU with extra arguments and fds it inherits at the given numbers. `{dir}` in an
-    /// argument stands for the process's scratch directory.
-    pub fn spawn_with_fds(extra: &[&str], fds: Vec<(std::os::fd::OwnedFd, i32)>) -> Qemu {
+    /// As [`launch`](Qemu::launch), passing `fds` to QEMU at fd 4, 5, … (fd 3 is the monitor).
+    pub async fn launch_with_fds(
+        extra: &[&str],
+        fds: Vec<OwnedFd>,
+        config: Config,
+    ) -> (Qemu, Client) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let qmp = dir.path().join("qmp.sock");
-        let stderr = std::fs::File::create(dir.path().join("stderr")).expect("stderr file");
-        let mut command = Command::new(QEMU);
-        for (fd, target) in fds {
-            crate::sys::inherit_fd(&mut command, fd, target);
+        let mut spec = VmSpec::new("qhotplug-test", Machine::Pc);
+        spec.paused = true;
+        spec.memory_mib = 128;
+        spec.extra_args = extra
+            .iter()
+            .map(|a| a.replace("{dir}", &dir.path().to_string_lossy()))
+            .collect();
+        let mut launcher = Launcher::new(spec, dir.path())
+            .qmp_config(config)
+            .start_timeout(Duration::from_secs(20));
+        for fd in fds {
+            launcher = launcher.inherit(fd);
         }
-        let child = command
-            .args([
-                "-S",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-accel",
-                "tcg",
-                "-m",
-                "128",
-            ])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .args(
-                extra
-                    .iter()
-                    .map(|a| a.replace("{dir}", &dir.path().to_string_lossy())),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot run {QEMU} ({e}); `scripts/test` installs it (Debian qemu-system-x86)"
-                )
-            });
-        Qemu { child, dir, qmp }
-    }
-
-    /// The QMP socket's path.
-    pub fn qmp_path(&self) -> &Path {
-        &self.qmp
+        match launcher.launch().await {
+            Ok((client, process)) => (Qemu { process, dir }, client),
+            Err(e) => panic!("launching QEMU: {e} (`scripts/test` installs qemu-system-x86)"),
+        }
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// A scratch directory that lives as long as the process.
@@ -85,40 +65,16 @@ impl Qemu {
 
     /// What QEMU wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
-    }
-
-    /// Connects with the default config (the socket may not exist yet: connect waits for it).
-    pub async fn connect(&self) -> Client {
-        self.connect_with(Config::new()).await
-    }
-
-    /// Connects with the given config.
-    pub async fn connect_with(&self, config: Config) -> Client {
-        match config
-            .connect_timeout(Duration::from_secs(20))
-            .connect(&self.qmp)
-            .await
-        {
-            Ok(client) => client,
-            Err(e) => panic!("connecting to QEMU: {e}; its stderr: {}", self.stderr()),
-        }
+        self.process.stderr()
     }
 
     /// Sends a signal to the process.
     pub fn signal(&self, signal: i32) {
-        crate::sys::kill(self.child.id(), signal).expect("kill QEMU");
+        crate::sys::kill(self.pid(), signal).expect("kill QEMU");
     }
 
     /// Waits for the process to exit (after `quit` or a signal) and returns its status.
-    pub fn wait(&mut self) -> std::process::ExitStatus {
-        self.child.wait().expect("wait for QEMU")
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        self.process.wait().await.expect("wait for QEMU")
     }
 }

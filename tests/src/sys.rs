@@ -22,28 +22,6 @@ pub(crate) fn kill(pid: u32, signal: i32) -> std::io::Result<()> {
     }
 }
 
-/// Makes `fd` appear as `target` in the child `command` will spawn (without close-on-exec).
-pub(crate) fn inherit_fd(command: &mut std::process::Command, fd: OwnedFd, target: RawFd) {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
-    // SAFETY: the closure runs in the forked child before exec and calls only dup2/fcntl, which are
-    // async-signal-safe; `fd` is moved in and stays open until the child execs.
-    unsafe {
-        command.pre_exec(move || {
-            let src = fd.as_raw_fd();
-            if src == target {
-                let flags = libc::fcntl(src, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(src, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(src, target) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
 /// Clears close-on-exec on `fd`, so a child would inherit it unless the spawner closes it.
 pub fn clear_cloexec(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;

@@ -11,8 +11,7 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 #[tokio::test]
 async fn a_thousand_getfd_closefd_rounds_leave_our_fd_table_as_it_was() {
     let _serial = SERIAL.lock().await;
-    let qemu = Qemu::paused();
-    let client = qemu.connect().await;
+    let (_qemu, client) = Qemu::paused().await;
     let before = open_fds();
     for i in 0..1000 {
         let name = format!("fd{i}");
@@ -29,8 +28,7 @@ async fn a_thousand_getfd_closefd_rounds_leave_our_fd_table_as_it_was() {
 #[tokio::test]
 async fn a_refused_fd_command_still_closes_our_copy() {
     let _serial = SERIAL.lock().await;
-    let qemu = Qemu::paused();
-    let client = qemu.connect().await;
+    let (_qemu, client) = Qemu::paused().await;
     let before = open_fd_count();
     let err = client
         .getfd("1starts-with-a-digit", pipe_fd())

@@ -14,8 +14,7 @@ fn props(v: Value) -> Map<String, Value> {
 
 #[tokio::test]
 async fn greeting_and_queries_on_a_paused_vm() {
-    let qemu = Qemu::paused();
-    let client = qemu.connect().await;
+    let (_qemu, client) = Qemu::paused().await;
     assert!(client.oob_enabled(), "a unix socket monitor offers oob");
 
     let version = client.execute(&QueryVersion).await.unwrap();
@@ -78,8 +77,7 @@ async fn greeting_and_queries_on_a_paused_vm() {
 
 #[tokio::test]
 async fn block_and_device_commands_show_in_qemu_state() {
-    let qemu = Qemu::paused();
-    let client = qemu.connect().await;
+    let (_qemu, client) = Qemu::paused().await;
     client
         .execute(&BlockdevAdd {
             driver: "null-co".into(),
@@ -173,8 +171,7 @@ async fn block_and_device_commands_show_in_qemu_state() {
 
 #[tokio::test]
 async fn netdev_add_and_del() {
-    let qemu = Qemu::paused();
-    let client = qemu.connect().await;
+    let (_qemu, client) = Qemu::paused().await;
     client
         .execute(&NetdevAdd {
             kind: "user".into(),
@@ -205,8 +202,7 @@ async fn netdev_add_and_del() {
 
 #[tokio::test]
 async fn run_state_commands_and_their_events() {
-    let mut qemu = Qemu::paused();
-    let client = qemu.connect().await;
+    let (mut qemu, client) = Qemu::paused().await;
     let mut events = client.events();
     client.execute(&Cont).await.unwrap();
     assert_eq!(
@@ -229,18 +225,16 @@ async fn run_state_commands_and_their_events() {
         events.next().await.is_none(),
         "the stream ends when QEMU exits"
     );
-    assert!(qemu.wait().success());
+    assert!(qemu.wait().await.success());
 }
 
 #[tokio::test]
 async fn getfd_names_belong_to_their_connection() {
-    let qemu = Qemu::spawn(&[
-        "-machine",
-        "pc",
-        "-qmp",
-        "unix:{dir}/second.sock,server=on,wait=off",
-    ]);
-    let first = qemu.connect().await;
+    let (qemu, first) = Qemu::launch(
+        &["-qmp", "unix:{dir}/second.sock,server=on,wait=off"],
+        Config::new(),
+    )
+    .await;
     let second = Config::new()
         .connect(qemu.dir().join("second.sock"))
         .await
@@ -273,8 +267,7 @@ async fn getfd_names_belong_to_their_connection() {
 
 #[tokio::test]
 async fn add_fd_shows_in_query_fdsets_and_remove_fd_takes_it_away() {
-    let qemu = Qemu::paused();
-    let client = qemu.connect().await;
+    let (_qemu, client) = Qemu::paused().await;
     // QEMU before 9.1 defers closing removed fds while the VM is paused: run it (SeaBIOS, no disk).
     client.execute(&Cont).await.unwrap();
     let info = client
@@ -319,8 +312,7 @@ async fn add_fd_shows_in_query_fdsets_and_remove_fd_takes_it_away() {
 
 #[tokio::test]
 async fn sixty_four_pipelined_commands_each_get_their_reply() {
-    let qemu = Qemu::paused();
-    let client = qemu.connect().await;
+    let (_qemu, client) = Qemu::paused().await;
     let calls: Vec<_> = (0..64)
         .map(|i| {
             let client = client.clone();
@@ -342,8 +334,7 @@ async fn sixty_four_pipelined_commands_each_get_their_reply() {
 
 #[tokio::test]
 async fn oob_commands_carry_an_id_and_come_back_to_their_caller() {
-    let qemu = Qemu::paused();
-    let client = qemu.connect().await;
+    let (_qemu, client) = Qemu::paused().await;
     let err = client
         .execute_oob_raw("migrate-pause", &Value::Null)
         .await
@@ -360,33 +351,28 @@ async fn oob_commands_carry_an_id_and_come_back_to_their_caller() {
     );
     client.execute(&QueryStatus).await.unwrap();
 
-    let plain = qemu_without_oob().await;
+    let (_plain_qemu, plain) = Qemu::launch(&[], Config::new().oob(false)).await;
     assert!(matches!(
         plain.execute_oob_raw("migrate-pause", &Value::Null).await,
         Err(Error::Protocol(_))
     ));
 }
 
-async fn qemu_without_oob() -> qhotplug_qmp::Client {
-    // Leaked on purpose for the rest of the test process: the guard must outlive the client.
-    let qemu = Box::leak(Box::new(Qemu::paused()));
-    qemu.connect_with(Config::new().oob(false)).await
-}
-
 #[tokio::test]
 async fn connect_from_a_socketpair_given_to_qemu() {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    let qemu = Qemu::spawn_with_fds(
+    // The launcher's own monitor is fd 3; the first inherited fd is 4.
+    let (qemu, _first) = Qemu::launch_with_fds(
         &[
-            "-machine",
-            "pc",
             "-chardev",
-            "socket,id=mon1,fd=100",
+            "socket,id=mon1,fd=4",
             "-mon",
             "chardev=mon1,mode=control",
         ],
-        vec![(theirs.into(), 100)],
-    );
+        vec![theirs.into()],
+        Config::new(),
+    )
+    .await;
     ours.set_nonblocking(true).unwrap();
     let stream = tokio::net::UnixStream::from_std(ours).unwrap();
     let client = Config::new()
@@ -414,8 +400,7 @@ async fn connecting_to_a_missing_socket_fails_at_the_deadline() {
 
 #[tokio::test]
 async fn killing_qemu_fails_pending_calls_with_disconnected() {
-    let qemu = Qemu::paused();
-    let client = qemu.connect_with(Config::new().default_timeout(None)).await;
+    let (qemu, client) = Qemu::launch(&[], Config::new().default_timeout(None)).await;
     client.execute(&QueryStatus).await.unwrap();
     // Stop QEMU so commands pile up unanswered, then kill it.
     qemu.signal(libc::SIGSTOP);

@@ -1,47 +1,32 @@
-//! A tour of the QMP client: launches a paused QEMU, then shows the greeting, a few commands, a
+//! A tour of the QMP client: launches a paused QEMU from a `VmSpec`, then shows the greeting, a few commands, a
 //! SCSI disk hot-added and removed, and the events as they arrive.
 //!
 //! Run it with `scripts/demo` (installs QEMU when missing) or
 //! `cargo run -p qhotplug-examples --bin tour`.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use qhotplug_cmdline::{Launcher, Machine, VmSpec};
 use qhotplug_qmp::command::*;
 use serde_json::json;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("qhotplug-tour-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("qmp.sock");
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args([
-            "-S",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-machine",
-            "pc",
-            "-accel",
-            "tcg",
-        ])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", socket.display()))
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("cannot start qemu-system-x86_64: {e} (scripts/demo installs it)"))?;
-    let result = tour(&socket).await;
-    let _ = qemu.kill();
-    let _ = qemu.wait();
+    let result = tour(&dir).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-async fn tour(socket: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+async fn tour(dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     let start = Instant::now();
-    let client = qhotplug_qmp::connect(socket).await?;
+    let mut spec = VmSpec::new("tour", Machine::Pc);
+    spec.paused = true;
+    let (client, mut qemu) = Launcher::new(spec, dir)
+        .launch()
+        .await
+        .map_err(|e| format!("{e} (scripts/demo installs qemu-system-x86)"))?;
     let g = client.greeting();
     println!(
         "connected in {:?}: QEMU {} ({}), capabilities {:?}, oob enabled: {}",
@@ -148,6 +133,7 @@ async fn tour(socket: &std::path::Path) -> Result<(), Box<dyn std::error::Error>
     client.execute(&Quit).await?;
     // The event stream ends when QEMU closes the socket.
     tokio::time::timeout(Duration::from_secs(5), printer).await??;
+    qemu.wait().await?;
     println!("QEMU quit; tour done in {:?}", start.elapsed());
     Ok(())
 }
