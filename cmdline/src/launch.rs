@@ -50,6 +50,11 @@ impl Launcher {
         }
     }
 
+    /// The spec this launcher starts.
+    pub fn spec(&self) -> &VmSpec {
+        &self.spec
+    }
+
     /// The QEMU binary (default `qemu-system-x86_64`).
     pub fn binary(mut self, binary: impl Into<String>) -> Self {
         self.binary = binary.into();

@@ -13,14 +13,18 @@
 
 #![warn(missing_docs)]
 
+pub mod guest;
 pub mod mock;
 pub mod qemu;
 mod sys;
+pub mod vm;
 
 pub use sys::clear_cloexec;
 
+pub use guest::{Console, Guest};
 pub use mock::{MockServer, Received};
 pub use qemu::Qemu;
+pub use vm::{image, pc_spec, q35_spec, Snapshot, TestVm};
 
 /// The fds our process has open, as `(fd, target)` pairs from `/proc/self/fd`.
 pub fn open_fds() -> Vec<(i32, String)> {

@@ -1,0 +1,155 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A `Result` whose error is this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything a hotplug can fail with.
+///
+/// A hot-add that fails part-way is [`Error::Step`]: everything it had done was undone before the
+/// error was returned (any undo that failed is listed in it).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A QMP command outside a hotplug sequence failed (a query, for instance).
+    #[error(transparent)]
+    Qmp(#[from] qhotplug_qmp::Error),
+    /// The device description is invalid (an id QEMU would reject, a bad count, …). Nothing was
+    /// sent to QEMU.
+    #[error(transparent)]
+    Spec(#[from] qhotplug_cmdline::Error),
+    /// Opening vhost-net or preparing host networking failed. Nothing was sent to QEMU.
+    #[error(transparent)]
+    Netdev(#[from] qhotplug_netdev::Error),
+    /// This QEMU lacks a command the operation needs (from `query-commands`).
+    #[error("QEMU has no `{command}` command, which {operation} needs")]
+    Unsupported {
+        /// The missing command.
+        command: String,
+        /// What needed it.
+        operation: &'static str,
+    },
+    /// A device with this id exists, or is being added or removed right now.
+    #[error("device id {0:?} is already in use")]
+    DuplicateId(String),
+    /// No device with this id was added through this handle (or it is of another kind).
+    #[error("no {kind} with id {id:?}")]
+    NotFound {
+        /// `"disk"` or `"NIC"`.
+        kind: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// The device is being added or removed by another call.
+    #[error("device {0:?} is busy with another hotplug operation")]
+    Busy(String),
+    /// No free slot is left: on `pc`, on `pci.0`; on `q35`, no `pcie-root-port` is free (a q35 VM
+    /// must be launched with enough root ports); for SCSI, no target on the controller's bus.
+    #[error("no free slot on {bus}")]
+    NoFreeSlot {
+        /// The bus, or what kind of bus was wanted.
+        bus: String,
+    },
+    /// The address asked for is taken, or cannot take a hot-plugged device.
+    #[error("address {slot} on {bus} is taken or not hot-pluggable")]
+    AddressTaken {
+        /// The bus.
+        bus: String,
+        /// The slot (PCI) or target (SCSI).
+        slot: u8,
+    },
+    /// A SCSI disk was asked for on a VM with no virtio-scsi controller.
+    #[error("the VM has no virtio-scsi controller for {0:?}")]
+    NoScsiController(String),
+    /// The image could not be opened. Nothing was sent to QEMU.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A step of a hot-add failed. Every earlier step was undone, in reverse order; the undo steps
+    /// that failed in turn are in `undo_failures` (empty when the rollback was clean).
+    #[error(
+        "hot-add of {id:?} failed at {step}: {source}{}",
+        undo_note(undo_failures)
+    )]
+    Step {
+        /// The device id.
+        id: String,
+        /// The step that failed, for example `blockdev-add`.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: qhotplug_qmp::Error,
+        /// Undo steps that failed.
+        undo_failures: Vec<UndoFailure>,
+    },
+    /// The guest refused to release the device (`DEVICE_UNPLUG_GUEST_ERROR`). The device and its
+    /// backend are still in place.
+    #[error("the guest refused to release {0:?}")]
+    UnplugRejected(String),
+    /// `device_del` was accepted but the guest did not release the device in time. The request
+    /// stays pending in QEMU; the device, its backend and its slot are kept. Calling remove again
+    /// waits for it again.
+    #[error("unplug of {id:?} is still pending after {after:?}")]
+    UnplugPending {
+        /// The device id.
+        id: String,
+        /// How long we waited.
+        after: Duration,
+    },
+    /// The device is gone from the guest, but removing its backend failed.
+    #[error("{id:?} is gone, but removing its backend failed at {step}: {source}")]
+    Backend {
+        /// The device id.
+        id: String,
+        /// `blockdev-del` or `netdev_del`.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: qhotplug_qmp::Error,
+    },
+    /// The QEMU process could not be started.
+    #[error("launching QEMU: {0}")]
+    Launch(qhotplug_cmdline::Error),
+}
+
+/// One undo step that failed during a rollback.
+#[derive(Debug, Clone)]
+pub struct UndoFailure {
+    /// The undo step, for example `blockdev-del disk1-fmt`.
+    pub step: String,
+    /// Why it failed.
+    pub error: qhotplug_qmp::Error,
+}
+
+impl std::fmt::Display for UndoFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.step, self.error)
+    }
+}
+
+fn undo_note(failures: &[UndoFailure]) -> String {
+    if failures.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = failures.iter().map(ToString::to_string).collect();
+    format!(" (rollback incomplete: {})", list.join("; "))
+}
+
+impl Error {
+    /// True when QEMU is gone: nothing more can be done on this VM.
+    pub fn is_disconnected(&self) -> bool {
+        match self {
+            Error::Qmp(e) | Error::Step { source: e, .. } | Error::Backend { source: e, .. } => {
+                e.is_disconnected()
+            }
+            _ => false,
+        }
+    }
+}

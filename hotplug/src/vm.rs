@@ -1,0 +1,770 @@
+//! The VM handle: hot-add and hot-remove of disks and NICs, and what the SDK knows of the VM.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::StreamExt;
+use qhotplug_cmdline::{
+    Disk, DiskFrontend, Launcher, Machine, Nic, Pci, QemuProcess, ScsiAddr, VmSpec,
+};
+use qhotplug_netdev::{open_vhost, MacAddr, Vhost};
+use qhotplug_qmp::command::{AddFd, DeviceDel, QomList, QueryCommands, QueryPci, RemoveFd};
+use qhotplug_qmp::event::EventKind;
+use qhotplug_qmp::{Client, Lagged};
+use tokio::sync::OnceCell;
+use tracing::Instrument;
+
+use crate::config::{At, DiskConfig, DiskModel, NicConfig};
+use crate::error::{Error, Result};
+use crate::slots::{PciMap, ScsiMap, SlotError};
+use crate::txn::{is_absent, Transaction, Undo};
+
+/// How long a hot-remove waits for the guest by default.
+pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
+
+const DISK_COMMANDS: &[&str] = &[
+    "add-fd",
+    "remove-fd",
+    "query-fdsets",
+    "blockdev-add",
+    "blockdev-del",
+    "device_add",
+    "device_del",
+];
+const NIC_COMMANDS: &[&str] = &[
+    "getfd",
+    "closefd",
+    "netdev_add",
+    "netdev_del",
+    "device_add",
+    "device_del",
+];
+
+/// A running QEMU that the SDK hot-plugs into. Cheap to clone; every clone drives the same VM, and
+/// hotplugs through clones run concurrently. A VM launched with [`Vm::launch`] is killed when the
+/// last clone is dropped (use [`Vm::quit`] for an orderly exit).
+///
+/// ```no_run
+/// use qhotplug::{DiskConfig, Vm};
+/// use qhotplug_cmdline::{Launcher, Machine, VmSpec};
+/// # async fn demo() -> qhotplug::Result<()> {
+/// let mut spec = VmSpec::new("demo", Machine::Pc);
+/// spec.paused = true;
+/// let vm = Vm::launch(Launcher::new(spec, "/run/qhotplug/demo")).await?;
+/// let disk = vm.add_disk(DiskConfig::virtio_blk("data-1", "/var/lib/images/data-1.raw")).await?;
+/// println!("data-1 is at {:?}", disk.frontend);
+/// assert!(vm.has_device("data-1").await?);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Vm {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("name", &self.inner.state().spec.name)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    client: Client,
+    state: Mutex<State>,
+    commands: OnceCell<HashSet<String>>,
+    process: Mutex<Option<QemuProcess>>,
+}
+
+struct State {
+    spec: VmSpec,
+    pci: PciMap,
+    scsi: ScsiMap,
+    devices: HashMap<String, Entry>,
+    unplug_timeout: Duration,
+}
+
+#[derive(Debug)]
+enum Entry {
+    /// A hot-add holds the id.
+    Adding,
+    Disk {
+        disk: Disk,
+        busy: bool,
+    },
+    Nic {
+        nic: Nic,
+        busy: bool,
+    },
+}
+
+/// Where a device sits, for the slot maps.
+#[derive(Debug, Clone)]
+pub(crate) enum Place {
+    Pci(Pci),
+    Scsi(ScsiAddr),
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way later calls
+        // rely on, so a poisoned lock is used as it is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State {
+    fn release(&mut self, place: &Place) {
+        match place {
+            Place::Pci(pci) => self.pci.release(pci),
+            Place::Scsi(addr) => self.scsi.release(addr),
+        }
+    }
+}
+
+/// An id and an address held for a hot-add. Dropped uncommitted, it frees both.
+pub(crate) struct Reservation {
+    inner: Arc<Inner>,
+    id: String,
+    place: Place,
+    armed: bool,
+}
+
+impl Reservation {
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Keeps the id and address taken forever (until a reconcile): used when a rollback could not
+    /// run, so nothing reuses what QEMU may still hold.
+    pub(crate) fn leak(mut self) {
+        self.armed = false;
+    }
+
+    fn commit(mut self, entry: Entry) {
+        self.armed = false;
+        let mut state = self.inner.state();
+        match &entry {
+            Entry::Disk { disk, .. } => state.spec.disks.push(disk.clone()),
+            Entry::Nic { nic, .. } => state.spec.nics.push(nic.clone()),
+            Entry::Adding => {}
+        }
+        state.devices.insert(self.id.clone(), entry);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut state = self.inner.state();
+            state.devices.remove(&self.id);
+            state.release(&self.place);
+        }
+    }
+}
+
+/// Marks a device busy for a removal; clears the mark when dropped.
+struct Busy {
+    inner: Arc<Inner>,
+    id: String,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(Entry::Disk { busy, .. } | Entry::Nic { busy, .. }) =
+            self.inner.state().devices.get_mut(&self.id)
+        {
+            *busy = false;
+        }
+    }
+}
+
+fn slot_error(e: SlotError) -> Error {
+    match e {
+        SlotError::Full { bus } => Error::NoFreeSlot { bus },
+        SlotError::Taken { bus, slot } => Error::AddressTaken { bus, slot },
+    }
+}
+
+impl Vm {
+    /// Launches QEMU with `launcher` and attaches to it. The launcher's spec is the starting
+    /// topology: its disks and NICs can be hot-removed like hot-added ones.
+    pub async fn launch(launcher: Launcher) -> Result<Vm> {
+        let spec = launcher.spec().clone();
+        let (client, process) = launcher.launch().await.map_err(Error::Launch)?;
+        Self::attach_inner(client, spec, Some(process)).await
+    }
+
+    /// Attaches to a running QEMU through its monitor. `spec` says what the caller knows of the
+    /// VM: its machine type (checked against QEMU's), root ports, SCSI controllers and devices.
+    /// What QEMU reports is added to it: occupied PCI slots and root ports from `query-pci`, and
+    /// virtio-scsi controllers from `qom-list`.
+    pub async fn attach(client: Client, spec: VmSpec) -> Result<Vm> {
+        Self::attach_inner(client, spec, None).await
+    }
+
+    async fn attach_inner(
+        client: Client,
+        mut spec: VmSpec,
+        process: Option<QemuProcess>,
+    ) -> Result<Vm> {
+        let machine_type = client
+            .execute_raw(
+                "qom-get",
+                &serde_json::json!({"path": "/machine", "property": "type"}),
+            )
+            .await?;
+        if let Some(t) = machine_type.as_str() {
+            spec.machine = if t.contains("q35") {
+                Machine::Q35
+            } else {
+                Machine::Pc
+            };
+        }
+        let mut pci = PciMap::new(spec.machine);
+        for port in &spec.root_ports {
+            pci.add_root_port(&port.id, None);
+        }
+        pci.fill_from(&client.execute(&QueryPci).await?);
+
+        let mut scsi = ScsiMap::default();
+        for c in &spec.scsi_controllers {
+            scsi.add_bus(&c.bus());
+        }
+        let peripherals = client
+            .execute(&QomList {
+                path: "/machine/peripheral".into(),
+            })
+            .await?;
+        for p in &peripherals {
+            if p.child_type() == Some("virtio-scsi-pci") {
+                scsi.add_bus(&format!("{}.0", p.name));
+            }
+        }
+
+        let mut devices = HashMap::new();
+        for disk in &spec.disks {
+            match &disk.frontend {
+                DiskFrontend::VirtioBlk(a) => pci.mark(a),
+                DiskFrontend::ScsiHd(a) | DiskFrontend::ScsiGeneric(a) => {
+                    let _ = scsi.claim(a);
+                }
+            }
+            devices.insert(
+                disk.id.clone(),
+                Entry::Disk {
+                    disk: disk.clone(),
+                    busy: false,
+                },
+            );
+        }
+        for nic in &spec.nics {
+            pci.mark(&nic.pci);
+            devices.insert(
+                nic.id.clone(),
+                Entry::Nic {
+                    nic: nic.clone(),
+                    busy: false,
+                },
+            );
+        }
+        let state = State {
+            spec,
+            pci,
+            scsi,
+            devices,
+            unplug_timeout: DEFAULT_UNPLUG_TIMEOUT,
+        };
+        Ok(Vm {
+            inner: Arc::new(Inner {
+                client,
+                state: Mutex::new(state),
+                commands: OnceCell::new(),
+                process: Mutex::new(process),
+            }),
+        })
+    }
+
+    /// The QMP client, for commands and events of your own.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// The VM's current topology: the spec it was launched (or attached) with, with every device
+    /// hot-added since and without every device hot-removed. A VM launched from it has the same
+    /// devices at the same addresses (restart, migration target). NIC tap fds are the caller's to
+    /// give again ([`Launcher::nic_fds`]).
+    pub fn spec(&self) -> VmSpec {
+        self.inner.state().spec.clone()
+    }
+
+    /// The disks the SDK knows of, by id.
+    pub fn disks(&self) -> Vec<Disk> {
+        self.inner.state().spec.disks.clone()
+    }
+
+    /// The NICs the SDK knows of, by id.
+    pub fn nics(&self) -> Vec<Nic> {
+        self.inner.state().spec.nics.clone()
+    }
+
+    /// The QEMU process id, when the SDK launched it.
+    pub fn pid(&self) -> Option<u32> {
+        self.inner
+            .process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(QemuProcess::pid)
+    }
+
+    /// How long hot-removes wait for the guest to release a device (default 10 s).
+    pub fn set_unplug_timeout(&self, timeout: Duration) {
+        self.inner.state().unplug_timeout = timeout;
+    }
+
+    /// Asks QEMU to exit (`quit`) and, when the SDK launched it, waits for the process to end.
+    pub async fn quit(&self) -> Result<()> {
+        match self.client().execute(&qhotplug_qmp::command::Quit).await {
+            Ok(_) | Err(qhotplug_qmp::Error::Disconnected) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let process = self
+            .inner
+            .process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut process) = process {
+            process
+                .wait()
+                .await
+                .map_err(|e| Error::Launch(qhotplug_cmdline::Error::Io(e)))?;
+        }
+        Ok(())
+    }
+
+    /// True when QEMU has a device with this id (from `qom-list /machine/peripheral`), whether or
+    /// not the SDK added it.
+    pub async fn has_device(&self, id: &str) -> Result<bool> {
+        let list = self
+            .client()
+            .execute(&QomList {
+                path: "/machine/peripheral".into(),
+            })
+            .await?;
+        Ok(list
+            .iter()
+            .any(|p| p.name == id && p.child_type().is_some()))
+    }
+
+    async fn commands(&self) -> Result<&HashSet<String>> {
+        self.inner
+            .commands
+            .get_or_try_init(|| async {
+                let list = self.client().execute(&QueryCommands).await?;
+                Ok::<_, Error>(list.into_iter().map(|c| c.name).collect())
+            })
+            .await
+    }
+
+    async fn require(&self, operation: &'static str, needed: &[&str]) -> Result<()> {
+        let have = self.commands().await?;
+        match needed.iter().find(|c| !have.contains(**c)) {
+            Some(missing) => Err(Error::Unsupported {
+                command: (*missing).to_owned(),
+                operation,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks (once, from `query-commands`) that this QEMU has every command disk hotplug uses;
+    /// the error names the first one missing.
+    pub async fn check_disk_hotplug(&self) -> Result<()> {
+        self.require("disk hotplug", DISK_COMMANDS).await
+    }
+
+    /// Checks that this QEMU has every command NIC hotplug uses.
+    pub async fn check_nic_hotplug(&self) -> Result<()> {
+        self.require("NIC hotplug", NIC_COMMANDS).await
+    }
+
+    /// Checks that a `scsi-hd` can be hot-added: disk hotplug works and the VM has a virtio-scsi
+    /// controller.
+    pub async fn check_scsi_hotplug(&self) -> Result<()> {
+        self.check_disk_hotplug().await?;
+        if !self.inner.state().scsi.has_buses() {
+            return Err(Error::NoScsiController("scsi-hd".into()));
+        }
+        Ok(())
+    }
+
+    /// Takes the id and an address for a hot-add.
+    fn reserve(&self, id: &str, at: &At, pci_device: bool) -> Result<(Reservation, Place)> {
+        qhotplug_cmdline::validate_id(id)?;
+        let mut state = self.inner.state();
+        if state.devices.contains_key(id) {
+            return Err(Error::DuplicateId(id.to_owned()));
+        }
+        let place = match (at, pci_device) {
+            (At::Auto { .. }, true) => Place::Pci(state.pci.allocate().map_err(slot_error)?),
+            (At::Auto { scsi_bus }, false) => {
+                if !state.scsi.has_buses() {
+                    return Err(Error::NoScsiController(id.to_owned()));
+                }
+                Place::Scsi(
+                    state
+                        .scsi
+                        .allocate(scsi_bus.as_deref())
+                        .map_err(slot_error)?,
+                )
+            }
+            (At::Pci(pci), true) => {
+                state.pci.claim(pci).map_err(slot_error)?;
+                Place::Pci(pci.clone())
+            }
+            (At::Scsi(addr), false) => {
+                state.scsi.claim(addr).map_err(slot_error)?;
+                Place::Scsi(addr.clone())
+            }
+            (At::Pci(_), false) | (At::Scsi(_), true) => {
+                return Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(format!(
+                    "{id}: the address does not fit the device model"
+                ))))
+            }
+        };
+        state.devices.insert(id.to_owned(), Entry::Adding);
+        drop(state);
+        let reservation = Reservation {
+            inner: self.inner.clone(),
+            id: id.to_owned(),
+            place: place.clone(),
+            armed: true,
+        };
+        Ok((reservation, place))
+    }
+
+    /// Hot-adds a disk: opens the image, passes it with `add-fd`, adds the protocol and format
+    /// nodes on `/dev/fdset/N`, lets go of the fd set once QEMU holds its own copy (`remove-fd`),
+    /// then adds the device. Returns the disk as placed.
+    ///
+    /// `device_add` is the last step on purpose: undoing it would take a `device_del` that needs
+    /// the guest's help, so every step that can fail comes before it. On failure everything done is
+    /// undone and [`Error::Step`] names the step.
+    pub async fn add_disk(&self, config: DiskConfig) -> Result<Disk> {
+        let span = tracing::info_span!("hotplug", op = "add_disk", id = %config.id);
+        self.add_disk_inner(config).instrument(span).await
+    }
+
+    async fn add_disk_inner(&self, config: DiskConfig) -> Result<Disk> {
+        self.check_disk_hotplug().await?;
+        let pci_device = config.model == DiskModel::VirtioBlk;
+        let (reservation, place) = self.reserve(&config.id, &config.at, pci_device)?;
+        let frontend = match place {
+            Place::Pci(pci) => DiskFrontend::VirtioBlk(pci),
+            Place::Scsi(addr) => DiskFrontend::ScsiHd(addr),
+        };
+        let mut disk = Disk::new(config.id.clone(), config.path.clone(), frontend);
+        disk.format = config.format;
+        disk.backend = config.backend;
+        disk.read_only = config.read_only;
+        disk.cache = config.cache;
+        disk.check()?;
+
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .open(&config.path)
+            .map_err(|source| Error::Open {
+                path: config.path.clone(),
+                source,
+            })?;
+
+        let mut txn = Transaction::new(self.client().clone(), reservation);
+        let opaque = format!("qhotplug:{}", disk.id);
+        let add = AddFd {
+            fdset_id: None,
+            opaque: Some(opaque.clone()),
+        };
+        let client = txn.client().clone();
+        let info = txn
+            .step(
+                "add-fd",
+                Some(Undo::RemoveFd {
+                    fdset: None,
+                    opaque: opaque.clone(),
+                }),
+                client.add_fd(&add, file.into()),
+            )
+            .await?;
+        txn.amend(|u| {
+            if let Undo::RemoveFd { fdset, .. } = u {
+                *fdset = Some(info.fdset_id);
+            }
+        });
+
+        let filename = format!("/dev/fdset/{}", info.fdset_id);
+        for node in disk.blockdev_add(&filename) {
+            let undo = Undo::BlockdevDel(node.node_name.clone());
+            txn.step("blockdev-add", Some(undo), client.execute(&node))
+                .await?;
+        }
+
+        // QEMU holds its own dup of the fd now; the set goes away with the last node using it.
+        let remove = RemoveFd {
+            fdset_id: info.fdset_id,
+            fd: None,
+        };
+        txn.step("remove-fd", None, client.execute(&remove)).await?;
+        txn.forget(|u| !matches!(u, Undo::RemoveFd { .. }));
+
+        txn.step(
+            "device_add",
+            Some(Undo::DeviceDel(disk.id.clone())),
+            client.execute(&disk.device_add()),
+        )
+        .await?;
+        txn.commit().commit(Entry::Disk {
+            disk: disk.clone(),
+            busy: false,
+        });
+        tracing::info!(frontend = ?disk.frontend, "disk added");
+        Ok(disk)
+    }
+
+    /// Hot-adds a `virtio-net-pci` NIC: passes each tap fd (and vhost fd) with `getfd`, adds the
+    /// netdev, then the device. Our copies of the fds are closed once QEMU has them. Returns the
+    /// NIC as placed.
+    pub async fn add_nic(&self, config: NicConfig) -> Result<Nic> {
+        let span = tracing::info_span!("hotplug", op = "add_nic", id = %config.id);
+        self.add_nic_inner(config).instrument(span).await
+    }
+
+    async fn add_nic_inner(&self, config: NicConfig) -> Result<Nic> {
+        self.check_nic_hotplug().await?;
+        let NicConfig {
+            id,
+            taps,
+            mac,
+            vhost,
+            at,
+        } = config;
+        let queues = u16::try_from(taps.len()).unwrap_or(u16::MAX);
+        let at = at.map(At::Pci).unwrap_or(At::Auto { scsi_bus: None });
+        let (reservation, place) = self.reserve(&id, &at, true)?;
+        let Place::Pci(pci) = place else {
+            unreachable!("a NIC always gets a PCI address")
+        };
+        let vhost_fds = match vhost {
+            Some(policy) => match open_vhost(taps.len().max(1), policy)? {
+                Vhost::Enabled(fds) => fds,
+                Vhost::Unavailable { reason } => {
+                    tracing::debug!(%reason, "no vhost-net");
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
+        let nic = Nic {
+            id: id.clone(),
+            mac: mac.unwrap_or_else(MacAddr::random_qemu),
+            queues,
+            pci,
+            vhost: !vhost_fds.is_empty(),
+        };
+        nic.check()?;
+
+        let mut txn = Transaction::new(self.client().clone(), reservation);
+        let client = txn.client().clone();
+        let mut names = (Vec::new(), Vec::new());
+        let fds = taps
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| (format!("{id}-tap{i}"), fd, false))
+            .chain(
+                vhost_fds
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, fd)| (format!("{id}-vhost{i}"), fd, true)),
+            );
+        for (name, fd, is_vhost) in fds {
+            txn.step(
+                "getfd",
+                Some(Undo::Closefd(name.clone())),
+                client.getfd(&name, fd),
+            )
+            .await?;
+            if is_vhost {
+                names.1.push(name);
+            } else {
+                names.0.push(name);
+            }
+        }
+        txn.step(
+            "netdev_add",
+            Some(Undo::NetdevDel(nic.netdev_id())),
+            client.execute(&nic.netdev_add(&names.0, &names.1)),
+        )
+        .await?;
+        // netdev_add took the named fds; the netdev's removal closes them.
+        txn.forget(|u| !matches!(u, Undo::Closefd(_)));
+        txn.step(
+            "device_add",
+            Some(Undo::DeviceDel(nic.id.clone())),
+            client.execute(&nic.device_add()),
+        )
+        .await?;
+        txn.commit().commit(Entry::Nic {
+            nic: nic.clone(),
+            busy: false,
+        });
+        tracing::info!(pci = ?nic.pci, queues, vhost = nic.vhost, "NIC added");
+        Ok(nic)
+    }
+
+    /// Hot-removes a disk: `device_del` with the wait armed first, then, once `DEVICE_DELETED`
+    /// says the guest let it go, `blockdev-del` of its nodes; its slot is freed last.
+    ///
+    /// [`Error::UnplugRejected`] when the guest refuses (device kept), [`Error::UnplugPending`]
+    /// when it does not answer in time (device kept; call again to wait again).
+    pub async fn remove_disk(&self, id: &str) -> Result<()> {
+        let span = tracing::info_span!("hotplug", op = "remove_disk", id);
+        self.remove(id, true).instrument(span).await
+    }
+
+    /// Hot-removes a NIC: `device_del`, wait for `DEVICE_DELETED`, then `netdev_del` (which closes
+    /// QEMU's tap and vhost fds). Errors as for [`remove_disk`](Vm::remove_disk).
+    pub async fn remove_nic(&self, id: &str) -> Result<()> {
+        let span = tracing::info_span!("hotplug", op = "remove_nic", id);
+        self.remove(id, false).instrument(span).await
+    }
+
+    async fn remove(&self, id: &str, disk: bool) -> Result<()> {
+        let kind = if disk { "disk" } else { "NIC" };
+        let (entry_backends, place, timeout, _busy) = {
+            let mut state = self.inner.state();
+            let timeout = state.unplug_timeout;
+            let found = match state.devices.get_mut(id) {
+                Some(Entry::Disk { disk: d, busy }) if disk => {
+                    let place = match &d.frontend {
+                        DiskFrontend::VirtioBlk(p) => Place::Pci(p.clone()),
+                        DiskFrontend::ScsiHd(a) | DiskFrontend::ScsiGeneric(a) => {
+                            Place::Scsi(a.clone())
+                        }
+                    };
+                    let mut nodes = vec![d.top_node()];
+                    if d.top_node() != d.file_node() {
+                        nodes.push(d.file_node());
+                    }
+                    Some((busy, nodes, place))
+                }
+                Some(Entry::Nic { nic, busy }) if !disk => {
+                    Some((busy, vec![nic.netdev_id()], Place::Pci(nic.pci.clone())))
+                }
+                Some(Entry::Adding) => return Err(Error::Busy(id.to_owned())),
+                _ => None,
+            };
+            let Some((busy, backends, place)) = found else {
+                return Err(Error::NotFound {
+                    kind,
+                    id: id.to_owned(),
+                });
+            };
+            if *busy {
+                return Err(Error::Busy(id.to_owned()));
+            }
+            *busy = true;
+            let guard = Busy {
+                inner: self.inner.clone(),
+                id: id.to_owned(),
+            };
+            (backends, place, timeout, guard)
+        };
+        self.unplug(id, timeout).await?;
+
+        // The device is gone: whatever happens to the backend, the slot and the id are free.
+        let result = self.remove_backends(id, disk, &entry_backends).await;
+        let mut state = self.inner.state();
+        state.devices.remove(id);
+        state.release(&place);
+        state.spec.disks.retain(|d| d.id != id);
+        state.spec.nics.retain(|n| n.id != id);
+        drop(state);
+        if result.is_ok() {
+            tracing::info!("{kind} removed");
+        }
+        result
+    }
+
+    async fn remove_backends(&self, id: &str, disk: bool, backends: &[String]) -> Result<()> {
+        for name in backends {
+            let (step, result) = if disk {
+                let cmd = qhotplug_qmp::command::BlockdevDel {
+                    node_name: name.clone(),
+                };
+                ("blockdev-del", self.client().execute(&cmd).await.map(drop))
+            } else {
+                let cmd = qhotplug_qmp::command::NetdevDel { id: name.clone() };
+                ("netdev_del", self.client().execute(&cmd).await.map(drop))
+            };
+            match result {
+                Err(e) if !is_absent(&e) => {
+                    return Err(Error::Backend {
+                        id: id.to_owned(),
+                        step,
+                        source: e,
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// `device_del` and the wait for the guest. Ok once the device is gone.
+    async fn unplug(&self, id: &str, timeout: Duration) -> Result<()> {
+        let client = self.client();
+        let mut events = client.events();
+        let del = DeviceDel { id: id.to_owned() };
+        match client.execute(&del).await {
+            Ok(_) => {}
+            // A pending unplug that completed while nobody waited.
+            Err(e) if is_absent(&e) => return Ok(()),
+            Err(e)
+                if e.qmp_desc()
+                    .is_some_and(|d| d.contains("already in the process of unplug")) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let wait = async {
+            while let Some(item) = events.next().await {
+                match item {
+                    Ok(event) => match &event.kind {
+                        EventKind::DeviceDeleted(d) if d.device.as_deref() == Some(id) => {
+                            return Ok(())
+                        }
+                        EventKind::DeviceUnplugGuestError(d) if d.device.as_deref() == Some(id) => {
+                            return Err(Error::UnplugRejected(id.to_owned()))
+                        }
+                        _ => {}
+                    },
+                    // Events were lost: ask QEMU rather than guess.
+                    Err(Lagged(_)) => {
+                        if !self.has_device(id).await? {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+            Err(Error::Qmp(qhotplug_qmp::Error::Disconnected))
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::UnplugPending {
+                id: id.to_owned(),
+                after: timeout,
+            }),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! A real Linux guest: Debian's cloud kernel and busybox, booted under TCG from the image that
+//! `tests/guest/build-image` builds (and caches), with its serial console on a socket.
+//!
+//! The guest's init reports hotplug on the console (`qhg: add block vda size=2048`,
+//! `qhg: add net eth0 mac=…`, `qhg: remove block vda`) and then runs a shell there, so a test can
+//! wait for what the guest saw and ask it more.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use qhotplug::Vm;
+use qhotplug_cmdline::{Launcher, Serial, VmSpec};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::Notify;
+
+/// How long a boot to the `qhg: ready` line may take (about 6 s here under TCG).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The kernel and initramfs, built on first use. Returns `(vmlinuz, initramfs)`.
+pub fn image() -> (PathBuf, PathBuf) {
+    let top = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = std::env::var_os("QHOTPLUG_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| top.join("../target/qhotplug-guest"));
+    let status = std::process::Command::new(top.join("guest/build-image"))
+        .arg(&out)
+        .status()
+        .expect("run tests/guest/build-image");
+    assert!(status.success(), "tests/guest/build-image failed: {status}");
+    (out.join("vmlinuz"), out.join("initramfs.gz"))
+}
+
+/// Sets `spec` up to boot the guest image with its console on `console` (a socket QEMU listens on).
+pub fn boot_spec(spec: &mut VmSpec, console: PathBuf) {
+    let (kernel, initrd) = image();
+    spec.kernel = Some(kernel);
+    spec.initrd = Some(initrd);
+    spec.append = Some("console=ttyS0 edd=off panic=-1 quiet".into());
+    spec.serial = Some(Serial::Socket(console));
+    spec.paused = false;
+    spec.memory_mib = spec.memory_mib.max(256);
+}
+
+/// The guest's serial console: every line it printed, and a way to type.
+#[derive(Clone)]
+pub struct Console {
+    lines: Arc<Mutex<Vec<String>>>,
+    changed: Arc<Notify>,
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+}
+
+impl Console {
+    /// Connects to the console socket and collects lines in the background.
+    pub async fn connect(path: &std::path::Path) -> Console {
+        let stream = tokio::net::UnixStream::connect(path)
+            .await
+            .expect("connect to the guest console");
+        let (read, write) = stream.into_split();
+        let console = Console {
+            lines: Arc::default(),
+            changed: Arc::default(),
+            writer: Arc::new(tokio::sync::Mutex::new(write)),
+        };
+        let (lines, changed) = (console.lines.clone(), console.changed.clone());
+        tokio::spawn(async move {
+            let mut read = BufReader::new(read);
+            let mut buf = Vec::new();
+            while read.read_until(b'\n', &mut buf).await.unwrap_or(0) > 0 {
+                let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+                buf.clear();
+                tracing::trace!(target: "guest", "{line}");
+                lines.lock().unwrap().push(line);
+                changed.notify_waiters();
+            }
+        });
+        console
+    }
+
+    /// How many lines have arrived: a mark to wait from.
+    pub fn mark(&self) -> usize {
+        self.lines.lock().unwrap().len()
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits for a line after `mark` that contains `needle`; returns it, or `None` at the deadline.
+    pub async fn wait_for(&self, mark: usize, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            if let Some(line) = self.lines.lock().unwrap()[mark..]
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return Some(line.clone());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Runs a shell command in the guest and returns its output lines.
+    pub async fn run(&self, command: &str, timeout: Duration) -> Vec<String> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The shell echoes what we type; `$((n+0))` only reads as `n` in the output.
+        let begin = format!("qhg-begin-{n}");
+        let end = format!("qhg-end-{n}");
+        let mark = self.mark();
+        let line = format!("echo qhg-begin-$(({n}+0)); {command}; echo qhg-end-$(({n}+0))\n");
+        self.writer
+            .lock()
+            .await
+            .write_all(line.as_bytes())
+            .await
+            .expect("write to the guest console");
+        self.wait_for(mark, &end, timeout)
+            .await
+            .unwrap_or_else(|| panic!("guest did not finish {command:?}: {:?}", self.lines()));
+        let lines = self.lines.lock().unwrap()[mark..].to_vec();
+        let start = lines
+            .iter()
+            .position(|l| l.ends_with(&begin))
+            .expect("begin marker");
+        let stop = lines
+            .iter()
+            .position(|l| l.ends_with(&end))
+            .expect("end marker");
+        lines[start + 1..stop].to_vec()
+    }
+}
+
+/// A booted guest: the VM handle and its console. QEMU is killed when it is dropped.
+pub struct Guest {
+    /// The VM.
+    pub vm: Vm,
+    /// Its console.
+    pub console: Console,
+    dir: tempfile::TempDir,
+}
+
+impl Guest {
+    /// Boots the guest from `spec` (its kernel, console and `paused` are set here) and waits for
+    /// its init to say it is ready. `launcher` may add NIC fds.
+    pub async fn boot(mut spec: VmSpec, launcher: impl FnOnce(Launcher) -> Launcher) -> Guest {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let console_path = dir.path().join("console.sock");
+        boot_spec(&mut spec, console_path.clone());
+        let l = launcher(Launcher::new(spec, dir.path().join("run")));
+        let vm = Vm::launch(l.start_timeout(Duration::from_secs(30)))
+            .await
+            .unwrap_or_else(|e| panic!("launching the guest: {e}"));
+        let console = Console::connect(&console_path).await;
+        if console
+            .wait_for(0, "qhg: ready", BOOT_TIMEOUT)
+            .await
+            .is_none()
+        {
+            panic!("the guest did not boot: {:?}", console.lines());
+        }
+        Guest { vm, console, dir }
+    }
+
+    /// The scratch directory.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}

@@ -1,0 +1,191 @@
+//! Hotplug test fixtures: a [`Vm`] launched in a scratch directory, images to plug, and a
+//! [`Snapshot`] of everything a hotplug could change, to prove a rollback changed nothing.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qhotplug::Vm;
+use qhotplug_cmdline::{Launcher, Machine, Pci, RootPort, ScsiController, VmSpec};
+use qhotplug_qmp::command::{
+    BlockInfo, Cont, FdsetInfo, PciInfo, QomList, QueryBlock, QueryFdsets, QueryNamedBlockNodes,
+    QueryPci,
+};
+
+/// A VM launched for a test, with its scratch directory. QEMU is killed when it is dropped.
+pub struct TestVm {
+    /// The handle under test.
+    pub vm: Vm,
+    dir: tempfile::TempDir,
+}
+
+/// A `pc` spec with no guest: 128 MiB, paused, one virtio-scsi controller `scsi0` at slot 3.
+pub fn pc_spec() -> VmSpec {
+    let mut spec = VmSpec::new("qhotplug-test", Machine::Pc);
+    spec.paused = true;
+    spec.memory_mib = 128;
+    spec.scsi_controllers.push(ScsiController {
+        id: "scsi0".into(),
+        pci: Pci::new("pci.0", 3),
+    });
+    spec
+}
+
+/// A `q35` spec with no guest and `ports` root ports `rp0`, `rp1`, … on `pcie.0` from slot 4.
+pub fn q35_spec(ports: u8) -> VmSpec {
+    let mut spec = VmSpec::new("qhotplug-test", Machine::Q35);
+    spec.paused = true;
+    spec.memory_mib = 128;
+    spec.scsi_controllers.push(ScsiController {
+        id: "scsi0".into(),
+        pci: Pci::new("pcie.0", 3),
+    });
+    for i in 0..ports {
+        spec.root_ports.push(RootPort {
+            id: format!("rp{i}"),
+            chassis: i + 1,
+            pci: Pci::new("pcie.0", 4 + i),
+        });
+    }
+    spec
+}
+
+impl TestVm {
+    /// Launches `spec` (tap fds for its NICs are not supported here: use a `Launcher`).
+    pub async fn launch(spec: VmSpec) -> TestVm {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::launch_with(Launcher::new(spec, dir.path().join("run")), dir).await
+    }
+
+    /// Launches with a launcher of the caller's (for NIC fds), keeping `dir` alive with the VM.
+    pub async fn launch_with(launcher: Launcher, dir: tempfile::TempDir) -> TestVm {
+        let launcher = launcher.start_timeout(Duration::from_secs(30));
+        match Vm::launch(launcher).await {
+            Ok(vm) => TestVm { vm, dir },
+            Err(e) => panic!("launching QEMU: {e} (`scripts/test` installs qemu-system-x86)"),
+        }
+    }
+
+    /// A `pc` VM that runs (no guest OS: the firmware finds nothing to boot). Running matters for
+    /// fd sets: QEMU before 9.1 closes a removed fd set's fds only while the VM runs.
+    pub async fn running_pc() -> TestVm {
+        Self::running(pc_spec()).await
+    }
+
+    /// Launches `spec` and lets it run (`cont`). On q35 the firmware then numbers the buses behind
+    /// root ports, which `query-pci` needs to list what sits behind them.
+    pub async fn running(spec: VmSpec) -> TestVm {
+        let t = Self::launch(spec).await;
+        t.vm.client().execute(&Cont).await.expect("cont");
+        t
+    }
+
+    /// Sends a signal to the QEMU process (`libc::SIGSTOP`, `libc::SIGKILL`, …).
+    pub fn signal(&self, signal: i32) {
+        let pid = self.vm.pid().expect("launched by the SDK");
+        crate::sys::kill(pid, signal).expect("kill QEMU");
+    }
+
+    /// The scratch directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A sparse raw image of `mib` MiB in the scratch directory.
+    pub fn image(&self, name: &str, mib: u64) -> PathBuf {
+        image(self.dir(), name, mib)
+    }
+
+    /// Everything a hotplug could have changed, read from QEMU and from our own fd table.
+    pub async fn snapshot(&self) -> Snapshot {
+        Snapshot::take(&self.vm).await
+    }
+}
+
+/// A sparse raw image of `mib` MiB at `dir/name`.
+pub fn image(dir: &Path, name: &str, mib: u64) -> PathBuf {
+    let path = dir.join(name);
+    let file = std::fs::File::create(&path).expect("create image");
+    file.set_len(mib << 20).expect("size image");
+    path
+}
+
+/// QEMU's state as the rollback tests compare it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// `query-pci`.
+    pub pci: Vec<PciInfo>,
+    /// `query-block`.
+    pub block: Vec<BlockInfo>,
+    /// `query-named-block-nodes` node names, sorted.
+    pub nodes: Vec<String>,
+    /// `query-fdsets`.
+    pub fdsets: Vec<FdsetInfo>,
+    /// `qom-list /machine/peripheral` children, sorted.
+    pub peripherals: Vec<String>,
+    /// The network backends: QEMU 7.2 has no QMP query for netdevs, so HMP `info network`.
+    pub network: String,
+    /// The fds QEMU's process has open (targets of `/proc/PID/fd`, sorted).
+    pub qemu_fds: Vec<String>,
+    /// Our own fd table.
+    pub our_fds: Vec<(i32, String)>,
+}
+
+impl Snapshot {
+    /// Reads it all.
+    pub async fn take(vm: &Vm) -> Snapshot {
+        let c = vm.client();
+        let pci = c.execute(&QueryPci).await.expect("query-pci");
+        let block = c.execute(&QueryBlock).await.expect("query-block");
+        let mut nodes: Vec<String> = c
+            .execute(&QueryNamedBlockNodes { flat: Some(true) })
+            .await
+            .expect("query-named-block-nodes")
+            .into_iter()
+            .filter_map(|n| n.node_name)
+            .collect();
+        nodes.sort();
+        let fdsets = c.execute(&QueryFdsets).await.expect("query-fdsets");
+        let mut peripherals: Vec<String> = c
+            .execute(&QomList {
+                path: "/machine/peripheral".into(),
+            })
+            .await
+            .expect("qom-list")
+            .into_iter()
+            .filter(|p| p.child_type().is_some())
+            .map(|p| p.name)
+            .collect();
+        peripherals.sort();
+        let network = c
+            .execute(&qhotplug_qmp::command::HumanMonitorCommand {
+                command_line: "info network".into(),
+                cpu_index: None,
+            })
+            .await
+            .expect("info network");
+        let qemu_fds = match vm.pid() {
+            Some(pid) => fd_targets(&format!("/proc/{pid}/fd")),
+            None => Vec::new(),
+        };
+        Snapshot {
+            pci,
+            block,
+            nodes,
+            fdsets,
+            peripherals,
+            network,
+            qemu_fds,
+            our_fds: crate::open_fds(),
+        }
+    }
+}
+
+fn fd_targets(dir: &str) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .expect("read fd dir")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
+}
