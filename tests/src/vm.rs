@@ -124,7 +124,9 @@ pub struct Snapshot {
     pub peripherals: Vec<String>,
     /// The network backends: QEMU 7.2 has no QMP query for netdevs, so HMP `info network`.
     pub network: String,
-    /// The fds QEMU's process has open (targets of `/proc/PID/fd`, sorted).
+    /// The files, devices and sockets QEMU's process has open (targets of `/proc/PID/fd`,
+    /// sorted): images, `/dev/net/tun`, `/dev/vhost-net`. Anonymous inodes (eventfds, which
+    /// QEMU's own threads make and drop as the VM runs) are left out.
     pub qemu_fds: Vec<String>,
     /// Our own fd table.
     pub our_fds: Vec<(i32, String)>,
@@ -185,6 +187,7 @@ fn fd_targets(dir: &str) -> Vec<String> {
         .expect("read fd dir")
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .map(|t| t.to_string_lossy().into_owned())
+        .filter(|t| !t.starts_with("anon_inode:"))
         .collect();
     out.sort();
     out
