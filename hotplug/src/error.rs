@@ -85,7 +85,7 @@ pub enum Error {
         step: &'static str,
         /// Why.
         #[source]
-        source: qhotplug_qmp::Error,
+        source: Box<qhotplug_qmp::Error>,
         /// Undo steps that failed.
         undo_failures: Vec<UndoFailure>,
     },
@@ -112,7 +112,7 @@ pub enum Error {
         step: &'static str,
         /// Why.
         #[source]
-        source: qhotplug_qmp::Error,
+        source: Box<qhotplug_qmp::Error>,
     },
     /// The QEMU process could not be started.
     #[error("launching QEMU: {0}")]
@@ -146,9 +146,8 @@ impl Error {
     /// True when QEMU is gone: nothing more can be done on this VM.
     pub fn is_disconnected(&self) -> bool {
         match self {
-            Error::Qmp(e) | Error::Step { source: e, .. } | Error::Backend { source: e, .. } => {
-                e.is_disconnected()
-            }
+            Error::Qmp(e) => e.is_disconnected(),
+            Error::Step { source, .. } | Error::Backend { source, .. } => source.is_disconnected(),
             _ => false,
         }
     }

@@ -189,7 +189,7 @@ impl Transaction {
                 Err(Error::Step {
                     id: self.id.clone(),
                     step: name,
-                    source,
+                    source: Box::new(source),
                     undo_failures,
                 })
             }
@@ -202,8 +202,8 @@ impl Transaction {
     }
 
     /// Updates recorded undo steps in place (an fd set's id learnt from `add-fd`'s reply).
-    pub(crate) fn amend(&mut self, mut f: impl FnMut(&mut Undo)) {
-        self.undo.iter_mut().for_each(|u| f(u));
+    pub(crate) fn amend(&mut self, f: impl FnMut(&mut Undo)) {
+        self.undo.iter_mut().for_each(f);
     }
 
     /// The hot-add is complete: the undo stack is discarded and the reservation handed back.

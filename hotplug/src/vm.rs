@@ -643,6 +643,11 @@ impl Vm {
 
     async fn remove(&self, id: &str, disk: bool) -> Result<()> {
         let kind = if disk { "disk" } else { "NIC" };
+        if disk {
+            self.check_disk_hotplug().await?;
+        } else {
+            self.check_nic_hotplug().await?;
+        }
         let (entry_backends, place, timeout, _busy) = {
             let mut state = self.inner.state();
             let timeout = state.unplug_timeout;
@@ -714,7 +719,7 @@ impl Vm {
                     return Err(Error::Backend {
                         id: id.to_owned(),
                         step,
-                        source: e,
+                        source: Box::new(e),
                     })
                 }
                 _ => {}

@@ -346,3 +346,21 @@ async fn a_hotplug_on_one_vm_does_not_wait_for_a_stopped_one() {
     frozen.signal(libc::SIGCONT);
     stuck.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_scsi_disk_on_a_vm_without_a_controller_is_a_typed_error() {
+    let mut spec = pc_spec();
+    spec.scsi_controllers.clear();
+    let t = TestVm::launch(spec).await;
+    assert!(matches!(
+        t.vm.check_scsi_hotplug().await,
+        Err(Error::NoScsiController(_))
+    ));
+    let path = t.image("n.raw", 1);
+    let before = t.snapshot().await;
+    match t.vm.add_disk(DiskConfig::scsi_hd("n1", &path)).await {
+        Err(Error::NoScsiController(id)) => assert_eq!(id, "n1"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(t.snapshot().await, before);
+}
