@@ -11,6 +11,8 @@ use qhotplug_qmp::{Client, Config};
 use crate::error::{Error, Result};
 use crate::spec::VmSpec;
 
+const PREBOUND_CHARDEV: &str = "socket,id=qmp,fd=3,server=on,wait=off";
+
 /// Starts QEMU for a spec and connects to its monitor.
 ///
 /// The monitor is a Unix listener we bind before QEMU starts and pass to it as an fd, so there is no
@@ -27,6 +29,21 @@ pub struct Launcher {
     extra_fds: Vec<OwnedFd>,
     start_timeout: Duration,
     config: Config,
+    monitor: Monitor,
+}
+
+/// Where QEMU's QMP monitor listens.
+#[derive(Debug, Default)]
+pub enum Monitor {
+    /// The launcher binds `qmp.sock` in the runtime directory and passes the listener as fd 3
+    /// (the default): the socket exists before QEMU starts, so there is nothing to poll for.
+    #[default]
+    Prebound,
+    /// A listener the caller bound (its path is where the launcher connects), passed as fd 3.
+    Listener(std::os::unix::net::UnixListener),
+    /// QEMU binds this path itself (`-chardev socket,path=…`); the launcher connects once it
+    /// exists, within the start timeout.
+    Path(PathBuf),
 }
 
 /// A running QEMU. Dropping it kills and reaps the process.
@@ -34,6 +51,7 @@ pub struct Launcher {
 pub struct QemuProcess {
     child: Child,
     dir: PathBuf,
+    qmp_path: PathBuf,
 }
 
 impl Launcher {
@@ -47,7 +65,14 @@ impl Launcher {
             extra_fds: Vec::new(),
             start_timeout: Duration::from_secs(30),
             config: Config::new(),
+            monitor: Monitor::default(),
         }
+    }
+
+    /// Where the QMP monitor listens (default: a listener bound in the runtime directory).
+    pub fn monitor(mut self, monitor: Monitor) -> Self {
+        self.monitor = monitor;
+        self
     }
 
     /// The spec this launcher starts.
@@ -91,11 +116,37 @@ impl Launcher {
     pub async fn launch(mut self) -> Result<(Client, QemuProcess)> {
         self.spec.validate()?;
         std::fs::create_dir_all(&self.dir)?;
-        let qmp_path = self.dir.join("qmp.sock");
-        let _ = std::fs::remove_file(&qmp_path);
-        let listener = std::os::unix::net::UnixListener::bind(&qmp_path)?;
+        // fd 3 is the monitor's listener, or a placeholder when QEMU binds the path itself (the
+        // fd numbering stays the same either way).
+        let (qmp_path, listener, chardev) = match std::mem::take(&mut self.monitor) {
+            Monitor::Prebound => {
+                let path = self.dir.join("qmp.sock");
+                let _ = std::fs::remove_file(&path);
+                let listener = std::os::unix::net::UnixListener::bind(&path)?;
+                (path, OwnedFd::from(listener), PREBOUND_CHARDEV.to_owned())
+            }
+            Monitor::Listener(listener) => {
+                let path = listener
+                    .local_addr()?
+                    .as_pathname()
+                    .map(Path::to_path_buf)
+                    .ok_or_else(|| {
+                        Error::InvalidSpec("the monitor listener has no path to connect to".into())
+                    })?;
+                (path, OwnedFd::from(listener), PREBOUND_CHARDEV.to_owned())
+            }
+            Monitor::Path(path) => {
+                let _ = std::fs::remove_file(&path);
+                let chardev = format!(
+                    "socket,id=qmp,path={},server=on,wait=off",
+                    crate::value::escape(&path.to_string_lossy())
+                );
+                let placeholder = OwnedFd::from(std::fs::File::open("/dev/null")?);
+                (path, placeholder, chardev)
+            }
+        };
 
-        let mut fds: Vec<OwnedFd> = vec![listener.into()];
+        let mut fds: Vec<OwnedFd> = vec![listener];
         fds.append(&mut self.extra_fds);
         let mut nic_numbers = Vec::new();
         for nic in &self.spec.nics {
@@ -129,11 +180,7 @@ impl Launcher {
                 "fds given for {extra}, which the spec does not have"
             )));
         }
-        let args = self
-            .spec
-            .args("socket,id=qmp,fd=3,server=on,wait=off", |i| {
-                nic_numbers[i].clone()
-            });
+        let args = self.spec.args(&chardev, |i| nic_numbers[i].clone());
 
         let stderr_path = self.dir.join("qemu.stderr");
         let mut command = Command::new(&self.binary);
@@ -153,6 +200,7 @@ impl Launcher {
         let mut process = QemuProcess {
             child,
             dir: self.dir.clone(),
+            qmp_path: qmp_path.clone(),
         };
 
         let config = self.config.clone().connect_timeout(self.start_timeout);
@@ -188,7 +236,7 @@ impl QemuProcess {
 
     /// The monitor socket's path (one client at a time).
     pub fn qmp_path(&self) -> PathBuf {
-        self.dir.join("qmp.sock")
+        self.qmp_path.clone()
     }
 
     /// The runtime directory.

@@ -211,3 +211,49 @@ async fn qemu_failing_at_start_up_reports_its_own_message() {
         other => panic!("expected QEMU's exit, got {other}"),
     }
 }
+
+#[tokio::test]
+async fn the_monitor_can_be_a_path_qemu_binds_or_a_listener_the_caller_bound() {
+    use qhotplug_qmp::command::QueryStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = VmSpec::new("monitor-test", Machine::Pc);
+    spec.paused = true;
+
+    // QEMU binds the path itself; a comma in it is escaped, not an option separator.
+    let path = dir.path().join("mon,itor.sock");
+    let (client, qemu) = Launcher::new(spec.clone(), dir.path().join("a"))
+        .monitor(Monitor::Path(path.clone()))
+        .launch()
+        .await
+        .unwrap();
+    assert!(!client.execute(&QueryStatus).await.unwrap().running);
+    assert_eq!(qemu.qmp_path(), path);
+    assert!(std::fs::metadata(&path).is_ok());
+
+    // A listener bound by the caller, somewhere else.
+    let bound = dir.path().join("mine.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&bound).unwrap();
+    let (client, qemu) = Launcher::new(spec.clone(), dir.path().join("b"))
+        .monitor(Monitor::Listener(listener))
+        .launch()
+        .await
+        .unwrap();
+    assert!(!client.execute(&QueryStatus).await.unwrap().running);
+    assert_eq!(qemu.qmp_path(), bound);
+    assert!(!dir.path().join("b/qmp.sock").exists());
+
+    // A listener with no path (abstract) cannot be connected to by path: a typed error before
+    // QEMU starts.
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("qhotplug-test-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let abstract_listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+    match Launcher::new(spec, dir.path().join("c"))
+        .monitor(Monitor::Listener(abstract_listener))
+        .launch()
+        .await
+    {
+        Err(Error::InvalidSpec(msg)) => assert!(msg.contains("no path"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+}
