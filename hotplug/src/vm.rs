@@ -705,14 +705,16 @@ impl Vm {
 
     async fn remove_backends(&self, id: &str, disk: bool, backends: &[String]) -> Result<()> {
         for name in backends {
-            let (step, result) = if disk {
+            let step = if disk { "blockdev-del" } else { "netdev_del" };
+            let span = tracing::debug_span!("step", name = step, id);
+            let result = if disk {
                 let cmd = qhotplug_qmp::command::BlockdevDel {
                     node_name: name.clone(),
                 };
-                ("blockdev-del", self.client().execute(&cmd).await.map(drop))
+                self.client().execute(&cmd).instrument(span).await.map(drop)
             } else {
                 let cmd = qhotplug_qmp::command::NetdevDel { id: name.clone() };
-                ("netdev_del", self.client().execute(&cmd).await.map(drop))
+                self.client().execute(&cmd).instrument(span).await.map(drop)
             };
             match result {
                 Err(e) if !is_absent(&e) => {
@@ -733,7 +735,8 @@ impl Vm {
         let client = self.client();
         let mut events = client.events();
         let del = DeviceDel { id: id.to_owned() };
-        match client.execute(&del).await {
+        let span = tracing::debug_span!("step", name = "device_del", id);
+        match client.execute(&del).instrument(span).await {
             Ok(_) => {}
             // A pending unplug that completed while nobody waited.
             Err(e) if is_absent(&e) => return Ok(()),
@@ -764,7 +767,8 @@ impl Vm {
             }
             Err(Error::Qmp(qhotplug_qmp::Error::Disconnected))
         };
-        match tokio::time::timeout(timeout, wait).await {
+        let span = tracing::debug_span!("step", name = "wait DEVICE_DELETED", id);
+        match tokio::time::timeout(timeout, wait).instrument(span).await {
             Ok(result) => result,
             Err(_) => Err(Error::UnplugPending {
                 id: id.to_owned(),

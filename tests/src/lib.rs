@@ -17,6 +17,7 @@ pub mod guest;
 pub mod mock;
 pub mod qemu;
 mod sys;
+pub mod timing;
 pub mod vm;
 
 pub use sys::clear_cloexec;

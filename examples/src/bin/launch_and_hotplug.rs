@@ -1,0 +1,237 @@
+//! The demo: boots a small Linux guest under QEMU, hot-adds a disk and a two-queue NIC, shows what
+//! the guest sees (from its serial console) and the QMP events as they arrive, removes both, and
+//! ends with how long each step took. Exits non-zero if any step fails.
+//!
+//! Run it with `scripts/demo` (installs QEMU and builds the guest image when missing), or
+//! `cargo run --release -p qhotplug-examples --bin launch_and_hotplug` as root (taps need it).
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use qhotplug::{DiskConfig, NicConfig, Vm};
+use qhotplug_cmdline::{Launcher, Machine, VmSpec};
+use qhotplug_netdev::{MacAddr, TapBuilder};
+use qhotplug_tests::guest::{boot_spec, image, Console};
+use qhotplug_tests::timing::Timings;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+const SEEN: Duration = Duration::from_secs(30);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let timings = Timings::new();
+    // RUST_LOG=qhotplug=debug shows the SDK's own spans and events as well.
+    let log = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(tracing_subscriber::EnvFilter::from_env("RUST_LOG"));
+    tracing_subscriber::registry()
+        .with(timings.clone())
+        .with(log)
+        .init();
+    let mut table = Table::default();
+    match demo(&timings, &mut table).await {
+        Ok(()) => {
+            table.print();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            table.print();
+            eprintln!("\ndemo failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Step timings, in order.
+#[derive(Default)]
+struct Table {
+    rows: Vec<(String, Duration)>,
+}
+
+impl Table {
+    fn row(&mut self, step: impl Into<String>, took: Duration) {
+        self.rows.push((step.into(), took));
+    }
+
+    /// The hotplug's own steps, from the SDK's tracing spans: each operation, then its steps
+    /// (spans close inner first, so the steps are held until their operation closes).
+    fn steps_from(&mut self, timings: &Timings) {
+        let mut steps = Vec::new();
+        for t in timings.take() {
+            match t.kind {
+                "step" => steps.push((format!("  └ {}", t.name), t.elapsed)),
+                "hotplug" => {
+                    self.row(
+                        format!("{} {}", t.name, t.id.unwrap_or_default()),
+                        t.elapsed,
+                    );
+                    self.rows.append(&mut steps);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn print(&self) {
+        if self.rows.is_empty() {
+            return;
+        }
+        println!("\n{:<34} {:>10}", "step", "time");
+        println!("{:-<34} {:->10}", "", "");
+        for (step, took) in &self.rows {
+            println!("{step:<34} {:>10}", format_duration(*took));
+        }
+    }
+}
+
+fn format_duration(d: Duration) -> String {
+    if d >= Duration::from_secs(1) {
+        format!("{:.2} s", d.as_secs_f64())
+    } else {
+        format!("{:.2} ms", d.as_secs_f64() * 1e3)
+    }
+}
+
+/// Times `f` as one row of the table.
+async fn timed<T>(
+    table: &mut Table,
+    step: &str,
+    f: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let start = Instant::now();
+    let out = f.await;
+    table.row(step, start.elapsed());
+    out
+}
+
+async fn seen(console: &Console, mark: usize, needle: &str) -> Result<String> {
+    let line = console
+        .wait_for(mark, needle, SEEN)
+        .await
+        .ok_or_else(|| format!("the guest did not report {needle:?} within {SEEN:?}"))?;
+    let report = line.split("qhg: ").nth(1).unwrap_or(&line).to_owned();
+    println!("guest   {report}");
+    Ok(report)
+}
+
+async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
+    println!("== guest image (Debian cloud kernel + busybox, built once and cached)");
+    let start = Instant::now();
+    let (kernel, _) = tokio::task::spawn_blocking(image).await?;
+    table.row("guest image", start.elapsed());
+    println!("   {}", kernel.display());
+
+    let dir = tempfile::tempdir()?;
+    let console_path = dir.path().join("console.sock");
+    let mut spec = VmSpec::new("qhotplug-demo", Machine::Pc);
+    spec.smp = 2; // the guest's virtio-net uses as many queue pairs as it has vCPUs
+    boot_spec(&mut spec, console_path.clone());
+
+    println!("== launching QEMU (TCG)");
+    let vm = timed(table, "launch QEMU + QMP handshake", async {
+        Ok(Vm::launch(Launcher::new(spec, dir.path().join("run"))).await?)
+    })
+    .await?;
+    let g = vm.client().greeting();
+    println!(
+        "   QEMU {} ({}), pid {:?}",
+        g.version.qemu,
+        g.version.package,
+        vm.pid()
+    );
+
+    // Every QMP event, as it arrives.
+    let mut events = vm.client().events();
+    let printer = tokio::spawn(async move {
+        while let Some(item) = events.next().await {
+            match item {
+                Ok(e) => println!("event   {} {}", e.name(), e.data()),
+                Err(lagged) => println!("event   ({lagged})"),
+            }
+        }
+    });
+
+    println!("== booting the guest");
+    let console = Console::connect(&console_path).await;
+    let boot = Instant::now();
+    let ready = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.tick().await;
+        let wait = console.wait_for(0, "qhg: ready", Duration::from_secs(120));
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                line = &mut wait => return line.ok_or("the guest did not boot within 120 s"),
+                _ = tick.tick() => println!("   booting… {:.0} s", boot.elapsed().as_secs_f64()),
+            }
+        }
+    };
+    ready.await?;
+    table.row("boot to a shell", boot.elapsed());
+    println!("   guest ready in {}", format_duration(boot.elapsed()));
+
+    // A 64 MiB disk.
+    let image = dir.path().join("data-1.raw");
+    std::fs::File::create(&image)?.set_len(64 << 20)?;
+    println!("== hot-adding a virtio-blk disk");
+    let mark = console.mark();
+    let start = Instant::now();
+    let disk = vm
+        .add_disk(DiskConfig::virtio_blk("data-1", &image))
+        .await?;
+    table.steps_from(timings);
+    println!("sdk     data-1 at {:?}", disk.frontend);
+    seen(&console, mark, "qhg: add block").await?;
+    table.row("guest sees data-1 (after the call)", start.elapsed());
+
+    println!("== hot-adding a two-queue virtio-net NIC on a tap");
+    let tap = TapBuilder::new("qhdemo%d").queues(2).up(true).create()?;
+    let tap_name = tap.name().to_owned();
+    let mac = MacAddr::random_qemu();
+    let mark = console.mark();
+    let start = Instant::now();
+    let nic = vm.add_nic(NicConfig::new("net-1", tap).mac(mac)).await?;
+    table.steps_from(timings);
+    println!(
+        "sdk     net-1 on {tap_name} at {:?}, {} queues, vhost {}",
+        nic.pci, nic.queues, nic.vhost
+    );
+    let report = seen(&console, mark, "qhg: add net").await?;
+    table.row("guest sees net-1 (after the call)", start.elapsed());
+    if !report.ends_with(&format!("mac={mac}")) {
+        return Err(format!("the guest sees MAC {report:?}, not {mac}").into());
+    }
+    let ifname = report.split(' ').nth(2).unwrap_or("eth0").to_owned();
+    let listed = console
+        .run(
+            &format!("cat /proc/partitions; ls /sys/class/net/{ifname}/queues"),
+            SEEN,
+        )
+        .await;
+    for line in listed {
+        println!("guest   {line}");
+    }
+
+    println!("== hot-removing both (the guest lets go; DEVICE_DELETED says when)");
+    let mark = console.mark();
+    let start = Instant::now();
+    vm.remove_disk("data-1").await?;
+    table.steps_from(timings);
+    seen(&console, mark, "qhg: remove block").await?;
+    table.row("guest lost data-1", start.elapsed());
+    let mark = console.mark();
+    let start = Instant::now();
+    vm.remove_nic("net-1").await?;
+    table.steps_from(timings);
+    seen(&console, mark, "qhg: remove net").await?;
+    table.row("guest lost net-1", start.elapsed());
+
+    timed(table, "quit", async { Ok(vm.quit().await?) }).await?;
+    printer.await?;
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! Where the time of a hotplug goes: a `tracing` layer that times the SDK's spans — one per
+//! hotplug (`hotplug`), per hotplug step (`step`) and per QMP command (`qmp`) — and keeps them
+//! in order, for the demo's table and the hotplug benchmark.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id};
+use tracing::Subscriber;
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
+
+/// One finished span.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timed {
+    /// `hotplug`, `step` or `qmp`.
+    pub kind: &'static str,
+    /// The operation (`add_disk`), the step (`blockdev-add`) or the command (`query-status`).
+    pub name: String,
+    /// The device id, for `hotplug` and `step` spans.
+    pub id: Option<String>,
+    /// From creation to close.
+    pub elapsed: Duration,
+}
+
+/// The layer; clone it to read what it recorded.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    done: Arc<Mutex<Vec<Timed>>>,
+}
+
+struct Started {
+    at: Instant,
+    name: String,
+    id: Option<String>,
+}
+
+#[derive(Default)]
+struct Fields {
+    name: Option<String>,
+    id: Option<String>,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.record(field, value.to_owned());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.record(field, format!("{value:?}").trim_matches('"').to_owned());
+    }
+}
+
+impl Fields {
+    fn record(&mut self, field: &Field, value: String) {
+        match field.name() {
+            "name" | "op" | "command" => self.name = Some(value),
+            "id" => self.id = Some(value),
+            _ => {}
+        }
+    }
+}
+
+impl Timings {
+    /// A new, empty recorder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Everything recorded so far, in the order the spans closed, and clears it.
+    pub fn take(&self) -> Vec<Timed> {
+        std::mem::take(&mut *self.done.lock().unwrap())
+    }
+}
+
+impl<S> Layer<S> for Timings
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        let kind = attrs.metadata().name();
+        if !matches!(kind, "hotplug" | "step" | "qmp") {
+            return;
+        }
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(Started {
+                at: Instant::now(),
+                name: fields.name.unwrap_or_default(),
+                id: fields.id,
+            });
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        let Some(span) = ctx.span(&id) else { return };
+        let kind = span.metadata().name();
+        let started = span.extensions_mut().remove::<Started>();
+        if let Some(started) = started {
+            self.done.lock().unwrap().push(Timed {
+                kind,
+                name: started.name,
+                id: started.id,
+                elapsed: started.at.elapsed(),
+            });
+        }
+    }
+}
