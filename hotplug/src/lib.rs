@@ -43,3 +43,8 @@ pub use vm::{Vm, DEFAULT_UNPLUG_TIMEOUT};
 pub use qhotplug_cmdline as cmdline;
 pub use qhotplug_netdev as netdev;
 pub use qhotplug_qmp as qmp;
+
+/// The README's example, compiled as a doctest so it cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

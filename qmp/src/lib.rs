@@ -53,7 +53,3 @@ pub use error::{Error, FrameError, QmpError, Result};
 pub use event::{Event, EventKind};
 pub use message::{Greeting, Timestamp};
 
-/// The README's example, compiled as a doctest so it cannot rot.
-#[cfg(doctest)]
-#[doc = include_str!("../../README.md")]
-pub struct ReadmeDoctests;
