@@ -52,4 +52,3 @@ pub use connection::Connection;
 pub use error::{Error, FrameError, QmpError, Result};
 pub use event::{Event, EventKind};
 pub use message::{Greeting, Timestamp};
-

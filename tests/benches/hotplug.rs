@@ -1,0 +1,416 @@
+//! `cargo bench -p qhotplug-tests --bench hotplug`
+//!
+//! Hot-add latency per step, and 64 disks hot-added at once, on one paused QEMU (TCG, `pc`, a
+//! virtio-scsi controller), beside the floor: a raw blocking Unix-socket loop on a second monitor of
+//! the same QEMU that sends the same commands one after another (with the fd in the same `sendmsg`)
+//! and waits for each reply. The SDK's per-step times come from its own `step` tracing spans.
+//!
+//! - disk: `scsi-hd` (it unplugs at once without a guest, so rounds can repeat): add-fd,
+//!   blockdev-add ×2, remove-fd, device_add;
+//! - NIC: `virtio-net-pci` on a one-queue tap: getfd, netdev_add, device_add (PCI devices never
+//!   unplug without a guest, so the NIC rounds are limited by free slots);
+//! - 64 `scsi-hd` disks: the SDK's 64 concurrent `add_disk` calls against the raw loop's 64
+//!   sequences back to back.
+//!
+//! Prints the tables and, last, `ratio_disk=… ratio_nic=… ratio_64=…` (floor time / SDK time).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use qhotplug::{DiskConfig, NicConfig, Vm};
+use qhotplug_cmdline::{Disk, Nic, Pci, ScsiAddr};
+use qhotplug_netdev::MacAddr;
+use qhotplug_netdev::TapBuilder;
+use qhotplug_qmp::command::{AddFd, Getfd, RemoveFd};
+use qhotplug_qmp::message::{encode_request, Execution};
+use qhotplug_tests::timing::Timings;
+use qhotplug_tests::{pc_spec, TestVm};
+use sendfd::SendWithFd;
+use serde_json::{json, Value};
+use tracing_subscriber::layer::SubscriberExt;
+
+const DISK_ROUNDS: usize = 30;
+const NIC_ROUNDS: usize = 10;
+const BULK: usize = 64;
+const BULK_ROUNDS: usize = 3;
+
+struct Raw {
+    write: UnixStream,
+    read: BufReader<UnixStream>,
+}
+
+impl Raw {
+    fn connect(path: &Path) -> Raw {
+        let stream = UnixStream::connect(path).expect("connect the floor monitor");
+        let mut raw = Raw {
+            write: stream.try_clone().unwrap(),
+            read: BufReader::new(stream),
+        };
+        let mut greeting = String::new();
+        raw.read.read_line(&mut greeting).unwrap();
+        raw.call(&json!({"execute": "qmp_capabilities"}), None);
+        raw
+    }
+
+    /// One round trip; events before the reply are skipped. Returns the reply's `return`.
+    fn call(&mut self, request: &Value, fd: Option<&std::fs::File>) -> Value {
+        let name = request["execute"].as_str().unwrap();
+        let args = request.get("arguments").cloned().unwrap_or(json!({}));
+        self.send(name, &args, fd)
+    }
+
+    /// The request is encoded exactly as the SDK encodes it (`encode_request`), so both sides
+    /// send the same bytes.
+    fn send<A: serde::Serialize>(
+        &mut self,
+        name: &str,
+        args: &A,
+        fd: Option<&std::fs::File>,
+    ) -> Value {
+        let mut bytes = Vec::new();
+        encode_request(&mut bytes, name, args, Execution::InBand).unwrap();
+        match fd {
+            Some(f) => {
+                let n = self.write.send_with_fd(&bytes, &[f.as_raw_fd()]).unwrap();
+                self.write.write_all(&bytes[n..]).unwrap();
+            }
+            None => self.write.write_all(&bytes).unwrap(),
+        }
+        let mut line = String::new();
+        loop {
+            line.clear();
+            self.read.read_line(&mut line).unwrap();
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v.get("event").is_some() {
+                continue;
+            }
+            return v
+                .get("return")
+                .cloned()
+                .unwrap_or_else(|| panic!("{name}: {v}"));
+        }
+    }
+
+    fn step<A: serde::Serialize>(
+        &mut self,
+        steps: &mut Vec<(&'static str, Duration)>,
+        name: &'static str,
+        args: &A,
+        fd: Option<&std::fs::File>,
+    ) -> Value {
+        let start = Instant::now();
+        let out = self.send(name, args, fd);
+        steps.push((name, start.elapsed()));
+        out
+    }
+
+    /// The SDK's disk sequence, by hand, with the same command values; the time of each step.
+    fn add_disk(&mut self, id: &str, path: &Path, target: u16) -> Vec<(&'static str, Duration)> {
+        let disk = Disk::scsi_hd(
+            id,
+            path,
+            ScsiAddr {
+                bus: "scsi0.0".into(),
+                channel: 0,
+                scsi_id: target,
+                lun: 0,
+            },
+        );
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut steps = Vec::new();
+        let add = AddFd {
+            fdset_id: None,
+            opaque: Some(format!("qhotplug:{id}")),
+        };
+        let info = self.step(&mut steps, "add-fd", &add, Some(&file));
+        drop(file);
+        let set = info["fdset-id"].as_i64().unwrap();
+        for node in disk.blockdev_add(&format!("/dev/fdset/{set}")) {
+            self.step(&mut steps, "blockdev-add", &node, None);
+        }
+        self.step(
+            &mut steps,
+            "remove-fd",
+            &RemoveFd {
+                fdset_id: set,
+                fd: None,
+            },
+            None,
+        );
+        self.step(&mut steps, "device_add", &disk.device_add(), None);
+        steps
+    }
+
+    /// Removes what `add_disk` added (SCSI needs no guest). Not timed.
+    fn remove_disk(&mut self, id: &str) {
+        self.call(
+            &json!({"execute": "device_del", "arguments": {"id": id}}),
+            None,
+        );
+        for node in ["fmt", "file"] {
+            let name = format!("{id}-{node}");
+            // device_del of a SCSI disk completes at once; the node may take one more round trip.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let mut bytes = serde_json::to_vec(
+                    &json!({"execute": "blockdev-del", "arguments": {"node-name": name}}),
+                )
+                .unwrap();
+                bytes.extend_from_slice(b"\r\n");
+                self.write.write_all(&bytes).unwrap();
+                let mut line = String::new();
+                let reply = loop {
+                    line.clear();
+                    self.read.read_line(&mut line).unwrap();
+                    let v: Value = serde_json::from_str(&line).unwrap();
+                    if v.get("event").is_none() {
+                        break v;
+                    }
+                };
+                if reply.get("return").is_some() {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "blockdev-del {name}: {reply}");
+            }
+        }
+    }
+
+    fn add_nic(&mut self, id: &str, slot: u8) -> Vec<(&'static str, Duration)> {
+        let tap = TapBuilder::new("qhb%d").create().unwrap();
+        let fd = std::fs::File::from(tap.into_queues().pop().unwrap());
+        let nic = Nic {
+            id: id.into(),
+            mac: MacAddr::random_qemu(),
+            queues: 1,
+            pci: Pci::new("pci.0", slot),
+            vhost: false,
+        };
+        let mut steps = Vec::new();
+        let fdname = format!("{id}-tap0");
+        self.step(
+            &mut steps,
+            "getfd",
+            &Getfd {
+                fdname: fdname.clone(),
+            },
+            Some(&fd),
+        );
+        drop(fd);
+        self.step(
+            &mut steps,
+            "netdev_add",
+            &nic.netdev_add(&[fdname], &[]),
+            None,
+        );
+        self.step(&mut steps, "device_add", &nic.device_add(), None);
+        steps
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// Per-step medians over rounds: `rounds[i]` is one round's `(step, time)` list, in order.
+fn step_medians(rounds: &[Vec<(&'static str, Duration)>]) -> Vec<(&'static str, Duration)> {
+    (0..rounds[0].len())
+        .map(|i| {
+            (
+                rounds[0][i].0,
+                median(rounds.iter().map(|r| r[i].1).collect()),
+            )
+        })
+        .collect()
+}
+
+fn print_steps(
+    title: &str,
+    raw: &[Vec<(&'static str, Duration)>],
+    sdk: &[Vec<(&'static str, Duration)>],
+    sdk_total: &[Duration],
+) -> f64 {
+    let (raw_m, sdk_m) = (step_medians(raw), step_medians(sdk));
+    println!("{title} (median of {} rounds, µs):", raw.len());
+    println!("  {:<14} {:>10} {:>10}", "step", "floor", "sdk");
+    for ((name, r), (sname, s)) in raw_m.iter().zip(&sdk_m) {
+        assert_eq!(name, sname);
+        println!("  {name:<14} {:>10.0} {:>10.0}", us(*r), us(*s));
+    }
+    let raw_totals: Vec<Duration> = raw.iter().map(|r| r.iter().map(|s| s.1).sum()).collect();
+    let ratios: Vec<f64> = raw_totals
+        .iter()
+        .zip(sdk_total)
+        .map(|(r, s)| r.as_secs_f64() / s.as_secs_f64())
+        .collect();
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "  {:<14} {:>10.0} {:>10.0}   (sdk: the whole call, from the caller)",
+        "total",
+        us(median(raw_totals)),
+        us(median(sdk_total.to_vec()))
+    );
+    sorted[sorted.len() / 2]
+}
+
+fn sdk_steps(timings: &Timings) -> Vec<(&'static str, Duration)> {
+    timings
+        .take()
+        .into_iter()
+        .filter(|t| t.kind == "step")
+        .map(|t| {
+            let name: &'static str = match t.name.as_str() {
+                "add-fd" => "add-fd",
+                "blockdev-add" => "blockdev-add",
+                "remove-fd" => "remove-fd",
+                "device_add" => "device_add",
+                "getfd" => "getfd",
+                "netdev_add" => "netdev_add",
+                other => panic!("unexpected step {other}"),
+            };
+            (name, t.elapsed)
+        })
+        .collect()
+}
+
+fn image(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    path
+}
+
+fn main() {
+    let timings = Timings::new();
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(timings.clone()))
+        .unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async move { tokio::spawn(run(timings)).await.unwrap() });
+}
+
+async fn run(timings: Timings) {
+    // The test spec with a second monitor for the floor.
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = pc_spec();
+    let floor_path = dir.path().join("floor.sock");
+    spec.extra_args = vec![
+        "-chardev".into(),
+        format!(
+            "socket,id=floor,path={},server=on,wait=off",
+            floor_path.display()
+        ),
+        "-mon".into(),
+        "chardev=floor,mode=control".into(),
+    ];
+    let t = TestVm::launch(spec).await;
+    let vm: Vm = t.vm.clone();
+    let mut raw = Raw::connect(&floor_path);
+    let img = image(dir.path(), "disk.raw");
+    println!("QEMU {}, paused, TCG", vm.client().greeting().version.qemu);
+
+    // Warm up both (the SDK asks query-commands once).
+    vm.add_disk(DiskConfig::scsi_hd("warm", &img))
+        .await
+        .unwrap();
+    vm.remove_disk("warm").await.unwrap();
+    raw.add_disk("rwarm", &img, 200);
+    raw.remove_disk("rwarm");
+    timings.take();
+
+    // Disk latency, alternating floor and SDK.
+    let (mut raw_rounds, mut sdk_rounds, mut sdk_total) = (vec![], vec![], vec![]);
+    for i in 0..DISK_ROUNDS {
+        raw_rounds.push(raw.add_disk(&format!("r{i}"), &img, 100));
+        raw.remove_disk(&format!("r{i}"));
+        let start = Instant::now();
+        vm.add_disk(DiskConfig::scsi_hd(format!("s{i}"), &img))
+            .await
+            .unwrap();
+        sdk_total.push(start.elapsed());
+        sdk_rounds.push(sdk_steps(&timings));
+        vm.remove_disk(&format!("s{i}")).await.unwrap();
+        timings.take();
+    }
+    let ratio_disk = print_steps("scsi-hd hot-add", &raw_rounds, &sdk_rounds, &sdk_total);
+
+    // NIC latency: each round takes a PCI slot for good (no guest to release it).
+    let (mut raw_rounds, mut sdk_rounds, mut sdk_total) = (vec![], vec![], vec![]);
+    for i in 0..NIC_ROUNDS {
+        raw_rounds.push(raw.add_nic(&format!("rn{i}"), 0x1f - i as u8));
+        let tap = TapBuilder::new("qhb%d").create().unwrap();
+        let start = Instant::now();
+        vm.add_nic(NicConfig::new(format!("sn{i}"), tap).no_vhost())
+            .await
+            .unwrap();
+        sdk_total.push(start.elapsed());
+        sdk_rounds.push(sdk_steps(&timings));
+    }
+    let ratio_nic = print_steps(
+        "virtio-net-pci hot-add",
+        &raw_rounds,
+        &sdk_rounds,
+        &sdk_total,
+    );
+
+    // 64 disks at once.
+    let images: Vec<PathBuf> = (0..BULK)
+        .map(|i| image(dir.path(), &format!("bulk{i}.raw")))
+        .collect();
+    let (mut floor_times, mut sdk_times) = (vec![], vec![]);
+    for round in 0..BULK_ROUNDS {
+        let start = Instant::now();
+        for (i, img) in images.iter().enumerate() {
+            raw.add_disk(&format!("rb{round}x{i}"), img, i as u16);
+        }
+        floor_times.push(start.elapsed());
+        for i in 0..BULK {
+            raw.remove_disk(&format!("rb{round}x{i}"));
+        }
+        let start = Instant::now();
+        let adds = images.iter().enumerate().map(|(i, img)| {
+            let vm = vm.clone();
+            let cfg = DiskConfig::scsi_hd(format!("sb{round}x{i}"), img);
+            async move { vm.add_disk(cfg).await }
+        });
+        for r in join_all(adds).await {
+            r.unwrap();
+        }
+        sdk_times.push(start.elapsed());
+        let removes = (0..BULK).map(|i| {
+            let vm = vm.clone();
+            async move { vm.remove_disk(&format!("sb{round}x{i}")).await }
+        });
+        for r in join_all(removes).await {
+            r.unwrap();
+        }
+        timings.take();
+    }
+    let mut ratios: Vec<f64> = floor_times
+        .iter()
+        .zip(&sdk_times)
+        .map(|(f, s)| f.as_secs_f64() / s.as_secs_f64())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let ratio_64 = ratios[ratios.len() / 2];
+    println!(
+        "{BULK} scsi-hd disks (median of {BULK_ROUNDS} rounds): floor one after another {:.1} ms, sdk {BULK} concurrent add_disk {:.1} ms",
+        median(floor_times).as_secs_f64() * 1e3,
+        median(sdk_times).as_secs_f64() * 1e3
+    );
+    println!("ratio_disk={ratio_disk:.3} ratio_nic={ratio_nic:.3} ratio_64={ratio_64:.3}");
+}
