@@ -228,7 +228,8 @@ impl Drop for Transaction {
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 let span = tracing::debug_span!("rollback", id = %id, reason = "cancelled");
-                handle.spawn(
+                let inner = reservation.inner();
+                let task = handle.spawn(
                     async move {
                         let failures = roll_back(&client, undo).await;
                         if !failures.is_empty() {
@@ -238,6 +239,7 @@ impl Drop for Transaction {
                     }
                     .instrument(span),
                 );
+                inner.track_rollback(task);
             }
             Err(_) => {
                 tracing::warn!(%id, "hot-add dropped outside a runtime: cannot roll back; reconcile");

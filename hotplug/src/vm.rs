@@ -20,6 +20,20 @@ use crate::error::{Error, Result};
 use crate::slots::{PciMap, ScsiMap, SlotError};
 use crate::txn::{is_absent, Transaction, Undo};
 
+/// What [`Vm::reconcile`] found and fixed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Devices the SDK listed that QEMU no longer has (an unplug that completed late, a removal
+    /// that was cancelled): dropped from the SDK's view, their slots freed.
+    pub gone: Vec<String>,
+    /// Block nodes of ours that no device used any more, deleted.
+    pub nodes_deleted: Vec<String>,
+    /// Netdevs of ours that no device used any more, deleted.
+    pub netdevs_deleted: Vec<String>,
+    /// Fd sets of ours (tagged `qhotplug:<id>`) that no node held, removed.
+    pub fdsets_removed: Vec<i64>,
+}
+
 /// How long a hot-remove waits for the guest by default.
 pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -75,6 +89,8 @@ pub(crate) struct Inner {
     state: Mutex<State>,
     commands: OnceCell<HashSet<String>>,
     process: Mutex<Option<QemuProcess>>,
+    /// Rollbacks of cancelled hot-adds, running in the background.
+    rollbacks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 struct State {
@@ -82,6 +98,8 @@ struct State {
     pci: PciMap,
     scsi: ScsiMap,
     devices: HashMap<String, Entry>,
+    /// Every id a hot-add through this handle used: what `reconcile` may clean up after.
+    touched: HashSet<String>,
     unplug_timeout: Duration,
 }
 
@@ -107,6 +125,13 @@ pub(crate) enum Place {
 }
 
 impl Inner {
+    /// Keeps a background rollback's handle, so [`Vm::reconcile`] can wait for it.
+    pub(crate) fn track_rollback(&self, task: tokio::task::JoinHandle<()>) {
+        let mut tasks = self.rollbacks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the maps half-updated in a way later calls
         // rely on, so a poisoned lock is used as it is.
@@ -134,6 +159,10 @@ pub(crate) struct Reservation {
 impl Reservation {
     pub(crate) fn id(&self) -> &str {
         &self.id
+    }
+
+    pub(crate) fn inner(&self) -> Arc<Inner> {
+        self.inner.clone()
     }
 
     /// Keeps the id and address taken forever (until a reconcile): used when a rollback could not
@@ -274,6 +303,7 @@ impl Vm {
             pci,
             scsi,
             devices,
+            touched: HashSet::new(),
             unplug_timeout: DEFAULT_UNPLUG_TIMEOUT,
         };
         Ok(Vm {
@@ -282,6 +312,7 @@ impl Vm {
                 state: Mutex::new(state),
                 commands: OnceCell::new(),
                 process: Mutex::new(process),
+                rollbacks: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -401,6 +432,152 @@ impl Vm {
         Ok(())
     }
 
+    /// Brings the SDK's view back in line with QEMU's, from `qom-list`, `query-pci`,
+    /// `query-named-block-nodes` and `query-fdsets`: after a hot-add or hot-remove future was
+    /// dropped part-way, after an unplug that was reported pending completed, or after a rollback
+    /// could not finish.
+    ///
+    /// It first waits for the background rollbacks of cancelled hot-adds. Then devices the SDK
+    /// lists but QEMU no longer has are dropped from the view (their slots freed) and their
+    /// backends deleted; block nodes, netdevs and fd sets left behind by hot-adds through this
+    /// handle are deleted; and every PCI slot QEMU reports is marked taken. Devices being added or
+    /// removed by a call still running are left alone; so is everything this handle never made.
+    pub async fn reconcile(&self) -> Result<Reconciled> {
+        let span = tracing::info_span!("hotplug", op = "reconcile");
+        self.reconcile_inner().instrument(span).await
+    }
+
+    async fn reconcile_inner(&self) -> Result<Reconciled> {
+        let rollbacks = std::mem::take(
+            &mut *self
+                .inner
+                .rollbacks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for task in rollbacks {
+            let _ = task.await;
+        }
+        let client = self.client();
+        let present: HashSet<String> = client
+            .execute(&QomList {
+                path: "/machine/peripheral".into(),
+            })
+            .await?
+            .into_iter()
+            .filter(|p| p.child_type().is_some())
+            .map(|p| p.name)
+            .collect();
+        let pci = client.execute(&QueryPci).await?;
+        let nodes: HashSet<String> = client
+            .execute(&qhotplug_qmp::command::QueryNamedBlockNodes { flat: Some(true) })
+            .await?
+            .into_iter()
+            .filter_map(|n| n.node_name)
+            .collect();
+        let fdsets = client.execute(&qhotplug_qmp::command::QueryFdsets).await?;
+
+        let mut report = Reconciled::default();
+        // Ids whose leftovers may go: touched by us, not a device in QEMU, and not in use by a
+        // running call.
+        let orphans = {
+            let mut state = self.inner.state();
+            let gone: Vec<String> = state
+                .devices
+                .iter()
+                .filter(|(id, e)| {
+                    matches!(
+                        e,
+                        Entry::Disk { busy: false, .. } | Entry::Nic { busy: false, .. }
+                    ) && !present.contains(*id)
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &gone {
+                let place = match state.devices.remove(id) {
+                    Some(Entry::Disk { disk, .. }) => match disk.frontend {
+                        DiskFrontend::VirtioBlk(p) => Place::Pci(p),
+                        DiskFrontend::ScsiHd(a) | DiskFrontend::ScsiGeneric(a) => Place::Scsi(a),
+                    },
+                    Some(Entry::Nic { nic, .. }) => Place::Pci(nic.pci),
+                    _ => continue,
+                };
+                state.release(&place);
+                state.spec.disks.retain(|d| &d.id != id);
+                state.spec.nics.retain(|n| &n.id != id);
+            }
+            report.gone = gone;
+            state.pci.fill_from(&pci);
+            let mut orphans: Vec<String> = state
+                .touched
+                .iter()
+                .filter(|id| !present.contains(*id) && !state.devices.contains_key(*id))
+                .cloned()
+                .collect();
+            orphans.extend(
+                report
+                    .gone
+                    .iter()
+                    .filter(|id| !orphans.contains(id))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+            );
+            orphans
+        };
+        for id in &orphans {
+            for node in [format!("{id}-fmt"), format!("{id}-file")] {
+                if nodes.contains(&node) {
+                    let del = qhotplug_qmp::command::BlockdevDel {
+                        node_name: node.clone(),
+                    };
+                    match client.execute(&del).await {
+                        Ok(_) => report.nodes_deleted.push(node),
+                        Err(e) if is_absent(&e) => {}
+                        Err(e) => tracing::warn!(%node, error = %e, "reconcile: node left"),
+                    }
+                }
+            }
+            // QEMU 7.2 has no query for netdevs: ask to delete ours, "not found" is the usual answer.
+            let del = qhotplug_qmp::command::NetdevDel {
+                id: format!("{id}-net"),
+            };
+            match client.execute(&del).await {
+                Ok(_) => report.netdevs_deleted.push(format!("{id}-net")),
+                Err(e) if is_absent(&e) => {}
+                Err(e) => tracing::warn!(id = %id, error = %e, "reconcile: netdev left"),
+            }
+            let tag = format!("qhotplug:{id}");
+            for set in &fdsets {
+                if set
+                    .fds
+                    .iter()
+                    .any(|f| f.opaque.as_deref() == Some(tag.as_str()))
+                {
+                    let remove = RemoveFd {
+                        fdset_id: set.fdset_id,
+                        fd: None,
+                    };
+                    match client.execute(&remove).await {
+                        Ok(_) => report.fdsets_removed.push(set.fdset_id),
+                        Err(e) if is_absent(&e) => {}
+                        Err(e) => {
+                            tracing::warn!(set = set.fdset_id, error = %e, "reconcile: fd set left")
+                        }
+                    }
+                }
+            }
+        }
+        {
+            // What is clean now needs no second look.
+            let mut state = self.inner.state();
+            for id in &orphans {
+                state.touched.remove(id);
+            }
+        }
+        tracing::info!(?report, "reconciled");
+        Ok(report)
+    }
+
     /// Takes the id and an address for a hot-add.
     fn reserve(&self, id: &str, at: &At, pci_device: bool) -> Result<(Reservation, Place)> {
         qhotplug_cmdline::validate_id(id)?;
@@ -436,6 +613,7 @@ impl Vm {
             }
         };
         state.devices.insert(id.to_owned(), Entry::Adding);
+        state.touched.insert(id.to_owned());
         drop(state);
         let reservation = Reservation {
             inner: self.inner.clone(),

@@ -108,3 +108,49 @@ where
         }
     }
 }
+
+/// Calls a function when the SDK starts its `n`-th hotplug step (counting from 0), from inside the
+/// step's span creation: the step's command has not been sent yet, and is sent before the hotplug
+/// future next yields. Fault and cancellation tests use it to act "at step n".
+#[derive(Clone)]
+pub struct AtStep {
+    target: usize,
+    seen: Arc<std::sync::atomic::AtomicUsize>,
+    name: Arc<Mutex<Option<String>>>,
+    action: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl AtStep {
+    /// Runs `action` when step `n` begins.
+    pub fn new(n: usize, action: impl Fn() + Send + Sync + 'static) -> Self {
+        AtStep {
+            target: n,
+            seen: Arc::default(),
+            name: Arc::default(),
+            action: Arc::new(action),
+        }
+    }
+
+    /// The name of the step the action ran at, if it ran.
+    pub fn fired_at(&self) -> Option<String> {
+        self.name.lock().unwrap().clone()
+    }
+}
+
+impl<S> Layer<S> for AtStep
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_new_span(&self, attrs: &Attributes<'_>, _id: &Id, _ctx: Context<'_, S>) {
+        if attrs.metadata().name() != "step" {
+            return;
+        }
+        let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if n == self.target {
+            let mut fields = Fields::default();
+            attrs.record(&mut fields);
+            *self.name.lock().unwrap() = fields.name;
+            (self.action)();
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! QEMU killed at each step of a hot-add (every pending call returns `Disconnected` within a second,
+//! no task and no fd of ours leaks), and QEMU stopped (calls time out with a typed error; the client
+//! recovers after SIGCONT).
+
+use std::time::Duration;
+
+use qhotplug::{DiskConfig, NicConfig};
+use qhotplug_netdev::TapBuilder;
+use qhotplug_qmp::command::QueryStatus;
+use qhotplug_tests::timing::AtStep;
+use qhotplug_tests::{open_fds, pc_spec, TestVm};
+use tracing_subscriber::layer::SubscriberExt;
+
+const DISK_STEPS: usize = 5; // add-fd, blockdev-add ×2, remove-fd, device_add
+const NIC_STEPS: usize = 4; // getfd ×2 (two queues), netdev_add, device_add
+
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current()
+        .metrics()
+        .num_alive_tasks()
+}
+
+/// Launches a VM, kills QEMU when step `n` of `add` starts, and checks what is left.
+async fn kill_at<F, Fut>(n: usize, add: F) -> String
+where
+    F: FnOnce(qhotplug::Vm, std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = qhotplug::Result<()>>,
+{
+    let fds_before = open_fds();
+    let tasks_before = alive_tasks();
+    let t = TestVm::launch(pc_spec()).await;
+    let pid = t.vm.pid().unwrap();
+    let hook = AtStep::new(n, move || {
+        // kill(1) rather than libc: the hook runs inside tracing, and this keeps it plain.
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    });
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(hook.clone()));
+    let image = t.image("k.raw", 1);
+    // A second caller waits on the same connection when QEMU dies.
+    let bystander = {
+        let vm = t.vm.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = vm.client().execute(&QueryStatus).await {
+                    return e;
+                }
+            }
+        })
+    };
+    let started = tokio::time::Instant::now();
+    let result = add(t.vm.clone(), image).await;
+    let step = hook.fired_at().expect("the hook fired");
+    let err = result.expect_err("QEMU was killed");
+    assert!(err.is_disconnected(), "at {step}: {err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1) + Duration::from_millis(500),
+        "at {step}: took {:?}",
+        started.elapsed()
+    );
+    let other = tokio::time::timeout(Duration::from_secs(1), bystander)
+        .await
+        .expect("the other caller got its answer within a second")
+        .unwrap();
+    assert!(other.is_disconnected(), "{other}");
+    drop(t);
+    // Everything of ours is gone with the VM: fds (sockets, the image, taps) and tasks.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while alive_tasks() > tasks_before && tokio::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        alive_tasks(),
+        tasks_before,
+        "tasks left after a kill at {step}"
+    );
+    assert_eq!(open_fds(), fds_before, "fds left after a kill at {step}");
+    step
+}
+
+#[tokio::test]
+async fn qemu_killed_at_each_step_of_a_disk_hot_add() {
+    let mut steps = Vec::new();
+    for n in 0..DISK_STEPS {
+        steps.push(
+            kill_at(n, |vm, image| async move {
+                vm.add_disk(DiskConfig::virtio_blk("k1", image))
+                    .await
+                    .map(drop)
+            })
+            .await,
+        );
+    }
+    assert_eq!(
+        steps,
+        [
+            "add-fd",
+            "blockdev-add",
+            "blockdev-add",
+            "remove-fd",
+            "device_add"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn qemu_killed_at_each_step_of_a_nic_hot_add() {
+    let mut steps = Vec::new();
+    for n in 0..NIC_STEPS {
+        steps.push(
+            kill_at(n, |vm, _| async move {
+                let tap = TapBuilder::new("qhk%d").queues(2).create().unwrap();
+                vm.add_nic(NicConfig::new("kn", tap)).await.map(drop)
+            })
+            .await,
+        );
+    }
+    assert_eq!(steps, ["getfd", "getfd", "netdev_add", "device_add"]);
+}
+
+#[tokio::test]
+async fn a_stopped_qemu_times_out_calls_and_the_client_recovers_after_sigcont() {
+    let dir = tempfile::tempdir().unwrap();
+    let launcher = qhotplug_cmdline::Launcher::new(pc_spec(), dir.path().join("run"))
+        .qmp_config(qhotplug_qmp::Config::new().default_timeout(Some(Duration::from_millis(300))));
+    let t = TestVm::launch_with(launcher, dir).await;
+    let image = t.image("s.raw", 1);
+    t.signal(libc::SIGSTOP);
+    match t.vm.client().execute(&QueryStatus).await {
+        Err(qhotplug_qmp::Error::Timeout { command, .. }) => assert_eq!(command, "query-status"),
+        other => panic!("{other:?}"),
+    }
+    let err =
+        t.vm.add_disk(DiskConfig::scsi_hd("s1", &image))
+            .await
+            .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            qhotplug::Error::Qmp(qhotplug_qmp::Error::Timeout { .. })
+                | qhotplug::Error::Step { .. }
+        ),
+        "{err}"
+    );
+    t.signal(libc::SIGCONT);
+    // The late replies to the timed-out calls are read and dropped; new calls line up again.
+    let status = t.vm.client().execute(&QueryStatus).await.unwrap();
+    assert!(!status.running);
+    t.vm.reconcile().await.unwrap();
+    let disk =
+        t.vm.add_disk(DiskConfig::scsi_hd("s1", &image))
+            .await
+            .unwrap();
+    assert_eq!(disk.id, "s1");
+}
