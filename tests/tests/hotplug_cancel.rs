@@ -79,9 +79,11 @@ async fn every_drop_point_of_a_hot_add_is_undone_and_reconciled() {
     for n in 0..NIC_ADD_STEPS {
         let id = format!("cn{n}");
         let tap = TapBuilder::new("qhc%d").queues(2).create().unwrap();
-        let step = drop_at(n, vm.add_nic(NicConfig::new(&id, tap)).map_ok_drop())
-            .await
-            .expect("dropped mid-way");
+        let step = drop_at(n, async {
+            vm.add_nic(NicConfig::new(&id, tap)).await.map(drop)
+        })
+        .await
+        .expect("dropped mid-way");
         vm.reconcile().await.unwrap();
         assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
     }
@@ -135,14 +137,4 @@ async fn every_drop_point_of_a_hot_remove_is_reconciled() {
         assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
     }
     assert_eq!(open_fds(), before.0.our_fds);
-}
-
-trait MapOkDrop {
-    fn map_ok_drop(self) -> impl std::future::Future<Output = qhotplug::Result<()>>;
-}
-
-impl<T, F: std::future::Future<Output = qhotplug::Result<T>>> MapOkDrop for F {
-    fn map_ok_drop(self) -> impl std::future::Future<Output = qhotplug::Result<()>> {
-        async move { self.await.map(drop) }
-    }
 }
