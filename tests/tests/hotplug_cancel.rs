@@ -66,11 +66,11 @@ async fn every_drop_point_of_a_hot_add_is_undone_and_reconciled() {
 
     for n in 0..DISK_ADD_STEPS {
         let id = format!("cd{n}");
-        let step = drop_at(
-            n,
+        let step = drop_at(n, async {
             vm.add_disk(DiskConfig::virtio_blk(&id, &path))
-                .map_ok_drop(),
-        )
+                .await
+                .map(drop)
+        })
         .await
         .expect("dropped mid-way");
         vm.reconcile().await.unwrap();
