@@ -158,7 +158,10 @@ impl Config {
         loop {
             match next_message(&mut frames, "qmp_capabilities").await? {
                 Message::Reply(reply) => {
-                    finish(QmpCapabilities::NAME, Ok(reply.result))?;
+                    finish(
+                        QmpCapabilities::NAME,
+                        Ok(reply.result.map_err(crate::connection::Failure::Qmp)),
+                    )?;
                     break;
                 }
                 Message::Event(_) => continue,

@@ -22,12 +22,21 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
 use crate::codec::QmpCodec;
-use crate::error::{Error, QmpError, Result};
+use crate::error::{Error, FrameError, QmpError, Result};
 use crate::event::Event;
 use crate::message::{Message, Reply};
 
-/// What a waiter receives: the raw `return` value or QEMU's error.
-pub(crate) type ReplyResult = std::result::Result<Box<RawValue>, QmpError>;
+/// What a waiter receives: the raw `return` value, QEMU's error, or why the connection closed
+/// under it.
+pub(crate) type ReplyResult = std::result::Result<Box<RawValue>, Failure>;
+
+/// Why a command got no `return`.
+pub(crate) enum Failure {
+    /// QEMU answered with an error.
+    Qmp(QmpError),
+    /// The connection closed with this error before the reply came.
+    Closed(Error),
+}
 
 /// A request on its way from a [`Client`](crate::Client) to the socket.
 pub(crate) struct Op {
@@ -142,7 +151,7 @@ impl State {
                 let waiter = id.as_u64().and_then(|id| self.oob.remove(&id));
                 match waiter {
                     Some(tx) => {
-                        let _ = tx.send(reply.result);
+                        let _ = tx.send(reply.result.map_err(Failure::Qmp));
                     }
                     None => tracing::warn!(%id, "dropping a reply with an unknown id"),
                 }
@@ -150,7 +159,7 @@ impl State {
             None => match self.inband.pop_front() {
                 Some(waiter) => {
                     // A waiter that timed out or was dropped is gone; its reply is discarded.
-                    let _ = waiter.reply.send(reply.result);
+                    let _ = waiter.reply.send(reply.result.map_err(Failure::Qmp));
                     if waiter.carries_fd {
                         self.fd_in_flight = false;
                         if let Some(next) = self.fd_queue.pop_front() {
@@ -188,7 +197,15 @@ impl Connection {
                 frame = frames.next() => match frame {
                     None => break Ok(()),
                     Some(Err(e)) => break Err(e.into()),
-                    Some(Ok(Err(bad))) => tracing::warn!(error = %bad, "skipping a bad frame from QEMU"),
+                    // A frame that is not QMP (bad JSON or UTF-8, over the size limit, unknown
+                    // shape) may have been a reply: after it, replies can no longer be paired
+                    // with their commands, so the connection ends and every waiter is told why.
+                    Some(Ok(Err(FrameError::Incomplete { len }))) => {
+                        // The socket closed part-way through a line: a disconnect, not garbage.
+                        tracing::debug!(len, "connection closed inside a frame");
+                        break Ok(());
+                    }
+                    Some(Ok(Err(bad))) => break Err(Error::Frame(bad)),
                     Some(Ok(Ok(Message::Reply(reply)))) => state.on_reply(reply),
                     Some(Ok(Ok(Message::Event(event)))) => {
                         tracing::trace!(event = event.name(), "event");
@@ -216,9 +233,25 @@ impl Connection {
                 },
             }
         };
-        // Fail everything still queued: dropping a reply sender wakes its waiter with Disconnected.
+        // Fail everything still queued: a waiter learns the error that ended the connection, or
+        // (a clean end) sees its reply sender dropped, which reads as Disconnected.
         ops.close();
-        while ops.try_recv().is_ok() {}
+        let mut queued: Vec<oneshot::Sender<ReplyResult>> = Vec::new();
+        while let Ok(op) = ops.try_recv() {
+            queued.push(op.reply);
+        }
+        if let Err(error) = &result {
+            let waiters = state
+                .inband
+                .drain(..)
+                .map(|w| w.reply)
+                .chain(state.oob.drain().map(|(_, tx)| tx))
+                .chain(state.fd_queue.drain(..).map(|op| op.reply))
+                .chain(queued);
+            for tx in waiters {
+                let _ = tx.send(Err(Failure::Closed(error.clone())));
+            }
+        }
         if let Err(e) = &result {
             tracing::debug!(error = %e, "QMP connection ended");
         }
@@ -233,10 +266,11 @@ pub(crate) fn finish(
 ) -> Result<Box<RawValue>> {
     match outcome {
         Ok(Ok(raw)) => Ok(raw),
-        Ok(Err(error)) => Err(Error::Qmp {
+        Ok(Err(Failure::Qmp(error))) => Err(Error::Qmp {
             command: command.to_owned(),
             error,
         }),
+        Ok(Err(Failure::Closed(error))) => Err(error),
         Err(_) => Err(Error::Disconnected),
     }
 }

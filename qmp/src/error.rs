@@ -23,7 +23,9 @@ impl std::fmt::Display for QmpError {
     }
 }
 
-/// Why a frame from the server could not be used. The stream goes on after any of these.
+/// Why a frame from the server could not be used. The codec's stream goes on after any of these; a
+/// [`Client`](crate::Client)'s connection ends with [`Error::Frame`], since after a bad frame it
+/// cannot know which command a later reply answers.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {
@@ -91,6 +93,11 @@ pub enum Error {
         /// The serializer's message.
         reason: String,
     },
+    /// QEMU sent something that is not a QMP message (bad JSON or UTF-8, a line over the frame
+    /// limit). The connection was closed: every pending command gets this error, later ones
+    /// [`Error::Disconnected`].
+    #[error("QEMU sent a bad frame, connection closed: {0}")]
+    Frame(FrameError),
     /// An event the caller was waiting for could not be seen because the subscription lagged.
     #[error("missed {0} events while waiting (subscriber lagged)")]
     EventsLost(u64),
@@ -108,7 +115,7 @@ impl From<io::Error> for Error {
 impl Error {
     /// True when the connection is gone and no further command can succeed on it.
     pub fn is_disconnected(&self) -> bool {
-        matches!(self, Error::Disconnected)
+        matches!(self, Error::Disconnected | Error::Frame(_))
     }
 
     /// The QMP error class when this is an error reply from QEMU.

@@ -94,6 +94,28 @@ impl MockServer {
         self.stream.write_all(bytes).await.expect("mock write");
     }
 
+    /// Sends bytes, reporting a write error instead of panicking (the client may have hung up).
+    pub async fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    /// Sends bytes with an fd attached (SCM_RIGHTS), as a hostile server might.
+    pub async fn send_with_fd(&mut self, bytes: &[u8], fd: std::os::fd::BorrowedFd<'_>) {
+        use sendfd::SendWithFd;
+        use std::os::fd::AsRawFd;
+        loop {
+            self.stream.writable().await.expect("writable");
+            match self.stream.send_with_fd(bytes, &[fd.as_raw_fd()]) {
+                Ok(n) => {
+                    assert_eq!(n, bytes.len(), "short send_with_fd");
+                    return;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => panic!("mock send_with_fd: {e}"),
+            }
+        }
+    }
+
     /// Sends `{"return": value}`.
     pub async fn reply(&mut self, value: Value) {
         self.send(&json!({ "return": value })).await;

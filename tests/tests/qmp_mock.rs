@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use qhotplug_qmp::command::{QueryStatus, RunState};
-use qhotplug_qmp::{Config, Error, EventKind, Lagged};
+use qhotplug_qmp::{Config, Error, EventKind, FrameError, Lagged};
 use qhotplug_tests::mock::{default_greeting, event_json};
 use qhotplug_tests::MockServer;
 use serde_json::{json, Value};
@@ -190,18 +190,37 @@ async fn a_disconnect_in_the_middle_of_a_reply_fails_every_waiter_at_once() {
 }
 
 #[tokio::test]
-async fn garbage_frames_are_skipped_and_the_connection_goes_on() {
-    let (mut server, client) = connected(Config::new().max_frame(1024)).await;
-    let c = client.clone();
-    let call = tokio::spawn(async move { c.execute(&QueryStatus).await });
-    server.recv().await.unwrap();
-    server
-        .send_raw(b"{not json\r\n\xff\xfe\xfd\r\n[1,2,3]\r\n{}\r\n")
-        .await;
-    server.send_raw(&vec![b'x'; 5000]).await;
-    server.send_raw(b"\r\n").await;
-    server.reply(STATUS()).await;
-    assert!(!call.await.unwrap().unwrap().running);
+async fn garbage_closes_the_connection_with_a_typed_error_for_every_waiter() {
+    // After a frame that is not QMP, no later reply can be paired with its command for sure.
+    for garbage in [
+        &b"{not json\r\n"[..],
+        b"\xff\xfe\xfd\r\n",
+        b"[1,2,3]\r\n",
+        b"{}\r\n",
+    ] {
+        let (mut server, client) = connected(Config::new().max_frame(1024)).await;
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let c = client.clone();
+                tokio::spawn(async move { c.execute(&QueryStatus).await })
+            })
+            .collect();
+        for _ in 0..3 {
+            server.recv().await.unwrap();
+        }
+        server.send_raw(garbage).await;
+        server.reply(STATUS()).await;
+        for call in calls {
+            match call.await.unwrap() {
+                Err(Error::Frame(FrameError::Malformed { .. })) => {}
+                other => panic!("{garbage:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            client.execute(&QueryStatus).await,
+            Err(Error::Disconnected)
+        ));
+    }
 }
 
 #[tokio::test]
