@@ -316,8 +316,10 @@ impl Client {
     }
 
     /// Runs a command with an fd attached (SCM_RIGHTS, in the same `sendmsg` as the command's first
-    /// byte). Only `getfd` and `add-fd` consume one. At most one fd-carrying command is in flight on
-    /// a connection: others wait for its reply, while fd-less commands keep flowing.
+    /// byte). Only `getfd` and `add-fd` consume one. While an fd-carrying command is unanswered,
+    /// nothing else is written on the connection (later commands wait for its reply, then go out
+    /// in order): QEMU 7.2's monitor, with `oob` on, can crash or lose the fd when more bytes
+    /// arrive while its handler is taking the fd.
     ///
     /// The fd is closed on our side once sent (QEMU holds its own copy), or when the command fails
     /// before it is sent.

@@ -113,18 +113,26 @@ struct State {
     outbox: Outbox,
     inband: VecDeque<InBand>,
     oob: HashMap<u64, oneshot::Sender<ReplyResult>>,
-    /// fd-carrying requests wait here while another one is unanswered.
-    fd_queue: VecDeque<Op>,
+    /// Requests held back while an fd-carrying request is unanswered (see [`State::accept`]).
+    held: VecDeque<Op>,
     fd_in_flight: bool,
 }
 
 impl State {
+    /// Queues a request for writing, or holds it back.
+    ///
+    /// Nothing is written while an fd-carrying request (`getfd`, `add-fd`) is unanswered. QEMU
+    /// keeps a received fd in its socket chardev until the command's handler takes it, and with
+    /// `oob` on, the monitor's I/O thread goes on reading while the main thread runs the command:
+    /// seen on QEMU 7.2, more bytes arriving in that window crash QEMU (a NULL dereference in the
+    /// chardev's fd bookkeeping) or cost the fd. So the fd's command must be the last thing QEMU
+    /// reads until it has answered.
     fn accept(&mut self, op: Op) {
+        if self.fd_in_flight {
+            self.held.push_back(op);
+            return;
+        }
         if op.fd.is_some() {
-            if self.fd_in_flight {
-                self.fd_queue.push_back(op);
-                return;
-            }
             self.fd_in_flight = true;
         }
         let Op {
@@ -162,7 +170,10 @@ impl State {
                     let _ = waiter.reply.send(reply.result.map_err(Failure::Qmp));
                     if waiter.carries_fd {
                         self.fd_in_flight = false;
-                        if let Some(next) = self.fd_queue.pop_front() {
+                        while !self.fd_in_flight {
+                            let Some(next) = self.held.pop_front() else {
+                                break;
+                            };
                             self.accept(next);
                         }
                     }
@@ -189,7 +200,7 @@ impl Connection {
             outbox: Outbox::default(),
             inband: VecDeque::new(),
             oob: HashMap::new(),
-            fd_queue: VecDeque::new(),
+            held: VecDeque::new(),
             fd_in_flight: false,
         };
         let result: Result<()> = loop {
@@ -240,13 +251,15 @@ impl Connection {
         while let Ok(op) = ops.try_recv() {
             queued.push(op.reply);
         }
-        if let Err(error) = &result {
+        // A bad frame is worth telling each waiter about; a socket error means QEMU went away,
+        // which a dropped sender already says (Disconnected).
+        if let Err(error @ Error::Frame(_)) = &result {
             let waiters = state
                 .inband
                 .drain(..)
                 .map(|w| w.reply)
                 .chain(state.oob.drain().map(|(_, tx)| tx))
-                .chain(state.fd_queue.drain(..).map(|op| op.reply))
+                .chain(state.held.drain(..).map(|op| op.reply))
                 .chain(queued);
             for tx in waiters {
                 let _ = tx.send(Err(Failure::Closed(error.clone())));

@@ -85,6 +85,11 @@ impl TestVm {
         crate::sys::kill(pid, signal).expect("kill QEMU");
     }
 
+    /// What QEMU wrote to stderr so far (when it was launched by [`TestVm::launch`]).
+    pub fn qemu_stderr(&self) -> String {
+        std::fs::read_to_string(self.dir().join("run/qemu.stderr")).unwrap_or_default()
+    }
+
     /// The scratch directory.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -23,18 +23,22 @@ fn rss_kib() -> u64 {
 
 /// `cycles` add/remove cycles spread over the workers (each on its own id and image: QEMU locks
 /// an image it writes).
-async fn run(vm: &Vm, images: &[std::path::PathBuf], cycles: usize) {
+async fn run(vm: &Vm, images: &[std::path::PathBuf], cycles: usize) -> qhotplug::Result<()> {
     let workers = images.iter().enumerate().map(|(w, path)| {
         let (vm, path) = (vm.clone(), path.clone());
         async move {
             let id = format!("soak{w}");
             for _ in 0..cycles / WORKERS {
-                vm.add_disk(DiskConfig::scsi_hd(&id, &path)).await.unwrap();
-                vm.remove_disk(&id).await.unwrap();
+                vm.add_disk(DiskConfig::scsi_hd(&id, &path)).await?;
+                vm.remove_disk(&id).await?;
             }
+            Ok::<_, qhotplug::Error>(())
         }
     });
-    join_all(workers).await;
+    for result in join_all(workers).await {
+        result?;
+    }
+    Ok(())
 }
 
 #[tokio::test]
@@ -47,9 +51,12 @@ async fn a_thousand_scsi_cycles_keep_our_memory_and_fds_flat() {
         .map(|w| t.image(&format!("soak{w}.raw"), 1))
         .collect();
 
-    run(&t.vm, &images, SETTLED).await;
+    let fail = |e: qhotplug::Error| panic!("{e}\nQEMU said: {}", t.qemu_stderr());
+    run(&t.vm, &images, SETTLED).await.unwrap_or_else(fail);
     let (fds_at, rss_at) = (open_fd_count(), rss_kib());
-    run(&t.vm, &images, CYCLES - SETTLED).await;
+    run(&t.vm, &images, CYCLES - SETTLED)
+        .await
+        .unwrap_or_else(fail);
     let (fds_end, rss_end) = (open_fd_count(), rss_kib());
     println!(
         "cycle {SETTLED}: {fds_at} fds, {rss_at} KiB resident; cycle {CYCLES}: {fds_end} fds, {rss_end} KiB resident"

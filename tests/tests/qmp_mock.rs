@@ -331,23 +331,32 @@ async fn fds_ride_with_their_command_and_only_one_is_in_flight() {
     );
     assert_eq!(got1.fds.len(), 1);
 
-    // A second fd command waits for the first's reply; an fd-less command overtakes it.
+    // Until the first fd command is answered nothing else is written: not a second fd command,
+    // not an fd-less one (QEMU must read nothing more while its handler takes the fd).
     let c = client.clone();
     let second = tokio::spawn(async move { c.getfd("fd-two", w2.into()).await });
     let c = client.clone();
     let status = tokio::spawn(async move { c.execute(&QueryStatus).await });
-    let next = server.recv().await.unwrap();
-    assert_eq!(next.command(), "query-status");
-    assert!(next.fds.is_empty());
+    tokio::task::yield_now().await;
+    let nothing = tokio::time::timeout(Duration::from_millis(100), server.recv()).await;
+    assert!(
+        nothing.is_err(),
+        "written while an fd command was unanswered: {nothing:?}"
+    );
     server.reply(json!({})).await; // answers getfd fd-one
-    server.reply(STATUS()).await;
     first.await.unwrap().unwrap();
-    status.await.unwrap().unwrap();
+    // Then the held requests go out in the order they were made.
     let got2 = server.recv().await.unwrap();
     assert_eq!(got2.arguments()["fdname"], "fd-two");
     assert_eq!(got2.fds.len(), 1);
+    let nothing = tokio::time::timeout(Duration::from_millis(100), server.recv()).await;
+    assert!(nothing.is_err(), "query-status overtook the fd command");
     server.reply(json!({})).await;
     second.await.unwrap().unwrap();
+    let next = server.recv().await.unwrap();
+    assert_eq!(next.command(), "query-status");
+    server.reply(STATUS()).await;
+    status.await.unwrap().unwrap();
 
     // The received fds are the ones we sent: write through them, read at the other ends.
     let mut f1 = std::fs::File::from(got1.fds.into_iter().next().unwrap());
