@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::codec::{QmpCodec, DEFAULT_MAX_FRAME};
 use crate::command::{AddFd, AddFdInfo, Command, Getfd, QmpCapabilities};
-use crate::connection::{finish, raw_to_value, Connection, Op};
+use crate::connection::{finish, raw_to_value, Connection, Op, Shared};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::message::{encode_request, Execution, Greeting, Message};
@@ -173,11 +173,13 @@ impl Config {
             }
         }
         tracing::debug!(version = %greeting.version.qemu, oob, "QMP connected");
-        let (ops_tx, ops_rx) = mpsc::unbounded_channel();
+        let (alive_tx, alive_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = broadcast::channel(self.event_capacity);
+        let shared = Arc::new(Shared::new(write));
         let client = Client {
             inner: Arc::new(Inner {
-                ops: ops_tx,
+                shared: shared.clone(),
+                alive: alive_tx,
                 events: events_rx,
                 greeting,
                 oob,
@@ -187,8 +189,8 @@ impl Config {
         };
         let connection = Connection {
             frames,
-            write,
-            ops: ops_rx,
+            shared,
+            clients: alive_rx,
             events: events_tx,
         };
         Ok((client, connection))
@@ -225,7 +227,9 @@ pub struct Client {
 }
 
 struct Inner {
-    ops: mpsc::UnboundedSender<Op>,
+    shared: Arc<Shared>,
+    /// Never sent on: the connection task sees it close when the last client is dropped.
+    alive: mpsc::UnboundedSender<()>,
     /// Never read: kept to make new subscriptions. The connection task owns the only sender, so
     /// subscriptions end when the connection does.
     events: broadcast::Receiver<Event>,
@@ -258,7 +262,7 @@ impl Client {
 
     /// True once the connection has ended.
     pub fn is_closed(&self) -> bool {
-        self.inner.ops.is_closed()
+        self.inner.alive.is_closed()
     }
 
     /// Runs a typed command with the client's default timeout.
@@ -417,15 +421,12 @@ impl Client {
         };
         let span = tracing::debug_span!("qmp", command = name, id = oob_id);
         async move {
-            self.inner
-                .ops
-                .send(Op {
-                    bytes,
-                    fd,
-                    oob_id,
-                    reply,
-                })
-                .map_err(|_| Error::Disconnected)?;
+            self.inner.shared.submit(Op {
+                bytes,
+                fd,
+                oob_id,
+                reply,
+            })?;
             let outcome = match timeout {
                 None => rx.await,
                 Some(after) => {

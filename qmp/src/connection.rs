@@ -1,16 +1,20 @@
-//! The task that owns the socket.
+//! The socket's shared write side and the task that reads it.
 //!
-//! One [`Connection`] reads every frame and writes every request for its [`Client`]s. In-band
-//! replies are matched first-in first-out (QEMU answers in-band commands in order, exactly one reply
-//! each); `exec-oob` replies by their `id`. Events go to a broadcast channel. A caller that went away
-//! leaves its slot in the queue, so its reply is read and discarded and the stream stays in step.
-//! When the socket closes, every waiter fails with [`Error::Disconnected`] at once.
+//! A caller writes its own request straight to the socket when nothing is queued ahead of it (no
+//! hop through another task on the way out); what the socket does not take at once, or what must
+//! wait, stays in a shared outbox that the [`Connection`] task flushes. The task reads every frame:
+//! in-band replies are matched first-in first-out (QEMU answers in-band commands in order, exactly
+//! one reply each), `exec-oob` replies by their `id`, and events go to a broadcast channel. Queue
+//! order is write order, since both change under one lock. A caller that went away leaves its slot
+//! in the queue, so its reply is read and discarded and the stream stays in step. When the socket
+//! closes, every waiter fails at once.
 //!
 //! [`Client`]: crate::Client
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Buf, BytesMut};
 use futures::StreamExt;
@@ -18,7 +22,7 @@ use sendfd::SendWithFd;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
 use tokio_util::codec::FramedRead;
 
 use crate::codec::QmpCodec;
@@ -104,12 +108,64 @@ impl Outbox {
 #[must_use = "a Connection does nothing unless it is run"]
 pub struct Connection {
     pub(crate) frames: FramedRead<OwnedReadHalf, QmpCodec>,
-    pub(crate) write: OwnedWriteHalf,
-    pub(crate) ops: mpsc::UnboundedReceiver<Op>,
+    pub(crate) shared: Arc<Shared>,
+    /// Closes when the last client is dropped; nothing is ever sent on it.
+    pub(crate) clients: mpsc::UnboundedReceiver<()>,
     pub(crate) events: broadcast::Sender<Event>,
 }
 
+/// What callers and the connection task share: the socket's write half and the queues.
+pub(crate) struct Shared {
+    write: OwnedWriteHalf,
+    state: Mutex<State>,
+    /// Tells the task that the outbox holds bytes the socket did not take.
+    flush: Notify,
+}
+
+impl Shared {
+    pub(crate) fn new(write: OwnedWriteHalf) -> Self {
+        Shared {
+            write,
+            state: Mutex::new(State {
+                closed: false,
+                outbox: Outbox::default(),
+                inband: VecDeque::new(),
+                oob: HashMap::new(),
+                held: VecDeque::new(),
+                fd_in_flight: false,
+            }),
+            flush: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock; a poisoned one is still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `op` and writes what the socket takes now. `Err(Disconnected)` once the connection
+    /// has ended. Write errors are left for the task, which owns the connection's end.
+    pub(crate) fn submit(&self, op: Op) -> Result<()> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(Error::Disconnected);
+        }
+        state.accept(op);
+        let pending = match state.outbox.write_some(&self.write) {
+            Ok(()) => !state.outbox.buf.is_empty(),
+            Err(_) => true,
+        };
+        drop(state);
+        if pending {
+            self.flush.notify_one();
+        }
+        Ok(())
+    }
+}
+
 struct State {
+    /// Set once the connection task has ended; nothing is queued after that.
+    closed: bool,
     outbox: Outbox,
     inband: VecDeque<InBand>,
     oob: HashMap<u64, oneshot::Sender<ReplyResult>>,
@@ -192,32 +248,37 @@ impl Connection {
     pub async fn run(self) -> Result<()> {
         let Connection {
             mut frames,
-            write,
-            mut ops,
+            shared,
+            mut clients,
             events,
         } = self;
-        let mut state = State {
-            outbox: Outbox::default(),
-            inband: VecDeque::new(),
-            oob: HashMap::new(),
-            held: VecDeque::new(),
-            fd_in_flight: false,
-        };
+        // True while the outbox holds bytes the socket did not take.
+        let mut pending = false;
         let result: Result<()> = loop {
             tokio::select! {
                 frame = frames.next() => match frame {
                     None => break Ok(()),
                     Some(Err(e)) => break Err(e.into()),
-                    // A frame that is not QMP (bad JSON or UTF-8, over the size limit, unknown
-                    // shape) may have been a reply: after it, replies can no longer be paired
-                    // with their commands, so the connection ends and every waiter is told why.
                     Some(Ok(Err(FrameError::Incomplete { len }))) => {
                         // The socket closed part-way through a line: a disconnect, not garbage.
                         tracing::debug!(len, "connection closed inside a frame");
                         break Ok(());
                     }
+                    // A frame that is not QMP (bad JSON or UTF-8, over the size limit, unknown
+                    // shape) may have been a reply: after it, replies can no longer be paired
+                    // with their commands, so the connection ends and every waiter is told why.
                     Some(Ok(Err(bad))) => break Err(Error::Frame(bad)),
-                    Some(Ok(Ok(Message::Reply(reply)))) => state.on_reply(reply),
+                    Some(Ok(Ok(Message::Reply(reply)))) => {
+                        let mut state = shared.lock();
+                        state.on_reply(reply);
+                        // An answered fd command may have released held requests.
+                        if !state.outbox.buf.is_empty() {
+                            if let Err(e) = state.outbox.write_some(&shared.write) {
+                                break Err(e.into());
+                            }
+                            pending = !state.outbox.buf.is_empty();
+                        }
+                    }
                     Some(Ok(Ok(Message::Event(event)))) => {
                         tracing::trace!(event = event.name(), "event");
                         // No subscriber is not an error; a slow one lags, it never blocks us.
@@ -225,42 +286,37 @@ impl Connection {
                     }
                     Some(Ok(Ok(Message::Greeting(_)))) => tracing::warn!("ignoring a second greeting"),
                 },
-                writable = write.as_ref().writable(), if !state.outbox.buf.is_empty() => {
-                    if let Err(e) = writable.and_then(|()| state.outbox.write_some(&write)) {
+                () = shared.flush.notified(), if !pending => pending = true,
+                writable = shared.write.as_ref().writable(), if pending => {
+                    let mut state = shared.lock();
+                    if let Err(e) = writable.and_then(|()| state.outbox.write_some(&shared.write)) {
                         break Err(e.into());
                     }
+                    pending = !state.outbox.buf.is_empty();
                 }
-                op = ops.recv() => match op {
-                    None => break Ok(()),
-                    Some(op) => {
-                        state.accept(op);
-                        while let Ok(op) = ops.try_recv() {
-                            state.accept(op);
-                        }
-                        if let Err(e) = state.outbox.write_some(&write) {
-                            break Err(e.into());
-                        }
-                    }
-                },
+                _ = clients.recv() => break Ok(()),
             }
         };
         // Fail everything still queued: a waiter learns the error that ended the connection, or
-        // (a clean end) sees its reply sender dropped, which reads as Disconnected.
-        ops.close();
-        let mut queued: Vec<oneshot::Sender<ReplyResult>> = Vec::new();
-        while let Ok(op) = ops.try_recv() {
-            queued.push(op.reply);
-        }
-        // A bad frame is worth telling each waiter about; a socket error means QEMU went away,
-        // which a dropped sender already says (Disconnected).
-        if let Err(error @ Error::Frame(_)) = &result {
-            let waiters = state
+        // (a clean end, or QEMU gone) sees its reply sender dropped, which reads as Disconnected.
+        let waiters: Vec<oneshot::Sender<ReplyResult>> = {
+            let mut guard = shared.lock();
+            let state = &mut *guard;
+            state.closed = true;
+            state.outbox = Outbox::default();
+            state
                 .inband
                 .drain(..)
                 .map(|w| w.reply)
                 .chain(state.oob.drain().map(|(_, tx)| tx))
                 .chain(state.held.drain(..).map(|op| op.reply))
-                .chain(queued);
+                .collect()
+        };
+        // Clients keep the write half alive; shut the socket itself so the peer sees the end now.
+        if let Ok(fd) = shared.write.as_ref().as_fd().try_clone_to_owned() {
+            let _ = std::os::unix::net::UnixStream::from(fd).shutdown(std::net::Shutdown::Both);
+        }
+        if let Err(error @ Error::Frame(_)) = &result {
             for tx in waiters {
                 let _ = tx.send(Err(Failure::Closed(error.clone())));
             }

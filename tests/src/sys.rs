@@ -49,3 +49,20 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
     }
     Ok(limit.rlim_cur)
 }
+
+/// A lock across processes (nextest runs each test in its own): an exclusive `flock` on a file
+/// in the temp directory, held until the returned file is dropped.
+pub fn process_lock(name: &str) -> std::fs::File {
+    use std::os::fd::AsRawFd;
+    let path = std::env::temp_dir().join(format!("qhotplug-{name}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .expect("open the lock file");
+    // SAFETY: flock takes the fd of a file we own and blocks until the lock is ours.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {}", path.display());
+    file
+}

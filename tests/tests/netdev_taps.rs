@@ -1,17 +1,15 @@
-//! Real tap devices (the test machines run as root). Every test takes one lock: "nothing left behind"
-//! compares the whole `ip link` list, which a neighbour creating taps would disturb.
+//! Real tap devices (the test machines run as root). Every test here takes one lock across
+//! processes (nextest runs each test in its own), and "nothing left behind" compares the links
+//! named `qht…`, the prefix only these tests use: other test binaries create taps of their own
+//! meanwhile.
 
+use qhotplug_netdev::*;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
-use std::sync::{Mutex, MutexGuard};
 
-use qhotplug_netdev::*;
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+fn serial() -> std::fs::File {
+    qhotplug_tests::process_lock("netdev-taps")
 }
 
 fn links() -> Vec<String> {
@@ -24,6 +22,7 @@ fn links() -> Vec<String> {
         .lines()
         .filter_map(|l| l.split(": ").nth(1))
         .map(|n| n.split('@').next().unwrap().to_owned())
+        .filter(|n| n.starts_with("qht"))
         .collect();
     names.sort();
     names
