@@ -11,17 +11,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[tokio::test]
 async fn streams_thousands_of_filtered_events_and_exits_when_qemu_goes() {
-    let (mut qemu, client) = Qemu::launch(
-        &[
-            "-chardev",
-            "socket,id=mon2,path={dir}/mon2.sock,server=on,wait=off",
-            "-mon",
-            "chardev=mon2,mode=control",
-        ],
-        Config::new(),
-    )
-    .await;
-    let mon2 = qemu.dir().join("mon2.sock");
+    let (mut qemu, client, mon2) = Qemu::with_second_monitor(Config::new()).await;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_events"))
         .arg(&mon2)
         .arg("STOP")

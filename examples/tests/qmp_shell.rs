@@ -88,22 +88,9 @@ impl Drop for Tmux {
 
 #[tokio::test]
 async fn a_session_in_a_real_terminal() {
-    let (qemu, client) = Qemu::launch(
-        &[
-            "-chardev",
-            "socket,id=mon2,path={dir}/mon2.sock,server=on,wait=off",
-            "-mon",
-            "chardev=mon2,mode=control",
-        ],
-        Config::new(),
-    )
-    .await;
+    let (_qemu, client, mon2) = Qemu::with_second_monitor(Config::new()).await;
     let home = tempfile::tempdir().unwrap();
-    let shell = format!(
-        "{} {}",
-        env!("CARGO_BIN_EXE_qmp-shell"),
-        qemu.dir().join("mon2.sock").display()
-    );
+    let shell = format!("{} {}", env!("CARGO_BIN_EXE_qmp-shell"), mon2.display());
     let tmux = Tmux::start(&shell, home.path());
     tmux.wait_for("(QEMU) ", 1).await;
 

@@ -53,6 +53,23 @@ impl Qemu {
         }
     }
 
+    /// A paused QEMU with a second QMP monitor at `dir()/mon2.sock` for another client (a monitor
+    /// serves one client at a time), the first one's client, and the second one's path.
+    pub async fn with_second_monitor(config: Config) -> (Qemu, Client, std::path::PathBuf) {
+        let (qemu, client) = Self::launch(
+            &[
+                "-chardev",
+                "socket,id=mon2,path={dir}/mon2.sock,server=on,wait=off",
+                "-mon",
+                "chardev=mon2,mode=control",
+            ],
+            config,
+        )
+        .await;
+        let path = qemu.dir().join("mon2.sock");
+        (qemu, client, path)
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.process.pid()

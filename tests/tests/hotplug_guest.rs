@@ -21,6 +21,23 @@ async fn boot(spec: VmSpec) -> Guest {
     Guest::boot(spec, |l| l).await
 }
 
+/// The device name in a report line: `sda` in `[…] qhg: add block sda size=4096`.
+fn reported_name(line: &str, what: &str) -> String {
+    let rest = line
+        .split(&format!("qhg: add {what} "))
+        .nth(1)
+        .unwrap_or_else(|| panic!("not an add {what} report: {line}"));
+    rest.split(' ').next().unwrap().to_owned()
+}
+
+/// Waits for the guest to report that `name` (a `block` or `net` device) went, after `mark`.
+async fn seen_gone(g: &Guest, mark: usize, what: &str, name: &str) {
+    g.console
+        .wait_for(mark, &format!("qhg: remove {what} {name}"), SEEN)
+        .await
+        .unwrap_or_else(|| panic!("the guest never saw {name} go: {:?}", g.console.lines()));
+}
+
 /// Hot-adds a virtio disk of `mib` MiB and returns the guest's name for it once the guest saw it.
 async fn add_disk_seen(g: &Guest, id: &str, mib: u64) -> String {
     let path = image(g.dir(), &format!("{id}.raw"), mib);
@@ -34,10 +51,9 @@ async fn add_disk_seen(g: &Guest, id: &str, mib: u64) -> String {
         .await
         .unwrap_or_else(|| panic!("the guest never saw {id}: {:?}", g.console.lines()));
     // "qhg: add block vda size=2048"
-    let rest = line.split("qhg: add block ").nth(1).unwrap();
-    let (name, size) = rest.split_once(" size=").unwrap();
+    let size = line.split(" size=").nth(1).unwrap();
     assert_eq!(size.parse::<u64>().unwrap(), mib * 2048, "{line}");
-    name.to_owned()
+    reported_name(&line, "block")
 }
 
 #[tokio::test]
@@ -51,10 +67,7 @@ async fn the_guest_sees_a_virtio_disk_arrive_and_go() {
 
     let mark = g.console.mark();
     g.vm.remove_disk("vd1").await.unwrap();
-    g.console
-        .wait_for(mark, &format!("qhg: remove block {name}"), SEEN)
-        .await
-        .expect("the guest saw the disk go");
+    seen_gone(&g, mark, "block", &name).await;
     let listed = g.console.run("ls /sys/block", SEEN).await;
     assert!(!listed.iter().any(|l| l.contains(&name)), "{listed:?}");
     let deleted = tokio::time::timeout(SEEN, async {
@@ -87,14 +100,7 @@ async fn the_guest_sees_a_two_queue_nic_with_its_mac_arrive_and_go() {
         .await
         .expect("the guest saw the NIC");
     assert!(line.ends_with(&format!("mac={mac}")), "{line}");
-    let ifname = line
-        .split("qhg: add net ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_owned();
+    let ifname = reported_name(&line, "net");
     let queues = g
         .console
         .run(&format!("ls /sys/class/net/{ifname}/queues"), SEEN)
@@ -105,10 +111,7 @@ async fn the_guest_sees_a_two_queue_nic_with_its_mac_arrive_and_go() {
 
     let mark = g.console.mark();
     g.vm.remove_nic("net1").await.unwrap();
-    g.console
-        .wait_for(mark, &format!("qhg: remove net {ifname}"), SEEN)
-        .await
-        .expect("the guest saw the NIC go");
+    seen_gone(&g, mark, "net", &ifname).await;
 }
 
 #[tokio::test]
@@ -125,20 +128,10 @@ async fn the_guest_sees_a_scsi_disk_arrive_and_go() {
         .await
         .expect("the guest saw the SCSI disk");
     assert!(line.ends_with("size=4096"), "{line}");
-    let name = line
-        .split("qhg: add block ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_owned();
+    let name = reported_name(&line, "block");
     let mark = g.console.mark();
     g.vm.remove_disk("sd1").await.unwrap();
-    g.console
-        .wait_for(mark, &format!("qhg: remove block {name}"), SEEN)
-        .await
-        .expect("the guest saw the SCSI disk go");
+    seen_gone(&g, mark, "block", &name).await;
 }
 
 #[tokio::test]
@@ -149,10 +142,7 @@ async fn q35_hotplug_behind_a_root_port_reaches_the_guest() {
     let name = add_disk_seen(&g, "qd1", 1).await;
     let mark = g.console.mark();
     g.vm.remove_disk("qd1").await.unwrap();
-    g.console
-        .wait_for(mark, &format!("qhg: remove block {name}"), SEEN)
-        .await
-        .expect("the guest saw the disk go");
+    seen_gone(&g, mark, "block", &name).await;
 }
 
 #[tokio::test]
