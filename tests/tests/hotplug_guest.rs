@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use qhotplug::{DiskConfig, NicConfig};
-use qhotplug_cmdline::{Machine, VmSpec};
+use qhotplug_cmdline::VmSpec;
 use qhotplug_netdev::{MacAddr, TapBuilder};
 use qhotplug_qmp::command::{QueryFdsets, QueryNamedBlockNodes};
 use qhotplug_tests::{image, open_fds, pc_spec, q35_spec, Guest};
@@ -136,8 +136,7 @@ async fn the_guest_sees_a_scsi_disk_arrive_and_go() {
 
 #[tokio::test]
 async fn q35_hotplug_behind_a_root_port_reaches_the_guest() {
-    let mut spec = q35_spec(2);
-    spec.machine = Machine::Q35;
+    let spec = q35_spec(2);
     let g = boot(spec).await;
     let name = add_disk_seen(&g, "qd1", 1).await;
     let mark = g.console.mark();
