@@ -1,9 +1,10 @@
 //! `cargo bench -p qhotplug-tests --bench qmp`
 //!
-//! Starts one paused QEMU with two QMP sockets and measures, in alternating rounds against the same
-//! process: sequential `query-status` round trips and 64-in-flight throughput for the client, and
-//! the same two for the floor, a raw blocking Unix-socket loop sending the shortest valid request
-//! (pipelined with `oob` enabled for the concurrent figure). Prints each figure and, last,
+//! Starts one paused QEMU with two QMP sockets and measures, against the same process: sequential
+//! `query-status` round trips and 64-in-flight throughput for the client, and the same two for the
+//! floor, a raw blocking Unix-socket loop sending the shortest valid request (pipelined with `oob`
+//! enabled for the concurrent figure). Sequential round trips alternate one floor op and one client
+//! op on the same thread; the concurrent figures alternate by round. Prints each figure and, last,
 //! `ratio_seq=X ratio_concurrent=Y` where a ratio is floor time / client time (1.0 = no overhead).
 
 use std::io::{BufRead, BufReader, Write};
@@ -88,6 +89,27 @@ impl Raw {
     }
 }
 
+/// `n` sequential round trips of each, alternating one floor op and one client op on the same
+/// thread, so both see the same machine at the same moment. Returns (floor total, client total).
+async fn interleaved(
+    raw: &mut Raw,
+    client: &qhotplug_qmp::Client,
+    n: usize,
+) -> (Duration, Duration) {
+    let (mut floor, mut ours) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..n {
+        // Blocking I/O on this worker for one round trip: nothing else runs meanwhile.
+        let start = Instant::now();
+        raw.write.write_all(REQUEST).unwrap();
+        raw.read_line();
+        floor += start.elapsed();
+        let start = Instant::now();
+        client.execute(&QueryStatus).await.unwrap();
+        ours += start.elapsed();
+    }
+    (floor, ours)
+}
+
 async fn client_sequential(client: &qhotplug_qmp::Client, n: usize) -> Duration {
     let start = Instant::now();
     for _ in 0..n {
@@ -166,16 +188,11 @@ async fn run() {
 
     let (mut fs, mut cs, mut fc, mut cc) = (vec![], vec![], vec![], vec![]);
     for _ in 0..ROUNDS {
-        let (r, seq) = tokio::task::spawn_blocking(move || {
-            let seq = raw.sequential(SEQ);
-            (raw, seq)
-        })
-        .await
-        .unwrap();
-        fs.push(seq);
-        cs.push(client_sequential(&client, SEQ).await);
+        let (floor, ours) = interleaved(&mut raw, &client, SEQ).await;
+        fs.push(floor);
+        cs.push(ours);
         let (r, conc) = tokio::task::spawn_blocking(move || {
-            let mut raw = r;
+            let mut raw = raw;
             let conc = raw.pipelined(CONC);
             (raw, conc)
         })
@@ -197,10 +214,20 @@ async fn run() {
         r[r.len() / 2]
     };
     let (ratio_seq, ratio_conc) = (ratio(&fs, &cs), ratio(&fc, &cc));
-    let (fs, cs, fc, cc) = (median(fs), median(cs), median(fc), median(cc));
-    println!("sequential query-status, {SEQ} round trips, median of {ROUNDS} rounds:");
-    println!("  floor  (raw socket loop) {:8.1} us/op", per_op(fs, SEQ));
-    println!("  client (qhotplug-qmp)    {:8.1} us/op", per_op(cs, SEQ));
+    let total = |v: &[Duration]| v.iter().sum::<Duration>();
+    let (fs_all, cs_all) = (total(&fs), total(&cs));
+    let (fc, cc) = (median(fc), median(cc));
+    println!(
+        "sequential query-status, {ROUNDS} rounds of {SEQ} round trips, floor and client alternating op by op:"
+    );
+    println!(
+        "  floor  (raw socket loop) {:8.1} us/op",
+        per_op(fs_all, SEQ * ROUNDS)
+    );
+    println!(
+        "  client (qhotplug-qmp)    {:8.1} us/op",
+        per_op(cs_all, SEQ * ROUNDS)
+    );
     println!("{WINDOW}-in-flight query-status, {CONC} commands, median of {ROUNDS} rounds:");
     println!(
         "  floor  (raw, pipelined, oob) {:8.0} ops/s",
