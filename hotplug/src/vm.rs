@@ -146,6 +146,25 @@ impl State {
             Place::Scsi(addr) => self.scsi.release(addr),
         }
     }
+
+    /// Drops a device that is gone from QEMU: its entry, its slot, its place in the spec.
+    fn forget(&mut self, id: &str) {
+        let place = match self.devices.remove(id) {
+            Some(Entry::Disk { disk, .. }) => place_of_disk(&disk),
+            Some(Entry::Nic { nic, .. }) => Place::Pci(nic.pci),
+            _ => return,
+        };
+        self.release(&place);
+        self.spec.disks.retain(|d| d.id != id);
+        self.spec.nics.retain(|n| n.id != id);
+    }
+}
+
+fn place_of_disk(disk: &Disk) -> Place {
+    match &disk.frontend {
+        DiskFrontend::VirtioBlk(p) => Place::Pci(p.clone()),
+        DiskFrontend::ScsiHd(a) | DiskFrontend::ScsiGeneric(a) => Place::Scsi(a.clone()),
+    }
 }
 
 /// An id and an address held for a hot-add. Dropped uncommitted, it frees both.
@@ -494,34 +513,18 @@ impl Vm {
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in &gone {
-                let place = match state.devices.remove(id) {
-                    Some(Entry::Disk { disk, .. }) => match disk.frontend {
-                        DiskFrontend::VirtioBlk(p) => Place::Pci(p),
-                        DiskFrontend::ScsiHd(a) | DiskFrontend::ScsiGeneric(a) => Place::Scsi(a),
-                    },
-                    Some(Entry::Nic { nic, .. }) => Place::Pci(nic.pci),
-                    _ => continue,
-                };
-                state.release(&place);
-                state.spec.disks.retain(|d| &d.id != id);
-                state.spec.nics.retain(|n| &n.id != id);
+                state.forget(id);
             }
-            report.gone = gone;
             state.pci.fill_from(&pci);
-            let mut orphans: Vec<String> = state
+            // Leftovers may belong to the devices just found gone, or to ids this handle used.
+            let orphans: std::collections::BTreeSet<String> = state
                 .touched
                 .iter()
                 .filter(|id| !present.contains(*id) && !state.devices.contains_key(*id))
+                .chain(&gone)
                 .cloned()
                 .collect();
-            orphans.extend(
-                report
-                    .gone
-                    .iter()
-                    .filter(|id| !orphans.contains(id))
-                    .cloned()
-                    .collect::<Vec<_>>(),
-            );
+            report.gone = gone;
             orphans
         };
         for id in &orphans {
@@ -826,30 +829,22 @@ impl Vm {
         } else {
             self.check_nic_hotplug().await?;
         }
-        let (entry_backends, place, timeout, _busy) = {
+        let (entry_backends, timeout, _busy) = {
             let mut state = self.inner.state();
             let timeout = state.unplug_timeout;
             let found = match state.devices.get_mut(id) {
                 Some(Entry::Disk { disk: d, busy }) if disk => {
-                    let place = match &d.frontend {
-                        DiskFrontend::VirtioBlk(p) => Place::Pci(p.clone()),
-                        DiskFrontend::ScsiHd(a) | DiskFrontend::ScsiGeneric(a) => {
-                            Place::Scsi(a.clone())
-                        }
-                    };
                     let mut nodes = vec![d.top_node()];
                     if d.top_node() != d.file_node() {
                         nodes.push(d.file_node());
                     }
-                    Some((busy, nodes, place))
+                    Some((busy, nodes))
                 }
-                Some(Entry::Nic { nic, busy }) if !disk => {
-                    Some((busy, vec![nic.netdev_id()], Place::Pci(nic.pci.clone())))
-                }
+                Some(Entry::Nic { nic, busy }) if !disk => Some((busy, vec![nic.netdev_id()])),
                 Some(Entry::Adding) => return Err(Error::Busy(id.to_owned())),
                 _ => None,
             };
-            let Some((busy, backends, place)) = found else {
+            let Some((busy, backends)) = found else {
                 return Err(Error::NotFound {
                     kind,
                     id: id.to_owned(),
@@ -863,18 +858,13 @@ impl Vm {
                 inner: self.inner.clone(),
                 id: id.to_owned(),
             };
-            (backends, place, timeout, guard)
+            (backends, timeout, guard)
         };
         self.unplug(id, timeout).await?;
 
         // The device is gone: whatever happens to the backend, the slot and the id are free.
         let result = self.remove_backends(id, disk, &entry_backends).await;
-        let mut state = self.inner.state();
-        state.devices.remove(id);
-        state.release(&place);
-        state.spec.disks.retain(|d| d.id != id);
-        state.spec.nics.retain(|n| n.id != id);
-        drop(state);
+        self.inner.state().forget(id);
         if result.is_ok() {
             tracing::info!("{kind} removed");
         }
