@@ -235,6 +235,43 @@ fn slot_error(e: SlotError) -> Error {
     }
 }
 
+/// Where every PCI device sits by QOM: each device's `parent_bus` (a path ending in the bus name)
+/// and `addr` (slot × 8 + function). Unlike `query-pci`, this does not depend on the firmware having
+/// numbered the buses, so it sees what sits behind q35 root ports on a VM that has not run yet.
+async fn qom_placements(client: &Client) -> Result<Vec<Pci>> {
+    let mut out = Vec::new();
+    for container in ["/machine/peripheral", "/machine/peripheral-anon"] {
+        let children = client
+            .execute(&QomList {
+                path: container.into(),
+            })
+            .await?;
+        for child in children.iter().filter(|c| c.child_type().is_some()) {
+            let path = format!("{container}/{}", child.name);
+            let get = |property: &str| {
+                let args = serde_json::json!({"path": path, "property": property});
+                async move { client.execute_raw("qom-get", &args).await }
+            };
+            // Not a PCI device (no `addr`), or one being unplugged right now: nothing to mark.
+            let (Ok(bus), Ok(addr)) = (get("parent_bus").await, get("addr").await) else {
+                continue;
+            };
+            let (Some(bus), Some(addr)) = (bus.as_str(), addr.as_u64()) else {
+                continue;
+            };
+            let Some(name) = bus.rsplit('/').next().filter(|n| !n.is_empty()) else {
+                continue;
+            };
+            out.push(Pci {
+                bus: name.to_owned(),
+                slot: u8::try_from(addr >> 3).unwrap_or(u8::MAX),
+                function: (addr & 7) as u8,
+            });
+        }
+    }
+    Ok(out)
+}
+
 impl Vm {
     /// Launches QEMU with `launcher` and attaches to it. The launcher's spec is the starting
     /// topology: its disks and NICs can be hot-removed like hot-added ones.
@@ -245,9 +282,10 @@ impl Vm {
     }
 
     /// Attaches to a running QEMU through its monitor. `spec` says what the caller knows of the
-    /// VM: its machine type (checked against QEMU's), root ports, SCSI controllers and devices.
-    /// What QEMU reports is added to it: occupied PCI slots and root ports from `query-pci`, and
-    /// virtio-scsi controllers from `qom-list`.
+    /// VM: its root ports, SCSI controllers and devices; the machine type is QEMU's own. What QEMU
+    /// reports is added to it: root ports and occupied PCI slots from `query-pci` and from each
+    /// device's QOM `parent_bus` and `addr` (which also covers what sits behind root ports before
+    /// the firmware has run), and virtio-scsi controllers from `qom-list`.
     pub async fn attach(client: Client, spec: VmSpec) -> Result<Vm> {
         Self::attach_inner(client, spec, None).await
     }
@@ -275,6 +313,9 @@ impl Vm {
             pci.add_root_port(&port.id, None);
         }
         pci.fill_from(&client.execute(&QueryPci).await?);
+        for placed in qom_placements(&client).await? {
+            pci.mark(&placed);
+        }
 
         let mut scsi = ScsiMap::default();
         for c in &spec.scsi_controllers {
@@ -488,6 +529,7 @@ impl Vm {
             .map(|p| p.name)
             .collect();
         let pci = client.execute(&QueryPci).await?;
+        let placed = qom_placements(client).await?;
         let nodes: HashSet<String> = client
             .execute(&qhotplug_qmp::command::QueryNamedBlockNodes { flat: Some(true) })
             .await?
@@ -516,6 +558,9 @@ impl Vm {
                 state.forget(id);
             }
             state.pci.fill_from(&pci);
+            for p in &placed {
+                state.pci.mark(p);
+            }
             // Leftovers may belong to the devices just found gone, or to ids this handle used.
             let orphans: std::collections::BTreeSet<String> = state
                 .touched

@@ -21,6 +21,10 @@ async fn attached_with(spec: VmSpec) -> (MockServer, Vm) {
     for (command, reply) in [
         ("qom-get", json!("pc-i440fx-7.2-machine")),
         ("query-pci", json!([{"bus": 0, "devices": []}])),
+        // Placements by QOM: /machine/peripheral, then /machine/peripheral-anon.
+        ("qom-list", json!([{"name": "type", "type": "string"}])),
+        ("qom-list", json!([{"name": "type", "type": "string"}])),
+        // virtio-scsi controllers.
         ("qom-list", json!([{"name": "type", "type": "string"}])),
     ] {
         let got = server.recv().await.unwrap();

@@ -364,3 +364,55 @@ async fn a_scsi_disk_on_a_vm_without_a_controller_is_a_typed_error() {
     }
     assert_eq!(t.snapshot().await, before);
 }
+
+#[tokio::test]
+async fn attaching_to_a_running_qemu_learns_its_slots_controllers_and_machine() {
+    // A QEMU the SDK did not launch, with devices the SDK was not told about.
+    let (qemu, client) = qhotplug_tests::Qemu::launch(
+        &[
+            "-machine",
+            "q35",
+            "-device",
+            "pcie-root-port,id=port-a,chassis=1,bus=pcie.0,addr=0x4",
+            "-device",
+            "pcie-root-port,id=port-b,chassis=2,bus=pcie.0,addr=0x5",
+            "-device",
+            "virtio-scsi-pci,id=ctl,bus=pcie.0,addr=0x6",
+            "-device",
+            "virtio-net-pci,id=taken,bus=port-a,addr=0x0",
+        ],
+        qhotplug_qmp::Config::new(),
+    )
+    .await;
+    // Paused, before the firmware has numbered the buses: query-pci lists nothing behind the root
+    // ports, QOM does. The spec the caller has says pc; QEMU says q35, and QEMU wins.
+    let vm = Vm::attach(
+        client,
+        qhotplug_cmdline::VmSpec::new("elsewhere", qhotplug_cmdline::Machine::Pc),
+    )
+    .await
+    .unwrap();
+    assert_eq!(vm.spec().machine, qhotplug_cmdline::Machine::Q35);
+    let dir = qemu.dir();
+    let path = qhotplug_tests::image(dir, "a.raw", 1);
+    // port-a holds a device QEMU reported; port-b is the free one.
+    let disk = vm
+        .add_disk(DiskConfig::virtio_blk("a1", &path))
+        .await
+        .unwrap();
+    assert_eq!(
+        disk.frontend,
+        DiskFrontend::VirtioBlk(Pci::new("port-b", 0))
+    );
+    // The controller was found with qom-list.
+    let scsi = qhotplug_tests::image(dir, "s.raw", 1);
+    let s = vm.add_disk(DiskConfig::scsi_hd("s1", &scsi)).await.unwrap();
+    match s.frontend {
+        DiskFrontend::ScsiHd(a) => assert_eq!(a.bus, "ctl.0"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        vm.add_disk(DiskConfig::virtio_blk("a2", &path)).await,
+        Err(Error::NoFreeSlot { .. })
+    ));
+}
