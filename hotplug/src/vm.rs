@@ -103,18 +103,21 @@ struct State {
     unplug_timeout: Duration,
 }
 
-#[derive(Debug)]
+/// What the SDK knows of a device id besides its description, which lives in `State::spec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Entry {
     /// A hot-add holds the id.
     Adding,
-    Disk {
-        disk: Disk,
-        busy: bool,
-    },
-    Nic {
-        nic: Nic,
-        busy: bool,
-    },
+    /// A disk in `spec.disks`; `busy` while a removal runs.
+    Disk { busy: bool },
+    /// A NIC in `spec.nics`; `busy` while a removal runs.
+    Nic { busy: bool },
+}
+
+/// A device as placed, for committing a hot-add.
+enum Added {
+    Disk(Disk),
+    Nic(Nic),
 }
 
 /// Where a device sits, for the slot maps.
@@ -149,14 +152,15 @@ impl State {
 
     /// Drops a device that is gone from QEMU: its entry, its slot, its place in the spec.
     fn forget(&mut self, id: &str) {
-        let place = match self.devices.remove(id) {
-            Some(Entry::Disk { disk, .. }) => place_of_disk(&disk),
-            Some(Entry::Nic { nic, .. }) => Place::Pci(nic.pci),
-            _ => return,
+        self.devices.remove(id);
+        let place = if let Some(at) = self.spec.disks.iter().position(|d| d.id == id) {
+            place_of_disk(&self.spec.disks.remove(at))
+        } else if let Some(at) = self.spec.nics.iter().position(|n| n.id == id) {
+            Place::Pci(self.spec.nics.remove(at).pci)
+        } else {
+            return;
         };
         self.release(&place);
-        self.spec.disks.retain(|d| d.id != id);
-        self.spec.nics.retain(|n| n.id != id);
     }
 }
 
@@ -190,14 +194,19 @@ impl Reservation {
         self.armed = false;
     }
 
-    fn commit(mut self, entry: Entry) {
+    fn commit(mut self, added: Added) {
         self.armed = false;
         let mut state = self.inner.state();
-        match &entry {
-            Entry::Disk { disk, .. } => state.spec.disks.push(disk.clone()),
-            Entry::Nic { nic, .. } => state.spec.nics.push(nic.clone()),
-            Entry::Adding => {}
-        }
+        let entry = match added {
+            Added::Disk(disk) => {
+                state.spec.disks.push(disk);
+                Entry::Disk { busy: false }
+            }
+            Added::Nic(nic) => {
+                state.spec.nics.push(nic);
+                Entry::Nic { busy: false }
+            }
+        };
         state.devices.insert(self.id.clone(), entry);
     }
 }
@@ -340,23 +349,11 @@ impl Vm {
                     let _ = scsi.claim(a);
                 }
             }
-            devices.insert(
-                disk.id.clone(),
-                Entry::Disk {
-                    disk: disk.clone(),
-                    busy: false,
-                },
-            );
+            devices.insert(disk.id.clone(), Entry::Disk { busy: false });
         }
         for nic in &spec.nics {
             pci.mark(&nic.pci);
-            devices.insert(
-                nic.id.clone(),
-                Entry::Nic {
-                    nic: nic.clone(),
-                    busy: false,
-                },
-            );
+            devices.insert(nic.id.clone(), Entry::Nic { busy: false });
         }
         let state = State {
             spec,
@@ -752,10 +749,7 @@ impl Vm {
             client.execute(&disk.device_add()),
         )
         .await?;
-        txn.commit().commit(Entry::Disk {
-            disk: disk.clone(),
-            busy: false,
-        });
+        txn.commit().commit(Added::Disk(disk.clone()));
         tracing::info!(frontend = ?disk.frontend, "disk added");
         Ok(disk)
     }
@@ -842,10 +836,7 @@ impl Vm {
             client.execute(&nic.device_add()),
         )
         .await?;
-        txn.commit().commit(Entry::Nic {
-            nic: nic.clone(),
-            busy: false,
-        });
+        txn.commit().commit(Added::Nic(nic.clone()));
         tracing::info!(pci = ?nic.pci, queues, vhost = nic.vhost, "NIC added");
         Ok(nic)
     }
@@ -877,15 +868,25 @@ impl Vm {
         let (entry_backends, timeout, _busy) = {
             let mut state = self.inner.state();
             let timeout = state.unplug_timeout;
-            let found = match state.devices.get_mut(id) {
-                Some(Entry::Disk { disk: d, busy }) if disk => {
+            let backends = if disk {
+                state.spec.disks.iter().find(|d| d.id == id).map(|d| {
                     let mut nodes = vec![d.top_node()];
                     if d.top_node() != d.file_node() {
                         nodes.push(d.file_node());
                     }
-                    Some((busy, nodes))
-                }
-                Some(Entry::Nic { nic, busy }) if !disk => Some((busy, vec![nic.netdev_id()])),
+                    nodes
+                })
+            } else {
+                state
+                    .spec
+                    .nics
+                    .iter()
+                    .find(|n| n.id == id)
+                    .map(|n| vec![n.netdev_id()])
+            };
+            let found = match state.devices.get_mut(id) {
+                Some(Entry::Disk { busy }) if disk => backends.map(|b| (busy, b)),
+                Some(Entry::Nic { busy }) if !disk => backends.map(|b| (busy, b)),
                 Some(Entry::Adding) => return Err(Error::Busy(id.to_owned())),
                 _ => None,
             };
