@@ -50,6 +50,15 @@ impl std::fmt::Display for Undo {
     }
 }
 
+/// How an undo step ended well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// It removed what it was for.
+    Done,
+    /// There was nothing to remove.
+    Absent,
+}
+
 /// True when QEMU says the thing an undo step would remove is not there: the undo's goal holds.
 pub(crate) fn is_absent(e: &qhotplug_qmp::Error) -> bool {
     e.qmp_class() == Some("DeviceNotFound")
@@ -58,7 +67,20 @@ pub(crate) fn is_absent(e: &qhotplug_qmp::Error) -> bool {
 }
 
 impl Undo {
-    async fn run(&self, client: &Client) -> Result<(), qhotplug_qmp::Error> {
+    /// The QMP command this step sends.
+    pub(crate) fn command(&self) -> &'static str {
+        match self {
+            Undo::RemoveFd { .. } => "remove-fd",
+            Undo::BlockdevDel(_) => "blockdev-del",
+            Undo::Closefd(_) => "closefd",
+            Undo::NetdevDel(_) => "netdev_del",
+            Undo::DeviceDel(_) => "device_del",
+        }
+    }
+
+    /// Runs the step; what it would remove being absent already counts as done, and says so.
+    /// Hot-remove and `reconcile` delete backends with it too.
+    pub(crate) async fn run(&self, client: &Client) -> Result<Outcome, qhotplug_qmp::Error> {
         let result = match self {
             Undo::RemoveFd { fdset, opaque } => {
                 let sets = match fdset {
@@ -116,8 +138,9 @@ impl Undo {
             }
         };
         match result {
-            Err(e) if is_absent(&e) => Ok(()),
-            other => other,
+            Ok(()) => Ok(Outcome::Done),
+            Err(e) if is_absent(&e) => Ok(Outcome::Absent),
+            Err(e) => Err(e),
         }
     }
 }

@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::config::{At, DiskConfig, DiskModel, NicConfig};
 use crate::error::{Error, Result};
 use crate::slots::{PciMap, ScsiMap, SlotError};
-use crate::txn::{is_absent, Transaction, Undo};
+use crate::txn::{is_absent, Outcome, Transaction, Undo};
 
 /// What [`Vm::reconcile`] found and fixed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -244,41 +244,72 @@ fn slot_error(e: SlotError) -> Error {
     }
 }
 
-/// Where every PCI device sits by QOM: each device's `parent_bus` (a path ending in the bus name)
-/// and `addr` (slot × 8 + function). Unlike `query-pci`, this does not depend on the firmware having
-/// numbered the buses, so it sees what sits behind q35 root ports on a VM that has not run yet.
-async fn qom_placements(client: &Client) -> Result<Vec<Pci>> {
-    let mut out = Vec::new();
+/// What QEMU's QOM tree says about its devices.
+struct Peripherals {
+    /// The ids of the devices made with one (`/machine/peripheral`).
+    ids: HashSet<String>,
+    /// The buses of the virtio-scsi controllers (`<id>.0`).
+    scsi_buses: Vec<String>,
+    /// Where every PCI device sits: each device's `parent_bus` (a path ending in the bus name) and
+    /// `addr` (slot × 8 + function). Unlike `query-pci`, this does not depend on the firmware having
+    /// numbered the buses, so it sees what sits behind q35 root ports on a VM that has not run yet.
+    placements: Vec<Pci>,
+}
+
+async fn scan_peripherals(client: &Client) -> Result<Peripherals> {
+    let mut found = Peripherals {
+        ids: HashSet::new(),
+        scsi_buses: Vec::new(),
+        placements: Vec::new(),
+    };
+    let mut paths = Vec::new();
     for container in ["/machine/peripheral", "/machine/peripheral-anon"] {
         let children = client
             .execute(&QomList {
                 path: container.into(),
             })
             .await?;
-        for child in children.iter().filter(|c| c.child_type().is_some()) {
-            let path = format!("{container}/{}", child.name);
-            let get = |property: &str| {
-                let args = serde_json::json!({"path": path, "property": property});
-                async move { client.execute_raw("qom-get", &args).await }
-            };
-            // Not a PCI device (no `addr`), or one being unplugged right now: nothing to mark.
-            let (Ok(bus), Ok(addr)) = (get("parent_bus").await, get("addr").await) else {
+        for child in children {
+            let Some(kind) = child.child_type() else {
                 continue;
             };
-            let (Some(bus), Some(addr)) = (bus.as_str(), addr.as_u64()) else {
-                continue;
-            };
-            let Some(name) = bus.rsplit('/').next().filter(|n| !n.is_empty()) else {
-                continue;
-            };
-            out.push(Pci {
+            if container == "/machine/peripheral" {
+                if kind == "virtio-scsi-pci" {
+                    found.scsi_buses.push(format!("{}.0", child.name));
+                }
+                found.ids.insert(child.name.clone());
+            }
+            paths.push(format!("{container}/{}", child.name));
+        }
+    }
+    let get = |path: &str, property: &'static str| {
+        let args = serde_json::json!({"path": path, "property": property});
+        async move { client.execute_raw("qom-get", &args).await }
+    };
+    // All asked at once: the connection pipelines them.
+    let places = futures::future::join_all(
+        paths
+            .iter()
+            .map(|path| futures::future::join(get(path, "parent_bus"), get(path, "addr"))),
+    )
+    .await;
+    for (bus, addr) in places {
+        // Not a PCI device (no `addr`), or one going away right now: nothing to mark.
+        let (Ok(bus), Ok(addr)) = (bus, addr) else {
+            continue;
+        };
+        let (Some(bus), Some(addr)) = (bus.as_str(), addr.as_u64()) else {
+            continue;
+        };
+        if let Some(name) = bus.rsplit('/').next().filter(|n| !n.is_empty()) {
+            found.placements.push(Pci {
                 bus: name.to_owned(),
                 slot: u8::try_from(addr >> 3).unwrap_or(u8::MAX),
                 function: (addr & 7) as u8,
             });
         }
     }
-    Ok(out)
+    Ok(found)
 }
 
 impl Vm {
@@ -322,23 +353,19 @@ impl Vm {
             pci.add_root_port(&port.id, None);
         }
         pci.fill_from(&client.execute(&QueryPci).await?);
-        for placed in qom_placements(&client).await? {
-            pci.mark(&placed);
+        let found = scan_peripherals(&client).await?;
+        for placed in &found.placements {
+            pci.mark(placed);
         }
 
         let mut scsi = ScsiMap::default();
-        for c in &spec.scsi_controllers {
-            scsi.add_bus(&c.bus());
-        }
-        let peripherals = client
-            .execute(&QomList {
-                path: "/machine/peripheral".into(),
-            })
-            .await?;
-        for p in &peripherals {
-            if p.child_type() == Some("virtio-scsi-pci") {
-                scsi.add_bus(&format!("{}.0", p.name));
-            }
+        for bus in spec
+            .scsi_controllers
+            .iter()
+            .map(|c| c.bus())
+            .chain(found.scsi_buses)
+        {
+            scsi.add_bus(&bus);
         }
 
         let mut devices = HashMap::new();
@@ -516,17 +543,9 @@ impl Vm {
             let _ = task.await;
         }
         let client = self.client();
-        let present: HashSet<String> = client
-            .execute(&QomList {
-                path: "/machine/peripheral".into(),
-            })
-            .await?
-            .into_iter()
-            .filter(|p| p.child_type().is_some())
-            .map(|p| p.name)
-            .collect();
         let pci = client.execute(&QueryPci).await?;
-        let placed = qom_placements(client).await?;
+        let found = scan_peripherals(client).await?;
+        let present = &found.ids;
         let nodes: HashSet<String> = client
             .execute(&qhotplug_qmp::command::QueryNamedBlockNodes { flat: Some(true) })
             .await?
@@ -555,7 +574,7 @@ impl Vm {
                 state.forget(id);
             }
             state.pci.fill_from(&pci);
-            for p in &placed {
+            for p in &found.placements {
                 state.pci.mark(p);
             }
             // Leftovers may belong to the devices just found gone, or to ids this handle used.
@@ -570,45 +589,35 @@ impl Vm {
             orphans
         };
         for id in &orphans {
+            // The same steps a rollback would take, for what is there (netdevs cannot be listed
+            // on QEMU 7.2: ours is asked for, and "not found" is the usual answer).
+            let tag = format!("qhotplug:{id}");
+            let mut steps: Vec<Undo> = fdsets
+                .iter()
+                .filter(|set| set.fds.iter().any(|f| f.opaque.as_ref() == Some(&tag)))
+                .map(|set| Undo::RemoveFd {
+                    fdset: Some(set.fdset_id),
+                    opaque: tag.clone(),
+                })
+                .collect();
+            steps.push(Undo::NetdevDel(format!("{id}-net")));
             for node in [format!("{id}-fmt"), format!("{id}-file")] {
                 if nodes.contains(&node) {
-                    let del = qhotplug_qmp::command::BlockdevDel {
-                        node_name: node.clone(),
-                    };
-                    match client.execute(&del).await {
-                        Ok(_) => report.nodes_deleted.push(node),
-                        Err(e) if is_absent(&e) => {}
-                        Err(e) => tracing::warn!(%node, error = %e, "reconcile: node left"),
-                    }
+                    steps.push(Undo::BlockdevDel(node));
                 }
             }
-            // QEMU 7.2 has no query for netdevs: ask to delete ours, "not found" is the usual answer.
-            let del = qhotplug_qmp::command::NetdevDel {
-                id: format!("{id}-net"),
-            };
-            match client.execute(&del).await {
-                Ok(_) => report.netdevs_deleted.push(format!("{id}-net")),
-                Err(e) if is_absent(&e) => {}
-                Err(e) => tracing::warn!(id = %id, error = %e, "reconcile: netdev left"),
-            }
-            let tag = format!("qhotplug:{id}");
-            for set in &fdsets {
-                if set
-                    .fds
-                    .iter()
-                    .any(|f| f.opaque.as_deref() == Some(tag.as_str()))
-                {
-                    let remove = RemoveFd {
-                        fdset_id: set.fdset_id,
-                        fd: None,
-                    };
-                    match client.execute(&remove).await {
-                        Ok(_) => report.fdsets_removed.push(set.fdset_id),
-                        Err(e) if is_absent(&e) => {}
-                        Err(e) => {
-                            tracing::warn!(set = set.fdset_id, error = %e, "reconcile: fd set left")
-                        }
-                    }
+            for step in steps {
+                match step.run(client).await {
+                    Err(e) => tracing::warn!(%step, error = %e, "reconcile: left in place"),
+                    Ok(Outcome::Absent) => {}
+                    Ok(Outcome::Done) => match step {
+                        Undo::RemoveFd {
+                            fdset: Some(set), ..
+                        } => report.fdsets_removed.push(set),
+                        Undo::BlockdevDel(node) => report.nodes_deleted.push(node),
+                        Undo::NetdevDel(netdev) => report.netdevs_deleted.push(netdev),
+                        _ => {}
+                    },
                 }
             }
         }
@@ -868,11 +877,13 @@ impl Vm {
         let (entry_backends, timeout, _busy) = {
             let mut state = self.inner.state();
             let timeout = state.unplug_timeout;
+            // What goes once the device is gone, in order: the format node, then the protocol
+            // node under it; or the netdev.
             let backends = if disk {
                 state.spec.disks.iter().find(|d| d.id == id).map(|d| {
-                    let mut nodes = vec![d.top_node()];
+                    let mut nodes = vec![Undo::BlockdevDel(d.top_node())];
                     if d.top_node() != d.file_node() {
-                        nodes.push(d.file_node());
+                        nodes.push(Undo::BlockdevDel(d.file_node()));
                     }
                     nodes
                 })
@@ -882,7 +893,7 @@ impl Vm {
                     .nics
                     .iter()
                     .find(|n| n.id == id)
-                    .map(|n| vec![n.netdev_id()])
+                    .map(|n| vec![Undo::NetdevDel(n.netdev_id())])
             };
             let found = match state.devices.get_mut(id) {
                 Some(Entry::Disk { busy }) if disk => backends.map(|b| (busy, b)),
@@ -909,7 +920,7 @@ impl Vm {
         self.unplug(id, timeout).await?;
 
         // The device is gone: whatever happens to the backend, the slot and the id are free.
-        let result = self.remove_backends(id, disk, &entry_backends).await;
+        let result = self.remove_backends(id, &entry_backends).await;
         self.inner.state().forget(id);
         if result.is_ok() {
             tracing::info!("{kind} removed");
@@ -917,29 +928,17 @@ impl Vm {
         result
     }
 
-    async fn remove_backends(&self, id: &str, disk: bool, backends: &[String]) -> Result<()> {
-        for name in backends {
-            let step = if disk { "blockdev-del" } else { "netdev_del" };
-            let span = tracing::debug_span!("step", name = step, id);
-            let result = if disk {
-                let cmd = qhotplug_qmp::command::BlockdevDel {
-                    node_name: name.clone(),
-                };
-                self.client().execute(&cmd).instrument(span).await.map(drop)
-            } else {
-                let cmd = qhotplug_qmp::command::NetdevDel { id: name.clone() };
-                self.client().execute(&cmd).instrument(span).await.map(drop)
-            };
-            match result {
-                Err(e) if !is_absent(&e) => {
-                    return Err(Error::Backend {
-                        id: id.to_owned(),
-                        step,
-                        source: Box::new(e),
-                    })
-                }
-                _ => {}
-            }
+    async fn remove_backends(&self, id: &str, backends: &[Undo]) -> Result<()> {
+        for step in backends {
+            let span = tracing::debug_span!("step", name = step.command(), id);
+            step.run(self.client())
+                .instrument(span)
+                .await
+                .map_err(|e| Error::Backend {
+                    id: id.to_owned(),
+                    step: step.command(),
+                    source: Box::new(e),
+                })?;
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ pub(crate) fn own_received(fds: &[RawFd]) -> Vec<OwnedFd> {
 }
 
 /// Sends `signal` to process `pid`.
-pub(crate) fn kill(pid: u32, signal: i32) -> std::io::Result<()> {
+pub fn kill(pid: u32, signal: i32) -> std::io::Result<()> {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
     if rc == 0 {

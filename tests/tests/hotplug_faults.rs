@@ -31,10 +31,7 @@ where
     let t = TestVm::launch(pc_spec()).await;
     let pid = t.vm.pid().unwrap();
     let hook = AtStep::new(n, move || {
-        // kill(1) rather than libc: the hook runs inside tracing, and this keeps it plain.
-        let _ = std::process::Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
+        qhotplug_tests::kill(pid, libc::SIGKILL).expect("SIGKILL QEMU");
     });
     let _guard =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(hook.clone()));

@@ -21,10 +21,8 @@ async fn attached_with(spec: VmSpec) -> (MockServer, Vm) {
     for (command, reply) in [
         ("qom-get", json!("pc-i440fx-7.2-machine")),
         ("query-pci", json!([{"bus": 0, "devices": []}])),
-        // Placements by QOM: /machine/peripheral, then /machine/peripheral-anon.
+        // Devices by QOM (ids, controllers, placements): /machine/peripheral, then -anon.
         ("qom-list", json!([{"name": "type", "type": "string"}])),
-        ("qom-list", json!([{"name": "type", "type": "string"}])),
-        // virtio-scsi controllers.
         ("qom-list", json!([{"name": "type", "type": "string"}])),
     ] {
         let got = server.recv().await.unwrap();
