@@ -3,7 +3,6 @@
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -20,8 +19,8 @@ use tracing::Instrument;
 
 use crate::codec::{QmpCodec, DEFAULT_MAX_FRAME};
 use crate::command::{AddFd, AddFdInfo, Command, Getfd, QmpCapabilities};
-use crate::connection::{finish, raw_to_value, Connection, Op, Shared};
-use crate::error::{Error, Result};
+use crate::connection::{finish, raw_to_value, Connection, Op, Rules, Seq, Shared};
+use crate::error::{Error, FrameError, Result};
 use crate::event::Event;
 use crate::message::{encode_request, Execution, Greeting, Message};
 
@@ -33,7 +32,12 @@ pub struct Config {
     connect_timeout: Duration,
     event_capacity: usize,
     max_frame: usize,
+    inband_ids: bool,
+    max_outbox: usize,
 }
+
+/// The default cap on a connection's unsent requests: 1 MiB.
+pub const DEFAULT_MAX_OUTBOX: usize = 1 << 20;
 
 impl Default for Config {
     fn default() -> Self {
@@ -43,13 +47,15 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             event_capacity: 256,
             max_frame: DEFAULT_MAX_FRAME,
+            inband_ids: false,
+            max_outbox: DEFAULT_MAX_OUTBOX,
         }
     }
 }
 
 impl Config {
     /// The defaults: `oob` when offered, 30 s per command, 10 s to connect, 256 buffered events per
-    /// subscriber, 16 MiB frames.
+    /// subscriber, 16 MiB frames, no in-band ids, 1 MiB of unsent requests.
     pub fn new() -> Self {
         Self::default()
     }
@@ -83,6 +89,25 @@ impl Config {
     /// The largest frame accepted from the server.
     pub fn max_frame(mut self, bytes: usize) -> Self {
         self.max_frame = bytes;
+        self
+    }
+
+    /// Whether every in-band command carries an `id` (default: no). QEMU echoes it, so a stray
+    /// reply (one QEMU did not send for our command, from a buggy QEMU or a proxy) ends the
+    /// connection with [`Error::Frame`] instead of being taken for the oldest command's answer.
+    /// Off by default because QEMU reads its monitor a byte at a time: each id costs about 3 µs a
+    /// command (see BENCHMARKS.md).
+    pub fn inband_ids(mut self, enable: bool) -> Self {
+        self.inband_ids = enable;
+        self
+    }
+
+    /// The most bytes of requests that may wait unsent (QEMU not reading its monitor, or requests
+    /// held behind an fd-carrying one) before a new command fails with [`Error::Backlog`] instead
+    /// of queueing (default 1 MiB). A request whose caller has gone is taken back if none of its
+    /// bytes were written, so callers that time out free their room.
+    pub fn max_outbox(mut self, bytes: usize) -> Self {
+        self.max_outbox = bytes;
         self
     }
 
@@ -132,7 +157,7 @@ impl Config {
     /// Reads the greeting (skipping any events before it), negotiates capabilities, and returns the
     /// client with the connection future, which the caller must run (tokio-postgres style).
     pub async fn handshake(&self, stream: UnixStream) -> Result<(Client, Connection)> {
-        let (read, mut write) = stream.into_split();
+        let (read, write) = stream.into_split();
         let mut frames = FramedRead::new(read, QmpCodec::new(self.max_frame));
         let greeting = loop {
             match next_message(&mut frames, "greeting").await? {
@@ -154,7 +179,7 @@ impl Config {
                 reason: e.to_string(),
             },
         )?;
-        tokio::io::AsyncWriteExt::write_all(&mut write, &bytes).await?;
+        send_all(&write, &bytes).await?;
         loop {
             match next_message(&mut frames, "qmp_capabilities").await? {
                 Message::Reply(reply) => {
@@ -174,17 +199,21 @@ impl Config {
         }
         tracing::debug!(version = %greeting.version.qemu, oob, "QMP connected");
         let (alive_tx, alive_rx) = mpsc::unbounded_channel();
-        let (events_tx, events_rx) = broadcast::channel(self.event_capacity);
-        let shared = Arc::new(Shared::new(write));
+        let (events_tx, _) = broadcast::channel(self.event_capacity);
+        let rules = Rules {
+            inband_ids: self.inband_ids,
+            max_outbox: self.max_outbox,
+        };
+        let shared = Arc::new(Shared::new(write, rules));
         let client = Client {
             inner: Arc::new(Inner {
                 shared: shared.clone(),
                 alive: alive_tx,
-                events: events_rx,
+                events: events_tx.downgrade(),
                 greeting,
                 oob,
+                inband_ids: self.inband_ids,
                 default_timeout: self.default_timeout,
-                next_id: AtomicU64::new(1),
             }),
         };
         let connection = Connection {
@@ -197,13 +226,41 @@ impl Config {
     }
 }
 
+/// Writes all of `bytes` during the handshake (`MSG_NOSIGNAL`: a peer that hung up is an error,
+/// never SIGPIPE).
+async fn send_all(write: &tokio::net::unix::OwnedWriteHalf, mut bytes: &[u8]) -> Result<()> {
+    use std::os::fd::AsFd;
+    while !bytes.is_empty() {
+        write.as_ref().writable().await?;
+        let slice = [std::io::IoSlice::new(bytes)];
+        match write.as_ref().try_io(tokio::io::Interest::WRITABLE, || {
+            crate::sys::send(write.as_ref().as_fd(), &slice, None)
+        }) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(hangup_or(e)),
+        }
+    }
+    Ok(())
+}
+
+/// A peer that hung up is [`Error::Disconnected`], whichever way the socket reports it.
+fn hangup_or(e: std::io::Error) -> Error {
+    let error = Error::from(e);
+    if error.is_disconnected() {
+        Error::Disconnected
+    } else {
+        error
+    }
+}
+
 async fn next_message(
     frames: &mut FramedRead<tokio::net::unix::OwnedReadHalf, QmpCodec>,
     waiting_for: &str,
 ) -> Result<Message> {
     match frames.next().await {
-        None => Err(Error::Disconnected),
-        Some(Err(e)) => Err(e.into()),
+        None | Some(Ok(Err(FrameError::Incomplete { .. }))) => Err(Error::Disconnected),
+        Some(Err(e)) => Err(hangup_or(e)),
         Some(Ok(Err(bad))) => Err(Error::Protocol(format!(
             "bad frame while waiting for the {waiting_for}: {bad}"
         ))),
@@ -230,13 +287,14 @@ struct Inner {
     shared: Arc<Shared>,
     /// Never sent on: the connection task sees it close when the last client is dropped.
     alive: mpsc::UnboundedSender<()>,
-    /// Never read: kept to make new subscriptions. The connection task owns the only sender, so
-    /// subscriptions end when the connection does.
-    events: broadcast::Receiver<Event>,
+    /// Makes new subscriptions while the connection lives. Weak, and no receiver is kept: the
+    /// channel holds an event only until every live subscriber has it, and none when nobody
+    /// subscribes; the connection task owns the only strong sender, so streams end with it.
+    events: broadcast::WeakSender<Event>,
     greeting: Greeting,
     oob: bool,
+    inband_ids: bool,
     default_timeout: Option<Duration>,
-    next_id: AtomicU64,
 }
 
 impl std::fmt::Debug for Client {
@@ -285,28 +343,31 @@ impl Client {
 
     /// Runs any command by name. `arguments` must be a JSON object, or `Null` for none.
     pub async fn execute_raw(&self, name: &str, arguments: &Value) -> Result<Value> {
+        self.execute_raw_timeout(name, arguments, self.inner.default_timeout)
+            .await
+    }
+
+    /// Runs any command by name with the given timeout (`None`: none).
+    pub async fn execute_raw_timeout(
+        &self,
+        name: &str,
+        arguments: &Value,
+        timeout: Option<Duration>,
+    ) -> Result<Value> {
         let raw = self
-            .send(
-                name,
-                arguments,
-                None,
-                Execution::InBand,
-                self.inner.default_timeout,
-            )
+            .send(name, arguments, None, Execution::InBand, timeout)
             .await?;
         raw_to_value(name, &raw)
     }
 
     /// Runs a command out of band (`exec-oob`): QEMU runs it at once in its I/O thread and its
     /// reply may overtake in-band replies. Only commands that allow it (such as `migrate-pause`) do;
-    /// fails with [`Error::Protocol`] when `oob` was not negotiated.
+    /// fails with [`Error::OobUnavailable`] when `oob` was not negotiated.
     pub async fn execute_oob_raw(&self, name: &str, arguments: &Value) -> Result<Value> {
         if !self.inner.oob {
-            return Err(Error::Protocol(
-                "out-of-band execution was not negotiated".into(),
-            ));
+            return Err(Error::OobUnavailable);
         }
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.inner.shared.issue_id();
         let raw = self
             .send(
                 name,
@@ -360,7 +421,12 @@ impl Client {
 
     /// A new subscription to the connection's events, starting with the next event that arrives.
     pub fn events(&self) -> EventStream {
-        EventStream::new(self.inner.events.resubscribe())
+        let rx = match self.inner.events.upgrade() {
+            Some(tx) => tx.subscribe(),
+            // The connection has ended: a stream that ends at once.
+            None => broadcast::channel(1).1,
+        };
+        EventStream::new(rx)
     }
 
     /// Runs `command` and waits for the first event for which `filter` is true. The subscription
@@ -409,24 +475,40 @@ impl Client {
         execution: Execution,
         timeout: Option<Duration>,
     ) -> Result<Box<serde_json::value::RawValue>> {
+        let execution = match execution {
+            Execution::InBand if self.inner.inband_ids => {
+                Execution::InBandWithId(self.inner.shared.issue_id())
+            }
+            other => other,
+        };
         let mut bytes = Vec::with_capacity(64);
         encode_request(&mut bytes, name, arguments, execution).map_err(|e| Error::Serialize {
             command: name.to_owned(),
             reason: e.to_string(),
         })?;
         let (reply, rx) = oneshot::channel();
-        let oob_id = match execution {
-            Execution::OutOfBand(id) => Some(id),
-            Execution::InBand => None,
+        let (id, oob) = match execution {
+            Execution::OutOfBand(id) => (Some(id), true),
+            Execution::InBandWithId(id) => (Some(id), false),
+            Execution::InBand => (None, false),
         };
-        let span = tracing::debug_span!("qmp", command = name, id = oob_id);
+        let span = tracing::debug_span!("qmp", command = name, id);
         async move {
-            self.inner.shared.submit(Op {
+            let shared = &self.inner.shared;
+            let seq = shared.submit(Op {
                 bytes,
                 fd,
-                oob_id,
+                id,
+                oob,
                 reply,
             })?;
+            // Until the outcome is in, going away (drop or timeout) takes the request back.
+            let mut abandon = Abandon {
+                shared,
+                seq,
+                oob_id: id.filter(|_| oob),
+                armed: true,
+            };
             let outcome = match timeout {
                 None => rx.await,
                 Some(after) => {
@@ -438,6 +520,7 @@ impl Client {
                         })?
                 }
             };
+            abandon.armed = false;
             let result = finish(name, outcome);
             if let Err(e) = &result {
                 tracing::debug!(error = %e, "command failed");
@@ -446,6 +529,22 @@ impl Client {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Takes a request back when its caller goes away before the outcome (see [`Shared::abandon`]).
+struct Abandon<'a> {
+    shared: &'a Shared,
+    seq: Seq,
+    oob_id: Option<u64>,
+    armed: bool,
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.abandon(self.seq, self.oob_id);
+        }
     }
 }
 

@@ -41,10 +41,19 @@ pub enum FrameError {
         /// How many bytes the unfinished frame had.
         len: usize,
     },
-    /// A complete frame was not a QMP message (bad JSON, bad UTF-8, or no known member).
+    /// A complete frame was not a QMP message (bad JSON or UTF-8, not an object, no known
+    /// member, or the members of more than one kind of message).
     #[error("malformed frame: {reason}")]
     Malformed {
         /// What was wrong with it.
+        reason: String,
+    },
+    /// A well-formed reply that cannot be paired with a command for certain: an `id` the client
+    /// never issued, no id where every command carries one, nothing in flight, or a reply to a
+    /// request not yet completely written.
+    #[error("reply cannot be paired with a command: {reason}")]
+    Unpaired {
+        /// Why.
         reason: String,
     },
 }
@@ -94,13 +103,25 @@ pub enum Error {
         reason: String,
     },
     /// QEMU sent something that is not a QMP message (bad JSON or UTF-8, a line over the frame
-    /// limit). The connection was closed: every pending command gets this error, later ones
-    /// [`Error::Disconnected`].
+    /// limit), or a reply that cannot be paired with a command. The connection was closed: every
+    /// pending command gets this error, later ones [`Error::Disconnected`].
     #[error("QEMU sent a bad frame, connection closed: {0}")]
     Frame(FrameError),
     /// An event the caller was waiting for could not be seen because the subscription lagged.
     #[error("missed {0} events while waiting (subscriber lagged)")]
     EventsLost(u64),
+    /// The connection's unsent requests reached their cap
+    /// ([`Config::max_outbox`](crate::Config::max_outbox)): QEMU is not reading its monitor. Nothing
+    /// was queued; the connection stays usable.
+    #[error("QMP outbox full: over {limit} bytes of requests unsent (QEMU is not reading)")]
+    Backlog {
+        /// The cap, in bytes.
+        limit: usize,
+    },
+    /// `exec-oob` was asked for, but the connection did not negotiate `oob` (QEMU does not offer
+    /// it, or [`Config::oob`](crate::Config::oob) turned it off). Nothing was sent.
+    #[error("out-of-band execution was not negotiated on this connection")]
+    OobUnavailable,
     /// A socket error.
     #[error("I/O error: {0}")]
     Io(#[source] Arc<io::Error>),
@@ -115,7 +136,18 @@ impl From<io::Error> for Error {
 impl Error {
     /// True when the connection is gone and no further command can succeed on it.
     pub fn is_disconnected(&self) -> bool {
-        matches!(self, Error::Disconnected | Error::Frame(_))
+        match self {
+            Error::Disconnected | Error::Frame(_) => true,
+            Error::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::NotConnected
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        }
     }
 
     /// The QMP error class when this is an error reply from QEMU.

@@ -30,11 +30,23 @@
 //! # Behaviour
 //!
 //! - Requests go out as the shortest valid JSON: QEMU reads its monitor one byte at a time.
-//! - In-band replies are matched in order; `exec-oob` requests carry an `id`. A command whose future
-//!   is dropped, or whose timeout passes, still runs in QEMU; its reply is discarded when it comes.
-//! - When the socket closes, every pending command fails with [`Error::Disconnected`] at once and
-//!   event streams end.
-//! - A frame that is not valid QMP is logged and skipped; the connection goes on.
+//! - In-band replies are matched in order; `exec-oob` requests carry an `id`
+//!   ([`Config::inband_ids`] puts one on every command). A command whose future is dropped, or whose
+//!   timeout passes, is taken back if none of it was written yet; otherwise it still runs in QEMU and
+//!   its reply is discarded when it comes.
+//! - No caller ever gets another caller's reply. A frame that is not a QMP message (bad JSON or
+//!   UTF-8, over the frame limit, not a JSON object, the members of two kinds of message) or a reply
+//!   that cannot be paired for certain (an id never issued, nothing in flight, a reply before its
+//!   command was completely sent) ends the connection with [`Error::Frame`] for every waiter.
+//! - An event whose `data` or `timestamp` cannot be decoded is still delivered, as
+//!   [`EventKind::Other`] with `Null` data: it cannot be a reply, so it fails nothing in flight.
+//! - Memory is bounded whatever the peer does: frames by [`Config::max_frame`], unsent requests by
+//!   [`Config::max_outbox`] (past it, [`Error::Backlog`]), buffered events by
+//!   [`Config::event_capacity`] per subscriber, and an event is held only until every live
+//!   subscriber has it (none when nobody subscribes).
+//! - When the socket closes, or the connection task ends in any way (a panic included), every
+//!   pending command fails at once and event streams end.
+//! - Writes use `MSG_NOSIGNAL`: a QEMU that hangs up is an error, never a SIGPIPE.
 
 #![warn(missing_docs)]
 
@@ -45,8 +57,9 @@ mod connection;
 mod error;
 pub mod event;
 pub mod message;
+mod sys;
 
-pub use client::{connect, Client, Config, EventStream, Lagged};
+pub use client::{connect, Client, Config, EventStream, Lagged, DEFAULT_MAX_OUTBOX};
 pub use command::Command;
 pub use connection::Connection;
 pub use error::{Error, FrameError, QmpError, Result};

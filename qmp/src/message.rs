@@ -81,6 +81,8 @@ pub enum Message {
     Event(Event),
 }
 
+/// The members of a frame, read in one pass. Which of `QMP`, `return`/`error` and `event` are
+/// present decides what the frame is; more than one of them makes it malformed.
 #[derive(Deserialize)]
 struct Wire {
     #[serde(rename = "QMP")]
@@ -94,12 +96,48 @@ struct Wire {
     id: Option<Value>,
 }
 
+fn malformed(reason: impl Into<String>) -> FrameError {
+    FrameError::Malformed {
+        reason: reason.into(),
+    }
+}
+
+/// Rejects a frame that carries the members of more than one kind of message: it cannot be trusted
+/// as any of them (a reply that also claims to be an event could shift every later reply).
+fn check_one_kind(greeting: bool, reply: bool, event: bool) -> Result<(), FrameError> {
+    match (greeting, reply, event) {
+        (true, true, _) => Err(malformed("message mixes `QMP` with `return`/`error`")),
+        (true, _, true) => Err(malformed("message mixes `QMP` with `event`")),
+        (_, true, true) => Err(malformed("message mixes `event` with `return`/`error`")),
+        _ => Ok(()),
+    }
+}
+
 impl Message {
     /// Classifies one frame (one JSON object, without its line ending).
+    ///
+    /// A frame must be a JSON object with exactly one of `QMP` (a greeting), `return` or `error`
+    /// (a reply), or `event`. Anything else is [`FrameError::Malformed`]. An event whose `data` or
+    /// `timestamp` cannot be decoded (a lone UTF-16 surrogate or bad UTF-8, nesting past
+    /// serde_json's limit, a timestamp of the wrong type) is still an event, without the part that
+    /// could not be read: `data` `Null` (so [`EventKind::Other`](crate::EventKind::Other) for an
+    /// event that needs data) or a zero timestamp. Such a frame can never be a reply.
     pub fn from_slice(frame: &[u8]) -> Result<Message, FrameError> {
-        let wire: Wire = serde_json::from_slice(frame).map_err(|e| FrameError::Malformed {
-            reason: e.to_string(),
-        })?;
+        // A JSON text that starts with `{` is an object; serde would also fill `Wire` from an array.
+        if frame.trim_ascii_start().first() != Some(&b'{') {
+            return Err(malformed("frame is not a JSON object"));
+        }
+        let wire: Wire = match serde_json::from_slice(frame) {
+            Ok(wire) => wire,
+            Err(e) => {
+                return Self::from_slice_lenient(frame).ok_or_else(|| malformed(e.to_string()))
+            }
+        };
+        check_one_kind(
+            wire.greeting.is_some(),
+            wire.ret.is_some() || wire.error.is_some(),
+            wire.event.is_some(),
+        )?;
         if let Some(g) = wire.greeting {
             return Ok(Message::Greeting(g));
         }
@@ -110,21 +148,111 @@ impl Message {
         let result = match (wire.ret, wire.error) {
             (Some(ret), None) => Ok(ret),
             (None, Some(err)) => Err(err),
-            (Some(_), Some(_)) => {
-                return Err(FrameError::Malformed {
-                    reason: "message has both `return` and `error`".into(),
-                })
-            }
+            (Some(_), Some(_)) => return Err(malformed("message has both `return` and `error`")),
             (None, None) => {
-                return Err(FrameError::Malformed {
-                    reason: "message has none of `QMP`, `return`, `error`, `event`".into(),
-                })
+                return Err(malformed(
+                    "message has none of `QMP`, `return`, `error`, `event`",
+                ))
             }
         };
         Ok(Message::Reply(Reply {
             id: wire.id,
             result,
         }))
+    }
+
+    /// The slow path for a frame the fast read refused: `Some` only for a frame whose top-level
+    /// members name an event and nothing else. Reads without recursion, so data nested past
+    /// serde_json's limit, bad UTF-8 in the data, or a bad timestamp do not hide the event.
+    #[cold]
+    fn from_slice_lenient(frame: &[u8]) -> Option<Message> {
+        let mut name = None;
+        let mut data = None;
+        let mut timestamp = None;
+        for (key, value) in top_level_members(frame)? {
+            match serde_json::from_slice::<String>(key).ok()?.as_str() {
+                "event" => name = Some(serde_json::from_slice::<String>(value).ok()?),
+                "data" => data = Some(value),
+                "timestamp" => timestamp = Some(value),
+                "QMP" | "return" | "error" => return None,
+                _ => {}
+            }
+        }
+        let name = name?;
+        let timestamp = timestamp
+            .and_then(|raw| serde_json::from_slice(raw).ok())
+            .unwrap_or_default();
+        let data = data.and_then(|raw| serde_json::from_slice(raw).ok());
+        tracing::warn!(event = %name, "event with undecodable members; delivered without them");
+        Some(Message::Event(Event::from_wire(name, data, timestamp)))
+    }
+}
+
+/// The members of a JSON object at its top level: each key (quotes included, escapes undecoded)
+/// and the bytes of its value. Nesting is counted, not recursed into; strings are skipped with
+/// their escapes. `None` when the frame is not shaped like an object.
+fn top_level_members(frame: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let end_of_string = |from: usize| -> Option<usize> {
+        // `from` is just past the opening quote; returns the index just past the closing one.
+        let mut i = from;
+        loop {
+            match *frame.get(i)? {
+                b'\\' => i += 2,
+                b'"' => return Some(i + 1),
+                _ => i += 1,
+            }
+        }
+    };
+    let skip_ws = |mut i: usize| {
+        while frame.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        i
+    };
+    let mut i = skip_ws(0);
+    if frame.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let mut members = Vec::new();
+    loop {
+        i = skip_ws(i);
+        match *frame.get(i)? {
+            b'}' => return Some(members),
+            b',' if !members.is_empty() => i = skip_ws(i + 1),
+            _ if members.is_empty() => {}
+            _ => return None,
+        }
+        if frame.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_end = end_of_string(i + 1)?;
+        let key = &frame[i..key_end];
+        i = skip_ws(key_end);
+        if frame.get(i) != Some(&b':') {
+            return None;
+        }
+        let start = skip_ws(i + 1);
+        let mut depth = 0usize;
+        i = start;
+        loop {
+            match *frame.get(i)? {
+                b'"' => {
+                    i = end_of_string(i + 1)?;
+                    continue;
+                }
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' if depth > 0 => depth -= 1,
+                b',' | b'}' if depth == 0 => break,
+                _ => {}
+            }
+            i += 1;
+        }
+        let value = frame[start..i].trim_ascii_end();
+        if value.is_empty() {
+            return None;
+        }
+        members.push((key, value));
     }
 }
 
@@ -133,6 +261,9 @@ impl Message {
 pub enum Execution {
     /// `execute`: in-band, answered in order. Sent without an `id` (replies are matched in order).
     InBand,
+    /// `execute` with this `id`: in-band, answered in order, and QEMU echoes the id, so a stray
+    /// reply can be told from ours ([`Config::inband_ids`](crate::Config::inband_ids)).
+    InBandWithId(u64),
     /// `exec-oob` with this `id`: answered as soon as it runs, possibly before earlier in-band replies.
     OutOfBand(u64),
 }
@@ -162,7 +293,7 @@ fn encode_request_inner<A: Serialize + ?Sized>(
     execution: Execution,
 ) -> Result<(), serde_json::Error> {
     out.extend_from_slice(match execution {
-        Execution::InBand => b"{\"execute\":",
+        Execution::InBand | Execution::InBandWithId(_) => b"{\"execute\":",
         Execution::OutOfBand(_) => b"{\"exec-oob\":",
     });
     serde_json::to_writer(&mut *out, name)?;
@@ -179,7 +310,7 @@ fn encode_request_inner<A: Serialize + ?Sized>(
             )))
         }
     }
-    if let Execution::OutOfBand(id) = execution {
+    if let Execution::OutOfBand(id) | Execution::InBandWithId(id) = execution {
         out.extend_from_slice(b",\"id\":");
         serde_json::to_writer(&mut *out, &id)?;
     }
@@ -284,12 +415,46 @@ mod tests {
             b"not json",
             b"{\"return\": {}",
             b"\xff\xfe",
+            // Not objects: serde would fill a struct from an array positionally.
+            b"[null, null, {\"running\": true}]",
+            b"  [{\"return\": {}}]",
+            b"\"return\"",
+            b"17",
+            // Members of two kinds of message at once.
+            b"{\"return\": {}, \"event\": \"STOP\"}",
+            b"{\"error\": {\"class\":\"a\",\"desc\":\"b\"}, \"event\": \"STOP\"}",
+            b"{\"return\": {}, \"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}, \"package\": \"\"}, \"capabilities\": []}}",
+            b"{\"event\": \"STOP\", \"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 2, \"major\": 7}, \"package\": \"\"}, \"capabilities\": []}}",
+            // The lenient event path does not rescue a reply in disguise.
+            b"{\"return\": 1, \"event\": \"STOP\", \"data\": \"\\ud800\"}",
         ] {
             assert!(
                 matches!(Message::from_slice(bad), Err(FrameError::Malformed { .. })),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    #[test]
+    fn an_event_with_undecodable_members_is_still_an_event() {
+        // A lone surrogate in the data, and a timestamp of the wrong type.
+        let frame =
+            br#"{"event": "DEVICE_DELETED", "data": {"device": "\ud800"}, "timestamp": "now"}"#;
+        match Message::from_slice(frame).unwrap() {
+            Message::Event(e) => {
+                assert_eq!(e.name(), "DEVICE_DELETED");
+                assert_eq!(e.data(), Value::Null);
+                assert_eq!(e.timestamp, Timestamp::default());
+            }
+            other => panic!("{other:?}"),
+        }
+        // A good timestamp is kept when only the data is bad.
+        let frame =
+            br#"{"event": "X", "data": "\udc00", "timestamp": {"seconds": 5, "microseconds": 6}}"#;
+        match Message::from_slice(frame).unwrap() {
+            Message::Event(e) => assert_eq!(e.timestamp.seconds, 5),
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -4,8 +4,10 @@
 //! `query-status` round trips and 64-in-flight throughput for the client, and the same two for the
 //! floor, a raw blocking Unix-socket loop sending the shortest valid request (pipelined with `oob`
 //! enabled for the concurrent figure). Sequential round trips alternate one floor op and one client
-//! op on the same thread; the concurrent figures alternate by round. Prints each figure and, last,
-//! `ratio_seq=X ratio_concurrent=Y` where a ratio is floor time / client time (1.0 = no overhead).
+//! op on the same thread; the concurrent figures alternate by round. A third client, on a third
+//! monitor, runs with `Config::inband_ids(true)` in the same sequential rotation, to price the id
+//! every command then carries. Prints each figure and, last, `ratio_seq=X ratio_concurrent=Y
+//! ratio_seq_inband_ids=Z` where a ratio is floor time / client time (1.0 = no overhead).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -94,9 +96,10 @@ impl Raw {
 async fn interleaved(
     raw: &mut Raw,
     client: &qhotplug_qmp::Client,
+    with_ids: &qhotplug_qmp::Client,
     n: usize,
-) -> (Duration, Duration) {
-    let (mut floor, mut ours) = (Duration::ZERO, Duration::ZERO);
+) -> (Duration, Duration, Duration) {
+    let (mut floor, mut ours, mut ided) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     for _ in 0..n {
         // Blocking I/O on this worker for one round trip: nothing else runs meanwhile.
         let start = Instant::now();
@@ -106,8 +109,11 @@ async fn interleaved(
         let start = Instant::now();
         client.execute(&QueryStatus).await.unwrap();
         ours += start.elapsed();
+        let start = Instant::now();
+        with_ids.execute(&QueryStatus).await.unwrap();
+        ided += start.elapsed();
     }
-    (floor, ours)
+    (floor, ours, ided)
 }
 
 async fn client_sequential(client: &qhotplug_qmp::Client, n: usize) -> Duration {
@@ -162,10 +168,20 @@ fn main() {
 
 async fn run() {
     let (qemu, client) = Qemu::launch(
-        &["-qmp", "unix:{dir}/floor.sock,server=on,wait=off"],
+        &[
+            "-qmp",
+            "unix:{dir}/floor.sock,server=on,wait=off",
+            "-qmp",
+            "unix:{dir}/ids.sock,server=on,wait=off",
+        ],
         qhotplug_qmp::Config::new(),
     )
     .await;
+    let with_ids = qhotplug_qmp::Config::new()
+        .inband_ids(true)
+        .connect(qemu.dir().join("ids.sock"))
+        .await
+        .unwrap();
     let floor_path = qemu.dir().join("floor.sock");
     let mut raw = tokio::task::spawn_blocking(move || Raw::connect(&floor_path))
         .await
@@ -177,8 +193,9 @@ async fn run() {
         client.oob_enabled()
     );
 
-    // Warm up both paths.
+    // Warm up every path.
     client_sequential(&client, 200).await;
+    client_sequential(&with_ids, 200).await;
     raw = tokio::task::spawn_blocking(move || {
         raw.sequential(200);
         raw
@@ -186,11 +203,12 @@ async fn run() {
     .await
     .unwrap();
 
-    let (mut fs, mut cs, mut fc, mut cc) = (vec![], vec![], vec![], vec![]);
+    let (mut fs, mut cs, mut is, mut fc, mut cc) = (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..ROUNDS {
-        let (floor, ours) = interleaved(&mut raw, &client, SEQ).await;
+        let (floor, ours, ided) = interleaved(&mut raw, &client, &with_ids, SEQ).await;
         fs.push(floor);
         cs.push(ours);
+        is.push(ided);
         let (r, conc) = tokio::task::spawn_blocking(move || {
             let mut raw = raw;
             let conc = raw.pipelined(CONC);
@@ -214,8 +232,9 @@ async fn run() {
         r[r.len() / 2]
     };
     let (ratio_seq, ratio_conc) = (ratio(&fs, &cs), ratio(&fc, &cc));
+    let ratio_ids = ratio(&fs, &is);
     let total = |v: &[Duration]| v.iter().sum::<Duration>();
-    let (fs_all, cs_all) = (total(&fs), total(&cs));
+    let (fs_all, cs_all, is_all) = (total(&fs), total(&cs), total(&is));
     let (fc, cc) = (median(fc), median(cc));
     println!(
         "sequential query-status, {ROUNDS} rounds of {SEQ} round trips, floor and client alternating op by op:"
@@ -228,6 +247,11 @@ async fn run() {
         "  client (qhotplug-qmp)    {:8.1} us/op",
         per_op(cs_all, SEQ * ROUNDS)
     );
+    println!(
+        "  client, inband_ids(true) {:8.1} us/op ({:+.1} us/op for the id)",
+        per_op(is_all, SEQ * ROUNDS),
+        per_op(is_all, SEQ * ROUNDS) - per_op(cs_all, SEQ * ROUNDS)
+    );
     println!("{WINDOW}-in-flight query-status, {CONC} commands, median of {ROUNDS} rounds:");
     println!(
         "  floor  (raw, pipelined, oob) {:8.0} ops/s",
@@ -237,5 +261,7 @@ async fn run() {
         "  client (qhotplug-qmp)        {:8.0} ops/s",
         CONC as f64 / cc.as_secs_f64()
     );
-    println!("ratio_seq={ratio_seq:.3} ratio_concurrent={ratio_conc:.3}");
+    println!(
+        "ratio_seq={ratio_seq:.3} ratio_concurrent={ratio_conc:.3} ratio_seq_inband_ids={ratio_ids:.3}"
+    );
 }

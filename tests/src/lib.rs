@@ -27,6 +27,31 @@ pub use mock::{MockServer, Received};
 pub use qemu::Qemu;
 pub use vm::{image, pc_spec, q35_spec, Snapshot, TestVm};
 
+/// Serialises the tests of one binary that compare our process's fd table (or run beside ones
+/// that do): under `cargo test` a binary's tests share a process and run on parallel threads, so
+/// one test's fds would show up in another's before/after comparison. Under nextest (a process per
+/// test) it is never contended. A test that panicked while holding it does not block the rest.
+/// [`serial_test`] takes it for a whole test, runtime included.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs an async test body on its own current-thread runtime, holding [`serial`] from before the
+/// runtime exists until after it is gone, so the runtime's own fds, and those of tasks still alive
+/// when the body returns, never show up in another test's fd comparison. Use it in place of
+/// `#[tokio::test]` in a binary whose tests compare our fd table.
+pub fn serial_test(test: impl std::future::Future<Output = ()>) {
+    let _serial = serial();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(test);
+    // Dropped here, inside the lock: its tasks, and their fds, go first.
+    drop(runtime);
+}
+
 /// The fds our process has open, as `(fd, target)` pairs from `/proc/self/fd`.
 pub fn open_fds() -> Vec<(i32, String)> {
     let mut out = Vec::new();

@@ -354,7 +354,7 @@ async fn oob_commands_carry_an_id_and_come_back_to_their_caller() {
     let (_plain_qemu, plain) = Qemu::launch(&[], Config::new().oob(false)).await;
     assert!(matches!(
         plain.execute_oob_raw("migrate-pause", &Value::Null).await,
-        Err(Error::Protocol(_))
+        Err(Error::OobUnavailable)
     ));
 }
 
