@@ -13,6 +13,19 @@ use crate::spec::VmSpec;
 
 const PREBOUND_CHARDEV: &str = "socket,id=qmp,fd=3,server=on,wait=off";
 
+/// The environment variable that names the QEMU binary a [`Launcher`] starts by default, for
+/// example `QHOTPLUG_QEMU=/opt/qemu-10/bin/qemu-system-x86_64`. Unset or empty: the
+/// `qemu-system-x86_64` on `PATH`. [`Launcher::binary`] overrides it. The project's tests, demo
+/// and benchmarks all launch through it, so this one setting picks the QEMU they run against.
+pub const QEMU_ENV: &str = "QHOTPLUG_QEMU";
+
+fn default_binary() -> String {
+    std::env::var(QEMU_ENV)
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "qemu-system-x86_64".into())
+}
+
 /// Starts QEMU for a spec and connects to its monitor.
 ///
 /// The monitor is a Unix listener we bind before QEMU starts and pass to it as an fd, so there is no
@@ -60,7 +73,7 @@ impl Launcher {
         Launcher {
             spec,
             dir: runtime_dir.into(),
-            binary: "qemu-system-x86_64".into(),
+            binary: default_binary(),
             nic_fds: HashMap::new(),
             extra_fds: Vec::new(),
             start_timeout: Duration::from_secs(30),
@@ -80,7 +93,7 @@ impl Launcher {
         &self.spec
     }
 
-    /// The QEMU binary (default `qemu-system-x86_64`).
+    /// The QEMU binary (default: [`QEMU_ENV`] when set, else `qemu-system-x86_64` on `PATH`).
     pub fn binary(mut self, binary: impl Into<String>) -> Self {
         self.binary = binary.into();
         self

@@ -30,6 +30,6 @@ pub use device::{
     ScsiAddr, ScsiController,
 };
 pub use error::{Error, Result};
-pub use launch::{Launcher, Monitor, QemuProcess};
+pub use launch::{Launcher, Monitor, QemuProcess, QEMU_ENV};
 pub use spec::{Accel, Machine, Serial, VmSpec};
 pub use value::{escape, ganeti_id, validate_id, Prop};

@@ -23,7 +23,16 @@ pub enum Error {
     /// Opening vhost-net or preparing host networking failed. Nothing was sent to QEMU.
     #[error(transparent)]
     Netdev(#[from] qhotplug_netdev::Error),
-    /// This QEMU lacks a command the operation needs (from `query-commands`).
+    /// This QEMU is older than the oldest the SDK supports ([`MIN_QEMU`](crate::MIN_QEMU)).
+    /// Nothing was sent to it.
+    #[error("QEMU {found} is older than {minimum}, the oldest qhotplug supports")]
+    QemuTooOld {
+        /// The version QEMU's greeting gave.
+        found: qhotplug_qmp::message::VersionTriple,
+        /// The oldest supported.
+        minimum: qhotplug_qmp::message::VersionTriple,
+    },
+    /// This QEMU lacks a command the operation needs (from its QAPI schema).
     #[error("QEMU has no `{command}` command, which {operation} needs")]
     Unsupported {
         /// The missing command.

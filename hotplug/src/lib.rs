@@ -38,7 +38,7 @@ mod vm;
 
 pub use config::{DiskConfig, DiskModel, NicConfig};
 pub use error::{Error, Result, UndoFailure};
-pub use vm::{Reconciled, Vm, DEFAULT_UNPLUG_TIMEOUT};
+pub use vm::{Reconciled, Vm, DEFAULT_UNPLUG_TIMEOUT, MIN_QEMU};
 
 pub use qhotplug_cmdline as cmdline;
 pub use qhotplug_netdev as netdev;

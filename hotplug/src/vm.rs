@@ -9,10 +9,10 @@ use qhotplug_cmdline::{
     Disk, DiskFrontend, Launcher, Machine, Nic, Pci, QemuProcess, ScsiAddr, VmSpec,
 };
 use qhotplug_netdev::{open_vhost, MacAddr, Vhost};
-use qhotplug_qmp::command::{AddFd, DeviceDel, QomList, QueryCommands, QueryPci, RemoveFd};
+use qhotplug_qmp::command::{AddFd, DeviceDel, QomList, QueryPci, RemoveFd};
 use qhotplug_qmp::event::EventKind;
+use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::{Client, Lagged};
-use tokio::sync::OnceCell;
 use tracing::Instrument;
 
 use crate::config::{At, DiskConfig, DiskModel, NicConfig};
@@ -33,6 +33,16 @@ pub struct Reconciled {
     /// Fd sets of ours (tagged `qhotplug:<id>`) that no node held, removed.
     pub fdsets_removed: Vec<i64>,
 }
+
+/// The oldest QEMU the SDK drives: 5.0, the first whose `query-named-block-nodes` takes `flat`
+/// (what `reconcile` lists block nodes with). Every later piece it uses (`blockdev-add`, `add-fd`
+/// with `opaque`, `qom-list`/`qom-get`, `DEVICE_DELETED` with the device's id) is older still.
+/// Tested: 7.2 and 10.0.
+pub const MIN_QEMU: VersionTriple = VersionTriple {
+    major: 5,
+    minor: 0,
+    micro: 0,
+};
 
 /// How long a hot-remove waits for the guest by default.
 pub const DEFAULT_UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,7 +97,6 @@ impl std::fmt::Debug for Vm {
 pub(crate) struct Inner {
     client: Client,
     state: Mutex<State>,
-    commands: OnceCell<HashSet<String>>,
     process: Mutex<Option<QemuProcess>>,
     /// Rollbacks of cancelled hot-adds, running in the background.
     rollbacks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -335,6 +344,13 @@ impl Vm {
         mut spec: VmSpec,
         process: Option<QemuProcess>,
     ) -> Result<Vm> {
+        let found = client.greeting().version.qemu;
+        if found < MIN_QEMU {
+            return Err(Error::QemuTooOld {
+                found,
+                minimum: MIN_QEMU,
+            });
+        }
         let machine_type = client
             .execute_raw(
                 "qom-get",
@@ -394,7 +410,6 @@ impl Vm {
             inner: Arc::new(Inner {
                 client,
                 state: Mutex::new(state),
-                commands: OnceCell::new(),
                 process: Mutex::new(process),
                 rollbacks: Mutex::new(Vec::new()),
             }),
@@ -474,19 +489,9 @@ impl Vm {
             .any(|p| p.name == id && p.child_type().is_some()))
     }
 
-    async fn commands(&self) -> Result<&HashSet<String>> {
-        self.inner
-            .commands
-            .get_or_try_init(|| async {
-                let list = self.client().execute(&QueryCommands).await?;
-                Ok::<_, Error>(list.into_iter().map(|c| c.name).collect())
-            })
-            .await
-    }
-
     async fn require(&self, operation: &'static str, needed: &[&str]) -> Result<()> {
-        let have = self.commands().await?;
-        match needed.iter().find(|c| !have.contains(**c)) {
+        let schema = self.client().schema().await?;
+        match needed.iter().find(|c| !schema.has_command(c)) {
             Some(missing) => Err(Error::Unsupported {
                 command: (*missing).to_owned(),
                 operation,
@@ -495,8 +500,8 @@ impl Vm {
         }
     }
 
-    /// Checks (once, from `query-commands`) that this QEMU has every command disk hotplug uses;
-    /// the error names the first one missing.
+    /// Checks, from QEMU's own schema (read once per connection), that this QEMU has every
+    /// command disk hotplug uses; the error names the first one missing.
     pub async fn check_disk_hotplug(&self) -> Result<()> {
         self.require("disk hotplug", DISK_COMMANDS).await
     }

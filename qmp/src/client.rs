@@ -23,6 +23,7 @@ use crate::connection::{finish, raw_to_value, Connection, Op, Rules, Seq, Shared
 use crate::error::{Error, FrameError, Result};
 use crate::event::Event;
 use crate::message::{encode_request, Execution, Greeting, Message};
+use crate::schema::Schema;
 
 /// How to connect: capabilities, timeouts, buffer sizes. `Config::default()` suits most callers.
 #[derive(Debug, Clone)]
@@ -214,6 +215,7 @@ impl Config {
                 oob,
                 inband_ids: self.inband_ids,
                 default_timeout: self.default_timeout,
+                schema: tokio::sync::OnceCell::new(),
             }),
         };
         let connection = Connection {
@@ -295,6 +297,8 @@ struct Inner {
     oob: bool,
     inband_ids: bool,
     default_timeout: Option<Duration>,
+    /// Read on first need, then shared by every clone.
+    schema: tokio::sync::OnceCell<Arc<Schema>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -321,6 +325,37 @@ impl Client {
     /// True once the connection has ended.
     pub fn is_closed(&self) -> bool {
         self.inner.alive.is_closed()
+    }
+
+    /// This QEMU's QAPI schema: which commands, arguments and events it has. Read with
+    /// `query-qmp-schema` on first use, then kept for this connection and its clones, and shared
+    /// with every other connection to the same QEMU build. See [`Schema`].
+    pub async fn schema(&self) -> Result<Arc<Schema>> {
+        let schema = self
+            .inner
+            .schema
+            .get_or_try_init(|| async {
+                if let Some(schema) = crate::schema::cached(&self.inner.greeting) {
+                    return Ok(schema);
+                }
+                const NAME: &str = "query-qmp-schema";
+                let raw = self
+                    .send(
+                        NAME,
+                        &Value::Null,
+                        None,
+                        Execution::InBand,
+                        self.inner.default_timeout,
+                    )
+                    .await?;
+                let schema = Schema::from_json(raw.get()).map_err(|e| Error::UnexpectedReply {
+                    command: NAME.into(),
+                    reason: e.to_string(),
+                })?;
+                Ok::<_, Error>(crate::schema::remember(&self.inner.greeting, schema))
+            })
+            .await?;
+        Ok(schema.clone())
     }
 
     /// Runs a typed command with the client's default timeout.

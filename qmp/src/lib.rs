@@ -57,6 +57,7 @@ mod connection;
 mod error;
 pub mod event;
 pub mod message;
+pub mod schema;
 mod sys;
 
 pub use client::{connect, Client, Config, EventStream, Lagged, DEFAULT_MAX_OUTBOX};
@@ -65,3 +66,4 @@ pub use connection::Connection;
 pub use error::{Error, FrameError, QmpError, Result};
 pub use event::{Event, EventKind};
 pub use message::{Greeting, Timestamp};
+pub use schema::Schema;

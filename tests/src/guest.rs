@@ -106,15 +106,26 @@ impl Console {
         }
     }
 
-    /// Runs a shell command in the guest and returns its output lines.
+    /// Runs a shell command in the guest and returns the lines it printed (stdout and stderr), and
+    /// only those.
+    ///
+    /// The serial console also carries kernel messages (the init's hotplug reports among them),
+    /// and the kernel writes them straight to the UART, even into the middle of a line the shell
+    /// is printing. So every line of the command's output is prefixed with a tag unique to this
+    /// call; kernel messages (`[ seconds.micros] text`, through their line ending) are cut out of
+    /// the captured text, which glues an interrupted line back together; and a line that still
+    /// does not carry the tag fails the test rather than being misread.
     pub async fn run(&self, command: &str, timeout: Duration) -> Vec<String> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The shell echoes what we type; `$((n+0))` only reads as `n` in the output.
         let begin = format!("qhg-begin-{n}");
         let end = format!("qhg-end-{n}");
+        let tag = format!("qhg-out-{n}|");
         let mark = self.mark();
-        let line = format!("echo qhg-begin-$(({n}+0)); {command}; echo qhg-end-$(({n}+0))\n");
+        let line = format!(
+            "echo qhg-begin-$(({n}+0)); {{ {command}; }} 2>&1 | sed \"s/^/qhg-out-$(({n}+0))|/\"; echo qhg-end-$(({n}+0))\n"
+        );
         self.writer
             .lock()
             .await
@@ -124,7 +135,9 @@ impl Console {
         self.wait_for(mark, &end, timeout)
             .await
             .unwrap_or_else(|| panic!("guest did not finish {command:?}: {:?}", self.lines()));
-        let lines = self.lines.lock().unwrap()[mark..].to_vec();
+        let captured = self.lines.lock().unwrap()[mark..].join("\n");
+        let text = strip_kernel_messages(&captured);
+        let lines: Vec<&str> = text.lines().collect();
         let start = lines
             .iter()
             .position(|l| l.ends_with(&begin))
@@ -133,8 +146,58 @@ impl Console {
             .iter()
             .position(|l| l.ends_with(&end))
             .expect("end marker");
-        lines[start + 1..stop].to_vec()
+        lines[start + 1..stop]
+            .iter()
+            .map(|l| match l.strip_prefix(&tag) {
+                Some(out) => out.to_owned(),
+                None => panic!("console line {l:?} is not output of {command:?}: {captured:?}"),
+            })
+            .collect()
     }
+}
+
+/// `text` without its kernel messages: each `[ seconds.micros] …` through its line ending. One
+/// printed into the middle of another line leaves that line whole again.
+pub fn strip_kernel_messages(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = find_kernel_timestamp(rest) {
+        out.push_str(&rest[..at]);
+        rest = match rest[at..].find('\n') {
+            Some(nl) => &rest[at + nl + 1..],
+            None => "",
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where the next `[<spaces><digits>.<digits>] ` starts, if anywhere.
+fn find_kernel_timestamp(text: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    (0..bytes.len()).find(|&i| {
+        let mut j = i;
+        if bytes[j] != b'[' {
+            return false;
+        }
+        j += 1;
+        while bytes.get(j) == Some(&b' ') {
+            j += 1;
+        }
+        let digits = |mut k: usize| {
+            let from = k;
+            while bytes.get(k).is_some_and(u8::is_ascii_digit) {
+                k += 1;
+            }
+            (k > from).then_some(k)
+        };
+        let Some(k) = digits(j) else { return false };
+        if bytes.get(k) != Some(&b'.') {
+            return false;
+        }
+        let Some(k) = digits(k + 1) else { return false };
+        bytes.get(k) == Some(&b']') && bytes.get(k + 1) == Some(&b' ')
+    })
 }
 
 /// A booted guest: the VM handle and its console. QEMU is killed when it is dropped.
@@ -171,5 +234,23 @@ impl Guest {
     /// The scratch directory.
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_kernel_messages;
+
+    #[test]
+    fn kernel_messages_are_cut_out_even_mid_line() {
+        let console = "qhg-out-5|sda\nqhg-out-5|vd[   12.345678] qhg: remove block vda\na\n[    1.000000] x\nqhg-out-5|eth0";
+        assert_eq!(
+            strip_kernel_messages(console),
+            "qhg-out-5|sda\nqhg-out-5|vda\nqhg-out-5|eth0"
+        );
+        assert_eq!(
+            strip_kernel_messages("[not a stamp] ok"),
+            "[not a stamp] ok"
+        );
     }
 }

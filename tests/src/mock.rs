@@ -75,7 +75,14 @@ impl MockServer {
     /// Sends the default greeting, expects `qmp_capabilities`, and acknowledges it. Returns that
     /// request.
     pub async fn handshake(&mut self) -> Received {
-        self.send(&default_greeting()).await;
+        self.handshake_with(&default_greeting()).await
+    }
+
+    /// As [`handshake`](MockServer::handshake), with this greeting. A client shares one parsed
+    /// `query-qmp-schema` between connections whose greetings match, so a mock that answers with
+    /// its own schema should greet with its own package string ([`greeting`]).
+    pub async fn handshake_with(&mut self, greeting: &Value) -> Received {
+        self.send(greeting).await;
         let caps = self.recv().await.expect("qmp_capabilities");
         assert_eq!(caps.command(), "qmp_capabilities");
         self.reply(json!({})).await;
@@ -189,6 +196,28 @@ impl MockServer {
     pub fn pending_bytes(&self) -> usize {
         self.buf.remaining()
     }
+}
+
+/// A greeting from QEMU `major.minor.0` with this package string, offering `oob`.
+pub fn greeting(major: u32, minor: u32, package: &str) -> Value {
+    json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": minor, "major": major}, "package": package},
+                   "capabilities": ["oob"]}})
+}
+
+/// A `query-qmp-schema` reply listing just these commands (argument-less) and events.
+pub fn schema(commands: &[&str], events: &[&str]) -> Value {
+    let mut infos = vec![json!({"name": "0", "meta-type": "object", "members": []})];
+    infos.extend(
+        commands
+            .iter()
+            .map(|c| json!({"name": c, "meta-type": "command", "arg-type": "0", "ret-type": "0"})),
+    );
+    infos.extend(
+        events
+            .iter()
+            .map(|e| json!({"name": e, "meta-type": "event", "arg-type": "0"})),
+    );
+    Value::Array(infos)
 }
 
 /// An event in QMP's wire form, with a fixed timestamp.

@@ -57,78 +57,82 @@ async fn deleted(events: &mut qhotplug_qmp::EventStream, id: &str) {
     .unwrap_or_else(|_| panic!("DEVICE_DELETED for {id}"));
 }
 
-#[tokio::test]
-async fn every_drop_point_of_a_hot_add_is_undone_and_reconciled() {
-    let g = Guest::boot(pc_spec(), |l| l).await;
-    let vm = g.vm.clone();
-    let path = image(g.dir(), "c.raw", 1);
-    let before = view(&vm).await;
+#[test]
+fn every_drop_point_of_a_hot_add_is_undone_and_reconciled() {
+    qhotplug_tests::serial_test(async {
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        let vm = g.vm.clone();
+        let path = image(g.dir(), "c.raw", 1);
+        let before = view(&vm).await;
 
-    for n in 0..DISK_ADD_STEPS {
-        let id = format!("cd{n}");
-        let step = drop_at(n, async {
-            vm.add_disk(DiskConfig::virtio_blk(&id, &path))
-                .await
-                .map(drop)
-        })
-        .await
-        .expect("dropped mid-way");
-        vm.reconcile().await.unwrap();
-        assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
-    }
-    for n in 0..NIC_ADD_STEPS {
-        let id = format!("cn{n}");
-        let tap = TapBuilder::new("qhc%d").queues(2).create().unwrap();
-        let step = drop_at(n, async {
-            vm.add_nic(NicConfig::new(&id, tap)).await.map(drop)
-        })
-        .await
-        .expect("dropped mid-way");
-        vm.reconcile().await.unwrap();
-        assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
-    }
-    // The SDK's view is whole again: the same ids plug in.
-    vm.add_disk(DiskConfig::virtio_blk("cd0", &path))
-        .await
-        .unwrap();
-    vm.remove_disk("cd0").await.unwrap();
-    assert_eq!(open_fds(), before.0.our_fds);
+        for n in 0..DISK_ADD_STEPS {
+            let id = format!("cd{n}");
+            let step = drop_at(n, async {
+                vm.add_disk(DiskConfig::virtio_blk(&id, &path))
+                    .await
+                    .map(drop)
+            })
+            .await
+            .expect("dropped mid-way");
+            vm.reconcile().await.unwrap();
+            assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
+        }
+        for n in 0..NIC_ADD_STEPS {
+            let id = format!("cn{n}");
+            let tap = TapBuilder::new("qhc%d").queues(2).create().unwrap();
+            let step = drop_at(n, async {
+                vm.add_nic(NicConfig::new(&id, tap)).await.map(drop)
+            })
+            .await
+            .expect("dropped mid-way");
+            vm.reconcile().await.unwrap();
+            assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
+        }
+        // The SDK's view is whole again: the same ids plug in.
+        vm.add_disk(DiskConfig::virtio_blk("cd0", &path))
+            .await
+            .unwrap();
+        vm.remove_disk("cd0").await.unwrap();
+        assert_eq!(open_fds(), before.0.our_fds);
+    });
 }
 
-#[tokio::test]
-async fn every_drop_point_of_a_hot_remove_is_reconciled() {
-    let g = Guest::boot(pc_spec(), |l| l).await;
-    let vm = g.vm.clone();
-    let path = image(g.dir(), "r.raw", 1);
-    let before = view(&vm).await;
+#[test]
+fn every_drop_point_of_a_hot_remove_is_reconciled() {
+    qhotplug_tests::serial_test(async {
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        let vm = g.vm.clone();
+        let path = image(g.dir(), "r.raw", 1);
+        let before = view(&vm).await;
 
-    for n in 0..DISK_REMOVE_STEPS + NIC_REMOVE_STEPS {
-        let disk = n < DISK_REMOVE_STEPS;
-        let id = format!("r{n}");
-        if disk {
-            vm.add_disk(DiskConfig::virtio_blk(&id, &path))
-                .await
-                .unwrap();
-        } else {
-            let tap = TapBuilder::new("qhc%d").create().unwrap();
-            vm.add_nic(NicConfig::new(&id, tap)).await.unwrap();
+        for n in 0..DISK_REMOVE_STEPS + NIC_REMOVE_STEPS {
+            let disk = n < DISK_REMOVE_STEPS;
+            let id = format!("r{n}");
+            if disk {
+                vm.add_disk(DiskConfig::virtio_blk(&id, &path))
+                    .await
+                    .unwrap();
+            } else {
+                let tap = TapBuilder::new("qhc%d").create().unwrap();
+                vm.add_nic(NicConfig::new(&id, tap)).await.unwrap();
+            }
+            let mut events = vm.client().events();
+            let at = if disk { n } else { n - DISK_REMOVE_STEPS };
+            let step = if disk {
+                drop_at(at, vm.remove_disk(&id)).await
+            } else {
+                drop_at(at, vm.remove_nic(&id)).await
+            }
+            .expect("dropped mid-way");
+            // device_del was sent: the guest lets the device go whether or not we wait.
+            deleted(&mut events, &id).await;
+            let report = vm.reconcile().await.unwrap();
+            assert!(
+                report.gone.contains(&id),
+                "{id} dropped at {step}: {report:?}"
+            );
+            assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
         }
-        let mut events = vm.client().events();
-        let at = if disk { n } else { n - DISK_REMOVE_STEPS };
-        let step = if disk {
-            drop_at(at, vm.remove_disk(&id)).await
-        } else {
-            drop_at(at, vm.remove_nic(&id)).await
-        }
-        .expect("dropped mid-way");
-        // device_del was sent: the guest lets the device go whether or not we wait.
-        deleted(&mut events, &id).await;
-        let report = vm.reconcile().await.unwrap();
-        assert!(
-            report.gone.contains(&id),
-            "{id} dropped at {step}: {report:?}"
-        );
-        assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
-    }
-    assert_eq!(open_fds(), before.0.our_fds);
+        assert_eq!(open_fds(), before.0.our_fds);
+    });
 }

@@ -77,78 +77,88 @@ where
     step
 }
 
-#[tokio::test]
-async fn qemu_killed_at_each_step_of_a_disk_hot_add() {
-    let mut steps = Vec::new();
-    for n in 0..DISK_STEPS {
-        steps.push(
-            kill_at(n, |vm, image| async move {
-                vm.add_disk(DiskConfig::virtio_blk("k1", image))
-                    .await
-                    .map(drop)
-            })
-            .await,
+#[test]
+fn qemu_killed_at_each_step_of_a_disk_hot_add() {
+    qhotplug_tests::serial_test(async {
+        let mut steps = Vec::new();
+        for n in 0..DISK_STEPS {
+            steps.push(
+                kill_at(n, |vm, image| async move {
+                    vm.add_disk(DiskConfig::virtio_blk("k1", image))
+                        .await
+                        .map(drop)
+                })
+                .await,
+            );
+        }
+        assert_eq!(
+            steps,
+            [
+                "add-fd",
+                "blockdev-add",
+                "blockdev-add",
+                "remove-fd",
+                "device_add"
+            ]
         );
-    }
-    assert_eq!(
-        steps,
-        [
-            "add-fd",
-            "blockdev-add",
-            "blockdev-add",
-            "remove-fd",
-            "device_add"
-        ]
-    );
+    });
 }
 
-#[tokio::test]
-async fn qemu_killed_at_each_step_of_a_nic_hot_add() {
-    let mut steps = Vec::new();
-    for n in 0..NIC_STEPS {
-        steps.push(
-            kill_at(n, |vm, _| async move {
-                let tap = TapBuilder::new("qhk%d").queues(2).create().unwrap();
-                vm.add_nic(NicConfig::new("kn", tap)).await.map(drop)
-            })
-            .await,
-        );
-    }
-    assert_eq!(steps, ["getfd", "getfd", "netdev_add", "device_add"]);
+#[test]
+fn qemu_killed_at_each_step_of_a_nic_hot_add() {
+    qhotplug_tests::serial_test(async {
+        let mut steps = Vec::new();
+        for n in 0..NIC_STEPS {
+            steps.push(
+                kill_at(n, |vm, _| async move {
+                    let tap = TapBuilder::new("qhk%d").queues(2).create().unwrap();
+                    vm.add_nic(NicConfig::new("kn", tap)).await.map(drop)
+                })
+                .await,
+            );
+        }
+        assert_eq!(steps, ["getfd", "getfd", "netdev_add", "device_add"]);
+    });
 }
 
-#[tokio::test]
-async fn a_stopped_qemu_times_out_calls_and_the_client_recovers_after_sigcont() {
-    let dir = tempfile::tempdir().unwrap();
-    let launcher = qhotplug_cmdline::Launcher::new(pc_spec(), dir.path().join("run"))
-        .qmp_config(qhotplug_qmp::Config::new().default_timeout(Some(Duration::from_millis(300))));
-    let t = TestVm::launch_with(launcher, dir).await;
-    let image = t.image("s.raw", 1);
-    t.signal(libc::SIGSTOP);
-    match t.vm.client().execute(&QueryStatus).await {
-        Err(qhotplug_qmp::Error::Timeout { command, .. }) => assert_eq!(command, "query-status"),
-        other => panic!("{other:?}"),
-    }
-    let err =
-        t.vm.add_disk(DiskConfig::scsi_hd("s1", &image))
-            .await
-            .unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            qhotplug::Error::Qmp(qhotplug_qmp::Error::Timeout { .. })
-                | qhotplug::Error::Step { .. }
-        ),
-        "{err}"
-    );
-    t.signal(libc::SIGCONT);
-    // The late replies to the timed-out calls are read and dropped; new calls line up again.
-    let status = t.vm.client().execute(&QueryStatus).await.unwrap();
-    assert!(!status.running);
-    t.vm.reconcile().await.unwrap();
-    let disk =
-        t.vm.add_disk(DiskConfig::scsi_hd("s1", &image))
-            .await
-            .unwrap();
-    assert_eq!(disk.id, "s1");
+#[test]
+fn a_stopped_qemu_times_out_calls_and_the_client_recovers_after_sigcont() {
+    qhotplug_tests::serial_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let launcher = qhotplug_cmdline::Launcher::new(pc_spec(), dir.path().join("run"))
+            .qmp_config(
+                qhotplug_qmp::Config::new().default_timeout(Some(Duration::from_millis(300))),
+            );
+        let t = TestVm::launch_with(launcher, dir).await;
+        let image = t.image("s.raw", 1);
+        t.signal(libc::SIGSTOP);
+        match t.vm.client().execute(&QueryStatus).await {
+            Err(qhotplug_qmp::Error::Timeout { command, .. }) => {
+                assert_eq!(command, "query-status")
+            }
+            other => panic!("{other:?}"),
+        }
+        let err =
+            t.vm.add_disk(DiskConfig::scsi_hd("s1", &image))
+                .await
+                .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                qhotplug::Error::Qmp(qhotplug_qmp::Error::Timeout { .. })
+                    | qhotplug::Error::Step { .. }
+            ),
+            "{err}"
+        );
+        t.signal(libc::SIGCONT);
+        // The late replies to the timed-out calls are read and dropped; new calls line up again.
+        let status = t.vm.client().execute(&QueryStatus).await.unwrap();
+        assert!(!status.running);
+        t.vm.reconcile().await.unwrap();
+        let disk =
+            t.vm.add_disk(DiskConfig::scsi_hd("s1", &image))
+                .await
+                .unwrap();
+        assert_eq!(disk.id, "s1");
+    });
 }

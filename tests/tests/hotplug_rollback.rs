@@ -50,129 +50,143 @@ async fn squat(t: &TestVm, slot: u8) {
     t.vm.client().execute(&cmd).await.unwrap();
 }
 
-#[tokio::test]
-async fn device_add_at_an_address_qemu_holds_rolls_back_nodes_and_fd_set() {
-    let t = TestVm::running_pc().await;
-    squat(&t, 9).await;
-    let path = t.image("a.raw", 1);
-    let before = t.snapshot().await;
-    let result =
-        t.vm.add_disk(DiskConfig::virtio_blk("a1", &path).at_pci(Pci::new("pci.0", 9)))
-            .await;
-    assert_rolled_back(&t, &before, result, "device_add").await;
-    // The slot the SDK reserved is free again, and the id too.
-    t.vm.add_disk(DiskConfig::virtio_blk("a1", &path).at_pci(Pci::new("pci.0", 10)))
-        .await
-        .unwrap();
+#[test]
+fn device_add_at_an_address_qemu_holds_rolls_back_nodes_and_fd_set() {
+    qhotplug_tests::serial_test(async {
+        let t = TestVm::running_pc().await;
+        squat(&t, 9).await;
+        let path = t.image("a.raw", 1);
+        let before = t.snapshot().await;
+        let result =
+            t.vm.add_disk(DiskConfig::virtio_blk("a1", &path).at_pci(Pci::new("pci.0", 9)))
+                .await;
+        assert_rolled_back(&t, &before, result, "device_add").await;
+        // The slot the SDK reserved is free again, and the id too.
+        t.vm.add_disk(DiskConfig::virtio_blk("a1", &path).at_pci(Pci::new("pci.0", 10)))
+            .await
+            .unwrap();
+    });
 }
 
-#[tokio::test]
-async fn device_add_on_a_bus_that_does_not_exist_rolls_back() {
-    let t = TestVm::running_pc().await;
-    let path = t.image("b.raw", 1);
-    let before = t.snapshot().await;
-    let result =
-        t.vm.add_disk(DiskConfig::virtio_blk("b1", &path).at_pci(Pci::new("nobus.0", 1)))
-            .await;
-    assert_rolled_back(&t, &before, result, "device_add").await;
+#[test]
+fn device_add_on_a_bus_that_does_not_exist_rolls_back() {
+    qhotplug_tests::serial_test(async {
+        let t = TestVm::running_pc().await;
+        let path = t.image("b.raw", 1);
+        let before = t.snapshot().await;
+        let result =
+            t.vm.add_disk(DiskConfig::virtio_blk("b1", &path).at_pci(Pci::new("nobus.0", 1)))
+                .await;
+        assert_rolled_back(&t, &before, result, "device_add").await;
+    });
 }
 
-#[tokio::test]
-async fn a_format_node_that_does_not_fit_the_image_rolls_back_the_protocol_node_and_fd_set() {
-    let t = TestVm::running_pc().await;
-    let path = t.image("raw-not-qcow2.img", 1);
-    let before = t.snapshot().await;
-    let result =
-        t.vm.add_disk(DiskConfig::virtio_blk("c1", &path).format(Format::Qcow2))
-            .await;
-    assert_rolled_back(&t, &before, result, "blockdev-add").await;
+#[test]
+fn a_format_node_that_does_not_fit_the_image_rolls_back_the_protocol_node_and_fd_set() {
+    qhotplug_tests::serial_test(async {
+        let t = TestVm::running_pc().await;
+        let path = t.image("raw-not-qcow2.img", 1);
+        let before = t.snapshot().await;
+        let result =
+            t.vm.add_disk(DiskConfig::virtio_blk("c1", &path).format(Format::Qcow2))
+                .await;
+        assert_rolled_back(&t, &before, result, "blockdev-add").await;
+    });
 }
 
-#[tokio::test]
-async fn a_read_only_image_asked_for_read_write_fails_before_qemu_sees_it() {
-    let t = TestVm::running_pc().await;
-    let path = t.image("ro.raw", 1);
-    // Immutable: not even root may open it for writing.
-    let chattr = |flag: &str| {
-        let ok = std::process::Command::new("chattr")
-            .args([flag, path.to_str().unwrap()])
+#[test]
+fn a_read_only_image_asked_for_read_write_fails_before_qemu_sees_it() {
+    qhotplug_tests::serial_test(async {
+        let t = TestVm::running_pc().await;
+        let path = t.image("ro.raw", 1);
+        // Immutable: not even root may open it for writing.
+        let chattr = |flag: &str| {
+            let ok = std::process::Command::new("chattr")
+                .args([flag, path.to_str().unwrap()])
+                .status()
+                .expect("chattr (e2fsprogs)")
+                .success();
+            assert!(ok, "chattr {flag}");
+        };
+        chattr("+i");
+        let before = t.snapshot().await;
+        let result = t.vm.add_disk(DiskConfig::virtio_blk("r1", &path)).await;
+        let after = t.snapshot().await;
+        // Read-only, the same image plugs in.
+        let ro =
+            t.vm.add_disk(DiskConfig::virtio_blk("r2", &path).read_only(true))
+                .await;
+        chattr("-i");
+        match result {
+            Err(Error::Open { source, .. }) => {
+                assert_eq!(source.kind(), std::io::ErrorKind::PermissionDenied)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(after, before);
+        assert!(ro.unwrap().read_only);
+    });
+}
+
+#[test]
+fn a_duplicate_netdev_id_rolls_back_the_passed_fds() {
+    qhotplug_tests::serial_test(async {
+        let t = TestVm::running_pc().await;
+        let taken = NetdevAdd {
+            kind: "hubport".into(),
+            id: "n1-net".into(),
+            props: map(json!({"hubid": 0})),
+        };
+        t.vm.client().execute(&taken).await.unwrap();
+        // Before the tap exists: its fds are ours until getfd hands them over, then QEMU's to close.
+        let before = t.snapshot().await;
+        let tap = TapBuilder::new("qhr%d").queues(2).create().unwrap();
+        let name = tap.name().to_owned();
+        let result = t.vm.add_nic(NicConfig::new("n1", tap)).await;
+        assert_rolled_back(&t, &before, result, "netdev_add").await;
+        // Our tap fds went to QEMU and were closed there: the tap is gone with them.
+        assert!(!std::path::Path::new(&format!("/sys/class/net/{name}")).exists());
+    });
+}
+
+#[test]
+fn a_tap_that_vanished_rolls_back() {
+    qhotplug_tests::serial_test(async {
+        let t = TestVm::running_pc().await;
+        let before = t.snapshot().await;
+        let tap = TapBuilder::new("qhv%d").create().unwrap();
+        let name = tap.name().to_owned();
+        let status = std::process::Command::new("ip")
+            .args(["link", "del", &name])
             .status()
-            .expect("chattr (e2fsprogs)")
-            .success();
-        assert!(ok, "chattr {flag}");
-    };
-    chattr("+i");
-    let before = t.snapshot().await;
-    let result = t.vm.add_disk(DiskConfig::virtio_blk("r1", &path)).await;
-    let after = t.snapshot().await;
-    // Read-only, the same image plugs in.
-    let ro =
-        t.vm.add_disk(DiskConfig::virtio_blk("r2", &path).read_only(true))
-            .await;
-    chattr("-i");
-    match result {
-        Err(Error::Open { source, .. }) => {
-            assert_eq!(source.kind(), std::io::ErrorKind::PermissionDenied)
+            .unwrap();
+        assert!(status.success());
+        let result = t.vm.add_nic(NicConfig::new("v1", tap)).await;
+        assert_rolled_back(&t, &before, result, "netdev_add").await;
+    });
+}
+
+#[test]
+fn a_refused_id_and_a_comma_in_a_path_change_nothing() {
+    qhotplug_tests::serial_test(async {
+        let t = TestVm::running_pc().await;
+        let before = t.snapshot().await;
+        for bad in ["1disk", "disk 1", "", "disk,1", &"x".repeat(40)] {
+            let path = t.image("i.raw", 1);
+            match t.vm.add_disk(DiskConfig::virtio_blk(bad, &path)).await {
+                Err(Error::Spec(_)) => {}
+                other => panic!("{bad:?}: {other:?}"),
+            }
         }
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(after, before);
-    assert!(ro.unwrap().read_only);
-}
-
-#[tokio::test]
-async fn a_duplicate_netdev_id_rolls_back_the_passed_fds() {
-    let t = TestVm::running_pc().await;
-    let taken = NetdevAdd {
-        kind: "hubport".into(),
-        id: "n1-net".into(),
-        props: map(json!({"hubid": 0})),
-    };
-    t.vm.client().execute(&taken).await.unwrap();
-    // Before the tap exists: its fds are ours until getfd hands them over, then QEMU's to close.
-    let before = t.snapshot().await;
-    let tap = TapBuilder::new("qhr%d").queues(2).create().unwrap();
-    let name = tap.name().to_owned();
-    let result = t.vm.add_nic(NicConfig::new("n1", tap)).await;
-    assert_rolled_back(&t, &before, result, "netdev_add").await;
-    // Our tap fds went to QEMU and were closed there: the tap is gone with them.
-    assert!(!std::path::Path::new(&format!("/sys/class/net/{name}")).exists());
-}
-
-#[tokio::test]
-async fn a_tap_that_vanished_rolls_back() {
-    let t = TestVm::running_pc().await;
-    let before = t.snapshot().await;
-    let tap = TapBuilder::new("qhv%d").create().unwrap();
-    let name = tap.name().to_owned();
-    let status = std::process::Command::new("ip")
-        .args(["link", "del", &name])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let result = t.vm.add_nic(NicConfig::new("v1", tap)).await;
-    assert_rolled_back(&t, &before, result, "netdev_add").await;
-}
-
-#[tokio::test]
-async fn a_refused_id_and_a_comma_in_a_path_change_nothing() {
-    let t = TestVm::running_pc().await;
-    let before = t.snapshot().await;
-    for bad in ["1disk", "disk 1", "", "disk,1", &"x".repeat(40)] {
-        let path = t.image("i.raw", 1);
-        match t.vm.add_disk(DiskConfig::virtio_blk(bad, &path)).await {
-            Err(Error::Spec(_)) => {}
-            other => panic!("{bad:?}: {other:?}"),
+        assert_eq!(t.snapshot().await, before);
+        // A comma in a path never reaches QEMU's option parser: the image goes over as an fd.
+        let path = t.image("with,comma.raw", 1);
+        t.vm.add_disk(DiskConfig::virtio_blk("comma", &path))
+            .await
+            .unwrap();
+        match t.vm.add_disk(DiskConfig::virtio_blk("comma", &path)).await {
+            Err(Error::DuplicateId(id)) => assert_eq!(id, "comma"),
+            other => panic!("{other:?}"),
         }
-    }
-    assert_eq!(t.snapshot().await, before);
-    // A comma in a path never reaches QEMU's option parser: the image goes over as an fd.
-    let path = t.image("with,comma.raw", 1);
-    t.vm.add_disk(DiskConfig::virtio_blk("comma", &path))
-        .await
-        .unwrap();
-    match t.vm.add_disk(DiskConfig::virtio_blk("comma", &path)).await {
-        Err(Error::DuplicateId(id)) => assert_eq!(id, "comma"),
-        other => panic!("{other:?}"),
-    }
+    });
 }

@@ -41,36 +41,38 @@ async fn run(vm: &Vm, images: &[std::path::PathBuf], cycles: usize) -> qhotplug:
     Ok(())
 }
 
-#[tokio::test]
-async fn a_thousand_scsi_cycles_keep_our_memory_and_fds_flat() {
-    // QEMU before 9.1 keeps a removed fd set's fd open while the VM is paused: one per cycle, in
-    // QEMU's process (not ours). Give it room.
-    raise_fd_limit().unwrap();
-    let t = TestVm::launch(pc_spec()).await;
-    let images: Vec<_> = (0..WORKERS)
-        .map(|w| t.image(&format!("soak{w}.raw"), 1))
-        .collect();
+#[test]
+fn a_thousand_scsi_cycles_keep_our_memory_and_fds_flat() {
+    qhotplug_tests::serial_test(async {
+        // QEMU before 9.1 keeps a removed fd set's fd open while the VM is paused: one per cycle, in
+        // QEMU's process (not ours). Give it room.
+        raise_fd_limit().unwrap();
+        let t = TestVm::launch(pc_spec()).await;
+        let images: Vec<_> = (0..WORKERS)
+            .map(|w| t.image(&format!("soak{w}.raw"), 1))
+            .collect();
 
-    let fail = |e: qhotplug::Error| panic!("{e}\nQEMU said: {}", t.qemu_stderr());
-    run(&t.vm, &images, SETTLED).await.unwrap_or_else(fail);
-    let (fds_at, rss_at) = (open_fd_count(), rss_kib());
-    run(&t.vm, &images, CYCLES - SETTLED)
-        .await
-        .unwrap_or_else(fail);
-    let (fds_end, rss_end) = (open_fd_count(), rss_kib());
-    println!(
+        let fail = |e: qhotplug::Error| panic!("{e}\nQEMU said: {}", t.qemu_stderr());
+        run(&t.vm, &images, SETTLED).await.unwrap_or_else(fail);
+        let (fds_at, rss_at) = (open_fd_count(), rss_kib());
+        run(&t.vm, &images, CYCLES - SETTLED)
+            .await
+            .unwrap_or_else(fail);
+        let (fds_end, rss_end) = (open_fd_count(), rss_kib());
+        println!(
         "cycle {SETTLED}: {fds_at} fds, {rss_at} KiB resident; cycle {CYCLES}: {fds_end} fds, {rss_end} KiB resident"
     );
-    assert_eq!(
-        fds_end, fds_at,
-        "our fd count from cycle {SETTLED} to {CYCLES}"
-    );
-    // Flat: allocator noise, not growth per cycle (900 cycles × even 1 KiB would be 900 KiB).
-    assert!(
-        rss_end <= rss_at + 256,
-        "resident set grew {} KiB over {} cycles",
-        rss_end - rss_at,
-        CYCLES - SETTLED
-    );
-    assert!(t.vm.disks().is_empty());
+        assert_eq!(
+            fds_end, fds_at,
+            "our fd count from cycle {SETTLED} to {CYCLES}"
+        );
+        // Flat: allocator noise, not growth per cycle (900 cycles × even 1 KiB would be 900 KiB).
+        assert!(
+            rss_end <= rss_at + 256,
+            "resident set grew {} KiB over {} cycles",
+            rss_end - rss_at,
+            CYCLES - SETTLED
+        );
+        assert!(t.vm.disks().is_empty());
+    });
 }
