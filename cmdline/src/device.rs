@@ -203,7 +203,7 @@ impl Disk {
 
     /// The protocol node's name.
     pub fn file_node(&self) -> String {
-        format!("{}-file", self.id)
+        crate::names::file_node(&self.id)
     }
 
     /// The format node's name (what the device's `drive` names), or the protocol node for
@@ -211,7 +211,7 @@ impl Disk {
     pub fn top_node(&self) -> String {
         match self.frontend {
             DiskFrontend::ScsiGeneric(_) => self.file_node(),
-            _ => format!("{}-fmt", self.id),
+            _ => crate::names::format_node(&self.id),
         }
     }
 
@@ -403,7 +403,7 @@ pub struct Nic {
 impl Nic {
     /// The netdev's id.
     pub fn netdev_id(&self) -> String {
-        format!("{}-net", self.id)
+        crate::names::netdev(&self.id)
     }
 
     /// Checks the id, queues and address.

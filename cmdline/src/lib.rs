@@ -21,6 +21,7 @@
 mod device;
 mod error;
 mod launch;
+pub mod names;
 mod spec;
 mod sys;
 pub mod value;

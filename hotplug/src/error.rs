@@ -98,13 +98,19 @@ pub enum Error {
         /// Undo steps that failed.
         undo_failures: Vec<UndoFailure>,
     },
-    /// The guest refused to release the device (`DEVICE_UNPLUG_GUEST_ERROR`). The device and its
-    /// backend are still in place.
-    #[error("the guest refused to release {0:?}")]
-    UnplugRejected(String),
-    /// `device_del` was accepted but the guest did not release the device in time. The request
-    /// stays pending in QEMU; the device, its backend and its slot are kept. Calling remove again
-    /// waits for it again.
+    /// The guest refused to release the device (`DEVICE_UNPLUG_GUEST_ERROR`, or an ACPI `_OST`
+    /// eject refusal such as 0x82 "device busy"). The device and its backend are still in place.
+    #[error("the guest refused to release {id:?} ({reason})")]
+    UnplugRejected {
+        /// The device id.
+        id: String,
+        /// How the guest said so.
+        reason: String,
+    },
+    /// `device_del` was accepted but the guest did not release the device by the policy's
+    /// deadline. The request stays pending in QEMU; the device, its backend and its slot are kept,
+    /// and [`Vm::unplug_pending`](crate::Vm::unplug_pending) says so. Calling remove again waits
+    /// for it again without pressing again while QEMU says the unplug is under way.
     #[error("unplug of {id:?} is still pending after {after:?}")]
     UnplugPending {
         /// The device id.
@@ -121,8 +127,12 @@ pub enum Error {
         step: &'static str,
         /// Why.
         #[source]
-        source: Box<qhotplug_qmp::Error>,
+        source: Box<Error>,
     },
+    /// An address was given that the device model cannot take (a PCI address for a `scsi-hd`, a
+    /// SCSI address for a `virtio-blk`). Nothing was sent to QEMU.
+    #[error("{0}: the address does not fit the device model")]
+    AddressMismatch(String),
     /// The QEMU process could not be started.
     #[error("launching QEMU: {0}")]
     Launch(qhotplug_cmdline::Error),
@@ -134,7 +144,7 @@ pub struct UndoFailure {
     /// The undo step, for example `blockdev-del disk1-fmt`.
     pub step: String,
     /// Why it failed.
-    pub error: qhotplug_qmp::Error,
+    pub error: std::sync::Arc<Error>,
 }
 
 impl std::fmt::Display for UndoFailure {
@@ -156,8 +166,25 @@ impl Error {
     pub fn is_disconnected(&self) -> bool {
         match self {
             Error::Qmp(e) => e.is_disconnected(),
-            Error::Step { source, .. } | Error::Backend { source, .. } => source.is_disconnected(),
+            Error::Step { source, .. } => source.is_disconnected(),
+            Error::Backend { source, .. } => source.is_disconnected(),
             _ => false,
+        }
+    }
+
+    /// The error for an unplug of `id` that did not end with the device gone.
+    pub(crate) fn from_refusal(id: &str, refused: crate::unplug::Refused) -> Error {
+        use crate::unplug::Refused;
+        match refused {
+            Refused::Rejected(reason) => Error::UnplugRejected {
+                id: id.to_owned(),
+                reason,
+            },
+            Refused::Pending(after) => Error::UnplugPending {
+                id: id.to_owned(),
+                after,
+            },
+            Refused::Qmp(e) => Error::Qmp(e),
         }
     }
 }

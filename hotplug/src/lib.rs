@@ -9,9 +9,7 @@
 //! allocated from maps built from `query-pci`, so concurrent hotplugs never collide.
 //!
 //! ```no_run
-//! use qhotplug::{DiskConfig, NicConfig, Vm};
-//! use qhotplug_cmdline::{Launcher, Machine, VmSpec};
-//! use qhotplug_netdev::TapBuilder;
+//! use qhotplug::{DiskConfig, Launcher, Machine, NicConfig, TapBuilder, Vm, VmSpec};
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let vm = Vm::launch(Launcher::new(VmSpec::new("guest", Machine::Pc), "/run/qhotplug/guest")).await?;
@@ -29,20 +27,52 @@
 //! let relaunch = vm.spec();           // the topology, for a restart or a migration target
 //! # let _ = relaunch; Ok(()) }
 //! ```
+//!
+//! # Tracing spans
+//!
+//! The SDK logs through `tracing`. These span names and fields are a contract: the demo's step
+//! table and the project's fault and cancellation tests rely on them, and changing one is a
+//! breaking change.
+//!
+//! | span | fields | what it covers |
+//! |---|---|---|
+//! | `hotplug` | `op` (`add_disk`, `add_nic`, `remove_disk`, `remove_nic`, `reconcile`), `id` | one public operation |
+//! | `step` | `name` (the QMP command, or `wait DEVICE_DELETED`), `id`; `press` on `device_del` | one step of a hot-add or hot-remove; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
+//! | `undo` | `step` (for example `blockdev-del d1-fmt`) | one undo step of a rollback |
+//! | `rollback` | `id`, `reason` | the background rollback of a dropped hot-add |
+//! | `qmp` | `command`, `id` (`exec-oob` and in-band ids) | one QMP command (from `qhotplug-qmp`) |
 
-mod config;
+mod delete;
+mod discover;
+mod engine;
 mod error;
+mod kinds;
+mod qemu_errors;
+mod reconcile;
 mod slots;
-mod txn;
+mod state;
+mod transaction;
+mod unplug;
 mod vm;
 
-pub use config::{DiskConfig, DiskModel, NicConfig};
 pub use error::{Error, Result, UndoFailure};
-pub use vm::{Reconciled, Vm, DEFAULT_UNPLUG_TIMEOUT, MIN_QEMU};
+pub use kinds::disk::{DiskConfig, DiskModel};
+pub use kinds::nic::NicConfig;
+pub use reconcile::Reconciled;
+pub use unplug::{UnplugPolicy, DEFAULT_UNPLUG_DEADLINE};
+pub use vm::{Vm, MIN_QEMU};
 
 pub use qhotplug_cmdline as cmdline;
 pub use qhotplug_netdev as netdev;
 pub use qhotplug_qmp as qmp;
+
+// What a hot-plug needs from the other crates, so `qhotplug::…` is the one import path.
+pub use qhotplug_cmdline::{
+    Cache, Disk, DiskFrontend, Format, Launcher, Machine, Monitor, Nic, Pci, RootPort, ScsiAddr,
+    ScsiController, VmSpec,
+};
+pub use qhotplug_netdev::{MacAddr, Tap, TapBuilder, VhostPolicy};
+pub use qhotplug_qmp::{Client, Event, EventKind};
 
 /// The README's example, compiled as a doctest so it cannot rot.
 #[cfg(doctest)]

@@ -1,7 +1,8 @@
 //! Asynchronous events.
 //!
 //! The events the SDK reasons about are typed variants of [`EventKind`]; every other event, and any
-//! known event whose data does not have the expected shape, is [`EventKind::Other`] with its raw data.
+//! known event whose data does not have the expected shape, is [`EventKind::Other`]; every event keeps
+//! its raw data ([`Event::data`]).
 //! An event the SDK does not know never breaks anything.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -9,13 +10,16 @@ use serde_json::{Map, Value};
 
 use crate::message::Timestamp;
 
-/// One event, as QEMU emitted it.
+/// One event, as QEMU emitted it: its typed [`EventKind`], and its `data` exactly as sent, so
+/// members a newer QEMU adds to a known event are kept ([`Event::data`], [`Event::to_json`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     /// When QEMU emitted it.
     pub timestamp: Timestamp,
     /// What happened.
     pub kind: EventKind,
+    /// The `data` member as sent (`Null` when it had none).
+    data: Value,
 }
 
 /// What an event says.
@@ -39,13 +43,16 @@ pub enum EventKind {
     Resume,
     /// `NIC_RX_FILTER_CHANGED`: a NIC's receive filter (MAC, multicast) changed in the guest.
     NicRxFilterChanged(NicRxFilterChanged),
-    /// Any other event, with its data untouched (`Null` when it had none).
+    /// `ACPI_DEVICE_OST`: the guest's ACPI `_OST` report on a hotplug or eject of a CPU or
+    /// memory device (status 0 done, 0x84 eject in progress, 0x80–0x83 refused).
+    AcpiDeviceOst(AcpiDeviceOst),
+    /// Any other event, and any known event whose data does not have the expected shape. Its
+    /// data is [`Event::data`], held once.
     Other {
         /// The event's name.
         name: String,
-        /// The event's `data` member.
-        data: Value,
     },
+
 }
 
 /// The data of `DEVICE_DELETED` and `DEVICE_UNPLUG_GUEST_ERROR`.
@@ -77,29 +84,59 @@ pub struct NicRxFilterChanged {
     pub path: String,
 }
 
-fn typed<T: DeserializeOwned>(data: &Option<Value>) -> Option<T> {
-    T::deserialize(data.as_ref()?).ok()
+/// The data of `ACPI_DEVICE_OST`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct AcpiDeviceOst {
+    /// The report.
+    pub info: AcpiOstInfo,
+}
+
+/// One ACPI `_OST` report (QAPI `ACPIOSTInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct AcpiOstInfo {
+    /// The device's id, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The slot, as ACPI numbers it.
+    pub slot: String,
+    /// `DIMM` or `CPU`.
+    #[serde(rename = "slot-type")]
+    pub slot_type: String,
+    /// The `_OST` source: 1 insertion, 3 eject request.
+    pub source: i64,
+    /// The `_OST` status.
+    pub status: i64,
+}
+
+fn typed<T: DeserializeOwned>(data: &Value) -> Option<T> {
+    if data.is_null() {
+        return None;
+    }
+    T::deserialize(data).ok()
 }
 
 impl Event {
     /// Builds an event from the members of its wire form.
     pub fn from_wire(name: String, data: Option<Value>, timestamp: Timestamp) -> Event {
+        let data = data.unwrap_or(Value::Null);
         let kind = match name.as_str() {
             "DEVICE_DELETED" => typed(&data).map(EventKind::DeviceDeleted),
             "DEVICE_UNPLUG_GUEST_ERROR" => typed(&data).map(EventKind::DeviceUnplugGuestError),
             "SHUTDOWN" => typed(&data).map(EventKind::Shutdown),
             "RESET" => typed(&data).map(EventKind::Reset),
             "NIC_RX_FILTER_CHANGED" => typed(&data).map(EventKind::NicRxFilterChanged),
+            "ACPI_DEVICE_OST" => typed(&data).map(EventKind::AcpiDeviceOst),
             "POWERDOWN" => Some(EventKind::Powerdown),
             "STOP" => Some(EventKind::Stop),
             "RESUME" => Some(EventKind::Resume),
             _ => None,
         };
-        let kind = kind.unwrap_or_else(|| EventKind::Other {
-            name,
-            data: data.unwrap_or(Value::Null),
-        });
-        Event { timestamp, kind }
+        let kind = kind.unwrap_or(EventKind::Other { name });
+        Event {
+            timestamp,
+            kind,
+            data,
+        }
     }
 
     /// The event's QMP name, for example `DEVICE_DELETED`.
@@ -113,31 +150,23 @@ impl Event {
             EventKind::Stop => "STOP",
             EventKind::Resume => "RESUME",
             EventKind::NicRxFilterChanged(_) => "NIC_RX_FILTER_CHANGED",
-            EventKind::Other { name, .. } => name,
+            EventKind::AcpiDeviceOst(_) => "ACPI_DEVICE_OST",
+            EventKind::Other { name } => name,
         }
     }
 
-    /// The event's `data` member as JSON (`Null` when it has none).
-    pub fn data(&self) -> Value {
-        fn to_value<T: Serialize>(v: &T) -> Value {
-            serde_json::to_value(v).unwrap_or(Value::Null)
-        }
-        match &self.kind {
-            EventKind::DeviceDeleted(d) | EventKind::DeviceUnplugGuestError(d) => to_value(d),
-            EventKind::Shutdown(d) | EventKind::Reset(d) => to_value(d),
-            EventKind::NicRxFilterChanged(d) => to_value(d),
-            EventKind::Powerdown | EventKind::Stop | EventKind::Resume => Value::Null,
-            EventKind::Other { data, .. } => data.clone(),
-        }
+    /// The event's `data` member as QEMU sent it (`Null` when it had none), members the typed
+    /// kind does not know included.
+    pub fn data(&self) -> &Value {
+        &self.data
     }
 
     /// The event in QMP's wire form: `{"event": …, "data": …, "timestamp": …}`.
     pub fn to_json(&self) -> Value {
         let mut obj = Map::new();
         obj.insert("event".into(), Value::String(self.name().to_owned()));
-        let data = self.data();
-        if !data.is_null() {
-            obj.insert("data".into(), data);
+        if !self.data.is_null() {
+            obj.insert("data".into(), self.data.clone());
         }
         obj.insert(
             "timestamp".into(),
@@ -174,8 +203,31 @@ mod tests {
         assert_eq!(e.deleted_device(), Some("d1"));
         assert_eq!(
             e.data(),
-            json!({"device": "d1", "path": "/machine/peripheral/d1"})
+            &json!({"device": "d1", "path": "/machine/peripheral/d1"})
         );
+        // A member a newer QEMU adds to a known event is kept beside the typed kind.
+        let newer = Event::from_wire(
+            "DEVICE_DELETED".into(),
+            Some(json!({"device": "d1", "path": "/p", "new-member": 7})),
+            ts,
+        );
+        assert_eq!(newer.deleted_device(), Some("d1"));
+        assert_eq!(newer.data()["new-member"], 7);
+        assert_eq!(newer.to_json()["data"]["new-member"], 7);
+        let ost = Event::from_wire(
+            "ACPI_DEVICE_OST".into(),
+            Some(
+                json!({"info": {"device": "dimm1", "slot": "0", "slot-type": "DIMM", "source": 3, "status": 130}}),
+            ),
+            ts,
+        );
+        match &ost.kind {
+            EventKind::AcpiDeviceOst(o) => assert_eq!(
+                (o.info.device.as_deref(), o.info.status),
+                (Some("dimm1"), 0x82)
+            ),
+            other => panic!("{other:?}"),
+        }
 
         let backend = Event::from_wire(
             "DEVICE_DELETED".into(),
@@ -195,6 +247,7 @@ mod tests {
             json!({"event": "BRAND_NEW", "data": [1, 2], "timestamp": {"seconds": 0, "microseconds": 0}})
         );
         let stop = Event::from_wire("STOP".into(), None, ts);
+        assert_eq!(stop.data(), &Value::Null);
         assert_eq!(stop.kind, EventKind::Stop);
         assert_eq!(stop.to_json().get("data"), None);
     }

@@ -444,7 +444,7 @@ mod tests {
         match Message::from_slice(frame).unwrap() {
             Message::Event(e) => {
                 assert_eq!(e.name(), "DEVICE_DELETED");
-                assert_eq!(e.data(), Value::Null);
+                assert_eq!(e.data(), &Value::Null);
                 assert_eq!(e.timestamp, Timestamp::default());
             }
             other => panic!("{other:?}"),

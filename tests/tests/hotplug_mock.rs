@@ -111,7 +111,10 @@ async fn a_guest_that_refuses_an_unplug_keeps_the_device_and_says_so() {
         )
         .await;
     match remove.await.unwrap() {
-        Err(Error::UnplugRejected(id)) => assert_eq!(id, "d1"),
+        Err(Error::UnplugRejected { id, reason }) => {
+            assert_eq!(id, "d1");
+            assert_eq!(reason, "DEVICE_UNPLUG_GUEST_ERROR");
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(vm.disks().len(), 1, "the device is kept");

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use futures::future::join_all;
-use qhotplug::{DiskConfig, Error, NicConfig, Vm};
+use qhotplug::{DiskConfig, Error, NicConfig, UnplugPolicy, Vm};
 use qhotplug_cmdline::{DiskFrontend, Launcher, Pci};
 use qhotplug_netdev::TapBuilder;
 use qhotplug_qmp::command::{Cont, PciDeviceInfo, QueryBlock, QueryFdsets, QueryPci};
@@ -207,16 +207,20 @@ fn a_pci_unplug_without_a_guest_is_reported_pending_and_the_device_kept() {
         t.vm.add_disk(DiskConfig::virtio_blk("p1", &path))
             .await
             .unwrap();
-        t.vm.set_unplug_timeout(Duration::from_millis(500));
-        match t.vm.remove_disk("p1").await {
+        // A per-call policy: only this handle waits half a second.
+        let hasty =
+            t.vm.with_unplug_policy(UnplugPolicy::new(Duration::from_millis(500)));
+        assert_eq!(t.vm.unplug_policy(), UnplugPolicy::default());
+        match hasty.remove_disk("p1").await {
             Err(Error::UnplugPending { id, .. }) => assert_eq!(id, "p1"),
             other => panic!("{other:?}"),
         }
         assert!(t.vm.has_device("p1").await.unwrap());
         assert_eq!(t.vm.disks().len(), 1, "the SDK still lists it");
+        assert!(t.vm.unplug_pending("p1"), "and says the unplug is pending");
         // Asking again waits again (QEMU says the unplug is already under way).
         assert!(matches!(
-            t.vm.remove_disk("p1").await,
+            hasty.remove_disk("p1").await,
             Err(Error::UnplugPending { .. })
         ));
     });

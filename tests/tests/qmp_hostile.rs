@@ -107,7 +107,7 @@ fn json_nested_a_hundred_thousand_deep_is_an_error_not_a_stack_overflow() {
         use futures::StreamExt;
         let event = events.next().await.unwrap().unwrap();
         assert_eq!(event.name(), "X");
-        assert_eq!(event.data(), serde_json::Value::Null);
+        assert_eq!(event.data(), &serde_json::Value::Null);
     });
 }
 

@@ -204,7 +204,7 @@ fn a_malformed_event_never_fails_the_commands_in_flight() {
         }
         let first = events.next().await.unwrap().unwrap();
         assert_eq!(first.name(), "DEVICE_DELETED");
-        assert_eq!(first.data(), Value::Null);
+        assert_eq!(first.data(), &Value::Null);
         assert_eq!(first.timestamp.seconds, 1);
         let second = events.next().await.unwrap().unwrap();
         assert_eq!(second.name(), "STOP");

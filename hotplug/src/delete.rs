@@ -1,0 +1,123 @@
+//! Deleting what a device's backends left in QEMU: the undo steps of a hot-add's rollback, the
+//! teardown of a hot-remove once the guest let the device go, and `reconcile`'s clean-up all run
+//! these, with one rule: what is already absent counts as deleted.
+
+use std::time::Duration;
+
+use qhotplug_qmp::command::{BlockdevDel, Closefd, NetdevDel, QueryFdsets, RemoveFd};
+use qhotplug_qmp::Client;
+
+use crate::error::Error;
+use crate::qemu_errors::is_absent;
+use crate::unplug::{self, UnplugPolicy, Unplugged};
+
+/// How long a rollback's `device_del` waits for the device to go.
+const ROLLBACK_UNPLUG: UnplugPolicy = UnplugPolicy::new(Duration::from_secs(5));
+
+/// One thing to delete from QEMU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Delete {
+    /// An fd set: by id once `add-fd` answered, else every set whose fd carries `tag`.
+    Fdset { id: Option<i64>, tag: String },
+    /// A block node (`blockdev-del`).
+    BlockNode(String),
+    /// A name given with `getfd` (`closefd`).
+    Fd(String),
+    /// A netdev (`netdev_del`).
+    Netdev(String),
+    /// A device: `device_del`, then wait for the guest to let it go.
+    Device(String),
+}
+
+impl std::fmt::Display for Delete {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Delete::Fdset { id: Some(id), .. } => write!(f, "remove-fd {id}"),
+            Delete::Fdset { tag, .. } => write!(f, "remove-fd {tag}"),
+            Delete::BlockNode(node) => write!(f, "blockdev-del {node}"),
+            Delete::Fd(name) => write!(f, "closefd {name}"),
+            Delete::Netdev(id) => write!(f, "netdev_del {id}"),
+            Delete::Device(id) => write!(f, "device_del {id}"),
+        }
+    }
+}
+
+/// How a delete ended well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// It removed what it was for.
+    Done,
+    /// There was nothing to remove.
+    Absent,
+}
+
+impl Delete {
+    /// The QMP command it sends.
+    pub(crate) fn command(&self) -> &'static str {
+        match self {
+            Delete::Fdset { .. } => "remove-fd",
+            Delete::BlockNode(_) => "blockdev-del",
+            Delete::Fd(_) => "closefd",
+            Delete::Netdev(_) => "netdev_del",
+            Delete::Device(_) => "device_del",
+        }
+    }
+
+    /// Runs it; what it would remove being absent already counts as done, and says so.
+    pub(crate) async fn run(&self, client: &Client) -> Result<Outcome, Error> {
+        if let Delete::Device(id) = self {
+            return match unplug::unplug(client, id, &ROLLBACK_UNPLUG).await {
+                Ok(Unplugged::Now) => Ok(Outcome::Done),
+                Ok(Unplugged::Already) => Ok(Outcome::Absent),
+                Err(refused) => Err(Error::from_refusal(id, refused)),
+            };
+        }
+        match self.run_command(client).await {
+            Ok(()) => Ok(Outcome::Done),
+            Err(e) if is_absent(&e) => Ok(Outcome::Absent),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn run_command(&self, client: &Client) -> Result<(), qhotplug_qmp::Error> {
+        match self {
+            Delete::Fdset { id, tag } => {
+                let sets = match id {
+                    Some(id) => vec![*id],
+                    None => client
+                        .execute(&QueryFdsets)
+                        .await?
+                        .into_iter()
+                        .filter(|s| s.fds.iter().any(|f| f.opaque.as_ref() == Some(tag)))
+                        .map(|s| s.fdset_id)
+                        .collect(),
+                };
+                for fdset_id in sets {
+                    let cmd = RemoveFd { fdset_id, fd: None };
+                    match client.execute(&cmd).await {
+                        Err(e) if !is_absent(&e) => return Err(e),
+                        _ => {}
+                    }
+                }
+                Ok(())
+            }
+            Delete::BlockNode(node) => client
+                .execute(&BlockdevDel {
+                    node_name: node.clone(),
+                })
+                .await
+                .map(drop),
+            Delete::Fd(name) => client
+                .execute(&Closefd {
+                    fdname: name.clone(),
+                })
+                .await
+                .map(drop),
+            Delete::Netdev(id) => client
+                .execute(&NetdevDel { id: id.clone() })
+                .await
+                .map(drop),
+            Delete::Device(_) => unreachable!("run handles devices"),
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The hot-plug engine: the one hot-add sequence and the one hot-remove sequence that every
+//! [kind](crate::kinds) runs on.
+//!
+//! Hot-add: check QEMU's schema for the kind's commands → reserve the id and an address → let the
+//! kind plan (host-side work; nothing sent yet) → run its backends as a [`Transaction`] → let go of
+//! fd sets QEMU now holds → `device_add`, last, so a failed hot-add never needs the guest to undo
+//! it → commit to the SDK's view.
+//!
+//! Hot-remove: mark the device busy → [unplug](crate::unplug) by the handle's policy → run the
+//! kind's teardown → forget the device (its address is free only now).
+
+use qhotplug_qmp::command::RemoveFd;
+use tracing::Instrument;
+
+use crate::delete::Delete;
+use crate::error::{Error, Result};
+use crate::kinds::{Backend, Kind};
+use crate::state::{self, Busy, Entry};
+use crate::transaction::Transaction;
+use crate::unplug::{self, Refused};
+use crate::vm::Vm;
+
+/// Hot-adds one device of kind `K`; on failure every step done is undone.
+pub(crate) async fn add<K: Kind>(vm: &Vm, config: K) -> Result<K::Added> {
+    vm.require(K::OPERATION, K::COMMANDS).await?;
+    let want = config.want()?;
+    let (reservation, place) = vm.reserve(config.id(), want)?;
+    let plan = config.plan(place)?;
+    let client = vm.client().clone();
+    let mut txn = Transaction::new(client.clone(), reservation);
+    let mut fdset = None;
+    for backend in plan.backends {
+        match backend {
+            Backend::Fdset { fd, tag } => {
+                let add = qhotplug_qmp::command::AddFd {
+                    fdset_id: None,
+                    opaque: Some(tag.clone()),
+                };
+                let undo = Delete::Fdset { id: None, tag };
+                let info = txn
+                    .step("add-fd", Some(undo), client.add_fd(&add, fd))
+                    .await?;
+                txn.amend(|d| {
+                    if let Delete::Fdset { id, .. } = d {
+                        *id = Some(info.fdset_id);
+                    }
+                });
+                fdset = Some(info.fdset_id);
+            }
+            Backend::Getfd { name, fd } => {
+                let undo = Delete::Fd(name.clone());
+                txn.step("getfd", Some(undo), client.getfd(&name, fd))
+                    .await?;
+            }
+            Backend::Blockdev { mut add, on_fdset } => {
+                if on_fdset {
+                    let set = fdset.expect("a kind adds its fd set before the node on it");
+                    add.props
+                        .insert("filename".into(), format!("/dev/fdset/{set}").into());
+                }
+                let undo = Delete::BlockNode(add.node_name.clone());
+                txn.step("blockdev-add", Some(undo), client.execute(&add))
+                    .await?;
+            }
+            Backend::Netdev(add) => {
+                let undo = Delete::Netdev(add.id.clone());
+                txn.step("netdev_add", Some(undo), client.execute(&add))
+                    .await?;
+                // netdev_add took the named fds; the netdev's removal closes them.
+                txn.forget(|d| !matches!(d, Delete::Fd(_)));
+            }
+        }
+    }
+    if let Some(fdset_id) = fdset {
+        // QEMU holds its own dup of the fd now; the set goes away with the last node using it.
+        let remove = RemoveFd { fdset_id, fd: None };
+        txn.step("remove-fd", None, client.execute(&remove)).await?;
+        txn.forget(|d| !matches!(d, Delete::Fdset { .. }));
+    }
+    let id = txn.id().to_owned();
+    txn.step(
+        "device_add",
+        Some(Delete::Device(id)),
+        client.execute(&plan.device),
+    )
+    .await?;
+    txn.commit().commit(plan.added.clone().into());
+    Ok(plan.added)
+}
+
+/// Hot-removes device `id`, which must be of `kind`: waits for the guest to let it go, then
+/// deletes its backends, then frees its address.
+pub(crate) async fn remove(vm: &Vm, id: &str, kind: state::Kind) -> Result<()> {
+    vm.require(kind.operation(), kind.commands()).await?;
+    let busy = match Busy::mark(vm.inner(), id, kind) {
+        Ok(busy) => busy,
+        Err(Some(Entry::Adding | Entry::Placed { .. })) => return Err(Error::Busy(id.to_owned())),
+        Err(None) => {
+            return Err(Error::NotFound {
+                kind: kind.name(),
+                id: id.to_owned(),
+            })
+        }
+    };
+    let device = vm
+        .inner()
+        .state()
+        .device(id)
+        .expect("a placed entry is in the spec");
+    let policy = vm.unplug_policy();
+    if let Err(refused) = unplug::unplug(vm.client(), id, &policy).await {
+        busy.set_pending(matches!(refused, Refused::Pending(_)));
+        return Err(Error::from_refusal(id, refused));
+    }
+    // The device is gone: whatever happens to the backends, the address and the id are free.
+    let mut result = Ok(());
+    for step in device.teardown() {
+        let span = tracing::debug_span!("step", name = step.command(), id);
+        if let Err(e) = step.run(vm.client()).instrument(span).await {
+            result = Err(Error::Backend {
+                id: id.to_owned(),
+                step: step.command(),
+                source: Box::new(e),
+            });
+            break;
+        }
+    }
+    drop(busy);
+    vm.inner().state().forget(id, result.is_ok());
+    if result.is_ok() {
+        tracing::info!("{} removed", kind.name());
+    }
+    result
+}

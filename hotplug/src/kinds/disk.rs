@@ -1,0 +1,223 @@
+//! Disks: `virtio-blk-pci`, or `scsi-hd` on a virtio-scsi controller, on an image the SDK opens
+//! and hands over as an fd (QEMU never needs access to the path).
+//!
+//! Hot-add: `add-fd` → `blockdev-add` (protocol node on `/dev/fdset/N`) → `blockdev-add` (format
+//! node) → `remove-fd` → `device_add`. Teardown: the format node, then the protocol node.
+
+use std::path::PathBuf;
+
+use qhotplug_cmdline::{Cache, Disk, DiskBackend, DiskFrontend, Format, Pci, ScsiAddr};
+
+use super::{Backend, Kind, Plan, Want};
+use crate::delete::Delete;
+use crate::error::{Error, Result};
+use crate::state::{Device, Place};
+
+/// The guest-facing model of a hot-plugged disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskModel {
+    /// `virtio-blk-pci`: one PCI slot (pc) or one root port (q35) per disk.
+    VirtioBlk,
+    /// `scsi-hd` on a virtio-scsi controller the VM already has: one target per disk.
+    ScsiHd,
+}
+
+/// Where a disk goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum At {
+    /// The SDK picks a free slot (or target, on `scsi_bus` when given).
+    Auto { scsi_bus: Option<String> },
+    /// This PCI address.
+    Pci(Pci),
+    /// This SCSI address.
+    Scsi(ScsiAddr),
+}
+
+/// A disk to hot-add. The image is opened by the SDK (read-only when asked) and handed to QEMU as
+/// an fd, so QEMU never needs access to the path.
+///
+/// ```
+/// use qhotplug::{DiskConfig, Format};
+/// let disk = DiskConfig::virtio_blk("data-1", "/var/lib/images/data-1.qcow2")
+///     .format(Format::Qcow2)
+///     .read_only(true);
+/// # let _ = disk;
+/// ```
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    id: String,
+    path: PathBuf,
+    model: DiskModel,
+    format: Format,
+    backend: DiskBackend,
+    read_only: bool,
+    cache: Cache,
+    at: At,
+}
+
+impl DiskConfig {
+    /// A raw, read-write, writeback disk of `model` from the image at `path`.
+    pub fn new(id: impl Into<String>, path: impl Into<PathBuf>, model: DiskModel) -> Self {
+        DiskConfig {
+            id: id.into(),
+            path: path.into(),
+            model,
+            format: Format::Raw,
+            backend: DiskBackend::File,
+            read_only: false,
+            cache: Cache::default(),
+            at: At::Auto { scsi_bus: None },
+        }
+    }
+
+    /// A `virtio-blk-pci` disk.
+    pub fn virtio_blk(id: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self::new(id, path, DiskModel::VirtioBlk)
+    }
+
+    /// A `scsi-hd` disk on the VM's (first) virtio-scsi controller.
+    pub fn scsi_hd(id: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self::new(id, path, DiskModel::ScsiHd)
+    }
+
+    /// The image format (default raw).
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Read-only: the image is opened `O_RDONLY` and the guest cannot write (default false).
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// The host cache mode (default writeback).
+    pub fn cache(mut self, cache: Cache) -> Self {
+        self.cache = cache;
+        self
+    }
+
+    /// The image is a block device (`host_device`) rather than a file.
+    pub fn host_device(mut self) -> Self {
+        self.backend = DiskBackend::HostDevice;
+        self
+    }
+
+    /// A `virtio-blk-pci` disk goes to this PCI address instead of a free one.
+    pub fn at_pci(mut self, pci: Pci) -> Self {
+        self.at = At::Pci(pci);
+        self
+    }
+
+    /// A `scsi-hd` disk goes to this SCSI address instead of a free target.
+    pub fn at_scsi(mut self, addr: ScsiAddr) -> Self {
+        self.at = At::Scsi(addr);
+        self
+    }
+
+    /// A `scsi-hd` disk goes to a free target of this controller bus (`<controller id>.0`).
+    pub fn scsi_bus(mut self, bus: impl Into<String>) -> Self {
+        self.at = At::Auto {
+            scsi_bus: Some(bus.into()),
+        };
+        self
+    }
+}
+
+impl Kind for DiskConfig {
+    type Added = Disk;
+    const OPERATION: &'static str = "disk hotplug";
+    const COMMANDS: &'static [&'static str] = &[
+        "add-fd",
+        "remove-fd",
+        "query-fdsets",
+        "blockdev-add",
+        "blockdev-del",
+        "device_add",
+        "device_del",
+    ];
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn want(&self) -> Result<Want> {
+        match (self.model, &self.at) {
+            (DiskModel::VirtioBlk, At::Auto { .. }) => Ok(Want::Pci(None)),
+            (DiskModel::VirtioBlk, At::Pci(pci)) => Ok(Want::Pci(Some(pci.clone()))),
+            (DiskModel::ScsiHd, At::Auto { scsi_bus }) => Ok(Want::Scsi {
+                at: None,
+                bus: scsi_bus.clone(),
+            }),
+            (DiskModel::ScsiHd, At::Scsi(addr)) => Ok(Want::Scsi {
+                at: Some(addr.clone()),
+                bus: None,
+            }),
+            _ => Err(Error::AddressMismatch(self.id.clone())),
+        }
+    }
+
+    fn plan(self, place: Place) -> Result<Plan<Disk>> {
+        let frontend = match place {
+            Place::Pci(pci) => DiskFrontend::VirtioBlk(pci),
+            Place::Scsi(addr) => DiskFrontend::ScsiHd(addr),
+        };
+        let mut disk = Disk::new(self.id, self.path, frontend);
+        disk.format = self.format;
+        disk.backend = self.backend;
+        disk.read_only = self.read_only;
+        disk.cache = self.cache;
+        disk.check().map_err(Error::Spec)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!disk.read_only)
+            .open(&disk.path)
+            .map_err(|source| Error::Open {
+                path: disk.path.clone(),
+                source,
+            })?;
+        let mut backends = vec![Backend::Fdset {
+            fd: file.into(),
+            tag: qhotplug_cmdline::names::fdset_tag(&disk.id),
+        }];
+        // The protocol node first (on the fd set), then the format node on it.
+        backends.extend(
+            disk.blockdev_add("")
+                .into_iter()
+                .enumerate()
+                .map(|(i, add)| Backend::Blockdev {
+                    add,
+                    on_fdset: i == 0,
+                }),
+        );
+        Ok(Plan {
+            backends,
+            device: disk.device_add(),
+            added: disk,
+        })
+    }
+}
+
+impl From<Disk> for Device {
+    fn from(disk: Disk) -> Device {
+        Device::Disk(disk)
+    }
+}
+
+/// Where a disk sits.
+pub(crate) fn place(disk: &Disk) -> Place {
+    match &disk.frontend {
+        DiskFrontend::VirtioBlk(p) => Place::Pci(p.clone()),
+        DiskFrontend::ScsiHd(a) | DiskFrontend::ScsiGeneric(a) => Place::Scsi(a.clone()),
+    }
+}
+
+/// What goes once the guest let the disk go: the top node, then the protocol node under it.
+pub(crate) fn teardown(disk: &Disk) -> Vec<Delete> {
+    let mut nodes = vec![Delete::BlockNode(disk.top_node())];
+    if disk.top_node() != disk.file_node() {
+        nodes.push(Delete::BlockNode(disk.file_node()));
+    }
+    nodes
+}

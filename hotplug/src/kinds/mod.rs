@@ -1,0 +1,73 @@
+//! Device kinds. A kind is a description the [engine](crate::engine) runs: where its frontend
+//! goes ([`Want`]), the backends it needs in QEMU ([`Backend`], each undone by the engine if a
+//! later step fails), the one `device_add` that makes it visible to the guest, and, for its
+//! removal, what goes once the guest has let it go (its `teardown`).
+//!
+//! Adding a kind: a module here with its config type, an `impl Kind`, and its teardown; a
+//! variant in [`state::Device`](crate::state::Device) and [`state::Kind`](crate::state::Kind);
+//! the public `add_*`/`remove_*` methods on [`Vm`](crate::Vm). A backend QEMU object of a new
+//! sort is one [`Backend`] variant plus its [`Delete`](crate::delete::Delete).
+
+use std::os::fd::OwnedFd;
+
+use qhotplug_cmdline::{Pci, ScsiAddr};
+use qhotplug_qmp::command::{BlockdevAdd, DeviceAdd, NetdevAdd};
+
+use crate::error::Result;
+use crate::state::{Device, Place};
+
+pub(crate) mod disk;
+pub(crate) mod nic;
+
+/// Where a kind's frontend goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Want {
+    /// A PCI slot: this one, or a free one (on q35, behind a free root port).
+    Pci(Option<Pci>),
+    /// A SCSI target: this address, or a free target on `bus` (or on the first controller).
+    Scsi {
+        at: Option<ScsiAddr>,
+        bus: Option<String>,
+    },
+}
+
+/// One backend a hot-add creates before its `device_add`, in order. The engine runs each with the
+/// [`Delete`](crate::delete::Delete) that undoes it, and knows QEMU's rules for handing fds over.
+pub(crate) enum Backend {
+    /// `add-fd` of an image the SDK opened, tagged so `reconcile` can find the set. A later
+    /// [`Backend::Blockdev`] with `on_fdset` opens it as `/dev/fdset/N`; once the nodes are open,
+    /// QEMU holds its own dup and the engine lets the set go (`remove-fd`).
+    Fdset { fd: OwnedFd, tag: String },
+    /// `getfd` under `name`; a later [`Backend::Netdev`] takes it over.
+    Getfd { name: String, fd: OwnedFd },
+    /// `blockdev-add`; with `on_fdset`, its `filename` is the fd set added above.
+    Blockdev { add: BlockdevAdd, on_fdset: bool },
+    /// `netdev_add`, which takes over every fd given with `getfd` before it.
+    Netdev(NetdevAdd),
+}
+
+/// What a kind's hot-add does, once its address is reserved.
+pub(crate) struct Plan<A> {
+    pub(crate) backends: Vec<Backend>,
+    pub(crate) device: DeviceAdd,
+    /// The device as placed: what the caller gets back and `vm.spec()` gains.
+    pub(crate) added: A,
+}
+
+/// A kind of device the engine can hot-add.
+pub(crate) trait Kind {
+    /// The device as placed.
+    type Added: Clone + Into<Device>;
+    /// What the kind's hot-add is called in errors ("disk hotplug").
+    const OPERATION: &'static str;
+    /// The QMP commands its hot-add and hot-remove use: checked against QEMU's schema first.
+    const COMMANDS: &'static [&'static str];
+    /// The device id.
+    fn id(&self) -> &str;
+    /// Where its frontend goes. Errors here (an address that does not fit the model) come before
+    /// anything is reserved or sent.
+    fn want(&self) -> Result<Want>;
+    /// The plan, given the reserved address. Host-side work (opening an image, vhost-net) happens
+    /// here, before anything is sent to QEMU.
+    fn plan(self, place: Place) -> Result<Plan<Self::Added>>;
+}

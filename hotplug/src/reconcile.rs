@@ -1,0 +1,128 @@
+//! Lining the SDK's view up with QEMU's: after a hot-add or hot-remove future was dropped
+//! part-way, after an unplug reported pending completed, or after a rollback could not finish.
+
+use std::collections::{BTreeSet, HashSet};
+
+use qhotplug_cmdline::names;
+use qhotplug_qmp::command::{QueryFdsets, QueryNamedBlockNodes, QueryPci};
+
+use crate::delete::{Delete, Outcome};
+use crate::discover::scan_peripherals;
+use crate::error::Result;
+use crate::state::Entry;
+use crate::vm::Vm;
+
+/// What [`Vm::reconcile`] found and fixed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Devices the SDK listed that QEMU no longer has (an unplug that completed late, a removal
+    /// that was cancelled): dropped from the SDK's view, their slots freed.
+    pub gone: Vec<String>,
+    /// Block nodes of ours that no device used any more, deleted.
+    pub nodes_deleted: Vec<String>,
+    /// Netdevs of ours that no device used any more, deleted.
+    pub netdevs_deleted: Vec<String>,
+    /// Fd sets of ours (tagged `qhotplug:<id>`) that no node held, removed.
+    pub fdsets_removed: Vec<i64>,
+}
+
+/// See [`Vm::reconcile`].
+pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
+    for task in vm.inner().take_rollbacks() {
+        let _ = task.await;
+    }
+    let client = vm.client();
+    let pci = client.execute(&QueryPci).await?;
+    let found = scan_peripherals(client).await?;
+    let present = &found.ids;
+    let nodes: HashSet<String> = client
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await?
+        .into_iter()
+        .filter_map(|n| n.node_name)
+        .collect();
+    let fdsets = client.execute(&QueryFdsets).await?;
+
+    let mut report = Reconciled::default();
+    // Ids whose leftovers may go: touched by us, not a device in QEMU, and not in use by a
+    // running call.
+    let orphans: BTreeSet<String> = {
+        let mut state = vm.inner().state();
+        let gone: Vec<String> = state
+            .devices
+            .iter()
+            .filter(|(id, e)| {
+                matches!(e, Entry::Placed { busy: false, .. }) && !present.contains(*id)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &gone {
+            state.forget(id, false);
+        }
+        state.pci.fill_from(&pci);
+        for p in &found.placements {
+            state.pci.mark(p);
+        }
+        // Leftovers may belong to the devices just found gone, or to ids this handle used.
+        let orphans = state
+            .touched
+            .iter()
+            .filter(|id| !present.contains(*id) && !state.devices.contains_key(*id))
+            .chain(&gone)
+            .cloned()
+            .collect();
+        report.gone = gone;
+        orphans
+    };
+    let mut clean = Vec::new();
+    for id in &orphans {
+        // The same deletes a rollback or a teardown would run, for what is there (netdevs cannot
+        // be listed on QEMU 7.2: ours is asked for, and "not found" is the usual answer).
+        let tag = names::fdset_tag(id);
+        let backends = names::backends(id);
+        let mut steps: Vec<Delete> = fdsets
+            .iter()
+            .filter(|set| set.fds.iter().any(|f| f.opaque.as_ref() == Some(&tag)))
+            .map(|set| Delete::Fdset {
+                id: Some(set.fdset_id),
+                tag: tag.clone(),
+            })
+            .collect();
+        steps.extend(backends.netdevs.into_iter().map(Delete::Netdev));
+        steps.extend(
+            backends
+                .block_nodes
+                .into_iter()
+                .filter(|n| nodes.contains(n))
+                .map(Delete::BlockNode),
+        );
+        let mut all_done = true;
+        for step in steps {
+            match step.run(client).await {
+                Err(e) => {
+                    tracing::warn!(%step, error = %e, "reconcile: left in place");
+                    all_done = false;
+                }
+                Ok(Outcome::Absent) => {}
+                Ok(Outcome::Done) => match step {
+                    Delete::Fdset { id: Some(set), .. } => report.fdsets_removed.push(set),
+                    Delete::BlockNode(node) => report.nodes_deleted.push(node),
+                    Delete::Netdev(netdev) => report.netdevs_deleted.push(netdev),
+                    _ => {}
+                },
+            }
+        }
+        if all_done {
+            clean.push(id);
+        }
+    }
+    {
+        // What is clean now needs no second look.
+        let mut state = vm.inner().state();
+        for id in clean {
+            state.touched.remove(id);
+        }
+    }
+    tracing::info!(?report, "reconciled");
+    Ok(report)
+}

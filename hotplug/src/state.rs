@@ -1,0 +1,336 @@
+//! What the SDK knows of one VM, behind the [`Vm`](crate::Vm) handle: its topology (the spec, with
+//! every hot-added device in and every removed one out), the slot maps, which ids are being added
+//! or removed, and the reservations that hold an id and an address for a hot-add.
+//!
+//! Invariant: an address is freed only once its device is confirmed gone (`DEVICE_DELETED`, or
+//! QEMU no longer listing it), or when a hot-add that took it was rolled back.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use qhotplug_cmdline::{Disk, Nic, Pci, QemuProcess, ScsiAddr, VmSpec};
+use qhotplug_qmp::Client;
+
+use crate::delete::Delete;
+use crate::kinds::{self, disk, nic};
+use crate::slots::{PciMap, ScsiMap};
+
+/// What every clone of a [`Vm`](crate::Vm) shares.
+pub(crate) struct Inner {
+    pub(crate) client: Client,
+    state: Mutex<State>,
+    pub(crate) process: Mutex<Option<QemuProcess>>,
+    /// Rollbacks of cancelled hot-adds, running in the background.
+    rollbacks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Inner {
+    pub(crate) fn new(client: Client, state: State, process: Option<QemuProcess>) -> Inner {
+        Inner {
+            client,
+            state: Mutex::new(state),
+            process: Mutex::new(process),
+            rollbacks: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way later calls
+        // rely on, so a poisoned lock is used as it is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a background rollback's handle, so `reconcile` can wait for it.
+    pub(crate) fn track_rollback(&self, task: tokio::task::JoinHandle<()>) {
+        let mut tasks = self.rollbacks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+
+    /// The background rollbacks still running, handed over to wait for.
+    pub(crate) fn take_rollbacks(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        std::mem::take(&mut *self.rollbacks.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// The kinds of device the SDK plugs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Disk,
+    Nic,
+}
+
+impl Kind {
+    /// The kind's name in errors.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::Disk => "disk",
+            Kind::Nic => "NIC",
+        }
+    }
+
+    /// What its hot-add and hot-remove are called in errors.
+    pub(crate) fn operation(self) -> &'static str {
+        match self {
+            Kind::Disk => <crate::DiskConfig as kinds::Kind>::OPERATION,
+            Kind::Nic => <crate::NicConfig as kinds::Kind>::OPERATION,
+        }
+    }
+
+    /// The QMP commands its hot-add and hot-remove use.
+    pub(crate) fn commands(self) -> &'static [&'static str] {
+        match self {
+            Kind::Disk => <crate::DiskConfig as kinds::Kind>::COMMANDS,
+            Kind::Nic => <crate::NicConfig as kinds::Kind>::COMMANDS,
+        }
+    }
+}
+
+/// A placed device, as `vm.spec()` lists it.
+#[derive(Debug, Clone)]
+pub(crate) enum Device {
+    Disk(Disk),
+    Nic(Nic),
+}
+
+impl Device {
+    pub(crate) fn kind(&self) -> Kind {
+        match self {
+            Device::Disk(_) => Kind::Disk,
+            Device::Nic(_) => Kind::Nic,
+        }
+    }
+
+    pub(crate) fn id(&self) -> &str {
+        match self {
+            Device::Disk(d) => &d.id,
+            Device::Nic(n) => &n.id,
+        }
+    }
+
+    pub(crate) fn place(&self) -> Place {
+        match self {
+            Device::Disk(d) => disk::place(d),
+            Device::Nic(n) => Place::Pci(n.pci.clone()),
+        }
+    }
+
+    /// What goes once the guest has let the device go, in order.
+    pub(crate) fn teardown(&self) -> Vec<Delete> {
+        match self {
+            Device::Disk(d) => disk::teardown(d),
+            Device::Nic(n) => nic::teardown(n),
+        }
+    }
+}
+
+/// Where a device sits, for the slot maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Place {
+    Pci(Pci),
+    Scsi(ScsiAddr),
+}
+
+/// What the SDK knows of a device id besides its description, which lives in `State::spec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Entry {
+    /// A hot-add holds the id.
+    Adding,
+    /// A device in the spec.
+    Placed {
+        kind: Kind,
+        /// A removal is running.
+        busy: bool,
+        /// A `device_del` was accepted but the guest has not let the device go yet.
+        unplug_pending: bool,
+    },
+}
+
+pub(crate) struct State {
+    pub(crate) spec: VmSpec,
+    pub(crate) pci: PciMap,
+    pub(crate) scsi: ScsiMap,
+    pub(crate) devices: HashMap<String, Entry>,
+    /// Ids a hot-add through this handle used whose leftovers `reconcile` may still have to clean
+    /// up; an id leaves once its device is confirmed gone and its backends deleted.
+    pub(crate) touched: HashSet<String>,
+}
+
+impl State {
+    /// A state for `spec` and the maps discovery filled; the spec's own devices are marked placed.
+    pub(crate) fn new(spec: VmSpec, pci: PciMap, scsi: ScsiMap) -> State {
+        let mut state = State {
+            spec,
+            pci,
+            scsi,
+            devices: HashMap::new(),
+            touched: HashSet::new(),
+        };
+        let placed: Vec<Device> = state.all_devices();
+        for device in placed {
+            match device.place() {
+                Place::Pci(pci) => state.pci.mark(&pci),
+                Place::Scsi(addr) => {
+                    let _ = state.scsi.claim(&addr);
+                }
+            }
+            state
+                .devices
+                .insert(device.id().to_owned(), placed_entry(device.kind()));
+        }
+        state
+    }
+
+    fn all_devices(&self) -> Vec<Device> {
+        let disks = self.spec.disks.iter().cloned().map(Device::Disk);
+        disks
+            .chain(self.spec.nics.iter().cloned().map(Device::Nic))
+            .collect()
+    }
+
+    /// The device with this id, as the spec lists it.
+    pub(crate) fn device(&self, id: &str) -> Option<Device> {
+        if let Some(d) = self.spec.disks.iter().find(|d| d.id == id) {
+            return Some(Device::Disk(d.clone()));
+        }
+        self.spec
+            .nics
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| Device::Nic(n.clone()))
+    }
+
+    pub(crate) fn release(&mut self, place: &Place) {
+        match place {
+            Place::Pci(pci) => self.pci.release(pci),
+            Place::Scsi(addr) => self.scsi.release(addr),
+        }
+    }
+
+    /// Drops a device that is gone from QEMU: its entry, its place in the spec, its slot, and
+    /// (when nothing of it is left to clean up) its id from `touched`.
+    pub(crate) fn forget(&mut self, id: &str, clean: bool) {
+        self.devices.remove(id);
+        if clean {
+            self.touched.remove(id);
+        }
+        let place = if let Some(at) = self.spec.disks.iter().position(|d| d.id == id) {
+            disk::place(&self.spec.disks.remove(at))
+        } else if let Some(at) = self.spec.nics.iter().position(|n| n.id == id) {
+            Place::Pci(self.spec.nics.remove(at).pci)
+        } else {
+            return;
+        };
+        self.release(&place);
+    }
+
+    fn insert(&mut self, device: Device) {
+        self.devices
+            .insert(device.id().to_owned(), placed_entry(device.kind()));
+        match device {
+            Device::Disk(d) => self.spec.disks.push(d),
+            Device::Nic(n) => self.spec.nics.push(n),
+        }
+    }
+}
+
+fn placed_entry(kind: Kind) -> Entry {
+    Entry::Placed {
+        kind,
+        busy: false,
+        unplug_pending: false,
+    }
+}
+
+/// An id and an address held for a hot-add. Dropped uncommitted, it frees both.
+pub(crate) struct Reservation {
+    inner: Arc<Inner>,
+    id: String,
+    place: Place,
+    armed: bool,
+}
+
+impl Reservation {
+    pub(crate) fn new(inner: Arc<Inner>, id: String, place: Place) -> Reservation {
+        Reservation {
+            inner,
+            id,
+            place,
+            armed: true,
+        }
+    }
+
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub(crate) fn inner(&self) -> Arc<Inner> {
+        self.inner.clone()
+    }
+
+    /// Keeps the id and address taken (until a reconcile): used when a rollback could not run,
+    /// so nothing reuses what QEMU may still hold.
+    pub(crate) fn leak(mut self) {
+        self.armed = false;
+    }
+
+    /// The hot-add completed: the device joins the spec.
+    pub(crate) fn commit(mut self, device: Device) {
+        self.armed = false;
+        self.inner.state().insert(device);
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut state = self.inner.state();
+            state.devices.remove(&self.id);
+            state.release(&self.place);
+        }
+    }
+}
+
+/// Marks a device busy for a removal; clears the mark when dropped.
+pub(crate) struct Busy {
+    inner: Arc<Inner>,
+    id: String,
+}
+
+impl Busy {
+    /// Marks `id` busy, or says why it cannot be removed now.
+    pub(crate) fn mark(inner: &Arc<Inner>, id: &str, kind: Kind) -> Result<Busy, Option<Entry>> {
+        let mut state = inner.state();
+        match state.devices.get_mut(id) {
+            Some(Entry::Placed {
+                kind: k,
+                busy: busy @ false,
+                ..
+            }) if *k == kind => {
+                *busy = true;
+                Ok(Busy {
+                    inner: inner.clone(),
+                    id: id.to_owned(),
+                })
+            }
+            other => Err(other.copied()),
+        }
+    }
+
+    /// Records whether the guest still owes an answer to an accepted `device_del`.
+    pub(crate) fn set_pending(&self, pending: bool) {
+        if let Some(Entry::Placed { unplug_pending, .. }) =
+            self.inner.state().devices.get_mut(&self.id)
+        {
+            *unplug_pending = pending;
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(Entry::Placed { busy, .. }) = self.inner.state().devices.get_mut(&self.id) {
+            *busy = false;
+        }
+    }
+}

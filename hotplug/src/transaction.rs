@@ -1,0 +1,146 @@
+//! The transaction runner: every step of a hot-add that changes QEMU records the [`Delete`] that
+//! undoes it before the step is awaited.
+//!
+//! A step QEMU rejected did not happen, so its own undo is dropped; a step whose outcome is unknown
+//! (it timed out, the connection died, or the caller dropped the future) keeps its undo, and
+//! deletes treat "not found" as done. On failure the stack runs in reverse and the caller gets the
+//! first error with any undo failures attached. A transaction dropped before it finished (its future
+//! was cancelled) rolls back in a spawned task, and frees its reservation only after.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use qhotplug_qmp::Client;
+use tracing::Instrument;
+
+use crate::delete::Delete;
+use crate::error::{Error, UndoFailure};
+use crate::state::Reservation;
+
+/// Runs `undo` in reverse and returns the failures.
+async fn roll_back(client: &Client, undo: Vec<Delete>) -> Vec<UndoFailure> {
+    let mut failures = Vec::new();
+    for step in undo.into_iter().rev() {
+        let span = tracing::debug_span!("undo", step = %step);
+        if let Err(error) = step.run(client).instrument(span).await {
+            tracing::warn!(step = %step, %error, "undo step failed");
+            failures.push(UndoFailure {
+                step: step.to_string(),
+                error: Arc::new(error),
+            });
+        }
+    }
+    failures
+}
+
+/// One hot-add in progress.
+pub(crate) struct Transaction {
+    client: Client,
+    id: String,
+    undo: Vec<Delete>,
+    /// The slot and id, released after a rollback and kept by `commit`.
+    reservation: Option<Reservation>,
+}
+
+impl Transaction {
+    pub(crate) fn new(client: Client, reservation: Reservation) -> Self {
+        Transaction {
+            client,
+            id: reservation.id().to_owned(),
+            undo: Vec::new(),
+            reservation: Some(reservation),
+        }
+    }
+
+    /// The device id.
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Runs one step. `undo` is recorded before the step is awaited. On failure everything done so
+    /// far is undone and the error says which step failed.
+    pub(crate) async fn step<T, F>(
+        &mut self,
+        name: &'static str,
+        undo: Option<Delete>,
+        step: F,
+    ) -> Result<T, Error>
+    where
+        F: Future<Output = Result<T, qhotplug_qmp::Error>>,
+    {
+        let pushed = undo.is_some();
+        self.undo.extend(undo);
+        let span = tracing::debug_span!("step", name, id = %self.id);
+        match step.instrument(span).await {
+            Ok(value) => Ok(value),
+            Err(source) => {
+                // An error reply means QEMU did not do it; anything else leaves it unknown.
+                if pushed && matches!(source, qhotplug_qmp::Error::Qmp { .. }) {
+                    self.undo.pop();
+                }
+                tracing::debug!(step = name, error = %source, "hot-add step failed; rolling back");
+                let undo = std::mem::take(&mut self.undo);
+                let undo_failures = roll_back(&self.client, undo).await;
+                drop(self.reservation.take());
+                Err(Error::Step {
+                    id: self.id.clone(),
+                    step: name,
+                    source: Box::new(source),
+                    undo_failures,
+                })
+            }
+        }
+    }
+
+    /// Drops the recorded undo steps `keep` says no to (their goal is met another way now).
+    pub(crate) fn forget(&mut self, mut keep: impl FnMut(&Delete) -> bool) {
+        self.undo.retain(|u| keep(u));
+    }
+
+    /// Updates recorded undo steps in place (an fd set's id learnt from `add-fd`'s reply).
+    pub(crate) fn amend(&mut self, f: impl FnMut(&mut Delete)) {
+        self.undo.iter_mut().for_each(f);
+    }
+
+    /// The hot-add is complete: the undo stack is discarded and the reservation handed back.
+    pub(crate) fn commit(mut self) -> Reservation {
+        self.undo.clear();
+        self.reservation.take().expect("a transaction commits once")
+    }
+}
+
+impl Drop for Transaction {
+    fn drop(&mut self) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        let undo = std::mem::take(&mut self.undo);
+        if undo.is_empty() {
+            return;
+        }
+        // The future was dropped part-way: undo in the background, and free the slot only after.
+        let client = self.client.clone();
+        let id = self.id.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let span = tracing::debug_span!("rollback", id = %id, reason = "cancelled");
+                let inner = reservation.inner();
+                let task = handle.spawn(
+                    async move {
+                        let failures = roll_back(&client, undo).await;
+                        if !failures.is_empty() {
+                            tracing::warn!(?failures, "rollback of a cancelled hot-add incomplete");
+                        }
+                        drop(reservation);
+                    }
+                    .instrument(span),
+                );
+                inner.track_rollback(task);
+            }
+            Err(_) => {
+                tracing::warn!(%id, "hot-add dropped outside a runtime: cannot roll back; reconcile");
+                reservation.leak();
+            }
+        }
+    }
+}
