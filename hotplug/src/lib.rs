@@ -47,7 +47,7 @@ mod discover;
 mod engine;
 mod error;
 mod kinds;
-mod qemu_errors;
+pub mod qemu_errors;
 mod reconcile;
 mod slots;
 mod state;

@@ -1,4 +1,5 @@
-//! How QEMU says what the SDK must tell apart, in one place: its error replies (`class` and the
+//! How QEMU says what the SDK must tell apart, in one place (public, for orchestrators that
+//! classify QEMU's errors themselves): its error replies (`class` and the
 //! human-readable `desc`, which QEMU does not promise to keep, hence the tests of each string
 //! against every supported QEMU in `tests/tests/hotplug_qemu.rs`) and ACPI `_OST` status codes.
 //! The names of QEMU objects live in [`qhotplug_cmdline::names`].
@@ -11,7 +12,7 @@ use qhotplug_qmp::Error;
 /// `netdev_del`: "Device '…' not found" (`DeviceNotFound` on 7.2). `closefd`: "File descriptor
 /// named '…' not found". `remove-fd`: "File descriptor named '…' not found" / "… fdset-id … not
 /// found".
-pub(crate) fn is_absent(e: &Error) -> bool {
+pub fn is_absent(e: &Error) -> bool {
     e.qmp_class() == Some("DeviceNotFound")
         || e.qmp_desc()
             .is_some_and(|d| d.contains("not found") || d.starts_with("Failed to find node"))
@@ -19,7 +20,7 @@ pub(crate) fn is_absent(e: &Error) -> bool {
 
 /// `device_del` refused because an unplug of the device is already under way ("Device … is
 /// already in the process of unplug"): the earlier request stands; pressing again must wait.
-pub(crate) fn is_unplug_under_way(e: &Error) -> bool {
+pub fn is_unplug_under_way(e: &Error) -> bool {
     e.qmp_desc()
         .is_some_and(|d| d.contains("already in the process of unplug"))
 }
@@ -27,7 +28,7 @@ pub(crate) fn is_unplug_under_way(e: &Error) -> bool {
 /// `device_del` refused because the guest is still busy with the slot: PCIe native hotplug while
 /// the slot's power indicator blinks ("Hot-unplug failed: guest is busy (power indicator
 /// blinking)"), right after a hot-add or while the guest handles an earlier button press.
-pub(crate) fn is_guest_busy(e: &Error) -> bool {
+pub fn is_guest_busy(e: &Error) -> bool {
     e.qmp_desc().is_some_and(|d| d.contains("guest is busy"))
 }
 
@@ -35,12 +36,12 @@ pub(crate) fn is_guest_busy(e: &Error) -> bool {
 /// progress; 1 (failure), 2 (unrecognised), 0x80 (not supported), 0x81 (in use), 0x82 (busy),
 /// 0x83 (a dependency is busy) are the guest's refusal. QEMU 7.2 reports a guest that refuses to
 /// eject a DIMM this way (0x84, then 0x82), not with `DEVICE_UNPLUG_GUEST_ERROR`.
-pub(crate) fn ost_refuses_eject(status: i64) -> bool {
+pub fn ost_refuses_eject(status: i64) -> bool {
     matches!(status, 1 | 2 | 0x80..=0x83)
 }
 
 /// ACPI `_OST` source code of an eject request.
-pub(crate) const OST_EJECT_REQUEST: i64 = 3;
+pub const OST_EJECT_REQUEST: i64 = 3;
 
 #[cfg(test)]
 mod tests {

@@ -52,7 +52,6 @@ pub enum EventKind {
         /// The event's name.
         name: String,
     },
-
 }
 
 /// The data of `DEVICE_DELETED` and `DEVICE_UNPLUG_GUEST_ERROR`.

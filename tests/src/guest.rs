@@ -200,6 +200,20 @@ fn find_kernel_timestamp(text: &str) -> Option<usize> {
     })
 }
 
+/// Waits (up to 20 s) for `DEVICE_DELETED` of device `id` on `events`.
+pub async fn deleted(events: &mut qhotplug_qmp::EventStream, id: &str) {
+    use futures::StreamExt;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(item) = events.next().await {
+            if item.is_ok_and(|e| e.deleted_device() == Some(id)) {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("DEVICE_DELETED for {id}"));
+}
+
 /// A booted guest: the VM handle and its console. QEMU is killed when it is dropped.
 pub struct Guest {
     /// The VM.

@@ -69,6 +69,18 @@ pub fn open_fds() -> Vec<(i32, String)> {
     out
 }
 
+/// Our resident set size, in MiB (`VmRSS` from `/proc/self/status`).
+pub fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/self/status");
+    kib / 1024.0
+}
+
 /// How many fds our process has open.
 pub fn open_fd_count() -> usize {
     open_fds().len()

@@ -72,6 +72,14 @@ impl MockServer {
         )
     }
 
+    /// A client connected with `config` to a new mock that has done the handshake.
+    pub async fn connected(config: qhotplug_qmp::Config) -> (MockServer, qhotplug_qmp::Client) {
+        let (mut server, stream) = MockServer::pair();
+        let client = tokio::spawn(async move { config.connect_stream(stream).await });
+        server.handshake().await;
+        (server, client.await.expect("join").expect("connect"))
+    }
+
     /// Sends the default greeting, expects `qmp_capabilities`, and acknowledges it. Returns that
     /// request.
     pub async fn handshake(&mut self) -> Received {

@@ -154,3 +154,45 @@ where
         }
     }
 }
+
+/// Records the verdict QEMU gave each `device_del` the SDK sent (`accepted`, `busy`,
+/// `under way`, `absent`, `error`), in order: what the unplug policy actually pressed.
+#[derive(Debug, Clone, Default)]
+pub struct Presses {
+    verdicts: Arc<Mutex<Vec<String>>>,
+}
+
+impl Presses {
+    /// The verdicts so far.
+    pub fn verdicts(&self) -> Vec<String> {
+        self.verdicts.lock().unwrap().clone()
+    }
+}
+
+struct Verdict(Option<String>);
+
+impl Visit for Verdict {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "verdict" {
+            self.0 = Some(value.to_owned());
+        }
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "verdict" {
+            self.0 = Some(format!("{value:?}").trim_matches('"').to_owned());
+        }
+    }
+}
+
+impl<S> Layer<S> for Presses
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        let mut verdict = Verdict(None);
+        event.record(&mut verdict);
+        if let Some(v) = verdict.0 {
+            self.verdicts.lock().unwrap().push(v);
+        }
+    }
+}

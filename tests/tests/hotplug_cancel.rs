@@ -3,20 +3,13 @@
 //! QEMU's (devices, block nodes, netdevs, fd sets), proven for every drop point.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::StreamExt;
 use qhotplug::{DiskConfig, NicConfig, Vm};
 use qhotplug_netdev::TapBuilder;
 use qhotplug_tests::timing::AtStep;
 use qhotplug_tests::{image, open_fds, pc_spec, Guest, Snapshot};
 use tokio::sync::Notify;
 use tracing_subscriber::layer::SubscriberExt;
-
-const DISK_ADD_STEPS: usize = 5;
-const NIC_ADD_STEPS: usize = 4;
-const DISK_REMOVE_STEPS: usize = 4; // device_del, wait, blockdev-del ×2
-const NIC_REMOVE_STEPS: usize = 3; // device_del, wait, netdev_del
 
 /// Runs `op` and drops it as soon as step `n` has begun (its command is on the wire).
 /// Returns the step's name, or `None` when the operation finished before step `n`.
@@ -45,18 +38,6 @@ async fn view(vm: &Vm) -> (Snapshot, usize, usize) {
     (Snapshot::take(vm).await, vm.disks().len(), vm.nics().len())
 }
 
-async fn deleted(events: &mut qhotplug_qmp::EventStream, id: &str) {
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(item) = events.next().await {
-            if item.is_ok_and(|e| e.deleted_device() == Some(id)) {
-                return;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("DEVICE_DELETED for {id}"));
-}
-
 #[test]
 fn every_drop_point_of_a_hot_add_is_undone_and_reconciled() {
     qhotplug_tests::serial_test(async {
@@ -65,29 +46,53 @@ fn every_drop_point_of_a_hot_add_is_undone_and_reconciled() {
         let path = image(g.dir(), "c.raw", 1);
         let before = view(&vm).await;
 
-        for n in 0..DISK_ADD_STEPS {
+        // Every drop point, found from the sequence itself: step n, until the hot-add finishes
+        // before reaching it.
+        let mut steps = Vec::new();
+        for n in 0.. {
             let id = format!("cd{n}");
-            let step = drop_at(n, async {
+            let dropped = drop_at(n, async {
                 vm.add_disk(DiskConfig::virtio_blk(&id, &path))
                     .await
                     .map(drop)
             })
-            .await
-            .expect("dropped mid-way");
+            .await;
+            let Some(step) = dropped else {
+                vm.remove_disk(&id).await.unwrap();
+                break;
+            };
             vm.reconcile().await.unwrap();
             assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
+            steps.push(step);
         }
-        for n in 0..NIC_ADD_STEPS {
+        assert_eq!(
+            steps,
+            [
+                "add-fd",
+                "blockdev-add",
+                "blockdev-add",
+                "remove-fd",
+                "device_add"
+            ]
+        );
+        let mut steps = Vec::new();
+        for n in 0.. {
             let id = format!("cn{n}");
             let tap = TapBuilder::new("qhc%d").queues(2).create().unwrap();
-            let step = drop_at(n, async {
+            let dropped = drop_at(n, async {
                 vm.add_nic(NicConfig::new(&id, tap)).await.map(drop)
             })
-            .await
-            .expect("dropped mid-way");
+            .await;
+            let Some(step) = dropped else {
+                vm.remove_nic(&id).await.unwrap();
+                break;
+            };
             vm.reconcile().await.unwrap();
             assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
+            steps.push(step);
         }
+        assert_eq!(steps, ["getfd", "getfd", "netdev_add", "device_add"]);
+        assert_eq!(view(&vm).await, before);
         // The SDK's view is whole again: the same ids plug in.
         vm.add_disk(DiskConfig::virtio_blk("cd0", &path))
             .await
@@ -105,33 +110,50 @@ fn every_drop_point_of_a_hot_remove_is_reconciled() {
         let path = image(g.dir(), "r.raw", 1);
         let before = view(&vm).await;
 
-        for n in 0..DISK_REMOVE_STEPS + NIC_REMOVE_STEPS {
-            let disk = n < DISK_REMOVE_STEPS;
-            let id = format!("r{n}");
-            if disk {
-                vm.add_disk(DiskConfig::virtio_blk(&id, &path))
-                    .await
-                    .unwrap();
-            } else {
-                let tap = TapBuilder::new("qhc%d").create().unwrap();
-                vm.add_nic(NicConfig::new(&id, tap)).await.unwrap();
+        for disk in [true, false] {
+            let mut steps = Vec::new();
+            for n in 0.. {
+                let id = format!("r{}{n}", if disk { "d" } else { "n" });
+                if disk {
+                    vm.add_disk(DiskConfig::virtio_blk(&id, &path))
+                        .await
+                        .unwrap();
+                } else {
+                    let tap = TapBuilder::new("qhc%d").create().unwrap();
+                    vm.add_nic(NicConfig::new(&id, tap)).await.unwrap();
+                }
+                let mut events = vm.client().events();
+                let dropped = if disk {
+                    drop_at(n, vm.remove_disk(&id)).await
+                } else {
+                    drop_at(n, vm.remove_nic(&id)).await
+                };
+                // Past the last step: the removal finished on its own.
+                let Some(step) = dropped else {
+                    assert_eq!(view(&vm).await, before, "{id} removed");
+                    break;
+                };
+                // device_del was sent: the guest lets the device go whether or not we wait.
+                qhotplug_tests::guest::deleted(&mut events, &id).await;
+                let report = vm.reconcile().await.unwrap();
+                assert!(
+                    report.gone.contains(&id),
+                    "{id} dropped at {step}: {report:?}"
+                );
+                assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
+                steps.push(step);
             }
-            let mut events = vm.client().events();
-            let at = if disk { n } else { n - DISK_REMOVE_STEPS };
-            let step = if disk {
-                drop_at(at, vm.remove_disk(&id)).await
+            let expected: &[&str] = if disk {
+                &[
+                    "device_del",
+                    "wait DEVICE_DELETED",
+                    "blockdev-del",
+                    "blockdev-del",
+                ]
             } else {
-                drop_at(at, vm.remove_nic(&id)).await
-            }
-            .expect("dropped mid-way");
-            // device_del was sent: the guest lets the device go whether or not we wait.
-            deleted(&mut events, &id).await;
-            let report = vm.reconcile().await.unwrap();
-            assert!(
-                report.gone.contains(&id),
-                "{id} dropped at {step}: {report:?}"
-            );
-            assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
+                &["device_del", "wait DEVICE_DELETED", "netdev_del"]
+            };
+            assert_eq!(steps, expected);
         }
         assert_eq!(open_fds(), before.0.our_fds);
     });

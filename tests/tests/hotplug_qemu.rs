@@ -445,3 +445,58 @@ fn attaching_to_a_running_qemu_learns_its_slots_controllers_and_machine() {
         ));
     });
 }
+
+/// Each error QEMU gives that the SDK tells apart, produced on the QEMU under test (the suite
+/// runs on 7.2 and 10.0) and classified by `qhotplug::qemu_errors`.
+#[test]
+fn each_qemu_error_the_sdk_tells_apart_is_classified_on_this_qemu() {
+    use qhotplug::qemu_errors::{is_absent, is_guest_busy, is_unplug_under_way};
+    // ("guest is busy" and "already in the process of unplug" need a guest: hotplug_unplug.rs.)
+    use qhotplug_qmp::command::*;
+    qhotplug_tests::serial_test(async {
+        let t = TestVm::launch(pc_spec()).await;
+        let c = t.vm.client();
+        let absent = [
+            c.execute(&DeviceDel { id: "nope".into() })
+                .await
+                .unwrap_err(),
+            c.execute(&BlockdevDel {
+                node_name: "nope-fmt".into(),
+            })
+            .await
+            .unwrap_err(),
+            c.execute(&NetdevDel {
+                id: "nope-net".into(),
+            })
+            .await
+            .unwrap_err(),
+            c.execute(&Closefd {
+                fdname: "nope-tap0".into(),
+            })
+            .await
+            .unwrap_err(),
+            c.execute(&RemoveFd {
+                fdset_id: 4242,
+                fd: None,
+            })
+            .await
+            .unwrap_err(),
+        ];
+        for e in &absent {
+            assert!(is_absent(e), "not read as absent: {e}");
+            assert!(!is_unplug_under_way(e) && !is_guest_busy(e), "{e}");
+        }
+        // An error that is not "absent": a node in use.
+        let path = t.image("busy.raw", 1);
+        t.vm.add_disk(DiskConfig::virtio_blk("b1", &path))
+            .await
+            .unwrap();
+        let in_use = c
+            .execute(&BlockdevDel {
+                node_name: "b1-fmt".into(),
+            })
+            .await
+            .unwrap_err();
+        assert!(!is_absent(&in_use), "{in_use}");
+    });
+}

@@ -11,24 +11,11 @@ use serde_json::json;
 
 const STATUS: fn() -> serde_json::Value = || json!({"running": true, "status": "running"});
 
-async fn connected(config: Config) -> (MockServer, qhotplug_qmp::Client) {
-    let (mut server, stream) = MockServer::pair();
-    let client = tokio::spawn(async move { config.connect_stream(stream).await });
-    server.handshake().await;
-    (server, client.await.unwrap().unwrap())
-}
-
-fn rss_mib() -> f64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: f64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4096.0 / (1 << 20) as f64
-}
-
 #[test]
 fn a_gibibyte_line_without_a_newline_is_a_typed_error_at_the_limit() {
     qhotplug_tests::serial_test(async {
-        let (mut server, client) = connected(Config::new()).await;
-        let before = rss_mib();
+        let (mut server, client) = MockServer::connected(Config::new()).await;
+        let before = qhotplug_tests::rss_mib();
         let call = {
             let c = client.clone();
             tokio::spawn(async move { c.execute(&QueryStatus).await })
@@ -51,7 +38,7 @@ fn a_gibibyte_line_without_a_newline_is_a_typed_error_at_the_limit() {
             sent < 1 << 30,
             "the client stopped reading at the limit ({sent} bytes sent)"
         );
-        let grew = rss_mib() - before;
+        let grew = qhotplug_tests::rss_mib() - before;
         assert!(grew < 64.0, "memory grew by {grew:.1} MiB");
     });
 }
@@ -65,7 +52,7 @@ fn json_nested_a_hundred_thousand_deep_is_an_error_not_a_stack_overflow() {
             "]".repeat(100_000)
         );
         // As the payload of a reply: the caller gets an error, the connection lives on.
-        let (mut server, client) = connected(Config::new()).await;
+        let (mut server, client) = MockServer::connected(Config::new()).await;
         let call = {
             let c = client.clone();
             tokio::spawn(async move { c.execute_raw("query-status", &json!({})).await })
@@ -92,7 +79,7 @@ fn json_nested_a_hundred_thousand_deep_is_an_error_not_a_stack_overflow() {
         "{\"a\":".repeat(100_000),
         "}".repeat(100_000)
     );
-        let (mut server, client) = connected(Config::new()).await;
+        let (mut server, client) = MockServer::connected(Config::new()).await;
         let call = {
             let c = client.clone();
             tokio::spawn(async move { c.execute(&QueryStatus).await })
@@ -114,7 +101,7 @@ fn json_nested_a_hundred_thousand_deep_is_an_error_not_a_stack_overflow() {
 #[test]
 fn invalid_utf8_is_a_typed_error() {
     qhotplug_tests::serial_test(async {
-        let (mut server, client) = connected(Config::new()).await;
+        let (mut server, client) = MockServer::connected(Config::new()).await;
         let call = {
             let c = client.clone();
             tokio::spawn(async move { c.execute(&QueryStatus).await })
@@ -133,7 +120,7 @@ fn invalid_utf8_is_a_typed_error() {
 #[test]
 fn an_error_without_id_answers_the_oldest_in_band_command() {
     qhotplug_tests::serial_test(async {
-        let (mut server, client) = connected(Config::new()).await;
+        let (mut server, client) = MockServer::connected(Config::new()).await;
         let c = client.clone();
         let first = tokio::spawn(async move { c.execute(&QueryStatus).await });
         server.recv().await.unwrap();
@@ -154,7 +141,7 @@ fn an_error_without_id_answers_the_oldest_in_band_command() {
 #[test]
 fn fds_sent_to_us_are_closed_not_leaked() {
     qhotplug_tests::serial_test(async {
-        let (mut server, client) = connected(Config::new()).await;
+        let (mut server, client) = MockServer::connected(Config::new()).await;
         let before = open_fds();
         for _ in 0..100 {
             let call = {
@@ -180,9 +167,9 @@ fn fds_sent_to_us_are_closed_not_leaked() {
 #[test]
 fn ten_seconds_of_event_flood_keep_memory_bounded_and_commands_answered() {
     qhotplug_tests::serial_test(async {
-        let (server, client) = connected(Config::new()).await;
+        let (server, client) = MockServer::connected(Config::new()).await;
         let mut events = client.events(); // a subscriber that never reads
-        let before = rss_mib();
+        let before = qhotplug_tests::rss_mib();
         let server = std::sync::Arc::new(tokio::sync::Mutex::new(server));
         let flood = {
             let server = server.clone();
@@ -225,7 +212,7 @@ fn ten_seconds_of_event_flood_keep_memory_bounded_and_commands_answered() {
             answered += 1;
         }
         let sent = flood.await.unwrap();
-        let grew = rss_mib() - before;
+        let grew = qhotplug_tests::rss_mib() - before;
         assert!(answered > 10, "{answered} commands answered");
         assert!(sent > 100_000, "only {sent} events sent");
         assert!(

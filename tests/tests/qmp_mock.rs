@@ -11,13 +11,6 @@ use serde_json::{json, Value};
 
 const STATUS: fn() -> Value = || json!({"running": false, "status": "prelaunch"});
 
-async fn connected(config: Config) -> (MockServer, qhotplug_qmp::Client) {
-    let (mut server, stream) = MockServer::pair();
-    let client = tokio::spawn(async move { config.connect_stream(stream).await });
-    server.handshake().await;
-    (server, client.await.unwrap().unwrap())
-}
-
 #[tokio::test]
 async fn handshake_tolerates_events_before_the_greeting_and_enables_oob() {
     let (mut server, stream) = MockServer::pair();
@@ -85,7 +78,7 @@ async fn a_silent_server_times_out_the_handshake() {
 
 #[tokio::test]
 async fn many_callers_each_get_their_own_reply_in_order() {
-    let (mut server, client) = connected(Config::new()).await;
+    let (mut server, client) = MockServer::connected(Config::new()).await;
     let mut calls = Vec::new();
     for i in 0..50 {
         let client = client.clone();
@@ -112,7 +105,7 @@ async fn many_callers_each_get_their_own_reply_in_order() {
 
 #[tokio::test]
 async fn oob_replies_overtake_in_band_ones() {
-    let (mut server, client) = connected(Config::new()).await;
+    let (mut server, client) = MockServer::connected(Config::new()).await;
     let c1 = client.clone();
     let inband = tokio::spawn(async move { c1.execute(&QueryStatus).await });
     assert_eq!(server.recv().await.unwrap().command(), "query-status");
@@ -134,7 +127,7 @@ async fn oob_replies_overtake_in_band_ones() {
 
 #[tokio::test]
 async fn a_dropped_or_timed_out_caller_does_not_desync_the_stream() {
-    let (mut server, client) = connected(Config::new()).await;
+    let (mut server, client) = MockServer::connected(Config::new()).await;
     // Caller 1 times out; caller 2's future is dropped; caller 3 waits.
     let c1 = client.clone();
     let timed_out = tokio::spawn(async move {
@@ -162,7 +155,7 @@ async fn a_dropped_or_timed_out_caller_does_not_desync_the_stream() {
 
 #[tokio::test]
 async fn a_disconnect_in_the_middle_of_a_reply_fails_every_waiter_at_once() {
-    let (mut server, client) = connected(Config::new().default_timeout(None)).await;
+    let (mut server, client) = MockServer::connected(Config::new().default_timeout(None)).await;
     let mut calls = Vec::new();
     for _ in 0..10 {
         let c = client.clone();
@@ -196,7 +189,7 @@ async fn garbage_closes_the_connection_with_a_typed_error_for_every_waiter() {
         b"[1,2,3]\r\n",
         b"{}\r\n",
     ] {
-        let (mut server, client) = connected(Config::new().max_frame(1024)).await;
+        let (mut server, client) = MockServer::connected(Config::new().max_frame(1024)).await;
         let calls: Vec<_> = (0..3)
             .map(|_| {
                 let c = client.clone();
@@ -223,7 +216,7 @@ async fn garbage_closes_the_connection_with_a_typed_error_for_every_waiter() {
 
 #[tokio::test]
 async fn events_interleaved_with_replies_reach_every_subscriber() {
-    let (mut server, client) = connected(Config::new()).await;
+    let (mut server, client) = MockServer::connected(Config::new()).await;
     let mut a = client.events();
     let mut b = client.events();
     let c = client.clone();
@@ -256,7 +249,7 @@ async fn events_interleaved_with_replies_reach_every_subscriber() {
 
 #[tokio::test]
 async fn execute_and_wait_catches_an_event_that_beats_the_reply() {
-    let (mut server, client) = connected(Config::new()).await;
+    let (mut server, client) = MockServer::connected(Config::new()).await;
     let c = client.clone();
     let call = tokio::spawn(async move {
         c.execute_and_wait(
@@ -286,7 +279,7 @@ async fn execute_and_wait_catches_an_event_that_beats_the_reply() {
 
 #[tokio::test]
 async fn a_flood_of_events_never_blocks_replies_and_lag_is_reported() {
-    let (mut server, client) = connected(Config::new().event_capacity(64)).await;
+    let (mut server, client) = MockServer::connected(Config::new().event_capacity(64)).await;
     let mut never_reads = client.events();
     let mut flood = Vec::with_capacity(100_000 * 90);
     for i in 0..100_000 {
@@ -317,7 +310,7 @@ async fn a_flood_of_events_never_blocks_replies_and_lag_is_reported() {
 #[tokio::test]
 async fn fds_ride_with_their_command_and_only_one_is_in_flight() {
     use std::io::{Read, Write};
-    let (mut server, client) = connected(Config::new()).await;
+    let (mut server, client) = MockServer::connected(Config::new()).await;
     let (mut r1, w1) = std::os::unix::net::UnixStream::pair().unwrap();
     let (mut r2, w2) = std::os::unix::net::UnixStream::pair().unwrap();
     let c = client.clone();

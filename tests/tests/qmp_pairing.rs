@@ -13,25 +13,6 @@ use serde_json::{json, Value};
 
 const STATUS: fn() -> Value = || json!({"running": true, "status": "running"});
 
-async fn connected(config: Config) -> (MockServer, qhotplug_qmp::Client) {
-    let (mut server, stream) = MockServer::pair();
-    let client = tokio::spawn(async move { config.connect_stream(stream).await });
-    server.handshake().await;
-    (server, client.await.unwrap().unwrap())
-}
-
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    kib / 1024.0
-}
-
 /// Starts `n` in-band commands (each a different name, so a wrong answer would show) and waits
 /// until the server has read them all.
 async fn in_flight(
@@ -88,7 +69,7 @@ fn a_bad_frame_among_replies_never_shifts_an_answer_onto_another_caller() {
             ("an array of a reply", br#"[{"return": "cmd-0"}]"#.to_vec()),
         ];
         for (what, bad) in cases {
-            let (mut server, client) = connected(Config::new()).await;
+            let (mut server, client) = MockServer::connected(Config::new()).await;
             let calls = in_flight(&mut server, &client, 3).await;
             server.send_raw(&[bad, b"\r\n".to_vec()].concat()).await;
             // The replies that would now land one caller off, if anything still read them.
@@ -115,7 +96,7 @@ fn a_bad_frame_among_replies_never_shifts_an_answer_onto_another_caller() {
 #[test]
 fn a_reply_with_nothing_in_flight_ends_the_connection() {
     qhotplug_tests::serial_test(async {
-        let (mut server, client) = connected(Config::new()).await;
+        let (mut server, client) = MockServer::connected(Config::new()).await;
         server.reply(STATUS()).await;
         let mut events = client.events();
         assert!(events.next().await.is_none(), "the connection ended");
@@ -126,7 +107,7 @@ fn a_reply_with_nothing_in_flight_ends_the_connection() {
 #[test]
 fn a_late_reply_to_an_oob_command_whose_caller_went_is_discarded_quietly() {
     qhotplug_tests::serial_test(async {
-        let (mut server, client) = connected(Config::new()).await;
+        let (mut server, client) = MockServer::connected(Config::new()).await;
         // One oob caller times out, another is dropped after its request went out.
         let timed_out = {
             let c = client.clone();
@@ -160,7 +141,7 @@ fn a_late_reply_to_an_oob_command_whose_caller_went_is_discarded_quietly() {
 #[test]
 fn with_inband_ids_every_command_carries_one_and_a_stray_reply_is_caught() {
     qhotplug_tests::serial_test(async {
-        let (mut server, client) = connected(Config::new().inband_ids(true)).await;
+        let (mut server, client) = MockServer::connected(Config::new().inband_ids(true)).await;
         let calls = in_flight(&mut server, &client, 2).await;
         // The ids are echoed; the replies pair by them.
         server.reply_id(json!("cmd-0"), &json!(1)).await;
@@ -187,7 +168,7 @@ fn with_inband_ids_every_command_carries_one_and_a_stray_reply_is_caught() {
 #[test]
 fn a_malformed_event_never_fails_the_commands_in_flight() {
     qhotplug_tests::serial_test(async {
-        let (mut server, client) = connected(Config::new()).await;
+        let (mut server, client) = MockServer::connected(Config::new()).await;
         let mut events = client.events();
         let calls = in_flight(&mut server, &client, 2).await;
         // A lone surrogate in its data, then a timestamp of the wrong type.
@@ -239,22 +220,22 @@ async fn send_events(
 #[test]
 fn events_are_held_only_until_every_live_subscriber_has_them() {
     qhotplug_tests::serial_test(async {
-        let (mut server, client) = connected(Config::new()).await;
+        let (mut server, client) = MockServer::connected(Config::new()).await;
         // Made once: the mock lives in our process, so its buffers count in what we measure.
         let frame = big_event(4 << 20);
         // Warm up the codec's buffer and the allocator with events of the same size.
         send_events(&mut server, &client, 2, &frame).await;
 
-        let before = rss_mib();
+        let before = qhotplug_tests::rss_mib();
         send_events(&mut server, &client, 64, &frame).await;
-        let grew = rss_mib() - before;
+        let grew = qhotplug_tests::rss_mib() - before;
         assert!(
             grew < 8.0,
             "no subscriber: 64 × 4 MiB events grew us by {grew:.1} MiB"
         );
 
         let mut events = client.events();
-        let before = rss_mib();
+        let before = qhotplug_tests::rss_mib();
         let reader = tokio::spawn(async move {
             let mut n = 0;
             while n < 64 {
@@ -270,7 +251,7 @@ fn events_are_held_only_until_every_live_subscriber_has_them() {
         });
         send_events(&mut server, &client, 64, &frame).await;
         let events = reader.await.unwrap();
-        let grew = rss_mib() - before;
+        let grew = qhotplug_tests::rss_mib() - before;
         assert!(
             grew < 8.0,
             "one subscriber that read all 64: grew by {grew:.1} MiB"
@@ -278,7 +259,7 @@ fn events_are_held_only_until_every_live_subscriber_has_them() {
         drop(events);
 
         // Lag is still reported to a subscriber that falls behind.
-        let (mut server, client) = connected(Config::new().event_capacity(4)).await;
+        let (mut server, client) = MockServer::connected(Config::new().event_capacity(4)).await;
         let mut slow = client.events();
         send_events(&mut server, &client, 10, &big_event(16)).await;
         assert_eq!(slow.next().await, Some(Err(Lagged(6))));
@@ -288,7 +269,7 @@ fn events_are_held_only_until_every_live_subscriber_has_them() {
 #[test]
 fn a_peer_that_never_reads_cannot_grow_the_client() {
     qhotplug_tests::serial_test(async {
-        let (server, client) = connected(Config::new()).await;
+        let (server, client) = MockServer::connected(Config::new()).await;
         let pad = "x".repeat(8 << 10);
         let args = json!({ "pad": pad });
         // Fill the socket and the outbox once, so what follows measures growth, not the first fill.
@@ -305,7 +286,7 @@ fn a_peer_that_never_reads_cannot_grow_the_client() {
         for f in fill {
             let _ = f.await.unwrap();
         }
-        let before = rss_mib();
+        let before = qhotplug_tests::rss_mib();
         let mut timed_out = 0;
         for _ in 0..50 {
             let batch: Vec<_> = (0..200)
@@ -326,7 +307,7 @@ fn a_peer_that_never_reads_cannot_grow_the_client() {
                 }
             }
         }
-        let grew = rss_mib() - before;
+        let grew = qhotplug_tests::rss_mib() - before;
         assert!(timed_out > 1000, "only {timed_out} of 10 000 were queued");
         assert!(
             grew < 8.0,
@@ -336,7 +317,7 @@ fn a_peer_that_never_reads_cannot_grow_the_client() {
         // Past the cap, a caller is told at once instead of queueing.
         let small = Config::new().max_outbox(64 << 10);
         drop((server, client));
-        let (_server, client) = connected(small).await;
+        let (_server, client) = MockServer::connected(small).await;
         // Each call polled once: it is queued (and stays so, alive) or refused at once.
         let mut calls: Vec<_> = (0..64)
             .map(|_| Box::pin(client.execute_raw("never-read", &args)))
@@ -361,7 +342,7 @@ fn a_peer_that_never_reads_cannot_grow_the_client() {
 #[test]
 fn abandoned_oob_calls_leave_nothing_behind() {
     qhotplug_tests::serial_test(async {
-        let (mut server, client) = connected(Config::new()).await;
+        let (mut server, client) = MockServer::connected(Config::new()).await;
         // The peer reads everything and answers nothing.
         let reader = tokio::spawn(async move { while server.recv().await.is_some() {} });
         let abandon = |n: usize| {
@@ -371,9 +352,9 @@ fn abandoned_oob_calls_leave_nothing_behind() {
             }
         };
         abandon(1000);
-        let before = rss_mib();
+        let before = qhotplug_tests::rss_mib();
         abandon(200_000);
-        let grew = rss_mib() - before;
+        let grew = qhotplug_tests::rss_mib() - before;
         assert!(
             grew < 8.0,
             "200 000 abandoned exec-oob grew us by {grew:.1} MiB"
@@ -386,7 +367,7 @@ fn abandoned_oob_calls_leave_nothing_behind() {
 #[test]
 fn a_reply_before_its_fd_went_out_ends_the_connection_and_closes_the_fd() {
     qhotplug_tests::serial_test(async {
-        let (mut server, client) = connected(Config::new()).await;
+        let (mut server, client) = MockServer::connected(Config::new()).await;
         let before = open_fds();
         // A large request the never-reading peer takes only part of: what follows it stays queued.
         let big = {
