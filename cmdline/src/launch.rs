@@ -7,6 +7,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use qhotplug_qmp::{Client, Config};
+use tokio::io::unix::AsyncFd;
 
 use crate::error::{Error, Result};
 use crate::spec::VmSpec;
@@ -59,12 +60,43 @@ pub enum Monitor {
     Path(PathBuf),
 }
 
-/// A running QEMU. Dropping it kills and reaps the process.
+/// A running QEMU. Dropping it kills the process and reaps it without blocking the runtime
+/// thread: a task on the current tokio runtime waits for the exit (on a pidfd) and reaps it.
 #[derive(Debug)]
 pub struct QemuProcess {
-    child: Child,
+    exit: Option<Exit>,
     dir: PathBuf,
     qmp_path: PathBuf,
+}
+
+/// The child and a pidfd that becomes readable when it exits.
+#[derive(Debug)]
+struct Exit {
+    child: Child,
+    pidfd: AsyncFd<OwnedFd>,
+}
+
+impl Exit {
+    async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            let mut ready = self.pidfd.readable().await?;
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ready.clear_ready();
+        }
+    }
+}
+
+impl Drop for Exit {
+    fn drop(&mut self) {
+        // The last resort, when no task could wait: the process was killed, so this is brief.
+        // After a successful wait std returns the kept status at once.
+        let _ = self.child.wait();
+    }
 }
 
 impl Launcher {
@@ -210,8 +242,18 @@ impl Launcher {
         })?;
         // Our copies of the fds were moved into `command`; drop it so they close now.
         drop(command);
+        let pidfd = crate::sys::pidfd(child.id());
+        let pidfd = match pidfd {
+            Ok(pidfd) => pidfd,
+            Err(e) => {
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e.into());
+            }
+        };
         let mut process = QemuProcess {
-            child,
+            exit: Some(Exit { child, pidfd }),
             dir: self.dir.clone(),
             qmp_path: qmp_path.clone(),
         };
@@ -242,9 +284,13 @@ impl Launcher {
 }
 
 impl QemuProcess {
+    fn exit(&mut self) -> &mut Exit {
+        self.exit.as_mut().expect("only Drop takes it")
+    }
+
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.exit.as_ref().expect("only Drop takes it").child.id()
     }
 
     /// The monitor socket's path (one client at a time).
@@ -267,30 +313,34 @@ impl QemuProcess {
 
     /// Whether QEMU has exited, without waiting.
     pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
-        self.child.try_wait()
+        self.exit().child.try_wait()
     }
 
-    /// Waits for QEMU to exit. std's `Child` has no async wait (the guard needs its blocking
-    /// `wait` in `Drop`), so this checks every 5 ms.
+    /// Waits for QEMU to exit, and reaps it. Wakes on the process's pidfd: no polling.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
-        let mut tick = tokio::time::interval(Duration::from_millis(5));
-        loop {
-            tick.tick().await;
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-        }
+        self.exit().wait().await
     }
 
     /// Kills QEMU (SIGKILL) without waiting for it.
     pub fn kill(&mut self) -> std::io::Result<()> {
-        self.child.kill()
+        self.exit().child.kill()
     }
 }
 
 impl Drop for QemuProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let Some(mut exit) = self.exit.take() else {
+            return;
+        };
+        let _ = exit.child.kill();
+        if let Ok(Some(_)) = exit.child.try_wait() {
+            return;
+        }
+        // Reap in the background; if the runtime ends first, dropping the task reaps (Exit's Drop).
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = exit.wait().await;
+            });
+        }
     }
 }

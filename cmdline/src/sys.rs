@@ -1,5 +1,5 @@
-//! The crate's only `unsafe`: placing inherited fds at known numbers in QEMU's process and keeping
-//! every other fd of ours out of it.
+//! The crate's only `unsafe`: placing inherited fds at known numbers in QEMU's process, keeping
+//! every other fd of ours out of it, and waiting for its exit on a pidfd.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -50,4 +50,25 @@ pub(crate) fn inherit_fds(command: &mut Command, fds: Vec<OwnedFd>) -> io::Resul
         });
     }
     Ok(())
+}
+
+/// A pidfd for our child `pid` (Linux 5.3+), registered with the current tokio runtime: it becomes
+/// readable when the process exits, so an async wait needs no polling. The child is not reaped
+/// yet, so its pid cannot have been reused.
+pub(crate) fn pidfd(pid: u32) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    let fd = pidfd_open(pid)?;
+    // SAFETY: an OwnedFd's as_raw_fd is the one fd it owns, open until the OwnedFd (here, inside
+    // the AsyncFd) is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| io::Error::other(e.to_string()))
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just gave us this fd (O_CLOEXEC by definition of pidfds); we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }

@@ -177,7 +177,7 @@ impl Config {
         encode_request(&mut bytes, QmpCapabilities::NAME, &caps, Execution::InBand).map_err(
             |e| Error::Serialize {
                 command: QmpCapabilities::NAME.into(),
-                reason: e.to_string(),
+                source: std::sync::Arc::new(e),
             },
         )?;
         send_all(&write, &bytes).await?;
@@ -350,7 +350,7 @@ impl Client {
                     .await?;
                 let schema = Schema::from_json(raw.get()).map_err(|e| Error::UnexpectedReply {
                     command: NAME.into(),
-                    reason: e.to_string(),
+                    source: std::sync::Arc::new(e),
                 })?;
                 Ok::<_, Error>(crate::schema::remember(&self.inner.greeting, schema))
             })
@@ -519,7 +519,7 @@ impl Client {
         let mut bytes = Vec::with_capacity(64);
         encode_request(&mut bytes, name, arguments, execution).map_err(|e| Error::Serialize {
             command: name.to_owned(),
-            reason: e.to_string(),
+            source: std::sync::Arc::new(e),
         })?;
         let (reply, rx) = oneshot::channel();
         let (id, oob) = match execution {
@@ -586,7 +586,7 @@ impl Drop for Abandon<'_> {
 fn decode<C: Command>(raw: &serde_json::value::RawValue) -> Result<C::Returns> {
     serde_json::from_str(raw.get()).map_err(|e| Error::UnexpectedReply {
         command: C::NAME.to_owned(),
-        reason: e.to_string(),
+        source: std::sync::Arc::new(e),
     })
 }
 

@@ -576,7 +576,7 @@ pub(crate) fn finish(
 pub(crate) fn raw_to_value(command: &str, raw: &RawValue) -> Result<Value> {
     serde_json::from_str(raw.get()).map_err(|e| Error::UnexpectedReply {
         command: command.to_owned(),
-        reason: e.to_string(),
+        source: std::sync::Arc::new(e),
     })
 }
 

@@ -87,20 +87,22 @@ pub enum Error {
     #[error("QMP protocol error: {0}")]
     Protocol(String),
     /// A reply arrived but its `return` value did not have the shape the command promises.
-    #[error("unexpected reply to `{command}`: {reason}")]
+    #[error("unexpected reply to `{command}`: {source}")]
     UnexpectedReply {
         /// The command.
         command: String,
         /// The deserialization error.
-        reason: String,
+        #[source]
+        source: Arc<serde_json::Error>,
     },
     /// A command's arguments could not be serialized.
-    #[error("cannot serialize arguments of `{command}`: {reason}")]
+    #[error("cannot serialize arguments of `{command}`: {source}")]
     Serialize {
         /// The command.
         command: String,
-        /// The serializer's message.
-        reason: String,
+        /// The serializer's error.
+        #[source]
+        source: Arc<serde_json::Error>,
     },
     /// QEMU sent something that is not a QMP message (bad JSON or UTF-8, a line over the frame
     /// limit), or a reply that cannot be paired with a command. The connection was closed: every

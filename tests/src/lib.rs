@@ -20,7 +20,7 @@ mod sys;
 pub mod timing;
 pub mod vm;
 
-pub use sys::{clear_cloexec, kill, process_lock, raise_fd_limit};
+pub use sys::{clear_cloexec, exited, kill, process_lock, raise_fd_limit};
 
 pub use guest::{Console, Guest};
 pub use mock::{MockServer, Received};

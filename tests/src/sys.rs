@@ -66,3 +66,26 @@ pub fn process_lock(name: &str) -> std::fs::File {
     assert_eq!(rc, 0, "flock {}", path.display());
     file
 }
+
+/// Waits, up to `timeout`, for process `pid` to exit, woken by its pidfd (readable at exit).
+/// `Ok(false)` at the deadline; `Ok(true)` also when the process was already gone.
+pub async fn exited(pid: u32, timeout: std::time::Duration) -> std::io::Result<bool> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ESRCH) {
+            Ok(true)
+        } else {
+            Err(e)
+        };
+    }
+    // SAFETY: the kernel just gave us this fd; we own it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // SAFETY: an OwnedFd's as_raw_fd is the one fd it owns, open until the AsyncFd is dropped.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(tokio::time::timeout(timeout, fd.readable()).await.is_ok())
+}

@@ -139,13 +139,28 @@ async fn two_disks_and_a_two_queue_nic_on_a_real_tap_run_where_the_spec_says() {
         .join(&tap_name)
         .exists());
     drop(client);
+    // Dropping the guard kills QEMU at once and reaps it in the background (no blocking wait on a
+    // runtime thread): its exit, then its reaping, follow within moments.
+    let pid = qemu.pid();
     drop(qemu);
+    assert!(
+        qhotplug_tests::exited(pid, std::time::Duration::from_secs(5))
+            .await
+            .unwrap(),
+        "QEMU exited"
+    );
     assert!(
         !std::path::Path::new("/sys/class/net")
             .join(&tap_name)
             .exists(),
-        "QEMU is reaped and its tap gone"
+        "QEMU's tap went with it"
     );
+    let proc_entry = std::path::PathBuf::from(format!("/proc/{pid}"));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while proc_entry.exists() && tokio::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+    }
+    assert!(!proc_entry.exists(), "QEMU was reaped, not left a zombie");
 }
 
 #[tokio::test]

@@ -60,8 +60,8 @@ fn json_nested_a_hundred_thousand_deep_is_an_error_not_a_stack_overflow() {
         server.recv().await.unwrap();
         server.send_raw(deep.as_bytes()).await;
         match call.await.unwrap() {
-            Err(Error::UnexpectedReply { reason, .. }) => {
-                assert!(reason.contains("recursion"), "{reason}")
+            Err(Error::UnexpectedReply { source, .. }) => {
+                assert!(source.to_string().contains("recursion"), "{source}")
             }
             other => panic!("{other:?}"),
         }
