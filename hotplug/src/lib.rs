@@ -28,6 +28,38 @@
 //! # let _ = relaunch; Ok(()) }
 //! ```
 //!
+//! # Testing without QEMU
+//!
+//! An orchestrator's unit tests can run the SDK against `qhotplug_qmp::mock::MockQemu` (feature
+//! `mock` of `qhotplug-qmp`), which models what a hot-plug touches and can fail a named command or
+//! play a guest that refuses, never answers, or answers late. The project runs one set of
+//! scenarios against it and against real QEMU 7.2 and 10.0, and they must agree.
+//!
+//! ```
+//! use qhotplug::{DiskConfig, Error, Machine, Vm, VmSpec};
+//! use qhotplug_qmp::mock::{GuestUnplug, MockQemu};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let qemu = MockQemu::pc();
+//! let vm = Vm::attach(qemu.connect().await?, VmSpec::new("test", Machine::Pc)).await?;
+//! let image = std::env::temp_dir().join("qhotplug-doc-mock.raw");
+//! std::fs::write(&image, vec![0u8; 1 << 20])?;
+//!
+//! // A failure at the format node: the SDK undoes the fd set and the protocol node.
+//! qemu.fail_next("blockdev-add", "injected");
+//! assert!(matches!(vm.add_disk(DiskConfig::virtio_blk("d1", &image)).await, Err(Error::Step { .. })));
+//! assert!(qemu.block_nodes().is_empty() && qemu.fdsets().is_empty());
+//!
+//! // A guest that refuses to let the disk go: the SDK says so and keeps it.
+//! vm.add_disk(DiskConfig::virtio_blk("d1", &image)).await?;
+//! qemu.guest_unplug(GuestUnplug::Refuse);
+//! assert!(matches!(vm.remove_disk("d1").await, Err(Error::UnplugRejected { .. })));
+//! assert_eq!(vm.disks().len(), 1);
+//! # std::fs::remove_file(&image)?;
+//! # Ok(()) }
+//! ```
+//!
 //! # Tracing spans
 //!
 //! The SDK logs through `tracing`. These span names and fields are a contract: the demo's step

@@ -57,6 +57,8 @@ mod connection;
 mod error;
 pub mod event;
 pub mod message;
+#[cfg(feature = "mock")]
+pub mod mock;
 pub mod schema;
 mod sys;
 

@@ -1,0 +1,284 @@
+//! A mock QEMU for orchestrators' own unit tests, where no real QEMU can run (feature `mock`).
+//!
+//! [`MockQemu`] answers QMP by command name over a socketpair and models what a hot-plug touches:
+//! devices with their PCI and SCSI places, block nodes, netdevs, fd sets and `getfd` names,
+//! chardevs, QOM objects, and a guest that lets devices go (or not). It records every command and
+//! every fd it receives, can fail a named command, and can make the guest refuse an unplug, never
+//! answer, or answer late. The SDK's own `Vm` runs against it unchanged, and the project runs one
+//! set of scenarios against it and against real QEMU (any difference is a bug in the mock).
+//!
+//! What it checks as QEMU does: ids unique per kind, a device's bus and slot free, a block node's
+//! `file` and a device's `drive`/`netdev` present and unused, a `file` node's `/dev/fdset/N`
+//! present, every fd a netdev names given with `getfd` (and consumed by it), an image's format
+//! (a `qcow2` node on an image without qcow2's magic fails), "not found" on deletes. Its error
+//! texts are QEMU 7.2's. What it does not model: device properties beyond placement, block jobs,
+//! migration, the guest's own view.
+//!
+//! ```
+//! use qhotplug_qmp::mock::{GuestUnplug, MockQemu};
+//! use qhotplug_qmp::command::QueryStatus;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> qhotplug_qmp::Result<()> {
+//! let qemu = MockQemu::pc().with_scsi_controller("scsi0", 3);
+//! let client = qemu.connect().await?;
+//! assert!(!client.execute(&QueryStatus).await?.running);
+//!
+//! qemu.fail_next("device_add", "Bus 'pci.0' does not support hotplugging");
+//! qemu.guest_unplug(GuestUnplug::Refuse);
+//! assert_eq!(qemu.commands(), ["query-status"]);
+//! # Ok(()) }
+//! ```
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use crate::client::Config;
+use crate::Client;
+
+mod model;
+
+pub use model::{MockBlockNode, MockDevice, MockFdset, MockPlace};
+
+/// What the mock's guest does when asked to let a device go (`device_del`). SCSI devices go at
+/// once whatever it does, as they do on a real virtio-scsi bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestUnplug {
+    /// Lets it go at once: `DEVICE_DELETED`.
+    #[default]
+    Release,
+    /// Lets it go after this long.
+    After(Duration),
+    /// Refuses: `DEVICE_UNPLUG_GUEST_ERROR`; the device stays.
+    Refuse,
+    /// Never answers: the device stays and a second `device_del` is refused as already in the
+    /// process of unplug (a paused guest, a guest without hotplug support).
+    Never,
+}
+
+/// One fd the mock received, and the command it came with.
+#[derive(Debug)]
+pub struct ReceivedFd {
+    /// `getfd` or `add-fd` (or whatever command carried it).
+    pub command: String,
+    /// The fd: the mock's own copy, open until the command that consumes it lets it go.
+    pub fd: Arc<OwnedFd>,
+}
+
+/// A mock QEMU. Clone-cheap; every clone is the same QEMU. Each [`connect`](MockQemu::connect) is
+/// one more monitor connection to it, served by a task on the current tokio runtime.
+#[derive(Clone)]
+pub struct MockQemu {
+    model: Arc<Mutex<model::Model>>,
+}
+
+impl std::fmt::Debug for MockQemu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MockQemu").finish_non_exhaustive()
+    }
+}
+
+impl MockQemu {
+    /// A paused `pc` machine: the host bridge at slot 0 and the ISA bridge at slot 1 of `pci.0`.
+    pub fn pc() -> MockQemu {
+        Self::new(model::Model::pc())
+    }
+
+    /// A paused `q35` machine with `root_ports` PCIe root ports `rp0`, `rp1`, … on `pcie.0` from
+    /// slot 4 (the layout `VmSpec`'s `root_ports` give).
+    pub fn q35(root_ports: u8) -> MockQemu {
+        Self::new(model::Model::q35(root_ports))
+    }
+
+    fn new(model: model::Model) -> MockQemu {
+        MockQemu {
+            model: Arc::new(Mutex::new(model)),
+        }
+    }
+
+    fn model(&self) -> MutexGuard<'_, model::Model> {
+        self.model.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a virtio-scsi controller `id` at `slot` of the root bus, as if given at boot.
+    pub fn with_scsi_controller(self, id: &str, slot: u8) -> MockQemu {
+        self.model().boot_scsi_controller(id, slot);
+        self
+    }
+
+    /// A client connected to a new monitor of this QEMU, with the default [`Config`].
+    pub async fn connect(&self) -> crate::Result<Client> {
+        self.connect_with(&Config::new()).await
+    }
+
+    /// A client connected to a new monitor of this QEMU.
+    pub async fn connect_with(&self, config: &Config) -> crate::Result<Client> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let (writer, lines) = mpsc::unbounded_channel();
+        {
+            let mut model = self.model();
+            let _ = writer.send(model.greeting());
+            model.subscribe(writer.clone());
+        }
+        tokio::spawn(serve(self.model.clone(), ours, writer, lines));
+        config.connect_stream(theirs).await
+    }
+
+    /// The next `command` fails with a `GenericError` carrying `desc`, and changes nothing.
+    pub fn fail_next(&self, command: &str, desc: &str) {
+        self.model().fail_next(command, desc);
+    }
+
+    /// What the guest does from now on when asked to let a device go.
+    pub fn guest_unplug(&self, behaviour: GuestUnplug) {
+        self.model().guest_unplug = behaviour;
+    }
+
+    /// Every command received, in order (`qmp_capabilities` and `query-qmp-schema` left out).
+    pub fn commands(&self) -> Vec<String> {
+        self.model().log.clone()
+    }
+
+    /// Every fd received, in order, with the command it came with.
+    pub fn received_fds(&self) -> Vec<ReceivedFd> {
+        self.model()
+            .received
+            .iter()
+            .map(|(command, fd)| ReceivedFd {
+                command: command.clone(),
+                fd: fd.clone(),
+            })
+            .collect()
+    }
+
+    /// The devices (`-device` and `device_add`), in order of creation.
+    pub fn devices(&self) -> Vec<MockDevice> {
+        self.model().devices.clone()
+    }
+
+    /// The named block nodes.
+    pub fn block_nodes(&self) -> Vec<MockBlockNode> {
+        self.model().nodes.clone()
+    }
+
+    /// The netdev ids.
+    pub fn netdevs(&self) -> Vec<String> {
+        self.model().netdevs.iter().map(|n| n.id.clone()).collect()
+    }
+
+    /// The fd sets.
+    pub fn fdsets(&self) -> Vec<MockFdset> {
+        self.model().fdset_view()
+    }
+
+    /// The names given with `getfd` and not yet closed or consumed.
+    pub fn fd_names(&self) -> Vec<String> {
+        self.model()
+            .named_fds
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// The chardev ids.
+    pub fn chardevs(&self) -> Vec<String> {
+        self.model().chardevs.clone()
+    }
+
+    /// The ids of the QOM objects under `/objects`.
+    pub fn objects(&self) -> Vec<String> {
+        self.model()
+            .objects
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+}
+
+/// Serves one monitor connection until the client hangs up. Replies and events go out through
+/// `writer` in the order the model made them (an event a command causes precedes its reply, as
+/// in QEMU).
+async fn serve(
+    model: Arc<Mutex<model::Model>>,
+    stream: UnixStream,
+    writer: mpsc::UnboundedSender<Value>,
+    mut lines: mpsc::UnboundedReceiver<Value>,
+) {
+    let lock = || model.lock().unwrap_or_else(|p| p.into_inner());
+    let write_task = async {
+        while let Some(line) = lines.recv().await {
+            let mut bytes = serde_json::to_vec(&line).expect("JSON");
+            bytes.extend_from_slice(b"\r\n");
+            let mut at = 0;
+            while at < bytes.len() {
+                if stream.writable().await.is_err() {
+                    return;
+                }
+                match stream.try_write(&bytes[at..]) {
+                    Ok(n) => at += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    };
+    let read_task = async {
+        let mut buf = Vec::new();
+        let mut fds: VecDeque<OwnedFd> = VecDeque::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=end).collect();
+                let request: Value = match serde_json::from_slice(&line) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let desc = format!("JSON parse error, {e}");
+                        let _ = writer.send(model::error_reply("GenericError", &desc, None));
+                        continue;
+                    }
+                };
+                // An fd belongs to the request whose bytes it came with: requests are read in
+                // order, and a client sends one fd command at a time.
+                let fd = fds.pop_front();
+                let handled = lock().handle(&request, fd, &writer);
+                if let Some((id, after)) = handled {
+                    // A guest that takes its time: the device goes, and the event is sent, later.
+                    let model = model.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        model
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .finish_unplug(&id);
+                    });
+                }
+            }
+            if stream.readable().await.is_err() {
+                return;
+            }
+            let mut got = Vec::new();
+            let read = stream.try_io(tokio::io::Interest::READABLE, || {
+                crate::sys::recv(stream.as_fd(), &mut chunk, &mut got)
+            });
+            match read {
+                Ok(0) => return,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    fds.extend(got);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    };
+    tokio::select! {
+        () = read_task => {}
+        () = write_task => {}
+    }
+}

@@ -1,0 +1,1144 @@
+//! The mock's QEMU: its objects, and one handler per command. Error texts are QEMU 7.2's.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::GuestUnplug;
+
+/// A device, as the mock holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MockDevice {
+    /// Its id.
+    pub id: String,
+    /// Its driver, for example `virtio-blk-pci`.
+    pub driver: String,
+    /// Where it sits.
+    pub place: MockPlace,
+    /// The block node it uses (`drive`).
+    pub drive: Option<String>,
+    /// The netdev it uses.
+    pub netdev: Option<String>,
+    /// A `device_del` is waiting for the guest.
+    pub unplugging: bool,
+}
+
+/// Where a device sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MockPlace {
+    /// A PCI slot and function on a bus (`pci.0`, `pcie.0`, or a root port's id).
+    Pci {
+        /// The bus.
+        bus: String,
+        /// The slot.
+        slot: u8,
+        /// The function.
+        function: u8,
+    },
+    /// A target and LUN on a SCSI bus (`<controller>.0`).
+    Scsi {
+        /// The bus.
+        bus: String,
+        /// The target (`scsi-id`).
+        target: u16,
+        /// The LUN.
+        lun: u16,
+    },
+}
+
+/// A named block node.
+#[derive(Debug, Clone)]
+pub struct MockBlockNode {
+    /// Its name.
+    pub node_name: String,
+    /// Its driver (`file`, `raw`, `qcow2`, …).
+    pub driver: String,
+    /// The node under it, for a format node.
+    pub file: Option<String>,
+    /// The file it opened, for a protocol node (`/dev/fdset/N`, or a path).
+    pub filename: Option<String>,
+    /// Read-only.
+    pub read_only: bool,
+    /// The fd it holds (its own dup of the fd set's, as QEMU's).
+    fd: Option<Arc<OwnedFd>>,
+}
+
+/// An fd set as `query-fdsets` shows it: each fd's number in the mock and its `opaque`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MockFdset {
+    /// The set's id.
+    pub id: i64,
+    /// Its fds.
+    pub fds: Vec<(i64, Option<String>)>,
+}
+
+pub(crate) struct Netdev {
+    pub(crate) id: String,
+    /// The tap (and vhost) fds it took over.
+    _fds: Vec<Arc<OwnedFd>>,
+}
+
+struct Fdset {
+    id: i64,
+    fds: Vec<(i64, Option<String>, Arc<OwnedFd>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Machine {
+    Pc,
+    Q35,
+}
+
+pub(crate) struct Model {
+    machine: Machine,
+    /// Root ports: (id, slot on pcie.0, secondary bus number).
+    root_ports: Vec<(String, u8, i64)>,
+    /// Virtio-scsi controllers' buses.
+    scsi_buses: Vec<String>,
+    pub(crate) devices: Vec<MockDevice>,
+    pub(crate) nodes: Vec<MockBlockNode>,
+    pub(crate) netdevs: Vec<Netdev>,
+    fdsets: Vec<Fdset>,
+    pub(crate) named_fds: Vec<(String, Arc<OwnedFd>)>,
+    pub(crate) chardevs: Vec<String>,
+    pub(crate) objects: Vec<(String, String)>,
+    pub(crate) log: Vec<String>,
+    pub(crate) received: Vec<(String, Arc<OwnedFd>)>,
+    failures: Vec<(String, String)>,
+    pub(crate) guest_unplug: GuestUnplug,
+    subscribers: Vec<mpsc::UnboundedSender<Value>>,
+    next_fdset: i64,
+    next_fd: i64,
+    running: bool,
+}
+
+type Reply = Result<Value, (&'static str, String)>;
+
+fn generic(desc: impl Into<String>) -> (&'static str, String) {
+    ("GenericError", desc.into())
+}
+
+fn not_found(desc: impl Into<String>) -> (&'static str, String) {
+    ("DeviceNotFound", desc.into())
+}
+
+/// An error reply, with the request's id echoed when it had one.
+pub(crate) fn error_reply(class: &str, desc: &str, id: Option<&Value>) -> Value {
+    let mut reply = json!({"error": {"class": class, "desc": desc}});
+    if let Some(id) = id {
+        reply["id"] = id.clone();
+    }
+    reply
+}
+
+fn str_arg<'a>(args: &'a Value, key: &str) -> Option<&'a str> {
+    args.get(key).and_then(Value::as_str)
+}
+
+fn required<'a>(args: &'a Value, key: &str) -> Result<&'a str, (&'static str, String)> {
+    str_arg(args, key).ok_or_else(|| generic(format!("Parameter '{key}' is missing")))
+}
+
+/// A PCI `addr` as QEMU reads it: `0x9`, `9`, `0x9.1`.
+fn parse_addr(addr: &Value) -> Option<(u8, u8)> {
+    if let Some(n) = addr.as_u64() {
+        return Some((u8::try_from(n).ok()?, 0));
+    }
+    let text = addr.as_str()?;
+    let (slot, function) = text.split_once('.').unwrap_or((text, "0"));
+    let number = |s: &str| match s.strip_prefix("0x") {
+        Some(hex) => u8::from_str_radix(hex, 16).ok(),
+        None => u8::from_str_radix(s, 16).ok(),
+    };
+    Some((number(slot)?, number(function)?))
+}
+
+const PCI_DRIVERS: &[(&str, (i64, i64), i64)] = &[
+    ("virtio-blk-pci", (0x1af4, 0x1001), 0x0100),
+    ("virtio-net-pci", (0x1af4, 0x1000), 0x0200),
+    ("virtio-scsi-pci", (0x1af4, 0x1004), 0x0100),
+    ("virtio-balloon-pci", (0x1af4, 0x1002), 0x00ff),
+    ("virtio-rng-pci", (0x1af4, 0x1005), 0x00ff),
+    ("virtio-serial-pci", (0x1af4, 0x1003), 0x0780),
+    ("pcie-root-port", (0x1b36, 0x000c), 0x0604),
+];
+const SCSI_DRIVERS: &[&str] = &["scsi-hd", "scsi-cd", "scsi-generic"];
+const EVENTS: &[&str] = &[
+    "DEVICE_DELETED",
+    "DEVICE_UNPLUG_GUEST_ERROR",
+    "ACPI_DEVICE_OST",
+    "STOP",
+    "RESUME",
+    "SHUTDOWN",
+];
+
+/// Each command the mock answers, with the arguments its schema lists.
+const COMMANDS: &[(&str, &[&str])] = &[
+    ("qmp_capabilities", &["enable"]),
+    ("query-qmp-schema", &[]),
+    ("query-commands", &[]),
+    ("query-status", &[]),
+    ("query-version", &[]),
+    ("stop", &[]),
+    ("cont", &[]),
+    ("quit", &[]),
+    ("qom-get", &["path", "property"]),
+    ("qom-list", &["path"]),
+    ("query-pci", &[]),
+    ("query-block", &[]),
+    ("query-named-block-nodes", &["flat"]),
+    ("query-fdsets", &[]),
+    ("add-fd", &["fdset-id", "opaque"]),
+    ("remove-fd", &["fdset-id", "fd"]),
+    ("getfd", &["fdname"]),
+    ("closefd", &["fdname"]),
+    (
+        "blockdev-add",
+        &[
+            "driver",
+            "node-name",
+            "filename",
+            "file",
+            "read-only",
+            "cache",
+        ],
+    ),
+    ("blockdev-del", &["node-name"]),
+    (
+        "netdev_add",
+        &["type", "id", "fd", "fds", "vhost", "vhostfd", "vhostfds"],
+    ),
+    ("netdev_del", &["id"]),
+    ("device_add", &["driver", "id", "bus"]),
+    ("device_del", &["id"]),
+    ("chardev-add", &["id", "backend"]),
+    ("chardev-remove", &["id"]),
+    ("query-chardev", &[]),
+    ("object-add", &["qom-type", "id"]),
+    ("object-del", &["id"]),
+    ("human-monitor-command", &["command-line", "cpu-index"]),
+];
+
+impl Model {
+    fn empty(machine: Machine) -> Model {
+        Model {
+            machine,
+            root_ports: Vec::new(),
+            scsi_buses: Vec::new(),
+            devices: Vec::new(),
+            nodes: Vec::new(),
+            netdevs: Vec::new(),
+            fdsets: Vec::new(),
+            named_fds: Vec::new(),
+            chardevs: Vec::new(),
+            objects: Vec::new(),
+            log: Vec::new(),
+            received: Vec::new(),
+            failures: Vec::new(),
+            guest_unplug: GuestUnplug::default(),
+            subscribers: Vec::new(),
+            next_fdset: 0,
+            next_fd: 20,
+            running: false,
+        }
+    }
+
+    pub(crate) fn pc() -> Model {
+        Self::empty(Machine::Pc)
+    }
+
+    pub(crate) fn q35(root_ports: u8) -> Model {
+        let mut model = Self::empty(Machine::Q35);
+        for i in 0..root_ports {
+            let id = format!("rp{i}");
+            model.root_ports.push((id.clone(), 4 + i, i64::from(i) + 1));
+            model.devices.push(MockDevice {
+                id,
+                driver: "pcie-root-port".into(),
+                place: MockPlace::Pci {
+                    bus: "pcie.0".into(),
+                    slot: 4 + i,
+                    function: 0,
+                },
+                drive: None,
+                netdev: None,
+                unplugging: false,
+            });
+        }
+        model
+    }
+
+    fn root_bus(&self) -> &'static str {
+        match self.machine {
+            Machine::Pc => "pci.0",
+            Machine::Q35 => "pcie.0",
+        }
+    }
+
+    pub(crate) fn boot_scsi_controller(&mut self, id: &str, slot: u8) {
+        self.scsi_buses.push(format!("{id}.0"));
+        self.devices.push(MockDevice {
+            id: id.into(),
+            driver: "virtio-scsi-pci".into(),
+            place: MockPlace::Pci {
+                bus: self.root_bus().into(),
+                slot,
+                function: 0,
+            },
+            drive: None,
+            netdev: None,
+            unplugging: false,
+        });
+    }
+
+    pub(crate) fn greeting(&self) -> Value {
+        json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
+                                   "package": "qhotplug mock"},
+                       "capabilities": ["oob"]}})
+    }
+
+    pub(crate) fn subscribe(&mut self, writer: mpsc::UnboundedSender<Value>) {
+        self.subscribers.push(writer);
+    }
+
+    pub(crate) fn fail_next(&mut self, command: &str, desc: &str) {
+        self.failures.push((command.into(), desc.into()));
+    }
+
+    fn emit(&mut self, name: &str, data: Value) {
+        let event = json!({"event": name, "data": data,
+                           "timestamp": {"seconds": 1_700_000_000, "microseconds": 0}});
+        self.subscribers.retain(|w| w.send(event.clone()).is_ok());
+    }
+
+    pub(crate) fn fdset_view(&self) -> Vec<MockFdset> {
+        self.fdsets
+            .iter()
+            .map(|s| MockFdset {
+                id: s.id,
+                fds: s.fds.iter().map(|(n, o, _)| (*n, o.clone())).collect(),
+            })
+            .collect()
+    }
+
+    /// Handles one request: the reply (and any event it causes, first) goes out through
+    /// `writer`. Returns what the guest will do later, for the connection task to schedule.
+    pub(crate) fn handle(
+        &mut self,
+        request: &Value,
+        fd: Option<OwnedFd>,
+        writer: &mpsc::UnboundedSender<Value>,
+    ) -> Option<(String, Duration)> {
+        let name = str_arg(request, "execute")
+            .or_else(|| str_arg(request, "exec-oob"))
+            .unwrap_or("")
+            .to_owned();
+        let id = request.get("id");
+        let args = request.get("arguments").cloned().unwrap_or(json!({}));
+        if name != "qmp_capabilities" && name != "query-qmp-schema" {
+            self.log.push(name.clone());
+        }
+        let fd = fd.map(Arc::new);
+        if let Some(fd) = &fd {
+            self.received.push((name.clone(), fd.clone()));
+        }
+        let mut later = None;
+        let result = match self.failures.iter().position(|(c, _)| *c == name) {
+            Some(at) => Err(generic(self.failures.remove(at).1)),
+            None => self.dispatch(&name, &args, fd, &mut later),
+        };
+        let reply = match result {
+            Ok(value) => {
+                let mut reply = json!({ "return": value });
+                if let Some(id) = id {
+                    reply["id"] = id.clone();
+                }
+                reply
+            }
+            Err((class, desc)) => error_reply(class, &desc, id),
+        };
+        let _ = writer.send(reply);
+        match later {
+            Some(Later::Unplug(id, after)) => return Some((id, after)),
+            Some(Later::Refuse(id)) => {
+                let path = format!("/machine/peripheral/{id}");
+                self.emit(
+                    "DEVICE_UNPLUG_GUEST_ERROR",
+                    json!({"device": id, "path": path}),
+                );
+            }
+            None => {}
+        }
+        None
+    }
+
+    fn dispatch(
+        &mut self,
+        name: &str,
+        args: &Value,
+        fd: Option<Arc<OwnedFd>>,
+        later: &mut Option<Later>,
+    ) -> Reply {
+        match name {
+            "qmp_capabilities" => Ok(json!({})),
+            "query-qmp-schema" => Ok(schema()),
+            "query-commands" => Ok(Value::Array(
+                COMMANDS.iter().map(|(c, _)| json!({ "name": c })).collect(),
+            )),
+            "query-status" => Ok(json!({
+                "running": self.running,
+                "status": if self.running { "running" } else { "prelaunch" },
+            })),
+            "query-version" => Ok(self.greeting()["QMP"]["version"].clone()),
+            "stop" => {
+                self.running = false;
+                self.emit("STOP", Value::Null);
+                Ok(json!({}))
+            }
+            "cont" => {
+                self.running = true;
+                self.emit("RESUME", Value::Null);
+                Ok(json!({}))
+            }
+            "quit" => Ok(json!({})),
+            "qom-get" => self.qom_get(required(args, "path")?, required(args, "property")?),
+            "qom-list" => self.qom_list(required(args, "path")?),
+            "query-pci" => Ok(self.query_pci()),
+            "query-block" => Ok(self.query_block()),
+            "query-named-block-nodes" => {
+                Ok(Value::Array(self.nodes.iter().map(node_info).collect()))
+            }
+            "query-fdsets" => Ok(Value::Array(
+                self.fdsets
+                    .iter()
+                    .map(|s| {
+                        let fds: Vec<Value> = s
+                            .fds
+                            .iter()
+                            .map(|(n, o, _)| match o {
+                                Some(o) => json!({"fd": n, "opaque": o}),
+                                None => json!({ "fd": n }),
+                            })
+                            .collect();
+                        json!({"fdset-id": s.id, "fds": fds})
+                    })
+                    .collect(),
+            )),
+            "add-fd" => self.add_fd(args, fd),
+            "remove-fd" => self.remove_fd(args),
+            "getfd" => {
+                let name = required(args, "fdname")?;
+                let fd = fd.ok_or_else(|| generic("No file descriptor supplied via SCM_RIGHTS"))?;
+                self.named_fds.retain(|(n, _)| n != name);
+                self.named_fds.push((name.into(), fd));
+                Ok(json!({}))
+            }
+            "closefd" => {
+                let name = required(args, "fdname")?;
+                let before = self.named_fds.len();
+                self.named_fds.retain(|(n, _)| n != name);
+                if self.named_fds.len() == before {
+                    return Err(generic(format!("File descriptor named '{name}' not found")));
+                }
+                Ok(json!({}))
+            }
+            "blockdev-add" => self.blockdev_add(args),
+            "blockdev-del" => self.blockdev_del(required(args, "node-name")?),
+            "netdev_add" => self.netdev_add(args),
+            "netdev_del" => {
+                let id = required(args, "id")?;
+                let before = self.netdevs.len();
+                self.netdevs.retain(|n| n.id != id);
+                if self.netdevs.len() == before {
+                    return Err(not_found(format!("Device '{id}' not found")));
+                }
+                Ok(json!({}))
+            }
+            "device_add" => self.device_add(args),
+            "device_del" => self.device_del(required(args, "id")?, later),
+            "chardev-add" => {
+                let id = required(args, "id")?;
+                if self.chardevs.iter().any(|c| c == id) {
+                    return Err(generic(format!("Chardev '{id}' already exists")));
+                }
+                self.chardevs.push(id.into());
+                Ok(json!({}))
+            }
+            "chardev-remove" => {
+                let id = required(args, "id")?;
+                let before = self.chardevs.len();
+                self.chardevs.retain(|c| c != id);
+                if self.chardevs.len() == before {
+                    return Err(generic(format!("Chardev '{id}' not found")));
+                }
+                Ok(json!({}))
+            }
+            "query-chardev" => Ok(Value::Array(
+                self.chardevs
+                    .iter()
+                    .map(|c| json!({"label": c, "filename": "mock", "frontend-open": false}))
+                    .collect(),
+            )),
+            "object-add" => {
+                let id = required(args, "id")?;
+                let kind = required(args, "qom-type")?;
+                if self.objects.iter().any(|(o, _)| o == id) {
+                    return Err(generic(format!(
+                        "attempt to add duplicate property '{id}' to object (type 'container')"
+                    )));
+                }
+                self.objects.push((id.into(), kind.into()));
+                Ok(json!({}))
+            }
+            "object-del" => {
+                let id = required(args, "id")?;
+                let before = self.objects.len();
+                self.objects.retain(|(o, _)| o != id);
+                if self.objects.len() == before {
+                    return Err(generic(format!("object '{id}' not found")));
+                }
+                Ok(json!({}))
+            }
+            "human-monitor-command" => {
+                let line = required(args, "command-line")?;
+                match line.trim() {
+                    "info network" => Ok(Value::String(
+                        self.netdevs
+                            .iter()
+                            .map(|n| format!("{}: index=0,type=tap\r\n", n.id))
+                            .collect(),
+                    )),
+                    "info version" => Ok(json!("7.2.0 (qhotplug mock)\r\n")),
+                    other => Ok(Value::String(format!("unknown command: '{other}'\r\n"))),
+                }
+            }
+            other => Err((
+                "CommandNotFound",
+                format!("The command {other} has not been found"),
+            )),
+        }
+    }
+
+    fn device(&self, id: &str) -> Option<&MockDevice> {
+        self.devices.iter().find(|d| d.id == id)
+    }
+
+    fn qom_get(&self, path: &str, property: &str) -> Reply {
+        if path == "/machine" && property == "type" {
+            return Ok(json!(match self.machine {
+                Machine::Pc => "pc-i440fx-7.2-machine",
+                Machine::Q35 => "pc-q35-7.2-machine",
+            }));
+        }
+        let device = path
+            .strip_prefix("/machine/peripheral/")
+            .and_then(|id| self.device(id))
+            .ok_or_else(|| not_found(format!("Device '{path}' not found")))?;
+        match (&device.place, property) {
+            (MockPlace::Pci { bus, .. }, "parent_bus") => Ok(json!(match bus.as_str() {
+                "pci.0" => "/machine/i440fx/pci.0".to_owned(),
+                "pcie.0" => "/machine/q35/pcie.0".to_owned(),
+                port => format!("/machine/peripheral/{port}/{port}"),
+            })),
+            (MockPlace::Pci { slot, function, .. }, "addr") => {
+                Ok(json!(u32::from(*slot) * 8 + u32::from(*function)))
+            }
+            (MockPlace::Scsi { bus, .. }, "parent_bus") => {
+                let controller = bus.trim_end_matches(".0");
+                Ok(json!(format!("/machine/peripheral/{controller}/{bus}")))
+            }
+            _ => Err(generic(format!(
+                "Property '{}.{property}' not found",
+                device.driver
+            ))),
+        }
+    }
+
+    fn qom_list(&self, path: &str) -> Reply {
+        let mut out = vec![json!({"name": "type", "type": "string"})];
+        match path {
+            "/machine/peripheral" => out.extend(
+                self.devices
+                    .iter()
+                    .map(|d| json!({"name": d.id, "type": format!("child<{}>", d.driver)})),
+            ),
+            "/machine/peripheral-anon" => {}
+            "/objects" => out.extend(
+                self.objects
+                    .iter()
+                    .map(|(id, kind)| json!({"name": id, "type": format!("child<{kind}>")})),
+            ),
+            other => return Err(not_found(format!("Device '{other}' not found"))),
+        }
+        Ok(Value::Array(out))
+    }
+
+    fn pci_devices_on(&self, bus: &str, number: i64) -> Vec<Value> {
+        let mut list: Vec<(u8, u8, Value)> = Vec::new();
+        if bus == self.root_bus() {
+            let builtin: &[(u8, (i64, i64), i64)] = match self.machine {
+                Machine::Pc => &[(0, (0x8086, 0x1237), 0x0600), (1, (0x8086, 0x7000), 0x0601)],
+                Machine::Q35 => &[
+                    (0, (0x8086, 0x29c0), 0x0600),
+                    (0x1f, (0x8086, 0x2918), 0x0601),
+                ],
+            };
+            for (slot, (vendor, device), class) in builtin {
+                list.push((
+                    *slot,
+                    0,
+                    json!({"bus": number, "slot": slot, "function": 0,
+                           "class_info": {"class": class}, "id": {"vendor": vendor, "device": device},
+                           "qdev_id": "", "regions": []}),
+                ));
+            }
+        }
+        for d in &self.devices {
+            let MockPlace::Pci {
+                bus: b,
+                slot,
+                function,
+            } = &d.place
+            else {
+                continue;
+            };
+            if b != bus {
+                continue;
+            }
+            let (_, (vendor, device), class) = PCI_DRIVERS
+                .iter()
+                .find(|(driver, _, _)| *driver == d.driver)
+                .copied()
+                .unwrap_or(("", (0x1af4, 0), 0xff));
+            let mut info = json!({"bus": number, "slot": slot, "function": function,
+                                  "class_info": {"class": class},
+                                  "id": {"vendor": vendor, "device": device},
+                                  "qdev_id": d.id, "regions": []});
+            if let Some((port, _, secondary)) = self.root_ports.iter().find(|(p, _, _)| *p == d.id)
+            {
+                info["pci_bridge"] = json!({
+                    "bus": {"number": number, "secondary": secondary, "subordinate": secondary},
+                    "devices": self.pci_devices_on(port, *secondary),
+                });
+            }
+            list.push((*slot, *function, info));
+        }
+        list.sort_by_key(|(s, f, _)| (*s, *f));
+        list.into_iter().map(|(_, _, v)| v).collect()
+    }
+
+    fn query_pci(&self) -> Value {
+        json!([{"bus": 0, "devices": self.pci_devices_on(self.root_bus(), 0)}])
+    }
+
+    fn query_block(&self) -> Value {
+        Value::Array(
+            self.devices
+                .iter()
+                .filter_map(|d| {
+                    let node = self
+                        .nodes
+                        .iter()
+                        .find(|n| Some(&n.node_name) == d.drive.as_ref())?;
+                    let qdev = match d.place {
+                        MockPlace::Pci { .. } => {
+                            format!("/machine/peripheral/{}/virtio-backend", d.id)
+                        }
+                        MockPlace::Scsi { .. } => d.id.clone(),
+                    };
+                    Some(
+                        json!({"device": "", "qdev": qdev, "inserted": node_info(node),
+                                "locked": false, "removable": false, "type": "unknown"}),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    fn add_fd(&mut self, args: &Value, fd: Option<Arc<OwnedFd>>) -> Reply {
+        let fd = fd.ok_or_else(|| generic("No file descriptor supplied via SCM_RIGHTS"))?;
+        let opaque = str_arg(args, "opaque").map(str::to_owned);
+        let number = self.next_fd;
+        self.next_fd += 1;
+        let set_id = match args.get("fdset-id").and_then(Value::as_i64) {
+            Some(id) => id,
+            None => {
+                let id = self.next_fdset;
+                self.next_fdset += 1;
+                id
+            }
+        };
+        match self.fdsets.iter_mut().find(|s| s.id == set_id) {
+            Some(set) => set.fds.push((number, opaque, fd)),
+            None => self.fdsets.push(Fdset {
+                id: set_id,
+                fds: vec![(number, opaque, fd)],
+            }),
+        }
+        Ok(json!({"fdset-id": set_id, "fd": number}))
+    }
+
+    fn remove_fd(&mut self, args: &Value) -> Reply {
+        let set_id = args
+            .get("fdset-id")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| generic("Parameter 'fdset-id' is missing"))?;
+        let missing = || {
+            generic(format!(
+                "File descriptor named 'fdset-id:{set_id}' not found"
+            ))
+        };
+        let at = self
+            .fdsets
+            .iter()
+            .position(|s| s.id == set_id)
+            .ok_or_else(missing)?;
+        match args.get("fd").and_then(Value::as_i64) {
+            Some(fd) => {
+                let set = &mut self.fdsets[at];
+                let before = set.fds.len();
+                set.fds.retain(|(n, _, _)| *n != fd);
+                if set.fds.len() == before {
+                    return Err(missing());
+                }
+                if set.fds.is_empty() {
+                    self.fdsets.remove(at);
+                }
+            }
+            // Nodes opened from it hold their own dup, as QEMU's do.
+            None => {
+                self.fdsets.remove(at);
+            }
+        }
+        Ok(json!({}))
+    }
+
+    fn blockdev_add(&mut self, args: &Value) -> Reply {
+        let driver = required(args, "driver")?;
+        let name = required(args, "node-name")?;
+        if self.nodes.iter().any(|n| n.node_name == name) {
+            return Err(generic(format!("Duplicate nodes with node-name='{name}'")));
+        }
+        let read_only = args
+            .get("read-only")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let mut node = MockBlockNode {
+            node_name: name.into(),
+            driver: driver.into(),
+            file: None,
+            filename: None,
+            read_only,
+            fd: None,
+        };
+        match driver {
+            "file" | "host_device" => {
+                let filename = required(args, "filename")?;
+                if let Some(set) = filename.strip_prefix("/dev/fdset/") {
+                    let set = set.parse::<i64>().ok();
+                    let fd = self
+                        .fdsets
+                        .iter()
+                        .find(|s| Some(s.id) == set)
+                        .and_then(|s| s.fds.first())
+                        .map(|(_, _, fd)| fd.clone())
+                        .ok_or_else(|| {
+                            generic(format!(
+                                "Could not open '{filename}': No such file or directory"
+                            ))
+                        })?;
+                    node.fd = Some(fd);
+                }
+                node.filename = Some(filename.into());
+            }
+            "raw" | "qcow2" => {
+                let file = required(args, "file")?;
+                let child = self
+                    .nodes
+                    .iter()
+                    .find(|n| n.node_name == file)
+                    .ok_or_else(|| {
+                        generic(format!("Cannot find device='' nor node-name='{file}'"))
+                    })?;
+                if self.nodes.iter().any(|n| n.file.as_deref() == Some(file))
+                    || self
+                        .devices
+                        .iter()
+                        .any(|d| d.drive.as_deref() == Some(file))
+                {
+                    return Err(generic(format!(
+                        "Conflicts with use by another node as 'file', which does not allow 'write' on {file}"
+                    )));
+                }
+                if driver == "qcow2" && !child.fd.as_deref().is_some_and(is_qcow2) {
+                    return Err(generic("Image is not in qcow2 format"));
+                }
+                node.file = Some(file.into());
+            }
+            other => return Err(generic(format!("Invalid parameter '{other}'"))),
+        }
+        self.nodes.push(node);
+        Ok(json!({}))
+    }
+
+    fn blockdev_del(&mut self, name: &str) -> Reply {
+        let at = self
+            .nodes
+            .iter()
+            .position(|n| n.node_name == name)
+            .ok_or_else(|| generic(format!("Failed to find node with node-name='{name}'")))?;
+        if self.nodes.iter().any(|n| n.file.as_deref() == Some(name))
+            || self
+                .devices
+                .iter()
+                .any(|d| d.drive.as_deref() == Some(name))
+        {
+            return Err(generic(format!("Node '{name}' is busy: node is in use")));
+        }
+        self.nodes.remove(at);
+        Ok(json!({}))
+    }
+
+    fn netdev_add(&mut self, args: &Value) -> Reply {
+        let id = required(args, "id")?;
+        if required(args, "type")? != "tap" {
+            return Err(generic("the mock models tap netdevs only"));
+        }
+        if self.netdevs.iter().any(|n| n.id == id) {
+            return Err(generic(format!("Duplicate ID '{id}' for netdev")));
+        }
+        let mut names: Vec<&str> = Vec::new();
+        for key in ["fd", "vhostfd"] {
+            names.extend(str_arg(args, key));
+        }
+        for key in ["fds", "vhostfds"] {
+            if let Some(list) = str_arg(args, key) {
+                names.extend(list.split(':'));
+            }
+        }
+        if names.is_empty() {
+            return Err(generic("the mock needs the tap's fd (fd or fds)"));
+        }
+        if let Some(missing) = names
+            .iter()
+            .find(|n| !self.named_fds.iter().any(|(m, _)| m == *n))
+        {
+            return Err(generic(format!(
+                "File descriptor named '{missing}' has not been found"
+            )));
+        }
+        let mut fds = Vec::new();
+        for name in &names {
+            let at = self
+                .named_fds
+                .iter()
+                .position(|(m, _)| m == name)
+                .expect("checked");
+            fds.push(self.named_fds.remove(at).1);
+        }
+        self.netdevs.push(Netdev {
+            id: id.into(),
+            _fds: fds,
+        });
+        Ok(json!({}))
+    }
+
+    fn device_add(&mut self, args: &Value) -> Reply {
+        let driver = required(args, "driver")?;
+        let id = required(args, "id")?;
+        if self.device(id).is_some() {
+            return Err(generic(format!("Duplicate device ID '{id}'")));
+        }
+        let drive = str_arg(args, "drive").map(str::to_owned);
+        let netdev = str_arg(args, "netdev").map(str::to_owned);
+        if let Some(drive) = &drive {
+            if !self.nodes.iter().any(|n| &n.node_name == drive) {
+                return Err(generic(format!(
+                    "Cannot find device='{drive}' nor node-name='{drive}'"
+                )));
+            }
+            if self.devices.iter().any(|d| d.drive.as_ref() == Some(drive))
+                || self.nodes.iter().any(|n| n.file.as_ref() == Some(drive))
+            {
+                return Err(generic(format!("Drive '{drive}' is already in use")));
+            }
+        }
+        if let Some(drive) = &drive {
+            // Image locking, as QEMU takes it when a device attaches: no two users of one file
+            // when either of them writes.
+            if let Some((file, writes)) = self.image_of(drive) {
+                let clash = self
+                    .devices
+                    .iter()
+                    .filter_map(|d| d.drive.as_deref())
+                    .any(|other| {
+                        self.image_of(other)
+                            .is_some_and(|(f, w)| f == file && (w || writes))
+                    });
+                if clash {
+                    let filename = self.protocol_node(drive).and_then(|n| n.filename.clone());
+                    return Err(generic(format!(
+                        "Failed to get shared \"write\" lock\nIs another process using the image [{}]?",
+                        filename.unwrap_or_default()
+                    )));
+                }
+            }
+        }
+        if let Some(netdev) = &netdev {
+            if !self.netdevs.iter().any(|n| &n.id == netdev) {
+                return Err(generic(format!(
+                    "Property '{driver}.netdev' can't find value '{netdev}'"
+                )));
+            }
+            if self
+                .devices
+                .iter()
+                .any(|d| d.netdev.as_ref() == Some(netdev))
+            {
+                return Err(generic(format!(
+                    "Property '{driver}.netdev' can't take value '{netdev}', it's in use"
+                )));
+            }
+        }
+        let place = if SCSI_DRIVERS.contains(&driver) {
+            let bus = required(args, "bus")?;
+            if !self.scsi_buses.iter().any(|b| b == bus) {
+                return Err(generic(format!("Bus '{bus}' not found")));
+            }
+            let target = args.get("scsi-id").and_then(Value::as_u64).unwrap_or(0) as u16;
+            let lun = args.get("lun").and_then(Value::as_u64).unwrap_or(0) as u16;
+            let taken = self.devices.iter().any(|d| {
+                d.place
+                    == MockPlace::Scsi {
+                        bus: bus.into(),
+                        target,
+                        lun,
+                    }
+            });
+            if taken {
+                return Err(generic(format!(
+                    "lun already used by '{}'",
+                    self.devices
+                        .iter()
+                        .find(|d| matches!(&d.place, MockPlace::Scsi { bus: b, target: t, lun: l } if b == bus && *t == target && *l == lun))
+                        .map(|d| d.id.as_str())
+                        .unwrap_or("")
+                )));
+            }
+            MockPlace::Scsi {
+                bus: bus.into(),
+                target,
+                lun,
+            }
+        } else if PCI_DRIVERS.iter().any(|(d, _, _)| *d == driver) {
+            let bus = str_arg(args, "bus").unwrap_or(self.root_bus()).to_owned();
+            let port = self.root_ports.iter().any(|(p, _, _)| *p == bus);
+            if !port && bus != self.root_bus() {
+                return Err(generic(format!("Bus '{bus}' not found")));
+            }
+            if self.machine == Machine::Q35 && bus == "pcie.0" {
+                return Err(generic("Bus 'pcie.0' does not support hotplugging"));
+            }
+            let (slot, function) = match args.get("addr") {
+                Some(addr) => parse_addr(addr).ok_or_else(|| {
+                    generic(format!(
+                        "Property '{driver}.addr' doesn't take value {addr}"
+                    ))
+                })?,
+                None => (self.free_slot(&bus, port)?, 0),
+            };
+            if port && slot != 0 {
+                return Err(generic(format!(
+                    "PCI: slot {slot} function {function} not available for {driver}, the bus is a PCIe root port"
+                )));
+            }
+            if let Some(user) = self.pci_user(&bus, slot, function) {
+                return Err(generic(format!(
+                    "PCI: slot {slot} function {function} not available for {driver}, in use by {user}"
+                )));
+            }
+            MockPlace::Pci {
+                bus,
+                slot,
+                function,
+            }
+        } else {
+            return Err(generic(format!(
+                "'{driver}' is not a valid device model name"
+            )));
+        };
+        if driver == "virtio-scsi-pci" {
+            self.scsi_buses.push(format!("{id}.0"));
+        }
+        self.devices.push(MockDevice {
+            id: id.into(),
+            driver: driver.into(),
+            place,
+            drive,
+            netdev,
+            unplugging: false,
+        });
+        Ok(json!({}))
+    }
+
+    /// The protocol node at the bottom of node `name`'s chain.
+    fn protocol_node(&self, name: &str) -> Option<&MockBlockNode> {
+        let mut node = self.nodes.iter().find(|n| n.node_name == name)?;
+        while let Some(file) = &node.file {
+            node = self.nodes.iter().find(|n| &n.node_name == file)?;
+        }
+        Some(node)
+    }
+
+    /// The file under node `name` (device and inode of its fd) and whether a device on it writes.
+    fn image_of(&self, name: &str) -> Option<((u64, u64), bool)> {
+        let top = self.nodes.iter().find(|n| n.node_name == name)?;
+        let bottom = self.protocol_node(name)?;
+        let fd = bottom.fd.as_deref()?;
+        let file = std::fs::File::from(fd.try_clone().ok()?);
+        let meta = file.metadata().ok()?;
+        use std::os::unix::fs::MetadataExt;
+        Some((
+            (meta.dev(), meta.ino()),
+            !(top.read_only || bottom.read_only),
+        ))
+    }
+
+    /// Who uses slot `slot` of `bus`, if anything does (the builtin devices included).
+    fn pci_user(&self, bus: &str, slot: u8, function: u8) -> Option<String> {
+        if bus == self.root_bus() {
+            let builtin: &[u8] = match self.machine {
+                Machine::Pc => &[0, 1],
+                Machine::Q35 => &[0, 0x1f],
+            };
+            if builtin.contains(&slot) {
+                return Some("a device of the machine".into());
+            }
+        }
+        self.devices
+            .iter()
+            .find(|d| {
+                d.place
+                    == MockPlace::Pci {
+                        bus: bus.into(),
+                        slot,
+                        function,
+                    }
+            })
+            .map(|d| format!("{},id={}", d.driver, d.id))
+    }
+
+    fn free_slot(&self, bus: &str, port: bool) -> Result<u8, (&'static str, String)> {
+        let slots = if port { 0..1 } else { 0..32 };
+        slots
+            .into_iter()
+            .find(|s| self.pci_user(bus, *s, 0).is_none())
+            .ok_or_else(|| generic(format!("PCI: no slot/function available on {bus}")))
+    }
+
+    fn device_del(&mut self, id: &str, later: &mut Option<Later>) -> Reply {
+        let behaviour = self.guest_unplug;
+        let device = self
+            .devices
+            .iter_mut()
+            .find(|d| d.id == id)
+            .ok_or_else(|| not_found(format!("Device '{id}' not found")))?;
+        if matches!(device.place, MockPlace::Scsi { .. }) {
+            // A virtio-scsi bus lets a disk go at once, guest or no guest.
+            self.finish_unplug(id);
+            return Ok(json!({}));
+        }
+        if device.unplugging && behaviour == GuestUnplug::Never {
+            return Err(generic(format!(
+                "Device {id} is already in the process of unplug"
+            )));
+        }
+        device.unplugging = true;
+        *later = match behaviour {
+            GuestUnplug::Release => Some(Later::Unplug(id.into(), Duration::ZERO)),
+            GuestUnplug::After(after) => Some(Later::Unplug(id.into(), after)),
+            GuestUnplug::Refuse => {
+                device.unplugging = false;
+                Some(Later::Refuse(id.into()))
+            }
+            GuestUnplug::Never => None,
+        };
+        Ok(json!({}))
+    }
+
+    /// The guest let device `id` go: it leaves, with `DEVICE_DELETED` (for a virtio device, first
+    /// the one for its backend, without an id, as QEMU sends).
+    pub(crate) fn finish_unplug(&mut self, id: &str) {
+        let Some(at) = self.devices.iter().position(|d| d.id == id) else {
+            return;
+        };
+        let device = self.devices.remove(at);
+        let path = format!("/machine/peripheral/{id}");
+        if device.driver.starts_with("virtio-") {
+            self.emit(
+                "DEVICE_DELETED",
+                json!({ "path": format!("{path}/virtio-backend") }),
+            );
+        }
+        if device.driver == "virtio-scsi-pci" {
+            let bus = format!("{id}.0");
+            self.scsi_buses.retain(|b| *b != bus);
+        }
+        self.emit("DEVICE_DELETED", json!({"device": id, "path": path}));
+    }
+}
+
+/// What a `device_del` leaves for later.
+pub(crate) enum Later {
+    /// The device goes after this long.
+    Unplug(String, Duration),
+    /// The guest refuses, right after the reply.
+    Refuse(String),
+}
+
+fn node_info(n: &MockBlockNode) -> Value {
+    let file = n
+        .filename
+        .clone()
+        .or_else(|| n.file.clone())
+        .unwrap_or_default();
+    json!({"file": file, "node-name": n.node_name, "ro": n.read_only, "drv": n.driver,
+           "encrypted": false, "detect_zeroes": "off", "bps": 0, "bps_rd": 0, "bps_wr": 0,
+           "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0, "cache":
+           {"writeback": true, "direct": false, "no-flush": false}})
+}
+
+/// True when the file behind `fd` starts with qcow2's magic.
+fn is_qcow2(fd: &OwnedFd) -> bool {
+    let file = std::fs::File::from(fd.try_clone().expect("dup"));
+    let mut magic = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut magic, 0).is_ok() && magic == *b"QFI\xfb"
+}
+
+/// The mock's QAPI schema: each command with its arguments, and the events it sends.
+fn schema() -> Value {
+    let mut infos = Vec::new();
+    for (i, (name, args)) in COMMANDS.iter().enumerate() {
+        let arg_type = format!("a{i}");
+        let members: Vec<Value> = args
+            .iter()
+            .map(|a| json!({"name": a, "type": "any", "default": null}))
+            .collect();
+        infos.push(json!({"name": arg_type, "meta-type": "object", "members": members}));
+        infos.push(
+            json!({"name": name, "meta-type": "command", "arg-type": arg_type,
+                          "ret-type": "any", "allow-oob": false}),
+        );
+    }
+    for event in EVENTS {
+        infos.push(json!({"name": event, "meta-type": "event", "arg-type": "e"}));
+    }
+    let device_members = json!([{"name": "device", "type": "str", "default": null},
+                                {"name": "path", "type": "str"}]);
+    infos.push(json!({"name": "e", "meta-type": "object", "members": device_members}));
+    infos.push(json!({"name": "any", "meta-type": "builtin", "json-type": "value"}));
+    Value::Array(infos)
+}

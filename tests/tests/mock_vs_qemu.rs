@@ -1,0 +1,198 @@
+//! One set of hot-plug scenarios, run against the published mock QEMU (`qhotplug_qmp::mock`) and
+//! against real QEMU, with the same SDK calls. What each observes (every outcome, and QEMU's state
+//! after each step, reduced to what the mock models) must be the same: a difference is a bug in
+//! the mock.
+
+use std::path::Path;
+use std::time::Duration;
+
+use qhotplug::{DiskConfig, Error, Format, NicConfig, Pci, UnplugPolicy, Vm};
+use qhotplug_qmp::command::{QomList, QueryFdsets, QueryNamedBlockNodes, QueryPci};
+use qhotplug_qmp::mock::{GuestUnplug, MockQemu};
+use qhotplug_tests::{image, pc_spec, TestVm};
+use serde_json::json;
+
+/// QEMU's state as far as the mock models it: our devices and where they sit, block nodes, fd
+/// sets (by tag), all sorted.
+async fn state(vm: &Vm) -> String {
+    let c = vm.client();
+    let mut devices: Vec<String> = c
+        .execute(&QomList {
+            path: "/machine/peripheral".into(),
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.child_type().is_some())
+        .map(|p| format!("{}:{}", p.name, p.child_type().unwrap()))
+        .collect();
+    devices.sort();
+    let mut slots: Vec<String> = Vec::new();
+    for bus in c.execute(&QueryPci).await.unwrap() {
+        for d in bus.devices.iter().filter(|d| !d.qdev_id.is_empty()) {
+            slots.push(format!("{}@{}", d.qdev_id, d.slot));
+        }
+    }
+    slots.sort();
+    let mut nodes: Vec<String> = c
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|n| Some(format!("{}:{}", n.node_name?, n.drv)))
+        .collect();
+    nodes.sort();
+    let mut fdsets: Vec<String> = c
+        .execute(&QueryFdsets)
+        .await
+        .unwrap()
+        .into_iter()
+        .flat_map(|s| s.fds.into_iter().filter_map(|f| f.opaque))
+        .collect();
+    fdsets.sort();
+    format!("devices {devices:?} slots {slots:?} nodes {nodes:?} fdsets {fdsets:?}")
+}
+
+/// An outcome, without what only one of the two can say (QEMU's exact words).
+fn outcome<T: std::fmt::Debug>(r: &qhotplug::Result<T>) -> String {
+    match r {
+        Ok(v) => format!("ok {v:?}"),
+        Err(Error::Step {
+            step,
+            undo_failures,
+            ..
+        }) => format!("failed at {step}, {} undo failures", undo_failures.len()),
+        Err(Error::UnplugPending { id, .. }) => format!("{id} pending"),
+        Err(Error::DuplicateId(id)) => format!("duplicate {id}"),
+        Err(other) => format!("error {other}"),
+    }
+}
+
+/// The scenarios. `nic` makes the NIC's config (a real tap for QEMU, any fd for the mock).
+async fn scenarios(vm: &Vm, dir: &Path, nic: NicConfig, behind: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let raw = image(dir, "m.raw", 1);
+    let mut note = |what: &str, text: String| seen.push(format!("{what}: {text}"));
+    note("start", state(vm).await);
+    let d1 = vm.add_disk(DiskConfig::virtio_blk("d1", &raw)).await;
+    note("virtio-blk", outcome(&d1.map(|d| d.frontend)));
+    let s1 = vm
+        .add_disk(DiskConfig::scsi_hd("s1", &raw).read_only(true))
+        .await;
+    note("scsi-hd", outcome(&s1.map(|d| d.frontend)));
+    let n1 = vm
+        .add_nic(nic.mac("52:54:00:00:00:01".parse().unwrap()))
+        .await;
+    note("nic", outcome(&n1.map(|n| n.pci)));
+    note("after adds", state(vm).await);
+
+    // A qcow2 node on a raw image: refused at the format node, every step before undone.
+    let bad = vm
+        .add_disk(DiskConfig::virtio_blk("q1", &raw).format(Format::Qcow2))
+        .await;
+    note("qcow2 on raw", outcome(&bad));
+    note("after the rollback", state(vm).await);
+    let dup = vm.add_disk(DiskConfig::virtio_blk("d1", &raw)).await;
+    note("same id", outcome(&dup));
+
+    // A device added behind the SDK's back takes slot 20; a disk sent there fails at device_add.
+    vm.client()
+        .execute_raw(
+            "device_add",
+            &json!({"driver": behind, "id": "behind", "addr": "0x14"}),
+        )
+        .await
+        .unwrap();
+    let taken = vm
+        .add_disk(DiskConfig::virtio_blk("t1", &raw).at_pci(Pci::new("pci.0", 20)))
+        .await;
+    note("occupied slot", outcome(&taken));
+    note("after that rollback", state(vm).await);
+
+    // SCSI disks leave at once; a PCI device waits for a guest that is not there.
+    note("remove scsi-hd", outcome(&vm.remove_disk("s1").await));
+    let hasty = vm.with_unplug_policy(UnplugPolicy::new(Duration::from_millis(300)));
+    note("remove virtio-blk", outcome(&hasty.remove_disk("d1").await));
+    note("pending", format!("{}", vm.unplug_pending("d1")));
+    note(
+        "reconcile",
+        format!("{:?}", vm.reconcile().await.map(|r| r.gone)),
+    );
+    note("end", state(vm).await);
+    seen
+}
+
+#[test]
+fn the_mock_and_real_qemu_observe_the_same_scenarios() {
+    qhotplug_tests::serial_test(async {
+        // Real QEMU: pc, running, no guest OS (PCI unplugs stay pending), a real tap. Running,
+        // because QEMU before 9.1 keeps a removed fd set's fds (and lists them) while paused.
+        let t = TestVm::running(pc_spec()).await;
+        let tap = qhotplug::TapBuilder::new("qhm%d").create().unwrap();
+        let real = scenarios(
+            &t.vm,
+            t.dir(),
+            NicConfig::new("n1", tap).no_vhost(),
+            "virtio-balloon-pci",
+        )
+        .await;
+
+        // The mock: the same machine, a guest that never answers a PCI unplug.
+        let qemu = MockQemu::pc().with_scsi_controller("scsi0", 3);
+        qemu.guest_unplug(GuestUnplug::Never);
+        let client = qemu.connect().await.unwrap();
+        let vm = Vm::attach(client, pc_spec()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let nic = NicConfig::from_fds("n1", vec![qhotplug_tests::pipe_fd()]).no_vhost();
+        let mocked = scenarios(&vm, dir.path(), nic, "virtio-balloon-pci").await;
+
+        for (r, m) in real.iter().zip(&mocked) {
+            assert_eq!(r, m, "real QEMU and the mock differ");
+        }
+        assert_eq!(real.len(), mocked.len());
+        // The mock recorded what it was given: the image for each disk, the tap for the NIC.
+        let fds: Vec<String> = qemu.received_fds().into_iter().map(|r| r.command).collect();
+        assert_eq!(fds, ["add-fd", "add-fd", "getfd", "add-fd", "add-fd"]);
+    });
+}
+
+#[test]
+fn the_mock_fails_a_named_command_and_its_guest_refuses_or_takes_its_time() {
+    qhotplug_tests::serial_test(async {
+        let qemu = MockQemu::pc();
+        let vm = Vm::attach(
+            qemu.connect().await.unwrap(),
+            qhotplug::VmSpec::new("m", qhotplug::Machine::Pc),
+        )
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let raw = image(dir.path(), "m.raw", 1);
+        // A failure injected at the format node: everything before it is undone.
+        qemu.fail_next("blockdev-add", "injected");
+        let err = vm
+            .add_disk(DiskConfig::virtio_blk("f1", &raw))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            outcome::<()>(&Err(err)),
+            "failed at blockdev-add, 0 undo failures"
+        );
+        assert!(
+            qemu.block_nodes().is_empty() && qemu.fdsets().is_empty() && qemu.devices().is_empty()
+        );
+
+        vm.add_disk(DiskConfig::virtio_blk("f1", &raw))
+            .await
+            .unwrap();
+        qemu.guest_unplug(GuestUnplug::Refuse);
+        match vm.remove_disk("f1").await {
+            Err(Error::UnplugRejected { id, .. }) => assert_eq!(id, "f1"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(qemu.devices().len(), 1, "kept");
+        qemu.guest_unplug(GuestUnplug::After(Duration::from_millis(50)));
+        vm.remove_disk("f1").await.unwrap();
+        assert!(qemu.devices().is_empty() && qemu.block_nodes().is_empty());
+    });
+}
