@@ -69,6 +69,23 @@ pub fn open_fds() -> Vec<(i32, String)> {
     out
 }
 
+/// The steps of a disk hot-add, as its `step` spans name them: what the fault and cancellation
+/// tests find, one drop or kill point each.
+pub const DISK_HOT_ADD_STEPS: [&str; 5] = [
+    "add-fd",
+    "blockdev-add",
+    "blockdev-add",
+    "remove-fd",
+    "device_add",
+];
+
+/// The steps of a NIC hot-add with `queues` tap queues and no vhost-net.
+pub fn nic_hot_add_steps(queues: usize) -> Vec<&'static str> {
+    let mut steps = vec!["getfd"; queues];
+    steps.extend(["netdev_add", "device_add"]);
+    steps
+}
+
 /// Our resident set size, in MiB (`VmRSS` from `/proc/self/status`).
 pub fn rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");

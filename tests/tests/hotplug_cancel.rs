@@ -65,16 +65,7 @@ fn every_drop_point_of_a_hot_add_is_undone_and_reconciled() {
             assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
             steps.push(step);
         }
-        assert_eq!(
-            steps,
-            [
-                "add-fd",
-                "blockdev-add",
-                "blockdev-add",
-                "remove-fd",
-                "device_add"
-            ]
-        );
+        assert_eq!(steps, qhotplug_tests::DISK_HOT_ADD_STEPS);
         let mut steps = Vec::new();
         for n in 0.. {
             let id = format!("cn{n}");
@@ -91,7 +82,7 @@ fn every_drop_point_of_a_hot_add_is_undone_and_reconciled() {
             assert_eq!(view(&vm).await, before, "{id} dropped at {step}");
             steps.push(step);
         }
-        assert_eq!(steps, ["getfd", "getfd", "netdev_add", "device_add"]);
+        assert_eq!(steps, qhotplug_tests::nic_hot_add_steps(2));
         assert_eq!(view(&vm).await, before);
         // The SDK's view is whole again: the same ids plug in.
         vm.add_disk(DiskConfig::virtio_blk("cd0", &path))

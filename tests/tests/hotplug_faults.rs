@@ -96,16 +96,7 @@ fn qemu_killed_at_each_step_of_a_disk_hot_add() {
                 None => break,
             }
         }
-        assert_eq!(
-            steps,
-            [
-                "add-fd",
-                "blockdev-add",
-                "blockdev-add",
-                "remove-fd",
-                "device_add"
-            ]
-        );
+        assert_eq!(steps, qhotplug_tests::DISK_HOT_ADD_STEPS);
     });
 }
 
@@ -124,7 +115,7 @@ fn qemu_killed_at_each_step_of_a_nic_hot_add() {
                 None => break,
             }
         }
-        assert_eq!(steps, ["getfd", "getfd", "netdev_add", "device_add"]);
+        assert_eq!(steps, qhotplug_tests::nic_hot_add_steps(2));
     });
 }
 

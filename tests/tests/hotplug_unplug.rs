@@ -30,6 +30,18 @@ fn pressed_as_intended(verdicts: &[String]) -> usize {
     before.len()
 }
 
+/// Hot-adds a virtio-blk disk and waits until the guest reports it.
+async fn plug_and_see(g: &Guest, id: &str, path: &std::path::Path) {
+    let mark = g.console.mark();
+    g.vm.add_disk(DiskConfig::virtio_blk(id, path))
+        .await
+        .unwrap();
+    g.console
+        .wait_for(mark, "qhg: add block vd", SEEN)
+        .await
+        .expect("the guest saw the disk");
+}
+
 /// Plugs a disk, unplugs it at once, and checks it is gone, in QEMU and in the guest.
 async fn plug_then_unplug_at_once(g: &Guest) -> Vec<String> {
     let presses = Presses::default();
@@ -85,14 +97,7 @@ fn a_guest_that_does_not_answer_ends_pending_and_a_later_call_completes_it() {
     qhotplug_tests::serial_test(async {
         let g = Guest::boot(pc_spec(), |l| l).await;
         let path = image(g.dir(), "p.raw", 1);
-        let mark = g.console.mark();
-        g.vm.add_disk(DiskConfig::virtio_blk("p1", &path))
-            .await
-            .unwrap();
-        g.console
-            .wait_for(mark, "qhg: add block vd", SEEN)
-            .await
-            .expect("the guest saw the disk");
+        plug_and_see(&g, "p1", &path).await;
         // A guest that is not running cannot answer.
         g.vm.client().execute(&Stop).await.unwrap();
         let presses = Presses::default();
@@ -166,14 +171,7 @@ fn pcie_refusals_of_a_press_are_classified_on_this_qemu() {
             g.vm.remove_disk("r0").await.unwrap();
         }
         // Plugged and seen by the guest, then pressed twice: the second is refused as under way.
-        let mark = g.console.mark();
-        g.vm.add_disk(DiskConfig::virtio_blk("r1", &path))
-            .await
-            .unwrap();
-        g.console
-            .wait_for(mark, "qhg: add block vd", SEEN)
-            .await
-            .expect("the guest saw the disk");
+        plug_and_see(&g, "r1", &path).await;
         let mut events = c.events();
         c.execute(&DeviceDel { id: "r1".into() }).await.unwrap();
         let second = c.execute(&DeviceDel { id: "r1".into() }).await.unwrap_err();
