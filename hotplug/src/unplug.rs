@@ -162,7 +162,7 @@ async fn wait(
                     Err(e) => return Err(e.into()),
                 },
             };
-            match &event.kind {
+            match event.kind() {
                 EventKind::DeviceDeleted(d) if d.device.as_deref() == Some(id) => {
                     return Ok(Unplugged::Now)
                 }

@@ -215,7 +215,7 @@ impl Config {
                 oob,
                 inband_ids: self.inband_ids,
                 default_timeout: self.default_timeout,
-                schema: tokio::sync::OnceCell::new(),
+                schema: std::sync::OnceLock::new(),
             }),
         };
         let connection = Connection {
@@ -297,8 +297,8 @@ struct Inner {
     oob: bool,
     inband_ids: bool,
     default_timeout: Option<Duration>,
-    /// Read on first need, then shared by every clone.
-    schema: tokio::sync::OnceCell<Arc<Schema>>,
+    /// The cell its QEMU build's schema is loaded into, shared by every connection to the build.
+    schema: std::sync::OnceLock<Arc<crate::schema::Cell>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -331,13 +331,12 @@ impl Client {
     /// `query-qmp-schema` on first use, then kept for this connection and its clones, and shared
     /// with every other connection to the same QEMU build. See [`Schema`].
     pub async fn schema(&self) -> Result<Arc<Schema>> {
-        let schema = self
+        let cell = self
             .inner
             .schema
+            .get_or_init(|| crate::schema::cell(&self.inner.greeting));
+        let schema = cell
             .get_or_try_init(|| async {
-                if let Some(schema) = crate::schema::cached(&self.inner.greeting) {
-                    return Ok(schema);
-                }
                 const NAME: &str = "query-qmp-schema";
                 let raw = self
                     .send(
@@ -350,9 +349,9 @@ impl Client {
                     .await?;
                 let schema = Schema::from_json(raw.get()).map_err(|e| Error::UnexpectedReply {
                     command: NAME.into(),
-                    source: std::sync::Arc::new(e),
+                    source: Arc::new(e),
                 })?;
-                Ok::<_, Error>(crate::schema::remember(&self.inner.greeting, schema))
+                Ok::<_, Error>(Arc::new(schema))
             })
             .await?;
         Ok(schema.clone())

@@ -12,14 +12,14 @@ use crate::message::Timestamp;
 
 /// One event, as QEMU emitted it: its typed [`EventKind`], and its `data` exactly as sent, so
 /// members a newer QEMU adds to a known event are kept ([`Event::data`], [`Event::to_json`]).
+///
+/// Cheap to clone: the kind and data are shared, so every subscriber's copy of an event (and the
+/// connection's buffer of recent events) costs a pointer, however large the event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     /// When QEMU emitted it.
     pub timestamp: Timestamp,
-    /// What happened.
-    pub kind: EventKind,
-    /// The `data` member as sent (`Null` when it had none).
-    data: Value,
+    inner: std::sync::Arc<(EventKind, Value)>,
 }
 
 /// What an event says.
@@ -133,14 +133,18 @@ impl Event {
         let kind = kind.unwrap_or(EventKind::Other { name });
         Event {
             timestamp,
-            kind,
-            data,
+            inner: std::sync::Arc::new((kind, data)),
         }
+    }
+
+    /// What happened.
+    pub fn kind(&self) -> &EventKind {
+        &self.inner.0
     }
 
     /// The event's QMP name, for example `DEVICE_DELETED`.
     pub fn name(&self) -> &str {
-        match &self.kind {
+        match self.kind() {
             EventKind::DeviceDeleted(_) => "DEVICE_DELETED",
             EventKind::DeviceUnplugGuestError(_) => "DEVICE_UNPLUG_GUEST_ERROR",
             EventKind::Shutdown(_) => "SHUTDOWN",
@@ -157,15 +161,15 @@ impl Event {
     /// The event's `data` member as QEMU sent it (`Null` when it had none), members the typed
     /// kind does not know included.
     pub fn data(&self) -> &Value {
-        &self.data
+        &self.inner.1
     }
 
     /// The event in QMP's wire form: `{"event": …, "data": …, "timestamp": …}`.
     pub fn to_json(&self) -> Value {
         let mut obj = Map::new();
         obj.insert("event".into(), Value::String(self.name().to_owned()));
-        if !self.data.is_null() {
-            obj.insert("data".into(), self.data.clone());
+        if !self.data().is_null() {
+            obj.insert("data".into(), self.data().clone());
         }
         obj.insert(
             "timestamp".into(),
@@ -177,7 +181,7 @@ impl Event {
     /// For `DEVICE_DELETED`: the id of the device that is gone. `None` for other events and for the
     /// id-less events QEMU emits for a device's internal children (such as `virtio-backend`).
     pub fn deleted_device(&self) -> Option<&str> {
-        match &self.kind {
+        match self.kind() {
             EventKind::DeviceDeleted(DeviceEvent {
                 device: Some(id), ..
             }) => Some(id),
@@ -220,7 +224,7 @@ mod tests {
             ),
             ts,
         );
-        match &ost.kind {
+        match &ost.kind() {
             EventKind::AcpiDeviceOst(o) => assert_eq!(
                 (o.info.device.as_deref(), o.info.status),
                 (Some("dimm1"), 0x82)
@@ -236,7 +240,7 @@ mod tests {
         assert_eq!(backend.deleted_device(), None);
 
         let odd = Event::from_wire("DEVICE_DELETED".into(), Some(json!({"weird": 1})), ts);
-        assert!(matches!(odd.kind, EventKind::Other { .. }));
+        assert!(matches!(odd.kind(), EventKind::Other { .. }));
         assert_eq!(odd.name(), "DEVICE_DELETED");
 
         let unknown = Event::from_wire("BRAND_NEW".into(), Some(json!([1, 2])), ts);
@@ -247,7 +251,7 @@ mod tests {
         );
         let stop = Event::from_wire("STOP".into(), None, ts);
         assert_eq!(stop.data(), &Value::Null);
-        assert_eq!(stop.kind, EventKind::Stop);
+        assert_eq!(stop.kind(), &EventKind::Stop);
         assert_eq!(stop.to_json().get("data"), None);
     }
 }

@@ -140,7 +140,7 @@ impl MockQemu {
         self.model().guest_unplug = behaviour;
     }
 
-    /// Every command received, in order (`qmp_capabilities` and `query-qmp-schema` left out).
+    /// Every command received, in order (`qmp_capabilities` left out).
     pub fn commands(&self) -> Vec<String> {
         self.model().log.clone()
     }

@@ -1,10 +1,11 @@
 //! What a QEMU can do, from its own QAPI schema (`query-qmp-schema`), rather than from version
 //! numbers.
 //!
-//! [`Client::schema`](crate::Client::schema) reads it once per connection, on first need, and
-//! shares one parsed copy between every connection to the same QEMU build (same version, package
-//! string and capabilities), so a host running hundreds of VMs of one QEMU holds it once. It is
-//! about 200 KiB of JSON on QEMU 10.0.
+//! [`Client::schema`](crate::Client::schema) reads it on first need and shares one parsed copy
+//! between every connection to the same QEMU build (same version, package string and
+//! capabilities): a host running hundreds of VMs of one QEMU reads it once (the first connection
+//! to ask does; the others wait for it) and holds it once. It is about 200 KiB of JSON on QEMU
+//! 10.0.
 //!
 //! QEMU masks the names of most types in its introspection (they appear as `"1"`, `"2"`, …), so
 //! questions are asked through what has a stable name: commands, their arguments and return
@@ -207,34 +208,32 @@ impl Schema {
 
 type Key = (String, String, Vec<String>);
 
-/// Parsed schemas by QEMU build, kept while any connection uses them.
-static CACHE: Mutex<Vec<(Key, Weak<Schema>)>> = Mutex::new(Vec::new());
+/// Where a build's schema is loaded, once: every connection to the build shares the cell, so
+/// however many connect at once, one reads `query-qmp-schema` and the others wait for it.
+pub(crate) type Cell = tokio::sync::OnceCell<Arc<Schema>>;
 
-fn key(greeting: &Greeting) -> Key {
-    (
+/// The cells of the builds some live connection uses.
+static CELLS: Mutex<Vec<(Key, Weak<Cell>)>> = Mutex::new(Vec::new());
+
+/// The shared cell of the QEMU build that sent `greeting`.
+pub(crate) fn cell(greeting: &Greeting) -> Arc<Cell> {
+    let key: Key = (
         greeting.version.qemu.to_string(),
         greeting.version.package.clone(),
         greeting.capabilities.clone(),
-    )
-}
-
-/// The schema of the QEMU build that sent `greeting`, if a live connection already read it.
-pub(crate) fn cached(greeting: &Greeting) -> Option<Arc<Schema>> {
-    let key = key(greeting);
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    cache.retain(|(_, weak)| weak.strong_count() > 0);
-    cache
+    );
+    let mut cells = CELLS.lock().unwrap_or_else(|p| p.into_inner());
+    cells.retain(|(_, weak)| weak.strong_count() > 0);
+    if let Some(cell) = cells
         .iter()
         .find(|(k, _)| *k == key)
         .and_then(|(_, w)| w.upgrade())
-}
-
-/// Shares a freshly read schema with later connections to the same build.
-pub(crate) fn remember(greeting: &Greeting, schema: Schema) -> Arc<Schema> {
-    let schema = Arc::new(schema);
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    cache.push((key(greeting), Arc::downgrade(&schema)));
-    schema
+    {
+        return cell;
+    }
+    let cell = Arc::new(Cell::new());
+    cells.push((key, Arc::downgrade(&cell)));
+    cell
 }
 
 #[cfg(test)]

@@ -14,206 +14,22 @@
 //!
 //! Prints the tables and, last, `ratio_disk=… ratio_nic=… ratio_64=…` (floor time / SDK time).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use qhotplug::{DiskConfig, NicConfig, Vm};
-use qhotplug_cmdline::{Disk, Nic, Pci, ScsiAddr};
-use qhotplug_netdev::MacAddr;
+use qhotplug_cmdline::{Disk, ScsiAddr};
 use qhotplug_netdev::TapBuilder;
-use qhotplug_qmp::command::{AddFd, Getfd, RemoveFd};
-use qhotplug_qmp::message::{encode_request, Execution};
+use qhotplug_tests::raw::RawMonitor;
 use qhotplug_tests::timing::Timings;
 use qhotplug_tests::{pc_spec, TestVm};
-use sendfd::SendWithFd;
-use serde_json::{json, Value};
 use tracing_subscriber::layer::SubscriberExt;
 
 const DISK_ROUNDS: usize = 30;
 const NIC_ROUNDS: usize = 10;
 const BULK: usize = 64;
 const BULK_ROUNDS: usize = 3;
-
-struct Raw {
-    write: UnixStream,
-    read: BufReader<UnixStream>,
-}
-
-impl Raw {
-    fn connect(path: &Path) -> Raw {
-        let stream = UnixStream::connect(path).expect("connect the floor monitor");
-        let mut raw = Raw {
-            write: stream.try_clone().unwrap(),
-            read: BufReader::new(stream),
-        };
-        let mut greeting = String::new();
-        raw.read.read_line(&mut greeting).unwrap();
-        raw.call(&json!({"execute": "qmp_capabilities"}), None);
-        raw
-    }
-
-    /// One round trip; events before the reply are skipped. Returns the reply's `return`.
-    fn call(&mut self, request: &Value, fd: Option<&std::fs::File>) -> Value {
-        let name = request["execute"].as_str().unwrap();
-        let args = request.get("arguments").cloned().unwrap_or(json!({}));
-        self.send(name, &args, fd)
-    }
-
-    /// The request is encoded exactly as the SDK encodes it (`encode_request`), so both sides
-    /// send the same bytes.
-    fn send<A: serde::Serialize>(
-        &mut self,
-        name: &str,
-        args: &A,
-        fd: Option<&std::fs::File>,
-    ) -> Value {
-        let mut bytes = Vec::new();
-        encode_request(&mut bytes, name, args, Execution::InBand).unwrap();
-        match fd {
-            Some(f) => {
-                let n = self.write.send_with_fd(&bytes, &[f.as_raw_fd()]).unwrap();
-                self.write.write_all(&bytes[n..]).unwrap();
-            }
-            None => self.write.write_all(&bytes).unwrap(),
-        }
-        let mut line = String::new();
-        loop {
-            line.clear();
-            self.read.read_line(&mut line).unwrap();
-            let v: Value = serde_json::from_str(&line).unwrap();
-            if v.get("event").is_some() {
-                continue;
-            }
-            return v
-                .get("return")
-                .cloned()
-                .unwrap_or_else(|| panic!("{name}: {v}"));
-        }
-    }
-
-    fn step<A: serde::Serialize>(
-        &mut self,
-        steps: &mut Vec<(&'static str, Duration)>,
-        name: &'static str,
-        args: &A,
-        fd: Option<&std::fs::File>,
-    ) -> Value {
-        let start = Instant::now();
-        let out = self.send(name, args, fd);
-        steps.push((name, start.elapsed()));
-        out
-    }
-
-    /// The SDK's disk sequence, by hand, with the same command values; the time of each step.
-    fn add_disk(&mut self, id: &str, path: &Path, target: u16) -> Vec<(&'static str, Duration)> {
-        let disk = Disk::scsi_hd(
-            id,
-            path,
-            ScsiAddr {
-                bus: "scsi0.0".into(),
-                channel: 0,
-                scsi_id: target,
-                lun: 0,
-            },
-        );
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .unwrap();
-        let mut steps = Vec::new();
-        let add = AddFd {
-            fdset_id: None,
-            opaque: Some(format!("qhotplug:{id}")),
-        };
-        let info = self.step(&mut steps, "add-fd", &add, Some(&file));
-        drop(file);
-        let set = info["fdset-id"].as_i64().unwrap();
-        for node in disk.blockdev_add(&format!("/dev/fdset/{set}")) {
-            self.step(&mut steps, "blockdev-add", &node, None);
-        }
-        self.step(
-            &mut steps,
-            "remove-fd",
-            &RemoveFd {
-                fdset_id: set,
-                fd: None,
-            },
-            None,
-        );
-        self.step(&mut steps, "device_add", &disk.device_add(), None);
-        steps
-    }
-
-    /// Removes what `add_disk` added (SCSI needs no guest). Not timed.
-    fn remove_disk(&mut self, id: &str) {
-        self.call(
-            &json!({"execute": "device_del", "arguments": {"id": id}}),
-            None,
-        );
-        for node in ["fmt", "file"] {
-            let name = format!("{id}-{node}");
-            // device_del of a SCSI disk completes at once; the node may take one more round trip.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let mut bytes = serde_json::to_vec(
-                    &json!({"execute": "blockdev-del", "arguments": {"node-name": name}}),
-                )
-                .unwrap();
-                bytes.extend_from_slice(b"\r\n");
-                self.write.write_all(&bytes).unwrap();
-                let mut line = String::new();
-                let reply = loop {
-                    line.clear();
-                    self.read.read_line(&mut line).unwrap();
-                    let v: Value = serde_json::from_str(&line).unwrap();
-                    if v.get("event").is_none() {
-                        break v;
-                    }
-                };
-                if reply.get("return").is_some() {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "blockdev-del {name}: {reply}");
-            }
-        }
-    }
-
-    fn add_nic(&mut self, id: &str, slot: u8) -> Vec<(&'static str, Duration)> {
-        let tap = TapBuilder::new("qhb%d").create().unwrap();
-        let fd = std::fs::File::from(tap.into_queues().pop().unwrap());
-        let nic = Nic {
-            id: id.into(),
-            mac: MacAddr::random_qemu(),
-            queues: 1,
-            pci: Pci::new("pci.0", slot),
-            vhost: false,
-        };
-        let mut steps = Vec::new();
-        let fdname = format!("{id}-tap0");
-        self.step(
-            &mut steps,
-            "getfd",
-            &Getfd {
-                fdname: fdname.clone(),
-            },
-            Some(&fd),
-        );
-        drop(fd);
-        self.step(
-            &mut steps,
-            "netdev_add",
-            &nic.netdev_add(&[fdname], &[]),
-            None,
-        );
-        self.step(&mut steps, "device_add", &nic.device_add(), None);
-        steps
-    }
-}
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -286,6 +102,20 @@ fn sdk_steps(timings: &Timings) -> Vec<(&'static str, Duration)> {
         .collect()
 }
 
+/// The `scsi-hd` the floor adds, at target `target` of `scsi0.0`.
+fn scsi_disk(id: &str, path: &Path, target: u16) -> Disk {
+    Disk::scsi_hd(
+        id,
+        path,
+        ScsiAddr {
+            bus: "scsi0.0".into(),
+            channel: 0,
+            scsi_id: target,
+            lun: 0,
+        },
+    )
+}
+
 fn image(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::File::create(&path)
@@ -319,7 +149,7 @@ async fn run(timings: Timings) {
     ];
     let t = TestVm::launch(spec).await;
     let vm: Vm = t.vm.clone();
-    let mut raw = Raw::connect(&floor_path);
+    let mut raw = RawMonitor::connect(&floor_path);
     let img = image(dir.path(), "disk.raw");
     println!("QEMU {}, paused, TCG", vm.client().greeting().version.qemu);
 
@@ -328,15 +158,15 @@ async fn run(timings: Timings) {
         .await
         .unwrap();
     vm.remove_disk("warm").await.unwrap();
-    raw.add_disk("rwarm", &img, 200);
-    raw.remove_disk("rwarm");
+    raw.add_disk(&scsi_disk("rwarm", &img, 200));
+    raw.remove_disk(&scsi_disk("rwarm", &img, 200));
     timings.take();
 
     // Disk latency, alternating floor and SDK.
     let (mut raw_rounds, mut sdk_rounds, mut sdk_total) = (vec![], vec![], vec![]);
     for i in 0..DISK_ROUNDS {
-        raw_rounds.push(raw.add_disk(&format!("r{i}"), &img, 100));
-        raw.remove_disk(&format!("r{i}"));
+        raw_rounds.push(raw.add_disk(&scsi_disk(&format!("r{i}"), &img, 100)));
+        raw.remove_disk(&scsi_disk(&format!("r{i}"), &img, 100));
         let start = Instant::now();
         vm.add_disk(DiskConfig::scsi_hd(format!("s{i}"), &img))
             .await
@@ -375,11 +205,11 @@ async fn run(timings: Timings) {
     for round in 0..BULK_ROUNDS {
         let start = Instant::now();
         for (i, img) in images.iter().enumerate() {
-            raw.add_disk(&format!("rb{round}x{i}"), img, i as u16);
+            raw.add_disk(&scsi_disk(&format!("rb{round}x{i}"), img, i as u16));
         }
         floor_times.push(start.elapsed());
-        for i in 0..BULK {
-            raw.remove_disk(&format!("rb{round}x{i}"));
+        for (i, img) in images.iter().enumerate() {
+            raw.remove_disk(&scsi_disk(&format!("rb{round}x{i}"), img, i as u16));
         }
         let start = Instant::now();
         let adds = images.iter().enumerate().map(|(i, img)| {

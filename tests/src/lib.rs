@@ -16,6 +16,7 @@
 pub mod guest;
 pub mod mock;
 pub mod qemu;
+pub mod raw;
 mod sys;
 pub mod timing;
 pub mod vm;

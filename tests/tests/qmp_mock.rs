@@ -234,7 +234,7 @@ async fn events_interleaved_with_replies_reach_every_subscriber() {
     call.await.unwrap().unwrap();
     for events in [&mut a, &mut b] {
         assert_eq!(
-            events.next().await.unwrap().unwrap().kind,
+            events.next().await.unwrap().unwrap().kind().clone(),
             EventKind::Resume
         );
         assert_eq!(

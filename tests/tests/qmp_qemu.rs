@@ -141,7 +141,7 @@ async fn block_and_device_commands_show_in_qemu_state() {
         )
         .await
         .unwrap();
-    assert!(matches!(event.kind, EventKind::DeviceDeleted(_)));
+    assert!(matches!(event.kind(), EventKind::DeviceDeleted(_)));
     client
         .execute(&BlockdevDel {
             node_name: "null0".into(),
@@ -206,21 +206,24 @@ async fn run_state_commands_and_their_events() {
     let mut events = client.events();
     client.execute(&Cont).await.unwrap();
     assert_eq!(
-        events.next().await.unwrap().unwrap().kind,
+        events.next().await.unwrap().unwrap().kind().clone(),
         EventKind::Resume
     );
     assert!(client.execute(&QueryStatus).await.unwrap().running);
     client.execute(&Stop).await.unwrap();
-    assert_eq!(events.next().await.unwrap().unwrap().kind, EventKind::Stop);
+    assert_eq!(
+        events.next().await.unwrap().unwrap().kind().clone(),
+        EventKind::Stop
+    );
     client.execute(&SystemReset).await.unwrap();
     let reset = events.next().await.unwrap().unwrap();
     assert!(
-        matches!(reset.kind, EventKind::Reset(ref r) if !r.guest),
+        matches!(reset.kind(), EventKind::Reset(r) if !r.guest),
         "{reset:?}"
     );
     client.execute(&Quit).await.unwrap();
     let shutdown = events.next().await.unwrap().unwrap();
-    assert!(matches!(shutdown.kind, EventKind::Shutdown(ref s) if s.reason == "host-qmp-quit"));
+    assert!(matches!(shutdown.kind(), EventKind::Shutdown(s) if s.reason == "host-qmp-quit"));
     assert!(
         events.next().await.is_none(),
         "the stream ends when QEMU exits"

@@ -149,3 +149,24 @@ async fn the_schema_says_what_this_qemu_has_and_is_read_once_per_build() {
     ));
     drop(qemu);
 }
+
+#[tokio::test]
+async fn connections_to_one_build_that_ask_at_once_read_the_schema_once() {
+    let qemu = qhotplug_qmp::mock::MockQemu::pc();
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(qemu.connect().await.unwrap());
+    }
+    let schemas = futures::future::join_all(clients.iter().map(|c| c.schema())).await;
+    let first = schemas[0].as_ref().unwrap().clone();
+    for s in &schemas {
+        assert!(std::sync::Arc::ptr_eq(s.as_ref().unwrap(), &first));
+    }
+    let reads = qemu
+        .commands()
+        .iter()
+        .filter(|c| *c == "query-qmp-schema")
+        .count();
+    // One, or none when another test in this process already holds the mock's schema.
+    assert!(reads <= 1, "{reads} connections read the schema");
+}

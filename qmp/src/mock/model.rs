@@ -338,7 +338,7 @@ impl Model {
             .to_owned();
         let id = request.get("id");
         let args = request.get("arguments").cloned().unwrap_or(json!({}));
-        if name != "qmp_capabilities" && name != "query-qmp-schema" {
+        if name != "qmp_capabilities" {
             self.log.push(name.clone());
         }
         let fd = fd.map(Arc::new);
