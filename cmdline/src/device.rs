@@ -398,6 +398,9 @@ pub struct Nic {
     pub pci: Pci,
     /// Use vhost-net (one vhost fd per queue).
     pub vhost: bool,
+    /// The link is up (the default). QEMU has no command-line option for a NIC's link: a VM
+    /// launched with it down gets `set_link` as soon as QEMU is up (`qhotplug::Vm::launch`).
+    pub link_up: bool,
 }
 
 impl Nic {
@@ -563,6 +566,7 @@ mod tests {
             queues: 1,
             pci: Pci::new("pci.0", 9),
             vhost: false,
+            link_up: true,
         };
         assert_eq!(
             render("virtio-net-pci", &nic.frontend_props()),
@@ -601,6 +605,7 @@ mod tests {
             queues: 2,
             pci: Pci::new("pci.0", 4),
             vhost: true,
+            link_up: true,
         };
         let args = nic.args(&["3".into(), "4".into()], &["5".into(), "6".into()]);
         assert_eq!(args[1], "tap,id=nic0-net,fds=3:4,vhost=on,vhostfds=5:6");
@@ -702,7 +707,7 @@ mod tests {
         fn nics_render_the_same_both_ways(id in id(), pci in pci(), queues in 1u16..9, mac in any::<[u8; 6]>()) {
             let mut mac = mac;
             mac[0] &= !1;
-            let nic = Nic { id, mac: MacAddr(mac), queues, pci, vhost: false };
+            let nic = Nic { id, mac: MacAddr(mac), queues, pci, vhost: false, link_up: true };
             let fds: Vec<String> = (0..queues).map(|q| (10 + q).to_string()).collect();
             assert_same("virtio-net-pci", &nic.args(&fds, &[]), &nic.device_add());
         }

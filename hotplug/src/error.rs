@@ -129,6 +129,28 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// The disk is read-only: it cannot be resized. Nothing was sent to QEMU.
+    #[error("disk {0:?} is read-only")]
+    ReadOnly(String),
+    /// A disk size that QEMU cannot take: zero, or not a multiple of 512 bytes. Nothing was sent.
+    #[error("{size} bytes is no size for disk {id:?}: it must be a positive multiple of 512")]
+    InvalidSize {
+        /// The disk.
+        id: String,
+        /// The size asked for.
+        size: u64,
+    },
+    /// A resize that would shrink the disk, asked for with `resize_disk` (use `shrink_disk` when
+    /// the guest no longer uses what would be cut off). Nothing was sent to QEMU.
+    #[error("resizing {id:?} from {current} to {requested} bytes would shrink it")]
+    ShrinkRefused {
+        /// The disk.
+        id: String,
+        /// Its size now, in bytes.
+        current: u64,
+        /// The size asked for.
+        requested: u64,
+    },
     /// An address was given that the device model cannot take (a PCI address for a `scsi-hd`, a
     /// SCSI address for a `virtio-blk`). Nothing was sent to QEMU.
     #[error("{0}: the address does not fit the device model")]

@@ -67,11 +67,17 @@ fn slot_error(e: SlotError) -> Error {
 
 impl Vm {
     /// Launches QEMU with `launcher` and attaches to it. The launcher's spec is the starting
-    /// topology: its disks and NICs can be hot-removed like hot-added ones.
+    /// topology: its disks and NICs can be hot-removed like hot-added ones, and a NIC whose
+    /// `link_up` is false has its link taken down as soon as QEMU is up.
     pub async fn launch(launcher: Launcher) -> Result<Vm> {
         let spec = launcher.spec().clone();
         let (client, process) = launcher.launch().await.map_err(Error::Launch)?;
-        Self::attach_inner(client, spec, Some(process)).await
+        let vm = Self::attach_inner(client, spec, Some(process)).await?;
+        // What the command line cannot say: a NIC whose link is down.
+        for nic in vm.nics().into_iter().filter(|n| !n.link_up) {
+            vm.set_link(&nic.id, false).await?;
+        }
+        Ok(vm)
     }
 
     /// Attaches to a running QEMU through its monitor. `spec` says what the caller knows of the

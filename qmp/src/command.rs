@@ -175,6 +175,27 @@ command!(
     } -> Empty
 );
 command!(
+    /// `set_link`: takes a NIC's link up or down (the guest sees its carrier follow). `name` is
+    /// the NIC's id (or its netdev's).
+    "set_link", SetLink {
+        /// The NIC's id.
+        name: String,
+        /// Up or down.
+        up: bool,
+    } -> Empty
+);
+command!(
+    /// `block_resize`: grows (or shrinks) a block node to `size` bytes; the guest's device
+    /// follows (virtio-blk announces the new capacity).
+    "block_resize", BlockResize {
+        /// The node to resize (the format node, for a disk).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        node_name: Option<String>,
+        /// The new size, in bytes.
+        size: i64,
+    } -> Empty
+);
+command!(
     /// `human-monitor-command`: runs an HMP command and returns its output. A last resort.
     "human-monitor-command", HumanMonitorCommand {
         /// The HMP command line, for example `info network`.
@@ -380,6 +401,17 @@ pub struct BlockDeviceInfo {
     pub ro: bool,
     /// The driver, for example `raw`.
     pub drv: String,
+    /// What the node's image is, when QEMU says (its virtual size, among others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageInfo>,
+}
+
+/// A node's image, in `BlockDeviceInfo` (QAPI `ImageInfo`; only what the SDK reads).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ImageInfo {
+    /// The size the guest sees, in bytes.
+    #[serde(rename = "virtual-size")]
+    pub virtual_size: i64,
 }
 
 /// One fd set in `query-fdsets`.

@@ -161,6 +161,7 @@ impl RawMonitor {
             queues: 1,
             pci: Pci::new("pci.0", slot),
             vhost: false,
+            link_up: true,
         };
         let mut steps = Vec::new();
         let fdname = qhotplug_cmdline::names::tap_fd(id, 0);

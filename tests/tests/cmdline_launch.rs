@@ -46,6 +46,7 @@ async fn two_disks_and_a_two_queue_nic_on_a_real_tap_run_where_the_spec_says() {
         queues: 2,
         pci: Pci::new("pci.0", 0x10),
         vhost: false,
+        link_up: true,
     });
     let tap = TapBuilder::new("qhl%d").queues(2).create().unwrap();
     let tap_name = tap.name().to_owned();

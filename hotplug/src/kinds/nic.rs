@@ -118,6 +118,7 @@ impl Kind for NicConfig {
             queues: u16::try_from(self.taps.len()).unwrap_or(u16::MAX),
             pci,
             vhost: !vhost_fds.is_empty(),
+            link_up: true,
         };
         nic.check()?;
         let taps: Vec<(String, OwnedFd)> = self

@@ -1,0 +1,129 @@
+//! Live changes to plugged devices: a NIC's link, a disk's size. Each is one QMP command, checked
+//! first against what the SDK knows (the device exists and is of the right kind, no removal is
+//! running, the input makes sense) so bad input changes nothing, and recorded in the spec so a
+//! relaunch from `vm.spec()` keeps it (a disk's new size is in its image).
+
+use qhotplug_qmp::command::{BlockResize, QueryNamedBlockNodes, SetLink};
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::state::{self, Entry};
+use crate::vm::Vm;
+
+/// The sector size QEMU resizes in.
+const SECTOR: u64 = 512;
+
+impl Vm {
+    /// Takes NIC `id`'s link up or down (`set_link`): the guest sees its carrier follow, and the
+    /// NIC stays plugged. The state is part of the NIC's spec, so a VM launched from `vm.spec()`
+    /// starts with the link as it is now.
+    pub async fn set_link(&self, id: &str, up: bool) -> Result<()> {
+        let span = tracing::info_span!("hotplug", op = "set_link", id);
+        async {
+            self.require("NIC link changes", &["set_link"]).await?;
+            self.check_idle(id, state::Kind::Nic)?;
+            let step = tracing::debug_span!("step", name = "set_link", id);
+            self.client()
+                .execute(&SetLink {
+                    name: id.to_owned(),
+                    up,
+                })
+                .instrument(step)
+                .await?;
+            let mut state = self.inner().state();
+            if let Some(nic) = state.spec.nics.iter_mut().find(|n| n.id == id) {
+                nic.link_up = up;
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Grows disk `id` to `size` bytes (`block_resize` on its format node); the guest's device
+    /// follows. Refuses to shrink ([`Error::ShrinkRefused`]): shrinking a disk under a guest loses
+    /// data unless the guest made room first, so it takes [`shrink_disk`](Vm::shrink_disk). The
+    /// size must be a positive multiple of 512, and the disk writable. Returns the size before.
+    pub async fn resize_disk(&self, id: &str, size: u64) -> Result<u64> {
+        self.resize(id, size, false).await
+    }
+
+    /// Shrinks (or grows) disk `id` to `size` bytes: only once the guest no longer uses what is cut
+    /// off. Returns the size before.
+    pub async fn shrink_disk(&self, id: &str, size: u64) -> Result<u64> {
+        self.resize(id, size, true).await
+    }
+
+    async fn resize(&self, id: &str, size: u64, may_shrink: bool) -> Result<u64> {
+        let span = tracing::info_span!("hotplug", op = "resize_disk", id);
+        async {
+            self.require("online disk resize", &["block_resize"])
+                .await?;
+            self.check_idle(id, state::Kind::Disk)?;
+            let disk = self
+                .disks()
+                .into_iter()
+                .find(|d| d.id == id)
+                .expect("a placed disk is in the spec");
+            if disk.read_only {
+                return Err(Error::ReadOnly(id.to_owned()));
+            }
+            if size == 0 || size % SECTOR != 0 || i64::try_from(size).is_err() {
+                return Err(Error::InvalidSize {
+                    id: id.to_owned(),
+                    size,
+                });
+            }
+            let node = disk.top_node();
+            let current = self
+                .client()
+                .execute(&QueryNamedBlockNodes { flat: Some(true) })
+                .await?
+                .into_iter()
+                .find(|n| n.node_name.as_deref() == Some(node.as_str()))
+                .and_then(|n| n.image)
+                .map(|i| i.virtual_size as u64)
+                .ok_or_else(|| Error::NotFound {
+                    kind: "block node",
+                    id: node.clone(),
+                })?;
+            if size < current && !may_shrink {
+                return Err(Error::ShrinkRefused {
+                    id: id.to_owned(),
+                    current,
+                    requested: size,
+                });
+            }
+            if size != current {
+                let step = tracing::debug_span!("step", name = "block_resize", id);
+                self.client()
+                    .execute(&BlockResize {
+                        node_name: Some(node),
+                        size: size as i64,
+                    })
+                    .instrument(step)
+                    .await?;
+            }
+            Ok(current)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Checks that `id` is a placed device of `kind` with no removal running.
+    fn check_idle(&self, id: &str, kind: state::Kind) -> Result<()> {
+        match self.inner().state().devices.get(id) {
+            Some(Entry::Placed {
+                kind: k,
+                busy: false,
+                ..
+            }) if *k == kind => Ok(()),
+            Some(Entry::Placed { kind: k, .. }) if *k == kind => Err(Error::Busy(id.to_owned())),
+            Some(Entry::Adding) => Err(Error::Busy(id.to_owned())),
+            _ => Err(Error::NotFound {
+                kind: kind.name(),
+                id: id.to_owned(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! Live changes to plugged devices, seen from a real guest: a disk grown online, a NIC's link
+//! taken down and up. Bad input is refused before QEMU is asked, and a relaunch from
+//! `vm.spec()` keeps the change.
+
+use std::time::Duration;
+
+use qhotplug::{DiskConfig, Error, NicConfig, TapBuilder};
+use qhotplug_qmp::command::{HumanMonitorCommand, QueryNamedBlockNodes};
+use qhotplug_tests::{image, pc_spec, Guest, TestVm};
+
+/// How long the guest may take to see a change (TCG).
+const SEEN: Duration = Duration::from_secs(60);
+
+/// Runs `command` in the guest until its output is `want`, up to the deadline.
+async fn until_guest_says(g: &Guest, command: &str, want: &str) {
+    let deadline = tokio::time::Instant::now() + SEEN;
+    loop {
+        let out = g.console.run(command, SEEN).await;
+        if out == [want] {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{command}: {out:?}, never {want}"
+        );
+    }
+}
+
+/// The device name in a guest report such as `qhg: add block vda size=2048`.
+fn reported(line: &str, what: &str) -> String {
+    let rest = &line[line.find(&format!("add {what} ")).unwrap() + what.len() + 5..];
+    rest.split_whitespace().next().unwrap().to_owned()
+}
+
+#[test]
+fn a_disk_grows_online_and_the_guest_sees_its_new_size() {
+    qhotplug_tests::serial_test(async {
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        let path = image(g.dir(), "g.raw", 1);
+        let mark = g.console.mark();
+        g.vm.add_disk(DiskConfig::virtio_blk("g1", &path))
+            .await
+            .unwrap();
+        let line = g
+            .console
+            .wait_for(mark, "qhg: add block vd", SEEN)
+            .await
+            .expect("the guest saw the disk");
+        assert!(line.ends_with("size=2048"), "{line}");
+        let dev = reported(&line, "block");
+
+        // Bad input changes nothing: a shrink, a size QEMU cannot take, an id that is no disk.
+        match g.vm.resize_disk("g1", 512 << 10).await {
+            Err(Error::ShrinkRefused {
+                current, requested, ..
+            }) => {
+                assert_eq!((current, requested), (1 << 20, 512 << 10))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            g.vm.resize_disk("g1", 1000).await,
+            Err(Error::InvalidSize { size: 1000, .. })
+        ));
+        assert!(matches!(
+            g.vm.resize_disk("nope", 4 << 20).await,
+            Err(Error::NotFound { kind: "disk", .. })
+        ));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
+
+        assert_eq!(g.vm.resize_disk("g1", 4 << 20).await.unwrap(), 1 << 20);
+        // virtio-blk announces the new capacity; the guest's size follows (512-byte sectors).
+        until_guest_says(&g, &format!("cat /sys/block/{dev}/size"), "8192").await;
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
+    });
+}
+
+#[test]
+fn a_resize_is_refused_for_a_read_only_disk_and_kept_by_a_relaunch() {
+    qhotplug_tests::serial_test(async {
+        let t = TestVm::launch(pc_spec()).await;
+        // Images outside the VM's scratch directory, which goes with the first VM.
+        let images = tempfile::tempdir().unwrap();
+        let ro = image(images.path(), "ro.raw", 1);
+        t.vm.add_disk(DiskConfig::virtio_blk("ro1", &ro).read_only(true))
+            .await
+            .unwrap();
+        assert!(matches!(
+            t.vm.resize_disk("ro1", 2 << 20).await,
+            Err(Error::ReadOnly(id)) if id == "ro1"
+        ));
+        let rw = image(images.path(), "rw.raw", 1);
+        t.vm.add_disk(DiskConfig::virtio_blk("rw1", &rw))
+            .await
+            .unwrap();
+        t.vm.resize_disk("rw1", 3 << 20).await.unwrap();
+
+        // The new size lives in the image: a VM launched from the spec sees it (once the first
+        // QEMU is gone, and its image locks with it).
+        let spec = t.vm.spec();
+        let pid = t.vm.pid().unwrap();
+        drop(t);
+        assert!(qhotplug_tests::exited(pid, Duration::from_secs(5))
+            .await
+            .unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let again =
+            TestVm::launch_with(qhotplug::Launcher::new(spec, dir.path().join("run")), dir).await;
+        let size = again
+            .vm
+            .client()
+            .execute(&QueryNamedBlockNodes { flat: Some(true) })
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|n| n.node_name.as_deref() == Some("rw1-fmt"))
+            .and_then(|n| n.image)
+            .unwrap()
+            .virtual_size;
+        assert_eq!(size, 3 << 20);
+    });
+}
+
+#[test]
+fn a_nics_link_goes_down_and_up_and_the_guest_carrier_follows() {
+    qhotplug_tests::serial_test(async {
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        let mark = g.console.mark();
+        let tap = TapBuilder::new("qhl%d").create().unwrap();
+        g.vm.add_nic(NicConfig::new("l1", tap).no_vhost())
+            .await
+            .unwrap();
+        let line = g
+            .console
+            .wait_for(mark, "qhg: add net", SEEN)
+            .await
+            .expect("the guest saw the NIC");
+        let ifname = reported(&line, "net");
+        g.console
+            .run(&format!("ip link set {ifname} up"), SEEN)
+            .await;
+        let carrier = format!("cat /sys/class/net/{ifname}/carrier");
+        until_guest_says(&g, &carrier, "1").await;
+
+        assert!(matches!(
+            g.vm.set_link("nope", false).await,
+            Err(Error::NotFound { kind: "NIC", .. })
+        ));
+        g.vm.set_link("l1", false).await.unwrap();
+        until_guest_says(&g, &carrier, "0").await;
+        assert!(
+            !g.vm.spec().nics[0].link_up,
+            "the spec says the link is down"
+        );
+        let network =
+            g.vm.client()
+                .execute(&HumanMonitorCommand {
+                    command_line: "info network".into(),
+                    cpu_index: None,
+                })
+                .await
+                .unwrap();
+        println!("{network}");
+        g.vm.set_link("l1", true).await.unwrap();
+        until_guest_says(&g, &carrier, "1").await;
+        assert!(g.vm.spec().nics[0].link_up);
+    });
+}
+
+#[test]
+fn a_vm_launched_from_a_spec_with_a_link_down_boots_with_no_carrier() {
+    qhotplug_tests::serial_test(async {
+        let mut spec = pc_spec();
+        spec.nics.push(qhotplug::Nic {
+            id: "b1".into(),
+            mac: "52:54:00:00:00:b1".parse().unwrap(),
+            queues: 1,
+            pci: qhotplug::Pci::new("pci.0", 6),
+            vhost: false,
+            link_up: false,
+        });
+        let tap = TapBuilder::new("qhl%d").create().unwrap();
+        let g = Guest::boot(spec, |l| l.nic_fds("b1", tap.into_queues(), Vec::new())).await;
+        let listed = g.console.run("ls /sys/class/net", SEEN).await;
+        let ifname = listed
+            .iter()
+            .find(|n| n.starts_with("eth"))
+            .unwrap_or_else(|| panic!("no NIC in the guest: {listed:?}"))
+            .clone();
+        g.console
+            .run(&format!("ip link set {ifname} up"), SEEN)
+            .await;
+        let carrier = format!("cat /sys/class/net/{ifname}/carrier");
+        until_guest_says(&g, &carrier, "0").await;
+        g.vm.set_link("b1", true).await.unwrap();
+        until_guest_says(&g, &carrier, "1").await;
+    });
+}
