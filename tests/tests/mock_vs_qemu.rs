@@ -39,7 +39,10 @@ async fn state(vm: &Vm) -> String {
         .await
         .unwrap()
         .into_iter()
-        .filter_map(|n| Some(format!("{}:{}", n.node_name?, n.drv)))
+        .filter_map(|n| {
+            let size = n.image.as_ref().map_or(0, |i| i.virtual_size);
+            Some(format!("{}:{}:{size}", n.node_name?, n.drv))
+        })
         .collect();
     nodes.sort();
     let mut fdsets: Vec<String> = c
@@ -64,6 +67,11 @@ fn outcome<T: std::fmt::Debug>(r: &qhotplug::Result<T>) -> String {
         }) => format!("failed at {step}, {} undo failures", undo_failures.len()),
         Err(Error::UnplugPending { id, .. }) => format!("{id} pending"),
         Err(Error::DuplicateId(id)) => format!("duplicate {id}"),
+        Err(Error::ShrinkRefused {
+            current, requested, ..
+        }) => {
+            format!("shrink {current} to {requested} refused")
+        }
         Err(other) => format!("error {other}"),
     }
 }
@@ -85,6 +93,12 @@ async fn scenarios(vm: &Vm, dir: &Path, nic: NicConfig, behind: &str) -> Vec<Str
         .await;
     note("nic", outcome(&n1.map(|n| n.pci)));
     note("after adds", state(vm).await);
+
+    // Live changes: a shrink refused, a grow, a link taken down.
+    note("shrink", outcome(&vm.resize_disk("d1", 512 << 10).await));
+    note("grow", outcome(&vm.resize_disk("d1", 2 << 20).await));
+    note("link down", outcome(&vm.set_link("n1", false).await));
+    note("after live changes", state(vm).await);
 
     // A qcow2 node on a raw image: refused at the format node, every step before undone.
     let bad = vm

@@ -24,6 +24,8 @@ pub struct MockDevice {
     pub netdev: Option<String>,
     /// A `device_del` is waiting for the guest.
     pub unplugging: bool,
+    /// The NIC's link (`set_link`); true for every other device.
+    pub link_up: bool,
 }
 
 /// Where a device sits.
@@ -220,6 +222,8 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("object-add", &["qom-type", "id"]),
     ("object-del", &["id"]),
     ("human-monitor-command", &["command-line", "cpu-index"]),
+    ("set_link", &["name", "up"]),
+    ("block_resize", &["device", "node-name", "size"]),
 ];
 
 impl Model {
@@ -266,6 +270,7 @@ impl Model {
                 drive: None,
                 netdev: None,
                 unplugging: false,
+                link_up: true,
             });
         }
         model
@@ -291,6 +296,7 @@ impl Model {
             drive: None,
             netdev: None,
             unplugging: false,
+            link_up: true,
         });
     }
 
@@ -408,9 +414,9 @@ impl Model {
             "qom-list" => self.qom_list(required(args, "path")?),
             "query-pci" => Ok(self.query_pci()),
             "query-block" => Ok(self.query_block()),
-            "query-named-block-nodes" => {
-                Ok(Value::Array(self.nodes.iter().map(node_info).collect()))
-            }
+            "query-named-block-nodes" => Ok(Value::Array(
+                self.nodes.iter().map(|n| self.node_info(n)).collect(),
+            )),
             "query-fdsets" => Ok(Value::Array(
                 self.fdsets
                     .iter()
@@ -500,6 +506,35 @@ impl Model {
                 if self.objects.len() == before {
                     return Err(generic(format!("object '{id}' not found")));
                 }
+                Ok(json!({}))
+            }
+            "set_link" => {
+                let name = required(args, "name")?;
+                let up = args.get("up").and_then(Value::as_bool).unwrap_or(true);
+                let device = self
+                    .devices
+                    .iter_mut()
+                    .find(|d| d.id == name || d.netdev.as_deref() == Some(name))
+                    .ok_or_else(|| not_found(format!("Device '{name}' not found")))?;
+                device.link_up = up;
+                Ok(json!({}))
+            }
+            "block_resize" => {
+                let name = required(args, "node-name")?;
+                let size = args
+                    .get("size")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| generic("Parameter 'size' is missing"))?;
+                let node = self.protocol_node(name).ok_or_else(|| {
+                    generic(format!("Cannot find device='' nor node-name='{name}'"))
+                })?;
+                let fd = node
+                    .fd
+                    .as_deref()
+                    .ok_or_else(|| generic("the mock resizes only images it was given as fds"))?;
+                let file = std::fs::File::from(fd.try_clone().map_err(|e| generic(e.to_string()))?);
+                file.set_len(size)
+                    .map_err(|e| generic(format!("Could not resize: {e}")))?;
                 Ok(json!({}))
             }
             "human-monitor-command" => {
@@ -650,7 +685,7 @@ impl Model {
                         MockPlace::Scsi { .. } => d.id.clone(),
                     };
                     Some(
-                        json!({"device": "", "qdev": qdev, "inserted": node_info(node),
+                        json!({"device": "", "qdev": qdev, "inserted": self.node_info(node),
                                 "locked": false, "removable": false, "type": "unknown"}),
                     )
                 })
@@ -980,6 +1015,7 @@ impl Model {
             drive,
             netdev,
             unplugging: false,
+            link_up: true,
         });
         Ok(json!({}))
     }
@@ -1099,16 +1135,27 @@ pub(crate) enum Later {
     Refuse(String),
 }
 
-fn node_info(n: &MockBlockNode) -> Value {
-    let file = n
-        .filename
-        .clone()
-        .or_else(|| n.file.clone())
-        .unwrap_or_default();
-    json!({"file": file, "node-name": n.node_name, "ro": n.read_only, "drv": n.driver,
-           "encrypted": false, "detect_zeroes": "off", "bps": 0, "bps_rd": 0, "bps_wr": 0,
-           "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0, "cache":
-           {"writeback": true, "direct": false, "no-flush": false}})
+impl Model {
+    /// A node as `query-named-block-nodes` shows it, with its image's virtual size (the length
+    /// of the file under it, as for a raw image).
+    fn node_info(&self, n: &MockBlockNode) -> Value {
+        let file = n
+            .filename
+            .clone()
+            .or_else(|| n.file.clone())
+            .unwrap_or_default();
+        let size = self
+            .protocol_node(&n.node_name)
+            .and_then(|p| p.fd.as_deref())
+            .and_then(|fd| fd.try_clone().ok())
+            .and_then(|fd| std::fs::File::from(fd).metadata().ok())
+            .map_or(0, |m| m.len());
+        json!({"file": file, "node-name": n.node_name, "ro": n.read_only, "drv": n.driver,
+               "encrypted": false, "detect_zeroes": "off", "bps": 0, "bps_rd": 0, "bps_wr": 0,
+               "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0,
+               "image": {"filename": file, "format": n.driver, "virtual-size": size},
+               "cache": {"writeback": true, "direct": false, "no-flush": false}})
+    }
 }
 
 /// True when the file behind `fd` starts with qcow2's magic.
