@@ -389,13 +389,7 @@ async fn run(pids: Pids) {
     let (floor_tp, sdk_tp) = (throughput(&floor_walls), throughput(&sdk_walls));
     // Each floor round beside the SDK round right after it: the median of those ratios resists
     // the drift of a shared machine.
-    let mut round_ratios: Vec<f64> = floor_walls
-        .iter()
-        .zip(&sdk_walls)
-        .map(|(f, s)| f.as_secs_f64() / s.as_secs_f64())
-        .collect();
-    round_ratios.sort_by(f64::total_cmp);
-    let ratio_throughput = round_ratios[round_ratios.len() / 2];
+    let ratio_throughput = qhotplug_tests::median_ratio(&floor_walls, &sdk_walls);
     println!(
         "hotplug throughput, median of {ROUNDS} rounds of {} operations: floor {floor_tp:.0} ops/s, sdk {sdk_tp:.0} ops/s",
         3 * n

@@ -230,13 +230,7 @@ async fn run(timings: Timings) {
         }
         timings.take();
     }
-    let mut ratios: Vec<f64> = floor_times
-        .iter()
-        .zip(&sdk_times)
-        .map(|(f, s)| f.as_secs_f64() / s.as_secs_f64())
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    let ratio_64 = ratios[ratios.len() / 2];
+    let ratio_64 = qhotplug_tests::median_ratio(&floor_times, &sdk_times);
     println!(
         "{BULK} scsi-hd disks (median of {BULK_ROUNDS} rounds): floor one after another {:.1} ms, sdk {BULK} concurrent add_disk {:.1} ms",
         median(floor_times).as_secs_f64() * 1e3,

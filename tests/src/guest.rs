@@ -200,6 +200,16 @@ fn find_kernel_timestamp(text: &str) -> Option<usize> {
     })
 }
 
+/// The device name in a guest report such as `qhg: add block vda size=2048` (`what` is `block` or
+/// `net`).
+pub fn reported_name(line: &str, what: &str) -> String {
+    let rest = line
+        .split(&format!("qhg: add {what} "))
+        .nth(1)
+        .unwrap_or_else(|| panic!("not an add {what} report: {line}"));
+    rest.split(' ').next().unwrap().to_owned()
+}
+
 /// Waits (up to 20 s) for `DEVICE_DELETED` of device `id` on `events`.
 pub async fn deleted(events: &mut qhotplug_qmp::EventStream, id: &str) {
     use futures::StreamExt;

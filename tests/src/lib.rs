@@ -87,6 +87,19 @@ pub fn nic_hot_add_steps(queues: usize) -> Vec<&'static str> {
     steps
 }
 
+/// The median of `floor[i] / ours[i]`: each floor measurement beside ours taken moments apart,
+/// which resists the drift of a shared machine better than a ratio of medians (the benchmarks'
+/// ratios; above 1.0, faster than the floor).
+pub fn median_ratio(floor: &[std::time::Duration], ours: &[std::time::Duration]) -> f64 {
+    let mut ratios: Vec<f64> = floor
+        .iter()
+        .zip(ours)
+        .map(|(f, o)| f.as_secs_f64() / o.as_secs_f64())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    ratios[ratios.len() / 2]
+}
+
 /// Our resident set size, in MiB (`VmRSS` from `/proc/self/status`).
 pub fn rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");

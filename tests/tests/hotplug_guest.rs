@@ -21,15 +21,6 @@ async fn boot(spec: VmSpec) -> Guest {
     Guest::boot(spec, |l| l).await
 }
 
-/// The device name in a report line: `sda` in `[…] qhg: add block sda size=4096`.
-fn reported_name(line: &str, what: &str) -> String {
-    let rest = line
-        .split(&format!("qhg: add {what} "))
-        .nth(1)
-        .unwrap_or_else(|| panic!("not an add {what} report: {line}"));
-    rest.split(' ').next().unwrap().to_owned()
-}
-
 /// Waits for the guest to report that `name` (a `block` or `net` device) went, after `mark`.
 async fn seen_gone(g: &Guest, mark: usize, what: &str, name: &str) {
     g.console
@@ -53,7 +44,7 @@ async fn add_disk_seen(g: &Guest, id: &str, mib: u64) -> String {
     // "qhg: add block vda size=2048"
     let size = line.split(" size=").nth(1).unwrap();
     assert_eq!(size.parse::<u64>().unwrap(), mib * 2048, "{line}");
-    reported_name(&line, "block")
+    qhotplug_tests::guest::reported_name(&line, "block")
 }
 
 #[test]
@@ -103,7 +94,7 @@ fn the_guest_sees_a_two_queue_nic_with_its_mac_arrive_and_go() {
             .await
             .expect("the guest saw the NIC");
         assert!(line.ends_with(&format!("mac={mac}")), "{line}");
-        let ifname = reported_name(&line, "net");
+        let ifname = qhotplug_tests::guest::reported_name(&line, "net");
         let queues = g
             .console
             .run(&format!("ls /sys/class/net/{ifname}/queues"), SEEN)
@@ -133,7 +124,7 @@ fn the_guest_sees_a_scsi_disk_arrive_and_go() {
             .await
             .expect("the guest saw the SCSI disk");
         assert!(line.ends_with("size=4096"), "{line}");
-        let name = reported_name(&line, "block");
+        let name = qhotplug_tests::guest::reported_name(&line, "block");
         let mark = g.console.mark();
         g.vm.remove_disk("sd1").await.unwrap();
         seen_gone(&g, mark, "block", &name).await;

@@ -26,12 +26,6 @@ async fn until_guest_says(g: &Guest, command: &str, want: &str) {
     }
 }
 
-/// The device name in a guest report such as `qhg: add block vda size=2048`.
-fn reported(line: &str, what: &str) -> String {
-    let rest = &line[line.find(&format!("add {what} ")).unwrap() + what.len() + 5..];
-    rest.split_whitespace().next().unwrap().to_owned()
-}
-
 #[test]
 fn a_disk_grows_online_and_the_guest_sees_its_new_size() {
     qhotplug_tests::serial_test(async {
@@ -47,7 +41,7 @@ fn a_disk_grows_online_and_the_guest_sees_its_new_size() {
             .await
             .expect("the guest saw the disk");
         assert!(line.ends_with("size=2048"), "{line}");
-        let dev = reported(&line, "block");
+        let dev = qhotplug_tests::guest::reported_name(&line, "block");
 
         // Bad input changes nothing: a shrink, a size QEMU cannot take, an id that is no disk.
         match g.vm.resize_disk("g1", 512 << 10).await {
@@ -135,7 +129,7 @@ fn a_nics_link_goes_down_and_up_and_the_guest_carrier_follows() {
             .wait_for(mark, "qhg: add net", SEEN)
             .await
             .expect("the guest saw the NIC");
-        let ifname = reported(&line, "net");
+        let ifname = qhotplug_tests::guest::reported_name(&line, "net");
         g.console
             .run(&format!("ip link set {ifname} up"), SEEN)
             .await;
