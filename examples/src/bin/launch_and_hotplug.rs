@@ -1,6 +1,6 @@
-//! The demo: boots a small Linux guest under QEMU, hot-adds a disk and a two-queue NIC, shows what
-//! the guest sees (from its serial console) and the QMP events as they arrive, removes both, and
-//! ends with how long each step took. Exits non-zero if any step fails.
+//! The demo: boots a small Linux guest under QEMU, hot-adds a disk and a two-queue NIC, grows the
+//! disk online, shows what the guest sees (from its serial console) and the QMP events as they
+//! arrive, removes both, and ends with how long each step took. Exits non-zero if any step fails.
 //!
 //! Run it with `scripts/demo` (installs QEMU and builds the guest image when missing), or
 //! `cargo run --release -p qhotplug-examples --bin launch_and_hotplug` as root (taps need it).
@@ -186,8 +186,28 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
         .await?;
     table.steps_from(timings);
     println!("sdk     data-1 at {:?}", disk.frontend);
-    seen(&console, mark, "qhg: add block").await?;
+    let report = seen(&console, mark, "qhg: add block").await?;
     table.row("guest sees data-1 (after the call)", start.elapsed());
+
+    println!("== growing data-1 online to 128 MiB");
+    let dev = report.split(' ').nth(2).unwrap_or("vda").to_owned();
+    let start = Instant::now();
+    let before = vm.resize_disk("data-1", 128 << 20).await?;
+    table.steps_from(timings);
+    println!("sdk     data-1 grew from {} MiB", before >> 20);
+    // virtio-blk announces the new capacity; wait until the guest's size says so.
+    let size_file = format!("cat /sys/block/{dev}/size");
+    loop {
+        let sectors = console.run(&size_file, SEEN).await;
+        if sectors == ["262144"] {
+            println!("guest   /sys/block/{dev}/size = 262144 sectors (128 MiB)");
+            break;
+        }
+        if start.elapsed() > SEEN {
+            return Err(format!("the guest still sees {sectors:?} sectors").into());
+        }
+    }
+    table.row("guest sees 128 MiB (after the call)", start.elapsed());
 
     println!("== hot-adding a two-queue virtio-net NIC on a tap");
     let tap = TapBuilder::new("qhdemo%d").queues(2).up(true).create()?;
