@@ -175,6 +175,10 @@ pub struct Disk {
     pub read_only: bool,
     /// Host cache mode.
     pub cache: Cache,
+    /// I/O limits (`block_set_io_throttle`); `None` for none. QEMU takes them on a device, not on
+    /// its command line: a VM launched with them starts paused, gets them, then runs
+    /// (`qhotplug::Vm::launch`), and a hot-add sets them right after its `device_add`.
+    pub io_limits: Option<qhotplug_qmp::command::IoLimits>,
 }
 
 impl Disk {
@@ -188,6 +192,7 @@ impl Disk {
             format: Format::Raw,
             read_only: false,
             cache: Cache::default(),
+            io_limits: None,
         }
     }
 
@@ -212,6 +217,16 @@ impl Disk {
         match self.frontend {
             DiskFrontend::ScsiGeneric(_) => self.file_node(),
             _ => crate::names::format_node(&self.id),
+        }
+    }
+
+    /// What QMP's commands on the disk's block backend (`block_set_io_throttle`) name it by: the
+    /// device owning the backend, which for `virtio-blk-pci` is its inner virtio device
+    /// (`/machine/peripheral/<id>/virtio-backend`), and for SCSI disks the device itself.
+    pub fn backend_device(&self) -> String {
+        match self.frontend {
+            DiskFrontend::VirtioBlk(_) => format!("/machine/peripheral/{}/virtio-backend", self.id),
+            _ => self.id.clone(),
         }
     }
 
@@ -695,7 +710,7 @@ mod tests {
                 None => DiskFrontend::VirtioBlk(pci),
             };
             let disk = Disk { id, frontend, path: path.into(), backend: DiskBackend::File,
-                              format: if fmt { Format::Qcow2 } else { Format::Raw }, read_only: ro, cache: Cache::Writeback };
+                              format: if fmt { Format::Qcow2 } else { Format::Raw }, read_only: ro, cache: Cache::Writeback, io_limits: None };
             assert_same(disk.driver(), &disk.args(), &disk.device_add());
             // The -blockdev strings parse back to the image path exactly, commas and all.
             let (_, pairs) = parse(&disk.args()[1]);

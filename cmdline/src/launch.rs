@@ -125,6 +125,11 @@ impl Launcher {
         &self.spec
     }
 
+    /// The spec this launcher starts, to change before launching.
+    pub fn spec_mut(&mut self) -> &mut VmSpec {
+        &mut self.spec
+    }
+
     /// The QEMU binary (default: [`QEMU_ENV`] when set, else `qemu-system-x86_64` on `PATH`).
     pub fn binary(mut self, binary: impl Into<String>) -> Self {
         self.binary = binary.into();

@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::delete::Delete;
 use crate::error::{Error, Result};
-use crate::kinds::{Backend, Kind};
+use crate::kinds::{After, Backend, Kind};
 use crate::state::{self, Busy, Entry};
 use crate::transaction::Transaction;
 use crate::unplug::{self, Refused};
@@ -84,6 +84,14 @@ pub(crate) async fn add<K: Kind>(vm: &Vm, config: K) -> Result<K::Added> {
         client.execute(&plan.device),
     )
     .await?;
+    for after in plan.after {
+        match after {
+            After::IoLimits(cmd) => {
+                txn.step("block_set_io_throttle", None, client.execute(&cmd))
+                    .await?
+            }
+        };
+    }
     txn.commit().commit(plan.added.clone().into());
     Ok(plan.added)
 }

@@ -129,6 +129,15 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// I/O limits QEMU would refuse (a total together with its read or write limit, a burst
+    /// without its base or below it, a value past QEMU's maximum). Nothing was sent to QEMU.
+    #[error("I/O limits for {id:?}: {reason}")]
+    InvalidIoLimits {
+        /// The disk.
+        id: String,
+        /// What is wrong with them.
+        reason: String,
+    },
     /// The disk is read-only: it cannot be resized. Nothing was sent to QEMU.
     #[error("disk {0:?} is read-only")]
     ReadOnly(String),

@@ -68,7 +68,7 @@
 //!
 //! | span | fields | what it covers |
 //! |---|---|---|
-//! | `hotplug` | `op` (`add_disk`, `add_nic`, `remove_disk`, `remove_nic`, `reconcile`, `set_link`, `resize_disk`), `id` | one public operation |
+//! | `hotplug` | `op` (`add_disk`, `add_nic`, `remove_disk`, `remove_nic`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`), `id` | one public operation |
 //! | `step` | `name` (the QMP command, or `wait DEVICE_DELETED`), `id`; `press` on `device_del` | one step of a hot-add or hot-remove; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
 //! | `undo` | `step` (for example `blockdev-del d1-fmt`) | one undo step of a rollback |
 //! | `rollback` | `id`, `reason` | the background rollback of a dropped hot-add |
@@ -105,6 +105,7 @@ pub use qhotplug_cmdline::{
     ScsiController, VmSpec,
 };
 pub use qhotplug_netdev::{MacAddr, Tap, TapBuilder, VhostPolicy};
+pub use qhotplug_qmp::command::IoLimits;
 pub use qhotplug_qmp::{Client, Event, EventKind};
 
 /// The README's example, compiled as a doctest so it cannot rot.

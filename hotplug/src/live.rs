@@ -3,7 +3,9 @@
 //! running, the input makes sense) so bad input changes nothing, and recorded in the spec so a
 //! relaunch from `vm.spec()` keeps it (a disk's new size is in its image).
 
-use qhotplug_qmp::command::{BlockResize, QueryNamedBlockNodes, SetLink};
+use qhotplug_qmp::command::{
+    BlockResize, BlockSetIoThrottle, IoLimits, QueryNamedBlockNodes, SetLink,
+};
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
@@ -33,6 +35,40 @@ impl Vm {
             let mut state = self.inner().state();
             if let Some(nic) = state.spec.nics.iter_mut().find(|n| n.id == id) {
                 nic.link_up = up;
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Sets disk `id`'s I/O limits (`block_set_io_throttle`); `IoLimits::default()` clears them.
+    /// Limits QEMU would refuse are [`Error::InvalidIoLimits`] before anything is sent. They are
+    /// part of the disk's spec: a VM launched from `vm.spec()` gets them before it runs.
+    pub async fn set_io_limits(&self, id: &str, limits: IoLimits) -> Result<()> {
+        let span = tracing::info_span!("hotplug", op = "set_io_limits", id);
+        async {
+            self.require("disk I/O limits", &["block_set_io_throttle"])
+                .await?;
+            self.check_idle(id, state::Kind::Disk)?;
+            limits.check().map_err(|reason| Error::InvalidIoLimits {
+                id: id.to_owned(),
+                reason,
+            })?;
+            let disk = self
+                .disks()
+                .into_iter()
+                .find(|d| d.id == id)
+                .expect("a placed disk is in the spec");
+            let step = tracing::debug_span!("step", name = "block_set_io_throttle", id);
+            let cmd = BlockSetIoThrottle {
+                id: disk.backend_device(),
+                limits: limits.clone(),
+            };
+            self.client().execute(&cmd).instrument(step).await?;
+            let mut state = self.inner().state();
+            if let Some(disk) = state.spec.disks.iter_mut().find(|d| d.id == id) {
+                disk.io_limits = Some(limits).filter(|l| !l.is_unlimited());
             }
             Ok(())
         }

@@ -67,15 +67,34 @@ fn slot_error(e: SlotError) -> Error {
 
 impl Vm {
     /// Launches QEMU with `launcher` and attaches to it. The launcher's spec is the starting
-    /// topology: its disks and NICs can be hot-removed like hot-added ones, and a NIC whose
-    /// `link_up` is false has its link taken down as soon as QEMU is up.
+    /// topology: its disks and NICs can be hot-removed like hot-added ones. What the command line
+    /// cannot say is set over QMP before the guest runs: a NIC whose `link_up` is false has its
+    /// link taken down, a disk with `io_limits` gets them (the VM starts paused for that, and runs
+    /// once they are set, unless the spec says paused).
     pub async fn launch(launcher: Launcher) -> Result<Vm> {
         let spec = launcher.spec().clone();
+        // What QEMU's command line cannot say (a NIC's link down, a disk's I/O limits) is set
+        // over QMP; a VM that should run starts paused until then, so its guest never runs
+        // without it.
+        let later = spec.nics.iter().any(|n| !n.link_up)
+            || spec.disks.iter().any(|d| d.io_limits.is_some());
+        let resume = later && !spec.paused;
+        let mut launcher = launcher;
+        if resume {
+            launcher.spec_mut().paused = true;
+        }
         let (client, process) = launcher.launch().await.map_err(Error::Launch)?;
         let vm = Self::attach_inner(client, spec, Some(process)).await?;
-        // What the command line cannot say: a NIC whose link is down.
         for nic in vm.nics().into_iter().filter(|n| !n.link_up) {
             vm.set_link(&nic.id, false).await?;
+        }
+        for disk in vm.disks() {
+            if let Some(limits) = disk.io_limits {
+                vm.set_io_limits(&disk.id, limits).await?;
+            }
+        }
+        if resume {
+            vm.client().execute(&qhotplug_qmp::command::Cont).await?;
         }
         Ok(vm)
     }

@@ -195,6 +195,116 @@ command!(
         size: i64,
     } -> Empty
 );
+/// A disk's I/O limits (QAPI `BlockIOThrottle` without the device): bytes and operations per
+/// second, in total or for reads and writes apart, with optional bursts, and an optional group
+/// whose disks share one budget. 0 is no limit. `IoLimits::default()` is none at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IoLimits {
+    /// Bytes per second, reads and writes together.
+    pub bps: u64,
+    /// Bytes per second read.
+    pub bps_rd: u64,
+    /// Bytes per second written.
+    pub bps_wr: u64,
+    /// Operations per second, reads and writes together.
+    pub iops: u64,
+    /// Read operations per second.
+    pub iops_rd: u64,
+    /// Write operations per second.
+    pub iops_wr: u64,
+    /// Burst for `bps`, bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps_max: Option<u64>,
+    /// Burst for `bps_rd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps_rd_max: Option<u64>,
+    /// Burst for `bps_wr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps_wr_max: Option<u64>,
+    /// Burst for `iops`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_max: Option<u64>,
+    /// Burst for `iops_rd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_rd_max: Option<u64>,
+    /// Burst for `iops_wr`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_wr_max: Option<u64>,
+    /// The throttle group: disks in one group share its limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// QEMU's largest limit (`THROTTLE_VALUE_MAX`).
+const THROTTLE_VALUE_MAX: u64 = 1_000_000_000_000_000;
+
+impl IoLimits {
+    /// True when nothing is limited.
+    pub fn is_unlimited(&self) -> bool {
+        [
+            self.bps,
+            self.bps_rd,
+            self.bps_wr,
+            self.iops,
+            self.iops_rd,
+            self.iops_wr,
+        ]
+        .iter()
+        .all(|v| *v == 0)
+    }
+
+    /// Checks what QEMU would refuse, so it can be refused before anything is sent: a total
+    /// together with its read or write limit, a burst without its base or below it, a value past
+    /// QEMU's maximum.
+    pub fn check(&self) -> Result<(), String> {
+        if self.bps > 0 && (self.bps_rd > 0 || self.bps_wr > 0) {
+            return Err("bps and bps_rd/bps_wr cannot both be set".into());
+        }
+        if self.iops > 0 && (self.iops_rd > 0 || self.iops_wr > 0) {
+            return Err("iops and iops_rd/iops_wr cannot both be set".into());
+        }
+        let pairs = [
+            ("bps", self.bps, self.bps_max),
+            ("bps_rd", self.bps_rd, self.bps_rd_max),
+            ("bps_wr", self.bps_wr, self.bps_wr_max),
+            ("iops", self.iops, self.iops_max),
+            ("iops_rd", self.iops_rd, self.iops_rd_max),
+            ("iops_wr", self.iops_wr, self.iops_wr_max),
+        ];
+        for (name, base, max) in pairs {
+            if base > THROTTLE_VALUE_MAX || max.is_some_and(|m| m > THROTTLE_VALUE_MAX) {
+                return Err(format!(
+                    "{name} is over QEMU's limit of {THROTTLE_VALUE_MAX}"
+                ));
+            }
+            match max {
+                Some(m) if base == 0 => return Err(format!("{name}_max ({m}) needs {name}")),
+                Some(m) if m < base => {
+                    return Err(format!("{name}_max ({m}) is below {name} ({base})"))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `block_set_io_throttle`: sets (or, with all zero, clears) the I/O limits of the device `id`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BlockSetIoThrottle {
+    /// The device's id.
+    pub id: String,
+    /// The limits.
+    #[serde(flatten)]
+    pub limits: IoLimits,
+}
+
+impl Command for BlockSetIoThrottle {
+    const NAME: &'static str = "block_set_io_throttle";
+    type Returns = Empty;
+}
+
 command!(
     /// `human-monitor-command`: runs an HMP command and returns its output. A last resort.
     "human-monitor-command", HumanMonitorCommand {
@@ -401,6 +511,9 @@ pub struct BlockDeviceInfo {
     pub ro: bool,
     /// The driver, for example `raw`.
     pub drv: String,
+    /// The I/O limits of the device on this node, in `query-block` (all zero when none).
+    #[serde(flatten, default)]
+    pub limits: IoLimits,
     /// What the node's image is, when QEMU says (its virtual size, among others).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageInfo>,

@@ -190,3 +190,144 @@ fn a_vm_launched_from_a_spec_with_a_link_down_boots_with_no_carrier() {
         until_guest_says(&g, &carrier, "1").await;
     });
 }
+
+/// The I/O limits `query-block` shows for device `id`.
+async fn limits_of(vm: &qhotplug::Vm, id: &str) -> qhotplug::IoLimits {
+    let mut limits = vm
+        .client()
+        .execute(&qhotplug_qmp::command::QueryBlock)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| {
+            b.qdev
+                .as_deref()
+                .is_some_and(|q| q.split('/').any(|part| part == id))
+        })
+        .and_then(|b| b.inserted)
+        .unwrap_or_else(|| panic!("no block device for {id}"))
+        .limits;
+    // Without a group of ours, QEMU reports an implicit one named after the device.
+    if limits
+        .group
+        .as_deref()
+        .is_some_and(|g| g.starts_with("/machine/peripheral/"))
+    {
+        limits.group = None;
+    }
+    limits
+}
+
+#[test]
+fn io_limits_are_set_at_hot_add_changed_cleared_and_kept_by_a_relaunch() {
+    use qhotplug::IoLimits;
+    qhotplug_tests::serial_test(async {
+        let t = TestVm::launch(pc_spec()).await;
+        let images = tempfile::tempdir().unwrap();
+        let path = image(images.path(), "io.raw", 1);
+        let first = IoLimits {
+            bps_rd: 1 << 20,
+            bps_wr: 2 << 20,
+            ..IoLimits::default()
+        };
+        t.vm.add_disk(DiskConfig::virtio_blk("io1", &path).io_limits(first.clone()))
+            .await
+            .unwrap();
+        assert_eq!(limits_of(&t.vm, "io1").await, first);
+
+        // What QEMU would refuse is refused before it is asked, and changes nothing.
+        for bad in [
+            IoLimits {
+                bps: 1,
+                bps_rd: 1,
+                ..IoLimits::default()
+            },
+            IoLimits {
+                iops_max: Some(10),
+                ..IoLimits::default()
+            },
+        ] {
+            assert!(matches!(
+                t.vm.set_io_limits("io1", bad).await,
+                Err(Error::InvalidIoLimits { .. })
+            ));
+        }
+        assert!(matches!(
+            t.vm.set_io_limits("nope", first.clone()).await,
+            Err(Error::NotFound { kind: "disk", .. })
+        ));
+        assert_eq!(limits_of(&t.vm, "io1").await, first);
+
+        let second = IoLimits {
+            iops: 100,
+            iops_max: Some(200),
+            ..IoLimits::default()
+        };
+        t.vm.set_io_limits("io1", second.clone()).await.unwrap();
+        assert_eq!(limits_of(&t.vm, "io1").await, second);
+        assert_eq!(t.vm.spec().disks[0].io_limits, Some(second.clone()));
+
+        // A relaunch from the spec gets them before its guest runs, paused or not.
+        let mut spec = t.vm.spec();
+        let pid = t.vm.pid().unwrap();
+        drop(t);
+        assert!(qhotplug_tests::exited(pid, Duration::from_secs(5))
+            .await
+            .unwrap());
+        spec.paused = false;
+        let dir = tempfile::tempdir().unwrap();
+        let again =
+            TestVm::launch_with(qhotplug::Launcher::new(spec, dir.path().join("run")), dir).await;
+        assert_eq!(limits_of(&again.vm, "io1").await, second);
+        let status = again
+            .vm
+            .client()
+            .execute(&qhotplug_qmp::command::QueryStatus)
+            .await
+            .unwrap();
+        assert!(status.running, "resumed once the limits were set");
+
+        again
+            .vm
+            .set_io_limits("io1", IoLimits::default())
+            .await
+            .unwrap();
+        assert_eq!(limits_of(&again.vm, "io1").await, IoLimits::default());
+        assert_eq!(again.vm.spec().disks[0].io_limits, None);
+    });
+}
+
+#[test]
+fn a_tight_read_limit_bites_in_the_guest() {
+    qhotplug_tests::serial_test(async {
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        let path = image(g.dir(), "slow.raw", 4);
+        let mark = g.console.mark();
+        let limits = qhotplug::IoLimits {
+            bps_rd: 1 << 20,
+            ..qhotplug::IoLimits::default()
+        };
+        g.vm.add_disk(DiskConfig::virtio_blk("slow", &path).io_limits(limits))
+            .await
+            .unwrap();
+        let line = g
+            .console
+            .wait_for(mark, "qhg: add block vd", SEEN)
+            .await
+            .expect("the guest saw the disk");
+        let dev = qhotplug_tests::guest::reported_name(&line, "block");
+        // 3 MiB at 1 MiB/s: at least 3 s, less QEMU's burst allowance; 2 s is a safe floor.
+        let start = tokio::time::Instant::now();
+        g.console
+            .run(
+                &format!("dd if=/dev/{dev} of=/dev/null bs=64k count=48"),
+                SEEN,
+            )
+            .await;
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_secs(2),
+            "3 MiB read at 1 MiB/s took only {took:?}"
+        );
+    });
+}

@@ -205,6 +205,28 @@ fn the_mock_fails_a_named_command_and_its_guest_refuses_or_takes_its_time() {
             other => panic!("{other:?}"),
         }
         assert_eq!(qemu.devices().len(), 1, "kept");
+
+        // A failure at the step after device_add: the device is taken back, then its nodes.
+        qemu.guest_unplug(GuestUnplug::Release);
+        qemu.fail_next("block_set_io_throttle", "injected");
+        let limits = qhotplug::IoLimits {
+            iops: 10,
+            ..qhotplug::IoLimits::default()
+        };
+        let raw2 = image(dir.path(), "m2.raw", 1);
+        let err = vm
+            .add_disk(DiskConfig::virtio_blk("f2", &raw2).io_limits(limits))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            outcome::<()>(&Err(err)),
+            "failed at block_set_io_throttle, 0 undo failures"
+        );
+        assert_eq!(qemu.devices().len(), 1, "only f1");
+        assert!(!qemu
+            .block_nodes()
+            .iter()
+            .any(|n| n.node_name.starts_with("f2")));
         qemu.guest_unplug(GuestUnplug::After(Duration::from_millis(50)));
         vm.remove_disk("f1").await.unwrap();
         assert!(qemu.devices().is_empty() && qemu.block_nodes().is_empty());

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use qhotplug_cmdline::{Cache, Disk, DiskBackend, DiskFrontend, Format, Pci, ScsiAddr};
 
-use super::{Backend, Kind, Plan, Want};
+use qhotplug_qmp::command::{BlockSetIoThrottle, IoLimits};
+
+use super::{After, Backend, Kind, Plan, Want};
 use crate::delete::Delete;
 use crate::error::{Error, Result};
 use crate::state::{Device, Place};
@@ -53,6 +55,7 @@ pub struct DiskConfig {
     read_only: bool,
     cache: Cache,
     at: At,
+    io_limits: Option<IoLimits>,
 }
 
 impl DiskConfig {
@@ -67,6 +70,7 @@ impl DiskConfig {
             read_only: false,
             cache: Cache::default(),
             at: At::Auto { scsi_bus: None },
+            io_limits: None,
         }
     }
 
@@ -95,6 +99,14 @@ impl DiskConfig {
     /// The host cache mode (default writeback).
     pub fn cache(mut self, cache: Cache) -> Self {
         self.cache = cache;
+        self
+    }
+
+    /// I/O limits from the start (set right after the device is added; a VM launched from the
+    /// spec gets them before it runs). Change them later with
+    /// [`Vm::set_io_limits`](crate::Vm::set_io_limits).
+    pub fn io_limits(mut self, limits: IoLimits) -> Self {
+        self.io_limits = Some(limits);
         self
     }
 
@@ -169,6 +181,14 @@ impl Kind for DiskConfig {
         disk.read_only = self.read_only;
         disk.cache = self.cache;
         disk.check().map_err(Error::Spec)?;
+        let limits = self.io_limits.filter(|l| !l.is_unlimited());
+        if let Some(limits) = &limits {
+            limits.check().map_err(|reason| Error::InvalidIoLimits {
+                id: disk.id.clone(),
+                reason,
+            })?;
+        }
+        disk.io_limits = limits.clone();
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!disk.read_only)
@@ -191,9 +211,19 @@ impl Kind for DiskConfig {
                     on_fdset: i == 0,
                 }),
         );
+        let after = limits
+            .map(|limits| {
+                After::IoLimits(BlockSetIoThrottle {
+                    id: disk.backend_device(),
+                    limits,
+                })
+            })
+            .into_iter()
+            .collect();
         Ok(Plan {
             backends,
             device: disk.device_add(),
+            after,
             added: disk,
         })
     }

@@ -11,7 +11,7 @@
 use std::os::fd::OwnedFd;
 
 use qhotplug_cmdline::{Pci, ScsiAddr};
-use qhotplug_qmp::command::{BlockdevAdd, DeviceAdd, NetdevAdd};
+use qhotplug_qmp::command::{BlockSetIoThrottle, BlockdevAdd, DeviceAdd, NetdevAdd};
 
 use crate::error::Result;
 use crate::state::{Device, Place};
@@ -46,10 +46,19 @@ pub(crate) enum Backend {
     Netdev(NetdevAdd),
 }
 
+/// A setting QEMU takes only on a device that exists, so it comes right after `device_add`. If it
+/// fails, the rollback takes the device back (`device_del`, which needs the guest).
+pub(crate) enum After {
+    /// `block_set_io_throttle`.
+    IoLimits(BlockSetIoThrottle),
+}
+
 /// What a kind's hot-add does, once its address is reserved.
 pub(crate) struct Plan<A> {
     pub(crate) backends: Vec<Backend>,
     pub(crate) device: DeviceAdd,
+    /// Settings on the device, once it exists.
+    pub(crate) after: Vec<After>,
     /// The device as placed: what the caller gets back and `vm.spec()` gains.
     pub(crate) added: A,
 }

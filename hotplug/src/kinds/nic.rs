@@ -143,6 +143,7 @@ impl Kind for NicConfig {
         Ok(Plan {
             backends,
             device: nic.device_add(),
+            after: Vec::new(),
             added: nic,
         })
     }

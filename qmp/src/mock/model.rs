@@ -26,6 +26,8 @@ pub struct MockDevice {
     pub unplugging: bool,
     /// The NIC's link (`set_link`); true for every other device.
     pub link_up: bool,
+    /// The disk's I/O limits (`block_set_io_throttle`), as given; `Null` for none.
+    pub io_limits: Value,
 }
 
 /// Where a device sits.
@@ -223,6 +225,12 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("object-del", &["id"]),
     ("human-monitor-command", &["command-line", "cpu-index"]),
     ("set_link", &["name", "up"]),
+    (
+        "block_set_io_throttle",
+        &[
+            "id", "bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr", "group",
+        ],
+    ),
     ("block_resize", &["device", "node-name", "size"]),
 ];
 
@@ -271,6 +279,7 @@ impl Model {
                 netdev: None,
                 unplugging: false,
                 link_up: true,
+                io_limits: Value::Null,
             });
         }
         model
@@ -297,6 +306,7 @@ impl Model {
             netdev: None,
             unplugging: false,
             link_up: true,
+            io_limits: Value::Null,
         });
     }
 
@@ -517,6 +527,25 @@ impl Model {
                     .find(|d| d.id == name || d.netdev.as_deref() == Some(name))
                     .ok_or_else(|| not_found(format!("Device '{name}' not found")))?;
                 device.link_up = up;
+                Ok(json!({}))
+            }
+            "block_set_io_throttle" => {
+                // A device id, or the QOM path of the device owning the backend.
+                let given = required(args, "id")?;
+                let id = given
+                    .strip_prefix("/machine/peripheral/")
+                    .map(|p| p.trim_end_matches("/virtio-backend"))
+                    .unwrap_or(given);
+                let device = self
+                    .devices
+                    .iter_mut()
+                    .find(|d| d.id == id && d.drive.is_some())
+                    .ok_or_else(|| not_found(format!("Device '{id}' not found")))?;
+                let mut limits = args.clone();
+                if let Some(map) = limits.as_object_mut() {
+                    map.remove("id");
+                }
+                device.io_limits = limits;
                 Ok(json!({}))
             }
             "block_resize" => {
@@ -1016,6 +1045,7 @@ impl Model {
             netdev,
             unplugging: false,
             link_up: true,
+            io_limits: Value::Null,
         });
         Ok(json!({}))
     }
