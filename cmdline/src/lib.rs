@@ -32,5 +32,5 @@ pub use device::{
 };
 pub use error::{Error, Result};
 pub use launch::{Launcher, Monitor, QemuProcess, QEMU_ENV};
-pub use spec::{Accel, Machine, Serial, VmSpec};
+pub use spec::{Accel, Machine, Serial, VmSpec, Vnc, VncListen};
 pub use value::{escape, ganeti_id, validate_id, Prop};

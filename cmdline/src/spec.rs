@@ -37,13 +37,48 @@ pub enum Accel {
     Kvm,
 }
 
-/// Where the guest's serial console goes.
+/// Where one of the guest's serial consoles goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Serial {
-    /// Appended to a file.
+    /// Appended to a file (a console log that survives restarts).
     File(PathBuf),
     /// A Unix socket QEMU listens on.
     Socket(PathBuf),
+    /// A pseudo-terminal QEMU opens; its path is QEMU's to choose (`Vm::serial_pty` reads it).
+    Pty,
+}
+
+/// A VNC display.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Vnc {
+    /// Where it listens.
+    pub listen: VncListen,
+    /// The password clients must give, set over QMP (`set_password`) as soon as QEMU is up and
+    /// before the guest runs: never on QEMU's command line, where any local user could read it.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Vnc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vnc")
+            .field("listen", &self.listen)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Where a VNC display listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VncListen {
+    /// A TCP address and display number (port 5900 + display).
+    Tcp {
+        /// The address, for example `127.0.0.1` or `::`.
+        host: String,
+        /// The display number.
+        display: u16,
+    },
+    /// A Unix socket.
+    Unix(PathBuf),
 }
 
 /// Everything QEMU needs to start a VM. Devices are the same values hotplug uses, so a VM
@@ -68,8 +103,13 @@ pub struct VmSpec {
     pub initrd: Option<PathBuf>,
     /// Direct kernel boot: command line.
     pub append: Option<String>,
-    /// Serial console.
-    pub serial: Option<Serial>,
+    /// Serial consoles: the guest's `ttyS0`, `ttyS1`, … in order (Nova's seed has two: a log file
+    /// and an interactive one).
+    pub serials: Vec<Serial>,
+    /// A VNC display, if any.
+    pub vnc: Option<Vnc>,
+    /// A USB tablet (absolute pointer, so a VNC cursor follows), on the machine's USB controller.
+    pub usb_tablet: bool,
     /// Start paused (`-S`).
     pub paused: bool,
     /// PCIe root ports (`q35`).
@@ -211,23 +251,40 @@ impl VmSpec {
         if let Some(ap) = &self.append {
             push(&["-append", ap]);
         }
-        match &self.serial {
-            Some(Serial::File(path)) => push(&[
-                "-chardev",
-                &format!("file,id=serial0,path={}", escape(&path.to_string_lossy())),
-                "-serial",
-                "chardev:serial0",
-            ]),
-            Some(Serial::Socket(path)) => push(&[
-                "-chardev",
-                &format!(
-                    "socket,id=serial0,path={},server=on,wait=off",
+        for (i, serial) in self.serials.iter().enumerate() {
+            let backend = match serial {
+                Serial::File(path) => format!(
+                    "file,id=serial{i},path={},append=on",
                     escape(&path.to_string_lossy())
                 ),
+                Serial::Socket(path) => format!(
+                    "socket,id=serial{i},path={},server=on,wait=off",
+                    escape(&path.to_string_lossy())
+                ),
+                Serial::Pty => format!("pty,id=serial{i}"),
+            };
+            push(&[
+                "-chardev",
+                &backend,
                 "-serial",
-                "chardev:serial0",
-            ]),
-            None => {}
+                &format!("chardev:serial{i}"),
+            ]);
+        }
+        if let Some(vnc) = &self.vnc {
+            let mut arg = match &vnc.listen {
+                VncListen::Tcp { host, display } if host.contains(':') => {
+                    format!("[{host}]:{display}")
+                }
+                VncListen::Tcp { host, display } => format!("{host}:{display}"),
+                VncListen::Unix(path) => format!("unix:{}", escape(&path.to_string_lossy())),
+            };
+            if vnc.password.is_some() {
+                arg.push_str(",password=on");
+            }
+            push(&["-vnc", &arg]);
+        }
+        if self.usb_tablet {
+            push(&["-usb", "-device", "usb-tablet,id=tablet0"]);
         }
         push(&["-chardev", qmp_chardev, "-mon", "chardev=qmp,mode=control"]);
         if self.paused {
@@ -248,5 +305,44 @@ impl VmSpec {
         }
         a.extend(self.extra_args.iter().cloned());
         a
+    }
+}
+
+#[cfg(test)]
+mod front_panel_tests {
+    use super::*;
+
+    #[test]
+    fn consoles_vnc_and_tablet_render_as_nova_configures_them() {
+        let mut spec = VmSpec::new("fp", Machine::Pc);
+        spec.serials = vec![Serial::File("/var/log/c,1.log".into()), Serial::Pty];
+        spec.vnc = Some(Vnc {
+            listen: VncListen::Tcp {
+                host: "::1".into(),
+                display: 3,
+            },
+            password: Some("never-in-argv".into()),
+        });
+        spec.usb_tablet = true;
+        let args = spec.args("socket,id=qmp,fd=3,server=on,wait=off", |_| unreachable!());
+        let line = args.join(" ");
+        assert!(line.contains(
+            "-chardev file,id=serial0,path=/var/log/c,,1.log,append=on -serial chardev:serial0 \
+             -chardev pty,id=serial1 -serial chardev:serial1"
+        ), "{line}");
+        assert!(line.contains("-vnc [::1]:3,password=on"), "{line}");
+        assert!(
+            line.contains("-usb -device usb-tablet,id=tablet0"),
+            "{line}"
+        );
+        assert!(!line.contains("never-in-argv"), "{line}");
+        spec.vnc = Some(Vnc {
+            listen: VncListen::Unix("/run/v.sock".into()),
+            password: None,
+        });
+        assert!(spec
+            .args("x", |_| unreachable!())
+            .join(" ")
+            .contains("-vnc unix:/run/v.sock"));
     }
 }

@@ -102,7 +102,7 @@ pub use qhotplug_qmp as qmp;
 // What a hot-plug needs from the other crates, so `qhotplug::…` is the one import path.
 pub use qhotplug_cmdline::{
     Cache, Disk, DiskFrontend, Format, Launcher, Machine, Monitor, Nic, Pci, RootPort, ScsiAddr,
-    ScsiController, VmSpec,
+    ScsiController, Serial, VmSpec, Vnc, VncListen,
 };
 pub use qhotplug_netdev::{MacAddr, Tap, TapBuilder, VhostPolicy};
 pub use qhotplug_qmp::command::IoLimits;

@@ -69,15 +69,17 @@ impl Vm {
     /// Launches QEMU with `launcher` and attaches to it. The launcher's spec is the starting
     /// topology: its disks and NICs can be hot-removed like hot-added ones. What the command line
     /// cannot say is set over QMP before the guest runs: a NIC whose `link_up` is false has its
-    /// link taken down, a disk with `io_limits` gets them (the VM starts paused for that, and runs
-    /// once they are set, unless the spec says paused).
+    /// link taken down, a disk with `io_limits` gets them, the VNC display gets its password (the
+    /// VM starts paused for that, and runs once they are set, unless the spec says paused).
     pub async fn launch(launcher: Launcher) -> Result<Vm> {
         let spec = launcher.spec().clone();
         // What QEMU's command line cannot say (a NIC's link down, a disk's I/O limits) is set
         // over QMP; a VM that should run starts paused until then, so its guest never runs
         // without it.
+        let password = spec.vnc.as_ref().and_then(|v| v.password.clone());
         let later = spec.nics.iter().any(|n| !n.link_up)
-            || spec.disks.iter().any(|d| d.io_limits.is_some());
+            || spec.disks.iter().any(|d| d.io_limits.is_some())
+            || password.is_some();
         let resume = later && !spec.paused;
         let mut launcher = launcher;
         if resume {
@@ -92,6 +94,13 @@ impl Vm {
             if let Some(limits) = disk.io_limits {
                 vm.set_io_limits(&disk.id, limits).await?;
             }
+        }
+        if let Some(password) = password {
+            let set = qhotplug_qmp::command::SetPassword {
+                protocol: "vnc".into(),
+                password,
+            };
+            vm.client().execute(&set).await?;
         }
         if resume {
             vm.client().execute(&qhotplug_qmp::command::Cont).await?;
@@ -212,6 +221,23 @@ impl Vm {
                 .map_err(|e| Error::Launch(qhotplug_cmdline::Error::Io(e)))?;
         }
         Ok(())
+    }
+
+    /// The path of the pseudo-terminal behind serial console `index` (`Serial::Pty` in the spec),
+    /// from `query-chardev`, for a caller to attach to. `None` when that console is no pty.
+    pub async fn serial_pty(&self, index: usize) -> Result<Option<std::path::PathBuf>> {
+        let label = format!("serial{index}");
+        Ok(self
+            .client()
+            .execute(&qhotplug_qmp::command::QueryChardev)
+            .await?
+            .into_iter()
+            .find(|c| c.label == label)
+            .and_then(|c| {
+                c.filename
+                    .strip_prefix("pty:")
+                    .map(std::path::PathBuf::from)
+            }))
     }
 
     /// True when QEMU has a device with this id (from `qom-list /machine/peripheral`), whether or

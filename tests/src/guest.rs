@@ -39,7 +39,7 @@ pub fn boot_spec(spec: &mut VmSpec, console: PathBuf) {
     spec.initrd = Some(initrd);
     // printk.devkmsg=on: the guest's hotplug reports go through /dev/kmsg, not rate-limited.
     spec.append = Some("console=ttyS0 edd=off panic=-1 quiet printk.devkmsg=on".into());
-    spec.serial = Some(Serial::Socket(console));
+    spec.serials = vec![Serial::Socket(console)];
     spec.paused = false;
     spec.memory_mib = spec.memory_mib.max(256);
 }
