@@ -222,15 +222,7 @@ async fn run() {
     }
     // Each round measures floor and client moments apart; the median of the per-round ratios
     // resists the drift of a shared 2-core machine better than a ratio of medians.
-    let ratio = |floor: &[Duration], client: &[Duration]| {
-        let mut r: Vec<f64> = floor
-            .iter()
-            .zip(client)
-            .map(|(f, c)| f.as_secs_f64() / c.as_secs_f64())
-            .collect();
-        r.sort_by(f64::total_cmp);
-        r[r.len() / 2]
-    };
+    let ratio = qhotplug_tests::median_ratio;
     let (ratio_seq, ratio_conc) = (ratio(&fs, &cs), ratio(&fc, &cc));
     let ratio_ids = ratio(&fs, &is);
     let total = |v: &[Duration]| v.iter().sum::<Duration>();

@@ -106,6 +106,16 @@ impl Console {
         }
     }
 
+    /// Waits for the guest's report that a `what` device (`block` or `net`) arrived after `mark`,
+    /// and returns its name (`vda`, `eth0`).
+    pub async fn added(&self, mark: usize, what: &str) -> String {
+        let line = self
+            .wait_for(mark, &format!("qhg: add {what} "), Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|| panic!("the guest never reported a new {what}: {:?}", self.lines()));
+        reported_name(&line, what)
+    }
+
     /// Runs a shell command in the guest and returns the lines it printed (stdout and stderr), and
     /// only those.
     ///

@@ -124,12 +124,7 @@ fn a_nics_link_goes_down_and_up_and_the_guest_carrier_follows() {
         g.vm.add_nic(NicConfig::new("l1", tap).no_vhost())
             .await
             .unwrap();
-        let line = g
-            .console
-            .wait_for(mark, "qhg: add net", SEEN)
-            .await
-            .expect("the guest saw the NIC");
-        let ifname = qhotplug_tests::guest::reported_name(&line, "net");
+        let ifname = g.console.added(mark, "net").await;
         g.console
             .run(&format!("ip link set {ifname} up"), SEEN)
             .await;
@@ -310,12 +305,7 @@ fn a_tight_read_limit_bites_in_the_guest() {
         g.vm.add_disk(DiskConfig::virtio_blk("slow", &path).io_limits(limits))
             .await
             .unwrap();
-        let line = g
-            .console
-            .wait_for(mark, "qhg: add block vd", SEEN)
-            .await
-            .expect("the guest saw the disk");
-        let dev = qhotplug_tests::guest::reported_name(&line, "block");
+        let dev = g.console.added(mark, "block").await;
         // 3 MiB at 1 MiB/s: at least 3 s, less QEMU's burst allowance; 2 s is a safe floor.
         let start = tokio::time::Instant::now();
         g.console
