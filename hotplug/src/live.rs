@@ -9,7 +9,7 @@ use qhotplug_qmp::command::{
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::state::{self, Entry};
+use crate::state::{self, Device, Entry};
 use crate::vm::Vm;
 
 /// The sector size QEMU resizes in.
@@ -23,7 +23,7 @@ impl Vm {
         let span = tracing::info_span!("hotplug", op = "set_link", id);
         async {
             self.require("NIC link changes", &["set_link"]).await?;
-            self.check_idle(id, state::Kind::Nic)?;
+            self.idle_device(id, state::Kind::Nic)?;
             let step = tracing::debug_span!("step", name = "set_link", id);
             self.client()
                 .execute(&SetLink {
@@ -50,16 +50,13 @@ impl Vm {
         async {
             self.require("disk I/O limits", &["block_set_io_throttle"])
                 .await?;
-            self.check_idle(id, state::Kind::Disk)?;
+            let Device::Disk(disk) = self.idle_device(id, state::Kind::Disk)? else {
+                unreachable!("a disk entry is a disk")
+            };
             limits.check().map_err(|reason| Error::InvalidIoLimits {
                 id: id.to_owned(),
                 reason,
             })?;
-            let disk = self
-                .disks()
-                .into_iter()
-                .find(|d| d.id == id)
-                .expect("a placed disk is in the spec");
             let step = tracing::debug_span!("step", name = "block_set_io_throttle", id);
             let cmd = BlockSetIoThrottle {
                 id: disk.backend_device(),
@@ -95,12 +92,9 @@ impl Vm {
         async {
             self.require("online disk resize", &["block_resize"])
                 .await?;
-            self.check_idle(id, state::Kind::Disk)?;
-            let disk = self
-                .disks()
-                .into_iter()
-                .find(|d| d.id == id)
-                .expect("a placed disk is in the spec");
+            let Device::Disk(disk) = self.idle_device(id, state::Kind::Disk)? else {
+                unreachable!("a disk entry is a disk")
+            };
             if disk.read_only {
                 return Err(Error::ReadOnly(id.to_owned()));
             }
@@ -146,14 +140,15 @@ impl Vm {
         .await
     }
 
-    /// Checks that `id` is a placed device of `kind` with no removal running.
-    fn check_idle(&self, id: &str, kind: state::Kind) -> Result<()> {
-        match self.inner().state().devices.get(id) {
+    /// The device `id`, as the spec lists it, when it is placed, of `kind`, and no removal runs.
+    fn idle_device(&self, id: &str, kind: state::Kind) -> Result<Device> {
+        let state = self.inner().state();
+        match state.devices.get(id) {
             Some(Entry::Placed {
                 kind: k,
                 busy: false,
                 ..
-            }) if *k == kind => Ok(()),
+            }) if *k == kind => Ok(state.device(id).expect("a placed entry is in the spec")),
             Some(Entry::Placed { kind: k, .. }) if *k == kind => Err(Error::Busy(id.to_owned())),
             Some(Entry::Adding) => Err(Error::Busy(id.to_owned())),
             _ => Err(Error::NotFound {

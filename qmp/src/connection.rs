@@ -123,17 +123,18 @@ impl Outbox {
                 let slice = [IoSlice::new(&front.bytes)];
                 send(sock, &slice, front.fd.as_ref().map(AsFd::as_fd))
             } else {
-                let mut slices = Vec::with_capacity(self.queue.len().min(MAX_GATHER));
-                slices.push(IoSlice::new(&front.bytes[self.written..]));
-                slices.extend(
-                    self.queue
-                        .iter()
-                        .skip(1)
-                        .take(MAX_GATHER - 1)
-                        .take_while(|u| u.fd.is_none())
-                        .map(|u| IoSlice::new(&u.bytes)),
-                );
-                send(sock, &slices, None)
+                // On the stack: every request the SDK sends is written through here.
+                let mut slices = [IoSlice::new(&[]); MAX_GATHER];
+                slices[0] = IoSlice::new(&front.bytes[self.written..]);
+                let mut count = 1;
+                for (slot, unsent) in slices[1..]
+                    .iter_mut()
+                    .zip(self.queue.iter().skip(1).take_while(|u| u.fd.is_none()))
+                {
+                    *slot = IoSlice::new(&unsent.bytes);
+                    count += 1;
+                }
+                send(sock, &slices[..count], None)
             };
             let mut n = match sent {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

@@ -27,9 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use qhotplug::{Disk, DiskConfig, Launcher, Pci, ScsiAddr, Vm};
-use qhotplug_tests::raw::RawMonitor;
-use qhotplug_tests::{open_fd_count, pc_spec, rss_mib};
+use qhotplug::{Disk, DiskConfig, Launcher, Pci, Vm};
+use qhotplug_tests::raw::{scsi_disk, RawMonitor};
+use qhotplug_tests::{image, open_fd_count, pc_spec, rss_mib};
 
 const ROUNDS: usize = 4;
 
@@ -43,48 +43,16 @@ fn kill_all(pids: &Pids) {
 }
 
 fn threads() -> usize {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap()
+    qhotplug_tests::proc_value("/proc/self/status", "Threads:").expect("Threads") as usize
 }
 
 fn meminfo_mib(key: &str) -> f64 {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let kib: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib / 1024.0
-}
-
-fn process_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
+    qhotplug_tests::proc_value("/proc/meminfo", key).expect("a /proc/meminfo key") / 1024.0
 }
 
 fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v.sort();
     v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
-}
-
-fn image(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    path
 }
 
 /// The spec of VM `i`: the test spec (paused pc, a virtio-scsi controller) with 64 MiB and a
@@ -165,19 +133,6 @@ impl Latencies {
         self.blk_add.extend(other.blk_add);
         self.scsi_remove.extend(other.scsi_remove);
     }
-}
-
-fn scsi(id: &str, path: &Path, target: u16) -> Disk {
-    Disk::scsi_hd(
-        id,
-        path,
-        ScsiAddr {
-            bus: "scsi0.0".into(),
-            channel: 0,
-            scsi_id: target,
-            lun: 0,
-        },
-    )
 }
 
 fn main() {
@@ -306,14 +261,14 @@ async fn run(pids: Pids) {
                     let go = go.clone();
                     std::thread::spawn(move || {
                         let mut lat = Latencies::default();
-                        let s = scsi(
+                        let s = scsi_disk(
                             &format!("fs{round}"),
-                            &image(&dir, &format!("fs{round}")),
+                            &image(&dir, &format!("fs{round}"), 1),
                             255 - round as u16,
                         );
                         let b = Disk::virtio_blk(
                             format!("fb{round}"),
-                            image(&dir, &format!("fb{round}")),
+                            image(&dir, &format!("fb{round}"), 1),
                             Pci::new("pci.0", 31 - round as u8),
                         );
                         go.wait();
@@ -352,7 +307,7 @@ async fn run(pids: Pids) {
             .iter()
             .map(|(vm, dir)| {
                 let (s, b) = (format!("ss{round}"), format!("sb{round}"));
-                let (si, bi) = (image(dir, &s), image(dir, &b));
+                let (si, bi) = (image(dir, &s, 1), image(dir, &b, 1));
                 (vm.clone(), s, b, si, bi)
             })
             .collect();
@@ -432,7 +387,7 @@ async fn run(pids: Pids) {
     let qemu_mib: f64 = fleet
         .iter()
         .filter_map(|(vm, _)| vm.pid())
-        .map(process_rss_mib)
+        .map(qhotplug_tests::rss_mib_of)
         .sum::<f64>()
         / n as f64;
     let total_mib = meminfo_mib("MemTotal:");

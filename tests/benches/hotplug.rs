@@ -14,16 +14,15 @@
 //!
 //! Prints the tables and, last, `ratio_disk=… ratio_nic=… ratio_64=…` (floor time / SDK time).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use qhotplug::{DiskConfig, NicConfig, Vm};
-use qhotplug_cmdline::{Disk, ScsiAddr};
 use qhotplug_netdev::TapBuilder;
-use qhotplug_tests::raw::RawMonitor;
+use qhotplug_tests::raw::{scsi_disk, RawMonitor};
 use qhotplug_tests::timing::Timings;
-use qhotplug_tests::{pc_spec, TestVm};
+use qhotplug_tests::{image, pc_spec, TestVm};
 use tracing_subscriber::layer::SubscriberExt;
 
 const DISK_ROUNDS: usize = 30;
@@ -102,29 +101,6 @@ fn sdk_steps(timings: &Timings) -> Vec<(&'static str, Duration)> {
         .collect()
 }
 
-/// The `scsi-hd` the floor adds, at target `target` of `scsi0.0`.
-fn scsi_disk(id: &str, path: &Path, target: u16) -> Disk {
-    Disk::scsi_hd(
-        id,
-        path,
-        ScsiAddr {
-            bus: "scsi0.0".into(),
-            channel: 0,
-            scsi_id: target,
-            lun: 0,
-        },
-    )
-}
-
-fn image(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
-    path
-}
-
 fn main() {
     let timings = Timings::new();
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(timings.clone()))
@@ -150,7 +126,7 @@ async fn run(timings: Timings) {
     let t = TestVm::launch(spec).await;
     let vm: Vm = t.vm.clone();
     let mut raw = RawMonitor::connect(&floor_path);
-    let img = image(dir.path(), "disk.raw");
+    let img = image(dir.path(), "disk.raw", 1);
     println!("QEMU {}, paused, TCG", vm.client().greeting().version.qemu);
 
     // Warm up both (the SDK asks query-commands once).
@@ -199,7 +175,7 @@ async fn run(timings: Timings) {
 
     // 64 disks at once.
     let images: Vec<PathBuf> = (0..BULK)
-        .map(|i| image(dir.path(), &format!("bulk{i}.raw")))
+        .map(|i| image(dir.path(), &format!("bulk{i}.raw"), 1))
         .collect();
     let (mut floor_times, mut sdk_times) = (vec![], vec![]);
     for round in 0..BULK_ROUNDS {

@@ -36,12 +36,6 @@ fn serve(path: &Path) {
     }
 }
 
-fn rss_kib() -> f64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: f64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4.0
-}
-
 fn raw_handshake(path: &Path) -> UnixStream {
     let mut stream = UnixStream::connect(path).unwrap();
     let mut read = BufReader::new(stream.try_clone().unwrap());
@@ -80,7 +74,7 @@ fn main() {
     let warm = runtime.block_on(config.connect(&path)).unwrap();
     drop(warm);
 
-    let before = rss_kib();
+    let before = qhotplug_tests::rss_mib() * 1024.0;
     let clients: Vec<_> = runtime.block_on(async {
         let mut clients = Vec::with_capacity(CONNECTIONS);
         for _ in 0..CONNECTIONS {
@@ -95,11 +89,11 @@ fn main() {
         }
         tokio::task::yield_now().await;
     });
-    let client_kib = (rss_kib() - before) / CONNECTIONS as f64;
+    let client_kib = ((qhotplug_tests::rss_mib() * 1024.0) - before) / CONNECTIONS as f64;
 
-    let before = rss_kib();
+    let before = qhotplug_tests::rss_mib() * 1024.0;
     let raw: Vec<UnixStream> = (0..CONNECTIONS).map(|_| raw_handshake(&path)).collect();
-    let floor_kib = (rss_kib() - before) / CONNECTIONS as f64;
+    let floor_kib = ((qhotplug_tests::rss_mib() * 1024.0) - before) / CONNECTIONS as f64;
     assert_eq!(raw.len(), CONNECTIONS);
 
     println!(

@@ -100,16 +100,27 @@ pub fn median_ratio(floor: &[std::time::Duration], ours: &[std::time::Duration])
     ratios[ratios.len() / 2]
 }
 
+/// The first number after `key` in a `/proc` file of `key: value` lines (`/proc/self/status`,
+/// `/proc/PID/status`, `/proc/meminfo`); `None` when the file or the key is not there.
+pub fn proc_value(path: &str, key: &str) -> Option<f64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// Our resident set size, in MiB (`VmRSS` from `/proc/self/status`).
 pub fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/self/status");
-    kib / 1024.0
+    proc_value("/proc/self/status", "VmRSS:").expect("VmRSS in /proc/self/status") / 1024.0
+}
+
+/// Process `pid`'s resident set size, in MiB (0 when it is gone).
+pub fn rss_mib_of(pid: u32) -> f64 {
+    proc_value(&format!("/proc/{pid}/status"), "VmRSS:").unwrap_or(0.0) / 1024.0
 }
 
 /// How many fds our process has open.

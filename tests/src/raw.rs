@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use qhotplug_cmdline::{Disk, Nic, Pci};
+use qhotplug_cmdline::{Disk, Nic, Pci, ScsiAddr};
 use qhotplug_netdev::{MacAddr, TapBuilder};
 use qhotplug_qmp::command::{AddFd, Getfd, RemoveFd};
 use qhotplug_qmp::message::{encode_request, Execution};
@@ -183,4 +183,18 @@ impl RawMonitor {
         self.step(&mut steps, "device_add", &nic.device_add(), None);
         steps
     }
+}
+
+/// A `scsi-hd` at target `target` of the test VMs' controller bus `scsi0.0`, as the floor adds it.
+pub fn scsi_disk(id: &str, path: &Path, target: u16) -> Disk {
+    Disk::scsi_hd(
+        id,
+        path,
+        ScsiAddr {
+            bus: "scsi0.0".into(),
+            channel: 0,
+            scsi_id: target,
+            lun: 0,
+        },
+    )
 }

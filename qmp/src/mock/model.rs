@@ -146,6 +146,13 @@ fn required<'a>(args: &'a Value, key: &str) -> Result<&'a str, (&'static str, St
     str_arg(args, key).ok_or_else(|| generic(format!("Parameter '{key}' is missing")))
 }
 
+/// Removes the first item `matches` picks, and returns it; `None` when there is none (the
+/// mock's "not found" for every delete).
+fn remove_one<T>(list: &mut Vec<T>, matches: impl Fn(&T) -> bool) -> Option<T> {
+    let at = list.iter().position(matches)?;
+    Some(list.remove(at))
+}
+
 /// A PCI `addr` as QEMU reads it: `0x9`, `9`, `0x9.1`.
 fn parse_addr(addr: &Value) -> Option<(u8, u8)> {
     if let Some(n) = addr.as_u64() {
@@ -454,11 +461,8 @@ impl Model {
             }
             "closefd" => {
                 let name = required(args, "fdname")?;
-                let before = self.named_fds.len();
-                self.named_fds.retain(|(n, _)| n != name);
-                if self.named_fds.len() == before {
-                    return Err(generic(format!("File descriptor named '{name}' not found")));
-                }
+                remove_one(&mut self.named_fds, |(n, _)| n == name)
+                    .ok_or_else(|| generic(format!("File descriptor named '{name}' not found")))?;
                 Ok(json!({}))
             }
             "blockdev-add" => self.blockdev_add(args),
@@ -466,11 +470,8 @@ impl Model {
             "netdev_add" => self.netdev_add(args),
             "netdev_del" => {
                 let id = required(args, "id")?;
-                let before = self.netdevs.len();
-                self.netdevs.retain(|n| n.id != id);
-                if self.netdevs.len() == before {
-                    return Err(not_found(format!("Device '{id}' not found")));
-                }
+                remove_one(&mut self.netdevs, |n| n.id == id)
+                    .ok_or_else(|| not_found(format!("Device '{id}' not found")))?;
                 Ok(json!({}))
             }
             "device_add" => self.device_add(args),
@@ -485,11 +486,8 @@ impl Model {
             }
             "chardev-remove" => {
                 let id = required(args, "id")?;
-                let before = self.chardevs.len();
-                self.chardevs.retain(|c| c != id);
-                if self.chardevs.len() == before {
-                    return Err(generic(format!("Chardev '{id}' not found")));
-                }
+                remove_one(&mut self.chardevs, |c| c == id)
+                    .ok_or_else(|| generic(format!("Chardev '{id}' not found")))?;
                 Ok(json!({}))
             }
             "query-chardev" => Ok(Value::Array(
@@ -511,11 +509,8 @@ impl Model {
             }
             "object-del" => {
                 let id = required(args, "id")?;
-                let before = self.objects.len();
-                self.objects.retain(|(o, _)| o != id);
-                if self.objects.len() == before {
-                    return Err(generic(format!("object '{id}' not found")));
-                }
+                remove_one(&mut self.objects, |(o, _)| o == id)
+                    .ok_or_else(|| generic(format!("object '{id}' not found")))?;
                 Ok(json!({}))
             }
             "set_link" => {
