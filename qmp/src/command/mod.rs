@@ -1,0 +1,251 @@
+//! Typed commands: each is a serde struct whose fields are the command's arguments, tied to the type
+//! its reply deserializes into. For anything not listed, use
+//! [`Client::execute_raw`](crate::Client::execute_raw).
+//!
+//! Optional arguments are `Option`s that are left out of the request when `None`.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+pub use crate::message::VersionInfo;
+
+/// A QMP command: its arguments (the value itself), its name, and what it returns.
+pub trait Command: Serialize {
+    /// The command's QMP name, for example `query-status`.
+    const NAME: &'static str;
+    /// The type of the command's `return` value.
+    type Returns: DeserializeOwned;
+}
+
+/// The `{}` that commands without a return value return.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Empty {}
+
+macro_rules! command {
+    ($(#[$doc:meta])* $name:literal, $ty:ident, $ret:ty) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+        pub struct $ty;
+
+        impl Command for $ty {
+            const NAME: &'static str = $name;
+            type Returns = $ret;
+        }
+    };
+    ($(#[$doc:meta])* $name:literal, $ty:ident { $($(#[$fdoc:meta])* $field:ident : $fty:ty),* $(,)? } -> $ret:ty) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Serialize)]
+        #[serde(rename_all = "kebab-case")]
+        pub struct $ty {
+            $($(#[$fdoc])* pub $field: $fty,)*
+        }
+
+        impl Command for $ty {
+            const NAME: &'static str = $name;
+            type Returns = $ret;
+        }
+    };
+}
+
+mod block;
+mod device;
+mod display;
+
+pub use block::*;
+pub use device::*;
+pub use display::*;
+
+/// `qmp_capabilities`: leaves capabilities negotiation mode. The handshake sends it for you.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct QmpCapabilities {
+    /// Capabilities to enable, for example `["oob"]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub enable: Vec<String>,
+}
+
+impl Command for QmpCapabilities {
+    const NAME: &'static str = "qmp_capabilities";
+    type Returns = Empty;
+}
+
+command!(
+    /// `query-commands`: the commands this QEMU knows.
+    "query-commands", QueryCommands, Vec<CommandInfo>
+);
+
+command!(
+    /// `query-status`: whether the VM runs, and its run state.
+    "query-status", QueryStatus, StatusInfo
+);
+
+command!(
+    /// `query-version`: QEMU's version.
+    "query-version", QueryVersion, VersionInfo
+);
+
+command!(
+    /// `stop`: pauses the VM.
+    "stop", Stop, Empty
+);
+
+command!(
+    /// `cont`: resumes the VM (or starts one launched with `-S`).
+    "cont", Cont, Empty
+);
+
+command!(
+    /// `system_reset`: resets the VM.
+    "system_reset", SystemReset, Empty
+);
+
+command!(
+    /// `quit`: QEMU exits at once.
+    "quit", Quit, Empty
+);
+
+command!(
+    /// `qom-list`: the properties (and children) of a QOM object.
+    "qom-list", QomList {
+        /// The object's path, for example `/machine/peripheral`.
+        path: String,
+    } -> Vec<ObjectPropertyInfo>
+);
+
+command!(
+    /// `human-monitor-command`: runs an HMP command and returns its output. A last resort.
+    "human-monitor-command", HumanMonitorCommand {
+        /// The HMP command line, for example `info network`.
+        command_line: String,
+        /// The CPU to run it on.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cpu_index: Option<i64>,
+    } -> String
+);
+
+/// One entry of `query-commands`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct CommandInfo {
+    /// The command's name.
+    pub name: String,
+}
+
+/// The reply to `query-status`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct StatusInfo {
+    /// True when the guest's CPUs run.
+    pub running: bool,
+    /// The run state.
+    pub status: RunState,
+}
+
+/// QEMU's run states (`RunState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+#[allow(missing_docs)]
+pub enum RunState {
+    Debug,
+    Inmigrate,
+    InternalError,
+    IoError,
+    Paused,
+    Postmigrate,
+    Prelaunch,
+    FinishMigrate,
+    RestoreVm,
+    Running,
+    SaveVm,
+    Shutdown,
+    Suspended,
+    Watchdog,
+    GuestPanicked,
+    Colo,
+    /// A state this version of the SDK does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// One property in `qom-list`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ObjectPropertyInfo {
+    /// The property's name (for a child, the child's name).
+    pub name: String,
+    /// The property's type, for example `child<virtio-blk-pci>`.
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+impl ObjectPropertyInfo {
+    /// For a `child<T>` property, `T`.
+    pub fn child_type(&self) -> Option<&str> {
+        self.kind.strip_prefix("child<")?.strip_suffix('>')
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{encode_request, Execution};
+    use serde_json::Map;
+
+    fn wire<C: Command>(c: &C) -> String {
+        let mut out = Vec::new();
+        encode_request(&mut out, C::NAME, c, Execution::InBand).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn optional_arguments_are_left_out() {
+        assert_eq!(
+            wire(&AddFd {
+                fdset_id: None,
+                opaque: None
+            }),
+            "{\"execute\":\"add-fd\"}\r\n"
+        );
+        assert_eq!(
+            wire(&RemoveFd {
+                fdset_id: 3,
+                fd: None
+            }),
+            "{\"execute\":\"remove-fd\",\"arguments\":{\"fdset-id\":3}}\r\n"
+        );
+        assert_eq!(
+            wire(&QmpCapabilities::default()),
+            "{\"execute\":\"qmp_capabilities\"}\r\n"
+        );
+        assert_eq!(
+            wire(&BlockdevDel {
+                node_name: "n".into()
+            }),
+            "{\"execute\":\"blockdev-del\",\"arguments\":{\"node-name\":\"n\"}}\r\n"
+        );
+    }
+
+    #[test]
+    fn device_add_flattens_props() {
+        let mut props = Map::new();
+        props.insert("addr".into(), "0x9".into());
+        let d = DeviceAdd {
+            driver: "virtio-blk-pci".into(),
+            id: Some("disk-1".into()),
+            bus: None,
+            props,
+        };
+        assert_eq!(
+            wire(&d),
+            "{\"execute\":\"device_add\",\"arguments\":{\"driver\":\"virtio-blk-pci\",\"id\":\"disk-1\",\"addr\":\"0x9\"}}\r\n"
+        );
+    }
+
+    #[test]
+    fn unknown_run_state_is_kept_apart() {
+        let s: StatusInfo = serde_json::from_str(
+            r#"{"running": false, "status": "brand-new", "singlestep": false}"#,
+        )
+        .unwrap();
+        assert_eq!(s.status, RunState::Unknown);
+        let s: StatusInfo =
+            serde_json::from_str(r#"{"running": false, "status": "prelaunch"}"#).unwrap();
+        assert_eq!(s.status, RunState::Prelaunch);
+    }
+}
