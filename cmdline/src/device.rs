@@ -12,7 +12,7 @@ use crate::value::{render, validate_id, Prop};
 /// Ordered properties: the order is the command line's.
 pub type Props = Vec<(String, Prop)>;
 
-fn p(key: &str, value: impl Into<Prop>) -> (String, Prop) {
+pub(crate) fn p(key: &str, value: impl Into<Prop>) -> (String, Prop) {
     (key.to_owned(), value.into())
 }
 
@@ -67,7 +67,7 @@ impl Pci {
         }
     }
 
-    fn props(&self) -> Props {
+    pub(crate) fn props(&self) -> Props {
         vec![p("bus", self.bus.clone()), p("addr", self.addr())]
     }
 
@@ -96,7 +96,7 @@ pub struct ScsiAddr {
 }
 
 impl ScsiAddr {
-    fn props(&self) -> Props {
+    pub(crate) fn props(&self) -> Props {
         vec![
             p("bus", self.bus.clone()),
             p("channel", i64::from(self.channel)),
@@ -363,12 +363,12 @@ impl Disk {
     }
 }
 
-fn render_kv(props: &[(String, Prop)]) -> String {
+pub(crate) fn render_kv(props: &[(String, Prop)]) -> String {
     let s = render("", props);
     s.strip_prefix(',').unwrap_or(&s).to_owned()
 }
 
-fn blockdev(props: &[(String, Prop)]) -> BlockdevAdd {
+pub(crate) fn blockdev(props: &[(String, Prop)]) -> BlockdevAdd {
     let mut map = props_to_json(props);
     let driver = map
         .remove("driver")
@@ -385,7 +385,7 @@ fn blockdev(props: &[(String, Prop)]) -> BlockdevAdd {
     }
 }
 
-fn device_add(driver: &str, props: &[(String, Prop)]) -> DeviceAdd {
+pub(crate) fn device_add(driver: &str, props: &[(String, Prop)]) -> DeviceAdd {
     let mut map = props_to_json(props);
     let take = |m: &mut Map<String, Value>, k: &str| {
         m.remove(k).and_then(|v| v.as_str().map(str::to_owned))

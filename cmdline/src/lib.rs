@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+mod cdrom;
 mod device;
 mod error;
 mod launch;
@@ -26,6 +27,7 @@ mod spec;
 mod sys;
 pub mod value;
 
+pub use cdrom::{Cdrom, CdromBus, IdeAddr};
 pub use device::{
     props_to_json, Cache, Disk, DiskBackend, DiskFrontend, Format, Nic, Pci, Props, RootPort,
     ScsiAddr, ScsiController,

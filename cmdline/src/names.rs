@@ -13,6 +13,39 @@ pub fn format_node(id: &str) -> String {
     format!("{id}-fmt")
 }
 
+/// The protocol node of CD-ROM `id`'s medium number `generation` (each medium a drive takes
+/// gets the next number, so the new medium's nodes exist beside the old one's until it is out):
+/// generation 0 is named as a disk's, later ones `<id>-file.<n>`.
+pub fn medium_file_node(id: &str, generation: u32) -> String {
+    generational(file_node(id), generation)
+}
+
+/// The format node of CD-ROM `id`'s medium number `generation` (`<id>-fmt`, `<id>-fmt.<n>`).
+pub fn medium_format_node(id: &str, generation: u32) -> String {
+    generational(format_node(id), generation)
+}
+
+fn generational(name: String, generation: u32) -> String {
+    match generation {
+        0 => name,
+        n => format!("{name}.{n}"),
+    }
+}
+
+/// Whether block node `node` is one of device `id`'s: its protocol or format node, of any
+/// medium generation. No two ids share a node name: a node name ends in `-file`/`-fmt` (and
+/// maybe `.<n>`), so the id is what comes before.
+pub fn is_block_node_of(id: &str, node: &str) -> bool {
+    let Some(rest) = node.strip_prefix(id) else {
+        return false;
+    };
+    let base = match rest.rsplit_once('.') {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => base,
+        _ => rest,
+    };
+    base == "-file" || base == "-fmt"
+}
+
 /// The netdev of NIC `id`.
 pub fn netdev(id: &str) -> String {
     format!("{id}-net")
@@ -34,11 +67,11 @@ pub fn fdset_tag(id: &str) -> String {
     format!("qhotplug:{id}")
 }
 
-/// Every block node and netdev a hot-add of device `id` may create, whatever its kind: what
-/// `reconcile` looks for after a hot-add that could not finish.
+/// Every netdev a hot-add of device `id` may create, whatever its kind: what `reconcile` looks
+/// for after a hot-add that could not finish. (Block nodes are found by name among QEMU's:
+/// [`is_block_node_of`].)
 pub fn backends(id: &str) -> Backends {
     Backends {
-        block_nodes: vec![format_node(id), file_node(id)],
         netdevs: vec![netdev(id)],
     }
 }
@@ -46,8 +79,6 @@ pub fn backends(id: &str) -> Backends {
 /// The QEMU objects a device's backends may be, by kind, as [`backends`] lists them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backends {
-    /// Block nodes, the top one first.
-    pub block_nodes: Vec<String>,
     /// Netdevs.
     pub netdevs: Vec<String>,
 }
@@ -64,6 +95,27 @@ mod tests {
         assert_eq!(tap_fd("n1", 1), "n1-tap1");
         assert_eq!(vhost_fd("n1", 0), "n1-vhost0");
         assert_eq!(fdset_tag("d1"), "qhotplug:d1");
-        assert_eq!(backends("x").block_nodes, ["x-fmt", "x-file"]);
+        assert_eq!(backends("x").netdevs, ["x-net"]);
+        assert_eq!(medium_file_node("cd", 0), "cd-file");
+        assert_eq!(medium_format_node("cd", 3), "cd-fmt.3");
+    }
+
+    #[test]
+    fn block_nodes_belong_to_one_id() {
+        for node in ["cd-file", "cd-fmt", "cd-file.1", "cd-fmt.12"] {
+            assert!(is_block_node_of("cd", node), "{node}");
+        }
+        // Another id's nodes, however alike.
+        for node in [
+            "cd-1-file",
+            "cd-file-file",
+            "cd-file.x",
+            "cd-file.",
+            "cdx-fmt",
+            "cd-net",
+        ] {
+            assert!(!is_block_node_of("cd", node), "{node}");
+        }
+        assert!(is_block_node_of("cd-file", "cd-file-file"));
     }
 }

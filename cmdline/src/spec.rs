@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
+use crate::cdrom::{Cdrom, CdromBus};
 use crate::device::{Disk, DiskFrontend, Nic, RootPort, ScsiController};
 use crate::error::{Error, Result};
 use crate::value::{escape, validate_id};
@@ -120,6 +121,8 @@ pub struct VmSpec {
     pub disks: Vec<Disk>,
     /// NICs.
     pub nics: Vec<Nic>,
+    /// CD-ROM drives.
+    pub cdroms: Vec<Cdrom>,
     /// Extra raw arguments, appended as they are (an escape hatch).
     pub extra_args: Vec<String>,
 }
@@ -191,6 +194,34 @@ impl VmSpec {
                     }
                 }
             }
+        }
+        let mut ide = HashSet::new();
+        for cd in &self.cdroms {
+            cd.check()?;
+            unique(&cd.id)?;
+            let free = match &cd.bus {
+                CdromBus::Scsi(a) => {
+                    if !scsi_buses.contains(&a.bus) {
+                        return Err(Error::InvalidSpec(format!(
+                            "{}: no SCSI controller with bus {}",
+                            cd.id, a.bus
+                        )));
+                    }
+                    scsi.insert(a.clone())
+                }
+                CdromBus::Ide(a) => {
+                    a.check(self.machine)?;
+                    ide.insert(a.clone())
+                }
+            };
+            if !free {
+                return Err(Error::InvalidSpec(format!("{}: address taken", cd.id)));
+            }
+        }
+        if self.cdroms.iter().filter(|c| c.boot).count() > 1 {
+            return Err(Error::InvalidSpec(
+                "more than one CD-ROM to boot from".into(),
+            ));
         }
         for nic in &self.nics {
             nic.check()?;
@@ -298,6 +329,9 @@ impl VmSpec {
         }
         for d in &self.disks {
             a.extend(d.args());
+        }
+        for cd in &self.cdroms {
+            a.extend(cd.args());
         }
         for (i, n) in self.nics.iter().enumerate() {
             let (taps, vhosts) = nic_fds(i);

@@ -1,10 +1,14 @@
 //! Deleting what a device's backends left in QEMU: the undo steps of a hot-add's rollback, the
 //! teardown of a hot-remove once the guest let the device go, and `reconcile`'s clean-up all run
-//! these, with one rule: what is already absent counts as deleted.
+//! these, with one rule: what is already absent counts as deleted. A medium change's undo also
+//! puts things back: the old medium in, the tray closed.
 
 use std::time::Duration;
 
-use qhotplug_qmp::command::{BlockdevDel, Closefd, NetdevDel, QueryFdsets, RemoveFd};
+use qhotplug_qmp::command::{
+    BlockdevCloseTray, BlockdevDel, BlockdevInsertMedium, BlockdevRemoveMedium, Closefd, NetdevDel,
+    QueryFdsets, RemoveFd,
+};
 use qhotplug_qmp::Client;
 
 use crate::error::Error;
@@ -27,6 +31,13 @@ pub(crate) enum Delete {
     Netdev(String),
     /// A device: `device_del`, then wait for the guest to let it go.
     Device(String),
+    /// The medium in drive `device` (`blockdev-remove-medium`; an empty drive counts as done).
+    Medium(String),
+    /// Medium `node` back into drive `device` (`blockdev-insert-medium`): the undo of taking it
+    /// out.
+    Reinsert { device: String, node: String },
+    /// Drive `device`'s tray closed (`blockdev-close-tray`; a closed tray counts as done).
+    CloseTray(String),
 }
 
 impl std::fmt::Display for Delete {
@@ -38,6 +49,11 @@ impl std::fmt::Display for Delete {
             Delete::Fd(name) => write!(f, "closefd {name}"),
             Delete::Netdev(id) => write!(f, "netdev_del {id}"),
             Delete::Device(id) => write!(f, "device_del {id}"),
+            Delete::Medium(id) => write!(f, "blockdev-remove-medium {id}"),
+            Delete::Reinsert { device, node } => {
+                write!(f, "blockdev-insert-medium {device} {node}")
+            }
+            Delete::CloseTray(id) => write!(f, "blockdev-close-tray {id}"),
         }
     }
 }
@@ -60,6 +76,9 @@ impl Delete {
             Delete::Fd(_) => "closefd",
             Delete::Netdev(_) => "netdev_del",
             Delete::Device(_) => "device_del",
+            Delete::Medium(_) => "blockdev-remove-medium",
+            Delete::Reinsert { .. } => "blockdev-insert-medium",
+            Delete::CloseTray(_) => "blockdev-close-tray",
         }
     }
 
@@ -115,6 +134,21 @@ impl Delete {
                 .map(drop),
             Delete::Netdev(id) => client
                 .execute(&NetdevDel { id: id.clone() })
+                .await
+                .map(drop),
+            Delete::Medium(id) => client
+                .execute(&BlockdevRemoveMedium { id: id.clone() })
+                .await
+                .map(drop),
+            Delete::Reinsert { device, node } => client
+                .execute(&BlockdevInsertMedium {
+                    id: device.clone(),
+                    node_name: node.clone(),
+                })
+                .await
+                .map(drop),
+            Delete::CloseTray(id) => client
+                .execute(&BlockdevCloseTray { id: id.clone() })
                 .await
                 .map(drop),
             Delete::Device(_) => unreachable!("run handles devices"),

@@ -10,11 +10,13 @@
 //! kind's teardown → forget the device (its address is free only now).
 
 use qhotplug_qmp::command::RemoveFd;
+use qhotplug_qmp::Client;
 use tracing::Instrument;
 
 use crate::delete::Delete;
 use crate::error::{Error, Result};
 use crate::kinds::{After, Backend, Kind};
+use crate::state::Hold;
 use crate::state::{self, Busy, Entry};
 use crate::transaction::Transaction;
 use crate::unplug::{self, Refused};
@@ -27,9 +29,36 @@ pub(crate) async fn add<K: Kind>(vm: &Vm, config: K) -> Result<K::Added> {
     let (reservation, place) = vm.reserve(config.id(), want)?;
     let plan = config.plan(place)?;
     let client = vm.client().clone();
-    let mut txn = Transaction::new(client.clone(), reservation);
+    let mut txn = Transaction::new(client.clone(), "hot-add", reservation);
+    run_backends(&client, &mut txn, plan.backends).await?;
+    let id = txn.id().to_owned();
+    txn.step(
+        "device_add",
+        Some(Delete::Device(id)),
+        client.execute(&plan.device),
+    )
+    .await?;
+    for after in plan.after {
+        match after {
+            After::IoLimits(cmd) => {
+                txn.step("block_set_io_throttle", None, client.execute(&cmd))
+                    .await?
+            }
+        };
+    }
+    txn.commit().commit(plan.added.clone().into());
+    Ok(plan.added)
+}
+
+/// Creates `backends` in order, each with its undo recorded in `txn`, then lets go of the fd set
+/// they were opened from (QEMU holds its own dup once the nodes are open).
+pub(crate) async fn run_backends<H: Hold>(
+    client: &Client,
+    txn: &mut Transaction<H>,
+    backends: Vec<Backend>,
+) -> Result<()> {
     let mut fdset = None;
-    for backend in plan.backends {
+    for backend in backends {
         match backend {
             Backend::Fdset { fd, tag } => {
                 let add = qhotplug_qmp::command::AddFd {
@@ -77,39 +106,31 @@ pub(crate) async fn add<K: Kind>(vm: &Vm, config: K) -> Result<K::Added> {
         txn.step("remove-fd", None, client.execute(&remove)).await?;
         txn.forget(|d| !matches!(d, Delete::Fdset { .. }));
     }
-    let id = txn.id().to_owned();
-    txn.step(
-        "device_add",
-        Some(Delete::Device(id)),
-        client.execute(&plan.device),
-    )
-    .await?;
-    for after in plan.after {
-        match after {
-            After::IoLimits(cmd) => {
-                txn.step("block_set_io_throttle", None, client.execute(&cmd))
-                    .await?
-            }
-        };
+    Ok(())
+}
+
+/// Marks device `id`, of `kind`, busy for a removal or a change: [`Error::Busy`] when another
+/// call holds it, [`Error::NotFound`] when there is no such device of that kind.
+pub(crate) fn mark_busy(vm: &Vm, id: &str, kind: state::Kind) -> Result<Busy> {
+    match Busy::mark(vm.inner(), id, kind) {
+        Ok(busy) => Ok(busy),
+        Err(Some(Entry::Placed { kind: k, .. })) if k != kind => Err(Error::NotFound {
+            kind: kind.name(),
+            id: id.to_owned(),
+        }),
+        Err(Some(Entry::Adding | Entry::Placed { .. })) => Err(Error::Busy(id.to_owned())),
+        Err(None) => Err(Error::NotFound {
+            kind: kind.name(),
+            id: id.to_owned(),
+        }),
     }
-    txn.commit().commit(plan.added.clone().into());
-    Ok(plan.added)
 }
 
 /// Hot-removes device `id`, which must be of `kind`: waits for the guest to let it go, then
 /// deletes its backends, then frees its address.
 pub(crate) async fn remove(vm: &Vm, id: &str, kind: state::Kind) -> Result<()> {
     vm.require(kind.operation(), kind.commands()).await?;
-    let busy = match Busy::mark(vm.inner(), id, kind) {
-        Ok(busy) => busy,
-        Err(Some(Entry::Adding | Entry::Placed { .. })) => return Err(Error::Busy(id.to_owned())),
-        Err(None) => {
-            return Err(Error::NotFound {
-                kind: kind.name(),
-                id: id.to_owned(),
-            })
-        }
-    };
+    let busy = mark_busy(vm, id, kind)?;
     let device = vm
         .inner()
         .state()

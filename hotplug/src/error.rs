@@ -81,13 +81,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A step of a hot-add failed. Every earlier step was undone, in reverse order; the undo steps
+    /// A step of a hot-add (or of a medium change) failed. Every earlier step was undone, in reverse order; the undo steps
     /// that failed in turn are in `undo_failures` (empty when the rollback was clean).
     #[error(
-        "hot-add of {id:?} failed at {step}: {source}{}",
+        "{operation} of {id:?} failed at {step}: {source}{}",
         undo_note(undo_failures)
     )]
     Step {
+        /// What failed: `hot-add`, `medium change`.
+        operation: &'static str,
         /// The device id.
         id: String,
         /// The step that failed, for example `blockdev-add`.
@@ -164,6 +166,18 @@ pub enum Error {
     /// SCSI address for a `virtio-blk`). Nothing was sent to QEMU.
     #[error("{0}: the address does not fit the device model")]
     AddressMismatch(String),
+    /// The device cannot be hot-removed (an IDE CD-ROM). Nothing was sent to QEMU.
+    #[error("{id:?} cannot be hot-removed: {reason}")]
+    NotHotpluggable {
+        /// The device.
+        id: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The guest holds the drive's tray locked (a mounted CD): the medium was not changed. QEMU
+    /// asked the guest to open it; change it once the guest lets go (unmounts), or force it.
+    #[error("the guest holds the tray of {0:?} locked; unmount it in the guest, or force")]
+    TrayLocked(String),
     /// The QEMU process could not be started.
     #[error("launching QEMU: {0}")]
     Launch(qhotplug_cmdline::Error),

@@ -1,4 +1,6 @@
-//! Hot-plug disks and NICs into running QEMU guests over QMP, as transactions with rollback.
+//! Hot-plug disks, NICs and CD-ROM drives into running QEMU guests over QMP, as transactions with
+//! rollback, and change what is plugged (a disk's size and I/O limits, a NIC's link, a CD-ROM's
+//! medium) while the guest runs.
 //!
 //! A [`Vm`] is a handle on one QEMU, launched by the SDK ([`Vm::launch`]) or attached through its
 //! monitor ([`Vm::attach`]). Its hot-adds are transactions: each step that changes QEMU records
@@ -68,10 +70,10 @@
 //!
 //! | span | fields | what it covers |
 //! |---|---|---|
-//! | `hotplug` | `op` (`add_disk`, `add_nic`, `remove_disk`, `remove_nic`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`), `id` | one public operation |
-//! | `step` | `name` (the QMP command, or `wait DEVICE_DELETED`), `id`; `press` on `device_del` | one step of a hot-add or hot-remove; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
+//! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `remove_disk`, `remove_nic`, `remove_cdrom`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`), `id` | one public operation |
+//! | `step` | `name` (the QMP command, or `wait DEVICE_DELETED`, `wait DEVICE_TRAY_MOVED`), `id`; `press` on `device_del` | one step of a hot-add, hot-remove or change; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
 //! | `undo` | `step` (for example `blockdev-del d1-fmt`) | one undo step of a rollback |
-//! | `rollback` | `id`, `reason` | the background rollback of a dropped hot-add |
+//! | `rollback` | `id`, `reason` | the background rollback of a dropped hot-add or change |
 //! | `qmp` | `command`, `id` (`exec-oob` and in-band ids) | one QMP command (from `qhotplug-qmp`) |
 
 mod delete;
@@ -80,6 +82,7 @@ mod engine;
 mod error;
 mod kinds;
 mod live;
+mod medium;
 pub mod qemu_errors;
 mod reconcile;
 mod slots;
@@ -89,8 +92,10 @@ mod unplug;
 mod vm;
 
 pub use error::{Error, Result, UndoFailure};
+pub use kinds::cdrom::CdromConfig;
 pub use kinds::disk::{DiskConfig, DiskModel};
 pub use kinds::nic::NicConfig;
+pub use medium::{MediumOptions, TrayStatus};
 pub use reconcile::Reconciled;
 pub use unplug::{UnplugPolicy, DEFAULT_UNPLUG_DEADLINE};
 pub use vm::{Vm, MIN_QEMU};
@@ -101,8 +106,8 @@ pub use qhotplug_qmp as qmp;
 
 // What a hot-plug needs from the other crates, so `qhotplug::…` is the one import path.
 pub use qhotplug_cmdline::{
-    Cache, Disk, DiskFrontend, Format, Launcher, Machine, Monitor, Nic, Pci, RootPort, ScsiAddr,
-    ScsiController, Serial, VmSpec, Vnc, VncListen,
+    Cache, Cdrom, CdromBus, Disk, DiskFrontend, Format, IdeAddr, Launcher, Machine, Monitor, Nic,
+    Pci, RootPort, ScsiAddr, ScsiController, Serial, VmSpec, Vnc, VncListen,
 };
 pub use qhotplug_netdev::{MacAddr, Tap, TapBuilder, VhostPolicy};
 pub use qhotplug_qmp::command::IoLimits;

@@ -74,6 +74,42 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
         report.gone = gone;
         orphans
     };
+    // A CD-ROM still there may have an old medium's nodes left (a change whose last deletes
+    // failed): everything of its own but its medium's nodes goes.
+    let drives: Vec<(String, Vec<String>)> = {
+        let state = vm.inner().state();
+        state
+            .spec
+            .cdroms
+            .iter()
+            .filter(|c| {
+                matches!(
+                    state.devices.get(&c.id),
+                    Some(Entry::Placed { busy: false, .. })
+                )
+            })
+            .map(|c| {
+                let keep = match c.medium {
+                    Some(_) => vec![c.top_node(), c.file_node()],
+                    None => Vec::new(),
+                };
+                (c.id.clone(), keep)
+            })
+            .collect()
+    };
+    for (id, keep) in &drives {
+        for step in nodes_of(&nodes, id, keep) {
+            match step.run(client).await {
+                Ok(Outcome::Done) => {
+                    if let Delete::BlockNode(node) = step {
+                        report.nodes_deleted.push(node);
+                    }
+                }
+                Ok(Outcome::Absent) => {}
+                Err(e) => tracing::warn!(%step, error = %e, "reconcile: left in place"),
+            }
+        }
+    }
     let mut clean = Vec::new();
     for id in &orphans {
         // The same deletes a rollback or a teardown would run, for what is there (netdevs cannot
@@ -89,13 +125,7 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
             })
             .collect();
         steps.extend(backends.netdevs.into_iter().map(Delete::Netdev));
-        steps.extend(
-            backends
-                .block_nodes
-                .into_iter()
-                .filter(|n| nodes.contains(n))
-                .map(Delete::BlockNode),
-        );
+        steps.extend(nodes_of(&nodes, id, &[]));
         let mut all_done = true;
         for step in steps {
             match step.run(client).await {
@@ -125,4 +155,15 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
     }
     tracing::info!(?report, "reconciled");
     Ok(report)
+}
+
+/// Deletes of device `id`'s block nodes among `nodes`, but those in `keep`: format nodes before
+/// the protocol nodes under them.
+fn nodes_of(nodes: &HashSet<String>, id: &str, keep: &[String]) -> Vec<Delete> {
+    let mut mine: Vec<&String> = nodes
+        .iter()
+        .filter(|n| names::is_block_node_of(id, n) && !keep.contains(n))
+        .collect();
+    mine.sort_by_key(|n| (!n[id.len()..].starts_with("-fmt"), n.to_owned()));
+    mine.into_iter().cloned().map(Delete::BlockNode).collect()
 }

@@ -8,11 +8,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use qhotplug_cmdline::{Disk, Nic, Pci, QemuProcess, ScsiAddr, VmSpec};
+use qhotplug_cmdline::{Cdrom, Disk, IdeAddr, Nic, Pci, QemuProcess, ScsiAddr, VmSpec};
 use qhotplug_qmp::Client;
 
 use crate::delete::Delete;
-use crate::kinds::{self, disk, nic};
+use crate::kinds::{self, cdrom, disk, nic};
 use crate::slots::{PciMap, ScsiMap};
 
 /// What every clone of a [`Vm`](crate::Vm) shares.
@@ -58,6 +58,7 @@ impl Inner {
 pub(crate) enum Kind {
     Disk,
     Nic,
+    Cdrom,
 }
 
 impl Kind {
@@ -66,6 +67,7 @@ impl Kind {
         match self {
             Kind::Disk => "disk",
             Kind::Nic => "NIC",
+            Kind::Cdrom => "CD-ROM",
         }
     }
 
@@ -74,6 +76,7 @@ impl Kind {
         match self {
             Kind::Disk => <crate::DiskConfig as kinds::Kind>::OPERATION,
             Kind::Nic => <crate::NicConfig as kinds::Kind>::OPERATION,
+            Kind::Cdrom => <crate::CdromConfig as kinds::Kind>::OPERATION,
         }
     }
 
@@ -82,6 +85,7 @@ impl Kind {
         match self {
             Kind::Disk => <crate::DiskConfig as kinds::Kind>::COMMANDS,
             Kind::Nic => <crate::NicConfig as kinds::Kind>::COMMANDS,
+            Kind::Cdrom => <crate::CdromConfig as kinds::Kind>::COMMANDS,
         }
     }
 }
@@ -91,6 +95,7 @@ impl Kind {
 pub(crate) enum Device {
     Disk(Disk),
     Nic(Nic),
+    Cdrom(Cdrom),
 }
 
 impl Device {
@@ -98,6 +103,7 @@ impl Device {
         match self {
             Device::Disk(_) => Kind::Disk,
             Device::Nic(_) => Kind::Nic,
+            Device::Cdrom(_) => Kind::Cdrom,
         }
     }
 
@@ -105,6 +111,7 @@ impl Device {
         match self {
             Device::Disk(d) => &d.id,
             Device::Nic(n) => &n.id,
+            Device::Cdrom(c) => &c.id,
         }
     }
 
@@ -112,6 +119,7 @@ impl Device {
         match self {
             Device::Disk(d) => disk::place(d),
             Device::Nic(n) => Place::Pci(n.pci.clone()),
+            Device::Cdrom(c) => cdrom::place(c),
         }
     }
 
@@ -120,6 +128,7 @@ impl Device {
         match self {
             Device::Disk(d) => disk::teardown(d),
             Device::Nic(n) => nic::teardown(n),
+            Device::Cdrom(c) => cdrom::teardown(c),
         }
     }
 }
@@ -129,6 +138,8 @@ impl Device {
 pub(crate) enum Place {
     Pci(Pci),
     Scsi(ScsiAddr),
+    /// On the built-in IDE controller: boot-only, in no slot map.
+    Ide(IdeAddr),
 }
 
 /// What the SDK knows of a device id besides its description, which lives in `State::spec`.
@@ -173,6 +184,7 @@ impl State {
                 Place::Scsi(addr) => {
                     let _ = state.scsi.claim(&addr);
                 }
+                Place::Ide(_) => {}
             }
             state
                 .devices
@@ -185,6 +197,7 @@ impl State {
         let disks = self.spec.disks.iter().cloned().map(Device::Disk);
         disks
             .chain(self.spec.nics.iter().cloned().map(Device::Nic))
+            .chain(self.spec.cdroms.iter().cloned().map(Device::Cdrom))
             .collect()
     }
 
@@ -193,17 +206,21 @@ impl State {
         if let Some(d) = self.spec.disks.iter().find(|d| d.id == id) {
             return Some(Device::Disk(d.clone()));
         }
+        if let Some(n) = self.spec.nics.iter().find(|n| n.id == id) {
+            return Some(Device::Nic(n.clone()));
+        }
         self.spec
-            .nics
+            .cdroms
             .iter()
-            .find(|n| n.id == id)
-            .map(|n| Device::Nic(n.clone()))
+            .find(|c| c.id == id)
+            .map(|c| Device::Cdrom(c.clone()))
     }
 
     pub(crate) fn release(&mut self, place: &Place) {
         match place {
             Place::Pci(pci) => self.pci.release(pci),
             Place::Scsi(addr) => self.scsi.release(addr),
+            Place::Ide(_) => {}
         }
     }
 
@@ -218,6 +235,8 @@ impl State {
             disk::place(&self.spec.disks.remove(at))
         } else if let Some(at) = self.spec.nics.iter().position(|n| n.id == id) {
             Place::Pci(self.spec.nics.remove(at).pci)
+        } else if let Some(at) = self.spec.cdroms.iter().position(|c| c.id == id) {
+            cdrom::place(&self.spec.cdroms.remove(at))
         } else {
             return;
         };
@@ -230,6 +249,7 @@ impl State {
         match device {
             Device::Disk(d) => self.spec.disks.push(d),
             Device::Nic(n) => self.spec.nics.push(n),
+            Device::Cdrom(c) => self.spec.cdroms.push(c),
         }
     }
 }
@@ -241,6 +261,36 @@ fn placed_entry(kind: Kind) -> Entry {
         unplug_pending: false,
     }
 }
+
+/// What a [`Transaction`](crate::transaction::Transaction) holds while it runs and lets go of only
+/// after a rollback: a hot-add's [`Reservation`] (id and address), or a change's [`Busy`] mark.
+pub(crate) trait Hold: Send + 'static {
+    /// The device id.
+    fn id(&self) -> &str;
+    /// The VM's shared state, where a background rollback is tracked.
+    fn inner(&self) -> Arc<Inner>;
+    /// Keeps what is held (until a reconcile): a rollback could not run, so nothing may reuse
+    /// what QEMU may still hold.
+    fn leak(self);
+}
+
+macro_rules! hold {
+    ($ty:ty) => {
+        impl Hold for $ty {
+            fn id(&self) -> &str {
+                &self.id
+            }
+            fn inner(&self) -> Arc<Inner> {
+                self.inner.clone()
+            }
+            fn leak(mut self) {
+                self.armed = false;
+            }
+        }
+    };
+}
+hold!(Reservation);
+hold!(Busy);
 
 /// An id and an address held for a hot-add. Dropped uncommitted, it frees both.
 pub(crate) struct Reservation {
@@ -260,20 +310,6 @@ impl Reservation {
         }
     }
 
-    pub(crate) fn id(&self) -> &str {
-        &self.id
-    }
-
-    pub(crate) fn inner(&self) -> Arc<Inner> {
-        self.inner.clone()
-    }
-
-    /// Keeps the id and address taken (until a reconcile): used when a rollback could not run,
-    /// so nothing reuses what QEMU may still hold.
-    pub(crate) fn leak(mut self) {
-        self.armed = false;
-    }
-
     /// The hot-add completed: the device joins the spec.
     pub(crate) fn commit(mut self, device: Device) {
         self.armed = false;
@@ -291,10 +327,11 @@ impl Drop for Reservation {
     }
 }
 
-/// Marks a device busy for a removal; clears the mark when dropped.
+/// Marks a device busy for a removal or a change; clears the mark when dropped.
 pub(crate) struct Busy {
     inner: Arc<Inner>,
     id: String,
+    armed: bool,
 }
 
 impl Busy {
@@ -311,6 +348,7 @@ impl Busy {
                 Ok(Busy {
                     inner: inner.clone(),
                     id: id.to_owned(),
+                    armed: true,
                 })
             }
             other => Err(other.copied()),
@@ -329,6 +367,9 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         if let Some(Entry::Placed { busy, .. }) = self.inner.state().devices.get_mut(&self.id) {
             *busy = false;
         }

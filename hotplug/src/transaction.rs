@@ -1,5 +1,5 @@
-//! The transaction runner: every step of a hot-add that changes QEMU records the [`Delete`] that
-//! undoes it before the step is awaited.
+//! The transaction runner: every step of a hot-add (or of another sequence, such as a medium
+//! change) that changes QEMU records the [`Delete`] that undoes it before the step is awaited.
 //!
 //! A step QEMU rejected did not happen, so its own undo is dropped; a step whose outcome is unknown
 //! (it timed out, the connection died, or the caller dropped the future) keeps its undo, and
@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::delete::Delete;
 use crate::error::{Error, UndoFailure};
-use crate::state::Reservation;
+use crate::state::{Hold, Reservation};
 
 /// Runs `undo` in reverse and returns the failures.
 async fn roll_back(client: &Client, undo: Vec<Delete>) -> Vec<UndoFailure> {
@@ -33,22 +33,25 @@ async fn roll_back(client: &Client, undo: Vec<Delete>) -> Vec<UndoFailure> {
     failures
 }
 
-/// One hot-add in progress.
-pub(crate) struct Transaction {
+/// One hot-add (or change) in progress.
+pub(crate) struct Transaction<H: Hold = Reservation> {
     client: Client,
+    /// What it is, in errors: `hot-add`, `medium change`.
+    operation: &'static str,
     id: String,
     undo: Vec<Delete>,
-    /// The slot and id, released after a rollback and kept by `commit`.
-    reservation: Option<Reservation>,
+    /// The slot and id (or the busy mark), released after a rollback and kept by `commit`.
+    hold: Option<H>,
 }
 
-impl Transaction {
-    pub(crate) fn new(client: Client, reservation: Reservation) -> Self {
+impl<H: Hold> Transaction<H> {
+    pub(crate) fn new(client: Client, operation: &'static str, hold: H) -> Self {
         Transaction {
             client,
-            id: reservation.id().to_owned(),
+            operation,
+            id: hold.id().to_owned(),
             undo: Vec::new(),
-            reservation: Some(reservation),
+            hold: Some(hold),
         }
     }
 
@@ -78,11 +81,12 @@ impl Transaction {
                 if pushed && matches!(source, qhotplug_qmp::Error::Qmp { .. }) {
                     self.undo.pop();
                 }
-                tracing::debug!(step = name, error = %source, "hot-add step failed; rolling back");
+                tracing::debug!(step = name, error = %source, "{} step failed; rolling back", self.operation);
                 let undo = std::mem::take(&mut self.undo);
                 let undo_failures = roll_back(&self.client, undo).await;
-                drop(self.reservation.take());
+                drop(self.hold.take());
                 Err(Error::Step {
+                    operation: self.operation,
                     id: self.id.clone(),
                     step: name,
                     source: Box::new(source),
@@ -90,6 +94,12 @@ impl Transaction {
                 })
             }
         }
+    }
+
+    /// Records an undo for something that happened outside a step (the guest opened a tray it
+    /// was asked to).
+    pub(crate) fn push_undo(&mut self, undo: Delete) {
+        self.undo.push(undo);
     }
 
     /// Drops the recorded undo steps `keep` says no to (their goal is met another way now).
@@ -102,16 +112,16 @@ impl Transaction {
         self.undo.iter_mut().for_each(f);
     }
 
-    /// The hot-add is complete: the undo stack is discarded and the reservation handed back.
-    pub(crate) fn commit(mut self) -> Reservation {
+    /// The sequence is complete: the undo stack is discarded and what it held handed back.
+    pub(crate) fn commit(mut self) -> H {
         self.undo.clear();
-        self.reservation.take().expect("a transaction commits once")
+        self.hold.take().expect("a transaction commits once")
     }
 }
 
-impl Drop for Transaction {
+impl<H: Hold> Drop for Transaction<H> {
     fn drop(&mut self) {
-        let Some(reservation) = self.reservation.take() else {
+        let Some(hold) = self.hold.take() else {
             return;
         };
         let undo = std::mem::take(&mut self.undo);
@@ -124,22 +134,25 @@ impl Drop for Transaction {
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 let span = tracing::debug_span!("rollback", id = %id, reason = "cancelled");
-                let inner = reservation.inner();
+                let inner = hold.inner();
                 let task = handle.spawn(
                     async move {
                         let failures = roll_back(&client, undo).await;
                         if !failures.is_empty() {
-                            tracing::warn!(?failures, "rollback of a cancelled hot-add incomplete");
+                            tracing::warn!(
+                                ?failures,
+                                "rollback of a cancelled sequence incomplete"
+                            );
                         }
-                        drop(reservation);
+                        drop(hold);
                     }
                     .instrument(span),
                 );
                 inner.track_rollback(task);
             }
             Err(_) => {
-                tracing::warn!(%id, "hot-add dropped outside a runtime: cannot roll back; reconcile");
-                reservation.leak();
+                tracing::warn!(%id, "sequence dropped outside a runtime: cannot roll back; reconcile");
+                hold.leak();
             }
         }
     }

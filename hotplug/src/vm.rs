@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use qhotplug_cmdline::{Disk, Launcher, Nic, QemuProcess, VmSpec};
+use qhotplug_cmdline::{Cdrom, CdromBus, Disk, Launcher, Nic, QemuProcess, VmSpec};
 use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
@@ -14,9 +14,9 @@ use crate::error::{Error, Result};
 use crate::kinds::{Kind, Want};
 use crate::reconcile::{self, Reconciled};
 use crate::slots::SlotError;
-use crate::state::{self, Entry, Inner, Place, Reservation};
+use crate::state::{self, Device, Entry, Inner, Place, Reservation};
 use crate::unplug::{self, UnplugPolicy};
-use crate::{DiskConfig, NicConfig};
+use crate::{CdromConfig, DiskConfig, NicConfig};
 
 /// The oldest QEMU the SDK drives: 5.0, the first whose `query-named-block-nodes` takes `flat`
 /// (what `reconcile` lists block nodes with). Every later piece it uses (`blockdev-add`, `add-fd`
@@ -164,6 +164,11 @@ impl Vm {
     /// The NICs the SDK knows of, by id.
     pub fn nics(&self) -> Vec<Nic> {
         self.inner.state().spec.nics.clone()
+    }
+
+    /// The CD-ROM drives the SDK knows of, with the medium each holds.
+    pub fn cdroms(&self) -> Vec<Cdrom> {
+        self.inner.state().spec.cdroms.clone()
     }
 
     /// The QEMU process id, when the SDK launched it.
@@ -352,6 +357,38 @@ impl Vm {
             || tracing::info!(pci = ?nic.pci, queues = nic.queues, vhost = nic.vhost, "NIC added"),
         );
         Ok(nic)
+    }
+
+    /// Hot-adds a `scsi-cd` drive on a virtio-scsi controller, empty or holding an ISO image (opened
+    /// read-only and passed as an fd, like a disk's). Returns the drive as placed. Change its medium
+    /// with [`change_medium`](Vm::change_medium).
+    pub async fn add_cdrom(&self, config: CdromConfig) -> Result<Cdrom> {
+        let span = tracing::info_span!("hotplug", op = "add_cdrom", id = %config.id());
+        let cd = engine::add(self, config).instrument(span.clone()).await?;
+        span.in_scope(|| tracing::info!(bus = ?cd.bus, medium = ?cd.medium, "CD-ROM added"));
+        Ok(cd)
+    }
+
+    /// Hot-removes a `scsi-cd` drive: `device_del`, wait for `DEVICE_DELETED`, then its medium's
+    /// nodes. An `ide-cd` cannot be removed ([`Error::NotHotpluggable`]: IDE has no hotplug).
+    /// Errors as for [`remove_disk`](Vm::remove_disk).
+    pub async fn remove_cdrom(&self, id: &str) -> Result<()> {
+        let span = tracing::info_span!("hotplug", op = "remove_cdrom", id);
+        async {
+            if let Some(Device::Cdrom(Cdrom {
+                bus: CdromBus::Ide(_),
+                ..
+            })) = self.inner.state().device(id)
+            {
+                return Err(Error::NotHotpluggable {
+                    id: id.to_owned(),
+                    reason: "an IDE drive is there from boot to shutdown",
+                });
+            }
+            engine::remove(self, id, state::Kind::Cdrom).await
+        }
+        .instrument(span)
+        .await
     }
 
     /// Hot-removes a disk: asks the guest to let it go (`device_del`, by this handle's

@@ -46,6 +46,14 @@ pub enum EventKind {
     /// `ACPI_DEVICE_OST`: the guest's ACPI `_OST` report on a hotplug or eject of a CPU or
     /// memory device (status 0 done, 0x84 eject in progress, 0x80–0x83 refused).
     AcpiDeviceOst(AcpiDeviceOst),
+    /// `DEVICE_TRAY_MOVED`: a removable-media drive's tray opened or closed, by the host
+    /// (`blockdev-open-tray`, `eject`) or by the guest.
+    DeviceTrayMoved(DeviceTrayMoved),
+    /// `MEMORY_DEVICE_SIZE_CHANGE`: a virtio-mem device's plugged size changed, as the guest
+    /// plugged or unplugged its blocks.
+    MemoryDeviceSizeChange(MemoryDeviceSizeChange),
+    /// `BALLOON_CHANGE`: the guest's memory, as the balloon leaves it, changed.
+    BalloonChange(BalloonChange),
     /// Any other event, and any known event whose data does not have the expected shape. Its
     /// data is [`Event::data`], held once.
     Other {
@@ -107,6 +115,38 @@ pub struct AcpiOstInfo {
     pub status: i64,
 }
 
+/// The data of `DEVICE_TRAY_MOVED`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct DeviceTrayMoved {
+    /// The block backend's name (empty for a drive whose medium came from `blockdev-add`).
+    pub device: String,
+    /// The drive's qdev id or QOM path.
+    pub id: String,
+    /// True when the tray is now open.
+    #[serde(rename = "tray-open")]
+    pub tray_open: bool,
+}
+
+/// The data of `MEMORY_DEVICE_SIZE_CHANGE`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct MemoryDeviceSizeChange {
+    /// The device's id, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The new plugged size, in bytes.
+    pub size: u64,
+    /// The device's QOM path (QEMU 7.2+).
+    #[serde(rename = "qom-path", default, skip_serializing_if = "Option::is_none")]
+    pub qom_path: Option<String>,
+}
+
+/// The data of `BALLOON_CHANGE`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct BalloonChange {
+    /// The guest's memory as the balloon leaves it, in bytes.
+    pub actual: u64,
+}
+
 fn typed<T: DeserializeOwned>(data: &Value) -> Option<T> {
     if data.is_null() {
         return None;
@@ -125,6 +165,9 @@ impl Event {
             "RESET" => typed(&data).map(EventKind::Reset),
             "NIC_RX_FILTER_CHANGED" => typed(&data).map(EventKind::NicRxFilterChanged),
             "ACPI_DEVICE_OST" => typed(&data).map(EventKind::AcpiDeviceOst),
+            "DEVICE_TRAY_MOVED" => typed(&data).map(EventKind::DeviceTrayMoved),
+            "MEMORY_DEVICE_SIZE_CHANGE" => typed(&data).map(EventKind::MemoryDeviceSizeChange),
+            "BALLOON_CHANGE" => typed(&data).map(EventKind::BalloonChange),
             "POWERDOWN" => Some(EventKind::Powerdown),
             "STOP" => Some(EventKind::Stop),
             "RESUME" => Some(EventKind::Resume),
@@ -154,6 +197,9 @@ impl Event {
             EventKind::Resume => "RESUME",
             EventKind::NicRxFilterChanged(_) => "NIC_RX_FILTER_CHANGED",
             EventKind::AcpiDeviceOst(_) => "ACPI_DEVICE_OST",
+            EventKind::DeviceTrayMoved(_) => "DEVICE_TRAY_MOVED",
+            EventKind::MemoryDeviceSizeChange(_) => "MEMORY_DEVICE_SIZE_CHANGE",
+            EventKind::BalloonChange(_) => "BALLOON_CHANGE",
             EventKind::Other { name } => name,
         }
     }

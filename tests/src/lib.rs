@@ -15,6 +15,7 @@
 
 pub mod guest;
 pub mod mock;
+pub mod proxy;
 pub mod qemu;
 pub mod raw;
 mod sys;
@@ -25,8 +26,9 @@ pub use sys::{clear_cloexec, exited, kill, process_lock, raise_fd_limit};
 
 pub use guest::{Console, Guest};
 pub use mock::{MockServer, Received};
+pub use proxy::FaultProxy;
 pub use qemu::Qemu;
-pub use vm::{image, pc_spec, q35_spec, Snapshot, TestVm};
+pub use vm::{image, iso, pc_spec, q35_spec, second_monitor, Snapshot, TestVm};
 
 /// Serialises the tests of one binary that compare our process's fd table (or run beside ones
 /// that do): under `cargo test` a binary's tests share a process and run on parallel threads, so

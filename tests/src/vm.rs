@@ -114,6 +114,37 @@ pub fn image(dir: &Path, name: &str, mib: u64) -> PathBuf {
     path
 }
 
+/// An ISO 9660 image at `dir/name` holding one file, `file`, with `content` (made with Debian's
+/// `genisoimage`, which `scripts/install-deps` installs).
+pub fn iso(dir: &Path, name: &str, file: &str, content: &str) -> PathBuf {
+    let src = dir.join(format!("{name}.d"));
+    std::fs::create_dir_all(&src).expect("ISO source dir");
+    std::fs::write(src.join(file), content).expect("ISO file");
+    let path = dir.join(name);
+    let status = std::process::Command::new("genisoimage")
+        .args(["-quiet", "-r", "-o"])
+        .arg(&path)
+        .arg(&src)
+        .status()
+        .expect("run genisoimage (scripts/install-deps installs it)");
+    assert!(status.success(), "genisoimage: {status}");
+    path
+}
+
+/// Adds a second QMP monitor to `spec`, listening at `path`: for a second client (a proxy, a raw
+/// floor) beside the SDK's own.
+pub fn second_monitor(spec: &mut VmSpec, path: &Path) {
+    spec.extra_args.extend([
+        "-chardev".into(),
+        format!(
+            "socket,id=mon2,path={},server=on,wait=off",
+            qhotplug_cmdline::escape(&path.to_string_lossy())
+        ),
+        "-mon".into(),
+        "chardev=mon2,mode=control".into(),
+    ]);
+}
+
 /// QEMU's state as the rollback tests compare it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {

@@ -1,5 +1,5 @@
 //! The demo: boots a small Linux guest under QEMU, hot-adds a disk and a two-queue NIC, grows the
-//! disk online, shows what the guest sees (from its serial console) and the QMP events as they
+//! disk online, changes the medium in its CD-ROM drive, shows what the guest sees (from its serial console) and the QMP events as they
 //! arrive, removes both, and ends with how long each step took. Exits non-zero if any step fails.
 //!
 //! Run it with `scripts/demo` (installs QEMU and builds the guest image when missing), or
@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use qhotplug::{DiskConfig, NicConfig, Vm};
+use qhotplug::{Cdrom, DiskConfig, IdeAddr, NicConfig, Vm};
 use qhotplug_cmdline::{Launcher, Machine, VmSpec};
 use qhotplug_netdev::{MacAddr, TapBuilder};
 use qhotplug_tests::guest::{boot_spec, image, Console};
@@ -109,6 +109,20 @@ async fn timed<T>(
     out
 }
 
+/// Runs `command` in the guest until it prints exactly `want`, for up to `SEEN`.
+async fn guest_says(console: &Console, command: &str, want: &str) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let out = console.run(command, SEEN).await;
+        if out == [want] {
+            return Ok(());
+        }
+        if start.elapsed() > SEEN {
+            return Err(format!("{command}: the guest still says {out:?}, not {want:?}").into());
+        }
+    }
+}
+
 async fn seen(console: &Console, mark: usize, needle: &str) -> Result<String> {
     let line = console
         .wait_for(mark, needle, SEEN)
@@ -131,6 +145,11 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     let mut spec = VmSpec::new("qhotplug-demo", Machine::Pc);
     spec.smp = 2; // the guest's virtio-net uses as many queue pairs as it has vCPUs
     boot_spec(&mut spec, console_path.clone());
+    // An IDE CD-ROM drive (the guest's sr0) holding a first ISO.
+    let tools_1 = qhotplug_tests::iso(dir.path(), "tools-1.iso", "VERSION", "tools 1\n");
+    let tools_2 = qhotplug_tests::iso(dir.path(), "tools-2.iso", "VERSION", "tools 2\n");
+    spec.cdroms
+        .push(Cdrom::ide("cd", IdeAddr::new(1, 0)).with_medium(&tools_1));
 
     println!("== launching QEMU (TCG)");
     let vm = timed(table, "launch QEMU + QMP handshake", async {
@@ -196,18 +215,23 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     table.steps_from(timings);
     println!("sdk     data-1 grew from {} MiB", before >> 20);
     // virtio-blk announces the new capacity; wait until the guest's size says so.
-    let size_file = format!("cat /sys/block/{dev}/size");
-    loop {
-        let sectors = console.run(&size_file, SEEN).await;
-        if sectors == ["262144"] {
-            println!("guest   /sys/block/{dev}/size = 262144 sectors (128 MiB)");
-            break;
-        }
-        if start.elapsed() > SEEN {
-            return Err(format!("the guest still sees {sectors:?} sectors").into());
-        }
-    }
+    guest_says(&console, &format!("cat /sys/block/{dev}/size"), "262144").await?;
+    println!("guest   /sys/block/{dev}/size = 262144 sectors (128 MiB)");
     table.row("guest sees 128 MiB (after the call)", start.elapsed());
+
+    println!("== changing the CD-ROM's medium: tools-1.iso out, tools-2.iso in");
+    // The guest's first read after a change reports it (a unit attention); the read is retried.
+    let read_cd = "mount -t iso9660 -o ro /dev/sr0 /mnt && cat /mnt/VERSION && umount /mnt";
+    console.run("mkdir -p /mnt", SEEN).await;
+    guest_says(&console, read_cd, "tools 1").await?;
+    println!("guest   /dev/sr0 holds VERSION = tools 1");
+    let start = Instant::now();
+    vm.insert_medium("cd", &tools_2).await?;
+    table.steps_from(timings);
+    println!("sdk     cd now holds {}", tools_2.display());
+    guest_says(&console, read_cd, "tools 2").await?;
+    println!("guest   /dev/sr0 holds VERSION = tools 2");
+    table.row("guest reads the new CD", start.elapsed());
 
     println!("== hot-adding a two-queue virtio-net NIC on a tap");
     let tap = TapBuilder::new("qhdemo%d").queues(2).up(true).create()?;

@@ -10,7 +10,7 @@ use qhotplug_cmdline::{Cache, Disk, DiskBackend, DiskFrontend, Format, Pci, Scsi
 
 use qhotplug_qmp::command::{BlockSetIoThrottle, IoLimits};
 
-use super::{After, Backend, Kind, Plan, Want};
+use super::{After, Kind, Plan, Want};
 use crate::delete::Delete;
 use crate::error::{Error, Result};
 use crate::state::{Device, Place};
@@ -174,6 +174,7 @@ impl Kind for DiskConfig {
         let frontend = match place {
             Place::Pci(pci) => DiskFrontend::VirtioBlk(pci),
             Place::Scsi(addr) => DiskFrontend::ScsiHd(addr),
+            Place::Ide(_) => return Err(Error::AddressMismatch(self.id)),
         };
         let mut disk = Disk::new(self.id, self.path, frontend);
         disk.format = self.format;
@@ -189,28 +190,9 @@ impl Kind for DiskConfig {
             })?;
         }
         disk.io_limits = limits.clone();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!disk.read_only)
-            .open(&disk.path)
-            .map_err(|source| Error::Open {
-                path: disk.path.clone(),
-                source,
-            })?;
-        let mut backends = vec![Backend::Fdset {
-            fd: file.into(),
-            tag: qhotplug_cmdline::names::fdset_tag(&disk.id),
-        }];
         // The protocol node first (on the fd set), then the format node on it.
-        backends.extend(
-            disk.blockdev_add("")
-                .into_iter()
-                .enumerate()
-                .map(|(i, add)| Backend::Blockdev {
-                    add,
-                    on_fdset: i == 0,
-                }),
-        );
+        let backends =
+            super::image_backends(&disk.id, &disk.path, !disk.read_only, disk.blockdev_add(""))?;
         let after = limits
             .map(|limits| {
                 After::IoLimits(BlockSetIoThrottle {

@@ -9,13 +9,15 @@
 //! sort is one [`Backend`] variant plus its [`Delete`](crate::delete::Delete).
 
 use std::os::fd::OwnedFd;
+use std::path::Path;
 
 use qhotplug_cmdline::{Pci, ScsiAddr};
 use qhotplug_qmp::command::{BlockSetIoThrottle, BlockdevAdd, DeviceAdd, NetdevAdd};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::state::{Device, Place};
 
+pub(crate) mod cdrom;
 pub(crate) mod disk;
 pub(crate) mod nic;
 
@@ -79,4 +81,37 @@ pub(crate) trait Kind {
     /// The plan, given the reserved address. Host-side work (opening an image, vhost-net) happens
     /// here, before anything is sent to QEMU.
     fn plan(self, place: Place) -> Result<Plan<Self::Added>>;
+}
+
+/// The backends of an image the SDK opens (read-only unless `write`) and hands over: its fd set,
+/// tagged for device `id`, then `nodes` in order, the first on the fd set. Opening happens here,
+/// before anything is sent to QEMU.
+pub(crate) fn image_backends(
+    id: &str,
+    path: &Path,
+    write: bool,
+    nodes: Vec<BlockdevAdd>,
+) -> Result<Vec<Backend>> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|source| Error::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut backends = vec![Backend::Fdset {
+        fd: file.into(),
+        tag: qhotplug_cmdline::names::fdset_tag(id),
+    }];
+    backends.extend(
+        nodes
+            .into_iter()
+            .enumerate()
+            .map(|(i, add)| Backend::Blockdev {
+                add,
+                on_fdset: i == 0,
+            }),
+    );
+    Ok(backends)
 }

@@ -69,6 +69,43 @@ command!(
     } -> Empty
 );
 
+command!(
+    /// `blockdev-open-tray`: opens a removable-media drive's tray. On a tray the guest has locked
+    /// it only asks the guest to open it (and still answers `{}`), unless `force`.
+    "blockdev-open-tray", BlockdevOpenTray {
+        /// The drive's qdev id.
+        id: String,
+        /// Open it even though the guest locked it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        force: Option<bool>,
+    } -> Empty
+);
+command!(
+    /// `blockdev-close-tray`: closes a drive's tray (nothing happens if it is closed).
+    "blockdev-close-tray", BlockdevCloseTray {
+        /// The drive's qdev id.
+        id: String,
+    } -> Empty
+);
+command!(
+    /// `blockdev-remove-medium`: takes the medium out of a drive whose tray is open; the medium's
+    /// nodes stay until `blockdev-del`. An empty drive answers `{}`.
+    "blockdev-remove-medium", BlockdevRemoveMedium {
+        /// The drive's qdev id.
+        id: String,
+    } -> Empty
+);
+command!(
+    /// `blockdev-insert-medium`: puts block node `node_name` into an empty drive whose tray is
+    /// open.
+    "blockdev-insert-medium", BlockdevInsertMedium {
+        /// The drive's qdev id.
+        id: String,
+        /// The medium's (top) node.
+        node_name: String,
+    } -> Empty
+);
+
 /// A disk's I/O limits (QAPI `BlockIOThrottle` without the device): bytes and operations per
 /// second, in total or for reads and writes apart, with optional bursts, and an optional group
 /// whose disks share one budget. 0 is no limit. `IoLimits::default()` is none at all.
@@ -208,6 +245,15 @@ pub struct BlockInfo {
     /// The medium, when one is inserted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inserted: Option<BlockDeviceInfo>,
+    /// True for a removable-media drive (a CD-ROM).
+    #[serde(default)]
+    pub removable: bool,
+    /// True when the guest locked the drive's tray.
+    #[serde(default)]
+    pub locked: bool,
+    /// Whether the tray is open, for a drive that has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tray_open: Option<bool>,
 }
 
 /// A block node, in `query-block` and `query-named-block-nodes`.

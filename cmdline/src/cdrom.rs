@@ -1,0 +1,299 @@
+//! CD-ROM drives: `scsi-cd` on a virtio-scsi controller (hot-pluggable) and `ide-cd` on the
+//! machine's IDE controller (boot only), each empty or holding an ISO image.
+//!
+//! A medium is two read-only block nodes, like a raw disk's, named by the drive's id and the
+//! medium's generation ([`names::medium_file_node`](crate::names::medium_file_node)): a medium
+//! change adds the new medium's nodes while the old ones still exist, so each medium a drive takes
+//! gets the next number.
+
+use std::path::PathBuf;
+
+use qhotplug_qmp::command::{BlockdevAdd, DeviceAdd};
+
+use crate::device::{blockdev, device_add, p, render_kv, Props, ScsiAddr};
+use crate::error::{Error, Result};
+use crate::names;
+use crate::spec::Machine;
+use crate::value::{render, validate_id};
+
+/// A place on the machine's built-in IDE controller: on `pc`, `ide.0` and `ide.1` with units 0
+/// and 1; on `q35` (AHCI), `ide.0` to `ide.5` with unit 0.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdeAddr {
+    /// The bus, `ide.N`.
+    pub bus: String,
+    /// The unit on it (master 0, slave 1).
+    pub unit: u8,
+}
+
+impl IdeAddr {
+    /// Unit `unit` of bus `ide.<bus>`.
+    pub fn new(bus: u8, unit: u8) -> Self {
+        IdeAddr {
+            bus: format!("ide.{bus}"),
+            unit,
+        }
+    }
+
+    /// Checks the address against `machine`'s controller.
+    pub fn check(&self, machine: Machine) -> Result<()> {
+        let (buses, units) = match machine {
+            Machine::Pc => (2, 2),
+            Machine::Q35 => (6, 1),
+        };
+        let bus = self
+            .bus
+            .strip_prefix("ide.")
+            .and_then(|n| n.parse::<u8>().ok());
+        match bus {
+            Some(n) if n < buses && self.unit < units => Ok(()),
+            _ => Err(Error::InvalidSpec(format!(
+                "IDE {} unit {} does not exist on {machine:?} (buses ide.0 to ide.{}, units 0 to {})",
+                self.bus,
+                self.unit,
+                buses - 1,
+                units - 1
+            ))),
+        }
+    }
+}
+
+/// Where a CD-ROM drive sits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CdromBus {
+    /// `scsi-cd` on a virtio-scsi controller: hot-pluggable.
+    Scsi(ScsiAddr),
+    /// `ide-cd` on the machine's IDE controller: present from boot (IDE has no hotplug), its
+    /// medium changeable like any drive's.
+    Ide(IdeAddr),
+}
+
+/// A CD-ROM drive, empty or holding an ISO image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cdrom {
+    /// The device id.
+    pub id: String,
+    /// Where it sits.
+    pub bus: CdromBus,
+    /// The image in the drive (opened read-only), or `None` for an empty drive.
+    pub medium: Option<PathBuf>,
+    /// The number of the medium in the drive (or of the last one), which its block nodes are
+    /// named by; a medium change takes the next.
+    pub generation: u32,
+    /// The firmware boots from it first (`bootindex=0`): a CD-ROM root, when the boot image is an
+    /// ISO.
+    pub boot: bool,
+}
+
+impl Cdrom {
+    /// An empty `scsi-cd` drive at `addr`.
+    pub fn scsi(id: impl Into<String>, addr: ScsiAddr) -> Cdrom {
+        Cdrom {
+            id: id.into(),
+            bus: CdromBus::Scsi(addr),
+            medium: None,
+            generation: 0,
+            boot: false,
+        }
+    }
+
+    /// An empty `ide-cd` drive at `addr`.
+    pub fn ide(id: impl Into<String>, addr: IdeAddr) -> Cdrom {
+        Cdrom {
+            id: id.into(),
+            bus: CdromBus::Ide(addr),
+            medium: None,
+            generation: 0,
+            boot: false,
+        }
+    }
+
+    /// The same drive holding the image at `path`.
+    pub fn with_medium(mut self, path: impl Into<PathBuf>) -> Cdrom {
+        self.medium = Some(path.into());
+        self
+    }
+
+    /// The device model.
+    pub fn driver(&self) -> &'static str {
+        match self.bus {
+            CdromBus::Scsi(_) => "scsi-cd",
+            CdromBus::Ide(_) => "ide-cd",
+        }
+    }
+
+    /// The medium's protocol node.
+    pub fn file_node(&self) -> String {
+        names::medium_file_node(&self.id, self.generation)
+    }
+
+    /// The medium's format node (what the device's `drive` names when it holds one).
+    pub fn top_node(&self) -> String {
+        names::medium_format_node(&self.id, self.generation)
+    }
+
+    /// Checks the id and the node names of this and the next medium. The address is checked by
+    /// [`VmSpec::validate`](crate::VmSpec::validate), which knows the machine.
+    pub fn check(&self) -> Result<()> {
+        validate_id(&self.id)?;
+        let next = names::medium_file_node(&self.id, self.generation.wrapping_add(1));
+        if self.file_node().len() > 31 || next.len() > 31 {
+            return Err(Error::InvalidId {
+                id: self.id.clone(),
+                reason: "too long for the block node names of its media",
+            });
+        }
+        Ok(())
+    }
+
+    /// Every device property: placement, `drive` when it holds a medium, `bootindex`.
+    pub fn device_props(&self) -> Props {
+        let mut props = vec![p("id", self.id.clone())];
+        match &self.bus {
+            CdromBus::Scsi(addr) => props.extend(addr.props()),
+            CdromBus::Ide(addr) => {
+                props.push(p("bus", addr.bus.clone()));
+                props.push(p("unit", i64::from(addr.unit)));
+            }
+        }
+        if self.medium.is_some() {
+            props.push(p("drive", self.top_node()));
+        }
+        if self.boot {
+            props.push(p("bootindex", 0i64));
+        }
+        props
+    }
+
+    /// The medium's nodes: a read-only `file` node on `filename` (the path at boot,
+    /// `/dev/fdset/N` at hotplug), then a read-only `raw` node on it. Empty for an empty drive.
+    pub fn medium_props(&self, filename: &str) -> Vec<Props> {
+        if self.medium.is_none() {
+            return Vec::new();
+        }
+        vec![
+            vec![
+                p("driver", "file"),
+                p("node-name", self.file_node()),
+                p("filename", filename),
+                p("read-only", true),
+            ],
+            vec![
+                p("driver", "raw"),
+                p("node-name", self.top_node()),
+                p("file", self.file_node()),
+                p("read-only", true),
+            ],
+        ]
+    }
+
+    /// Launch arguments: the medium's `-blockdev`s, then `-device`.
+    pub fn args(&self) -> Vec<String> {
+        let filename = self
+            .medium
+            .as_ref()
+            .map(|m| m.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut args = Vec::new();
+        for node in self.medium_props(&filename) {
+            args.extend(["-blockdev".to_owned(), render_kv(&node)]);
+        }
+        args.extend([
+            "-device".to_owned(),
+            render(self.driver(), &self.device_props()),
+        ]);
+        args
+    }
+
+    /// `blockdev-add` arguments for the medium's nodes (none for an empty drive).
+    pub fn blockdev_add(&self, filename: &str) -> Vec<BlockdevAdd> {
+        self.medium_props(filename)
+            .iter()
+            .map(|n| blockdev(n))
+            .collect()
+    }
+
+    /// `device_add` arguments.
+    pub fn device_add(&self) -> DeviceAdd {
+        device_add(self.driver(), &self.device_props())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::value::parse;
+
+    fn scsi() -> ScsiAddr {
+        ScsiAddr {
+            bus: "scsi0.0".into(),
+            channel: 0,
+            scsi_id: 2,
+            lun: 0,
+        }
+    }
+
+    #[test]
+    fn an_empty_drive_has_no_nodes_and_no_drive() {
+        let cd = Cdrom::scsi("cd0", scsi());
+        assert_eq!(
+            cd.args(),
+            [
+                "-device",
+                "scsi-cd,id=cd0,bus=scsi0.0,channel=0,scsi-id=2,lun=0"
+            ]
+        );
+        assert!(cd.blockdev_add("/dev/fdset/1").is_empty());
+    }
+
+    #[test]
+    fn a_loaded_ide_root_renders_read_only_nodes_and_bootindex() {
+        let mut cd = Cdrom::ide("root", IdeAddr::new(1, 0)).with_medium("/isos/a,b.iso");
+        cd.boot = true;
+        cd.generation = 2;
+        let args = cd.args();
+        assert_eq!(
+            args[1],
+            "driver=file,node-name=root-file.2,filename=/isos/a,,b.iso,read-only=on"
+        );
+        assert_eq!(
+            args[3],
+            "driver=raw,node-name=root-fmt.2,file=root-file.2,read-only=on"
+        );
+        assert_eq!(
+            args[5],
+            "ide-cd,id=root,bus=ide.1,unit=0,drive=root-fmt.2,bootindex=0"
+        );
+        // The same values over QMP.
+        let (_, pairs) = parse(&args[5]);
+        let qmp = serde_json::to_value(cd.device_add()).unwrap();
+        for (k, v) in pairs {
+            let q = &qmp[&k];
+            let q = q
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| q.to_string());
+            assert_eq!(q, v, "{k}");
+        }
+        assert_eq!(
+            serde_json::to_value(&cd.blockdev_add("/dev/fdset/7")[0]).unwrap(),
+            serde_json::json!({"driver": "file", "node-name": "root-file.2",
+                               "filename": "/dev/fdset/7", "read-only": true})
+        );
+    }
+
+    #[test]
+    fn ide_addresses_follow_the_machine() {
+        assert!(IdeAddr::new(1, 1).check(Machine::Pc).is_ok());
+        assert!(IdeAddr::new(2, 0).check(Machine::Pc).is_err());
+        assert!(IdeAddr::new(5, 0).check(Machine::Q35).is_ok());
+        assert!(IdeAddr::new(0, 1).check(Machine::Q35).is_err());
+    }
+
+    #[test]
+    fn ids_too_long_for_their_media_nodes_are_refused() {
+        let cd = Cdrom::scsi("c".repeat(25), scsi());
+        assert!(cd.check().is_err());
+        assert!(Cdrom::scsi("c".repeat(24), scsi()).check().is_ok());
+    }
+}

@@ -1,0 +1,129 @@
+//! CD-ROM drives: a `scsi-cd` on a virtio-scsi controller, hot-plugged empty or with an ISO image
+//! the SDK opens read-only and hands over as an fd. (An `ide-cd` is boot-only: IDE has no hotplug.
+//! Its medium changes like any drive's: see [`Vm::change_medium`](crate::Vm::change_medium).)
+//!
+//! Hot-add, loaded: `add-fd` → `blockdev-add` (protocol node) → `blockdev-add` (raw node) →
+//! `remove-fd` → `device_add`; empty: `device_add` alone. Teardown: the medium's nodes.
+
+use std::path::PathBuf;
+
+use qhotplug_cmdline::{Cdrom, CdromBus, ScsiAddr};
+
+use super::{Kind, Plan, Want};
+use crate::delete::Delete;
+use crate::error::{Error, Result};
+use crate::state::{Device, Place};
+
+/// A `scsi-cd` drive to hot-add, empty or holding an ISO image.
+///
+/// ```
+/// use qhotplug::CdromConfig;
+/// let cd = CdromConfig::new("cd-1").medium("/var/lib/isos/tools.iso");
+/// # let _ = cd;
+/// ```
+#[derive(Debug, Clone)]
+pub struct CdromConfig {
+    id: String,
+    medium: Option<PathBuf>,
+    at: Option<ScsiAddr>,
+    scsi_bus: Option<String>,
+}
+
+impl CdromConfig {
+    /// An empty drive on a free target of the VM's (first) virtio-scsi controller.
+    pub fn new(id: impl Into<String>) -> Self {
+        CdromConfig {
+            id: id.into(),
+            medium: None,
+            at: None,
+            scsi_bus: None,
+        }
+    }
+
+    /// The drive holds the image at `path` (opened read-only by the SDK).
+    pub fn medium(mut self, path: impl Into<PathBuf>) -> Self {
+        self.medium = Some(path.into());
+        self
+    }
+
+    /// The drive goes to this SCSI address instead of a free target.
+    pub fn at_scsi(mut self, addr: ScsiAddr) -> Self {
+        self.at = Some(addr);
+        self
+    }
+
+    /// The drive goes to a free target of this controller bus (`<controller id>.0`).
+    pub fn scsi_bus(mut self, bus: impl Into<String>) -> Self {
+        self.scsi_bus = Some(bus.into());
+        self
+    }
+}
+
+impl Kind for CdromConfig {
+    type Added = Cdrom;
+    const OPERATION: &'static str = "CD-ROM hotplug";
+    const COMMANDS: &'static [&'static str] = &[
+        "add-fd",
+        "remove-fd",
+        "blockdev-add",
+        "blockdev-del",
+        "device_add",
+        "device_del",
+    ];
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn want(&self) -> Result<Want> {
+        Ok(Want::Scsi {
+            at: self.at.clone(),
+            bus: self.scsi_bus.clone(),
+        })
+    }
+
+    fn plan(self, place: Place) -> Result<Plan<Cdrom>> {
+        let Place::Scsi(addr) = place else {
+            return Err(Error::AddressMismatch(self.id));
+        };
+        let mut cd = Cdrom::scsi(self.id, addr);
+        cd.medium = self.medium;
+        cd.check().map_err(Error::Spec)?;
+        let backends = match &cd.medium {
+            Some(path) => super::image_backends(&cd.id, path, false, cd.blockdev_add(""))?,
+            None => Vec::new(),
+        };
+        Ok(Plan {
+            backends,
+            device: cd.device_add(),
+            after: Vec::new(),
+            added: cd,
+        })
+    }
+}
+
+impl From<Cdrom> for Device {
+    fn from(cd: Cdrom) -> Device {
+        Device::Cdrom(cd)
+    }
+}
+
+/// Where a drive sits.
+pub(crate) fn place(cd: &Cdrom) -> Place {
+    match &cd.bus {
+        CdromBus::Scsi(addr) => Place::Scsi(addr.clone()),
+        CdromBus::Ide(addr) => Place::Ide(addr.clone()),
+    }
+}
+
+/// What goes once the guest let the drive go, or once its medium is out: the medium's nodes, the
+/// top one first.
+pub(crate) fn teardown(cd: &Cdrom) -> Vec<Delete> {
+    match cd.medium {
+        Some(_) => vec![
+            Delete::BlockNode(cd.top_node()),
+            Delete::BlockNode(cd.file_node()),
+        ],
+        None => Vec::new(),
+    }
+}

@@ -1,0 +1,270 @@
+//! Changing the medium in a CD-ROM drive (`scsi-cd` or `ide-cd`): insert, eject, change, as one
+//! transaction with rollback.
+//!
+//! The sequence: `query-block` (the tray, its lock, the medium in it) → `blockdev-open-tray` →
+//! `blockdev-remove-medium` → the new medium's `add-fd`, `blockdev-add` ×2, `remove-fd` →
+//! `blockdev-insert-medium` → `blockdev-close-tray`. Each step records its undo first (close the
+//! tray, put the old medium back, delete the new nodes, take the new medium out), so a failure
+//! anywhere leaves the drive as it was. The old medium's nodes are deleted only once the new
+//! medium is in and the tray closed: until then they are what a rollback puts back.
+//!
+//! A guest that has the drive open (a mounted CD) locks the tray. Unforced, `blockdev-open-tray`
+//! then only asks the guest to open it; the SDK waits for `DEVICE_TRAY_MOVED` for
+//! [`MediumOptions::tray_wait`] and, if the guest does not, answers [`Error::TrayLocked`] with
+//! nothing changed.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use qhotplug_cmdline::{Cdrom, CdromBus};
+use qhotplug_qmp::command::{
+    BlockInfo, BlockdevCloseTray, BlockdevInsertMedium, BlockdevOpenTray, BlockdevRemoveMedium,
+    QueryBlock,
+};
+use qhotplug_qmp::{EventKind, EventStream};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::delete::Delete;
+use crate::engine::{mark_busy, run_backends};
+use crate::error::{Error, Result};
+use crate::kinds::cdrom::teardown;
+use crate::kinds::image_backends;
+use crate::state::{self, Device};
+use crate::transaction::Transaction;
+use crate::vm::Vm;
+
+/// The QMP commands a medium change uses.
+const COMMANDS: &[&str] = &[
+    "query-block",
+    "blockdev-open-tray",
+    "blockdev-close-tray",
+    "blockdev-remove-medium",
+    "blockdev-insert-medium",
+    "blockdev-add",
+    "blockdev-del",
+    "add-fd",
+    "remove-fd",
+];
+
+/// How a medium change treats a tray the guest holds locked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MediumOptions {
+    force: bool,
+    tray_wait: Duration,
+}
+
+impl Default for MediumOptions {
+    fn default() -> Self {
+        MediumOptions {
+            force: false,
+            tray_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+impl MediumOptions {
+    /// Opens the tray even though the guest locked it (default false). The guest loses the
+    /// medium under its feet: reads from a mounted CD fail until it remounts.
+    pub fn force(mut self, force: bool) -> Self {
+        self.force = force;
+        self
+    }
+
+    /// How long to wait for the guest to open a locked tray once asked (default 2 s), before
+    /// [`Error::TrayLocked`]. Linux does not open a tray it holds mounted.
+    pub fn tray_wait(mut self, wait: Duration) -> Self {
+        self.tray_wait = wait;
+        self
+    }
+}
+
+/// A drive as `query-block` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrayStatus {
+    /// The tray is open.
+    pub tray_open: bool,
+    /// The guest locked the tray.
+    pub locked: bool,
+    /// The name of the medium's top node, when a medium is in.
+    pub medium_node: Option<String>,
+}
+
+impl Vm {
+    /// Puts the ISO image at `path` into CD-ROM drive `id` (opened read-only by the SDK and passed
+    /// as an fd), replacing what was in it, and closes the tray. See
+    /// [`change_medium`](Vm::change_medium).
+    pub async fn insert_medium(&self, id: &str, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref().to_owned();
+        self.change_medium(id, Some(path), MediumOptions::default())
+            .await
+    }
+
+    /// Takes the medium out of CD-ROM drive `id` and closes the tray: the guest sees an empty
+    /// drive. See [`change_medium`](Vm::change_medium).
+    pub async fn eject_medium(&self, id: &str) -> Result<()> {
+        self.change_medium(id, None, MediumOptions::default()).await
+    }
+
+    /// Changes the medium in CD-ROM drive `id` to the image at `medium` (`None`: none), then
+    /// closes the tray. On failure the drive is as it was ([`Error::Step`] names the step). A tray
+    /// the guest holds locked is [`Error::TrayLocked`] unless `options` force it. The drive's
+    /// medium is part of the spec: a VM launched from `vm.spec()` boots with it.
+    pub async fn change_medium(
+        &self,
+        id: &str,
+        medium: Option<PathBuf>,
+        options: MediumOptions,
+    ) -> Result<()> {
+        let span = tracing::info_span!("hotplug", op = "change_medium", id);
+        self.change(id, medium, options).instrument(span).await
+    }
+
+    /// Drive `id`'s tray and medium, from `query-block`.
+    pub async fn tray_status(&self, id: &str) -> Result<TrayStatus> {
+        let info = self.drive(id).await?;
+        Ok(TrayStatus {
+            tray_open: info.tray_open == Some(true),
+            locked: info.locked,
+            medium_node: info.inserted.and_then(|i| i.node_name),
+        })
+    }
+
+    async fn drive(&self, id: &str) -> Result<BlockInfo> {
+        let blocks = self.client().execute(&QueryBlock).await?;
+        blocks
+            .into_iter()
+            .find(|b| b.qdev.as_deref() == Some(id))
+            .ok_or_else(|| Error::NotFound {
+                kind: "CD-ROM drive",
+                id: id.to_owned(),
+            })
+    }
+
+    async fn change(
+        &self,
+        id: &str,
+        medium: Option<PathBuf>,
+        options: MediumOptions,
+    ) -> Result<()> {
+        self.require("CD-ROM medium change", COMMANDS).await?;
+        let busy = mark_busy(self, id, state::Kind::Cdrom)?;
+        let Some(Device::Cdrom(old)) = self.inner().state().device(id) else {
+            unreachable!("a CD-ROM entry is a CD-ROM")
+        };
+        let new = Cdrom {
+            generation: match medium {
+                Some(_) => old.generation.wrapping_add(1),
+                None => old.generation,
+            },
+            medium: medium.clone(),
+            ..old.clone()
+        };
+        new.check()?;
+        // Host-side work first: a path that does not open changes nothing.
+        let backends = match &medium {
+            Some(path) => image_backends(id, path, false, new.blockdev_add(""))?,
+            None => Vec::new(),
+        };
+        let client = self.client().clone();
+        let mut events = client.events();
+        let drive = self.drive(id).await?;
+        let mut txn = Transaction::new(client.clone(), "medium change", busy);
+        if drive.tray_open != Some(true) {
+            let open = BlockdevOpenTray {
+                id: id.to_owned(),
+                force: options.force.then_some(true),
+            };
+            if drive.locked && !options.force {
+                // Only a request to the guest: nothing to undo unless it opens the tray.
+                txn.step("blockdev-open-tray", None, client.execute(&open))
+                    .await?;
+                let wait = tracing::debug_span!("step", name = "wait DEVICE_TRAY_MOVED", id);
+                let deadline = Instant::now() + options.tray_wait;
+                let opened = tray_opened(&mut events, id, deadline).instrument(wait).await
+                    // Events may have been lost: QEMU's word decides.
+                    || self.drive(id).await?.tray_open == Some(true);
+                if !opened {
+                    return Err(Error::TrayLocked(id.to_owned()));
+                }
+                txn.push_undo(Delete::CloseTray(id.to_owned()));
+            } else {
+                let undo = Delete::CloseTray(id.to_owned());
+                txn.step("blockdev-open-tray", Some(undo), client.execute(&open))
+                    .await?;
+            }
+        }
+        if let Some(node) = drive.inserted.and_then(|i| i.node_name) {
+            let undo = Delete::Reinsert {
+                device: id.to_owned(),
+                node,
+            };
+            let remove = BlockdevRemoveMedium { id: id.to_owned() };
+            txn.step(
+                "blockdev-remove-medium",
+                Some(undo),
+                client.execute(&remove),
+            )
+            .await?;
+        }
+        run_backends(&client, &mut txn, backends).await?;
+        if new.medium.is_some() {
+            let insert = BlockdevInsertMedium {
+                id: id.to_owned(),
+                node_name: new.top_node(),
+            };
+            let undo = Delete::Medium(id.to_owned());
+            txn.step(
+                "blockdev-insert-medium",
+                Some(undo),
+                client.execute(&insert),
+            )
+            .await?;
+        }
+        let close = BlockdevCloseTray { id: id.to_owned() };
+        txn.step("blockdev-close-tray", None, client.execute(&close))
+            .await?;
+        let busy = txn.commit();
+        {
+            let mut state = self.inner().state();
+            if let Some(cd) = state.spec.cdroms.iter_mut().find(|c| c.id == id) {
+                *cd = new.clone();
+            }
+        }
+        // The old medium is out: its nodes go. One left behind is `reconcile`'s to delete.
+        for step in teardown(&old) {
+            let span = tracing::debug_span!("step", name = step.command(), id);
+            if let Err(error) = step.run(&client).instrument(span).await {
+                tracing::warn!(%step, %error, "old medium's node left for reconcile");
+                self.inner().state().touched.insert(id.to_owned());
+            }
+        }
+        drop(busy);
+        let bus = match &new.bus {
+            CdromBus::Scsi(_) => "scsi",
+            CdromBus::Ide(_) => "ide",
+        };
+        tracing::info!(bus, medium = ?new.medium, "medium changed");
+        Ok(())
+    }
+}
+
+/// Waits until `deadline` for drive `id`'s tray to open (`DEVICE_TRAY_MOVED`).
+async fn tray_opened(events: &mut EventStream, id: &str, deadline: Instant) -> bool {
+    let opened = async {
+        while let Some(item) = events.next().await {
+            if let Ok(event) = item {
+                if let EventKind::DeviceTrayMoved(m) = event.kind() {
+                    if m.id == id && m.tray_open {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    };
+    tokio::time::timeout_at(deadline, opened)
+        .await
+        .unwrap_or(false)
+}

@@ -1,0 +1,363 @@
+//! CD-ROM drives on real QEMU: `scsi-cd` hot-added empty and loaded and removed; an `ide-cd` at
+//! boot; media inserted, changed and ejected, with the old medium's nodes deleted only once it is
+//! out; a failure forced at each step of a medium change (through [`FaultProxy`]) leaving QEMU
+//! exactly as it was; bad input refused before QEMU is asked; and a relaunch from `vm.spec()`
+//! booting with the medium in the drive.
+//!
+//! The VMs run (no guest OS): QEMU before 9.1 closes a removed fd set's fds only while the VM runs.
+
+use futures::StreamExt;
+use qhotplug::{Cdrom, CdromBus, CdromConfig, DiskConfig, Error, IdeAddr, MediumOptions, Vm};
+use qhotplug_qmp::command::{BlockInfo, QueryBlock, QueryFdsets, QueryNamedBlockNodes};
+use qhotplug_tests::{iso, pc_spec, second_monitor, FaultProxy, TestVm};
+
+async fn drive(vm: &Vm, id: &str) -> BlockInfo {
+    vm.client()
+        .execute(&QueryBlock)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| b.qdev.as_deref() == Some(id))
+        .unwrap_or_else(|| panic!("no drive {id}"))
+}
+
+async fn nodes(vm: &Vm) -> Vec<String> {
+    let mut n: Vec<String> = vm
+        .client()
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|n| n.node_name)
+        .collect();
+    n.sort();
+    n
+}
+
+/// The node in drive `id`, and whether its tray is closed.
+async fn medium(vm: &Vm, id: &str) -> Option<String> {
+    let d = drive(vm, id).await;
+    assert_eq!(d.tray_open, Some(false), "{d:?}");
+    assert!(d.removable);
+    d.inserted.map(|i| {
+        assert!(i.ro, "a medium is read-only: {i:?}");
+        i.node_name.unwrap()
+    })
+}
+
+#[test]
+fn scsi_cd_hot_adds_empty_and_loaded_and_removes() {
+    qhotplug_tests::serial_test(async {
+        let t = TestVm::running_pc().await;
+        let a = iso(t.dir(), "a.iso", "hello.txt", "from a\n");
+        let before = t.snapshot().await;
+
+        let empty = t.vm.add_cdrom(CdromConfig::new("cd0")).await.unwrap();
+        assert!(matches!(empty.bus, CdromBus::Scsi(_)));
+        assert_eq!(medium(&t.vm, "cd0").await, None);
+        let loaded =
+            t.vm.add_cdrom(CdromConfig::new("cd1").medium(&a))
+                .await
+                .unwrap();
+        assert_eq!(loaded.medium.as_deref(), Some(a.as_path()));
+        assert_eq!(medium(&t.vm, "cd1").await.as_deref(), Some("cd1-fmt"));
+        // Two drives, two targets.
+        let targets: Vec<u16> =
+            t.vm.cdroms()
+                .iter()
+                .map(|c| match &c.bus {
+                    CdromBus::Scsi(a) => a.scsi_id,
+                    CdromBus::Ide(_) => unreachable!(),
+                })
+                .collect();
+        assert_ne!(targets[0], targets[1]);
+
+        t.vm.remove_cdrom("cd1").await.unwrap();
+        t.vm.remove_cdrom("cd0").await.unwrap();
+        assert_eq!(t.snapshot().await, before);
+    });
+}
+
+#[test]
+fn media_insert_change_and_eject_and_a_relaunch_keeps_the_medium() {
+    qhotplug_tests::serial_test(async {
+        let isos = tempfile::tempdir().unwrap();
+        let a = iso(isos.path(), "a.iso", "hello.txt", "from a\n");
+        let b = iso(isos.path(), "b.iso", "hello.txt", "from b\n");
+        let mut spec = pc_spec();
+        spec.cdroms
+            .push(Cdrom::ide("cd", IdeAddr::new(1, 0)).with_medium(&a));
+        let t = TestVm::running(spec).await;
+        assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt"));
+
+        let mut events = t.vm.client().events();
+        t.vm.insert_medium("cd", &b).await.unwrap();
+        assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt.1"));
+        // The old medium's nodes are gone.
+        assert_eq!(nodes(&t.vm).await, ["cd-file.1", "cd-fmt.1"]);
+        // The tray opened and closed, as QEMU says.
+        let mut moves = Vec::new();
+        while moves.len() < 2 {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(5), events.next())
+                .await
+                .expect("DEVICE_TRAY_MOVED")
+                .unwrap()
+                .unwrap();
+            if let qhotplug::EventKind::DeviceTrayMoved(m) = e.kind() {
+                assert_eq!(m.id, "cd");
+                moves.push(m.tray_open);
+            }
+        }
+        assert_eq!(moves, [true, false]);
+
+        t.vm.eject_medium("cd").await.unwrap();
+        assert_eq!(medium(&t.vm, "cd").await, None);
+        assert!(nodes(&t.vm).await.is_empty());
+        // With the last node on it gone, so is the fd set it was opened from.
+        assert!(t
+            .vm
+            .client()
+            .execute(&QueryFdsets)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(t.vm.cdroms()[0].medium, None);
+        // Ejecting an empty drive changes nothing and is no error.
+        t.vm.eject_medium("cd").await.unwrap();
+
+        t.vm.insert_medium("cd", &a).await.unwrap();
+        assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt.2"));
+        let status = t.vm.tray_status("cd").await.unwrap();
+        assert!(!status.tray_open && !status.locked, "{status:?}");
+
+        // A relaunch from the spec boots with the medium now in the drive.
+        let spec = t.vm.spec();
+        assert_eq!(spec.cdroms[0].medium.as_deref(), Some(a.as_path()));
+        drop(t);
+        let again = TestVm::running(spec).await;
+        assert_eq!(medium(&again.vm, "cd").await.as_deref(), Some("cd-fmt.2"));
+        // And the medium changes again from there, to the next generation.
+        again.vm.insert_medium("cd", &b).await.unwrap();
+        assert_eq!(medium(&again.vm, "cd").await.as_deref(), Some("cd-fmt.3"));
+    });
+}
+
+#[test]
+fn bad_medium_requests_change_nothing() {
+    qhotplug_tests::serial_test(async {
+        let mut spec = pc_spec();
+        spec.cdroms.push(Cdrom::ide("cd", IdeAddr::new(1, 0)));
+        let t = TestVm::running(spec).await;
+        let disk = t.image("d.raw", 1);
+        t.vm.add_disk(DiskConfig::virtio_blk("d1", &disk))
+            .await
+            .unwrap();
+        let before = t.snapshot().await;
+        let missing = t.dir().join("no-such.iso");
+        assert!(matches!(
+            t.vm.insert_medium("cd", &missing).await,
+            Err(Error::Open { .. })
+        ));
+        assert!(matches!(
+            t.vm.insert_medium("nope", &missing).await,
+            Err(Error::NotFound { .. })
+        ));
+        // A disk is no CD-ROM.
+        assert!(matches!(
+            t.vm.eject_medium("d1").await,
+            Err(Error::NotFound { kind: "CD-ROM", .. })
+        ));
+        // IDE has no hotplug.
+        assert!(matches!(
+            t.vm.remove_cdrom("cd").await,
+            Err(Error::NotHotpluggable { .. })
+        ));
+        assert_eq!(t.snapshot().await, before);
+    });
+}
+
+/// The steps of a change from one medium to another, in order, with the occurrence to fail.
+const CHANGE_STEPS: &[(&str, usize)] = &[
+    ("blockdev-open-tray", 1),
+    ("blockdev-remove-medium", 1),
+    ("add-fd", 1),
+    ("blockdev-add", 1),
+    ("blockdev-add", 2),
+    ("remove-fd", 1),
+    ("blockdev-insert-medium", 1),
+    ("blockdev-close-tray", 1),
+];
+
+#[test]
+fn a_failure_at_each_step_of_a_medium_change_leaves_the_drive_as_it_was() {
+    qhotplug_tests::serial_test(async {
+        let isos = tempfile::tempdir().unwrap();
+        let a = iso(isos.path(), "a.iso", "hello.txt", "from a\n");
+        let b = iso(isos.path(), "b.iso", "hello.txt", "from b\n");
+        let mon2 = isos.path().join("mon2.sock");
+        let mut spec = pc_spec();
+        spec.cdroms
+            .push(Cdrom::ide("cd", IdeAddr::new(1, 0)).with_medium(&a));
+        second_monitor(&mut spec, &mon2);
+        let t = TestVm::running(spec).await;
+        for (i, &(step, nth)) in CHANGE_STEPS.iter().enumerate() {
+            let proxy =
+                FaultProxy::start(&isos.path().join(format!("p{i}.sock")), &mon2, step, nth);
+            let client = qhotplug_qmp::connect(proxy.path()).await.unwrap();
+            let vm = Vm::attach(client, t.vm.spec()).await.unwrap();
+            let before = t.snapshot().await;
+            match vm.insert_medium("cd", &b).await {
+                Err(Error::Step {
+                    operation,
+                    step: failed,
+                    undo_failures,
+                    ..
+                }) => {
+                    assert_eq!((operation, failed), ("medium change", step));
+                    assert!(undo_failures.is_empty(), "{step}: {undo_failures:?}");
+                }
+                other => panic!("{step} #{nth}: {other:?}"),
+            }
+            assert_eq!(
+                t.snapshot().await,
+                before,
+                "after a failure at {step} #{nth}"
+            );
+            assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt"));
+            // The SDK's view did not move either.
+            assert_eq!(vm.cdroms()[0].medium.as_deref(), Some(a.as_path()));
+            drop(vm);
+            drop(proxy);
+        }
+        // The same change, without a fault, goes through.
+        t.vm.insert_medium("cd", &b).await.unwrap();
+        assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt.1"));
+    });
+}
+
+#[test]
+fn an_unforced_change_of_an_open_tray_still_closes_it() {
+    qhotplug_tests::serial_test(async {
+        let isos = tempfile::tempdir().unwrap();
+        let a = iso(isos.path(), "a.iso", "f", "a\n");
+        let mut spec = pc_spec();
+        spec.cdroms.push(Cdrom::ide("cd", IdeAddr::new(0, 1)));
+        let t = TestVm::running(spec).await;
+        t.vm.client()
+            .execute(&qhotplug_qmp::command::BlockdevOpenTray {
+                id: "cd".into(),
+                force: None,
+            })
+            .await
+            .unwrap();
+        t.vm.change_medium("cd", Some(a), MediumOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt.1"));
+    });
+}
+
+/// How long the guest may take to answer (TCG).
+const GUEST: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs `command` in the guest until its output satisfies `done`, up to a deadline, and returns
+/// that output. The first read after a medium change fails in the guest (the drive reports the
+/// change as a unit attention), so a read is retried rather than expected to work at once.
+async fn until(
+    g: &qhotplug_tests::Guest,
+    command: &str,
+    done: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + GUEST;
+    loop {
+        let out = g.console.run(command, GUEST).await;
+        if done(&out) {
+            return out;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{command}: still {out:?}"
+        );
+    }
+}
+
+/// Mounts `/dev/{dev}`, prints `file` from it, and unmounts it, until that works.
+async fn read_medium(g: &qhotplug_tests::Guest, dev: &str, file: &str) -> Vec<String> {
+    let cmd = format!("mount -t iso9660 -o ro /dev/{dev} /mnt && cat /mnt/{file} && umount /mnt");
+    until(g, &cmd, |out| {
+        !out.is_empty() && out.iter().all(|l| l.starts_with("from "))
+    })
+    .await
+}
+
+#[test]
+fn the_guest_reads_each_medium_and_a_locked_tray_is_refused_unless_forced() {
+    qhotplug_tests::serial_test(async {
+        let isos = tempfile::tempdir().unwrap();
+        let a = iso(isos.path(), "a.iso", "hello.txt", "from a\n");
+        let b = iso(isos.path(), "b.iso", "hello.txt", "from b\n");
+        let c = iso(isos.path(), "c.iso", "other.txt", "from c\n");
+        let mut spec = pc_spec();
+        // On ide.1, the guest's only CD-ROM at boot: its sr0 (ata_piix).
+        spec.cdroms
+            .push(Cdrom::ide("ide-cd", IdeAddr::new(1, 0)).with_medium(&a));
+        let g = qhotplug_tests::Guest::boot(spec, |l| l).await;
+        let run = |cmd: &'static str| g.console.run(cmd, GUEST);
+        assert_eq!(
+            run("mkdir -p /mnt && mount -t iso9660 -o ro /dev/sr0 /mnt && cat /mnt/hello.txt")
+                .await,
+            ["from a"]
+        );
+        // Mounted, the drive is locked: an unforced change is refused and changes nothing.
+        assert!(g.vm.tray_status("ide-cd").await.unwrap().locked);
+        let quick = MediumOptions::default().tray_wait(std::time::Duration::from_millis(500));
+        assert!(matches!(
+            g.vm.change_medium("ide-cd", Some(b.clone()), quick).await,
+            Err(Error::TrayLocked(id)) if id == "ide-cd"
+        ));
+        assert_eq!(medium(&g.vm, "ide-cd").await.as_deref(), Some("ide-cd-fmt"));
+        assert_eq!(run("cat /mnt/hello.txt").await, ["from a"]);
+
+        // Unmounted, the change goes through and the guest reads the new medium.
+        assert_eq!(run("umount /mnt").await, Vec::<String>::new());
+        g.vm.insert_medium("ide-cd", &b).await.unwrap();
+        assert_eq!(read_medium(&g, "sr0", "hello.txt").await, ["from b"]);
+        run("mount -t iso9660 -o ro /dev/sr0 /mnt").await;
+        // Forced, a mounted medium is taken all the same.
+        g.vm.change_medium(
+            "ide-cd",
+            Some(c.clone()),
+            MediumOptions::default().force(true),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            medium(&g.vm, "ide-cd").await.as_deref(),
+            Some("ide-cd-fmt.2")
+        );
+        run("umount /mnt").await;
+        assert_eq!(read_medium(&g, "sr0", "other.txt").await, ["from c"]);
+
+        // Ejected, the guest finds no medium.
+        g.vm.eject_medium("ide-cd").await.unwrap();
+        until(&g, "mount -t iso9660 -o ro /dev/sr0 /mnt", |out| {
+            out.len() == 1 && out[0].contains("No medium found")
+        })
+        .await;
+
+        // A scsi-cd hot-added loaded: the guest sees it, reads it, and sees it go.
+        let mark = g.console.mark();
+        g.vm.add_cdrom(CdromConfig::new("scsi-cd").medium(&a))
+            .await
+            .unwrap();
+        let dev = g.console.added(mark, "block").await;
+        assert!(dev.starts_with("sr"), "{dev}");
+        assert_eq!(read_medium(&g, &dev, "hello.txt").await, ["from a"]);
+        let mark = g.console.mark();
+        g.vm.remove_cdrom("scsi-cd").await.unwrap();
+        g.console
+            .wait_for(mark, &format!("qhg: remove block {dev}"), GUEST)
+            .await
+            .expect("the guest saw the drive go");
+    });
+}
