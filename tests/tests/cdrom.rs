@@ -361,3 +361,82 @@ fn the_guest_reads_each_medium_and_a_locked_tray_is_refused_unless_forced() {
             .expect("the guest saw the drive go");
     });
 }
+
+/// The steps of a loaded `scsi-cd`'s hot-add, in order, with the occurrence to fail.
+const HOT_ADD_STEPS: &[(&str, usize)] = &[
+    ("add-fd", 1),
+    ("blockdev-add", 1),
+    ("blockdev-add", 2),
+    ("remove-fd", 1),
+    ("device_add", 1),
+];
+
+#[test]
+fn a_failure_at_each_step_of_a_scsi_cd_hot_add_leaves_qemu_as_it_was() {
+    qhotplug_tests::serial_test(async {
+        let isos = tempfile::tempdir().unwrap();
+        let a = iso(isos.path(), "a.iso", "hello.txt", "from a\n");
+        let mon2 = isos.path().join("mon2.sock");
+        let mut spec = pc_spec();
+        second_monitor(&mut spec, &mon2);
+        let t = TestVm::running(spec).await;
+        for (i, &(step, nth)) in HOT_ADD_STEPS.iter().enumerate() {
+            let proxy =
+                FaultProxy::start(&isos.path().join(format!("p{i}.sock")), &mon2, step, nth);
+            let client = qhotplug_qmp::connect(proxy.path()).await.unwrap();
+            let vm = Vm::attach(client, t.vm.spec()).await.unwrap();
+            let before = t.snapshot().await;
+            match vm.add_cdrom(CdromConfig::new("cd9").medium(&a)).await {
+                Err(Error::Step {
+                    step: failed,
+                    undo_failures,
+                    ..
+                }) => {
+                    assert_eq!(failed, step);
+                    assert!(undo_failures.is_empty(), "{step}: {undo_failures:?}");
+                }
+                other => panic!("{step} #{nth}: {other:?}"),
+            }
+            assert_eq!(
+                t.snapshot().await,
+                before,
+                "after a failure at {step} #{nth}"
+            );
+            assert!(vm.cdroms().is_empty());
+        }
+    });
+}
+
+#[test]
+fn an_ide_cd_root_boots_first_and_reconcile_deletes_a_stale_medium_node() {
+    qhotplug_tests::serial_test(async {
+        let isos = tempfile::tempdir().unwrap();
+        let a = iso(isos.path(), "a.iso", "hello.txt", "from a\n");
+        let mut spec = pc_spec();
+        let mut root = Cdrom::ide("root", IdeAddr::new(0, 0)).with_medium(&a);
+        root.boot = true;
+        spec.cdroms.push(root);
+        let t = TestVm::running(spec).await;
+        let bootindex = t
+            .vm
+            .client()
+            .execute_raw(
+                "qom-get",
+                &serde_json::json!({"path": "/machine/peripheral/root", "property": "bootindex"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(bootindex, 0);
+        // A node of an earlier medium, left behind (as a change whose last delete failed would).
+        t.vm.client()
+            .execute_raw(
+                "blockdev-add",
+                &serde_json::json!({"driver": "null-co", "node-name": "root-fmt.7"}),
+            )
+            .await
+            .unwrap();
+        let report = t.vm.reconcile().await.unwrap();
+        assert_eq!(report.nodes_deleted, ["root-fmt.7"]);
+        assert_eq!(nodes(&t.vm).await, ["root-file", "root-fmt"]);
+    });
+}
