@@ -71,7 +71,7 @@ impl Pci {
         vec![p("bus", self.bus.clone()), p("addr", self.addr())]
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if self.slot > 31 || self.function > 7 {
             return Err(Error::InvalidSpec(format!(
                 "PCI address {}:{} out of range",

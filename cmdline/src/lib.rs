@@ -19,20 +19,24 @@
 #![warn(missing_docs)]
 
 mod cdrom;
+mod cpu;
 mod device;
 mod error;
 mod launch;
+mod memory;
 pub mod names;
 mod spec;
 mod sys;
 pub mod value;
 
 pub use cdrom::{Cdrom, CdromBus, IdeAddr};
+pub use cpu::{CpuTopology, Vcpu};
 pub use device::{
     props_to_json, Cache, Disk, DiskBackend, DiskFrontend, Format, Nic, Pci, Props, RootPort,
     ScsiAddr, ScsiController,
 };
 pub use error::{Error, Result};
 pub use launch::{Launcher, Monitor, QemuProcess, QEMU_ENV};
+pub use memory::{Balloon, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, MIB};
 pub use spec::{Accel, Machine, Serial, VmSpec, Vnc, VncListen};
 pub use value::{escape, ganeti_id, validate_id, Prop};

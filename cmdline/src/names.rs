@@ -46,6 +46,16 @@ pub fn is_block_node_of(id: &str, node: &str) -> bool {
     base == "-file" || base == "-fmt"
 }
 
+/// The id of the hot-pluggable vCPU in CPU slot `index` (in slot order, the boot vCPU's being 0).
+pub fn vcpu(index: usize) -> String {
+    format!("vcpu{index}")
+}
+
+/// The memory backend object of memory device `id`.
+pub fn memdev(id: &str) -> String {
+    format!("{id}-mem")
+}
+
 /// The netdev of NIC `id`.
 pub fn netdev(id: &str) -> String {
     format!("{id}-net")
@@ -67,12 +77,13 @@ pub fn fdset_tag(id: &str) -> String {
     format!("qhotplug:{id}")
 }
 
-/// Every netdev a hot-add of device `id` may create, whatever its kind: what `reconcile` looks
-/// for after a hot-add that could not finish. (Block nodes are found by name among QEMU's:
+/// Every netdev and QOM object a hot-add of device `id` may create, whatever its kind: what
+/// `reconcile` looks for after a hot-add that could not finish. (Block nodes are found by name among QEMU's:
 /// [`is_block_node_of`].)
 pub fn backends(id: &str) -> Backends {
     Backends {
         netdevs: vec![netdev(id)],
+        objects: vec![memdev(id)],
     }
 }
 
@@ -81,6 +92,8 @@ pub fn backends(id: &str) -> Backends {
 pub struct Backends {
     /// Netdevs.
     pub netdevs: Vec<String>,
+    /// QOM objects (under `/objects`).
+    pub objects: Vec<String>,
 }
 
 #[cfg(test)]

@@ -4,8 +4,10 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use crate::cdrom::{Cdrom, CdromBus};
+use crate::cpu::{CpuTopology, Vcpu};
 use crate::device::{Disk, DiskFrontend, Nic, RootPort, ScsiController};
 use crate::error::{Error, Result};
+use crate::memory::{Balloon, MemoryBackend, MemoryDevice, MemoryDeviceKind, MIB};
 use crate::value::{escape, validate_id};
 
 /// The machine type.
@@ -94,10 +96,28 @@ pub struct VmSpec {
     pub accel: Accel,
     /// CPU model (`-cpu`); QEMU's default when `None`.
     pub cpu: Option<String>,
-    /// vCPUs.
+    /// vCPUs at boot (`-smp`), besides those in [`vcpus`](VmSpec::vcpus).
     pub smp: u32,
-    /// Memory in MiB.
+    /// The vCPU topology and the most vCPUs the VM may have; `None`: exactly `smp`, none to
+    /// hot-plug.
+    pub cpu_topology: Option<CpuTopology>,
+    /// Hot-pluggable vCPUs, with ids, in free CPU slots (hot-added ones, for a relaunch).
+    pub vcpus: Vec<Vcpu>,
+    /// Memory at boot in MiB.
     pub memory_mib: u64,
+    /// Memory slots for DIMMs (`-m …,slots=`); 0 without memory hotplug.
+    pub memory_slots: u32,
+    /// The most memory the VM may have, boot memory and memory devices together, in MiB
+    /// (`maxmem`); `None` without memory hotplug.
+    pub max_memory_mib: Option<u64>,
+    /// The backend of the boot memory (`-machine memory-backend=`), for memory another process
+    /// must map (a shared memfd for vhost-user); QEMU's own anonymous memory when `None`. Its size
+    /// must be `memory_mib`.
+    pub memory_backend: Option<MemoryBackend>,
+    /// Memory devices (DIMMs, virtio-mem).
+    pub memory_devices: Vec<MemoryDevice>,
+    /// A memory balloon.
+    pub balloon: Option<Balloon>,
     /// Direct kernel boot: kernel image.
     pub kernel: Option<PathBuf>,
     /// Direct kernel boot: initrd.
@@ -233,6 +253,93 @@ impl VmSpec {
         if self.smp == 0 || self.memory_mib == 0 {
             return Err(Error::InvalidSpec("smp and memory must be positive".into()));
         }
+        self.validate_cpus(&mut unique)?;
+        self.validate_memory(&mut unique, &mut pci)?;
+        Ok(())
+    }
+
+    fn validate_cpus(&self, unique: &mut impl FnMut(&str) -> Result<()>) -> Result<()> {
+        let count = self.smp + self.vcpus.len() as u32;
+        match &self.cpu_topology {
+            Some(t) => t.check(self.smp)?,
+            None if self.vcpus.is_empty() => return Ok(()),
+            None => {
+                return Err(Error::InvalidSpec(
+                    "hot-pluggable vCPUs need a CPU topology with maxcpus".into(),
+                ))
+            }
+        }
+        let max = self.cpu_topology.map_or(self.smp, |t| t.max);
+        if count > max {
+            return Err(Error::InvalidSpec(format!(
+                "{count} vCPUs is more than maxcpus {max}"
+            )));
+        }
+        for cpu in &self.vcpus {
+            cpu.check()?;
+            unique(&cpu.id)?;
+        }
+        Ok(())
+    }
+
+    fn validate_memory(
+        &self,
+        unique: &mut impl FnMut(&str) -> Result<()>,
+        pci: &mut HashSet<crate::device::Pci>,
+    ) -> Result<()> {
+        if let Some(backend) = &self.memory_backend {
+            backend.check()?;
+            unique(&backend.id)?;
+            if backend.size != self.memory_mib * MIB {
+                return Err(Error::InvalidSpec(format!(
+                    "memory backend {} is {} bytes, not memory_mib ({} MiB)",
+                    backend.id, backend.size, self.memory_mib
+                )));
+            }
+        }
+        let plugged: u64 = self.memory_devices.iter().map(MemoryDevice::size).sum();
+        if !self.memory_devices.is_empty() {
+            let Some(max) = self.max_memory_mib else {
+                return Err(Error::InvalidSpec(
+                    "memory devices need max_memory_mib".into(),
+                ));
+            };
+            if self.memory_mib * MIB + plugged > max * MIB {
+                return Err(Error::InvalidSpec(format!(
+                    "{} MiB of boot memory and {} MiB of memory devices is over maxmem {max} MiB",
+                    self.memory_mib,
+                    plugged / MIB
+                )));
+            }
+        }
+        let dimms = self
+            .memory_devices
+            .iter()
+            .filter(|d| d.kind == MemoryDeviceKind::Dimm)
+            .count();
+        if dimms > self.memory_slots as usize {
+            return Err(Error::InvalidSpec(format!(
+                "{dimms} DIMMs for {} memory slots",
+                self.memory_slots
+            )));
+        }
+        for dev in &self.memory_devices {
+            dev.check()?;
+            unique(&dev.id)?;
+            unique(&dev.backend.id)?;
+            if let MemoryDeviceKind::VirtioMem { pci: at, .. } = &dev.kind {
+                if !pci.insert(at.clone()) {
+                    return Err(Error::InvalidSpec(format!("{}: PCI address taken", dev.id)));
+                }
+            }
+        }
+        if let Some(b) = &self.balloon {
+            unique(&b.id)?;
+            b.pci.check()?;
+            if !pci.insert(b.pci.clone()) {
+                return Err(Error::InvalidSpec(format!("{}: PCI address taken", b.id)));
+            }
+        }
         Ok(())
     }
 
@@ -262,16 +369,30 @@ impl VmSpec {
             Accel::Tcg => "tcg",
             Accel::Kvm => "kvm",
         };
-        push(&["-machine", machine, "-accel", accel]);
+        let machine = match &self.memory_backend {
+            Some(b) => format!("{machine},memory-backend={}", b.id),
+            None => machine.to_owned(),
+        };
+        push(&["-machine", &machine, "-accel", accel]);
         if let Some(cpu) = &self.cpu {
             push(&["-cpu", &escape(cpu)]);
         }
-        push(&[
-            "-smp",
-            &self.smp.to_string(),
-            "-m",
-            &self.memory_mib.to_string(),
-        ]);
+        let smp = match &self.cpu_topology {
+            Some(t) => t.smp(self.smp),
+            None => self.smp.to_string(),
+        };
+        let memory = match self.max_memory_mib {
+            Some(max) => format!(
+                "{}M,slots={},maxmem={max}M",
+                self.memory_mib, self.memory_slots
+            ),
+            None => self.memory_mib.to_string(),
+        };
+        push(&["-smp", &smp, "-m", &memory]);
+        if let Some(b) = &self.memory_backend {
+            let args = b.args();
+            push(&[&args[0], &args[1]]);
+        }
         // -kernel/-initrd/-append are plain values, not option lists: no escaping.
         if let Some(k) = &self.kernel {
             push(&["-kernel", &k.to_string_lossy()]);
@@ -333,6 +454,15 @@ impl VmSpec {
         for cd in &self.cdroms {
             a.extend(cd.args());
         }
+        for cpu in &self.vcpus {
+            a.extend(cpu.args());
+        }
+        for dev in &self.memory_devices {
+            a.extend(dev.args());
+        }
+        if let Some(b) = &self.balloon {
+            a.extend(b.args());
+        }
         for (i, n) in self.nics.iter().enumerate() {
             let (taps, vhosts) = nic_fds(i);
             a.extend(n.args(&taps, &vhosts));
@@ -378,5 +508,68 @@ mod front_panel_tests {
             .args("x", |_| unreachable!())
             .join(" ")
             .contains("-vnc unix:/run/v.sock"));
+    }
+}
+
+#[cfg(test)]
+mod resource_tests {
+    use super::*;
+    use crate::{CpuTopology, MemoryBackend, MemoryDevice, Pci, Vcpu, MIB};
+
+    fn growable() -> VmSpec {
+        let mut spec = VmSpec::new("r", Machine::Pc);
+        spec.cpu_topology = Some(CpuTopology::max(4));
+        spec.memory_slots = 2;
+        spec.max_memory_mib = Some(1024);
+        spec
+    }
+
+    #[test]
+    fn topology_memory_and_backends_render_on_the_command_line() {
+        let mut spec = growable();
+        spec.memory_backend = Some(MemoryBackend::shared_memfd("ram", 256 * MIB));
+        spec.vcpus.push(Vcpu {
+            id: "vcpu1".into(),
+            driver: "qemu64-x86_64-cpu".into(),
+            slot: vec![("socket-id".into(), 0), ("core-id".into(), 1)],
+        });
+        spec.memory_devices
+            .push(MemoryDevice::dimm("dimm0", 128 * MIB));
+        spec.memory_devices.push(MemoryDevice::virtio_mem(
+            "vmem0",
+            256 * MIB,
+            0,
+            Pci::new("pci.0", 7),
+        ));
+        spec.validate().unwrap();
+        let line = spec.args("q", |_| unreachable!()).join(" ");
+        for want in [
+            "-machine pc,memory-backend=ram",
+            "-smp 1,maxcpus=4 -m 256M,slots=2,maxmem=1024M",
+            "-object memory-backend-memfd,id=ram,size=268435456,share=on",
+            "-device qemu64-x86_64-cpu,id=vcpu1,socket-id=0,core-id=1",
+            "-device pc-dimm,id=dimm0,memdev=dimm0-mem",
+            "-device virtio-mem-pci,id=vmem0,bus=pci.0,addr=0x7,memdev=vmem0-mem,requested-size=0",
+        ] {
+            assert!(line.contains(want), "{want} in {line}");
+        }
+    }
+
+    #[test]
+    fn resources_that_do_not_fit_are_refused() {
+        let mut spec = growable();
+        spec.memory_devices
+            .push(MemoryDevice::dimm("big", 1024 * MIB));
+        assert!(spec.validate().is_err(), "over maxmem");
+        let mut spec = growable();
+        spec.memory_slots = 0;
+        spec.memory_devices.push(MemoryDevice::dimm("d", 2 * MIB));
+        assert!(spec.validate().is_err(), "no slot");
+        let mut spec = growable();
+        spec.smp = 5;
+        assert!(spec.validate().is_err(), "over maxcpus");
+        let mut spec = VmSpec::new("r", Machine::Pc);
+        spec.memory_backend = Some(MemoryBackend::ram("ram", 128 * MIB));
+        assert!(spec.validate().is_err(), "backend size is not memory_mib");
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use qhotplug_qmp::command::{
     BlockdevCloseTray, BlockdevDel, BlockdevInsertMedium, BlockdevRemoveMedium, Closefd, NetdevDel,
-    QueryFdsets, RemoveFd,
+    ObjectDel, QueryFdsets, RemoveFd,
 };
 use qhotplug_qmp::Client;
 
@@ -31,6 +31,8 @@ pub(crate) enum Delete {
     Netdev(String),
     /// A device: `device_del`, then wait for the guest to let it go.
     Device(String),
+    /// A QOM object made with `object-add` (`object-del`).
+    Object(String),
     /// The medium in drive `device` (`blockdev-remove-medium`; an empty drive counts as done).
     Medium(String),
     /// Medium `node` back into drive `device` (`blockdev-insert-medium`): the undo of taking it
@@ -49,6 +51,7 @@ impl std::fmt::Display for Delete {
             Delete::Fd(name) => write!(f, "closefd {name}"),
             Delete::Netdev(id) => write!(f, "netdev_del {id}"),
             Delete::Device(id) => write!(f, "device_del {id}"),
+            Delete::Object(id) => write!(f, "object-del {id}"),
             Delete::Medium(id) => write!(f, "blockdev-remove-medium {id}"),
             Delete::Reinsert { device, node } => {
                 write!(f, "blockdev-insert-medium {device} {node}")
@@ -76,6 +79,7 @@ impl Delete {
             Delete::Fd(_) => "closefd",
             Delete::Netdev(_) => "netdev_del",
             Delete::Device(_) => "device_del",
+            Delete::Object(_) => "object-del",
             Delete::Medium(_) => "blockdev-remove-medium",
             Delete::Reinsert { .. } => "blockdev-insert-medium",
             Delete::CloseTray(_) => "blockdev-close-tray",
@@ -134,6 +138,10 @@ impl Delete {
                 .map(drop),
             Delete::Netdev(id) => client
                 .execute(&NetdevDel { id: id.clone() })
+                .await
+                .map(drop),
+            Delete::Object(id) => client
+                .execute(&ObjectDel { id: id.clone() })
                 .await
                 .map(drop),
             Delete::Medium(id) => client

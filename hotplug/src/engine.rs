@@ -91,6 +91,11 @@ pub(crate) async fn run_backends<H: Hold>(
                 txn.step("blockdev-add", Some(undo), client.execute(&add))
                     .await?;
             }
+            Backend::Object(add) => {
+                let undo = Delete::Object(add.id.clone());
+                txn.step("object-add", Some(undo), client.execute(&add))
+                    .await?;
+            }
             Backend::Netdev(add) => {
                 let undo = Delete::Netdev(add.id.clone());
                 txn.step("netdev_add", Some(undo), client.execute(&add))

@@ -143,10 +143,12 @@ pub enum Error {
     /// The disk is read-only: it cannot be resized. Nothing was sent to QEMU.
     #[error("disk {0:?} is read-only")]
     ReadOnly(String),
-    /// A disk size that QEMU cannot take: zero, or not a multiple of 512 bytes. Nothing was sent.
-    #[error("{size} bytes is no size for disk {id:?}: it must be a positive multiple of 512")]
+    /// A size the device cannot take: for a disk, zero or not a multiple of 512 bytes; for a
+    /// virtio-mem device, over its size or not a multiple of its block size; for the balloon,
+    /// zero. Nothing was sent.
+    #[error("{size} bytes is no size {id:?} can take")]
     InvalidSize {
-        /// The disk.
+        /// The device.
         id: String,
         /// The size asked for.
         size: u64,
@@ -178,6 +180,28 @@ pub enum Error {
     /// asked the guest to open it; change it once the guest lets go (unmounts), or force it.
     #[error("the guest holds the tray of {0:?} locked; unmount it in the guest, or force")]
     TrayLocked(String),
+    /// A vCPU count the VM cannot have: below the vCPUs the SDK cannot remove (those from
+    /// `-smp`; at least 1) or above `maxcpus`. Nothing was sent to QEMU.
+    #[error("{requested} vCPUs is not within {min} to {max}")]
+    InvalidVcpuCount {
+        /// The count asked for.
+        requested: u32,
+        /// The fewest the VM can have.
+        min: u32,
+        /// The most (`maxcpus`).
+        max: u32,
+    },
+    /// The memory device would take the VM over `maxmem` (or the VM was launched without memory
+    /// hotplug: no `maxmem`). Nothing was sent to QEMU.
+    #[error("{id:?} needs {size} bytes of maxmem; {free} are free")]
+    OverMaxMemory {
+        /// The device.
+        id: String,
+        /// What it needs, in bytes.
+        size: u64,
+        /// What is left under `maxmem`, in bytes.
+        free: u64,
+    },
     /// The QEMU process could not be started.
     #[error("launching QEMU: {0}")]
     Launch(qhotplug_cmdline::Error),

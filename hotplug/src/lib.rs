@@ -1,6 +1,7 @@
-//! Hot-plug disks, NICs and CD-ROM drives into running QEMU guests over QMP, as transactions with
-//! rollback, and change what is plugged (a disk's size and I/O limits, a NIC's link, a CD-ROM's
-//! medium) while the guest runs.
+//! Hot-plug disks, NICs, CD-ROM drives, vCPUs, memory (DIMMs, virtio-mem) and a balloon into
+//! running QEMU guests over QMP, as transactions with rollback, and change what is plugged (a
+//! disk's size and I/O limits, a NIC's link, a CD-ROM's medium, a virtio-mem device's size) while
+//! the guest runs.
 //!
 //! A [`Vm`] is a handle on one QEMU, launched by the SDK ([`Vm::launch`]) or attached through its
 //! monitor ([`Vm::attach`]). Its hot-adds are transactions: each step that changes QEMU records
@@ -70,12 +71,13 @@
 //!
 //! | span | fields | what it covers |
 //! |---|---|---|
-//! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `remove_disk`, `remove_nic`, `remove_cdrom`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`), `id` | one public operation |
-//! | `step` | `name` (the QMP command, or `wait DEVICE_DELETED`, `wait DEVICE_TRAY_MOVED`), `id`; `press` on `device_del` | one step of a hot-add, hot-remove or change; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
+//! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `add_memory`, `add_balloon`, `remove_disk`, `remove_nic`, `remove_cdrom`, `remove_memory`, `remove_balloon`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`, `set_vcpus`, `resize_virtio_mem`, `set_balloon`), `id` | one public operation |
+//! | `step` | `name` (the QMP command, or `wait DEVICE_DELETED`, `wait DEVICE_TRAY_MOVED`, `wait ACPI_DEVICE_OST`, `wait MEMORY_DEVICE_SIZE_CHANGE`), `id`; `press` on `device_del` | one step of a hot-add, hot-remove or change; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
 //! | `undo` | `step` (for example `blockdev-del d1-fmt`) | one undo step of a rollback |
 //! | `rollback` | `id`, `reason` | the background rollback of a dropped hot-add or change |
 //! | `qmp` | `command`, `id` (`exec-oob` and in-band ids) | one QMP command (from `qhotplug-qmp`) |
 
+mod cpus;
 mod delete;
 mod discover;
 mod engine;
@@ -83,6 +85,7 @@ mod error;
 mod kinds;
 mod live;
 mod medium;
+mod memory;
 pub mod qemu_errors;
 mod reconcile;
 mod slots;
@@ -91,9 +94,12 @@ mod transaction;
 mod unplug;
 mod vm;
 
+pub use cpus::VcpuChange;
 pub use error::{Error, Result, UndoFailure};
+pub use kinds::balloon::BalloonConfig;
 pub use kinds::cdrom::CdromConfig;
 pub use kinds::disk::{DiskConfig, DiskModel};
+pub use kinds::memory::MemoryConfig;
 pub use kinds::nic::NicConfig;
 pub use medium::{MediumOptions, TrayStatus};
 pub use reconcile::Reconciled;
@@ -106,8 +112,9 @@ pub use qhotplug_qmp as qmp;
 
 // What a hot-plug needs from the other crates, so `qhotplug::…` is the one import path.
 pub use qhotplug_cmdline::{
-    Cache, Cdrom, CdromBus, Disk, DiskFrontend, Format, IdeAddr, Launcher, Machine, Monitor, Nic,
-    Pci, RootPort, ScsiAddr, ScsiController, Serial, VmSpec, Vnc, VncListen,
+    Balloon, Cache, Cdrom, CdromBus, CpuTopology, Disk, DiskFrontend, Format, IdeAddr, Launcher,
+    Machine, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Monitor, Nic, Pci,
+    RootPort, ScsiAddr, ScsiController, Serial, Vcpu, VmSpec, Vnc, VncListen, MIB,
 };
 pub use qhotplug_netdev::{MacAddr, Tap, TapBuilder, VhostPolicy};
 pub use qhotplug_qmp::command::IoLimits;

@@ -141,7 +141,7 @@ impl Vm {
     }
 
     /// The device `id`, as the spec lists it, when it is placed, of `kind`, and no removal runs.
-    fn idle_device(&self, id: &str, kind: state::Kind) -> Result<Device> {
+    pub(crate) fn idle_device(&self, id: &str, kind: state::Kind) -> Result<Device> {
         let state = self.inner().state();
         match state.devices.get(id) {
             Some(Entry::Placed {

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashSet};
 
 use qhotplug_cmdline::names;
-use qhotplug_qmp::command::{QueryFdsets, QueryNamedBlockNodes, QueryPci};
+use qhotplug_qmp::command::{QomList, QueryFdsets, QueryNamedBlockNodes, QueryPci};
 
 use crate::delete::{Delete, Outcome};
 use crate::discover::scan_peripherals;
@@ -24,6 +24,8 @@ pub struct Reconciled {
     pub netdevs_deleted: Vec<String>,
     /// Fd sets of ours (tagged `qhotplug:<id>`) that no node held, removed.
     pub fdsets_removed: Vec<i64>,
+    /// QOM objects of ours (memory backends) that no device used any more, deleted.
+    pub objects_deleted: Vec<String>,
 }
 
 /// See [`Vm::reconcile`].
@@ -42,6 +44,15 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
         .filter_map(|n| n.node_name)
         .collect();
     let fdsets = client.execute(&QueryFdsets).await?;
+    let objects: HashSet<String> = client
+        .execute(&QomList {
+            path: "/objects".into(),
+        })
+        .await?
+        .into_iter()
+        .filter(|o| o.child_type().is_some())
+        .map(|o| o.name)
+        .collect();
 
     let mut report = Reconciled::default();
     // Ids whose leftovers may go: touched by us, not a device in QEMU, and not in use by a
@@ -126,6 +137,14 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
             .collect();
         steps.extend(backends.netdevs.into_iter().map(Delete::Netdev));
         steps.extend(nodes_of(&nodes, id, &[]));
+        // Objects go after what may use them.
+        steps.extend(
+            backends
+                .objects
+                .into_iter()
+                .filter(|o| objects.contains(o))
+                .map(Delete::Object),
+        );
         let mut all_done = true;
         for step in steps {
             match step.run(client).await {
@@ -138,6 +157,7 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
                     Delete::Fdset { id: Some(set), .. } => report.fdsets_removed.push(set),
                     Delete::BlockNode(node) => report.nodes_deleted.push(node),
                     Delete::Netdev(netdev) => report.netdevs_deleted.push(netdev),
+                    Delete::Object(object) => report.objects_deleted.push(object),
                     _ => {}
                 },
             }

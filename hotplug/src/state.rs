@@ -8,11 +8,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use qhotplug_cmdline::{Cdrom, Disk, IdeAddr, Nic, Pci, QemuProcess, ScsiAddr, VmSpec};
+use qhotplug_cmdline::{
+    Balloon, Cdrom, Disk, MemoryDevice, Nic, Pci, QemuProcess, ScsiAddr, Vcpu, VmSpec,
+};
 use qhotplug_qmp::Client;
 
 use crate::delete::Delete;
-use crate::kinds::{self, cdrom, disk, nic};
+use crate::kinds::{self, cdrom, disk, memory, nic};
 use crate::slots::{PciMap, ScsiMap};
 
 /// What every clone of a [`Vm`](crate::Vm) shares.
@@ -59,6 +61,9 @@ pub(crate) enum Kind {
     Disk,
     Nic,
     Cdrom,
+    Vcpu,
+    Memory,
+    Balloon,
 }
 
 impl Kind {
@@ -68,6 +73,9 @@ impl Kind {
             Kind::Disk => "disk",
             Kind::Nic => "NIC",
             Kind::Cdrom => "CD-ROM",
+            Kind::Vcpu => "vCPU",
+            Kind::Memory => "memory device",
+            Kind::Balloon => "balloon",
         }
     }
 
@@ -77,6 +85,9 @@ impl Kind {
             Kind::Disk => <crate::DiskConfig as kinds::Kind>::OPERATION,
             Kind::Nic => <crate::NicConfig as kinds::Kind>::OPERATION,
             Kind::Cdrom => <crate::CdromConfig as kinds::Kind>::OPERATION,
+            Kind::Vcpu => <Vcpu as kinds::Kind>::OPERATION,
+            Kind::Memory => <crate::MemoryConfig as kinds::Kind>::OPERATION,
+            Kind::Balloon => <crate::BalloonConfig as kinds::Kind>::OPERATION,
         }
     }
 
@@ -86,6 +97,9 @@ impl Kind {
             Kind::Disk => <crate::DiskConfig as kinds::Kind>::COMMANDS,
             Kind::Nic => <crate::NicConfig as kinds::Kind>::COMMANDS,
             Kind::Cdrom => <crate::CdromConfig as kinds::Kind>::COMMANDS,
+            Kind::Vcpu => <Vcpu as kinds::Kind>::COMMANDS,
+            Kind::Memory => <crate::MemoryConfig as kinds::Kind>::COMMANDS,
+            Kind::Balloon => <crate::BalloonConfig as kinds::Kind>::COMMANDS,
         }
     }
 }
@@ -96,6 +110,9 @@ pub(crate) enum Device {
     Disk(Disk),
     Nic(Nic),
     Cdrom(Cdrom),
+    Vcpu(Vcpu),
+    Memory(MemoryDevice),
+    Balloon(Balloon),
 }
 
 impl Device {
@@ -104,6 +121,9 @@ impl Device {
             Device::Disk(_) => Kind::Disk,
             Device::Nic(_) => Kind::Nic,
             Device::Cdrom(_) => Kind::Cdrom,
+            Device::Vcpu(_) => Kind::Vcpu,
+            Device::Memory(_) => Kind::Memory,
+            Device::Balloon(_) => Kind::Balloon,
         }
     }
 
@@ -112,6 +132,9 @@ impl Device {
             Device::Disk(d) => &d.id,
             Device::Nic(n) => &n.id,
             Device::Cdrom(c) => &c.id,
+            Device::Vcpu(c) => &c.id,
+            Device::Memory(m) => &m.id,
+            Device::Balloon(b) => &b.id,
         }
     }
 
@@ -120,6 +143,9 @@ impl Device {
             Device::Disk(d) => disk::place(d),
             Device::Nic(n) => Place::Pci(n.pci.clone()),
             Device::Cdrom(c) => cdrom::place(c),
+            Device::Vcpu(_) => Place::Fixed,
+            Device::Memory(m) => memory::place(m),
+            Device::Balloon(b) => Place::Pci(b.pci.clone()),
         }
     }
 
@@ -129,6 +155,8 @@ impl Device {
             Device::Disk(d) => disk::teardown(d),
             Device::Nic(n) => nic::teardown(n),
             Device::Cdrom(c) => cdrom::teardown(c),
+            Device::Memory(m) => memory::teardown(m),
+            Device::Vcpu(_) | Device::Balloon(_) => Vec::new(),
         }
     }
 }
@@ -138,8 +166,9 @@ impl Device {
 pub(crate) enum Place {
     Pci(Pci),
     Scsi(ScsiAddr),
-    /// On the built-in IDE controller: boot-only, in no slot map.
-    Ide(IdeAddr),
+    /// Somewhere no slot map of the SDK's covers: an IDE unit, a vCPU slot, a DIMM slot (QEMU
+    /// picks it).
+    Fixed,
 }
 
 /// What the SDK knows of a device id besides its description, which lives in `State::spec`.
@@ -184,7 +213,7 @@ impl State {
                 Place::Scsi(addr) => {
                     let _ = state.scsi.claim(&addr);
                 }
-                Place::Ide(_) => {}
+                Place::Fixed => {}
             }
             state
                 .devices
@@ -194,33 +223,48 @@ impl State {
     }
 
     fn all_devices(&self) -> Vec<Device> {
-        let disks = self.spec.disks.iter().cloned().map(Device::Disk);
+        let s = &self.spec;
+        let disks = s.disks.iter().cloned().map(Device::Disk);
         disks
-            .chain(self.spec.nics.iter().cloned().map(Device::Nic))
-            .chain(self.spec.cdroms.iter().cloned().map(Device::Cdrom))
+            .chain(s.nics.iter().cloned().map(Device::Nic))
+            .chain(s.cdroms.iter().cloned().map(Device::Cdrom))
+            .chain(s.vcpus.iter().cloned().map(Device::Vcpu))
+            .chain(s.memory_devices.iter().cloned().map(Device::Memory))
+            .chain(s.balloon.iter().cloned().map(Device::Balloon))
             .collect()
     }
 
     /// The device with this id, as the spec lists it.
     pub(crate) fn device(&self, id: &str) -> Option<Device> {
-        if let Some(d) = self.spec.disks.iter().find(|d| d.id == id) {
-            return Some(Device::Disk(d.clone()));
+        self.all_devices().into_iter().find(|d| d.id() == id)
+    }
+
+    /// Takes the device with this id out of the spec.
+    fn take(&mut self, id: &str) -> Option<Device> {
+        fn pull<T>(list: &mut Vec<T>, id: impl Fn(&T) -> bool) -> Option<T> {
+            let at = list.iter().position(id)?;
+            Some(list.remove(at))
         }
-        if let Some(n) = self.spec.nics.iter().find(|n| n.id == id) {
-            return Some(Device::Nic(n.clone()));
-        }
-        self.spec
-            .cdroms
-            .iter()
-            .find(|c| c.id == id)
-            .map(|c| Device::Cdrom(c.clone()))
+        let s = &mut self.spec;
+        pull(&mut s.disks, |d| d.id == id)
+            .map(Device::Disk)
+            .or_else(|| pull(&mut s.nics, |n| n.id == id).map(Device::Nic))
+            .or_else(|| pull(&mut s.cdroms, |c| c.id == id).map(Device::Cdrom))
+            .or_else(|| pull(&mut s.vcpus, |c| c.id == id).map(Device::Vcpu))
+            .or_else(|| pull(&mut s.memory_devices, |m| m.id == id).map(Device::Memory))
+            .or_else(|| {
+                let here = s.balloon.as_ref().is_some_and(|b| b.id == id);
+                here.then(|| s.balloon.take())
+                    .flatten()
+                    .map(Device::Balloon)
+            })
     }
 
     pub(crate) fn release(&mut self, place: &Place) {
         match place {
             Place::Pci(pci) => self.pci.release(pci),
             Place::Scsi(addr) => self.scsi.release(addr),
-            Place::Ide(_) => {}
+            Place::Fixed => {}
         }
     }
 
@@ -231,15 +275,10 @@ impl State {
         if clean {
             self.touched.remove(id);
         }
-        let place = if let Some(at) = self.spec.disks.iter().position(|d| d.id == id) {
-            disk::place(&self.spec.disks.remove(at))
-        } else if let Some(at) = self.spec.nics.iter().position(|n| n.id == id) {
-            Place::Pci(self.spec.nics.remove(at).pci)
-        } else if let Some(at) = self.spec.cdroms.iter().position(|c| c.id == id) {
-            cdrom::place(&self.spec.cdroms.remove(at))
-        } else {
+        let Some(device) = self.take(id) else {
             return;
         };
+        let place = device.place();
         self.release(&place);
     }
 
@@ -250,6 +289,9 @@ impl State {
             Device::Disk(d) => self.spec.disks.push(d),
             Device::Nic(n) => self.spec.nics.push(n),
             Device::Cdrom(c) => self.spec.cdroms.push(c),
+            Device::Vcpu(c) => self.spec.vcpus.push(c),
+            Device::Memory(m) => self.spec.memory_devices.push(m),
+            Device::Balloon(b) => self.spec.balloon = Some(b),
         }
     }
 }

@@ -153,38 +153,59 @@ async fn wait(
 ) -> Option<Result<Unplugged, Refused>> {
     let answer = async {
         while let Some(item) = events.next().await {
-            let event = match item {
-                Ok(event) => event,
+            // Whether to ask QEMU if the device is still there.
+            let ask = match item {
                 // Events were lost: ask QEMU rather than guess.
-                Err(Lagged(_)) => match present(client, id).await {
-                    Ok(false) => return Ok(Unplugged::Now),
-                    Ok(true) => continue,
-                    Err(e) => return Err(e.into()),
+                Err(Lagged(_)) => true,
+                Ok(event) => match event.kind() {
+                    EventKind::DeviceDeleted(d) if d.device.as_deref() == Some(id) => {
+                        return Ok(Unplugged::Now)
+                    }
+                    EventKind::DeviceUnplugGuestError(d) if d.device.as_deref() == Some(id) => {
+                        return Err(Refused::Rejected("DEVICE_UNPLUG_GUEST_ERROR".into()))
+                    }
+                    EventKind::AcpiDeviceOst(ost)
+                        if ost.info.device.as_deref() == Some(id)
+                            && ost.info.source == OST_EJECT_REQUEST
+                            && ost_refuses_eject(ost.info.status) =>
+                    {
+                        return Err(Refused::Rejected(format!(
+                            "ACPI _OST status {:#x} on {} slot {}",
+                            ost.info.status, ost.info.slot_type, ost.info.slot
+                        )))
+                    }
+                    // A part of the device went (a vCPU's `…/lapic`), or the guest finished an
+                    // eject (`_OST` status 0, no longer naming the device): QEMU may not send the
+                    // device's own event (an x86 vCPU's never comes), so its device list decides.
+                    kind => may_be_gone(kind, id),
                 },
             };
-            match event.kind() {
-                EventKind::DeviceDeleted(d) if d.device.as_deref() == Some(id) => {
-                    return Ok(Unplugged::Now)
+            if ask {
+                match present(client, id).await {
+                    Ok(false) => return Ok(Unplugged::Now),
+                    Ok(true) => {}
+                    Err(e) => return Err(e.into()),
                 }
-                EventKind::DeviceUnplugGuestError(d) if d.device.as_deref() == Some(id) => {
-                    return Err(Refused::Rejected("DEVICE_UNPLUG_GUEST_ERROR".into()))
-                }
-                EventKind::AcpiDeviceOst(ost)
-                    if ost.info.device.as_deref() == Some(id)
-                        && ost.info.source == OST_EJECT_REQUEST
-                        && ost_refuses_eject(ost.info.status) =>
-                {
-                    return Err(Refused::Rejected(format!(
-                        "ACPI _OST status {:#x} on {} slot {}",
-                        ost.info.status, ost.info.slot_type, ost.info.slot
-                    )))
-                }
-                _ => {}
             }
         }
         Err(Refused::Qmp(qhotplug_qmp::Error::Disconnected))
     };
     tokio::time::timeout_at(until, answer).await.ok()
+}
+
+/// True for an event after which device `id` may be gone without its own `DEVICE_DELETED`.
+fn may_be_gone(kind: &EventKind, id: &str) -> bool {
+    match kind {
+        EventKind::DeviceDeleted(d) => d
+            .path
+            .strip_prefix("/machine/peripheral/")
+            .and_then(|p| p.strip_prefix(id))
+            .is_some_and(|rest| rest.starts_with('/')),
+        EventKind::AcpiDeviceOst(ost) => {
+            ost.info.source == OST_EJECT_REQUEST && ost.info.status == 0
+        }
+        _ => false,
+    }
 }
 
 /// True when QEMU has a device with this id (`qom-list /machine/peripheral`).

@@ -325,6 +325,7 @@ impl Vm {
                 state.scsi.claim(&addr).map_err(slot_error)?;
                 Place::Scsi(addr)
             }
+            Want::Fixed => Place::Fixed,
         };
         state.devices.insert(id.to_owned(), Entry::Adding);
         state.touched.insert(id.to_owned());

@@ -33,12 +33,22 @@ pub fn image() -> (PathBuf, PathBuf) {
 }
 
 /// Sets `spec` up to boot the guest image with its console on `console` (a socket QEMU listens on).
+/// Kernel arguments already in `spec.append` are kept, after the image's own.
 pub fn boot_spec(spec: &mut VmSpec, console: PathBuf) {
     let (kernel, initrd) = image();
     spec.kernel = Some(kernel);
     spec.initrd = Some(initrd);
     // printk.devkmsg=on: the guest's hotplug reports go through /dev/kmsg, not rate-limited.
-    spec.append = Some("console=ttyS0 edd=off panic=-1 quiet printk.devkmsg=on".into());
+    // memhp_default_state=online_movable: hot-plugged memory is onlined as movable, so the guest
+    // can give it back. Whatever the spec's `append` held comes after (and so overrides).
+    let mut append = "console=ttyS0 edd=off panic=-1 quiet printk.devkmsg=on \
+                      memhp_default_state=online_movable"
+        .to_owned();
+    if let Some(extra) = spec.append.take() {
+        append.push(' ');
+        append.push_str(&extra);
+    }
+    spec.append = Some(append);
     spec.serials = vec![Serial::Socket(console)];
     spec.paused = false;
     spec.memory_mib = spec.memory_mib.max(256);

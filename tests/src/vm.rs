@@ -7,7 +7,8 @@ use std::time::Duration;
 use qhotplug::Vm;
 use qhotplug_cmdline::{Launcher, Machine, Pci, RootPort, ScsiController, VmSpec};
 use qhotplug_qmp::command::{
-    BlockInfo, Cont, FdsetInfo, PciInfo, QomList, QueryBlock, QueryFdsets, QueryNamedBlockNodes,
+    BlockInfo, Cont, FdsetInfo, HotpluggableCpu, MemoryDeviceInfo, PciInfo, QomList, QueryBlock,
+    QueryChardev, QueryFdsets, QueryHotpluggableCpus, QueryMemoryDevices, QueryNamedBlockNodes,
     QueryPci,
 };
 
@@ -104,6 +105,23 @@ impl TestVm {
     pub async fn snapshot(&self) -> Snapshot {
         Snapshot::take(&self.vm).await
     }
+
+    /// Asserts that QEMU's state comes back to `before` within a few seconds: for what QEMU
+    /// releases after it answered (a deleted memory backend's memfd is closed once no vCPU can
+    /// still be using it, an RCU grace period later).
+    pub async fn assert_settles_to(&self, before: &Snapshot, what: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = self.snapshot().await;
+            if &now == before {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                assert_eq!(&now, before, "{what}");
+            }
+            tokio::task::yield_now().await;
+        }
+    }
 }
 
 /// A sparse raw image of `mib` MiB at `dir/name`.
@@ -166,6 +184,14 @@ pub struct Snapshot {
     pub qemu_fds: Vec<String>,
     /// Our own fd table.
     pub our_fds: Vec<(i32, String)>,
+    /// `query-hotpluggable-cpus`.
+    pub cpus: Vec<HotpluggableCpu>,
+    /// `query-memory-devices`.
+    pub memory_devices: Vec<MemoryDeviceInfo>,
+    /// `qom-list /objects` children, sorted.
+    pub objects: Vec<String>,
+    /// `query-chardev` labels, sorted.
+    pub chardevs: Vec<String>,
 }
 
 impl Snapshot {
@@ -201,6 +227,33 @@ impl Snapshot {
             })
             .await
             .expect("info network");
+        let cpus = c
+            .execute(&QueryHotpluggableCpus)
+            .await
+            .expect("query-hotpluggable-cpus");
+        let memory_devices = c
+            .execute(&QueryMemoryDevices)
+            .await
+            .expect("query-memory-devices");
+        let mut objects: Vec<String> = c
+            .execute(&QomList {
+                path: "/objects".into(),
+            })
+            .await
+            .expect("qom-list /objects")
+            .into_iter()
+            .filter(|p| p.child_type().is_some())
+            .map(|p| p.name)
+            .collect();
+        objects.sort();
+        let mut chardevs: Vec<String> = c
+            .execute(&QueryChardev)
+            .await
+            .expect("query-chardev")
+            .into_iter()
+            .map(|c| c.label)
+            .collect();
+        chardevs.sort();
         let qemu_fds = match vm.pid() {
             Some(pid) => fd_targets(&format!("/proc/{pid}/fd")),
             None => Vec::new(),
@@ -214,6 +267,10 @@ impl Snapshot {
             network,
             qemu_fds,
             our_fds: crate::open_fds(),
+            cpus,
+            memory_devices,
+            objects,
+            chardevs,
         }
     }
 }

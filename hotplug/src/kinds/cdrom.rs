@@ -112,7 +112,7 @@ impl From<Cdrom> for Device {
 pub(crate) fn place(cd: &Cdrom) -> Place {
     match &cd.bus {
         CdromBus::Scsi(addr) => Place::Scsi(addr.clone()),
-        CdromBus::Ide(addr) => Place::Ide(addr.clone()),
+        CdromBus::Ide(_) => Place::Fixed,
     }
 }
 

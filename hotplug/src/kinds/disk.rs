@@ -174,7 +174,7 @@ impl Kind for DiskConfig {
         let frontend = match place {
             Place::Pci(pci) => DiskFrontend::VirtioBlk(pci),
             Place::Scsi(addr) => DiskFrontend::ScsiHd(addr),
-            Place::Ide(_) => return Err(Error::AddressMismatch(self.id)),
+            Place::Fixed => return Err(Error::AddressMismatch(self.id)),
         };
         let mut disk = Disk::new(self.id, self.path, frontend);
         disk.format = self.format;

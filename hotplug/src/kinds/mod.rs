@@ -12,14 +12,17 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use qhotplug_cmdline::{Pci, ScsiAddr};
-use qhotplug_qmp::command::{BlockSetIoThrottle, BlockdevAdd, DeviceAdd, NetdevAdd};
+use qhotplug_qmp::command::{BlockSetIoThrottle, BlockdevAdd, DeviceAdd, NetdevAdd, ObjectAdd};
 
 use crate::error::{Error, Result};
 use crate::state::{Device, Place};
 
+pub(crate) mod balloon;
 pub(crate) mod cdrom;
 pub(crate) mod disk;
+pub(crate) mod memory;
 pub(crate) mod nic;
+pub(crate) mod vcpu;
 
 /// Where a kind's frontend goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +34,8 @@ pub(crate) enum Want {
         at: Option<ScsiAddr>,
         bus: Option<String>,
     },
+    /// No address the SDK allocates (a vCPU slot, a DIMM: QEMU's to pick or check).
+    Fixed,
 }
 
 /// One backend a hot-add creates before its `device_add`, in order. The engine runs each with the
@@ -46,6 +51,8 @@ pub(crate) enum Backend {
     Blockdev { add: BlockdevAdd, on_fdset: bool },
     /// `netdev_add`, which takes over every fd given with `getfd` before it.
     Netdev(NetdevAdd),
+    /// `object-add` (a memory backend).
+    Object(ObjectAdd),
 }
 
 /// A setting QEMU takes only on a device that exists, so it comes right after `device_add`. If it

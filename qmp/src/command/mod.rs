@@ -49,10 +49,12 @@ macro_rules! command {
 mod block;
 mod device;
 mod display;
+mod machine;
 
 pub use block::*;
 pub use device::*;
 pub use display::*;
+pub use machine::*;
 
 /// `qmp_capabilities`: leaves capabilities negotiation mode. The handshake sends it for you.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

@@ -1,0 +1,173 @@
+//! Setting a VM's vCPU count: free slots from `query-hotpluggable-cpus`, a `device_add` (or a
+//! `device_del`) per vCPU on the engine, and what the guest confirmed (ACPI `_OST`).
+//!
+//! The guest onlines a new vCPU itself (`echo 1 > /sys/devices/system/cpu/cpuN/online`, or a udev
+//! rule): the SDK cannot, so it does not try. It reports which new vCPUs the guest's ACPI code
+//! acknowledged (`ACPI_DEVICE_OST`, insertion, status 0).
+
+use std::collections::HashSet;
+
+use futures::StreamExt;
+use qhotplug_cmdline::{names, Vcpu};
+use qhotplug_qmp::command::{HotpluggableCpu, QueryHotpluggableCpus, QueryStatus};
+use qhotplug_qmp::{EventKind, EventStream};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::engine;
+use crate::error::{Error, Result};
+use crate::kinds::Kind;
+use crate::state;
+use crate::vm::Vm;
+
+/// ACPI `_OST` source for a device insertion.
+const OST_INSERTION: i64 = 1;
+
+/// What [`Vm::set_vcpus`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VcpuChange {
+    /// The vCPUs hot-added, by id.
+    pub added: Vec<String>,
+    /// The vCPUs hot-removed (the guest let them go), by id.
+    pub removed: Vec<String>,
+    /// Of `added`, those the guest had not acknowledged (ACPI `_OST`) by the handle's unplug
+    /// deadline: QEMU has them, the guest may not have noticed yet. Empty on a VM that is not
+    /// running (nothing is waited for).
+    pub unconfirmed: Vec<String>,
+}
+
+impl Vm {
+    /// Brings the VM to `count` vCPUs. Up: hot-adds a vCPU into each of the lowest free slots
+    /// (ids `vcpu<N>`, N the slot's index), then, on a running VM, waits (by the handle's
+    /// [`UnplugPolicy`](crate::UnplugPolicy) deadline) for the guest's ACPI acknowledgement of
+    /// each. Down: hot-removes the SDK's vCPUs, highest first, each waiting for the guest to let
+    /// it go. The guest must online new vCPUs itself.
+    ///
+    /// A count below the vCPUs the SDK cannot remove (those from `-smp`) or above `maxcpus` is
+    /// [`Error::InvalidVcpuCount`] before anything is sent. The vCPUs are part of the spec: a VM
+    /// launched from `vm.spec()` has them, with their ids.
+    pub async fn set_vcpus(&self, count: u32) -> Result<VcpuChange> {
+        let span = tracing::info_span!("hotplug", op = "set_vcpus", id = count);
+        self.vcpus_to(count).instrument(span).await
+    }
+
+    /// The VM's vCPU slots, as QEMU lists them (plugged ones have a `qom_path`), in slot order.
+    pub async fn vcpu_slots(&self) -> Result<Vec<HotpluggableCpu>> {
+        let mut slots = self.client().execute(&QueryHotpluggableCpus).await?;
+        slots.sort_by_key(slot_order);
+        Ok(slots)
+    }
+
+    async fn vcpus_to(&self, count: u32) -> Result<VcpuChange> {
+        self.require(Vcpu::OPERATION, Vcpu::COMMANDS).await?;
+        let slots = self.vcpu_slots().await?;
+        let ours: Vec<String> = self
+            .inner()
+            .state()
+            .spec
+            .vcpus
+            .iter()
+            .map(|c| c.id.clone())
+            .collect();
+        let plugged = slots.iter().filter(|s| s.qom_path.is_some()).count() as u32;
+        let min = plugged - ours.len() as u32;
+        let max = slots.len() as u32;
+        if count < min.max(1) || count > max {
+            return Err(Error::InvalidVcpuCount {
+                requested: count,
+                min: min.max(1),
+                max,
+            });
+        }
+        let mut change = VcpuChange::default();
+        if count > plugged {
+            let mut events = self.client().events();
+            let free = slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.qom_path.is_none())
+                .take((count - plugged) as usize);
+            for (index, slot) in free {
+                let cpu = Vcpu {
+                    id: names::vcpu(index),
+                    driver: slot.kind.clone(),
+                    slot: slot
+                        .props
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_i64()?)))
+                        .collect(),
+                };
+                let added = engine::add(self, cpu).await?;
+                change.added.push(added.id);
+            }
+            let running = self.client().execute(&QueryStatus).await?.running;
+            if running {
+                let deadline = Instant::now() + self.unplug_policy().deadline;
+                let wait = tracing::debug_span!("step", name = "wait ACPI_DEVICE_OST");
+                let confirmed = acknowledged(&mut events, &change.added, deadline)
+                    .instrument(wait)
+                    .await;
+                change.unconfirmed = change
+                    .added
+                    .iter()
+                    .filter(|id| !confirmed.contains(*id))
+                    .cloned()
+                    .collect();
+            }
+        }
+        // Highest first, only what the SDK added (QEMU cannot remove `-smp` vCPUs).
+        for id in ours
+            .iter()
+            .rev()
+            .take(plugged.saturating_sub(count) as usize)
+        {
+            engine::remove(self, id, state::Kind::Vcpu).await?;
+            change.removed.push(id.clone());
+        }
+        tracing::info!(?change, "vCPUs set");
+        Ok(change)
+    }
+}
+
+/// A slot's place in the topology: socket, die, module, core, thread.
+fn slot_order(slot: &HotpluggableCpu) -> Vec<i64> {
+    [
+        "socket-id",
+        "die-id",
+        "cluster-id",
+        "module-id",
+        "core-id",
+        "thread-id",
+    ]
+    .iter()
+    .map(|k| slot.props.get(*k).and_then(|v| v.as_i64()).unwrap_or(0))
+    .collect()
+}
+
+/// Waits until `deadline` for the guest's ACPI acknowledgement of each of `ids`; returns those
+/// acknowledged.
+async fn acknowledged(
+    events: &mut EventStream,
+    ids: &[String],
+    deadline: Instant,
+) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    let wait = async {
+        while seen.len() < ids.len() {
+            let Some(item) = events.next().await else {
+                return;
+            };
+            let Ok(event) = item else { continue };
+            if let EventKind::AcpiDeviceOst(ost) = event.kind() {
+                let info = &ost.info;
+                if info.source == OST_INSERTION && info.status == 0 {
+                    if let Some(id) = info.device.as_ref().filter(|d| ids.contains(d)) {
+                        seen.insert(id.clone());
+                    }
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, wait).await;
+    seen
+}

@@ -1,0 +1,240 @@
+//! Memory: DIMMs and virtio-mem devices hot-added and removed on the engine, a virtio-mem device
+//! resized, and the balloon driven.
+//!
+//! Before a memory device is sent, `query-memory-devices` says whether it fits: a DIMM needs a
+//! free memory slot, and every device takes its whole backend's size of `maxmem` (boot memory
+//! included). A virtio-mem resize sets `requested-size` and follows `MEMORY_DEVICE_SIZE_CHANGE`
+//! until the guest has plugged what was asked, or the deadline; what the guest actually plugged
+//! is what the call returns.
+
+use futures::StreamExt;
+use qhotplug_cmdline::{Balloon, MemoryDevice, MemoryDeviceKind, MIB};
+use qhotplug_qmp::command::{self, MemoryDeviceInfo, QomSet, QueryBalloon, QueryMemoryDevices};
+use qhotplug_qmp::{EventKind, EventStream};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::engine;
+use crate::error::{Error, Result};
+use crate::kinds::Kind;
+use crate::state::{self, Device};
+use crate::vm::Vm;
+use crate::{BalloonConfig, MemoryConfig};
+
+impl Vm {
+    /// Hot-adds a memory device: its backend (`object-add`), then the device. A DIMM with no
+    /// memory slot left is [`Error::NoFreeSlot`], a device that would take the VM over `maxmem`
+    /// is [`Error::OverMaxMemory`], both from `query-memory-devices` before anything is sent. The
+    /// guest onlines the new memory (with `memhp_default_state=online_movable` on its kernel
+    /// command line, as movable memory it can give back).
+    pub async fn add_memory(&self, config: MemoryConfig) -> Result<MemoryDevice> {
+        let span = tracing::info_span!("hotplug", op = "add_memory", id = %config.id());
+        async {
+            self.require(MemoryConfig::OPERATION, MemoryConfig::COMMANDS)
+                .await?;
+            self.check_fits(&config).await?;
+            let device = engine::add(self, config).await?;
+            tracing::info!(
+                size = device.size(),
+                driver = device.driver(),
+                "memory added"
+            );
+            Ok(device)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Hot-removes a memory device: `device_del`, wait for the guest to let it go, then its
+    /// backend (`object-del`). A guest that cannot give the memory back (onlined as normal memory,
+    /// or in use) refuses: [`Error::UnplugRejected`] as soon as QEMU says so (ACPI `_OST` 0x82 for
+    /// a DIMM), and the device and its backend stay.
+    pub async fn remove_memory(&self, id: &str) -> Result<()> {
+        let span = tracing::info_span!("hotplug", op = "remove_memory", id);
+        engine::remove(self, id, state::Kind::Memory)
+            .instrument(span)
+            .await
+    }
+
+    /// Asks the guest to plug `requested` bytes of virtio-mem device `id` (grow or shrink), and
+    /// waits, by the handle's unplug deadline, for `MEMORY_DEVICE_SIZE_CHANGE` to say it did.
+    /// Returns what the guest has plugged then, which may fall short of `requested` (the guest
+    /// could not free enough, or is slow). `requested` must be a multiple of the device's block
+    /// size and at most its size ([`Error::InvalidSize`]).
+    pub async fn resize_virtio_mem(&self, id: &str, requested: u64) -> Result<u64> {
+        let span = tracing::info_span!("hotplug", op = "resize_virtio_mem", id);
+        self.resize_vmem(id, requested).instrument(span).await
+    }
+
+    async fn resize_vmem(&self, id: &str, requested: u64) -> Result<u64> {
+        self.require("virtio-mem resize", &["qom-set", "query-memory-devices"])
+            .await?;
+        let Device::Memory(MemoryDevice {
+            kind: MemoryDeviceKind::VirtioMem { .. },
+            ..
+        }) = self.idle_device(id, state::Kind::Memory)?
+        else {
+            return Err(Error::NotFound {
+                kind: "virtio-mem device",
+                id: id.to_owned(),
+            });
+        };
+        let info = self.virtio_mem(id).await?;
+        if requested > info.max_size || requested % info.block_size != 0 {
+            return Err(Error::InvalidSize {
+                id: id.to_owned(),
+                size: requested,
+            });
+        }
+        let mut events = self.client().events();
+        let set = QomSet {
+            path: format!("/machine/peripheral/{id}"),
+            property: "requested-size".into(),
+            value: requested.into(),
+        };
+        let step = tracing::debug_span!("step", name = "qom-set", id);
+        self.client().execute(&set).instrument(step).await?;
+        {
+            let mut state = self.inner().state();
+            let found = state.spec.memory_devices.iter_mut().find(|m| m.id == id);
+            if let Some(MemoryDeviceKind::VirtioMem { requested: r, .. }) =
+                found.map(|m| &mut m.kind)
+            {
+                *r = requested;
+            }
+        }
+        if info.size != requested {
+            let deadline = Instant::now() + self.unplug_policy().deadline;
+            let wait = tracing::debug_span!("step", name = "wait MEMORY_DEVICE_SIZE_CHANGE", id);
+            size_reached(&mut events, id, requested, deadline)
+                .instrument(wait)
+                .await;
+        }
+        let plugged = self.virtio_mem(id).await?.size;
+        tracing::info!(requested, plugged, "virtio-mem resized");
+        Ok(plugged)
+    }
+
+    async fn virtio_mem(&self, id: &str) -> Result<command::VirtioMemInfo> {
+        let devices = self.client().execute(&QueryMemoryDevices).await?;
+        devices
+            .into_iter()
+            .find_map(|d| match d {
+                MemoryDeviceInfo::VirtioMem(v) if v.id.as_deref() == Some(id) => Some(v),
+                _ => None,
+            })
+            .ok_or_else(|| Error::NotFound {
+                kind: "virtio-mem device",
+                id: id.to_owned(),
+            })
+    }
+
+    /// Whether `config` fits: a free memory slot for a DIMM, and room under `maxmem`.
+    async fn check_fits(&self, config: &MemoryConfig) -> Result<()> {
+        let (boot, max, slots) = {
+            let state = self.inner().state();
+            let s = &state.spec;
+            (s.memory_mib * MIB, s.max_memory_mib, s.memory_slots)
+        };
+        let Some(max) = max else {
+            return Err(Error::OverMaxMemory {
+                id: config.id().to_owned(),
+                size: config.size(),
+                free: 0,
+            });
+        };
+        let devices = self.client().execute(&QueryMemoryDevices).await?;
+        let dimms = devices
+            .iter()
+            .filter(|d| matches!(d, MemoryDeviceInfo::Dimm(_) | MemoryDeviceInfo::Nvdimm(_)))
+            .count();
+        if config.is_dimm() && dimms >= slots as usize {
+            return Err(Error::NoFreeSlot {
+                bus: format!("memory slots ({slots})"),
+            });
+        }
+        let used: u64 = devices
+            .iter()
+            .map(|d| match d {
+                MemoryDeviceInfo::Dimm(d) | MemoryDeviceInfo::Nvdimm(d) => d.size,
+                MemoryDeviceInfo::VirtioMem(v) => v.max_size,
+                MemoryDeviceInfo::Other => 0,
+            })
+            .sum();
+        let free = (max * MIB).saturating_sub(boot + used);
+        if config.size() > free {
+            return Err(Error::OverMaxMemory {
+                id: config.id().to_owned(),
+                size: config.size(),
+                free,
+            });
+        }
+        Ok(())
+    }
+
+    /// Hot-adds a `virtio-balloon-pci`. Drive it with [`set_balloon`](Vm::set_balloon).
+    pub async fn add_balloon(&self, config: BalloonConfig) -> Result<Balloon> {
+        let span = tracing::info_span!("hotplug", op = "add_balloon", id = %config.id());
+        engine::add(self, config).instrument(span).await
+    }
+
+    /// Hot-removes the balloon.
+    pub async fn remove_balloon(&self, id: &str) -> Result<()> {
+        let span = tracing::info_span!("hotplug", op = "remove_balloon", id);
+        engine::remove(self, id, state::Kind::Balloon)
+            .instrument(span)
+            .await
+    }
+
+    /// Asks the guest's balloon driver to bring the guest's memory to `target` bytes (`balloon`).
+    /// The guest gives memory back at its own pace: follow [`balloon_actual`](Vm::balloon_actual)
+    /// or `BALLOON_CHANGE` events.
+    pub async fn set_balloon(&self, target: u64) -> Result<()> {
+        let span = tracing::info_span!("hotplug", op = "set_balloon", target);
+        async {
+            self.require("the balloon", &["balloon"]).await?;
+            if self.inner().state().spec.balloon.is_none() {
+                return Err(Error::NotFound {
+                    kind: "balloon",
+                    id: String::new(),
+                });
+            }
+            let value = i64::try_from(target).ok().filter(|v| *v > 0);
+            let Some(value) = value else {
+                return Err(Error::InvalidSize {
+                    id: "balloon".into(),
+                    size: target,
+                });
+            };
+            let step = tracing::debug_span!("step", name = "balloon");
+            self.client()
+                .execute(&command::Balloon { value })
+                .instrument(step)
+                .await?;
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The guest's memory as the balloon leaves it, in bytes (`query-balloon`).
+    pub async fn balloon_actual(&self) -> Result<u64> {
+        Ok(self.client().execute(&QueryBalloon).await?.actual)
+    }
+}
+
+/// Waits until `deadline` for virtio-mem device `id` to report `size` plugged.
+async fn size_reached(events: &mut EventStream, id: &str, size: u64, deadline: Instant) {
+    let wait = async {
+        while let Some(item) = events.next().await {
+            if let Ok(event) = item {
+                if let EventKind::MemoryDeviceSizeChange(c) = event.kind() {
+                    if c.id.as_deref() == Some(id) && c.size == size {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, wait).await;
+}
