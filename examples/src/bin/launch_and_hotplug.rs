@@ -1,5 +1,5 @@
 //! The demo: boots a small Linux guest under QEMU, hot-adds a disk and a two-queue NIC, grows the
-//! disk online, changes the medium in its CD-ROM drive, shows what the guest sees (from its serial console) and the QMP events as they
+//! disk online, changes the medium in its CD-ROM drive, adds a vCPU and a DIMM, shows what the guest sees (from its serial console) and the QMP events as they
 //! arrive, removes both, and ends with how long each step took. Exits non-zero if any step fails.
 //!
 //! Run it with `scripts/demo` (installs QEMU and builds the guest image when missing), or
@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use qhotplug::{Cdrom, DiskConfig, IdeAddr, NicConfig, Vm};
+use qhotplug::{Cdrom, CpuTopology, DiskConfig, IdeAddr, MemoryConfig, NicConfig, Vm, MIB};
 use qhotplug_cmdline::{Launcher, Machine, VmSpec};
 use qhotplug_netdev::{MacAddr, TapBuilder};
 use qhotplug_tests::guest::{boot_spec, image, Console};
@@ -144,6 +144,9 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     let console_path = dir.path().join("console.sock");
     let mut spec = VmSpec::new("qhotplug-demo", Machine::Pc);
     spec.smp = 2; // the guest's virtio-net uses as many queue pairs as it has vCPUs
+    spec.cpu_topology = Some(CpuTopology::max(4)); // room for hot-plugged vCPUs
+    spec.memory_slots = 2; // and for DIMMs, up to 1 GiB in all
+    spec.max_memory_mib = Some(1024);
     boot_spec(&mut spec, console_path.clone());
     // An IDE CD-ROM drive (the guest's sr0) holding a first ISO.
     let tools_1 = qhotplug_tests::iso(dir.path(), "tools-1.iso", "VERSION", "tools 1\n");
@@ -232,6 +235,37 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     guest_says(&console, read_cd, "tools 2").await?;
     println!("guest   /dev/sr0 holds VERSION = tools 2");
     table.row("guest reads the new CD", start.elapsed());
+
+    println!("== vCPUs: 2 → 3 (the guest onlines the new one itself)");
+    let start = Instant::now();
+    let change = vm.set_vcpus(3).await?;
+    table.steps_from(timings);
+    println!(
+        "sdk     added {:?}, acknowledged by the guest's ACPI: {}",
+        change.added,
+        change.unconfirmed.is_empty()
+    );
+    let online = "echo 1 > /sys/devices/system/cpu/cpu2/online; cat /sys/devices/system/cpu/online";
+    guest_says(&console, online, "0-2").await?;
+    println!("guest   /sys/devices/system/cpu/online = 0-2");
+    table.row("guest runs on 3 vCPUs", start.elapsed());
+
+    println!("== memory: a 128 MiB DIMM (onlined as movable memory by the guest)");
+    let meminfo = "grep MemTotal /proc/meminfo";
+    let before = console.run(meminfo, SEEN).await.join(" ");
+    let start = Instant::now();
+    vm.add_memory(MemoryConfig::dimm("dimm-1", 128 * MIB))
+        .await?;
+    table.steps_from(timings);
+    let kib: u64 = before
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .ok_or("no MemTotal")?;
+    let want = format!("MemTotal:         {} kB", kib + 128 * 1024);
+    guest_says(&console, meminfo, &want).await?;
+    println!("guest   {before} → {want}");
+    table.row("guest sees the DIMM", start.elapsed());
 
     println!("== hot-adding a two-queue virtio-net NIC on a tap");
     let tap = TapBuilder::new("qhdemo%d").queues(2).up(true).create()?;
