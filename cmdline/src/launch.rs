@@ -60,13 +60,15 @@ pub enum Monitor {
     Path(PathBuf),
 }
 
-/// A running QEMU. Dropping it kills the process and reaps it without blocking the runtime
-/// thread: a task on the current tokio runtime waits for the exit (on a pidfd) and reaps it.
+/// A running QEMU (or another process the SDK launched: `qemu-storage-daemon`, `virtiofsd`).
+/// Dropping it kills the process and reaps it without blocking the runtime thread: a task on the
+/// current tokio runtime waits for the exit (on a pidfd) and reaps it.
 #[derive(Debug)]
 pub struct QemuProcess {
     exit: Option<Exit>,
     dir: PathBuf,
     qmp_path: PathBuf,
+    stderr_path: PathBuf,
 }
 
 /// The child and a pidfd that becomes readable when it exits.
@@ -232,57 +234,91 @@ impl Launcher {
         }
         let args = self.spec.args(&chardev, |i| nic_numbers[i].clone());
 
-        let stderr_path = self.dir.join("qemu.stderr");
-        let mut command = Command::new(&self.binary);
-        command
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr_path)?);
-        crate::sys::inherit_fds(&mut command, fds)?;
         tracing::debug!(binary = %self.binary, ?args, "launching QEMU");
-        let child = command.spawn().map_err(|source| Error::Spawn {
-            program: self.binary.clone(),
-            source,
-        })?;
-        // Our copies of the fds were moved into `command`; drop it so they close now.
-        drop(command);
-        let pidfd = crate::sys::pidfd(child.id());
-        let pidfd = match pidfd {
-            Ok(pidfd) => pidfd,
-            Err(e) => {
-                let mut child = child;
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e.into());
-            }
-        };
-        let mut process = QemuProcess {
-            exit: Some(Exit { child, pidfd }),
-            dir: self.dir.clone(),
-            qmp_path: qmp_path.clone(),
-        };
+        let mut process = spawn(&self.binary, &args, fds, &self.dir, "qemu.stderr")?;
+        process.set_qmp_path(qmp_path);
+        let client = connect(&mut process, self.config.clone(), self.start_timeout).await?;
+        Ok((client, process))
+    }
+}
 
-        let config = self.config.clone().connect_timeout(self.start_timeout);
-        let start = tokio::select! {
-            client = config.connect(&qmp_path) => Ok(client),
-            status = process.wait() => Err(status?),
-        };
-        match start {
-            Ok(Ok(client)) => Ok((client, process)),
-            Err(status) => Err(Error::Exited {
-                status,
-                stderr: process.stderr(),
-            }),
-            Ok(Err(e)) => {
-                // A closed monitor usually means QEMU is exiting: report its own words.
-                match tokio::time::timeout(Duration::from_secs(2), process.wait()).await {
-                    Ok(Ok(status)) => Err(Error::Exited {
-                        status,
-                        stderr: process.stderr(),
-                    }),
-                    _ => Err(e.into()),
-                }
+/// Starts `binary` with `args`, `fds` at 3, 4, … (everything else of ours closed in the child),
+/// stdin and stdout on `/dev/null` and stderr in `dir/log`; returns its guard.
+pub(crate) fn spawn(
+    binary: &str,
+    args: &[String],
+    fds: Vec<OwnedFd>,
+    dir: &Path,
+    log: &str,
+) -> Result<QemuProcess> {
+    std::fs::create_dir_all(dir)?;
+    let stderr_path = dir.join(log);
+    let mut command = Command::new(binary);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path)?);
+    crate::sys::inherit_fds(&mut command, fds)?;
+    let child = command.spawn().map_err(|source| Error::Spawn {
+        program: binary.to_owned(),
+        source,
+    })?;
+    // Our copies of the fds were moved into `command`; drop it so they close now.
+    drop(command);
+    let pidfd = match crate::sys::pidfd(child.id()) {
+        Ok(pidfd) => pidfd,
+        Err(e) => {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.into());
+        }
+    };
+    Ok(QemuProcess {
+        exit: Some(Exit { child, pidfd }),
+        dir: dir.to_owned(),
+        qmp_path: PathBuf::new(),
+        stderr_path,
+    })
+}
+
+/// Connects a QMP client to `process`'s monitor (its `qmp_path`) within `timeout`; if the process
+/// exits first, or the monitor closes as it exits, the error carries what it wrote to stderr.
+pub(crate) async fn connect(
+    process: &mut QemuProcess,
+    config: Config,
+    timeout: Duration,
+) -> Result<Client> {
+    let qmp_path = process.qmp_path.clone();
+    let config = config.connect_timeout(timeout);
+    handshake_or_exit(process, config.connect(&qmp_path)).await
+}
+
+/// Runs `handshake`, unless `process` exits first; a failed handshake of a process that is exiting
+/// reports the process's own words.
+pub(crate) async fn handshake_or_exit(
+    process: &mut QemuProcess,
+    handshake: impl std::future::Future<Output = qhotplug_qmp::Result<Client>>,
+) -> Result<Client> {
+    let start = tokio::select! {
+        client = handshake => Ok(client),
+        status = process.wait() => Err(status?),
+    };
+    match start {
+        Ok(Ok(client)) => Ok(client),
+        Err(status) => Err(Error::Exited {
+            status,
+            stderr: process.stderr(),
+        }),
+        Ok(Err(e)) => {
+            // A closed monitor usually means the process is exiting: report its own words.
+            match tokio::time::timeout(Duration::from_secs(2), process.wait()).await {
+                Ok(Ok(status)) => Err(Error::Exited {
+                    status,
+                    stderr: process.stderr(),
+                }),
+                _ => Err(e.into()),
             }
         }
     }
@@ -293,12 +329,16 @@ impl QemuProcess {
         self.exit.as_mut().expect("only Drop takes it")
     }
 
-    /// QEMU's process id.
+    /// The process id.
     pub fn pid(&self) -> u32 {
         self.exit.as_ref().expect("only Drop takes it").child.id()
     }
 
-    /// The monitor socket's path (one client at a time).
+    pub(crate) fn set_qmp_path(&mut self, path: PathBuf) {
+        self.qmp_path = path;
+    }
+
+    /// The monitor socket's path (one client at a time; empty for a process without one).
     pub fn qmp_path(&self) -> PathBuf {
         self.qmp_path.clone()
     }
@@ -308,9 +348,9 @@ impl QemuProcess {
         &self.dir
     }
 
-    /// What QEMU wrote to stderr so far.
+    /// What the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
-        std::fs::read_to_string(self.dir.join("qemu.stderr"))
+        std::fs::read_to_string(&self.stderr_path)
             .unwrap_or_default()
             .trim()
             .to_owned()

@@ -19,18 +19,25 @@
 #![warn(missing_docs)]
 
 mod cdrom;
+mod chardev;
 mod cpu;
+mod daemons;
 mod device;
 mod error;
 mod launch;
 mod memory;
 pub mod names;
+mod rng;
 mod spec;
 mod sys;
 pub mod value;
+mod vhost_user;
+mod virtio_serial;
 
 pub use cdrom::{Cdrom, CdromBus, IdeAddr};
+pub use chardev::SocketChardev;
 pub use cpu::{CpuTopology, Vcpu};
+pub use daemons::{StorageDaemonLauncher, VirtiofsdLauncher, STORAGE_DAEMON_ENV, VIRTIOFSD_ENV};
 pub use device::{
     props_to_json, Cache, Disk, DiskBackend, DiskFrontend, Format, Nic, Pci, Props, RootPort,
     ScsiAddr, ScsiController,
@@ -38,5 +45,8 @@ pub use device::{
 pub use error::{Error, Result};
 pub use launch::{Launcher, Monitor, QemuProcess, QEMU_ENV};
 pub use memory::{Balloon, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, MIB};
+pub use rng::Rng;
 pub use spec::{Accel, Machine, Serial, VmSpec, Vnc, VncListen};
 pub use value::{escape, ganeti_id, validate_id, Prop};
+pub use vhost_user::{VhostUserBlk, VirtioFs};
+pub use virtio_serial::{SerialPort, VirtioSerial};

@@ -56,6 +56,16 @@ pub fn memdev(id: &str) -> String {
     format!("{id}-mem")
 }
 
+/// The chardev of device `id` (a vhost-user device's, a serial port's).
+pub fn chardev(id: &str) -> String {
+    format!("{id}-chr")
+}
+
+/// The `rng-random` object of virtio RNG `id`.
+pub fn rng(id: &str) -> String {
+    format!("{id}-rng")
+}
+
 /// The netdev of NIC `id`.
 pub fn netdev(id: &str) -> String {
     format!("{id}-net")
@@ -77,13 +87,14 @@ pub fn fdset_tag(id: &str) -> String {
     format!("qhotplug:{id}")
 }
 
-/// Every netdev and QOM object a hot-add of device `id` may create, whatever its kind: what
+/// Every netdev, QOM object and chardev a hot-add of device `id` may create, whatever its kind: what
 /// `reconcile` looks for after a hot-add that could not finish. (Block nodes are found by name among QEMU's:
 /// [`is_block_node_of`].)
 pub fn backends(id: &str) -> Backends {
     Backends {
         netdevs: vec![netdev(id)],
-        objects: vec![memdev(id)],
+        objects: vec![memdev(id), rng(id)],
+        chardevs: vec![chardev(id)],
     }
 }
 
@@ -94,6 +105,8 @@ pub struct Backends {
     pub netdevs: Vec<String>,
     /// QOM objects (under `/objects`).
     pub objects: Vec<String>,
+    /// Chardevs.
+    pub chardevs: Vec<String>,
 }
 
 #[cfg(test)]

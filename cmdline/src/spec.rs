@@ -8,7 +8,10 @@ use crate::cpu::{CpuTopology, Vcpu};
 use crate::device::{Disk, DiskFrontend, Nic, RootPort, ScsiController};
 use crate::error::{Error, Result};
 use crate::memory::{Balloon, MemoryBackend, MemoryDevice, MemoryDeviceKind, MIB};
+use crate::rng::Rng;
 use crate::value::{escape, validate_id};
+use crate::vhost_user::{VhostUserBlk, VirtioFs};
+use crate::virtio_serial::{SerialPort, VirtioSerial};
 
 /// The machine type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -118,6 +121,16 @@ pub struct VmSpec {
     pub memory_devices: Vec<MemoryDevice>,
     /// A memory balloon.
     pub balloon: Option<Balloon>,
+    /// vhost-user disks (they need shared memory: `memory_backend` with `share`).
+    pub vhost_user_blks: Vec<VhostUserBlk>,
+    /// virtio-fs shares (they need shared memory too).
+    pub virtio_fs: Vec<VirtioFs>,
+    /// virtio-serial controllers.
+    pub virtio_serials: Vec<VirtioSerial>,
+    /// virtio-serial ports, on those controllers.
+    pub serial_ports: Vec<SerialPort>,
+    /// virtio RNGs.
+    pub rngs: Vec<Rng>,
     /// Direct kernel boot: kernel image.
     pub kernel: Option<PathBuf>,
     /// Direct kernel boot: initrd.
@@ -255,6 +268,7 @@ impl VmSpec {
         }
         self.validate_cpus(&mut unique)?;
         self.validate_memory(&mut unique, &mut pci)?;
+        self.validate_virtio(&mut unique, &mut pci)?;
         Ok(())
     }
 
@@ -338,6 +352,59 @@ impl VmSpec {
             b.pci.check()?;
             if !pci.insert(b.pci.clone()) {
                 return Err(Error::InvalidSpec(format!("{}: PCI address taken", b.id)));
+            }
+        }
+        Ok(())
+    }
+
+    /// True when guest memory is shared (a `memory_backend` with `share`), as vhost-user backends
+    /// need: they map it.
+    pub fn has_shared_memory(&self) -> bool {
+        self.memory_backend.as_ref().is_some_and(|b| b.share)
+    }
+
+    fn validate_virtio(
+        &self,
+        unique: &mut impl FnMut(&str) -> Result<()>,
+        pci: &mut HashSet<crate::device::Pci>,
+    ) -> Result<()> {
+        let mut place = |id: &str, at: &crate::device::Pci| -> Result<()> {
+            unique(id)?;
+            if !pci.insert(at.clone()) {
+                return Err(Error::InvalidSpec(format!("{id}: PCI address taken")));
+            }
+            Ok(())
+        };
+        let vhost_user = !self.vhost_user_blks.is_empty() || !self.virtio_fs.is_empty();
+        if vhost_user && !self.has_shared_memory() {
+            return Err(Error::InvalidSpec(
+                "vhost-user devices need shared guest memory (memory_backend with share)".into(),
+            ));
+        }
+        for d in &self.vhost_user_blks {
+            d.check()?;
+            place(&d.id, &d.pci)?;
+        }
+        for d in &self.virtio_fs {
+            d.check()?;
+            place(&d.id, &d.pci)?;
+        }
+        for d in &self.virtio_serials {
+            place(&d.id, &d.pci)?;
+        }
+        for d in &self.rngs {
+            d.check()?;
+            place(&d.id, &d.pci)?;
+        }
+        let buses: HashSet<String> = self.virtio_serials.iter().map(|c| c.bus()).collect();
+        for port in &self.serial_ports {
+            port.check()?;
+            unique(&port.id)?;
+            if !buses.contains(&port.bus) {
+                return Err(Error::InvalidSpec(format!(
+                    "{}: no virtio-serial controller with bus {}",
+                    port.id, port.bus
+                )));
             }
         }
         Ok(())
@@ -462,6 +529,21 @@ impl VmSpec {
         }
         if let Some(b) = &self.balloon {
             a.extend(b.args());
+        }
+        for d in &self.vhost_user_blks {
+            a.extend(d.args());
+        }
+        for d in &self.virtio_fs {
+            a.extend(d.args());
+        }
+        for d in &self.virtio_serials {
+            a.extend(d.args());
+        }
+        for d in &self.serial_ports {
+            a.extend(d.args());
+        }
+        for d in &self.rngs {
+            a.extend(d.args());
         }
         for (i, n) in self.nics.iter().enumerate() {
             let (taps, vhosts) = nic_fds(i);

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use qhotplug_qmp::command::{
-    BlockdevCloseTray, BlockdevDel, BlockdevInsertMedium, BlockdevRemoveMedium, Closefd, NetdevDel,
-    ObjectDel, QueryFdsets, RemoveFd,
+    BlockdevCloseTray, BlockdevDel, BlockdevInsertMedium, BlockdevRemoveMedium, ChardevRemove,
+    Closefd, NetdevDel, ObjectDel, QueryFdsets, RemoveFd,
 };
 use qhotplug_qmp::Client;
 
@@ -33,6 +33,8 @@ pub(crate) enum Delete {
     Device(String),
     /// A QOM object made with `object-add` (`object-del`).
     Object(String),
+    /// A chardev (`chardev-remove`).
+    Chardev(String),
     /// The medium in drive `device` (`blockdev-remove-medium`; an empty drive counts as done).
     Medium(String),
     /// Medium `node` back into drive `device` (`blockdev-insert-medium`): the undo of taking it
@@ -52,6 +54,7 @@ impl std::fmt::Display for Delete {
             Delete::Netdev(id) => write!(f, "netdev_del {id}"),
             Delete::Device(id) => write!(f, "device_del {id}"),
             Delete::Object(id) => write!(f, "object-del {id}"),
+            Delete::Chardev(id) => write!(f, "chardev-remove {id}"),
             Delete::Medium(id) => write!(f, "blockdev-remove-medium {id}"),
             Delete::Reinsert { device, node } => {
                 write!(f, "blockdev-insert-medium {device} {node}")
@@ -80,6 +83,7 @@ impl Delete {
             Delete::Netdev(_) => "netdev_del",
             Delete::Device(_) => "device_del",
             Delete::Object(_) => "object-del",
+            Delete::Chardev(_) => "chardev-remove",
             Delete::Medium(_) => "blockdev-remove-medium",
             Delete::Reinsert { .. } => "blockdev-insert-medium",
             Delete::CloseTray(_) => "blockdev-close-tray",
@@ -142,6 +146,10 @@ impl Delete {
                 .map(drop),
             Delete::Object(id) => client
                 .execute(&ObjectDel { id: id.clone() })
+                .await
+                .map(drop),
+            Delete::Chardev(id) => client
+                .execute(&ChardevRemove { id: id.clone() })
                 .await
                 .map(drop),
             Delete::Medium(id) => client

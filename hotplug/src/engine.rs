@@ -96,6 +96,11 @@ pub(crate) async fn run_backends<H: Hold>(
                 txn.step("object-add", Some(undo), client.execute(&add))
                     .await?;
             }
+            Backend::Chardev(add) => {
+                let undo = Delete::Chardev(add.id.clone());
+                txn.step("chardev-add", Some(undo), client.execute(&add))
+                    .await?;
+            }
             Backend::Netdev(add) => {
                 let undo = Delete::Netdev(add.id.clone());
                 txn.step("netdev_add", Some(undo), client.execute(&add))

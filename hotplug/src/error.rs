@@ -202,6 +202,11 @@ pub enum Error {
         /// What is left under `maxmem`, in bytes.
         free: u64,
     },
+    /// A vhost-user device was asked for on a VM whose memory is not shared: its backend could
+    /// not map it. Launch the VM with a shared `memory_backend` (a memfd or file, `share`).
+    /// Nothing was sent to QEMU.
+    #[error("{0:?} needs shared guest memory (VmSpec::memory_backend with share)")]
+    NeedsSharedMemory(String),
     /// The QEMU process could not be started.
     #[error("launching QEMU: {0}")]
     Launch(qhotplug_cmdline::Error),

@@ -1,5 +1,6 @@
-//! Hot-plug disks, NICs, CD-ROM drives, vCPUs, memory (DIMMs, virtio-mem) and a balloon into
-//! running QEMU guests over QMP, as transactions with rollback, and change what is plugged (a
+//! Hot-plug disks, NICs, CD-ROM drives, vCPUs, memory (DIMMs, virtio-mem), a balloon, vhost-user
+//! disks (served by `qemu-storage-daemon`, which [`StorageDaemon`] drives), virtio-fs shares,
+//! virtio-serial ports and RNGs into running QEMU guests over QMP, as transactions with rollback, and change what is plugged (a
 //! disk's size and I/O limits, a NIC's link, a CD-ROM's medium, a virtio-mem device's size) while
 //! the guest runs.
 //!
@@ -71,8 +72,8 @@
 //!
 //! | span | fields | what it covers |
 //! |---|---|---|
-//! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `add_memory`, `add_balloon`, `remove_disk`, `remove_nic`, `remove_cdrom`, `remove_memory`, `remove_balloon`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`, `set_vcpus`, `resize_virtio_mem`, `set_balloon`), `id` | one public operation |
-//! | `step` | `name` (the QMP command, or `wait DEVICE_DELETED`, `wait DEVICE_TRAY_MOVED`, `wait ACPI_DEVICE_OST`, `wait MEMORY_DEVICE_SIZE_CHANGE`), `id`; `press` on `device_del` | one step of a hot-add, hot-remove or change; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
+//! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `add_memory`, `add_balloon`, `remove_disk`, `remove_nic`, `remove_cdrom`, `remove_memory`, `remove_balloon`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`, `set_vcpus`, `resize_virtio_mem`, `set_balloon`, `add_vhost_user_blk`, `add_virtio_fs`, `add_virtio_serial`, `add_serial_port`, `add_rng` and their `remove_*`; on a `StorageDaemon`: `export`, `unexport`), `id` | one public operation |
+//! | `step` | `name` (the QMP command, or `wait DEVICE_DELETED`, `wait DEVICE_TRAY_MOVED`, `wait ACPI_DEVICE_OST`, `wait MEMORY_DEVICE_SIZE_CHANGE`, `wait BLOCK_EXPORT_DELETED`), `id`; `press` on `device_del` | one step of a hot-add, hot-remove or change; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
 //! | `undo` | `step` (for example `blockdev-del d1-fmt`) | one undo step of a rollback |
 //! | `rollback` | `id`, `reason` | the background rollback of a dropped hot-add or change |
 //! | `qmp` | `command`, `id` (`exec-oob` and in-band ids) | one QMP command (from `qhotplug-qmp`) |
@@ -90,8 +91,10 @@ pub mod qemu_errors;
 mod reconcile;
 mod slots;
 mod state;
+mod storage_daemon;
 mod transaction;
 mod unplug;
+mod virtio_devices;
 mod vm;
 
 pub use cpus::VcpuChange;
@@ -101,8 +104,12 @@ pub use kinds::cdrom::CdromConfig;
 pub use kinds::disk::{DiskConfig, DiskModel};
 pub use kinds::memory::MemoryConfig;
 pub use kinds::nic::NicConfig;
+pub use kinds::rng::RngConfig;
+pub use kinds::vhost_user::{VhostUserBlkConfig, VirtioFsConfig};
+pub use kinds::virtio_serial::{SerialPortConfig, VirtioSerialConfig};
 pub use medium::{MediumOptions, TrayStatus};
 pub use reconcile::Reconciled;
+pub use storage_daemon::StorageDaemon;
 pub use unplug::{UnplugPolicy, DEFAULT_UNPLUG_DEADLINE};
 pub use vm::{Vm, MIN_QEMU};
 
@@ -113,8 +120,9 @@ pub use qhotplug_qmp as qmp;
 // What a hot-plug needs from the other crates, so `qhotplug::…` is the one import path.
 pub use qhotplug_cmdline::{
     Balloon, Cache, Cdrom, CdromBus, CpuTopology, Disk, DiskFrontend, Format, IdeAddr, Launcher,
-    Machine, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Monitor, Nic, Pci,
-    RootPort, ScsiAddr, ScsiController, Serial, Vcpu, VmSpec, Vnc, VncListen, MIB,
+    Machine, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Monitor, Nic, Pci, Rng,
+    RootPort, ScsiAddr, ScsiController, Serial, SerialPort, StorageDaemonLauncher, Vcpu,
+    VhostUserBlk, VirtioFs, VirtioSerial, VirtiofsdLauncher, VmSpec, Vnc, VncListen, MIB,
 };
 pub use qhotplug_netdev::{MacAddr, Tap, TapBuilder, VhostPolicy};
 pub use qhotplug_qmp::command::IoLimits;

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashSet};
 
 use qhotplug_cmdline::names;
-use qhotplug_qmp::command::{QomList, QueryFdsets, QueryNamedBlockNodes, QueryPci};
+use qhotplug_qmp::command::{QomList, QueryChardev, QueryFdsets, QueryNamedBlockNodes, QueryPci};
 
 use crate::delete::{Delete, Outcome};
 use crate::discover::scan_peripherals;
@@ -24,8 +24,10 @@ pub struct Reconciled {
     pub netdevs_deleted: Vec<String>,
     /// Fd sets of ours (tagged `qhotplug:<id>`) that no node held, removed.
     pub fdsets_removed: Vec<i64>,
-    /// QOM objects of ours (memory backends) that no device used any more, deleted.
+    /// QOM objects of ours (memory backends, RNG sources) that no device used any more, deleted.
     pub objects_deleted: Vec<String>,
+    /// Chardevs of ours (`<id>-chr`) that no device used any more, removed.
+    pub chardevs_removed: Vec<String>,
 }
 
 /// See [`Vm::reconcile`].
@@ -44,6 +46,12 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
         .filter_map(|n| n.node_name)
         .collect();
     let fdsets = client.execute(&QueryFdsets).await?;
+    let chardevs: HashSet<String> = client
+        .execute(&QueryChardev)
+        .await?
+        .into_iter()
+        .map(|c| c.label)
+        .collect();
     let objects: HashSet<String> = client
         .execute(&QomList {
             path: "/objects".into(),
@@ -137,6 +145,13 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
             .collect();
         steps.extend(backends.netdevs.into_iter().map(Delete::Netdev));
         steps.extend(nodes_of(&nodes, id, &[]));
+        steps.extend(
+            backends
+                .chardevs
+                .into_iter()
+                .filter(|c| chardevs.contains(c))
+                .map(Delete::Chardev),
+        );
         // Objects go after what may use them.
         steps.extend(
             backends
@@ -158,6 +173,7 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
                     Delete::BlockNode(node) => report.nodes_deleted.push(node),
                     Delete::Netdev(netdev) => report.netdevs_deleted.push(netdev),
                     Delete::Object(object) => report.objects_deleted.push(object),
+                    Delete::Chardev(chardev) => report.chardevs_removed.push(chardev),
                     _ => {}
                 },
             }

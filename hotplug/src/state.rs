@@ -9,12 +9,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use qhotplug_cmdline::{
-    Balloon, Cdrom, Disk, MemoryDevice, Nic, Pci, QemuProcess, ScsiAddr, Vcpu, VmSpec,
+    Balloon, Cdrom, Disk, MemoryDevice, Nic, Pci, QemuProcess, Rng, ScsiAddr, SerialPort, Vcpu,
+    VhostUserBlk, VirtioFs, VirtioSerial, VmSpec,
 };
 use qhotplug_qmp::Client;
 
 use crate::delete::Delete;
-use crate::kinds::{self, cdrom, disk, memory, nic};
+use crate::kinds::{self, cdrom, disk, memory, nic, vhost_user};
 use crate::slots::{PciMap, ScsiMap};
 
 /// What every clone of a [`Vm`](crate::Vm) shares.
@@ -64,6 +65,11 @@ pub(crate) enum Kind {
     Vcpu,
     Memory,
     Balloon,
+    VhostUserBlk,
+    VirtioFs,
+    VirtioSerial,
+    SerialPort,
+    Rng,
 }
 
 impl Kind {
@@ -76,6 +82,11 @@ impl Kind {
             Kind::Vcpu => "vCPU",
             Kind::Memory => "memory device",
             Kind::Balloon => "balloon",
+            Kind::VhostUserBlk => "vhost-user disk",
+            Kind::VirtioFs => "virtio-fs share",
+            Kind::VirtioSerial => "virtio-serial controller",
+            Kind::SerialPort => "serial port",
+            Kind::Rng => "RNG",
         }
     }
 
@@ -88,6 +99,11 @@ impl Kind {
             Kind::Vcpu => <Vcpu as kinds::Kind>::OPERATION,
             Kind::Memory => <crate::MemoryConfig as kinds::Kind>::OPERATION,
             Kind::Balloon => <crate::BalloonConfig as kinds::Kind>::OPERATION,
+            Kind::VhostUserBlk => <crate::VhostUserBlkConfig as kinds::Kind>::OPERATION,
+            Kind::VirtioFs => <crate::VirtioFsConfig as kinds::Kind>::OPERATION,
+            Kind::VirtioSerial => <crate::VirtioSerialConfig as kinds::Kind>::OPERATION,
+            Kind::SerialPort => <crate::SerialPortConfig as kinds::Kind>::OPERATION,
+            Kind::Rng => <crate::RngConfig as kinds::Kind>::OPERATION,
         }
     }
 
@@ -100,6 +116,11 @@ impl Kind {
             Kind::Vcpu => <Vcpu as kinds::Kind>::COMMANDS,
             Kind::Memory => <crate::MemoryConfig as kinds::Kind>::COMMANDS,
             Kind::Balloon => <crate::BalloonConfig as kinds::Kind>::COMMANDS,
+            Kind::VhostUserBlk => <crate::VhostUserBlkConfig as kinds::Kind>::COMMANDS,
+            Kind::VirtioFs => <crate::VirtioFsConfig as kinds::Kind>::COMMANDS,
+            Kind::VirtioSerial => <crate::VirtioSerialConfig as kinds::Kind>::COMMANDS,
+            Kind::SerialPort => <crate::SerialPortConfig as kinds::Kind>::COMMANDS,
+            Kind::Rng => <crate::RngConfig as kinds::Kind>::COMMANDS,
         }
     }
 }
@@ -113,6 +134,11 @@ pub(crate) enum Device {
     Vcpu(Vcpu),
     Memory(MemoryDevice),
     Balloon(Balloon),
+    VhostUserBlk(VhostUserBlk),
+    VirtioFs(VirtioFs),
+    VirtioSerial(VirtioSerial),
+    SerialPort(SerialPort),
+    Rng(Rng),
 }
 
 impl Device {
@@ -124,6 +150,11 @@ impl Device {
             Device::Vcpu(_) => Kind::Vcpu,
             Device::Memory(_) => Kind::Memory,
             Device::Balloon(_) => Kind::Balloon,
+            Device::VhostUserBlk(_) => Kind::VhostUserBlk,
+            Device::VirtioFs(_) => Kind::VirtioFs,
+            Device::VirtioSerial(_) => Kind::VirtioSerial,
+            Device::SerialPort(_) => Kind::SerialPort,
+            Device::Rng(_) => Kind::Rng,
         }
     }
 
@@ -135,6 +166,11 @@ impl Device {
             Device::Vcpu(c) => &c.id,
             Device::Memory(m) => &m.id,
             Device::Balloon(b) => &b.id,
+            Device::VhostUserBlk(d) => &d.id,
+            Device::VirtioFs(d) => &d.id,
+            Device::VirtioSerial(d) => &d.id,
+            Device::SerialPort(d) => &d.id,
+            Device::Rng(d) => &d.id,
         }
     }
 
@@ -146,6 +182,11 @@ impl Device {
             Device::Vcpu(_) => Place::Fixed,
             Device::Memory(m) => memory::place(m),
             Device::Balloon(b) => Place::Pci(b.pci.clone()),
+            Device::VhostUserBlk(d) => Place::Pci(d.pci.clone()),
+            Device::VirtioFs(d) => Place::Pci(d.pci.clone()),
+            Device::VirtioSerial(d) => Place::Pci(d.pci.clone()),
+            Device::Rng(d) => Place::Pci(d.pci.clone()),
+            Device::SerialPort(_) => Place::Fixed,
         }
     }
 
@@ -156,7 +197,11 @@ impl Device {
             Device::Nic(n) => nic::teardown(n),
             Device::Cdrom(c) => cdrom::teardown(c),
             Device::Memory(m) => memory::teardown(m),
-            Device::Vcpu(_) | Device::Balloon(_) => Vec::new(),
+            Device::VhostUserBlk(d) => vhost_user::teardown(&d.chardev()),
+            Device::VirtioFs(d) => vhost_user::teardown(&d.chardev()),
+            Device::SerialPort(d) => vhost_user::teardown(&d.chardev()),
+            Device::Rng(d) => vec![Delete::Object(qhotplug_cmdline::names::rng(&d.id))],
+            Device::Vcpu(_) | Device::Balloon(_) | Device::VirtioSerial(_) => Vec::new(),
         }
     }
 }
@@ -231,6 +276,11 @@ impl State {
             .chain(s.vcpus.iter().cloned().map(Device::Vcpu))
             .chain(s.memory_devices.iter().cloned().map(Device::Memory))
             .chain(s.balloon.iter().cloned().map(Device::Balloon))
+            .chain(s.vhost_user_blks.iter().cloned().map(Device::VhostUserBlk))
+            .chain(s.virtio_fs.iter().cloned().map(Device::VirtioFs))
+            .chain(s.virtio_serials.iter().cloned().map(Device::VirtioSerial))
+            .chain(s.serial_ports.iter().cloned().map(Device::SerialPort))
+            .chain(s.rngs.iter().cloned().map(Device::Rng))
             .collect()
     }
 
@@ -252,6 +302,11 @@ impl State {
             .or_else(|| pull(&mut s.cdroms, |c| c.id == id).map(Device::Cdrom))
             .or_else(|| pull(&mut s.vcpus, |c| c.id == id).map(Device::Vcpu))
             .or_else(|| pull(&mut s.memory_devices, |m| m.id == id).map(Device::Memory))
+            .or_else(|| pull(&mut s.vhost_user_blks, |d| d.id == id).map(Device::VhostUserBlk))
+            .or_else(|| pull(&mut s.virtio_fs, |d| d.id == id).map(Device::VirtioFs))
+            .or_else(|| pull(&mut s.virtio_serials, |d| d.id == id).map(Device::VirtioSerial))
+            .or_else(|| pull(&mut s.serial_ports, |d| d.id == id).map(Device::SerialPort))
+            .or_else(|| pull(&mut s.rngs, |d| d.id == id).map(Device::Rng))
             .or_else(|| {
                 let here = s.balloon.as_ref().is_some_and(|b| b.id == id);
                 here.then(|| s.balloon.take())
@@ -292,6 +347,11 @@ impl State {
             Device::Vcpu(c) => self.spec.vcpus.push(c),
             Device::Memory(m) => self.spec.memory_devices.push(m),
             Device::Balloon(b) => self.spec.balloon = Some(b),
+            Device::VhostUserBlk(d) => self.spec.vhost_user_blks.push(d),
+            Device::VirtioFs(d) => self.spec.virtio_fs.push(d),
+            Device::VirtioSerial(d) => self.spec.virtio_serials.push(d),
+            Device::SerialPort(d) => self.spec.serial_ports.push(d),
+            Device::Rng(d) => self.spec.rngs.push(d),
         }
     }
 }

@@ -54,6 +54,9 @@ pub enum EventKind {
     MemoryDeviceSizeChange(MemoryDeviceSizeChange),
     /// `BALLOON_CHANGE`: the guest's memory, as the balloon leaves it, changed.
     BalloonChange(BalloonChange),
+    /// `BLOCK_EXPORT_DELETED` (`qemu-storage-daemon`, QEMU): an export is gone, its clients
+    /// disconnected.
+    BlockExportDeleted(BlockExportDeleted),
     /// Any other event, and any known event whose data does not have the expected shape. Its
     /// data is [`Event::data`], held once.
     Other {
@@ -147,6 +150,13 @@ pub struct BalloonChange {
     pub actual: u64,
 }
 
+/// The data of `BLOCK_EXPORT_DELETED`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct BlockExportDeleted {
+    /// The export's id.
+    pub id: String,
+}
+
 fn typed<T: DeserializeOwned>(data: &Value) -> Option<T> {
     if data.is_null() {
         return None;
@@ -168,6 +178,7 @@ impl Event {
             "DEVICE_TRAY_MOVED" => typed(&data).map(EventKind::DeviceTrayMoved),
             "MEMORY_DEVICE_SIZE_CHANGE" => typed(&data).map(EventKind::MemoryDeviceSizeChange),
             "BALLOON_CHANGE" => typed(&data).map(EventKind::BalloonChange),
+            "BLOCK_EXPORT_DELETED" => typed(&data).map(EventKind::BlockExportDeleted),
             "POWERDOWN" => Some(EventKind::Powerdown),
             "STOP" => Some(EventKind::Stop),
             "RESUME" => Some(EventKind::Resume),
@@ -200,6 +211,7 @@ impl Event {
             EventKind::DeviceTrayMoved(_) => "DEVICE_TRAY_MOVED",
             EventKind::MemoryDeviceSizeChange(_) => "MEMORY_DEVICE_SIZE_CHANGE",
             EventKind::BalloonChange(_) => "BALLOON_CHANGE",
+            EventKind::BlockExportDeleted(_) => "BLOCK_EXPORT_DELETED",
             EventKind::Other { name } => name,
         }
     }

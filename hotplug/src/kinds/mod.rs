@@ -12,7 +12,9 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 
 use qhotplug_cmdline::{Pci, ScsiAddr};
-use qhotplug_qmp::command::{BlockSetIoThrottle, BlockdevAdd, DeviceAdd, NetdevAdd, ObjectAdd};
+use qhotplug_qmp::command::{
+    BlockSetIoThrottle, BlockdevAdd, ChardevAdd, DeviceAdd, NetdevAdd, ObjectAdd,
+};
 
 use crate::error::{Error, Result};
 use crate::state::{Device, Place};
@@ -22,7 +24,10 @@ pub(crate) mod cdrom;
 pub(crate) mod disk;
 pub(crate) mod memory;
 pub(crate) mod nic;
+pub(crate) mod rng;
 pub(crate) mod vcpu;
+pub(crate) mod vhost_user;
+pub(crate) mod virtio_serial;
 
 /// Where a kind's frontend goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,8 +56,10 @@ pub(crate) enum Backend {
     Blockdev { add: BlockdevAdd, on_fdset: bool },
     /// `netdev_add`, which takes over every fd given with `getfd` before it.
     Netdev(NetdevAdd),
-    /// `object-add` (a memory backend).
+    /// `object-add` (a memory backend, an RNG source).
     Object(ObjectAdd),
+    /// `chardev-add` (a socket to a vhost-user backend, or for a serial port's host side).
+    Chardev(ChardevAdd),
 }
 
 /// A setting QEMU takes only on a device that exists, so it comes right after `device_add`. If it

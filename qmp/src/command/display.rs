@@ -1,4 +1,5 @@
-//! The front panel: VNC and character devices (serial consoles).
+//! The front panel and character devices: VNC, serial consoles, sockets for vhost-user and
+//! virtio-serial.
 
 use serde::{Deserialize, Serialize};
 
@@ -51,3 +52,26 @@ pub struct ChardevInfo {
     #[serde(rename = "frontend-open", default)]
     pub frontend_open: bool,
 }
+
+/// `chardev-add`: creates a character device. `backend` is QAPI's `ChardevBackend` union as JSON
+/// (`{"type": "socket", "data": {…}}`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChardevAdd {
+    /// The chardev id.
+    pub id: String,
+    /// The backend.
+    pub backend: serde_json::Value,
+}
+
+impl Command for ChardevAdd {
+    const NAME: &'static str = "chardev-add";
+    type Returns = serde_json::Value;
+}
+
+command!(
+    /// `chardev-remove`: removes a chardev no device uses.
+    "chardev-remove", ChardevRemove {
+        /// The chardev id.
+        id: String,
+    } -> Empty
+);

@@ -1,0 +1,111 @@
+//! virtio-serial: a `virtio-serial-pci` controller and named `virtserialport`s on it, each on a
+//! socket QEMU listens on (`<id>-chr`), which the host's agent connects to. In the guest a port is
+//! `/dev/vportNpM`, named in `/sys/class/virtio-ports/vportNpM/name` (udev links it as
+//! `/dev/virtio-ports/<name>`).
+
+use std::path::PathBuf;
+
+use qhotplug_qmp::command::DeviceAdd;
+
+use crate::chardev::SocketChardev;
+use crate::device::{device_add, p, Pci, Props};
+use crate::error::{Error, Result};
+use crate::names;
+use crate::value::{render, validate_id};
+
+/// A `virtio-serial-pci` controller; its ports go on bus `<id>.0`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtioSerial {
+    /// The device id.
+    pub id: String,
+    /// Where it sits.
+    pub pci: Pci,
+}
+
+impl VirtioSerial {
+    /// The bus its ports plug into.
+    pub fn bus(&self) -> String {
+        format!("{}.0", self.id)
+    }
+
+    /// Every device property.
+    pub fn device_props(&self) -> Props {
+        let mut props = vec![p("id", self.id.clone())];
+        props.extend(self.pci.props());
+        props
+    }
+
+    /// Launch arguments.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "-device".into(),
+            render("virtio-serial-pci", &self.device_props()),
+        ]
+    }
+
+    /// `device_add` arguments.
+    pub fn device_add(&self) -> DeviceAdd {
+        device_add("virtio-serial-pci", &self.device_props())
+    }
+}
+
+/// A named `virtserialport` on a controller's bus, on a socket QEMU listens on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialPort {
+    /// The device id.
+    pub id: String,
+    /// The controller's bus (`<controller id>.0`).
+    pub bus: String,
+    /// The port's name, for example `org.qemu.guest_agent.0`.
+    pub name: String,
+    /// The socket QEMU listens on for the host's side.
+    pub socket: PathBuf,
+}
+
+impl SerialPort {
+    /// Its chardev (QEMU listens).
+    pub fn chardev(&self) -> SocketChardev {
+        SocketChardev {
+            id: names::chardev(&self.id),
+            path: self.socket.clone(),
+            server: true,
+        }
+    }
+
+    /// Checks the id and name.
+    pub fn check(&self) -> Result<()> {
+        validate_id(&self.id)?;
+        if self.name.is_empty() || self.name.contains(',') {
+            return Err(Error::InvalidSpec(format!(
+                "{}: a port name is not empty and has no comma",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every device property.
+    pub fn device_props(&self) -> Props {
+        vec![
+            p("id", self.id.clone()),
+            p("bus", self.bus.clone()),
+            p("chardev", names::chardev(&self.id)),
+            p("name", self.name.clone()),
+        ]
+    }
+
+    /// Launch arguments: `-chardev`, then `-device`.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = self.chardev().args();
+        args.extend([
+            "-device".into(),
+            render("virtserialport", &self.device_props()),
+        ]);
+        args
+    }
+
+    /// `device_add` arguments.
+    pub fn device_add(&self) -> DeviceAdd {
+        device_add("virtserialport", &self.device_props())
+    }
+}

@@ -1,0 +1,161 @@
+//! A handle on `qemu-storage-daemon`: launched by the SDK (its QMP monitor on a listener bound
+//! first, stderr kept for errors, killed and reaped with the handle), it serves images as
+//! vhost-user-blk exports a VM plugs with [`Vm::add_vhost_user_blk`](crate::Vm::add_vhost_user_blk).
+//! An orchestrator serves a disk and plugs it with one library.
+//!
+//! Export: `blockdev-add` (a `file` node on the path, then a `raw` node on it, named as a disk's:
+//! `<id>-file`, `<id>-fmt`) → `block-export-add` (type `vhost-user-blk` on a Unix socket). A failure
+//! deletes the nodes already added. Unexport: `block-export-del` → wait for
+//! `BLOCK_EXPORT_DELETED` (its clients are gone) → the nodes.
+
+use std::path::Path;
+use std::time::Duration;
+
+use futures::StreamExt;
+use qhotplug_cmdline::{names, QemuProcess, StorageDaemonLauncher};
+use qhotplug_qmp::{Client, EventKind, EventStream};
+use serde_json::json;
+use tracing::Instrument;
+
+use crate::delete::Delete;
+use crate::error::{Error, Result};
+
+/// How long an export's removal may wait for its clients to go.
+const UNEXPORT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A running `qemu-storage-daemon`, killed and reaped when dropped.
+#[derive(Debug)]
+pub struct StorageDaemon {
+    client: Client,
+    process: QemuProcess,
+}
+
+impl StorageDaemon {
+    /// Launches it.
+    pub async fn launch(launcher: StorageDaemonLauncher) -> Result<StorageDaemon> {
+        let (client, process) = launcher.launch().await.map_err(Error::Launch)?;
+        Ok(StorageDaemon { client, process })
+    }
+
+    /// Its QMP client, for any command and its events.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Its events (`BLOCK_EXPORT_DELETED`, `BLOCK_JOB_*`, …).
+    pub fn events(&self) -> EventStream {
+        self.client.events()
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Serves the raw image at `path` as vhost-user-blk export `id` on a Unix socket at `socket`
+    /// (the daemon listens there once this returns). The daemon opens the image itself, read-write
+    /// when `writable`.
+    pub async fn export(&self, id: &str, path: &Path, socket: &Path, writable: bool) -> Result<()> {
+        let span = tracing::info_span!("hotplug", op = "export", id);
+        async {
+            qhotplug_cmdline::validate_id(id)?;
+            let (file, fmt) = (names::file_node(id), names::format_node(id));
+            let steps = [
+                (
+                    "blockdev-add",
+                    json!({"driver": "file", "node-name": file,
+                    "filename": path.to_string_lossy(), "read-only": !writable}),
+                ),
+                (
+                    "blockdev-add",
+                    json!({"driver": "raw", "node-name": fmt, "file": file,
+                    "read-only": !writable}),
+                ),
+                (
+                    "block-export-add",
+                    json!({"type": "vhost-user-blk", "id": id,
+                    "node-name": fmt, "writable": writable,
+                    "addr": {"type": "unix", "path": socket.to_string_lossy()}}),
+                ),
+            ];
+            let undo = [
+                Delete::BlockNode(file.clone()),
+                Delete::BlockNode(fmt.clone()),
+            ];
+            for (i, (command, args)) in steps.iter().enumerate() {
+                let step = tracing::debug_span!("step", name = command, id);
+                if let Err(e) = self
+                    .client
+                    .execute_raw(command, args)
+                    .instrument(step)
+                    .await
+                {
+                    // Undo what was added, in reverse.
+                    for u in undo[..i].iter().rev() {
+                        if let Err(error) = u.run(&self.client).await {
+                            tracing::warn!(step = %u, %error, "export rollback step failed");
+                        }
+                    }
+                    return Err(e.into());
+                }
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Ends export `id` (`block-export-del`), waits for `BLOCK_EXPORT_DELETED` (its clients are
+    /// disconnected then: unplug the VM's disk first), and deletes its nodes.
+    pub async fn unexport(&self, id: &str) -> Result<()> {
+        let span = tracing::info_span!("hotplug", op = "unexport", id);
+        async {
+            let mut events = self.client.events();
+            let step = tracing::debug_span!("step", name = "block-export-del", id);
+            self.client
+                .execute_raw("block-export-del", &json!({ "id": id }))
+                .instrument(step)
+                .await?;
+            let step = tracing::debug_span!("step", name = "wait BLOCK_EXPORT_DELETED", id);
+            if !export_deleted(&mut events, id).instrument(step).await {
+                return Err(Error::UnplugPending {
+                    id: id.to_owned(),
+                    after: UNEXPORT_DEADLINE,
+                });
+            }
+            for node in [names::format_node(id), names::file_node(id)] {
+                Delete::BlockNode(node).run(&self.client).await?;
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Asks the daemon to quit and waits for it to exit.
+    pub async fn quit(mut self) -> Result<()> {
+        let _ = self.client.execute_raw("quit", &json!({})).await;
+        self.process
+            .wait()
+            .await
+            .map_err(|e| Error::Launch(e.into()))?;
+        Ok(())
+    }
+}
+
+/// Waits for `BLOCK_EXPORT_DELETED` of `id`, up to the deadline.
+async fn export_deleted(events: &mut EventStream, id: &str) -> bool {
+    let wait = async {
+        while let Some(item) = events.next().await {
+            if let Ok(e) = item {
+                if matches!(e.kind(), EventKind::BlockExportDeleted(d) if d.id == id) {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    tokio::time::timeout(UNEXPORT_DEADLINE, wait)
+        .await
+        .unwrap_or(false)
+}
