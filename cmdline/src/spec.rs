@@ -146,6 +146,8 @@ pub struct VmSpec {
     pub usb_tablet: bool,
     /// Start paused (`-S`).
     pub paused: bool,
+    /// Wait for an incoming migration (`-incoming defer`; `migrate-incoming` says from where).
+    pub incoming: bool,
     /// PCIe root ports (`q35`).
     pub root_ports: Vec<RootPort>,
     /// virtio-scsi controllers.
@@ -508,6 +510,9 @@ impl VmSpec {
         push(&["-chardev", qmp_chardev, "-mon", "chardev=qmp,mode=control"]);
         if self.paused {
             push(&["-S"]);
+        }
+        if self.incoming {
+            push(&["-incoming", "defer"]);
         }
         for port in &self.root_ports {
             a.extend(port.args());

@@ -207,6 +207,12 @@ pub enum Error {
     /// Nothing was sent to QEMU.
     #[error("{0:?} needs shared guest memory (VmSpec::memory_backend with share)")]
     NeedsSharedMemory(String),
+    /// A migration did not complete; the source runs as before and the target QEMU is gone.
+    #[error("migration {0}")]
+    Migration(crate::MigrationFailure),
+    /// Migration options that cannot work together (multifd over one fd pair). Nothing was sent.
+    #[error("invalid migration: {0}")]
+    InvalidMigration(String),
     /// The QEMU process could not be started.
     #[error("launching QEMU: {0}")]
     Launch(qhotplug_cmdline::Error),

@@ -1,6 +1,7 @@
 //! Hot-plug disks, NICs, CD-ROM drives, vCPUs, memory (DIMMs, virtio-mem), a balloon, vhost-user
 //! disks (served by `qemu-storage-daemon`, which [`StorageDaemon`] drives), virtio-fs shares,
-//! virtio-serial ports and RNGs into running QEMU guests over QMP, as transactions with rollback, and change what is plugged (a
+//! virtio-serial ports and RNGs into running QEMU guests over QMP, and live-migrate them
+//! ([`Vm::migrate`]), as transactions with rollback, and change what is plugged (a
 //! disk's size and I/O limits, a NIC's link, a CD-ROM's medium, a virtio-mem device's size) while
 //! the guest runs.
 //!
@@ -72,8 +73,8 @@
 //!
 //! | span | fields | what it covers |
 //! |---|---|---|
-//! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `add_memory`, `add_balloon`, `remove_disk`, `remove_nic`, `remove_cdrom`, `remove_memory`, `remove_balloon`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`, `set_vcpus`, `resize_virtio_mem`, `set_balloon`, `add_vhost_user_blk`, `add_virtio_fs`, `add_virtio_serial`, `add_serial_port`, `add_rng` and their `remove_*`; on a `StorageDaemon`: `export`, `unexport`), `id` | one public operation |
-//! | `step` | `name` (the QMP command, or `wait DEVICE_DELETED`, `wait DEVICE_TRAY_MOVED`, `wait ACPI_DEVICE_OST`, `wait MEMORY_DEVICE_SIZE_CHANGE`, `wait BLOCK_EXPORT_DELETED`), `id`; `press` on `device_del` | one step of a hot-add, hot-remove or change; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
+//! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `add_memory`, `add_balloon`, `remove_disk`, `remove_nic`, `remove_cdrom`, `remove_memory`, `remove_balloon`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`, `set_vcpus`, `resize_virtio_mem`, `set_balloon`, `add_vhost_user_blk`, `add_virtio_fs`, `add_virtio_serial`, `add_serial_port`, `add_rng` and their `remove_*`; on a `StorageDaemon`: `export`, `unexport`; `migrate`), `id` | one public operation |
+//! | `step` | `name` (the QMP command, or `wait DEVICE_DELETED`, `wait DEVICE_TRAY_MOVED`, `wait ACPI_DEVICE_OST`, `wait MEMORY_DEVICE_SIZE_CHANGE`, `wait BLOCK_EXPORT_DELETED`, `wait target MIGRATION`), `id`; `press` on `device_del` | one step of a hot-add, hot-remove or change; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
 //! | `undo` | `step` (for example `blockdev-del d1-fmt`) | one undo step of a rollback |
 //! | `rollback` | `id`, `reason` | the background rollback of a dropped hot-add or change |
 //! | `qmp` | `command`, `id` (`exec-oob` and in-band ids) | one QMP command (from `qhotplug-qmp`) |
@@ -87,6 +88,7 @@ mod kinds;
 mod live;
 mod medium;
 mod memory;
+mod migrate;
 pub mod qemu_errors;
 mod reconcile;
 mod slots;
@@ -108,6 +110,7 @@ pub use kinds::rng::RngConfig;
 pub use kinds::vhost_user::{VhostUserBlkConfig, VirtioFsConfig};
 pub use kinds::virtio_serial::{SerialPortConfig, VirtioSerialConfig};
 pub use medium::{MediumOptions, TrayStatus};
+pub use migrate::{Migrated, MigrationFailure, MigrationOptions, Progress, SourceAfter, Transport};
 pub use reconcile::Reconciled;
 pub use storage_daemon::StorageDaemon;
 pub use unplug::{UnplugPolicy, DEFAULT_UNPLUG_DEADLINE};

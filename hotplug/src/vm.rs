@@ -80,7 +80,8 @@ impl Vm {
         let later = spec.nics.iter().any(|n| !n.link_up)
             || spec.disks.iter().any(|d| d.io_limits.is_some())
             || password.is_some();
-        let resume = later && !spec.paused;
+        // A migration target waits for its guest: nothing is resumed, the migration starts it.
+        let resume = later && !spec.paused && !spec.incoming;
         let mut launcher = launcher;
         if resume {
             launcher.spec_mut().paused = true;

@@ -54,6 +54,10 @@ pub enum EventKind {
     MemoryDeviceSizeChange(MemoryDeviceSizeChange),
     /// `BALLOON_CHANGE`: the guest's memory, as the balloon leaves it, changed.
     BalloonChange(BalloonChange),
+    /// `MIGRATION`: the migration's status changed (needs the `events` capability).
+    Migration(MigrationEvent),
+    /// `MIGRATION_PASS`: a new pass over guest memory began.
+    MigrationPass(MigrationPass),
     /// `BLOCK_EXPORT_DELETED` (`qemu-storage-daemon`, QEMU): an export is gone, its clients
     /// disconnected.
     BlockExportDeleted(BlockExportDeleted),
@@ -150,6 +154,20 @@ pub struct BalloonChange {
     pub actual: u64,
 }
 
+/// The data of `MIGRATION`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct MigrationEvent {
+    /// The new status (`setup`, `active`, `completed`, `failed`, …).
+    pub status: String,
+}
+
+/// The data of `MIGRATION_PASS`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct MigrationPass {
+    /// The pass number.
+    pub pass: u64,
+}
+
 /// The data of `BLOCK_EXPORT_DELETED`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct BlockExportDeleted {
@@ -179,6 +197,8 @@ impl Event {
             "MEMORY_DEVICE_SIZE_CHANGE" => typed(&data).map(EventKind::MemoryDeviceSizeChange),
             "BALLOON_CHANGE" => typed(&data).map(EventKind::BalloonChange),
             "BLOCK_EXPORT_DELETED" => typed(&data).map(EventKind::BlockExportDeleted),
+            "MIGRATION" => typed(&data).map(EventKind::Migration),
+            "MIGRATION_PASS" => typed(&data).map(EventKind::MigrationPass),
             "POWERDOWN" => Some(EventKind::Powerdown),
             "STOP" => Some(EventKind::Stop),
             "RESUME" => Some(EventKind::Resume),
@@ -212,6 +232,8 @@ impl Event {
             EventKind::MemoryDeviceSizeChange(_) => "MEMORY_DEVICE_SIZE_CHANGE",
             EventKind::BalloonChange(_) => "BALLOON_CHANGE",
             EventKind::BlockExportDeleted(_) => "BLOCK_EXPORT_DELETED",
+            EventKind::Migration(_) => "MIGRATION",
+            EventKind::MigrationPass(_) => "MIGRATION_PASS",
             EventKind::Other { name } => name,
         }
     }

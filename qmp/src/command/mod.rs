@@ -50,11 +50,13 @@ mod block;
 mod device;
 mod display;
 mod machine;
+mod migration;
 
 pub use block::*;
 pub use device::*;
 pub use display::*;
 pub use machine::*;
+pub use migration::*;
 
 /// `qmp_capabilities`: leaves capabilities negotiation mode. The handshake sends it for you.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]

@@ -1,0 +1,551 @@
+//! Live migration as one awaitable call: [`Vm::migrate`] moves the guest to a target launched
+//! from the source's spec ([`Vm::migration_launcher`]), hot-plugged devices and all.
+//!
+//! The sequence: check both QEMUs' schemas and capabilities → capabilities and parameters on
+//! both sides (`migrate-set-capabilities`, `migrate-set-parameters`) → the transport (a Unix
+//! socket, an fd pair given to both with `getfd`, or TCP) → `migrate-incoming` on the target,
+//! `migrate` on the source → follow `MIGRATION` and `MIGRATION_PASS` (each pass read with
+//! `query-migrate` into a [`Progress`]), switching to post-copy when asked → the outcome.
+//!
+//! Outcomes: completed (the target runs; the source is quit or left paused, as asked); failed
+//! (the source runs again as it was, the target QEMU is quit and reaped, and the reason is QEMU's);
+//! cancelled (dropping the future, or [`Vm::cancel_migration`], sends `migrate_cancel`); timed out
+//! (a deadline on the whole migration, which cancels). However it ends, no target QEMU, fd or
+//! socket is left behind.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use qhotplug_cmdline::Launcher;
+use qhotplug_qmp::command::{
+    Cont, MigrateCancel, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters,
+    MigrateStartPostcopy, MigrationCapabilityStatus, MigrationInfo, QueryMigrate,
+    QueryMigrateCapabilities, QueryStatus,
+};
+use qhotplug_qmp::{Client, EventKind};
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::vm::Vm;
+
+/// The QMP commands a migration uses on the source.
+const SOURCE_COMMANDS: &[&str] = &[
+    "migrate",
+    "migrate_cancel",
+    "query-migrate",
+    "query-migrate-capabilities",
+    "migrate-set-capabilities",
+    "migrate-set-parameters",
+];
+
+/// How the migration stream travels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// A Unix socket the target listens on.
+    Unix(PathBuf),
+    /// A socket pair made by the SDK, one end given to each QEMU with `getfd` (`fd:` URIs): no
+    /// path on disk. One connection, so no multifd.
+    Fd,
+    /// TCP: the target listens on `host:port` (port 0: one QEMU picks).
+    Tcp {
+        /// The address the target listens on and the source connects to.
+        host: String,
+        /// The port, or 0.
+        port: u16,
+    },
+}
+
+/// What becomes of the source once the guest runs on the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SourceAfter {
+    /// The source QEMU quits (default).
+    #[default]
+    Quit,
+    /// The source QEMU stays, paused (`postmigrate`).
+    Paused,
+}
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+pub struct MigrationOptions {
+    transport: Transport,
+    bandwidth: Option<u64>,
+    downtime_limit: Option<Duration>,
+    multifd_channels: Option<u8>,
+    auto_converge: bool,
+    postcopy_after: Option<u64>,
+    deadline: Option<Duration>,
+    source_after: SourceAfter,
+}
+
+impl MigrationOptions {
+    /// Over `transport`, with QEMU's defaults for everything else, no deadline, and the source
+    /// quit afterwards.
+    pub fn new(transport: Transport) -> Self {
+        MigrationOptions {
+            transport,
+            bandwidth: None,
+            downtime_limit: None,
+            multifd_channels: None,
+            auto_converge: false,
+            postcopy_after: None,
+            deadline: None,
+            source_after: SourceAfter::Quit,
+        }
+    }
+
+    /// Bandwidth limit, bytes per second (`max-bandwidth`).
+    pub fn bandwidth(mut self, bytes_per_second: u64) -> Self {
+        self.bandwidth = Some(bytes_per_second);
+        self
+    }
+
+    /// The most downtime to aim for (`downtime-limit`).
+    pub fn downtime_limit(mut self, limit: Duration) -> Self {
+        self.downtime_limit = Some(limit);
+        self
+    }
+
+    /// Several channels (the `multifd` capability on both sides, `multifd-channels`).
+    pub fn multifd(mut self, channels: u8) -> Self {
+        self.multifd_channels = Some(channels);
+        self
+    }
+
+    /// Throttle the guest's vCPUs when it dirties memory faster than it can be sent
+    /// (`auto-converge`).
+    pub fn auto_converge(mut self, on: bool) -> Self {
+        self.auto_converge = on;
+        self
+    }
+
+    /// Post-copy (`postcopy-ram` on both sides): switch (`migrate-start-postcopy`) once pass
+    /// `pass` begins. The switch is final: from then on a failure loses the guest.
+    pub fn postcopy_after(mut self, pass: u64) -> Self {
+        self.postcopy_after = Some(pass);
+        self
+    }
+
+    /// Give up (cancel) if the migration has not completed after this long.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// What becomes of the source afterwards (default: it quits).
+    pub fn source_after(mut self, after: SourceAfter) -> Self {
+        self.source_after = after;
+        self
+    }
+}
+
+/// A snapshot of a migration's progress, from `query-migrate` at each pass or status change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    /// QEMU's status (`active`, `postcopy-active`, …).
+    pub status: String,
+    /// Bytes of RAM sent.
+    pub transferred: u64,
+    /// Bytes of RAM left.
+    pub remaining: u64,
+    /// The guest's RAM, in bytes.
+    pub total: u64,
+    /// Pages dirtied per second.
+    pub dirty_rate: u64,
+    /// Passes over memory so far.
+    pub passes: u64,
+}
+
+/// A completed migration.
+#[derive(Debug)]
+pub struct Migrated {
+    /// The VM on the target, running.
+    pub target: Vm,
+    /// The whole migration, as QEMU measured it.
+    pub total_time: Duration,
+    /// How long the guest was paused, as QEMU measured it.
+    pub downtime: Duration,
+    /// The whole call, as the caller saw it.
+    pub elapsed: Duration,
+}
+
+/// Why a migration did not complete. In every case the source runs as before and the target
+/// QEMU is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationFailure {
+    /// QEMU says it failed, in its words (`error-desc`).
+    Failed(String),
+    /// It was cancelled.
+    Cancelled,
+    /// It did not complete by the deadline, so it was cancelled.
+    TimedOut(Duration),
+}
+
+impl std::fmt::Display for MigrationFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MigrationFailure::Failed(reason) => write!(f, "failed: {reason}"),
+            MigrationFailure::Cancelled => write!(f, "cancelled"),
+            MigrationFailure::TimedOut(after) => write!(f, "did not complete within {after:?}"),
+        }
+    }
+}
+
+/// Sends `migrate_cancel` if dropped armed: a migration future dropped part-way cancels.
+struct CancelOnDrop {
+    client: Client,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let client = self.client.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = client.execute(&MigrateCancel).await {
+                    tracing::warn!(%error, "cancelling a dropped migration");
+                }
+            });
+        }
+    }
+}
+
+impl Vm {
+    /// A launcher for this VM's migration target: its spec as it is now (every hot-plugged
+    /// device in), waiting for the migration (`-incoming defer`) rather than paused. Give it each
+    /// NIC's new tap fds ([`Launcher::nic_fds`]) and, where the spec names host paths the source
+    /// still holds (a console socket), new ones ([`Launcher::spec_mut`]); then [`Vm::launch`].
+    pub fn migration_launcher(&self, runtime_dir: impl Into<PathBuf>) -> Launcher {
+        let mut spec = self.spec();
+        spec.incoming = true;
+        spec.paused = false;
+        Launcher::new(spec, runtime_dir)
+    }
+
+    /// Migrates the guest to `target` (launched from [`migration_launcher`](Vm::migration_launcher)
+    /// and not yet migrated into), calling `progress` at each status change and each pass.
+    /// Returns the running target, or [`Error::Migration`] with the source running as before and
+    /// the target QEMU quit. Dropping the future cancels the migration.
+    pub async fn migrate(
+        &self,
+        target: Vm,
+        options: MigrationOptions,
+        progress: impl FnMut(&Progress),
+    ) -> Result<Migrated> {
+        let span = tracing::info_span!("hotplug", op = "migrate", id = %self.spec().name);
+        let start = Instant::now();
+        let was_running = self.client().execute(&QueryStatus).await?.running;
+        let mut guard = CancelOnDrop {
+            client: self.client().clone(),
+            armed: false,
+        };
+        let outcome = self
+            .run_migration(&target, &options, progress, &mut guard)
+            .instrument(span.clone())
+            .await;
+        guard.armed = false;
+        match outcome {
+            Ok(info) => {
+                if options.source_after == SourceAfter::Quit {
+                    self.quit().await?;
+                }
+                span.in_scope(|| tracing::info!(?info.downtime, ?info.total_time, "migrated"));
+                Ok(Migrated {
+                    target,
+                    total_time: Duration::from_millis(info.total_time.unwrap_or(0)),
+                    downtime: Duration::from_millis(info.downtime.unwrap_or(0)),
+                    elapsed: start.elapsed(),
+                })
+            }
+            Err(error) => {
+                // The source runs again as it was (QEMU restarts it after a failure or cancel;
+                // make sure), and the target goes.
+                if was_running && !self.client().execute(&QueryStatus).await?.running {
+                    self.client().execute(&Cont).await?;
+                }
+                if let Err(e) = target.quit().await {
+                    tracing::warn!(error = %e, "quitting the migration target");
+                }
+                span.in_scope(|| tracing::info!(%error, "migration did not complete"));
+                Err(error)
+            }
+        }
+    }
+
+    /// Cancels this VM's outgoing migration (`migrate_cancel`): the pending [`migrate`](Vm::migrate)
+    /// returns [`MigrationFailure::Cancelled`] and the source runs on.
+    pub async fn cancel_migration(&self) -> Result<()> {
+        self.client().execute(&MigrateCancel).await?;
+        Ok(())
+    }
+
+    /// The whole exchange; `Ok` with the source's final `query-migrate` once completed.
+    async fn run_migration(
+        &self,
+        target: &Vm,
+        options: &MigrationOptions,
+        mut progress: impl FnMut(&Progress),
+        guard: &mut CancelOnDrop,
+    ) -> Result<MigrationInfo> {
+        self.require("live migration", SOURCE_COMMANDS).await?;
+        target
+            .require(
+                "an incoming migration",
+                &["migrate-incoming", "migrate-set-capabilities"],
+            )
+            .await?;
+        if options.multifd_channels.is_some() && options.transport == Transport::Fd {
+            return Err(Error::InvalidMigration(
+                "multifd needs a connection per channel; an fd pair is one".into(),
+            ));
+        }
+        if options.postcopy_after.is_some() {
+            self.require("post-copy migration", &["migrate-start-postcopy"])
+                .await?;
+        }
+        // Capabilities: on both sides when both need them.
+        let mut both = vec![("events", true)];
+        if options.postcopy_after.is_some() {
+            both.push(("postcopy-ram", true));
+        }
+        if options.multifd_channels.is_some() {
+            both.push(("multifd", true));
+        }
+        let mut source_caps = both.clone();
+        if options.auto_converge {
+            source_caps.push(("auto-converge", true));
+        }
+        set_capabilities(self.client(), &source_caps).await?;
+        set_capabilities(target.client(), &both).await?;
+        let params = MigrateSetParameters {
+            max_bandwidth: options.bandwidth,
+            downtime_limit: options.downtime_limit.map(|d| d.as_millis() as u64),
+            multifd_channels: options.multifd_channels,
+        };
+        if params != MigrateSetParameters::default() {
+            step("migrate-set-parameters", self.client().execute(&params)).await?;
+        }
+        if let Some(channels) = options.multifd_channels {
+            let target_params = MigrateSetParameters {
+                multifd_channels: Some(channels),
+                ..Default::default()
+            };
+            step(
+                "migrate-set-parameters",
+                target.client().execute(&target_params),
+            )
+            .await?;
+        }
+
+        let mut events = self.client().events();
+        let mut target_events = target.client().events();
+        let uri = listen(target, &options.transport).await?;
+        let uri = match uri {
+            Outgoing::Uri(uri) => uri,
+            Outgoing::Fd(fd) => {
+                step("getfd", self.client().getfd("migrate-out", fd.into())).await?;
+                "fd:migrate-out".into()
+            }
+        };
+        guard.armed = true;
+        step(
+            "migrate",
+            self.client()
+                .execute(&qhotplug_qmp::command::Migrate { uri }),
+        )
+        .await?;
+
+        let deadline = options.deadline.map(|d| tokio::time::Instant::now() + d);
+        let mut switched = false;
+        loop {
+            let next = async {
+                match deadline {
+                    Some(at) => tokio::time::timeout_at(at, events.next()).await.ok(),
+                    None => Some(events.next().await),
+                }
+            };
+            let Some(item) = next.await else {
+                // The deadline: cancel, and see how it ended (it may have completed meanwhile).
+                step("migrate_cancel", self.client().execute(&MigrateCancel)).await?;
+                let info = self.await_end(&mut events).await?;
+                return match info.status.as_deref() {
+                    Some("completed") => Ok(info),
+                    _ => Err(Error::Migration(MigrationFailure::TimedOut(
+                        options.deadline.unwrap_or_default(),
+                    ))),
+                };
+            };
+            let Some(Ok(event)) = item else {
+                if item.is_none() {
+                    return Err(Error::Qmp(qhotplug_qmp::Error::Disconnected));
+                }
+                continue;
+            };
+            let pass = match event.kind() {
+                EventKind::MigrationPass(p) => Some(p.pass),
+                EventKind::Migration(m) => match m.status.as_str() {
+                    "completed" | "failed" | "cancelled" => {
+                        ended(self.client().execute(&QueryMigrate).await?)?;
+                        // The source has sent everything; the guest is the target's once the
+                        // target says so too (after post-copy, it may still be pulling pages).
+                        let wait = tracing::debug_span!("step", name = "wait target MIGRATION");
+                        target
+                            .await_end(&mut target_events)
+                            .instrument(wait)
+                            .await?;
+                        // The final figures (total time, downtime), now that both ends are done.
+                        return Ok(self.client().execute(&QueryMigrate).await?);
+                    }
+                    _ => None,
+                },
+                _ => continue,
+            };
+            let info = self.client().execute(&QueryMigrate).await?;
+            progress(&progress_of(&info));
+            if let (Some(after), Some(pass)) = (options.postcopy_after, pass) {
+                if pass >= after && !switched {
+                    step(
+                        "migrate-start-postcopy",
+                        self.client().execute(&MigrateStartPostcopy),
+                    )
+                    .await?;
+                    switched = true;
+                }
+            }
+        }
+    }
+
+    /// After a cancel: waits for the migration's final status.
+    async fn await_end(&self, events: &mut qhotplug_qmp::EventStream) -> Result<MigrationInfo> {
+        loop {
+            let info = self.client().execute(&QueryMigrate).await?;
+            if matches!(
+                info.status.as_deref(),
+                Some("completed" | "failed" | "cancelled")
+            ) {
+                return Ok(info);
+            }
+            if events.next().await.is_none() {
+                return Err(Error::Qmp(qhotplug_qmp::Error::Disconnected));
+            }
+        }
+    }
+}
+
+/// How the source reaches the target.
+enum Outgoing {
+    Uri(String),
+    Fd(std::os::fd::OwnedFd),
+}
+
+/// Starts the target listening (`migrate-incoming`) on `transport`; returns how the source
+/// connects.
+async fn listen(target: &Vm, transport: &Transport) -> Result<Outgoing> {
+    let incoming = |uri: String| async move {
+        step(
+            "migrate-incoming",
+            target.client().execute(&MigrateIncoming { uri }),
+        )
+        .await
+    };
+    match transport {
+        Transport::Unix(path) => {
+            let uri = format!("unix:{}", path.to_string_lossy());
+            incoming(uri.clone()).await?;
+            Ok(Outgoing::Uri(uri))
+        }
+        Transport::Fd => {
+            let (ours, theirs) =
+                UnixStream::pair().map_err(|e| Error::Launch(qhotplug_cmdline::Error::Io(e)))?;
+            step("getfd", target.client().getfd("migrate-in", theirs.into())).await?;
+            incoming("fd:migrate-in".into()).await?;
+            Ok(Outgoing::Fd(ours.into()))
+        }
+        Transport::Tcp { host, port } => {
+            let bracketed = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.clone()
+            };
+            incoming(format!("tcp:{bracketed}:{port}")).await?;
+            let port = if *port == 0 {
+                // QEMU picked one: it says which in `socket-address`.
+                let info = target.client().execute(&QueryMigrate).await?;
+                info.socket_address
+                    .iter()
+                    .find_map(|a| a.get("port")?.as_str()?.parse::<u16>().ok())
+                    .ok_or_else(|| {
+                        Error::InvalidMigration("the target did not say which port it took".into())
+                    })?
+            } else {
+                *port
+            };
+            Ok(Outgoing::Uri(format!("tcp:{bracketed}:{port}")))
+        }
+    }
+}
+
+/// Sets capabilities, each checked against what this QEMU knows.
+async fn set_capabilities(client: &Client, caps: &[(&str, bool)]) -> Result<()> {
+    let known = client.execute(&QueryMigrateCapabilities).await?;
+    if let Some((missing, _)) = caps
+        .iter()
+        .find(|(c, _)| !known.iter().any(|k| k.capability == *c))
+    {
+        return Err(Error::Unsupported {
+            command: format!("migration capability {missing}"),
+            operation: "live migration",
+        });
+    }
+    let capabilities = caps
+        .iter()
+        .map(|(c, on)| MigrationCapabilityStatus {
+            capability: (*c).to_owned(),
+            state: *on,
+        })
+        .collect();
+    step(
+        "migrate-set-capabilities",
+        client.execute(&MigrateSetCapabilities { capabilities }),
+    )
+    .await?;
+    Ok(())
+}
+
+/// One step, in a `step` span.
+async fn step<T>(
+    name: &'static str,
+    fut: impl std::future::Future<Output = qhotplug_qmp::Result<T>>,
+) -> Result<T> {
+    let span = tracing::debug_span!("step", name);
+    Ok(fut.instrument(span).await?)
+}
+
+fn progress_of(info: &MigrationInfo) -> Progress {
+    let ram = info.ram.clone().unwrap_or_default();
+    Progress {
+        status: info.status.clone().unwrap_or_default(),
+        transferred: ram.transferred,
+        remaining: ram.remaining,
+        total: ram.total,
+        dirty_rate: ram.dirty_pages_rate,
+        passes: ram.dirty_sync_count,
+    }
+}
+
+/// The outcome of a migration that ended with `info`.
+fn ended(info: MigrationInfo) -> Result<MigrationInfo> {
+    match info.status.as_deref() {
+        Some("completed") => Ok(info),
+        Some("cancelled") => Err(Error::Migration(MigrationFailure::Cancelled)),
+        _ => Err(Error::Migration(MigrationFailure::Failed(
+            info.error_desc
+                .unwrap_or_else(|| "QEMU gave no reason".into()),
+        ))),
+    }
+}
