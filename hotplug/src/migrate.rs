@@ -348,7 +348,7 @@ impl Vm {
         let uri = match uri {
             Outgoing::Uri(uri) => uri,
             Outgoing::Fd(fd) => {
-                step("getfd", self.client().getfd("migrate-out", fd.into())).await?;
+                step("getfd", self.client().getfd("migrate-out", fd)).await?;
                 "fd:migrate-out".into()
             }
         };
