@@ -88,6 +88,21 @@ impl RawMonitor {
         out
     }
 
+    /// Reads until an event named `name` whose `data` satisfies `want` (other events and no
+    /// replies expected in between); returns its data.
+    pub fn wait_event(&mut self, name: &str, want: impl Fn(&Value) -> bool) -> Value {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.read.read_line(&mut line).unwrap();
+            assert!(n > 0, "the monitor closed while waiting for {name}");
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v.get("event").and_then(Value::as_str) == Some(name) && want(&v["data"]) {
+                return v["data"].clone();
+            }
+        }
+    }
+
     /// The SDK's disk sequence for `disk`, by hand, with the same command values; the time of each
     /// step.
     pub fn add_disk(&mut self, disk: &Disk) -> Vec<(&'static str, Duration)> {
