@@ -92,7 +92,11 @@ async fn run() {
         let result = if hop % 2 == 1 {
             let start = Instant::now();
             let m = current
-                .migrate(next.clone(), MigrationOptions::new(Transport::Unix(uri_path)), |_| {})
+                .migrate(
+                    next.clone(),
+                    MigrationOptions::new(Transport::Unix(uri_path)),
+                    |_| {},
+                )
                 .await
                 .unwrap();
             let h = Hop {

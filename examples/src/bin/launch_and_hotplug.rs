@@ -1,5 +1,6 @@
 //! The demo: boots a small Linux guest under QEMU, hot-adds a disk and a two-queue NIC, grows the
-//! disk online, changes the medium in its CD-ROM drive, adds a vCPU and a DIMM, shows what the guest sees (from its serial console) and the QMP events as they
+//! disk online, changes the medium in its CD-ROM drive, adds a vCPU and a DIMM, live-migrates it to
+//! a new QEMU with a progress bar, shows what the guest sees (from its serial console) and the QMP events as they
 //! arrive, removes both, and ends with how long each step took. Exits non-zero if any step fails.
 //!
 //! Run it with `scripts/demo` (installs QEMU and builds the guest image when missing), or
@@ -9,7 +10,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use qhotplug::{Cdrom, CpuTopology, DiskConfig, IdeAddr, MemoryConfig, NicConfig, Vm, MIB};
+use qhotplug::{
+    Cdrom, CpuTopology, DiskConfig, IdeAddr, MemoryConfig, MigrationOptions, NicConfig, Serial,
+    Transport, Vm, MIB,
+};
 use qhotplug_cmdline::{Launcher, Machine, VmSpec};
 use qhotplug_netdev::{MacAddr, TapBuilder};
 use qhotplug_tests::guest::{boot_spec, image, Console};
@@ -309,7 +313,40 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     seen(&console, mark, "qhg: remove net").await?;
     table.row("guest lost net-1", start.elapsed());
 
-    timed(table, "quit", async { Ok(vm.quit().await?) }).await?;
+    println!("== live migration to a new QEMU launched from vm.spec() (the guest keeps running)");
+    let target_console = dir.path().join("target-console.sock");
+    let mut launcher = vm.migration_launcher(dir.path().join("target"));
+    launcher.spec_mut().serials = vec![Serial::Socket(target_console.clone())];
+    let target = Vm::launch(launcher).await?;
+    let options = MigrationOptions::new(Transport::Unix(dir.path().join("migrate.sock")));
+    let migrated = vm
+        .migrate(target, options, |p| {
+            let done = p.transferred as f64 / (p.transferred + p.remaining).max(1) as f64;
+            let bar = "#".repeat((done * 30.0) as usize);
+            println!(
+                "migrate [{bar:<30}] {:>3.0}%  {:>4} MiB sent  pass {}  {}",
+                done * 100.0,
+                p.transferred >> 20,
+                p.passes,
+                p.status
+            );
+        })
+        .await?;
+    table.steps_from(timings);
+    table.row("migrate (QEMU's total time)", migrated.total_time);
+    table.row("  guest paused (downtime)", migrated.downtime);
     printer.await?;
+    let console = Console::connect(&target_console).await;
+    let out = console
+        .run(
+            "cat /sys/devices/system/cpu/online; grep MemTotal /proc/meminfo",
+            SEEN,
+        )
+        .await;
+    for line in out {
+        println!("guest   (on the target) {line}");
+    }
+    let target = migrated.target;
+    timed(table, "quit", async { Ok(target.quit().await?) }).await?;
     Ok(())
 }
