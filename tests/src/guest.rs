@@ -176,6 +176,35 @@ impl Console {
     }
 }
 
+impl Console {
+    /// Runs `command` in the guest until its output satisfies `done` (what the guest shows can take
+    /// a while to follow a change under TCG), up to `timeout`; returns that output. Fails the test
+    /// at the deadline, with the last output.
+    pub async fn until(
+        &self,
+        command: &str,
+        done: impl Fn(&[String]) -> bool,
+        timeout: Duration,
+    ) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let out = self.run(command, timeout).await;
+            if done(&out) {
+                return out;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{command}: still {out:?}"
+            );
+        }
+    }
+
+    /// Runs `command` in the guest until it prints exactly `want` (one line), up to `timeout`.
+    pub async fn until_says(&self, command: &str, want: &str, timeout: Duration) {
+        self.until(command, |out| out == [want], timeout).await;
+    }
+}
+
 /// `text` without its kernel messages: each `[ seconds.micros] …` through its line ending. One
 /// printed into the middle of another line leaves that line whole again.
 pub fn strip_kernel_messages(text: &str) -> String {

@@ -26,7 +26,7 @@ pub use sys::{clear_cloexec, exited, kill, process_lock, raise_fd_limit};
 
 pub use guest::{Console, Guest};
 pub use mock::{MockServer, Received};
-pub use proxy::FaultProxy;
+pub use proxy::{assert_rolls_back, FaultProxy};
 pub use qemu::Qemu;
 pub use vm::{image, iso, pc_spec, q35_spec, second_monitor, Snapshot, TestVm};
 

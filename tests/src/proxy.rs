@@ -194,3 +194,47 @@ fn relay_replies(
     f.replied = u64::MAX;
     flight.1.notify_all();
 }
+
+/// Runs `change` on a [`Vm`](qhotplug::Vm) attached to `t`'s QEMU through a [`FaultProxy`] on its
+/// second monitor `monitor` (see [`second_monitor`](crate::second_monitor)) that fails the `nth`
+/// request for `command`. Asserts the call failed at that step with a clean rollback, and that
+/// QEMU's state and our fd table come back to what they were. Returns the attached VM (for more
+/// checks of the SDK's view) and the proxy it talks through.
+pub async fn assert_rolls_back<F, Fut, T>(
+    t: &crate::TestVm,
+    monitor: &Path,
+    command: &str,
+    nth: usize,
+    change: F,
+) -> (qhotplug::Vm, FaultProxy)
+where
+    F: FnOnce(qhotplug::Vm) -> Fut,
+    Fut: std::future::Future<Output = qhotplug::Result<T>>,
+    T: std::fmt::Debug,
+{
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let proxy = FaultProxy::start(
+        &monitor.with_file_name(format!("fault-proxy-{n}.sock")),
+        monitor,
+        command,
+        nth,
+    );
+    let client = qhotplug_qmp::connect(proxy.path()).await.unwrap();
+    let vm = qhotplug::Vm::attach(client, t.vm.spec()).await.unwrap();
+    let before = t.snapshot().await;
+    match change(vm.clone()).await {
+        Err(qhotplug::Error::Step {
+            step,
+            undo_failures,
+            ..
+        }) => {
+            assert_eq!(step, command, "the step that failed");
+            assert!(undo_failures.is_empty(), "{command}: {undo_failures:?}");
+        }
+        other => panic!("a failure at {command} #{nth}: {other:?}"),
+    }
+    t.assert_settles_to(&before, &format!("after a failure at {command} #{nth}"))
+        .await;
+    (vm, proxy)
+}

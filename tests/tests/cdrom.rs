@@ -9,7 +9,7 @@
 use futures::StreamExt;
 use qhotplug::{Cdrom, CdromBus, CdromConfig, DiskConfig, Error, IdeAddr, MediumOptions, Vm};
 use qhotplug_qmp::command::{BlockInfo, QueryBlock, QueryFdsets, QueryNamedBlockNodes};
-use qhotplug_tests::{iso, pc_spec, second_monitor, FaultProxy, TestVm};
+use qhotplug_tests::{assert_rolls_back, iso, pc_spec, second_monitor, TestVm};
 
 async fn drive(vm: &Vm, id: &str) -> BlockInfo {
     vm.client()
@@ -200,34 +200,15 @@ fn a_failure_at_each_step_of_a_medium_change_leaves_the_drive_as_it_was() {
             .push(Cdrom::ide("cd", IdeAddr::new(1, 0)).with_medium(&a));
         second_monitor(&mut spec, &mon2);
         let t = TestVm::running(spec).await;
-        for (i, &(step, nth)) in CHANGE_STEPS.iter().enumerate() {
-            let proxy =
-                FaultProxy::start(&isos.path().join(format!("p{i}.sock")), &mon2, step, nth);
-            let client = qhotplug_qmp::connect(proxy.path()).await.unwrap();
-            let vm = Vm::attach(client, t.vm.spec()).await.unwrap();
-            let before = t.snapshot().await;
-            match vm.insert_medium("cd", &b).await {
-                Err(Error::Step {
-                    operation,
-                    step: failed,
-                    undo_failures,
-                    ..
-                }) => {
-                    assert_eq!((operation, failed), ("medium change", step));
-                    assert!(undo_failures.is_empty(), "{step}: {undo_failures:?}");
-                }
-                other => panic!("{step} #{nth}: {other:?}"),
-            }
-            assert_eq!(
-                t.snapshot().await,
-                before,
-                "after a failure at {step} #{nth}"
-            );
+        for &(step, nth) in CHANGE_STEPS {
+            let b = b.clone();
+            let (vm, _proxy) = assert_rolls_back(&t, &mon2, step, nth, |vm| async move {
+                vm.insert_medium("cd", &b).await
+            })
+            .await;
             assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt"));
             // The SDK's view did not move either.
             assert_eq!(vm.cdroms()[0].medium.as_deref(), Some(a.as_path()));
-            drop(vm);
-            drop(proxy);
         }
         // The same change, without a fault, goes through.
         t.vm.insert_medium("cd", &b).await.unwrap();
@@ -242,7 +223,8 @@ fn an_unforced_change_of_an_open_tray_still_closes_it() {
         let a = iso(isos.path(), "a.iso", "f", "a\n");
         let mut spec = pc_spec();
         spec.cdroms.push(Cdrom::ide("cd", IdeAddr::new(0, 1)));
-        let t = TestVm::running(spec).await;
+        // Paused: the firmware, running, probes the drive and may move its tray meanwhile.
+        let t = TestVm::launch(spec).await;
         t.vm.client()
             .execute(&qhotplug_qmp::command::BlockdevOpenTray {
                 id: "cd".into(),
@@ -260,34 +242,11 @@ fn an_unforced_change_of_an_open_tray_still_closes_it() {
 /// How long the guest may take to answer (TCG).
 const GUEST: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Runs `command` in the guest until its output satisfies `done`, up to a deadline, and returns
-/// that output. The first read after a medium change fails in the guest (the drive reports the
-/// change as a unit attention), so a read is retried rather than expected to work at once.
-async fn until(
-    g: &qhotplug_tests::Guest,
-    command: &str,
-    done: impl Fn(&[String]) -> bool,
-) -> Vec<String> {
-    let deadline = tokio::time::Instant::now() + GUEST;
-    loop {
-        let out = g.console.run(command, GUEST).await;
-        if done(&out) {
-            return out;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{command}: still {out:?}"
-        );
-    }
-}
-
 /// Mounts `/dev/{dev}`, prints `file` from it, and unmounts it, until that works.
 async fn read_medium(g: &qhotplug_tests::Guest, dev: &str, file: &str) -> Vec<String> {
     let cmd = format!("mount -t iso9660 -o ro /dev/{dev} /mnt && cat /mnt/{file} && umount /mnt");
-    until(g, &cmd, |out| {
-        !out.is_empty() && out.iter().all(|l| l.starts_with("from "))
-    })
-    .await
+    let done = |out: &[String]| !out.is_empty() && out.iter().all(|l| l.starts_with("from "));
+    g.console.until(&cmd, done, GUEST).await
 }
 
 #[test]
@@ -340,10 +299,10 @@ fn the_guest_reads_each_medium_and_a_locked_tray_is_refused_unless_forced() {
 
         // Ejected, the guest finds no medium.
         g.vm.eject_medium("ide-cd").await.unwrap();
-        until(&g, "mount -t iso9660 -o ro /dev/sr0 /mnt", |out| {
-            out.len() == 1 && out[0].contains("No medium found")
-        })
-        .await;
+        let no_medium = |out: &[String]| out.len() == 1 && out[0].contains("No medium found");
+        g.console
+            .until("mount -t iso9660 -o ro /dev/sr0 /mnt", no_medium, GUEST)
+            .await;
 
         // A scsi-cd hot-added loaded: the guest sees it, reads it, and sees it go.
         let mark = g.console.mark();
@@ -380,28 +339,12 @@ fn a_failure_at_each_step_of_a_scsi_cd_hot_add_leaves_qemu_as_it_was() {
         let mut spec = pc_spec();
         second_monitor(&mut spec, &mon2);
         let t = TestVm::running(spec).await;
-        for (i, &(step, nth)) in HOT_ADD_STEPS.iter().enumerate() {
-            let proxy =
-                FaultProxy::start(&isos.path().join(format!("p{i}.sock")), &mon2, step, nth);
-            let client = qhotplug_qmp::connect(proxy.path()).await.unwrap();
-            let vm = Vm::attach(client, t.vm.spec()).await.unwrap();
-            let before = t.snapshot().await;
-            match vm.add_cdrom(CdromConfig::new("cd9").medium(&a)).await {
-                Err(Error::Step {
-                    step: failed,
-                    undo_failures,
-                    ..
-                }) => {
-                    assert_eq!(failed, step);
-                    assert!(undo_failures.is_empty(), "{step}: {undo_failures:?}");
-                }
-                other => panic!("{step} #{nth}: {other:?}"),
-            }
-            assert_eq!(
-                t.snapshot().await,
-                before,
-                "after a failure at {step} #{nth}"
-            );
+        for &(step, nth) in HOT_ADD_STEPS {
+            let a = a.clone();
+            let (vm, _proxy) = assert_rolls_back(&t, &mon2, step, nth, |vm| async move {
+                vm.add_cdrom(CdromConfig::new("cd9").medium(&a)).await
+            })
+            .await;
             assert!(vm.cdroms().is_empty());
         }
     });

@@ -11,21 +11,6 @@ use qhotplug_tests::{image, pc_spec, Guest, TestVm};
 /// How long the guest may take to see a change (TCG).
 const SEEN: Duration = Duration::from_secs(60);
 
-/// Runs `command` in the guest until its output is `want`, up to the deadline.
-async fn until_guest_says(g: &Guest, command: &str, want: &str) {
-    let deadline = tokio::time::Instant::now() + SEEN;
-    loop {
-        let out = g.console.run(command, SEEN).await;
-        if out == [want] {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{command}: {out:?}, never {want}"
-        );
-    }
-}
-
 #[test]
 fn a_disk_grows_online_and_the_guest_sees_its_new_size() {
     qhotplug_tests::serial_test(async {
@@ -64,7 +49,9 @@ fn a_disk_grows_online_and_the_guest_sees_its_new_size() {
 
         assert_eq!(g.vm.resize_disk("g1", 4 << 20).await.unwrap(), 1 << 20);
         // virtio-blk announces the new capacity; the guest's size follows (512-byte sectors).
-        until_guest_says(&g, &format!("cat /sys/block/{dev}/size"), "8192").await;
+        g.console
+            .until_says(&format!("cat /sys/block/{dev}/size"), "8192", SEEN)
+            .await;
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 << 20);
     });
 }
@@ -129,14 +116,14 @@ fn a_nics_link_goes_down_and_up_and_the_guest_carrier_follows() {
             .run(&format!("ip link set {ifname} up"), SEEN)
             .await;
         let carrier = format!("cat /sys/class/net/{ifname}/carrier");
-        until_guest_says(&g, &carrier, "1").await;
+        g.console.until_says(&carrier, "1", SEEN).await;
 
         assert!(matches!(
             g.vm.set_link("nope", false).await,
             Err(Error::NotFound { kind: "NIC", .. })
         ));
         g.vm.set_link("l1", false).await.unwrap();
-        until_guest_says(&g, &carrier, "0").await;
+        g.console.until_says(&carrier, "0", SEEN).await;
         assert!(
             !g.vm.spec().nics[0].link_up,
             "the spec says the link is down"
@@ -151,7 +138,7 @@ fn a_nics_link_goes_down_and_up_and_the_guest_carrier_follows() {
                 .unwrap();
         println!("{network}");
         g.vm.set_link("l1", true).await.unwrap();
-        until_guest_says(&g, &carrier, "1").await;
+        g.console.until_says(&carrier, "1", SEEN).await;
         assert!(g.vm.spec().nics[0].link_up);
     });
 }
@@ -180,9 +167,9 @@ fn a_vm_launched_from_a_spec_with_a_link_down_boots_with_no_carrier() {
             .run(&format!("ip link set {ifname} up"), SEEN)
             .await;
         let carrier = format!("cat /sys/class/net/{ifname}/carrier");
-        until_guest_says(&g, &carrier, "0").await;
+        g.console.until_says(&carrier, "0", SEEN).await;
         g.vm.set_link("b1", true).await.unwrap();
-        until_guest_says(&g, &carrier, "1").await;
+        g.console.until_says(&carrier, "1", SEEN).await;
     });
 }
 

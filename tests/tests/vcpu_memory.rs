@@ -11,7 +11,7 @@ use qhotplug::{
     MIB,
 };
 use qhotplug_qmp::command::{MemoryDeviceInfo, QueryMemoryDevices};
-use qhotplug_tests::{pc_spec, second_monitor, FaultProxy, TestVm};
+use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, FaultProxy, TestVm};
 
 /// A `pc` VM with room to grow: 1 of up to 4 vCPUs, 128 MiB of up to 1 GiB, 2 memory slots.
 fn growable() -> VmSpec {
@@ -141,8 +141,7 @@ fn memory_devices_fit_slots_and_maxmem_or_are_refused_before_qemu_is_asked() {
     });
 }
 
-/// Runs `change` through a proxy that fails the `nth` `command`, on a VM attached through it, and
-/// asserts the error names that step and QEMU is as it was.
+/// A failure at `command` #`nth` of `change` rolls back cleanly.
 async fn fails_cleanly<F, Fut, T>(
     t: &TestVm,
     dir: &std::path::Path,
@@ -154,31 +153,7 @@ async fn fails_cleanly<F, Fut, T>(
     Fut: std::future::Future<Output = qhotplug::Result<T>>,
     T: std::fmt::Debug,
 {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let proxy = FaultProxy::start(
-        &dir.join(format!("p{n}.sock")),
-        &dir.join("mon2.sock"),
-        command,
-        nth,
-    );
-    let client = qhotplug_qmp::connect(proxy.path()).await.unwrap();
-    let vm = Vm::attach(client, t.vm.spec()).await.unwrap();
-    let before = t.snapshot().await;
-    match change(vm.clone()).await {
-        Err(Error::Step {
-            step,
-            undo_failures,
-            ..
-        }) => {
-            assert_eq!(step, command);
-            assert!(undo_failures.is_empty(), "{command}: {undo_failures:?}");
-        }
-        other => panic!("{command} #{nth}: {other:?}"),
-    }
-    t.assert_settles_to(&before, &format!("after a failure at {command} #{nth}"))
-        .await;
-    drop(vm);
+    assert_rolls_back(t, &dir.join("mon2.sock"), command, nth, change).await;
 }
 
 #[test]

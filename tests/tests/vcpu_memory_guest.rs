@@ -13,21 +13,6 @@ use qhotplug_tests::{pc_spec, q35_spec, Guest};
 /// How long the guest may take to see a change (TCG; onlining a vCPU takes seconds).
 const SEEN: Duration = Duration::from_secs(90);
 
-/// Runs `command` in the guest until its output satisfies `done`, up to [`SEEN`]; returns it.
-async fn until(g: &Guest, command: &str, done: impl Fn(&[String]) -> bool) -> Vec<String> {
-    let deadline = tokio::time::Instant::now() + SEEN;
-    loop {
-        let out = g.console.run(command, SEEN).await;
-        if done(&out) {
-            return out;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{command}: still {out:?}"
-        );
-    }
-}
-
 /// The guest's `MemTotal`, in KiB.
 async fn mem_total(g: &Guest) -> u64 {
     let out = g.console.run("grep MemTotal /proc/meminfo", SEEN).await;
@@ -40,10 +25,12 @@ async fn mem_total(g: &Guest) -> u64 {
 
 /// Waits until `MemTotal` is `kib`.
 async fn mem_total_becomes(g: &Guest, kib: u64) {
-    until(g, "grep MemTotal /proc/meminfo", |out| {
+    let done = |out: &[String]| {
         out.len() == 1 && out[0].split_whitespace().nth(1) == Some(&kib.to_string())
-    })
-    .await;
+    };
+    g.console
+        .until("grep MemTotal /proc/meminfo", done, SEEN)
+        .await;
 }
 
 fn with_cpus(mut spec: VmSpec) -> VmSpec {
@@ -70,16 +57,19 @@ async fn vcpus_one_three_one(spec: VmSpec) {
     // The guest's ACPI code acknowledged both (`_OST`).
     assert!(change.unconfirmed.is_empty(), "{change:?}");
     // The SDK cannot online them; the guest (here, the test through its console) does.
-    until(
-        &g,
-        "echo 1 > /sys/devices/system/cpu/cpu1/online; echo 1 > /sys/devices/system/cpu/cpu2/online; cat /sys/devices/system/cpu/online",
-        |out| out.last().map(String::as_str) == Some("0-2"),
-    )
-    .await;
+    g.console
+        .until(
+            "echo 1 > /sys/devices/system/cpu/cpu1/online; echo 1 > /sys/devices/system/cpu/cpu2/online; cat /sys/devices/system/cpu/online",
+            |out| out.last().map(String::as_str) == Some("0-2"),
+            SEEN,
+        )
+        .await;
 
     let change = g.vm.set_vcpus(1).await.unwrap();
     assert_eq!(change.removed, ["vcpu2", "vcpu1"]);
-    until(&g, "cat /sys/devices/system/cpu/online", |out| out == ["0"]).await;
+    g.console
+        .until_says("cat /sys/devices/system/cpu/online", "0", SEEN)
+        .await;
     assert!(g.vm.spec().vcpus.is_empty());
 }
 

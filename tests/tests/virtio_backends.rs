@@ -9,7 +9,7 @@ use qhotplug::{
     VhostUserBlkConfig, VirtioFsConfig, VirtioSerialConfig, VirtiofsdLauncher, Vm, VmSpec, MIB,
 };
 use qhotplug_qmp::command::QueryChardev;
-use qhotplug_tests::{image, pc_spec, second_monitor, FaultProxy, TestVm};
+use qhotplug_tests::{assert_rolls_back, image, pc_spec, second_monitor, TestVm};
 use serde_json::json;
 
 fn shared_memory_spec() -> VmSpec {
@@ -119,29 +119,8 @@ fn a_failure_at_each_step_leaves_chardevs_objects_and_slots_as_they_were() {
             ("device_add", Box::new(|vm| Box::pin(add_rng(vm)))),
             ("device_add", Box::new(|vm| Box::pin(add_vser(vm)))),
         ];
-        for (i, (step, change)) in cases.iter().enumerate() {
-            let proxy = FaultProxy::start(&d.join(format!("p{i}.sock")), &mon2, step, 1);
-            let vm = Vm::attach(
-                qhotplug_qmp::connect(proxy.path()).await.unwrap(),
-                t.vm.spec(),
-            )
-            .await
-            .unwrap();
-            let before = t.snapshot().await;
-            match change(vm.clone()).await {
-                Err(Error::Step {
-                    step: failed,
-                    undo_failures,
-                    ..
-                }) => {
-                    assert_eq!(&failed, step, "case {i}");
-                    assert!(undo_failures.is_empty(), "case {i}: {undo_failures:?}");
-                }
-                other => panic!("case {i} ({step}): {other:?}"),
-            }
-            t.assert_settles_to(&before, &format!("case {i}: after a failure at {step}"))
-                .await;
-            drop(vm);
+        for (step, change) in &cases {
+            assert_rolls_back(&t, &mon2, step, 1, change).await;
         }
     });
 }

@@ -84,14 +84,7 @@ fn a_virtio_fs_share_a_serial_port_and_an_rng_work_in_the_guest() {
             .unwrap();
         // The tag is known once the guest's driver has probed the device (mount says EINVAL before).
         let read = "mkdir -p /share && mount -t virtiofs share /share && cat /share/hello.txt && umount /share";
-        let deadline = tokio::time::Instant::now() + SEEN;
-        loop {
-            let out = g.console.run(read, SEEN).await;
-            if out == ["from the host"] {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{out:?}");
-        }
+        g.console.until_says(read, "from the host", SEEN).await;
 
         // A named serial port: the guest writes, the host reads from QEMU's socket.
         g.vm.add_virtio_serial(VirtioSerialConfig::new("vser0"))
@@ -133,17 +126,10 @@ fn a_virtio_fs_share_a_serial_port_and_an_rng_work_in_the_guest() {
 
         // An RNG: the guest's hw_random uses it.
         g.vm.add_rng(RngConfig::new("rng0")).await.unwrap();
-        let deadline = tokio::time::Instant::now() + SEEN;
-        loop {
-            let out = g
-                .console
-                .run("cat /sys/class/misc/hw_random/rng_current", SEEN)
-                .await;
-            if out.len() == 1 && out[0].starts_with("virtio_rng") {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{out:?}");
-        }
+        let virtio = |out: &[String]| out.len() == 1 && out[0].starts_with("virtio_rng");
+        g.console
+            .until("cat /sys/class/misc/hw_random/rng_current", virtio, SEEN)
+            .await;
 
         // And they all go again.
         drop(host);
