@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use qhotplug_qmp::command::{
-    BlockdevCloseTray, BlockdevDel, BlockdevInsertMedium, BlockdevRemoveMedium, ChardevRemove,
-    Closefd, NetdevDel, ObjectDel, QueryFdsets, RemoveFd,
+    BlockdevCloseTray, BlockdevDel, BlockdevInsertMedium, BlockdevOpenTray, BlockdevRemoveMedium,
+    ChardevRemove, Closefd, NetdevDel, ObjectDel, QueryFdsets, RemoveFd,
 };
 use qhotplug_qmp::Client;
 
@@ -156,13 +156,22 @@ impl Delete {
                 .execute(&BlockdevRemoveMedium { id: id.clone() })
                 .await
                 .map(drop),
-            Delete::Reinsert { device, node } => client
-                .execute(&BlockdevInsertMedium {
+            Delete::Reinsert { device, node } => {
+                // Putting back what was there: the tray must be open, whatever the guest did to it
+                // meanwhile (a `CloseTray` undo after this closes it again if it was closed).
+                let open = BlockdevOpenTray {
                     id: device.clone(),
-                    node_name: node.clone(),
-                })
-                .await
-                .map(drop),
+                    force: Some(true),
+                };
+                client.execute(&open).await?;
+                client
+                    .execute(&BlockdevInsertMedium {
+                        id: device.clone(),
+                        node_name: node.clone(),
+                    })
+                    .await
+                    .map(drop)
+            }
             Delete::CloseTray(id) => client
                 .execute(&BlockdevCloseTray { id: id.clone() })
                 .await

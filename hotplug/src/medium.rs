@@ -31,6 +31,7 @@ use crate::engine::{mark_busy, run_backends};
 use crate::error::{Error, Result};
 use crate::kinds::cdrom::teardown;
 use crate::kinds::image_backends;
+use crate::qemu_errors::is_tray_closed;
 use crate::state::{self, Device};
 use crate::transaction::Transaction;
 use crate::vm::Vm;
@@ -201,12 +202,8 @@ impl Vm {
                 node,
             };
             let remove = BlockdevRemoveMedium { id: id.to_owned() };
-            txn.step(
-                "blockdev-remove-medium",
-                Some(undo),
-                client.execute(&remove),
-            )
-            .await?;
+            let step = with_tray_open(&client, id, options.force, &remove);
+            txn.step("blockdev-remove-medium", Some(undo), step).await?;
         }
         run_backends(&client, &mut txn, backends).await?;
         if new.medium.is_some() {
@@ -215,12 +212,8 @@ impl Vm {
                 node_name: new.top_node(),
             };
             let undo = Delete::Medium(id.to_owned());
-            txn.step(
-                "blockdev-insert-medium",
-                Some(undo),
-                client.execute(&insert),
-            )
-            .await?;
+            let step = with_tray_open(&client, id, options.force, &insert);
+            txn.step("blockdev-insert-medium", Some(undo), step).await?;
         }
         let close = BlockdevCloseTray { id: id.to_owned() };
         txn.step("blockdev-close-tray", None, client.execute(&close))
@@ -247,6 +240,38 @@ impl Vm {
         };
         tracing::info!(bus, medium = ?new.medium, "medium changed");
         Ok(())
+    }
+}
+
+/// How many times a medium step reopens a tray the guest closed under it.
+const TRAY_RETRIES: usize = 3;
+
+/// Runs `cmd` (a medium step that needs the tray open); when the guest (or its firmware, probing
+/// the drive) closed the tray meanwhile, opens it again and retries, a few times.
+async fn with_tray_open<C: qhotplug_qmp::command::Command>(
+    client: &qhotplug_qmp::Client,
+    id: &str,
+    force: bool,
+    cmd: &C,
+) -> qhotplug_qmp::Result<C::Returns> {
+    let open = BlockdevOpenTray {
+        id: id.to_owned(),
+        force: force.then_some(true),
+    };
+    let mut tries = 0;
+    loop {
+        match client.execute(cmd).await {
+            Err(e) if is_tray_closed(&e) && tries < TRAY_RETRIES => {
+                tries += 1;
+                tracing::debug!(
+                    id,
+                    tries,
+                    "the tray closed under the change; opening it again"
+                );
+                client.execute(&open).await?;
+            }
+            other => return other,
+        }
     }
 }
 

@@ -32,6 +32,13 @@ pub fn is_guest_busy(e: &Error) -> bool {
     e.qmp_desc().is_some_and(|d| d.contains("guest is busy"))
 }
 
+/// A medium step refused because the drive's tray is closed ("Tray of device 'cd' is not open",
+/// "Tray of the device is not open"): the guest (or its firmware) closed it.
+pub fn is_tray_closed(e: &Error) -> bool {
+    e.qmp_desc()
+        .is_some_and(|d| d.starts_with("Tray of") && d.contains("is not open"))
+}
+
 /// `ACPI_DEVICE_OST` status codes for an eject request (ACPI 6.x, `_OST`): 0 done; 0x84 in
 /// progress; 1 (failure), 2 (unrecognised), 0x80 (not supported), 0x81 (in use), 0x82 (busy),
 /// 0x83 (a dependency is busy) are the guest's refusal. QEMU 7.2 reports a guest that refuses to
@@ -66,6 +73,14 @@ mod tests {
             "Failed to find node with node-name='d-fmt'"
         )));
         assert!(!is_absent(&qmp("GenericError", "Node 'd-fmt' is busy")));
+        assert!(is_tray_closed(&qmp(
+            "GenericError",
+            "Tray of the device is not open"
+        )));
+        assert!(is_tray_closed(&qmp(
+            "GenericError",
+            "Tray of device 'cd' is not open"
+        )));
         assert!(is_unplug_under_way(&qmp(
             "GenericError",
             "Device d is already in the process of unplug"
