@@ -383,3 +383,34 @@ fn an_ide_cd_root_boots_first_and_reconcile_deletes_a_stale_medium_node() {
         assert_eq!(nodes(&t.vm).await, ["root-file", "root-fmt"]);
     });
 }
+
+#[test]
+fn a_tray_the_guest_closes_during_a_change_is_opened_again() {
+    qhotplug_tests::serial_test(async {
+        use tracing_subscriber::layer::SubscriberExt;
+        let isos = tempfile::tempdir().unwrap();
+        let a = iso(isos.path(), "a.iso", "hello.txt", "from a\n");
+        let b = iso(isos.path(), "b.iso", "hello.txt", "from b\n");
+        let mon2 = isos.path().join("mon2.sock");
+        let mut spec = pc_spec();
+        spec.cdroms
+            .push(Cdrom::ide("cd", IdeAddr::new(1, 0)).with_medium(&a));
+        second_monitor(&mut spec, &mon2);
+        // Paused, so nothing but this test moves the tray.
+        let t = TestVm::launch(spec).await;
+        // Steps: open-tray, remove-medium, add-fd, blockdev-add ×2, remove-fd, insert-medium (6).
+        let raw = std::sync::Mutex::new(qhotplug_tests::raw::RawMonitor::connect(&mon2));
+        let hook = qhotplug_tests::timing::AtStep::new(6, move || {
+            // What a guest (or its firmware) does: close the tray, here just before the insert.
+            let close =
+                serde_json::json!({"execute": "blockdev-close-tray", "arguments": {"id": "cd"}});
+            raw.lock().unwrap().call(&close, None);
+        });
+        let _guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(hook.clone()));
+        t.vm.insert_medium("cd", &b).await.unwrap();
+        assert_eq!(hook.fired_at().as_deref(), Some("blockdev-insert-medium"));
+        assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt.1"));
+        assert_eq!(nodes(&t.vm).await, ["cd-file.1", "cd-fmt.1"]);
+    });
+}
