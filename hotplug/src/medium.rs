@@ -8,6 +8,9 @@
 //! anywhere leaves the drive as it was. The old medium's nodes are deleted only once the new
 //! medium is in and the tray closed: until then they are what a rollback puts back.
 //!
+//! A guest (or its firmware, probing the drive) may close the tray at any moment: the remove and
+//! insert steps open it again when QEMU says it is closed, a few times.
+//!
 //! A guest that has the drive open (a mounted CD) locks the tray. Unforced, `blockdev-open-tray`
 //! then only asks the guest to open it; the SDK waits for `DEVICE_TRAY_MOVED` for
 //! [`MediumOptions::tray_wait`] and, if the guest does not, answers [`Error::TrayLocked`] with
