@@ -206,6 +206,17 @@ impl Device {
     }
 }
 
+impl Place {
+    /// The PCI address of a kind that asked for one (`Want::Pci`); any other place is
+    /// [`Error::AddressMismatch`](crate::Error::AddressMismatch) for device `id`.
+    pub(crate) fn pci(self, id: &str) -> crate::error::Result<Pci> {
+        match self {
+            Place::Pci(pci) => Ok(pci),
+            _ => Err(crate::error::Error::AddressMismatch(id.to_owned())),
+        }
+    }
+}
+
 /// Where a device sits, for the slot maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Place {
@@ -284,9 +295,35 @@ impl State {
             .collect()
     }
 
-    /// The device with this id, as the spec lists it.
+    /// The device with this id, as the spec lists it: looked up in its kind's list only (live
+    /// changes and removals call this; nothing else is cloned).
     pub(crate) fn device(&self, id: &str) -> Option<Device> {
-        self.all_devices().into_iter().find(|d| d.id() == id)
+        fn pick<T: Clone>(list: &[T], is: impl Fn(&T) -> bool) -> Option<T> {
+            list.iter().find(|x| is(x)).cloned()
+        }
+        let Some(Entry::Placed { kind, .. }) = self.devices.get(id) else {
+            return None;
+        };
+        let s = &self.spec;
+        match kind {
+            Kind::Disk => pick(&s.disks, |d| d.id == id).map(Device::Disk),
+            Kind::Nic => pick(&s.nics, |n| n.id == id).map(Device::Nic),
+            Kind::Cdrom => pick(&s.cdroms, |c| c.id == id).map(Device::Cdrom),
+            Kind::Vcpu => pick(&s.vcpus, |c| c.id == id).map(Device::Vcpu),
+            Kind::Memory => pick(&s.memory_devices, |m| m.id == id).map(Device::Memory),
+            Kind::Balloon => s
+                .balloon
+                .clone()
+                .filter(|b| b.id == id)
+                .map(Device::Balloon),
+            Kind::VhostUserBlk => {
+                pick(&s.vhost_user_blks, |d| d.id == id).map(Device::VhostUserBlk)
+            }
+            Kind::VirtioFs => pick(&s.virtio_fs, |d| d.id == id).map(Device::VirtioFs),
+            Kind::VirtioSerial => pick(&s.virtio_serials, |d| d.id == id).map(Device::VirtioSerial),
+            Kind::SerialPort => pick(&s.serial_ports, |d| d.id == id).map(Device::SerialPort),
+            Kind::Rng => pick(&s.rngs, |d| d.id == id).map(Device::Rng),
+        }
     }
 
     /// Takes the device with this id out of the spec.
@@ -369,8 +406,9 @@ fn placed_entry(kind: Kind) -> Entry {
 pub(crate) trait Hold: Send + 'static {
     /// The device id.
     fn id(&self) -> &str;
-    /// The VM's shared state, where a background rollback is tracked.
-    fn inner(&self) -> Arc<Inner>;
+    /// The VM's shared state, where a background rollback is tracked (none for a sequence on
+    /// another process, such as a storage daemon's export).
+    fn inner(&self) -> Option<Arc<Inner>>;
     /// Keeps what is held (until a reconcile): a rollback could not run, so nothing may reuse
     /// what QEMU may still hold.
     fn leak(self);
@@ -382,8 +420,8 @@ macro_rules! hold {
             fn id(&self) -> &str {
                 &self.id
             }
-            fn inner(&self) -> Arc<Inner> {
-                self.inner.clone()
+            fn inner(&self) -> Option<Arc<Inner>> {
+                Some(self.inner.clone())
             }
             fn leak(mut self) {
                 self.armed = false;
@@ -393,6 +431,19 @@ macro_rules! hold {
 }
 hold!(Reservation);
 hold!(Busy);
+
+/// What a sequence outside any VM's state holds: only its name (a storage daemon's export).
+pub(crate) struct Named(pub(crate) String);
+
+impl Hold for Named {
+    fn id(&self) -> &str {
+        &self.0
+    }
+    fn inner(&self) -> Option<Arc<Inner>> {
+        None
+    }
+    fn leak(self) {}
+}
 
 /// An id and an address held for a hot-add. Dropped uncommitted, it frees both.
 pub(crate) struct Reservation {

@@ -1,24 +1,28 @@
-//! A handle on `qemu-storage-daemon`: launched by the SDK (its QMP monitor on a listener bound
-//! first, stderr kept for errors, killed and reaped with the handle), it serves images as
+//! A handle on `qemu-storage-daemon`: launched by the SDK (its QMP monitor one end of a socket
+//! pair, stderr kept for errors, killed and reaped with the handle), it serves images as
 //! vhost-user-blk exports a VM plugs with [`Vm::add_vhost_user_blk`](crate::Vm::add_vhost_user_blk).
 //! An orchestrator serves a disk and plugs it with one library.
 //!
 //! Export: `blockdev-add` (a `file` node on the path, then a `raw` node on it, named as a disk's:
-//! `<id>-file`, `<id>-fmt`) → `block-export-add` (type `vhost-user-blk` on a Unix socket). A failure
-//! deletes the nodes already added. Unexport: `block-export-del` → wait for
-//! `BLOCK_EXPORT_DELETED` (its clients are gone) → the nodes.
+//! `<id>-file`, `<id>-fmt`) → `block-export-add` (type `vhost-user-blk` on a Unix socket), as the
+//! engine's transaction: a failure deletes the nodes already added, and the error names the step.
+//! Unexport: `block-export-del` → wait for `BLOCK_EXPORT_DELETED` (its clients are gone) → the
+//! nodes.
 
 use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
 use qhotplug_cmdline::{names, QemuProcess, StorageDaemonLauncher};
+use qhotplug_qmp::command::BlockdevAdd;
 use qhotplug_qmp::{Client, EventKind, EventStream};
 use serde_json::json;
 use tracing::Instrument;
 
 use crate::delete::Delete;
 use crate::error::{Error, Result};
+use crate::state::Named;
+use crate::transaction::Transaction;
 
 /// How long an export's removal may wait for its clients to go.
 const UNEXPORT_DEADLINE: Duration = Duration::from_secs(10);
@@ -60,45 +64,44 @@ impl StorageDaemon {
         async {
             qhotplug_cmdline::validate_id(id)?;
             let (file, fmt) = (names::file_node(id), names::format_node(id));
-            let steps = [
-                (
-                    "blockdev-add",
-                    json!({"driver": "file", "node-name": file,
-                    "filename": path.to_string_lossy(), "read-only": !writable}),
-                ),
-                (
-                    "blockdev-add",
-                    json!({"driver": "raw", "node-name": fmt, "file": file,
-                    "read-only": !writable}),
-                ),
-                (
-                    "block-export-add",
-                    json!({"type": "vhost-user-blk", "id": id,
-                    "node-name": fmt, "writable": writable,
-                    "addr": {"type": "unix", "path": socket.to_string_lossy()}}),
-                ),
-            ];
-            let undo = [
-                Delete::BlockNode(file.clone()),
-                Delete::BlockNode(fmt.clone()),
-            ];
-            for (i, (command, args)) in steps.iter().enumerate() {
-                let step = tracing::debug_span!("step", name = command, id);
-                if let Err(e) = self
-                    .client
-                    .execute_raw(command, args)
-                    .instrument(step)
-                    .await
-                {
-                    // Undo what was added, in reverse.
-                    for u in undo[..i].iter().rev() {
-                        if let Err(error) = u.run(&self.client).await {
-                            tracing::warn!(step = %u, %error, "export rollback step failed");
-                        }
-                    }
-                    return Err(e.into());
-                }
-            }
+            let read_only = !writable;
+            let node = |driver: &str, node_name: String, props: serde_json::Value| BlockdevAdd {
+                driver: driver.into(),
+                node_name,
+                props: match props {
+                    serde_json::Value::Object(map) => map,
+                    _ => unreachable!("node properties are an object"),
+                },
+            };
+            let file_add = node(
+                "file",
+                file.clone(),
+                json!({"filename": path.to_string_lossy(), "read-only": read_only}),
+            );
+            let fmt_add = node(
+                "raw",
+                fmt.clone(),
+                json!({"file": file, "read-only": read_only}),
+            );
+            let export = json!({"type": "vhost-user-blk", "id": id, "node-name": fmt,
+                "writable": writable, "addr": {"type": "unix", "path": socket.to_string_lossy()}});
+            // The engine's transaction: each node's undo recorded before it is added, all undone
+            // in reverse if a later step fails.
+            let client = &self.client;
+            let mut txn = Transaction::new(client.clone(), "export", Named(id.to_owned()));
+            let undo = Some(Delete::BlockNode(file.clone()));
+            txn.step("blockdev-add", undo, client.execute(&file_add))
+                .await?;
+            let undo = Some(Delete::BlockNode(fmt.clone()));
+            txn.step("blockdev-add", undo, client.execute(&fmt_add))
+                .await?;
+            txn.step(
+                "block-export-add",
+                None,
+                client.execute_raw("block-export-add", &export),
+            )
+            .await?;
+            txn.commit();
             Ok(())
         }
         .instrument(span)

@@ -148,7 +148,9 @@ impl<H: Hold> Drop for Transaction<H> {
                     }
                     .instrument(span),
                 );
-                inner.track_rollback(task);
+                if let Some(inner) = inner {
+                    inner.track_rollback(task);
+                }
             }
             Err(_) => {
                 tracing::warn!(%id, "sequence dropped outside a runtime: cannot roll back; reconcile");

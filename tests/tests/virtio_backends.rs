@@ -217,14 +217,28 @@ fn a_storage_daemon_export_that_fails_leaves_no_node_behind() {
         };
         // No such image: the first node fails.
         let missing = dir.path().join("missing.raw");
-        assert!(qsd
+        match qsd
             .export("e1", &missing, &dir.path().join("e1.sock"), false)
             .await
-            .is_err());
+        {
+            Err(Error::Step {
+                step: "blockdev-add",
+                undo_failures,
+                ..
+            }) => assert!(undo_failures.is_empty()),
+            other => panic!("{other:?}"),
+        }
         // A socket path that cannot be bound: the export fails after both nodes were added.
         let img = image(dir.path(), "e2.raw", 1);
         let unbindable = dir.path().join("no-such-dir/e2.sock");
-        assert!(qsd.export("e2", &img, &unbindable, false).await.is_err());
+        match qsd.export("e2", &img, &unbindable, false).await {
+            Err(Error::Step {
+                step: "block-export-add",
+                undo_failures,
+                ..
+            }) => assert!(undo_failures.is_empty()),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(nodes().await, 0);
         // And a good one comes and goes.
         qsd.export("e3", &img, &dir.path().join("e3.sock"), false)

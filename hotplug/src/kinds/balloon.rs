@@ -4,7 +4,7 @@
 use qhotplug_cmdline::{Balloon, Pci};
 
 use super::{Kind, Plan, Want};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::state::{Device, Place};
 
 /// A `virtio-balloon-pci` to hot-add.
@@ -50,9 +50,7 @@ impl Kind for BalloonConfig {
     }
 
     fn plan(self, place: Place) -> Result<Plan<Balloon>> {
-        let Place::Pci(pci) = place else {
-            return Err(Error::AddressMismatch(self.id));
-        };
+        let pci = place.pci(&self.id)?;
         qhotplug_cmdline::validate_id(&self.id)?;
         let balloon = Balloon { id: self.id, pci };
         Ok(Plan {

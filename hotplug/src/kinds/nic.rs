@@ -99,9 +99,7 @@ impl Kind for NicConfig {
     }
 
     fn plan(self, place: Place) -> Result<Plan<Nic>> {
-        let Place::Pci(pci) = place else {
-            unreachable!("a NIC wants a PCI slot")
-        };
+        let pci = place.pci(&self.id)?;
         let vhost_fds = match self.vhost {
             Some(policy) => match open_vhost(self.taps.len().max(1), policy)? {
                 Vhost::Enabled(fds) => fds,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use qhotplug_cmdline::{Pci, Rng};
 
 use super::{Backend, Kind, Plan, Want};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::state::{Device, Place};
 
 /// A `virtio-rng-pci` to hot-add.
@@ -60,9 +60,7 @@ impl Kind for RngConfig {
     }
 
     fn plan(self, place: Place) -> Result<Plan<Rng>> {
-        let Place::Pci(pci) = place else {
-            return Err(Error::AddressMismatch(self.id));
-        };
+        let pci = place.pci(&self.id)?;
         let rng = Rng {
             id: self.id,
             pci,

@@ -14,7 +14,7 @@ use qhotplug_cmdline::{Pci, SocketChardev, VhostUserBlk, VirtioFs};
 
 use super::{Backend, Kind, Plan, Want};
 use crate::delete::Delete;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::state::{Device, Place};
 
 /// A `vhost-user-blk-pci` disk to hot-add, on the socket its backend listens on.
@@ -124,9 +124,7 @@ impl Kind for VhostUserBlkConfig {
     }
 
     fn plan(self, place: Place) -> Result<Plan<VhostUserBlk>> {
-        let Place::Pci(pci) = place else {
-            return Err(Error::AddressMismatch(self.id));
-        };
+        let pci = place.pci(&self.id)?;
         let disk = VhostUserBlk {
             id: self.id,
             socket: self.socket,
@@ -153,9 +151,7 @@ impl Kind for VirtioFsConfig {
     }
 
     fn plan(self, place: Place) -> Result<Plan<VirtioFs>> {
-        let Place::Pci(pci) = place else {
-            return Err(Error::AddressMismatch(self.id));
-        };
+        let pci = place.pci(&self.id)?;
         let fs = VirtioFs {
             id: self.id,
             socket: self.socket,

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use qhotplug_cmdline::{Pci, SerialPort, VirtioSerial};
 
 use super::{Backend, Kind, Plan, Want};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::state::{Device, Place};
 
 /// A `virtio-serial-pci` controller to hot-add.
@@ -84,9 +84,7 @@ impl Kind for VirtioSerialConfig {
     }
 
     fn plan(self, place: Place) -> Result<Plan<VirtioSerial>> {
-        let Place::Pci(pci) = place else {
-            return Err(Error::AddressMismatch(self.id));
-        };
+        let pci = place.pci(&self.id)?;
         qhotplug_cmdline::validate_id(&self.id)?;
         let controller = VirtioSerial { id: self.id, pci };
         Ok(Plan {
