@@ -71,6 +71,13 @@ impl Pci {
         vec![p("bus", self.bus.clone()), p("addr", self.addr())]
     }
 
+    /// A device's `id` and its placement here: how every PCI device's properties begin.
+    pub(crate) fn with_id(&self, id: &str) -> Props {
+        let mut props = vec![p("id", id)];
+        props.extend(self.props());
+        props
+    }
+
     pub(crate) fn check(&self) -> Result<()> {
         if self.slot > 31 || self.function > 7 {
             return Err(Error::InvalidSpec(format!(
@@ -444,9 +451,7 @@ impl Nic {
 
     /// The id and placement properties (the Ganeti seed form).
     pub fn frontend_props(&self) -> Props {
-        let mut props = vec![p("id", self.id.clone())];
-        props.extend(self.pci.props());
-        props
+        self.pci.with_id(&self.id)
     }
 
     /// Every device property: placement, `netdev`, `mac`, and `mq`/`vectors` (2N+2) for N > 1.
@@ -529,8 +534,7 @@ impl ScsiController {
 
     /// Launch arguments.
     pub fn args(&self) -> Vec<String> {
-        let mut props = vec![p("id", self.id.clone())];
-        props.extend(self.pci.props());
+        let props = self.pci.with_id(&self.id);
         vec!["-device".into(), render("virtio-scsi-pci", &props)]
     }
 }

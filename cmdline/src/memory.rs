@@ -240,9 +240,7 @@ pub struct Balloon {
 impl Balloon {
     /// Every device property.
     pub fn device_props(&self) -> Props {
-        let mut props = vec![p("id", self.id.clone())];
-        props.extend(self.pci.props());
-        props
+        self.pci.with_id(&self.id)
     }
 
     /// Launch arguments.

@@ -36,8 +36,7 @@ impl Rng {
 
     /// Every device property.
     pub fn device_props(&self) -> Props {
-        let mut props = vec![p("id", self.id.clone())];
-        props.extend(self.pci.props());
+        let mut props = self.pci.with_id(&self.id);
         props.push(p("rng", names::rng(&self.id)));
         props
     }

@@ -65,8 +65,7 @@ impl VhostUserBlk {
 
     /// Every device property.
     pub fn device_props(&self) -> Props {
-        let mut props = vec![p("id", self.id.clone())];
-        props.extend(self.pci.props());
+        let mut props = self.pci.with_id(&self.id);
         props.push(p("chardev", names::chardev(&self.id)));
         if let Some(n) = self.num_queues {
             props.push(p("num-queues", i64::from(n)));
@@ -110,8 +109,7 @@ impl VirtioFs {
 
     /// Every device property.
     pub fn device_props(&self) -> Props {
-        let mut props = vec![p("id", self.id.clone())];
-        props.extend(self.pci.props());
+        let mut props = self.pci.with_id(&self.id);
         props.push(p("chardev", names::chardev(&self.id)));
         props.push(p("tag", self.tag.clone()));
         if let Some(n) = self.queue_size {

@@ -30,9 +30,7 @@ impl VirtioSerial {
 
     /// Every device property.
     pub fn device_props(&self) -> Props {
-        let mut props = vec![p("id", self.id.clone())];
-        props.extend(self.pci.props());
-        props
+        self.pci.with_id(&self.id)
     }
 
     /// Launch arguments.
