@@ -126,6 +126,21 @@ impl Console {
         reported_name(&line, what)
     }
 
+    /// Waits for the guest's report that a disk arrived after `mark`, and returns its name (`vda`)
+    /// and its size in 512-byte sectors, as the guest read it.
+    pub async fn added_disk(&self, mark: usize) -> (String, u64) {
+        let line = self
+            .wait_for(mark, "qhg: add block ", Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|| panic!("the guest never reported a new disk: {:?}", self.lines()));
+        let sectors = line
+            .split(" size=")
+            .nth(1)
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no size in {line:?}"));
+        (reported_name(&line, "block"), sectors)
+    }
+
     /// Runs a shell command in the guest and returns the lines it printed (stdout and stderr), and
     /// only those.
     ///

@@ -176,6 +176,19 @@ fn bad_medium_requests_change_nothing() {
     });
 }
 
+/// A directory with two ISOs, `a.iso` and `b.iso` (each a `hello.txt`), and a `pc` spec with an
+/// IDE CD-ROM `cd` holding `a.iso` and a second monitor at `mon2.sock` there.
+fn ide_cd_with_a_second_monitor() -> (tempfile::TempDir, qhotplug::VmSpec) {
+    let isos = tempfile::tempdir().unwrap();
+    let a = iso(isos.path(), "a.iso", "hello.txt", "from a\n");
+    iso(isos.path(), "b.iso", "hello.txt", "from b\n");
+    let mut spec = pc_spec();
+    spec.cdroms
+        .push(Cdrom::ide("cd", IdeAddr::new(1, 0)).with_medium(&a));
+    second_monitor(&mut spec, &isos.path().join("mon2.sock"));
+    (isos, spec)
+}
+
 /// The steps of a change from one medium to another, in order, with the occurrence to fail.
 const CHANGE_STEPS: &[(&str, usize)] = &[
     ("blockdev-open-tray", 1),
@@ -191,14 +204,12 @@ const CHANGE_STEPS: &[(&str, usize)] = &[
 #[test]
 fn a_failure_at_each_step_of_a_medium_change_leaves_the_drive_as_it_was() {
     qhotplug_tests::serial_test(async {
-        let isos = tempfile::tempdir().unwrap();
-        let a = iso(isos.path(), "a.iso", "hello.txt", "from a\n");
-        let b = iso(isos.path(), "b.iso", "hello.txt", "from b\n");
-        let mon2 = isos.path().join("mon2.sock");
-        let mut spec = pc_spec();
-        spec.cdroms
-            .push(Cdrom::ide("cd", IdeAddr::new(1, 0)).with_medium(&a));
-        second_monitor(&mut spec, &mon2);
+        let (isos, spec) = ide_cd_with_a_second_monitor();
+        let (a, b, mon2) = (
+            isos.path().join("a.iso"),
+            isos.path().join("b.iso"),
+            isos.path().join("mon2.sock"),
+        );
         let t = TestVm::running(spec).await;
         for &(step, nth) in CHANGE_STEPS {
             let b = b.clone();
@@ -388,14 +399,8 @@ fn an_ide_cd_root_boots_first_and_reconcile_deletes_a_stale_medium_node() {
 fn a_tray_the_guest_closes_during_a_change_is_opened_again() {
     qhotplug_tests::serial_test(async {
         use tracing_subscriber::layer::SubscriberExt;
-        let isos = tempfile::tempdir().unwrap();
-        let a = iso(isos.path(), "a.iso", "hello.txt", "from a\n");
-        let b = iso(isos.path(), "b.iso", "hello.txt", "from b\n");
-        let mon2 = isos.path().join("mon2.sock");
-        let mut spec = pc_spec();
-        spec.cdroms
-            .push(Cdrom::ide("cd", IdeAddr::new(1, 0)).with_medium(&a));
-        second_monitor(&mut spec, &mon2);
+        let (isos, spec) = ide_cd_with_a_second_monitor();
+        let (b, mon2) = (isos.path().join("b.iso"), isos.path().join("mon2.sock"));
         // Paused, so nothing but this test moves the tray.
         let t = TestVm::launch(spec).await;
         // Steps: open-tray, remove-medium, add-fd, blockdev-add ×2, remove-fd, insert-medium (6).

@@ -36,15 +36,9 @@ async fn add_disk_seen(g: &Guest, id: &str, mib: u64) -> String {
     g.vm.add_disk(DiskConfig::virtio_blk(id, &path))
         .await
         .unwrap();
-    let line = g
-        .console
-        .wait_for(mark, "qhg: add block", SEEN)
-        .await
-        .unwrap_or_else(|| panic!("the guest never saw {id}: {:?}", g.console.lines()));
-    // "qhg: add block vda size=2048"
-    let size = line.split(" size=").nth(1).unwrap();
-    assert_eq!(size.parse::<u64>().unwrap(), mib * 2048, "{line}");
-    qhotplug_tests::guest::reported_name(&line, "block")
+    let (name, sectors) = g.console.added_disk(mark).await;
+    assert_eq!(sectors, mib * 2048, "{id} as {name}");
+    name
 }
 
 #[test]
@@ -118,13 +112,9 @@ fn the_guest_sees_a_scsi_disk_arrive_and_go() {
         g.vm.add_disk(DiskConfig::scsi_hd("sd1", &path))
             .await
             .unwrap();
-        let line = g
-            .console
-            .wait_for(mark, "qhg: add block sd", SEEN)
-            .await
-            .expect("the guest saw the SCSI disk");
-        assert!(line.ends_with("size=4096"), "{line}");
-        let name = qhotplug_tests::guest::reported_name(&line, "block");
+        let (name, sectors) = g.console.added_disk(mark).await;
+        assert!(name.starts_with("sd"), "a SCSI disk, not {name}");
+        assert_eq!(sectors, 4096);
         let mark = g.console.mark();
         g.vm.remove_disk("sd1").await.unwrap();
         seen_gone(&g, mark, "block", &name).await;

@@ -20,13 +20,8 @@ fn a_disk_grows_online_and_the_guest_sees_its_new_size() {
         g.vm.add_disk(DiskConfig::virtio_blk("g1", &path))
             .await
             .unwrap();
-        let line = g
-            .console
-            .wait_for(mark, "qhg: add block vd", SEEN)
-            .await
-            .expect("the guest saw the disk");
-        assert!(line.ends_with("size=2048"), "{line}");
-        let dev = qhotplug_tests::guest::reported_name(&line, "block");
+        let (dev, sectors) = g.console.added_disk(mark).await;
+        assert!(dev.starts_with("vd") && sectors == 2048, "{dev}: {sectors}");
 
         // Bad input changes nothing: a shrink, a size QEMU cannot take, an id that is no disk.
         match g.vm.resize_disk("g1", 512 << 10).await {

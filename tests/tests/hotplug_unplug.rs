@@ -36,10 +36,8 @@ async fn plug_and_see(g: &Guest, id: &str, path: &std::path::Path) {
     g.vm.add_disk(DiskConfig::virtio_blk(id, path))
         .await
         .unwrap();
-    g.console
-        .wait_for(mark, "qhg: add block vd", SEEN)
-        .await
-        .expect("the guest saw the disk");
+    let disk = g.console.added(mark, "block").await;
+    assert!(disk.starts_with("vd"), "{disk}");
 }
 
 /// Plugs a disk, unplugs it at once, and checks it is gone, in QEMU and in the guest.

@@ -38,13 +38,11 @@ fn a_vhost_user_disk_from_qemu_storage_daemon_holds_what_the_guest_wrote() {
         g.vm.add_vhost_user_blk(VhostUserBlkConfig::new("vdisk", &socket))
             .await
             .unwrap();
-        let line = g
-            .console
-            .wait_for(mark, "qhg: add block vd", SEEN)
-            .await
-            .expect("the guest saw the disk");
-        assert!(line.ends_with("size=16384"), "{line}");
-        let dev = qhotplug_tests::guest::reported_name(&line, "block");
+        let (dev, sectors) = g.console.added_disk(mark).await;
+        assert!(
+            dev.starts_with("vd") && sectors == 16384,
+            "{dev}: {sectors}"
+        );
         let write = format!(
             "echo qhotplug-vhost-user-pattern | dd of=/dev/{dev} bs=512 conv=sync,fsync 2>/dev/null; echo written"
         );
