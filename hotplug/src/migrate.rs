@@ -237,7 +237,8 @@ impl Vm {
         options: MigrationOptions,
         progress: impl FnMut(&Progress),
     ) -> Result<Migrated> {
-        let span = tracing::info_span!("hotplug", op = "migrate", id = %self.spec().name);
+        let name = self.inner().state().spec.name.clone();
+        let span = tracing::info_span!("hotplug", op = "migrate", id = %name);
         let start = Instant::now();
         let was_running = self.client().execute(&QueryStatus).await?.running;
         let mut guard = CancelOnDrop {
@@ -380,35 +381,32 @@ impl Vm {
                     ))),
                 };
             };
-            let Some(Ok(event)) = item else {
-                if item.is_none() {
-                    return Err(Error::Qmp(qhotplug_qmp::Error::Disconnected));
-                }
-                continue;
-            };
-            let pass = match event.kind() {
-                EventKind::MigrationPass(p) => Some(p.pass),
-                EventKind::Migration(m) => match m.status.as_str() {
-                    "completed" | "failed" | "cancelled" => {
-                        ended(self.client().execute(&QueryMigrate).await?)?;
-                        // The source has sent everything; the guest is the target's once the
-                        // target says so too (after post-copy, it may still be pulling pages).
-                        let wait = tracing::debug_span!("step", name = "wait target MIGRATION");
-                        target
-                            .await_end(&mut target_events)
-                            .instrument(wait)
-                            .await?;
-                        // The final figures (total time, downtime), now that both ends are done.
-                        return Ok(self.client().execute(&QueryMigrate).await?);
-                    }
-                    _ => None,
+            match item {
+                None => return Err(Error::Qmp(qhotplug_qmp::Error::Disconnected)),
+                // Events were lost: QEMU's `query-migrate` says where it stands.
+                Some(Err(_lagged)) => {}
+                Some(Ok(event)) => match event.kind() {
+                    EventKind::Migration(_) | EventKind::MigrationPass(_) => {}
+                    _ => continue,
                 },
-                _ => continue,
-            };
+            }
             let info = self.client().execute(&QueryMigrate).await?;
-            progress(&progress_of(&info));
-            if let (Some(after), Some(pass)) = (options.postcopy_after, pass) {
-                if pass >= after && !switched {
+            if is_final(&info) {
+                ended(info)?;
+                // The source has sent everything; the guest is the target's once the target says
+                // so too (after post-copy, it may still be pulling pages).
+                let wait = tracing::debug_span!("step", name = "wait target MIGRATION");
+                target
+                    .await_end(&mut target_events)
+                    .instrument(wait)
+                    .await?;
+                // The final figures (total time, downtime), now that both ends are done.
+                return Ok(self.client().execute(&QueryMigrate).await?);
+            }
+            let now = progress_of(&info);
+            progress(&now);
+            if let Some(after) = options.postcopy_after {
+                if now.passes >= after && !switched {
                     step(
                         "migrate-start-postcopy",
                         self.client().execute(&MigrateStartPostcopy),
@@ -424,10 +422,7 @@ impl Vm {
     async fn await_end(&self, events: &mut qhotplug_qmp::EventStream) -> Result<MigrationInfo> {
         loop {
             let info = self.client().execute(&QueryMigrate).await?;
-            if matches!(
-                info.status.as_deref(),
-                Some("completed" | "failed" | "cancelled")
-            ) {
+            if is_final(&info) {
                 return Ok(info);
             }
             if events.next().await.is_none() {
@@ -536,6 +531,14 @@ fn progress_of(info: &MigrationInfo) -> Progress {
         dirty_rate: ram.dirty_pages_rate,
         passes: ram.dirty_sync_count,
     }
+}
+
+/// True once a migration has ended, one way or the other.
+fn is_final(info: &MigrationInfo) -> bool {
+    matches!(
+        info.status.as_deref(),
+        Some("completed" | "failed" | "cancelled")
+    )
 }
 
 /// The outcome of a migration that ended with `info`.
