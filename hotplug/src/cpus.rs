@@ -70,7 +70,9 @@ impl Vm {
             .map(|c| c.id.clone())
             .collect();
         let plugged = slots.iter().filter(|s| s.qom_path.is_some()).count() as u32;
-        let min = plugged - ours.len() as u32;
+        // The vCPUs the SDK did not add (those from `-smp`) cannot go. A spec listing more vCPUs than
+        // QEMU has (attached with a stale spec) must not underflow.
+        let min = plugged.saturating_sub(ours.len() as u32);
         let max = slots.len() as u32;
         if count < min.max(1) || count > max {
             return Err(Error::InvalidVcpuCount {
