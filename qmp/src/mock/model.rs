@@ -516,11 +516,8 @@ impl Model {
             "set_link" => {
                 let name = required(args, "name")?;
                 let up = args.get("up").and_then(Value::as_bool).unwrap_or(true);
-                let device = self
-                    .devices
-                    .iter_mut()
-                    .find(|d| d.id == name || d.netdev.as_deref() == Some(name))
-                    .ok_or_else(|| not_found(format!("Device '{name}' not found")))?;
+                let device =
+                    self.device_mut(name, |d| d.id == name || d.netdev.as_deref() == Some(name))?;
                 device.link_up = up;
                 Ok(json!({}))
             }
@@ -531,11 +528,7 @@ impl Model {
                     .strip_prefix("/machine/peripheral/")
                     .map(|p| p.trim_end_matches("/virtio-backend"))
                     .unwrap_or(given);
-                let device = self
-                    .devices
-                    .iter_mut()
-                    .find(|d| d.id == id && d.drive.is_some())
-                    .ok_or_else(|| not_found(format!("Device '{id}' not found")))?;
+                let device = self.device_mut(id, |d| d.id == id && d.drive.is_some())?;
                 let mut limits = args.clone();
                 if let Some(map) = limits.as_object_mut() {
                     map.remove("id");
@@ -1100,13 +1093,21 @@ impl Model {
             .ok_or_else(|| generic(format!("PCI: no slot/function available on {bus}")))
     }
 
+    /// The device `is` picks, or QEMU's `DeviceNotFound` naming `name`.
+    fn device_mut(
+        &mut self,
+        name: &str,
+        is: impl Fn(&MockDevice) -> bool,
+    ) -> Result<&mut MockDevice, (&'static str, String)> {
+        self.devices
+            .iter_mut()
+            .find(|d| is(d))
+            .ok_or_else(|| not_found(format!("Device '{name}' not found")))
+    }
+
     fn device_del(&mut self, id: &str, later: &mut Option<Later>) -> Reply {
         let behaviour = self.guest_unplug;
-        let device = self
-            .devices
-            .iter_mut()
-            .find(|d| d.id == id)
-            .ok_or_else(|| not_found(format!("Device '{id}' not found")))?;
+        let device = self.device_mut(id, |d| d.id == id)?;
         if matches!(device.place, MockPlace::Scsi { .. }) {
             // A virtio-scsi bus lets a disk go at once, guest or no guest.
             self.finish_unplug(id);
