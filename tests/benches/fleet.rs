@@ -128,10 +128,66 @@ struct Latencies {
 }
 
 impl Latencies {
-    fn extend(&mut self, other: Latencies) {
-        self.scsi_add.extend(other.scsi_add);
-        self.blk_add.extend(other.blk_add);
-        self.scsi_remove.extend(other.scsi_remove);
+    /// Adds a round's runs. Every VM's first operation is timed from the round's start, the
+    /// moment the first VM began: the orchestrator asked for all of them then, and a VM whose
+    /// thread or task had not yet run was already waiting.
+    fn add_round(&mut self, runs: &[Run]) {
+        let begun = Run::begun(runs);
+        for r in runs {
+            self.scsi_add.push(r.first - begun);
+            self.blk_add.push(r.second - r.first);
+            self.scsi_remove.push(r.end - r.second);
+        }
+    }
+}
+
+/// One VM's three operations in a round: the instants before the first and after each, as the
+/// thread or task that ran them read its clock.
+struct Run {
+    start: Instant,
+    first: Instant,
+    second: Instant,
+    end: Instant,
+}
+
+impl Run {
+    /// When the round began: the first operation any VM began.
+    fn begun(runs: &[Run]) -> Instant {
+        runs.iter().map(|r| r.start).min().expect("a run")
+    }
+
+    /// A round's wall time: from the first operation any VM began to the last reply any VM got,
+    /// as the workers themselves read their clocks. (A coordinator's clock read after releasing
+    /// the floor's threads started late: it waited for a CPU behind the hundred threads it had
+    /// just woken, and some rounds' clocks started with most of the work already done.)
+    fn wall(runs: &[Run]) -> Duration {
+        runs.iter().map(|r| r.end).max().expect("a run") - Run::begun(runs)
+    }
+}
+
+/// CPU time, in seconds: the fleet's QEMUs' and our process's (the SDK, or the floor's threads).
+#[derive(Default, Clone, Copy)]
+struct CpuUse {
+    qemu: f64,
+    ours: f64,
+}
+
+impl CpuUse {
+    fn now(qemu_pids: &[u32]) -> CpuUse {
+        CpuUse {
+            qemu: qemu_pids
+                .iter()
+                .map(|&p| qhotplug_tests::cpu_seconds_of(Some(p)))
+                .sum(),
+            ours: qhotplug_tests::cpu_seconds_of(None),
+        }
+    }
+
+    /// Adds what was used since `before`.
+    fn add(&mut self, before: CpuUse, qemu_pids: &[u32]) {
+        let now = CpuUse::now(qemu_pids);
+        self.qemu += now.qemu - before.qemu;
+        self.ours += now.ours - before.ours;
     }
 }
 
@@ -244,65 +300,63 @@ async fn run(pids: Pids) {
     })
     .await
     .unwrap();
+    let qemu_pids: Vec<u32> = fleet.iter().filter_map(|(vm, _)| vm.pid()).collect();
     let (mut floor_lat, mut sdk_lat) = (Latencies::default(), Latencies::default());
     let (mut floor_walls, mut sdk_walls) = (Vec::new(), Vec::new());
+    let (mut floor_cpu, mut sdk_cpu) = (CpuUse::default(), CpuUse::default());
     for round in 0..ROUNDS {
-        // The floor: a blocking thread per VM; slots from 31 down, targets from 255 down, so
-        // the two sides never collide on a VM.
-        let dirs: Vec<PathBuf> = fleet.iter().map(|(_, d)| d.clone()).collect();
-        let (walls, lat, back) = tokio::task::spawn_blocking(move || {
-            // Every thread is spawned and its images made before any starts: all VMs at once, as
-            // the SDK's tasks are (a thread's clock would otherwise start only when it runs).
-            let go = Arc::new(std::sync::Barrier::new(n + 1));
+        // The floor: a blocking thread per VM, images made first; slots from 31 down, targets
+        // from 255 down, so the two sides never collide on a VM.
+        let disks: Vec<(Disk, Disk)> = fleet
+            .iter()
+            .map(|(_, dir)| {
+                let (s, b) = (format!("fs{round}"), format!("fb{round}"));
+                let scsi = scsi_disk(&s, &image(dir, &s, 1), 255 - round as u16);
+                let blk =
+                    Disk::virtio_blk(&b, image(dir, &b, 1), Pci::new("pci.0", 31 - round as u8));
+                (scsi, blk)
+            })
+            .collect();
+        let cpu = CpuUse::now(&qemu_pids);
+        let (runs, back) = tokio::task::spawn_blocking(move || {
+            // Every thread is spawned before any starts, so all VMs are at it at once, as the
+            // SDK's tasks are.
+            let go = Arc::new(std::sync::Barrier::new(n));
             let handles: Vec<_> = floors
                 .into_iter()
-                .zip(dirs)
-                .map(|(mut raw, dir)| {
+                .zip(disks)
+                .map(|(mut raw, (s, b))| {
                     let go = go.clone();
                     std::thread::spawn(move || {
-                        let mut lat = Latencies::default();
-                        let s = scsi_disk(
-                            &format!("fs{round}"),
-                            &image(&dir, &format!("fs{round}"), 1),
-                            255 - round as u16,
-                        );
-                        let b = Disk::virtio_blk(
-                            format!("fb{round}"),
-                            image(&dir, &format!("fb{round}"), 1),
-                            Pci::new("pci.0", 31 - round as u8),
-                        );
                         go.wait();
-                        let t = Instant::now();
+                        let start = Instant::now();
                         raw.add_disk(&s);
-                        lat.scsi_add.push(t.elapsed());
-                        let t = Instant::now();
+                        let added = Instant::now();
                         raw.add_disk(&b);
-                        lat.blk_add.push(t.elapsed());
-                        let t = Instant::now();
+                        let second = Instant::now();
                         raw.remove_disk(&s);
-                        lat.scsi_remove.push(t.elapsed());
-                        (raw, lat)
+                        let run = Run {
+                            start,
+                            first: added,
+                            second,
+                            end: Instant::now(),
+                        };
+                        (raw, run)
                     })
                 })
                 .collect();
-            go.wait();
-            let start = Instant::now();
-            let mut lat = Latencies::default();
-            let mut back = Vec::new();
-            for h in handles {
-                let (raw, l) = h.join().unwrap();
-                lat.extend(l);
-                back.push(raw);
-            }
-            (start.elapsed(), lat, back)
+            let (back, runs): (Vec<_>, Vec<_>) =
+                handles.into_iter().map(|h| h.join().unwrap()).unzip();
+            (runs, back)
         })
         .await
         .unwrap();
+        floor_cpu.add(cpu, &qemu_pids);
         floors = back;
-        floor_walls.push(walls);
-        floor_lat.extend(lat);
+        floor_walls.push(Run::wall(&runs));
+        floor_lat.add_round(&runs);
 
-        // The SDK: a task per VM, the same three operations, images made before the clock.
+        // The SDK: a task per VM, the same three operations, images made first.
         let work: Vec<_> = fleet
             .iter()
             .map(|(vm, dir)| {
@@ -311,29 +365,33 @@ async fn run(pids: Pids) {
                 (vm.clone(), s, b, si, bi)
             })
             .collect();
-        let start = Instant::now();
+        let cpu = CpuUse::now(&qemu_pids);
         let tasks: Vec<_> = work
             .into_iter()
             .map(|(vm, s, b, si, bi)| {
                 tokio::spawn(async move {
-                    let mut lat = Latencies::default();
-                    let t = Instant::now();
+                    let start = Instant::now();
                     vm.add_disk(DiskConfig::scsi_hd(&s, si)).await.unwrap();
-                    lat.scsi_add.push(t.elapsed());
-                    let t = Instant::now();
+                    let added = Instant::now();
                     vm.add_disk(DiskConfig::virtio_blk(&b, bi)).await.unwrap();
-                    lat.blk_add.push(t.elapsed());
-                    let t = Instant::now();
+                    let second = Instant::now();
                     vm.remove_disk(&s).await.unwrap();
-                    lat.scsi_remove.push(t.elapsed());
-                    lat
+                    Run {
+                        start,
+                        first: added,
+                        second,
+                        end: Instant::now(),
+                    }
                 })
             })
             .collect();
+        let mut runs = Vec::new();
         for t in tasks {
-            sdk_lat.extend(t.await.unwrap());
+            runs.push(t.await.unwrap());
         }
-        sdk_walls.push(start.elapsed());
+        sdk_cpu.add(cpu, &qemu_pids);
+        sdk_walls.push(Run::wall(&runs));
+        sdk_lat.add_round(&runs);
     }
     let ops = (3 * n) as f64;
     let throughput = |walls: &[Duration]| {
@@ -348,6 +406,14 @@ async fn run(pids: Pids) {
     println!(
         "hotplug throughput, median of {ROUNDS} rounds of {} operations: floor {floor_tp:.0} ops/s, sdk {sdk_tp:.0} ops/s",
         3 * n
+    );
+    let per_op = |seconds: f64| seconds / (ops * ROUNDS as f64) * 1e3;
+    println!(
+        "CPU per operation (ms): QEMU floor {:.2}, sdk {:.2}; client floor's threads {:.3}, sdk {:.3}",
+        per_op(floor_cpu.qemu),
+        per_op(sdk_cpu.qemu),
+        per_op(floor_cpu.ours),
+        per_op(sdk_cpu.ours)
     );
     println!("latency (ms)        floor p50  floor p99    sdk p50    sdk p99");
     let mut p99_ratio_max = 0.0f64;

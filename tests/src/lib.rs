@@ -125,6 +125,25 @@ pub fn rss_mib_of(pid: u32) -> f64 {
     proc_value(&format!("/proc/{pid}/status"), "VmRSS:").unwrap_or(0.0) / 1024.0
 }
 
+/// The CPU time (user and system, all threads) process `pid` has used so far, in seconds; `None`
+/// for our own process; 0 when it is gone. From `/proc/PID/stat`, so in clock ticks (10 ms here).
+pub fn cpu_seconds_of(pid: Option<u32>) -> f64 {
+    let path = pid.map_or("/proc/self/stat".into(), |p| format!("/proc/{p}/stat"));
+    let Ok(stat) = std::fs::read_to_string(path) else {
+        return 0.0;
+    };
+    // The fields after the command name (which may hold spaces) in parentheses: utime and stime
+    // are the 14th and 15th of the line, the 12th and 13th after the name.
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / sys::clock_ticks_per_second() as f64
+}
+
 /// How many fds our process has open.
 pub fn open_fd_count() -> usize {
     open_fds().len()

@@ -22,6 +22,13 @@ pub fn kill(pid: u32, signal: i32) -> std::io::Result<()> {
     }
 }
 
+/// Clock ticks per second, the unit of the CPU times in `/proc/PID/stat`.
+pub(crate) fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf(3) reads a configuration value and touches no memory of ours.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks.max(1) as u64
+}
+
 /// Clears close-on-exec on `fd`, so a child would inherit it unless the spawner closes it.
 pub fn clear_cloexec(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
