@@ -8,23 +8,37 @@
 //!    N (`Vm::launch`, all at once). Each: time until all N are connected.
 //! 2. **Memory, fds, threads** of our process per managed VM (`Vm` + `Client` + an event
 //!    subscriber that stays open the whole run), before any floor connection exists.
-//! 3. **Hotplug.** Each round, every VM at once: add a `scsi-hd`, add a `virtio-blk`, remove the
-//!    `scsi-hd` (it leaves a paused VM at once). The floor does the same on each VM's second
-//!    monitor with a blocking thread per VM, sending the same bytes (`qhotplug_tests::raw`).
-//!    Floor and SDK rounds alternate, after each VM's one-time schema check. Throughput (operations per second over the round) and the
-//!    p50/p99 latency of each operation, each beside the floor's.
+//! 3. **Hotplug.** Each round, every VM: add a `scsi-hd`, add a `virtio-blk`, remove the
+//!    `scsi-hd` (it leaves a paused VM without a guest, about 55 ms after `device_del`: QEMU's
+//!    RCU thread batches for up to 50 ms before it finalizes the device). Three sides take turns
+//!    in every round, after each VM's one-time schema check:
+//!    - the floor, on each VM's second monitor: a blocking thread per VM, all released together,
+//!      sending the SDK's own bytes (`qhotplug_tests::raw`);
+//!    - the SDK, a task per VM, all at once;
+//!    - the SDK bounded, as the README has an orchestrator run it: each VM's task holds one of
+//!      the host's permits (a `Semaphore`; 12 per core, `QHOTPLUG_FLEET_BOUND`) for its three
+//!      operations.
+//!
+//!    Each worker reads its own clock: a round runs from the first operation any VM began to the
+//!    last reply, and a VM's first operation is timed from the round's start (its wait for a
+//!    thread, task or permit counts). Throughput (operations per second over the round), the
+//!    p50/p99 latency of each operation, and the CPU per operation of the QEMUs and of our
+//!    process, each side beside the floor.
 //! 4. **Limits.** QEMU's own memory per VM, how many fit in what the machine has free, and the
 //!    N that ran.
 //!
-//! Knobs: `QHOTPLUG_FLEET_WORKERS` (tokio workers; default one per core) and
+//! Knobs: `QHOTPLUG_FLEET_WORKERS` (tokio workers; default one per core),
 //! `QHOTPLUG_FLEET_OOB=1` (negotiate `oob` as `Config::default()` does; off by default, as the
-//! floor's monitors run without it). Every QEMU is stopped by pid at the end, and on Ctrl-C. Prints, last:
-//! `ratio_launch=… ratio_throughput=… p99_ratio_max=… kib_per_vm=… fds_per_vm=…`.
+//! floor's monitors run without it) and `QHOTPLUG_FLEET_BOUND`. Every QEMU is stopped by pid at
+//! the end, and on Ctrl-C. Prints, last: `ratio_launch=… ratio_throughput=… p99_ratio_max=…
+//! ratio_throughput_bounded=… p99_ratio_max_bounded=… kib_per_vm=… fds_per_vm=…`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
 use futures::StreamExt;
 use qhotplug::{Disk, DiskConfig, Launcher, Pci, Vm};
@@ -32,6 +46,11 @@ use qhotplug_tests::raw::{scsi_disk, RawMonitor};
 use qhotplug_tests::{image, open_fd_count, pc_spec, rss_mib};
 
 const ROUNDS: usize = 4;
+
+/// The bounded SDK side's default: VMs at work at once, per core (`QHOTPLUG_FLEET_BOUND` sets the
+/// host's total). A `scsi-hd`'s removal waits about 55 ms in QEMU with the CPU idle, so fewer
+/// leave the cores idle: 4 and 16 on 2 cores gave 0.37 and 0.91 of the floor's throughput.
+const BOUND_PER_CORE: usize = 12;
 
 /// Every QEMU this run started, to stop on the way out (normal end or Ctrl-C).
 type Pids = Arc<Mutex<Vec<u32>>>;
@@ -119,25 +138,37 @@ fn launch_raw(n: usize, root: &Path, pids: &Pids) -> Duration {
     took
 }
 
-/// One operation's latencies, floor or SDK.
+/// What one side (the floor, the SDK, the SDK bounded) measured over the rounds.
 #[derive(Default)]
-struct Latencies {
-    scsi_add: Vec<Duration>,
-    blk_add: Vec<Duration>,
-    scsi_remove: Vec<Duration>,
+struct Side {
+    /// Each round's wall time.
+    walls: Vec<Duration>,
+    /// The latencies of the three operations (`scsi-hd` add, `virtio-blk` add, `scsi-hd`
+    /// remove), every VM's, every round's.
+    lat: [Vec<Duration>; 3],
+    cpu: CpuUse,
 }
 
-impl Latencies {
-    /// Adds a round's runs. Every VM's first operation is timed from the round's start, the
-    /// moment the first VM began: the orchestrator asked for all of them then, and a VM whose
-    /// thread or task had not yet run was already waiting.
-    fn add_round(&mut self, runs: &[Run]) {
+impl Side {
+    /// Adds a round's runs, and the CPU used since `before`. Every VM's first operation is timed
+    /// from the round's start, the moment the first VM began: the orchestrator asked for all of
+    /// them then, and a VM whose thread, task or permit had not yet come was already waiting.
+    fn add_round(&mut self, runs: &[Run], before: CpuUse, qemu_pids: &[u32]) {
+        self.cpu.add(before, qemu_pids);
         let begun = Run::begun(runs);
+        self.walls.push(Run::wall(runs));
         for r in runs {
-            self.scsi_add.push(r.first - begun);
-            self.blk_add.push(r.second - r.first);
-            self.scsi_remove.push(r.end - r.second);
+            self.lat[0].push(r.first - begun);
+            self.lat[1].push(r.second - r.first);
+            self.lat[2].push(r.end - r.second);
         }
+    }
+
+    /// Operations per second: the median over rounds of `ops` over the round's wall time.
+    fn throughput(&self, ops: f64) -> f64 {
+        let mut per: Vec<f64> = self.walls.iter().map(|w| ops / w.as_secs_f64()).collect();
+        per.sort_by(f64::total_cmp);
+        per[per.len() / 2]
     }
 }
 
@@ -189,6 +220,66 @@ impl CpuUse {
         self.qemu += now.qemu - before.qemu;
         self.ours += now.ours - before.ours;
     }
+}
+
+/// One VM's work in an SDK round: its handle, the `scsi-hd` and the `virtio-blk` to add (named
+/// after the round's `tag`, images made), and the host's permits when the round is bounded.
+struct Work {
+    vm: Vm,
+    scsi_id: String,
+    scsi: DiskConfig,
+    blk: DiskConfig,
+    host: Option<Arc<Semaphore>>,
+}
+
+impl Work {
+    fn prepare(fleet: &[(Vm, PathBuf)], tag: &str, host: Option<&Arc<Semaphore>>) -> Vec<Work> {
+        fleet
+            .iter()
+            .map(|(vm, dir)| {
+                let (s, b) = (format!("s{tag}"), format!("b{tag}"));
+                Work {
+                    vm: vm.clone(),
+                    scsi: DiskConfig::scsi_hd(&s, image(dir, &s, 1)),
+                    scsi_id: s,
+                    blk: DiskConfig::virtio_blk(&b, image(dir, &b, 1)),
+                    host: host.cloned(),
+                }
+            })
+            .collect()
+    }
+
+    /// Adds the `scsi-hd`, adds the `virtio-blk`, removes the `scsi-hd`. A bounded VM holds one of
+    /// the host's permits for all three (its first operation's time includes the wait for it).
+    async fn run(self) -> Run {
+        let start = Instant::now();
+        let _permit = match self.host {
+            Some(host) => Some(host.acquire_owned().await.unwrap()),
+            None => None,
+        };
+        self.vm.add_disk(self.scsi).await.unwrap();
+        let first = Instant::now();
+        self.vm.add_disk(self.blk).await.unwrap();
+        let second = Instant::now();
+        self.vm.remove_disk(&self.scsi_id).await.unwrap();
+        let end = Instant::now();
+        Run {
+            start,
+            first,
+            second,
+            end,
+        }
+    }
+}
+
+/// One SDK round: a task per VM, all spawned at once.
+async fn sdk_round(work: Vec<Work>) -> Vec<Run> {
+    let tasks: Vec<_> = work.into_iter().map(|w| tokio::spawn(w.run())).collect();
+    let mut runs = Vec::new();
+    for t in tasks {
+        runs.push(t.await.unwrap());
+    }
+    runs
 }
 
 fn main() {
@@ -301,12 +392,16 @@ async fn run(pids: Pids) {
     .await
     .unwrap();
     let qemu_pids: Vec<u32> = fleet.iter().filter_map(|(vm, _)| vm.pid()).collect();
-    let (mut floor_lat, mut sdk_lat) = (Latencies::default(), Latencies::default());
-    let (mut floor_walls, mut sdk_walls) = (Vec::new(), Vec::new());
-    let (mut floor_cpu, mut sdk_cpu) = (CpuUse::default(), CpuUse::default());
+    let cores = std::thread::available_parallelism().map_or(2, |c| c.get());
+    let bound = std::env::var("QHOTPLUG_FLEET_BOUND")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(BOUND_PER_CORE * cores);
+    let host = Arc::new(Semaphore::new(bound));
+    let (mut floor, mut sdk, mut bounded) = (Side::default(), Side::default(), Side::default());
     for round in 0..ROUNDS {
         // The floor: a blocking thread per VM, images made first; slots from 31 down, targets
-        // from 255 down, so the two sides never collide on a VM.
+        // from 255 down, so the floor and the SDK (which picks free ones) never collide.
         let disks: Vec<(Disk, Disk)> = fleet
             .iter()
             .map(|(_, dir)| {
@@ -331,17 +426,20 @@ async fn run(pids: Pids) {
                         go.wait();
                         let start = Instant::now();
                         raw.add_disk(&s);
-                        let added = Instant::now();
+                        let first = Instant::now();
                         raw.add_disk(&b);
                         let second = Instant::now();
                         raw.remove_disk(&s);
-                        let run = Run {
-                            start,
-                            first: added,
-                            second,
-                            end: Instant::now(),
-                        };
-                        (raw, run)
+                        let end = Instant::now();
+                        (
+                            raw,
+                            Run {
+                                start,
+                                first,
+                                second,
+                                end,
+                            },
+                        )
                     })
                 })
                 .collect();
@@ -351,101 +449,66 @@ async fn run(pids: Pids) {
         })
         .await
         .unwrap();
-        floor_cpu.add(cpu, &qemu_pids);
         floors = back;
-        floor_walls.push(Run::wall(&runs));
-        floor_lat.add_round(&runs);
+        floor.add_round(&runs, cpu, &qemu_pids);
 
-        // The SDK: a task per VM, the same three operations, images made first.
-        let work: Vec<_> = fleet
-            .iter()
-            .map(|(vm, dir)| {
-                let (s, b) = (format!("ss{round}"), format!("sb{round}"));
-                let (si, bi) = (image(dir, &s, 1), image(dir, &b, 1));
-                (vm.clone(), s, b, si, bi)
-            })
-            .collect();
+        // The SDK: a task per VM, the same three operations, all at once.
+        let work = Work::prepare(&fleet, &format!("s{round}"), None);
         let cpu = CpuUse::now(&qemu_pids);
-        let tasks: Vec<_> = work
-            .into_iter()
-            .map(|(vm, s, b, si, bi)| {
-                tokio::spawn(async move {
-                    let start = Instant::now();
-                    vm.add_disk(DiskConfig::scsi_hd(&s, si)).await.unwrap();
-                    let added = Instant::now();
-                    vm.add_disk(DiskConfig::virtio_blk(&b, bi)).await.unwrap();
-                    let second = Instant::now();
-                    vm.remove_disk(&s).await.unwrap();
-                    Run {
-                        start,
-                        first: added,
-                        second,
-                        end: Instant::now(),
-                    }
-                })
-            })
-            .collect();
-        let mut runs = Vec::new();
-        for t in tasks {
-            runs.push(t.await.unwrap());
-        }
-        sdk_cpu.add(cpu, &qemu_pids);
-        sdk_walls.push(Run::wall(&runs));
-        sdk_lat.add_round(&runs);
+        let runs = sdk_round(work).await;
+        sdk.add_round(&runs, cpu, &qemu_pids);
+
+        // The SDK as the README has an orchestrator use it: each VM's work holds one of the host's
+        // `bound` permits, so that many VMs are at it at once and the rest queue.
+        let work = Work::prepare(&fleet, &format!("q{round}"), Some(&host));
+        let cpu = CpuUse::now(&qemu_pids);
+        let runs = sdk_round(work).await;
+        bounded.add_round(&runs, cpu, &qemu_pids);
     }
     let ops = (3 * n) as f64;
-    let throughput = |walls: &[Duration]| {
-        let mut per: Vec<f64> = walls.iter().map(|w| ops / w.as_secs_f64()).collect();
-        per.sort_by(f64::total_cmp);
-        per[per.len() / 2]
-    };
-    let (floor_tp, sdk_tp) = (throughput(&floor_walls), throughput(&sdk_walls));
-    // Each floor round beside the SDK round right after it: the median of those ratios resists
-    // the drift of a shared machine.
-    let ratio_throughput = qhotplug_tests::median_ratio(&floor_walls, &sdk_walls);
     println!(
-        "hotplug throughput, median of {ROUNDS} rounds of {} operations: floor {floor_tp:.0} ops/s, sdk {sdk_tp:.0} ops/s",
-        3 * n
+        "hotplug throughput, median of {ROUNDS} rounds of {} operations (ops/s): floor {:.0}, sdk {:.0}, sdk bounded to {bound} VMs at a time {:.0}",
+        3 * n,
+        floor.throughput(ops),
+        sdk.throughput(ops),
+        bounded.throughput(ops)
     );
     let per_op = |seconds: f64| seconds / (ops * ROUNDS as f64) * 1e3;
     println!(
-        "CPU per operation (ms): QEMU floor {:.2}, sdk {:.2}; client floor's threads {:.3}, sdk {:.3}",
-        per_op(floor_cpu.qemu),
-        per_op(sdk_cpu.qemu),
-        per_op(floor_cpu.ours),
-        per_op(sdk_cpu.ours)
+        "CPU per operation (ms): QEMU floor {:.2}, sdk {:.2}, bounded {:.2}; client floor's threads {:.3}, sdk {:.3}, bounded {:.3}",
+        per_op(floor.cpu.qemu),
+        per_op(sdk.cpu.qemu),
+        per_op(bounded.cpu.qemu),
+        per_op(floor.cpu.ours),
+        per_op(sdk.cpu.ours),
+        per_op(bounded.cpu.ours)
     );
-    println!("latency (ms)        floor p50  floor p99    sdk p50    sdk p99");
-    let mut p99_ratio_max = 0.0f64;
-    for (name, f, s) in [
-        (
-            "scsi-hd add",
-            &mut floor_lat.scsi_add,
-            &mut sdk_lat.scsi_add,
-        ),
-        (
-            "virtio-blk add",
-            &mut floor_lat.blk_add,
-            &mut sdk_lat.blk_add,
-        ),
-        (
-            "scsi-hd remove",
-            &mut floor_lat.scsi_remove,
-            &mut sdk_lat.scsi_remove,
-        ),
+    println!("latency (ms)       floor p50 floor p99   sdk p50   sdk p99  bound p50  bound p99");
+    let (mut p99_ratio_max, mut p99_ratio_max_bounded) = (0.0f64, 0.0f64);
+    for (name, op) in [
+        ("scsi-hd add", 0),
+        ("virtio-blk add", 1),
+        ("scsi-hd remove", 2),
     ] {
-        let (fp50, fp99) = (percentile(f, 0.5), percentile(f, 0.99));
-        let (sp50, sp99) = (percentile(s, 0.5), percentile(s, 0.99));
-        p99_ratio_max = p99_ratio_max.max(sp99.as_secs_f64() / fp99.as_secs_f64());
+        let [f, s, b] = [&mut floor, &mut sdk, &mut bounded].map(|side| {
+            let lat = &mut side.lat[op];
+            (percentile(lat, 0.5), percentile(lat, 0.99))
+        });
+        p99_ratio_max = p99_ratio_max.max(s.1.as_secs_f64() / f.1.as_secs_f64());
+        p99_ratio_max_bounded = p99_ratio_max_bounded.max(b.1.as_secs_f64() / f.1.as_secs_f64());
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
-            "{name:<18} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
-            ms(fp50),
-            ms(fp99),
-            ms(sp50),
-            ms(sp99)
+            "{name:<18} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1}",
+            ms(f.0),
+            ms(f.1),
+            ms(s.0),
+            ms(s.1),
+            ms(b.0),
+            ms(b.1)
         );
     }
+    let ratio_throughput = qhotplug_tests::median_ratio(&floor.walls, &sdk.walls);
+    let ratio_throughput_bounded = qhotplug_tests::median_ratio(&floor.walls, &bounded.walls);
     let seen = events.load(Ordering::Relaxed);
     println!("events seen by the {n} subscribers: {seen}");
 
@@ -466,8 +529,9 @@ async fn run(pids: Pids) {
     drop(fleet);
     kill_all(&pids);
     println!(
-        "ratio_launch={:.3} ratio_throughput={:.3} p99_ratio_max={p99_ratio_max:.3} kib_per_vm={kib_per_vm:.1} fds_per_vm={fds_per_vm:.2}",
+        "ratio_launch={:.3} ratio_throughput={ratio_throughput:.3} p99_ratio_max={p99_ratio_max:.3} \
+         ratio_throughput_bounded={ratio_throughput_bounded:.3} p99_ratio_max_bounded={p99_ratio_max_bounded:.3} \
+         kib_per_vm={kib_per_vm:.1} fds_per_vm={fds_per_vm:.2}",
         floor_launch.as_secs_f64() / sdk_launch.as_secs_f64(),
-        ratio_throughput
     );
 }
