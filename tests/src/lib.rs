@@ -13,6 +13,7 @@
 
 #![warn(missing_docs)]
 
+pub mod epoll_floor;
 pub mod guest;
 pub mod mock;
 pub mod proxy;

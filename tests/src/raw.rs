@@ -50,15 +50,13 @@ impl RawMonitor {
         args: &A,
         fd: Option<&std::fs::File>,
     ) -> Value {
-        let mut bytes = Vec::new();
-        encode_request(&mut bytes, name, args, Execution::InBand).unwrap();
-        match fd {
-            Some(f) => {
-                let n = self.write.send_with_fd(&bytes, &[f.as_raw_fd()]).unwrap();
-                self.write.write_all(&bytes[n..]).unwrap();
-            }
-            None => self.write.write_all(&bytes).unwrap(),
-        }
+        self.send_encoded(name, &encode(name, args), fd)
+    }
+
+    /// Sends `bytes` (a request named `name`), with `fd` if given, and waits for its reply; events
+    /// before it are skipped. Returns the reply's `return`.
+    pub fn send_encoded(&mut self, name: &str, bytes: &[u8], fd: Option<&std::fs::File>) -> Value {
+        write_request(&self.write, bytes, fd);
         let mut line = String::new();
         loop {
             line.clear();
@@ -106,33 +104,16 @@ impl RawMonitor {
     /// The SDK's disk sequence for `disk`, by hand, with the same command values; the time of each
     /// step.
     pub fn add_disk(&mut self, disk: &Disk) -> Vec<(&'static str, Duration)> {
-        let (id, path) = (&disk.id, &disk.path);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .unwrap();
-        let mut steps = Vec::new();
-        let add = AddFd {
-            fdset_id: None,
-            opaque: Some(qhotplug_cmdline::names::fdset_tag(id)),
-        };
-        let info = self.step(&mut steps, "add-fd", &add, Some(&file));
+        let (add, file) = disk_add_fd(disk);
+        let start = Instant::now();
+        let info = self.send_encoded("add-fd", &add, Some(&file));
+        let mut steps = vec![("add-fd", start.elapsed())];
         drop(file);
-        let set = info["fdset-id"].as_i64().unwrap();
-        for node in disk.blockdev_add(&format!("/dev/fdset/{set}")) {
-            self.step(&mut steps, "blockdev-add", &node, None);
+        for (name, bytes) in disk_after_add_fd(disk, &info) {
+            let start = Instant::now();
+            self.send_encoded(name, &bytes, None);
+            steps.push((name, start.elapsed()));
         }
-        self.step(
-            &mut steps,
-            "remove-fd",
-            &RemoveFd {
-                fdset_id: set,
-                fd: None,
-            },
-            None,
-        );
-        self.step(&mut steps, "device_add", &disk.device_add(), None);
         steps
     }
 
@@ -140,30 +121,25 @@ impl RawMonitor {
     /// may come before the reply: a SCSI disk goes at once), then `blockdev-del` of the format and
     /// protocol nodes. Needs no guest for a SCSI disk.
     pub fn remove_disk(&mut self, disk: &Disk) {
-        let mut bytes = Vec::new();
-        let args = json!({ "id": disk.id });
-        encode_request(&mut bytes, "device_del", &args, Execution::InBand).unwrap();
-        self.write.write_all(&bytes).unwrap();
-        let (mut replied, mut deleted) = (false, false);
+        write_request(&self.write, &device_del(disk), None);
+        let mut waiting = Removal::new(disk);
         let mut line = String::new();
-        while !(replied && deleted) {
+        while !waiting.done() {
             line.clear();
             self.read.read_line(&mut line).unwrap();
-            let v: Value = serde_json::from_str(&line).unwrap();
-            match v.get("event").and_then(Value::as_str) {
-                Some("DEVICE_DELETED") => {
-                    deleted |= v["data"]["device"].as_str() == Some(disk.id.as_str())
-                }
-                Some(_) => {}
-                None => {
-                    assert!(v.get("return").is_some(), "device_del {}: {v}", disk.id);
-                    replied = true;
-                }
-            }
+            waiting.saw(&serde_json::from_str(&line).unwrap());
         }
-        for node in [disk.top_node(), disk.file_node()] {
-            self.send("blockdev-del", &json!({ "node-name": node }), None);
+        for (name, bytes) in disk_after_deleted(disk) {
+            self.send_encoded(name, &bytes, None);
         }
+    }
+
+    /// The connection's two halves, for a caller that drives many monitors from one loop, and
+    /// whatever was read but not yet consumed.
+    pub fn parts(&mut self) -> (&UnixStream, Vec<u8>) {
+        let buffered = self.read.buffer().to_vec();
+        self.read.consume(buffered.len());
+        (&self.write, buffered)
     }
 
     /// The SDK's NIC sequence on a new one-queue tap, by hand; the time of each step.
@@ -212,4 +188,116 @@ pub fn scsi_disk(id: &str, path: &Path, target: u16) -> Disk {
             lun: 0,
         },
     )
+}
+
+/// `name` and `args` as a request, encoded as the SDK encodes it.
+pub fn encode<A: serde::Serialize>(name: &str, args: &A) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    encode_request(&mut bytes, name, args, Execution::InBand).unwrap();
+    bytes
+}
+
+/// Writes a whole request, passing `fd` with its first bytes if given. (For a non-blocking
+/// socket too: a request is far smaller than the socket's buffer, which QEMU keeps reading.)
+pub fn write_request(mut socket: &UnixStream, bytes: &[u8], fd: Option<&std::fs::File>) {
+    let sent = match fd {
+        Some(f) => socket.send_with_fd(bytes, &[f.as_raw_fd()]).unwrap(),
+        None => 0,
+    };
+    socket.write_all(&bytes[sent..]).unwrap();
+}
+
+/// The `add-fd` that begins the SDK's disk sequence, encoded, and the image opened read-write to
+/// pass with it.
+pub fn disk_add_fd(disk: &Disk) -> (Vec<u8>, std::fs::File) {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk.path)
+        .unwrap();
+    let add = AddFd {
+        fdset_id: None,
+        opaque: Some(qhotplug_cmdline::names::fdset_tag(&disk.id)),
+    };
+    (encode("add-fd", &add), file)
+}
+
+/// The rest of the SDK's disk sequence once `add-fd` answered `info`, encoded: the
+/// `blockdev-add`s on the new fd set, `remove-fd`, `device_add`.
+pub fn disk_after_add_fd(disk: &Disk, info: &Value) -> Vec<(&'static str, Vec<u8>)> {
+    let set = info["fdset-id"]
+        .as_i64()
+        .expect("add-fd answers an fdset-id");
+    let remove = RemoveFd {
+        fdset_id: set,
+        fd: None,
+    };
+    disk.blockdev_add(&format!("/dev/fdset/{set}"))
+        .iter()
+        .map(|node| ("blockdev-add", encode("blockdev-add", node)))
+        .chain([
+            ("remove-fd", encode("remove-fd", &remove)),
+            ("device_add", encode("device_add", &disk.device_add())),
+        ])
+        .collect()
+}
+
+/// `disk`'s `device_del`, encoded.
+pub fn device_del(disk: &Disk) -> Vec<u8> {
+    encode("device_del", &json!({ "id": disk.id }))
+}
+
+/// The end of the SDK's removal of `disk` once it is deleted, encoded: `blockdev-del` of the
+/// format and the protocol node.
+pub fn disk_after_deleted(disk: &Disk) -> Vec<(&'static str, Vec<u8>)> {
+    [disk.top_node(), disk.file_node()]
+        .into_iter()
+        .map(|node| {
+            (
+                "blockdev-del",
+                encode("blockdev-del", &json!({ "node-name": node })),
+            )
+        })
+        .collect()
+}
+
+/// What a `device_del` waits for: its reply and the device's `DEVICE_DELETED`, in either order.
+pub struct Removal {
+    id: String,
+    replied: bool,
+    deleted: bool,
+}
+
+impl Removal {
+    /// Waiting for both, for `disk`.
+    pub fn new(disk: &Disk) -> Removal {
+        Removal {
+            id: disk.id.clone(),
+            replied: false,
+            deleted: false,
+        }
+    }
+
+    /// Takes in one message from the monitor. Panics on an error reply.
+    pub fn saw(&mut self, message: &Value) {
+        match message.get("event").and_then(Value::as_str) {
+            Some("DEVICE_DELETED") => {
+                self.deleted |= message["data"]["device"].as_str() == Some(self.id.as_str())
+            }
+            Some(_) => {}
+            None => {
+                assert!(
+                    message.get("return").is_some(),
+                    "device_del {}: {message}",
+                    self.id
+                );
+                self.replied = true;
+            }
+        }
+    }
+
+    /// Both came.
+    pub fn done(&self) -> bool {
+        self.replied && self.deleted
+    }
 }
