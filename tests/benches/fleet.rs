@@ -10,10 +10,11 @@
 //!    subscriber that stays open the whole run), before any floor connection exists.
 //! 3. **Hotplug.** Each round, every VM: add a `scsi-hd`, add a `virtio-blk`, remove the
 //!    `scsi-hd` (it leaves a paused VM without a guest, about 55 ms after `device_del`: QEMU's
-//!    RCU thread batches for up to 50 ms before it finalizes the device). Three sides take turns
+//!    RCU thread batches for up to 50 ms before it finalizes the device). Four sides take turns
 //!    in every round, after each VM's one-time schema check:
-//!    - the floor, on each VM's second monitor: a blocking thread per VM, all released together,
-//!      sending the SDK's own bytes (`qhotplug_tests::raw`);
+//!    - the floor, on each VM's second monitor, two ways, sending the SDK's own bytes
+//!      (`qhotplug_tests::raw`): a blocking thread per VM, all released together; and one
+//!      thread's epoll loop driving every VM at once (`qhotplug_tests::epoll_floor`);
 //!    - the SDK, a task per VM, all at once;
 //!    - the SDK bounded, as the README has an orchestrator run it: each VM's task holds one of
 //!      the host's permits (a `Semaphore`; 12 per core, `QHOTPLUG_FLEET_BOUND`) for its three
@@ -21,9 +22,11 @@
 //!
 //!    Each worker reads its own clock: a round runs from the first operation any VM began to the
 //!    last reply, and a VM's first operation is timed from the round's start (its wait for a
-//!    thread, task or permit counts). Throughput (operations per second over the round), the
-//!    p50/p99 latency of each operation, and the CPU per operation of the QEMUs and of our
-//!    process, each side beside the floor.
+//!    thread, task or permit counts). Per side: throughput (operations per second over the
+//!    round), the p50/p99 latency of each operation, and the CPU per operation of the QEMUs and
+//!    of our process. Throughput is beside the faster floor of each round; p99 beside the floor
+//!    that orders the work the same way (the unbounded SDK beside the epoll loop, the bounded one
+//!    beside the threads), and every pairing is printed.
 //! 4. **Limits.** QEMU's own memory per VM, how many fit in what the machine has free, and the
 //!    N that ran.
 //!
@@ -42,10 +45,11 @@ use tokio::sync::Semaphore;
 
 use futures::StreamExt;
 use qhotplug::{Disk, DiskConfig, Launcher, Pci, Vm};
+use qhotplug_tests::epoll_floor::{self, RawOp};
 use qhotplug_tests::raw::{scsi_disk, RawMonitor};
 use qhotplug_tests::{image, open_fd_count, pc_spec, rss_mib};
 
-const ROUNDS: usize = 4;
+const ROUNDS: usize = 6;
 
 /// The bounded SDK side's default: VMs at work at once, per core (`QHOTPLUG_FLEET_BOUND` sets the
 /// host's total). A `scsi-hd`'s removal waits about 55 ms in QEMU with the CPU idle, so fewer
@@ -398,7 +402,8 @@ async fn run(pids: Pids) {
         .and_then(|b| b.parse().ok())
         .unwrap_or(BOUND_PER_CORE * cores);
     let host = Arc::new(Semaphore::new(bound));
-    let (mut floor, mut sdk, mut bounded) = (Side::default(), Side::default(), Side::default());
+    let [mut floor, mut epoll, mut sdk, mut bounded] = [(); 4].map(|()| Side::default());
+    let bounded_name = format!("sdk, bounded to {bound} VMs at a time");
     for round in 0..ROUNDS {
         // The floor: a blocking thread per VM, images made first; slots from 31 down, targets
         // from 255 down, so the floor and the SDK (which picks free ones) never collide.
@@ -452,6 +457,42 @@ async fn run(pids: Pids) {
         floors = back;
         floor.add_round(&runs, cpu, &qemu_pids);
 
+        // The other floor: one thread, one epoll loop, every VM at once; slots and targets below
+        // the first floor's.
+        let batches: Vec<Vec<RawOp>> = fleet
+            .iter()
+            .map(|(_, dir)| {
+                let (s, b) = (format!("es{round}"), format!("eb{round}"));
+                let scsi = scsi_disk(&s, &image(dir, &s, 1), (255 - ROUNDS - round) as u16);
+                let blk = Disk::virtio_blk(
+                    &b,
+                    image(dir, &b, 1),
+                    Pci::new("pci.0", (31 - ROUNDS - round) as u8),
+                );
+                vec![
+                    RawOp::AddDisk(scsi.clone()),
+                    RawOp::AddDisk(blk),
+                    RawOp::RemoveDisk(scsi),
+                ]
+            })
+            .collect();
+        let cpu = CpuUse::now(&qemu_pids);
+        let (marks, back) =
+            tokio::task::spawn_blocking(move || (epoll_floor::run(&mut floors, batches), floors))
+                .await
+                .unwrap();
+        floors = back;
+        let runs: Vec<Run> = marks
+            .into_iter()
+            .map(|m| Run {
+                start: m[0],
+                first: m[1],
+                second: m[2],
+                end: m[3],
+            })
+            .collect();
+        epoll.add_round(&runs, cpu, &qemu_pids);
+
         // The SDK: a task per VM, the same three operations, all at once.
         let work = Work::prepare(&fleet, &format!("s{round}"), None);
         let cpu = CpuUse::now(&qemu_pids);
@@ -466,49 +507,73 @@ async fn run(pids: Pids) {
         bounded.add_round(&runs, cpu, &qemu_pids);
     }
     let ops = (3 * n) as f64;
+    let sides = [
+        ("floor: threads", &mut floor),
+        ("floor: epoll", &mut epoll),
+        ("sdk", &mut sdk),
+        (bounded_name.as_str(), &mut bounded),
+    ];
     println!(
-        "hotplug throughput, median of {ROUNDS} rounds of {} operations (ops/s): floor {:.0}, sdk {:.0}, sdk bounded to {bound} VMs at a time {:.0}",
-        3 * n,
-        floor.throughput(ops),
-        sdk.throughput(ops),
-        bounded.throughput(ops)
+        "{:<34} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        format!("median of {ROUNDS} rounds of {} ops", 3 * n),
+        "ops/s",
+        "QEMU ms",
+        "ours ms",
+        "add p50",
+        "add p99",
+        "blk p50",
+        "blk p99",
+        "rm p50",
+        "rm p99"
     );
     let per_op = |seconds: f64| seconds / (ops * ROUNDS as f64) * 1e3;
-    println!(
-        "CPU per operation (ms): QEMU floor {:.2}, sdk {:.2}, bounded {:.2}; client floor's threads {:.3}, sdk {:.3}, bounded {:.3}",
-        per_op(floor.cpu.qemu),
-        per_op(sdk.cpu.qemu),
-        per_op(bounded.cpu.qemu),
-        per_op(floor.cpu.ours),
-        per_op(sdk.cpu.ours),
-        per_op(bounded.cpu.ours)
-    );
-    println!("latency (ms)       floor p50 floor p99   sdk p50   sdk p99  bound p50  bound p99");
-    let (mut p99_ratio_max, mut p99_ratio_max_bounded) = (0.0f64, 0.0f64);
-    for (name, op) in [
-        ("scsi-hd add", 0),
-        ("virtio-blk add", 1),
-        ("scsi-hd remove", 2),
-    ] {
-        let [f, s, b] = [&mut floor, &mut sdk, &mut bounded].map(|side| {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut p99s = Vec::new();
+    for (name, side) in sides {
+        let [add, blk, rm] = [0, 1, 2].map(|op| {
             let lat = &mut side.lat[op];
             (percentile(lat, 0.5), percentile(lat, 0.99))
         });
-        p99_ratio_max = p99_ratio_max.max(s.1.as_secs_f64() / f.1.as_secs_f64());
-        p99_ratio_max_bounded = p99_ratio_max_bounded.max(b.1.as_secs_f64() / f.1.as_secs_f64());
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
-            "{name:<18} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.1}",
-            ms(f.0),
-            ms(f.1),
-            ms(s.0),
-            ms(s.1),
-            ms(b.0),
-            ms(b.1)
+            "{name:<34} {:>7.0} {:>9.2} {:>9.3} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            side.throughput(ops),
+            per_op(side.cpu.qemu),
+            per_op(side.cpu.ours),
+            ms(add.0),
+            ms(add.1),
+            ms(blk.0),
+            ms(blk.1),
+            ms(rm.0),
+            ms(rm.1)
         );
+        p99s.push([add.1, blk.1, rm.1]);
     }
-    let ratio_throughput = qhotplug_tests::median_ratio(&floor.walls, &sdk.walls);
-    let ratio_throughput_bounded = qhotplug_tests::median_ratio(&floor.walls, &bounded.walls);
+    // Throughput beside the faster floor of each round. p99 beside the floor that orders the work
+    // the same way (the two floors trade one operation's latency for another's at the same
+    // throughput): the unbounded SDK beside the epoll loop (every VM a step at a time), the
+    // bounded SDK beside the threads (the kernel lets a few VMs run to the end while the rest
+    // wait to start). Every pairing is printed.
+    let fastest: Vec<Duration> = floor
+        .walls
+        .iter()
+        .zip(&epoll.walls)
+        .map(|(t, e)| *t.min(e))
+        .collect();
+    let ratio_throughput = qhotplug_tests::median_ratio(&fastest, &sdk.walls);
+    let ratio_throughput_bounded = qhotplug_tests::median_ratio(&fastest, &bounded.walls);
+    let p99_ratio = |ours: usize, floor: usize| {
+        (0..3)
+            .map(|op| p99s[ours][op].as_secs_f64() / p99s[floor][op].as_secs_f64())
+            .fold(0.0f64, f64::max)
+    };
+    println!(
+        "p99 / floor's p99, the largest of the three operations: sdk {:.3} beside the threads, {:.3} beside epoll; bounded {:.3} beside the threads, {:.3} beside epoll",
+        p99_ratio(2, 0),
+        p99_ratio(2, 1),
+        p99_ratio(3, 0),
+        p99_ratio(3, 1)
+    );
+    let (p99_ratio_max, p99_ratio_max_bounded) = (p99_ratio(2, 1), p99_ratio(3, 0));
     let seen = events.load(Ordering::Relaxed);
     println!("events seen by the {n} subscribers: {seen}");
 
