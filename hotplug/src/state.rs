@@ -326,30 +326,30 @@ impl State {
         }
     }
 
-    /// Takes the device with this id out of the spec.
-    fn take(&mut self, id: &str) -> Option<Device> {
-        fn pull<T>(list: &mut Vec<T>, id: impl Fn(&T) -> bool) -> Option<T> {
-            let at = list.iter().position(id)?;
+    /// Takes the device with this id out of its kind's list in the spec.
+    fn take(&mut self, id: &str, kind: Kind) -> Option<Device> {
+        fn pull<T>(list: &mut Vec<T>, is: impl Fn(&T) -> bool) -> Option<T> {
+            let at = list.iter().position(is)?;
             Some(list.remove(at))
         }
         let s = &mut self.spec;
-        pull(&mut s.disks, |d| d.id == id)
-            .map(Device::Disk)
-            .or_else(|| pull(&mut s.nics, |n| n.id == id).map(Device::Nic))
-            .or_else(|| pull(&mut s.cdroms, |c| c.id == id).map(Device::Cdrom))
-            .or_else(|| pull(&mut s.vcpus, |c| c.id == id).map(Device::Vcpu))
-            .or_else(|| pull(&mut s.memory_devices, |m| m.id == id).map(Device::Memory))
-            .or_else(|| pull(&mut s.vhost_user_blks, |d| d.id == id).map(Device::VhostUserBlk))
-            .or_else(|| pull(&mut s.virtio_fs, |d| d.id == id).map(Device::VirtioFs))
-            .or_else(|| pull(&mut s.virtio_serials, |d| d.id == id).map(Device::VirtioSerial))
-            .or_else(|| pull(&mut s.serial_ports, |d| d.id == id).map(Device::SerialPort))
-            .or_else(|| pull(&mut s.rngs, |d| d.id == id).map(Device::Rng))
-            .or_else(|| {
-                let here = s.balloon.as_ref().is_some_and(|b| b.id == id);
-                here.then(|| s.balloon.take())
-                    .flatten()
-                    .map(Device::Balloon)
-            })
+        match kind {
+            Kind::Disk => pull(&mut s.disks, |d| d.id == id).map(Device::Disk),
+            Kind::Nic => pull(&mut s.nics, |n| n.id == id).map(Device::Nic),
+            Kind::Cdrom => pull(&mut s.cdroms, |c| c.id == id).map(Device::Cdrom),
+            Kind::Vcpu => pull(&mut s.vcpus, |c| c.id == id).map(Device::Vcpu),
+            Kind::Memory => pull(&mut s.memory_devices, |m| m.id == id).map(Device::Memory),
+            Kind::Balloon => s.balloon.take_if(|b| b.id == id).map(Device::Balloon),
+            Kind::VhostUserBlk => {
+                pull(&mut s.vhost_user_blks, |d| d.id == id).map(Device::VhostUserBlk)
+            }
+            Kind::VirtioFs => pull(&mut s.virtio_fs, |d| d.id == id).map(Device::VirtioFs),
+            Kind::VirtioSerial => {
+                pull(&mut s.virtio_serials, |d| d.id == id).map(Device::VirtioSerial)
+            }
+            Kind::SerialPort => pull(&mut s.serial_ports, |d| d.id == id).map(Device::SerialPort),
+            Kind::Rng => pull(&mut s.rngs, |d| d.id == id).map(Device::Rng),
+        }
     }
 
     pub(crate) fn release(&mut self, place: &Place) {
@@ -363,11 +363,14 @@ impl State {
     /// Drops a device that is gone from QEMU: its entry, its place in the spec, its slot, and
     /// (when nothing of it is left to clean up) its id from `touched`.
     pub(crate) fn forget(&mut self, id: &str, clean: bool) {
-        self.devices.remove(id);
+        let entry = self.devices.remove(id);
         if clean {
             self.touched.remove(id);
         }
-        let Some(device) = self.take(id) else {
+        let Some(Entry::Placed { kind, .. }) = entry else {
+            return;
+        };
+        let Some(device) = self.take(id, kind) else {
             return;
         };
         let place = device.place();
