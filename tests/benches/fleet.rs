@@ -39,15 +39,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-
 use std::time::{Duration, Instant};
-use tokio::sync::Semaphore;
 
 use futures::StreamExt;
 use qhotplug::{Disk, DiskConfig, Launcher, Pci, Vm};
-use qhotplug_tests::epoll_floor::{self, RawOp};
-use qhotplug_tests::raw::{scsi_disk, RawMonitor};
+use qhotplug_tests::epoll_floor;
+use qhotplug_tests::raw::{scsi_disk, RawMonitor, RawOp};
 use qhotplug_tests::{image, open_fd_count, pc_spec, rss_mib};
+use tokio::sync::Semaphore;
 
 const ROUNDS: usize = 6;
 
@@ -142,7 +141,7 @@ fn launch_raw(n: usize, root: &Path, pids: &Pids) -> Duration {
     took
 }
 
-/// What one side (the floor, the SDK, the SDK bounded) measured over the rounds.
+/// What one side (a floor, the SDK, the SDK bounded) measured over the rounds.
 #[derive(Default)]
 struct Side {
     /// Each round's wall time.
@@ -186,6 +185,22 @@ struct Run {
 }
 
 impl Run {
+    /// From a batch's instants: before the first operation, then after each of the three.
+    fn from_marks(marks: &[Instant]) -> Run {
+        let [start, first, second, end] = marks else {
+            panic!(
+                "a batch of three operations has four marks, not {}",
+                marks.len()
+            );
+        };
+        Run {
+            start: *start,
+            first: *first,
+            second: *second,
+            end: *end,
+        }
+    }
+
     /// When the round began: the first operation any VM began.
     fn begun(runs: &[Run]) -> Instant {
         runs.iter().map(|r| r.start).min().expect("a run")
@@ -212,9 +227,9 @@ impl CpuUse {
         CpuUse {
             qemu: qemu_pids
                 .iter()
-                .map(|&p| qhotplug_tests::cpu_seconds_of(Some(p)))
+                .map(|&p| qhotplug_tests::cpu_seconds_of(p))
                 .sum(),
-            ours: qhotplug_tests::cpu_seconds_of(None),
+            ours: qhotplug_tests::cpu_seconds(),
         }
     }
 
@@ -226,13 +241,13 @@ impl CpuUse {
     }
 }
 
-/// One VM's work in an SDK round: its handle, the `scsi-hd` and the `virtio-blk` to add (named
-/// after the round's `tag`, images made), and the host's permits when the round is bounded.
+/// One VM's work in an SDK round: its handle, the ids and images of the `scsi-hd` and the
+/// `virtio-blk` to add (named after the round's `tag`), and the host's permits when the round is
+/// bounded.
 struct Work {
     vm: Vm,
-    scsi_id: String,
-    scsi: DiskConfig,
-    blk: DiskConfig,
+    scsi: (String, PathBuf),
+    blk: (String, PathBuf),
     host: Option<Arc<Semaphore>>,
 }
 
@@ -244,9 +259,8 @@ impl Work {
                 let (s, b) = (format!("s{tag}"), format!("b{tag}"));
                 Work {
                     vm: vm.clone(),
-                    scsi: DiskConfig::scsi_hd(&s, image(dir, &s, 1)),
-                    scsi_id: s,
-                    blk: DiskConfig::virtio_blk(&b, image(dir, &b, 1)),
+                    scsi: (s.clone(), image(dir, &s, 1)),
+                    blk: (b.clone(), image(dir, &b, 1)),
                     host: host.cloned(),
                 }
             })
@@ -256,16 +270,23 @@ impl Work {
     /// Adds the `scsi-hd`, adds the `virtio-blk`, removes the `scsi-hd`. A bounded VM holds one of
     /// the host's permits for all three (its first operation's time includes the wait for it).
     async fn run(self) -> Run {
+        let ((scsi, scsi_image), (blk, blk_image)) = (self.scsi, self.blk);
         let start = Instant::now();
         let _permit = match self.host {
             Some(host) => Some(host.acquire_owned().await.unwrap()),
             None => None,
         };
-        self.vm.add_disk(self.scsi).await.unwrap();
+        self.vm
+            .add_disk(DiskConfig::scsi_hd(&scsi, scsi_image))
+            .await
+            .unwrap();
         let first = Instant::now();
-        self.vm.add_disk(self.blk).await.unwrap();
+        self.vm
+            .add_disk(DiskConfig::virtio_blk(blk, blk_image))
+            .await
+            .unwrap();
         let second = Instant::now();
-        self.vm.remove_disk(&self.scsi_id).await.unwrap();
+        self.vm.remove_disk(&scsi).await.unwrap();
         let end = Instant::now();
         Run {
             start,
@@ -274,6 +295,27 @@ impl Work {
             end,
         }
     }
+}
+
+/// A floor's batches for a round: per VM, add a `scsi-hd` and a `virtio-blk` named after `tag`
+/// (images made), then remove the `scsi-hd`. The SCSI target and PCI slot are the `below`-th
+/// counted down from 255 and 31, so the two floors (and the SDK, which takes free ones from the
+/// bottom) never collide on a VM.
+fn floor_batches(fleet: &[(Vm, PathBuf)], tag: &str, below: usize) -> Vec<Vec<RawOp>> {
+    fleet
+        .iter()
+        .map(|(_, dir)| {
+            let (s, b) = (format!("s{tag}"), format!("b{tag}"));
+            let scsi = scsi_disk(&s, &image(dir, &s, 1), (255 - below) as u16);
+            let slot = Pci::new("pci.0", (31 - below) as u8);
+            let blk = Disk::virtio_blk(&b, image(dir, &b, 1), slot);
+            vec![
+                RawOp::AddDisk(scsi.clone()),
+                RawOp::AddDisk(blk),
+                RawOp::RemoveDisk(scsi),
+            ]
+        })
+        .collect()
 }
 
 /// One SDK round: a task per VM, all spawned at once.
@@ -371,14 +413,13 @@ async fn run(pids: Pids) {
     tokio::task::yield_now().await;
     let kib_per_vm = (rss_mib() - rss0) * 1024.0 / n as f64;
     let fds_per_vm = (open_fd_count() - fds0) as f64 / n as f64;
-    let threads_added = threads() as isize - threads0 as isize;
     println!(
         "ours per managed VM (Vm + Client + subscriber): {kib_per_vm:.1} KiB resident, {fds_per_vm:.2} fds; \
          threads {threads0} before the fleet, {} with it",
-        threads0 as isize + threads_added
+        threads()
     );
 
-    // 3. Hotplug rounds, floor and SDK alternating, every VM at once. First each VM's one-time
+    // 3. Hotplug rounds, the four sides taking turns, every VM at once. First each VM's one-time
     // check of QEMU's schema (read once for the whole fleet: one build), outside the rounds.
     let warm = Instant::now();
     futures::future::join_all(fleet.iter().map(|(vm, _)| vm.check_disk_hotplug()))
@@ -405,18 +446,8 @@ async fn run(pids: Pids) {
     let [mut floor, mut epoll, mut sdk, mut bounded] = [(); 4].map(|()| Side::default());
     let bounded_name = format!("sdk, bounded to {bound} VMs at a time");
     for round in 0..ROUNDS {
-        // The floor: a blocking thread per VM, images made first; slots from 31 down, targets
-        // from 255 down, so the floor and the SDK (which picks free ones) never collide.
-        let disks: Vec<(Disk, Disk)> = fleet
-            .iter()
-            .map(|(_, dir)| {
-                let (s, b) = (format!("fs{round}"), format!("fb{round}"));
-                let scsi = scsi_disk(&s, &image(dir, &s, 1), 255 - round as u16);
-                let blk =
-                    Disk::virtio_blk(&b, image(dir, &b, 1), Pci::new("pci.0", 31 - round as u8));
-                (scsi, blk)
-            })
-            .collect();
+        // The floor: a blocking thread per VM, images made first.
+        let batches = floor_batches(&fleet, &format!("f{round}"), round);
         let cpu = CpuUse::now(&qemu_pids);
         let (runs, back) = tokio::task::spawn_blocking(move || {
             // Every thread is spawned before any starts, so all VMs are at it at once, as the
@@ -424,27 +455,13 @@ async fn run(pids: Pids) {
             let go = Arc::new(std::sync::Barrier::new(n));
             let handles: Vec<_> = floors
                 .into_iter()
-                .zip(disks)
-                .map(|(mut raw, (s, b))| {
+                .zip(batches)
+                .map(|(mut raw, ops)| {
                     let go = go.clone();
                     std::thread::spawn(move || {
                         go.wait();
-                        let start = Instant::now();
-                        raw.add_disk(&s);
-                        let first = Instant::now();
-                        raw.add_disk(&b);
-                        let second = Instant::now();
-                        raw.remove_disk(&s);
-                        let end = Instant::now();
-                        (
-                            raw,
-                            Run {
-                                start,
-                                first,
-                                second,
-                                end,
-                            },
-                        )
+                        let run = Run::from_marks(&raw.run_batch(&ops));
+                        (raw, run)
                     })
                 })
                 .collect();
@@ -457,40 +474,15 @@ async fn run(pids: Pids) {
         floors = back;
         floor.add_round(&runs, cpu, &qemu_pids);
 
-        // The other floor: one thread, one epoll loop, every VM at once; slots and targets below
-        // the first floor's.
-        let batches: Vec<Vec<RawOp>> = fleet
-            .iter()
-            .map(|(_, dir)| {
-                let (s, b) = (format!("es{round}"), format!("eb{round}"));
-                let scsi = scsi_disk(&s, &image(dir, &s, 1), (255 - ROUNDS - round) as u16);
-                let blk = Disk::virtio_blk(
-                    &b,
-                    image(dir, &b, 1),
-                    Pci::new("pci.0", (31 - ROUNDS - round) as u8),
-                );
-                vec![
-                    RawOp::AddDisk(scsi.clone()),
-                    RawOp::AddDisk(blk),
-                    RawOp::RemoveDisk(scsi),
-                ]
-            })
-            .collect();
+        // The other floor: one thread, one epoll loop, every VM at once.
+        let batches = floor_batches(&fleet, &format!("e{round}"), ROUNDS + round);
         let cpu = CpuUse::now(&qemu_pids);
         let (marks, back) =
             tokio::task::spawn_blocking(move || (epoll_floor::run(&mut floors, batches), floors))
                 .await
                 .unwrap();
         floors = back;
-        let runs: Vec<Run> = marks
-            .into_iter()
-            .map(|m| Run {
-                start: m[0],
-                first: m[1],
-                second: m[2],
-                end: m[3],
-            })
-            .collect();
+        let runs: Vec<Run> = marks.iter().map(|m| Run::from_marks(m)).collect();
         epoll.add_round(&runs, cpu, &qemu_pids);
 
         // The SDK: a task per VM, the same three operations, all at once.

@@ -126,10 +126,18 @@ pub fn rss_mib_of(pid: u32) -> f64 {
     proc_value(&format!("/proc/{pid}/status"), "VmRSS:").unwrap_or(0.0) / 1024.0
 }
 
-/// The CPU time (user and system, all threads) process `pid` has used so far, in seconds; `None`
-/// for our own process; 0 when it is gone. From `/proc/PID/stat`, so in clock ticks (10 ms here).
-pub fn cpu_seconds_of(pid: Option<u32>) -> f64 {
-    let path = pid.map_or("/proc/self/stat".into(), |p| format!("/proc/{p}/stat"));
+/// The CPU time (user and system, all threads) our process has used so far, in seconds.
+pub fn cpu_seconds() -> f64 {
+    cpu_seconds_in("/proc/self/stat")
+}
+
+/// The CPU time process `pid` has used so far, in seconds (0 when it is gone).
+pub fn cpu_seconds_of(pid: u32) -> f64 {
+    cpu_seconds_in(&format!("/proc/{pid}/stat"))
+}
+
+/// `utime` + `stime` of a `/proc/PID/stat`, in seconds (clock ticks: 10 ms here).
+fn cpu_seconds_in(path: &str) -> f64 {
     let Ok(stat) = std::fs::read_to_string(path) else {
         return 0.0;
     };

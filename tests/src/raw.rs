@@ -80,8 +80,19 @@ impl RawMonitor {
         args: &A,
         fd: Option<&std::fs::File>,
     ) -> Value {
+        self.step_encoded(steps, name, &encode(name, args), fd)
+    }
+
+    /// `send_encoded`, timed into `steps`.
+    pub fn step_encoded(
+        &mut self,
+        steps: &mut Vec<(&'static str, Duration)>,
+        name: &'static str,
+        bytes: &[u8],
+        fd: Option<&std::fs::File>,
+    ) -> Value {
         let start = Instant::now();
-        let out = self.send(name, args, fd);
+        let out = self.send_encoded(name, bytes, fd);
         steps.push((name, start.elapsed()));
         out
     }
@@ -105,14 +116,11 @@ impl RawMonitor {
     /// step.
     pub fn add_disk(&mut self, disk: &Disk) -> Vec<(&'static str, Duration)> {
         let (add, file) = disk_add_fd(disk);
-        let start = Instant::now();
-        let info = self.send_encoded("add-fd", &add, Some(&file));
-        let mut steps = vec![("add-fd", start.elapsed())];
+        let mut steps = Vec::new();
+        let info = self.step_encoded(&mut steps, "add-fd", &add, Some(&file));
         drop(file);
         for (name, bytes) in disk_after_add_fd(disk, &info) {
-            let start = Instant::now();
-            self.send_encoded(name, &bytes, None);
-            steps.push((name, start.elapsed()));
+            self.step_encoded(&mut steps, name, &bytes, None);
         }
         steps
     }
@@ -134,8 +142,24 @@ impl RawMonitor {
         }
     }
 
-    /// The connection's two halves, for a caller that drives many monitors from one loop, and
-    /// whatever was read but not yet consumed.
+    /// Runs `ops` one after another; returns the instant before the first and the instant each
+    /// one ended (as [`epoll_floor::run`](crate::epoll_floor::run) does for many monitors).
+    pub fn run_batch(&mut self, ops: &[RawOp]) -> Vec<Instant> {
+        let mut marks = vec![Instant::now()];
+        for op in ops {
+            match op {
+                RawOp::AddDisk(disk) => {
+                    self.add_disk(disk);
+                }
+                RawOp::RemoveDisk(disk) => self.remove_disk(disk),
+            }
+            marks.push(Instant::now());
+        }
+        marks
+    }
+
+    /// The connection's socket, for a caller that drives many monitors from one loop, and what
+    /// was read from it but not yet consumed.
     pub fn parts(&mut self) -> (&UnixStream, Vec<u8>) {
         let buffered = self.read.buffer().to_vec();
         self.read.consume(buffered.len());
@@ -174,6 +198,14 @@ impl RawMonitor {
         self.step(&mut steps, "device_add", &nic.device_add(), None);
         steps
     }
+}
+
+/// One operation of a floor's batch, in the SDK's sequence.
+pub enum RawOp {
+    /// The disk hot-add (`add-fd`, `blockdev-add` ×2, `remove-fd`, `device_add`).
+    AddDisk(Disk),
+    /// The disk removal (`device_del`, its `DEVICE_DELETED`, `blockdev-del` ×2).
+    RemoveDisk(Disk),
 }
 
 /// A `scsi-hd` at target `target` of the test VMs' controller bus `scsi0.0`, as the floor adds it.
