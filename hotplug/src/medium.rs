@@ -19,13 +19,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use futures::StreamExt;
 use qhotplug_cmdline::{Cdrom, CdromBus};
 use qhotplug_qmp::command::{
     BlockInfo, BlockdevCloseTray, BlockdevInsertMedium, BlockdevOpenTray, BlockdevRemoveMedium,
     QueryBlock,
 };
-use qhotplug_qmp::{EventKind, EventStream};
+use qhotplug_qmp::EventKind;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -186,7 +185,8 @@ impl Vm {
                     .await?;
                 let wait = tracing::debug_span!("step", name = "wait DEVICE_TRAY_MOVED", id);
                 let deadline = Instant::now() + options.tray_wait;
-                let opened = tray_opened(&mut events, id, deadline).instrument(wait).await
+                let tray_opened = |e: &EventKind| matches!(e, EventKind::DeviceTrayMoved(m) if m.id == id && m.tray_open);
+                let opened = events.wait_for(deadline, tray_opened).instrument(wait).await
                     // Events may have been lost: QEMU's word decides.
                     || self.drive(id).await?.tray_open == Some(true);
                 if !opened {
@@ -276,23 +276,4 @@ async fn with_tray_open<C: qhotplug_qmp::command::Command>(
             other => return other,
         }
     }
-}
-
-/// Waits until `deadline` for drive `id`'s tray to open (`DEVICE_TRAY_MOVED`).
-async fn tray_opened(events: &mut EventStream, id: &str, deadline: Instant) -> bool {
-    let opened = async {
-        while let Some(item) = events.next().await {
-            if let Ok(event) = item {
-                if let EventKind::DeviceTrayMoved(m) = event.kind() {
-                    if m.id == id && m.tray_open {
-                        return true;
-                    }
-                }
-            }
-        }
-        false
-    };
-    tokio::time::timeout_at(deadline, opened)
-        .await
-        .unwrap_or(false)
 }

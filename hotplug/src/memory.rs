@@ -7,10 +7,9 @@
 //! until the guest has plugged what was asked, or the deadline; what the guest actually plugged
 //! is what the call returns.
 
-use futures::StreamExt;
 use qhotplug_cmdline::{Balloon, MemoryDevice, MemoryDeviceKind, MIB};
 use qhotplug_qmp::command::{self, MemoryDeviceInfo, QomSet, QueryBalloon, QueryMemoryDevices};
-use qhotplug_qmp::{EventKind, EventStream};
+use qhotplug_qmp::EventKind;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -106,9 +105,12 @@ impl Vm {
         if info.size != requested {
             let deadline = Instant::now() + self.unplug_policy().deadline;
             let wait = tracing::debug_span!("step", name = "wait MEMORY_DEVICE_SIZE_CHANGE", id);
-            size_reached(&mut events, id, requested, deadline)
-                .instrument(wait)
-                .await;
+            // Whether or not the event comes, QEMU's `query-memory-devices` says what is plugged.
+            let reached = |e: &EventKind| {
+                matches!(e, EventKind::MemoryDeviceSizeChange(c)
+                    if c.id.as_deref() == Some(id) && c.size == requested)
+            };
+            events.wait_for(deadline, reached).instrument(wait).await;
         }
         let plugged = self.virtio_mem(id).await?.size;
         tracing::info!(requested, plugged, "virtio-mem resized");
@@ -221,20 +223,4 @@ impl Vm {
     pub async fn balloon_actual(&self) -> Result<u64> {
         Ok(self.client().execute(&QueryBalloon).await?.actual)
     }
-}
-
-/// Waits until `deadline` for virtio-mem device `id` to report `size` plugged.
-async fn size_reached(events: &mut EventStream, id: &str, size: u64, deadline: Instant) {
-    let wait = async {
-        while let Some(item) = events.next().await {
-            if let Ok(event) = item {
-                if let EventKind::MemoryDeviceSizeChange(c) = event.kind() {
-                    if c.id.as_deref() == Some(id) && c.size == size {
-                        return;
-                    }
-                }
-            }
-        }
-    };
-    let _ = tokio::time::timeout_at(deadline, wait).await;
 }

@@ -12,7 +12,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use futures::StreamExt;
 use qhotplug_cmdline::{names, QemuProcess, StorageDaemonLauncher};
 use qhotplug_qmp::command::BlockdevAdd;
 use qhotplug_qmp::{Client, EventKind, EventStream};
@@ -120,7 +119,10 @@ impl StorageDaemon {
                 .instrument(step)
                 .await?;
             let step = tracing::debug_span!("step", name = "wait BLOCK_EXPORT_DELETED", id);
-            if !export_deleted(&mut events, id).instrument(step).await {
+            let deleted =
+                |e: &EventKind| matches!(e, EventKind::BlockExportDeleted(d) if d.id == id);
+            let deadline = tokio::time::Instant::now() + UNEXPORT_DEADLINE;
+            if !events.wait_for(deadline, deleted).instrument(step).await {
                 return Err(Error::UnplugPending {
                     id: id.to_owned(),
                     after: UNEXPORT_DEADLINE,
@@ -144,21 +146,4 @@ impl StorageDaemon {
             .map_err(|e| Error::Launch(e.into()))?;
         Ok(())
     }
-}
-
-/// Waits for `BLOCK_EXPORT_DELETED` of `id`, up to the deadline.
-async fn export_deleted(events: &mut EventStream, id: &str) -> bool {
-    let wait = async {
-        while let Some(item) = events.next().await {
-            if let Ok(e) = item {
-                if matches!(e.kind(), EventKind::BlockExportDeleted(d) if d.id == id) {
-                    return true;
-                }
-            }
-        }
-        false
-    };
-    tokio::time::timeout(UNEXPORT_DEADLINE, wait)
-        .await
-        .unwrap_or(false)
 }

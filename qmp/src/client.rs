@@ -619,6 +619,36 @@ impl EventStream {
             recv: ReusableBoxFuture::new(recv_one(rx)),
         }
     }
+
+    /// Waits until `deadline` for an event `want` accepts; true if one came. Other events, and
+    /// the news that some were lost, are passed over: a caller that must not miss its event asks
+    /// QEMU after a `false`.
+    ///
+    /// ```no_run
+    /// # async fn f(client: qhotplug_qmp::Client) {
+    /// use qhotplug_qmp::EventKind;
+    /// let mut events = client.events();
+    /// let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    /// let resumed = events.wait_for(deadline, |e| matches!(e, EventKind::Resume)).await;
+    /// # let _ = resumed; }
+    /// ```
+    pub async fn wait_for(
+        &mut self,
+        deadline: Instant,
+        mut want: impl FnMut(&crate::EventKind) -> bool,
+    ) -> bool {
+        let seen = async {
+            while let Some(item) = self.next().await {
+                if item.is_ok_and(|event| want(event.kind())) {
+                    return true;
+                }
+            }
+            false
+        };
+        tokio::time::timeout_at(deadline, seen)
+            .await
+            .unwrap_or(false)
+    }
 }
 
 impl std::fmt::Debug for EventStream {

@@ -360,3 +360,29 @@ async fn fds_ride_with_their_command_and_only_one_is_in_flight() {
     r2.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"2");
 }
+
+#[tokio::test]
+async fn wait_for_passes_over_other_events_and_gives_up_at_its_deadline() {
+    let (mut server, client) = MockServer::connected(Config::new()).await;
+    let mut events = client.events();
+    server.event("RESUME", json!({})).await;
+    server
+        .event(
+            "DEVICE_DELETED",
+            json!({"device": "d1", "path": "/machine/peripheral/d1"}),
+        )
+        .await;
+    let deleted = |e: &EventKind| matches!(e, EventKind::DeviceDeleted(d) if d.device.as_deref() == Some("d1"));
+    let soon = tokio::time::Instant::now() + Duration::from_secs(5);
+    assert!(
+        events.wait_for(soon, deleted).await,
+        "the second event is the one"
+    );
+    // Nothing more comes: false at the deadline, not a hang.
+    let soon = tokio::time::Instant::now() + Duration::from_millis(50);
+    assert!(!events.wait_for(soon, deleted).await);
+    // And false when the connection ends first.
+    server.close();
+    let later = tokio::time::Instant::now() + Duration::from_secs(5);
+    assert!(!events.wait_for(later, |_| true).await);
+}
