@@ -124,12 +124,10 @@ pub(crate) async fn run_backends<H: Hold>(
 pub(crate) fn mark_busy(vm: &Vm, id: &str, kind: state::Kind) -> Result<Busy> {
     match Busy::mark(vm.inner(), id, kind) {
         Ok(busy) => Ok(busy),
-        Err(Some(Entry::Placed { kind: k, .. })) if k != kind => Err(Error::NotFound {
-            kind: kind.name(),
-            id: id.to_owned(),
-        }),
-        Err(Some(Entry::Adding | Entry::Placed { .. })) => Err(Error::Busy(id.to_owned())),
-        Err(None) => Err(Error::NotFound {
+        Err(Some(Entry::Adding)) => Err(Error::Busy(id.to_owned())),
+        Err(Some(Entry::Placed { kind: k, .. })) if k == kind => Err(Error::Busy(id.to_owned())),
+        // No such id, or one of another kind.
+        Err(_) => Err(Error::NotFound {
             kind: kind.name(),
             id: id.to_owned(),
         }),
