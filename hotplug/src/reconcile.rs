@@ -118,15 +118,7 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
     };
     for (id, keep) in &drives {
         for step in nodes_of(&nodes, id, keep) {
-            match step.run(client).await {
-                Ok(Outcome::Done) => {
-                    if let Delete::BlockNode(node) = step {
-                        report.nodes_deleted.push(node);
-                    }
-                }
-                Ok(Outcome::Absent) => {}
-                Err(e) => tracing::warn!(%step, error = %e, "reconcile: left in place"),
-            }
+            report.run(client, step).await;
         }
     }
     let mut clean = Vec::new();
@@ -162,21 +154,7 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
         );
         let mut all_done = true;
         for step in steps {
-            match step.run(client).await {
-                Err(e) => {
-                    tracing::warn!(%step, error = %e, "reconcile: left in place");
-                    all_done = false;
-                }
-                Ok(Outcome::Absent) => {}
-                Ok(Outcome::Done) => match step {
-                    Delete::Fdset { id: Some(set), .. } => report.fdsets_removed.push(set),
-                    Delete::BlockNode(node) => report.nodes_deleted.push(node),
-                    Delete::Netdev(netdev) => report.netdevs_deleted.push(netdev),
-                    Delete::Object(object) => report.objects_deleted.push(object),
-                    Delete::Chardev(chardev) => report.chardevs_removed.push(chardev),
-                    _ => {}
-                },
-            }
+            all_done &= report.run(client, step).await;
         }
         if all_done {
             clean.push(id);
@@ -191,6 +169,29 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
     }
     tracing::info!(?report, "reconciled");
     Ok(report)
+}
+
+impl Reconciled {
+    /// Runs one delete and records what it removed; false when it failed (the thing is left in
+    /// place, and said so in the log).
+    async fn run(&mut self, client: &qhotplug_qmp::Client, step: Delete) -> bool {
+        match step.run(client).await {
+            Err(e) => {
+                tracing::warn!(%step, error = %e, "reconcile: left in place");
+                return false;
+            }
+            Ok(Outcome::Absent) => {}
+            Ok(Outcome::Done) => match step {
+                Delete::Fdset { id: Some(set), .. } => self.fdsets_removed.push(set),
+                Delete::BlockNode(node) => self.nodes_deleted.push(node),
+                Delete::Netdev(netdev) => self.netdevs_deleted.push(netdev),
+                Delete::Object(object) => self.objects_deleted.push(object),
+                Delete::Chardev(chardev) => self.chardevs_removed.push(chardev),
+                _ => {}
+            },
+        }
+        true
+    }
 }
 
 /// Deletes of device `id`'s block nodes among `nodes`, but those in `keep`: format nodes before
