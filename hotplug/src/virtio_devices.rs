@@ -7,6 +7,7 @@ use tracing::Instrument;
 
 use crate::engine;
 use crate::error::{Error, Result};
+use crate::kinds::Kind;
 use crate::state;
 use crate::vm::Vm;
 use crate::{RngConfig, SerialPortConfig, VhostUserBlkConfig, VirtioFsConfig, VirtioSerialConfig};
@@ -17,13 +18,9 @@ impl Vm {
     /// `device_add vhost-user-blk-pci`. The VM's memory must be shared
     /// ([`Error::NeedsSharedMemory`] otherwise, before anything is sent).
     pub async fn add_vhost_user_blk(&self, config: VhostUserBlkConfig) -> Result<VhostUserBlk> {
-        let span =
-            tracing::info_span!("hotplug", op = "add_vhost_user_blk", id = %kind_id(&config));
-        async {
-            self.require_shared_memory(kind_id(&config))?;
-            engine::add(self, config).await
-        }
-        .instrument(span)
+        self.add_kind("add_vhost_user_blk", config, |c| {
+            self.require_shared_memory(c.id())
+        })
         .await
     }
 
@@ -36,12 +33,9 @@ impl Vm {
     /// Hot-adds a virtio-fs share on virtiofsd's socket; the guest mounts it by its tag
     /// (`mount -t virtiofs <tag> /mnt`). The VM's memory must be shared.
     pub async fn add_virtio_fs(&self, config: VirtioFsConfig) -> Result<VirtioFs> {
-        let span = tracing::info_span!("hotplug", op = "add_virtio_fs", id = %kind_id(&config));
-        async {
-            self.require_shared_memory(kind_id(&config))?;
-            engine::add(self, config).await
-        }
-        .instrument(span)
+        self.add_kind("add_virtio_fs", config, |c| {
+            self.require_shared_memory(c.id())
+        })
         .await
     }
 
@@ -53,8 +47,7 @@ impl Vm {
 
     /// Hot-adds a `virtio-serial-pci` controller, for [`add_serial_port`](Vm::add_serial_port).
     pub async fn add_virtio_serial(&self, config: VirtioSerialConfig) -> Result<VirtioSerial> {
-        let span = tracing::info_span!("hotplug", op = "add_virtio_serial", id = %kind_id(&config));
-        engine::add(self, config).instrument(span).await
+        self.add_kind("add_virtio_serial", config, |_| Ok(())).await
     }
 
     /// Hot-removes a virtio-serial controller; its ports must be removed first
@@ -81,24 +74,22 @@ impl Vm {
     /// Hot-adds a named serial port on a controller the SDK knows, with QEMU listening on the
     /// config's socket for the host's side.
     pub async fn add_serial_port(&self, config: SerialPortConfig) -> Result<SerialPort> {
-        let span = tracing::info_span!("hotplug", op = "add_serial_port", id = %kind_id(&config));
-        async {
-            let known = self
-                .inner()
-                .state()
+        self.add_kind("add_serial_port", config, |c| {
+            let state = self.inner().state();
+            if state
                 .spec
                 .virtio_serials
                 .iter()
-                .any(|c| c.id == config.controller());
-            if !known {
-                return Err(Error::NotFound {
+                .any(|v| v.id == c.controller())
+            {
+                Ok(())
+            } else {
+                Err(Error::NotFound {
                     kind: "virtio-serial controller",
-                    id: config.controller().to_owned(),
-                });
+                    id: c.controller().to_owned(),
+                })
             }
-            engine::add(self, config).await
-        }
-        .instrument(span)
+        })
         .await
     }
 
@@ -110,13 +101,29 @@ impl Vm {
 
     /// Hot-adds a virtio RNG: its `rng-random` source, then the device.
     pub async fn add_rng(&self, config: RngConfig) -> Result<Rng> {
-        let span = tracing::info_span!("hotplug", op = "add_rng", id = %kind_id(&config));
-        engine::add(self, config).instrument(span).await
+        self.add_kind("add_rng", config, |_| Ok(())).await
     }
 
     /// Hot-removes a virtio RNG, then its source.
     pub async fn remove_rng(&self, id: &str) -> Result<()> {
         self.remove_kind(id, "remove_rng", state::Kind::Rng).await
+    }
+
+    /// A hot-add in its `hotplug` span: `check` (what only the VM's state can answer), then the
+    /// engine.
+    async fn add_kind<K: Kind>(
+        &self,
+        op: &'static str,
+        config: K,
+        check: impl FnOnce(&K) -> Result<()>,
+    ) -> Result<K::Added> {
+        let span = tracing::info_span!("hotplug", op, id = %config.id());
+        async {
+            check(&config)?;
+            engine::add(self, config).await
+        }
+        .instrument(span)
+        .await
     }
 
     async fn remove_kind(&self, id: &str, op: &'static str, kind: state::Kind) -> Result<()> {
@@ -131,8 +138,4 @@ impl Vm {
             Err(Error::NeedsSharedMemory(id.to_owned()))
         }
     }
-}
-
-fn kind_id<K: crate::kinds::Kind>(config: &K) -> &str {
-    config.id()
 }
