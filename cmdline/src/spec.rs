@@ -176,81 +176,39 @@ impl VmSpec {
 
     /// Checks ids (QEMU's rules, and unique), PCI addresses (unique), SCSI buses and addresses.
     pub fn validate(&self) -> Result<()> {
-        let mut ids = HashSet::new();
-        let mut pci = HashSet::new();
-        let mut scsi = HashSet::new();
-        let mut unique = |id: &str| -> Result<()> {
-            validate_id(id)?;
-            if !ids.insert(id.to_owned()) {
-                return Err(Error::InvalidSpec(format!("duplicate id {id}")));
-            }
-            Ok(())
+        let mut claims = Claims {
+            scsi_buses: self.scsi_controllers.iter().map(|c| c.bus()).collect(),
+            ..Claims::default()
         };
         for port in &self.root_ports {
-            unique(&port.id)?;
-            if !pci.insert(port.pci.clone()) {
-                return Err(Error::InvalidSpec(format!(
-                    "{}: PCI address taken",
-                    port.id
-                )));
-            }
+            claims.id(&port.id)?;
+            claims.pci(&port.id, &port.pci)?;
         }
-        let scsi_buses: HashSet<String> = self.scsi_controllers.iter().map(|c| c.bus()).collect();
         for c in &self.scsi_controllers {
-            unique(&c.id)?;
-            if !pci.insert(c.pci.clone()) {
-                return Err(Error::InvalidSpec(format!("{}: PCI address taken", c.id)));
-            }
+            claims.id(&c.id)?;
+            claims.pci(&c.id, &c.pci)?;
         }
         for disk in &self.disks {
             disk.check()?;
-            unique(&disk.id)?;
+            claims.id(&disk.id)?;
             match &disk.frontend {
-                DiskFrontend::VirtioBlk(a) => {
-                    if !pci.insert(a.clone()) {
-                        return Err(Error::InvalidSpec(format!(
-                            "{}: PCI address taken",
-                            disk.id
-                        )));
-                    }
-                }
+                DiskFrontend::VirtioBlk(a) => claims.pci(&disk.id, a)?,
                 DiskFrontend::ScsiHd(a) | DiskFrontend::ScsiGeneric(a) => {
-                    if !scsi_buses.contains(&a.bus) {
-                        return Err(Error::InvalidSpec(format!(
-                            "{}: no SCSI controller with bus {}",
-                            disk.id, a.bus
-                        )));
-                    }
-                    if !scsi.insert(a.clone()) {
-                        return Err(Error::InvalidSpec(format!(
-                            "{}: SCSI address taken",
-                            disk.id
-                        )));
-                    }
+                    claims.scsi(&disk.id, a)?
                 }
             }
         }
-        let mut ide = HashSet::new();
         for cd in &self.cdroms {
             cd.check()?;
-            unique(&cd.id)?;
-            let free = match &cd.bus {
-                CdromBus::Scsi(a) => {
-                    if !scsi_buses.contains(&a.bus) {
-                        return Err(Error::InvalidSpec(format!(
-                            "{}: no SCSI controller with bus {}",
-                            cd.id, a.bus
-                        )));
-                    }
-                    scsi.insert(a.clone())
-                }
+            claims.id(&cd.id)?;
+            match &cd.bus {
+                CdromBus::Scsi(a) => claims.scsi(&cd.id, a)?,
                 CdromBus::Ide(a) => {
                     a.check(self.machine)?;
-                    ide.insert(a.clone())
+                    if !claims.ide.insert(a.clone()) {
+                        return Err(Error::InvalidSpec(format!("{}: IDE address taken", cd.id)));
+                    }
                 }
-            };
-            if !free {
-                return Err(Error::InvalidSpec(format!("{}: address taken", cd.id)));
             }
         }
         if self.cdroms.iter().filter(|c| c.boot).count() > 1 {
@@ -260,21 +218,19 @@ impl VmSpec {
         }
         for nic in &self.nics {
             nic.check()?;
-            unique(&nic.id)?;
-            if !pci.insert(nic.pci.clone()) {
-                return Err(Error::InvalidSpec(format!("{}: PCI address taken", nic.id)));
-            }
+            claims.id(&nic.id)?;
+            claims.pci(&nic.id, &nic.pci)?;
         }
         if self.smp == 0 || self.memory_mib == 0 {
             return Err(Error::InvalidSpec("smp and memory must be positive".into()));
         }
-        self.validate_cpus(&mut unique)?;
-        self.validate_memory(&mut unique, &mut pci)?;
-        self.validate_virtio(&mut unique, &mut pci)?;
+        self.validate_cpus(&mut claims)?;
+        self.validate_memory(&mut claims)?;
+        self.validate_virtio(&mut claims)?;
         Ok(())
     }
 
-    fn validate_cpus(&self, unique: &mut impl FnMut(&str) -> Result<()>) -> Result<()> {
+    fn validate_cpus(&self, claims: &mut Claims) -> Result<()> {
         let count = self.smp + self.vcpus.len() as u32;
         match &self.cpu_topology {
             Some(t) => t.check(self.smp)?,
@@ -293,19 +249,15 @@ impl VmSpec {
         }
         for cpu in &self.vcpus {
             cpu.check()?;
-            unique(&cpu.id)?;
+            claims.id(&cpu.id)?;
         }
         Ok(())
     }
 
-    fn validate_memory(
-        &self,
-        unique: &mut impl FnMut(&str) -> Result<()>,
-        pci: &mut HashSet<crate::device::Pci>,
-    ) -> Result<()> {
+    fn validate_memory(&self, claims: &mut Claims) -> Result<()> {
         if let Some(backend) = &self.memory_backend {
             backend.check()?;
-            unique(&backend.id)?;
+            claims.id(&backend.id)?;
             if backend.size != self.memory_mib * MIB {
                 return Err(Error::InvalidSpec(format!(
                     "memory backend {} is {} bytes, not memory_mib ({} MiB)",
@@ -341,20 +293,16 @@ impl VmSpec {
         }
         for dev in &self.memory_devices {
             dev.check()?;
-            unique(&dev.id)?;
-            unique(&dev.backend.id)?;
+            claims.id(&dev.id)?;
+            claims.id(&dev.backend.id)?;
             if let MemoryDeviceKind::VirtioMem { pci: at, .. } = &dev.kind {
-                if !pci.insert(at.clone()) {
-                    return Err(Error::InvalidSpec(format!("{}: PCI address taken", dev.id)));
-                }
+                claims.pci(&dev.id, at)?;
             }
         }
         if let Some(b) = &self.balloon {
-            unique(&b.id)?;
+            claims.id(&b.id)?;
             b.pci.check()?;
-            if !pci.insert(b.pci.clone()) {
-                return Err(Error::InvalidSpec(format!("{}: PCI address taken", b.id)));
-            }
+            claims.pci(&b.id, &b.pci)?;
         }
         Ok(())
     }
@@ -365,17 +313,10 @@ impl VmSpec {
         self.memory_backend.as_ref().is_some_and(|b| b.share)
     }
 
-    fn validate_virtio(
-        &self,
-        unique: &mut impl FnMut(&str) -> Result<()>,
-        pci: &mut HashSet<crate::device::Pci>,
-    ) -> Result<()> {
+    fn validate_virtio(&self, claims: &mut Claims) -> Result<()> {
         let mut place = |id: &str, at: &crate::device::Pci| -> Result<()> {
-            unique(id)?;
-            if !pci.insert(at.clone()) {
-                return Err(Error::InvalidSpec(format!("{id}: PCI address taken")));
-            }
-            Ok(())
+            claims.id(id)?;
+            claims.pci(id, at)
         };
         let vhost_user = !self.vhost_user_blks.is_empty() || !self.virtio_fs.is_empty();
         if vhost_user && !self.has_shared_memory() {
@@ -401,7 +342,7 @@ impl VmSpec {
         let buses: HashSet<String> = self.virtio_serials.iter().map(|c| c.bus()).collect();
         for port in &self.serial_ports {
             port.check()?;
-            unique(&port.id)?;
+            claims.id(&port.id)?;
             if !buses.contains(&port.bus) {
                 return Err(Error::InvalidSpec(format!(
                     "{}: no virtio-serial controller with bus {}",
@@ -556,6 +497,50 @@ impl VmSpec {
         }
         a.extend(self.extra_args.iter().cloned());
         a
+    }
+}
+
+/// What [`VmSpec::validate`] has seen so far: ids, and addresses on each kind of bus.
+#[derive(Default)]
+struct Claims {
+    ids: HashSet<String>,
+    pci: HashSet<crate::device::Pci>,
+    scsi: HashSet<crate::device::ScsiAddr>,
+    ide: HashSet<crate::cdrom::IdeAddr>,
+    /// The buses of the spec's SCSI controllers.
+    scsi_buses: HashSet<String>,
+}
+
+impl Claims {
+    /// `id` follows QEMU's rules and is not yet taken.
+    fn id(&mut self, id: &str) -> Result<()> {
+        validate_id(id)?;
+        if !self.ids.insert(id.to_owned()) {
+            return Err(Error::InvalidSpec(format!("duplicate id {id}")));
+        }
+        Ok(())
+    }
+
+    /// Device `id` takes PCI address `at`, which must be free.
+    fn pci(&mut self, id: &str, at: &crate::device::Pci) -> Result<()> {
+        if !self.pci.insert(at.clone()) {
+            return Err(Error::InvalidSpec(format!("{id}: PCI address taken")));
+        }
+        Ok(())
+    }
+
+    /// Device `id` takes SCSI address `at`, on a controller of the spec, which must be free.
+    fn scsi(&mut self, id: &str, at: &crate::device::ScsiAddr) -> Result<()> {
+        if !self.scsi_buses.contains(&at.bus) {
+            return Err(Error::InvalidSpec(format!(
+                "{id}: no SCSI controller with bus {}",
+                at.bus
+            )));
+        }
+        if !self.scsi.insert(at.clone()) {
+            return Err(Error::InvalidSpec(format!("{id}: SCSI address taken")));
+        }
+        Ok(())
     }
 }
 
