@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use qhotplug::{DiskConfig, NicConfig};
 use qhotplug_cmdline::VmSpec;
 use qhotplug_netdev::{MacAddr, TapBuilder};
@@ -56,16 +55,12 @@ fn the_guest_sees_a_virtio_disk_arrive_and_go() {
         seen_gone(&g, mark, "block", &name).await;
         let listed = g.console.run("ls /sys/block", SEEN).await;
         assert!(!listed.iter().any(|l| l.contains(&name)), "{listed:?}");
-        let deleted = tokio::time::timeout(SEEN, async {
-            while let Some(Ok(e)) = events.next().await {
-                if e.deleted_device() == Some("vd1") {
-                    return true;
-                }
-            }
-            false
-        })
-        .await;
-        assert_eq!(deleted, Ok(true), "DEVICE_DELETED for vd1");
+        let deleted = |e: &qhotplug::EventKind| matches!(e, qhotplug::EventKind::DeviceDeleted(d) if d.device.as_deref() == Some("vd1"));
+        let deadline = tokio::time::Instant::now() + SEEN;
+        assert!(
+            events.wait_for(deadline, deleted).await,
+            "DEVICE_DELETED for vd1"
+        );
         assert!(!g.vm.has_device("vd1").await.unwrap());
     });
 }

@@ -189,15 +189,11 @@ fn the_guest_gives_memory_to_the_balloon() {
         // BALLOON_CHANGE says when the guest's memory moves; QEMU's word decides.
         let deadline = tokio::time::Instant::now() + SEEN;
         while g.vm.balloon_actual().await.unwrap() > 192 * MIB {
-            let change = tokio::time::timeout_at(deadline, async {
-                while let Some(Ok(e)) = events.next().await {
-                    if matches!(e.kind(), EventKind::BalloonChange(_)) {
-                        return;
-                    }
-                }
-            })
-            .await;
-            assert!(change.is_ok(), "the guest kept its memory");
+            let change = |e: &EventKind| matches!(e, EventKind::BalloonChange(_));
+            assert!(
+                events.wait_for(deadline, change).await,
+                "the guest kept its memory"
+            );
         }
         assert_eq!(g.vm.balloon_actual().await.unwrap(), 192 * MIB);
     });
