@@ -1,7 +1,7 @@
 //! The backend processes Debian ships beside QEMU (in `qemu-system-common`), launched with the
-//! same standards as QEMU: a listener the SDK bound passed as fd 3 (nothing to poll for), every
-//! other fd of ours closed in the child, stderr kept for errors, killed and reaped when the guard
-//! goes.
+//! same standards as QEMU: a socket the SDK made passed as fd 3 (nothing to poll for: virtiofsd's
+//! bound listener, the storage daemon's end of a connected monitor pair), every other fd of ours
+//! closed in the child, stderr kept for errors, killed and reaped when the guard goes.
 //!
 //! - `qemu-storage-daemon`: block nodes and exports (vhost-user-blk) driven over its own QMP
 //!   monitor, so a [`Client`] drives it.
@@ -15,7 +15,7 @@ use std::time::Duration;
 use qhotplug_qmp::{Client, Config};
 
 use crate::error::Result;
-use crate::launch::{handshake_or_exit, spawn, QemuProcess};
+use crate::launch::{binary_from_env, handshake_or_exit, spawn, QemuProcess};
 
 /// The environment variable naming the `qemu-storage-daemon` binary (default: the one on `PATH`).
 pub const STORAGE_DAEMON_ENV: &str = "QHOTPLUG_STORAGE_DAEMON";
@@ -23,13 +23,6 @@ pub const STORAGE_DAEMON_ENV: &str = "QHOTPLUG_STORAGE_DAEMON";
 /// The environment variable naming the `virtiofsd` binary (default: QEMU 7.2's
 /// `/usr/lib/qemu/virtiofsd` where present, else `virtiofsd` on `PATH`).
 pub const VIRTIOFSD_ENV: &str = "QHOTPLUG_VIRTIOFSD";
-
-fn from_env(var: &str, default: impl FnOnce() -> String) -> String {
-    std::env::var(var)
-        .ok()
-        .filter(|b| !b.is_empty())
-        .unwrap_or_else(default)
-}
 
 /// Binds a listener at `path` (replacing a stale socket file).
 fn listen(path: &Path) -> Result<UnixListener> {
@@ -50,7 +43,7 @@ impl StorageDaemonLauncher {
     pub fn new(runtime_dir: impl Into<PathBuf>) -> Self {
         StorageDaemonLauncher {
             dir: runtime_dir.into(),
-            binary: from_env(STORAGE_DAEMON_ENV, || "qemu-storage-daemon".into()),
+            binary: binary_from_env(STORAGE_DAEMON_ENV, || "qemu-storage-daemon".into()),
             start_timeout: Duration::from_secs(10),
         }
     }
@@ -115,7 +108,7 @@ impl VirtiofsdLauncher {
             shared_dir: shared_dir.into(),
             socket,
             log_dir,
-            binary: from_env(VIRTIOFSD_ENV, || {
+            binary: binary_from_env(VIRTIOFSD_ENV, || {
                 let qemu_72 = "/usr/lib/qemu/virtiofsd";
                 if Path::new(qemu_72).exists() {
                     qemu_72.into()

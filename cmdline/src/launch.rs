@@ -20,11 +20,18 @@ const PREBOUND_CHARDEV: &str = "socket,id=qmp,fd=3,server=on,wait=off";
 /// and benchmarks all launch through it, so this one setting picks the QEMU they run against.
 pub const QEMU_ENV: &str = "QHOTPLUG_QEMU";
 
-fn default_binary() -> String {
-    std::env::var(QEMU_ENV)
+/// The QEMU binary a [`Launcher`] runs unless told otherwise: [`QEMU_ENV`] when set, else
+/// `qemu-system-x86_64` (looked up on `PATH`).
+pub fn default_qemu() -> String {
+    binary_from_env(QEMU_ENV, || "qemu-system-x86_64".into())
+}
+
+/// The binary environment variable `var` names, or `default` when it is unset or empty.
+pub(crate) fn binary_from_env(var: &str, default: impl FnOnce() -> String) -> String {
+    std::env::var(var)
         .ok()
         .filter(|b| !b.is_empty())
-        .unwrap_or_else(|| "qemu-system-x86_64".into())
+        .unwrap_or_else(default)
 }
 
 /// Starts QEMU for a spec and connects to its monitor.
@@ -107,7 +114,7 @@ impl Launcher {
         Launcher {
             spec,
             dir: runtime_dir.into(),
-            binary: default_binary(),
+            binary: default_qemu(),
             nic_fds: HashMap::new(),
             extra_fds: Vec::new(),
             start_timeout: Duration::from_secs(30),

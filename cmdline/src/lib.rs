@@ -43,7 +43,7 @@ pub use device::{
     ScsiAddr, ScsiController,
 };
 pub use error::{Error, Result};
-pub use launch::{Launcher, Monitor, QemuProcess, QEMU_ENV};
+pub use launch::{default_qemu, Launcher, Monitor, QemuProcess, QEMU_ENV};
 pub use memory::{Balloon, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, MIB};
 pub use rng::Rng;
 pub use spec::{Accel, Machine, Serial, VmSpec, Vnc, VncListen};

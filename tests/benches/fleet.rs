@@ -96,10 +96,7 @@ fn spec(i: usize, dir: &Path) -> qhotplug::VmSpec {
 /// The floor's launch: N QEMUs with the same arguments, started raw, connected by retrying the
 /// socket path. Returns the time until all were connected; stops them.
 fn launch_raw(n: usize, root: &Path, pids: &Pids) -> Duration {
-    let binary = std::env::var(qhotplug::cmdline::QEMU_ENV)
-        .ok()
-        .filter(|b| !b.is_empty())
-        .unwrap_or_else(|| "qemu-system-x86_64".into());
+    let binary = qhotplug::cmdline::default_qemu();
     let start = Instant::now();
     let mut children = Vec::new();
     for i in 0..n {
