@@ -529,7 +529,7 @@ pub struct ScsiController {
 impl ScsiController {
     /// The bus its disks plug into.
     pub fn bus(&self) -> String {
-        format!("{}.0", self.id)
+        crate::names::controller_bus(&self.id)
     }
 
     /// Launch arguments.

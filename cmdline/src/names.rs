@@ -3,6 +3,11 @@
 //! `add-fd`, `netdev_add`) use the same names, so a hot-plugged device and one given at boot look
 //! alike to QEMU, and `reconcile` can find what a hot-add left behind from the id alone.
 
+/// The bus a controller (virtio-scsi, virtio-serial) gives its devices: `<id>.0`.
+pub fn controller_bus(id: &str) -> String {
+    format!("{id}.0")
+}
+
 /// The protocol (file) node of disk `id`.
 pub fn file_node(id: &str) -> String {
     format!("{id}-file")

@@ -25,7 +25,7 @@ pub struct VirtioSerial {
 impl VirtioSerial {
     /// The bus its ports plug into.
     pub fn bus(&self) -> String {
-        format!("{}.0", self.id)
+        crate::names::controller_bus(&self.id)
     }
 
     /// Every device property.

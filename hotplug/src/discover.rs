@@ -44,7 +44,9 @@ pub(crate) async fn scan_peripherals(client: &Client) -> Result<Peripherals> {
             };
             if container == "/machine/peripheral" {
                 if kind == "virtio-scsi-pci" {
-                    found.scsi_buses.push(format!("{}.0", child.name));
+                    found
+                        .scsi_buses
+                        .push(qhotplug_cmdline::names::controller_bus(&child.name));
                 }
                 found.ids.insert(child.name.clone());
             }

@@ -113,7 +113,7 @@ impl Kind for SerialPortConfig {
     fn plan(self, _place: Place) -> Result<Plan<SerialPort>> {
         let port = SerialPort {
             id: self.id,
-            bus: format!("{}.0", self.controller),
+            bus: qhotplug_cmdline::names::controller_bus(&self.controller),
             name: self.name,
             socket: self.socket,
         };
