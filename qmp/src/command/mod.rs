@@ -87,6 +87,21 @@ command!(
 );
 
 command!(
+    /// `query-kvm`: whether KVM is present and in use (when it is not, the accelerator on Linux
+    /// is TCG).
+    "query-kvm", QueryKvm, KvmInfo
+);
+
+/// The reply to `query-kvm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub struct KvmInfo {
+    /// KVM runs this VM.
+    pub enabled: bool,
+    /// KVM is available in this QEMU build.
+    pub present: bool,
+}
+
+command!(
     /// `stop`: pauses the VM.
     "stop", Stop, Empty
 );
