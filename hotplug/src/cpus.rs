@@ -9,7 +9,8 @@ use std::collections::HashSet;
 
 use futures::StreamExt;
 use qhotplug_cmdline::{names, Vcpu};
-use qhotplug_qmp::command::{HotpluggableCpu, QueryHotpluggableCpus, QueryStatus};
+use qhotplug_qmp::command::{HotpluggableCpu, QueryHotpluggableCpus, QueryKvm, QueryStatus};
+use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::{EventKind, EventStream};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -47,8 +48,10 @@ impl Vm {
     /// [`Error::InvalidVcpuCount`] before anything is sent. The vCPUs are part of the spec: a VM
     /// launched from `vm.spec()` has them, with their ids.
     pub async fn set_vcpus(&self, count: u32) -> Result<VcpuChange> {
-        let span = tracing::info_span!("hotplug", op = "set_vcpus", id = count);
-        self.vcpus_to(count).instrument(span).await
+        self.call("set_vcpus", &count.to_string(), |vm| async move {
+            vm.vcpus_to(count).await
+        })
+        .await
     }
 
     /// The VM's vCPU slots, as QEMU lists them (plugged ones have a `qom_path`), in slot order.
@@ -81,6 +84,7 @@ impl Vm {
                 max,
             });
         }
+        self.tcg_guard(plugged, count, max).await?;
         let mut change = VcpuChange::default();
         if count > plugged {
             let mut events = self.client().events();
@@ -128,6 +132,45 @@ impl Vm {
         }
         tracing::info!(?change, "vCPUs set");
         Ok(change)
+    }
+}
+
+/// The first QEMU release tested to hot-unplug vCPUs under TCG without corrupting its heap.
+const TCG_SAFE_UNPLUG: VersionTriple = VersionTriple {
+    major: 10,
+    minor: 0,
+    micro: 0,
+};
+
+impl Vm {
+    /// Refuses, under TCG, what would walk QEMU into a crash: a hot-unplug on a QEMU that
+    /// corrupts its heap on one, and a hot-add past the `maxcpus` vCPU threads a VM may start in
+    /// its life. A hot-add's thread is counted before it is sent.
+    async fn tcg_guard(&self, plugged: u32, count: u32, max: u32) -> Result<()> {
+        if count == plugged || self.client().execute(&QueryKvm).await?.enabled {
+            return Ok(());
+        }
+        // Known from the first call on: nothing before it plugged or unplugged a vCPU.
+        self.inner().state().vcpus_started.get_or_insert(plugged);
+        if count < plugged {
+            let version = self.client().greeting().version.qemu;
+            if version < TCG_SAFE_UNPLUG {
+                return Err(Error::TcgVcpuUnplug { version });
+            }
+            return Ok(());
+        }
+        let wanted = count - plugged;
+        let mut state = self.inner().state();
+        let started = state.vcpus_started.get_or_insert(plugged);
+        if *started + wanted > max {
+            return Err(Error::TcgVcpuContexts {
+                started: *started,
+                wanted,
+                max,
+            });
+        }
+        *started += wanted;
+        Ok(())
     }
 }
 

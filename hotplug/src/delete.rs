@@ -35,7 +35,8 @@ pub(crate) enum Delete {
     Object(String),
     /// A chardev (`chardev-remove`).
     Chardev(String),
-    /// The medium in drive `device` (`blockdev-remove-medium`; an empty drive counts as done).
+    /// The medium in drive `device` (`blockdev-open-tray` by force, `blockdev-remove-medium`; an
+    /// empty drive counts as done).
     Medium(String),
     /// Medium `node` back into drive `device` (`blockdev-insert-medium`): the undo of taking it
     /// out.
@@ -93,8 +94,10 @@ impl Delete {
     /// Runs it; what it would remove being absent already counts as done, and says so.
     pub(crate) async fn run(&self, client: &Client) -> Result<Outcome, Error> {
         if let Delete::Device(id) = self {
-            return match unplug::unplug(client, id, &ROLLBACK_UNPLUG).await {
-                Ok(Unplugged::Now) => Ok(Outcome::Done),
+            // Whether an earlier device by this id left a late event is not known here: each
+            // event is checked.
+            return match unplug::unplug(client, id, &ROLLBACK_UNPLUG, true).await {
+                Ok(Unplugged::Deleted | Unplugged::Vanished) => Ok(Outcome::Done),
                 Ok(Unplugged::Already) => Ok(Outcome::Absent),
                 Err(refused) => Err(Error::from_refusal(id, refused)),
             };
@@ -152,10 +155,19 @@ impl Delete {
                 .execute(&ChardevRemove { id: id.clone() })
                 .await
                 .map(drop),
-            Delete::Medium(id) => client
-                .execute(&BlockdevRemoveMedium { id: id.clone() })
-                .await
-                .map(drop),
+            Delete::Medium(id) => {
+                // Out whatever the guest did to the tray: opened by force first (a no-op when it
+                // is open).
+                let open = BlockdevOpenTray {
+                    id: id.clone(),
+                    force: Some(true),
+                };
+                client.execute(&open).await?;
+                client
+                    .execute(&BlockdevRemoveMedium { id: id.clone() })
+                    .await
+                    .map(drop)
+            }
             Delete::Reinsert { device, node } => {
                 // Putting back what was there: the tray must be open, whatever the guest did to it
                 // meanwhile (a `CloseTray` undo after this closes it again if it was closed).

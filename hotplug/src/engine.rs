@@ -16,10 +16,11 @@ use tracing::Instrument;
 use crate::delete::Delete;
 use crate::error::{Error, Result};
 use crate::kinds::{After, Backend, Kind};
+use crate::qemu_errors::is_node_in_use;
 use crate::state::Hold;
 use crate::state::{self, Busy, Entry};
 use crate::transaction::Transaction;
-use crate::unplug::{self, Refused};
+use crate::unplug::{self, Refused, Unplugged};
 use crate::vm::Vm;
 
 /// Hot-adds one device of kind `K`; on failure every step done is undone.
@@ -124,7 +125,7 @@ pub(crate) async fn run_backends<H: Hold>(
 pub(crate) fn mark_busy(vm: &Vm, id: &str, kind: state::Kind) -> Result<Busy> {
     match Busy::mark(vm.inner(), id, kind) {
         Ok(busy) => Ok(busy),
-        Err(Some(Entry::Adding)) => Err(Error::Busy(id.to_owned())),
+        Err(Some(Entry::Adding { .. })) => Err(Error::Busy(id.to_owned())),
         Err(Some(Entry::Placed { kind: k, .. })) if k == kind => Err(Error::Busy(id.to_owned())),
         // No such id, or one of another kind.
         Err(_) => Err(Error::NotFound {
@@ -145,7 +146,34 @@ pub(crate) async fn remove(vm: &Vm, id: &str, kind: state::Kind) -> Result<()> {
         .device(id)
         .expect("a placed entry is in the spec");
     let policy = vm.unplug_policy();
-    if let Err(refused) = unplug::unplug(vm.client(), id, &policy).await {
+    let before = device.before_unplug();
+    if let Some((step, _)) = &before {
+        let span = tracing::debug_span!("step", name = step.command(), id);
+        step.run(vm.client())
+            .instrument(span)
+            .await
+            .map_err(|e| Error::Backend {
+                id: id.to_owned(),
+                step: step.command(),
+                source: Box::new(e),
+            })?;
+    }
+    let stale = vm.inner().state().late_deleted.remove(id);
+    let unplugged = unplug::unplug(vm.client(), id, &policy, stale).await;
+    if matches!(unplugged, Ok(Unplugged::Vanished | Unplugged::Already))
+        || (stale && unplugged.is_err())
+    {
+        // Its own DEVICE_DELETED may still come: the next unplug of this id checks it.
+        vm.inner().state().late_deleted.insert(id.to_owned());
+    }
+    if let Err(refused) = unplugged {
+        // The device stays: what went before the unplug comes back.
+        for step in before.into_iter().flat_map(|(_, back)| back) {
+            let span = tracing::debug_span!("undo", step = %step);
+            if let Err(error) = step.run(vm.client()).instrument(span).await {
+                tracing::warn!(%step, %error, "could not put back what went before the unplug");
+            }
+        }
         busy.set_pending(matches!(refused, Refused::Pending(_)));
         return Err(Error::from_refusal(id, refused));
     }
@@ -153,7 +181,7 @@ pub(crate) async fn remove(vm: &Vm, id: &str, kind: state::Kind) -> Result<()> {
     let mut result = Ok(());
     for step in device.teardown() {
         let span = tracing::debug_span!("step", name = step.command(), id);
-        if let Err(e) = step.run(vm.client()).instrument(span).await {
+        if let Err(e) = run_teardown_step(vm.client(), &step).instrument(span).await {
             result = Err(Error::Backend {
                 id: id.to_owned(),
                 step: step.command(),
@@ -168,4 +196,29 @@ pub(crate) async fn remove(vm: &Vm, id: &str, kind: state::Kind) -> Result<()> {
         tracing::info!("{} removed", kind.name());
     }
     result
+}
+
+/// How long a teardown's `blockdev-del` waits, at most, for QEMU to let go of a node whose device
+/// is gone (QEMU may release a removed device's drive a few milliseconds after `DEVICE_DELETED`).
+const NODE_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs one teardown step; a node QEMU still holds is asked for again, backing off, until
+/// [`NODE_RELEASE`].
+async fn run_teardown_step(client: &Client, step: &Delete) -> Result<crate::delete::Outcome> {
+    let deadline = tokio::time::Instant::now() + NODE_RELEASE;
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        match step.run(client).await {
+            Err(Error::Qmp(e))
+                if matches!(step, Delete::BlockNode(_))
+                    && is_node_in_use(&e)
+                    && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::debug!(%step, "node still in use; asking again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
 }

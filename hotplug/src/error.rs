@@ -51,7 +51,15 @@ pub enum Error {
         /// The id.
         id: String,
     },
-    /// The device is being added or removed by another call.
+    /// A call's task ended before its work did: its runtime is shutting down. What it had done
+    /// is rolled back if a runtime is left to do it; otherwise [`Vm::reconcile`](crate::Vm::reconcile)
+    /// settles it.
+    #[error("{op} was aborted: its runtime is shutting down")]
+    CallAborted {
+        /// The call (`add_disk`, `set_link`, …).
+        op: &'static str,
+    },
+    /// The device is being added, removed or changed by another call.
     #[error("device {0:?} is busy with another hotplug operation")]
     Busy(String),
     /// No free slot is left: on `pc`, on `pci.0`; on `q35`, no `pcie-root-port` is free (a q35 VM
@@ -190,6 +198,26 @@ pub enum Error {
         min: u32,
         /// The most (`maxcpus`).
         max: u32,
+    },
+    /// Under TCG, this vCPU hot-add would abort QEMU: each vCPU QEMU ever started holds one of
+    /// `maxcpus` translation contexts, and an unplug does not give its context back (QEMU's
+    /// `tcg_register_thread` assertion). Nothing was sent to QEMU; the VM needs a restart (a
+    /// relaunch from `vm.spec()`) to hot-add again.
+    #[error("under TCG QEMU has started {started} of its {max} vCPU threads; {wanted} more would abort it")]
+    TcgVcpuContexts {
+        /// vCPU threads started over the VM's life.
+        started: u32,
+        /// How many more the call wanted.
+        wanted: u32,
+        /// `maxcpus`.
+        max: u32,
+    },
+    /// Under TCG, this QEMU corrupts its heap when a vCPU is hot-unplugged (seen on 7.2; 10.0 is
+    /// the first release tested without it). Nothing was sent to QEMU.
+    #[error("QEMU {version} under TCG cannot hot-unplug a vCPU safely")]
+    TcgVcpuUnplug {
+        /// The QEMU version.
+        version: qhotplug_qmp::message::VersionTriple,
     },
     /// The memory device would take the VM over `maxmem` (or the VM was launched without memory
     /// hotplug: no `maxmem`). Nothing was sent to QEMU.

@@ -9,7 +9,7 @@ use qhotplug_qmp::command::{
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::state::{self, Device, Entry};
+use crate::state::{self, Busy, Device};
 use crate::vm::Vm;
 
 /// The sector size QEMU resizes in.
@@ -20,25 +20,25 @@ impl Vm {
     /// NIC stays plugged. The state is part of the NIC's spec, so a VM launched from `vm.spec()`
     /// starts with the link as it is now.
     pub async fn set_link(&self, id: &str, up: bool) -> Result<()> {
-        let span = tracing::info_span!("hotplug", op = "set_link", id);
-        async {
-            self.require("NIC link changes", &["set_link"]).await?;
-            self.idle_device(id, state::Kind::Nic)?;
+        let owned = id.to_owned();
+        self.call("set_link", id, |vm| async move {
+            let id = owned.as_str();
+            vm.require("NIC link changes", &["set_link"]).await?;
+            let (_busy, _) = vm.busy_device(id, state::Kind::Nic)?;
             let step = tracing::debug_span!("step", name = "set_link", id);
-            self.client()
+            vm.client()
                 .execute(&SetLink {
                     name: id.to_owned(),
                     up,
                 })
                 .instrument(step)
                 .await?;
-            let mut state = self.inner().state();
+            let mut state = vm.inner().state();
             if let Some(nic) = state.spec.nics.iter_mut().find(|n| n.id == id) {
                 nic.link_up = up;
             }
             Ok(())
-        }
-        .instrument(span)
+        })
         .await
     }
 
@@ -46,11 +46,12 @@ impl Vm {
     /// Limits QEMU would refuse are [`Error::InvalidIoLimits`] before anything is sent. They are
     /// part of the disk's spec: a VM launched from `vm.spec()` gets them before it runs.
     pub async fn set_io_limits(&self, id: &str, limits: IoLimits) -> Result<()> {
-        let span = tracing::info_span!("hotplug", op = "set_io_limits", id);
-        async {
-            self.require("disk I/O limits", &["block_set_io_throttle"])
+        let owned = id.to_owned();
+        self.call("set_io_limits", id, |vm| async move {
+            let id = owned.as_str();
+            vm.require("disk I/O limits", &["block_set_io_throttle"])
                 .await?;
-            let Device::Disk(disk) = self.idle_device(id, state::Kind::Disk)? else {
+            let (_busy, Device::Disk(disk)) = vm.busy_device(id, state::Kind::Disk)? else {
                 unreachable!("a disk entry is a disk")
             };
             limits.check().map_err(|reason| Error::InvalidIoLimits {
@@ -62,14 +63,13 @@ impl Vm {
                 id: disk.backend_device(),
                 limits: limits.clone(),
             };
-            self.client().execute(&cmd).instrument(step).await?;
-            let mut state = self.inner().state();
+            vm.client().execute(&cmd).instrument(step).await?;
+            let mut state = vm.inner().state();
             if let Some(disk) = state.spec.disks.iter_mut().find(|d| d.id == id) {
                 disk.io_limits = Some(limits).filter(|l| !l.is_unlimited());
             }
             Ok(())
-        }
-        .instrument(span)
+        })
         .await
     }
 
@@ -88,11 +88,11 @@ impl Vm {
     }
 
     async fn resize(&self, id: &str, size: u64, may_shrink: bool) -> Result<u64> {
-        let span = tracing::info_span!("hotplug", op = "resize_disk", id);
-        async {
-            self.require("online disk resize", &["block_resize"])
-                .await?;
-            let Device::Disk(disk) = self.idle_device(id, state::Kind::Disk)? else {
+        let owned = id.to_owned();
+        self.call("resize_disk", id, |vm| async move {
+            let id = owned.as_str();
+            vm.require("online disk resize", &["block_resize"]).await?;
+            let (_busy, Device::Disk(disk)) = vm.busy_device(id, state::Kind::Disk)? else {
                 unreachable!("a disk entry is a disk")
             };
             if disk.read_only {
@@ -105,7 +105,7 @@ impl Vm {
                 });
             }
             let node = disk.top_node();
-            let current = self
+            let current = vm
                 .client()
                 .execute(&QueryNamedBlockNodes { flat: Some(true) })
                 .await?
@@ -126,7 +126,7 @@ impl Vm {
             }
             if size != current {
                 let step = tracing::debug_span!("step", name = "block_resize", id);
-                self.client()
+                vm.client()
                     .execute(&BlockResize {
                         node_name: Some(node),
                         size: size as i64,
@@ -135,26 +135,20 @@ impl Vm {
                     .await?;
             }
             Ok(current)
-        }
-        .instrument(span)
+        })
         .await
     }
 
-    /// The device `id`, as the spec lists it, when it is placed, of `kind`, and no removal runs.
-    pub(crate) fn idle_device(&self, id: &str, kind: state::Kind) -> Result<Device> {
-        let state = self.inner().state();
-        match state.devices.get(id) {
-            Some(Entry::Placed {
-                kind: k,
-                busy: false,
-                ..
-            }) if *k == kind => Ok(state.device(id).expect("a placed entry is in the spec")),
-            Some(Entry::Placed { kind: k, .. }) if *k == kind => Err(Error::Busy(id.to_owned())),
-            Some(Entry::Adding) => Err(Error::Busy(id.to_owned())),
-            _ => Err(Error::NotFound {
-                kind: kind.name(),
-                id: id.to_owned(),
-            }),
-        }
+    /// Marks device `id`, of `kind`, busy for a change, and returns it as the spec lists it: held
+    /// from the check to the spec's update, so no removal or other change runs under it
+    /// ([`Error::Busy`] for the one that comes second).
+    pub(crate) fn busy_device(&self, id: &str, kind: state::Kind) -> Result<(Busy, Device)> {
+        let busy = crate::engine::mark_busy(self, id, kind)?;
+        let device = self
+            .inner()
+            .state()
+            .device(id)
+            .expect("a placed entry is in the spec");
+        Ok((busy, device))
     }
 }

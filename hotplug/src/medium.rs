@@ -120,8 +120,11 @@ impl Vm {
         medium: Option<PathBuf>,
         options: MediumOptions,
     ) -> Result<()> {
-        let span = tracing::info_span!("hotplug", op = "change_medium", id);
-        self.change(id, medium, options).instrument(span).await
+        let owned = id.to_owned();
+        self.call("change_medium", id, |vm| async move {
+            vm.change(&owned, medium, options).await
+        })
+        .await
     }
 
     /// Drive `id`'s tray and medium, from `query-block`.

@@ -27,20 +27,17 @@ impl Vm {
     /// guest onlines the new memory (with `memhp_default_state=online_movable` on its kernel
     /// command line, as movable memory it can give back).
     pub async fn add_memory(&self, config: MemoryConfig) -> Result<MemoryDevice> {
-        let span = tracing::info_span!("hotplug", op = "add_memory", id = %config.id());
-        async {
-            self.require(MemoryConfig::OPERATION, MemoryConfig::COMMANDS)
-                .await?;
-            self.check_fits(&config).await?;
-            let device = engine::add(self, config).await?;
+        let id = config.id().to_owned();
+        self.call("add_memory", &id, |vm| async move {
+            vm.check_fits(&config).await?;
+            let device = engine::add(&vm, config).await?;
             tracing::info!(
                 size = device.size(),
                 driver = device.driver(),
                 "memory added"
             );
             Ok(device)
-        }
-        .instrument(span)
+        })
         .await
     }
 
@@ -49,9 +46,7 @@ impl Vm {
     /// or in use) refuses: [`Error::UnplugRejected`] as soon as QEMU says so (ACPI `_OST` 0x82 for
     /// a DIMM), and the device and its backend stay.
     pub async fn remove_memory(&self, id: &str) -> Result<()> {
-        let span = tracing::info_span!("hotplug", op = "remove_memory", id);
-        engine::remove(self, id, state::Kind::Memory)
-            .instrument(span)
+        self.remove_kind("remove_memory", id, state::Kind::Memory)
             .await
     }
 
@@ -61,17 +56,21 @@ impl Vm {
     /// could not free enough, or is slow). `requested` must be a multiple of the device's block
     /// size and at most its size ([`Error::InvalidSize`]).
     pub async fn resize_virtio_mem(&self, id: &str, requested: u64) -> Result<u64> {
-        let span = tracing::info_span!("hotplug", op = "resize_virtio_mem", id);
-        self.resize_vmem(id, requested).instrument(span).await
+        let owned = id.to_owned();
+        self.call("resize_virtio_mem", id, |vm| async move {
+            vm.resize_vmem(&owned, requested).await
+        })
+        .await
     }
 
     async fn resize_vmem(&self, id: &str, requested: u64) -> Result<u64> {
         self.require("virtio-mem resize", &["qom-set", "query-memory-devices"])
             .await?;
+        let (_busy, device) = self.busy_device(id, state::Kind::Memory)?;
         let Device::Memory(MemoryDevice {
             kind: MemoryDeviceKind::VirtioMem { .. },
             ..
-        }) = self.idle_device(id, state::Kind::Memory)?
+        }) = device
         else {
             return Err(Error::NotFound {
                 kind: "virtio-mem device",
@@ -176,15 +175,12 @@ impl Vm {
 
     /// Hot-adds a `virtio-balloon-pci`. Drive it with [`set_balloon`](Vm::set_balloon).
     pub async fn add_balloon(&self, config: BalloonConfig) -> Result<Balloon> {
-        let span = tracing::info_span!("hotplug", op = "add_balloon", id = %config.id());
-        engine::add(self, config).instrument(span).await
+        self.add_kind("add_balloon", config, |_, _| Ok(())).await
     }
 
     /// Hot-removes the balloon.
     pub async fn remove_balloon(&self, id: &str) -> Result<()> {
-        let span = tracing::info_span!("hotplug", op = "remove_balloon", id);
-        engine::remove(self, id, state::Kind::Balloon)
-            .instrument(span)
+        self.remove_kind("remove_balloon", id, state::Kind::Balloon)
             .await
     }
 
@@ -192,15 +188,23 @@ impl Vm {
     /// The guest gives memory back at its own pace: follow [`balloon_actual`](Vm::balloon_actual)
     /// or `BALLOON_CHANGE` events.
     pub async fn set_balloon(&self, target: u64) -> Result<()> {
-        let span = tracing::info_span!("hotplug", op = "set_balloon", target);
-        async {
-            self.require("the balloon", &["balloon"]).await?;
-            if self.inner().state().spec.balloon.is_none() {
+        self.call("set_balloon", &target.to_string(), |vm| async move {
+            vm.require("the balloon", &["balloon"]).await?;
+            let Some(id) = vm
+                .inner()
+                .state()
+                .spec
+                .balloon
+                .as_ref()
+                .map(|b| b.id.clone())
+            else {
                 return Err(Error::NotFound {
                     kind: "balloon",
                     id: String::new(),
                 });
-            }
+            };
+            // Held to the end, so a removal cannot start under the command.
+            let _busy = engine::mark_busy(&vm, &id, state::Kind::Balloon)?;
             let value = i64::try_from(target).ok().filter(|v| *v > 0);
             let Some(value) = value else {
                 return Err(Error::InvalidSize {
@@ -209,13 +213,12 @@ impl Vm {
                 });
             };
             let step = tracing::debug_span!("step", name = "balloon");
-            self.client()
+            vm.client()
                 .execute(&command::Balloon { value })
                 .instrument(step)
                 .await?;
             Ok(())
-        }
-        .instrument(span)
+        })
         .await
     }
 

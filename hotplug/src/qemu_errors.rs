@@ -32,6 +32,15 @@ pub fn is_guest_busy(e: &Error) -> bool {
     e.qmp_desc().is_some_and(|d| d.contains("guest is busy"))
 }
 
+/// `blockdev-del` refused because something still uses the node ("Node '…' is busy: node is used
+/// as backing hd of …", "Node … is in use"): right after a device's removal QEMU may not have let
+/// go of its drive yet.
+pub fn is_node_in_use(e: &Error) -> bool {
+    e.qmp_desc().is_some_and(|d| {
+        d.starts_with("Node ") && (d.contains("is in use") || d.contains("is busy"))
+    })
+}
+
 /// A medium step refused because the drive's tray is closed ("Tray of device 'cd' is not open",
 /// "Tray of the device is not open"): the guest (or its firmware) closed it.
 pub fn is_tray_closed(e: &Error) -> bool {

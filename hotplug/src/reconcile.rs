@@ -4,12 +4,16 @@
 use std::collections::{BTreeSet, HashSet};
 
 use qhotplug_cmdline::names;
-use qhotplug_qmp::command::{QomList, QueryChardev, QueryFdsets, QueryNamedBlockNodes, QueryPci};
+use qhotplug_qmp::command::{
+    BlockInfo, IoLimits, QomList, QueryBlock, QueryChardev, QueryFdsets, QueryNamedBlockNodes,
+    QueryPci, SetLink,
+};
 
 use crate::delete::{Delete, Outcome};
 use crate::discover::scan_peripherals;
+use crate::engine::mark_busy;
 use crate::error::Result;
-use crate::state::Entry;
+use crate::state::{Cleaning, Entry, Kind};
 use crate::vm::Vm;
 
 /// What [`Vm::reconcile`] found and fixed.
@@ -28,13 +32,30 @@ pub struct Reconciled {
     pub objects_deleted: Vec<String>,
     /// Chardevs of ours (`<id>-chr`) that no device used any more, removed.
     pub chardevs_removed: Vec<String>,
+    /// Disks whose I/O limits in the SDK's view were not QEMU's: the view now has QEMU's.
+    pub limits_updated: Vec<String>,
+    /// CD-ROM drives the SDK thought loaded that QEMU has empty: the view now has them empty.
+    pub media_updated: Vec<String>,
+}
+
+impl Reconciled {
+    /// True when QEMU and the SDK's view already agreed: nothing was dropped, deleted or updated.
+    pub fn is_empty(&self) -> bool {
+        *self == Reconciled::default()
+    }
 }
 
 /// See [`Vm::reconcile`].
+///
+/// It judges from what was known when its queries began: a device that joined the spec after
+/// that (`Entry::Placed::since`), or that a call holds busy, is left alone, and the ids whose
+/// leftovers it deletes are marked [`Entry::Cleaning`] until it is done, so no hot-add can take
+/// one and lose its backends to the clean-up.
 pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
     for task in vm.inner().take_rollbacks() {
         let _ = task.await;
     }
+    let start = vm.inner().state().epoch;
     let client = vm.client();
     let pci = client.execute(&QueryPci).await?;
     let found = scan_peripherals(client).await?;
@@ -61,52 +82,69 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
         .filter(|o| o.child_type().is_some())
         .map(|o| o.name)
         .collect();
+    let blocks = client.execute(&QueryBlock).await?;
 
     let mut report = Reconciled::default();
-    // Ids whose leftovers may go: touched by us, not a device in QEMU, and not in use by a
-    // running call.
-    let orphans: BTreeSet<String> = {
-        let mut state = vm.inner().state();
+    // Judged under one lock: only what no call holds, and what was in the spec before the queries.
+    let settled =
+        |e: &Entry| matches!(e, Entry::Placed { busy: false, since, .. } if *since <= start);
+    let (orphans, cleaning, drives, links) = {
+        let mut guard = vm.inner().state();
+        let state = &mut *guard;
         let gone: Vec<String> = state
             .devices
             .iter()
-            .filter(|(id, e)| {
-                matches!(e, Entry::Placed { busy: false, .. }) && !present.contains(*id)
-            })
+            .filter(|(id, e)| settled(e) && !present.contains(*id))
             .map(|(id, _)| id.clone())
             .collect();
         for id in &gone {
             state.forget(id, false);
         }
-        state.pci.fill_from(&pci);
-        for p in &found.placements {
-            state.pci.mark(p);
+        state.rebuild_slots(&pci, &found.placements);
+        // What QEMU applied is the truth: I/O limits and media as `query-block` shows them.
+        for disk in &mut state.spec.disks {
+            if !state.devices.get(&disk.id).is_some_and(settled) {
+                continue;
+            }
+            if let Some(limits) = qemu_limits(&blocks, &disk.id) {
+                let limits = Some(limits).filter(|l| !l.is_unlimited());
+                if disk.io_limits != limits {
+                    tracing::info!(id = %disk.id, ?limits, "reconcile: I/O limits as QEMU has them");
+                    report.limits_updated.push(disk.id.clone());
+                    disk.io_limits = limits;
+                }
+            }
+        }
+        for cd in &mut state.spec.cdroms {
+            if !state.devices.get(&cd.id).is_some_and(settled) {
+                continue;
+            }
+            let empty = blocks
+                .iter()
+                .find(|b| b.qdev.as_deref() == Some(cd.id.as_str()))
+                .is_some_and(|b| b.inserted.is_none());
+            if empty && cd.medium.is_some() {
+                tracing::info!(id = %cd.id, "reconcile: the drive is empty in QEMU");
+                report.media_updated.push(cd.id.clone());
+                cd.medium = None;
+            }
         }
         // Leftovers may belong to the devices just found gone, or to ids this handle used.
-        let orphans = state
+        let orphans: BTreeSet<String> = state
             .touched
             .iter()
             .filter(|id| !present.contains(*id) && !state.devices.contains_key(*id))
             .chain(&gone)
             .cloned()
             .collect();
-        report.gone = gone;
-        orphans
-    };
-    // A CD-ROM still there may have an old medium's nodes left (a change whose last deletes
-    // failed): everything of its own but its medium's nodes goes.
-    let drives: Vec<(String, Vec<String>)> = {
-        let state = vm.inner().state();
-        state
+        let cleaning = Cleaning::mark(vm.inner(), state, orphans.iter().cloned().collect());
+        // A CD-ROM still there may have an old medium's nodes left (a change whose last deletes
+        // failed): everything of its own but its medium's nodes goes.
+        let drives: Vec<(String, Vec<String>)> = state
             .spec
             .cdroms
             .iter()
-            .filter(|c| {
-                matches!(
-                    state.devices.get(&c.id),
-                    Some(Entry::Placed { busy: false, .. })
-                )
-            })
+            .filter(|c| state.devices.get(&c.id).is_some_and(settled))
             .map(|c| {
                 let keep = match c.medium {
                     Some(_) => vec![c.top_node(), c.file_node()],
@@ -114,7 +152,17 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
                 };
                 (c.id.clone(), keep)
             })
-            .collect()
+            .collect();
+        // QMP cannot read a link's state: the recorded one is applied again.
+        let links: Vec<(String, bool)> = state
+            .spec
+            .nics
+            .iter()
+            .filter(|n| state.devices.get(&n.id).is_some_and(settled))
+            .map(|n| (n.id.clone(), n.link_up))
+            .collect();
+        report.gone = gone;
+        (orphans, cleaning, drives, links)
     };
     for (id, keep) in &drives {
         for step in nodes_of(&nodes, id, keep) {
@@ -167,8 +215,35 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
             state.touched.remove(id);
         }
     }
+    drop(cleaning);
+    for (id, up) in links {
+        // Skipped when a call holds the NIC now: that call decides its link.
+        let Ok(_busy) = mark_busy(vm, &id, Kind::Nic) else {
+            continue;
+        };
+        client.execute(&SetLink { name: id, up }).await?;
+    }
     tracing::info!(?report, "reconciled");
     Ok(report)
+}
+
+/// Device `id`'s I/O limits as `query-block` shows them, without the implicit throttle group
+/// QEMU names after the device when none was given.
+pub(crate) fn qemu_limits(blocks: &[BlockInfo], id: &str) -> Option<IoLimits> {
+    let block = blocks.iter().find(|b| {
+        b.qdev
+            .as_deref()
+            .is_some_and(|q| q.split('/').any(|part| part == id))
+    })?;
+    let mut limits = block.inserted.as_ref()?.limits.clone();
+    if limits
+        .group
+        .as_deref()
+        .is_some_and(|g| g == id || g.starts_with("/machine/peripheral/"))
+    {
+        limits.group = None;
+    }
+    Some(limits)
 }
 
 impl Reconciled {

@@ -144,6 +144,14 @@ impl PciMap {
         Ok(())
     }
 
+    /// Frees every slot, keeping the buses: the start of a rebuild from QEMU's list and the SDK's
+    /// own reservations (`reconcile`).
+    pub(crate) fn clear_taken(&mut self) {
+        for bus in &mut self.buses {
+            bus.taken = BitArray::ZERO;
+        }
+    }
+
     /// Marks an address taken whatever it held (a device QEMU has that we did not know of).
     pub(crate) fn mark(&mut self, pci: &Pci) {
         if let Some(bus) = self.buses.iter_mut().find(|b| b.name == pci.bus) {
@@ -180,6 +188,13 @@ impl ScsiMap {
     pub(crate) fn add_bus(&mut self, bus: &str) {
         if !self.buses.iter().any(|(b, _)| b == bus) {
             self.buses.push((bus.to_owned(), bitvec![0; SCSI_TARGETS]));
+        }
+    }
+
+    /// Frees every target, keeping the buses (see [`PciMap::clear_taken`]).
+    pub(crate) fn clear_taken(&mut self) {
+        for (_, taken) in &mut self.buses {
+            taken.fill(false);
         }
     }
 

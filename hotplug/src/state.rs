@@ -6,6 +6,7 @@
 //! QEMU no longer listing it), or when a hot-add that took it was rolled back.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use qhotplug_cmdline::{
@@ -25,6 +26,10 @@ pub(crate) struct Inner {
     pub(crate) process: Mutex<Option<QemuProcess>>,
     /// Rollbacks of cancelled hot-adds, running in the background.
     rollbacks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// How many public calls are running (each in a task of its own), and a wake-up for
+    /// [`Vm::settle`](crate::Vm::settle) when none is.
+    running: AtomicUsize,
+    idle: tokio::sync::Notify,
 }
 
 impl Inner {
@@ -34,6 +39,28 @@ impl Inner {
             state: Mutex::new(state),
             process: Mutex::new(process),
             rollbacks: Mutex::new(Vec::new()),
+            running: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Counts a public call as running until the guard is dropped (by the call's task, when its
+    /// work is done, whether or not anyone still waits for it).
+    pub(crate) fn enter_call(self: &Arc<Self>) -> RunningCall {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        RunningCall(self.clone())
+    }
+
+    /// Waits until no public call is running.
+    pub(crate) async fn settled(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.running.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
         }
     }
 
@@ -53,6 +80,17 @@ impl Inner {
     /// The background rollbacks still running, handed over to wait for.
     pub(crate) fn take_rollbacks(&self) -> Vec<tokio::task::JoinHandle<()>> {
         std::mem::take(&mut *self.rollbacks.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// One public call running; see [`Inner::enter_call`].
+pub(crate) struct RunningCall(Arc<Inner>);
+
+impl Drop for RunningCall {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -190,6 +228,15 @@ impl Device {
         }
     }
 
+    /// What goes before the guest is asked to let the device go, with what puts it back if the
+    /// device stays (a CD-ROM's medium).
+    pub(crate) fn before_unplug(&self) -> Option<(Delete, Vec<Delete>)> {
+        match self {
+            Device::Cdrom(c) => cdrom::before_unplug(c),
+            _ => None,
+        }
+    }
+
     /// What goes once the guest has let the device go, in order.
     pub(crate) fn teardown(&self) -> Vec<Delete> {
         match self {
@@ -228,18 +275,24 @@ pub(crate) enum Place {
 }
 
 /// What the SDK knows of a device id besides its description, which lives in `State::spec`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Entry {
-    /// A hot-add holds the id.
-    Adding,
+    /// A hot-add holds the id, and this place.
+    Adding { place: Place },
     /// A device in the spec.
     Placed {
         kind: Kind,
-        /// A removal is running.
+        /// A removal or a change is running.
         busy: bool,
         /// A `device_del` was accepted but the guest has not let the device go yet.
         unplug_pending: bool,
+        /// The state's epoch when the device joined the spec: `reconcile` judges only devices
+        /// older than its own queries.
+        since: u64,
     },
+    /// `reconcile` is deleting what a device by this id left in QEMU: nothing may take the id
+    /// until it is done, or the deletes would hit the newcomer's backends.
+    Cleaning,
 }
 
 pub(crate) struct State {
@@ -250,6 +303,15 @@ pub(crate) struct State {
     /// Ids a hot-add through this handle used whose leftovers `reconcile` may still have to clean
     /// up; an id leaves once its device is confirmed gone and its backends deleted.
     pub(crate) touched: HashSet<String>,
+    /// Counts the devices that joined the spec; see `Entry::Placed::since`.
+    pub(crate) epoch: u64,
+    /// vCPU threads QEMU has started over the VM's life, as far as this handle knows (those
+    /// plugged at the first `set_vcpus`, then every hot-add): under TCG each takes one of
+    /// `maxcpus` translation contexts that an unplug never gives back.
+    pub(crate) vcpus_started: Option<u32>,
+    /// Ids whose last device went without its own `DEVICE_DELETED` being seen: QEMU may send it
+    /// late, and the next unplug of the id must not take it for its own.
+    pub(crate) late_deleted: HashSet<String>,
 }
 
 impl State {
@@ -261,6 +323,9 @@ impl State {
             scsi,
             devices: HashMap::new(),
             touched: HashSet::new(),
+            epoch: 0,
+            vcpus_started: None,
+            late_deleted: HashSet::new(),
         };
         let placed: Vec<Device> = state.all_devices();
         for device in placed {
@@ -273,7 +338,7 @@ impl State {
             }
             state
                 .devices
-                .insert(device.id().to_owned(), placed_entry(device.kind()));
+                .insert(device.id().to_owned(), placed_entry(device.kind(), 0));
         }
         state
     }
@@ -377,9 +442,47 @@ impl State {
         self.release(&place);
     }
 
+    /// Rebuilds the slot maps from QEMU's word (`query-pci`, the QOM placements of devices behind
+    /// root ports) and the SDK's own: the places of its devices and of hot-adds still running. A
+    /// slot of a device someone else removed is free again.
+    pub(crate) fn rebuild_slots(
+        &mut self,
+        pci: &[qhotplug_qmp::command::PciInfo],
+        placements: &[Pci],
+    ) {
+        self.pci.clear_taken();
+        self.scsi.clear_taken();
+        self.pci.fill_from(pci);
+        for p in placements {
+            self.pci.mark(p);
+        }
+        let adding = self.devices.values().filter_map(|e| match e {
+            Entry::Adding { place } => Some(place.clone()),
+            _ => None,
+        });
+        let places: Vec<Place> = self
+            .all_devices()
+            .iter()
+            .map(Device::place)
+            .chain(adding)
+            .collect();
+        for place in places {
+            match place {
+                Place::Pci(pci) => self.pci.mark(&pci),
+                Place::Scsi(addr) => {
+                    let _ = self.scsi.claim(&addr);
+                }
+                Place::Fixed => {}
+            }
+        }
+    }
+
     fn insert(&mut self, device: Device) {
-        self.devices
-            .insert(device.id().to_owned(), placed_entry(device.kind()));
+        self.epoch += 1;
+        self.devices.insert(
+            device.id().to_owned(),
+            placed_entry(device.kind(), self.epoch),
+        );
         match device {
             Device::Disk(d) => self.spec.disks.push(d),
             Device::Nic(n) => self.spec.nics.push(n),
@@ -396,11 +499,12 @@ impl State {
     }
 }
 
-fn placed_entry(kind: Kind) -> Entry {
+fn placed_entry(kind: Kind, since: u64) -> Entry {
     Entry::Placed {
         kind,
         busy: false,
         unplug_pending: false,
+        since,
     }
 }
 
@@ -446,6 +550,37 @@ impl Hold for Named {
         None
     }
     fn leak(self) {}
+}
+
+/// Ids `reconcile` marked [`Entry::Cleaning`] while it deletes their leftovers; dropped, it frees
+/// them.
+pub(crate) struct Cleaning {
+    inner: Arc<Inner>,
+    ids: Vec<String>,
+}
+
+impl Cleaning {
+    /// Marks `ids` (in `state`, under the lock the caller holds).
+    pub(crate) fn mark(inner: &Arc<Inner>, state: &mut State, ids: Vec<String>) -> Cleaning {
+        for id in &ids {
+            state.devices.insert(id.clone(), Entry::Cleaning);
+        }
+        Cleaning {
+            inner: inner.clone(),
+            ids,
+        }
+    }
+}
+
+impl Drop for Cleaning {
+    fn drop(&mut self) {
+        let mut state = self.inner.state();
+        for id in &self.ids {
+            if state.devices.get(id) == Some(&Entry::Cleaning) {
+                state.devices.remove(id);
+            }
+        }
+    }
 }
 
 /// An id and an address held for a hot-add. Dropped uncommitted, it frees both.
@@ -507,7 +642,7 @@ impl Busy {
                     armed: true,
                 })
             }
-            other => Err(other.copied()),
+            other => Err(other.cloned()),
         }
     }
 

@@ -73,9 +73,13 @@ impl Default for UnplugPolicy {
 /// How a device came to be gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Unplugged {
-    /// The guest let it go now.
-    Now,
-    /// It was gone before we asked.
+    /// The guest let it go now, and its own `DEVICE_DELETED` said so.
+    Deleted,
+    /// The guest let it go now, found gone from QEMU's device list (after a part's event, an
+    /// eject's `_OST`, lost events): its own `DEVICE_DELETED` may still come, later, and must not
+    /// be taken for the next device by that id.
+    Vanished,
+    /// It was gone before we asked (its own event may still come too).
     Already,
 }
 
@@ -93,12 +97,16 @@ pub(crate) enum Refused {
     Qmp(#[from] qhotplug_qmp::Error),
 }
 
-/// Asks the guest to let device `id` go, by `policy`.
+/// Asks the guest to let device `id` go, by `policy`. `stale`: an earlier device by this id went
+/// without its own `DEVICE_DELETED` being seen (QEMU sends it late, after the device has left its
+/// device list), so the first such event is checked against the device list before it counts.
 pub(crate) async fn unplug(
     client: &Client,
     id: &str,
     policy: &UnplugPolicy,
+    stale: bool,
 ) -> Result<Unplugged, Refused> {
+    let mut stale = stale;
     let deadline = Instant::now() + policy.deadline;
     let mut events = client.events();
     let mut backoff = policy.busy_backoff;
@@ -123,7 +131,7 @@ pub(crate) async fn unplug(
             Err(e) if is_guest_busy(&e) => {
                 // The press did not happen; the guest may still finish an earlier one meanwhile.
                 let until = deadline.min(Instant::now() + backoff);
-                if let Some(done) = wait(client, &mut events, id, until).await {
+                if let Some(done) = wait(client, &mut events, id, until, &mut stale).await {
                     return done;
                 }
                 if Instant::now() >= deadline {
@@ -135,7 +143,7 @@ pub(crate) async fn unplug(
         }
     }
     let span = tracing::debug_span!("step", name = "wait DEVICE_DELETED", id);
-    match wait(client, &mut events, id, deadline)
+    match wait(client, &mut events, id, deadline, &mut stale)
         .instrument(span)
         .await
     {
@@ -144,12 +152,14 @@ pub(crate) async fn unplug(
     }
 }
 
-/// Waits until `until` for the guest's answer about `id`; `None` when none came.
+/// Waits until `until` for the guest's answer about `id`; `None` when none came. While `stale`,
+/// the device's own `DEVICE_DELETED` may be an earlier device's: QEMU's device list decides.
 async fn wait(
     client: &Client,
     events: &mut EventStream,
     id: &str,
     until: Instant,
+    stale: &mut bool,
 ) -> Option<Result<Unplugged, Refused>> {
     let answer = async {
         while let Some(item) = events.next().await {
@@ -159,7 +169,10 @@ async fn wait(
                 Err(Lagged(_)) => true,
                 Ok(event) => match event.kind() {
                     EventKind::DeviceDeleted(d) if d.device.as_deref() == Some(id) => {
-                        return Ok(Unplugged::Now)
+                        if !std::mem::take(stale) {
+                            return Ok(Unplugged::Deleted);
+                        }
+                        true
                     }
                     EventKind::DeviceUnplugGuestError(d) if d.device.as_deref() == Some(id) => {
                         return Err(Refused::Rejected("DEVICE_UNPLUG_GUEST_ERROR".into()))
@@ -182,7 +195,7 @@ async fn wait(
             };
             if ask {
                 match present(client, id).await {
-                    Ok(false) => return Ok(Unplugged::Now),
+                    Ok(false) => return Ok(Unplugged::Vanished),
                     Ok(true) => {}
                     Err(e) => return Err(e.into()),
                 }

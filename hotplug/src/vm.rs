@@ -144,6 +144,47 @@ impl Vm {
         &self.inner
     }
 
+    /// Runs one public call: in its `hotplug` span (`op`, `id`), as a task of its own, so that it
+    /// runs to its end (done, or rolled back) whether or not its caller still waits. A caller that
+    /// drops the future gives up the answer, never the consistency of the SDK's view: the rule in
+    /// ARCHITECTURE.md. The caller's tracing subscriber goes with the task.
+    pub(crate) async fn call<T, Fut>(
+        &self,
+        op: &'static str,
+        id: &str,
+        work: impl FnOnce(Vm) -> Fut,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        use tracing::instrument::WithSubscriber;
+        let span = tracing::info_span!("hotplug", op, id);
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
+        let running = self.inner.enter_call();
+        let work = work(self.clone());
+        let task = tokio::spawn(
+            async move {
+                let result = work.await;
+                drop(running);
+                result
+            }
+            .instrument(span)
+            .with_subscriber(dispatch),
+        );
+        match task.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(Error::CallAborted { op }),
+        }
+    }
+
+    /// Waits until no call on this VM (through any handle) is running: those whose callers
+    /// stopped waiting have finished too. Then `vm.spec()` is what those calls left in QEMU.
+    pub async fn settle(&self) {
+        self.inner.settled().await;
+    }
+
     /// The QMP client, for commands and events of your own.
     pub fn client(&self) -> &Client {
         &self.inner.client
@@ -299,16 +340,20 @@ impl Vm {
     /// handle are deleted; and every PCI slot QEMU reports is marked taken. Devices being added or
     /// removed by a call still running are left alone; so is everything this handle never made.
     pub async fn reconcile(&self) -> Result<Reconciled> {
-        let span = tracing::info_span!("hotplug", op = "reconcile");
-        reconcile::reconcile(self).instrument(span).await
+        self.call("reconcile", "", |vm| async move {
+            reconcile::reconcile(&vm).await
+        })
+        .await
     }
 
     /// Takes the id and an address for a hot-add.
     pub(crate) fn reserve(&self, id: &str, want: Want) -> Result<(Reservation, Place)> {
         qhotplug_cmdline::validate_id(id)?;
         let mut state = self.inner.state();
-        if state.devices.contains_key(id) {
-            return Err(Error::DuplicateId(id.to_owned()));
+        match state.devices.get(id) {
+            Some(Entry::Cleaning) => return Err(Error::Busy(id.to_owned())),
+            Some(_) => return Err(Error::DuplicateId(id.to_owned())),
+            None => {}
         }
         let place = match want {
             Want::Pci(None) => Place::Pci(state.pci.allocate().map_err(slot_error)?),
@@ -328,7 +373,12 @@ impl Vm {
             }
             Want::Fixed => Place::Fixed,
         };
-        state.devices.insert(id.to_owned(), Entry::Adding);
+        state.devices.insert(
+            id.to_owned(),
+            Entry::Adding {
+                place: place.clone(),
+            },
+        );
         state.touched.insert(id.to_owned());
         drop(state);
         let reservation = Reservation::new(self.inner.clone(), id.to_owned(), place.clone());
@@ -343,53 +393,60 @@ impl Vm {
     /// the guest's help, so every step that can fail comes before it. On failure everything done is
     /// undone and [`Error::Step`] names the step.
     pub async fn add_disk(&self, config: DiskConfig) -> Result<Disk> {
-        let span = tracing::info_span!("hotplug", op = "add_disk", id = %config.id());
-        let disk = engine::add(self, config).instrument(span.clone()).await?;
-        span.in_scope(|| tracing::info!(frontend = ?disk.frontend, "disk added"));
-        Ok(disk)
+        let id = config.id().to_owned();
+        self.call("add_disk", &id, |vm| async move {
+            let disk = engine::add(&vm, config).await?;
+            tracing::info!(frontend = ?disk.frontend, "disk added");
+            Ok(disk)
+        })
+        .await
     }
 
     /// Hot-adds a `virtio-net-pci` NIC: passes each tap fd (and vhost fd) with `getfd`, adds the
     /// netdev, then the device. Our copies of the fds are closed once QEMU has them. Returns the
     /// NIC as placed.
     pub async fn add_nic(&self, config: NicConfig) -> Result<Nic> {
-        let span = tracing::info_span!("hotplug", op = "add_nic", id = %config.id());
-        let nic = engine::add(self, config).instrument(span.clone()).await?;
-        span.in_scope(
-            || tracing::info!(pci = ?nic.pci, queues = nic.queues, vhost = nic.vhost, "NIC added"),
-        );
-        Ok(nic)
+        let id = config.id().to_owned();
+        self.call("add_nic", &id, |vm| async move {
+            let nic = engine::add(&vm, config).await?;
+            tracing::info!(pci = ?nic.pci, queues = nic.queues, vhost = nic.vhost, "NIC added");
+            Ok(nic)
+        })
+        .await
     }
 
     /// Hot-adds a `scsi-cd` drive on a virtio-scsi controller, empty or holding an ISO image (opened
     /// read-only and passed as an fd, like a disk's). Returns the drive as placed. Change its medium
     /// with [`change_medium`](Vm::change_medium).
     pub async fn add_cdrom(&self, config: CdromConfig) -> Result<Cdrom> {
-        let span = tracing::info_span!("hotplug", op = "add_cdrom", id = %config.id());
-        let cd = engine::add(self, config).instrument(span.clone()).await?;
-        span.in_scope(|| tracing::info!(bus = ?cd.bus, medium = ?cd.medium, "CD-ROM added"));
-        Ok(cd)
+        let id = config.id().to_owned();
+        self.call("add_cdrom", &id, |vm| async move {
+            let cd = engine::add(&vm, config).await?;
+            tracing::info!(bus = ?cd.bus, medium = ?cd.medium, "CD-ROM added");
+            Ok(cd)
+        })
+        .await
     }
 
     /// Hot-removes a `scsi-cd` drive: `device_del`, wait for `DEVICE_DELETED`, then its medium's
     /// nodes. An `ide-cd` cannot be removed ([`Error::NotHotpluggable`]: IDE has no hotplug).
     /// Errors as for [`remove_disk`](Vm::remove_disk).
     pub async fn remove_cdrom(&self, id: &str) -> Result<()> {
-        let span = tracing::info_span!("hotplug", op = "remove_cdrom", id);
-        async {
+        let owned = id.to_owned();
+        self.call("remove_cdrom", id, |vm| async move {
+            let id = owned.as_str();
             if let Some(Device::Cdrom(Cdrom {
                 bus: CdromBus::Ide(_),
                 ..
-            })) = self.inner.state().device(id)
+            })) = vm.inner.state().device(id)
             {
                 return Err(Error::NotHotpluggable {
                     id: id.to_owned(),
                     reason: "an IDE drive is there from boot to shutdown",
                 });
             }
-            engine::remove(self, id, state::Kind::Cdrom).await
-        }
-        .instrument(span)
+            engine::remove(&vm, id, state::Kind::Cdrom).await
+        })
         .await
     }
 
@@ -401,18 +458,45 @@ impl Vm {
     /// when it does not answer by the deadline (device kept, [`Vm::unplug_pending`] true; call
     /// again to wait again).
     pub async fn remove_disk(&self, id: &str) -> Result<()> {
-        let span = tracing::info_span!("hotplug", op = "remove_disk", id);
-        engine::remove(self, id, state::Kind::Disk)
-            .instrument(span)
-            .await
+        self.remove_kind("remove_disk", id, state::Kind::Disk).await
     }
 
     /// Hot-removes a NIC: `device_del`, wait for `DEVICE_DELETED`, then `netdev_del` (which closes
     /// QEMU's tap and vhost fds). Errors as for [`remove_disk`](Vm::remove_disk).
     pub async fn remove_nic(&self, id: &str) -> Result<()> {
-        let span = tracing::info_span!("hotplug", op = "remove_nic", id);
-        engine::remove(self, id, state::Kind::Nic)
-            .instrument(span)
-            .await
+        self.remove_kind("remove_nic", id, state::Kind::Nic).await
+    }
+
+    /// A hot-remove as a call of its own (see [`Vm::call`]).
+    pub(crate) async fn remove_kind(
+        &self,
+        op: &'static str,
+        id: &str,
+        kind: state::Kind,
+    ) -> Result<()> {
+        let owned = id.to_owned();
+        self.call(op, id, |vm| async move {
+            engine::remove(&vm, &owned, kind).await
+        })
+        .await
+    }
+
+    /// A hot-add as a call of its own (see [`Vm::call`]): `check` (what only the VM's state can
+    /// answer) first, then the engine.
+    pub(crate) async fn add_kind<K: Kind + Send + 'static>(
+        &self,
+        op: &'static str,
+        config: K,
+        check: impl FnOnce(&Vm, &K) -> Result<()> + Send + 'static,
+    ) -> Result<K::Added>
+    where
+        K::Added: Send + 'static,
+    {
+        let id = config.id().to_owned();
+        self.call(op, &id, |vm| async move {
+            check(&vm, &config)?;
+            engine::add(&vm, config).await
+        })
+        .await
     }
 }

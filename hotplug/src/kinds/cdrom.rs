@@ -116,6 +116,21 @@ pub(crate) fn place(cd: &Cdrom) -> Place {
     }
 }
 
+/// What goes before the guest is asked to let the drive go, and what puts it back if the drive
+/// stays: its medium. A medium inserted by a change would otherwise keep its nodes in use after the
+/// device is gone, where nothing can delete them.
+pub(crate) fn before_unplug(cd: &Cdrom) -> Option<(Delete, Vec<Delete>)> {
+    cd.medium.as_ref()?;
+    let back = vec![
+        Delete::Reinsert {
+            device: cd.id.clone(),
+            node: cd.top_node(),
+        },
+        Delete::CloseTray(cd.id.clone()),
+    ];
+    Some((Delete::Medium(cd.id.clone()), back))
+}
+
 /// What goes once the guest let the drive go, or once its medium is out: the medium's nodes, the
 /// top one first.
 pub(crate) fn teardown(cd: &Cdrom) -> Vec<Delete> {
