@@ -1,0 +1,661 @@
+//! Calls that race each other on one [`Vm`], over real QEMU and a booted guest: random public
+//! calls on a small set of ids (so they collide), a fifth of them dropped at a random moment, QEMU
+//! stopped now and then (SIGSTOP, up to 0.8 s), and, on q35, someone else plugging and unplugging
+//! a device behind the SDK's back. After each round, once every call has finished
+//! (`vm.settle()`), QEMU's real state is compared with `vm.spec()`: peripherals, block nodes, fd
+//! sets, netdevs, objects, chardevs, vCPUs, I/O limits, sizes, media, each NIC's carrier in the
+//! guest, our fd table, host taps, free slots, and QEMU being alive. Then `vm.reconcile()` must
+//! find nothing to fix, and the same comparison holds after it.
+//!
+//! Seeded and reproducible: `QHOTPLUG_RACE_SEED` (default: a fixed seed per test) and
+//! `QHOTPLUG_RACE_ROUNDS` (default: a short run for CI). A long run:
+//!
+//! ```sh
+//! QHOTPLUG_RACE_ROUNDS=200 QHOTPLUG_RACE_SEED=$RANDOM cargo nextest run -p qhotplug-tests --test races
+//! ```
+//!
+//! A failure names the seed and the round, and lists the calls of that round with their results.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use qhotplug::{
+    CdromConfig, CpuTopology, DiskConfig, Error, IoLimits, MediumOptions, NicConfig, Vm, VmSpec,
+};
+use qhotplug_netdev::TapBuilder;
+use qhotplug_qmp::command::{
+    BlockInfo, DeviceAdd, DeviceDel, HumanMonitorCommand, PciInfo, QomList, QueryBlock,
+    QueryChardev, QueryFdsets, QueryHotpluggableCpus, QueryNamedBlockNodes, QueryPci, QueryStatus,
+};
+use qhotplug_tests::{image, iso, open_fds, pc_spec, q35_spec, Guest};
+
+/// How long the guest may take to show a change (TCG).
+const SEEN: Duration = Duration::from_secs(30);
+/// The prefix of the taps the test makes, to count them on the host.
+const TAP_PREFIX: &str = "qhr";
+
+/// SplitMix64: small, seeded, and the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+    fn chance(&mut self, one_in: u64) -> bool {
+        self.below(one_in) == 0
+    }
+}
+
+/// One public call, with its arguments drawn.
+#[derive(Debug, Clone)]
+enum Op {
+    AddDisk {
+        id: &'static str,
+        scsi: bool,
+    },
+    RemoveDisk(&'static str),
+    AddNic(&'static str),
+    RemoveNic(&'static str),
+    SetLink(&'static str, bool),
+    SetIoLimits(&'static str, u64),
+    Resize(&'static str, u64),
+    AddCdrom(&'static str, Option<usize>),
+    ChangeMedium(&'static str, Option<usize>),
+    RemoveCdrom(&'static str),
+    SetVcpus(u32),
+    Reconcile,
+    /// Someone else plugs (or unplugs) a device the SDK does not know, by raw QMP.
+    Foreign(bool),
+}
+
+const DISKS: [&str; 3] = ["d0", "d1", "d2"];
+const NICS: [&str; 2] = ["n0", "n1"];
+const CDROMS: [&str; 1] = ["c0"];
+const FOREIGN: &str = "x0";
+
+fn draw(rng: &mut Rng, foreign: bool) -> Op {
+    let disk = *rng.pick(&DISKS);
+    let nic = *rng.pick(&NICS);
+    let cd = *rng.pick(&CDROMS);
+    let medium = |rng: &mut Rng| (!rng.chance(3)).then(|| rng.below(2) as usize);
+    match rng.below(if foreign { 15 } else { 14 }) {
+        0 | 1 => Op::AddDisk {
+            id: disk,
+            scsi: rng.chance(2),
+        },
+        2 => Op::RemoveDisk(disk),
+        3 => Op::AddNic(nic),
+        4 => Op::RemoveNic(nic),
+        5 => Op::SetLink(nic, rng.chance(2)),
+        6 => Op::SetIoLimits(disk, rng.below(3) * 1_048_576),
+        7 => Op::Resize(disk, (1 + rng.below(8)) * 1_048_576),
+        8 => Op::AddCdrom(cd, medium(rng)),
+        9 | 10 => Op::ChangeMedium(cd, medium(rng)),
+        11 => Op::RemoveCdrom(cd),
+        12 => Op::SetVcpus(1 + rng.below(3) as u32),
+        13 => Op::Reconcile,
+        _ => Op::Foreign(rng.chance(2)),
+    }
+}
+
+/// What the calls need on the host.
+struct Fixtures {
+    images: BTreeMap<&'static str, PathBuf>,
+    isos: Vec<PathBuf>,
+    dir: PathBuf,
+}
+
+/// Runs `op` to its end; the result in a word, for the round's log.
+async fn run(vm: &Vm, fx: &Fixtures, op: &Op) -> Result<(), Error> {
+    match op {
+        Op::AddDisk { id, scsi } => {
+            let path = &fx.images[id];
+            let config = if *scsi {
+                DiskConfig::scsi_hd(*id, path)
+            } else {
+                DiskConfig::virtio_blk(*id, path)
+            };
+            vm.add_disk(config).await.map(drop)
+        }
+        Op::RemoveDisk(id) => vm.remove_disk(id).await,
+        Op::AddNic(id) => {
+            let tap = TapBuilder::new(format!("{TAP_PREFIX}%d"))
+                .up(true)
+                .create()
+                .expect("tap");
+            vm.add_nic(NicConfig::new(*id, tap)).await.map(drop)
+        }
+        Op::RemoveNic(id) => vm.remove_nic(id).await,
+        Op::SetLink(id, up) => vm.set_link(id, *up).await,
+        Op::SetIoLimits(id, bps) => {
+            let limits = IoLimits {
+                bps: *bps,
+                ..IoLimits::default()
+            };
+            vm.set_io_limits(id, limits).await
+        }
+        Op::Resize(id, size) => vm.resize_disk(id, *size).await.map(drop),
+        Op::AddCdrom(id, medium) => {
+            let mut config = CdromConfig::new(*id);
+            if let Some(i) = medium {
+                config = config.medium(&fx.isos[*i]);
+            }
+            vm.add_cdrom(config).await.map(drop)
+        }
+        Op::ChangeMedium(id, medium) => {
+            let path = medium.map(|i| fx.isos[i].clone());
+            vm.change_medium(id, path, MediumOptions::default()).await
+        }
+        Op::RemoveCdrom(id) => vm.remove_cdrom(id).await,
+        Op::SetVcpus(n) => vm.set_vcpus(*n).await.map(drop),
+        Op::Reconcile => vm.reconcile().await.map(drop),
+        Op::Foreign(add) => foreign(vm, *add).await,
+    }
+}
+
+/// Someone else's device on a root port the SDK does not own: plugged or unplugged by raw QMP,
+/// waiting for the guest on unplug. Errors (no free port, not there) are ignored: they change
+/// nothing.
+async fn foreign(vm: &Vm, add: bool) -> Result<(), Error> {
+    let c = vm.client();
+    if add {
+        let pci = c.execute(&QueryPci).await?;
+        let Some(port) = free_ports(&pci).into_iter().next() else {
+            return Ok(());
+        };
+        let _ = c
+            .execute(&DeviceAdd {
+                driver: "virtio-rng-pci".into(),
+                id: Some(FOREIGN.into()),
+                bus: Some(port),
+                props: serde_json::Map::new(),
+            })
+            .await;
+    } else {
+        let mut events = c.events();
+        if c.execute(&DeviceDel { id: FOREIGN.into() }).await.is_ok() {
+            let deadline = tokio::time::Instant::now() + SEEN;
+            let gone = |e: &qhotplug::EventKind| matches!(e, qhotplug::EventKind::DeviceDeleted(d) if d.device.as_deref() == Some(FOREIGN));
+            events.wait_for(deadline, gone).await;
+        }
+    }
+    Ok(())
+}
+
+/// The q35 root ports with nothing behind them, by id.
+fn free_ports(pci: &[PciInfo]) -> Vec<String> {
+    pci.iter()
+        .flat_map(|b| &b.devices)
+        .filter_map(|d| {
+            let bridge = d.pci_bridge.as_ref()?;
+            (d.qdev_id.starts_with("rp") && bridge.devices.is_empty()).then(|| d.qdev_id.clone())
+        })
+        .collect()
+}
+
+/// The error's variant, for the tally.
+fn variant(e: &Error) -> String {
+    let text = format!("{e:?}");
+    text.split([' ', '(', '{']).next().unwrap_or("").to_owned()
+}
+
+/// An error that must never come while QEMU is alive: a transport or framing failure.
+fn is_transport(e: &Error) -> bool {
+    let text = format!("{e:?}");
+    text.contains("Disconnected") || text.contains("Frame") || text.contains("Protocol")
+}
+
+/// What QEMU, the host and the guest have, compared with `vm.spec()`; each difference in words.
+/// With `reconciled`, the SDK has also seen devices plugged behind its back, so a root port
+/// QEMU has free must be one it hands out.
+async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> {
+    let vm = &g.vm;
+    let c = vm.client();
+    let spec = vm.spec();
+    let mut out = Vec::new();
+    let pending: BTreeSet<String> = spec
+        .disks
+        .iter()
+        .map(|d| &d.id)
+        .chain(spec.nics.iter().map(|n| &n.id))
+        .chain(spec.cdroms.iter().map(|c| &c.id))
+        .filter(|id| vm.unplug_pending(id))
+        .cloned()
+        .collect();
+
+    // Devices.
+    let peripherals: BTreeSet<String> = c
+        .execute(&QomList {
+            path: "/machine/peripheral".into(),
+        })
+        .await
+        .expect("qom-list")
+        .into_iter()
+        .filter(|p| p.child_type().is_some())
+        .map(|p| p.name)
+        .filter(|id| id != FOREIGN && !pending.contains(id))
+        .collect();
+    let mut expected: BTreeSet<String> = start.peripherals.clone();
+    expected.extend(spec.disks.iter().map(|d| d.id.clone()));
+    expected.extend(spec.nics.iter().map(|n| n.id.clone()));
+    expected.extend(spec.cdroms.iter().map(|c| c.id.clone()));
+    expected.extend(spec.vcpus.iter().map(|c| c.id.clone()));
+    expected.retain(|id| !pending.contains(id));
+    differ(
+        &mut out,
+        "peripherals",
+        format!("{peripherals:?}"),
+        format!("{expected:?}"),
+    );
+
+    // Block nodes, sizes, limits, media.
+    let nodes = c
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .expect("query-named-block-nodes");
+    let names: BTreeSet<String> = nodes.iter().filter_map(|n| n.node_name.clone()).collect();
+    let mut want: BTreeSet<String> = start.nodes.clone();
+    for d in &spec.disks {
+        want.extend([d.file_node(), d.top_node()]);
+    }
+    for cd in spec.cdroms.iter().filter(|c| c.medium.is_some()) {
+        want.extend([cd.file_node(), cd.top_node()]);
+    }
+    differ(
+        &mut out,
+        "block nodes",
+        format!("{names:?}"),
+        format!("{want:?}"),
+    );
+    let blocks = c.execute(&QueryBlock).await.expect("query-block");
+    for d in &spec.disks {
+        let size = nodes
+            .iter()
+            .find(|n| n.node_name.as_deref() == Some(d.top_node().as_str()))
+            .and_then(|n| n.image.as_ref())
+            .map(|i| i.virtual_size as u64);
+        let file = std::fs::metadata(&d.path).map(|m| m.len()).ok();
+        differ(
+            &mut out,
+            &format!("{} size (node, file)", d.id),
+            format!("{size:?}"),
+            format!("{file:?}"),
+        );
+        differ(
+            &mut out,
+            &format!("{} I/O limits", d.id),
+            format!("{:?}", limits_of(&blocks, &d.id)),
+            format!("{:?}", Some(d.io_limits.clone().unwrap_or_default())),
+        );
+    }
+    for cd in &spec.cdroms {
+        let inserted = blocks
+            .iter()
+            .find(|b| b.qdev.as_deref() == Some(cd.id.as_str()))
+            .and_then(|b| b.inserted.as_ref())
+            .and_then(|i| i.node_name.clone());
+        let want = cd.medium.as_ref().map(|_| cd.top_node());
+        differ(
+            &mut out,
+            &format!("{} medium", cd.id),
+            format!("{inserted:?}"),
+            format!("{want:?}"),
+        );
+    }
+
+    // Fd sets: every tag of ours names a disk or drive the SDK lists.
+    let sets = c.execute(&QueryFdsets).await.expect("query-fdsets");
+    for set in &sets {
+        for fd in &set.fds {
+            let Some(id) = fd
+                .opaque
+                .as_deref()
+                .and_then(|t| t.strip_prefix("qhotplug:"))
+            else {
+                continue;
+            };
+            let listed =
+                spec.disks.iter().any(|d| d.id == id) || spec.cdroms.iter().any(|c| c.id == id);
+            if !listed {
+                out.push(format!(
+                    "fd set {} of {id}, which the SDK does not list",
+                    set.fdset_id
+                ));
+            }
+        }
+    }
+
+    // Netdevs (HMP's `info network`: 7.2 has no query for them), objects, chardevs.
+    let network = c
+        .execute(&HumanMonitorCommand {
+            command_line: "info network".into(),
+            cpu_index: None,
+        })
+        .await
+        .expect("info network");
+    let netdevs: BTreeSet<String> = network
+        .lines()
+        .filter_map(|l| l.trim_start_matches([' ', '\\']).split(": index=").next())
+        .filter(|name| name.ends_with("-net"))
+        .map(str::to_owned)
+        .collect();
+    let want: BTreeSet<String> = spec.nics.iter().map(|n| n.netdev_id()).collect();
+    differ(
+        &mut out,
+        "netdevs",
+        format!("{netdevs:?}"),
+        format!("{want:?}"),
+    );
+    let objects: BTreeSet<String> = c
+        .execute(&QomList {
+            path: "/objects".into(),
+        })
+        .await
+        .expect("qom-list /objects")
+        .into_iter()
+        .filter(|o| o.child_type().is_some())
+        .map(|o| o.name)
+        .collect();
+    differ(
+        &mut out,
+        "objects",
+        format!("{objects:?}"),
+        format!("{:?}", start.objects),
+    );
+    let chardevs: BTreeSet<String> = c
+        .execute(&QueryChardev)
+        .await
+        .expect("query-chardev")
+        .into_iter()
+        .map(|c| c.label)
+        .collect();
+    differ(
+        &mut out,
+        "chardevs",
+        format!("{chardevs:?}"),
+        format!("{:?}", start.chardevs),
+    );
+
+    // vCPUs.
+    let plugged = c
+        .execute(&QueryHotpluggableCpus)
+        .await
+        .expect("query-hotpluggable-cpus")
+        .iter()
+        .filter(|s| s.qom_path.is_some())
+        .count();
+    differ(
+        &mut out,
+        "plugged vCPUs",
+        plugged.to_string(),
+        (start.vcpus + spec.vcpus.len()).to_string(),
+    );
+
+    // Slots: once reconciled, a free root port in QEMU is one the SDK hands out (q35).
+    if reconciled && spec.machine == qhotplug::Machine::Q35 {
+        let pci = c.execute(&QueryPci).await.expect("query-pci");
+        if !free_ports(&pci).is_empty() {
+            let probe = qhotplug::RngConfig::new("probe");
+            match vm.add_rng(probe).await {
+                Ok(_) => vm.remove_rng("probe").await.expect("remove the probe"),
+                Err(e) => out.push(format!("QEMU has a free root port, the SDK says {e}")),
+            }
+        }
+    }
+
+    // Host: our fds, and a tap per NIC.
+    differ(
+        &mut out,
+        "our fds",
+        format!("{:?}", open_fds()),
+        format!("{:?}", start.our_fds),
+    );
+    // A tap goes once QEMU closed its last fd; the kernel may take a moment to unregister it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while taps() != spec.nics.len() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    differ(
+        &mut out,
+        "host taps",
+        taps().to_string(),
+        spec.nics.len().to_string(),
+    );
+
+    // The guest: each NIC's carrier is its recorded link.
+    if out.is_empty() && !spec.nics.is_empty() {
+        let want: BTreeSet<String> = spec
+            .nics
+            .iter()
+            .map(|n| format!("{} {}", n.mac, u8::from(n.link_up)))
+            .collect();
+        let seen = g
+            .console
+            .until(
+                "for i in /sys/class/net/eth*; do ip link set ${i##*/} up; echo $(cat $i/address) $(cat $i/carrier); done",
+                |lines| lines.iter().cloned().collect::<BTreeSet<_>>() == want,
+                SEEN,
+            )
+            .await;
+        let _ = seen;
+    }
+    out
+}
+
+/// Records a difference between QEMU's `qemu` and the SDK's `sdk`.
+fn differ(out: &mut Vec<String>, what: &str, qemu: String, sdk: String) {
+    if qemu != sdk {
+        out.push(format!("{what}: QEMU {qemu}, SDK {sdk}"));
+    }
+}
+
+/// Device `id`'s I/O limits as `query-block` shows them, without QEMU's implicit group.
+fn limits_of(blocks: &[BlockInfo], id: &str) -> Option<IoLimits> {
+    let block = blocks.iter().find(|b| {
+        b.qdev
+            .as_deref()
+            .is_some_and(|q| q.split('/').any(|part| part == id))
+    })?;
+    let mut limits = block.inserted.as_ref()?.limits.clone();
+    if limits
+        .group
+        .as_deref()
+        .is_some_and(|g| g.starts_with("/machine/peripheral/") || g == id)
+    {
+        limits.group = None;
+    }
+    Some(limits)
+}
+
+/// The host's taps the test made.
+fn taps() -> usize {
+    std::fs::read_dir("/sys/class/net")
+        .expect("/sys/class/net")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(TAP_PREFIX))
+        .count()
+}
+
+/// What the VM had before any call: what the SDK's own devices are compared beside.
+struct Start {
+    peripherals: BTreeSet<String>,
+    nodes: BTreeSet<String>,
+    objects: BTreeSet<String>,
+    chardevs: BTreeSet<String>,
+    vcpus: usize,
+    our_fds: Vec<(i32, String)>,
+}
+
+impl Start {
+    async fn take(vm: &Vm) -> Start {
+        let s = qhotplug_tests::Snapshot::take(vm).await;
+        Start {
+            peripherals: s.peripherals.into_iter().collect(),
+            nodes: s.nodes.into_iter().collect(),
+            objects: s.objects.into_iter().collect(),
+            chardevs: s.chardevs.into_iter().collect(),
+            vcpus: s.cpus.iter().filter(|c| c.qom_path.is_some()).count(),
+            our_fds: s.our_fds,
+        }
+    }
+}
+
+/// Resumes QEMU when dropped, so a failing round never leaves it stopped.
+struct Stopped(u32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = qhotplug_tests::kill(self.0, libc::SIGCONT);
+    }
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Rounds of `calls` random calls at once on one VM booted from `spec`.
+async fn race(spec: VmSpec, default_seed: u64, default_rounds: u64, calls: usize) {
+    let seed = env_u64("QHOTPLUG_RACE_SEED", default_seed);
+    let rounds = env_u64("QHOTPLUG_RACE_ROUNDS", default_rounds);
+    let foreign_ops = spec.machine == qhotplug::Machine::Q35;
+    let mut rng = Rng(seed);
+    let g = Guest::boot(spec, |l| l).await;
+    let vm = g.vm.clone();
+    let fx = Fixtures {
+        images: DISKS
+            .iter()
+            .map(|id| (*id, image(g.dir(), &format!("{id}.raw"), 1)))
+            .collect(),
+        isos: (0..2)
+            .map(|i| {
+                iso(
+                    g.dir(),
+                    &format!("m{i}.iso"),
+                    "hello",
+                    &format!("medium {i}"),
+                )
+            })
+            .collect(),
+        dir: g.dir().to_owned(),
+    };
+    let _ = &fx.dir;
+    let start = Start::take(&vm).await;
+    let pid = vm.pid().expect("launched by the SDK");
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+
+    for round in 0..rounds {
+        let ops: Vec<(Op, Option<Duration>)> = (0..calls)
+            .map(|_| {
+                let op = draw(&mut rng, foreign_ops);
+                // A fifth are dropped: half of those within 20 ms (most calls take a few), the
+                // rest within 300.
+                let drop_after = rng.chance(5).then(|| {
+                    let within = if rng.chance(2) { 20 } else { 300 };
+                    Duration::from_millis(rng.below(within))
+                });
+                (op, drop_after)
+            })
+            .collect();
+        let stall = rng.chance(2).then(|| {
+            (
+                Duration::from_millis(rng.below(200)),
+                Duration::from_millis(rng.below(800)),
+            )
+        });
+        let tasks = ops.iter().cloned().map(|(op, drop_after)| {
+            let (vm, fx) = (&vm, &fx);
+            async move {
+                let call = run(vm, fx, &op);
+                let result = match drop_after {
+                    Some(after) => match tokio::time::timeout(after, call).await {
+                        Ok(r) => r.map_err(|e| variant(&e)),
+                        Err(_) => Err("dropped".to_owned()),
+                    },
+                    None => call.await.map_err(|e| {
+                        assert!(
+                            !is_transport(&e),
+                            "seed {seed} round {round}: {op:?}: {e:?}"
+                        );
+                        variant(&e)
+                    }),
+                };
+                (op, result)
+            }
+        });
+        let staller = async {
+            if let Some((after, pause)) = stall {
+                tokio::time::sleep(after).await;
+                qhotplug_tests::kill(pid, libc::SIGSTOP).expect("SIGSTOP");
+                let stopped = Stopped(pid);
+                tokio::time::sleep(pause).await;
+                drop(stopped);
+            }
+        };
+        let (results, ()) = tokio::join!(futures::future::join_all(tasks), staller);
+        for (op, result) in &results {
+            let word = match result {
+                Ok(()) => "ok",
+                Err(e) => e.as_str(),
+            };
+            let name = format!("{op:?}");
+            let name = name.split([' ', '(', '{']).next().unwrap_or("");
+            *tally.entry(format!("{name}: {word}")).or_default() += 1;
+        }
+        let log = || format!("seed {seed} round {round}: {results:#?}");
+
+        // Every call has finished, those whose callers gave up too.
+        vm.settle().await;
+        assert!(
+            !qhotplug_tests::exited(pid, Duration::ZERO)
+                .await
+                .expect("pidfd"),
+            "QEMU died: {}\n{}",
+            log(),
+            std::fs::read_to_string(g.dir().join("run/qemu.stderr")).unwrap_or_default()
+        );
+        vm.client()
+            .execute(&QueryStatus)
+            .await
+            .expect("QEMU answers");
+        let before = differences(&g, &start, false).await;
+        assert!(before.is_empty(), "{before:#?}\n{}", log());
+        let report = vm.reconcile().await.expect("reconcile");
+        assert!(
+            report.is_empty(),
+            "reconcile had work: {report:?}\n{}",
+            log()
+        );
+        let after = differences(&g, &start, true).await;
+        assert!(after.is_empty(), "after reconcile: {after:#?}\n{}", log());
+    }
+    eprintln!("seed {seed}, {rounds} rounds of {calls} calls: {tally:#?}");
+}
+
+fn with_cpus(mut spec: VmSpec) -> VmSpec {
+    spec.cpu_topology = Some(CpuTopology::max(4));
+    spec
+}
+
+#[test]
+fn racing_calls_on_pc_keep_the_spec_equal_to_qemu() {
+    qhotplug_tests::serial_test(race(with_cpus(pc_spec()), 0x5eed_0001, 60, 4));
+}
+
+#[test]
+fn racing_calls_on_q35_keep_the_spec_equal_to_qemu() {
+    qhotplug_tests::serial_test(race(with_cpus(q35_spec(4)), 0x5eed_0002, 20, 4));
+}
