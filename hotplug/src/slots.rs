@@ -33,10 +33,6 @@ impl Bus {
             usable,
         }
     }
-
-    fn first_free(&self) -> Option<u8> {
-        self.usable.clone().find(|&s| !self.taken[usize::from(s)])
-    }
 }
 
 /// The PCI slot maps of one VM.
@@ -45,6 +41,8 @@ pub(crate) struct PciMap {
     machine: Machine,
     /// The root bus, then (q35) each root port's bus, in the order they were found.
     buses: Vec<Bus>,
+    /// The bus (by index) and slot `allocate` gave last: it goes on from there.
+    last: Option<(usize, u8)>,
 }
 
 /// Why no slot could be given.
@@ -68,6 +66,7 @@ impl PciMap {
         PciMap {
             machine,
             buses: vec![root],
+            last: None,
         }
     }
 
@@ -110,14 +109,30 @@ impl PciMap {
         }
     }
 
-    /// Takes the first free hot-pluggable slot: on `pc`, a slot of `pci.0`; on `q35`, slot 0 of the
-    /// first root port with nothing behind it.
+    /// Takes the next free hot-pluggable slot after the one it gave last (wrapping round): on `pc`,
+    /// a slot of `pci.0`; on `q35`, slot 0 of a root port with nothing behind it. A slot just
+    /// freed is given again only once every other one was: a guest may still act on an eject
+    /// request it queued for the slot's last device (Linux's acpiphp handles a second notify for a
+    /// slot after the first one emptied it), and would eject a newcomer.
     pub(crate) fn allocate(&mut self) -> Result<Pci, SlotError> {
-        for bus in &mut self.buses {
-            if let Some(slot) = bus.first_free() {
-                bus.taken.set(usize::from(slot), true);
-                return Ok(Pci::new(bus.name.clone(), slot));
-            }
+        let places: Vec<(usize, u8)> = self
+            .buses
+            .iter()
+            .enumerate()
+            .flat_map(|(b, bus)| bus.usable.clone().map(move |slot| (b, slot)))
+            .collect();
+        let start = self
+            .last
+            .and_then(|last| places.iter().position(|p| *p == last))
+            .map_or(0, |at| at + 1);
+        let free = (0..places.len())
+            .map(|i| places[(start + i) % places.len()])
+            .find(|&(b, slot)| !self.buses[b].taken[usize::from(slot)]);
+        if let Some((b, slot)) = free {
+            self.last = Some((b, slot));
+            let bus = &mut self.buses[b];
+            bus.taken.set(usize::from(slot), true);
+            return Ok(Pci::new(bus.name.clone(), slot));
         }
         Err(SlotError::Full {
             bus: match self.machine {
@@ -314,6 +329,23 @@ mod tests {
         );
         map.release(&Pci::new("pci.0", 17));
         assert_eq!(map.allocate().unwrap().slot, 17);
+    }
+
+    #[test]
+    fn a_slot_just_freed_is_given_again_only_after_every_other_one() {
+        let mut map = PciMap::new(Machine::Pc);
+        let first = map.allocate().unwrap();
+        map.release(&first);
+        let mut given = vec![first.slot];
+        loop {
+            let pci = map.allocate().unwrap();
+            map.release(&pci);
+            if pci.slot == first.slot {
+                break;
+            }
+            given.push(pci.slot);
+        }
+        assert_eq!(given, (1..32).collect::<Vec<u8>>());
     }
 
     #[test]

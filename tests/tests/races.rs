@@ -421,8 +421,24 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
         format!("{:?}", open_fds()),
         format!("{:?}", start.our_fds),
     );
-    // A tap goes once QEMU closed its last fd; the kernel may take a moment to unregister it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // QEMU holds a tap fd per queue of each NIC it has, and none else (a `getfd` left behind
+    // would show here).
+    let pid = vm.pid().expect("launched by the SDK");
+    let tun_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("QEMU's fd table")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.as_os_str() == "/dev/net/tun")
+        .count();
+    let queues: usize = spec.nics.iter().map(|n| usize::from(n.queues)).sum();
+    differ(
+        &mut out,
+        "QEMU's tap fds",
+        tun_fds.to_string(),
+        queues.to_string(),
+    );
+    // A tap goes once its last fd is closed; the kernel may take a while to unregister it when
+    // the machine is busy (IPv6 address configuration holds it).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while taps() != spec.nics.len() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
