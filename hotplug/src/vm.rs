@@ -32,6 +32,11 @@ pub const MIN_QEMU: VersionTriple = VersionTriple {
 /// hotplugs through clones run concurrently. A VM launched with [`Vm::launch`] is killed when the
 /// last clone is dropped (use [`Vm::quit`] for an orderly exit).
 ///
+/// Every call that changes QEMU runs to its end whether or not its caller waits: dropping the
+/// future (a `tokio::time::timeout`, a `select!`) gives up the answer, not the work, so
+/// [`Vm::spec`] never parts from what QEMU has. [`Vm::settle`] waits for such calls. Two calls on
+/// one device at once: the second is [`Error::Busy`] before anything is sent.
+///
 /// ```no_run
 /// use qhotplug::{DiskConfig, Launcher, Machine, Vm, VmSpec};
 /// # async fn demo() -> qhotplug::Result<()> {
@@ -335,10 +340,15 @@ impl Vm {
     /// could not finish.
     ///
     /// It first waits for the background rollbacks of cancelled hot-adds. Then devices the SDK
-    /// lists but QEMU no longer has are dropped from the view (their slots freed) and their
-    /// backends deleted; block nodes, netdevs and fd sets left behind by hot-adds through this
-    /// handle are deleted; and every PCI slot QEMU reports is marked taken. Devices being added or
-    /// removed by a call still running are left alone; so is everything this handle never made.
+    /// lists but QEMU no longer has are dropped from the view and their backends deleted; block
+    /// nodes, netdevs, fd sets, objects and chardevs left behind by hot-adds through this handle
+    /// are deleted; the slot maps are rebuilt from what QEMU reports plus the SDK's own devices and
+    /// running hot-adds (so a slot someone else freed is free again); I/O limits and media are
+    /// taken from `query-block`; and each NIC's recorded link state is applied again (QMP cannot
+    /// read it). It judges only from what was known when its queries began: devices a running call
+    /// holds, or that joined after, are left alone, and a hot-add of an id it is cleaning up is
+    /// [`Error::Busy`] until it is done. Everything this handle never made is left alone too.
+    /// [`Reconciled::is_empty`] says whether there was anything to do.
     pub async fn reconcile(&self) -> Result<Reconciled> {
         self.call("reconcile", "", |vm| async move {
             reconcile::reconcile(&vm).await
