@@ -27,8 +27,9 @@ use crate::vm::Vm;
 pub(crate) async fn add<K: Kind>(vm: &Vm, config: K) -> Result<K::Added> {
     vm.require(K::OPERATION, K::COMMANDS).await?;
     let want = config.want()?;
-    let (reservation, place) = vm.reserve(config.id(), want)?;
+    let (mut reservation, place) = vm.reserve(config.id(), want)?;
     let plan = config.plan(place)?;
+    reservation.plan(plan.added.clone().into());
     let client = vm.client().clone();
     let mut txn = Transaction::new(client.clone(), "hot-add", reservation);
     run_backends(&client, &mut txn, plan.backends).await?;
@@ -125,7 +126,8 @@ pub(crate) async fn run_backends<H: Hold>(
 pub(crate) fn mark_busy(vm: &Vm, id: &str, kind: state::Kind) -> Result<Busy> {
     match Busy::mark(vm.inner(), id, kind) {
         Ok(busy) => Ok(busy),
-        Err(Some(Entry::Adding { .. })) => Err(Error::Busy(id.to_owned())),
+        // Being added, or in doubt until `reconcile` settles it.
+        Err(Some(Entry::Adding { .. } | Entry::InDoubt { .. })) => Err(Error::Busy(id.to_owned())),
         Err(Some(Entry::Placed { kind: k, .. })) if k == kind => Err(Error::Busy(id.to_owned())),
         // No such id, or one of another kind.
         Err(_) => Err(Error::NotFound {

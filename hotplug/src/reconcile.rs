@@ -32,6 +32,9 @@ pub struct Reconciled {
     pub objects_deleted: Vec<String>,
     /// Chardevs of ours (`<id>-chr`) that no device used any more, removed.
     pub chardevs_removed: Vec<String>,
+    /// Devices a failed hot-add could not take back (the guest kept them): QEMU has them, so the
+    /// SDK's view now lists them, as planned.
+    pub adopted: Vec<String>,
     /// Disks whose I/O limits in the SDK's view were not QEMU's: the view now has QEMU's.
     pub limits_updated: Vec<String>,
     /// CD-ROM drives the SDK thought loaded that QEMU has empty: the view now has them empty.
@@ -91,6 +94,23 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
     let (orphans, cleaning, drives, links) = {
         let mut guard = vm.inner().state();
         let state = &mut *guard;
+        // Hot-adds whose rollback could not take their device back: QEMU's list decides.
+        let doubted: Vec<String> = state
+            .devices
+            .iter()
+            .filter(|(_, e)| matches!(e, Entry::InDoubt { .. }))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in doubted {
+            if present.contains(&id) {
+                state.adopt(&id);
+                tracing::info!(%id, "reconcile: adopted a device QEMU kept");
+                report.adopted.push(id);
+            } else {
+                state.devices.remove(&id);
+                state.in_doubt.remove(&id);
+            }
+        }
         let gone: Vec<String> = state
             .devices
             .iter()
@@ -103,7 +123,8 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
         state.rebuild_slots(&pci, &found.placements);
         // What QEMU applied is the truth: I/O limits and media as `query-block` shows them.
         for disk in &mut state.spec.disks {
-            if !state.devices.get(&disk.id).is_some_and(settled) {
+            let adopted = report.adopted.contains(&disk.id);
+            if !adopted && !state.devices.get(&disk.id).is_some_and(settled) {
                 continue;
             }
             if let Some(limits) = qemu_limits(&blocks, &disk.id) {

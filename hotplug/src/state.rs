@@ -293,6 +293,10 @@ pub(crate) enum Entry {
     /// `reconcile` is deleting what a device by this id left in QEMU: nothing may take the id
     /// until it is done, or the deletes would hit the newcomer's backends.
     Cleaning,
+    /// A hot-add failed after `device_add` and the guest did not give the device back: QEMU may
+    /// have it, with its backends. The device as planned is in `State::in_doubt`; `reconcile`
+    /// adopts it if QEMU has it, or cleans up after it.
+    InDoubt { place: Place },
 }
 
 pub(crate) struct State {
@@ -312,6 +316,8 @@ pub(crate) struct State {
     /// Ids whose last device went without its own `DEVICE_DELETED` being seen: QEMU may send it
     /// late, and the next unplug of the id must not take it for its own.
     pub(crate) late_deleted: HashSet<String>,
+    /// The devices of `Entry::InDoubt` ids, as their hot-adds planned them.
+    pub(crate) in_doubt: HashMap<String, Device>,
 }
 
 impl State {
@@ -326,6 +332,7 @@ impl State {
             epoch: 0,
             vcpus_started: None,
             late_deleted: HashSet::new(),
+            in_doubt: HashMap::new(),
         };
         let placed: Vec<Device> = state.all_devices();
         for device in placed {
@@ -457,7 +464,7 @@ impl State {
             self.pci.mark(p);
         }
         let adding = self.devices.values().filter_map(|e| match e {
-            Entry::Adding { place } => Some(place.clone()),
+            Entry::Adding { place } | Entry::InDoubt { place } => Some(place.clone()),
             _ => None,
         });
         let places: Vec<Place> = self
@@ -474,6 +481,17 @@ impl State {
                 }
                 Place::Fixed => {}
             }
+        }
+    }
+
+    /// Takes an in-doubt device into the spec: QEMU has it.
+    pub(crate) fn adopt(&mut self, id: &str) -> bool {
+        match self.in_doubt.remove(id) {
+            Some(device) => {
+                self.insert(device);
+                true
+            }
+            None => false,
         }
     }
 
@@ -519,10 +537,13 @@ pub(crate) trait Hold: Send + 'static {
     /// Keeps what is held (until a reconcile): a rollback could not run, so nothing may reuse
     /// what QEMU may still hold.
     fn leak(self);
+    /// The rollback could not take the device back: what is held stays for `reconcile` to
+    /// settle (a hot-add's id and place become in doubt; a change's mark simply ends).
+    fn in_doubt(self);
 }
 
 macro_rules! hold {
-    ($ty:ty) => {
+    ($ty:ty, $doubt:expr) => {
         impl Hold for $ty {
             fn id(&self) -> &str {
                 &self.id
@@ -533,11 +554,37 @@ macro_rules! hold {
             fn leak(mut self) {
                 self.armed = false;
             }
+            fn in_doubt(self) {
+                ($doubt)(self)
+            }
         }
     };
 }
-hold!(Reservation);
-hold!(Busy);
+hold!(Reservation, |r: Reservation| r.doubt());
+hold!(Busy, drop);
+
+impl Reservation {
+    /// Records the device the hot-add plans, for an in-doubt ending.
+    pub(crate) fn plan(&mut self, device: Device) {
+        self.planned = Some(device);
+    }
+
+    fn doubt(mut self) {
+        let Some(device) = self.planned.take() else {
+            // Nothing planned yet: nothing of it can be in QEMU as a device.
+            return;
+        };
+        self.armed = false;
+        let mut state = self.inner.state();
+        state.devices.insert(
+            self.id.clone(),
+            Entry::InDoubt {
+                place: self.place.clone(),
+            },
+        );
+        state.in_doubt.insert(self.id.clone(), device);
+    }
+}
 
 /// What a sequence outside any VM's state holds: only its name (a storage daemon's export).
 pub(crate) struct Named(pub(crate) String);
@@ -550,6 +597,7 @@ impl Hold for Named {
         None
     }
     fn leak(self) {}
+    fn in_doubt(self) {}
 }
 
 /// Ids `reconcile` marked [`Entry::Cleaning`] while it deletes their leftovers; dropped, it frees
@@ -589,6 +637,7 @@ pub(crate) struct Reservation {
     id: String,
     place: Place,
     armed: bool,
+    planned: Option<Device>,
 }
 
 impl Reservation {
@@ -598,6 +647,7 @@ impl Reservation {
             id,
             place,
             armed: true,
+            planned: None,
         }
     }
 

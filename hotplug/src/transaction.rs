@@ -17,20 +17,40 @@ use crate::delete::Delete;
 use crate::error::{Error, UndoFailure};
 use crate::state::{Hold, Reservation};
 
-/// Runs `undo` in reverse and returns the failures.
-async fn roll_back(client: &Client, undo: Vec<Delete>) -> Vec<UndoFailure> {
+/// What a rollback left undone.
+struct RolledBack {
+    failures: Vec<UndoFailure>,
+    /// The device itself could not be taken back (the guest did not let it go): nothing under it
+    /// was deleted, and it is in doubt until `reconcile` settles it.
+    device_left: bool,
+}
+
+/// Runs `undo` in reverse and returns the failures. A device that stays keeps its backends: the
+/// steps after a failed `device_del` are not run (no backend goes while its frontend lives).
+async fn roll_back(client: &Client, undo: Vec<Delete>) -> RolledBack {
     let mut failures = Vec::new();
     for step in undo.into_iter().rev() {
         let span = tracing::debug_span!("undo", step = %step);
         if let Err(error) = step.run(client).instrument(span).await {
             tracing::warn!(step = %step, %error, "undo step failed");
+            let device_left = matches!(step, Delete::Device(_));
             failures.push(UndoFailure {
                 step: step.to_string(),
                 error: Arc::new(error),
             });
+            if device_left {
+                tracing::warn!("the device stays: its backends stay too, for reconcile");
+                return RolledBack {
+                    failures,
+                    device_left,
+                };
+            }
         }
     }
-    failures
+    RolledBack {
+        failures,
+        device_left: false,
+    }
 }
 
 /// One hot-add (or change) in progress.
@@ -83,8 +103,12 @@ impl<H: Hold> Transaction<H> {
                 }
                 tracing::debug!(step = name, error = %source, "{} step failed; rolling back", self.operation);
                 let undo = std::mem::take(&mut self.undo);
-                let undo_failures = roll_back(&self.client, undo).await;
-                drop(self.hold.take());
+                let rolled = roll_back(&self.client, undo).await;
+                let hold = self.hold.take().expect("held until the end");
+                if rolled.device_left {
+                    hold.in_doubt();
+                }
+                let undo_failures = rolled.failures;
                 Err(Error::Step {
                     operation: self.operation,
                     id: self.id.clone(),
@@ -137,14 +161,16 @@ impl<H: Hold> Drop for Transaction<H> {
                 let inner = hold.inner();
                 let task = handle.spawn(
                     async move {
-                        let failures = roll_back(&client, undo).await;
-                        if !failures.is_empty() {
+                        let rolled = roll_back(&client, undo).await;
+                        if !rolled.failures.is_empty() {
                             tracing::warn!(
-                                ?failures,
+                                failures = ?rolled.failures,
                                 "rollback of a cancelled sequence incomplete"
                             );
                         }
-                        drop(hold);
+                        if rolled.device_left {
+                            hold.in_doubt();
+                        }
                     }
                     .instrument(span),
                 );

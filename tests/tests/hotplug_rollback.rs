@@ -190,3 +190,65 @@ fn a_refused_id_and_a_comma_in_a_path_change_nothing() {
         }
     });
 }
+
+#[test]
+fn a_device_the_rollback_cannot_take_back_keeps_its_backends_and_reconcile_adopts_it() {
+    qhotplug_tests::serial_test(async {
+        use qhotplug::IoLimits;
+        use qhotplug_tests::{second_monitor, FaultProxy};
+        // Paused, with no guest: a `device_del` is never answered.
+        let dir = tempfile::tempdir().unwrap();
+        let mon2 = dir.path().join("mon2.sock");
+        let mut spec = qhotplug_tests::pc_spec();
+        second_monitor(&mut spec, &mon2);
+        let t = TestVm::launch(spec).await;
+        let path = t.image("doubt.raw", 1);
+        // The I/O limits step, right after device_add, fails: the rollback must take the device
+        // back, and the guest does not answer.
+        let proxy = FaultProxy::start(
+            &dir.path().join("proxy.sock"),
+            &mon2,
+            "block_set_io_throttle",
+            1,
+        );
+        let client = qhotplug_qmp::connect(proxy.path()).await.unwrap();
+        let vm = qhotplug::Vm::attach(client, t.vm.spec()).await.unwrap();
+        let limits = IoLimits {
+            bps: 1 << 20,
+            ..IoLimits::default()
+        };
+        let config = DiskConfig::virtio_blk("doubt", &path).io_limits(limits);
+        match vm.add_disk(config).await {
+            Err(Error::Step {
+                step,
+                undo_failures,
+                ..
+            }) => {
+                assert_eq!(step, "block_set_io_throttle");
+                let undone: Vec<&str> = undo_failures.iter().map(|u| u.step.as_str()).collect();
+                assert_eq!(undone, ["device_del doubt"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // The device stays, and so does everything under it: no backend went under a live
+        // frontend.
+        let s = t.snapshot().await;
+        assert!(s.peripherals.contains(&"doubt".to_owned()), "{s:?}");
+        assert!(s.nodes.contains(&"doubt-fmt".to_owned()), "{s:?}");
+        assert!(s.nodes.contains(&"doubt-file".to_owned()), "{s:?}");
+        // In doubt: not listed, and its id and slot not handed out.
+        assert!(vm.disks().is_empty());
+        assert!(matches!(
+            vm.add_disk(DiskConfig::virtio_blk("doubt", &path)).await,
+            Err(Error::DuplicateId(_))
+        ));
+        // reconcile sees QEMU has it: adopted, as planned, with QEMU's (missing) limits.
+        let report = vm.reconcile().await.unwrap();
+        assert_eq!(report.adopted, ["doubt"]);
+        let disks = vm.disks();
+        assert_eq!(disks.len(), 1, "{disks:?}");
+        assert_eq!(disks[0].id, "doubt");
+        assert_eq!(disks[0].io_limits, None);
+        assert!(vm.reconcile().await.unwrap().is_empty());
+    });
+}
