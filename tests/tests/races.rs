@@ -21,8 +21,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use qhotplug::{
-    CdromConfig, CpuTopology, DiskConfig, Error, IoLimits, MediumOptions, NicConfig, Vm, VmSpec,
+    CdromConfig, CpuTopology, DiskConfig, Error, IoLimits, MediumOptions, MemoryConfig, NicConfig,
+    Pci, RngConfig, SerialPortConfig, VirtioSerial, Vm, VmSpec, MIB,
 };
+use qhotplug_cmdline::names;
 use qhotplug_netdev::TapBuilder;
 use qhotplug_qmp::command::{
     BlockInfo, DeviceAdd, DeviceDel, HumanMonitorCommand, PciInfo, QomList, QueryBlock,
@@ -77,6 +79,12 @@ enum Op {
     ChangeMedium(&'static str, Option<usize>),
     RemoveCdrom(&'static str),
     SetVcpus(u32),
+    AddRng(&'static str),
+    RemoveRng(&'static str),
+    AddDimm(&'static str),
+    RemoveMemory(&'static str),
+    AddPort(&'static str),
+    RemovePort(&'static str),
     Reconcile,
     /// Someone else plugs (or unplugs) a device the SDK does not know, by raw QMP.
     Foreign(bool),
@@ -85,6 +93,12 @@ enum Op {
 const DISKS: [&str; 3] = ["d0", "d1", "d2"];
 const NICS: [&str; 2] = ["n0", "n1"];
 const CDROMS: [&str; 1] = ["c0"];
+/// A device on a QOM object (`<id>-rng`), one on a memory backend (`<id>-mem`), one on a chardev
+/// (`<id>-chr`), on the serial controller the VM boots with.
+const RNG: &str = "r0";
+const DIMM: &str = "m0";
+const PORT: &str = "p0";
+const SERIAL_CONTROLLER: &str = "vser0";
 const FOREIGN: &str = "x0";
 
 fn draw(rng: &mut Rng, foreign: bool) -> Op {
@@ -93,7 +107,7 @@ fn draw(rng: &mut Rng, foreign: bool) -> Op {
     let cd = *rng.pick(&CDROMS);
     let medium = |rng: &mut Rng| (!rng.chance(3)).then(|| rng.below(2) as usize);
     // Live changes are what orchestrators do most: they come twice as often.
-    match rng.below(if foreign { 18 } else { 17 }) {
+    match rng.below(if foreign { 24 } else { 23 }) {
         0 | 1 => Op::AddDisk {
             id: disk,
             scsi: rng.chance(2),
@@ -108,7 +122,13 @@ fn draw(rng: &mut Rng, foreign: bool) -> Op {
         12 | 13 => Op::ChangeMedium(cd, medium(rng)),
         14 => Op::RemoveCdrom(cd),
         15 => Op::SetVcpus(1 + rng.below(3) as u32),
-        16 => Op::Reconcile,
+        16 => Op::AddRng(RNG),
+        17 => Op::RemoveRng(RNG),
+        18 => Op::AddDimm(DIMM),
+        19 => Op::RemoveMemory(DIMM),
+        20 => Op::AddPort(PORT),
+        21 => Op::RemovePort(PORT),
+        22 => Op::Reconcile,
         _ => Op::Foreign(rng.chance(2)),
     }
 }
@@ -163,6 +183,21 @@ async fn run(vm: &Vm, fx: &Fixtures, op: &Op) -> Result<(), Error> {
         }
         Op::RemoveCdrom(id) => vm.remove_cdrom(id).await,
         Op::SetVcpus(n) => vm.set_vcpus(*n).await.map(drop),
+        Op::AddRng(id) => vm.add_rng(RngConfig::new(*id)).await.map(drop),
+        Op::RemoveRng(id) => vm.remove_rng(id).await,
+        Op::AddDimm(id) => vm
+            .add_memory(MemoryConfig::dimm(*id, 64 * MIB))
+            .await
+            .map(drop),
+        Op::RemoveMemory(id) => vm.remove_memory(id).await,
+        Op::AddPort(id) => {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let socket = fx.dir.join(format!("{id}-{n}.sock"));
+            let port = SerialPortConfig::new(*id, SERIAL_CONTROLLER, "org.qhotplug.race", socket);
+            vm.add_serial_port(port).await.map(drop)
+        }
+        Op::RemovePort(id) => vm.remove_serial_port(id).await,
         Op::Reconcile => vm.reconcile().await.map(drop),
         Op::Foreign(add) => foreign(vm, *add).await,
     }
@@ -255,6 +290,9 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
     expected.extend(spec.nics.iter().map(|n| n.id.clone()));
     expected.extend(spec.cdroms.iter().map(|c| c.id.clone()));
     expected.extend(spec.vcpus.iter().map(|c| c.id.clone()));
+    expected.extend(spec.rngs.iter().map(|r| r.id.clone()));
+    expected.extend(spec.memory_devices.iter().map(|m| m.id.clone()));
+    expected.extend(spec.serial_ports.iter().map(|p| p.id.clone()));
     expected.retain(|id| !pending.contains(id));
     differ(
         &mut out,
@@ -371,11 +409,14 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
         .filter(|o| o.child_type().is_some())
         .map(|o| o.name)
         .collect();
+    let mut want = start.objects.clone();
+    want.extend(spec.rngs.iter().map(|r| names::rng(&r.id)));
+    want.extend(spec.memory_devices.iter().map(|m| names::memdev(&m.id)));
     differ(
         &mut out,
         "objects",
         format!("{objects:?}"),
-        format!("{:?}", start.objects),
+        format!("{want:?}"),
     );
     let chardevs: BTreeSet<String> = c
         .execute(&QueryChardev)
@@ -384,11 +425,13 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
         .into_iter()
         .map(|c| c.label)
         .collect();
+    let mut want = start.chardevs.clone();
+    want.extend(spec.serial_ports.iter().map(|p| names::chardev(&p.id)));
     differ(
         &mut out,
         "chardevs",
         format!("{chardevs:?}"),
-        format!("{:?}", start.chardevs),
+        format!("{want:?}"),
     );
 
     // vCPUs.
@@ -666,17 +709,34 @@ async fn race(spec: VmSpec, default_seed: u64, default_rounds: u64, calls: usize
     eprintln!("seed {seed}, {rounds} rounds of {calls} calls: {tally:#?}");
 }
 
-fn with_cpus(mut spec: VmSpec) -> VmSpec {
+/// Room for vCPUs and a DIMM, and a virtio-serial controller at `serial` for the ports.
+fn growable(mut spec: VmSpec, serial: Pci) -> VmSpec {
     spec.cpu_topology = Some(CpuTopology::max(4));
+    spec.memory_slots = 2;
+    spec.max_memory_mib = Some(1024);
+    spec.virtio_serials.push(VirtioSerial {
+        id: SERIAL_CONTROLLER.into(),
+        pci: serial,
+    });
     spec
 }
 
 #[test]
 fn racing_calls_on_pc_keep_the_spec_equal_to_qemu() {
-    qhotplug_tests::serial_test(race(with_cpus(pc_spec()), 0x5eed_0001, 60, 4));
+    qhotplug_tests::serial_test(race(
+        growable(pc_spec(), Pci::new("pci.0", 5)),
+        0x5eed_0001,
+        60,
+        4,
+    ));
 }
 
 #[test]
 fn racing_calls_on_q35_keep_the_spec_equal_to_qemu() {
-    qhotplug_tests::serial_test(race(with_cpus(q35_spec(4)), 0x5eed_0002, 20, 4));
+    qhotplug_tests::serial_test(race(
+        growable(q35_spec(4), Pci::new("pcie.0", 12)),
+        0x5eed_0002,
+        20,
+        4,
+    ));
 }
