@@ -16,7 +16,7 @@ use tracing::Instrument;
 use crate::delete::Delete;
 use crate::error::{Error, Result};
 use crate::kinds::{After, Backend, Kind};
-use crate::qemu_errors::is_node_in_use;
+use crate::qemu_errors::is_backend_in_use;
 use crate::state::Hold;
 use crate::state::{self, Busy, Entry};
 use crate::transaction::Transaction;
@@ -200,23 +200,24 @@ pub(crate) async fn remove(vm: &Vm, id: &str, kind: state::Kind) -> Result<()> {
     result
 }
 
-/// How long a teardown's `blockdev-del` waits, at most, for QEMU to let go of a node whose device
-/// is gone (QEMU may release a removed device's drive a few milliseconds after `DEVICE_DELETED`).
+/// How long a teardown's `blockdev-del` or `chardev-remove` waits, at most, for QEMU to let go of a
+/// backend whose device is gone (QEMU may release a removed device's drive or chardev a few
+/// milliseconds after `DEVICE_DELETED`).
 const NODE_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Runs one teardown step; a node QEMU still holds is asked for again, backing off, until
-/// [`NODE_RELEASE`].
+/// Runs one teardown step; a node or chardev QEMU still holds is asked for again, backing off,
+/// until [`NODE_RELEASE`].
 async fn run_teardown_step(client: &Client, step: &Delete) -> Result<crate::delete::Outcome> {
     let deadline = tokio::time::Instant::now() + NODE_RELEASE;
     let mut pause = std::time::Duration::from_millis(5);
     loop {
         match step.run(client).await {
             Err(Error::Qmp(e))
-                if matches!(step, Delete::BlockNode(_))
-                    && is_node_in_use(&e)
+                if matches!(step, Delete::BlockNode(_) | Delete::Chardev(_))
+                    && is_backend_in_use(&e)
                     && tokio::time::Instant::now() + pause < deadline =>
             {
-                tracing::debug!(%step, "node still in use; asking again");
+                tracing::debug!(%step, "still in use; asking again");
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(std::time::Duration::from_millis(200));
             }

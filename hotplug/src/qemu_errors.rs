@@ -32,12 +32,13 @@ pub fn is_guest_busy(e: &Error) -> bool {
     e.qmp_desc().is_some_and(|d| d.contains("guest is busy"))
 }
 
-/// `blockdev-del` refused because something still uses the node ("Node '…' is busy: node is used
-/// as backing hd of …", "Node … is in use"): right after a device's removal QEMU may not have let
-/// go of its drive yet.
-pub fn is_node_in_use(e: &Error) -> bool {
+/// `blockdev-del` or `chardev-remove` refused because something still uses the backend ("Node
+/// '…' is busy: …", "Node … is in use", "Chardev '…' is busy"): right after a device's removal
+/// QEMU may not have let go of its drive or chardev yet.
+pub fn is_backend_in_use(e: &Error) -> bool {
     e.qmp_desc().is_some_and(|d| {
-        d.starts_with("Node ") && (d.contains("is in use") || d.contains("is busy"))
+        (d.starts_with("Node ") || d.starts_with("Chardev "))
+            && (d.contains("is in use") || d.contains("is busy"))
     })
 }
 

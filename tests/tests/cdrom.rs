@@ -79,6 +79,33 @@ fn scsi_cd_hot_adds_empty_and_loaded_and_removes() {
 }
 
 #[test]
+fn a_drive_added_empty_then_given_a_medium_removes_with_its_medium() {
+    qhotplug_tests::serial_test(async {
+        let t = TestVm::running_pc().await;
+        let a = iso(t.dir(), "a.iso", "hello.txt", "from a\n");
+        let b = iso(t.dir(), "b.iso", "hello.txt", "from b\n");
+        let before = t.snapshot().await;
+        // Inserted by a change, a medium is not the device's own drive: unless it is taken out
+        // before device_del, its nodes stay in use after the device is gone.
+        for iso in [&a, &b] {
+            t.vm.add_cdrom(CdromConfig::new("cd0")).await.unwrap();
+            t.vm.insert_medium("cd0", iso).await.unwrap();
+            assert_eq!(medium(&t.vm, "cd0").await.as_deref(), Some("cd0-fmt.1"));
+            t.vm.remove_cdrom("cd0").await.unwrap();
+            assert_eq!(t.snapshot().await, before);
+            assert!(t.vm.reconcile().await.unwrap().is_empty());
+        }
+        // Hot-added loaded and changed: the same.
+        t.vm.add_cdrom(CdromConfig::new("cd0").medium(&a))
+            .await
+            .unwrap();
+        t.vm.insert_medium("cd0", &b).await.unwrap();
+        t.vm.remove_cdrom("cd0").await.unwrap();
+        assert_eq!(t.snapshot().await, before);
+    });
+}
+
+#[test]
 fn media_insert_change_and_eject_and_a_relaunch_keeps_the_medium() {
     qhotplug_tests::serial_test(async {
         let isos = tempfile::tempdir().unwrap();

@@ -450,7 +450,7 @@ fn attaching_to_a_running_qemu_learns_its_slots_controllers_and_machine() {
 /// runs on 7.2 and 10.0) and classified by `qhotplug::qemu_errors`.
 #[test]
 fn each_qemu_error_the_sdk_tells_apart_is_classified_on_this_qemu() {
-    use qhotplug::qemu_errors::{is_absent, is_guest_busy, is_unplug_under_way};
+    use qhotplug::qemu_errors::{is_absent, is_backend_in_use, is_guest_busy, is_unplug_under_way};
     // ("guest is busy" and "already in the process of unplug" need a guest: hotplug_unplug.rs.)
     use qhotplug_qmp::command::*;
     qhotplug_tests::serial_test(async {
@@ -498,6 +498,15 @@ fn each_qemu_error_the_sdk_tells_apart_is_classified_on_this_qemu() {
             .await
             .unwrap_err();
         assert!(!is_absent(&in_use), "{in_use}");
+        assert!(is_backend_in_use(&in_use), "{in_use}");
+        // A chardev in use: the monitor's own.
+        let busy = c
+            .execute(&ChardevRemove { id: "qmp".into() })
+            .await
+            .unwrap_err();
+        assert!(is_backend_in_use(&busy), "{busy}");
+        assert!(!is_absent(&busy), "{busy}");
+        assert!(!is_backend_in_use(&absent[1]), "{}", absent[1]);
     });
 }
 
