@@ -51,14 +51,6 @@ pub enum Error {
         /// The id.
         id: String,
     },
-    /// A call's task ended before its work did: its runtime is shutting down. What it had done
-    /// is rolled back if a runtime is left to do it; otherwise [`Vm::reconcile`](crate::Vm::reconcile)
-    /// settles it.
-    #[error("{op} was aborted: its runtime is shutting down")]
-    CallAborted {
-        /// The call (`add_disk`, `set_link`, …).
-        op: &'static str,
-    },
     /// The device is being added, removed or changed by another call.
     #[error("device {0:?} is busy with another hotplug operation")]
     Busy(String),

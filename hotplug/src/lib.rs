@@ -91,6 +91,7 @@ mod memory;
 mod migrate;
 pub mod qemu_errors;
 mod reconcile;
+mod run_to_end;
 mod slots;
 mod state;
 mod storage_daemon;

@@ -13,6 +13,7 @@ use crate::engine;
 use crate::error::{Error, Result};
 use crate::kinds::{Kind, Want};
 use crate::reconcile::{self, Reconciled};
+use crate::run_to_end::RunToEnd;
 use crate::slots::SlotError;
 use crate::state::{self, Device, Entry, Inner, Place, Reservation};
 use crate::unplug::{self, UnplugPolicy};
@@ -149,10 +150,11 @@ impl Vm {
         &self.inner
     }
 
-    /// Runs one public call: in its `hotplug` span (`op`, `id`), as a task of its own, so that it
-    /// runs to its end (done, or rolled back) whether or not its caller still waits. A caller that
-    /// drops the future gives up the answer, never the consistency of the SDK's view: the rule in
-    /// ARCHITECTURE.md. The caller's tracing subscriber goes with the task.
+    /// Runs one public call: in its `hotplug` span (`op`, `id`), to its end (done, or rolled back)
+    /// whether or not its caller still waits: polled by the caller, and moved into a task of its
+    /// own if the caller drops it part-way ([`RunToEnd`]). A caller that drops the future gives
+    /// up the answer, never the consistency of the SDK's view: the rule in ARCHITECTURE.md. The
+    /// caller's tracing subscriber goes with it.
     pub(crate) async fn call<T, Fut>(
         &self,
         op: &'static str,
@@ -168,7 +170,7 @@ impl Vm {
         let dispatch = tracing::dispatcher::get_default(Clone::clone);
         let running = self.inner.enter_call();
         let work = work(self.clone());
-        let task = tokio::spawn(
+        RunToEnd::new(
             async move {
                 let result = work.await;
                 drop(running);
@@ -176,12 +178,8 @@ impl Vm {
             }
             .instrument(span)
             .with_subscriber(dispatch),
-        );
-        match task.await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Err(Error::CallAborted { op }),
-        }
+        )
+        .await
     }
 
     /// Waits until no call on this VM (through any handle) is running: those whose callers
