@@ -6,6 +6,7 @@
 //! acknowledged (`ACPI_DEVICE_OST`, insertion, status 0).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use qhotplug_cmdline::{names, Vcpu};
@@ -19,12 +20,13 @@ use crate::engine;
 use crate::error::{Error, Result};
 use crate::kinds::Kind;
 use crate::state;
-use crate::vm::Vm;
+use crate::unplug::UnplugPolicy;
+use crate::vm_core::Core;
 
 /// ACPI `_OST` source for a device insertion.
 const OST_INSERTION: i64 = 1;
 
-/// What [`Vm::set_vcpus`] did.
+/// What [`Vm::set_vcpus`](crate::Vm::set_vcpus) did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VcpuChange {
     /// The vCPUs hot-added, by id.
@@ -37,102 +39,88 @@ pub struct VcpuChange {
     pub unconfirmed: Vec<String>,
 }
 
-impl Vm {
-    /// Brings the VM to `count` vCPUs. Up: hot-adds a vCPU into each of the lowest free slots
-    /// (ids `vcpu<N>`, N the slot's index), then, on a running VM, waits (by the handle's
-    /// [`UnplugPolicy`](crate::UnplugPolicy) deadline) for the guest's ACPI acknowledgement of
-    /// each. Down: hot-removes the SDK's vCPUs, highest first, each waiting for the guest to let
-    /// it go. The guest must online new vCPUs itself.
-    ///
-    /// A count below the vCPUs the SDK cannot remove (those from `-smp`) or above `maxcpus` is
-    /// [`Error::InvalidVcpuCount`] before anything is sent. The vCPUs are part of the spec: a VM
-    /// launched from `vm.spec()` has them, with their ids.
-    pub async fn set_vcpus(&self, count: u32) -> Result<VcpuChange> {
-        self.call("set_vcpus", &count.to_string(), |vm| async move {
-            vm.vcpus_to(count).await
-        })
-        .await
-    }
+/// See [`Vm::vcpu_slots`](crate::Vm::vcpu_slots).
+pub(crate) async fn vcpu_slots(core: &Core) -> Result<Vec<HotpluggableCpu>> {
+    let mut slots = core.client.execute(&QueryHotpluggableCpus).await?;
+    slots.sort_by_key(slot_order);
+    Ok(slots)
+}
 
-    /// The VM's vCPU slots, as QEMU lists them (plugged ones have a `qom_path`), in slot order.
-    pub async fn vcpu_slots(&self) -> Result<Vec<HotpluggableCpu>> {
-        let mut slots = self.client().execute(&QueryHotpluggableCpus).await?;
-        slots.sort_by_key(slot_order);
-        Ok(slots)
+/// See [`Vm::set_vcpus`](crate::Vm::set_vcpus); `policy`: how long to wait for the guest.
+pub(crate) async fn set_vcpus(
+    core: &Arc<Core>,
+    count: u32,
+    policy: &UnplugPolicy,
+) -> Result<VcpuChange> {
+    core.require(Vcpu::OPERATION, Vcpu::COMMANDS).await?;
+    let slots = vcpu_slots(core).await?;
+    let ours: Vec<String> = core
+        .state()
+        .spec
+        .vcpus
+        .iter()
+        .map(|c| c.id.clone())
+        .collect();
+    let plugged = slots.iter().filter(|s| s.qom_path.is_some()).count() as u32;
+    // The vCPUs the SDK did not add (those from `-smp`) cannot go. A spec listing more vCPUs than
+    // QEMU has (attached with a stale spec) must not underflow.
+    let min = plugged.saturating_sub(ours.len() as u32);
+    let max = slots.len() as u32;
+    if count < min.max(1) || count > max {
+        return Err(Error::InvalidVcpuCount {
+            requested: count,
+            min: min.max(1),
+            max,
+        });
     }
-
-    async fn vcpus_to(&self, count: u32) -> Result<VcpuChange> {
-        self.require(Vcpu::OPERATION, Vcpu::COMMANDS).await?;
-        let slots = self.vcpu_slots().await?;
-        let ours: Vec<String> = self
-            .inner()
-            .state()
-            .spec
-            .vcpus
+    tcg_guard(core, plugged, count, max).await?;
+    let mut change = VcpuChange::default();
+    if count > plugged {
+        let mut events = core.client.events();
+        let free = slots
             .iter()
-            .map(|c| c.id.clone())
-            .collect();
-        let plugged = slots.iter().filter(|s| s.qom_path.is_some()).count() as u32;
-        // The vCPUs the SDK did not add (those from `-smp`) cannot go. A spec listing more vCPUs than
-        // QEMU has (attached with a stale spec) must not underflow.
-        let min = plugged.saturating_sub(ours.len() as u32);
-        let max = slots.len() as u32;
-        if count < min.max(1) || count > max {
-            return Err(Error::InvalidVcpuCount {
-                requested: count,
-                min: min.max(1),
-                max,
-            });
-        }
-        self.tcg_guard(plugged, count, max).await?;
-        let mut change = VcpuChange::default();
-        if count > plugged {
-            let mut events = self.client().events();
-            let free = slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.qom_path.is_none())
-                .take((count - plugged) as usize);
-            for (index, slot) in free {
-                let cpu = Vcpu {
-                    id: names::vcpu(index),
-                    driver: slot.kind.clone(),
-                    slot: slot
-                        .props
-                        .iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.as_i64()?)))
-                        .collect(),
-                };
-                let added = engine::add(self, cpu).await?;
-                change.added.push(added.id);
-            }
-            let running = self.client().execute(&QueryStatus).await?.running;
-            if running {
-                let deadline = Instant::now() + self.unplug_policy().deadline;
-                let wait = tracing::debug_span!("step", name = "wait ACPI_DEVICE_OST");
-                let confirmed = acknowledged(&mut events, &change.added, deadline)
-                    .instrument(wait)
-                    .await;
-                change.unconfirmed = change
-                    .added
+            .enumerate()
+            .filter(|(_, s)| s.qom_path.is_none())
+            .take((count - plugged) as usize);
+        for (index, slot) in free {
+            let cpu = Vcpu {
+                id: names::vcpu(index),
+                driver: slot.kind.clone(),
+                slot: slot
+                    .props
                     .iter()
-                    .filter(|id| !confirmed.contains(*id))
-                    .cloned()
-                    .collect();
-            }
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_i64()?)))
+                    .collect(),
+            };
+            let added = engine::add(core, cpu).await?;
+            change.added.push(added.id);
         }
-        // Highest first, only what the SDK added (QEMU cannot remove `-smp` vCPUs).
-        for id in ours
-            .iter()
-            .rev()
-            .take(plugged.saturating_sub(count) as usize)
-        {
-            engine::remove(self, id, state::Kind::Vcpu).await?;
-            change.removed.push(id.clone());
+        let running = core.client.execute(&QueryStatus).await?.running;
+        if running {
+            let deadline = Instant::now() + policy.deadline;
+            let wait = tracing::debug_span!("step", name = "wait ACPI_DEVICE_OST");
+            let confirmed = acknowledged(&mut events, &change.added, deadline)
+                .instrument(wait)
+                .await;
+            change.unconfirmed = change
+                .added
+                .iter()
+                .filter(|id| !confirmed.contains(*id))
+                .cloned()
+                .collect();
         }
-        tracing::info!(?change, "vCPUs set");
-        Ok(change)
     }
+    // Highest first, only what the SDK added (QEMU cannot remove `-smp` vCPUs).
+    for id in ours
+        .iter()
+        .rev()
+        .take(plugged.saturating_sub(count) as usize)
+    {
+        engine::remove(core, id, state::Kind::Vcpu, policy).await?;
+        change.removed.push(id.clone());
+    }
+    tracing::info!(?change, "vCPUs set");
+    Ok(change)
 }
 
 /// The first QEMU release tested to hot-unplug vCPUs under TCG without corrupting its heap.
@@ -142,36 +130,34 @@ const TCG_SAFE_UNPLUG: VersionTriple = VersionTriple {
     micro: 0,
 };
 
-impl Vm {
-    /// Refuses, under TCG, what would walk QEMU into a crash: a hot-unplug on a QEMU that
-    /// corrupts its heap on one, and a hot-add past the `maxcpus` vCPU threads a VM may start in
-    /// its life. A hot-add's thread is counted before it is sent.
-    async fn tcg_guard(&self, plugged: u32, count: u32, max: u32) -> Result<()> {
-        if count == plugged || self.client().execute(&QueryKvm).await?.enabled {
-            return Ok(());
-        }
-        // Known from the first call on: nothing before it plugged or unplugged a vCPU.
-        self.inner().state().vcpus_started.get_or_insert(plugged);
-        if count < plugged {
-            let version = self.client().greeting().version.qemu;
-            if version < TCG_SAFE_UNPLUG {
-                return Err(Error::TcgVcpuUnplug { version });
-            }
-            return Ok(());
-        }
-        let wanted = count - plugged;
-        let mut state = self.inner().state();
-        let started = state.vcpus_started.get_or_insert(plugged);
-        if *started + wanted > max {
-            return Err(Error::TcgVcpuContexts {
-                started: *started,
-                wanted,
-                max,
-            });
-        }
-        *started += wanted;
-        Ok(())
+/// Refuses, under TCG, what would walk QEMU into a crash: a hot-unplug on a QEMU that
+/// corrupts its heap on one, and a hot-add past the `maxcpus` vCPU threads a VM may start in
+/// its life. A hot-add's thread is counted before it is sent.
+async fn tcg_guard(core: &Core, plugged: u32, count: u32, max: u32) -> Result<()> {
+    if count == plugged || core.client.execute(&QueryKvm).await?.enabled {
+        return Ok(());
     }
+    // Known from the first call on: nothing before it plugged or unplugged a vCPU.
+    core.state().vcpus_started.get_or_insert(plugged);
+    if count < plugged {
+        let version = core.client.greeting().version.qemu;
+        if version < TCG_SAFE_UNPLUG {
+            return Err(Error::TcgVcpuUnplug { version });
+        }
+        return Ok(());
+    }
+    let wanted = count - plugged;
+    let mut state = core.state();
+    let started = state.vcpus_started.get_or_insert(plugged);
+    if *started + wanted > max {
+        return Err(Error::TcgVcpuContexts {
+            started: *started,
+            wanted,
+            max,
+        });
+    }
+    *started += wanted;
+    Ok(())
 }
 
 /// A slot's place in the topology: socket, die, module, core, thread.

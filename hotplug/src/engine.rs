@@ -9,28 +9,30 @@
 //! Hot-remove: mark the device busy → [unplug](crate::unplug) by the handle's policy → run the
 //! kind's teardown → forget the device (its address is free only now).
 
+use std::sync::Arc;
+
 use qhotplug_qmp::command::RemoveFd;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
 
 use crate::delete::Delete;
 use crate::error::{Error, Result};
+use crate::holds::{self, Hold};
 use crate::kinds::{After, Backend, Kind};
 use crate::qemu_errors::is_backend_in_use;
-use crate::state::Hold;
-use crate::state::{self, Busy, Entry};
+use crate::state;
 use crate::transaction::Transaction;
-use crate::unplug::{self, Refused, Unplugged};
-use crate::vm::Vm;
+use crate::unplug::{self, Refused, UnplugPolicy, Unplugged};
+use crate::vm_core::Core;
 
 /// Hot-adds one device of kind `K`; on failure every step done is undone.
-pub(crate) async fn add<K: Kind>(vm: &Vm, config: K) -> Result<K::Added> {
-    vm.require(K::OPERATION, K::COMMANDS).await?;
+pub(crate) async fn add<K: Kind>(core: &Arc<Core>, config: K) -> Result<K::Added> {
+    core.require(K::OPERATION, K::COMMANDS).await?;
     let want = config.want()?;
-    let (mut reservation, place) = vm.reserve(config.id(), want)?;
+    let (mut reservation, place) = holds::reserve(core, config.id(), want)?;
     let plan = config.plan(place)?;
     reservation.plan(plan.added.clone().into());
-    let client = vm.client().clone();
+    let client = core.client.clone();
     let mut txn = Transaction::new(client.clone(), "hot-add", reservation);
     run_backends(&client, &mut txn, plan.backends).await?;
     let id = txn.id().to_owned();
@@ -121,37 +123,24 @@ pub(crate) async fn run_backends<H: Hold>(
     Ok(())
 }
 
-/// Marks device `id`, of `kind`, busy for a removal or a change: [`Error::Busy`] when another
-/// call holds it, [`Error::NotFound`] when there is no such device of that kind.
-pub(crate) fn mark_busy(vm: &Vm, id: &str, kind: state::Kind) -> Result<Busy> {
-    match Busy::mark(vm.inner(), id, kind) {
-        Ok(busy) => Ok(busy),
-        // Being added, or in doubt until `reconcile` settles it.
-        Err(Some(Entry::Adding { .. } | Entry::InDoubt { .. })) => Err(Error::Busy(id.to_owned())),
-        Err(Some(Entry::Placed { kind: k, .. })) if k == kind => Err(Error::Busy(id.to_owned())),
-        // No such id, or one of another kind.
-        Err(_) => Err(Error::NotFound {
-            kind: kind.name(),
-            id: id.to_owned(),
-        }),
-    }
-}
-
 /// Hot-removes device `id`, which must be of `kind`: waits for the guest to let it go, then
 /// deletes its backends, then frees its address.
-pub(crate) async fn remove(vm: &Vm, id: &str, kind: state::Kind) -> Result<()> {
-    vm.require(kind.operation(), kind.commands()).await?;
-    let busy = mark_busy(vm, id, kind)?;
-    let device = vm
-        .inner()
+pub(crate) async fn remove(
+    core: &Arc<Core>,
+    id: &str,
+    kind: state::Kind,
+    policy: &UnplugPolicy,
+) -> Result<()> {
+    core.require(kind.operation(), kind.commands()).await?;
+    let busy = holds::mark_busy(core, id, kind)?;
+    let device = core
         .state()
         .device(id)
         .expect("a placed entry is in the spec");
-    let policy = vm.unplug_policy();
     let before = device.before_unplug();
     if let Some((step, _)) = &before {
         let span = tracing::debug_span!("step", name = step.command(), id);
-        step.run(vm.client())
+        step.run(&core.client)
             .instrument(span)
             .await
             .map_err(|e| Error::Backend {
@@ -160,19 +149,19 @@ pub(crate) async fn remove(vm: &Vm, id: &str, kind: state::Kind) -> Result<()> {
                 source: Box::new(e),
             })?;
     }
-    let stale = vm.inner().state().late_deleted.remove(id);
-    let unplugged = unplug::unplug(vm.client(), id, &policy, stale).await;
+    let stale = core.state().late_deleted.remove(id);
+    let unplugged = unplug::unplug(&core.client, id, policy, stale).await;
     if matches!(unplugged, Ok(Unplugged::Vanished | Unplugged::Already))
         || (stale && unplugged.is_err())
     {
         // Its own DEVICE_DELETED may still come: the next unplug of this id checks it.
-        vm.inner().state().late_deleted.insert(id.to_owned());
+        core.state().late_deleted.insert(id.to_owned());
     }
     if let Err(refused) = unplugged {
         // The device stays: what went before the unplug comes back.
         for step in before.into_iter().flat_map(|(_, back)| back) {
             let span = tracing::debug_span!("undo", step = %step);
-            if let Err(error) = step.run(vm.client()).instrument(span).await {
+            if let Err(error) = step.run(&core.client).instrument(span).await {
                 tracing::warn!(%step, %error, "could not put back what went before the unplug");
             }
         }
@@ -183,7 +172,10 @@ pub(crate) async fn remove(vm: &Vm, id: &str, kind: state::Kind) -> Result<()> {
     let mut result = Ok(());
     for step in device.teardown() {
         let span = tracing::debug_span!("step", name = step.command(), id);
-        if let Err(e) = run_teardown_step(vm.client(), &step).instrument(span).await {
+        if let Err(e) = run_teardown_step(&core.client, &step)
+            .instrument(span)
+            .await
+        {
             result = Err(Error::Backend {
                 id: id.to_owned(),
                 step: step.command(),
@@ -193,7 +185,7 @@ pub(crate) async fn remove(vm: &Vm, id: &str, kind: state::Kind) -> Result<()> {
         }
     }
     drop(busy);
-    vm.inner().state().forget(id, result.is_ok());
+    core.state().forget(id, result.is_ok());
     if result.is_ok() {
         tracing::info!("{} removed", kind.name());
     }

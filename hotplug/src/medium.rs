@@ -16,7 +16,8 @@
 //! [`MediumOptions::tray_wait`] and, if the guest does not, answers [`Error::TrayLocked`] with
 //! nothing changed.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use qhotplug_cmdline::{Cdrom, CdromBus};
@@ -29,14 +30,15 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::delete::Delete;
-use crate::engine::{mark_busy, run_backends};
+use crate::engine::run_backends;
 use crate::error::{Error, Result};
+use crate::holds;
 use crate::kinds::cdrom::teardown;
 use crate::kinds::image_backends;
 use crate::qemu_errors::is_tray_closed;
-use crate::state::{self, Device};
+use crate::state::{Device, Kind};
 use crate::transaction::Transaction;
-use crate::vm::Vm;
+use crate::vm_core::Core;
 
 /// The QMP commands a medium change uses.
 const COMMANDS: &[&str] = &[
@@ -94,159 +96,127 @@ pub struct TrayStatus {
     pub medium_node: Option<String>,
 }
 
-impl Vm {
-    /// Puts the ISO image at `path` into CD-ROM drive `id` (opened read-only by the SDK and passed
-    /// as an fd), replacing what was in it, and closes the tray. See
-    /// [`change_medium`](Vm::change_medium).
-    pub async fn insert_medium(&self, id: &str, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref().to_owned();
-        self.change_medium(id, Some(path), MediumOptions::default())
-            .await
-    }
+/// See [`Vm::tray_status`](crate::Vm::tray_status).
+pub(crate) async fn tray_status(core: &Core, id: &str) -> Result<TrayStatus> {
+    let info = query_drive(core, id).await?;
+    Ok(TrayStatus {
+        tray_open: info.tray_open == Some(true),
+        locked: info.locked,
+        medium_node: info.inserted.and_then(|i| i.node_name),
+    })
+}
 
-    /// Takes the medium out of CD-ROM drive `id` and closes the tray: the guest sees an empty
-    /// drive. See [`change_medium`](Vm::change_medium).
-    pub async fn eject_medium(&self, id: &str) -> Result<()> {
-        self.change_medium(id, None, MediumOptions::default()).await
-    }
-
-    /// Changes the medium in CD-ROM drive `id` to the image at `medium` (`None`: none), then
-    /// closes the tray. On failure the drive is as it was ([`Error::Step`] names the step). A tray
-    /// the guest holds locked is [`Error::TrayLocked`] unless `options` force it. The drive's
-    /// medium is part of the spec: a VM launched from `vm.spec()` boots with it.
-    pub async fn change_medium(
-        &self,
-        id: &str,
-        medium: Option<PathBuf>,
-        options: MediumOptions,
-    ) -> Result<()> {
-        let owned = id.to_owned();
-        self.call("change_medium", id, |vm| async move {
-            vm.change(&owned, medium, options).await
+/// Drive `id` as `query-block` shows it.
+async fn query_drive(core: &Core, id: &str) -> Result<BlockInfo> {
+    let blocks = core.client.execute(&QueryBlock).await?;
+    blocks
+        .into_iter()
+        .find(|b| b.qdev.as_deref() == Some(id))
+        .ok_or_else(|| Error::NotFound {
+            kind: "CD-ROM drive",
+            id: id.to_owned(),
         })
-        .await
-    }
+}
 
-    /// Drive `id`'s tray and medium, from `query-block`.
-    pub async fn tray_status(&self, id: &str) -> Result<TrayStatus> {
-        let info = self.drive(id).await?;
-        Ok(TrayStatus {
-            tray_open: info.tray_open == Some(true),
-            locked: info.locked,
-            medium_node: info.inserted.and_then(|i| i.node_name),
-        })
-    }
-
-    async fn drive(&self, id: &str) -> Result<BlockInfo> {
-        let blocks = self.client().execute(&QueryBlock).await?;
-        blocks
-            .into_iter()
-            .find(|b| b.qdev.as_deref() == Some(id))
-            .ok_or_else(|| Error::NotFound {
-                kind: "CD-ROM drive",
-                id: id.to_owned(),
-            })
-    }
-
-    async fn change(
-        &self,
-        id: &str,
-        medium: Option<PathBuf>,
-        options: MediumOptions,
-    ) -> Result<()> {
-        self.require("CD-ROM medium change", COMMANDS).await?;
-        let busy = mark_busy(self, id, state::Kind::Cdrom)?;
-        let Some(Device::Cdrom(old)) = self.inner().state().device(id) else {
-            unreachable!("a CD-ROM entry is a CD-ROM")
+/// See [`Vm::change_medium`](crate::Vm::change_medium).
+pub(crate) async fn change(
+    core: &Arc<Core>,
+    id: &str,
+    medium: Option<PathBuf>,
+    options: MediumOptions,
+) -> Result<()> {
+    core.require("CD-ROM medium change", COMMANDS).await?;
+    let busy = holds::mark_busy(core, id, Kind::Cdrom)?;
+    let Some(Device::Cdrom(old)) = core.state().device(id) else {
+        unreachable!("a CD-ROM entry is a CD-ROM")
+    };
+    let new = Cdrom {
+        generation: match medium {
+            Some(_) => old.generation.wrapping_add(1),
+            None => old.generation,
+        },
+        medium: medium.clone(),
+        ..old.clone()
+    };
+    new.check()?;
+    // Host-side work first: a path that does not open changes nothing.
+    let backends = match &medium {
+        Some(path) => image_backends(id, path, false, new.blockdev_add(""))?,
+        None => Vec::new(),
+    };
+    let client = core.client.clone();
+    let mut events = client.events();
+    let drive = query_drive(core, id).await?;
+    let mut txn = Transaction::new(client.clone(), "medium change", busy);
+    if drive.tray_open != Some(true) {
+        let open = BlockdevOpenTray {
+            id: id.to_owned(),
+            force: options.force.then_some(true),
         };
-        let new = Cdrom {
-            generation: match medium {
-                Some(_) => old.generation.wrapping_add(1),
-                None => old.generation,
-            },
-            medium: medium.clone(),
-            ..old.clone()
-        };
-        new.check()?;
-        // Host-side work first: a path that does not open changes nothing.
-        let backends = match &medium {
-            Some(path) => image_backends(id, path, false, new.blockdev_add(""))?,
-            None => Vec::new(),
-        };
-        let client = self.client().clone();
-        let mut events = client.events();
-        let drive = self.drive(id).await?;
-        let mut txn = Transaction::new(client.clone(), "medium change", busy);
-        if drive.tray_open != Some(true) {
-            let open = BlockdevOpenTray {
-                id: id.to_owned(),
-                force: options.force.then_some(true),
-            };
-            if drive.locked && !options.force {
-                // Only a request to the guest: nothing to undo unless it opens the tray.
-                txn.step("blockdev-open-tray", None, client.execute(&open))
-                    .await?;
-                let wait = tracing::debug_span!("step", name = "wait DEVICE_TRAY_MOVED", id);
-                let deadline = Instant::now() + options.tray_wait;
-                let tray_opened = |e: &EventKind| matches!(e, EventKind::DeviceTrayMoved(m) if m.id == id && m.tray_open);
-                let opened = events.wait_for(deadline, tray_opened).instrument(wait).await
-                    // Events may have been lost: QEMU's word decides.
-                    || self.drive(id).await?.tray_open == Some(true);
-                if !opened {
-                    return Err(Error::TrayLocked(id.to_owned()));
-                }
-                txn.push_undo(Delete::CloseTray(id.to_owned()));
-            } else {
-                let undo = Delete::CloseTray(id.to_owned());
-                txn.step("blockdev-open-tray", Some(undo), client.execute(&open))
-                    .await?;
+        if drive.locked && !options.force {
+            // Only a request to the guest: nothing to undo unless it opens the tray.
+            txn.step("blockdev-open-tray", None, client.execute(&open))
+                .await?;
+            let wait = tracing::debug_span!("step", name = "wait DEVICE_TRAY_MOVED", id);
+            let deadline = Instant::now() + options.tray_wait;
+            let tray_opened = |e: &EventKind| matches!(e, EventKind::DeviceTrayMoved(m) if m.id == id && m.tray_open);
+            let opened = events.wait_for(deadline, tray_opened).instrument(wait).await
+                // Events may have been lost: QEMU's word decides.
+                || query_drive(core, id).await?.tray_open == Some(true);
+            if !opened {
+                return Err(Error::TrayLocked(id.to_owned()));
             }
+            txn.push_undo(Delete::CloseTray(id.to_owned()));
+        } else {
+            let undo = Delete::CloseTray(id.to_owned());
+            txn.step("blockdev-open-tray", Some(undo), client.execute(&open))
+                .await?;
         }
-        if let Some(node) = drive.inserted.and_then(|i| i.node_name) {
-            let undo = Delete::Reinsert {
-                device: id.to_owned(),
-                node,
-            };
-            let remove = BlockdevRemoveMedium { id: id.to_owned() };
-            let step = with_tray_open(&client, id, options.force, &remove);
-            txn.step("blockdev-remove-medium", Some(undo), step).await?;
-        }
-        run_backends(&client, &mut txn, backends).await?;
-        if new.medium.is_some() {
-            let insert = BlockdevInsertMedium {
-                id: id.to_owned(),
-                node_name: new.top_node(),
-            };
-            let undo = Delete::Medium(id.to_owned());
-            let step = with_tray_open(&client, id, options.force, &insert);
-            txn.step("blockdev-insert-medium", Some(undo), step).await?;
-        }
-        let close = BlockdevCloseTray { id: id.to_owned() };
-        txn.step("blockdev-close-tray", None, client.execute(&close))
-            .await?;
-        let busy = txn.commit();
-        {
-            let mut state = self.inner().state();
-            if let Some(cd) = state.spec.cdroms.iter_mut().find(|c| c.id == id) {
-                *cd = new.clone();
-            }
-        }
-        // The old medium is out: its nodes go. One left behind is `reconcile`'s to delete.
-        for step in teardown(&old) {
-            let span = tracing::debug_span!("step", name = step.command(), id);
-            if let Err(error) = step.run(&client).instrument(span).await {
-                tracing::warn!(%step, %error, "old medium's node left for reconcile");
-                self.inner().state().touched.insert(id.to_owned());
-            }
-        }
-        drop(busy);
-        let bus = match &new.bus {
-            CdromBus::Scsi(_) => "scsi",
-            CdromBus::Ide(_) => "ide",
-        };
-        tracing::info!(bus, medium = ?new.medium, "medium changed");
-        Ok(())
     }
+    if let Some(node) = drive.inserted.and_then(|i| i.node_name) {
+        let undo = Delete::Reinsert {
+            device: id.to_owned(),
+            node,
+        };
+        let remove = BlockdevRemoveMedium { id: id.to_owned() };
+        let step = with_tray_open(&client, id, options.force, &remove);
+        txn.step("blockdev-remove-medium", Some(undo), step).await?;
+    }
+    run_backends(&client, &mut txn, backends).await?;
+    if new.medium.is_some() {
+        let insert = BlockdevInsertMedium {
+            id: id.to_owned(),
+            node_name: new.top_node(),
+        };
+        let undo = Delete::Medium(id.to_owned());
+        let step = with_tray_open(&client, id, options.force, &insert);
+        txn.step("blockdev-insert-medium", Some(undo), step).await?;
+    }
+    let close = BlockdevCloseTray { id: id.to_owned() };
+    txn.step("blockdev-close-tray", None, client.execute(&close))
+        .await?;
+    let busy = txn.commit();
+    {
+        let mut state = core.state();
+        if let Some(cd) = state.spec.cdroms.iter_mut().find(|c| c.id == id) {
+            *cd = new.clone();
+        }
+    }
+    // The old medium is out: its nodes go. One left behind is `reconcile`'s to delete.
+    for step in teardown(&old) {
+        let span = tracing::debug_span!("step", name = step.command(), id);
+        if let Err(error) = step.run(&client).instrument(span).await {
+            tracing::warn!(%step, %error, "old medium's node left for reconcile");
+            core.state().touched.insert(id.to_owned());
+        }
+    }
+    drop(busy);
+    let bus = match &new.bus {
+        CdromBus::Scsi(_) => "scsi",
+        CdromBus::Ide(_) => "ide",
+    };
+    tracing::info!(bus, medium = ?new.medium, "medium changed");
+    Ok(())
 }
 
 /// How many times a medium step reopens a tray the guest closed under it.

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use qhotplug_cmdline::Launcher;
+use qhotplug_cmdline::{Launcher, VmSpec};
 use qhotplug_qmp::command::{
     Cont, MigrateCancel, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters,
     MigrateStartPostcopy, MigrationCapabilityStatus, MigrationInfo, QueryMigrate,
@@ -28,7 +28,7 @@ use qhotplug_qmp::{Client, EventKind};
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
-use crate::vm::Vm;
+use crate::vm_core::{hotplug_span, Core};
 
 /// The QMP commands a migration uses on the source.
 const SOURCE_COMMANDS: &[&str] = &[
@@ -158,19 +158,6 @@ pub struct Progress {
     pub passes: u64,
 }
 
-/// A completed migration.
-#[derive(Debug)]
-pub struct Migrated {
-    /// The VM on the target, running.
-    pub target: Vm,
-    /// The whole migration, as QEMU measured it.
-    pub total_time: Duration,
-    /// How long the guest was paused, as QEMU measured it.
-    pub downtime: Duration,
-    /// The whole call, as the caller saw it.
-    pub elapsed: Duration,
-}
-
 /// Why a migration did not complete. In every case the source runs as before and the target
 /// QEMU is gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,219 +202,211 @@ impl Drop for CancelOnDrop {
     }
 }
 
-impl Vm {
-    /// A launcher for this VM's migration target: its spec as it is now (every hot-plugged
-    /// device in), waiting for the migration (`-incoming defer`) rather than paused. Give it each
-    /// NIC's new tap fds ([`Launcher::nic_fds`]) and, where the spec names host paths the source
-    /// still holds (a console socket), new ones ([`Launcher::spec_mut`]); then [`Vm::launch`].
-    pub fn migration_launcher(&self, runtime_dir: impl Into<PathBuf>) -> Launcher {
-        let mut spec = self.spec();
-        spec.incoming = true;
-        spec.paused = false;
-        Launcher::new(spec, runtime_dir)
-    }
+/// What a completed migration took.
+pub(crate) struct MigrationTimes {
+    pub(crate) total_time: Duration,
+    pub(crate) downtime: Duration,
+    pub(crate) elapsed: Duration,
+}
 
-    /// Migrates the guest to `target` (launched from [`migration_launcher`](Vm::migration_launcher)
-    /// and not yet migrated into), calling `progress` at each status change and each pass.
-    /// Returns the running target, or [`Error::Migration`] with the source running as before and
-    /// the target QEMU quit. Dropping the future cancels the migration.
-    pub async fn migrate(
-        &self,
-        target: Vm,
-        options: MigrationOptions,
-        progress: impl FnMut(&Progress),
-    ) -> Result<Migrated> {
-        let name = self.inner().state().spec.name.clone();
-        let span = tracing::info_span!("hotplug", op = "migrate", id = %name);
-        let start = Instant::now();
-        let was_running = self.client().execute(&QueryStatus).await?.running;
-        let mut guard = CancelOnDrop {
-            client: self.client().clone(),
-            armed: false,
-        };
-        let outcome = self
-            .run_migration(&target, &options, progress, &mut guard)
-            .instrument(span.clone())
-            .await;
-        guard.armed = false;
-        match outcome {
-            Ok(info) => {
-                if options.source_after == SourceAfter::Quit {
-                    self.quit().await?;
-                }
-                span.in_scope(|| tracing::info!(?info.downtime, ?info.total_time, "migrated"));
-                Ok(Migrated {
-                    target,
-                    total_time: Duration::from_millis(info.total_time.unwrap_or(0)),
-                    downtime: Duration::from_millis(info.downtime.unwrap_or(0)),
-                    elapsed: start.elapsed(),
-                })
+/// A launcher for a migration target from the source's `spec` as it is now; see
+/// [`Vm::migration_launcher`](crate::Vm::migration_launcher).
+pub(crate) fn migration_launcher(mut spec: VmSpec, runtime_dir: PathBuf) -> Launcher {
+    spec.incoming = true;
+    spec.paused = false;
+    Launcher::new(spec, runtime_dir)
+}
+
+/// See [`Vm::migrate`](crate::Vm::migrate): the source is `source`, the target `target`; on
+/// success, the figures of [`Migrated`](crate::Migrated).
+pub(crate) async fn migrate(
+    source: &Core,
+    target: &Core,
+    options: MigrationOptions,
+    progress: impl FnMut(&Progress),
+) -> Result<MigrationTimes> {
+    let name = source.state().spec.name.clone();
+    let span = hotplug_span("migrate", &name);
+    let start = Instant::now();
+    let was_running = source.client.execute(&QueryStatus).await?.running;
+    let mut guard = CancelOnDrop {
+        client: source.client.clone(),
+        armed: false,
+    };
+    let outcome = run_migration(source, target, &options, progress, &mut guard)
+        .instrument(span.clone())
+        .await;
+    guard.armed = false;
+    match outcome {
+        Ok(info) => {
+            if options.source_after == SourceAfter::Quit {
+                source.quit().await?;
             }
-            Err(error) => {
-                // The source runs again as it was (QEMU restarts it after a failure or cancel;
-                // make sure), and the target goes.
-                if was_running && !self.client().execute(&QueryStatus).await?.running {
-                    self.client().execute(&Cont).await?;
-                }
-                if let Err(e) = target.quit().await {
-                    tracing::warn!(error = %e, "quitting the migration target");
-                }
-                span.in_scope(|| tracing::info!(%error, "migration did not complete"));
-                Err(error)
+            span.in_scope(|| tracing::info!(?info.downtime, ?info.total_time, "migrated"));
+            Ok(MigrationTimes {
+                total_time: Duration::from_millis(info.total_time.unwrap_or(0)),
+                downtime: Duration::from_millis(info.downtime.unwrap_or(0)),
+                elapsed: start.elapsed(),
+            })
+        }
+        Err(error) => {
+            // The source runs again as it was (QEMU restarts it after a failure or cancel;
+            // make sure), and the target goes.
+            if was_running && !source.client.execute(&QueryStatus).await?.running {
+                source.client.execute(&Cont).await?;
             }
+            if let Err(e) = target.quit().await {
+                tracing::warn!(error = %e, "quitting the migration target");
+            }
+            span.in_scope(|| tracing::info!(%error, "migration did not complete"));
+            Err(error)
         }
     }
+}
 
-    /// Cancels this VM's outgoing migration (`migrate_cancel`): the pending [`migrate`](Vm::migrate)
-    /// returns [`MigrationFailure::Cancelled`] and the source runs on.
-    pub async fn cancel_migration(&self) -> Result<()> {
-        self.client().execute(&MigrateCancel).await?;
-        Ok(())
-    }
-
-    /// The whole exchange; `Ok` with the source's final `query-migrate` once completed.
-    async fn run_migration(
-        &self,
-        target: &Vm,
-        options: &MigrationOptions,
-        mut progress: impl FnMut(&Progress),
-        guard: &mut CancelOnDrop,
-    ) -> Result<MigrationInfo> {
-        self.require("live migration", SOURCE_COMMANDS).await?;
-        target
-            .require(
-                "an incoming migration",
-                &["migrate-incoming", "migrate-set-capabilities"],
-            )
-            .await?;
-        if options.multifd_channels.is_some() && options.transport == Transport::Fd {
-            return Err(Error::InvalidMigration(
-                "multifd needs a connection per channel; an fd pair is one".into(),
-            ));
-        }
-        if options.postcopy_after.is_some() {
-            self.require("post-copy migration", &["migrate-start-postcopy"])
-                .await?;
-        }
-        // Capabilities: on both sides when both need them.
-        let mut both = vec![("events", true)];
-        if options.postcopy_after.is_some() {
-            both.push(("postcopy-ram", true));
-        }
-        if options.multifd_channels.is_some() {
-            both.push(("multifd", true));
-        }
-        let mut source_caps = both.clone();
-        if options.auto_converge {
-            source_caps.push(("auto-converge", true));
-        }
-        set_capabilities(self.client(), &source_caps).await?;
-        set_capabilities(target.client(), &both).await?;
-        let params = MigrateSetParameters {
-            max_bandwidth: options.bandwidth,
-            downtime_limit: options.downtime_limit.map(|d| d.as_millis() as u64),
-            multifd_channels: options.multifd_channels,
-        };
-        if params != MigrateSetParameters::default() {
-            step("migrate-set-parameters", self.client().execute(&params)).await?;
-        }
-        if let Some(channels) = options.multifd_channels {
-            let target_params = MigrateSetParameters {
-                multifd_channels: Some(channels),
-                ..Default::default()
-            };
-            step(
-                "migrate-set-parameters",
-                target.client().execute(&target_params),
-            )
-            .await?;
-        }
-
-        let mut events = self.client().events();
-        let mut target_events = target.client().events();
-        let uri = listen(target, &options.transport).await?;
-        let uri = match uri {
-            Outgoing::Uri(uri) => uri,
-            Outgoing::Fd(fd) => {
-                step("getfd", self.client().getfd("migrate-out", fd)).await?;
-                "fd:migrate-out".into()
-            }
-        };
-        guard.armed = true;
-        step(
-            "migrate",
-            self.client()
-                .execute(&qhotplug_qmp::command::Migrate { uri }),
+/// The whole exchange; `Ok` with the source's final `query-migrate` once completed.
+async fn run_migration(
+    source: &Core,
+    target: &Core,
+    options: &MigrationOptions,
+    mut progress: impl FnMut(&Progress),
+    guard: &mut CancelOnDrop,
+) -> Result<MigrationInfo> {
+    source.require("live migration", SOURCE_COMMANDS).await?;
+    target
+        .require(
+            "an incoming migration",
+            &["migrate-incoming", "migrate-set-capabilities"],
         )
         .await?;
+    if options.multifd_channels.is_some() && options.transport == Transport::Fd {
+        return Err(Error::InvalidMigration(
+            "multifd needs a connection per channel; an fd pair is one".into(),
+        ));
+    }
+    if options.postcopy_after.is_some() {
+        source
+            .require("post-copy migration", &["migrate-start-postcopy"])
+            .await?;
+    }
+    // Capabilities: on both sides when both need them.
+    let mut both = vec![("events", true)];
+    if options.postcopy_after.is_some() {
+        both.push(("postcopy-ram", true));
+    }
+    if options.multifd_channels.is_some() {
+        both.push(("multifd", true));
+    }
+    let mut source_caps = both.clone();
+    if options.auto_converge {
+        source_caps.push(("auto-converge", true));
+    }
+    set_capabilities(&source.client, &source_caps).await?;
+    set_capabilities(&target.client, &both).await?;
+    let params = MigrateSetParameters {
+        max_bandwidth: options.bandwidth,
+        downtime_limit: options.downtime_limit.map(|d| d.as_millis() as u64),
+        multifd_channels: options.multifd_channels,
+    };
+    if params != MigrateSetParameters::default() {
+        step("migrate-set-parameters", source.client.execute(&params)).await?;
+    }
+    if let Some(channels) = options.multifd_channels {
+        let target_params = MigrateSetParameters {
+            multifd_channels: Some(channels),
+            ..Default::default()
+        };
+        step(
+            "migrate-set-parameters",
+            target.client.execute(&target_params),
+        )
+        .await?;
+    }
 
-        let deadline = options.deadline.map(|d| tokio::time::Instant::now() + d);
-        let mut switched = false;
-        loop {
-            let next = async {
-                match deadline {
-                    Some(at) => tokio::time::timeout_at(at, events.next()).await.ok(),
-                    None => Some(events.next().await),
-                }
-            };
-            let Some(item) = next.await else {
-                // The deadline: cancel, and see how it ended (it may have completed meanwhile).
-                step("migrate_cancel", self.client().execute(&MigrateCancel)).await?;
-                let info = self.await_end(&mut events).await?;
-                return match info.status.as_deref() {
-                    Some("completed") => Ok(info),
-                    _ => Err(Error::Migration(MigrationFailure::TimedOut(
-                        options.deadline.unwrap_or_default(),
-                    ))),
-                };
-            };
-            match item {
-                None => return Err(Error::Qmp(qhotplug_qmp::Error::Disconnected)),
-                // Events were lost: QEMU's `query-migrate` says where it stands.
-                Some(Err(_lagged)) => {}
-                Some(Ok(event)) => match event.kind() {
-                    EventKind::Migration(_) | EventKind::MigrationPass(_) => {}
-                    _ => continue,
-                },
+    let mut events = source.client.events();
+    let mut target_events = target.client.events();
+    let uri = listen(target, &options.transport).await?;
+    let uri = match uri {
+        Outgoing::Uri(uri) => uri,
+        Outgoing::Fd(fd) => {
+            step("getfd", source.client.getfd("migrate-out", fd)).await?;
+            "fd:migrate-out".into()
+        }
+    };
+    guard.armed = true;
+    step(
+        "migrate",
+        source
+            .client
+            .execute(&qhotplug_qmp::command::Migrate { uri }),
+    )
+    .await?;
+
+    let deadline = options.deadline.map(|d| tokio::time::Instant::now() + d);
+    let mut switched = false;
+    loop {
+        let next = async {
+            match deadline {
+                Some(at) => tokio::time::timeout_at(at, events.next()).await.ok(),
+                None => Some(events.next().await),
             }
-            let info = self.client().execute(&QueryMigrate).await?;
-            if is_final(&info) {
-                ended(info)?;
-                // The source has sent everything; the guest is the target's once the target says
-                // so too (after post-copy, it may still be pulling pages).
-                let wait = tracing::debug_span!("step", name = "wait target MIGRATION");
-                target
-                    .await_end(&mut target_events)
-                    .instrument(wait)
-                    .await?;
-                // The final figures (total time, downtime), now that both ends are done.
-                return Ok(self.client().execute(&QueryMigrate).await?);
-            }
-            let now = progress_of(&info);
-            progress(&now);
-            if let Some(after) = options.postcopy_after {
-                if now.passes >= after && !switched {
-                    step(
-                        "migrate-start-postcopy",
-                        self.client().execute(&MigrateStartPostcopy),
-                    )
-                    .await?;
-                    switched = true;
-                }
+        };
+        let Some(item) = next.await else {
+            // The deadline: cancel, and see how it ended (it may have completed meanwhile).
+            step("migrate_cancel", source.client.execute(&MigrateCancel)).await?;
+            let info = await_end(source, &mut events).await?;
+            return match info.status.as_deref() {
+                Some("completed") => Ok(info),
+                _ => Err(Error::Migration(MigrationFailure::TimedOut(
+                    options.deadline.unwrap_or_default(),
+                ))),
+            };
+        };
+        match item {
+            None => return Err(Error::Qmp(qhotplug_qmp::Error::Disconnected)),
+            // Events were lost: QEMU's `query-migrate` says where it stands.
+            Some(Err(_lagged)) => {}
+            Some(Ok(event)) => match event.kind() {
+                EventKind::Migration(_) | EventKind::MigrationPass(_) => {}
+                _ => continue,
+            },
+        }
+        let info = source.client.execute(&QueryMigrate).await?;
+        if is_final(&info) {
+            ended(info)?;
+            // The source has sent everything; the guest is the target's once the target says
+            // so too (after post-copy, it may still be pulling pages).
+            let wait = tracing::debug_span!("step", name = "wait target MIGRATION");
+            await_end(target, &mut target_events)
+                .instrument(wait)
+                .await?;
+            // The final figures (total time, downtime), now that both ends are done.
+            return Ok(source.client.execute(&QueryMigrate).await?);
+        }
+        let now = progress_of(&info);
+        progress(&now);
+        if let Some(after) = options.postcopy_after {
+            if now.passes >= after && !switched {
+                step(
+                    "migrate-start-postcopy",
+                    source.client.execute(&MigrateStartPostcopy),
+                )
+                .await?;
+                switched = true;
             }
         }
     }
+}
 
-    /// After a cancel: waits for the migration's final status.
-    async fn await_end(&self, events: &mut qhotplug_qmp::EventStream) -> Result<MigrationInfo> {
-        loop {
-            let info = self.client().execute(&QueryMigrate).await?;
-            if is_final(&info) {
-                return Ok(info);
-            }
-            if events.next().await.is_none() {
-                return Err(Error::Qmp(qhotplug_qmp::Error::Disconnected));
-            }
+/// After a cancel: waits for the migration's final status.
+async fn await_end(source: &Core, events: &mut qhotplug_qmp::EventStream) -> Result<MigrationInfo> {
+    loop {
+        let info = source.client.execute(&QueryMigrate).await?;
+        if is_final(&info) {
+            return Ok(info);
+        }
+        if events.next().await.is_none() {
+            return Err(Error::Qmp(qhotplug_qmp::Error::Disconnected));
         }
     }
 }
@@ -440,11 +419,11 @@ enum Outgoing {
 
 /// Starts the target listening (`migrate-incoming`) on `transport`; returns how the source
 /// connects.
-async fn listen(target: &Vm, transport: &Transport) -> Result<Outgoing> {
+async fn listen(target: &Core, transport: &Transport) -> Result<Outgoing> {
     let incoming = |uri: String| async move {
         step(
             "migrate-incoming",
-            target.client().execute(&MigrateIncoming { uri }),
+            target.client.execute(&MigrateIncoming { uri }),
         )
         .await
     };
@@ -457,7 +436,7 @@ async fn listen(target: &Vm, transport: &Transport) -> Result<Outgoing> {
         Transport::Fd => {
             let (ours, theirs) =
                 UnixStream::pair().map_err(|e| Error::Launch(qhotplug_cmdline::Error::Io(e)))?;
-            step("getfd", target.client().getfd("migrate-in", theirs.into())).await?;
+            step("getfd", target.client.getfd("migrate-in", theirs.into())).await?;
             incoming("fd:migrate-in".into()).await?;
             Ok(Outgoing::Fd(ours.into()))
         }
@@ -470,7 +449,7 @@ async fn listen(target: &Vm, transport: &Transport) -> Result<Outgoing> {
             incoming(format!("tcp:{bracketed}:{port}")).await?;
             let port = if *port == 0 {
                 // QEMU picked one: it says which in `socket-address`.
-                let info = target.client().execute(&QueryMigrate).await?;
+                let info = target.client.execute(&QueryMigrate).await?;
                 info.socket_address
                     .iter()
                     .find_map(|a| a.get("port")?.as_str()?.parse::<u16>().ok())

@@ -2,6 +2,7 @@
 //! part-way, after an unplug reported pending completed, or after a rollback could not finish.
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 
 use qhotplug_cmdline::names;
 use qhotplug_qmp::command::{
@@ -11,12 +12,12 @@ use qhotplug_qmp::command::{
 
 use crate::delete::{Delete, Outcome};
 use crate::discover::scan_peripherals;
-use crate::engine::mark_busy;
 use crate::error::Result;
-use crate::state::{Cleaning, Entry, Kind};
-use crate::vm::Vm;
+use crate::holds::{self, Cleaning};
+use crate::state::{Entry, Kind};
+use crate::vm_core::Core;
 
-/// What [`Vm::reconcile`] found and fixed.
+/// What [`Vm::reconcile`](crate::Vm::reconcile) found and fixed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reconciled {
     /// Devices the SDK listed that QEMU no longer has (an unplug that completed late, a removal
@@ -48,18 +49,18 @@ impl Reconciled {
     }
 }
 
-/// See [`Vm::reconcile`].
+/// See [`Vm::reconcile`](crate::Vm::reconcile).
 ///
 /// It judges from what was known when its queries began: a device that joined the spec after
 /// that (`Entry::Placed::since`), or that a call holds busy, is left alone, and the ids whose
 /// leftovers it deletes are marked [`Entry::Cleaning`] until it is done, so no hot-add can take
 /// one and lose its backends to the clean-up.
-pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
-    for task in vm.inner().take_rollbacks() {
+pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
+    for task in core.take_rollbacks() {
         let _ = task.await;
     }
-    let start = vm.inner().state().epoch;
-    let client = vm.client();
+    let start = core.state().epoch;
+    let client = &core.client;
     let pci = client.execute(&QueryPci).await?;
     let found = scan_peripherals(client).await?;
     let present = &found.ids;
@@ -92,7 +93,7 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
     let settled =
         |e: &Entry| matches!(e, Entry::Placed { busy: false, since, .. } if *since <= start);
     let (orphans, cleaning, drives, links) = {
-        let mut guard = vm.inner().state();
+        let mut guard = core.state();
         let state = &mut *guard;
         // Hot-adds whose rollback could not take their device back: QEMU's list decides.
         let doubted: Vec<String> = state
@@ -158,7 +159,7 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
             .chain(&gone)
             .cloned()
             .collect();
-        let cleaning = Cleaning::mark(vm.inner(), state, orphans.iter().cloned().collect());
+        let cleaning = Cleaning::mark(core, state, orphans.iter().cloned().collect());
         // A CD-ROM still there may have an old medium's nodes left (a change whose last deletes
         // failed): everything of its own but its medium's nodes goes.
         let drives: Vec<(String, Vec<String>)> = state
@@ -231,7 +232,7 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
     }
     {
         // What is clean now needs no second look.
-        let mut state = vm.inner().state();
+        let mut state = core.state();
         for id in clean {
             state.touched.remove(id);
         }
@@ -239,7 +240,7 @@ pub(crate) async fn reconcile(vm: &Vm) -> Result<Reconciled> {
     drop(cleaning);
     for (id, up) in links {
         // Skipped when a call holds the NIC now: that call decides its link.
-        let Ok(_busy) = mark_busy(vm, &id, Kind::Nic) else {
+        let Ok(_busy) = holds::mark_busy(core, &id, Kind::Nic) else {
             continue;
         };
         client.execute(&SetLink { name: id, up }).await?;

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::delete::Delete;
 use crate::error::{Error, Result};
-use crate::state::Named;
+use crate::holds::Named;
 use crate::transaction::Transaction;
 
 /// How long an export's removal may wait for its clients to go.
@@ -59,7 +59,7 @@ impl StorageDaemon {
     /// (the daemon listens there once this returns). The daemon opens the image itself, read-write
     /// when `writable`.
     pub async fn export(&self, id: &str, path: &Path, socket: &Path, writable: bool) -> Result<()> {
-        let span = tracing::info_span!("hotplug", op = "export", id);
+        let span = crate::vm_core::hotplug_span("export", id);
         async {
             qhotplug_cmdline::validate_id(id)?;
             let (file, fmt) = (names::file_node(id), names::format_node(id));
@@ -110,7 +110,7 @@ impl StorageDaemon {
     /// Ends export `id` (`block-export-del`), waits for `BLOCK_EXPORT_DELETED` (its clients are
     /// disconnected then: unplug the VM's disk first), and deletes its nodes.
     pub async fn unexport(&self, id: &str) -> Result<()> {
-        let span = tracing::info_span!("hotplug", op = "unexport", id);
+        let span = crate::vm_core::hotplug_span("unexport", id);
         async {
             let mut events = self.client.events();
             let step = tracing::debug_span!("step", name = "block-export-del", id);

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::delete::Delete;
 use crate::error::{Error, UndoFailure};
-use crate::state::{Hold, Reservation};
+use crate::holds::{Hold, Reservation};
 
 /// What a rollback left undone.
 struct RolledBack {

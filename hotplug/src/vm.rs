@@ -1,23 +1,37 @@
-//! The VM handle: what callers hold. It launches or attaches, and hands each hot-add and
-//! hot-remove to the [engine](crate::engine); what it knows of the VM lives in
-//! [`state`](crate::state).
+//! The VM handle: what callers hold, and a thin facade. Every public call is a short delegation
+//! into the operation that does it (the [engine](crate::engine), `live`, `medium`, `memory`,
+//! `cpus`, `migrate`, `reconcile`), which takes the shared [core](crate::vm_core) rather than the
+//! handle; a handle adds only its unplug policy. Calls that change QEMU run through
+//! [`Vm::call`]: their span, and the rule that they run to their end.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use qhotplug_cmdline::{Cdrom, CdromBus, Disk, Launcher, Nic, QemuProcess, VmSpec};
+use qhotplug_cmdline::{
+    Balloon, Cdrom, CdromBus, Disk, Launcher, MemoryDevice, Nic, QemuProcess, Rng, SerialPort,
+    VhostUserBlk, VirtioFs, VirtioSerial, VmSpec,
+};
+use qhotplug_qmp::command::{HotpluggableCpu, IoLimits, MigrateCancel, QueryBalloon};
 use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
 
-use crate::engine;
+use crate::cpus::{self, VcpuChange};
 use crate::error::{Error, Result};
-use crate::kinds::{Kind, Want};
+use crate::kinds::Kind;
+use crate::medium::{self, MediumOptions, TrayStatus};
+use crate::migrate::{self, MigrationOptions, Progress};
 use crate::reconcile::{self, Reconciled};
 use crate::run_to_end::RunToEnd;
-use crate::slots::SlotError;
-use crate::state::{self, Device, Entry, Inner, Place, Reservation};
+use crate::state::{self, Device, Entry};
 use crate::unplug::{self, UnplugPolicy};
-use crate::{CdromConfig, DiskConfig, NicConfig};
+use crate::vm_core::{hotplug_span, Core};
+use crate::{engine, live, memory, virtio_devices};
+use crate::{
+    BalloonConfig, CdromConfig, DiskConfig, MemoryConfig, NicConfig, RngConfig, SerialPortConfig,
+    VhostUserBlkConfig, VirtioFsConfig, VirtioSerialConfig,
+};
 
 /// The oldest QEMU the SDK drives: 5.0, the first whose `query-named-block-nodes` takes `flat`
 /// (what `reconcile` lists block nodes with). Every later piece it uses (`blockdev-add`, `add-fd`
@@ -51,7 +65,7 @@ pub const MIN_QEMU: VersionTriple = VersionTriple {
 /// ```
 #[derive(Clone)]
 pub struct Vm {
-    inner: Arc<Inner>,
+    core: Arc<Core>,
     /// This handle's unplug policy; other clones keep their own.
     policy: UnplugPolicy,
 }
@@ -59,15 +73,8 @@ pub struct Vm {
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm")
-            .field("name", &self.inner.state().spec.name)
+            .field("name", &self.core.state().spec.name)
             .finish_non_exhaustive()
-    }
-}
-
-fn slot_error(e: SlotError) -> Error {
-    match e {
-        SlotError::Full { bus } => Error::NoFreeSlot { bus },
-        SlotError::Taken { bus, slot } => Error::AddressTaken { bus, slot },
     }
 }
 
@@ -141,13 +148,9 @@ impl Vm {
         }
         let state = crate::discover::discover(&client, spec).await?;
         Ok(Vm {
-            inner: Arc::new(Inner::new(client, state, process)),
+            core: Arc::new(Core::new(client, state, process)),
             policy: UnplugPolicy::default(),
         })
-    }
-
-    pub(crate) fn inner(&self) -> &Arc<Inner> {
-        &self.inner
     }
 
     /// Runs one public call: in its `hotplug` span (`op`, `id`), to its end (done, or rolled back)
@@ -159,17 +162,17 @@ impl Vm {
         &self,
         op: &'static str,
         id: &str,
-        work: impl FnOnce(Vm) -> Fut,
+        work: impl FnOnce(Arc<Core>, String) -> Fut,
     ) -> Result<T>
     where
         T: Send + 'static,
         Fut: std::future::Future<Output = Result<T>> + Send + 'static,
     {
         use tracing::instrument::WithSubscriber;
-        let span = tracing::info_span!("hotplug", op, id);
+        let span = hotplug_span(op, id);
         let dispatch = tracing::dispatcher::get_default(Clone::clone);
-        let running = self.inner.enter_call();
-        let work = work(self.clone());
+        let running = self.core.enter_call();
+        let work = work(self.core.clone(), id.to_owned());
         RunToEnd::new(
             async move {
                 let result = work.await;
@@ -185,12 +188,12 @@ impl Vm {
     /// Waits until no call on this VM (through any handle) is running: those whose callers
     /// stopped waiting have finished too. Then `vm.spec()` is what those calls left in QEMU.
     pub async fn settle(&self) {
-        self.inner.settled().await;
+        self.core.settled().await;
     }
 
     /// The QMP client, for commands and events of your own.
     pub fn client(&self) -> &Client {
-        &self.inner.client
+        &self.core.client
     }
 
     /// The VM's current topology: the spec it was launched (or attached) with, with every device
@@ -198,27 +201,27 @@ impl Vm {
     /// devices at the same addresses (restart, migration target). NIC tap fds are the caller's to
     /// give again ([`Launcher::nic_fds`]).
     pub fn spec(&self) -> VmSpec {
-        self.inner.state().spec.clone()
+        self.core.state().spec.clone()
     }
 
     /// The disks the SDK knows of, by id.
     pub fn disks(&self) -> Vec<Disk> {
-        self.inner.state().spec.disks.clone()
+        self.core.state().spec.disks.clone()
     }
 
     /// The NICs the SDK knows of, by id.
     pub fn nics(&self) -> Vec<Nic> {
-        self.inner.state().spec.nics.clone()
+        self.core.state().spec.nics.clone()
     }
 
     /// The CD-ROM drives the SDK knows of, with the medium each holds.
     pub fn cdroms(&self) -> Vec<Cdrom> {
-        self.inner.state().spec.cdroms.clone()
+        self.core.state().spec.cdroms.clone()
     }
 
     /// The QEMU process id, when the SDK launched it.
     pub fn pid(&self) -> Option<u32> {
-        self.inner
+        self.core
             .process
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -230,7 +233,7 @@ impl Vm {
     /// is affected: `vm.with_unplug_policy(p).remove_disk(id)` is a per-call policy.
     pub fn with_unplug_policy(&self, policy: UnplugPolicy) -> Vm {
         Vm {
-            inner: self.inner.clone(),
+            core: self.core.clone(),
             policy,
         }
     }
@@ -244,7 +247,7 @@ impl Vm {
     /// device go since (as far as the SDK has seen: a later remove call, or `reconcile`, finds out).
     pub fn unplug_pending(&self, id: &str) -> bool {
         matches!(
-            self.inner.state().devices.get(id),
+            self.core.state().devices.get(id),
             Some(Entry::Placed {
                 unplug_pending: true,
                 ..
@@ -254,23 +257,7 @@ impl Vm {
 
     /// Asks QEMU to exit (`quit`) and, when the SDK launched it, waits for the process to end.
     pub async fn quit(&self) -> Result<()> {
-        match self.client().execute(&qhotplug_qmp::command::Quit).await {
-            Ok(_) | Err(qhotplug_qmp::Error::Disconnected) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let process = self
-            .inner
-            .process
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(mut process) = process {
-            process
-                .wait()
-                .await
-                .map_err(|e| Error::Launch(qhotplug_cmdline::Error::Io(e)))?;
-        }
-        Ok(())
+        self.core.quit().await
     }
 
     /// The path of the pseudo-terminal behind serial console `index` (`Serial::Pty` in the spec),
@@ -296,29 +283,18 @@ impl Vm {
         Ok(unplug::present(self.client(), id).await?)
     }
 
-    /// Checks, from QEMU's own schema (read once per connection), that it has every command in
-    /// `needed`; the error names the first one missing.
-    pub(crate) async fn require(&self, operation: &'static str, needed: &[&str]) -> Result<()> {
-        let schema = self.client().schema().await?;
-        match needed.iter().find(|c| !schema.has_command(c)) {
-            Some(missing) => Err(Error::Unsupported {
-                command: (*missing).to_owned(),
-                operation,
-            }),
-            None => Ok(()),
-        }
-    }
-
     /// Checks, from QEMU's own schema, that this QEMU has every command disk hotplug uses; the
     /// error names the first one missing.
     pub async fn check_disk_hotplug(&self) -> Result<()> {
-        self.require(DiskConfig::OPERATION, DiskConfig::COMMANDS)
+        self.core
+            .require(DiskConfig::OPERATION, DiskConfig::COMMANDS)
             .await
     }
 
     /// Checks that this QEMU has every command NIC hotplug uses.
     pub async fn check_nic_hotplug(&self) -> Result<()> {
-        self.require(NicConfig::OPERATION, NicConfig::COMMANDS)
+        self.core
+            .require(NicConfig::OPERATION, NicConfig::COMMANDS)
             .await
     }
 
@@ -326,71 +302,33 @@ impl Vm {
     /// controller.
     pub async fn check_scsi_hotplug(&self) -> Result<()> {
         self.check_disk_hotplug().await?;
-        if !self.inner.state().scsi.has_buses() {
+        if !self.core.state().scsi.has_buses() {
             return Err(Error::NoScsiController("scsi-hd".into()));
         }
         Ok(())
     }
 
     /// Brings the SDK's view back in line with QEMU's, from `qom-list`, `query-pci`,
-    /// `query-named-block-nodes` and `query-fdsets`: after a hot-add or hot-remove future was
-    /// dropped part-way, after an unplug that was reported pending completed, or after a rollback
-    /// could not finish.
+    /// `query-named-block-nodes`, `query-fdsets` and `query-block`: after an unplug that was
+    /// reported pending completed, after someone else changed the VM, or after a rollback could not
+    /// finish.
     ///
     /// It first waits for the background rollbacks of cancelled hot-adds. Then devices the SDK
     /// lists but QEMU no longer has are dropped from the view and their backends deleted; block
     /// nodes, netdevs, fd sets, objects and chardevs left behind by hot-adds through this handle
-    /// are deleted; the slot maps are rebuilt from what QEMU reports plus the SDK's own devices and
-    /// running hot-adds (so a slot someone else freed is free again); I/O limits and media are
-    /// taken from `query-block`; and each NIC's recorded link state is applied again (QMP cannot
-    /// read it). It judges only from what was known when its queries began: devices a running call
-    /// holds, or that joined after, are left alone, and a hot-add of an id it is cleaning up is
+    /// are deleted; a device a failed hot-add could not take back is adopted if QEMU has it; the
+    /// slot maps are rebuilt from what QEMU reports plus the SDK's own devices and running hot-adds
+    /// (so a slot someone else freed is free again); I/O limits and media are taken from
+    /// `query-block`; and each NIC's recorded link state is applied again (QMP cannot read it). It
+    /// judges only from what was known when its queries began: devices a running call holds, or
+    /// that joined after, are left alone, and a hot-add of an id it is cleaning up is
     /// [`Error::Busy`] until it is done. Everything this handle never made is left alone too.
     /// [`Reconciled::is_empty`] says whether there was anything to do.
     pub async fn reconcile(&self) -> Result<Reconciled> {
-        self.call("reconcile", "", |vm| async move {
-            reconcile::reconcile(&vm).await
+        self.call("reconcile", "", |core, _| async move {
+            reconcile::reconcile(&core).await
         })
         .await
-    }
-
-    /// Takes the id and an address for a hot-add.
-    pub(crate) fn reserve(&self, id: &str, want: Want) -> Result<(Reservation, Place)> {
-        qhotplug_cmdline::validate_id(id)?;
-        let mut state = self.inner.state();
-        match state.devices.get(id) {
-            Some(Entry::Cleaning) => return Err(Error::Busy(id.to_owned())),
-            Some(_) => return Err(Error::DuplicateId(id.to_owned())),
-            None => {}
-        }
-        let place = match want {
-            Want::Pci(None) => Place::Pci(state.pci.allocate().map_err(slot_error)?),
-            Want::Pci(Some(pci)) => {
-                state.pci.claim(&pci).map_err(slot_error)?;
-                Place::Pci(pci)
-            }
-            Want::Scsi { at: None, bus } => {
-                if !state.scsi.has_buses() {
-                    return Err(Error::NoScsiController(id.to_owned()));
-                }
-                Place::Scsi(state.scsi.allocate(bus.as_deref()).map_err(slot_error)?)
-            }
-            Want::Scsi { at: Some(addr), .. } => {
-                state.scsi.claim(&addr).map_err(slot_error)?;
-                Place::Scsi(addr)
-            }
-            Want::Fixed => Place::Fixed,
-        };
-        state.devices.insert(
-            id.to_owned(),
-            Entry::Adding {
-                place: place.clone(),
-            },
-        );
-        state.touched.insert(id.to_owned());
-        drop(state);
-        let reservation = Reservation::new(self.inner.clone(), id.to_owned(), place.clone());
-        Ok((reservation, place))
     }
 
     /// Hot-adds a disk: opens the image, passes it with `add-fd`, adds the protocol and format
@@ -401,59 +339,46 @@ impl Vm {
     /// the guest's help, so every step that can fail comes before it. On failure everything done is
     /// undone and [`Error::Step`] names the step.
     pub async fn add_disk(&self, config: DiskConfig) -> Result<Disk> {
-        let id = config.id().to_owned();
-        self.call("add_disk", &id, |vm| async move {
-            let disk = engine::add(&vm, config).await?;
-            tracing::info!(frontend = ?disk.frontend, "disk added");
-            Ok(disk)
-        })
-        .await
+        let disk = self.add_kind("add_disk", config, no_check).await?;
+        tracing::info!(id = %disk.id, frontend = ?disk.frontend, "disk added");
+        Ok(disk)
     }
 
     /// Hot-adds a `virtio-net-pci` NIC: passes each tap fd (and vhost fd) with `getfd`, adds the
     /// netdev, then the device. Our copies of the fds are closed once QEMU has them. Returns the
     /// NIC as placed.
     pub async fn add_nic(&self, config: NicConfig) -> Result<Nic> {
-        let id = config.id().to_owned();
-        self.call("add_nic", &id, |vm| async move {
-            let nic = engine::add(&vm, config).await?;
-            tracing::info!(pci = ?nic.pci, queues = nic.queues, vhost = nic.vhost, "NIC added");
-            Ok(nic)
-        })
-        .await
+        let nic = self.add_kind("add_nic", config, no_check).await?;
+        tracing::info!(id = %nic.id, pci = ?nic.pci, queues = nic.queues, vhost = nic.vhost, "NIC added");
+        Ok(nic)
     }
 
     /// Hot-adds a `scsi-cd` drive on a virtio-scsi controller, empty or holding an ISO image (opened
     /// read-only and passed as an fd, like a disk's). Returns the drive as placed. Change its medium
     /// with [`change_medium`](Vm::change_medium).
     pub async fn add_cdrom(&self, config: CdromConfig) -> Result<Cdrom> {
-        let id = config.id().to_owned();
-        self.call("add_cdrom", &id, |vm| async move {
-            let cd = engine::add(&vm, config).await?;
-            tracing::info!(bus = ?cd.bus, medium = ?cd.medium, "CD-ROM added");
-            Ok(cd)
-        })
-        .await
+        let cd = self.add_kind("add_cdrom", config, no_check).await?;
+        tracing::info!(id = %cd.id, bus = ?cd.bus, medium = ?cd.medium, "CD-ROM added");
+        Ok(cd)
     }
 
-    /// Hot-removes a `scsi-cd` drive: `device_del`, wait for `DEVICE_DELETED`, then its medium's
-    /// nodes. An `ide-cd` cannot be removed ([`Error::NotHotpluggable`]: IDE has no hotplug).
-    /// Errors as for [`remove_disk`](Vm::remove_disk).
+    /// Hot-removes a `scsi-cd` drive: its medium out, `device_del`, wait for `DEVICE_DELETED`,
+    /// then its medium's nodes. An `ide-cd` cannot be removed ([`Error::NotHotpluggable`]: IDE has
+    /// no hotplug). Errors as for [`remove_disk`](Vm::remove_disk).
     pub async fn remove_cdrom(&self, id: &str) -> Result<()> {
-        let owned = id.to_owned();
-        self.call("remove_cdrom", id, |vm| async move {
-            let id = owned.as_str();
+        let policy = self.policy;
+        self.call("remove_cdrom", id, move |core, id| async move {
             if let Some(Device::Cdrom(Cdrom {
                 bus: CdromBus::Ide(_),
                 ..
-            })) = vm.inner.state().device(id)
+            })) = core.state().device(&id)
             {
                 return Err(Error::NotHotpluggable {
-                    id: id.to_owned(),
+                    id,
                     reason: "an IDE drive is there from boot to shutdown",
                 });
             }
-            engine::remove(&vm, id, state::Kind::Cdrom).await
+            engine::remove(&core, &id, state::Kind::Cdrom, &policy).await
         })
         .await
     }
@@ -475,36 +400,324 @@ impl Vm {
         self.remove_kind("remove_nic", id, state::Kind::Nic).await
     }
 
-    /// A hot-remove as a call of its own (see [`Vm::call`]).
-    pub(crate) async fn remove_kind(
+    /// Takes NIC `id`'s link up or down (`set_link`): the guest sees its carrier follow, and the
+    /// NIC stays plugged. The state is part of the NIC's spec, so a VM launched from `vm.spec()`
+    /// starts with the link as it is now.
+    pub async fn set_link(&self, id: &str, up: bool) -> Result<()> {
+        self.call("set_link", id, move |core, id| async move {
+            live::set_link(&core, &id, up).await
+        })
+        .await
+    }
+
+    /// Sets disk `id`'s I/O limits (`block_set_io_throttle`); `IoLimits::default()` clears them.
+    /// Limits QEMU would refuse are [`Error::InvalidIoLimits`] before anything is sent. They are
+    /// part of the disk's spec: a VM launched from `vm.spec()` gets them before it runs.
+    pub async fn set_io_limits(&self, id: &str, limits: IoLimits) -> Result<()> {
+        self.call("set_io_limits", id, move |core, id| async move {
+            live::set_io_limits(&core, &id, limits).await
+        })
+        .await
+    }
+
+    /// Grows disk `id` to `size` bytes (`block_resize` on its format node); the guest's device
+    /// follows. Refuses to shrink ([`Error::ShrinkRefused`]): shrinking a disk under a guest loses
+    /// data unless the guest made room first, so it takes [`shrink_disk`](Vm::shrink_disk). The
+    /// size must be a positive multiple of 512, and the disk writable. Returns the size before.
+    pub async fn resize_disk(&self, id: &str, size: u64) -> Result<u64> {
+        self.call("resize_disk", id, move |core, id| async move {
+            live::resize(&core, &id, size, false).await
+        })
+        .await
+    }
+
+    /// Shrinks (or grows) disk `id` to `size` bytes: only once the guest no longer uses what is cut
+    /// off. Returns the size before.
+    pub async fn shrink_disk(&self, id: &str, size: u64) -> Result<u64> {
+        self.call("resize_disk", id, move |core, id| async move {
+            live::resize(&core, &id, size, true).await
+        })
+        .await
+    }
+
+    /// Puts the ISO image at `path` into CD-ROM drive `id` (opened read-only by the SDK and passed
+    /// as an fd), replacing what was in it, and closes the tray. See
+    /// [`change_medium`](Vm::change_medium).
+    pub async fn insert_medium(&self, id: &str, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref().to_owned();
+        self.change_medium(id, Some(path), MediumOptions::default())
+            .await
+    }
+
+    /// Takes the medium out of CD-ROM drive `id` and closes the tray: the guest sees an empty
+    /// drive. See [`change_medium`](Vm::change_medium).
+    pub async fn eject_medium(&self, id: &str) -> Result<()> {
+        self.change_medium(id, None, MediumOptions::default()).await
+    }
+
+    /// Changes the medium in CD-ROM drive `id` to the image at `medium` (`None`: none), then
+    /// closes the tray. On failure the drive is as it was ([`Error::Step`] names the step). A tray
+    /// the guest holds locked is [`Error::TrayLocked`] unless `options` force it. The drive's
+    /// medium is part of the spec: a VM launched from `vm.spec()` boots with it.
+    pub async fn change_medium(
         &self,
-        op: &'static str,
         id: &str,
-        kind: state::Kind,
+        medium: Option<PathBuf>,
+        options: MediumOptions,
     ) -> Result<()> {
-        let owned = id.to_owned();
-        self.call(op, id, |vm| async move {
-            engine::remove(&vm, &owned, kind).await
+        self.call("change_medium", id, move |core, id| async move {
+            medium::change(&core, &id, medium, options).await
+        })
+        .await
+    }
+
+    /// Drive `id`'s tray and medium, from `query-block`.
+    pub async fn tray_status(&self, id: &str) -> Result<TrayStatus> {
+        medium::tray_status(&self.core, id).await
+    }
+
+    /// Brings the VM to `count` vCPUs. Up: hot-adds a vCPU into each of the lowest free slots
+    /// (ids `vcpu<N>`, N the slot's index), then, on a running VM, waits (by the handle's
+    /// [`UnplugPolicy`] deadline) for the guest's ACPI acknowledgement of each. Down: hot-removes
+    /// the SDK's vCPUs, highest first, each waiting for the guest to let it go. The guest must
+    /// online new vCPUs itself.
+    ///
+    /// A count below the vCPUs the SDK cannot remove (those from `-smp`) or above `maxcpus` is
+    /// [`Error::InvalidVcpuCount`] before anything is sent; under TCG, what would crash QEMU is
+    /// refused too ([`Error::TcgVcpuUnplug`], [`Error::TcgVcpuContexts`]; the README's QEMU
+    /// section). The vCPUs are part of the spec: a VM launched from `vm.spec()` has them, with
+    /// their ids.
+    pub async fn set_vcpus(&self, count: u32) -> Result<VcpuChange> {
+        let policy = self.policy;
+        self.call("set_vcpus", &count.to_string(), move |core, _| async move {
+            cpus::set_vcpus(&core, count, &policy).await
+        })
+        .await
+    }
+
+    /// The VM's vCPU slots, as QEMU lists them (plugged ones have a `qom_path`), in slot order.
+    pub async fn vcpu_slots(&self) -> Result<Vec<HotpluggableCpu>> {
+        cpus::vcpu_slots(&self.core).await
+    }
+
+    /// Hot-adds a memory device: its backend (`object-add`), then the device. A DIMM with no
+    /// memory slot left is [`Error::NoFreeSlot`], a device that would take the VM over `maxmem`
+    /// is [`Error::OverMaxMemory`], both from `query-memory-devices` before anything is sent. The
+    /// guest onlines the new memory (with `memhp_default_state=online_movable` on its kernel
+    /// command line, as movable memory it can give back).
+    pub async fn add_memory(&self, config: MemoryConfig) -> Result<MemoryDevice> {
+        let id = config.id().to_owned();
+        self.call("add_memory", &id, |core, _| async move {
+            memory::check_fits(&core, &config).await?;
+            let device = engine::add(&core, config).await?;
+            tracing::info!(
+                size = device.size(),
+                driver = device.driver(),
+                "memory added"
+            );
+            Ok(device)
+        })
+        .await
+    }
+
+    /// Hot-removes a memory device: `device_del`, wait for the guest to let it go, then its
+    /// backend (`object-del`). A guest that cannot give the memory back (onlined as normal memory,
+    /// or in use) refuses: [`Error::UnplugRejected`] as soon as QEMU says so (ACPI `_OST` 0x82 for
+    /// a DIMM), and the device and its backend stay.
+    pub async fn remove_memory(&self, id: &str) -> Result<()> {
+        self.remove_kind("remove_memory", id, state::Kind::Memory)
+            .await
+    }
+
+    /// Asks the guest to plug `requested` bytes of virtio-mem device `id` (grow or shrink), and
+    /// waits, by the handle's unplug deadline, for `MEMORY_DEVICE_SIZE_CHANGE` to say it did.
+    /// Returns what the guest has plugged then, which may fall short of `requested` (the guest
+    /// could not free enough, or is slow). `requested` must be a multiple of the device's block
+    /// size and at most its size ([`Error::InvalidSize`]).
+    pub async fn resize_virtio_mem(&self, id: &str, requested: u64) -> Result<u64> {
+        let deadline = self.policy.deadline;
+        self.call("resize_virtio_mem", id, move |core, id| async move {
+            memory::resize_vmem(&core, &id, requested, deadline).await
+        })
+        .await
+    }
+
+    /// Hot-adds a `virtio-balloon-pci`. Drive it with [`set_balloon`](Vm::set_balloon).
+    pub async fn add_balloon(&self, config: BalloonConfig) -> Result<Balloon> {
+        self.add_kind("add_balloon", config, no_check).await
+    }
+
+    /// Hot-removes the balloon.
+    pub async fn remove_balloon(&self, id: &str) -> Result<()> {
+        self.remove_kind("remove_balloon", id, state::Kind::Balloon)
+            .await
+    }
+
+    /// Asks the guest's balloon driver to bring the guest's memory to `target` bytes (`balloon`).
+    /// The guest gives memory back at its own pace: follow [`balloon_actual`](Vm::balloon_actual)
+    /// or `BALLOON_CHANGE` events.
+    pub async fn set_balloon(&self, target: u64) -> Result<()> {
+        self.call(
+            "set_balloon",
+            &target.to_string(),
+            move |core, _| async move { memory::set_balloon(&core, target).await },
+        )
+        .await
+    }
+
+    /// The guest's memory as the balloon leaves it, in bytes (`query-balloon`).
+    pub async fn balloon_actual(&self) -> Result<u64> {
+        Ok(self.client().execute(&QueryBalloon).await?.actual)
+    }
+
+    /// Hot-adds a vhost-user disk: `chardev-add` (QEMU connects to the backend's socket), then
+    /// `device_add vhost-user-blk-pci`. The VM's memory must be shared
+    /// ([`Error::NeedsSharedMemory`] otherwise, before anything is sent).
+    pub async fn add_vhost_user_blk(&self, config: VhostUserBlkConfig) -> Result<VhostUserBlk> {
+        self.add_kind("add_vhost_user_blk", config, |core, c| {
+            virtio_devices::require_shared_memory(core, c.id())
+        })
+        .await
+    }
+
+    /// Hot-removes a vhost-user disk: `device_del`, wait for the guest, then `chardev-remove`.
+    pub async fn remove_vhost_user_blk(&self, id: &str) -> Result<()> {
+        self.remove_kind("remove_vhost_user_blk", id, state::Kind::VhostUserBlk)
+            .await
+    }
+
+    /// Hot-adds a virtio-fs share on virtiofsd's socket; the guest mounts it by its tag
+    /// (`mount -t virtiofs <tag> /mnt`). The VM's memory must be shared.
+    pub async fn add_virtio_fs(&self, config: VirtioFsConfig) -> Result<VirtioFs> {
+        self.add_kind("add_virtio_fs", config, |core, c| {
+            virtio_devices::require_shared_memory(core, c.id())
+        })
+        .await
+    }
+
+    /// Hot-removes a virtio-fs share (the guest must have unmounted it to let it go).
+    pub async fn remove_virtio_fs(&self, id: &str) -> Result<()> {
+        self.remove_kind("remove_virtio_fs", id, state::Kind::VirtioFs)
+            .await
+    }
+
+    /// Hot-adds a `virtio-serial-pci` controller, for [`add_serial_port`](Vm::add_serial_port).
+    pub async fn add_virtio_serial(&self, config: VirtioSerialConfig) -> Result<VirtioSerial> {
+        self.add_kind("add_virtio_serial", config, no_check).await
+    }
+
+    /// Hot-removes a virtio-serial controller; its ports must be removed first
+    /// ([`Error::NotHotpluggable`] otherwise).
+    pub async fn remove_virtio_serial(&self, id: &str) -> Result<()> {
+        let policy = self.policy;
+        self.call("remove_virtio_serial", id, move |core, id| async move {
+            virtio_devices::remove_virtio_serial(&core, &id, &policy).await
+        })
+        .await
+    }
+
+    /// Hot-adds a named serial port on a controller the SDK knows, with QEMU listening on the
+    /// config's socket for the host's side.
+    pub async fn add_serial_port(&self, config: SerialPortConfig) -> Result<SerialPort> {
+        self.add_kind("add_serial_port", config, virtio_devices::controller_known)
+            .await
+    }
+
+    /// Hot-removes a serial port, then its chardev.
+    pub async fn remove_serial_port(&self, id: &str) -> Result<()> {
+        self.remove_kind("remove_serial_port", id, state::Kind::SerialPort)
+            .await
+    }
+
+    /// Hot-adds a virtio RNG: its `rng-random` source, then the device.
+    pub async fn add_rng(&self, config: RngConfig) -> Result<Rng> {
+        self.add_kind("add_rng", config, no_check).await
+    }
+
+    /// Hot-removes a virtio RNG, then its source.
+    pub async fn remove_rng(&self, id: &str) -> Result<()> {
+        self.remove_kind("remove_rng", id, state::Kind::Rng).await
+    }
+
+    /// A launcher for this VM's migration target: its spec as it is now (every hot-plugged
+    /// device in), waiting for the migration (`-incoming defer`) rather than paused. Give it each
+    /// NIC's new tap fds ([`Launcher::nic_fds`]) and, where the spec names host paths the source
+    /// still holds (a console socket), new ones ([`Launcher::spec_mut`]); then [`Vm::launch`].
+    pub fn migration_launcher(&self, runtime_dir: impl Into<PathBuf>) -> Launcher {
+        migrate::migration_launcher(self.spec(), runtime_dir.into())
+    }
+
+    /// Migrates the guest to `target` (launched from [`migration_launcher`](Vm::migration_launcher)
+    /// and not yet migrated into), calling `progress` at each status change and each pass.
+    /// Returns the running target, or [`Error::Migration`] with the source running as before and
+    /// the target QEMU quit. Dropping the future cancels the migration (the one call that a drop
+    /// stops: it is what a caller who gives up on a migration wants).
+    pub async fn migrate(
+        &self,
+        target: Vm,
+        options: MigrationOptions,
+        progress: impl FnMut(&Progress),
+    ) -> Result<Migrated> {
+        let times = migrate::migrate(&self.core, &target.core, options, progress).await?;
+        Ok(Migrated {
+            target,
+            total_time: times.total_time,
+            downtime: times.downtime,
+            elapsed: times.elapsed,
+        })
+    }
+
+    /// Cancels this VM's outgoing migration (`migrate_cancel`): the pending [`migrate`](Vm::migrate)
+    /// returns [`MigrationFailure::Cancelled`](crate::MigrationFailure::Cancelled) and the source
+    /// runs on.
+    pub async fn cancel_migration(&self) -> Result<()> {
+        self.client().execute(&MigrateCancel).await?;
+        Ok(())
+    }
+
+    /// A hot-remove as a call of its own (see [`Vm::call`]).
+    async fn remove_kind(&self, op: &'static str, id: &str, kind: state::Kind) -> Result<()> {
+        let policy = self.policy;
+        self.call(op, id, move |core, id| async move {
+            engine::remove(&core, &id, kind, &policy).await
         })
         .await
     }
 
     /// A hot-add as a call of its own (see [`Vm::call`]): `check` (what only the VM's state can
     /// answer) first, then the engine.
-    pub(crate) async fn add_kind<K: Kind + Send + 'static>(
+    async fn add_kind<K: Kind + Send + 'static>(
         &self,
         op: &'static str,
         config: K,
-        check: impl FnOnce(&Vm, &K) -> Result<()> + Send + 'static,
+        check: impl FnOnce(&Core, &K) -> Result<()> + Send + 'static,
     ) -> Result<K::Added>
     where
         K::Added: Send + 'static,
     {
         let id = config.id().to_owned();
-        self.call(op, &id, |vm| async move {
-            check(&vm, &config)?;
-            engine::add(&vm, config).await
+        self.call(op, &id, |core, _| async move {
+            check(&core, &config)?;
+            engine::add(&core, config).await
         })
         .await
     }
+}
+
+/// The check of a kind that needs none before the engine's.
+fn no_check<K>(_: &Core, _: &K) -> Result<()> {
+    Ok(())
+}
+
+/// A completed migration.
+#[derive(Debug)]
+pub struct Migrated {
+    /// The VM on the target, running.
+    pub target: Vm,
+    /// The whole migration, as QEMU measured it.
+    pub total_time: Duration,
+    /// How long the guest was paused, as QEMU measured it.
+    pub downtime: Duration,
+    /// The whole call, as the caller saw it.
+    pub elapsed: Duration,
 }

@@ -1,0 +1,128 @@
+//! The shared core of one VM: what every [`Vm`](crate::Vm) handle delegates to, and the narrow
+//! thing the engine and the operations take. A handle adds only its unplug policy.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use qhotplug_cmdline::QemuProcess;
+use qhotplug_qmp::Client;
+
+use crate::error::{Error, Result};
+use crate::state::State;
+
+/// What every clone of a [`Vm`](crate::Vm) shares, and all that the engine and the operations
+/// see of a VM: its QMP client, what the SDK knows of it (`State`), its process, and the calls
+/// and rollbacks running on it.
+pub(crate) struct Core {
+    pub(crate) client: Client,
+    state: Mutex<State>,
+    pub(crate) process: Mutex<Option<QemuProcess>>,
+    /// Rollbacks of cancelled hot-adds, running in the background.
+    rollbacks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// How many public calls are running (each in a task of its own), and a wake-up for
+    /// [`Vm::settle`](crate::Vm::settle) when none is.
+    running: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl Core {
+    pub(crate) fn new(client: Client, state: State, process: Option<QemuProcess>) -> Core {
+        Core {
+            client,
+            state: Mutex::new(state),
+            process: Mutex::new(process),
+            rollbacks: Mutex::new(Vec::new()),
+            running: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Counts a public call as running until the guard is dropped (by the call's task, when its
+    /// work is done, whether or not anyone still waits for it).
+    pub(crate) fn enter_call(self: &Arc<Self>) -> RunningCall {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        RunningCall(self.clone())
+    }
+
+    /// Waits until no public call is running.
+    pub(crate) async fn settled(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.running.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way later calls
+        // rely on, so a poisoned lock is used as it is.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps a background rollback's handle, so `reconcile` can wait for it.
+    pub(crate) fn track_rollback(&self, task: tokio::task::JoinHandle<()>) {
+        let mut tasks = self.rollbacks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+
+    /// The background rollbacks still running, handed over to wait for.
+    pub(crate) fn take_rollbacks(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        std::mem::take(&mut *self.rollbacks.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// The `hotplug` span of one public operation (`op`, `id`): the one place it is opened.
+pub(crate) fn hotplug_span(op: &'static str, id: &str) -> tracing::Span {
+    tracing::info_span!("hotplug", op, id)
+}
+
+/// One public call running; see [`Core::enter_call`].
+pub(crate) struct RunningCall(Arc<Core>);
+
+impl Drop for RunningCall {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Core {
+    /// See [`Vm::quit`](crate::Vm::quit).
+    pub(crate) async fn quit(&self) -> Result<()> {
+        match self.client.execute(&qhotplug_qmp::command::Quit).await {
+            Ok(_) | Err(qhotplug_qmp::Error::Disconnected) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let process = self
+            .process
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut process) = process {
+            process
+                .wait()
+                .await
+                .map_err(|e| Error::Launch(qhotplug_cmdline::Error::Io(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Checks, from QEMU's own schema (read once per connection), that it has every command in
+    /// `needed`; the error names the first one missing.
+    pub(crate) async fn require(&self, operation: &'static str, needed: &[&str]) -> Result<()> {
+        let schema = self.client.schema().await?;
+        match needed.iter().find(|c| !schema.has_command(c)) {
+            Some(missing) => Err(Error::Unsupported {
+                command: (*missing).to_owned(),
+                operation,
+            }),
+            None => Ok(()),
+        }
+    }
+}
