@@ -19,7 +19,7 @@ pub enum Error {
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
     /// QEMU could not be spawned.
-    #[error("cannot run {program}: {source}")]
+    #[error("cannot run {program}")]
     Spawn {
         /// The binary.
         program: String,
@@ -36,9 +36,9 @@ pub enum Error {
         stderr: String,
     },
     /// The monitor did not answer in time, or the handshake failed.
-    #[error("QMP monitor: {0}")]
+    #[error("QEMU's QMP monitor")]
     Qmp(#[from] qhotplug_qmp::Error),
     /// Preparing the launch failed (sockets, files).
-    #[error("{0}")]
+    #[error("preparing the launch")]
     Io(#[from] std::io::Error),
 }

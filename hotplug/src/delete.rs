@@ -99,7 +99,7 @@ impl Delete {
             return match unplug::unplug(client, id, &ROLLBACK_UNPLUG, true).await {
                 Ok(Unplugged::Deleted | Unplugged::Vanished) => Ok(Outcome::Done),
                 Ok(Unplugged::Already) => Ok(Outcome::Absent),
-                Err(refused) => Err(Error::from_refusal(id, refused)),
+                Err(refused) => Err(refused.into_error(id)),
             };
         }
         match self.run_command(client).await {

@@ -166,7 +166,7 @@ pub(crate) async fn remove(
             }
         }
         busy.set_pending(matches!(refused, Refused::Pending(_)));
-        return Err(Error::from_refusal(id, refused));
+        return Err(refused.into_error(id));
     }
     // The device is gone: whatever happens to the backends, the address and the id are free.
     let mut result = Ok(());

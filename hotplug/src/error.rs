@@ -73,7 +73,7 @@ pub enum Error {
     #[error("the VM has no virtio-scsi controller for {0:?}")]
     NoScsiController(String),
     /// The image could not be opened. Nothing was sent to QEMU.
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open {
         /// The image.
         path: PathBuf,
@@ -83,10 +83,7 @@ pub enum Error {
     },
     /// A step of a hot-add (or of a medium change) failed. Every earlier step was undone, in reverse order; the undo steps
     /// that failed in turn are in `undo_failures` (empty when the rollback was clean).
-    #[error(
-        "{operation} of {id:?} failed at {step}: {source}{}",
-        undo_note(undo_failures)
-    )]
+    #[error("{operation} of {id:?} failed at {step}{}", undo_note(undo_failures))]
     Step {
         /// What failed: `hot-add`, `medium change`.
         operation: &'static str,
@@ -121,7 +118,7 @@ pub enum Error {
         after: Duration,
     },
     /// The device is gone from the guest, but removing its backend failed.
-    #[error("{id:?} is gone, but removing its backend failed at {step}: {source}")]
+    #[error("{id:?} is gone, but removing its backend failed at {step}")]
     Backend {
         /// The device id.
         id: String,
@@ -229,13 +226,13 @@ pub enum Error {
     NeedsSharedMemory(String),
     /// A migration did not complete; the source runs as before and the target QEMU is gone.
     #[error("migration {0}")]
-    Migration(crate::MigrationFailure),
+    Migration(MigrationFailure),
     /// Migration options that cannot work together (multifd over one fd pair). Nothing was sent.
     #[error("invalid migration: {0}")]
     InvalidMigration(String),
     /// The QEMU process could not be started.
-    #[error("launching QEMU: {0}")]
-    Launch(qhotplug_cmdline::Error),
+    #[error("launching QEMU")]
+    Launch(#[source] qhotplug_cmdline::Error),
 }
 
 /// One undo step that failed during a rollback.
@@ -262,6 +259,57 @@ fn undo_note(failures: &[UndoFailure]) -> String {
 }
 
 impl Error {
+    /// True when the call sent nothing to QEMU: bad input, a device or id it cannot act on, no
+    /// room, a QEMU that cannot do it, or a guard that refused. QEMU and the SDK's view are as they
+    /// were. (A [`Error::Step`] did send commands, and undid them.)
+    pub fn nothing_sent(&self) -> bool {
+        matches!(
+            self,
+            Error::Spec(_)
+                | Error::Netdev(_)
+                | Error::QemuTooOld { .. }
+                | Error::Unsupported { .. }
+                | Error::DuplicateId(_)
+                | Error::NotFound { .. }
+                | Error::Busy(_)
+                | Error::NoFreeSlot { .. }
+                | Error::AddressTaken { .. }
+                | Error::NoScsiController(_)
+                | Error::Open { .. }
+                | Error::InvalidIoLimits { .. }
+                | Error::ReadOnly(_)
+                | Error::InvalidSize { .. }
+                | Error::ShrinkRefused { .. }
+                | Error::AddressMismatch(_)
+                | Error::NotHotpluggable { .. }
+                | Error::InvalidVcpuCount { .. }
+                | Error::TcgVcpuContexts { .. }
+                | Error::TcgVcpuUnplug { .. }
+                | Error::OverMaxMemory { .. }
+                | Error::NeedsSharedMemory(_)
+                | Error::InvalidMigration(_)
+        )
+    }
+
+    /// True when the guest said no, or did not answer in time: an unplug it refused or still owes
+    /// ([`Error::UnplugRejected`], [`Error::UnplugPending`]), a tray it holds locked. The device is
+    /// as it was; asking again later may work.
+    pub fn is_guest_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::UnplugRejected { .. } | Error::UnplugPending { .. } | Error::TrayLocked(_)
+        )
+    }
+
+    /// True when the VM has no room for it: no free PCI slot, root port or SCSI target, no memory
+    /// slot or `maxmem` left, or no vCPU thread left under TCG. Nothing was sent.
+    pub fn is_out_of_room(&self) -> bool {
+        matches!(
+            self,
+            Error::NoFreeSlot { .. } | Error::OverMaxMemory { .. } | Error::TcgVcpuContexts { .. }
+        )
+    }
+
     /// True when QEMU is gone: nothing more can be done on this VM.
     pub fn is_disconnected(&self) -> bool {
         match self {
@@ -271,20 +319,26 @@ impl Error {
             _ => false,
         }
     }
+}
 
-    /// The error for an unplug of `id` that did not end with the device gone.
-    pub(crate) fn from_refusal(id: &str, refused: crate::unplug::Refused) -> Error {
-        use crate::unplug::Refused;
-        match refused {
-            Refused::Rejected(reason) => Error::UnplugRejected {
-                id: id.to_owned(),
-                reason,
-            },
-            Refused::Pending(after) => Error::UnplugPending {
-                id: id.to_owned(),
-                after,
-            },
-            Refused::Qmp(e) => Error::Qmp(e),
+/// Why a migration did not complete. In every case the source runs as before and the target
+/// QEMU is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationFailure {
+    /// QEMU says it failed, in its words (`error-desc`).
+    Failed(String),
+    /// It was cancelled.
+    Cancelled,
+    /// It did not complete by the deadline, so it was cancelled.
+    TimedOut(Duration),
+}
+
+impl std::fmt::Display for MigrationFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MigrationFailure::Failed(reason) => write!(f, "failed: {reason}"),
+            MigrationFailure::Cancelled => write!(f, "cancelled"),
+            MigrationFailure::TimedOut(after) => write!(f, "did not complete within {after:?}"),
         }
     }
 }

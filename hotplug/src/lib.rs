@@ -103,7 +103,7 @@ mod vm;
 mod vm_core;
 
 pub use cpus::VcpuChange;
-pub use error::{Error, Result, UndoFailure};
+pub use error::{Error, MigrationFailure, Result, UndoFailure};
 pub use kinds::balloon::BalloonConfig;
 pub use kinds::cdrom::CdromConfig;
 pub use kinds::disk::{DiskConfig, DiskModel};
@@ -113,7 +113,7 @@ pub use kinds::rng::RngConfig;
 pub use kinds::vhost_user::{VhostUserBlkConfig, VirtioFsConfig};
 pub use kinds::virtio_serial::{SerialPortConfig, VirtioSerialConfig};
 pub use medium::{MediumOptions, TrayStatus};
-pub use migrate::{MigrationFailure, MigrationOptions, Progress, SourceAfter, Transport};
+pub use migrate::{MigrationOptions, Progress, SourceAfter, Transport};
 pub use reconcile::Reconciled;
 pub use storage_daemon::StorageDaemon;
 pub use unplug::{UnplugPolicy, DEFAULT_UNPLUG_DEADLINE};

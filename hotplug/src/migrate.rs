@@ -27,7 +27,7 @@ use qhotplug_qmp::command::{
 use qhotplug_qmp::{Client, EventKind};
 use tracing::Instrument;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, MigrationFailure, Result};
 use crate::vm_core::{hotplug_span, Core};
 
 /// The QMP commands a migration uses on the source.
@@ -156,28 +156,6 @@ pub struct Progress {
     pub dirty_rate: u64,
     /// Passes over memory so far.
     pub passes: u64,
-}
-
-/// Why a migration did not complete. In every case the source runs as before and the target
-/// QEMU is gone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MigrationFailure {
-    /// QEMU says it failed, in its words (`error-desc`).
-    Failed(String),
-    /// It was cancelled.
-    Cancelled,
-    /// It did not complete by the deadline, so it was cancelled.
-    TimedOut(Duration),
-}
-
-impl std::fmt::Display for MigrationFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            MigrationFailure::Failed(reason) => write!(f, "failed: {reason}"),
-            MigrationFailure::Cancelled => write!(f, "cancelled"),
-            MigrationFailure::TimedOut(after) => write!(f, "did not complete within {after:?}"),
-        }
-    }
 }
 
 /// Sends `migrate_cancel` if dropped armed: a migration future dropped part-way cancels.

@@ -97,6 +97,24 @@ pub(crate) enum Refused {
     Qmp(#[from] qhotplug_qmp::Error),
 }
 
+impl Refused {
+    /// The error for an unplug of `id` that did not end with the device gone.
+    pub(crate) fn into_error(self, id: &str) -> crate::error::Error {
+        use crate::error::Error;
+        match self {
+            Refused::Rejected(reason) => Error::UnplugRejected {
+                id: id.to_owned(),
+                reason,
+            },
+            Refused::Pending(after) => Error::UnplugPending {
+                id: id.to_owned(),
+                after,
+            },
+            Refused::Qmp(e) => Error::Qmp(e),
+        }
+    }
+}
+
 /// Asks the guest to let device `id` go, by `policy`. `stale`: an earlier device by this id went
 /// without its own `DEVICE_DELETED` being seen (QEMU sends it late, after the device has left its
 /// device list), so the first such event is checked against the device list before it counts.

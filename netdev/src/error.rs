@@ -34,7 +34,7 @@ pub enum Error {
     #[error("invalid MAC address {0:?}")]
     InvalidMac(String),
     /// A system call failed.
-    #[error("{op} on {name}: {source}")]
+    #[error("{op} on {name}")]
     Sys {
         /// What was being done, for example `TUNSETIFF`.
         op: &'static str,

@@ -557,7 +557,7 @@ impl Client {
             abandon.armed = false;
             let result = finish(name, outcome);
             if let Err(e) = &result {
-                tracing::debug!(error = %e, "command failed");
+                tracing::debug!(error = %crate::Chain(e), "command failed");
             }
             result
         }

@@ -548,7 +548,7 @@ impl Connection {
             }
         };
         if let Err(e) = &result {
-            tracing::debug!(error = %e, "QMP connection ended");
+            tracing::debug!(error = %crate::Chain(e), "QMP connection ended");
         }
         closer.error = result.as_ref().err().cloned();
         drop(closer);

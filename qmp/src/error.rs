@@ -87,7 +87,7 @@ pub enum Error {
     #[error("QMP protocol error: {0}")]
     Protocol(String),
     /// A reply arrived but its `return` value did not have the shape the command promises.
-    #[error("unexpected reply to `{command}`: {source}")]
+    #[error("unexpected reply to `{command}`")]
     UnexpectedReply {
         /// The command.
         command: String,
@@ -96,7 +96,7 @@ pub enum Error {
         source: Arc<serde_json::Error>,
     },
     /// A command's arguments could not be serialized.
-    #[error("cannot serialize arguments of `{command}`: {source}")]
+    #[error("cannot serialize arguments of `{command}`")]
     Serialize {
         /// The command.
         command: String,
@@ -125,7 +125,7 @@ pub enum Error {
     #[error("out-of-band execution was not negotiated on this connection")]
     OobUnavailable,
     /// A socket error.
-    #[error("I/O error: {0}")]
+    #[error("QMP socket I/O failed")]
     Io(#[source] Arc<io::Error>),
 }
 
@@ -166,5 +166,28 @@ impl Error {
             Error::Qmp { error, .. } => Some(&error.desc),
             _ => None,
         }
+    }
+}
+
+/// An error and its causes, one after another (`a: b: c`), as a reporter prints them: every
+/// error of the SDK's crates says only what its own layer adds in `Display` and gives its cause as
+/// `source()`, never both.
+///
+/// ```
+/// use qhotplug_qmp::Chain;
+/// let e = qhotplug_qmp::Error::from(std::io::Error::other("broken pipe"));
+/// assert_eq!(Chain(&e).to_string(), "QMP socket I/O failed: broken pipe");
+/// ```
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = e.source();
+        }
+        Ok(())
     }
 }

@@ -65,7 +65,7 @@ mod sys;
 pub use client::{connect, Client, Config, EventStream, Lagged, DEFAULT_MAX_OUTBOX};
 pub use command::Command;
 pub use connection::Connection;
-pub use error::{Error, FrameError, QmpError, Result};
+pub use error::{Chain, Error, FrameError, QmpError, Result};
 pub use event::{Event, EventKind};
 pub use message::{Greeting, Timestamp};
 pub use schema::Schema;
