@@ -180,6 +180,9 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// How long a completed migration's final figures are waited for.
+const FIGURES_WAIT: Duration = Duration::from_secs(1);
+
 /// What a completed migration took.
 pub(crate) struct MigrationTimes {
     pub(crate) total_time: Duration,
@@ -358,8 +361,16 @@ async fn run_migration(
             await_end(target, &mut target_events)
                 .instrument(wait)
                 .await?;
-            // The final figures (total time, downtime), now that both ends are done.
-            return Ok(source.client.execute(&QueryMigrate).await?);
+            // The final figures (total time, downtime), now that both ends are done. A source
+            // that has just said `completed` may not have worked them out yet (seen once, after
+            // post-copy, on a loaded machine: no total time): asked again, for a bounded while.
+            let until = tokio::time::Instant::now() + FIGURES_WAIT;
+            let mut info = source.client.execute(&QueryMigrate).await?;
+            while info.total_time.unwrap_or(0) == 0 && tokio::time::Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                info = source.client.execute(&QueryMigrate).await?;
+            }
+            return Ok(info);
         }
         let now = progress_of(&info);
         progress(&now);
