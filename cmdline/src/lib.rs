@@ -47,6 +47,6 @@ pub use launch::{default_qemu, Launcher, Monitor, QemuProcess, QEMU_ENV};
 pub use memory::{Balloon, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, MIB};
 pub use rng::Rng;
 pub use spec::{Accel, Machine, Serial, VmSpec, Vnc, VncListen};
-pub use value::{escape, ganeti_id, validate_id, Prop};
+pub use value::{escape, id_from_uuid, validate_id, Prop};
 pub use vhost_user::{VhostUserBlk, VirtioFs};
 pub use virtio_serial::{SerialPort, VirtioSerial};

@@ -124,9 +124,10 @@ pub fn validate_id(id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Ganeti's device ids: `prefix-` plus the UUID up to its third dash, e.g.
-/// `disk-932df160-7a22-4067` for `932df160-7a22-4067-a1b2-…`.
-pub fn ganeti_id(prefix: &str, uuid: &str) -> Result<String> {
+/// A short device id from a UUID: `prefix-` plus the UUID up to its third dash, e.g.
+/// `disk-932df160-7a22-4067` for `932df160-7a22-4067-a1b2-…` (the scheme Ganeti uses), for an
+/// orchestrator that names its devices by UUID: QEMU ids are limited, and a whole UUID is long.
+pub fn id_from_uuid(prefix: &str, uuid: &str) -> Result<String> {
     let head: Vec<&str> = uuid.splitn(4, '-').take(3).collect();
     if head.len() < 3
         || head
@@ -169,10 +170,10 @@ mod tests {
             assert!(validate_id(bad).is_err(), "{bad}");
         }
         assert_eq!(
-            ganeti_id("disk", "932df160-7a22-4067-a1b2-0123456789ab").unwrap(),
+            id_from_uuid("disk", "932df160-7a22-4067-a1b2-0123456789ab").unwrap(),
             "disk-932df160-7a22-4067"
         );
-        assert!(ganeti_id("disk", "not-a-uuid").is_err());
-        assert!(ganeti_id("1x", "932df160-7a22-4067-a1b2").is_err());
+        assert!(id_from_uuid("disk", "not-a-uuid").is_err());
+        assert!(id_from_uuid("1x", "932df160-7a22-4067-a1b2").is_err());
     }
 }

@@ -54,6 +54,13 @@ pub(crate) enum SlotError {
     Taken { bus: String, slot: u8 },
 }
 
+/// An address freed that was not taken: freed twice, or never given (a bug of the caller's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NotTaken {
+    pub(crate) bus: String,
+    pub(crate) slot: u16,
+}
+
 impl PciMap {
     /// An empty map for `machine`: `pci.0` slots 1–31 on `pc` (slot 0 is the host bridge);
     /// nothing hot-pluggable on `q35` until root ports are added.
@@ -176,13 +183,21 @@ impl PciMap {
         }
     }
 
-    /// Frees an address once its device is confirmed gone (or never made it in).
-    pub(crate) fn release(&mut self, pci: &Pci) {
+    /// Frees an address once its device is confirmed gone (or never made it in). One that was
+    /// not taken is refused: freeing twice is a bug, and would hand one slot to two devices.
+    pub(crate) fn release(&mut self, pci: &Pci) -> Result<(), NotTaken> {
         if let Some(bus) = self.buses.iter_mut().find(|b| b.name == pci.bus) {
             if pci.slot < 32 {
+                if !bus.taken[usize::from(pci.slot)] {
+                    return Err(NotTaken {
+                        bus: pci.bus.clone(),
+                        slot: pci.slot.into(),
+                    });
+                }
                 bus.taken.set(usize::from(pci.slot), false);
             }
         }
+        Ok(())
     }
 
     /// The names of the root ports (q35), in order.
@@ -256,13 +271,21 @@ impl ScsiMap {
         Ok(())
     }
 
-    /// Frees a target.
-    pub(crate) fn release(&mut self, addr: &ScsiAddr) {
+    /// Frees a target; one that was not taken is refused (see [`PciMap::release`]).
+    pub(crate) fn release(&mut self, addr: &ScsiAddr) -> Result<(), NotTaken> {
         if let Some((_, taken)) = self.buses.iter_mut().find(|(b, _)| *b == addr.bus) {
-            if usize::from(addr.scsi_id) < SCSI_TARGETS {
-                taken.set(usize::from(addr.scsi_id), false);
+            let target = usize::from(addr.scsi_id);
+            if target < SCSI_TARGETS {
+                if !taken[target] {
+                    return Err(NotTaken {
+                        bus: addr.bus.clone(),
+                        slot: addr.scsi_id,
+                    });
+                }
+                taken.set(target, false);
             }
         }
+        Ok(())
     }
 }
 
@@ -327,7 +350,7 @@ mod tests {
                 bus: "pci.0".into()
             })
         );
-        map.release(&Pci::new("pci.0", 17));
+        map.release(&Pci::new("pci.0", 17)).unwrap();
         assert_eq!(map.allocate().unwrap().slot, 17);
     }
 
@@ -335,17 +358,38 @@ mod tests {
     fn a_slot_just_freed_is_given_again_only_after_every_other_one() {
         let mut map = PciMap::new(Machine::Pc);
         let first = map.allocate().unwrap();
-        map.release(&first);
+        map.release(&first).unwrap();
         let mut given = vec![first.slot];
         loop {
             let pci = map.allocate().unwrap();
-            map.release(&pci);
+            map.release(&pci).unwrap();
             if pci.slot == first.slot {
                 break;
             }
             given.push(pci.slot);
         }
         assert_eq!(given, (1..32).collect::<Vec<u8>>());
+    }
+
+    #[test]
+    fn a_place_freed_twice_is_refused() {
+        let mut map = PciMap::new(Machine::Pc);
+        let pci = map.allocate().unwrap();
+        map.release(&pci).unwrap();
+        assert_eq!(
+            map.release(&pci),
+            Err(NotTaken {
+                bus: "pci.0".into(),
+                slot: pci.slot.into()
+            })
+        );
+        let mut scsi = ScsiMap::default();
+        scsi.add_bus("scsi0.0");
+        let addr = scsi.allocate(None).unwrap();
+        scsi.release(&addr).unwrap();
+        assert!(scsi.release(&addr).is_err());
+        // What was never given is not freed either.
+        assert!(map.release(&Pci::new("pci.0", 30)).is_err());
     }
 
     #[test]
@@ -382,7 +426,7 @@ mod tests {
         assert_eq!(map.allocate().unwrap(), Pci::new("rp1", 0));
         assert_eq!(map.allocate().unwrap(), Pci::new("rp2", 0));
         assert!(matches!(map.allocate(), Err(SlotError::Full { .. })));
-        map.release(&Pci::new("rp0", 0));
+        map.release(&Pci::new("rp0", 0)).unwrap();
         assert_eq!(map.allocate().unwrap(), Pci::new("rp0", 0));
         // Nothing but slot 0 behind a port, and pcie.0 takes no hotplug.
         assert!(map.claim(&Pci::new("rp1", 1)).is_err());
@@ -401,7 +445,7 @@ mod tests {
         assert_eq!(b.scsi_id, 1);
         assert_eq!(map.allocate(Some("scsi1.0")).unwrap().scsi_id, 0);
         assert!(map.claim(&b).is_err());
-        map.release(&a);
+        map.release(&a).unwrap();
         assert_eq!(map.allocate(None).unwrap().scsi_id, 0);
         for _ in 2..SCSI_TARGETS {
             map.allocate(Some("scsi0.0")).unwrap();

@@ -590,8 +590,24 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// Counts the SDK's `ERROR` events: each is a bug of its own (a place freed twice).
+#[derive(Clone, Default)]
+struct Errors(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Errors {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() == tracing::Level::ERROR {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 /// Rounds of `calls` random calls at once on one VM booted from `spec`.
 async fn race(spec: VmSpec, default_seed: u64, default_rounds: u64, calls: usize) {
+    use tracing_subscriber::layer::SubscriberExt;
+    let errors = Errors::default();
+    let _log =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(errors.clone()));
     let seed = env_u64("QHOTPLUG_RACE_SEED", default_seed);
     let rounds = env_u64("QHOTPLUG_RACE_ROUNDS", default_rounds);
     let foreign_ops = spec.machine == qhotplug::Machine::Q35;
@@ -707,6 +723,11 @@ async fn race(spec: VmSpec, default_seed: u64, default_rounds: u64, calls: usize
         assert!(after.is_empty(), "after reconcile: {after:#?}\n{}", log());
     }
     eprintln!("seed {seed}, {rounds} rounds of {calls} calls: {tally:#?}");
+    assert_eq!(
+        errors.0.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the SDK logged an error (a bug of its own)"
+    );
 }
 
 /// Room for vCPUs and a DIMM, and a virtio-serial controller at `serial` for the ports.
