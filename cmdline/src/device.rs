@@ -232,7 +232,9 @@ impl Disk {
     /// (`/machine/peripheral/<id>/virtio-backend`), and for SCSI disks the device itself.
     pub fn backend_device(&self) -> String {
         match self.frontend {
-            DiskFrontend::VirtioBlk(_) => format!("/machine/peripheral/{}/virtio-backend", self.id),
+            DiskFrontend::VirtioBlk(_) => {
+                format!("{}/virtio-backend", crate::names::peripheral_path(&self.id))
+            }
             _ => self.id.clone(),
         }
     }

@@ -3,6 +3,40 @@
 //! `add-fd`, `netdev_add`) use the same names, so a hot-plugged device and one given at boot look
 //! alike to QEMU, and `reconcile` can find what a hot-add left behind from the id alone.
 
+/// QEMU's container of the devices plugged with an id.
+pub const PERIPHERAL: &str = "/machine/peripheral";
+/// QEMU's container of the devices plugged without one.
+pub const PERIPHERAL_ANON: &str = "/machine/peripheral-anon";
+/// The `getfd` name of an outgoing migration's fd.
+pub const MIGRATE_OUT_FD: &str = "migrate-out";
+/// The `getfd` name of an incoming migration's fd.
+pub const MIGRATE_IN_FD: &str = "migrate-in";
+
+/// The QOM path of device `id`: `/machine/peripheral/<id>`.
+pub fn peripheral_path(id: &str) -> String {
+    format!("{PERIPHERAL}/{id}")
+}
+
+/// The device `path` is a part of, when it is a part (`/machine/peripheral/<id>/…` gives `<id>`
+/// and the rest); `None` for a device itself or a path outside the container.
+pub fn part_of(path: &str) -> Option<(&str, &str)> {
+    path.strip_prefix(PERIPHERAL)?
+        .strip_prefix('/')?
+        .split_once('/')
+}
+
+/// The implicit throttle group QEMU names after a device whose limits have no group of their own
+/// (a QOM path under `/machine/peripheral/`, or the id).
+pub fn is_implicit_throttle_group(id: &str, group: &str) -> bool {
+    group == id || group.starts_with(&format!("{PERIPHERAL}/"))
+}
+
+/// True for `node` when it is one of device `id`'s format nodes (`<id>-fmt`, `<id>-fmt.<n>`):
+/// those go before the protocol nodes under them.
+pub fn is_format_node_of(id: &str, node: &str) -> bool {
+    is_block_node_of(id, node) && node[id.len()..].starts_with("-fmt")
+}
+
 /// The bus a controller (virtio-scsi, virtio-serial) gives its devices: `<id>.0`.
 pub fn controller_bus(id: &str) -> String {
     format!("{id}.0")
@@ -148,5 +182,23 @@ mod tests {
             assert!(!is_block_node_of("cd", node), "{node}");
         }
         assert!(is_block_node_of("cd-file", "cd-file-file"));
+    }
+
+    #[test]
+    fn paths_and_parts() {
+        assert_eq!(peripheral_path("d0"), "/machine/peripheral/d0");
+        assert_eq!(
+            part_of("/machine/peripheral/d0/virtio-backend"),
+            Some(("d0", "virtio-backend"))
+        );
+        assert_eq!(part_of("/machine/peripheral/d0"), None);
+        assert_eq!(part_of("/machine/peripheral-anon/d0/x"), None);
+        assert!(is_format_node_of("cd", "cd-fmt.2") && is_format_node_of("cd", "cd-fmt"));
+        assert!(!is_format_node_of("cd", "cd-file") && !is_format_node_of("c", "cd-fmt"));
+        assert!(is_implicit_throttle_group(
+            "d0",
+            "/machine/peripheral/d0/virtio-backend"
+        ));
+        assert!(!is_implicit_throttle_group("d0", "tenant-a"));
     }
 }

@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 
+use qhotplug_cmdline::names;
 use qhotplug_cmdline::{Machine, Pci, VmSpec};
 use qhotplug_qmp::command::{QomList, QueryPci};
 use qhotplug_qmp::Client;
@@ -32,7 +33,7 @@ pub(crate) async fn scan_peripherals(client: &Client) -> Result<Peripherals> {
         placements: Vec::new(),
     };
     let mut paths = Vec::new();
-    for container in ["/machine/peripheral", "/machine/peripheral-anon"] {
+    for container in [names::PERIPHERAL, names::PERIPHERAL_ANON] {
         let children = client
             .execute(&QomList {
                 path: container.into(),
@@ -42,11 +43,9 @@ pub(crate) async fn scan_peripherals(client: &Client) -> Result<Peripherals> {
             let Some(kind) = child.child_type() else {
                 continue;
             };
-            if container == "/machine/peripheral" {
+            if container == names::PERIPHERAL {
                 if kind == "virtio-scsi-pci" {
-                    found
-                        .scsi_buses
-                        .push(qhotplug_cmdline::names::controller_bus(&child.name));
+                    found.scsi_buses.push(names::controller_bus(&child.name));
                 }
                 found.ids.insert(child.name.clone());
             }

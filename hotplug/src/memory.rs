@@ -52,7 +52,7 @@ pub(crate) async fn resize_vmem(
     }
     let mut events = core.client.events();
     let set = QomSet {
-        path: format!("/machine/peripheral/{id}"),
+        path: qhotplug_cmdline::names::peripheral_path(id),
         property: "requested-size".into(),
         value: requested.into(),
     };

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use qhotplug_cmdline::{Launcher, VmSpec};
+use qhotplug_cmdline::{names, Launcher, VmSpec};
 use qhotplug_qmp::command::{
     Cont, MigrateCancel, MigrateIncoming, MigrateSetCapabilities, MigrateSetParameters,
     MigrateStartPostcopy, MigrationCapabilityStatus, MigrationInfo, QueryMigrate,
@@ -310,8 +310,8 @@ async fn run_migration(
     let uri = match uri {
         Outgoing::Uri(uri) => uri,
         Outgoing::Fd(fd) => {
-            step("getfd", source.client.getfd("migrate-out", fd)).await?;
-            "fd:migrate-out".into()
+            step("getfd", source.client.getfd(names::MIGRATE_OUT_FD, fd)).await?;
+            format!("fd:{}", names::MIGRATE_OUT_FD)
         }
     };
     guard.armed = true;
@@ -425,8 +425,12 @@ async fn listen(target: &Core, transport: &Transport) -> Result<Outgoing> {
         Transport::Fd => {
             let (ours, theirs) =
                 UnixStream::pair().map_err(|e| Error::Launch(qhotplug_cmdline::Error::Io(e)))?;
-            step("getfd", target.client.getfd("migrate-in", theirs.into())).await?;
-            incoming("fd:migrate-in".into()).await?;
+            step(
+                "getfd",
+                target.client.getfd(names::MIGRATE_IN_FD, theirs.into()),
+            )
+            .await?;
+            incoming(format!("fd:{}", names::MIGRATE_IN_FD)).await?;
             Ok(Outgoing::Fd(ours.into()))
         }
         Transport::Tcp { host, port } => {

@@ -261,7 +261,7 @@ pub(crate) fn qemu_limits(blocks: &[BlockInfo], id: &str) -> Option<IoLimits> {
     if limits
         .group
         .as_deref()
-        .is_some_and(|g| g == id || g.starts_with("/machine/peripheral/"))
+        .is_some_and(|g| names::is_implicit_throttle_group(id, g))
     {
         limits.group = None;
     }
@@ -298,6 +298,6 @@ fn nodes_of(nodes: &HashSet<String>, id: &str, keep: &[String]) -> Vec<Delete> {
         .iter()
         .filter(|n| names::is_block_node_of(id, n) && !keep.contains(n))
         .collect();
-    mine.sort_by_key(|n| (!n[id.len()..].starts_with("-fmt"), n.to_owned()));
+    mine.sort_by_key(|n| (!names::is_format_node_of(id, n), n.to_owned()));
     mine.into_iter().cloned().map(Delete::BlockNode).collect()
 }

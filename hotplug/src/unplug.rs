@@ -23,6 +23,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use qhotplug_cmdline::names;
 use qhotplug_qmp::command::{DeviceDel, QomList};
 use qhotplug_qmp::event::EventKind;
 use qhotplug_qmp::{Client, EventStream, Lagged};
@@ -227,11 +228,7 @@ async fn wait(
 /// True for an event after which device `id` may be gone without its own `DEVICE_DELETED`.
 fn may_be_gone(kind: &EventKind, id: &str) -> bool {
     match kind {
-        EventKind::DeviceDeleted(d) => d
-            .path
-            .strip_prefix("/machine/peripheral/")
-            .and_then(|p| p.strip_prefix(id))
-            .is_some_and(|rest| rest.starts_with('/')),
+        EventKind::DeviceDeleted(d) => names::part_of(&d.path).is_some_and(|(of, _)| of == id),
         EventKind::AcpiDeviceOst(ost) => {
             ost.info.source == OST_EJECT_REQUEST && ost.info.status == 0
         }
@@ -243,7 +240,7 @@ fn may_be_gone(kind: &EventKind, id: &str) -> bool {
 pub(crate) async fn present(client: &Client, id: &str) -> Result<bool, qhotplug_qmp::Error> {
     let list = client
         .execute(&QomList {
-            path: "/machine/peripheral".into(),
+            path: names::PERIPHERAL.into(),
         })
         .await?;
     Ok(list

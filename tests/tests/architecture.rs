@@ -1,0 +1,205 @@
+//! ARCHITECTURE.md is true, and this keeps it so (as rust-analyzer's `tidy` does): every source
+//! file of the four crates is on its map and every file the map names exists; and the rules it
+//! states hold in the code: `device_del` is sent only by `unplug.rs`, QEMU's error strings are
+//! matched only in `qemu_errors.rs`, QEMU object names are spelled only in `cmdline::names`, and
+//! no module but `vm.rs` and `lib.rs` names `Vm`.
+
+use std::path::{Path, PathBuf};
+
+fn top() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The crates the map covers, by folder.
+const CRATES: [&str; 4] = ["qmp", "netdev", "cmdline", "hotplug"];
+
+/// Every `.rs` file under `dir`, as paths relative to it.
+fn sources(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let rel = path
+                    .strip_prefix(dir)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                out.push(rel);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A file's code without comments, doc comments and its `#[cfg(test)]` module (tests spell the
+/// names they expect).
+fn code(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let text = match text.find("#[cfg(test)]\nmod tests") {
+        Some(at) => &text[..at],
+        None => &text,
+    };
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The section of ARCHITECTURE.md about crate folder `dir`.
+fn section<'a>(doc: &'a str, dir: &str) -> &'a str {
+    let head = format!("### `{dir}/`");
+    let start = doc
+        .find(&head)
+        .unwrap_or_else(|| panic!("ARCHITECTURE.md has no section {head}"));
+    let rest = &doc[start + head.len()..];
+    let end = rest
+        .find("\n### ")
+        .or_else(|| rest.find("\n## "))
+        .unwrap_or(rest.len());
+    &rest[..end]
+}
+
+#[test]
+fn every_source_file_is_on_the_map_and_the_map_names_no_missing_file() {
+    let doc = std::fs::read_to_string(top().join("ARCHITECTURE.md")).unwrap();
+    let mut missing = Vec::new();
+    let mut stale = Vec::new();
+    for dir in CRATES {
+        let src = top().join(dir).join("src");
+        let section = section(&doc, dir);
+        let files = sources(&src);
+        for file in &files {
+            let name = Path::new(file).file_name().unwrap().to_string_lossy();
+            // A folder's `mod.rs` is named with its folder (`kinds/`, `command/`).
+            let folder = Path::new(file)
+                .parent()
+                .map(|p| format!("`{}/`", p.to_string_lossy()));
+            let named = section.contains(&format!("`{name}`"))
+                || section.contains(&format!("`{file}`"))
+                || (name == "mod.rs" && folder.is_some_and(|f| section.contains(&f)));
+            if !named && name != "lib.rs" {
+                missing.push(format!("{dir}/src/{file}"));
+            }
+        }
+        // Each `x.rs` the section names is a file of the crate.
+        for token in section.split('`').skip(1).step_by(2) {
+            let Some(file) = token.strip_suffix(".rs") else {
+                continue;
+            };
+            if file.contains(' ') || file.contains('<') {
+                continue;
+            }
+            let exists = files.iter().any(|f| {
+                f.strip_suffix(".rs")
+                    .is_some_and(|f| f == file || f.ends_with(&format!("/{file}")))
+            });
+            // A path from the top of the repository names a file there.
+            if !exists && !(token.contains('/') && top().join(token).exists()) {
+                stale.push(format!("{dir}: {token}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not on ARCHITECTURE.md's map: {missing:?}"
+    );
+    assert!(
+        stale.is_empty(),
+        "ARCHITECTURE.md names files that are gone: {stale:?}"
+    );
+}
+
+/// `(file, line)` of each line of the crates' code (outside the allowed files) that matches.
+fn offenders(allowed: &[&str], matches: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for dir in CRATES {
+        let src = top().join(dir).join("src");
+        for file in sources(&src) {
+            let path = format!("{dir}/src/{file}");
+            if allowed.iter().any(|a| path.ends_with(a)) {
+                continue;
+            }
+            for (n, line) in code(&src.join(&file)).lines().enumerate() {
+                if matches(line) {
+                    out.push(format!("{path}:{}: {}", n + 1, line.trim()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn device_del_is_sent_only_by_the_unplug_module() {
+    // The qmp crate defines the command; the mock plays QEMU.
+    let allowed = [
+        "hotplug/src/unplug.rs",
+        "qmp/src/command/device.rs",
+        "qmp/src/mock/model.rs",
+        "qmp/src/mock.rs",
+    ];
+    // Sent typed, or raw; a kind's list of the commands it needs names it only for the schema.
+    let found = offenders(&allowed, |l| {
+        l.contains("DeviceDel {") || l.contains("execute_raw(\"device_del\"")
+    });
+    assert!(found.is_empty(), "device_del outside unplug.rs: {found:#?}");
+}
+
+#[test]
+fn qemu_error_strings_are_matched_only_in_qemu_errors() {
+    let allowed = [
+        "hotplug/src/qemu_errors.rs",
+        "qmp/src/error.rs",
+        "qmp/src/mock/model.rs",
+        "qmp/src/mock.rs",
+    ];
+    let found = offenders(&allowed, |l| {
+        l.contains("qmp_desc()") || l.contains("qmp_class()")
+    });
+    assert!(
+        found.is_empty(),
+        "QEMU error strings matched outside qemu_errors.rs: {found:#?}"
+    );
+}
+
+#[test]
+fn qemu_object_names_are_spelled_only_in_cmdline_names() {
+    let allowed = [
+        "cmdline/src/names.rs",
+        "qmp/src/mock/model.rs",
+        "qmp/src/mock.rs",
+    ];
+    let spelled = |l: &str| {
+        l.contains("\"/machine/peripheral")
+            || l.contains("qhotplug:")
+            || [
+                "-fmt", "-file", "-net", "-chr", "-mem", "-rng", "-tap", "-vhost",
+            ]
+            .iter()
+            .any(|suffix| {
+                l.contains(&format!("}}{suffix}")) || l.contains(&format!("\"{suffix}\""))
+            })
+            || l.contains("}.0\"")
+            || l.contains("\"migrate-out\"")
+            || l.contains("\"migrate-in\"")
+    };
+    let found = offenders(&allowed, spelled);
+    assert!(
+        found.is_empty(),
+        "QEMU object names outside cmdline::names: {found:#?}"
+    );
+}
+
+#[test]
+fn only_the_handle_names_vm() {
+    let allowed = ["hotplug/src/vm.rs", "hotplug/src/lib.rs"];
+    let found = offenders(&allowed, |l| {
+        l.contains("crate::vm::Vm") || l.contains("crate::Vm") || l.contains("use crate::vm::{")
+    });
+    assert!(found.is_empty(), "modules naming Vm: {found:#?}");
+}
