@@ -6,8 +6,9 @@
 
 use std::sync::Arc;
 
+use qhotplug_cmdline::names;
 use qhotplug_qmp::command::{
-    BlockResize, BlockSetIoThrottle, IoLimits, QueryNamedBlockNodes, SetLink,
+    BlockInfo, BlockResize, BlockSetIoThrottle, IoLimits, QueryBlock, QueryNamedBlockNodes, SetLink,
 };
 use tracing::Instrument;
 
@@ -109,4 +110,32 @@ pub(crate) async fn resize(core: &Arc<Core>, id: &str, size: u64, may_shrink: bo
             .await?;
     }
     Ok(current)
+}
+
+/// Device `id`'s I/O limits as `query-block` shows them, without the implicit throttle group
+/// QEMU names after the device when none was given.
+pub(crate) fn limits_in(blocks: &[BlockInfo], id: &str) -> Option<IoLimits> {
+    let block = blocks.iter().find(|b| {
+        b.qdev
+            .as_deref()
+            .is_some_and(|q| q.split('/').any(|part| part == id))
+    })?;
+    let mut limits = block.inserted.as_ref()?.limits.clone();
+    if limits
+        .group
+        .as_deref()
+        .is_some_and(|g| names::is_implicit_throttle_group(id, g))
+    {
+        limits.group = None;
+    }
+    Some(limits)
+}
+
+/// See [`Vm::io_limits`](crate::Vm::io_limits).
+pub(crate) async fn io_limits(core: &Core, id: &str) -> Result<IoLimits> {
+    let blocks = core.client.execute(&QueryBlock).await?;
+    limits_in(&blocks, id).ok_or_else(|| Error::NotFound {
+        kind: "disk",
+        id: id.to_owned(),
+    })
 }

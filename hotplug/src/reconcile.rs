@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use qhotplug_cmdline::names;
 use qhotplug_qmp::command::{
-    BlockInfo, IoLimits, QomList, QueryBlock, QueryChardev, QueryFdsets, QueryNamedBlockNodes,
-    QueryPci, SetLink,
+    QomList, QueryBlock, QueryChardev, QueryFdsets, QueryNamedBlockNodes, QueryPci, SetLink,
 };
 
 use crate::delete::{Delete, Outcome};
 use crate::discover::scan_peripherals;
 use crate::error::Result;
 use crate::holds::{self, Cleaning};
+use crate::live;
 use crate::state::{Entry, Kind};
 use crate::vm_core::Core;
 
@@ -128,7 +128,7 @@ pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
             if !adopted && !state.devices.get(&disk.id).is_some_and(settled) {
                 continue;
             }
-            if let Some(limits) = qemu_limits(&blocks, &disk.id) {
+            if let Some(limits) = live::limits_in(&blocks, &disk.id) {
                 let limits = Some(limits).filter(|l| !l.is_unlimited());
                 if disk.io_limits != limits {
                     tracing::info!(id = %disk.id, ?limits, "reconcile: I/O limits as QEMU has them");
@@ -247,25 +247,6 @@ pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
     }
     tracing::info!(?report, "reconciled");
     Ok(report)
-}
-
-/// Device `id`'s I/O limits as `query-block` shows them, without the implicit throttle group
-/// QEMU names after the device when none was given.
-pub(crate) fn qemu_limits(blocks: &[BlockInfo], id: &str) -> Option<IoLimits> {
-    let block = blocks.iter().find(|b| {
-        b.qdev
-            .as_deref()
-            .is_some_and(|q| q.split('/').any(|part| part == id))
-    })?;
-    let mut limits = block.inserted.as_ref()?.limits.clone();
-    if limits
-        .group
-        .as_deref()
-        .is_some_and(|g| names::is_implicit_throttle_group(id, g))
-    {
-        limits.group = None;
-    }
-    Some(limits)
 }
 
 impl Reconciled {

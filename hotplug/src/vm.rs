@@ -420,6 +420,13 @@ impl Vm {
         .await
     }
 
+    /// The I/O limits QEMU applies to disk `id` now (`query-block`; all zero when none), without
+    /// the throttle group QEMU names after a disk given none. [`Error::NotFound`] when QEMU has no
+    /// such disk.
+    pub async fn io_limits(&self, id: &str) -> Result<IoLimits> {
+        live::io_limits(&self.core, id).await
+    }
+
     /// Grows disk `id` to `size` bytes (`block_resize` on its format node); the guest's device
     /// follows. Refuses to shrink ([`Error::ShrinkRefused`]): shrinking a disk under a guest loses
     /// data unless the guest made room first, so it takes [`shrink_disk`](Vm::shrink_disk). The

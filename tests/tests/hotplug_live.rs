@@ -170,29 +170,7 @@ fn a_vm_launched_from_a_spec_with_a_link_down_boots_with_no_carrier() {
 
 /// The I/O limits `query-block` shows for device `id`.
 async fn limits_of(vm: &qhotplug::Vm, id: &str) -> qhotplug::IoLimits {
-    let mut limits = vm
-        .client()
-        .execute(&qhotplug_qmp::command::QueryBlock)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|b| {
-            b.qdev
-                .as_deref()
-                .is_some_and(|q| q.split('/').any(|part| part == id))
-        })
-        .and_then(|b| b.inserted)
-        .unwrap_or_else(|| panic!("no block device for {id}"))
-        .limits;
-    // Without a group of ours, QEMU reports an implicit one named after the device.
-    if limits
-        .group
-        .as_deref()
-        .is_some_and(|g| g.starts_with("/machine/peripheral/"))
-    {
-        limits.group = None;
-    }
-    limits
+    vm.io_limits(id).await.unwrap()
 }
 
 #[test]

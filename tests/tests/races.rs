@@ -27,10 +27,9 @@ use qhotplug::{
 use qhotplug_cmdline::names;
 use qhotplug_netdev::TapBuilder;
 use qhotplug_qmp::command::{
-    BlockInfo, DeviceAdd, DeviceDel, HumanMonitorCommand, PciInfo, QomList, QueryBlock,
-    QueryChardev, QueryFdsets, QueryHotpluggableCpus, QueryNamedBlockNodes, QueryPci, QueryStatus,
+    DeviceAdd, DeviceDel, PciInfo, QueryNamedBlockNodes, QueryPci, QueryStatus,
 };
-use qhotplug_tests::{image, iso, open_fds, pc_spec, q35_spec, Guest};
+use qhotplug_tests::{image, iso, pc_spec, q35_spec, Guest, Snapshot};
 
 /// How long the guest may take to show a change (TCG).
 const SEEN: Duration = Duration::from_secs(30);
@@ -273,17 +272,14 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
         .cloned()
         .collect();
 
+    let snapshot = Snapshot::take(vm).await;
+
     // Devices.
-    let peripherals: BTreeSet<String> = c
-        .execute(&QomList {
-            path: "/machine/peripheral".into(),
-        })
-        .await
-        .expect("qom-list")
-        .into_iter()
-        .filter(|p| p.child_type().is_some())
-        .map(|p| p.name)
-        .filter(|id| id != FOREIGN && !pending.contains(id))
+    let peripherals: BTreeSet<String> = snapshot
+        .peripherals
+        .iter()
+        .filter(|id| *id != FOREIGN && !pending.contains(*id))
+        .cloned()
         .collect();
     let mut expected: BTreeSet<String> = start.peripherals.clone();
     expected.extend(spec.disks.iter().map(|d| d.id.clone()));
@@ -320,7 +316,7 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
         format!("{names:?}"),
         format!("{want:?}"),
     );
-    let blocks = c.execute(&QueryBlock).await.expect("query-block");
+    let blocks = &snapshot.block;
     for d in &spec.disks {
         let size = nodes
             .iter()
@@ -337,7 +333,7 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
         differ(
             &mut out,
             &format!("{} I/O limits", d.id),
-            format!("{:?}", limits_of(&blocks, &d.id)),
+            format!("{:?}", vm.io_limits(&d.id).await.ok()),
             format!("{:?}", Some(d.io_limits.clone().unwrap_or_default())),
         );
     }
@@ -357,8 +353,7 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
     }
 
     // Fd sets: every tag of ours names a disk or drive the SDK lists.
-    let sets = c.execute(&QueryFdsets).await.expect("query-fdsets");
-    for set in &sets {
+    for set in &snapshot.fdsets {
         for fd in &set.fds {
             let Some(id) = fd
                 .opaque
@@ -379,14 +374,8 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
     }
 
     // Netdevs (HMP's `info network`: 7.2 has no query for them), objects, chardevs.
-    let network = c
-        .execute(&HumanMonitorCommand {
-            command_line: "info network".into(),
-            cpu_index: None,
-        })
-        .await
-        .expect("info network");
-    let netdevs: BTreeSet<String> = network
+    let netdevs: BTreeSet<String> = snapshot
+        .network
         .lines()
         .filter_map(|l| l.trim_start_matches([' ', '\\']).split(": index=").next())
         .filter(|name| name.ends_with("-net"))
@@ -399,34 +388,21 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
         format!("{netdevs:?}"),
         format!("{want:?}"),
     );
-    let objects: BTreeSet<String> = c
-        .execute(&QomList {
-            path: "/objects".into(),
-        })
-        .await
-        .expect("qom-list /objects")
-        .into_iter()
-        .filter(|o| o.child_type().is_some())
-        .map(|o| o.name)
-        .collect();
+    let objects: BTreeSet<&String> = snapshot.objects.iter().collect();
     let mut want = start.objects.clone();
     want.extend(spec.rngs.iter().map(|r| names::rng(&r.id)));
     want.extend(spec.memory_devices.iter().map(|m| names::memdev(&m.id)));
+    let want: BTreeSet<&String> = want.iter().collect();
     differ(
         &mut out,
         "objects",
         format!("{objects:?}"),
         format!("{want:?}"),
     );
-    let chardevs: BTreeSet<String> = c
-        .execute(&QueryChardev)
-        .await
-        .expect("query-chardev")
-        .into_iter()
-        .map(|c| c.label)
-        .collect();
+    let chardevs: BTreeSet<&String> = snapshot.chardevs.iter().collect();
     let mut want = start.chardevs.clone();
     want.extend(spec.serial_ports.iter().map(|p| names::chardev(&p.id)));
+    let want: BTreeSet<&String> = want.iter().collect();
     differ(
         &mut out,
         "chardevs",
@@ -435,10 +411,8 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
     );
 
     // vCPUs.
-    let plugged = c
-        .execute(&QueryHotpluggableCpus)
-        .await
-        .expect("query-hotpluggable-cpus")
+    let plugged = snapshot
+        .cpus
         .iter()
         .filter(|s| s.qom_path.is_some())
         .count();
@@ -465,16 +439,15 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
     differ(
         &mut out,
         "our fds",
-        format!("{:?}", open_fds()),
+        format!("{:?}", snapshot.our_fds),
         format!("{:?}", start.our_fds),
     );
     // QEMU holds a tap fd per queue of each NIC it has, and none else (a `getfd` left behind
     // would show here).
-    let pid = vm.pid().expect("launched by the SDK");
-    let tun_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("QEMU's fd table")
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|t| t.as_os_str() == "/dev/net/tun")
+    let tun_fds = snapshot
+        .qemu_fds
+        .iter()
+        .filter(|t| *t == "/dev/net/tun")
         .count();
     let queues: usize = spec.nics.iter().map(|n| usize::from(n.queues)).sum();
     differ(
@@ -521,24 +494,6 @@ fn differ(out: &mut Vec<String>, what: &str, qemu: String, sdk: String) {
     if qemu != sdk {
         out.push(format!("{what}: QEMU {qemu}, SDK {sdk}"));
     }
-}
-
-/// Device `id`'s I/O limits as `query-block` shows them, without QEMU's implicit group.
-fn limits_of(blocks: &[BlockInfo], id: &str) -> Option<IoLimits> {
-    let block = blocks.iter().find(|b| {
-        b.qdev
-            .as_deref()
-            .is_some_and(|q| q.split('/').any(|part| part == id))
-    })?;
-    let mut limits = block.inserted.as_ref()?.limits.clone();
-    if limits
-        .group
-        .as_deref()
-        .is_some_and(|g| g.starts_with("/machine/peripheral/") || g == id)
-    {
-        limits.group = None;
-    }
-    Some(limits)
 }
 
 /// The host's taps the test made.
