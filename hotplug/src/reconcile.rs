@@ -8,6 +8,7 @@ use qhotplug_cmdline::names;
 use qhotplug_qmp::command::{
     QomList, QueryBlock, QueryChardev, QueryFdsets, QueryNamedBlockNodes, QueryPci, SetLink,
 };
+use qhotplug_qmp::Client;
 
 use crate::delete::{Delete, Outcome};
 use crate::discover::scan_peripherals;
@@ -49,7 +50,9 @@ impl Reconciled {
     }
 }
 
-/// See [`Vm::reconcile`](crate::Vm::reconcile).
+/// See [`Vm::reconcile`](crate::Vm::reconcile). Its stages: read QEMU's state ([`Seen`]), judge
+/// under one lock ([`judge`]), delete what is left over ([`clean_up`]), and apply each NIC's link
+/// again.
 ///
 /// It judges from what was known when its queries began: a device that joined the spec after
 /// that (`Entry::Placed::since`), or that a call holds busy, is left alone, and the ids whose
@@ -60,193 +63,247 @@ pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
         let _ = task.await;
     }
     let start = core.state().epoch;
-    let client = &core.client;
-    let pci = client.execute(&QueryPci).await?;
-    let found = scan_peripherals(client).await?;
-    let present = &found.ids;
-    let nodes: HashSet<String> = client
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await?
-        .into_iter()
-        .filter_map(|n| n.node_name)
-        .collect();
-    let fdsets = client.execute(&QueryFdsets).await?;
-    let chardevs: HashSet<String> = client
-        .execute(&QueryChardev)
-        .await?
-        .into_iter()
-        .map(|c| c.label)
-        .collect();
-    let objects: HashSet<String> = client
-        .execute(&QomList {
-            path: "/objects".into(),
-        })
-        .await?
-        .into_iter()
-        .filter(|o| o.child_type().is_some())
-        .map(|o| o.name)
-        .collect();
-    let blocks = client.execute(&QueryBlock).await?;
-
+    let seen = Seen::read(&core.client).await?;
     let mut report = Reconciled::default();
-    // Judged under one lock: only what no call holds, and what was in the spec before the queries.
+    let judged = judge(core, &seen, start, &mut report);
+    clean_up(core, &seen, &judged, &mut report).await;
+    drop(judged.cleaning);
+    for (id, up) in judged.links {
+        // Skipped when a call holds the NIC now: that call decides its link.
+        let Ok(_busy) = holds::mark_busy(core, &id, Kind::Nic) else {
+            continue;
+        };
+        core.client.execute(&SetLink { name: id, up }).await?;
+    }
+    tracing::info!(?report, "reconciled");
+    Ok(report)
+}
+
+/// What QEMU has, read before anything is judged.
+struct Seen {
+    pci: Vec<qhotplug_qmp::command::PciInfo>,
+    found: crate::discover::Peripherals,
+    nodes: HashSet<String>,
+    fdsets: Vec<qhotplug_qmp::command::FdsetInfo>,
+    chardevs: HashSet<String>,
+    objects: HashSet<String>,
+    blocks: Vec<qhotplug_qmp::command::BlockInfo>,
+}
+
+impl Seen {
+    async fn read(client: &Client) -> Result<Seen> {
+        let pci = client.execute(&QueryPci).await?;
+        let found = scan_peripherals(client).await?;
+        let nodes = client
+            .execute(&QueryNamedBlockNodes { flat: Some(true) })
+            .await?
+            .into_iter()
+            .filter_map(|n| n.node_name)
+            .collect();
+        let fdsets = client.execute(&QueryFdsets).await?;
+        let chardevs = client
+            .execute(&QueryChardev)
+            .await?
+            .into_iter()
+            .map(|c| c.label)
+            .collect();
+        let objects = client
+            .execute(&QomList {
+                path: "/objects".into(),
+            })
+            .await?
+            .into_iter()
+            .filter(|o| o.child_type().is_some())
+            .map(|o| o.name)
+            .collect();
+        let blocks = client.execute(&QueryBlock).await?;
+        Ok(Seen {
+            pci,
+            found,
+            nodes,
+            fdsets,
+            chardevs,
+            objects,
+            blocks,
+        })
+    }
+}
+
+/// What the judgement left to do once the lock is let go.
+struct Judged {
+    /// Ids whose leftovers go, marked [`Entry::Cleaning`] until `cleaning` is dropped.
+    orphans: BTreeSet<String>,
+    cleaning: Cleaning,
+    /// CD-ROM drives, each with the nodes of its own it keeps (its medium's).
+    drives: Vec<(String, Vec<String>)>,
+    /// Each NIC's recorded link.
+    links: Vec<(String, bool)>,
+}
+
+/// Lines the SDK's view up with `seen`, under one lock: only what no call holds, and what was in
+/// the spec before the queries (`start`), is judged.
+fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> Judged {
+    let present = &seen.found.ids;
     let settled =
         |e: &Entry| matches!(e, Entry::Placed { busy: false, since, .. } if *since <= start);
-    let (orphans, cleaning, drives, links) = {
-        let mut guard = core.state();
-        let state = &mut *guard;
-        // Hot-adds whose rollback could not take their device back: QEMU's list decides.
-        let doubted: Vec<String> = state
-            .devices
-            .iter()
-            .filter(|(_, e)| matches!(e, Entry::InDoubt { .. }))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in doubted {
-            if present.contains(&id) {
-                state.adopt(&id);
-                tracing::info!(%id, "reconcile: adopted a device QEMU kept");
-                report.adopted.push(id);
-            } else {
-                state.devices.remove(&id);
-                state.in_doubt.remove(&id);
+    let mut guard = core.state();
+    let state = &mut *guard;
+    // Hot-adds whose rollback could not take their device back: QEMU's list decides.
+    let doubted: Vec<String> = state
+        .devices
+        .iter()
+        .filter(|(_, e)| matches!(e, Entry::InDoubt { .. }))
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in doubted {
+        if present.contains(&id) {
+            state.adopt(&id);
+            tracing::info!(%id, "reconcile: adopted a device QEMU kept");
+            report.adopted.push(id);
+        } else {
+            state.devices.remove(&id);
+            state.in_doubt.remove(&id);
+        }
+    }
+    let gone: Vec<String> = state
+        .devices
+        .iter()
+        .filter(|(id, e)| settled(e) && !present.contains(*id))
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in &gone {
+        state.forget(id, false);
+    }
+    state.rebuild_slots(&seen.pci, &seen.found.placements);
+    // What QEMU applied is the truth: I/O limits and media as `query-block` shows them.
+    for disk in &mut state.spec.disks {
+        let adopted = report.adopted.contains(&disk.id);
+        if !adopted && !state.devices.get(&disk.id).is_some_and(settled) {
+            continue;
+        }
+        if let Some(limits) = live::limits_in(&seen.blocks, &disk.id) {
+            let limits = Some(limits).filter(|l| !l.is_unlimited());
+            if disk.io_limits != limits {
+                tracing::info!(id = %disk.id, ?limits, "reconcile: I/O limits as QEMU has them");
+                report.limits_updated.push(disk.id.clone());
+                disk.io_limits = limits;
             }
         }
-        let gone: Vec<String> = state
-            .devices
-            .iter()
-            .filter(|(id, e)| settled(e) && !present.contains(*id))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in &gone {
-            state.forget(id, false);
+    }
+    for cd in &mut state.spec.cdroms {
+        if !state.devices.get(&cd.id).is_some_and(settled) {
+            continue;
         }
-        state.rebuild_slots(&pci, &found.placements);
-        // What QEMU applied is the truth: I/O limits and media as `query-block` shows them.
-        for disk in &mut state.spec.disks {
-            let adopted = report.adopted.contains(&disk.id);
-            if !adopted && !state.devices.get(&disk.id).is_some_and(settled) {
-                continue;
-            }
-            if let Some(limits) = live::limits_in(&blocks, &disk.id) {
-                let limits = Some(limits).filter(|l| !l.is_unlimited());
-                if disk.io_limits != limits {
-                    tracing::info!(id = %disk.id, ?limits, "reconcile: I/O limits as QEMU has them");
-                    report.limits_updated.push(disk.id.clone());
-                    disk.io_limits = limits;
-                }
-            }
+        let empty = seen
+            .blocks
+            .iter()
+            .find(|b| b.qdev.as_deref() == Some(cd.id.as_str()))
+            .is_some_and(|b| b.inserted.is_none());
+        if empty && cd.medium.is_some() {
+            tracing::info!(id = %cd.id, "reconcile: the drive is empty in QEMU");
+            report.media_updated.push(cd.id.clone());
+            cd.medium = None;
         }
-        for cd in &mut state.spec.cdroms {
-            if !state.devices.get(&cd.id).is_some_and(settled) {
-                continue;
-            }
-            let empty = blocks
-                .iter()
-                .find(|b| b.qdev.as_deref() == Some(cd.id.as_str()))
-                .is_some_and(|b| b.inserted.is_none());
-            if empty && cd.medium.is_some() {
-                tracing::info!(id = %cd.id, "reconcile: the drive is empty in QEMU");
-                report.media_updated.push(cd.id.clone());
-                cd.medium = None;
-            }
-        }
-        // Leftovers may belong to the devices just found gone, or to ids this handle used.
-        let orphans: BTreeSet<String> = state
-            .touched
-            .iter()
-            .filter(|id| !present.contains(*id) && !state.devices.contains_key(*id))
-            .chain(&gone)
-            .cloned()
-            .collect();
-        let cleaning = Cleaning::mark(core, state, orphans.iter().cloned().collect());
-        // A CD-ROM still there may have an old medium's nodes left (a change whose last deletes
-        // failed): everything of its own but its medium's nodes goes.
-        let drives: Vec<(String, Vec<String>)> = state
-            .spec
-            .cdroms
-            .iter()
-            .filter(|c| state.devices.get(&c.id).is_some_and(settled))
-            .map(|c| {
-                let keep = match c.medium {
-                    Some(_) => vec![c.top_node(), c.file_node()],
-                    None => Vec::new(),
-                };
-                (c.id.clone(), keep)
-            })
-            .collect();
-        // QMP cannot read a link's state: the recorded one is applied again.
-        let links: Vec<(String, bool)> = state
-            .spec
-            .nics
-            .iter()
-            .filter(|n| state.devices.get(&n.id).is_some_and(settled))
-            .map(|n| (n.id.clone(), n.link_up))
-            .collect();
-        report.gone = gone;
-        (orphans, cleaning, drives, links)
-    };
-    for (id, keep) in &drives {
-        for step in nodes_of(&nodes, id, keep) {
+    }
+    // Leftovers may belong to the devices just found gone, or to ids this handle used.
+    let orphans: BTreeSet<String> = state
+        .touched
+        .iter()
+        .filter(|id| !present.contains(*id) && !state.devices.contains_key(*id))
+        .chain(&gone)
+        .cloned()
+        .collect();
+    let cleaning = Cleaning::mark(core, state, orphans.iter().cloned().collect());
+    // A CD-ROM still there may have an old medium's nodes left (a change whose last deletes
+    // failed): everything of its own but its medium's nodes goes.
+    let drives = state
+        .spec
+        .cdroms
+        .iter()
+        .filter(|c| state.devices.get(&c.id).is_some_and(settled))
+        .map(|c| {
+            let keep = match c.medium {
+                Some(_) => vec![c.top_node(), c.file_node()],
+                None => Vec::new(),
+            };
+            (c.id.clone(), keep)
+        })
+        .collect();
+    // QMP cannot read a link's state: the recorded one is applied again.
+    let links = state
+        .spec
+        .nics
+        .iter()
+        .filter(|n| state.devices.get(&n.id).is_some_and(settled))
+        .map(|n| (n.id.clone(), n.link_up))
+        .collect();
+    report.gone = gone;
+    Judged {
+        orphans,
+        cleaning,
+        drives,
+        links,
+    }
+}
+
+/// Deletes what the judgement found left over: a drive's stale medium nodes, and everything of
+/// each orphan id's that QEMU still has. An id whose every delete went through needs no second
+/// look.
+async fn clean_up(core: &Core, seen: &Seen, judged: &Judged, report: &mut Reconciled) {
+    let client = &core.client;
+    for (id, keep) in &judged.drives {
+        for step in nodes_of(&seen.nodes, id, keep) {
             report.run(client, step).await;
         }
     }
     let mut clean = Vec::new();
-    for id in &orphans {
-        // The same deletes a rollback or a teardown would run, for what is there (netdevs cannot
-        // be listed on QEMU 7.2: ours is asked for, and "not found" is the usual answer).
-        let tag = names::fdset_tag(id);
-        let backends = names::backends(id);
-        let mut steps: Vec<Delete> = fdsets
-            .iter()
-            .filter(|set| set.fds.iter().any(|f| f.opaque.as_ref() == Some(&tag)))
-            .map(|set| Delete::Fdset {
-                id: Some(set.fdset_id),
-                tag: tag.clone(),
-            })
-            .collect();
-        steps.extend(backends.netdevs.into_iter().map(Delete::Netdev));
-        steps.extend(nodes_of(&nodes, id, &[]));
-        steps.extend(
-            backends
-                .chardevs
-                .into_iter()
-                .filter(|c| chardevs.contains(c))
-                .map(Delete::Chardev),
-        );
-        // Objects go after what may use them.
-        steps.extend(
-            backends
-                .objects
-                .into_iter()
-                .filter(|o| objects.contains(o))
-                .map(Delete::Object),
-        );
+    for id in &judged.orphans {
         let mut all_done = true;
-        for step in steps {
+        for step in leftovers_of(seen, id) {
             all_done &= report.run(client, step).await;
         }
         if all_done {
             clean.push(id);
         }
     }
-    {
-        // What is clean now needs no second look.
-        let mut state = core.state();
-        for id in clean {
-            state.touched.remove(id);
-        }
+    let mut state = core.state();
+    for id in clean {
+        state.touched.remove(id);
     }
-    drop(cleaning);
-    for (id, up) in links {
-        // Skipped when a call holds the NIC now: that call decides its link.
-        let Ok(_busy) = holds::mark_busy(core, &id, Kind::Nic) else {
-            continue;
-        };
-        client.execute(&SetLink { name: id, up }).await?;
-    }
-    tracing::info!(?report, "reconciled");
-    Ok(report)
+}
+
+/// The same deletes a rollback or a teardown would run for `id`, for what `seen` has (netdevs
+/// cannot be listed on QEMU 7.2: ours is asked for, and "not found" is the usual answer). Objects
+/// go after what may use them.
+fn leftovers_of(seen: &Seen, id: &str) -> Vec<Delete> {
+    let tag = names::fdset_tag(id);
+    let backends = names::backends(id);
+    let mut steps: Vec<Delete> = seen
+        .fdsets
+        .iter()
+        .filter(|set| set.fds.iter().any(|f| f.opaque.as_ref() == Some(&tag)))
+        .map(|set| Delete::Fdset {
+            id: Some(set.fdset_id),
+            tag: tag.clone(),
+        })
+        .collect();
+    steps.extend(backends.netdevs.into_iter().map(Delete::Netdev));
+    steps.extend(nodes_of(&seen.nodes, id, &[]));
+    steps.extend(
+        backends
+            .chardevs
+            .into_iter()
+            .filter(|c| seen.chardevs.contains(c))
+            .map(Delete::Chardev),
+    );
+    steps.extend(
+        backends
+            .objects
+            .into_iter()
+            .filter(|o| seen.objects.contains(o))
+            .map(Delete::Object),
+    );
+    steps
 }
 
 impl Reconciled {
