@@ -255,6 +255,12 @@ where
         now = links();
     }
     assert!(now.contains(source_taps[0].as_str()));
+    // The dropped target's process is reaped by a task that holds its pidfd until it has run:
+    // our fd table comes back once it has (a deadline, not a guess).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while qhotplug_tests::open_fds() != fds_before && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(qhotplug_tests::open_fds(), fds_before);
     outcome
 }
