@@ -50,7 +50,7 @@ pub(crate) async fn add<K: Kind>(core: &Arc<Core>, config: K) -> Result<K::Added
             }
         };
     }
-    txn.commit().commit(plan.added.clone().into());
+    txn.commit().commit();
     Ok(plan.added)
 }
 

@@ -134,14 +134,10 @@ impl Reservation {
             return;
         };
         self.armed = false;
-        let mut state = self.inner.state();
-        state.devices.insert(
-            self.id.clone(),
-            Entry::InDoubt {
-                place: self.place.clone(),
-            },
-        );
-        state.in_doubt.insert(self.id.clone(), device);
+        let entry = Entry::InDoubt {
+            device: Box::new(device),
+        };
+        self.inner.state().devices.insert(self.id.clone(), entry);
     }
 }
 
@@ -183,7 +179,7 @@ impl Drop for Cleaning {
     fn drop(&mut self) {
         let mut state = self.inner.state();
         for id in &self.ids {
-            if state.devices.get(id) == Some(&Entry::Cleaning) {
+            if matches!(state.devices.get(id), Some(Entry::Cleaning)) {
                 state.devices.remove(id);
             }
         }
@@ -210,10 +206,16 @@ impl Reservation {
         }
     }
 
-    /// The hot-add completed: the device joins the spec.
-    pub(crate) fn commit(mut self, device: Device) {
+    /// The hot-add completed: the device it planned joins the spec.
+    pub(crate) fn commit(mut self) {
         self.armed = false;
+        let device = self
+            .planned
+            .take()
+            .expect("a hot-add plans before it commits");
+        let (kind, place) = (device.kind(), device.place());
         self.inner.state().insert(device);
+        tracing::info!(?place, "{} added", kind.name());
     }
 }
 

@@ -156,13 +156,9 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
         .map(|(id, _)| id.clone())
         .collect();
     for id in doubted {
-        if present.contains(&id) {
-            state.adopt(&id);
+        if state.settle_doubt(&id, present.contains(&id)) {
             tracing::info!(%id, "reconcile: adopted a device QEMU kept");
             report.adopted.push(id);
-        } else {
-            state.devices.remove(&id);
-            state.in_doubt.remove(&id);
         }
     }
     let gone: Vec<String> = state

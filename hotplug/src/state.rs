@@ -196,7 +196,7 @@ pub(crate) enum Place {
 }
 
 /// What the SDK knows of a device id besides its description, which lives in `State::spec`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Entry {
     /// A hot-add holds the id, and this place.
     Adding { place: Place },
@@ -215,9 +215,9 @@ pub(crate) enum Entry {
     /// until it is done, or the deletes would hit the newcomer's backends.
     Cleaning,
     /// A hot-add failed after `device_add` and the guest did not give the device back: QEMU may
-    /// have it, with its backends. The device as planned is in `State::in_doubt`; `reconcile`
-    /// adopts it if QEMU has it, or cleans up after it.
-    InDoubt { place: Place },
+    /// have it, with its backends. `reconcile` adopts the device as planned if QEMU has it, or
+    /// cleans up after it.
+    InDoubt { device: Box<Device> },
 }
 
 pub(crate) struct State {
@@ -237,8 +237,6 @@ pub(crate) struct State {
     /// Ids whose last device went without its own `DEVICE_DELETED` being seen: QEMU may send it
     /// late, and the next unplug of the id must not take it for its own.
     pub(crate) late_deleted: HashSet<String>,
-    /// The devices of `Entry::InDoubt` ids, as their hot-adds planned them.
-    pub(crate) in_doubt: HashMap<String, Device>,
 }
 
 impl State {
@@ -253,7 +251,6 @@ impl State {
             epoch: 0,
             vcpus_started: None,
             late_deleted: HashSet::new(),
-            in_doubt: HashMap::new(),
         };
         let placed: Vec<Device> = state.all_devices();
         for device in placed {
@@ -390,7 +387,8 @@ impl State {
             self.pci.mark(p);
         }
         let adding = self.devices.values().filter_map(|e| match e {
-            Entry::Adding { place } | Entry::InDoubt { place } => Some(place.clone()),
+            Entry::Adding { place } => Some(place.clone()),
+            Entry::InDoubt { device } => Some(device.place()),
             _ => None,
         });
         let places: Vec<Place> = self
@@ -410,15 +408,16 @@ impl State {
         }
     }
 
-    /// Takes an in-doubt device into the spec: QEMU has it.
-    pub(crate) fn adopt(&mut self, id: &str) -> bool {
-        match self.in_doubt.remove(id) {
-            Some(device) => {
-                self.insert(device);
-                true
-            }
-            None => false,
+    /// Settles in-doubt device `id`: into the spec when QEMU has it (`present`), else its id is
+    /// let go (its leftovers are `reconcile`'s to delete). True when adopted.
+    pub(crate) fn settle_doubt(&mut self, id: &str, present: bool) -> bool {
+        let Some(Entry::InDoubt { device }) = self.devices.remove(id) else {
+            return false;
+        };
+        if present {
+            self.insert(*device);
         }
+        present
     }
 
     pub(crate) fn insert(&mut self, device: Device) {

@@ -339,27 +339,21 @@ impl Vm {
     /// the guest's help, so every step that can fail comes before it. On failure everything done is
     /// undone and [`Error::Step`] names the step.
     pub async fn add_disk(&self, config: DiskConfig) -> Result<Disk> {
-        let disk = self.add_kind("add_disk", config, no_check).await?;
-        tracing::info!(id = %disk.id, frontend = ?disk.frontend, "disk added");
-        Ok(disk)
+        self.add_kind("add_disk", config, no_check).await
     }
 
     /// Hot-adds a `virtio-net-pci` NIC: passes each tap fd (and vhost fd) with `getfd`, adds the
     /// netdev, then the device. Our copies of the fds are closed once QEMU has them. Returns the
     /// NIC as placed.
     pub async fn add_nic(&self, config: NicConfig) -> Result<Nic> {
-        let nic = self.add_kind("add_nic", config, no_check).await?;
-        tracing::info!(id = %nic.id, pci = ?nic.pci, queues = nic.queues, vhost = nic.vhost, "NIC added");
-        Ok(nic)
+        self.add_kind("add_nic", config, no_check).await
     }
 
     /// Hot-adds a `scsi-cd` drive on a virtio-scsi controller, empty or holding an ISO image (opened
     /// read-only and passed as an fd, like a disk's). Returns the drive as placed. Change its medium
     /// with [`change_medium`](Vm::change_medium).
     pub async fn add_cdrom(&self, config: CdromConfig) -> Result<Cdrom> {
-        let cd = self.add_kind("add_cdrom", config, no_check).await?;
-        tracing::info!(id = %cd.id, bus = ?cd.bus, medium = ?cd.medium, "CD-ROM added");
-        Ok(cd)
+        self.add_kind("add_cdrom", config, no_check).await
     }
 
     /// Hot-removes a `scsi-cd` drive: its medium out, `device_del`, wait for `DEVICE_DELETED`,
@@ -516,13 +510,7 @@ impl Vm {
         let id = config.id().to_owned();
         self.call("add_memory", &id, |core, _| async move {
             memory::check_fits(&core, &config).await?;
-            let device = engine::add(&core, config).await?;
-            tracing::info!(
-                size = device.size(),
-                driver = device.driver(),
-                "memory added"
-            );
-            Ok(device)
+            engine::add(&core, config).await
         })
         .await
     }
