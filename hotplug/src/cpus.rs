@@ -134,21 +134,30 @@ const TCG_SAFE_UNPLUG: VersionTriple = VersionTriple {
 /// corrupts its heap on one, and a hot-add past the `maxcpus` vCPU threads a VM may start in
 /// its life. A hot-add's thread is counted before it is sent.
 async fn tcg_guard(core: &Core, plugged: u32, count: u32, max: u32) -> Result<()> {
-    if count == plugged || core.client.execute(&QueryKvm).await?.enabled {
+    if count == plugged {
         return Ok(());
     }
-    // Known from the first call on: nothing before it plugged or unplugged a vCPU.
-    core.state().vcpus_started.get_or_insert(plugged);
-    if count < plugged {
-        let version = core.client.greeting().version.qemu;
-        if version < TCG_SAFE_UNPLUG {
-            return Err(Error::TcgVcpuUnplug { version });
+    // The accelerator is the VM's for life: asked once.
+    let tcg = core.state().tcg;
+    let tcg = match tcg {
+        Some(tcg) => tcg,
+        None => {
+            let tcg = !core.client.execute(&QueryKvm).await?.enabled;
+            core.state().tcg = Some(tcg);
+            tcg
         }
+    };
+    if !tcg {
         return Ok(());
     }
-    let wanted = count - plugged;
+    let version = core.client.greeting().version.qemu;
+    if count < plugged && version < TCG_SAFE_UNPLUG {
+        return Err(Error::TcgVcpuUnplug { version });
+    }
     let mut state = core.state();
+    // Known from the first call on: nothing before it plugged or unplugged a vCPU.
     let started = state.vcpus_started.get_or_insert(plugged);
+    let wanted = count.saturating_sub(plugged);
     if *started + wanted > max {
         return Err(Error::TcgVcpuContexts {
             started: *started,

@@ -234,6 +234,8 @@ pub(crate) struct State {
     /// plugged at the first `set_vcpus`, then every hot-add): under TCG each takes one of
     /// `maxcpus` translation contexts that an unplug never gives back.
     pub(crate) vcpus_started: Option<u32>,
+    /// The VM runs under TCG (not KVM), once `query-kvm` was asked.
+    pub(crate) tcg: Option<bool>,
     /// Ids whose last device went without its own `DEVICE_DELETED` being seen: QEMU may send it
     /// late, and the next unplug of the id must not take it for its own.
     pub(crate) late_deleted: HashSet<String>,
@@ -250,6 +252,7 @@ impl State {
             touched: HashSet::new(),
             epoch: 0,
             vcpus_started: None,
+            tcg: None,
             late_deleted: HashSet::new(),
         };
         let placed: Vec<Device> = state.all_devices();
