@@ -12,8 +12,13 @@ use qhotplug_qmp::command::{
 use qhotplug_qmp::Client;
 
 use crate::error::Error;
-use crate::qemu_errors::is_absent;
+use crate::qemu_errors::{is_absent, is_backend_in_use};
 use crate::unplug::{self, UnplugPolicy, Unplugged};
+
+/// How long a `blockdev-del` or `chardev-remove` is asked again, at most, while QEMU still holds
+/// the backend: right after its device went (a teardown, or a rollback's `device_del`), QEMU may
+/// release the drive or chardev a few milliseconds after `DEVICE_DELETED`.
+const BACKEND_RELEASE: Duration = Duration::from_secs(2);
 
 /// How long a rollback's `device_del` waits for the device to go.
 const ROLLBACK_UNPLUG: UnplugPolicy = UnplugPolicy::new(Duration::from_secs(5));
@@ -102,10 +107,23 @@ impl Delete {
                 Err(refused) => Err(refused.into_error(id)),
             };
         }
-        match self.run_command(client).await {
-            Ok(()) => Ok(Outcome::Done),
-            Err(e) if is_absent(&e) => Ok(Outcome::Absent),
-            Err(e) => Err(e.into()),
+        let deadline = tokio::time::Instant::now() + BACKEND_RELEASE;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            match self.run_command(client).await {
+                Ok(()) => return Ok(Outcome::Done),
+                Err(e) if is_absent(&e) => return Ok(Outcome::Absent),
+                Err(e)
+                    if matches!(self, Delete::BlockNode(_) | Delete::Chardev(_))
+                        && is_backend_in_use(&e)
+                        && tokio::time::Instant::now() + pause < deadline =>
+                {
+                    tracing::debug!(step = %self, "still in use; asking again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
 

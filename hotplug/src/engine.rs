@@ -19,7 +19,6 @@ use crate::delete::Delete;
 use crate::error::{Error, Result};
 use crate::holds::{self, Hold};
 use crate::kinds::{After, Backend, Kind};
-use crate::qemu_errors::is_backend_in_use;
 use crate::state;
 use crate::transaction::Transaction;
 use crate::unplug::{self, Refused, UnplugPolicy, Unplugged};
@@ -172,10 +171,7 @@ pub(crate) async fn remove(
     let mut result = Ok(());
     for step in device.teardown() {
         let span = tracing::debug_span!("step", name = step.command(), id);
-        if let Err(e) = run_teardown_step(&core.client, &step)
-            .instrument(span)
-            .await
-        {
+        if let Err(e) = step.run(&core.client).instrument(span).await {
             result = Err(Error::Backend {
                 id: id.to_owned(),
                 step: step.command(),
@@ -190,30 +186,4 @@ pub(crate) async fn remove(
         tracing::info!("{} removed", kind.name());
     }
     result
-}
-
-/// How long a teardown's `blockdev-del` or `chardev-remove` waits, at most, for QEMU to let go of a
-/// backend whose device is gone (QEMU may release a removed device's drive or chardev a few
-/// milliseconds after `DEVICE_DELETED`).
-const NODE_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Runs one teardown step; a node or chardev QEMU still holds is asked for again, backing off,
-/// until [`NODE_RELEASE`].
-async fn run_teardown_step(client: &Client, step: &Delete) -> Result<crate::delete::Outcome> {
-    let deadline = tokio::time::Instant::now() + NODE_RELEASE;
-    let mut pause = std::time::Duration::from_millis(5);
-    loop {
-        match step.run(client).await {
-            Err(Error::Qmp(e))
-                if matches!(step, Delete::BlockNode(_) | Delete::Chardev(_))
-                    && is_backend_in_use(&e)
-                    && tokio::time::Instant::now() + pause < deadline =>
-            {
-                tracing::debug!(%step, "still in use; asking again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_millis(200));
-            }
-            other => return other,
-        }
-    }
 }
