@@ -388,21 +388,19 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
         format!("{netdevs:?}"),
         format!("{want:?}"),
     );
-    let objects: BTreeSet<&String> = snapshot.objects.iter().collect();
+    let objects: BTreeSet<String> = snapshot.objects.iter().cloned().collect();
     let mut want = start.objects.clone();
     want.extend(spec.rngs.iter().map(|r| names::rng(&r.id)));
     want.extend(spec.memory_devices.iter().map(|m| names::memdev(&m.id)));
-    let want: BTreeSet<&String> = want.iter().collect();
     differ(
         &mut out,
         "objects",
         format!("{objects:?}"),
         format!("{want:?}"),
     );
-    let chardevs: BTreeSet<&String> = snapshot.chardevs.iter().collect();
+    let chardevs: BTreeSet<String> = snapshot.chardevs.iter().cloned().collect();
     let mut want = start.chardevs.clone();
     want.extend(spec.serial_ports.iter().map(|p| names::chardev(&p.id)));
-    let want: BTreeSet<&String> = want.iter().collect();
     differ(
         &mut out,
         "chardevs",
@@ -476,15 +474,14 @@ async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> 
             .iter()
             .map(|n| format!("{} {}", n.mac, u8::from(n.link_up)))
             .collect();
-        let seen = g
-            .console
+        // Panics at the deadline, naming what the guest still says.
+        g.console
             .until(
                 "for i in /sys/class/net/eth*; do ip link set ${i##*/} up; echo $(cat $i/address) $(cat $i/carrier); done",
                 |lines| lines.iter().cloned().collect::<BTreeSet<_>>() == want,
                 SEEN,
             )
             .await;
-        let _ = seen;
     }
     out
 }
@@ -586,7 +583,6 @@ async fn race(spec: VmSpec, default_seed: u64, default_rounds: u64, calls: usize
             .collect(),
         dir: g.dir().to_owned(),
     };
-    let _ = &fx.dir;
     let start = Start::take(&vm).await;
     let pid = vm.pid().expect("launched by the SDK");
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
