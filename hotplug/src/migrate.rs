@@ -15,7 +15,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use qhotplug_cmdline::{names, Launcher, VmSpec};
@@ -183,13 +183,6 @@ impl Drop for CancelOnDrop {
 /// How long a completed migration's final figures are waited for.
 const FIGURES_WAIT: Duration = Duration::from_secs(1);
 
-/// What a completed migration took.
-pub(crate) struct MigrationTimes {
-    pub(crate) total_time: Duration,
-    pub(crate) downtime: Duration,
-    pub(crate) elapsed: Duration,
-}
-
 /// A launcher for a migration target from the source's `spec` as it is now; see
 /// [`Vm::migration_launcher`](crate::Vm::migration_launcher).
 pub(crate) fn migration_launcher(mut spec: VmSpec, runtime_dir: PathBuf) -> Launcher {
@@ -199,16 +192,15 @@ pub(crate) fn migration_launcher(mut spec: VmSpec, runtime_dir: PathBuf) -> Laun
 }
 
 /// See [`Vm::migrate`](crate::Vm::migrate): the source is `source`, the target `target`; on
-/// success, the figures of [`Migrated`](crate::Migrated).
+/// success, the source's final `query-migrate` (its figures: total time, downtime).
 pub(crate) async fn migrate(
     source: &Core,
     target: &Core,
     options: MigrationOptions,
     progress: impl FnMut(&Progress),
-) -> Result<MigrationTimes> {
+) -> Result<MigrationInfo> {
     let name = source.state().spec.name.clone();
     let span = hotplug_span("migrate", &name);
-    let start = Instant::now();
     let was_running = source.client.execute(&QueryStatus).await?.running;
     let mut guard = CancelOnDrop {
         client: source.client.clone(),
@@ -224,11 +216,7 @@ pub(crate) async fn migrate(
                 source.quit().await?;
             }
             span.in_scope(|| tracing::info!(?info.downtime, ?info.total_time, "migrated"));
-            Ok(MigrationTimes {
-                total_time: Duration::from_millis(info.total_time.unwrap_or(0)),
-                downtime: Duration::from_millis(info.downtime.unwrap_or(0)),
-                elapsed: start.elapsed(),
-            })
+            Ok(info)
         }
         Err(error) => {
             // The source runs again as it was (QEMU restarts it after a failure or cancel;

@@ -653,12 +653,14 @@ impl Vm {
         options: MigrationOptions,
         progress: impl FnMut(&Progress),
     ) -> Result<Migrated> {
-        let times = migrate::migrate(&self.core, &target.core, options, progress).await?;
+        let start = std::time::Instant::now();
+        let info = migrate::migrate(&self.core, &target.core, options, progress).await?;
+        let millis = |ms: Option<u64>| Duration::from_millis(ms.unwrap_or(0));
         Ok(Migrated {
             target,
-            total_time: times.total_time,
-            downtime: times.downtime,
-            elapsed: times.elapsed,
+            total_time: millis(info.total_time),
+            downtime: millis(info.downtime),
+            elapsed: start.elapsed(),
         })
     }
 
