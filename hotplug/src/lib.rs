@@ -35,14 +35,14 @@
 //!
 //! # Testing without QEMU
 //!
-//! An orchestrator's unit tests can run the SDK against `qhotplug_qmp::mock::MockQemu` (feature
-//! `mock` of `qhotplug-qmp`), which models what a hot-plug touches and can fail a named command or
+//! An orchestrator's unit tests can run the SDK against `qhotplug_mock::MockQemu` (the
+//! `qhotplug-mock` crate, a dev-dependency), which models what a hot-plug touches and can fail a named command or
 //! play a guest that refuses, never answers, or answers late. The project runs one set of
 //! scenarios against it and against real QEMU 7.2 and 10.0, and they must agree.
 //!
 //! ```
 //! use qhotplug::{DiskConfig, Error, Machine, Vm, VmSpec};
-//! use qhotplug_qmp::mock::{GuestUnplug, MockQemu};
+//! use qhotplug_mock::{GuestUnplug, MockQemu};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -57,8 +57,6 @@ mod connection;
 mod error;
 pub mod event;
 pub mod message;
-#[cfg(feature = "mock")]
-pub mod mock;
 pub mod schema;
 mod sys;
 

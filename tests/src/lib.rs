@@ -3,7 +3,8 @@
 //!
 //! ```no_run
 //! # async fn demo() {
-//! use qhotplug_tests::{Qemu, MockServer};
+//! use qhotplug_tests::Qemu;
+//! use qhotplug_mock::MockServer;
 //! // Real QEMU, paused, no guest:
 //! let (qemu, client) = Qemu::paused().await;
 //! // A mock on one end of a socketpair:
@@ -15,7 +16,6 @@
 
 pub mod epoll_floor;
 pub mod guest;
-pub mod mock;
 pub mod proxy;
 pub mod qemu;
 pub mod raw;
@@ -26,7 +26,6 @@ pub mod vm;
 pub use sys::{clear_cloexec, exited, kill, process_lock, raise_fd_limit};
 
 pub use guest::{Console, Guest};
-pub use mock::{MockServer, Received};
 pub use proxy::{assert_rolls_back, FaultProxy};
 pub use qemu::Qemu;
 pub use vm::{image, iso, pc_spec, q35_spec, second_monitor, Snapshot, TestVm};

@@ -2,9 +2,8 @@
 
 use qhotplug::{DiskConfig, Error, Vm};
 use qhotplug_cmdline::{Disk, Machine, Pci, VmSpec};
+use qhotplug_mock::{greeting, schema, MockServer};
 use qhotplug_qmp::Config;
-use qhotplug_tests::mock::{greeting, schema};
-use qhotplug_tests::MockServer;
 use serde_json::json;
 
 /// A VM attached through a mock that answers the attach queries, and the mock.

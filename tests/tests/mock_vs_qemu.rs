@@ -1,4 +1,4 @@
-//! One set of hot-plug scenarios, run against the published mock QEMU (`qhotplug_qmp::mock`) and
+//! One set of hot-plug scenarios, run against the published mock QEMU (`qhotplug-mock`) and
 //! against real QEMU, with the same SDK calls. What each observes (every outcome, and QEMU's state
 //! after each step, reduced to what the mock models) must be the same: a difference is a bug in
 //! the mock.
@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use qhotplug::{DiskConfig, Error, Format, NicConfig, Pci, UnplugPolicy, Vm};
+use qhotplug_mock::{GuestUnplug, MockQemu};
 use qhotplug_qmp::command::{QomList, QueryFdsets, QueryNamedBlockNodes, QueryPci};
-use qhotplug_qmp::mock::{GuestUnplug, MockQemu};
 use qhotplug_tests::{image, pc_spec, TestVm};
 use serde_json::json;
 

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use qhotplug_mock::{event_json, MockServer};
 use qhotplug_qmp::command::QueryStatus;
 use qhotplug_qmp::{Config, Error, FrameError};
-use qhotplug_tests::mock::event_json;
-use qhotplug_tests::{open_fds, MockServer};
+use qhotplug_tests::open_fds;
 use serde_json::json;
 
 const STATUS: fn() -> serde_json::Value = || json!({"running": true, "status": "running"});

@@ -3,10 +3,9 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use qhotplug_mock::{default_greeting, event_json, MockServer};
 use qhotplug_qmp::command::{QueryStatus, RunState};
 use qhotplug_qmp::{Config, Error, EventKind, FrameError, Lagged};
-use qhotplug_tests::mock::{default_greeting, event_json};
-use qhotplug_tests::MockServer;
 use serde_json::{json, Value};
 
 const STATUS: fn() -> Value = || json!({"running": false, "status": "prelaunch"});

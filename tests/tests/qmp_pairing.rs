@@ -5,10 +5,10 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
+use qhotplug_mock::{event_json, MockServer};
 use qhotplug_qmp::command::QueryStatus;
 use qhotplug_qmp::{Config, Error, FrameError, Lagged};
-use qhotplug_tests::mock::event_json;
-use qhotplug_tests::{open_fds, MockServer};
+use qhotplug_tests::open_fds;
 use serde_json::{json, Value};
 
 const STATUS: fn() -> Value = || json!({"running": true, "status": "running"});
@@ -416,7 +416,7 @@ fn a_peer_hanging_up_during_the_handshake_is_a_disconnect() {
             let (server, stream) = tokio::net::UnixStream::pair().unwrap();
             let mut server = server.into_std().unwrap();
             server.set_nonblocking(false).unwrap();
-            let greeting = serde_json::to_vec(&qhotplug_tests::mock::default_greeting()).unwrap();
+            let greeting = serde_json::to_vec(&qhotplug_mock::default_greeting()).unwrap();
             let mut kept = None;
             match how {
                 "inside the greeting" => server.write_all(&greeting[..20]).unwrap(),
@@ -473,7 +473,7 @@ fn sigpipe_child() {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let peer = std::thread::spawn(move || {
         let mut server = server;
-        let greeting = serde_json::to_vec(&qhotplug_tests::mock::default_greeting()).unwrap();
+        let greeting = serde_json::to_vec(&qhotplug_mock::default_greeting()).unwrap();
         server.write_all(&greeting).unwrap();
         server.write_all(b"\r\n").unwrap();
         let mut byte = [0u8; 1];

@@ -152,7 +152,7 @@ async fn the_schema_says_what_this_qemu_has_and_is_read_once_per_build() {
 
 #[tokio::test]
 async fn connections_to_one_build_that_ask_at_once_read_the_schema_once() {
-    let qemu = qhotplug_qmp::mock::MockQemu::pc();
+    let qemu = qhotplug_mock::MockQemu::pc();
     let mut clients = Vec::new();
     for _ in 0..20 {
         clients.push(qemu.connect().await.unwrap());

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::GuestUnplug;
+use crate::GuestUnplug;
 
 /// A device, as the mock holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,34 +1,4 @@
-//! A mock QEMU for orchestrators' own unit tests, where no real QEMU can run (feature `mock`).
-//!
-//! [`MockQemu`] answers QMP by command name over a socketpair and models what a hot-plug touches:
-//! devices with their PCI and SCSI places, block nodes, netdevs, fd sets and `getfd` names,
-//! chardevs, QOM objects, and a guest that lets devices go (or not). It records every command and
-//! every fd it receives, can fail a named command, and can make the guest refuse an unplug, never
-//! answer, or answer late. The SDK's own `Vm` runs against it unchanged, and the project runs one
-//! set of scenarios against it and against real QEMU (any difference is a bug in the mock).
-//!
-//! What it checks as QEMU does: ids unique per kind, a device's bus and slot free, a block node's
-//! `file` and a device's `drive`/`netdev` present and unused, a `file` node's `/dev/fdset/N`
-//! present, every fd a netdev names given with `getfd` (and consumed by it), an image's format
-//! (a `qcow2` node on an image without qcow2's magic fails), "not found" on deletes. Its error
-//! texts are QEMU 7.2's. What it does not model: device properties beyond placement, block jobs,
-//! migration, the guest's own view.
-//!
-//! ```
-//! use qhotplug_qmp::mock::{GuestUnplug, MockQemu};
-//! use qhotplug_qmp::command::QueryStatus;
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> qhotplug_qmp::Result<()> {
-//! let qemu = MockQemu::pc().with_scsi_controller("scsi0", 3);
-//! let client = qemu.connect().await?;
-//! assert!(!client.execute(&QueryStatus).await?.running);
-//!
-//! qemu.fail_next("device_add", "Bus 'pci.0' does not support hotplugging");
-//! qemu.guest_unplug(GuestUnplug::Refuse);
-//! assert_eq!(qemu.commands(), ["query-status"]);
-//! # Ok(()) }
-//! ```
+//! [`MockQemu`]: a modelled QEMU that answers QMP by command name.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
@@ -39,12 +9,9 @@ use serde_json::Value;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-use crate::client::Config;
-use crate::Client;
+use qhotplug_qmp::{Client, Config};
 
-mod model;
-
-pub use model::{MockBlockNode, MockDevice, MockFdset, MockPlace};
+use crate::model::{self, MockBlockNode, MockDevice, MockFdset};
 
 /// What the mock's guest does when asked to let a device go (`device_del`). SCSI devices go at
 /// once whatever it does, as they do on a real virtio-scsi bus.
@@ -113,12 +80,12 @@ impl MockQemu {
     }
 
     /// A client connected to a new monitor of this QEMU, with the default [`Config`].
-    pub async fn connect(&self) -> crate::Result<Client> {
+    pub async fn connect(&self) -> qhotplug_qmp::Result<Client> {
         self.connect_with(&Config::new()).await
     }
 
     /// A client connected to a new monitor of this QEMU.
-    pub async fn connect_with(&self, config: &Config) -> crate::Result<Client> {
+    pub async fn connect_with(&self, config: &Config) -> qhotplug_qmp::Result<Client> {
         let (ours, theirs) = UnixStream::pair()?;
         let (writer, lines) = mpsc::unbounded_channel();
         {

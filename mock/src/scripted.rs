@@ -4,10 +4,9 @@
 //! close), so it can produce what real QEMU cannot be made to: a disconnect at an exact point,
 //! malformed frames, floods of events. It records the fds that arrive with each request.
 
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use bytes::{Buf, BytesMut};
-use sendfd::RecvWithFd;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -180,15 +179,16 @@ impl MockServer {
                 return Some(Received { request, raw, fds });
             }
             let mut chunk = [0u8; 4096];
-            let mut fds: [RawFd; 8] = [-1; 8];
+            let mut got = Vec::new();
             self.stream.readable().await.expect("readable");
-            match self.stream.recv_with_fd(&mut chunk, &mut fds) {
-                Ok((0, 0)) => return None,
-                Ok((n, nfds)) => {
+            let read = self.stream.try_io(tokio::io::Interest::READABLE, || {
+                crate::sys::recv(self.stream.as_fd(), &mut chunk, &mut got)
+            });
+            match read {
+                Ok(0) => return None,
+                Ok(n) => {
                     let at = self.buf.len();
-                    for fd in crate::sys::own_received(&fds[..nfds]) {
-                        self.fds.push((at, fd));
-                    }
+                    self.fds.extend(got.into_iter().map(|fd| (at, fd)));
                     self.buf.extend_from_slice(&chunk[..n]);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,

@@ -1,0 +1,49 @@
+//! Mock QEMUs for tests that cannot run a real one: an orchestrator's own unit tests, the SDK's
+//! fast engine tests, and the protocol tests that need a peer real QEMU cannot be made to be.
+//!
+//! Two peers, both on one end of a socketpair, both receiving fds one way (`sys.rs`):
+//! - [`MockQemu`] models QEMU (below): the SDK's own `Vm` runs against it unchanged.
+//! - [`MockServer`] is scripted step by step by the test (greet, read a request, answer, send an
+//!   event, send garbage, close), for what no model would do: a disconnect at an exact point,
+//!   malformed frames, floods of events.
+//!
+//! [`MockQemu`] answers QMP by command name over a socketpair and models what a hot-plug touches:
+//! devices with their PCI and SCSI places, block nodes, netdevs, fd sets and `getfd` names,
+//! chardevs, QOM objects, and a guest that lets devices go (or not). It records every command and
+//! every fd it receives, can fail a named command, and can make the guest refuse an unplug, never
+//! answer, or answer late. The SDK's own `Vm` runs against it unchanged, and the project runs one
+//! set of scenarios against it and against real QEMU (any difference is a bug in the mock).
+//!
+//! What it checks as QEMU does: ids unique per kind, a device's bus and slot free, a block node's
+//! `file` and a device's `drive`/`netdev` present and unused, a `file` node's `/dev/fdset/N`
+//! present, every fd a netdev names given with `getfd` (and consumed by it), an image's format
+//! (a `qcow2` node on an image without qcow2's magic fails), "not found" on deletes. Its error
+//! texts are QEMU 7.2's. What it does not model: device properties beyond placement, block jobs,
+//! migration, the guest's own view.
+//!
+//! ```
+//! use qhotplug_mock::{GuestUnplug, MockQemu};
+//! use qhotplug_qmp::command::QueryStatus;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> qhotplug_qmp::Result<()> {
+//! let qemu = MockQemu::pc().with_scsi_controller("scsi0", 3);
+//! let client = qemu.connect().await?;
+//! assert!(!client.execute(&QueryStatus).await?.running);
+//!
+//! qemu.fail_next("device_add", "Bus 'pci.0' does not support hotplugging");
+//! qemu.guest_unplug(GuestUnplug::Refuse);
+//! assert_eq!(qemu.commands(), ["query-status"]);
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod model;
+mod qemu;
+mod scripted;
+mod sys;
+
+pub use model::{MockBlockNode, MockDevice, MockFdset, MockPlace};
+pub use qemu::{GuestUnplug, MockQemu, ReceivedFd};
+pub use scripted::{default_greeting, event_json, greeting, schema, MockServer, Received};
