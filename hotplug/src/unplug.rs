@@ -247,3 +247,224 @@ pub(crate) async fn present(client: &Client, id: &str) -> Result<bool, qhotplug_
         .iter()
         .any(|p| p.name == id && p.child_type().is_some()))
 }
+
+/// The policy's decision on each answer QEMU and the guest can give, against a scripted peer.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qhotplug_mock::{event_json, MockServer, Received};
+    use qhotplug_qmp::Config;
+    use serde_json::{json, Value};
+    use tokio::task::JoinHandle;
+
+    /// A policy with short waits, so the tests take milliseconds.
+    fn quick(deadline_ms: u64) -> UnplugPolicy {
+        UnplugPolicy {
+            deadline: Duration::from_millis(deadline_ms),
+            busy_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(20),
+        }
+    }
+
+    /// An unplug of `d1` under way against a scripted peer.
+    async fn start(
+        config: Config,
+        policy: UnplugPolicy,
+        stale: bool,
+    ) -> (MockServer, JoinHandle<Result<Unplugged, Refused>>) {
+        let (server, client) = MockServer::connected(config).await;
+        let task = tokio::spawn(async move { unplug(&client, "d1", &policy, stale).await });
+        (server, task)
+    }
+
+    async fn expect(server: &mut MockServer, command: &str) -> Received {
+        let got = server.recv().await.expect("a request");
+        assert_eq!(got.command(), command, "{:?}", got.request);
+        got
+    }
+
+    fn deleted(id: &str) -> Value {
+        json!({"device": id, "path": format!("/machine/peripheral/{id}")})
+    }
+
+    /// `qom-list /machine/peripheral` holding these devices.
+    fn peripherals(ids: &[&str]) -> Value {
+        let mut list = vec![json!({"name": "type", "type": "string"})];
+        list.extend(
+            ids.iter()
+                .map(|id| json!({"name": id, "type": "child<virtio-blk-pci>"})),
+        );
+        Value::Array(list)
+    }
+
+    #[tokio::test]
+    async fn accepted_then_deleted_is_gone() {
+        let (mut server, task) = start(Config::new(), quick(5_000), false).await;
+        let del = expect(&mut server, "device_del").await;
+        assert_eq!(del.arguments()["id"], "d1");
+        server.reply(json!({})).await;
+        server.event("DEVICE_DELETED", deleted("other")).await;
+        server.event("DEVICE_DELETED", deleted("d1")).await;
+        assert_eq!(task.await.unwrap().unwrap(), Unplugged::Deleted);
+    }
+
+    #[tokio::test]
+    async fn absent_is_gone_already_without_waiting() {
+        let (mut server, task) = start(Config::new(), quick(5_000), false).await;
+        expect(&mut server, "device_del").await;
+        server
+            .error("DeviceNotFound", "Device 'd1' not found")
+            .await;
+        assert_eq!(task.await.unwrap().unwrap(), Unplugged::Already);
+    }
+
+    #[tokio::test]
+    async fn under_way_waits_for_the_guest_and_never_presses_again() {
+        let (mut server, task) = start(Config::new(), quick(300), false).await;
+        expect(&mut server, "device_del").await;
+        server
+            .error(
+                "GenericError",
+                "Device d1 is already in the process of unplug",
+            )
+            .await;
+        match task.await.unwrap() {
+            Err(Refused::Pending(after)) => assert_eq!(after, Duration::from_millis(300)),
+            other => panic!("{other:?}"),
+        }
+        // The client is gone with the task: nothing else was sent.
+        assert!(server.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn busy_presses_again_backing_off_until_accepted() {
+        let (mut server, task) = start(Config::new(), quick(5_000), false).await;
+        for _ in 0..3 {
+            expect(&mut server, "device_del").await;
+            server
+                .error(
+                    "GenericError",
+                    "Hot-unplug failed: guest is busy (power indicator blinking)",
+                )
+                .await;
+        }
+        expect(&mut server, "device_del").await;
+        server.reply(json!({})).await;
+        server.event("DEVICE_DELETED", deleted("d1")).await;
+        assert_eq!(task.await.unwrap().unwrap(), Unplugged::Deleted);
+    }
+
+    #[tokio::test]
+    async fn busy_until_the_deadline_is_pending() {
+        let (mut server, task) = start(Config::new(), quick(300), false).await;
+        let presses = tokio::spawn(async move {
+            let mut presses = 0;
+            while let Some(got) = server.recv().await {
+                assert_eq!(got.command(), "device_del");
+                presses += 1;
+                server
+                    .error("GenericError", "Hot-unplug failed: guest is busy")
+                    .await;
+            }
+            presses
+        });
+        assert!(matches!(task.await.unwrap(), Err(Refused::Pending(_))));
+        // Pressed again and again, backing off: 300 ms with waits of 10 ms, then 20 ms (about 15).
+        let presses = presses.await.unwrap();
+        assert!((2..=20).contains(&presses), "{presses} presses");
+    }
+
+    #[tokio::test]
+    async fn the_guests_refusal_is_rejected_at_once() {
+        let (mut server, task) = start(Config::new(), quick(5_000), false).await;
+        expect(&mut server, "device_del").await;
+        server.reply(json!({})).await;
+        server
+            .event("DEVICE_UNPLUG_GUEST_ERROR", deleted("d1"))
+            .await;
+        match task.await.unwrap() {
+            Err(Refused::Rejected(why)) => assert_eq!(why, "DEVICE_UNPLUG_GUEST_ERROR"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ost_eject_refusal_is_rejected_and_an_ost_success_asks_qemu() {
+        let ost = |device: Option<&str>, status: i64| {
+            json!({"info": {"device": device, "slot": "0", "slot-type": "DIMM",
+                            "source": OST_EJECT_REQUEST, "status": status}})
+        };
+        let (mut server, task) = start(Config::new(), quick(5_000), false).await;
+        expect(&mut server, "device_del").await;
+        server.reply(json!({})).await;
+        server.event("ACPI_DEVICE_OST", ost(Some("d1"), 1)).await;
+        match task.await.unwrap() {
+            Err(Refused::Rejected(why)) => {
+                assert!(why.starts_with("ACPI _OST status 0x1"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Status 0 names no device: QEMU's device list decides.
+        let (mut server, task) = start(Config::new(), quick(5_000), false).await;
+        expect(&mut server, "device_del").await;
+        server.reply(json!({})).await;
+        server.event("ACPI_DEVICE_OST", ost(None, 0)).await;
+        let list = expect(&mut server, "qom-list").await;
+        assert_eq!(list.arguments()["path"], names::PERIPHERAL);
+        server.reply(peripherals(&[])).await;
+        assert_eq!(task.await.unwrap().unwrap(), Unplugged::Vanished);
+    }
+
+    #[tokio::test]
+    async fn a_lagged_subscription_asks_qemu_instead_of_guessing() {
+        let config = Config::new().event_capacity(1);
+        let (mut server, task) = start(config, quick(5_000), false).await;
+        expect(&mut server, "device_del").await;
+        server.reply(json!({})).await;
+        // Three events in one write: the connection queues them all before the waiter runs, so
+        // the subscription of one lags, and d1's own event is among those lost.
+        let mut burst = Vec::new();
+        for id in ["d1", "x", "y"] {
+            burst.extend(serde_json::to_vec(&event_json("DEVICE_DELETED", deleted(id))).unwrap());
+            burst.extend(b"\r\n");
+        }
+        server.send_raw(&burst).await;
+        expect(&mut server, "qom-list").await;
+        server.reply(peripherals(&["x"])).await;
+        assert_eq!(task.await.unwrap().unwrap(), Unplugged::Vanished);
+    }
+
+    #[tokio::test]
+    async fn while_stale_the_first_deleted_event_is_checked_against_qemu() {
+        let (mut server, task) = start(Config::new(), quick(5_000), true).await;
+        expect(&mut server, "device_del").await;
+        server.reply(json!({})).await;
+        // The earlier d1's late event: the device list still holds the new one.
+        server.event("DEVICE_DELETED", deleted("d1")).await;
+        expect(&mut server, "qom-list").await;
+        server.reply(peripherals(&["d1"])).await;
+        // The new d1's own event counts.
+        server.event("DEVICE_DELETED", deleted("d1")).await;
+        assert_eq!(task.await.unwrap().unwrap(), Unplugged::Deleted);
+    }
+
+    #[tokio::test]
+    async fn another_error_is_qemus_and_a_hang_up_is_disconnected() {
+        let (mut server, task) = start(Config::new(), quick(5_000), false).await;
+        expect(&mut server, "device_del").await;
+        server
+            .error("GenericError", "Bus 'pci.0' does not support hotplugging")
+            .await;
+        assert!(matches!(task.await.unwrap(), Err(Refused::Qmp(_))));
+
+        let (mut server, task) = start(Config::new(), quick(5_000), false).await;
+        expect(&mut server, "device_del").await;
+        server.reply(json!({})).await;
+        server.close();
+        match task.await.unwrap() {
+            Err(Refused::Qmp(e)) => assert!(e.is_disconnected(), "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
