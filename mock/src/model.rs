@@ -109,9 +109,10 @@ pub(crate) struct Model {
     pub(crate) named_fds: Vec<(String, Arc<OwnedFd>)>,
     pub(crate) chardevs: Vec<String>,
     pub(crate) objects: Vec<(String, String)>,
-    pub(crate) log: Vec<String>,
+    pub(crate) log: Vec<(String, Value)>,
     pub(crate) received: Vec<(String, Arc<OwnedFd>)>,
-    failures: Vec<(String, String)>,
+    /// Commands to fail: the command, how many of it to let pass first, and the error's text.
+    failures: Vec<(String, usize, String)>,
     pub(crate) guest_unplug: GuestUnplug,
     subscribers: Vec<mpsc::UnboundedSender<Value>>,
     next_fdset: i64,
@@ -327,8 +328,9 @@ impl Model {
         self.subscribers.push(writer);
     }
 
-    pub(crate) fn fail_next(&mut self, command: &str, desc: &str) {
-        self.failures.push((command.into(), desc.into()));
+    pub(crate) fn fail_nth(&mut self, command: &str, nth: usize, desc: &str) {
+        self.failures
+            .push((command.into(), nth.saturating_sub(1), desc.into()));
     }
 
     fn emit(&mut self, name: &str, data: Value) {
@@ -362,15 +364,19 @@ impl Model {
         let id = request.get("id");
         let args = request.get("arguments").cloned().unwrap_or(json!({}));
         if name != "qmp_capabilities" {
-            self.log.push(name.clone());
+            self.log.push((name.clone(), args.clone()));
         }
         let fd = fd.map(Arc::new);
         if let Some(fd) = &fd {
             self.received.push((name.clone(), fd.clone()));
         }
         let mut later = None;
-        let result = match self.failures.iter().position(|(c, _)| *c == name) {
-            Some(at) => Err(generic(self.failures.remove(at).1)),
+        let result = match self.failures.iter().position(|(c, _, _)| *c == name) {
+            Some(at) if self.failures[at].1 > 0 => {
+                self.failures[at].1 -= 1;
+                self.dispatch(&name, &args, fd, &mut later)
+            }
+            Some(at) => Err(generic(self.failures.remove(at).2)),
             None => self.dispatch(&name, &args, fd, &mut later),
         };
         let reply = match result {

@@ -99,7 +99,14 @@ impl MockQemu {
 
     /// The next `command` fails with a `GenericError` carrying `desc`, and changes nothing.
     pub fn fail_next(&self, command: &str, desc: &str) {
-        self.model().fail_next(command, desc);
+        self.fail_nth(command, 1, desc);
+    }
+
+    /// The `nth` `command` from now (1 is the next) fails with a `GenericError` carrying `desc`,
+    /// and changes nothing; the ones before it are handled as usual. A hot-add that sends
+    /// `blockdev-add` twice (protocol node, then format node) is failed at its second with `2`.
+    pub fn fail_nth(&self, command: &str, nth: usize, desc: &str) {
+        self.model().fail_nth(command, nth, desc);
     }
 
     /// What the guest does from now on when asked to let a device go.
@@ -109,6 +116,12 @@ impl MockQemu {
 
     /// Every command received, in order (`qmp_capabilities` left out).
     pub fn commands(&self) -> Vec<String> {
+        self.model().log.iter().map(|(c, _)| c.clone()).collect()
+    }
+
+    /// Every command received, in order (`qmp_capabilities` left out), with its arguments (`{}`
+    /// when it had none).
+    pub fn requests(&self) -> Vec<(String, Value)> {
         self.model().log.clone()
     }
 

@@ -1,0 +1,351 @@
+//! The engine's logic on the mock QEMU, in seconds, without QEMU, root or a guest: the rollback of
+//! a hot-add that fails at each step, reservations released, busy marks, and reconcile. The same
+//! behaviours are proven on real QEMU and in booted guests by `tests/tests/`; these say at once
+//! which rule broke.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qhotplug::{
+    DiskConfig, DiskFrontend, Error, IoLimits, Machine, NicConfig, Pci, UnplugPolicy, Vm, VmSpec,
+};
+use qhotplug_mock::{GuestUnplug, MockQemu};
+use serde_json::{json, Value};
+
+/// A VM attached to a fresh paused `pc` mock whose schema is already read.
+async fn attached() -> (MockQemu, Vm) {
+    let qemu = MockQemu::pc();
+    let vm = Vm::attach(qemu.connect().await.unwrap(), VmSpec::new("t", Machine::Pc))
+        .await
+        .unwrap();
+    vm.check_disk_hotplug().await.unwrap();
+    (qemu, vm)
+}
+
+/// A 1 MiB raw image in `dir` (one per disk: QEMU, and the mock, lock an image a writable disk
+/// uses).
+fn image(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    path
+}
+
+/// One end of a socketpair, standing in for a tap's fd.
+fn tap_fd() -> std::os::fd::OwnedFd {
+    let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    ours.into()
+}
+
+/// The commands that change QEMU sent since `from`, with the node, fd set or id each names.
+fn changes_since(qemu: &MockQemu, from: usize) -> Vec<String> {
+    let named = |args: &Value| {
+        ["node-name", "id", "fdset-id", "fdname"]
+            .iter()
+            .find_map(|k| args.get(*k).map(|v| v.to_string().replace('"', "")))
+            .unwrap_or_default()
+    };
+    qemu.requests()[from..]
+        .iter()
+        .filter(|(c, _)| !c.starts_with("query-") && !c.starts_with("qom-"))
+        .map(|(c, args)| format!("{c} {}", named(args)).trim_end().to_owned())
+        .collect()
+}
+
+/// Whether the mock holds nothing a hot-add could have left: devices, nodes, netdevs, fd sets,
+/// `getfd` names.
+fn assert_empty(qemu: &MockQemu) {
+    assert!(qemu.devices().is_empty(), "{:?}", qemu.devices());
+    assert!(qemu.block_nodes().is_empty(), "{:?}", qemu.block_nodes());
+    assert!(qemu.netdevs().is_empty(), "{:?}", qemu.netdevs());
+    assert!(qemu.fdsets().is_empty(), "{:?}", qemu.fdsets());
+    assert!(qemu.fd_names().is_empty(), "{:?}", qemu.fd_names());
+}
+
+/// Waits, with a deadline, until `done` holds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_disk_hot_add_that_fails_at_any_step_is_undone_in_reverse_and_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "a.raw");
+    let limits = IoLimits {
+        bps: 1 << 20,
+        ..IoLimits::default()
+    };
+    let config = || {
+        DiskConfig::virtio_blk("d1", &path)
+            .at_pci(Pci::new("pci.0", 5))
+            .io_limits(limits.clone())
+    };
+    // What the hot-add sends, then, for a failure at each step, what the rollback sends after it.
+    let (qemu, vm) = attached().await;
+    let from = qemu.commands().len();
+    vm.add_disk(config()).await.unwrap();
+    let forward = changes_since(&qemu, from);
+    let fmt = forward[2].strip_prefix("blockdev-add ").unwrap().to_owned();
+    let file = forward[1].strip_prefix("blockdev-add ").unwrap().to_owned();
+    assert_eq!(
+        forward,
+        [
+            "add-fd".to_owned(),
+            format!("blockdev-add {file}"),
+            format!("blockdev-add {fmt}"),
+            "remove-fd 0".to_owned(),
+            "device_add d1".to_owned(),
+            "block_set_io_throttle /machine/peripheral/d1/virtio-backend".to_owned(),
+        ]
+    );
+    let del = |node: &str| format!("blockdev-del {node}");
+    let cases: [(&str, usize, Vec<String>); 6] = [
+        ("add-fd", 1, vec![]),
+        ("blockdev-add", 1, vec!["remove-fd 0".into()]),
+        ("blockdev-add", 2, vec![del(&file), "remove-fd 0".into()]),
+        (
+            "remove-fd",
+            1,
+            vec![del(&fmt), del(&file), "remove-fd 0".into()],
+        ),
+        ("device_add", 1, vec![del(&fmt), del(&file)]),
+        (
+            "block_set_io_throttle",
+            1,
+            vec!["device_del d1".into(), del(&fmt), del(&file)],
+        ),
+    ];
+    for (command, nth, undo) in cases {
+        let (qemu, vm) = attached().await;
+        let from = qemu.commands().len();
+        qemu.fail_nth(command, nth, "injected");
+        match vm.add_disk(config()).await {
+            Err(Error::Step {
+                step,
+                undo_failures,
+                ..
+            }) => {
+                assert_eq!(step, command);
+                assert!(undo_failures.is_empty(), "{undo_failures:?}");
+            }
+            other => panic!("{command} #{nth}: {other:?}"),
+        }
+        let sent = changes_since(&qemu, from);
+        let failed_at = forward
+            .iter()
+            .filter(|c| c.starts_with(command))
+            .nth(nth - 1)
+            .unwrap();
+        let at = sent.iter().position(|c| c == failed_at).unwrap();
+        assert_eq!(sent[at + 1..], undo, "rollback after {command} #{nth}");
+        assert_empty(&qemu);
+        assert!(vm.disks().is_empty() && vm.spec().disks.is_empty());
+        // The slot, the id and the image are free again: the same hot-add now succeeds.
+        let disk = vm.add_disk(config()).await.unwrap();
+        assert_eq!(disk.frontend, DiskFrontend::VirtioBlk(Pci::new("pci.0", 5)));
+    }
+}
+
+#[tokio::test]
+async fn a_nic_hot_add_that_fails_at_any_step_is_undone_in_reverse() {
+    for (command, undo) in [
+        ("getfd", vec![]),
+        ("netdev_add", vec!["closefd"]),
+        ("device_add", vec!["netdev_del n1-net"]),
+    ] {
+        let (qemu, vm) = attached().await;
+        vm.check_nic_hotplug().await.unwrap();
+        let from = qemu.commands().len();
+        qemu.fail_next(command, "injected");
+        let config = || NicConfig::from_fds("n1", vec![tap_fd()]).no_vhost();
+        let err = vm.add_nic(config()).await.unwrap_err();
+        assert!(matches!(err, Error::Step { step, .. } if step == command));
+        let sent = changes_since(&qemu, from);
+        let at = sent.iter().position(|c| c.starts_with(command)).unwrap();
+        let undone: Vec<&str> = sent[at + 1..]
+            .iter()
+            .map(|c| {
+                if c.starts_with("closefd") {
+                    "closefd"
+                } else {
+                    c
+                }
+            })
+            .collect();
+        assert_eq!(undone, undo, "rollback after {command}");
+        assert_empty(&qemu);
+        assert!(vm.nics().is_empty());
+        vm.add_nic(config()).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn calls_that_race_for_one_slot_or_one_id_get_it_once_and_the_loser_sends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "a.raw");
+    let (qemu, vm) = attached().await;
+    let at5 = |id: &str| DiskConfig::virtio_blk(id, &path).at_pci(Pci::new("pci.0", 5));
+    let (a, b) = tokio::join!(vm.add_disk(at5("a")), vm.add_disk(at5("b")));
+    let (won, lost) = if a.is_ok() { (a, b) } else { (b, a) };
+    won.unwrap();
+    let lost = lost.unwrap_err();
+    assert!(
+        matches!(lost, Error::AddressTaken { slot: 5, .. }),
+        "{lost:?}"
+    );
+    assert!(lost.nothing_sent());
+
+    let (a, b) = tokio::join!(
+        vm.add_disk(DiskConfig::virtio_blk("c", image(dir.path(), "c1.raw"))),
+        vm.add_disk(DiskConfig::virtio_blk("c", image(dir.path(), "c2.raw")))
+    );
+    let lost = a.err().or(b.err()).expect("one of them refused");
+    assert!(
+        matches!(lost, Error::DuplicateId(ref id) | Error::Busy(ref id) if id == "c"),
+        "{lost:?}"
+    );
+    assert!(lost.nothing_sent());
+    assert_eq!(qemu.devices().len(), 2);
+    assert_eq!(vm.spec().disks.len(), 2);
+}
+
+#[tokio::test]
+async fn a_device_being_removed_is_busy_to_every_other_call_until_it_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "a.raw");
+    let (qemu, vm) = attached().await;
+    vm.add_disk(DiskConfig::virtio_blk("d1", &path))
+        .await
+        .unwrap();
+    qemu.guest_unplug(GuestUnplug::After(Duration::from_millis(300)));
+    let removal = tokio::spawn({
+        let vm = vm.clone();
+        async move { vm.remove_disk("d1").await }
+    });
+    until("the guest was asked", || {
+        qemu.devices().iter().any(|d| d.id == "d1" && d.unplugging)
+    })
+    .await;
+    let sent = qemu.commands().len();
+    let busy = [
+        vm.set_io_limits("d1", IoLimits::default())
+            .await
+            .unwrap_err(),
+        vm.resize_disk("d1", 2 << 20).await.unwrap_err(),
+        vm.remove_disk("d1").await.unwrap_err(),
+    ];
+    for err in busy {
+        assert!(matches!(err, Error::Busy(ref id) if id == "d1"), "{err:?}");
+        assert!(err.nothing_sent());
+    }
+    let again = vm
+        .add_disk(DiskConfig::virtio_blk("d1", &path))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(again, Error::DuplicateId(ref id) if id == "d1"),
+        "{again:?}"
+    );
+    assert!(again.nothing_sent());
+    assert_eq!(qemu.commands().len(), sent, "a busy call sent something");
+    removal.await.unwrap().unwrap();
+    assert_empty(&qemu);
+    // The mark went with the device: the id is free.
+    qemu.guest_unplug(GuestUnplug::Release);
+    vm.add_disk(DiskConfig::virtio_blk("d1", &path))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn reconcile_forgets_what_left_behind_the_sdks_back_and_deletes_its_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "a.raw");
+    let (qemu, vm) = attached().await;
+    assert!(vm.reconcile().await.unwrap().is_empty());
+    vm.add_disk(DiskConfig::virtio_blk("d1", &path).at_pci(Pci::new("pci.0", 6)))
+        .await
+        .unwrap();
+    vm.add_disk(DiskConfig::virtio_blk("d2", image(dir.path(), "d2.raw")))
+        .await
+        .unwrap();
+    assert!(vm.reconcile().await.unwrap().is_empty());
+
+    // Another monitor takes d1 away.
+    let other = qemu.connect().await.unwrap();
+    other
+        .execute_raw("device_del", &json!({"id": "d1"}))
+        .await
+        .unwrap();
+    until("d1 left", || qemu.devices().iter().all(|d| d.id != "d1")).await;
+    let done = vm.reconcile().await.unwrap();
+    assert_eq!(done.gone, ["d1"]);
+    assert_eq!(done.nodes_deleted.len(), 2, "{done:?}");
+    assert_eq!(vm.spec().disks.len(), 1);
+    assert_eq!(qemu.block_nodes().len(), 2, "d2's nodes stay");
+    assert!(vm.reconcile().await.unwrap().is_empty());
+    // Its slot is free again.
+    vm.add_disk(
+        DiskConfig::virtio_blk("d3", image(dir.path(), "d3.raw"))
+            .at_pci(Pci::new("pci.0", 6))
+            .read_only(true),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_unplug_the_guest_finishes_after_the_deadline_is_pending_then_reconciled() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "a.raw");
+    let (qemu, vm) = attached().await;
+    vm.add_disk(DiskConfig::virtio_blk("d1", &path))
+        .await
+        .unwrap();
+    qemu.guest_unplug(GuestUnplug::After(Duration::from_millis(300)));
+    let hasty = vm.with_unplug_policy(UnplugPolicy::new(Duration::from_millis(50)));
+    let err = hasty.remove_disk("d1").await.unwrap_err();
+    assert!(
+        matches!(err, Error::UnplugPending { ref id, .. } if id == "d1"),
+        "{err:?}"
+    );
+    assert!(vm.unplug_pending("d1"));
+    assert_eq!(vm.spec().disks.len(), 1, "the device is still there");
+
+    until("the guest let d1 go", || qemu.devices().is_empty()).await;
+    let done = vm.reconcile().await.unwrap();
+    assert_eq!(done.gone, ["d1"]);
+    assert!(!vm.unplug_pending("d1"));
+    assert_empty(&qemu);
+}
+
+#[tokio::test]
+async fn a_guest_that_refuses_keeps_the_device_and_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "a.raw");
+    let (qemu, vm) = attached().await;
+    vm.add_disk(DiskConfig::virtio_blk("d1", &path).at_pci(Pci::new("pci.0", 7)))
+        .await
+        .unwrap();
+    qemu.guest_unplug(GuestUnplug::Refuse);
+    let err = vm.remove_disk("d1").await.unwrap_err();
+    assert!(err.is_guest_refusal(), "{err:?}");
+    assert_eq!(vm.spec().disks.len(), 1);
+    assert_eq!(
+        qemu.block_nodes().len(),
+        2,
+        "the backends stay with the device"
+    );
+    let taken = vm
+        .add_disk(DiskConfig::virtio_blk("d2", &path).at_pci(Pci::new("pci.0", 7)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(taken, Error::AddressTaken { slot: 7, .. }),
+        "{taken:?}"
+    );
+    assert!(vm.reconcile().await.unwrap().is_empty());
+}
