@@ -8,13 +8,14 @@
 
 use std::path::PathBuf;
 
-use qhotplug_qmp::command::{BlockdevAdd, DeviceAdd};
+use qhotplug_qmp::command::BlockdevAdd;
 
-use crate::device::{blockdev, device_add, p, render_kv, Props, ScsiAddr};
+use crate::device::{blockdev, p, render_kv, Props, ScsiAddr};
 use crate::error::{Error, Result};
+use crate::model::DeviceModel;
 use crate::names;
 use crate::spec::Machine;
-use crate::value::{render, validate_id};
+use crate::value::validate_id;
 
 /// A place on the machine's built-in IDE controller: on `pc`, `ide.0` and `ide.1` with units 0
 /// and 1; on `q35` (AHCI), `ide.0` to `ide.5` with unit 0.
@@ -114,14 +115,6 @@ impl Cdrom {
         self
     }
 
-    /// The device model.
-    pub fn driver(&self) -> &'static str {
-        match self.bus {
-            CdromBus::Scsi(_) => "scsi-cd",
-            CdromBus::Ide(_) => "ide-cd",
-        }
-    }
-
     /// The medium's protocol node.
     pub fn file_node(&self) -> String {
         names::medium_file_node(&self.id, self.generation)
@@ -130,39 +123,6 @@ impl Cdrom {
     /// The medium's format node (what the device's `drive` names when it holds one).
     pub fn top_node(&self) -> String {
         names::medium_format_node(&self.id, self.generation)
-    }
-
-    /// Checks the id and the node names of this and the next medium. The address is checked by
-    /// [`VmSpec::validate`](crate::VmSpec::validate), which knows the machine.
-    pub fn check(&self) -> Result<()> {
-        validate_id(&self.id)?;
-        let next = names::medium_file_node(&self.id, self.generation.wrapping_add(1));
-        if self.file_node().len() > 31 || next.len() > 31 {
-            return Err(Error::InvalidId {
-                id: self.id.clone(),
-                reason: "too long for the block node names of its media",
-            });
-        }
-        Ok(())
-    }
-
-    /// Every device property: placement, `drive` when it holds a medium, `bootindex`.
-    pub fn device_props(&self) -> Props {
-        let mut props = vec![p("id", self.id.clone())];
-        match &self.bus {
-            CdromBus::Scsi(addr) => props.extend(addr.props()),
-            CdromBus::Ide(addr) => {
-                props.push(p("bus", addr.bus.clone()));
-                props.push(p("unit", i64::from(addr.unit)));
-            }
-        }
-        if self.medium.is_some() {
-            props.push(p("drive", self.top_node()));
-        }
-        if self.boot {
-            props.push(p("bootindex", 0i64));
-        }
-        props
     }
 
     /// The medium's nodes: a read-only `file` node on `filename` (the path at boot,
@@ -198,10 +158,7 @@ impl Cdrom {
         for node in self.medium_props(&filename) {
             args.extend(["-blockdev".to_owned(), render_kv(&node)]);
         }
-        args.extend([
-            "-device".to_owned(),
-            render(self.driver(), &self.device_props()),
-        ]);
+        args.extend(["-device".to_owned(), self.device_arg()]);
         args
     }
 
@@ -212,10 +169,52 @@ impl Cdrom {
             .map(|n| blockdev(n))
             .collect()
     }
+}
 
-    /// `device_add` arguments.
-    pub fn device_add(&self) -> DeviceAdd {
-        device_add(self.driver(), &self.device_props())
+impl DeviceModel for Cdrom {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The device model.
+    fn driver(&self) -> &str {
+        match self.bus {
+            CdromBus::Scsi(_) => "scsi-cd",
+            CdromBus::Ide(_) => "ide-cd",
+        }
+    }
+
+    /// Checks the id and the node names of this and the next medium. The address is checked by
+    /// [`VmSpec::validate`](crate::VmSpec::validate), which knows the machine.
+    fn check(&self) -> Result<()> {
+        validate_id(&self.id)?;
+        let next = names::medium_file_node(&self.id, self.generation.wrapping_add(1));
+        if self.file_node().len() > 31 || next.len() > 31 {
+            return Err(Error::InvalidId {
+                id: self.id.clone(),
+                reason: "too long for the block node names of its media",
+            });
+        }
+        Ok(())
+    }
+
+    /// Every device property: placement, `drive` when it holds a medium, `bootindex`.
+    fn device_props(&self) -> Props {
+        let mut props = vec![p("id", self.id.clone())];
+        match &self.bus {
+            CdromBus::Scsi(addr) => props.extend(addr.props()),
+            CdromBus::Ide(addr) => {
+                props.push(p("bus", addr.bus.clone()));
+                props.push(p("unit", i64::from(addr.unit)));
+            }
+        }
+        if self.medium.is_some() {
+            props.push(p("drive", self.top_node()));
+        }
+        if self.boot {
+            props.push(p("bootindex", 0i64));
+        }
+        props
     }
 }
 

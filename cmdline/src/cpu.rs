@@ -2,11 +2,10 @@
 //! free slots, as devices with ids (`-device qemu64-x86_64-cpu,id=…,socket-id=…` at boot,
 //! `device_add` later), so a VM relaunched from its spec has the same vCPUs with the same ids.
 
-use qhotplug_qmp::command::DeviceAdd;
-
-use crate::device::{device_add, p, Props};
+use crate::device::{p, Props};
 use crate::error::{Error, Result};
-use crate::value::{render, validate_id};
+use crate::model::DeviceModel;
+use crate::value::validate_id;
 
 /// The vCPU topology: how many vCPUs the VM may ever have, and how they are arranged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -77,26 +76,31 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
+    /// Launch arguments.
+    pub fn args(&self) -> Vec<String> {
+        vec!["-device".into(), self.device_arg()]
+    }
+}
+
+impl DeviceModel for Vcpu {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn driver(&self) -> &str {
+        &self.driver
+    }
+
     /// Checks the id.
-    pub fn check(&self) -> Result<()> {
+    fn check(&self) -> Result<()> {
         validate_id(&self.id)
     }
 
     /// Every device property: the id, then the slot.
-    pub fn device_props(&self) -> Props {
+    fn device_props(&self) -> Props {
         let mut props = vec![p("id", self.id.clone())];
         props.extend(self.slot.iter().map(|(k, v)| p(k, *v)));
         props
-    }
-
-    /// Launch arguments.
-    pub fn args(&self) -> Vec<String> {
-        vec!["-device".into(), render(&self.driver, &self.device_props())]
-    }
-
-    /// `device_add` arguments.
-    pub fn device_add(&self) -> DeviceAdd {
-        device_add(&self.driver, &self.device_props())
     }
 }
 

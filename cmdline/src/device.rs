@@ -7,6 +7,7 @@ use qhotplug_qmp::command::{BlockdevAdd, DeviceAdd, NetdevAdd};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::model::DeviceModel;
 use crate::value::{render, validate_id, Prop};
 
 /// Ordered properties: the order is the command line's.
@@ -239,38 +240,6 @@ impl Disk {
         }
     }
 
-    /// The device model.
-    pub fn driver(&self) -> &'static str {
-        match self.frontend {
-            DiskFrontend::VirtioBlk(_) => "virtio-blk-pci",
-            DiskFrontend::ScsiHd(_) => "scsi-hd",
-            DiskFrontend::ScsiGeneric(_) => "scsi-generic",
-        }
-    }
-
-    /// Checks ids, node names and addresses.
-    pub fn check(&self) -> Result<()> {
-        validate_id(&self.id)?;
-        if self.file_node().len() > 31 {
-            return Err(Error::InvalidId {
-                id: self.id.clone(),
-                reason: "too long for a block node name (26 bytes at most)",
-            });
-        }
-        if let DiskFrontend::VirtioBlk(pci) = &self.frontend {
-            pci.check()?;
-        }
-        if matches!(self.frontend, DiskFrontend::ScsiGeneric(_))
-            && self.backend != DiskBackend::HostDevice
-        {
-            return Err(Error::InvalidSpec(format!(
-                "{}: scsi-generic needs a host_device backend",
-                self.id
-            )));
-        }
-        Ok(())
-    }
-
     /// The id and placement properties (the Ganeti seed form, without the backend).
     pub fn frontend_props(&self) -> Props {
         let mut props = vec![p("id", self.id.clone())];
@@ -278,13 +247,6 @@ impl Disk {
             DiskFrontend::VirtioBlk(pci) => pci.props(),
             DiskFrontend::ScsiHd(a) | DiskFrontend::ScsiGeneric(a) => a.props(),
         });
-        props
-    }
-
-    /// Every device property: placement, then `drive`.
-    pub fn device_props(&self) -> Props {
-        let mut props = self.frontend_props();
-        props.push(p("drive", self.top_node()));
         props
     }
 
@@ -352,10 +314,7 @@ impl Disk {
         if let Some(format) = self.format_props() {
             args.extend(["-blockdev".to_owned(), render_kv(&format)]);
         }
-        args.extend([
-            "-device".to_owned(),
-            render(self.driver(), &self.device_props()),
-        ]);
+        args.extend(["-device".to_owned(), self.device_arg()]);
         args
     }
 
@@ -365,10 +324,50 @@ impl Disk {
         out.extend(self.format_props().as_deref().map(blockdev));
         out
     }
+}
 
-    /// `device_add` arguments.
-    pub fn device_add(&self) -> DeviceAdd {
-        device_add(self.driver(), &self.device_props())
+impl DeviceModel for Disk {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The device model.
+    fn driver(&self) -> &str {
+        match self.frontend {
+            DiskFrontend::VirtioBlk(_) => "virtio-blk-pci",
+            DiskFrontend::ScsiHd(_) => "scsi-hd",
+            DiskFrontend::ScsiGeneric(_) => "scsi-generic",
+        }
+    }
+
+    /// Checks ids, node names and addresses.
+    fn check(&self) -> Result<()> {
+        validate_id(&self.id)?;
+        if self.file_node().len() > 31 {
+            return Err(Error::InvalidId {
+                id: self.id.clone(),
+                reason: "too long for a block node name (26 bytes at most)",
+            });
+        }
+        if let DiskFrontend::VirtioBlk(pci) = &self.frontend {
+            pci.check()?;
+        }
+        if matches!(self.frontend, DiskFrontend::ScsiGeneric(_))
+            && self.backend != DiskBackend::HostDevice
+        {
+            return Err(Error::InvalidSpec(format!(
+                "{}: scsi-generic needs a host_device backend",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every device property: placement, then `drive`.
+    fn device_props(&self) -> Props {
+        let mut props = self.frontend_props();
+        props.push(p("drive", self.top_node()));
+        props
     }
 }
 
@@ -433,39 +432,9 @@ impl Nic {
         crate::names::netdev(&self.id)
     }
 
-    /// Checks the id, queues and address.
-    pub fn check(&self) -> Result<()> {
-        validate_id(&self.id)?;
-        if !(1..=256).contains(&self.queues) {
-            return Err(Error::InvalidSpec(format!(
-                "{}: {} queues (1 to 256)",
-                self.id, self.queues
-            )));
-        }
-        if !self.mac.is_unicast() {
-            return Err(Error::InvalidSpec(format!(
-                "{}: MAC {} is not unicast",
-                self.id, self.mac
-            )));
-        }
-        self.pci.check()
-    }
-
     /// The id and placement properties (the Ganeti seed form).
     pub fn frontend_props(&self) -> Props {
         self.pci.with_id(&self.id)
-    }
-
-    /// Every device property: placement, `netdev`, `mac`, and `mq`/`vectors` (2N+2) for N > 1.
-    pub fn device_props(&self) -> Props {
-        let mut props = self.frontend_props();
-        props.push(p("netdev", self.netdev_id()));
-        props.push(p("mac", self.mac.to_string()));
-        if self.queues > 1 {
-            props.push(p("mq", true));
-            props.push(p("vectors", 2 * i64::from(self.queues) + 2));
-        }
-        props
     }
 
     /// The netdev's properties. `tap_fds`/`vhost_fds` are fd numbers (at boot) or `getfd` names (at
@@ -495,7 +464,7 @@ impl Nic {
             "-netdev".into(),
             render("tap", &self.netdev_props(tap_fds, vhost_fds)),
             "-device".into(),
-            render("virtio-net-pci", &self.device_props()),
+            self.device_arg(),
         ]
     }
 
@@ -512,10 +481,45 @@ impl Nic {
             props: map,
         }
     }
+}
 
-    /// `device_add` arguments.
-    pub fn device_add(&self) -> DeviceAdd {
-        device_add("virtio-net-pci", &self.device_props())
+impl DeviceModel for Nic {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn driver(&self) -> &str {
+        "virtio-net-pci"
+    }
+
+    /// Checks the id, queues and address.
+    fn check(&self) -> Result<()> {
+        validate_id(&self.id)?;
+        if !(1..=256).contains(&self.queues) {
+            return Err(Error::InvalidSpec(format!(
+                "{}: {} queues (1 to 256)",
+                self.id, self.queues
+            )));
+        }
+        if !self.mac.is_unicast() {
+            return Err(Error::InvalidSpec(format!(
+                "{}: MAC {} is not unicast",
+                self.id, self.mac
+            )));
+        }
+        self.pci.check()
+    }
+
+    /// Every device property: placement, `netdev`, `mac`, and `mq`/`vectors` (2N+2) for N > 1.
+    fn device_props(&self) -> Props {
+        let mut props = self.frontend_props();
+        props.push(p("netdev", self.netdev_id()));
+        props.push(p("mac", self.mac.to_string()));
+        if self.queues > 1 {
+            props.push(p("mq", true));
+            props.push(p("vectors", 2 * i64::from(self.queues) + 2));
+        }
+        props
     }
 }
 

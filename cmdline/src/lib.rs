@@ -26,6 +26,7 @@ mod device;
 mod error;
 mod launch;
 mod memory;
+mod model;
 pub mod names;
 mod rng;
 mod spec;
@@ -45,6 +46,7 @@ pub use device::{
 pub use error::{Error, Result};
 pub use launch::{default_qemu, Launcher, Monitor, QemuProcess, QEMU_ENV};
 pub use memory::{Balloon, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, MIB};
+pub use model::DeviceModel;
 pub use rng::Rng;
 pub use spec::{Accel, Machine, Serial, VmSpec, Vnc, VncListen};
 pub use value::{escape, id_from_uuid, validate_id, Prop};

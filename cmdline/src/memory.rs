@@ -5,10 +5,11 @@
 
 use std::path::PathBuf;
 
-use qhotplug_qmp::command::{DeviceAdd, ObjectAdd};
+use qhotplug_qmp::command::ObjectAdd;
 
-use crate::device::{device_add, p, props_to_json, Pci, Props};
+use crate::device::{p, props_to_json, Pci, Props};
 use crate::error::{Error, Result};
+use crate::model::DeviceModel;
 use crate::names;
 use crate::value::{render, validate_id};
 
@@ -170,21 +171,34 @@ impl MemoryDevice {
         }
     }
 
+    /// How much of `maxmem` it takes: all of its backend.
+    pub fn size(&self) -> u64 {
+        self.backend.size
+    }
+
+    /// Launch arguments: the backend's `-object`, then `-device`.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = self.backend.args();
+        args.extend(["-device".to_owned(), self.device_arg()]);
+        args
+    }
+}
+
+impl DeviceModel for MemoryDevice {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
     /// The device model.
-    pub fn driver(&self) -> &'static str {
+    fn driver(&self) -> &str {
         match self.kind {
             MemoryDeviceKind::Dimm => "pc-dimm",
             MemoryDeviceKind::VirtioMem { .. } => "virtio-mem-pci",
         }
     }
 
-    /// How much of `maxmem` it takes: all of its backend.
-    pub fn size(&self) -> u64 {
-        self.backend.size
-    }
-
     /// Checks the id, the backend, and a virtio-mem's requested size.
-    pub fn check(&self) -> Result<()> {
+    fn check(&self) -> Result<()> {
         validate_id(&self.id)?;
         self.backend.check()?;
         if let MemoryDeviceKind::VirtioMem { requested, pci } = &self.kind {
@@ -200,7 +214,7 @@ impl MemoryDevice {
     }
 
     /// Every device property.
-    pub fn device_props(&self) -> Props {
+    fn device_props(&self) -> Props {
         let mut props = vec![p("id", self.id.clone())];
         if let MemoryDeviceKind::VirtioMem { pci, .. } = &self.kind {
             props.extend(pci.props());
@@ -210,21 +224,6 @@ impl MemoryDevice {
             props.push(p("requested-size", *requested as i64));
         }
         props
-    }
-
-    /// Launch arguments: the backend's `-object`, then `-device`.
-    pub fn args(&self) -> Vec<String> {
-        let mut args = self.backend.args();
-        args.extend([
-            "-device".to_owned(),
-            render(self.driver(), &self.device_props()),
-        ]);
-        args
-    }
-
-    /// `device_add` arguments.
-    pub fn device_add(&self) -> DeviceAdd {
-        device_add(self.driver(), &self.device_props())
     }
 }
 
@@ -238,22 +237,29 @@ pub struct Balloon {
 }
 
 impl Balloon {
-    /// Every device property.
-    pub fn device_props(&self) -> Props {
-        self.pci.with_id(&self.id)
-    }
-
     /// Launch arguments.
     pub fn args(&self) -> Vec<String> {
-        vec![
-            "-device".into(),
-            render("virtio-balloon-pci", &self.device_props()),
-        ]
+        vec!["-device".into(), self.device_arg()]
+    }
+}
+
+impl DeviceModel for Balloon {
+    fn id(&self) -> &str {
+        &self.id
     }
 
-    /// `device_add` arguments.
-    pub fn device_add(&self) -> DeviceAdd {
-        device_add("virtio-balloon-pci", &self.device_props())
+    fn driver(&self) -> &str {
+        "virtio-balloon-pci"
+    }
+
+    fn check(&self) -> Result<()> {
+        validate_id(&self.id)?;
+        self.pci.check()
+    }
+
+    /// Every device property.
+    fn device_props(&self) -> Props {
+        self.pci.with_id(&self.id)
     }
 }
 

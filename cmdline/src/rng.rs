@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 
-use qhotplug_qmp::command::{DeviceAdd, ObjectAdd};
+use qhotplug_qmp::command::ObjectAdd;
 
-use crate::device::{device_add, p, props_to_json, Pci, Props};
+use crate::device::{p, props_to_json, Pci, Props};
 use crate::error::Result;
+use crate::model::DeviceModel;
 use crate::names;
 use crate::value::{render, validate_id};
 
@@ -21,24 +22,11 @@ pub struct Rng {
 }
 
 impl Rng {
-    /// Checks the id and address.
-    pub fn check(&self) -> Result<()> {
-        validate_id(&self.id)?;
-        self.pci.check()
-    }
-
     fn object_props(&self) -> Props {
         vec![
             p("id", names::rng(&self.id)),
             p("filename", self.source.to_string_lossy().into_owned()),
         ]
-    }
-
-    /// Every device property.
-    pub fn device_props(&self) -> Props {
-        let mut props = self.pci.with_id(&self.id);
-        props.push(p("rng", names::rng(&self.id)));
-        props
     }
 
     /// Launch arguments: `-object`, then `-device`.
@@ -47,7 +35,7 @@ impl Rng {
             "-object".into(),
             render("rng-random", &self.object_props()),
             "-device".into(),
-            render("virtio-rng-pci", &self.device_props()),
+            self.device_arg(),
         ]
     }
 
@@ -61,9 +49,27 @@ impl Rng {
             props,
         }
     }
+}
 
-    /// `device_add` arguments.
-    pub fn device_add(&self) -> DeviceAdd {
-        device_add("virtio-rng-pci", &self.device_props())
+impl DeviceModel for Rng {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn driver(&self) -> &str {
+        "virtio-rng-pci"
+    }
+
+    /// Checks the id and address.
+    fn check(&self) -> Result<()> {
+        validate_id(&self.id)?;
+        self.pci.check()
+    }
+
+    /// Every device property.
+    fn device_props(&self) -> Props {
+        let mut props = self.pci.with_id(&self.id);
+        props.push(p("rng", names::rng(&self.id)));
+        props
     }
 }

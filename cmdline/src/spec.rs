@@ -8,6 +8,7 @@ use crate::cpu::{CpuTopology, Vcpu};
 use crate::device::{Disk, DiskFrontend, Nic, RootPort, ScsiController};
 use crate::error::{Error, Result};
 use crate::memory::{Balloon, MemoryBackend, MemoryDevice, MemoryDeviceKind, MIB};
+use crate::model::DeviceModel;
 use crate::rng::Rng;
 use crate::value::{escape, validate_id};
 use crate::vhost_user::{VhostUserBlk, VirtioFs};

@@ -6,13 +6,12 @@
 
 use std::path::PathBuf;
 
-use qhotplug_qmp::command::DeviceAdd;
-
 use crate::chardev::SocketChardev;
-use crate::device::{device_add, p, Pci, Props};
+use crate::device::{p, Pci, Props};
 use crate::error::Result;
+use crate::model::DeviceModel;
 use crate::names;
-use crate::value::{render, validate_id};
+use crate::value::validate_id;
 
 /// A `vhost-user-blk-pci` disk on a backend's socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,35 +56,37 @@ impl VhostUserBlk {
         client_chardev(&self.id, &self.socket)
     }
 
+    /// Launch arguments: `-chardev`, then `-device`.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = self.chardev().args();
+        args.extend(["-device".into(), self.device_arg()]);
+        args
+    }
+}
+
+impl DeviceModel for VhostUserBlk {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn driver(&self) -> &str {
+        "vhost-user-blk-pci"
+    }
+
     /// Checks the id and address.
-    pub fn check(&self) -> Result<()> {
+    fn check(&self) -> Result<()> {
         validate_id(&self.id)?;
         self.pci.check()
     }
 
     /// Every device property.
-    pub fn device_props(&self) -> Props {
+    fn device_props(&self) -> Props {
         let mut props = self.pci.with_id(&self.id);
         props.push(p("chardev", names::chardev(&self.id)));
         if let Some(n) = self.num_queues {
             props.push(p("num-queues", i64::from(n)));
         }
         props
-    }
-
-    /// Launch arguments: `-chardev`, then `-device`.
-    pub fn args(&self) -> Vec<String> {
-        let mut args = self.chardev().args();
-        args.extend([
-            "-device".into(),
-            render("vhost-user-blk-pci", &self.device_props()),
-        ]);
-        args
-    }
-
-    /// `device_add` arguments.
-    pub fn device_add(&self) -> DeviceAdd {
-        device_add("vhost-user-blk-pci", &self.device_props())
     }
 }
 
@@ -95,8 +96,25 @@ impl VirtioFs {
         client_chardev(&self.id, &self.socket)
     }
 
+    /// Launch arguments: `-chardev`, then `-device`.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = self.chardev().args();
+        args.extend(["-device".into(), self.device_arg()]);
+        args
+    }
+}
+
+impl DeviceModel for VirtioFs {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn driver(&self) -> &str {
+        "vhost-user-fs-pci"
+    }
+
     /// Checks the id, tag and address.
-    pub fn check(&self) -> Result<()> {
+    fn check(&self) -> Result<()> {
         validate_id(&self.id)?;
         if self.tag.is_empty() || self.tag.len() > 36 {
             return Err(crate::Error::InvalidSpec(format!(
@@ -108,7 +126,7 @@ impl VirtioFs {
     }
 
     /// Every device property.
-    pub fn device_props(&self) -> Props {
+    fn device_props(&self) -> Props {
         let mut props = self.pci.with_id(&self.id);
         props.push(p("chardev", names::chardev(&self.id)));
         props.push(p("tag", self.tag.clone()));
@@ -116,20 +134,5 @@ impl VirtioFs {
             props.push(p("queue-size", i64::from(n)));
         }
         props
-    }
-
-    /// Launch arguments: `-chardev`, then `-device`.
-    pub fn args(&self) -> Vec<String> {
-        let mut args = self.chardev().args();
-        args.extend([
-            "-device".into(),
-            render("vhost-user-fs-pci", &self.device_props()),
-        ]);
-        args
-    }
-
-    /// `device_add` arguments.
-    pub fn device_add(&self) -> DeviceAdd {
-        device_add("vhost-user-fs-pci", &self.device_props())
     }
 }

@@ -5,13 +5,12 @@
 
 use std::path::PathBuf;
 
-use qhotplug_qmp::command::DeviceAdd;
-
 use crate::chardev::SocketChardev;
-use crate::device::{device_add, p, Pci, Props};
+use crate::device::{p, Pci, Props};
 use crate::error::{Error, Result};
+use crate::model::DeviceModel;
 use crate::names;
-use crate::value::{render, validate_id};
+use crate::value::validate_id;
 
 /// A `virtio-serial-pci` controller; its ports go on bus `<id>.0`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,22 +27,29 @@ impl VirtioSerial {
         crate::names::controller_bus(&self.id)
     }
 
-    /// Every device property.
-    pub fn device_props(&self) -> Props {
-        self.pci.with_id(&self.id)
-    }
-
     /// Launch arguments.
     pub fn args(&self) -> Vec<String> {
-        vec![
-            "-device".into(),
-            render("virtio-serial-pci", &self.device_props()),
-        ]
+        vec!["-device".into(), self.device_arg()]
+    }
+}
+
+impl DeviceModel for VirtioSerial {
+    fn id(&self) -> &str {
+        &self.id
     }
 
-    /// `device_add` arguments.
-    pub fn device_add(&self) -> DeviceAdd {
-        device_add("virtio-serial-pci", &self.device_props())
+    fn driver(&self) -> &str {
+        "virtio-serial-pci"
+    }
+
+    fn check(&self) -> Result<()> {
+        validate_id(&self.id)?;
+        self.pci.check()
+    }
+
+    /// Every device property.
+    fn device_props(&self) -> Props {
+        self.pci.with_id(&self.id)
     }
 }
 
@@ -70,8 +76,25 @@ impl SerialPort {
         }
     }
 
+    /// Launch arguments: `-chardev`, then `-device`.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = self.chardev().args();
+        args.extend(["-device".into(), self.device_arg()]);
+        args
+    }
+}
+
+impl DeviceModel for SerialPort {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn driver(&self) -> &str {
+        "virtserialport"
+    }
+
     /// Checks the id and name.
-    pub fn check(&self) -> Result<()> {
+    fn check(&self) -> Result<()> {
         validate_id(&self.id)?;
         if self.name.is_empty() || self.name.contains(',') {
             return Err(Error::InvalidSpec(format!(
@@ -83,27 +106,12 @@ impl SerialPort {
     }
 
     /// Every device property.
-    pub fn device_props(&self) -> Props {
+    fn device_props(&self) -> Props {
         vec![
             p("id", self.id.clone()),
             p("bus", self.bus.clone()),
             p("chardev", names::chardev(&self.id)),
             p("name", self.name.clone()),
         ]
-    }
-
-    /// Launch arguments: `-chardev`, then `-device`.
-    pub fn args(&self) -> Vec<String> {
-        let mut args = self.chardev().args();
-        args.extend([
-            "-device".into(),
-            render("virtserialport", &self.device_props()),
-        ]);
-        args
-    }
-
-    /// `device_add` arguments.
-    pub fn device_add(&self) -> DeviceAdd {
-        device_add("virtserialport", &self.device_props())
     }
 }

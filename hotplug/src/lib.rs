@@ -125,9 +125,9 @@ pub use qhotplug_qmp as qmp;
 
 // What a hot-plug needs from the other crates, so `qhotplug::…` is the one import path.
 pub use qhotplug_cmdline::{
-    Balloon, Cache, Cdrom, CdromBus, CpuTopology, Disk, DiskFrontend, Format, IdeAddr, Launcher,
-    Machine, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Monitor, Nic, Pci, Rng,
-    RootPort, ScsiAddr, ScsiController, Serial, SerialPort, StorageDaemonLauncher, Vcpu,
+    Balloon, Cache, Cdrom, CdromBus, CpuTopology, DeviceModel, Disk, DiskFrontend, Format, IdeAddr,
+    Launcher, Machine, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Monitor, Nic,
+    Pci, Rng, RootPort, ScsiAddr, ScsiController, Serial, SerialPort, StorageDaemonLauncher, Vcpu,
     VhostUserBlk, VirtioFs, VirtioSerial, VirtiofsdLauncher, VmSpec, Vnc, VncListen, MIB,
 };
 pub use qhotplug_netdev::{MacAddr, Tap, TapBuilder, VhostPolicy};

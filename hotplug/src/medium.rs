@@ -16,6 +16,7 @@
 //! [`MediumOptions::tray_wait`] and, if the guest does not, answers [`Error::TrayLocked`] with
 //! nothing changed.
 
+use qhotplug_cmdline::DeviceModel;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

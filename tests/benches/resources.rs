@@ -13,6 +13,7 @@
 //! Floor and SDK alternate round by round. Prints the medians and, last,
 //! `ratio_dimm=… ratio_vcpu=…` (floor time / SDK time, the median of per-round ratios).
 
+use qhotplug::DeviceModel;
 use std::time::{Duration, Instant};
 
 use qhotplug::{CpuTopology, MemoryConfig, MemoryDevice, Vcpu, MIB};

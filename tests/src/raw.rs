@@ -2,6 +2,7 @@
 //! bytes the SDK sends for the same operation (encoded by the same `encode_request`, fds in the
 //! same `sendmsg`) and waits for each reply, with nothing in between.
 
+use qhotplug_cmdline::DeviceModel;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;

@@ -5,6 +5,7 @@
 //! Hot-add, loaded: `add-fd` → `blockdev-add` (protocol node) → `blockdev-add` (raw node) →
 //! `remove-fd` → `device_add`; empty: `device_add` alone. Teardown: the medium's nodes.
 
+use qhotplug_cmdline::DeviceModel;
 use std::path::PathBuf;
 
 use qhotplug_cmdline::{Cdrom, CdromBus, ScsiAddr};

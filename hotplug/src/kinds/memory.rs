@@ -5,6 +5,7 @@
 //! DIMM slot is left, and whether the device fits under `maxmem`, is checked against
 //! `query-memory-devices` before anything is sent ([`Vm::add_memory`](crate::Vm::add_memory)).
 
+use qhotplug_cmdline::DeviceModel;
 use std::path::PathBuf;
 
 use qhotplug_cmdline::{MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Pci};

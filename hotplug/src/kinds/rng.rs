@@ -1,6 +1,7 @@
 //! A virtio RNG: `object-add rng-random` (reading a host source) → `device_add virtio-rng-pci`.
 //! Teardown: `object-del`.
 
+use qhotplug_cmdline::DeviceModel;
 use std::path::PathBuf;
 
 use qhotplug_cmdline::{Pci, Rng};

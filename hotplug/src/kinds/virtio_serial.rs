@@ -2,6 +2,7 @@
 //! (`chardev-add` of a socket QEMU listens on → `device_add virtserialport`; QEMU numbers the
 //! port). Teardown of a port: `chardev-remove`.
 
+use qhotplug_cmdline::DeviceModel;
 use std::path::PathBuf;
 
 use qhotplug_cmdline::{Pci, SerialPort, VirtioSerial};
