@@ -10,12 +10,13 @@ use std::path::PathBuf;
 
 use qhotplug_qmp::command::BlockdevAdd;
 
-use crate::device::{blockdev, p, render_kv, Props, ScsiAddr};
+use crate::device::{blockdev, render_kv, ScsiAddr};
 use crate::error::{Error, Result};
+use crate::machine::Machine;
 use crate::model::DeviceModel;
 use crate::names;
-use crate::spec::Machine;
 use crate::value::validate_id;
+use crate::value::{p, Props};
 
 /// A place on the machine's built-in IDE controller: on `pc`, `ide.0` and `ide.1` with units 0
 /// and 1; on `q35` (AHCI), `ide.0` to `ide.5` with unit 0.

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use qhotplug_qmp::command::ChardevAdd;
 use serde_json::json;
 
-use crate::device::{p, render_kv, Props};
+use crate::device::render_kv;
 use crate::error::Result;
 use crate::value::validate_id;
+use crate::value::{p, Props};
 
 /// A `socket` chardev on a Unix path.
 #[derive(Debug, Clone, PartialEq, Eq)]

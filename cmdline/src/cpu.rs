@@ -2,10 +2,10 @@
 //! free slots, as devices with ids (`-device qemu64-x86_64-cpu,id=…,socket-id=…` at boot,
 //! `device_add` later), so a VM relaunched from its spec has the same vCPUs with the same ids.
 
-use crate::device::{p, Props};
 use crate::error::{Error, Result};
 use crate::model::DeviceModel;
 use crate::value::validate_id;
+use crate::value::{p, Props};
 
 /// The vCPU topology: how many vCPUs the VM may ever have, and how they are arranged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -3,40 +3,11 @@
 use std::path::PathBuf;
 
 use qhotplug_netdev::MacAddr;
-use qhotplug_qmp::command::{BlockdevAdd, DeviceAdd, NetdevAdd};
-use serde_json::{Map, Value};
+use qhotplug_qmp::command::{BlockdevAdd, NetdevAdd};
 
 use crate::error::{Error, Result};
 use crate::model::DeviceModel;
-use crate::value::{render, validate_id, Prop};
-
-/// Ordered properties: the order is the command line's.
-pub type Props = Vec<(String, Prop)>;
-
-pub(crate) fn p(key: &str, value: impl Into<Prop>) -> (String, Prop) {
-    (key.to_owned(), value.into())
-}
-
-/// Typed JSON of `props`, with dotted keys (`cache.direct`) nested as QMP wants them.
-pub fn props_to_json(props: &[(String, Prop)]) -> Map<String, Value> {
-    let mut out = Map::new();
-    for (key, value) in props {
-        let mut obj = &mut out;
-        let mut parts = key.split('.').peekable();
-        while let Some(part) = parts.next() {
-            if parts.peek().is_none() {
-                obj.insert(part.to_owned(), value.to_json());
-            } else {
-                obj = obj
-                    .entry(part.to_owned())
-                    .or_insert_with(|| Value::Object(Map::new()))
-                    .as_object_mut()
-                    .expect("dotted keys nest objects");
-            }
-        }
-    }
-    out
-}
+use crate::value::{p, props_to_json, render, validate_id, Prop, Props};
 
 /// A PCI address: a bus and a slot (and function) on it. `addr` is hexadecimal on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -393,21 +364,6 @@ pub(crate) fn blockdev(props: &[(String, Prop)]) -> BlockdevAdd {
     }
 }
 
-pub(crate) fn device_add(driver: &str, props: &[(String, Prop)]) -> DeviceAdd {
-    let mut map = props_to_json(props);
-    let take = |m: &mut Map<String, Value>, k: &str| {
-        m.remove(k).and_then(|v| v.as_str().map(str::to_owned))
-    };
-    let id = take(&mut map, "id");
-    let bus = take(&mut map, "bus");
-    DeviceAdd {
-        driver: driver.to_owned(),
-        id,
-        bus,
-        props: map,
-    }
-}
-
 /// A `virtio-net-pci` NIC on a tap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nic {
@@ -573,6 +529,8 @@ mod tests {
     use super::*;
     use crate::value::parse;
     use proptest::prelude::*;
+    use qhotplug_qmp::command::DeviceAdd;
+    use serde_json::Value;
 
     fn mac() -> MacAddr {
         "52:54:00:12:34:56".parse().unwrap()

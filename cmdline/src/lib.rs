@@ -25,6 +25,7 @@ mod daemons;
 mod device;
 mod error;
 mod launch;
+mod machine;
 mod memory;
 mod model;
 pub mod names;
@@ -40,15 +41,15 @@ pub use chardev::SocketChardev;
 pub use cpu::{CpuTopology, Vcpu};
 pub use daemons::{StorageDaemonLauncher, VirtiofsdLauncher, STORAGE_DAEMON_ENV, VIRTIOFSD_ENV};
 pub use device::{
-    props_to_json, Cache, Disk, DiskBackend, DiskFrontend, Format, Nic, Pci, Props, RootPort,
-    ScsiAddr, ScsiController,
+    Cache, Disk, DiskBackend, DiskFrontend, Format, Nic, Pci, RootPort, ScsiAddr, ScsiController,
 };
 pub use error::{Error, Result};
 pub use launch::{default_qemu, Launcher, Monitor, QemuProcess, QEMU_ENV};
+pub use machine::Machine;
 pub use memory::{Balloon, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, MIB};
 pub use model::DeviceModel;
 pub use rng::Rng;
-pub use spec::{Accel, Machine, Serial, VmSpec, Vnc, VncListen};
-pub use value::{escape, id_from_uuid, validate_id, Prop};
+pub use spec::{Accel, Serial, VmSpec, Vnc, VncListen};
+pub use value::{escape, id_from_uuid, props_to_json, validate_id, Prop, Props};
 pub use vhost_user::{VhostUserBlk, VirtioFs};
 pub use virtio_serial::{SerialPort, VirtioSerial};

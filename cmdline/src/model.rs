@@ -3,9 +3,8 @@
 
 use qhotplug_qmp::command::DeviceAdd;
 
-use crate::device::{device_add, Props};
 use crate::error::Result;
-use crate::value::render;
+use crate::value::{props_to_json, render, Props};
 
 /// A device QEMU can be given at boot or hot-plugged: its id, its driver, one ordered property
 /// list (id and address included), and the checks QEMU would otherwise make. `-device` and
@@ -38,6 +37,14 @@ pub trait DeviceModel {
 
     /// `device_add` arguments: the same properties as [`device_arg`](DeviceModel::device_arg).
     fn device_add(&self) -> DeviceAdd {
-        device_add(self.driver(), &self.device_props())
+        let mut props = props_to_json(&self.device_props());
+        let mut take = |k: &str| props.remove(k).and_then(|v| v.as_str().map(str::to_owned));
+        let (id, bus) = (take("id"), take("bus"));
+        DeviceAdd {
+            driver: self.driver().to_owned(),
+            id,
+            bus,
+            props,
+        }
     }
 }

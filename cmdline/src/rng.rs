@@ -4,10 +4,11 @@ use std::path::PathBuf;
 
 use qhotplug_qmp::command::ObjectAdd;
 
-use crate::device::{p, props_to_json, Pci, Props};
+use crate::device::Pci;
 use crate::error::Result;
 use crate::model::DeviceModel;
 use crate::names;
+use crate::value::{p, props_to_json, Props};
 use crate::value::{render, validate_id};
 
 /// A virtio RNG.

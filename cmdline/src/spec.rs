@@ -7,32 +7,13 @@ use crate::cdrom::{Cdrom, CdromBus};
 use crate::cpu::{CpuTopology, Vcpu};
 use crate::device::{Disk, DiskFrontend, Nic, RootPort, ScsiController};
 use crate::error::{Error, Result};
+use crate::machine::Machine;
 use crate::memory::{Balloon, MemoryBackend, MemoryDevice, MemoryDeviceKind, MIB};
 use crate::model::DeviceModel;
 use crate::rng::Rng;
 use crate::value::{escape, validate_id};
 use crate::vhost_user::{VhostUserBlk, VirtioFs};
 use crate::virtio_serial::{SerialPort, VirtioSerial};
-
-/// The machine type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Machine {
-    /// i440FX: conventional PCI, devices hot-plug into slots of `pci.0` (ACPI hotplug).
-    #[default]
-    Pc,
-    /// Q35: PCIe; each hot-plugged device needs a free `pcie-root-port`.
-    Q35,
-}
-
-impl Machine {
-    /// The root bus's name.
-    pub fn root_bus(self) -> &'static str {
-        match self {
-            Machine::Pc => "pci.0",
-            Machine::Q35 => "pcie.0",
-        }
-    }
-}
 
 /// The accelerator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -1,7 +1,7 @@
 //! Property values and QEMU's option syntax: `key=value` pairs joined by `,`, where a `,` inside a
 //! value is written `,,`.
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
@@ -142,6 +142,34 @@ pub fn id_from_uuid(prefix: &str, uuid: &str) -> Result<String> {
     let id = format!("{prefix}-{}", head.join("-"));
     validate_id(&id)?;
     Ok(id)
+}
+
+/// Ordered properties: the order is the command line's.
+pub type Props = Vec<(String, Prop)>;
+
+pub(crate) fn p(key: &str, value: impl Into<Prop>) -> (String, Prop) {
+    (key.to_owned(), value.into())
+}
+
+/// Typed JSON of `props`, with dotted keys (`cache.direct`) nested as QMP wants them.
+pub fn props_to_json(props: &[(String, Prop)]) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (key, value) in props {
+        let mut obj = &mut out;
+        let mut parts = key.split('.').peekable();
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                obj.insert(part.to_owned(), value.to_json());
+            } else {
+                obj = obj
+                    .entry(part.to_owned())
+                    .or_insert_with(|| Value::Object(Map::new()))
+                    .as_object_mut()
+                    .expect("dotted keys nest objects");
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -7,11 +7,12 @@
 use std::path::PathBuf;
 
 use crate::chardev::SocketChardev;
-use crate::device::{p, Pci, Props};
+use crate::device::Pci;
 use crate::error::Result;
 use crate::model::DeviceModel;
 use crate::names;
 use crate::value::validate_id;
+use crate::value::{p, Props};
 
 /// A `vhost-user-blk-pci` disk on a backend's socket.
 #[derive(Debug, Clone, PartialEq, Eq)]

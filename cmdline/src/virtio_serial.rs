@@ -6,11 +6,12 @@
 use std::path::PathBuf;
 
 use crate::chardev::SocketChardev;
-use crate::device::{p, Pci, Props};
+use crate::device::Pci;
 use crate::error::{Error, Result};
 use crate::model::DeviceModel;
 use crate::names;
 use crate::value::validate_id;
+use crate::value::{p, Props};
 
 /// A `virtio-serial-pci` controller; its ports go on bus `<id>.0`.
 #[derive(Debug, Clone, PartialEq, Eq)]

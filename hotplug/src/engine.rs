@@ -18,14 +18,13 @@ use tracing::Instrument;
 use crate::delete::Delete;
 use crate::error::{Error, Result};
 use crate::holds::{self, Hold};
-use crate::kinds::{After, Backend, Kind};
-use crate::state;
+use crate::kinds::{After, Backend, Kind, Plug};
 use crate::transaction::Transaction;
 use crate::unplug::{self, Refused, UnplugPolicy, Unplugged};
 use crate::vm_core::Core;
 
 /// Hot-adds one device of kind `K`; on failure every step done is undone.
-pub(crate) async fn add<K: Kind>(core: &Arc<Core>, config: K) -> Result<K::Added> {
+pub(crate) async fn add<K: Plug>(core: &Arc<Core>, config: K) -> Result<K::Added> {
     core.require(K::OPERATION, K::COMMANDS).await?;
     let want = config.want()?;
     let (mut reservation, place) = holds::reserve(core, config.id(), want)?;
@@ -127,7 +126,7 @@ pub(crate) async fn run_backends<H: Hold>(
 pub(crate) async fn remove(
     core: &Arc<Core>,
     id: &str,
-    kind: state::Kind,
+    kind: Kind,
     policy: &UnplugPolicy,
 ) -> Result<()> {
     core.require(kind.operation(), kind.commands()).await?;

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::kinds::Want;
+use crate::kinds::{Device, Kind, Place, Want};
 use crate::slots::SlotError;
-use crate::state::{Device, Entry, Kind, Place, State};
+use crate::state::{Entry, State};
 use crate::vm_core::Core;
 
 /// Takes the id and an address for a hot-add.

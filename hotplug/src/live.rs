@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::holds;
-use crate::state::{Device, Kind};
+use crate::kinds::{Device, Kind};
 use crate::vm_core::Core;
 
 /// The sector size QEMU resizes in.

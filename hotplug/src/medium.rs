@@ -34,10 +34,8 @@ use crate::delete::Delete;
 use crate::engine::run_backends;
 use crate::error::{Error, Result};
 use crate::holds;
-use crate::kinds::cdrom::teardown;
-use crate::kinds::image_backends;
+use crate::kinds::{image_backends, Device, Kind, Placed};
 use crate::qemu_errors::is_tray_closed;
-use crate::state::{Device, Kind};
 use crate::transaction::Transaction;
 use crate::vm_core::Core;
 
@@ -204,7 +202,7 @@ pub(crate) async fn change(
         }
     }
     // The old medium is out: its nodes go. One left behind is `reconcile`'s to delete.
-    for step in teardown(&old) {
+    for step in old.teardown() {
         let span = tracing::debug_span!("step", name = step.command(), id);
         if let Err(error) = step.run(&client).instrument(span).await {
             tracing::warn!(%step, %error, "old medium's node left for reconcile");

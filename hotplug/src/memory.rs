@@ -17,8 +17,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::holds;
-use crate::kinds::Kind;
-use crate::state::{self, Device};
+use crate::kinds::{Device, Kind, Plug};
 use crate::vm_core::Core;
 use crate::MemoryConfig;
 
@@ -32,7 +31,7 @@ pub(crate) async fn resize_vmem(
 ) -> Result<u64> {
     core.require("virtio-mem resize", &["qom-set", "query-memory-devices"])
         .await?;
-    let (_busy, device) = holds::busy_device(core, id, state::Kind::Memory)?;
+    let (_busy, device) = holds::busy_device(core, id, Kind::Memory)?;
     let Device::Memory(MemoryDevice {
         kind: MemoryDeviceKind::VirtioMem { .. },
         ..
@@ -148,7 +147,7 @@ pub(crate) async fn set_balloon(core: &Arc<Core>, target: u64) -> Result<()> {
         });
     };
     // Held to the end, so a removal cannot start under the command.
-    let _busy = holds::mark_busy(core, &id, state::Kind::Balloon)?;
+    let _busy = holds::mark_busy(core, &id, Kind::Balloon)?;
     let value = i64::try_from(target).ok().filter(|v| *v > 0);
     let Some(value) = value else {
         return Err(Error::InvalidSize {

@@ -14,8 +14,9 @@ use crate::delete::{Delete, Outcome};
 use crate::discover::scan_peripherals;
 use crate::error::Result;
 use crate::holds::{self, Cleaning};
+use crate::kinds::Kind;
 use crate::live;
-use crate::state::{Entry, Kind};
+use crate::state::Entry;
 use crate::vm_core::Core;
 
 /// What [`Vm::reconcile`](crate::Vm::reconcile) found and fixed.

@@ -9,7 +9,7 @@ use qhotplug_cmdline::names;
 
 use crate::engine;
 use crate::error::{Error, Result};
-use crate::state;
+use crate::kinds::Kind;
 use crate::unplug::UnplugPolicy;
 use crate::vm_core::Core;
 use crate::SerialPortConfig;
@@ -54,5 +54,5 @@ pub(crate) async fn remove_virtio_serial(
             reason: "ports are still on it; remove them first",
         });
     }
-    engine::remove(core, id, state::Kind::VirtioSerial, policy).await
+    engine::remove(core, id, Kind::VirtioSerial, policy).await
 }

@@ -8,7 +8,14 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::message::Timestamp;
+/// When QEMU emitted an event (host wall clock; `-1`/`-1` when QEMU could not read the clock).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Timestamp {
+    /// Seconds since the Unix epoch.
+    pub seconds: i64,
+    /// Microseconds within the second.
+    pub microseconds: i64,
+}
 
 /// One event, as QEMU emitted it: its typed [`EventKind`], and its `data` exactly as sent, so
 /// members a newer QEMU adds to a known event are kept ([`Event::data`], [`Event::to_json`]).

@@ -64,6 +64,7 @@ pub use client::{connect, Client, Config, EventStream, Lagged, DEFAULT_MAX_OUTBO
 pub use command::Command;
 pub use connection::Connection;
 pub use error::{Chain, Error, FrameError, QmpError, Result};
+pub use event::Timestamp;
 pub use event::{Event, EventKind};
-pub use message::{Greeting, Timestamp};
+pub use message::Greeting;
 pub use schema::Schema;

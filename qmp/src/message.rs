@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::error::{FrameError, QmpError};
-use crate::event::Event;
+use crate::event::{Event, Timestamp};
 
 /// The greeting a QMP server sends when a client connects.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -50,15 +50,6 @@ impl std::fmt::Display for VersionTriple {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
     }
-}
-
-/// When QEMU emitted an event (host wall clock; `-1`/`-1` when QEMU could not read the clock).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub struct Timestamp {
-    /// Seconds since the Unix epoch.
-    pub seconds: i64,
-    /// Microseconds within the second.
-    pub microseconds: i64,
 }
 
 /// A reply to a command.

@@ -204,3 +204,79 @@ fn only_the_handle_names_vm() {
     });
     assert!(found.is_empty(), "modules naming Vm: {found:#?}");
 }
+
+/// The top-level module a source file belongs to (`kinds/disk.rs` → `kinds`), `None` for the
+/// crate root.
+fn module_of(file: &str) -> Option<String> {
+    let first = file.split('/').next().unwrap();
+    let name = first.strip_suffix(".rs").unwrap_or(first);
+    (name != "lib").then(|| name.to_owned())
+}
+
+/// The crate's top-level modules that `code` names through `crate::`.
+fn imports(code: &str, modules: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (at, _) in code.match_indices("crate::") {
+        let rest = &code[at + "crate::".len()..];
+        let names: Vec<&str> = match rest.strip_prefix('{') {
+            // `use crate::{a, b::c}`: the first segment of each path in the braces.
+            Some(group) => {
+                let group = &group[..group.find('}').unwrap_or(group.len())];
+                group.split(',').map(|p| p.trim()).collect()
+            }
+            None => vec![rest],
+        };
+        for path in names {
+            let name: String = path
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            if modules.contains(&name) && !out.contains(&name) {
+                out.push(name);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn no_module_imports_another_that_imports_it_back() {
+    let mut cycles = Vec::new();
+    for dir in CRATES {
+        let src = top().join(dir).join("src");
+        let files = sources(&src);
+        let mut modules: Vec<String> = files.iter().filter_map(|f| module_of(f)).collect();
+        modules.dedup();
+        // Module → the modules it imports.
+        let mut graph: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for file in &files {
+            let Some(module) = module_of(file) else {
+                continue;
+            };
+            let found = imports(&code(&src.join(file)), &modules);
+            let edges = graph.entry(module.clone()).or_default();
+            for m in found {
+                if m != module && !edges.contains(&m) {
+                    edges.push(m);
+                }
+            }
+        }
+        // A cycle is a module that can reach itself.
+        for start in graph.keys() {
+            let mut stack = vec![(start.clone(), vec![start.clone()])];
+            let mut seen = std::collections::BTreeSet::new();
+            while let Some((at, path)) = stack.pop() {
+                for next in graph.get(&at).into_iter().flatten() {
+                    if next == start {
+                        cycles.push(format!("{dir}: {} → {start}", path.join(" → ")));
+                    } else if seen.insert(next.clone()) {
+                        let mut longer = path.clone();
+                        longer.push(next.clone());
+                        stack.push((next.clone(), longer));
+                    }
+                }
+            }
+        }
+    }
+    assert!(cycles.is_empty(), "import cycles: {cycles:#?}");
+}

@@ -4,9 +4,8 @@
 use qhotplug_cmdline::DeviceModel;
 use qhotplug_cmdline::{Balloon, Pci};
 
-use super::{Kind, Plan, Want};
+use super::{Place, Placed, Plan, Plug, Want};
 use crate::error::Result;
-use crate::state::{Device, Place};
 
 /// A `virtio-balloon-pci` to hot-add.
 ///
@@ -36,7 +35,7 @@ impl BalloonConfig {
     }
 }
 
-impl Kind for BalloonConfig {
+impl Plug for BalloonConfig {
     type Added = Balloon;
     const OPERATION: &'static str = "balloon hotplug";
     const COMMANDS: &'static [&'static str] =
@@ -63,8 +62,11 @@ impl Kind for BalloonConfig {
     }
 }
 
-impl From<Balloon> for Device {
-    fn from(balloon: Balloon) -> Device {
-        Device::Balloon(balloon)
+impl Placed for Balloon {
+    const NAME: &'static str = "balloon";
+    type Config = BalloonConfig;
+
+    fn place(&self) -> Place {
+        Place::Pci(self.pci.clone())
     }
 }

@@ -10,10 +10,9 @@ use std::path::PathBuf;
 
 use qhotplug_cmdline::{Cdrom, CdromBus, ScsiAddr};
 
-use super::{Kind, Plan, Want};
+use super::{Place, Placed, Plan, Plug, Want};
 use crate::delete::Delete;
 use crate::error::{Error, Result};
-use crate::state::{Device, Place};
 
 /// A `scsi-cd` drive to hot-add, empty or holding an ISO image.
 ///
@@ -60,7 +59,7 @@ impl CdromConfig {
     }
 }
 
-impl Kind for CdromConfig {
+impl Plug for CdromConfig {
     type Added = Cdrom;
     const OPERATION: &'static str = "CD-ROM hotplug";
     const COMMANDS: &'static [&'static str] = &[
@@ -103,43 +102,40 @@ impl Kind for CdromConfig {
     }
 }
 
-impl From<Cdrom> for Device {
-    fn from(cd: Cdrom) -> Device {
-        Device::Cdrom(cd)
+impl Placed for Cdrom {
+    const NAME: &'static str = "CD-ROM";
+    type Config = CdromConfig;
+
+    fn place(&self) -> Place {
+        match &self.bus {
+            CdromBus::Scsi(addr) => Place::Scsi(addr.clone()),
+            CdromBus::Ide(_) => Place::Fixed,
+        }
     }
-}
 
-/// Where a drive sits.
-pub(crate) fn place(cd: &Cdrom) -> Place {
-    match &cd.bus {
-        CdromBus::Scsi(addr) => Place::Scsi(addr.clone()),
-        CdromBus::Ide(_) => Place::Fixed,
+    /// Its medium, and what puts it back if the drive stays. A medium inserted by a change would
+    /// otherwise keep its nodes in use after the device is gone, where nothing can delete them.
+    fn before_unplug(&self) -> Option<(Delete, Vec<Delete>)> {
+        self.medium.as_ref()?;
+        let back = vec![
+            Delete::Reinsert {
+                device: self.id.clone(),
+                node: self.top_node(),
+            },
+            Delete::CloseTray(self.id.clone()),
+        ];
+        Some((Delete::Medium(self.id.clone()), back))
     }
-}
 
-/// What goes before the guest is asked to let the drive go, and what puts it back if the drive
-/// stays: its medium. A medium inserted by a change would otherwise keep its nodes in use after the
-/// device is gone, where nothing can delete them.
-pub(crate) fn before_unplug(cd: &Cdrom) -> Option<(Delete, Vec<Delete>)> {
-    cd.medium.as_ref()?;
-    let back = vec![
-        Delete::Reinsert {
-            device: cd.id.clone(),
-            node: cd.top_node(),
-        },
-        Delete::CloseTray(cd.id.clone()),
-    ];
-    Some((Delete::Medium(cd.id.clone()), back))
-}
-
-/// What goes once the guest let the drive go, or once its medium is out: the medium's nodes, the
-/// top one first.
-pub(crate) fn teardown(cd: &Cdrom) -> Vec<Delete> {
-    match cd.medium {
-        Some(_) => vec![
-            Delete::BlockNode(cd.top_node()),
-            Delete::BlockNode(cd.file_node()),
-        ],
-        None => Vec::new(),
+    /// Once the guest let the drive go, or once its medium is out: the medium's nodes, the top
+    /// one first.
+    fn teardown(&self) -> Vec<Delete> {
+        match self.medium {
+            Some(_) => vec![
+                Delete::BlockNode(self.top_node()),
+                Delete::BlockNode(self.file_node()),
+            ],
+            None => Vec::new(),
+        }
     }
 }

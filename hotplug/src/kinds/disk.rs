@@ -11,10 +11,9 @@ use qhotplug_cmdline::{Cache, Disk, DiskBackend, DiskFrontend, Format, Pci, Scsi
 
 use qhotplug_qmp::command::{BlockSetIoThrottle, IoLimits};
 
-use super::{After, Kind, Plan, Want};
+use super::{After, Place, Placed, Plan, Plug, Want};
 use crate::delete::Delete;
 use crate::error::{Error, Result};
-use crate::state::{Device, Place};
 
 /// The guest-facing model of a hot-plugged disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,7 +137,7 @@ impl DiskConfig {
     }
 }
 
-impl Kind for DiskConfig {
+impl Plug for DiskConfig {
     type Added = Disk;
     const OPERATION: &'static str = "disk hotplug";
     const COMMANDS: &'static [&'static str] = &[
@@ -212,25 +211,23 @@ impl Kind for DiskConfig {
     }
 }
 
-impl From<Disk> for Device {
-    fn from(disk: Disk) -> Device {
-        Device::Disk(disk)
-    }
-}
+impl Placed for Disk {
+    const NAME: &'static str = "disk";
+    type Config = DiskConfig;
 
-/// Where a disk sits.
-pub(crate) fn place(disk: &Disk) -> Place {
-    match &disk.frontend {
-        DiskFrontend::VirtioBlk(p) => Place::Pci(p.clone()),
-        DiskFrontend::ScsiHd(a) | DiskFrontend::ScsiGeneric(a) => Place::Scsi(a.clone()),
+    fn place(&self) -> Place {
+        match &self.frontend {
+            DiskFrontend::VirtioBlk(p) => Place::Pci(p.clone()),
+            DiskFrontend::ScsiHd(a) | DiskFrontend::ScsiGeneric(a) => Place::Scsi(a.clone()),
+        }
     }
-}
 
-/// What goes once the guest let the disk go: the top node, then the protocol node under it.
-pub(crate) fn teardown(disk: &Disk) -> Vec<Delete> {
-    let mut nodes = vec![Delete::BlockNode(disk.top_node())];
-    if disk.top_node() != disk.file_node() {
-        nodes.push(Delete::BlockNode(disk.file_node()));
+    /// The top node, then the protocol node under it.
+    fn teardown(&self) -> Vec<Delete> {
+        let mut nodes = vec![Delete::BlockNode(self.top_node())];
+        if self.top_node() != self.file_node() {
+            nodes.push(Delete::BlockNode(self.file_node()));
+        }
+        nodes
     }
-    nodes
 }

@@ -10,10 +10,9 @@ use std::path::PathBuf;
 
 use qhotplug_cmdline::{MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Pci};
 
-use super::{Backend, Kind, Plan, Want};
+use super::{Backend, Place, Placed, Plan, Plug, Want};
 use crate::delete::Delete;
 use crate::error::{Error, Result};
-use crate::state::{Device, Place};
 
 /// A memory device to hot-add.
 ///
@@ -100,7 +99,7 @@ impl MemoryConfig {
     }
 }
 
-impl Kind for MemoryConfig {
+impl Plug for MemoryConfig {
     type Added = MemoryDevice;
     const OPERATION: &'static str = "memory hotplug";
     const COMMANDS: &'static [&'static str] = &[
@@ -147,21 +146,19 @@ impl Kind for MemoryConfig {
     }
 }
 
-impl From<MemoryDevice> for Device {
-    fn from(device: MemoryDevice) -> Device {
-        Device::Memory(device)
-    }
-}
+impl Placed for MemoryDevice {
+    const NAME: &'static str = "memory device";
+    type Config = MemoryConfig;
 
-/// Where a memory device sits.
-pub(crate) fn place(device: &MemoryDevice) -> Place {
-    match &device.kind {
-        MemoryDeviceKind::Dimm => Place::Fixed,
-        MemoryDeviceKind::VirtioMem { pci, .. } => Place::Pci(pci.clone()),
+    fn place(&self) -> Place {
+        match &self.kind {
+            MemoryDeviceKind::Dimm => Place::Fixed,
+            MemoryDeviceKind::VirtioMem { pci, .. } => Place::Pci(pci.clone()),
+        }
     }
-}
 
-/// What goes once the guest let the device go: its backend.
-pub(crate) fn teardown(device: &MemoryDevice) -> Vec<Delete> {
-    vec![Delete::Object(device.backend.id.clone())]
+    /// Its backend.
+    fn teardown(&self) -> Vec<Delete> {
+        vec![Delete::Object(self.backend.id.clone())]
+    }
 }

@@ -3,10 +3,10 @@
 //! later step fails), the one `device_add` that makes it visible to the guest, and, for its
 //! removal, what goes once the guest has let it go (its `teardown`).
 //!
-//! Adding a kind: a module here with its config type, an `impl Kind`, and its teardown; a
-//! variant in [`state::Device`](crate::state::Device) and [`state::Kind`](crate::state::Kind);
-//! the public `add_*`/`remove_*` methods on [`Vm`](crate::Vm). A backend QEMU object of a new
-//! sort is one [`Backend`] variant plus its [`Delete`](crate::delete::Delete).
+//! Adding a kind: a module here with its config type (`impl Plug`) and its placed type's
+//! `impl Placed` (place, teardown), one line in [`registry`]'s list, its cmdline model, and the
+//! public `add_*`/`remove_*` methods on [`Vm`](crate::Vm). A backend QEMU object of a new sort is
+//! one [`Backend`] variant plus its [`Delete`](crate::delete::Delete).
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -17,17 +17,19 @@ use qhotplug_qmp::command::{
 };
 
 use crate::error::{Error, Result};
-use crate::state::{Device, Place};
 
 pub(crate) mod balloon;
 pub(crate) mod cdrom;
 pub(crate) mod disk;
 pub(crate) mod memory;
 pub(crate) mod nic;
+mod registry;
 pub(crate) mod rng;
 pub(crate) mod vcpu;
 pub(crate) mod vhost_user;
 pub(crate) mod virtio_serial;
+
+pub(crate) use registry::{Device, Kind, Place, Placed};
 
 /// Where a kind's frontend goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,8 +81,8 @@ pub(crate) struct Plan<A> {
     pub(crate) added: A,
 }
 
-/// A kind of device the engine can hot-add.
-pub(crate) trait Kind {
+/// A config the engine can hot-add: one per kind.
+pub(crate) trait Plug {
     /// The device as placed.
     type Added: Clone + Into<Device>;
     /// What the kind's hot-add is called in errors ("disk hotplug").

@@ -10,10 +10,9 @@ use std::os::fd::OwnedFd;
 use qhotplug_cmdline::{names, Nic, Pci};
 use qhotplug_netdev::{open_vhost, MacAddr, Tap, Vhost, VhostPolicy};
 
-use super::{Backend, Kind, Plan, Want};
+use super::{Backend, Place, Placed, Plan, Plug, Want};
 use crate::delete::Delete;
 use crate::error::Result;
-use crate::state::{Device, Place};
 
 /// A `virtio-net-pci` NIC to hot-add on a tap: one tap fd per queue pair; more than one queue turns
 /// on `mq` with `vectors=2N+2`.
@@ -79,7 +78,7 @@ impl NicConfig {
     }
 }
 
-impl Kind for NicConfig {
+impl Plug for NicConfig {
     type Added = Nic;
     const OPERATION: &'static str = "NIC hotplug";
     const COMMANDS: &'static [&'static str] = &[
@@ -148,13 +147,16 @@ impl Kind for NicConfig {
     }
 }
 
-impl From<Nic> for Device {
-    fn from(nic: Nic) -> Device {
-        Device::Nic(nic)
-    }
-}
+impl Placed for Nic {
+    const NAME: &'static str = "NIC";
+    type Config = NicConfig;
 
-/// What goes once the guest let the NIC go: its netdev.
-pub(crate) fn teardown(nic: &Nic) -> Vec<Delete> {
-    vec![Delete::Netdev(nic.netdev_id())]
+    fn place(&self) -> Place {
+        Place::Pci(self.pci.clone())
+    }
+
+    /// Its netdev.
+    fn teardown(&self) -> Vec<Delete> {
+        vec![Delete::Netdev(self.netdev_id())]
+    }
 }

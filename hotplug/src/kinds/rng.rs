@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use qhotplug_cmdline::{Pci, Rng};
 
-use super::{Backend, Kind, Plan, Want};
+use super::{Backend, Place, Placed, Plan, Plug, Want};
+use crate::delete::Delete;
 use crate::error::Result;
-use crate::state::{Device, Place};
 
 /// A `virtio-rng-pci` to hot-add.
 ///
@@ -46,7 +46,7 @@ impl RngConfig {
     }
 }
 
-impl Kind for RngConfig {
+impl Plug for RngConfig {
     type Added = Rng;
     const OPERATION: &'static str = "RNG hotplug";
     const COMMANDS: &'static [&'static str] =
@@ -77,8 +77,16 @@ impl Kind for RngConfig {
     }
 }
 
-impl From<Rng> for Device {
-    fn from(d: Rng) -> Device {
-        Device::Rng(d)
+impl Placed for Rng {
+    const NAME: &'static str = "RNG";
+    type Config = RngConfig;
+
+    fn place(&self) -> Place {
+        Place::Pci(self.pci.clone())
+    }
+
+    /// Its source object.
+    fn teardown(&self) -> Vec<Delete> {
+        vec![Delete::Object(qhotplug_cmdline::names::rng(&self.id))]
     }
 }

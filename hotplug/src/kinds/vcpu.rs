@@ -5,11 +5,10 @@
 use qhotplug_cmdline::DeviceModel;
 use qhotplug_cmdline::Vcpu;
 
-use super::{Kind, Plan, Want};
+use super::{Place, Placed, Plan, Plug, Want};
 use crate::error::{Error, Result};
-use crate::state::{Device, Place};
 
-impl Kind for Vcpu {
+impl Plug for Vcpu {
     type Added = Vcpu;
     const OPERATION: &'static str = "vCPU hotplug";
     const COMMANDS: &'static [&'static str] =
@@ -34,8 +33,11 @@ impl Kind for Vcpu {
     }
 }
 
-impl From<Vcpu> for Device {
-    fn from(cpu: Vcpu) -> Device {
-        Device::Vcpu(cpu)
+impl Placed for Vcpu {
+    const NAME: &'static str = "vCPU";
+    type Config = Vcpu;
+
+    fn place(&self) -> Place {
+        Place::Fixed
     }
 }

@@ -13,10 +13,9 @@ use std::path::PathBuf;
 
 use qhotplug_cmdline::{Pci, SocketChardev, VhostUserBlk, VirtioFs};
 
-use super::{Backend, Kind, Plan, Want};
+use super::{Backend, Place, Placed, Plan, Plug, Want};
 use crate::delete::Delete;
 use crate::error::Result;
-use crate::state::{Device, Place};
 
 /// A `vhost-user-blk-pci` disk to hot-add, on the socket its backend listens on.
 ///
@@ -110,7 +109,7 @@ fn on_chardev<A>(
     }
 }
 
-impl Kind for VhostUserBlkConfig {
+impl Plug for VhostUserBlkConfig {
     type Added = VhostUserBlk;
     const OPERATION: &'static str = "vhost-user disk hotplug";
     const COMMANDS: &'static [&'static str] =
@@ -137,7 +136,7 @@ impl Kind for VhostUserBlkConfig {
     }
 }
 
-impl Kind for VirtioFsConfig {
+impl Plug for VirtioFsConfig {
     type Added = VirtioFs;
     const OPERATION: &'static str = "virtio-fs hotplug";
     const COMMANDS: &'static [&'static str] =
@@ -165,19 +164,30 @@ impl Kind for VirtioFsConfig {
     }
 }
 
-impl From<VhostUserBlk> for Device {
-    fn from(d: VhostUserBlk) -> Device {
-        Device::VhostUserBlk(d)
+impl Placed for VhostUserBlk {
+    const NAME: &'static str = "vhost-user disk";
+    type Config = VhostUserBlkConfig;
+
+    fn place(&self) -> Place {
+        Place::Pci(self.pci.clone())
+    }
+
+    /// Its chardev.
+    fn teardown(&self) -> Vec<Delete> {
+        vec![Delete::Chardev(self.chardev().id)]
     }
 }
 
-impl From<VirtioFs> for Device {
-    fn from(d: VirtioFs) -> Device {
-        Device::VirtioFs(d)
-    }
-}
+impl Placed for VirtioFs {
+    const NAME: &'static str = "virtio-fs share";
+    type Config = VirtioFsConfig;
 
-/// What goes once the guest let a device on chardev `chardev` go.
-pub(crate) fn teardown(chardev: &SocketChardev) -> Vec<Delete> {
-    vec![Delete::Chardev(chardev.id.clone())]
+    fn place(&self) -> Place {
+        Place::Pci(self.pci.clone())
+    }
+
+    /// Its chardev.
+    fn teardown(&self) -> Vec<Delete> {
+        vec![Delete::Chardev(self.chardev().id)]
+    }
 }

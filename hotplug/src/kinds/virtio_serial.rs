@@ -7,9 +7,9 @@ use std::path::PathBuf;
 
 use qhotplug_cmdline::{Pci, SerialPort, VirtioSerial};
 
-use super::{Backend, Kind, Plan, Want};
+use super::{Backend, Place, Placed, Plan, Plug, Want};
+use crate::delete::Delete;
 use crate::error::Result;
-use crate::state::{Device, Place};
 
 /// A `virtio-serial-pci` controller to hot-add.
 #[derive(Debug, Clone)]
@@ -71,7 +71,7 @@ impl SerialPortConfig {
     }
 }
 
-impl Kind for VirtioSerialConfig {
+impl Plug for VirtioSerialConfig {
     type Added = VirtioSerial;
     const OPERATION: &'static str = "virtio-serial hotplug";
     const COMMANDS: &'static [&'static str] = &["device_add", "device_del"];
@@ -97,7 +97,7 @@ impl Kind for VirtioSerialConfig {
     }
 }
 
-impl Kind for SerialPortConfig {
+impl Plug for SerialPortConfig {
     type Added = SerialPort;
     const OPERATION: &'static str = "serial port hotplug";
     const COMMANDS: &'static [&'static str] =
@@ -128,14 +128,25 @@ impl Kind for SerialPortConfig {
     }
 }
 
-impl From<VirtioSerial> for Device {
-    fn from(d: VirtioSerial) -> Device {
-        Device::VirtioSerial(d)
+impl Placed for VirtioSerial {
+    const NAME: &'static str = "virtio-serial controller";
+    type Config = VirtioSerialConfig;
+
+    fn place(&self) -> Place {
+        Place::Pci(self.pci.clone())
     }
 }
 
-impl From<SerialPort> for Device {
-    fn from(d: SerialPort) -> Device {
-        Device::SerialPort(d)
+impl Placed for SerialPort {
+    const NAME: &'static str = "serial port";
+    type Config = SerialPortConfig;
+
+    fn place(&self) -> Place {
+        Place::Fixed
+    }
+
+    /// Its chardev.
+    fn teardown(&self) -> Vec<Delete> {
+        vec![Delete::Chardev(self.chardev().id)]
     }
 }

@@ -1,0 +1,204 @@
+//! The device registry: every kind the SDK plugs, declared once in [`registry!`]'s list, and what
+//! the engine and the state ask of a placed device ([`Placed`]). The `Kind` and `Device` enums
+//! and every dispatch over them are generated from that list, so no other module names the
+//! kinds one by one.
+
+use qhotplug_cmdline::{
+    Balloon, Cdrom, DeviceModel, Disk, MemoryDevice, Nic, Pci, Rng, ScsiAddr, SerialPort, Vcpu,
+    VhostUserBlk, VirtioFs, VirtioSerial, VmSpec,
+};
+
+use super::Plug;
+use crate::delete::Delete;
+use crate::error::{Error, Result};
+
+/// Where a device sits, for the slot maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Place {
+    Pci(Pci),
+    Scsi(ScsiAddr),
+    /// Somewhere no slot map of the SDK's covers: an IDE unit, a vCPU slot, a DIMM slot (QEMU
+    /// picks it).
+    Fixed,
+}
+
+impl Place {
+    /// The PCI address of a kind that asked for one (`Want::Pci`); any other place is
+    /// [`Error::AddressMismatch`] for device `id`.
+    pub(crate) fn pci(self, id: &str) -> Result<Pci> {
+        match self {
+            Place::Pci(pci) => Ok(pci),
+            _ => Err(Error::AddressMismatch(id.to_owned())),
+        }
+    }
+}
+
+/// A placed device of one kind, as the spec lists it: its name, the config its hot-add takes,
+/// where it sits, and what its removal deletes.
+pub(crate) trait Placed: DeviceModel + Clone {
+    /// The kind's name in errors ("disk").
+    const NAME: &'static str;
+    /// What a caller hot-adds it with.
+    type Config: Plug<Added = Self>;
+    /// Where it sits.
+    fn place(&self) -> Place;
+    /// What goes before the guest is asked to let the device go, with what puts it back if the
+    /// device stays (a CD-ROM's medium).
+    fn before_unplug(&self) -> Option<(Delete, Vec<Delete>)> {
+        None
+    }
+    /// What goes once the guest has let the device go, in order.
+    fn teardown(&self) -> Vec<Delete> {
+        Vec::new()
+    }
+}
+
+/// A field of the spec that holds devices of one kind: a list, or at most one (the balloon).
+trait Field<T: DeviceModel> {
+    fn take_id(&mut self, id: &str) -> Option<T>;
+    fn put(&mut self, device: T);
+}
+
+impl<T: DeviceModel> Field<T> for Vec<T> {
+    fn take_id(&mut self, id: &str) -> Option<T> {
+        let at = self.iter().position(|d| DeviceModel::id(d) == id)?;
+        Some(self.remove(at))
+    }
+    fn put(&mut self, device: T) {
+        self.push(device);
+    }
+}
+
+impl<T: DeviceModel> Field<T> for Option<T> {
+    fn take_id(&mut self, id: &str) -> Option<T> {
+        self.take_if(|d| DeviceModel::id(d) == id)
+    }
+    fn put(&mut self, device: T) {
+        *self = Some(device);
+    }
+}
+
+/// Generates `Kind`, `Device` and their dispatch from one line per kind: the variant, the placed
+/// type (which implements [`Placed`]), and the `VmSpec` field that lists them.
+macro_rules! registry {
+    ($($kind:ident($placed:ty) in $field:ident;)*) => {
+        /// The kinds of device the SDK plugs.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub(crate) enum Kind {
+            $($kind,)*
+        }
+
+        /// A placed device, as `vm.spec()` lists it.
+        #[derive(Debug, Clone)]
+        pub(crate) enum Device {
+            $($kind($placed),)*
+        }
+
+        $(impl From<$placed> for Device {
+            fn from(device: $placed) -> Device {
+                Device::$kind(device)
+            }
+        })*
+
+        impl Kind {
+            /// The kind's name in errors.
+            pub(crate) fn name(self) -> &'static str {
+                match self {
+                    $(Kind::$kind => <$placed as Placed>::NAME,)*
+                }
+            }
+
+            /// What its hot-add and hot-remove are called in errors.
+            pub(crate) fn operation(self) -> &'static str {
+                match self {
+                    $(Kind::$kind => <<$placed as Placed>::Config as Plug>::OPERATION,)*
+                }
+            }
+
+            /// The QMP commands its hot-add and hot-remove use.
+            pub(crate) fn commands(self) -> &'static [&'static str] {
+                match self {
+                    $(Kind::$kind => <<$placed as Placed>::Config as Plug>::COMMANDS,)*
+                }
+            }
+        }
+
+        impl Device {
+            pub(crate) fn kind(&self) -> Kind {
+                match self {
+                    $(Device::$kind(_) => Kind::$kind,)*
+                }
+            }
+
+            pub(crate) fn id(&self) -> &str {
+                match self {
+                    $(Device::$kind(d) => DeviceModel::id(d),)*
+                }
+            }
+
+            pub(crate) fn place(&self) -> Place {
+                match self {
+                    $(Device::$kind(d) => d.place(),)*
+                }
+            }
+
+            /// See [`Placed::before_unplug`].
+            pub(crate) fn before_unplug(&self) -> Option<(Delete, Vec<Delete>)> {
+                match self {
+                    $(Device::$kind(d) => d.before_unplug(),)*
+                }
+            }
+
+            /// See [`Placed::teardown`].
+            pub(crate) fn teardown(&self) -> Vec<Delete> {
+                match self {
+                    $(Device::$kind(d) => d.teardown(),)*
+                }
+            }
+
+            /// Every device `spec` lists, kind by kind.
+            pub(crate) fn all(spec: &VmSpec) -> Vec<Device> {
+                let mut all = Vec::new();
+                $(all.extend(spec.$field.iter().cloned().map(Device::$kind));)*
+                all
+            }
+
+            /// The device of this kind and id in `spec`, looked up in its kind's list only.
+            pub(crate) fn find(spec: &VmSpec, kind: Kind, id: &str) -> Option<Device> {
+                match kind {
+                    $(Kind::$kind => spec.$field.iter().find(|d| DeviceModel::id(*d) == id).cloned().map(Device::$kind),)*
+                }
+            }
+
+            /// Takes the device of this kind and id out of `spec`.
+            pub(crate) fn take(spec: &mut VmSpec, kind: Kind, id: &str) -> Option<Device> {
+                match kind {
+                    $(Kind::$kind => spec.$field.take_id(id).map(Device::$kind),)*
+                }
+            }
+
+            /// Puts the device into its kind's list in `spec`.
+            pub(crate) fn put(self, spec: &mut VmSpec) {
+                match self {
+                    $(Device::$kind(d) => spec.$field.put(d),)*
+                }
+            }
+        }
+    };
+}
+
+// The one list of kinds. A new kind is a module in `kinds/` (its config with `impl Plug`, its
+// placed type with `impl Placed`) and one line here.
+registry! {
+    Disk(Disk) in disks;
+    Nic(Nic) in nics;
+    Cdrom(Cdrom) in cdroms;
+    Vcpu(Vcpu) in vcpus;
+    Memory(MemoryDevice) in memory_devices;
+    Balloon(Balloon) in balloon;
+    VhostUserBlk(VhostUserBlk) in vhost_user_blks;
+    VirtioFs(VirtioFs) in virtio_fs;
+    VirtioSerial(VirtioSerial) in virtio_serials;
+    SerialPort(SerialPort) in serial_ports;
+    Rng(Rng) in rngs;
+}
