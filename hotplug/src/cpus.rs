@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use crate::engine;
 use crate::error::{Error, Result};
-use crate::kinds::{Kind, Plug};
+use crate::kinds::{DeviceKind, Plug};
 use crate::unplug::UnplugPolicy;
 use crate::vm_core::Core;
 
@@ -115,7 +115,7 @@ pub(crate) async fn set_vcpus(
         .rev()
         .take(plugged.saturating_sub(count) as usize)
     {
-        engine::remove(core, id, Kind::Vcpu, policy).await?;
+        engine::remove(core, id, DeviceKind::Vcpu, policy).await?;
         change.removed.push(id.clone());
     }
     tracing::info!(?change, "vCPUs set");

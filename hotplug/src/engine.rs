@@ -18,7 +18,7 @@ use tracing::Instrument;
 use crate::delete::Delete;
 use crate::error::{Error, Result};
 use crate::holds::{self, Hold};
-use crate::kinds::{After, Backend, Kind, Plug};
+use crate::kinds::{After, Backend, DeviceKind, Plug};
 use crate::transaction::Transaction;
 use crate::unplug::{self, Refused, UnplugPolicy, Unplugged};
 use crate::vm_core::Core;
@@ -126,7 +126,7 @@ pub(crate) async fn run_backends<H: Hold>(
 pub(crate) async fn remove(
     core: &Arc<Core>,
     id: &str,
-    kind: Kind,
+    kind: DeviceKind,
     policy: &UnplugPolicy,
 ) -> Result<()> {
     core.require(kind.operation(), kind.commands()).await?;

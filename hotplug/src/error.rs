@@ -1,5 +1,6 @@
 //! The crate's error type.
 
+use crate::device_kind::DeviceKind;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -43,12 +44,12 @@ pub enum Error {
     /// A device with this id exists, or is being added or removed right now.
     #[error("device id {0:?} is already in use")]
     DuplicateId(String),
-    /// No device with this id was added through this handle (or it is of another kind).
-    #[error("no {kind} with id {id:?}")]
+    /// No device of this kind with this id was added through this handle (or QEMU has none).
+    #[error("no {kind}{}", with_id(id))]
     NotFound {
-        /// `"disk"` or `"NIC"`.
-        kind: &'static str,
-        /// The id.
+        /// The kind asked for.
+        kind: DeviceKind,
+        /// The id; empty for a kind a VM has at most one of (the balloon).
         id: String,
     },
     /// The device is being added, removed or changed by another call.
@@ -340,5 +341,13 @@ impl std::fmt::Display for MigrationFailure {
             MigrationFailure::Cancelled => write!(f, "cancelled"),
             MigrationFailure::TimedOut(after) => write!(f, "did not complete within {after:?}"),
         }
+    }
+}
+
+/// ` with id "x"`, or nothing for an empty id.
+fn with_id(id: &str) -> String {
+    match id {
+        "" => String::new(),
+        id => format!(" with id {id:?}"),
     }
 }

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::kinds::{Device, Kind, Place, Want};
+use crate::kinds::{Device, DeviceKind, Place, Want};
 use crate::slots::SlotError;
 use crate::state::{Entry, State};
 use crate::vm_core::Core;
@@ -52,7 +52,7 @@ pub(crate) fn reserve(core: &Arc<Core>, id: &str, want: Want) -> Result<(Reserva
 
 /// Marks device `id`, of `kind`, busy for a removal or a change: [`Error::Busy`] when another
 /// call holds it, [`Error::NotFound`] when there is no such device of that kind.
-pub(crate) fn mark_busy(core: &Arc<Core>, id: &str, kind: Kind) -> Result<Busy> {
+pub(crate) fn mark_busy(core: &Arc<Core>, id: &str, kind: DeviceKind) -> Result<Busy> {
     match Busy::mark(core, id, kind) {
         Ok(busy) => Ok(busy),
         // Being added, or in doubt until `reconcile` settles it.
@@ -60,7 +60,7 @@ pub(crate) fn mark_busy(core: &Arc<Core>, id: &str, kind: Kind) -> Result<Busy> 
         Err(Some(Entry::Placed { kind: k, .. })) if k == kind => Err(Error::Busy(id.to_owned())),
         // No such id, or one of another kind.
         Err(_) => Err(Error::NotFound {
-            kind: kind.name(),
+            kind,
             id: id.to_owned(),
         }),
     }
@@ -69,7 +69,7 @@ pub(crate) fn mark_busy(core: &Arc<Core>, id: &str, kind: Kind) -> Result<Busy> 
 /// Marks device `id`, of `kind`, busy for a change, and returns it as the spec lists it: held
 /// from the check to the spec's update, so no removal or other change runs under it
 /// ([`Error::Busy`] for the one that comes second).
-pub(crate) fn busy_device(core: &Arc<Core>, id: &str, kind: Kind) -> Result<(Busy, Device)> {
+pub(crate) fn busy_device(core: &Arc<Core>, id: &str, kind: DeviceKind) -> Result<(Busy, Device)> {
     let busy = mark_busy(core, id, kind)?;
     let device = core
         .state()
@@ -238,7 +238,11 @@ pub(crate) struct Busy {
 
 impl Busy {
     /// Marks `id` busy, or says why it cannot be removed now.
-    pub(crate) fn mark(inner: &Arc<Core>, id: &str, kind: Kind) -> Result<Busy, Option<Entry>> {
+    pub(crate) fn mark(
+        inner: &Arc<Core>,
+        id: &str,
+        kind: DeviceKind,
+    ) -> Result<Busy, Option<Entry>> {
         let mut state = inner.state();
         match state.devices.get_mut(id) {
             Some(Entry::Placed {

@@ -81,6 +81,7 @@
 
 mod cpus;
 mod delete;
+mod device_kind;
 mod discover;
 mod engine;
 mod error;
@@ -103,6 +104,7 @@ mod vm;
 mod vm_core;
 
 pub use cpus::VcpuChange;
+pub use device_kind::DeviceKind;
 pub use error::{Error, MigrationFailure, Result, UndoFailure};
 pub use kinds::balloon::BalloonConfig;
 pub use kinds::cdrom::CdromConfig;

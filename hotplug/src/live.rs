@@ -14,7 +14,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::holds;
-use crate::kinds::{Device, Kind};
+use crate::kinds::{Device, DeviceKind};
 use crate::vm_core::Core;
 
 /// The sector size QEMU resizes in.
@@ -23,7 +23,7 @@ const SECTOR: u64 = 512;
 /// See [`Vm::set_link`](crate::Vm::set_link).
 pub(crate) async fn set_link(core: &Arc<Core>, id: &str, up: bool) -> Result<()> {
     core.require("NIC link changes", &["set_link"]).await?;
-    let (_busy, _) = holds::busy_device(core, id, Kind::Nic)?;
+    let (_busy, _) = holds::busy_device(core, id, DeviceKind::Nic)?;
     let step = tracing::debug_span!("step", name = "set_link", id);
     core.client
         .execute(&SetLink {
@@ -43,7 +43,7 @@ pub(crate) async fn set_link(core: &Arc<Core>, id: &str, up: bool) -> Result<()>
 pub(crate) async fn set_io_limits(core: &Arc<Core>, id: &str, limits: IoLimits) -> Result<()> {
     core.require("disk I/O limits", &["block_set_io_throttle"])
         .await?;
-    let (_busy, Device::Disk(disk)) = holds::busy_device(core, id, Kind::Disk)? else {
+    let (_busy, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
         unreachable!("a disk entry is a disk")
     };
     limits.check().map_err(|reason| Error::InvalidIoLimits {
@@ -67,7 +67,7 @@ pub(crate) async fn set_io_limits(core: &Arc<Core>, id: &str, limits: IoLimits) 
 pub(crate) async fn resize(core: &Arc<Core>, id: &str, size: u64, may_shrink: bool) -> Result<u64> {
     core.require("online disk resize", &["block_resize"])
         .await?;
-    let (_busy, Device::Disk(disk)) = holds::busy_device(core, id, Kind::Disk)? else {
+    let (_busy, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
         unreachable!("a disk entry is a disk")
     };
     if disk.read_only {
@@ -89,8 +89,8 @@ pub(crate) async fn resize(core: &Arc<Core>, id: &str, size: u64, may_shrink: bo
         .and_then(|n| n.image)
         .map(|i| i.virtual_size as u64)
         .ok_or_else(|| Error::NotFound {
-            kind: "block node",
-            id: node.clone(),
+            kind: DeviceKind::Disk,
+            id: id.to_owned(),
         })?;
     if size < current && !may_shrink {
         return Err(Error::ShrinkRefused {
@@ -135,7 +135,7 @@ pub(crate) fn limits_in(blocks: &[BlockInfo], id: &str) -> Option<IoLimits> {
 pub(crate) async fn io_limits(core: &Core, id: &str) -> Result<IoLimits> {
     let blocks = core.client.execute(&QueryBlock).await?;
     limits_in(&blocks, id).ok_or_else(|| Error::NotFound {
-        kind: "disk",
+        kind: DeviceKind::Disk,
         id: id.to_owned(),
     })
 }

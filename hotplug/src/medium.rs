@@ -34,7 +34,7 @@ use crate::delete::Delete;
 use crate::engine::run_backends;
 use crate::error::{Error, Result};
 use crate::holds;
-use crate::kinds::{image_backends, Device, Kind, Placed};
+use crate::kinds::{image_backends, Device, DeviceKind, Placed};
 use crate::qemu_errors::is_tray_closed;
 use crate::transaction::Transaction;
 use crate::vm_core::Core;
@@ -112,7 +112,7 @@ async fn query_drive(core: &Core, id: &str) -> Result<BlockInfo> {
         .into_iter()
         .find(|b| b.qdev.as_deref() == Some(id))
         .ok_or_else(|| Error::NotFound {
-            kind: "CD-ROM drive",
+            kind: DeviceKind::Cdrom,
             id: id.to_owned(),
         })
 }
@@ -125,7 +125,7 @@ pub(crate) async fn change(
     options: MediumOptions,
 ) -> Result<()> {
     core.require("CD-ROM medium change", COMMANDS).await?;
-    let busy = holds::mark_busy(core, id, Kind::Cdrom)?;
+    let busy = holds::mark_busy(core, id, DeviceKind::Cdrom)?;
     let Some(Device::Cdrom(old)) = core.state().device(id) else {
         unreachable!("a CD-ROM entry is a CD-ROM")
     };

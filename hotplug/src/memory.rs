@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::holds;
-use crate::kinds::{Device, Kind, Plug};
+use crate::kinds::{Device, DeviceKind, Plug};
 use crate::vm_core::Core;
 use crate::MemoryConfig;
 
@@ -31,14 +31,14 @@ pub(crate) async fn resize_vmem(
 ) -> Result<u64> {
     core.require("virtio-mem resize", &["qom-set", "query-memory-devices"])
         .await?;
-    let (_busy, device) = holds::busy_device(core, id, Kind::Memory)?;
+    let (_busy, device) = holds::busy_device(core, id, DeviceKind::Memory)?;
     let Device::Memory(MemoryDevice {
         kind: MemoryDeviceKind::VirtioMem { .. },
         ..
     }) = device
     else {
         return Err(Error::NotFound {
-            kind: "virtio-mem device",
+            kind: DeviceKind::Memory,
             id: id.to_owned(),
         });
     };
@@ -89,7 +89,7 @@ async fn virtio_mem(core: &Core, id: &str) -> Result<command::VirtioMemInfo> {
             _ => None,
         })
         .ok_or_else(|| Error::NotFound {
-            kind: "virtio-mem device",
+            kind: DeviceKind::Memory,
             id: id.to_owned(),
         })
 }
@@ -142,12 +142,12 @@ pub(crate) async fn set_balloon(core: &Arc<Core>, target: u64) -> Result<()> {
     core.require("the balloon", &["balloon"]).await?;
     let Some(id) = core.state().spec.balloon.as_ref().map(|b| b.id.clone()) else {
         return Err(Error::NotFound {
-            kind: "balloon",
+            kind: DeviceKind::Balloon,
             id: String::new(),
         });
     };
     // Held to the end, so a removal cannot start under the command.
-    let _busy = holds::mark_busy(core, &id, Kind::Balloon)?;
+    let _busy = holds::mark_busy(core, &id, DeviceKind::Balloon)?;
     let value = i64::try_from(target).ok().filter(|v| *v > 0);
     let Some(value) = value else {
         return Err(Error::InvalidSize {

@@ -14,7 +14,7 @@ use crate::delete::{Delete, Outcome};
 use crate::discover::scan_peripherals;
 use crate::error::Result;
 use crate::holds::{self, Cleaning};
-use crate::kinds::Kind;
+use crate::kinds::DeviceKind;
 use crate::live;
 use crate::state::Entry;
 use crate::vm_core::Core;
@@ -71,7 +71,7 @@ pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
     drop(judged.cleaning);
     for (id, up) in judged.links {
         // Skipped when a call holds the NIC now: that call decides its link.
-        let Ok(_busy) = holds::mark_busy(core, &id, Kind::Nic) else {
+        let Ok(_busy) = holds::mark_busy(core, &id, DeviceKind::Nic) else {
             continue;
         };
         core.client.execute(&SetLink { name: id, up }).await?;

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::kinds::{Device, Kind, Place};
+use crate::kinds::{Device, DeviceKind, Place};
 use crate::slots::{PciMap, ScsiMap};
 use qhotplug_cmdline::{Pci, VmSpec};
 
@@ -18,7 +18,7 @@ pub(crate) enum Entry {
     Adding { place: Place },
     /// A device in the spec.
     Placed {
-        kind: Kind,
+        kind: DeviceKind,
         /// A removal or a change is running.
         busy: bool,
         /// A `device_del` was accepted but the guest has not let the device go yet.
@@ -188,7 +188,7 @@ impl State {
     }
 }
 
-fn placed_entry(kind: Kind, since: u64) -> Entry {
+fn placed_entry(kind: DeviceKind, since: u64) -> Entry {
     Entry::Placed {
         kind,
         busy: false,

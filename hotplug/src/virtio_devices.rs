@@ -9,7 +9,7 @@ use qhotplug_cmdline::names;
 
 use crate::engine;
 use crate::error::{Error, Result};
-use crate::kinds::Kind;
+use crate::kinds::DeviceKind;
 use crate::unplug::UnplugPolicy;
 use crate::vm_core::Core;
 use crate::SerialPortConfig;
@@ -35,7 +35,7 @@ pub(crate) fn controller_known(core: &Core, port: &SerialPortConfig) -> Result<(
         Ok(())
     } else {
         Err(Error::NotFound {
-            kind: "virtio-serial controller",
+            kind: DeviceKind::VirtioSerial,
             id: port.controller().to_owned(),
         })
     }
@@ -54,5 +54,5 @@ pub(crate) async fn remove_virtio_serial(
             reason: "ports are still on it; remove them first",
         });
     }
-    engine::remove(core, id, Kind::VirtioSerial, policy).await
+    engine::remove(core, id, DeviceKind::VirtioSerial, policy).await
 }

@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::cpus::{self, VcpuChange};
 use crate::error::{Error, Result};
-use crate::kinds::{Device, Kind, Plug};
+use crate::kinds::{Device, DeviceKind, Plug};
 use crate::medium::{self, MediumOptions, TrayStatus};
 use crate::migrate::{self, MigrationOptions, Progress};
 use crate::reconcile::{self, Reconciled};
@@ -372,7 +372,7 @@ impl Vm {
                     reason: "an IDE drive is there from boot to shutdown",
                 });
             }
-            engine::remove(&core, &id, Kind::Cdrom, &policy).await
+            engine::remove(&core, &id, DeviceKind::Cdrom, &policy).await
         })
         .await
     }
@@ -385,13 +385,13 @@ impl Vm {
     /// when it does not answer by the deadline (device kept, [`Vm::unplug_pending`] true; call
     /// again to wait again).
     pub async fn remove_disk(&self, id: &str) -> Result<()> {
-        self.remove_kind("remove_disk", id, Kind::Disk).await
+        self.remove_kind("remove_disk", id, DeviceKind::Disk).await
     }
 
     /// Hot-removes a NIC: `device_del`, wait for `DEVICE_DELETED`, then `netdev_del` (which closes
     /// QEMU's tap and vhost fds). Errors as for [`remove_disk`](Vm::remove_disk).
     pub async fn remove_nic(&self, id: &str) -> Result<()> {
-        self.remove_kind("remove_nic", id, Kind::Nic).await
+        self.remove_kind("remove_nic", id, DeviceKind::Nic).await
     }
 
     /// Takes NIC `id`'s link up or down (`set_link`): the guest sees its carrier follow, and the
@@ -520,7 +520,8 @@ impl Vm {
     /// or in use) refuses: [`Error::UnplugRejected`] as soon as QEMU says so (ACPI `_OST` 0x82 for
     /// a DIMM), and the device and its backend stay.
     pub async fn remove_memory(&self, id: &str) -> Result<()> {
-        self.remove_kind("remove_memory", id, Kind::Memory).await
+        self.remove_kind("remove_memory", id, DeviceKind::Memory)
+            .await
     }
 
     /// Asks the guest to plug `requested` bytes of virtio-mem device `id` (grow or shrink), and
@@ -543,7 +544,8 @@ impl Vm {
 
     /// Hot-removes the balloon.
     pub async fn remove_balloon(&self, id: &str) -> Result<()> {
-        self.remove_kind("remove_balloon", id, Kind::Balloon).await
+        self.remove_kind("remove_balloon", id, DeviceKind::Balloon)
+            .await
     }
 
     /// Asks the guest's balloon driver to bring the guest's memory to `target` bytes (`balloon`).
@@ -575,7 +577,7 @@ impl Vm {
 
     /// Hot-removes a vhost-user disk: `device_del`, wait for the guest, then `chardev-remove`.
     pub async fn remove_vhost_user_blk(&self, id: &str) -> Result<()> {
-        self.remove_kind("remove_vhost_user_blk", id, Kind::VhostUserBlk)
+        self.remove_kind("remove_vhost_user_blk", id, DeviceKind::VhostUserBlk)
             .await
     }
 
@@ -590,7 +592,7 @@ impl Vm {
 
     /// Hot-removes a virtio-fs share (the guest must have unmounted it to let it go).
     pub async fn remove_virtio_fs(&self, id: &str) -> Result<()> {
-        self.remove_kind("remove_virtio_fs", id, Kind::VirtioFs)
+        self.remove_kind("remove_virtio_fs", id, DeviceKind::VirtioFs)
             .await
     }
 
@@ -618,7 +620,7 @@ impl Vm {
 
     /// Hot-removes a serial port, then its chardev.
     pub async fn remove_serial_port(&self, id: &str) -> Result<()> {
-        self.remove_kind("remove_serial_port", id, Kind::SerialPort)
+        self.remove_kind("remove_serial_port", id, DeviceKind::SerialPort)
             .await
     }
 
@@ -629,7 +631,7 @@ impl Vm {
 
     /// Hot-removes a virtio RNG, then its source.
     pub async fn remove_rng(&self, id: &str) -> Result<()> {
-        self.remove_kind("remove_rng", id, Kind::Rng).await
+        self.remove_kind("remove_rng", id, DeviceKind::Rng).await
     }
 
     /// A launcher for this VM's migration target: its spec as it is now (every hot-plugged
@@ -671,7 +673,7 @@ impl Vm {
     }
 
     /// A hot-remove as a call of its own (see [`Vm::call`]).
-    async fn remove_kind(&self, op: &'static str, id: &str, kind: Kind) -> Result<()> {
+    async fn remove_kind(&self, op: &'static str, id: &str, kind: DeviceKind) -> Result<()> {
         let policy = self.policy;
         self.call(op, id, move |core, id| async move {
             engine::remove(&core, &id, kind, &policy).await

@@ -197,7 +197,10 @@ fn bad_medium_requests_change_nothing() {
         // A disk is no CD-ROM.
         assert!(matches!(
             t.vm.eject_medium("d1").await,
-            Err(Error::NotFound { kind: "CD-ROM", .. })
+            Err(Error::NotFound {
+                kind: qhotplug::DeviceKind::Cdrom,
+                ..
+            })
         ));
         // IDE has no hotplug.
         assert!(matches!(

@@ -38,7 +38,10 @@ fn a_disk_grows_online_and_the_guest_sees_its_new_size() {
         ));
         assert!(matches!(
             g.vm.resize_disk("nope", 4 << 20).await,
-            Err(Error::NotFound { kind: "disk", .. })
+            Err(Error::NotFound {
+                kind: qhotplug::DeviceKind::Disk,
+                ..
+            })
         ));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
 
@@ -115,7 +118,10 @@ fn a_nics_link_goes_down_and_up_and_the_guest_carrier_follows() {
 
         assert!(matches!(
             g.vm.set_link("nope", false).await,
-            Err(Error::NotFound { kind: "NIC", .. })
+            Err(Error::NotFound {
+                kind: qhotplug::DeviceKind::Nic,
+                ..
+            })
         ));
         g.vm.set_link("l1", false).await.unwrap();
         g.console.until_says(&carrier, "0", SEEN).await;
@@ -209,7 +215,10 @@ fn io_limits_are_set_at_hot_add_changed_cleared_and_kept_by_a_relaunch() {
         }
         assert!(matches!(
             t.vm.set_io_limits("nope", first.clone()).await,
-            Err(Error::NotFound { kind: "disk", .. })
+            Err(Error::NotFound {
+                kind: qhotplug::DeviceKind::Disk,
+                ..
+            })
         ));
         assert_eq!(limits_of(&t.vm, "io1").await, first);
 

@@ -63,7 +63,6 @@ impl Plug for BalloonConfig {
 }
 
 impl Placed for Balloon {
-    const NAME: &'static str = "balloon";
     type Config = BalloonConfig;
 
     fn place(&self) -> Place {

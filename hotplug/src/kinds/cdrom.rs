@@ -103,7 +103,6 @@ impl Plug for CdromConfig {
 }
 
 impl Placed for Cdrom {
-    const NAME: &'static str = "CD-ROM";
     type Config = CdromConfig;
 
     fn place(&self) -> Place {

@@ -212,7 +212,6 @@ impl Plug for DiskConfig {
 }
 
 impl Placed for Disk {
-    const NAME: &'static str = "disk";
     type Config = DiskConfig;
 
     fn place(&self) -> Place {

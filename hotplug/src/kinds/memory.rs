@@ -147,7 +147,6 @@ impl Plug for MemoryConfig {
 }
 
 impl Placed for MemoryDevice {
-    const NAME: &'static str = "memory device";
     type Config = MemoryConfig;
 
     fn place(&self) -> Place {

@@ -29,7 +29,8 @@ pub(crate) mod vcpu;
 pub(crate) mod vhost_user;
 pub(crate) mod virtio_serial;
 
-pub(crate) use registry::{Device, Kind, Place, Placed};
+pub(crate) use crate::device_kind::DeviceKind;
+pub(crate) use registry::{Device, Place, Placed};
 
 /// Where a kind's frontend goes.
 #[derive(Debug, Clone, PartialEq, Eq)]

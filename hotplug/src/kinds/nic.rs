@@ -148,7 +148,6 @@ impl Plug for NicConfig {
 }
 
 impl Placed for Nic {
-    const NAME: &'static str = "NIC";
     type Config = NicConfig;
 
     fn place(&self) -> Place {

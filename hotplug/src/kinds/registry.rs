@@ -3,13 +3,11 @@
 //! and every dispatch over them are generated from that list, so no other module names the
 //! kinds one by one.
 
-use qhotplug_cmdline::{
-    Balloon, Cdrom, DeviceModel, Disk, MemoryDevice, Nic, Pci, Rng, ScsiAddr, SerialPort, Vcpu,
-    VhostUserBlk, VirtioFs, VirtioSerial, VmSpec,
-};
+use qhotplug_cmdline::{DeviceModel, Pci, ScsiAddr, VmSpec};
 
 use super::Plug;
 use crate::delete::Delete;
+use crate::device_kind::DeviceKind;
 use crate::error::{Error, Result};
 
 /// Where a device sits, for the slot maps.
@@ -36,8 +34,6 @@ impl Place {
 /// A placed device of one kind, as the spec lists it: its name, the config its hot-add takes,
 /// where it sits, and what its removal deletes.
 pub(crate) trait Placed: DeviceModel + Clone {
-    /// The kind's name in errors ("disk").
-    const NAME: &'static str;
     /// What a caller hot-adds it with.
     type Config: Plug<Added = Self>;
     /// Where it sits.
@@ -81,12 +77,7 @@ impl<T: DeviceModel> Field<T> for Option<T> {
 /// Generates `Kind`, `Device` and their dispatch from one line per kind: the variant, the placed
 /// type (which implements [`Placed`]), and the `VmSpec` field that lists them.
 macro_rules! registry {
-    ($($kind:ident($placed:ty) in $field:ident;)*) => {
-        /// The kinds of device the SDK plugs.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub(crate) enum Kind {
-            $($kind,)*
-        }
+    ($($(#[$doc:meta])* $kind:ident($placed:ty) in $field:ident, $name:literal;)*) => {
 
         /// A placed device, as `vm.spec()` lists it.
         #[derive(Debug, Clone)]
@@ -100,33 +91,26 @@ macro_rules! registry {
             }
         })*
 
-        impl Kind {
-            /// The kind's name in errors.
-            pub(crate) fn name(self) -> &'static str {
-                match self {
-                    $(Kind::$kind => <$placed as Placed>::NAME,)*
-                }
-            }
-
+        impl DeviceKind {
             /// What its hot-add and hot-remove are called in errors.
             pub(crate) fn operation(self) -> &'static str {
                 match self {
-                    $(Kind::$kind => <<$placed as Placed>::Config as Plug>::OPERATION,)*
+                    $(DeviceKind::$kind => <<$placed as Placed>::Config as Plug>::OPERATION,)*
                 }
             }
 
             /// The QMP commands its hot-add and hot-remove use.
             pub(crate) fn commands(self) -> &'static [&'static str] {
                 match self {
-                    $(Kind::$kind => <<$placed as Placed>::Config as Plug>::COMMANDS,)*
+                    $(DeviceKind::$kind => <<$placed as Placed>::Config as Plug>::COMMANDS,)*
                 }
             }
         }
 
         impl Device {
-            pub(crate) fn kind(&self) -> Kind {
+            pub(crate) fn kind(&self) -> DeviceKind {
                 match self {
-                    $(Device::$kind(_) => Kind::$kind,)*
+                    $(Device::$kind(_) => DeviceKind::$kind,)*
                 }
             }
 
@@ -164,16 +148,16 @@ macro_rules! registry {
             }
 
             /// The device of this kind and id in `spec`, looked up in its kind's list only.
-            pub(crate) fn find(spec: &VmSpec, kind: Kind, id: &str) -> Option<Device> {
+            pub(crate) fn find(spec: &VmSpec, kind: DeviceKind, id: &str) -> Option<Device> {
                 match kind {
-                    $(Kind::$kind => spec.$field.iter().find(|d| DeviceModel::id(*d) == id).cloned().map(Device::$kind),)*
+                    $(DeviceKind::$kind => spec.$field.iter().find(|d| DeviceModel::id(*d) == id).cloned().map(Device::$kind),)*
                 }
             }
 
             /// Takes the device of this kind and id out of `spec`.
-            pub(crate) fn take(spec: &mut VmSpec, kind: Kind, id: &str) -> Option<Device> {
+            pub(crate) fn take(spec: &mut VmSpec, kind: DeviceKind, id: &str) -> Option<Device> {
                 match kind {
-                    $(Kind::$kind => spec.$field.take_id(id).map(Device::$kind),)*
+                    $(DeviceKind::$kind => spec.$field.take_id(id).map(Device::$kind),)*
                 }
             }
 
@@ -189,16 +173,4 @@ macro_rules! registry {
 
 // The one list of kinds. A new kind is a module in `kinds/` (its config with `impl Plug`, its
 // placed type with `impl Placed`) and one line here.
-registry! {
-    Disk(Disk) in disks;
-    Nic(Nic) in nics;
-    Cdrom(Cdrom) in cdroms;
-    Vcpu(Vcpu) in vcpus;
-    Memory(MemoryDevice) in memory_devices;
-    Balloon(Balloon) in balloon;
-    VhostUserBlk(VhostUserBlk) in vhost_user_blks;
-    VirtioFs(VirtioFs) in virtio_fs;
-    VirtioSerial(VirtioSerial) in virtio_serials;
-    SerialPort(SerialPort) in serial_ports;
-    Rng(Rng) in rngs;
-}
+crate::device_kind::kinds!(registry);

@@ -78,7 +78,6 @@ impl Plug for RngConfig {
 }
 
 impl Placed for Rng {
-    const NAME: &'static str = "RNG";
     type Config = RngConfig;
 
     fn place(&self) -> Place {

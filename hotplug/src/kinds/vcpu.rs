@@ -34,7 +34,6 @@ impl Plug for Vcpu {
 }
 
 impl Placed for Vcpu {
-    const NAME: &'static str = "vCPU";
     type Config = Vcpu;
 
     fn place(&self) -> Place {

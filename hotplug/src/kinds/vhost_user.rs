@@ -165,7 +165,6 @@ impl Plug for VirtioFsConfig {
 }
 
 impl Placed for VhostUserBlk {
-    const NAME: &'static str = "vhost-user disk";
     type Config = VhostUserBlkConfig;
 
     fn place(&self) -> Place {
@@ -179,7 +178,6 @@ impl Placed for VhostUserBlk {
 }
 
 impl Placed for VirtioFs {
-    const NAME: &'static str = "virtio-fs share";
     type Config = VirtioFsConfig;
 
     fn place(&self) -> Place {

@@ -129,7 +129,6 @@ impl Plug for SerialPortConfig {
 }
 
 impl Placed for VirtioSerial {
-    const NAME: &'static str = "virtio-serial controller";
     type Config = VirtioSerialConfig;
 
     fn place(&self) -> Place {
@@ -138,7 +137,6 @@ impl Placed for VirtioSerial {
 }
 
 impl Placed for SerialPort {
-    const NAME: &'static str = "serial port";
     type Config = SerialPortConfig;
 
     fn place(&self) -> Place {
