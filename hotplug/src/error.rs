@@ -234,6 +234,25 @@ pub enum Error {
     /// The QEMU process could not be started.
     #[error("launching QEMU")]
     Launch(#[source] qhotplug_cmdline::Error),
+    /// `qemu-storage-daemon` still had the export's clients after the deadline: the export is
+    /// ending (QEMU keeps the request) and its nodes stay until it has ended.
+    #[error("export {id:?} still ending after {after:?}")]
+    UnexportPending {
+        /// The export's id.
+        id: String,
+        /// How long the SDK waited for `BLOCK_EXPORT_DELETED`.
+        after: Duration,
+    },
+    /// A host-side system call failed (a socket pair for a migration, waiting for a daemon to
+    /// exit).
+    #[error("{what}")]
+    Io {
+        /// What the SDK was doing.
+        what: &'static str,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One undo step that failed during a rollback.

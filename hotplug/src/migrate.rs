@@ -411,8 +411,10 @@ async fn listen(target: &Core, transport: &Transport) -> Result<Outgoing> {
             Ok(Outgoing::Uri(uri))
         }
         Transport::Fd => {
-            let (ours, theirs) =
-                UnixStream::pair().map_err(|e| Error::Launch(qhotplug_cmdline::Error::Io(e)))?;
+            let (ours, theirs) = UnixStream::pair().map_err(|source| Error::Io {
+                what: "making the migration's socket pair",
+                source,
+            })?;
             step(
                 "getfd",
                 target.client.getfd(names::MIGRATE_IN_FD, theirs.into()),

@@ -123,7 +123,7 @@ impl StorageDaemon {
                 |e: &EventKind| matches!(e, EventKind::BlockExportDeleted(d) if d.id == id);
             let deadline = tokio::time::Instant::now() + UNEXPORT_DEADLINE;
             if !events.wait_for(deadline, deleted).instrument(step).await {
-                return Err(Error::UnplugPending {
+                return Err(Error::UnexportPending {
                     id: id.to_owned(),
                     after: UNEXPORT_DEADLINE,
                 });
@@ -140,10 +140,10 @@ impl StorageDaemon {
     /// Asks the daemon to quit and waits for it to exit.
     pub async fn quit(mut self) -> Result<()> {
         let _ = self.client.execute_raw("quit", &json!({})).await;
-        self.process
-            .wait()
-            .await
-            .map_err(|e| Error::Launch(e.into()))?;
+        self.process.wait().await.map_err(|source| Error::Io {
+            what: "waiting for qemu-storage-daemon to exit",
+            source,
+        })?;
         Ok(())
     }
 }
