@@ -97,7 +97,7 @@ pub(crate) async fn set_vcpus(
         let running = core.client.execute(&QueryStatus).await?.running;
         if running {
             let deadline = Instant::now() + policy.deadline;
-            let wait = tracing::debug_span!("step", name = "wait ACPI_DEVICE_OST");
+            let wait = tracing::debug_span!(crate::spans::STEP, name = "wait ACPI_DEVICE_OST");
             let confirmed = acknowledged(&mut events, &change.added, deadline)
                 .instrument(wait)
                 .await;

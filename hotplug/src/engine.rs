@@ -137,7 +137,7 @@ pub(crate) async fn remove(
         .expect("a placed entry is in the spec");
     let before = device.before_unplug();
     if let Some((step, _)) = &before {
-        let span = tracing::debug_span!("step", name = step.command(), id);
+        let span = tracing::debug_span!(crate::spans::STEP, name = step.command(), id);
         step.run(&core.client)
             .instrument(span)
             .await
@@ -158,7 +158,7 @@ pub(crate) async fn remove(
     if let Err(refused) = unplugged {
         // The device stays: what went before the unplug comes back.
         for step in before.into_iter().flat_map(|(_, back)| back) {
-            let span = tracing::debug_span!("undo", step = %step);
+            let span = tracing::debug_span!(crate::spans::UNDO, step = %step);
             if let Err(error) = step.run(&core.client).instrument(span).await {
                 tracing::warn!(%step, %error, "could not put back what went before the unplug");
             }
@@ -169,7 +169,7 @@ pub(crate) async fn remove(
     // The device is gone: whatever happens to the backends, the address and the id are free.
     let mut result = Ok(());
     for step in device.teardown() {
-        let span = tracing::debug_span!("step", name = step.command(), id);
+        let span = tracing::debug_span!(crate::spans::STEP, name = step.command(), id);
         if let Err(e) = step.run(&core.client).instrument(span).await {
             result = Err(Error::Backend {
                 id: id.to_owned(),

@@ -69,7 +69,7 @@
 //!
 //! The SDK logs through `tracing`. These span names and fields are a contract: the demo's step
 //! table and the project's fault and cancellation tests rely on them, and changing one is a
-//! breaking change.
+//! breaking change. The names are constants in [`spans`], which the SDK opens its spans with.
 //!
 //! | span | fields | what it covers |
 //! |---|---|---|
@@ -95,6 +95,7 @@ pub mod qemu_errors;
 mod reconcile;
 mod run_to_end;
 mod slots;
+pub mod spans;
 mod state;
 mod storage_daemon;
 mod transaction;

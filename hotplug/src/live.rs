@@ -24,7 +24,7 @@ const SECTOR: u64 = 512;
 pub(crate) async fn set_link(core: &Arc<Core>, id: &str, up: bool) -> Result<()> {
     core.require("NIC link changes", &["set_link"]).await?;
     let (_busy, _) = holds::busy_device(core, id, DeviceKind::Nic)?;
-    let step = tracing::debug_span!("step", name = "set_link", id);
+    let step = tracing::debug_span!(crate::spans::STEP, name = "set_link", id);
     core.client
         .execute(&SetLink {
             name: id.to_owned(),
@@ -50,7 +50,7 @@ pub(crate) async fn set_io_limits(core: &Arc<Core>, id: &str, limits: IoLimits) 
         id: id.to_owned(),
         reason,
     })?;
-    let step = tracing::debug_span!("step", name = "block_set_io_throttle", id);
+    let step = tracing::debug_span!(crate::spans::STEP, name = "block_set_io_throttle", id);
     let cmd = BlockSetIoThrottle {
         id: disk.backend_device(),
         limits: limits.clone(),
@@ -100,7 +100,7 @@ pub(crate) async fn resize(core: &Arc<Core>, id: &str, size: u64, may_shrink: bo
         });
     }
     if size != current {
-        let step = tracing::debug_span!("step", name = "block_resize", id);
+        let step = tracing::debug_span!(crate::spans::STEP, name = "block_resize", id);
         core.client
             .execute(&BlockResize {
                 node_name: Some(node),

@@ -156,7 +156,8 @@ pub(crate) async fn change(
             // Only a request to the guest: nothing to undo unless it opens the tray.
             txn.step("blockdev-open-tray", None, client.execute(&open))
                 .await?;
-            let wait = tracing::debug_span!("step", name = "wait DEVICE_TRAY_MOVED", id);
+            let wait =
+                tracing::debug_span!(crate::spans::STEP, name = "wait DEVICE_TRAY_MOVED", id);
             let deadline = Instant::now() + options.tray_wait;
             let tray_opened = |e: &EventKind| matches!(e, EventKind::DeviceTrayMoved(m) if m.id == id && m.tray_open);
             let opened = events.wait_for(deadline, tray_opened).instrument(wait).await
@@ -203,7 +204,7 @@ pub(crate) async fn change(
     }
     // The old medium is out: its nodes go. One left behind is `reconcile`'s to delete.
     for step in old.teardown() {
-        let span = tracing::debug_span!("step", name = step.command(), id);
+        let span = tracing::debug_span!(crate::spans::STEP, name = step.command(), id);
         if let Err(error) = step.run(&client).instrument(span).await {
             tracing::warn!(%step, %error, "old medium's node left for reconcile");
             core.state().touched.insert(id.to_owned());

@@ -55,7 +55,7 @@ pub(crate) async fn resize_vmem(
         property: "requested-size".into(),
         value: requested.into(),
     };
-    let step = tracing::debug_span!("step", name = "qom-set", id);
+    let step = tracing::debug_span!(crate::spans::STEP, name = "qom-set", id);
     core.client.execute(&set).instrument(step).await?;
     {
         let mut state = core.state();
@@ -66,7 +66,11 @@ pub(crate) async fn resize_vmem(
     }
     if info.size != requested {
         let deadline = Instant::now() + deadline;
-        let wait = tracing::debug_span!("step", name = "wait MEMORY_DEVICE_SIZE_CHANGE", id);
+        let wait = tracing::debug_span!(
+            crate::spans::STEP,
+            name = "wait MEMORY_DEVICE_SIZE_CHANGE",
+            id
+        );
         // Whether or not the event comes, QEMU's `query-memory-devices` says what is plugged.
         let reached = |e: &EventKind| {
             matches!(e, EventKind::MemoryDeviceSizeChange(c)
@@ -155,7 +159,7 @@ pub(crate) async fn set_balloon(core: &Arc<Core>, target: u64) -> Result<()> {
             size: target,
         });
     };
-    let step = tracing::debug_span!("step", name = "balloon");
+    let step = tracing::debug_span!(crate::spans::STEP, name = "balloon");
     core.client
         .execute(&command::Balloon { value })
         .instrument(step)

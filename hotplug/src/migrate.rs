@@ -345,7 +345,7 @@ async fn run_migration(
             ended(info)?;
             // The source has sent everything; the guest is the target's once the target says
             // so too (after post-copy, it may still be pulling pages).
-            let wait = tracing::debug_span!("step", name = "wait target MIGRATION");
+            let wait = tracing::debug_span!(crate::spans::STEP, name = "wait target MIGRATION");
             await_end(target, &mut target_events)
                 .instrument(wait)
                 .await?;
@@ -479,7 +479,7 @@ async fn step<T>(
     name: &'static str,
     fut: impl std::future::Future<Output = qhotplug_qmp::Result<T>>,
 ) -> Result<T> {
-    let span = tracing::debug_span!("step", name);
+    let span = tracing::debug_span!(crate::spans::STEP, name);
     Ok(fut.instrument(span).await?)
 }
 

@@ -113,12 +113,13 @@ impl StorageDaemon {
         let span = crate::vm_core::hotplug_span("unexport", id);
         async {
             let mut events = self.client.events();
-            let step = tracing::debug_span!("step", name = "block-export-del", id);
+            let step = tracing::debug_span!(crate::spans::STEP, name = "block-export-del", id);
             self.client
                 .execute_raw("block-export-del", &json!({ "id": id }))
                 .instrument(step)
                 .await?;
-            let step = tracing::debug_span!("step", name = "wait BLOCK_EXPORT_DELETED", id);
+            let step =
+                tracing::debug_span!(crate::spans::STEP, name = "wait BLOCK_EXPORT_DELETED", id);
             let deleted =
                 |e: &EventKind| matches!(e, EventKind::BlockExportDeleted(d) if d.id == id);
             let deadline = tokio::time::Instant::now() + UNEXPORT_DEADLINE;

@@ -30,7 +30,7 @@ struct RolledBack {
 async fn roll_back(client: &Client, undo: Vec<Delete>) -> RolledBack {
     let mut failures = Vec::new();
     for step in undo.into_iter().rev() {
-        let span = tracing::debug_span!("undo", step = %step);
+        let span = tracing::debug_span!(crate::spans::UNDO, step = %step);
         if let Err(error) = step.run(client).instrument(span).await {
             tracing::warn!(step = %step, %error, "undo step failed");
             let device_left = matches!(step, Delete::Device(_));
@@ -93,7 +93,7 @@ impl<H: Hold> Transaction<H> {
     {
         let pushed = undo.is_some();
         self.undo.extend(undo);
-        let span = tracing::debug_span!("step", name, id = %self.id);
+        let span = tracing::debug_span!(crate::spans::STEP, name, id = %self.id);
         match step.instrument(span).await {
             Ok(value) => Ok(value),
             Err(source) => {
@@ -157,7 +157,8 @@ impl<H: Hold> Drop for Transaction<H> {
         let id = self.id.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                let span = tracing::debug_span!("rollback", id = %id, reason = "cancelled");
+                let span =
+                    tracing::debug_span!(crate::spans::ROLLBACK, id = %id, reason = "cancelled");
                 let inner = hold.inner();
                 let task = handle.spawn(
                     async move {

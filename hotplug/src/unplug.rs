@@ -130,7 +130,7 @@ pub(crate) async fn unplug(
     let mut events = client.events();
     let mut backoff = policy.busy_backoff;
     for press in 1.. {
-        let span = tracing::debug_span!("step", name = "device_del", id, press);
+        let span = tracing::debug_span!(crate::spans::STEP, name = "device_del", id, press);
         let outcome = client
             .execute(&DeviceDel { id: id.to_owned() })
             .instrument(span.clone())
@@ -161,7 +161,7 @@ pub(crate) async fn unplug(
             Err(e) => return Err(e.into()),
         }
     }
-    let span = tracing::debug_span!("step", name = "wait DEVICE_DELETED", id);
+    let span = tracing::debug_span!(crate::spans::STEP, name = "wait DEVICE_DELETED", id);
     match wait(client, &mut events, id, deadline, &mut stale)
         .instrument(span)
         .await

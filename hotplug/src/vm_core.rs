@@ -78,7 +78,7 @@ impl Core {
 
 /// The `hotplug` span of one public operation (`op`, `id`): the one place it is opened.
 pub(crate) fn hotplug_span(op: &'static str, id: &str) -> tracing::Span {
-    tracing::info_span!("hotplug", op, id)
+    tracing::info_span!(crate::spans::HOTPLUG, op, id)
 }
 
 /// One public call running; see [`Core::enter_call`].

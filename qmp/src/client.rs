@@ -25,6 +25,10 @@ use crate::event::Event;
 use crate::message::{encode_request, Execution, Greeting, Message};
 use crate::schema::Schema;
 
+/// The name of the span each QMP command runs in (fields `command`, `id`): a contract tools
+/// and tests match on.
+pub const QMP_SPAN: &str = "qmp";
+
 /// How to connect: capabilities, timeouts, buffer sizes. `Config::default()` suits most callers.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -526,7 +530,7 @@ impl Client {
             Execution::InBandWithId(id) => (Some(id), false),
             Execution::InBand => (None, false),
         };
-        let span = tracing::debug_span!("qmp", command = name, id);
+        let span = tracing::debug_span!(QMP_SPAN, command = name, id);
         async move {
             let shared = &self.inner.shared;
             let seq = shared.submit(Op {

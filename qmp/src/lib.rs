@@ -60,7 +60,7 @@ pub mod message;
 pub mod schema;
 mod sys;
 
-pub use client::{connect, Client, Config, EventStream, Lagged, DEFAULT_MAX_OUTBOX};
+pub use client::{connect, Client, Config, EventStream, Lagged, DEFAULT_MAX_OUTBOX, QMP_SPAN};
 pub use command::Command;
 pub use connection::Connection;
 pub use error::{Chain, Error, FrameError, QmpError, Result};

@@ -2,6 +2,7 @@
 //! hotplug (`hotplug`), per hotplug step (`step`) and per QMP command (`qmp`) — and keeps them
 //! in order, for the demo's table and the hotplug benchmark.
 
+use qhotplug::spans;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,7 +81,7 @@ where
 {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let kind = attrs.metadata().name();
-        if !matches!(kind, "hotplug" | "step" | "qmp") {
+        if !matches!(kind, spans::HOTPLUG | spans::STEP | spans::QMP) {
             return;
         }
         let mut fields = Fields::default();
@@ -142,7 +143,7 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, attrs: &Attributes<'_>, _id: &Id, _ctx: Context<'_, S>) {
-        if attrs.metadata().name() != "step" {
+        if attrs.metadata().name() != spans::STEP {
             return;
         }
         let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

@@ -280,3 +280,11 @@ fn no_module_imports_another_that_imports_it_back() {
     }
     assert!(cycles.is_empty(), "import cycles: {cycles:#?}");
 }
+
+#[test]
+fn span_names_come_from_the_one_list() {
+    // Every span the crates open is named by a constant of `qhotplug::spans` (or the qmp crate's
+    // `QMP_SPAN`), never by a literal.
+    let found = offenders(&[], |l| l.contains("_span!(\""));
+    assert!(found.is_empty(), "span names spelled in place: {found:#?}");
+}

@@ -535,7 +535,7 @@ fn reconcile_forgets_ids_whose_devices_are_gone_and_clean() {
         let sent: Vec<String> = timings
             .take()
             .into_iter()
-            .filter(|s| s.kind == "qmp")
+            .filter(|s| s.kind == qhotplug::spans::QMP)
             .map(|s| s.name)
             .collect();
         assert!(

@@ -68,8 +68,8 @@ impl Table {
         let mut steps = Vec::new();
         for t in timings.take() {
             match t.kind {
-                "step" => steps.push((format!("  └ {}", t.name), t.elapsed)),
-                "hotplug" => {
+                qhotplug::spans::STEP => steps.push((format!("  └ {}", t.name), t.elapsed)),
+                qhotplug::spans::HOTPLUG => {
                     self.row(
                         format!("{} {}", t.name, t.id.unwrap_or_default()),
                         t.elapsed,

@@ -1,0 +1,19 @@
+//! The names of the SDK's tracing spans: a contract (see the crate docs' table), spelled here
+//! once. The SDK opens its spans with these, and tests and tools that read spans match on them.
+//!
+//! ```
+//! assert_eq!(qhotplug::spans::ALL, ["hotplug", "step", "undo", "rollback", "qmp"]);
+//! ```
+
+/// One public operation: fields `op`, `id`.
+pub const HOTPLUG: &str = "hotplug";
+/// One step of a hot-add, hot-remove or change: fields `name`, `id` (and `press` on `device_del`).
+pub const STEP: &str = "step";
+/// One undo step of a rollback: field `step`.
+pub const UNDO: &str = "undo";
+/// The background rollback of a dropped hot-add or change: fields `id`, `reason`.
+pub const ROLLBACK: &str = "rollback";
+/// One QMP command, from `qhotplug-qmp`: fields `command`, `id`.
+pub const QMP: &str = qhotplug_qmp::QMP_SPAN;
+/// Every span name above.
+pub const ALL: [&str; 5] = [HOTPLUG, STEP, UNDO, ROLLBACK, QMP];
