@@ -343,9 +343,28 @@ impl VmSpec {
         qmp_chardev: &str,
         nic_fds: impl Fn(usize) -> (Vec<String>, Vec<String>),
     ) -> Vec<String> {
-        let mut a: Vec<String> = Vec::new();
-        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-        push(&[
+        let mut a = self.machine_args();
+        a.extend(self.console_args());
+        a.extend(strings(&[
+            "-chardev",
+            qmp_chardev,
+            "-mon",
+            "chardev=qmp,mode=control",
+        ]));
+        if self.paused {
+            a.push("-S".into());
+        }
+        if self.incoming {
+            a.extend(strings(&["-incoming", "defer"]));
+        }
+        a.extend(self.device_args(nic_fds));
+        a.extend(self.extra_args.iter().cloned());
+        a
+    }
+
+    /// The machine itself: name, type and accelerator, CPUs, memory, and what it boots.
+    fn machine_args(&self) -> Vec<String> {
+        let mut a = strings(&[
             "-name",
             &escape(&self.name),
             "-nodefaults",
@@ -365,9 +384,9 @@ impl VmSpec {
             Some(b) => format!("{machine},memory-backend={}", b.id),
             None => machine.to_owned(),
         };
-        push(&["-machine", &machine, "-accel", accel]);
+        a.extend(strings(&["-machine", &machine, "-accel", accel]));
         if let Some(cpu) = &self.cpu {
-            push(&["-cpu", &escape(cpu)]);
+            a.extend(strings(&["-cpu", &escape(cpu)]));
         }
         let smp = match &self.cpu_topology {
             Some(t) => t.smp(self.smp),
@@ -380,21 +399,26 @@ impl VmSpec {
             ),
             None => self.memory_mib.to_string(),
         };
-        push(&["-smp", &smp, "-m", &memory]);
+        a.extend(strings(&["-smp", &smp, "-m", &memory]));
         if let Some(b) = &self.memory_backend {
-            let args = b.args();
-            push(&[&args[0], &args[1]]);
+            a.extend(b.args().into_iter().take(2));
         }
         // -kernel/-initrd/-append are plain values, not option lists: no escaping.
         if let Some(k) = &self.kernel {
-            push(&["-kernel", &k.to_string_lossy()]);
+            a.extend(strings(&["-kernel", &k.to_string_lossy()]));
         }
         if let Some(i) = &self.initrd {
-            push(&["-initrd", &i.to_string_lossy()]);
+            a.extend(strings(&["-initrd", &i.to_string_lossy()]));
         }
         if let Some(ap) = &self.append {
-            push(&["-append", ap]);
+            a.extend(strings(&["-append", ap]));
         }
+        a
+    }
+
+    /// Where a person or a tool reaches the guest: serial consoles, VNC, the USB tablet.
+    fn console_args(&self) -> Vec<String> {
+        let mut a = Vec::new();
         for (i, serial) in self.serials.iter().enumerate() {
             let backend = match serial {
                 Serial::File(path) => format!(
@@ -407,12 +431,12 @@ impl VmSpec {
                 ),
                 Serial::Pty => format!("pty,id=serial{i}"),
             };
-            push(&[
+            a.extend(strings(&[
                 "-chardev",
                 &backend,
                 "-serial",
                 &format!("chardev:serial{i}"),
-            ]);
+            ]));
         }
         if let Some(vnc) = &self.vnc {
             let mut arg = match &vnc.listen {
@@ -425,61 +449,40 @@ impl VmSpec {
             if vnc.password.is_some() {
                 arg.push_str(",password=on");
             }
-            push(&["-vnc", &arg]);
+            a.extend(strings(&["-vnc", &arg]));
         }
         if self.usb_tablet {
-            push(&["-usb", "-device", "usb-tablet,id=tablet0"]);
+            a.extend(strings(&["-usb", "-device", "usb-tablet,id=tablet0"]));
         }
-        push(&["-chardev", qmp_chardev, "-mon", "chardev=qmp,mode=control"]);
-        if self.paused {
-            push(&["-S"]);
-        }
-        if self.incoming {
-            push(&["-incoming", "defer"]);
-        }
-        for port in &self.root_ports {
-            a.extend(port.args());
-        }
-        for c in &self.scsi_controllers {
-            a.extend(c.args());
-        }
-        for d in &self.disks {
-            a.extend(d.args());
-        }
-        for cd in &self.cdroms {
-            a.extend(cd.args());
-        }
-        for cpu in &self.vcpus {
-            a.extend(cpu.args());
-        }
-        for dev in &self.memory_devices {
-            a.extend(dev.args());
-        }
-        if let Some(b) = &self.balloon {
-            a.extend(b.args());
-        }
-        for d in &self.vhost_user_blks {
-            a.extend(d.args());
-        }
-        for d in &self.virtio_fs {
-            a.extend(d.args());
-        }
-        for d in &self.virtio_serials {
-            a.extend(d.args());
-        }
-        for d in &self.serial_ports {
-            a.extend(d.args());
-        }
-        for d in &self.rngs {
-            a.extend(d.args());
-        }
+        a
+    }
+
+    /// The devices, controllers first, then kind by kind; each NIC on the fds `nic_fds` names.
+    fn device_args(&self, nic_fds: impl Fn(usize) -> (Vec<String>, Vec<String>)) -> Vec<String> {
+        let mut a = Vec::new();
+        a.extend(self.root_ports.iter().flat_map(RootPort::args));
+        a.extend(self.scsi_controllers.iter().flat_map(ScsiController::args));
+        a.extend(self.disks.iter().flat_map(Disk::args));
+        a.extend(self.cdroms.iter().flat_map(Cdrom::args));
+        a.extend(self.vcpus.iter().flat_map(Vcpu::args));
+        a.extend(self.memory_devices.iter().flat_map(MemoryDevice::args));
+        a.extend(self.balloon.iter().flat_map(Balloon::args));
+        a.extend(self.vhost_user_blks.iter().flat_map(VhostUserBlk::args));
+        a.extend(self.virtio_fs.iter().flat_map(VirtioFs::args));
+        a.extend(self.virtio_serials.iter().flat_map(VirtioSerial::args));
+        a.extend(self.serial_ports.iter().flat_map(SerialPort::args));
+        a.extend(self.rngs.iter().flat_map(Rng::args));
         for (i, n) in self.nics.iter().enumerate() {
             let (taps, vhosts) = nic_fds(i);
             a.extend(n.args(&taps, &vhosts));
         }
-        a.extend(self.extra_args.iter().cloned());
         a
     }
+}
+
+/// Owned copies of `items`.
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
 }
 
 /// What [`VmSpec::validate`] has seen so far: ids, and addresses on each kind of bus.
