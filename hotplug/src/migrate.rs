@@ -233,14 +233,35 @@ pub(crate) async fn migrate(
     }
 }
 
-/// The whole exchange; `Ok` with the source's final `query-migrate` once completed.
+/// The whole exchange; `Ok` with the source's final `query-migrate` once completed. Its stages:
+/// [`check`], [`configure`] both sides, [`start`] (the target listens, the source sends), and
+/// [`follow`] the source's events to the end.
 async fn run_migration(
     source: &Core,
     target: &Core,
     options: &MigrationOptions,
-    mut progress: impl FnMut(&Progress),
+    progress: impl FnMut(&Progress),
     guard: &mut CancelOnDrop,
 ) -> Result<MigrationInfo> {
+    check(source, target, options).await?;
+    configure(source, target, options).await?;
+    // Subscribed before anything starts, so no event is missed.
+    let mut events = source.client.events();
+    let mut target_events = target.client.events();
+    start(source, target, options, guard).await?;
+    follow(
+        source,
+        target,
+        options,
+        &mut events,
+        &mut target_events,
+        progress,
+    )
+    .await
+}
+
+/// What both QEMUs must have and what the options must agree on, before anything is sent.
+async fn check(source: &Core, target: &Core, options: &MigrationOptions) -> Result<()> {
     source.require("live migration", SOURCE_COMMANDS).await?;
     target
         .require(
@@ -258,6 +279,11 @@ async fn run_migration(
             .require("post-copy migration", &["migrate-start-postcopy"])
             .await?;
     }
+    Ok(())
+}
+
+/// Capabilities on both sides (where both need them) and the source's parameters.
+async fn configure(source: &Core, target: &Core, options: &MigrationOptions) -> Result<()> {
     // Capabilities: on both sides when both need them.
     let mut both = vec![("events", true)];
     if options.postcopy_after.is_some() {
@@ -292,8 +318,17 @@ async fn run_migration(
         .await?;
     }
 
-    let mut events = source.client.events();
-    let mut target_events = target.client.events();
+    Ok(())
+}
+
+/// The target listens on the transport; the source is handed it and starts sending. From here, a
+/// dropped call cancels (`guard`).
+async fn start(
+    source: &Core,
+    target: &Core,
+    options: &MigrationOptions,
+    guard: &mut CancelOnDrop,
+) -> Result<()> {
     let uri = listen(target, &options.transport).await?;
     let uri = match uri {
         Outgoing::Uri(uri) => uri,
@@ -311,6 +346,19 @@ async fn run_migration(
     )
     .await?;
 
+    Ok(())
+}
+
+/// Follows the source's events until the migration ends: progress reported, post-copy switched
+/// on when asked, the deadline kept (a cancel, then how it really ended).
+async fn follow(
+    source: &Core,
+    target: &Core,
+    options: &MigrationOptions,
+    events: &mut qhotplug_qmp::EventStream,
+    target_events: &mut qhotplug_qmp::EventStream,
+    mut progress: impl FnMut(&Progress),
+) -> Result<MigrationInfo> {
     let deadline = options.deadline.map(|d| tokio::time::Instant::now() + d);
     let mut switched = false;
     loop {
@@ -323,7 +371,7 @@ async fn run_migration(
         let Some(item) = next.await else {
             // The deadline: cancel, and see how it ended (it may have completed meanwhile).
             step("migrate_cancel", source.client.execute(&MigrateCancel)).await?;
-            let info = await_end(source, &mut events).await?;
+            let info = await_end(source, events).await?;
             return match info.status.as_deref() {
                 Some("completed") => Ok(info),
                 _ => Err(Error::Migration(MigrationFailure::TimedOut(
@@ -346,19 +394,8 @@ async fn run_migration(
             // The source has sent everything; the guest is the target's once the target says
             // so too (after post-copy, it may still be pulling pages).
             let wait = tracing::debug_span!(crate::spans::STEP, name = "wait target MIGRATION");
-            await_end(target, &mut target_events)
-                .instrument(wait)
-                .await?;
-            // The final figures (total time, downtime), now that both ends are done. A source
-            // that has just said `completed` may not have worked them out yet (seen once, after
-            // post-copy, on a loaded machine: no total time): asked again, for a bounded while.
-            let until = tokio::time::Instant::now() + FIGURES_WAIT;
-            let mut info = source.client.execute(&QueryMigrate).await?;
-            while info.total_time.unwrap_or(0) == 0 && tokio::time::Instant::now() < until {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                info = source.client.execute(&QueryMigrate).await?;
-            }
-            return Ok(info);
+            await_end(target, target_events).instrument(wait).await?;
+            return final_figures(source).await;
         }
         let now = progress_of(&info);
         progress(&now);
@@ -373,6 +410,20 @@ async fn run_migration(
             }
         }
     }
+}
+
+/// The source's final figures (total time, downtime), once both ends are done.
+async fn final_figures(source: &Core) -> Result<MigrationInfo> {
+    // The final figures (total time, downtime), now that both ends are done. A source
+    // that has just said `completed` may not have worked them out yet (seen once, after
+    // post-copy, on a loaded machine: no total time): asked again, for a bounded while.
+    let until = tokio::time::Instant::now() + FIGURES_WAIT;
+    let mut info = source.client.execute(&QueryMigrate).await?;
+    while info.total_time.unwrap_or(0) == 0 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        info = source.client.execute(&QueryMigrate).await?;
+    }
+    Ok(info)
 }
 
 /// After a cancel: waits for the migration's final status.

@@ -1,7 +1,7 @@
-//! The device registry: every kind the SDK plugs, declared once in [`registry!`]'s list, and what
-//! the engine and the state ask of a placed device ([`Placed`]). The `Kind` and `Device` enums
-//! and every dispatch over them are generated from that list, so no other module names the
-//! kinds one by one.
+//! The device registry: what the engine and the state ask of a placed device ([`Placed`]), and the
+//! `Device` enum with every dispatch over it and over `DeviceKind`, generated from the one list
+//! of kinds in [`device_kind`](crate::device_kind), so no other module names the kinds one by
+//! one.
 
 use qhotplug_cmdline::{DeviceModel, Pci, ScsiAddr, VmSpec};
 
@@ -74,8 +74,9 @@ impl<T: DeviceModel> Field<T> for Option<T> {
     }
 }
 
-/// Generates `Kind`, `Device` and their dispatch from one line per kind: the variant, the placed
-/// type (which implements [`Placed`]), and the `VmSpec` field that lists them.
+/// Generates `Device` and the dispatch over it and over `DeviceKind` from the one list of kinds
+/// (`device_kind::kinds!`): per kind, the variant, the placed type (which implements [`Placed`]),
+/// the `VmSpec` field that lists them, and its name.
 macro_rules! registry {
     ($($(#[$doc:meta])* $kind:ident($placed:ty) in $field:ident, $name:literal;)*) => {
 
