@@ -55,7 +55,7 @@ pub(crate) async fn set_vcpus(
     let slots = vcpu_slots(core).await?;
     let ours: Vec<String> = core
         .state()
-        .spec
+        .spec()
         .vcpus
         .iter()
         .map(|c| c.id.clone())

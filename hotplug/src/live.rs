@@ -23,7 +23,9 @@ const SECTOR: u64 = 512;
 /// See [`Vm::set_link`](crate::Vm::set_link).
 pub(crate) async fn set_link(core: &Arc<Core>, id: &str, up: bool) -> Result<()> {
     core.require("NIC link changes", &["set_link"]).await?;
-    let (_busy, _) = holds::busy_device(core, id, DeviceKind::Nic)?;
+    let (_busy, Device::Nic(mut nic)) = holds::busy_device(core, id, DeviceKind::Nic)? else {
+        unreachable!("a NIC entry is a NIC")
+    };
     let step = tracing::debug_span!(crate::spans::STEP, name = "set_link", id);
     core.client
         .execute(&SetLink {
@@ -32,10 +34,8 @@ pub(crate) async fn set_link(core: &Arc<Core>, id: &str, up: bool) -> Result<()>
         })
         .instrument(step)
         .await?;
-    let mut state = core.state();
-    if let Some(nic) = state.spec.nics.iter_mut().find(|n| n.id == id) {
-        nic.link_up = up;
-    }
+    nic.link_up = up;
+    core.state().update(nic.into());
     Ok(())
 }
 
@@ -43,7 +43,7 @@ pub(crate) async fn set_link(core: &Arc<Core>, id: &str, up: bool) -> Result<()>
 pub(crate) async fn set_io_limits(core: &Arc<Core>, id: &str, limits: IoLimits) -> Result<()> {
     core.require("disk I/O limits", &["block_set_io_throttle"])
         .await?;
-    let (_busy, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
+    let (_busy, Device::Disk(mut disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
         unreachable!("a disk entry is a disk")
     };
     limits.check().map_err(|reason| Error::InvalidIoLimits {
@@ -56,10 +56,8 @@ pub(crate) async fn set_io_limits(core: &Arc<Core>, id: &str, limits: IoLimits) 
         limits: limits.clone(),
     };
     core.client.execute(&cmd).instrument(step).await?;
-    let mut state = core.state();
-    if let Some(disk) = state.spec.disks.iter_mut().find(|d| d.id == id) {
-        disk.io_limits = Some(limits).filter(|l| !l.is_unlimited());
-    }
+    disk.io_limits = Some(limits).filter(|l| !l.is_unlimited());
+    core.state().update(disk.into());
     Ok(())
 }
 

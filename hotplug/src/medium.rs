@@ -196,12 +196,7 @@ pub(crate) async fn change(
     txn.step("blockdev-close-tray", None, client.execute(&close))
         .await?;
     let busy = txn.commit();
-    {
-        let mut state = core.state();
-        if let Some(cd) = state.spec.cdroms.iter_mut().find(|c| c.id == id) {
-            *cd = new.clone();
-        }
-    }
+    core.state().update(new.clone().into());
     // The old medium is out: its nodes go. One left behind is `reconcile`'s to delete.
     for step in old.teardown() {
         let span = tracing::debug_span!(crate::spans::STEP, name = step.command(), id);

@@ -32,10 +32,12 @@ pub(crate) async fn resize_vmem(
     core.require("virtio-mem resize", &["qom-set", "query-memory-devices"])
         .await?;
     let (_busy, device) = holds::busy_device(core, id, DeviceKind::Memory)?;
-    let Device::Memory(MemoryDevice {
-        kind: MemoryDeviceKind::VirtioMem { .. },
-        ..
-    }) = device
+    let Device::Memory(
+        mut device @ MemoryDevice {
+            kind: MemoryDeviceKind::VirtioMem { .. },
+            ..
+        },
+    ) = device
     else {
         return Err(Error::NotFound {
             kind: DeviceKind::Memory,
@@ -57,13 +59,10 @@ pub(crate) async fn resize_vmem(
     };
     let step = tracing::debug_span!(crate::spans::STEP, name = "qom-set", id);
     core.client.execute(&set).instrument(step).await?;
-    {
-        let mut state = core.state();
-        let found = state.spec.memory_devices.iter_mut().find(|m| m.id == id);
-        if let Some(MemoryDeviceKind::VirtioMem { requested: r, .. }) = found.map(|m| &mut m.kind) {
-            *r = requested;
-        }
+    if let MemoryDeviceKind::VirtioMem { requested: r, .. } = &mut device.kind {
+        *r = requested;
     }
+    core.state().update(device.into());
     if info.size != requested {
         let deadline = Instant::now() + deadline;
         let wait = tracing::debug_span!(
@@ -102,7 +101,7 @@ async fn virtio_mem(core: &Core, id: &str) -> Result<command::VirtioMemInfo> {
 pub(crate) async fn check_fits(core: &Core, config: &MemoryConfig) -> Result<()> {
     let (boot, max, slots) = {
         let state = core.state();
-        let s = &state.spec;
+        let s = &state.spec();
         (s.memory_mib * MIB, s.max_memory_mib, s.memory_slots)
     };
     let Some(max) = max else {
@@ -144,7 +143,7 @@ pub(crate) async fn check_fits(core: &Core, config: &MemoryConfig) -> Result<()>
 /// See [`Vm::set_balloon`](crate::Vm::set_balloon).
 pub(crate) async fn set_balloon(core: &Arc<Core>, target: u64) -> Result<()> {
     core.require("the balloon", &["balloon"]).await?;
-    let Some(id) = core.state().spec.balloon.as_ref().map(|b| b.id.clone()) else {
+    let Some(id) = core.state().spec().balloon.as_ref().map(|b| b.id.clone()) else {
         return Err(Error::NotFound {
             kind: DeviceKind::Balloon,
             id: String::new(),

@@ -199,7 +199,7 @@ pub(crate) async fn migrate(
     options: MigrationOptions,
     progress: impl FnMut(&Progress),
 ) -> Result<MigrationInfo> {
-    let name = source.state().spec.name.clone();
+    let name = source.state().spec().name.clone();
     let span = hotplug_span("migrate", &name);
     let was_running = source.client.execute(&QueryStatus).await?.running;
     let mut guard = CancelOnDrop {

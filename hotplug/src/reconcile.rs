@@ -14,7 +14,7 @@ use crate::delete::{Delete, Outcome};
 use crate::discover::scan_peripherals;
 use crate::error::Result;
 use crate::holds::{self, Cleaning};
-use crate::kinds::DeviceKind;
+use crate::kinds::{Device, DeviceKind};
 use crate::live;
 use crate::state::Entry;
 use crate::vm_core::Core;
@@ -173,9 +173,10 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
     }
     state.rebuild_slots(&seen.pci, &seen.found.placements);
     // What QEMU applied is the truth: I/O limits and media as `query-block` shows them.
-    for disk in &mut state.spec.disks {
-        let adopted = report.adopted.contains(&disk.id);
-        if !adopted && !state.devices.get(&disk.id).is_some_and(settled) {
+    let judged = |id: &str| state.devices.get(id).is_some_and(settled);
+    let mut updates: Vec<Device> = Vec::new();
+    for disk in &state.spec().disks {
+        if !report.adopted.contains(&disk.id) && !judged(&disk.id) {
             continue;
         }
         if let Some(limits) = live::limits_in(&seen.blocks, &disk.id) {
@@ -183,12 +184,14 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
             if disk.io_limits != limits {
                 tracing::info!(id = %disk.id, ?limits, "reconcile: I/O limits as QEMU has them");
                 report.limits_updated.push(disk.id.clone());
+                let mut disk = disk.clone();
                 disk.io_limits = limits;
+                updates.push(disk.into());
             }
         }
     }
-    for cd in &mut state.spec.cdroms {
-        if !state.devices.get(&cd.id).is_some_and(settled) {
+    for cd in &state.spec().cdroms {
+        if !judged(&cd.id) {
             continue;
         }
         let empty = seen
@@ -199,8 +202,13 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
         if empty && cd.medium.is_some() {
             tracing::info!(id = %cd.id, "reconcile: the drive is empty in QEMU");
             report.media_updated.push(cd.id.clone());
+            let mut cd = cd.clone();
             cd.medium = None;
+            updates.push(cd.into());
         }
+    }
+    for device in updates {
+        state.update(device);
     }
     // Leftovers may belong to the devices just found gone, or to ids this handle used.
     let orphans: BTreeSet<String> = state
@@ -214,7 +222,7 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
     // A CD-ROM still there may have an old medium's nodes left (a change whose last deletes
     // failed): everything of its own but its medium's nodes goes.
     let drives = state
-        .spec
+        .spec()
         .cdroms
         .iter()
         .filter(|c| state.devices.get(&c.id).is_some_and(settled))
@@ -228,7 +236,7 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
         .collect();
     // QMP cannot read a link's state: the recorded one is applied again.
     let links = state
-        .spec
+        .spec()
         .nics
         .iter()
         .filter(|n| state.devices.get(&n.id).is_some_and(settled))

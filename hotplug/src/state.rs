@@ -37,7 +37,8 @@ pub(crate) enum Entry {
 }
 
 pub(crate) struct State {
-    pub(crate) spec: VmSpec,
+    /// The topology: written only through the methods below.
+    spec: VmSpec,
     pub(crate) pci: PciMap,
     pub(crate) scsi: ScsiMap,
     pub(crate) devices: HashMap<String, Entry>,
@@ -85,6 +86,18 @@ impl State {
                 .insert(device.id().to_owned(), placed_entry(device.kind(), 0));
         }
         state
+    }
+
+    /// The topology as the SDK knows it.
+    pub(crate) fn spec(&self) -> &VmSpec {
+        &self.spec
+    }
+
+    /// Records a live change to a device in the spec (its link, limits, medium, size), in place.
+    pub(crate) fn update(&mut self, device: Device) {
+        if !device.replace(&mut self.spec) {
+            tracing::error!("an update of a device the spec does not list");
+        }
     }
 
     fn all_devices(&self) -> Vec<Device> {

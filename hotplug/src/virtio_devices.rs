@@ -16,7 +16,7 @@ use crate::SerialPortConfig;
 
 /// [`Error::NeedsSharedMemory`] unless the VM's memory is shared (vhost-user, virtio-fs).
 pub(crate) fn require_shared_memory(core: &Core, id: &str) -> Result<()> {
-    if core.state().spec.has_shared_memory() {
+    if core.state().spec().has_shared_memory() {
         Ok(())
     } else {
         Err(Error::NeedsSharedMemory(id.to_owned()))
@@ -27,7 +27,7 @@ pub(crate) fn require_shared_memory(core: &Core, id: &str) -> Result<()> {
 pub(crate) fn controller_known(core: &Core, port: &SerialPortConfig) -> Result<()> {
     let state = core.state();
     if state
-        .spec
+        .spec()
         .virtio_serials
         .iter()
         .any(|v| v.id == port.controller())
@@ -48,7 +48,13 @@ pub(crate) async fn remove_virtio_serial(
     policy: &UnplugPolicy,
 ) -> Result<()> {
     let bus = names::controller_bus(id);
-    if core.state().spec.serial_ports.iter().any(|p| p.bus == bus) {
+    if core
+        .state()
+        .spec()
+        .serial_ports
+        .iter()
+        .any(|p| p.bus == bus)
+    {
         return Err(Error::NotHotpluggable {
             id: id.to_owned(),
             reason: "ports are still on it; remove them first",

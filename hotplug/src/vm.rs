@@ -73,7 +73,7 @@ pub struct Vm {
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vm")
-            .field("name", &self.core.state().spec.name)
+            .field("name", &self.core.state().spec().name)
             .finish_non_exhaustive()
     }
 }
@@ -201,22 +201,22 @@ impl Vm {
     /// devices at the same addresses (restart, migration target). NIC tap fds are the caller's to
     /// give again ([`Launcher::nic_fds`]).
     pub fn spec(&self) -> VmSpec {
-        self.core.state().spec.clone()
+        self.core.state().spec().clone()
     }
 
     /// The disks the SDK knows of, by id.
     pub fn disks(&self) -> Vec<Disk> {
-        self.core.state().spec.disks.clone()
+        self.core.state().spec().disks.clone()
     }
 
     /// The NICs the SDK knows of, by id.
     pub fn nics(&self) -> Vec<Nic> {
-        self.core.state().spec.nics.clone()
+        self.core.state().spec().nics.clone()
     }
 
     /// The CD-ROM drives the SDK knows of, with the medium each holds.
     pub fn cdroms(&self) -> Vec<Cdrom> {
-        self.core.state().spec.cdroms.clone()
+        self.core.state().spec().cdroms.clone()
     }
 
     /// The QEMU process id, when the SDK launched it.

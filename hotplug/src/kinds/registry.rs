@@ -53,6 +53,8 @@ pub(crate) trait Placed: DeviceModel + Clone {
 trait Field<T: DeviceModel> {
     fn take_id(&mut self, id: &str) -> Option<T>;
     fn put(&mut self, device: T);
+    /// Puts `device` where the one with its id is; false when there is none.
+    fn replace_id(&mut self, device: T) -> bool;
 }
 
 impl<T: DeviceModel> Field<T> for Vec<T> {
@@ -63,6 +65,15 @@ impl<T: DeviceModel> Field<T> for Vec<T> {
     fn put(&mut self, device: T) {
         self.push(device);
     }
+    fn replace_id(&mut self, device: T) -> bool {
+        match self.iter_mut().find(|d| d.id() == device.id()) {
+            Some(slot) => {
+                *slot = device;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl<T: DeviceModel> Field<T> for Option<T> {
@@ -71,6 +82,15 @@ impl<T: DeviceModel> Field<T> for Option<T> {
     }
     fn put(&mut self, device: T) {
         *self = Some(device);
+    }
+    fn replace_id(&mut self, device: T) -> bool {
+        match self {
+            Some(d) if d.id() == device.id() => {
+                *d = device;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -159,6 +179,14 @@ macro_rules! registry {
             pub(crate) fn take(spec: &mut VmSpec, kind: DeviceKind, id: &str) -> Option<Device> {
                 match kind {
                     $(DeviceKind::$kind => spec.$field.take_id(id).map(Device::$kind),)*
+                }
+            }
+
+            /// Puts the device where the one of its kind and id is in `spec`; false when there is
+            /// none.
+            pub(crate) fn replace(self, spec: &mut VmSpec) -> bool {
+                match self {
+                    $(Device::$kind(d) => spec.$field.replace_id(d),)*
                 }
             }
 
