@@ -417,21 +417,10 @@ impl Model {
             "query-commands" => Ok(Value::Array(
                 COMMANDS.iter().map(|(c, _)| json!({ "name": c })).collect(),
             )),
-            "query-status" => Ok(json!({
-                "running": self.running,
-                "status": if self.running { "running" } else { "prelaunch" },
-            })),
+            "query-status" => self.query_status(),
             "query-version" => Ok(self.greeting()["QMP"]["version"].clone()),
-            "stop" => {
-                self.running = false;
-                self.emit("STOP", Value::Null);
-                Ok(json!({}))
-            }
-            "cont" => {
-                self.running = true;
-                self.emit("RESUME", Value::Null);
-                Ok(json!({}))
-            }
+            "stop" => self.stop(),
+            "cont" => self.cont(),
             "quit" => Ok(json!({})),
             "qom-get" => self.qom_get(required(args, "path")?, required(args, "property")?),
             "qom-list" => self.qom_list(required(args, "path")?),
@@ -440,143 +429,208 @@ impl Model {
             "query-named-block-nodes" => Ok(Value::Array(
                 self.nodes.iter().map(|n| self.node_info(n)).collect(),
             )),
-            "query-fdsets" => Ok(Value::Array(
-                self.fdsets
-                    .iter()
-                    .map(|s| {
-                        let fds: Vec<Value> = s
-                            .fds
-                            .iter()
-                            .map(|(n, o, _)| match o {
-                                Some(o) => json!({"fd": n, "opaque": o}),
-                                None => json!({ "fd": n }),
-                            })
-                            .collect();
-                        json!({"fdset-id": s.id, "fds": fds})
-                    })
-                    .collect(),
-            )),
+            "query-fdsets" => self.query_fdsets(),
             "add-fd" => self.add_fd(args, fd),
             "remove-fd" => self.remove_fd(args),
-            "getfd" => {
-                let name = required(args, "fdname")?;
-                let fd = fd.ok_or_else(|| generic("No file descriptor supplied via SCM_RIGHTS"))?;
-                self.named_fds.retain(|(n, _)| n != name);
-                self.named_fds.push((name.into(), fd));
-                Ok(json!({}))
-            }
-            "closefd" => {
-                let name = required(args, "fdname")?;
-                remove_one(&mut self.named_fds, |(n, _)| n == name)
-                    .ok_or_else(|| generic(format!("File descriptor named '{name}' not found")))?;
-                Ok(json!({}))
-            }
+            "getfd" => self.getfd(args, fd),
+            "closefd" => self.closefd(args),
             "blockdev-add" => self.blockdev_add(args),
             "blockdev-del" => self.blockdev_del(required(args, "node-name")?),
             "netdev_add" => self.netdev_add(args),
-            "netdev_del" => {
-                let id = required(args, "id")?;
-                remove_one(&mut self.netdevs, |n| n.id == id)
-                    .ok_or_else(|| not_found(format!("Device '{id}' not found")))?;
-                Ok(json!({}))
-            }
+            "netdev_del" => self.netdev_del(args),
             "device_add" => self.device_add(args),
             "device_del" => self.device_del(required(args, "id")?, later),
-            "chardev-add" => {
-                let id = required(args, "id")?;
-                if self.chardevs.iter().any(|c| c == id) {
-                    return Err(generic(format!("Chardev '{id}' already exists")));
-                }
-                self.chardevs.push(id.into());
-                Ok(json!({}))
-            }
-            "chardev-remove" => {
-                let id = required(args, "id")?;
-                remove_one(&mut self.chardevs, |c| c == id)
-                    .ok_or_else(|| generic(format!("Chardev '{id}' not found")))?;
-                Ok(json!({}))
-            }
-            "query-chardev" => Ok(Value::Array(
-                self.chardevs
-                    .iter()
-                    .map(|c| json!({"label": c, "filename": "mock", "frontend-open": false}))
-                    .collect(),
-            )),
-            "object-add" => {
-                let id = required(args, "id")?;
-                let kind = required(args, "qom-type")?;
-                if self.objects.iter().any(|(o, _)| o == id) {
-                    return Err(generic(format!(
-                        "attempt to add duplicate property '{id}' to object (type 'container')"
-                    )));
-                }
-                self.objects.push((id.into(), kind.into()));
-                Ok(json!({}))
-            }
-            "object-del" => {
-                let id = required(args, "id")?;
-                remove_one(&mut self.objects, |(o, _)| o == id)
-                    .ok_or_else(|| generic(format!("object '{id}' not found")))?;
-                Ok(json!({}))
-            }
-            "set_link" => {
-                let name = required(args, "name")?;
-                let up = args.get("up").and_then(Value::as_bool).unwrap_or(true);
-                let device =
-                    self.device_mut(name, |d| d.id == name || d.netdev.as_deref() == Some(name))?;
-                device.link_up = up;
-                Ok(json!({}))
-            }
-            "block_set_io_throttle" => {
-                // A device id, or the QOM path of the device owning the backend.
-                let given = required(args, "id")?;
-                let id = given
-                    .strip_prefix("/machine/peripheral/")
-                    .map(|p| p.trim_end_matches("/virtio-backend"))
-                    .unwrap_or(given);
-                let device = self.device_mut(id, |d| d.id == id && d.drive.is_some())?;
-                let mut limits = args.clone();
-                if let Some(map) = limits.as_object_mut() {
-                    map.remove("id");
-                }
-                device.io_limits = limits;
-                Ok(json!({}))
-            }
-            "block_resize" => {
-                let name = required(args, "node-name")?;
-                let size = args
-                    .get("size")
-                    .and_then(Value::as_u64)
-                    .ok_or_else(|| generic("Parameter 'size' is missing"))?;
-                let node = self.protocol_node(name).ok_or_else(|| {
-                    generic(format!("Cannot find device='' nor node-name='{name}'"))
-                })?;
-                let fd = node
-                    .fd
-                    .as_deref()
-                    .ok_or_else(|| generic("the mock resizes only images it was given as fds"))?;
-                let file = std::fs::File::from(fd.try_clone().map_err(|e| generic(e.to_string()))?);
-                file.set_len(size)
-                    .map_err(|e| generic(format!("Could not resize: {e}")))?;
-                Ok(json!({}))
-            }
-            "human-monitor-command" => {
-                let line = required(args, "command-line")?;
-                match line.trim() {
-                    "info network" => Ok(Value::String(
-                        self.netdevs
-                            .iter()
-                            .map(|n| format!("{}: index=0,type=tap\r\n", n.id))
-                            .collect(),
-                    )),
-                    "info version" => Ok(json!("7.2.0 (qhotplug mock)\r\n")),
-                    other => Ok(Value::String(format!("unknown command: '{other}'\r\n"))),
-                }
-            }
+            "chardev-add" => self.chardev_add(args),
+            "chardev-remove" => self.chardev_remove(args),
+            "query-chardev" => self.query_chardev(),
+            "object-add" => self.object_add(args),
+            "object-del" => self.object_del(args),
+            "set_link" => self.set_link(args),
+            "block_set_io_throttle" => self.block_set_io_throttle(args),
+            "block_resize" => self.block_resize(args),
+            "human-monitor-command" => self.human_monitor_command(args),
             other => Err((
                 "CommandNotFound",
                 format!("The command {other} has not been found"),
             )),
+        }
+    }
+
+    /// `query-status`.
+    fn query_status(&self) -> Reply {
+        Ok(json!({
+            "running": self.running,
+            "status": if self.running { "running" } else { "prelaunch" },
+        }))
+    }
+
+    /// `stop`.
+    fn stop(&mut self) -> Reply {
+        self.running = false;
+        self.emit("STOP", Value::Null);
+        Ok(json!({}))
+    }
+
+    /// `cont`.
+    fn cont(&mut self) -> Reply {
+        self.running = true;
+        self.emit("RESUME", Value::Null);
+        Ok(json!({}))
+    }
+
+    /// `query-fdsets`.
+    fn query_fdsets(&self) -> Reply {
+        Ok(Value::Array(
+            self.fdsets
+                .iter()
+                .map(|s| {
+                    let fds: Vec<Value> = s
+                        .fds
+                        .iter()
+                        .map(|(n, o, _)| match o {
+                            Some(o) => json!({"fd": n, "opaque": o}),
+                            None => json!({ "fd": n }),
+                        })
+                        .collect();
+                    json!({"fdset-id": s.id, "fds": fds})
+                })
+                .collect(),
+        ))
+    }
+
+    /// `getfd`.
+    fn getfd(&mut self, args: &Value, fd: Option<Arc<OwnedFd>>) -> Reply {
+        let name = required(args, "fdname")?;
+        let fd = fd.ok_or_else(|| generic("No file descriptor supplied via SCM_RIGHTS"))?;
+        self.named_fds.retain(|(n, _)| n != name);
+        self.named_fds.push((name.into(), fd));
+        Ok(json!({}))
+    }
+
+    /// `closefd`.
+    fn closefd(&mut self, args: &Value) -> Reply {
+        let name = required(args, "fdname")?;
+        remove_one(&mut self.named_fds, |(n, _)| n == name)
+            .ok_or_else(|| generic(format!("File descriptor named '{name}' not found")))?;
+        Ok(json!({}))
+    }
+
+    /// `netdev_del`.
+    fn netdev_del(&mut self, args: &Value) -> Reply {
+        let id = required(args, "id")?;
+        remove_one(&mut self.netdevs, |n| n.id == id)
+            .ok_or_else(|| not_found(format!("Device '{id}' not found")))?;
+        Ok(json!({}))
+    }
+
+    /// `chardev-add`.
+    fn chardev_add(&mut self, args: &Value) -> Reply {
+        let id = required(args, "id")?;
+        if self.chardevs.iter().any(|c| c == id) {
+            return Err(generic(format!("Chardev '{id}' already exists")));
+        }
+        self.chardevs.push(id.into());
+        Ok(json!({}))
+    }
+
+    /// `chardev-remove`.
+    fn chardev_remove(&mut self, args: &Value) -> Reply {
+        let id = required(args, "id")?;
+        remove_one(&mut self.chardevs, |c| c == id)
+            .ok_or_else(|| generic(format!("Chardev '{id}' not found")))?;
+        Ok(json!({}))
+    }
+
+    /// `query-chardev`.
+    fn query_chardev(&self) -> Reply {
+        Ok(Value::Array(
+            self.chardevs
+                .iter()
+                .map(|c| json!({"label": c, "filename": "mock", "frontend-open": false}))
+                .collect(),
+        ))
+    }
+
+    /// `object-add`.
+    fn object_add(&mut self, args: &Value) -> Reply {
+        let id = required(args, "id")?;
+        let kind = required(args, "qom-type")?;
+        if self.objects.iter().any(|(o, _)| o == id) {
+            return Err(generic(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        self.objects.push((id.into(), kind.into()));
+        Ok(json!({}))
+    }
+
+    /// `object-del`.
+    fn object_del(&mut self, args: &Value) -> Reply {
+        let id = required(args, "id")?;
+        remove_one(&mut self.objects, |(o, _)| o == id)
+            .ok_or_else(|| generic(format!("object '{id}' not found")))?;
+        Ok(json!({}))
+    }
+
+    /// `set_link`.
+    fn set_link(&mut self, args: &Value) -> Reply {
+        let name = required(args, "name")?;
+        let up = args.get("up").and_then(Value::as_bool).unwrap_or(true);
+        let device =
+            self.device_mut(name, |d| d.id == name || d.netdev.as_deref() == Some(name))?;
+        device.link_up = up;
+        Ok(json!({}))
+    }
+
+    /// `block_set_io_throttle`.
+    fn block_set_io_throttle(&mut self, args: &Value) -> Reply {
+        // A device id, or the QOM path of the device owning the backend.
+        let given = required(args, "id")?;
+        let id = given
+            .strip_prefix("/machine/peripheral/")
+            .map(|p| p.trim_end_matches("/virtio-backend"))
+            .unwrap_or(given);
+        let device = self.device_mut(id, |d| d.id == id && d.drive.is_some())?;
+        let mut limits = args.clone();
+        if let Some(map) = limits.as_object_mut() {
+            map.remove("id");
+        }
+        device.io_limits = limits;
+        Ok(json!({}))
+    }
+
+    /// `block_resize`.
+    fn block_resize(&self, args: &Value) -> Reply {
+        let name = required(args, "node-name")?;
+        let size = args
+            .get("size")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| generic("Parameter 'size' is missing"))?;
+        let node = self
+            .protocol_node(name)
+            .ok_or_else(|| generic(format!("Cannot find device='' nor node-name='{name}'")))?;
+        let fd = node
+            .fd
+            .as_deref()
+            .ok_or_else(|| generic("the mock resizes only images it was given as fds"))?;
+        let file = std::fs::File::from(fd.try_clone().map_err(|e| generic(e.to_string()))?);
+        file.set_len(size)
+            .map_err(|e| generic(format!("Could not resize: {e}")))?;
+        Ok(json!({}))
+    }
+
+    /// `human-monitor-command`.
+    fn human_monitor_command(&self, args: &Value) -> Reply {
+        let line = required(args, "command-line")?;
+        match line.trim() {
+            "info network" => Ok(Value::String(
+                self.netdevs
+                    .iter()
+                    .map(|n| format!("{}: index=0,type=tap\r\n", n.id))
+                    .collect(),
+            )),
+            "info version" => Ok(json!("7.2.0 (qhotplug mock)\r\n")),
+            other => Ok(Value::String(format!("unknown command: '{other}'\r\n"))),
         }
     }
 
@@ -913,116 +967,15 @@ impl Model {
         let drive = str_arg(args, "drive").map(str::to_owned);
         let netdev = str_arg(args, "netdev").map(str::to_owned);
         if let Some(drive) = &drive {
-            if !self.nodes.iter().any(|n| &n.node_name == drive) {
-                return Err(generic(format!(
-                    "Cannot find device='{drive}' nor node-name='{drive}'"
-                )));
-            }
-            if self.devices.iter().any(|d| d.drive.as_ref() == Some(drive))
-                || self.nodes.iter().any(|n| n.file.as_ref() == Some(drive))
-            {
-                return Err(generic(format!("Drive '{drive}' is already in use")));
-            }
-        }
-        if let Some(drive) = &drive {
-            // Image locking, as QEMU takes it when a device attaches: no two users of one file
-            // when either of them writes.
-            if let Some((file, writes)) = self.image_of(drive) {
-                let clash = self
-                    .devices
-                    .iter()
-                    .filter_map(|d| d.drive.as_deref())
-                    .any(|other| {
-                        self.image_of(other)
-                            .is_some_and(|(f, w)| f == file && (w || writes))
-                    });
-                if clash {
-                    let filename = self.protocol_node(drive).and_then(|n| n.filename.clone());
-                    return Err(generic(format!(
-                        "Failed to get shared \"write\" lock\nIs another process using the image [{}]?",
-                        filename.unwrap_or_default()
-                    )));
-                }
-            }
+            self.check_drive(drive)?;
         }
         if let Some(netdev) = &netdev {
-            if !self.netdevs.iter().any(|n| &n.id == netdev) {
-                return Err(generic(format!(
-                    "Property '{driver}.netdev' can't find value '{netdev}'"
-                )));
-            }
-            if self
-                .devices
-                .iter()
-                .any(|d| d.netdev.as_ref() == Some(netdev))
-            {
-                return Err(generic(format!(
-                    "Property '{driver}.netdev' can't take value '{netdev}', it's in use"
-                )));
-            }
+            self.check_netdev(driver, netdev)?;
         }
         let place = if SCSI_DRIVERS.contains(&driver) {
-            let bus = required(args, "bus")?;
-            if !self.scsi_buses.iter().any(|b| b == bus) {
-                return Err(generic(format!("Bus '{bus}' not found")));
-            }
-            let target = args.get("scsi-id").and_then(Value::as_u64).unwrap_or(0) as u16;
-            let lun = args.get("lun").and_then(Value::as_u64).unwrap_or(0) as u16;
-            let taken = self.devices.iter().any(|d| {
-                d.place
-                    == MockPlace::Scsi {
-                        bus: bus.into(),
-                        target,
-                        lun,
-                    }
-            });
-            if taken {
-                return Err(generic(format!(
-                    "lun already used by '{}'",
-                    self.devices
-                        .iter()
-                        .find(|d| matches!(&d.place, MockPlace::Scsi { bus: b, target: t, lun: l } if b == bus && *t == target && *l == lun))
-                        .map(|d| d.id.as_str())
-                        .unwrap_or("")
-                )));
-            }
-            MockPlace::Scsi {
-                bus: bus.into(),
-                target,
-                lun,
-            }
+            self.scsi_place(args)?
         } else if PCI_DRIVERS.iter().any(|(d, _, _)| *d == driver) {
-            let bus = str_arg(args, "bus").unwrap_or(self.root_bus()).to_owned();
-            let port = self.root_ports.iter().any(|(p, _, _)| *p == bus);
-            if !port && bus != self.root_bus() {
-                return Err(generic(format!("Bus '{bus}' not found")));
-            }
-            if self.machine == Machine::Q35 && bus == "pcie.0" {
-                return Err(generic("Bus 'pcie.0' does not support hotplugging"));
-            }
-            let (slot, function) = match args.get("addr") {
-                Some(addr) => parse_addr(addr).ok_or_else(|| {
-                    generic(format!(
-                        "Property '{driver}.addr' doesn't take value {addr}"
-                    ))
-                })?,
-                None => (self.free_slot(&bus, port)?, 0),
-            };
-            if port && slot != 0 {
-                return Err(generic(format!(
-                    "PCI: slot {slot} function {function} not available for {driver}, the bus is a PCIe root port"
-                )));
-            }
-            if let Some(user) = self.pci_user(&bus, slot, function) {
-                return Err(generic(format!(
-                    "PCI: slot {slot} function {function} not available for {driver}, in use by {user}"
-                )));
-            }
-            MockPlace::Pci {
-                bus,
-                slot,
-                function,
-            }
+            self.pci_place(driver, args)?
         } else {
             return Err(generic(format!(
                 "'{driver}' is not a valid device model name"
@@ -1042,6 +995,131 @@ impl Model {
             io_limits: Value::Null,
         });
         Ok(json!({}))
+    }
+
+    /// A frontend's `drive`: a node that exists, that no device or node uses, and whose image no
+    /// other device writes (or, if this one writes, uses).
+    fn check_drive(&self, drive: &str) -> Result<(), (&'static str, String)> {
+        if !self.nodes.iter().any(|n| n.node_name == drive) {
+            return Err(generic(format!(
+                "Cannot find device='{drive}' nor node-name='{drive}'"
+            )));
+        }
+        if self
+            .devices
+            .iter()
+            .any(|d| d.drive.as_deref() == Some(drive))
+            || self.nodes.iter().any(|n| n.file.as_deref() == Some(drive))
+        {
+            return Err(generic(format!("Drive '{drive}' is already in use")));
+        }
+        // Image locking, as QEMU takes it when a device attaches: no two users of one file
+        // when either of them writes.
+        if let Some((file, writes)) = self.image_of(drive) {
+            let clash = self
+                .devices
+                .iter()
+                .filter_map(|d| d.drive.as_deref())
+                .any(|other| {
+                    self.image_of(other)
+                        .is_some_and(|(f, w)| f == file && (w || writes))
+                });
+            if clash {
+                let filename = self.protocol_node(drive).and_then(|n| n.filename.clone());
+                return Err(generic(format!(
+                    "Failed to get shared \"write\" lock\nIs another process using the image [{}]?",
+                    filename.unwrap_or_default()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A NIC's `netdev`: one that exists and no device uses.
+    fn check_netdev(&self, driver: &str, netdev: &str) -> Result<(), (&'static str, String)> {
+        if !self.netdevs.iter().any(|n| n.id == netdev) {
+            return Err(generic(format!(
+                "Property '{driver}.netdev' can't find value '{netdev}'"
+            )));
+        }
+        if self
+            .devices
+            .iter()
+            .any(|d| d.netdev.as_deref() == Some(netdev))
+        {
+            return Err(generic(format!(
+                "Property '{driver}.netdev' can't take value '{netdev}', it's in use"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Where a SCSI device goes: its bus exists, its target and LUN are free.
+    fn scsi_place(&self, args: &Value) -> Result<MockPlace, (&'static str, String)> {
+        let bus = required(args, "bus")?;
+        if !self.scsi_buses.iter().any(|b| b == bus) {
+            return Err(generic(format!("Bus '{bus}' not found")));
+        }
+        let target = args.get("scsi-id").and_then(Value::as_u64).unwrap_or(0) as u16;
+        let lun = args.get("lun").and_then(Value::as_u64).unwrap_or(0) as u16;
+        let taken = self.devices.iter().any(|d| {
+            d.place
+                == MockPlace::Scsi {
+                    bus: bus.into(),
+                    target,
+                    lun,
+                }
+        });
+        if taken {
+            return Err(generic(format!(
+            "lun already used by '{}'",
+            self.devices
+                .iter()
+                .find(|d| matches!(&d.place, MockPlace::Scsi { bus: b, target: t, lun: l } if b == bus && *t == target && *l == lun))
+                .map(|d| d.id.as_str())
+                .unwrap_or("")
+        )));
+        }
+        Ok(MockPlace::Scsi {
+            bus: bus.into(),
+            target,
+            lun,
+        })
+    }
+
+    /// Where a PCI device goes: its bus exists and takes hotplug, its slot is free (or a free one).
+    fn pci_place(&self, driver: &str, args: &Value) -> Result<MockPlace, (&'static str, String)> {
+        let bus = str_arg(args, "bus").unwrap_or(self.root_bus()).to_owned();
+        let port = self.root_ports.iter().any(|(p, _, _)| *p == bus);
+        if !port && bus != self.root_bus() {
+            return Err(generic(format!("Bus '{bus}' not found")));
+        }
+        if self.machine == Machine::Q35 && bus == "pcie.0" {
+            return Err(generic("Bus 'pcie.0' does not support hotplugging"));
+        }
+        let (slot, function) = match args.get("addr") {
+            Some(addr) => parse_addr(addr).ok_or_else(|| {
+                generic(format!(
+                    "Property '{driver}.addr' doesn't take value {addr}"
+                ))
+            })?,
+            None => (self.free_slot(&bus, port)?, 0),
+        };
+        if port && slot != 0 {
+            return Err(generic(format!(
+            "PCI: slot {slot} function {function} not available for {driver}, the bus is a PCIe root port"
+        )));
+        }
+        if let Some(user) = self.pci_user(&bus, slot, function) {
+            return Err(generic(format!(
+                "PCI: slot {slot} function {function} not available for {driver}, in use by {user}"
+            )));
+        }
+        Ok(MockPlace::Pci {
+            bus,
+            slot,
+            function,
+        })
     }
 
     /// The protocol node at the bottom of node `name`'s chain.
