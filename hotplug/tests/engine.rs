@@ -349,3 +349,59 @@ async fn a_guest_that_refuses_keeps_the_device_and_its_slot() {
     );
     assert!(vm.reconcile().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn an_rng_and_a_serial_port_that_fail_are_undone_and_leave_with_their_backends() {
+    use qhotplug::{RngConfig, SerialPortConfig, VirtioSerialConfig};
+    let dir = tempfile::tempdir().unwrap();
+    for (command, undo) in [
+        ("object-add", vec![]),
+        ("device_add", vec!["object-del rng0-rng"]),
+    ] {
+        let (qemu, vm) = attached().await;
+        let from = qemu.commands().len();
+        qemu.fail_next(command, "injected");
+        let err = vm.add_rng(RngConfig::new("rng0")).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Step { step, .. } if step == command),
+            "{err:?}"
+        );
+        let sent = changes_since(&qemu, from);
+        let at = sent.iter().position(|c| c.starts_with(command)).unwrap();
+        assert_eq!(sent[at + 1..], undo, "rollback after {command}");
+        assert!(qemu.objects().is_empty() && qemu.devices().is_empty());
+        assert!(vm.spec().rngs.is_empty());
+    }
+
+    let (qemu, vm) = attached().await;
+    vm.add_virtio_serial(VirtioSerialConfig::new("vser0"))
+        .await
+        .unwrap();
+    let port = || SerialPortConfig::new("p0", "vser0", "org.example.port", dir.path().join("p0"));
+    let from = qemu.commands().len();
+    qemu.fail_next("device_add", "injected");
+    vm.add_serial_port(port()).await.unwrap_err();
+    assert_eq!(
+        changes_since(&qemu, from),
+        [
+            "chardev-add p0-chr",
+            "device_add p0",
+            "chardev-remove p0-chr"
+        ]
+    );
+    assert!(qemu.chardevs().is_empty());
+    vm.add_serial_port(port()).await.unwrap();
+    // The controller cannot go while its port is there; the port leaves at once, its chardev
+    // after it.
+    let busy = vm.remove_virtio_serial("vser0").await.unwrap_err();
+    assert!(busy.nothing_sent(), "{busy:?}");
+    let from = qemu.commands().len();
+    vm.remove_serial_port("p0").await.unwrap();
+    assert_eq!(
+        changes_since(&qemu, from),
+        ["device_del p0", "chardev-remove p0-chr"]
+    );
+    assert!(qemu.chardevs().is_empty());
+    vm.remove_virtio_serial("vser0").await.unwrap();
+    assert!(qemu.devices().is_empty());
+}

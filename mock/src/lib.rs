@@ -14,12 +14,15 @@
 //! answer, or answer late. The SDK's own `Vm` runs against it unchanged, and the project runs one
 //! set of scenarios against it and against real QEMU (any difference is a bug in the mock).
 //!
-//! What it checks as QEMU does: ids unique per kind, a device's bus and slot free, a block node's
-//! `file` and a device's `drive`/`netdev` present and unused, a `file` node's `/dev/fdset/N`
-//! present, every fd a netdev names given with `getfd` (and consumed by it), an image's format
-//! (a `qcow2` node on an image without qcow2's magic fails), "not found" on deletes. Its error
-//! texts are QEMU 7.2's. What it does not model: device properties beyond placement, block jobs,
-//! migration, the guest's own view.
+//! What it checks as QEMU does: ids unique per kind, a device's bus and slot free (PCI, SCSI, and
+//! the virtio-serial bus a port sits on), a block node's `file` and a device's `drive`/`netdev`/
+//! `chardev`/`rng` present and unused, a chardev or object in use refused deletion, a `file`
+//! node's `/dev/fdset/N` present, every fd a netdev names given with `getfd` (and consumed by it),
+//! an image's format (a `qcow2` node on an image without qcow2's magic fails), "not found" on
+//! deletes. SCSI disks and serial ports leave at once on `device_del`; PCI devices as its guest
+//! decides. Its error texts are QEMU 7.2's. What it does not model yet: trays and media, vCPU
+//! slots, memory devices and `maxmem`, the balloon's target, vhost-user and virtio-fs frontends,
+//! block jobs, migration, the guest's own view.
 //!
 //! ```
 //! use qhotplug_mock::{GuestUnplug, MockQemu};

@@ -22,6 +22,10 @@ pub struct MockDevice {
     pub drive: Option<String>,
     /// The netdev it uses.
     pub netdev: Option<String>,
+    /// The chardev it uses (a serial port's, a vhost-user device's).
+    pub chardev: Option<String>,
+    /// The QOM object it uses (an RNG's source).
+    pub object: Option<String>,
     /// A `device_del` is waiting for the guest.
     pub unplugging: bool,
     /// The NIC's link (`set_link`); true for every other device.
@@ -50,6 +54,11 @@ pub enum MockPlace {
         target: u16,
         /// The LUN.
         lun: u16,
+    },
+    /// A port on a virtio-serial bus (`<controller>.0`).
+    Port {
+        /// The bus.
+        bus: String,
     },
 }
 
@@ -102,6 +111,8 @@ pub(crate) struct Model {
     root_ports: Vec<(String, u8, i64)>,
     /// Virtio-scsi controllers' buses.
     scsi_buses: Vec<String>,
+    /// The buses of virtio-serial controllers (`<id>.0`).
+    serial_buses: Vec<String>,
     pub(crate) devices: Vec<MockDevice>,
     pub(crate) nodes: Vec<MockBlockNode>,
     pub(crate) netdevs: Vec<Netdev>,
@@ -248,6 +259,7 @@ impl Model {
             machine,
             root_ports: Vec::new(),
             scsi_buses: Vec::new(),
+            serial_buses: Vec::new(),
             devices: Vec::new(),
             nodes: Vec::new(),
             netdevs: Vec::new(),
@@ -285,6 +297,8 @@ impl Model {
                 },
                 drive: None,
                 netdev: None,
+                chardev: None,
+                object: None,
                 unplugging: false,
                 link_up: true,
                 io_limits: Value::Null,
@@ -312,6 +326,8 @@ impl Model {
             },
             drive: None,
             netdev: None,
+            chardev: None,
+            object: None,
             unplugging: false,
             link_up: true,
             io_limits: Value::Null,
@@ -536,6 +552,13 @@ impl Model {
     /// `chardev-remove`.
     fn chardev_remove(&mut self, args: &Value) -> Reply {
         let id = required(args, "id")?;
+        if self
+            .devices
+            .iter()
+            .any(|d| d.chardev.as_deref() == Some(id))
+        {
+            return Err(generic(format!("Chardev '{id}' is busy")));
+        }
         remove_one(&mut self.chardevs, |c| c == id)
             .ok_or_else(|| generic(format!("Chardev '{id}' not found")))?;
         Ok(json!({}))
@@ -567,6 +590,11 @@ impl Model {
     /// `object-del`.
     fn object_del(&mut self, args: &Value) -> Reply {
         let id = required(args, "id")?;
+        if self.devices.iter().any(|d| d.object.as_deref() == Some(id)) {
+            return Err(generic(format!(
+                "object '{id}' is in use, can not be deleted"
+            )));
+        }
         remove_one(&mut self.objects, |(o, _)| o == id)
             .ok_or_else(|| generic(format!("object '{id}' not found")))?;
         Ok(json!({}))
@@ -759,7 +787,7 @@ impl Model {
                         MockPlace::Pci { .. } => {
                             format!("/machine/peripheral/{}/virtio-backend", d.id)
                         }
-                        MockPlace::Scsi { .. } => d.id.clone(),
+                        MockPlace::Scsi { .. } | MockPlace::Port { .. } => d.id.clone(),
                     };
                     Some(
                         json!({"device": "", "qdev": qdev, "inserted": self.node_info(node),
@@ -966,14 +994,28 @@ impl Model {
         }
         let drive = str_arg(args, "drive").map(str::to_owned);
         let netdev = str_arg(args, "netdev").map(str::to_owned);
+        let chardev = str_arg(args, "chardev").map(str::to_owned);
+        let object = str_arg(args, "rng").map(str::to_owned);
         if let Some(drive) = &drive {
             self.check_drive(drive)?;
         }
         if let Some(netdev) = &netdev {
             self.check_netdev(driver, netdev)?;
         }
+        if let Some(chardev) = &chardev {
+            self.check_chardev(driver, chardev)?;
+        }
+        if let Some(object) = &object {
+            self.check_object(driver, object)?;
+        }
         let place = if SCSI_DRIVERS.contains(&driver) {
             self.scsi_place(args)?
+        } else if driver == "virtserialport" {
+            let bus = required(args, "bus")?;
+            if !self.serial_buses.iter().any(|b| b == bus) {
+                return Err(generic(format!("Bus '{bus}' not found")));
+            }
+            MockPlace::Port { bus: bus.into() }
         } else if PCI_DRIVERS.iter().any(|(d, _, _)| *d == driver) {
             self.pci_place(driver, args)?
         } else {
@@ -981,8 +1023,10 @@ impl Model {
                 "'{driver}' is not a valid device model name"
             )));
         };
-        if driver == "virtio-scsi-pci" {
-            self.scsi_buses.push(format!("{id}.0"));
+        match driver {
+            "virtio-scsi-pci" => self.scsi_buses.push(format!("{id}.0")),
+            "virtio-serial-pci" => self.serial_buses.push(format!("{id}.0")),
+            _ => {}
         }
         self.devices.push(MockDevice {
             id: id.into(),
@@ -990,6 +1034,8 @@ impl Model {
             place,
             drive,
             netdev,
+            chardev,
+            object,
             unplugging: false,
             link_up: true,
             io_limits: Value::Null,
@@ -1049,6 +1095,44 @@ impl Model {
         {
             return Err(generic(format!(
                 "Property '{driver}.netdev' can't take value '{netdev}', it's in use"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A frontend's `chardev`: one that exists and no device uses.
+    fn check_chardev(&self, driver: &str, chardev: &str) -> Result<(), (&'static str, String)> {
+        if !self.chardevs.iter().any(|c| c == chardev) {
+            return Err(generic(format!(
+                "Property '{driver}.chardev' can't find value '{chardev}'"
+            )));
+        }
+        if self
+            .devices
+            .iter()
+            .any(|d| d.chardev.as_deref() == Some(chardev))
+        {
+            return Err(generic(format!(
+                "Property '{driver}.chardev' can't take value '{chardev}', it's in use"
+            )));
+        }
+        Ok(())
+    }
+
+    /// An RNG's `rng`: an object that exists and no device uses.
+    fn check_object(&self, driver: &str, object: &str) -> Result<(), (&'static str, String)> {
+        if !self.objects.iter().any(|(o, _)| o == object) {
+            return Err(generic(format!(
+                "Property '{driver}.rng' can't find value '{object}'"
+            )));
+        }
+        if self
+            .devices
+            .iter()
+            .any(|d| d.object.as_deref() == Some(object))
+        {
+            return Err(generic(format!(
+                "Property '{driver}.rng' can't take value '{object}', it's in use"
             )));
         }
         Ok(())
@@ -1192,8 +1276,12 @@ impl Model {
     fn device_del(&mut self, id: &str, later: &mut Option<Later>) -> Reply {
         let behaviour = self.guest_unplug;
         let device = self.device_mut(id, |d| d.id == id)?;
-        if matches!(device.place, MockPlace::Scsi { .. }) {
-            // A virtio-scsi bus lets a disk go at once, guest or no guest.
+        if matches!(
+            device.place,
+            MockPlace::Scsi { .. } | MockPlace::Port { .. }
+        ) {
+            // A virtio-scsi bus lets a disk go at once, and a virtio-serial bus a port, guest or
+            // no guest.
             self.finish_unplug(id);
             return Ok(json!({}));
         }
@@ -1229,9 +1317,11 @@ impl Model {
                 json!({ "path": format!("{path}/virtio-backend") }),
             );
         }
-        if device.driver == "virtio-scsi-pci" {
-            let bus = format!("{id}.0");
-            self.scsi_buses.retain(|b| *b != bus);
+        let bus = format!("{id}.0");
+        match device.driver.as_str() {
+            "virtio-scsi-pci" => self.scsi_buses.retain(|b| *b != bus),
+            "virtio-serial-pci" => self.serial_buses.retain(|b| *b != bus),
+            _ => {}
         }
         self.emit("DEVICE_DELETED", json!({"device": id, "path": path}));
     }

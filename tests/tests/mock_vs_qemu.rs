@@ -6,9 +6,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use qhotplug::{DiskConfig, Error, Format, NicConfig, Pci, UnplugPolicy, Vm};
+use qhotplug::{
+    DiskConfig, Error, Format, NicConfig, Pci, RngConfig, SerialPortConfig, UnplugPolicy,
+    VirtioSerialConfig, Vm,
+};
 use qhotplug_mock::{GuestUnplug, MockQemu};
-use qhotplug_qmp::command::{QomList, QueryFdsets, QueryNamedBlockNodes, QueryPci};
+use qhotplug_qmp::command::{QomList, QueryChardev, QueryFdsets, QueryNamedBlockNodes, QueryPci};
 use qhotplug_tests::{image, pc_spec, TestVm};
 use serde_json::json;
 
@@ -53,7 +56,31 @@ async fn state(vm: &Vm) -> String {
         .flat_map(|s| s.fds.into_iter().filter_map(|f| f.opaque))
         .collect();
     fdsets.sort();
-    format!("devices {devices:?} slots {slots:?} nodes {nodes:?} fdsets {fdsets:?}")
+    // Chardevs and QOM objects of ours (QEMU has its own besides: the monitor's, its machine's).
+    let mut chardevs: Vec<String> = c
+        .execute(&QueryChardev)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.label)
+        .filter(|l| l.ends_with("-chr"))
+        .collect();
+    chardevs.sort();
+    let mut objects: Vec<String> = c
+        .execute(&QomList {
+            path: "/objects".into(),
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.child_type().is_some() && p.name.ends_with("-rng"))
+        .map(|p| p.name)
+        .collect();
+    objects.sort();
+    format!(
+        "devices {devices:?} slots {slots:?} nodes {nodes:?} fdsets {fdsets:?} \
+         chardevs {chardevs:?} objects {objects:?}"
+    )
 }
 
 /// An outcome, without what only one of the two can say (QEMU's exact words).
@@ -134,6 +161,62 @@ async fn scenarios(vm: &Vm, dir: &Path, nic: NicConfig, behind: &str) -> Vec<Str
     );
     note("end", state(vm).await);
     seen
+}
+
+/// The virtio devices with a backend of another sort: an RNG on its QOM object, a virtio-serial
+/// controller and a port on its chardev. A failure at each backend is undone; a port leaves at
+/// once, and its chardev with it; an RNG waits for the guest.
+async fn virtio_scenarios(vm: &Vm, dir: &Path) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut note = |what: &str, text: String| seen.push(format!("{what}: {text}"));
+    note("start", state(vm).await);
+    let rng = vm.add_rng(RngConfig::new("rng0")).await;
+    note("rng", outcome(&rng.map(|r| r.pci)));
+    let ctl = vm.add_virtio_serial(VirtioSerialConfig::new("vser0")).await;
+    note("controller", outcome(&ctl.map(|c| c.pci)));
+    let port = |id: &str| SerialPortConfig::new(id, "vser0", "org.example.port", dir.join(id));
+    note(
+        "port",
+        outcome(&vm.add_serial_port(port("p0")).await.map(|p| p.bus)),
+    );
+    note("after adds", state(vm).await);
+    note("same port", outcome(&vm.add_serial_port(port("p0")).await));
+    note("remove port", outcome(&vm.remove_serial_port("p0").await));
+    note("after the port", state(vm).await);
+    let hasty = vm.with_unplug_policy(UnplugPolicy::new(Duration::from_millis(300)));
+    note("remove rng", outcome(&hasty.remove_rng("rng0").await));
+    note("end", state(vm).await);
+    seen
+}
+
+/// Runs `scenarios` on real QEMU 7.2/10.0 (pc, running, no guest OS) and on the mock (a guest
+/// that never answers a PCI unplug), and compares what they saw.
+async fn compare<F, Fut>(scenarios: F)
+where
+    F: Fn(Vm, std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Vec<String>>,
+{
+    let t = TestVm::running(pc_spec()).await;
+    let real = scenarios(t.vm.clone(), t.dir().to_owned()).await;
+    // The same machine: `pc_spec` boots a virtio-scsi controller at slot 3.
+    let qemu = MockQemu::pc().with_scsi_controller("scsi0", 3);
+    qemu.guest_unplug(GuestUnplug::Never);
+    let vm = Vm::attach(qemu.connect().await.unwrap(), pc_spec())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mocked = scenarios(vm, dir.path().to_owned()).await;
+    for (r, m) in real.iter().zip(&mocked) {
+        assert_eq!(r, m, "real QEMU and the mock differ");
+    }
+    assert_eq!(real.len(), mocked.len());
+}
+
+#[test]
+fn the_mock_and_real_qemu_agree_on_rngs_serial_ports_and_their_backends() {
+    qhotplug_tests::serial_test(compare(|vm, dir| async move {
+        virtio_scenarios(&vm, &dir).await
+    }));
 }
 
 #[test]
