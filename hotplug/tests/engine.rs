@@ -405,3 +405,63 @@ async fn an_rng_and_a_serial_port_that_fail_are_undone_and_leave_with_their_back
     vm.remove_virtio_serial("vser0").await.unwrap();
     assert!(qemu.devices().is_empty());
 }
+
+#[tokio::test]
+async fn a_medium_change_that_fails_puts_the_old_medium_back_and_deletes_the_new_nodes() {
+    use qhotplug::CdromConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (image(dir.path(), "one.raw"), image(dir.path(), "two.raw"));
+    let qemu = MockQemu::pc().with_scsi_controller("scsi0", 3);
+    let vm = Vm::attach(qemu.connect().await.unwrap(), VmSpec::new("t", Machine::Pc))
+        .await
+        .unwrap();
+    vm.add_cdrom(CdromConfig::new("cd0").medium(&one))
+        .await
+        .unwrap();
+    let before: Vec<String> = qemu
+        .block_nodes()
+        .iter()
+        .map(|n| n.node_name.clone())
+        .collect();
+    let from = qemu.commands().len();
+    qemu.fail_next("blockdev-insert-medium", "injected");
+    let err = vm.insert_medium("cd0", &two).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Step {
+                step: "blockdev-insert-medium",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Undone in reverse: the new medium's nodes (generation 1) go, the old medium (generation 0)
+    // goes back in, the tray closes.
+    let sent = changes_since(&qemu, from);
+    let at = sent
+        .iter()
+        .position(|c| c.starts_with("blockdev-insert-medium"))
+        .unwrap();
+    assert_eq!(
+        sent[at + 1..],
+        [
+            "blockdev-del cd0-fmt.1",
+            "blockdev-del cd0-file.1",
+            "blockdev-open-tray cd0",
+            "blockdev-insert-medium cd0-fmt",
+            "blockdev-close-tray cd0",
+        ]
+    );
+    let after: Vec<String> = qemu
+        .block_nodes()
+        .iter()
+        .map(|n| n.node_name.clone())
+        .collect();
+    assert_eq!(after, before);
+    let drive = qemu.devices().into_iter().find(|d| d.id == "cd0").unwrap();
+    assert_eq!(drive.drive.as_deref(), Some("cd0-fmt"));
+    assert_eq!(drive.tray_open, Some(false));
+    assert_eq!(vm.cdroms()[0].medium.as_deref(), Some(one.as_path()));
+    assert!(vm.reconcile().await.unwrap().is_empty());
+}

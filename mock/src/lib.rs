@@ -19,10 +19,13 @@
 //! `chardev`/`rng` present and unused, a chardev or object in use refused deletion, a `file`
 //! node's `/dev/fdset/N` present, every fd a netdev names given with `getfd` (and consumed by it),
 //! an image's format (a `qcow2` node on an image without qcow2's magic fails), "not found" on
-//! deletes. SCSI disks and serial ports leave at once on `device_del`; PCI devices as its guest
-//! decides. Its error texts are QEMU 7.2's. What it does not model yet: trays and media, vCPU
-//! slots, memory devices and `maxmem`, the balloon's target, vhost-user and virtio-fs frontends,
-//! block jobs, migration, the guest's own view.
+//! deletes. A `scsi-cd` drive has a tray (`blockdev-open-tray`/`-close-tray` with
+//! `DEVICE_TRAY_MOVED`) and a medium (`blockdev-remove-medium`/`-insert-medium`, only with the tray
+//! open), and `query-block` lists it, empty or not. SCSI disks and serial ports leave at once on
+//! `device_del`; PCI devices as its guest decides. Its error texts are QEMU 7.2's. What it does
+//! not model yet: a guest that locks a tray, vCPU slots, memory devices and `maxmem`, the
+//! balloon's target, vhost-user and virtio-fs frontends, block jobs, migration, the guest's own
+//! view.
 //!
 //! ```
 //! use qhotplug_mock::{GuestUnplug, MockQemu};

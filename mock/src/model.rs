@@ -26,6 +26,8 @@ pub struct MockDevice {
     pub chardev: Option<String>,
     /// The QOM object it uses (an RNG's source).
     pub object: Option<String>,
+    /// A drive with removable media (`scsi-cd`): whether its tray is open.
+    pub tray_open: Option<bool>,
     /// A `device_del` is waiting for the guest.
     pub unplugging: bool,
     /// The NIC's link (`set_link`); true for every other device.
@@ -192,6 +194,7 @@ const SCSI_DRIVERS: &[&str] = &["scsi-hd", "scsi-cd", "scsi-generic"];
 const EVENTS: &[&str] = &[
     "DEVICE_DELETED",
     "DEVICE_UNPLUG_GUEST_ERROR",
+    "DEVICE_TRAY_MOVED",
     "ACPI_DEVICE_OST",
     "STOP",
     "RESUME",
@@ -244,6 +247,10 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("object-del", &["id"]),
     ("human-monitor-command", &["command-line", "cpu-index"]),
     ("set_link", &["name", "up"]),
+    ("blockdev-open-tray", &["id", "force"]),
+    ("blockdev-close-tray", &["id"]),
+    ("blockdev-remove-medium", &["id"]),
+    ("blockdev-insert-medium", &["id", "node-name"]),
     (
         "block_set_io_throttle",
         &[
@@ -299,6 +306,7 @@ impl Model {
                 netdev: None,
                 chardev: None,
                 object: None,
+                tray_open: None,
                 unplugging: false,
                 link_up: true,
                 io_limits: Value::Null,
@@ -328,6 +336,7 @@ impl Model {
             netdev: None,
             chardev: None,
             object: None,
+            tray_open: None,
             unplugging: false,
             link_up: true,
             io_limits: Value::Null,
@@ -462,6 +471,12 @@ impl Model {
             "object-add" => self.object_add(args),
             "object-del" => self.object_del(args),
             "set_link" => self.set_link(args),
+            "blockdev-open-tray" => self.move_tray(required(args, "id")?, true),
+            "blockdev-close-tray" => self.move_tray(required(args, "id")?, false),
+            "blockdev-remove-medium" => self.remove_medium(required(args, "id")?),
+            "blockdev-insert-medium" => {
+                self.insert_medium(required(args, "id")?, required(args, "node-name")?)
+            }
             "block_set_io_throttle" => self.block_set_io_throttle(args),
             "block_resize" => self.block_resize(args),
             "human-monitor-command" => self.human_monitor_command(args),
@@ -598,6 +613,68 @@ impl Model {
         remove_one(&mut self.objects, |(o, _)| o == id)
             .ok_or_else(|| generic(format!("object '{id}' not found")))?;
         Ok(json!({}))
+    }
+
+    /// `blockdev-open-tray` (`open`) or `blockdev-close-tray`: the guest never locks the mock's
+    /// trays, so both act at once, with `DEVICE_TRAY_MOVED` when the tray moved.
+    fn move_tray(&mut self, id: &str, open: bool) -> Reply {
+        let device = self.removable(id)?;
+        if device.tray_open == Some(open) {
+            return Ok(json!({}));
+        }
+        device.tray_open = Some(open);
+        self.emit(
+            "DEVICE_TRAY_MOVED",
+            json!({"device": "", "id": id, "tray-open": open}),
+        );
+        Ok(json!({}))
+    }
+
+    /// `blockdev-remove-medium`: the tray must be open; an empty drive stays empty.
+    fn remove_medium(&mut self, id: &str) -> Reply {
+        let device = self.removable(id)?;
+        if device.tray_open != Some(true) {
+            return Err(generic(format!("Tray of device '{id}' is not open")));
+        }
+        device.drive = None;
+        Ok(json!({}))
+    }
+
+    /// `blockdev-insert-medium`: the tray open, the drive empty, the node there and unused.
+    fn insert_medium(&mut self, id: &str, node: &str) -> Reply {
+        if !self.nodes.iter().any(|n| n.node_name == node) {
+            return Err(generic(format!(
+                "Cannot find device='{node}' nor node-name='{node}'"
+            )));
+        }
+        if self
+            .devices
+            .iter()
+            .any(|d| d.drive.as_deref() == Some(node))
+            || self.nodes.iter().any(|n| n.file.as_deref() == Some(node))
+        {
+            return Err(generic(format!("Node '{node}' is already in use")));
+        }
+        let device = self.removable(id)?;
+        if device.tray_open != Some(true) {
+            return Err(generic(format!("Tray of device '{id}' is not open")));
+        }
+        if device.drive.is_some() {
+            return Err(generic(format!(
+                "There already is a medium in device '{id}'"
+            )));
+        }
+        device.drive = Some(node.into());
+        Ok(json!({}))
+    }
+
+    /// Device `id`, if it has removable media.
+    fn removable(&mut self, id: &str) -> Result<&mut MockDevice, (&'static str, String)> {
+        let device = self.device_mut(id, |d| d.id == id)?;
+        if device.tray_open.is_none() {
+            return Err(generic(format!("Device '{id}' is not removable")));
+        }
+        Ok(device)
     }
 
     /// `set_link`.
@@ -782,17 +859,24 @@ impl Model {
                     let node = self
                         .nodes
                         .iter()
-                        .find(|n| Some(&n.node_name) == d.drive.as_ref())?;
+                        .find(|n| Some(&n.node_name) == d.drive.as_ref());
                     let qdev = match d.place {
                         MockPlace::Pci { .. } => {
                             format!("/machine/peripheral/{}/virtio-backend", d.id)
                         }
                         MockPlace::Scsi { .. } | MockPlace::Port { .. } => d.id.clone(),
                     };
-                    Some(
-                        json!({"device": "", "qdev": qdev, "inserted": self.node_info(node),
-                                "locked": false, "removable": false, "type": "unknown"}),
-                    )
+                    let mut info = json!({"device": "", "qdev": qdev, "locked": false,
+                                          "removable": d.tray_open.is_some(), "type": "unknown"});
+                    match (node, d.tray_open) {
+                        (Some(node), _) => info["inserted"] = self.node_info(node),
+                        (None, Some(_)) => {}
+                        (None, None) => return None,
+                    }
+                    if let Some(open) = d.tray_open {
+                        info["tray_open"] = json!(open);
+                    }
+                    Some(info)
                 })
                 .collect(),
         )
@@ -1036,6 +1120,7 @@ impl Model {
             netdev,
             chardev,
             object,
+            tray_open: (driver == "scsi-cd").then_some(false),
             unplugging: false,
             link_up: true,
             io_limits: Value::Null,

@@ -7,12 +7,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use qhotplug::{
-    DiskConfig, Error, Format, NicConfig, Pci, RngConfig, SerialPortConfig, UnplugPolicy,
-    VirtioSerialConfig, Vm,
+    CdromConfig, DiskConfig, Error, Format, NicConfig, Pci, RngConfig, SerialPortConfig,
+    UnplugPolicy, VirtioSerialConfig, Vm,
 };
 use qhotplug_mock::{GuestUnplug, MockQemu};
-use qhotplug_qmp::command::{QomList, QueryChardev, QueryFdsets, QueryNamedBlockNodes, QueryPci};
-use qhotplug_tests::{image, pc_spec, TestVm};
+use qhotplug_qmp::command::{
+    QomList, QueryBlock, QueryChardev, QueryFdsets, QueryNamedBlockNodes, QueryPci,
+};
+use qhotplug_tests::{image, iso, pc_spec, TestVm};
 use serde_json::json;
 
 /// QEMU's state as far as the mock models it: our devices and where they sit, block nodes, fd
@@ -77,9 +79,21 @@ async fn state(vm: &Vm) -> String {
         .map(|p| p.name)
         .collect();
     objects.sort();
+    // Drives: which node each frontend holds, and where its tray is.
+    let mut drives: Vec<String> = c
+        .execute(&QueryBlock)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| {
+            let node = b.inserted.and_then(|i| i.node_name).unwrap_or_default();
+            format!("{}:{node}:{:?}", b.qdev.unwrap_or_default(), b.tray_open)
+        })
+        .collect();
+    drives.sort();
     format!(
         "devices {devices:?} slots {slots:?} nodes {nodes:?} fdsets {fdsets:?} \
-         chardevs {chardevs:?} objects {objects:?}"
+         chardevs {chardevs:?} objects {objects:?} drives {drives:?}"
     )
 }
 
@@ -94,6 +108,7 @@ fn outcome<T: std::fmt::Debug>(r: &qhotplug::Result<T>) -> String {
         }) => format!("failed at {step}, {} undo failures", undo_failures.len()),
         Err(Error::UnplugPending { id, .. }) => format!("{id} pending"),
         Err(Error::DuplicateId(id)) => format!("duplicate {id}"),
+        Err(Error::Open { path, .. }) => format!("cannot open {:?}", path.file_name()),
         Err(Error::ShrinkRefused {
             current, requested, ..
         }) => {
@@ -189,6 +204,36 @@ async fn virtio_scenarios(vm: &Vm, dir: &Path) -> Vec<String> {
     seen
 }
 
+/// A CD-ROM drive's life: added empty on the SCSI bus, a medium in, changed, out, in again, and
+/// the drive removed with its medium (the medium goes first). Its tray moves, its nodes come and
+/// go.
+async fn cdrom_scenarios(vm: &Vm, dir: &Path) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut note = |what: &str, text: String| seen.push(format!("{what}: {text}"));
+    let one = iso(dir, "one.iso", "a.txt", "one");
+    let two = iso(dir, "two.iso", "b.txt", "two");
+    let cd = vm.add_cdrom(CdromConfig::new("cd0")).await;
+    note("empty drive", outcome(&cd.map(|c| c.medium)));
+    note("after add", state(vm).await);
+    note("insert", outcome(&vm.insert_medium("cd0", &one).await));
+    note("after insert", state(vm).await);
+    note("change", outcome(&vm.insert_medium("cd0", &two).await));
+    note("after change", state(vm).await);
+    note("eject", outcome(&vm.eject_medium("cd0").await));
+    note("after eject", state(vm).await);
+    note(
+        "missing",
+        outcome(&vm.insert_medium("cd0", dir.join("nope.iso")).await),
+    );
+    note(
+        "insert again",
+        outcome(&vm.insert_medium("cd0", &one).await),
+    );
+    note("remove", outcome(&vm.remove_cdrom("cd0").await));
+    note("end", state(vm).await);
+    seen
+}
+
 /// Runs `scenarios` on real QEMU 7.2/10.0 (pc, running, no guest OS) and on the mock (a guest
 /// that never answers a PCI unplug), and compares what they saw.
 async fn compare<F, Fut>(scenarios: F)
@@ -206,6 +251,8 @@ where
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mocked = scenarios(vm, dir.path().to_owned()).await;
+    // Shown when a comparison fails, with the line that differs.
+    eprintln!("real QEMU saw:\n{}", real.join("\n"));
     for (r, m) in real.iter().zip(&mocked) {
         assert_eq!(r, m, "real QEMU and the mock differ");
     }
@@ -216,6 +263,13 @@ where
 fn the_mock_and_real_qemu_agree_on_rngs_serial_ports_and_their_backends() {
     qhotplug_tests::serial_test(compare(|vm, dir| async move {
         virtio_scenarios(&vm, &dir).await
+    }));
+}
+
+#[test]
+fn the_mock_and_real_qemu_agree_on_a_cdrom_drive_and_its_media() {
+    qhotplug_tests::serial_test(compare(|vm, dir| async move {
+        cdrom_scenarios(&vm, &dir).await
     }));
 }
 
