@@ -465,3 +465,33 @@ async fn a_medium_change_that_fails_puts_the_old_medium_back_and_deletes_the_new
     assert_eq!(vm.cdroms()[0].medium.as_deref(), Some(one.as_path()));
     assert!(vm.reconcile().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn vcpus_added_are_acknowledged_and_an_unplug_under_tcg_before_10_is_refused_unsent() {
+    let qemu = MockQemu::pc().with_vcpus(1, 3);
+    let client = qemu.connect().await.unwrap();
+    client.execute(&qhotplug::qmp::command::Cont).await.unwrap();
+    let mut spec = VmSpec::new("t", Machine::Pc);
+    spec.cpu_topology = Some(qhotplug::CpuTopology::max(3));
+    let vm = Vm::attach(client, spec).await.unwrap();
+    let change = vm.set_vcpus(3).await.unwrap();
+    assert_eq!(change.added, ["vcpu1", "vcpu2"]);
+    assert!(change.unconfirmed.is_empty(), "{change:?}");
+    assert_eq!(vm.spec().vcpus.len(), 2);
+    let over = vm.set_vcpus(4).await.unwrap_err();
+    assert!(
+        matches!(over, Error::InvalidVcpuCount { max: 3, .. }),
+        "{over:?}"
+    );
+    // The mock is QEMU 7.2 under TCG: an unplug is refused before anything that changes QEMU is
+    // sent.
+    let sent = qemu.commands().len();
+    let refused = vm.set_vcpus(1).await.unwrap_err();
+    assert!(
+        matches!(refused, Error::TcgVcpuUnplug { .. }),
+        "{refused:?}"
+    );
+    assert!(refused.nothing_sent());
+    assert!(changes_since(&qemu, sent).is_empty(), "only queries were sent");
+    assert_eq!(vm.spec().vcpus.len(), 2);
+}

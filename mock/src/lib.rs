@@ -22,8 +22,11 @@
 //! deletes. A `scsi-cd` drive has a tray (`blockdev-open-tray`/`-close-tray` with
 //! `DEVICE_TRAY_MOVED`) and a medium (`blockdev-remove-medium`/`-insert-medium`, only with the tray
 //! open), and `query-block` lists it, empty or not. SCSI disks and serial ports leave at once on
-//! `device_del`; PCI devices as its guest decides. Its error texts are QEMU 7.2's. What it does
-//! not model yet: a guest that locks a tray, vCPU slots, memory devices and `maxmem`, the
+//! `device_del`; PCI devices as its guest decides. vCPU slots (`with_vcpus`) are listed by
+//! `query-hotpluggable-cpus` and taken by `device_add` of the slot's model; a running guest that
+//! answers acknowledges each (`ACPI_DEVICE_OST`), and a vCPU that leaves sends only its `lapic`
+//! child's `DEVICE_DELETED`, as on x86. `query-kvm` says TCG. Its error texts are QEMU 7.2's.
+//! What it does not model yet: a guest that locks a tray, memory devices and `maxmem`, the
 //! balloon's target, vhost-user and virtio-fs frontends, block jobs, migration, the guest's own
 //! view.
 //!

@@ -62,6 +62,11 @@ pub enum MockPlace {
         /// The bus.
         bus: String,
     },
+    /// A vCPU slot (`core-id`; one socket, one thread per core, as `-smp N,maxcpus=M` gives).
+    Cpu {
+        /// The core.
+        core: u32,
+    },
 }
 
 /// A named block node.
@@ -131,6 +136,8 @@ pub(crate) struct Model {
     next_fdset: i64,
     next_fd: i64,
     running: bool,
+    /// vCPU slots by core: the QOM path of the vCPU in each, if plugged.
+    cpu_slots: Vec<Option<String>>,
 }
 
 type Reply = Result<Value, (&'static str, String)>;
@@ -191,6 +198,8 @@ const PCI_DRIVERS: &[(&str, (i64, i64), i64)] = &[
     ("pcie-root-port", (0x1b36, 0x000c), 0x0604),
 ];
 const SCSI_DRIVERS: &[&str] = &["scsi-hd", "scsi-cd", "scsi-generic"];
+/// The vCPU model `query-hotpluggable-cpus` names (QEMU's default for `pc`/`q35` under TCG).
+const CPU_DRIVER: &str = "qemu64-x86_64-cpu";
 const EVENTS: &[&str] = &[
     "DEVICE_DELETED",
     "DEVICE_UNPLUG_GUEST_ERROR",
@@ -247,6 +256,8 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("object-del", &["id"]),
     ("human-monitor-command", &["command-line", "cpu-index"]),
     ("set_link", &["name", "up"]),
+    ("query-hotpluggable-cpus", &[]),
+    ("query-kvm", &[]),
     ("blockdev-open-tray", &["id", "force"]),
     ("blockdev-close-tray", &["id"]),
     ("blockdev-remove-medium", &["id"]),
@@ -282,6 +293,7 @@ impl Model {
             next_fdset: 0,
             next_fd: 20,
             running: false,
+            cpu_slots: vec![Some("/machine/unattached/device[0]".into())],
         }
     }
 
@@ -320,6 +332,13 @@ impl Model {
             Machine::Pc => "pci.0",
             Machine::Q35 => "pcie.0",
         }
+    }
+
+    /// `-smp boot,maxcpus=max`: `boot` vCPUs plugged at boot, `max` slots.
+    pub(crate) fn boot_vcpus(&mut self, boot: u32, max: u32) {
+        self.cpu_slots = (0..max.max(boot))
+            .map(|core| (core < boot).then(|| format!("/machine/unattached/device[{core}]")))
+            .collect();
     }
 
     pub(crate) fn boot_scsi_controller(&mut self, id: &str, slot: u8) {
@@ -471,6 +490,8 @@ impl Model {
             "object-add" => self.object_add(args),
             "object-del" => self.object_del(args),
             "set_link" => self.set_link(args),
+            "query-hotpluggable-cpus" => Ok(self.query_hotpluggable_cpus()),
+            "query-kvm" => Ok(json!({"enabled": false, "present": true})),
             "blockdev-open-tray" => self.move_tray(required(args, "id")?, true),
             "blockdev-close-tray" => self.move_tray(required(args, "id")?, false),
             "blockdev-remove-medium" => self.remove_medium(required(args, "id")?),
@@ -613,6 +634,38 @@ impl Model {
         remove_one(&mut self.objects, |(o, _)| o == id)
             .ok_or_else(|| generic(format!("object '{id}' not found")))?;
         Ok(json!({}))
+    }
+
+    /// `query-hotpluggable-cpus`: every slot, the highest first, as QEMU lists them.
+    fn query_hotpluggable_cpus(&self) -> Value {
+        let slots = self.cpu_slots.iter().enumerate().rev().map(|(core, path)| {
+            let mut slot = json!({"props": {"core-id": core, "thread-id": 0, "socket-id": 0},
+                                  "vcpus-count": 1, "type": CPU_DRIVER});
+            if let Some(path) = path {
+                slot["qom-path"] = json!(path);
+            }
+            slot
+        });
+        Value::Array(slots.collect())
+    }
+
+    /// Where a vCPU goes: socket 0, thread 0, a core in range and free.
+    fn cpu_place(&self, args: &Value) -> Result<MockPlace, (&'static str, String)> {
+        let max = self.cpu_slots.len();
+        for (prop, range) in [("socket-id", 1), ("thread-id", 1), ("core-id", max)] {
+            let n = args.get(prop).and_then(Value::as_u64).unwrap_or(0);
+            if n >= range as u64 {
+                return Err(generic(format!(
+                    "Invalid CPU {prop}: {n} must be in range 0:{}",
+                    range - 1
+                )));
+            }
+        }
+        let core = args.get("core-id").and_then(Value::as_u64).unwrap_or(0) as u32;
+        if self.cpu_slots[core as usize].is_some() {
+            return Err(generic(format!("CPU[{core}] with APIC ID {core} exists")));
+        }
+        Ok(MockPlace::Cpu { core })
     }
 
     /// `blockdev-open-tray` (`open`) or `blockdev-close-tray`: the guest never locks the mock's
@@ -864,7 +917,9 @@ impl Model {
                         MockPlace::Pci { .. } => {
                             format!("/machine/peripheral/{}/virtio-backend", d.id)
                         }
-                        MockPlace::Scsi { .. } | MockPlace::Port { .. } => d.id.clone(),
+                        MockPlace::Scsi { .. } | MockPlace::Port { .. } | MockPlace::Cpu { .. } => {
+                            d.id.clone()
+                        }
                     };
                     let mut info = json!({"device": "", "qdev": qdev, "locked": false,
                                           "removable": d.tray_open.is_some(), "type": "unknown"});
@@ -1094,6 +1149,8 @@ impl Model {
         }
         let place = if SCSI_DRIVERS.contains(&driver) {
             self.scsi_place(args)?
+        } else if driver == CPU_DRIVER {
+            self.cpu_place(args)?
         } else if driver == "virtserialport" {
             let bus = required(args, "bus")?;
             if !self.serial_buses.iter().any(|b| b == bus) {
@@ -1107,6 +1164,17 @@ impl Model {
                 "'{driver}' is not a valid device model name"
             )));
         };
+        if let MockPlace::Cpu { core } = place {
+            self.cpu_slots[core as usize] = Some(format!("/machine/peripheral/{id}"));
+            // A guest that answers acknowledges the new vCPU (ACPI `_OST`, insertion, done).
+            if self.running && self.guest_unplug != GuestUnplug::Never {
+                self.emit(
+                    "ACPI_DEVICE_OST",
+                    json!({"info": {"device": id, "slot": core.to_string(), "slot-type": "CPU",
+                                    "source": 1, "status": 0}}),
+                );
+            }
+        }
         match driver {
             "virtio-scsi-pci" => self.scsi_buses.push(format!("{id}.0")),
             "virtio-serial-pci" => self.serial_buses.push(format!("{id}.0")),
@@ -1396,6 +1464,12 @@ impl Model {
         };
         let device = self.devices.remove(at);
         let path = format!("/machine/peripheral/{id}");
+        if let MockPlace::Cpu { core } = device.place {
+            // An x86 vCPU: only its `lapic` child's event comes, never its own.
+            self.cpu_slots[core as usize] = None;
+            self.emit("DEVICE_DELETED", json!({ "path": format!("{path}/lapic") }));
+            return;
+        }
         if device.driver.starts_with("virtio-") {
             self.emit(
                 "DEVICE_DELETED",

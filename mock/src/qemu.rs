@@ -73,6 +73,13 @@ impl MockQemu {
         self.model.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `-smp boot,maxcpus=max`: `max` vCPU slots (cores of one socket), the first `boot` plugged.
+    /// A new mock has one vCPU and one slot.
+    pub fn with_vcpus(self, boot: u32, max: u32) -> MockQemu {
+        self.model().boot_vcpus(boot, max);
+        self
+    }
+
     /// Adds a virtio-scsi controller `id` at `slot` of the root bus, as if given at boot.
     pub fn with_scsi_controller(self, id: &str, slot: u8) -> MockQemu {
         self.model().boot_scsi_controller(id, slot);

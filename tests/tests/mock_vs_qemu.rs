@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use qhotplug::{
     CdromConfig, DiskConfig, Error, Format, NicConfig, Pci, RngConfig, SerialPortConfig,
-    UnplugPolicy, VirtioSerialConfig, Vm,
+    UnplugPolicy, VirtioSerialConfig, Vm, VmSpec,
 };
 use qhotplug_mock::{GuestUnplug, MockQemu};
 use qhotplug_qmp::command::{
@@ -234,21 +234,57 @@ async fn cdrom_scenarios(vm: &Vm, dir: &Path) -> Vec<String> {
     seen
 }
 
-/// Runs `scenarios` on real QEMU 7.2/10.0 (pc, running, no guest OS) and on the mock (a guest
-/// that never answers a PCI unplug), and compares what they saw.
+/// vCPUs: one at boot, three slots. Hot-adds in a guest that never acknowledges them (no guest
+/// OS), a count out of range, the slots as QEMU lists them.
+async fn vcpu_scenarios(vm: &Vm) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut note = |what: &str, text: String| seen.push(format!("{what}: {text}"));
+    let slots = |vm: &Vm| {
+        let vm = vm.clone();
+        async move {
+            let slots = vm.vcpu_slots().await.unwrap();
+            let list: Vec<String> = slots
+                .iter()
+                .map(|s| format!("{}:{:?}:{:?}", s.kind, s.props, s.qom_path))
+                .collect();
+            list.join(" ")
+        }
+    };
+    note("slots", slots(vm).await);
+    let quick = vm.with_unplug_policy(UnplugPolicy::new(Duration::from_millis(200)));
+    note("two", outcome(&quick.set_vcpus(2).await));
+    note("four", outcome(&quick.set_vcpus(4).await));
+    note("three", outcome(&quick.set_vcpus(3).await));
+    note("after", slots(vm).await);
+    note("state", state(vm).await);
+    seen
+}
+
+/// Runs `scenarios` on real QEMU 7.2/10.0 (pc with `pc_spec`'s SCSI controller, running, no guest
+/// OS) and on the mock (a guest that never answers a PCI unplug), and compares what they saw.
 async fn compare<F, Fut>(scenarios: F)
 where
     F: Fn(Vm, std::path::PathBuf) -> Fut,
     Fut: std::future::Future<Output = Vec<String>>,
 {
-    let t = TestVm::running(pc_spec()).await;
+    compare_on(pc_spec(), |q| q, scenarios).await
+}
+
+/// As [`compare`], with this spec, and the mock shaped to match it by `shape`.
+async fn compare_on<F, Fut>(spec: VmSpec, shape: impl Fn(MockQemu) -> MockQemu, scenarios: F)
+where
+    F: Fn(Vm, std::path::PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Vec<String>>,
+{
+    let t = TestVm::running(spec.clone()).await;
     let real = scenarios(t.vm.clone(), t.dir().to_owned()).await;
     // The same machine: `pc_spec` boots a virtio-scsi controller at slot 3.
-    let qemu = MockQemu::pc().with_scsi_controller("scsi0", 3);
+    let qemu = shape(MockQemu::pc().with_scsi_controller("scsi0", 3));
     qemu.guest_unplug(GuestUnplug::Never);
-    let vm = Vm::attach(qemu.connect().await.unwrap(), pc_spec())
-        .await
-        .unwrap();
+    // Running, as the real one is.
+    let client = qemu.connect().await.unwrap();
+    client.execute(&qhotplug_qmp::command::Cont).await.unwrap();
+    let vm = Vm::attach(client, spec).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mocked = scenarios(vm, dir.path().to_owned()).await;
     // Shown when a comparison fails, with the line that differs.
@@ -264,6 +300,17 @@ fn the_mock_and_real_qemu_agree_on_rngs_serial_ports_and_their_backends() {
     qhotplug_tests::serial_test(compare(|vm, dir| async move {
         virtio_scenarios(&vm, &dir).await
     }));
+}
+
+#[test]
+fn the_mock_and_real_qemu_agree_on_vcpu_slots_and_hot_adds() {
+    let mut spec = pc_spec();
+    spec.cpu_topology = Some(qhotplug::CpuTopology::max(3));
+    qhotplug_tests::serial_test(compare_on(
+        spec,
+        |q| q.with_vcpus(1, 3),
+        |vm, _| async move { vcpu_scenarios(&vm).await },
+    ));
 }
 
 #[test]
