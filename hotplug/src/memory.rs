@@ -140,6 +140,17 @@ pub(crate) async fn check_fits(core: &Core, config: &MemoryConfig) -> Result<()>
     Ok(())
 }
 
+/// See [`Vm::balloon_actual`](crate::Vm::balloon_actual).
+pub(crate) async fn balloon_actual(core: &Core) -> Result<u64> {
+    if core.state().spec().balloon.is_none() {
+        return Err(Error::NotFound {
+            kind: DeviceKind::Balloon,
+            id: String::new(),
+        });
+    }
+    Ok(core.client.execute(&command::QueryBalloon).await?.actual)
+}
+
 /// See [`Vm::set_balloon`](crate::Vm::set_balloon).
 pub(crate) async fn set_balloon(core: &Arc<Core>, target: u64) -> Result<()> {
     core.require("the balloon", &["balloon"]).await?;

@@ -12,7 +12,7 @@ use qhotplug_cmdline::{
     Balloon, Cdrom, CdromBus, Disk, Launcher, MemoryDevice, Nic, QemuProcess, Rng, SerialPort,
     VhostUserBlk, VirtioFs, VirtioSerial, VmSpec,
 };
-use qhotplug_qmp::command::{HotpluggableCpu, IoLimits, MigrateCancel, QueryBalloon};
+use qhotplug_qmp::command::{HotpluggableCpu, IoLimits, MigrateCancel};
 use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
@@ -561,8 +561,9 @@ impl Vm {
     }
 
     /// The guest's memory as the balloon leaves it, in bytes (`query-balloon`).
+    /// [`Error::NotFound`] for the balloon when the VM has none.
     pub async fn balloon_actual(&self) -> Result<u64> {
-        Ok(self.client().execute(&QueryBalloon).await?.actual)
+        memory::balloon_actual(&self.core).await
     }
 
     /// Hot-adds a vhost-user disk: `chardev-add` (QEMU connects to the backend's socket), then

@@ -492,6 +492,50 @@ async fn vcpus_added_are_acknowledged_and_an_unplug_under_tcg_before_10_is_refus
         "{refused:?}"
     );
     assert!(refused.nothing_sent());
-    assert!(changes_since(&qemu, sent).is_empty(), "only queries were sent");
+    assert!(
+        changes_since(&qemu, sent).is_empty(),
+        "only queries were sent"
+    );
     assert_eq!(vm.spec().vcpus.len(), 2);
+}
+
+#[tokio::test]
+async fn memory_devices_fit_under_maxmem_and_a_guest_that_answers_plugs_and_balloons() {
+    use qhotplug::{BalloonConfig, MemoryConfig, MIB};
+    let qemu = MockQemu::pc().with_memory(128, 1, Some(512));
+    let client = qemu.connect().await.unwrap();
+    client.execute(&qhotplug::qmp::command::Cont).await.unwrap();
+    let mut spec = VmSpec::new("t", Machine::Pc);
+    (spec.memory_slots, spec.max_memory_mib) = (1, Some(512));
+    let vm = Vm::attach(client, spec).await.unwrap();
+    vm.add_memory(MemoryConfig::dimm("m1", 128 * MIB))
+        .await
+        .unwrap();
+    // The one slot is taken: refused before anything is sent, the backend never made.
+    let full = vm
+        .add_memory(MemoryConfig::dimm("m2", 64 * MIB))
+        .await
+        .unwrap_err();
+    assert!(matches!(full, Error::NoFreeSlot { .. }), "{full:?}");
+    assert!(full.is_out_of_room() && full.nothing_sent());
+    assert_eq!(qemu.objects(), ["m1-mem"]);
+    let big = vm
+        .add_memory(MemoryConfig::virtio_mem("v1", 512 * MIB, 0))
+        .await
+        .unwrap_err();
+    assert!(matches!(big, Error::OverMaxMemory { .. }), "{big:?}");
+    vm.add_memory(MemoryConfig::virtio_mem("v1", 128 * MIB, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        vm.resize_virtio_mem("v1", 64 * MIB).await.unwrap(),
+        64 * MIB
+    );
+    vm.add_balloon(BalloonConfig::new("b0")).await.unwrap();
+    vm.set_balloon(192 * MIB).await.unwrap();
+    assert_eq!(vm.balloon_actual().await.unwrap(), 192 * MIB);
+    // A DIMM the guest lets go takes its backend with it.
+    vm.remove_memory("m1").await.unwrap();
+    assert_eq!(qemu.objects(), ["v1-mem"]);
+    assert!(vm.reconcile().await.unwrap().is_empty());
 }

@@ -25,10 +25,12 @@
 //! `device_del`; PCI devices as its guest decides. vCPU slots (`with_vcpus`) are listed by
 //! `query-hotpluggable-cpus` and taken by `device_add` of the slot's model; a running guest that
 //! answers acknowledges each (`ACPI_DEVICE_OST`), and a vCPU that leaves sends only its `lapic`
-//! child's `DEVICE_DELETED`, as on x86. `query-kvm` says TCG. Its error texts are QEMU 7.2's.
-//! What it does not model yet: a guest that locks a tray, memory devices and `maxmem`, the
-//! balloon's target, vhost-user and virtio-fs frontends, block jobs, migration, the guest's own
-//! view.
+//! child's `DEVICE_DELETED`, as on x86. `query-kvm` says TCG. Memory (`with_memory`): DIMMs in
+//! slots on their backends, virtio-mem devices whose `requested-size` (`qom-set`) a guest that
+//! answers plugs at once (`MEMORY_DEVICE_SIZE_CHANGE`), `query-memory-devices`, and the balloon
+//! (`balloon`, `query-balloon`), a backend in use refused as QEMU does. Its error texts are QEMU
+//! 7.2's. What it does not model yet: a guest that locks a tray, vhost-user and virtio-fs
+//! frontends, block jobs, migration, the guest's own view.
 //!
 //! ```
 //! use qhotplug_mock::{GuestUnplug, MockQemu};
@@ -53,6 +55,6 @@ mod qemu;
 mod scripted;
 mod sys;
 
-pub use model::{MockBlockNode, MockDevice, MockFdset, MockPlace};
+pub use model::{MockBlockNode, MockDevice, MockFdset, MockPlace, MockVirtioMem};
 pub use qemu::{GuestUnplug, MockQemu, ReceivedFd};
 pub use scripted::{default_greeting, event_json, greeting, schema, MockServer, Received};

@@ -28,6 +28,8 @@ pub struct MockDevice {
     pub object: Option<String>,
     /// A drive with removable media (`scsi-cd`): whether its tray is open.
     pub tray_open: Option<bool>,
+    /// A virtio-mem device's sizes.
+    pub virtio_mem: Option<MockVirtioMem>,
     /// A `device_del` is waiting for the guest.
     pub unplugging: bool,
     /// The NIC's link (`set_link`); true for every other device.
@@ -67,6 +69,20 @@ pub enum MockPlace {
         /// The core.
         core: u32,
     },
+    /// A memory slot (`pc-dimm`).
+    Dimm {
+        /// The slot.
+        slot: u32,
+    },
+}
+
+/// A virtio-mem device's sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MockVirtioMem {
+    /// What the host asked for (`requested-size`).
+    pub requested: u64,
+    /// What the guest has plugged.
+    pub size: u64,
 }
 
 /// A named block node.
@@ -138,6 +154,12 @@ pub(crate) struct Model {
     running: bool,
     /// vCPU slots by core: the QOM path of the vCPU in each, if plugged.
     cpu_slots: Vec<Option<String>>,
+    /// `-m boot,slots=N,maxmem=M`, in bytes.
+    memory: (u64, u32, Option<u64>),
+    /// Memory backends' sizes, by object id.
+    object_sizes: Vec<(String, u64)>,
+    /// The balloon's target, once the guest reached it.
+    balloon_actual: Option<u64>,
 }
 
 type Reply = Result<Value, (&'static str, String)>;
@@ -195,9 +217,13 @@ const PCI_DRIVERS: &[(&str, (i64, i64), i64)] = &[
     ("virtio-balloon-pci", (0x1af4, 0x1002), 0x00ff),
     ("virtio-rng-pci", (0x1af4, 0x1005), 0x00ff),
     ("virtio-serial-pci", (0x1af4, 0x1003), 0x0780),
+    ("virtio-mem-pci", (0x1af4, 0x1058), 0x00ff),
     ("pcie-root-port", (0x1b36, 0x000c), 0x0604),
 ];
 const SCSI_DRIVERS: &[&str] = &["scsi-hd", "scsi-cd", "scsi-generic"];
+const MIB: u64 = 1 << 20;
+/// The unit a virtio-mem device plugs in (QEMU's default on x86 with 4 KiB pages).
+const VIRTIO_MEM_BLOCK: u64 = 2 * MIB;
 /// The vCPU model `query-hotpluggable-cpus` names (QEMU's default for `pc`/`q35` under TCG).
 const CPU_DRIVER: &str = "qemu64-x86_64-cpu";
 const EVENTS: &[&str] = &[
@@ -205,6 +231,7 @@ const EVENTS: &[&str] = &[
     "DEVICE_UNPLUG_GUEST_ERROR",
     "DEVICE_TRAY_MOVED",
     "ACPI_DEVICE_OST",
+    "MEMORY_DEVICE_SIZE_CHANGE",
     "STOP",
     "RESUME",
     "SHUTDOWN",
@@ -258,6 +285,10 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("set_link", &["name", "up"]),
     ("query-hotpluggable-cpus", &[]),
     ("query-kvm", &[]),
+    ("query-memory-devices", &[]),
+    ("qom-set", &["path", "property", "value"]),
+    ("balloon", &["value"]),
+    ("query-balloon", &[]),
     ("blockdev-open-tray", &["id", "force"]),
     ("blockdev-close-tray", &["id"]),
     ("blockdev-remove-medium", &["id"]),
@@ -294,6 +325,9 @@ impl Model {
             next_fd: 20,
             running: false,
             cpu_slots: vec![Some("/machine/unattached/device[0]".into())],
+            memory: (128 * MIB, 0, None),
+            object_sizes: Vec::new(),
+            balloon_actual: None,
         }
     }
 
@@ -319,6 +353,7 @@ impl Model {
                 chardev: None,
                 object: None,
                 tray_open: None,
+                virtio_mem: None,
                 unplugging: false,
                 link_up: true,
                 io_limits: Value::Null,
@@ -332,6 +367,11 @@ impl Model {
             Machine::Pc => "pci.0",
             Machine::Q35 => "pcie.0",
         }
+    }
+
+    /// `-m boot,slots=slots,maxmem=max` (MiB).
+    pub(crate) fn boot_memory(&mut self, boot: u64, slots: u32, max: Option<u64>) {
+        self.memory = (boot * MIB, slots, max.map(|m| m * MIB));
     }
 
     /// `-smp boot,maxcpus=max`: `boot` vCPUs plugged at boot, `max` slots.
@@ -356,6 +396,7 @@ impl Model {
             chardev: None,
             object: None,
             tray_open: None,
+            virtio_mem: None,
             unplugging: false,
             link_up: true,
             io_limits: Value::Null,
@@ -492,6 +533,10 @@ impl Model {
             "set_link" => self.set_link(args),
             "query-hotpluggable-cpus" => Ok(self.query_hotpluggable_cpus()),
             "query-kvm" => Ok(json!({"enabled": false, "present": true})),
+            "query-memory-devices" => Ok(self.query_memory_devices()),
+            "qom-set" => self.qom_set(args),
+            "balloon" => self.balloon(args),
+            "query-balloon" => self.query_balloon(),
             "blockdev-open-tray" => self.move_tray(required(args, "id")?, true),
             "blockdev-close-tray" => self.move_tray(required(args, "id")?, false),
             "blockdev-remove-medium" => self.remove_medium(required(args, "id")?),
@@ -620,6 +665,9 @@ impl Model {
             )));
         }
         self.objects.push((id.into(), kind.into()));
+        if let Some(size) = args.get("size").and_then(Value::as_u64) {
+            self.object_sizes.push((id.into(), size));
+        }
         Ok(json!({}))
     }
 
@@ -633,6 +681,7 @@ impl Model {
         }
         remove_one(&mut self.objects, |(o, _)| o == id)
             .ok_or_else(|| generic(format!("object '{id}' not found")))?;
+        self.object_sizes.retain(|(o, _)| o != id);
         Ok(json!({}))
     }
 
@@ -647,6 +696,109 @@ impl Model {
             slot
         });
         Value::Array(slots.collect())
+    }
+
+    /// A memory backend's size.
+    fn object_size(&self, id: &str) -> u64 {
+        self.object_sizes
+            .iter()
+            .find(|(o, _)| o == id)
+            .map_or(0, |(_, size)| *size)
+    }
+
+    /// `query-memory-devices`: DIMMs and virtio-mem devices, in order of creation.
+    fn query_memory_devices(&self) -> Value {
+        let list = self.devices.iter().filter_map(|d| {
+            let memdev = d.object.as_deref()?;
+            let backend = self.object_size(memdev);
+            let path = format!("/objects/{memdev}");
+            match (&d.place, d.virtio_mem) {
+                (MockPlace::Dimm { slot }, _) => Some(json!({"type": "dimm", "data": {
+                    "id": d.id, "memdev": path, "size": backend, "slot": slot, "addr": 0,
+                    "node": 0, "hotplugged": true, "hotpluggable": true}})),
+                (_, Some(v)) => Some(json!({"type": "virtio-mem", "data": {
+                    "id": d.id, "memdev": path, "size": v.size, "requested-size": v.requested,
+                    "max-size": backend, "block-size": VIRTIO_MEM_BLOCK, "node": 0,
+                    "memaddr": 0}})),
+                _ => None,
+            }
+        });
+        Value::Array(list.collect())
+    }
+
+    /// `qom-set`: a virtio-mem device's `requested-size`. A running guest that answers plugs it
+    /// at once (`MEMORY_DEVICE_SIZE_CHANGE`); one that does not leaves the size as it was.
+    fn qom_set(&mut self, args: &Value) -> Reply {
+        let path = required(args, "path")?;
+        let property = required(args, "property")?;
+        let id = path.strip_prefix("/machine/peripheral/").unwrap_or(path);
+        let answers = self.running && self.guest_unplug != GuestUnplug::Never;
+        let max = self
+            .devices
+            .iter()
+            .find(|d| d.id == id)
+            .and_then(|d| d.object.as_deref())
+            .map(|m| self.object_size(m));
+        let device = self.device_mut(path, |d| d.id == id)?;
+        let (Some(v), "requested-size") = (device.virtio_mem.as_mut(), property) else {
+            return Err(generic(format!("Property '{property}' not found")));
+        };
+        let value = args.get("value").and_then(Value::as_u64).unwrap_or(0);
+        if value > max.unwrap_or(0) || value % VIRTIO_MEM_BLOCK != 0 {
+            return Err(generic(format!(
+                "'requested-size' property has to be a multiple of '{VIRTIO_MEM_BLOCK}' and at most 'max-size'"
+            )));
+        }
+        v.requested = value;
+        if answers {
+            v.size = value;
+            self.emit(
+                "MEMORY_DEVICE_SIZE_CHANGE",
+                json!({"id": id, "size": value, "qom-path": path}),
+            );
+        }
+        Ok(json!({}))
+    }
+
+    /// `balloon`: the target; a running guest that answers reaches it at once.
+    fn balloon(&mut self, args: &Value) -> Reply {
+        self.balloon_device()?;
+        let value = args.get("value").and_then(Value::as_u64).unwrap_or(0);
+        if self.running && self.guest_unplug != GuestUnplug::Never {
+            self.balloon_actual = Some(value);
+        }
+        Ok(json!({}))
+    }
+
+    /// `query-balloon`: the target the guest reached, or all the memory it has.
+    fn query_balloon(&self) -> Reply {
+        self.balloon_device()?;
+        let plugged: u64 = self
+            .devices
+            .iter()
+            .map(|d| match (&d.place, d.virtio_mem) {
+                (MockPlace::Dimm { .. }, _) => {
+                    d.object.as_deref().map_or(0, |m| self.object_size(m))
+                }
+                (_, Some(v)) => v.size,
+                _ => 0,
+            })
+            .sum();
+        Ok(json!({"actual": self.balloon_actual.unwrap_or(self.memory.0 + plugged)}))
+    }
+
+    fn balloon_device(&self) -> Result<(), (&'static str, String)> {
+        match self
+            .devices
+            .iter()
+            .any(|d| d.driver == "virtio-balloon-pci")
+        {
+            true => Ok(()),
+            false => Err((
+                "DeviceNotActive",
+                "No balloon device has been activated".into(),
+            )),
+        }
     }
 
     /// Where a vCPU goes: socket 0, thread 0, a core in range and free.
@@ -917,9 +1069,7 @@ impl Model {
                         MockPlace::Pci { .. } => {
                             format!("/machine/peripheral/{}/virtio-backend", d.id)
                         }
-                        MockPlace::Scsi { .. } | MockPlace::Port { .. } | MockPlace::Cpu { .. } => {
-                            d.id.clone()
-                        }
+                        _ => d.id.clone(),
                     };
                     let mut info = json!({"device": "", "qdev": qdev, "locked": false,
                                           "removable": d.tray_open.is_some(), "type": "unknown"});
@@ -1134,7 +1284,9 @@ impl Model {
         let drive = str_arg(args, "drive").map(str::to_owned);
         let netdev = str_arg(args, "netdev").map(str::to_owned);
         let chardev = str_arg(args, "chardev").map(str::to_owned);
-        let object = str_arg(args, "rng").map(str::to_owned);
+        let object = str_arg(args, "rng")
+            .or_else(|| str_arg(args, "memdev"))
+            .map(str::to_owned);
         if let Some(drive) = &drive {
             self.check_drive(drive)?;
         }
@@ -1149,6 +1301,19 @@ impl Model {
         }
         let place = if SCSI_DRIVERS.contains(&driver) {
             self.scsi_place(args)?
+        } else if driver == "pc-dimm" {
+            let taken: Vec<u32> = self
+                .devices
+                .iter()
+                .filter_map(|d| match d.place {
+                    MockPlace::Dimm { slot } => Some(slot),
+                    _ => None,
+                })
+                .collect();
+            let slot = (0..self.memory.1)
+                .find(|s| !taken.contains(s))
+                .ok_or_else(|| generic("no free slots"))?;
+            MockPlace::Dimm { slot }
         } else if driver == CPU_DRIVER {
             self.cpu_place(args)?
         } else if driver == "virtserialport" {
@@ -1189,6 +1354,13 @@ impl Model {
             chardev,
             object,
             tray_open: (driver == "scsi-cd").then_some(false),
+            virtio_mem: (driver == "virtio-mem-pci").then(|| MockVirtioMem {
+                requested: args
+                    .get("requested-size")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+                size: 0,
+            }),
             unplugging: false,
             link_up: true,
             io_limits: Value::Null,
@@ -1272,11 +1444,16 @@ impl Model {
         Ok(())
     }
 
-    /// An RNG's `rng`: an object that exists and no device uses.
+    /// An RNG's `rng` or a memory device's `memdev`: an object that exists and no device uses.
     fn check_object(&self, driver: &str, object: &str) -> Result<(), (&'static str, String)> {
+        let prop = if driver == "virtio-rng-pci" {
+            "rng"
+        } else {
+            "memdev"
+        };
         if !self.objects.iter().any(|(o, _)| o == object) {
             return Err(generic(format!(
-                "Property '{driver}.rng' can't find value '{object}'"
+                "Property '{driver}.{prop}' can't find value '{object}'"
             )));
         }
         if self
@@ -1284,9 +1461,12 @@ impl Model {
             .iter()
             .any(|d| d.object.as_deref() == Some(object))
         {
-            return Err(generic(format!(
-                "Property '{driver}.rng' can't take value '{object}', it's in use"
-            )));
+            return Err(generic(match prop {
+                "rng" => {
+                    format!("Property '{driver}.rng' can't take value '{object}', it's in use")
+                }
+                _ => format!("can't use already busy memdev: {object}"),
+            }));
         }
         Ok(())
     }

@@ -73,6 +73,13 @@ impl MockQemu {
         self.model.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `-m boot,slots=slots,maxmem=max` (MiB; `None`: no `maxmem`, so no memory hot-plug). A new
+    /// mock has 128 MiB and no slots.
+    pub fn with_memory(self, boot: u64, slots: u32, max: Option<u64>) -> MockQemu {
+        self.model().boot_memory(boot, slots, max);
+        self
+    }
+
     /// `-smp boot,maxcpus=max`: `max` vCPU slots (cores of one socket), the first `boot` plugged.
     /// A new mock has one vCPU and one slot.
     pub fn with_vcpus(self, boot: u32, max: u32) -> MockQemu {

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use qhotplug::{
-    CdromConfig, DiskConfig, Error, Format, NicConfig, Pci, RngConfig, SerialPortConfig,
-    UnplugPolicy, VirtioSerialConfig, Vm, VmSpec,
+    BalloonConfig, CdromConfig, DiskConfig, Error, Format, MemoryConfig, NicConfig, Pci, RngConfig,
+    SerialPortConfig, UnplugPolicy, VirtioSerialConfig, Vm, VmSpec, MIB,
 };
 use qhotplug_mock::{GuestUnplug, MockQemu};
 use qhotplug_qmp::command::{
@@ -260,6 +260,62 @@ async fn vcpu_scenarios(vm: &Vm) -> Vec<String> {
     seen
 }
 
+/// Memory: two DIMM slots under a 512 MiB `maxmem`, a DIMM, one too big, a virtio-mem device and
+/// a resize no guest answers, the balloon, an unplug that stays pending.
+async fn memory_scenarios(vm: &Vm) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut note = |what: &str, text: String| seen.push(format!("{what}: {text}"));
+    let memory = |vm: &Vm| {
+        let c = vm.client().clone();
+        async move {
+            let list = c
+                .execute(&qhotplug_qmp::command::QueryMemoryDevices)
+                .await
+                .unwrap();
+            format!("{list:?}")
+                .replace("addr: 4294967296", "addr: _")
+                .replace("addr: 4429185024", "addr: _")
+        }
+    };
+    let quick = vm.with_unplug_policy(UnplugPolicy::new(Duration::from_millis(200)));
+    note(
+        "dimm",
+        outcome(&vm.add_memory(MemoryConfig::dimm("m1", 128 * MIB)).await),
+    );
+    note(
+        "too big",
+        outcome(&vm.add_memory(MemoryConfig::dimm("m2", 1024 * MIB)).await),
+    );
+    let vmem = MemoryConfig::virtio_mem("v1", 128 * MIB, 0);
+    note(
+        "virtio-mem",
+        outcome(&vm.add_memory(vmem).await.map(|m| m.id)),
+    );
+    note(
+        "resize",
+        outcome(&quick.resize_virtio_mem("v1", 64 * MIB).await),
+    );
+    note(
+        "bad resize",
+        outcome(&quick.resize_virtio_mem("v1", 3 * MIB).await),
+    );
+    note("memory", memory(vm).await);
+    note("no balloon", outcome(&vm.balloon_actual().await));
+    note(
+        "balloon",
+        outcome(
+            &vm.add_balloon(BalloonConfig::new("b0"))
+                .await
+                .map(|b| b.pci),
+        ),
+    );
+    note("target", outcome(&vm.set_balloon(64 * MIB).await));
+    note("actual", outcome(&vm.balloon_actual().await));
+    note("remove dimm", outcome(&quick.remove_memory("m1").await));
+    note("state", state(vm).await);
+    seen
+}
+
 /// Runs `scenarios` on real QEMU 7.2/10.0 (pc with `pc_spec`'s SCSI controller, running, no guest
 /// OS) and on the mock (a guest that never answers a PCI unplug), and compares what they saw.
 async fn compare<F, Fut>(scenarios: F)
@@ -310,6 +366,18 @@ fn the_mock_and_real_qemu_agree_on_vcpu_slots_and_hot_adds() {
         spec,
         |q| q.with_vcpus(1, 3),
         |vm, _| async move { vcpu_scenarios(&vm).await },
+    ));
+}
+
+#[test]
+fn the_mock_and_real_qemu_agree_on_memory_devices_and_the_balloon() {
+    let mut spec = pc_spec();
+    spec.memory_slots = 2;
+    spec.max_memory_mib = Some(512);
+    qhotplug_tests::serial_test(compare_on(
+        spec,
+        |q| q.with_memory(128, 2, Some(512)),
+        |vm, _| async move { memory_scenarios(&vm).await },
     ));
 }
 
