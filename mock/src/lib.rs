@@ -29,8 +29,9 @@
 //! slots on their backends, virtio-mem devices whose `requested-size` (`qom-set`) a guest that
 //! answers plugs at once (`MEMORY_DEVICE_SIZE_CHANGE`), `query-memory-devices`, and the balloon
 //! (`balloon`, `query-balloon`), a backend in use refused as QEMU does. Its error texts are QEMU
-//! 7.2's. What it does not model yet: a guest that locks a tray, vhost-user and virtio-fs
-//! frontends, block jobs, migration, the guest's own view.
+//! 7.2's. vhost-user disks and virtio-fs shares are PCI devices on their chardevs; the mock has
+//! no backend behind the chardev to talk to. What it does not model: a guest that locks a tray,
+//! a vhost-user backend's handshake, block jobs, migration, the guest's own view.
 //!
 //! ```
 //! use qhotplug_mock::{GuestUnplug, MockQemu};

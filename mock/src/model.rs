@@ -218,6 +218,8 @@ const PCI_DRIVERS: &[(&str, (i64, i64), i64)] = &[
     ("virtio-rng-pci", (0x1af4, 0x1005), 0x00ff),
     ("virtio-serial-pci", (0x1af4, 0x1003), 0x0780),
     ("virtio-mem-pci", (0x1af4, 0x1058), 0x00ff),
+    ("vhost-user-blk-pci", (0x1af4, 0x1001), 0x0100),
+    ("vhost-user-fs-pci", (0x1af4, 0x105a), 0x0180),
     ("pcie-root-port", (0x1b36, 0x000c), 0x0604),
 ];
 const SCSI_DRIVERS: &[&str] = &["scsi-hd", "scsi-cd", "scsi-generic"];

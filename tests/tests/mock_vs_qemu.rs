@@ -7,8 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use qhotplug::{
-    BalloonConfig, CdromConfig, DiskConfig, Error, Format, MemoryConfig, NicConfig, Pci, RngConfig,
-    SerialPortConfig, UnplugPolicy, VirtioSerialConfig, Vm, VmSpec, MIB,
+    BalloonConfig, CdromConfig, DiskConfig, Error, Format, MemoryBackend, MemoryConfig, NicConfig,
+    Pci, RngConfig, SerialPortConfig, StorageDaemon, StorageDaemonLauncher, UnplugPolicy,
+    VhostUserBlkConfig, VirtioFsConfig, VirtioSerialConfig, VirtiofsdLauncher, Vm, VmSpec, MIB,
 };
 use qhotplug_mock::{GuestUnplug, MockQemu};
 use qhotplug_qmp::command::{
@@ -316,6 +317,37 @@ async fn memory_scenarios(vm: &Vm) -> Vec<String> {
     seen
 }
 
+/// vhost-user frontends on a VM with shared memory: a disk on a storage daemon's export, a
+/// virtio-fs share on virtiofsd (on the real QEMU; the mock has no backend to talk to), each on
+/// its chardev; a duplicate; removals a guest never answers.
+async fn vhost_user_scenarios(vm: &Vm, dir: &Path) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut note = |what: &str, text: String| seen.push(format!("{what}: {text}"));
+    let blk = VhostUserBlkConfig::new("vdisk", dir.join("vdisk.sock"));
+    note(
+        "vhost-user disk",
+        outcome(&vm.add_vhost_user_blk(blk).await.map(|d| d.pci)),
+    );
+    let fs = || VirtioFsConfig::new("fs0", dir.join("fs.sock"), "share");
+    note(
+        "virtio-fs",
+        outcome(&vm.add_virtio_fs(fs()).await.map(|d| d.pci)),
+    );
+    note("same share", outcome(&vm.add_virtio_fs(fs()).await));
+    note("after adds", state(vm).await);
+    let hasty = vm.with_unplug_policy(UnplugPolicy::new(Duration::from_millis(200)));
+    note(
+        "remove disk",
+        outcome(&hasty.remove_vhost_user_blk("vdisk").await),
+    );
+    note(
+        "remove share",
+        outcome(&hasty.remove_virtio_fs("fs0").await),
+    );
+    note("end", state(vm).await);
+    seen
+}
+
 /// Runs `scenarios` on real QEMU 7.2/10.0 (pc with `pc_spec`'s SCSI controller, running, no guest
 /// OS) and on the mock (a guest that never answers a PCI unplug), and compares what they saw.
 async fn compare<F, Fut>(scenarios: F)
@@ -379,6 +411,43 @@ fn the_mock_and_real_qemu_agree_on_memory_devices_and_the_balloon() {
         |q| q.with_memory(128, 2, Some(512)),
         |vm, _| async move { memory_scenarios(&vm).await },
     ));
+}
+
+#[test]
+fn the_mock_and_real_qemu_agree_on_vhost_user_disks_and_virtio_fs() {
+    qhotplug_tests::serial_test(async {
+        // The real QEMU's backends: a storage daemon exporting a disk, virtiofsd sharing a folder.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_owned();
+        let qsd = StorageDaemon::launch(StorageDaemonLauncher::new(d.join("qsd")))
+            .await
+            .unwrap();
+        qsd.export(
+            "vdisk",
+            &image(&d, "vdisk.raw", 8),
+            &d.join("vdisk.sock"),
+            true,
+        )
+        .await
+        .unwrap();
+        std::fs::create_dir_all(d.join("shared")).unwrap();
+        let _fsd = VirtiofsdLauncher::new(d.join("shared"), d.join("fs.sock"))
+            .launch()
+            .unwrap();
+        let mut spec = pc_spec();
+        spec.memory_mib = 256;
+        spec.memory_backend = Some(MemoryBackend::shared_memfd("ram", 256 * MIB));
+        compare_on(
+            spec,
+            |q| q,
+            |vm, _| {
+                let d = d.clone();
+                async move { vhost_user_scenarios(&vm, &d).await }
+            },
+        )
+        .await;
+        drop(qsd);
+    });
 }
 
 #[test]
