@@ -33,7 +33,7 @@ use tracing::Instrument;
 use crate::delete::Delete;
 use crate::engine::run_backends;
 use crate::error::{Error, Result};
-use crate::holds;
+use crate::holds::{self, Busy};
 use crate::kinds::{image_backends, Device, DeviceKind, Placed};
 use crate::qemu_errors::is_tray_closed;
 use crate::transaction::Transaction;
@@ -117,7 +117,10 @@ async fn query_drive(core: &Core, id: &str) -> Result<BlockInfo> {
         })
 }
 
-/// See [`Vm::change_medium`](crate::Vm::change_medium).
+/// See [`Vm::change_medium`](crate::Vm::change_medium). Its stages: the new drive's description
+/// and host-side work, the tray opened ([`open_tray`]), the old medium out, the new one's nodes
+/// and the medium in, the tray closed; then the spec records it and the old medium's nodes go
+/// ([`delete_old`]). Every QEMU step before the close is undone if a later one fails.
 pub(crate) async fn change(
     core: &Arc<Core>,
     id: &str,
@@ -147,32 +150,7 @@ pub(crate) async fn change(
     let mut events = client.events();
     let drive = query_drive(core, id).await?;
     let mut txn = Transaction::new(client.clone(), "medium change", busy);
-    if drive.tray_open != Some(true) {
-        let open = BlockdevOpenTray {
-            id: id.to_owned(),
-            force: options.force.then_some(true),
-        };
-        if drive.locked && !options.force {
-            // Only a request to the guest: nothing to undo unless it opens the tray.
-            txn.step("blockdev-open-tray", None, client.execute(&open))
-                .await?;
-            let wait =
-                tracing::debug_span!(crate::spans::STEP, name = "wait DEVICE_TRAY_MOVED", id);
-            let deadline = Instant::now() + options.tray_wait;
-            let tray_opened = |e: &EventKind| matches!(e, EventKind::DeviceTrayMoved(m) if m.id == id && m.tray_open);
-            let opened = events.wait_for(deadline, tray_opened).instrument(wait).await
-                // Events may have been lost: QEMU's word decides.
-                || query_drive(core, id).await?.tray_open == Some(true);
-            if !opened {
-                return Err(Error::TrayLocked(id.to_owned()));
-            }
-            txn.push_undo(Delete::CloseTray(id.to_owned()));
-        } else {
-            let undo = Delete::CloseTray(id.to_owned());
-            txn.step("blockdev-open-tray", Some(undo), client.execute(&open))
-                .await?;
-        }
-    }
+    open_tray(core, &mut txn, &mut events, &drive, id, &options).await?;
     if let Some(node) = drive.inserted.and_then(|i| i.node_name) {
         let undo = Delete::Reinsert {
             device: id.to_owned(),
@@ -197,14 +175,7 @@ pub(crate) async fn change(
         .await?;
     let busy = txn.commit();
     core.state().update(new.clone().into());
-    // The old medium is out: its nodes go. One left behind is `reconcile`'s to delete.
-    for step in old.teardown() {
-        let span = tracing::debug_span!(crate::spans::STEP, name = step.command(), id);
-        if let Err(error) = step.run(&client).instrument(span).await {
-            tracing::warn!(%step, %error, "old medium's node left for reconcile");
-            core.state().touched.insert(id.to_owned());
-        }
-    }
+    delete_old(core, &old).await;
     drop(busy);
     let bus = match &new.bus {
         CdromBus::Scsi(_) => "scsi",
@@ -212,6 +183,59 @@ pub(crate) async fn change(
     };
     tracing::info!(bus, medium = ?new.medium, "medium changed");
     Ok(())
+}
+
+/// Opens drive `id`'s tray unless it is open. A tray the guest locked is only asked (nothing to
+/// undo unless it opens), and waited for until `options.tray_wait`: [`Error::TrayLocked`] if it
+/// stays shut. Unlocked, it opens at once, undone by closing it.
+async fn open_tray(
+    core: &Core,
+    txn: &mut Transaction<Busy>,
+    events: &mut qhotplug_qmp::EventStream,
+    drive: &BlockInfo,
+    id: &str,
+    options: &MediumOptions,
+) -> Result<()> {
+    let client = &core.client;
+    if drive.tray_open == Some(true) {
+        return Ok(());
+    }
+    let open = BlockdevOpenTray {
+        id: id.to_owned(),
+        force: options.force.then_some(true),
+    };
+    if drive.locked && !options.force {
+        // Only a request to the guest: nothing to undo unless it opens the tray.
+        txn.step("blockdev-open-tray", None, client.execute(&open))
+            .await?;
+        let wait = tracing::debug_span!(crate::spans::STEP, name = "wait DEVICE_TRAY_MOVED", id);
+        let deadline = Instant::now() + options.tray_wait;
+        let tray_opened =
+            |e: &EventKind| matches!(e, EventKind::DeviceTrayMoved(m) if m.id == id && m.tray_open);
+        let opened = events.wait_for(deadline, tray_opened).instrument(wait).await
+                // Events may have been lost: QEMU's word decides.
+                || query_drive(core, id).await?.tray_open == Some(true);
+        if !opened {
+            return Err(Error::TrayLocked(id.to_owned()));
+        }
+        txn.push_undo(Delete::CloseTray(id.to_owned()));
+    } else {
+        let undo = Delete::CloseTray(id.to_owned());
+        txn.step("blockdev-open-tray", Some(undo), client.execute(&open))
+            .await?;
+    }
+    Ok(())
+}
+
+/// The old medium is out: its nodes go. One left behind is `reconcile`'s to delete.
+async fn delete_old(core: &Core, old: &Cdrom) {
+    for step in old.teardown() {
+        let span = tracing::debug_span!(crate::spans::STEP, name = step.command(), id = %old.id);
+        if let Err(error) = step.run(&core.client).instrument(span).await {
+            tracing::warn!(%step, %error, "old medium's node left for reconcile");
+            core.state().touched.insert(old.id.clone());
+        }
+    }
 }
 
 /// How many times a medium step reopens a tray the guest closed under it.
