@@ -122,16 +122,14 @@ pub use storage_daemon::StorageDaemon;
 pub use unplug::{UnplugPolicy, DEFAULT_UNPLUG_DEADLINE};
 pub use vm::{Migrated, Vm, MIN_QEMU};
 
-pub use qhotplug_cmdline as cmdline;
-pub use qhotplug_netdev as netdev;
-pub use qhotplug_qmp as qmp;
-
-// What a hot-plug needs from the other crates, so `qhotplug::…` is the one import path.
+// What a hot-plug needs from the other crates, each at one path: `qhotplug::…`. The protocol
+// itself (typed commands and events, `Config`) is the `qhotplug-qmp` crate's, at its own paths.
 pub use qhotplug_cmdline::{
     Balloon, Cache, Cdrom, CdromBus, CpuTopology, DeviceModel, Disk, DiskFrontend, Format, IdeAddr,
     Launcher, Machine, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Monitor, Nic,
-    Pci, Rng, RootPort, ScsiAddr, ScsiController, Serial, SerialPort, StorageDaemonLauncher, Vcpu,
-    VhostUserBlk, VirtioFs, VirtioSerial, VirtiofsdLauncher, VmSpec, Vnc, VncListen, MIB,
+    Pci, QemuProcess, Rng, RootPort, ScsiAddr, ScsiController, Serial, SerialPort,
+    StorageDaemonLauncher, Vcpu, VhostUserBlk, VirtioFs, VirtioSerial, VirtiofsdLauncher, VmSpec,
+    Vnc, VncListen, MIB,
 };
 pub use qhotplug_netdev::{MacAddr, Tap, TapBuilder, VhostPolicy};
 pub use qhotplug_qmp::command::IoLimits;

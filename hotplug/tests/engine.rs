@@ -470,7 +470,7 @@ async fn a_medium_change_that_fails_puts_the_old_medium_back_and_deletes_the_new
 async fn vcpus_added_are_acknowledged_and_an_unplug_under_tcg_before_10_is_refused_unsent() {
     let qemu = MockQemu::pc().with_vcpus(1, 3);
     let client = qemu.connect().await.unwrap();
-    client.execute(&qhotplug::qmp::command::Cont).await.unwrap();
+    client.execute(&qhotplug_qmp::command::Cont).await.unwrap();
     let mut spec = VmSpec::new("t", Machine::Pc);
     spec.cpu_topology = Some(qhotplug::CpuTopology::max(3));
     let vm = Vm::attach(client, spec).await.unwrap();
@@ -504,7 +504,7 @@ async fn memory_devices_fit_under_maxmem_and_a_guest_that_answers_plugs_and_ball
     use qhotplug::{BalloonConfig, MemoryConfig, MIB};
     let qemu = MockQemu::pc().with_memory(128, 1, Some(512));
     let client = qemu.connect().await.unwrap();
-    client.execute(&qhotplug::qmp::command::Cont).await.unwrap();
+    client.execute(&qhotplug_qmp::command::Cont).await.unwrap();
     let mut spec = VmSpec::new("t", Machine::Pc);
     (spec.memory_slots, spec.max_memory_mib) = (1, Some(512));
     let vm = Vm::attach(client, spec).await.unwrap();

@@ -96,7 +96,7 @@ fn spec(i: usize, dir: &Path) -> qhotplug::VmSpec {
 /// The floor's launch: N QEMUs with the same arguments, started raw, connected by retrying the
 /// socket path. Returns the time until all were connected; stops them.
 fn launch_raw(n: usize, root: &Path, pids: &Pids) -> Duration {
-    let binary = qhotplug::cmdline::default_qemu();
+    let binary = qhotplug_cmdline::default_qemu();
     let start = Instant::now();
     let mut children = Vec::new();
     for i in 0..n {
@@ -369,7 +369,7 @@ async fn run(pids: Pids) {
         async move {
             std::fs::create_dir_all(&dir).unwrap();
             let config =
-                qhotplug::qmp::Config::new().oob(std::env::var_os("QHOTPLUG_FLEET_OOB").is_some());
+                qhotplug_qmp::Config::new().oob(std::env::var_os("QHOTPLUG_FLEET_OOB").is_some());
             Vm::launch(
                 Launcher::new(spec(i, &dir), &dir)
                     .qmp_config(config)

@@ -21,7 +21,7 @@ fn shared_memory_spec() -> VmSpec {
 
 /// A storage daemon exporting an 8 MiB image as `vdisk` on `dir/vdisk.sock`, and virtiofsd
 /// sharing `dir/shared` on `dir/fs.sock`.
-async fn backends(dir: &std::path::Path) -> (StorageDaemon, qhotplug::cmdline::QemuProcess) {
+async fn backends(dir: &std::path::Path) -> (StorageDaemon, qhotplug::QemuProcess) {
     let qsd = StorageDaemon::launch(StorageDaemonLauncher::new(dir.join("qsd")))
         .await
         .unwrap();
