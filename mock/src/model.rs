@@ -1076,7 +1076,16 @@ impl Model {
                     let mut info = json!({"device": "", "qdev": qdev, "locked": false,
                                           "removable": d.tray_open.is_some(), "type": "unknown"});
                     match (node, d.tray_open) {
-                        (Some(node), _) => info["inserted"] = self.node_info(node),
+                        (Some(node), _) => {
+                            let mut inserted = self.node_info(node);
+                            // The throttle limits set on the device, as `query-block` shows them.
+                            if let (Some(to), Some(limits)) =
+                                (inserted.as_object_mut(), d.io_limits.as_object())
+                            {
+                                to.extend(limits.clone());
+                            }
+                            info["inserted"] = inserted;
+                        }
                         (None, Some(_)) => {}
                         (None, None) => return None,
                     }

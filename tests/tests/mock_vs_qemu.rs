@@ -141,6 +141,19 @@ async fn scenarios(vm: &Vm, dir: &Path, nic: NicConfig, behind: &str) -> Vec<Str
     note("shrink", outcome(&vm.resize_disk("d1", 512 << 10).await));
     note("grow", outcome(&vm.resize_disk("d1", 2 << 20).await));
     note("link down", outcome(&vm.set_link("n1", false).await));
+    let limits = qhotplug::IoLimits {
+        bps: 1 << 20,
+        iops: 100,
+        ..Default::default()
+    };
+    note("limits", outcome(&vm.set_io_limits("d1", limits).await));
+    note("limits read", outcome(&vm.io_limits("d1").await));
+    let bad = qhotplug::IoLimits {
+        bps: 1,
+        bps_rd: 1,
+        ..Default::default()
+    };
+    note("bad limits", outcome(&vm.set_io_limits("d1", bad).await));
     note("after live changes", state(vm).await);
 
     // A qcow2 node on a raw image: refused at the format node, every step before undone.
