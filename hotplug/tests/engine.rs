@@ -212,8 +212,9 @@ async fn calls_that_race_for_one_slot_or_one_id_get_it_once_and_the_loser_sends_
     assert_eq!(vm.spec().disks.len(), 2);
 }
 
-#[tokio::test]
-async fn a_device_being_removed_is_busy_to_every_other_call_until_it_is_gone() {
+/// A VM with disk `d1` (on `a.raw` in the returned folder) whose guest lets a device go 300 ms
+/// after it is asked.
+async fn a_disk_the_guest_lets_go_late() -> (tempfile::TempDir, MockQemu, Vm) {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "a.raw");
     let (qemu, vm) = attached().await;
@@ -221,6 +222,13 @@ async fn a_device_being_removed_is_busy_to_every_other_call_until_it_is_gone() {
         .await
         .unwrap();
     qemu.guest_unplug(GuestUnplug::After(Duration::from_millis(300)));
+    (dir, qemu, vm)
+}
+
+#[tokio::test]
+async fn a_device_being_removed_is_busy_to_every_other_call_until_it_is_gone() {
+    let (dir, qemu, vm) = a_disk_the_guest_lets_go_late().await;
+    let path = dir.path().join("a.raw");
     let removal = tokio::spawn({
         let vm = vm.clone();
         async move { vm.remove_disk("d1").await }
@@ -299,13 +307,7 @@ async fn reconcile_forgets_what_left_behind_the_sdks_back_and_deletes_its_backen
 
 #[tokio::test]
 async fn an_unplug_the_guest_finishes_after_the_deadline_is_pending_then_reconciled() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = image(dir.path(), "a.raw");
-    let (qemu, vm) = attached().await;
-    vm.add_disk(DiskConfig::virtio_blk("d1", &path))
-        .await
-        .unwrap();
-    qemu.guest_unplug(GuestUnplug::After(Duration::from_millis(300)));
+    let (_dir, qemu, vm) = a_disk_the_guest_lets_go_late().await;
     let hasty = vm.with_unplug_policy(UnplugPolicy::new(Duration::from_millis(50)));
     let err = hasty.remove_disk("d1").await.unwrap_err();
     assert!(

@@ -38,6 +38,26 @@ pub struct MockDevice {
     pub io_limits: Value,
 }
 
+impl MockDevice {
+    /// A device with nothing attached: no backend, link up, no limits, not unplugging.
+    fn new(id: &str, driver: &str, place: MockPlace) -> MockDevice {
+        MockDevice {
+            id: id.into(),
+            driver: driver.into(),
+            place,
+            drive: None,
+            netdev: None,
+            chardev: None,
+            object: None,
+            tray_open: None,
+            virtio_mem: None,
+            unplugging: false,
+            link_up: true,
+            io_limits: Value::Null,
+        }
+    }
+}
+
 /// Where a device sits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MockPlace {
@@ -342,24 +362,14 @@ impl Model {
         for i in 0..root_ports {
             let id = format!("rp{i}");
             model.root_ports.push((id.clone(), 4 + i, i64::from(i) + 1));
-            model.devices.push(MockDevice {
-                id,
-                driver: "pcie-root-port".into(),
-                place: MockPlace::Pci {
-                    bus: "pcie.0".into(),
-                    slot: 4 + i,
-                    function: 0,
-                },
-                drive: None,
-                netdev: None,
-                chardev: None,
-                object: None,
-                tray_open: None,
-                virtio_mem: None,
-                unplugging: false,
-                link_up: true,
-                io_limits: Value::Null,
-            });
+            let place = MockPlace::Pci {
+                bus: "pcie.0".into(),
+                slot: 4 + i,
+                function: 0,
+            };
+            model
+                .devices
+                .push(MockDevice::new(&id, "pcie-root-port", place));
         }
         model
     }
@@ -385,24 +395,13 @@ impl Model {
 
     pub(crate) fn boot_scsi_controller(&mut self, id: &str, slot: u8) {
         self.scsi_buses.push(format!("{id}.0"));
-        self.devices.push(MockDevice {
-            id: id.into(),
-            driver: "virtio-scsi-pci".into(),
-            place: MockPlace::Pci {
-                bus: self.root_bus().into(),
-                slot,
-                function: 0,
-            },
-            drive: None,
-            netdev: None,
-            chardev: None,
-            object: None,
-            tray_open: None,
-            virtio_mem: None,
-            unplugging: false,
-            link_up: true,
-            io_limits: Value::Null,
-        });
+        let place = MockPlace::Pci {
+            bus: self.root_bus().into(),
+            slot,
+            function: 0,
+        };
+        self.devices
+            .push(MockDevice::new(id, "virtio-scsi-pci", place));
     }
 
     pub(crate) fn greeting(&self) -> Value {
@@ -849,19 +848,7 @@ impl Model {
 
     /// `blockdev-insert-medium`: the tray open, the drive empty, the node there and unused.
     fn insert_medium(&mut self, id: &str, node: &str) -> Reply {
-        if !self.nodes.iter().any(|n| n.node_name == node) {
-            return Err(generic(format!(
-                "Cannot find device='{node}' nor node-name='{node}'"
-            )));
-        }
-        if self
-            .devices
-            .iter()
-            .any(|d| d.drive.as_deref() == Some(node))
-            || self.nodes.iter().any(|n| n.file.as_deref() == Some(node))
-        {
-            return Err(generic(format!("Node '{node}' is already in use")));
-        }
+        self.free_node(node, format!("Node '{node}' is already in use"))?;
         let device = self.removable(id)?;
         if device.tray_open != Some(true) {
             return Err(generic(format!("Tray of device '{id}' is not open")));
@@ -1301,14 +1288,22 @@ impl Model {
         if let Some(drive) = &drive {
             self.check_drive(drive)?;
         }
-        if let Some(netdev) = &netdev {
-            self.check_netdev(driver, netdev)?;
+        if let Some(n) = &netdev {
+            let exists = self.netdevs.iter().any(|x| x.id == *n);
+            self.check_free(driver, "netdev", n, exists, |d| d.netdev.as_deref())?;
         }
-        if let Some(chardev) = &chardev {
-            self.check_chardev(driver, chardev)?;
+        if let Some(c) = &chardev {
+            let exists = self.chardevs.contains(c);
+            self.check_free(driver, "chardev", c, exists, |d| d.chardev.as_deref())?;
         }
-        if let Some(object) = &object {
-            self.check_object(driver, object)?;
+        if let Some(o) = &object {
+            let prop = if driver == "virtio-rng-pci" {
+                "rng"
+            } else {
+                "memdev"
+            };
+            let exists = self.objects.iter().any(|(x, _)| x == o);
+            self.check_free(driver, prop, o, exists, |d| d.object.as_deref())?;
         }
         let place = if SCSI_DRIVERS.contains(&driver) {
             self.scsi_place(args)?
@@ -1357,9 +1352,6 @@ impl Model {
             _ => {}
         }
         self.devices.push(MockDevice {
-            id: id.into(),
-            driver: driver.into(),
-            place,
             drive,
             netdev,
             chardev,
@@ -1372,29 +1364,33 @@ impl Model {
                     .unwrap_or(0),
                 size: 0,
             }),
-            unplugging: false,
-            link_up: true,
-            io_limits: Value::Null,
+            ..MockDevice::new(id, driver, place)
         });
         Ok(json!({}))
+    }
+
+    /// Node `node` exists and neither a device nor another node uses it (else `in_use`).
+    fn free_node(&self, node: &str, in_use: String) -> Result<(), (&'static str, String)> {
+        if !self.nodes.iter().any(|n| n.node_name == node) {
+            return Err(generic(format!(
+                "Cannot find device='{node}' nor node-name='{node}'"
+            )));
+        }
+        let used = self
+            .devices
+            .iter()
+            .any(|d| d.drive.as_deref() == Some(node))
+            || self.nodes.iter().any(|n| n.file.as_deref() == Some(node));
+        match used {
+            true => Err(generic(in_use)),
+            false => Ok(()),
+        }
     }
 
     /// A frontend's `drive`: a node that exists, that no device or node uses, and whose image no
     /// other device writes (or, if this one writes, uses).
     fn check_drive(&self, drive: &str) -> Result<(), (&'static str, String)> {
-        if !self.nodes.iter().any(|n| n.node_name == drive) {
-            return Err(generic(format!(
-                "Cannot find device='{drive}' nor node-name='{drive}'"
-            )));
-        }
-        if self
-            .devices
-            .iter()
-            .any(|d| d.drive.as_deref() == Some(drive))
-            || self.nodes.iter().any(|n| n.file.as_deref() == Some(drive))
-        {
-            return Err(generic(format!("Drive '{drive}' is already in use")));
-        }
+        self.free_node(drive, format!("Drive '{drive}' is already in use"))?;
         // Image locking, as QEMU takes it when a device attaches: no two users of one file
         // when either of them writes.
         if let Some((file, writes)) = self.image_of(drive) {
@@ -1417,66 +1413,25 @@ impl Model {
         Ok(())
     }
 
-    /// A NIC's `netdev`: one that exists and no device uses.
-    fn check_netdev(&self, driver: &str, netdev: &str) -> Result<(), (&'static str, String)> {
-        if !self.netdevs.iter().any(|n| n.id == netdev) {
+    /// A frontend's backend property (`netdev`, `chardev`, `rng`, `memdev`) naming `value`: one
+    /// that `exists` and that no device uses (`used` reads a device's).
+    fn check_free(
+        &self,
+        driver: &str,
+        prop: &str,
+        value: &str,
+        exists: bool,
+        used: impl Fn(&MockDevice) -> Option<&str>,
+    ) -> Result<(), (&'static str, String)> {
+        if !exists {
             return Err(generic(format!(
-                "Property '{driver}.netdev' can't find value '{netdev}'"
+                "Property '{driver}.{prop}' can't find value '{value}'"
             )));
         }
-        if self
-            .devices
-            .iter()
-            .any(|d| d.netdev.as_deref() == Some(netdev))
-        {
-            return Err(generic(format!(
-                "Property '{driver}.netdev' can't take value '{netdev}', it's in use"
-            )));
-        }
-        Ok(())
-    }
-
-    /// A frontend's `chardev`: one that exists and no device uses.
-    fn check_chardev(&self, driver: &str, chardev: &str) -> Result<(), (&'static str, String)> {
-        if !self.chardevs.iter().any(|c| c == chardev) {
-            return Err(generic(format!(
-                "Property '{driver}.chardev' can't find value '{chardev}'"
-            )));
-        }
-        if self
-            .devices
-            .iter()
-            .any(|d| d.chardev.as_deref() == Some(chardev))
-        {
-            return Err(generic(format!(
-                "Property '{driver}.chardev' can't take value '{chardev}', it's in use"
-            )));
-        }
-        Ok(())
-    }
-
-    /// An RNG's `rng` or a memory device's `memdev`: an object that exists and no device uses.
-    fn check_object(&self, driver: &str, object: &str) -> Result<(), (&'static str, String)> {
-        let prop = if driver == "virtio-rng-pci" {
-            "rng"
-        } else {
-            "memdev"
-        };
-        if !self.objects.iter().any(|(o, _)| o == object) {
-            return Err(generic(format!(
-                "Property '{driver}.{prop}' can't find value '{object}'"
-            )));
-        }
-        if self
-            .devices
-            .iter()
-            .any(|d| d.object.as_deref() == Some(object))
-        {
+        if self.devices.iter().any(|d| used(d) == Some(value)) {
             return Err(generic(match prop {
-                "rng" => {
-                    format!("Property '{driver}.rng' can't take value '{object}', it's in use")
-                }
-                _ => format!("can't use already busy memdev: {object}"),
+                "memdev" => format!("can't use already busy memdev: {value}"),
+                _ => format!("Property '{driver}.{prop}' can't take value '{value}', it's in use"),
             }));
         }
         Ok(())
