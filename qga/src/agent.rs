@@ -1,0 +1,374 @@
+//! [`Agent`]: one connection to a guest agent, one command at a time, resynchronised with
+//! `guest-sync-delimited` whenever what the agent sends next is in doubt.
+//!
+//! The agent has no greeting and no request ids of its own, answers strictly in order, and keeps
+//! answering requests written while it was not running (or after its client gave up). So:
+//! - a call first resynchronises unless the last call ended cleanly: it writes `0xFF` (which makes
+//!   the agent drop a half-read request) and `guest-sync-delimited` with a random id, and skips
+//!   every line until the `0xFF`-prefixed reply carrying that id;
+//! - every request carries an `id` of ours, which the agent echoes: a reply without it (a stale
+//!   one, or one to a command never sent) is skipped, never returned;
+//! - a call dropped part-way, a timeout, or a reply over the frame limit leaves the connection out
+//!   of sync, so the next call resynchronises first.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures::StreamExt;
+use qhotplug_qmp::codec::FrameCodec;
+use qhotplug_qmp::message::{encode_request, Execution};
+use qhotplug_qmp::{Command, FrameError};
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+use tokio_util::codec::FramedRead;
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+
+/// The default frame limit: 64 MiB. `guest-exec`'s captured output (up to 16 MiB each of stdout
+/// and stderr, base64: about 43 MB) and `guest-file-read`'s largest count (48 MiB, base64: 64 MB)
+/// come back as one line; QMP's 16 MiB default is too small for them.
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// The byte the agent puts before its reply to `guest-sync-delimited` (and that a client puts
+/// before the request, so the agent drops whatever half request it holds). Never valid in JSON.
+pub const SENTINEL: u8 = 0xFF;
+
+/// The name of the span each agent command runs in (fields `command`, `id`).
+pub const QGA_SPAN: &str = "qga";
+
+/// How an [`Agent`] waits and how much it reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    timeout: Duration,
+    sync_timeout: Duration,
+    max_frame: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::new()
+    }
+}
+
+impl Config {
+    /// 10 s per command, 5 s to resynchronise, a 64 MiB frame limit.
+    pub fn new() -> Config {
+        Config {
+            timeout: Duration::from_secs(10),
+            sync_timeout: Duration::from_secs(5),
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+
+    /// How long a command waits for its reply.
+    pub fn timeout(mut self, timeout: Duration) -> Config {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long a resynchronisation waits for its reply (skipping stale lines meanwhile).
+    pub fn sync_timeout(mut self, timeout: Duration) -> Config {
+        self.sync_timeout = timeout;
+        self
+    }
+
+    /// The longest line read from the agent; a longer one is discarded as it arrives.
+    pub fn max_frame(mut self, bytes: usize) -> Config {
+        self.max_frame = bytes;
+        self
+    }
+}
+
+/// A client of one guest agent, through the host side of its virtio-serial port (QEMU's socket
+/// chardev). Cheap to share behind an `Arc`: calls from many tasks run one at a time, in turn.
+///
+/// ```no_run
+/// # async fn demo() -> qhotplug_qga::Result<()> {
+/// use qhotplug_qga::{command::GuestPing, Agent, Config};
+///
+/// let agent = Agent::connect("/run/vm1/qga.sock", Config::new()).await?;
+/// agent.execute(&GuestPing).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Agent {
+    path: PathBuf,
+    config: Config,
+    conn: tokio::sync::Mutex<Conn>,
+}
+
+#[derive(Debug, Default)]
+struct Conn {
+    io: Option<Io>,
+    /// The last call ended with its own reply read: the next line is the next command's.
+    in_sync: bool,
+    /// The id the next request carries.
+    next_id: u64,
+}
+
+#[derive(Debug)]
+struct Io {
+    read: FramedRead<OwnedReadHalf, FrameCodec>,
+    write: OwnedWriteHalf,
+}
+
+/// What a line from the agent is, to a call waiting for reply `id`.
+enum Line {
+    /// Our reply: `return` or `error`.
+    Reply(std::result::Result<Value, (String, String)>),
+    /// Anything else: a stale reply, garbage, a parse error about an earlier request.
+    Other,
+}
+
+impl Agent {
+    /// An agent at `path`, connected on first use.
+    pub fn new(path: impl Into<PathBuf>, config: Config) -> Agent {
+        Agent {
+            path: path.into(),
+            config,
+            conn: tokio::sync::Mutex::new(Conn::default()),
+        }
+    }
+
+    /// An agent at `path`, connected and resynchronised now: a running agent has answered.
+    pub async fn connect(path: impl Into<PathBuf>, config: Config) -> Result<Agent> {
+        let agent = Agent::new(path, config);
+        agent.sync().await?;
+        Ok(agent)
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Resynchronises now (`guest-sync-delimited`), whatever the last call left.
+    pub async fn sync(&self) -> Result<()> {
+        let mut conn = self.conn.lock().await;
+        conn.in_sync = false;
+        self.ensure_sync(&mut conn).await
+    }
+
+    /// Runs `command` and returns its reply, within the configured timeout.
+    pub async fn execute<C: Command>(&self, command: &C) -> Result<C::Returns> {
+        self.execute_timeout(command, self.config.timeout).await
+    }
+
+    /// Runs `command` and returns its reply, within `timeout` (after any resynchronisation).
+    pub async fn execute_timeout<C: Command>(
+        &self,
+        command: &C,
+        timeout: Duration,
+    ) -> Result<C::Returns> {
+        let mut conn = self.conn.lock().await;
+        self.ensure_sync(&mut conn).await?;
+        let id = conn.next_id;
+        conn.next_id += 1;
+        let span = tracing::debug_span!(QGA_SPAN, command = C::NAME, id);
+        let reply = async {
+            let mut request = Vec::with_capacity(64);
+            encode_request(&mut request, C::NAME, command, Execution::InBandWithId(id))
+                .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+            // Out of sync until our own reply is read: a call dropped or failed part-way makes
+            // the next one resynchronise.
+            conn.in_sync = false;
+            self.write(&mut conn, &request).await?;
+            let deadline = Instant::now() + timeout;
+            loop {
+                let frame = match self.next_frame(&mut conn, deadline).await {
+                    Err(Error::Timeout { .. }) => {
+                        return Err(Error::Timeout {
+                            command: C::NAME.into(),
+                            after: timeout,
+                        })
+                    }
+                    other => other?,
+                };
+                match classify(&frame, id) {
+                    Line::Reply(reply) => {
+                        conn.in_sync = true;
+                        return reply.map_err(|(class, desc)| refusal(C::NAME, class, desc));
+                    }
+                    Line::Other => tracing::debug!("skipped a line that is not this reply"),
+                }
+            }
+        }
+        .instrument(span)
+        .await?;
+        serde_json::from_value(reply).map_err(|source| Error::Decode {
+            command: C::NAME.into(),
+            source,
+        })
+    }
+
+    /// Sends a command that does not reply when it succeeds (`guest-shutdown`,
+    /// `guest-suspend-*`): its success is seen elsewhere (QEMU's `SHUTDOWN`, `RESET`, `SUSPEND`).
+    /// The connection is left out of sync, so an error it answers with is skipped by the next
+    /// call's resynchronisation.
+    pub async fn send_no_reply<C: Command>(&self, command: &C) -> Result<()> {
+        let mut conn = self.conn.lock().await;
+        self.ensure_sync(&mut conn).await?;
+        let mut request = Vec::with_capacity(64);
+        encode_request(&mut request, C::NAME, command, Execution::InBand)
+            .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+        conn.in_sync = false;
+        self.write(&mut conn, &request).await
+    }
+
+    /// Connects if needed, and resynchronises unless the last call ended cleanly.
+    async fn ensure_sync(&self, conn: &mut Conn) -> Result<()> {
+        if conn.io.is_none() {
+            let stream =
+                UnixStream::connect(&self.path)
+                    .await
+                    .map_err(|source| Error::NotConnected {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+            let (read, write) = stream.into_split();
+            conn.io = Some(Io {
+                read: FramedRead::new(read, FrameCodec::new(self.config.max_frame)),
+                write,
+            });
+            conn.in_sync = false;
+        }
+        if conn.in_sync {
+            return Ok(());
+        }
+        // Positive, and well inside the agent's int64.
+        let id = fastrand::i64(1..i64::MAX / 2);
+        let span = tracing::debug_span!(QGA_SPAN, command = "guest-sync-delimited", id);
+        async {
+            let mut request = vec![SENTINEL];
+            let args = serde_json::json!({ "id": id });
+            encode_request(
+                &mut request,
+                "guest-sync-delimited",
+                &args,
+                Execution::InBand,
+            )
+            .map_err(|e| Error::Io(std::io::Error::other(e)))?;
+            self.write(conn, &request).await?;
+            let deadline = Instant::now() + self.config.sync_timeout;
+            let mut skipped = 0u64;
+            loop {
+                let frame = match self.next_frame(conn, deadline).await {
+                    Ok(frame) => frame,
+                    // A stale line past the limit is only more to skip.
+                    Err(Error::FrameTooLong { .. }) => {
+                        skipped += 1;
+                        continue;
+                    }
+                    Err(Error::Timeout { .. }) => {
+                        return Err(Error::Timeout {
+                            command: "guest-sync-delimited".into(),
+                            after: self.config.sync_timeout,
+                        })
+                    }
+                    Err(e) => return Err(e),
+                };
+                if sync_reply(&frame) == Some(id) {
+                    tracing::debug!(skipped, "in sync");
+                    conn.in_sync = true;
+                    return Ok(());
+                }
+                skipped += 1;
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn write(&self, conn: &mut Conn, bytes: &[u8]) -> Result<()> {
+        let io = conn.io.as_mut().ok_or(Error::Disconnected)?;
+        if let Err(e) = io.write.write_all(bytes).await {
+            conn.io = None;
+            return Err(match e.kind() {
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
+                    Error::Disconnected
+                }
+                _ => Error::Io(e),
+            });
+        }
+        Ok(())
+    }
+
+    /// The next line, by `deadline`. The socket closing drops the connection (the next call
+    /// connects again).
+    async fn next_frame(&self, conn: &mut Conn, deadline: Instant) -> Result<BytesMut> {
+        let io = conn.io.as_mut().ok_or(Error::Disconnected)?;
+        let item = tokio::time::timeout_at(deadline, io.read.next())
+            .await
+            .map_err(|_| Error::Timeout {
+                command: String::new(),
+                after: Duration::ZERO,
+            })?;
+        match item {
+            Some(Ok(Ok(frame))) => Ok(frame),
+            Some(Ok(Err(FrameError::TooLong { limit }))) => Err(Error::FrameTooLong { limit }),
+            Some(Ok(Err(_))) | None => {
+                conn.io = None;
+                Err(Error::Disconnected)
+            }
+            Some(Err(e)) => {
+                conn.io = None;
+                Err(Error::Io(e))
+            }
+        }
+    }
+}
+
+/// The id of a `guest-sync-delimited` reply: a line whose last `0xFF` is followed by
+/// `{"return": id}` (whatever came before it on the line is garbage).
+fn sync_reply(frame: &[u8]) -> Option<i64> {
+    let at = frame.iter().rposition(|&b| b == SENTINEL)?;
+    let value: Value = serde_json::from_slice(&frame[at + 1..]).ok()?;
+    value.get("return")?.as_i64()
+}
+
+/// Whether `frame` is the reply to request `id`: an object with our `id`, and `return` or
+/// `error`. A line with a sentinel is a sync reply, never a command's.
+fn classify(frame: &[u8], id: u64) -> Line {
+    if frame.contains(&SENTINEL) {
+        return Line::Other;
+    }
+    let Ok(Value::Object(mut reply)) = serde_json::from_slice::<Value>(frame) else {
+        return Line::Other;
+    };
+    if reply.get("id").and_then(Value::as_u64) != Some(id) {
+        return Line::Other;
+    }
+    if let Some(value) = reply.remove("return") {
+        return Line::Reply(Ok(value));
+    }
+    let Some(Value::Object(error)) = reply.remove("error") else {
+        return Line::Other;
+    };
+    let text = |k: &str| {
+        error
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
+    Line::Reply(Err((text("class"), text("desc"))))
+}
+
+/// The error for a refusal of `command`: frozen, not offered, or failed.
+fn refusal(command: &str, class: String, desc: String) -> Error {
+    let command = command.to_owned();
+    match class.as_str() {
+        "CommandNotFound" if desc.contains("frozen state") => Error::Frozen { command },
+        "CommandNotFound" | "CommandDisabled" => Error::Unsupported { command, desc },
+        _ => Error::Agent {
+            command,
+            class,
+            desc,
+        },
+    }
+}

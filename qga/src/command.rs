@@ -1,0 +1,329 @@
+//! Typed guest agent commands (QEMU's `qga/qapi-schema.json`), run with
+//! [`Agent::execute`](crate::Agent::execute). Unknown members in replies are ignored.
+
+use base64::Engine;
+use qhotplug_qmp::Command;
+use serde::{Deserialize, Serialize};
+
+/// The `{}` that commands without a return value return.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Empty {}
+
+macro_rules! command {
+    ($(#[$doc:meta])* $name:literal, $ty:ident, $ret:ty) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+        pub struct $ty;
+
+        impl Command for $ty {
+            const NAME: &'static str = $name;
+            type Returns = $ret;
+        }
+    };
+    ($(#[$doc:meta])* $name:literal, $ty:ident { $($(#[$fdoc:meta])* $field:ident : $fty:ty),* $(,)? } -> $ret:ty) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Serialize)]
+        #[serde(rename_all = "kebab-case")]
+        pub struct $ty {
+            $($(#[$fdoc])* pub $field: $fty,)*
+        }
+
+        impl Command for $ty {
+            const NAME: &'static str = $name;
+            type Returns = $ret;
+        }
+    };
+}
+
+command!(
+    /// `guest-ping`: the agent is there and answering.
+    "guest-ping", GuestPing, Empty
+);
+command!(
+    /// `guest-info`: the agent's version and its commands.
+    "guest-info", GuestInfo, AgentInfo
+);
+command!(
+    /// `guest-get-osinfo`: the guest's operating system.
+    "guest-get-osinfo", GuestGetOsinfo, OsInfo
+);
+command!(
+    /// `guest-get-host-name`.
+    "guest-get-host-name", GuestGetHostName, HostName
+);
+command!(
+    /// `guest-get-time`: the guest's clock, in nanoseconds since the epoch.
+    "guest-get-time", GuestGetTime, i64
+);
+command!(
+    /// `guest-network-get-interfaces`.
+    "guest-network-get-interfaces", GuestNetworkGetInterfaces, Vec<NetworkInterface>
+);
+command!(
+    /// `guest-get-vcpus`: each logical CPU and whether it is online.
+    "guest-get-vcpus", GuestGetVcpus, Vec<GuestVcpu>
+);
+command!(
+    /// `guest-set-vcpus`: brings CPUs online or offline; returns how many of the list (in order)
+    /// were processed before the first failure.
+    "guest-set-vcpus", GuestSetVcpus {
+        /// The CPUs and the state each should have.
+        vcpus: Vec<GuestVcpu>,
+    } -> i64
+);
+command!(
+    /// `guest-fsfreeze-status`: `thawed` or `frozen`.
+    "guest-fsfreeze-status", GuestFsfreezeStatus, FreezeStatus
+);
+command!(
+    /// `guest-fsfreeze-freeze`: freezes every freezable filesystem; returns how many.
+    "guest-fsfreeze-freeze", GuestFsfreezeFreeze, i64
+);
+command!(
+    /// `guest-fsfreeze-thaw`: thaws them; returns how many.
+    "guest-fsfreeze-thaw", GuestFsfreezeThaw, i64
+);
+command!(
+    /// `guest-exec`: starts a program; its status comes from [`GuestExecStatus`].
+    "guest-exec", GuestExec {
+        /// The program.
+        path: String,
+        /// Its arguments.
+        arg: Vec<String>,
+        /// Capture stdout and stderr (up to 16 MiB each).
+        capture_output: bool,
+    } -> ExecStarted
+);
+command!(
+    /// `guest-exec-status`: whether the program has exited, its code and its captured output.
+    "guest-exec-status", GuestExecStatus {
+        /// The pid [`GuestExec`] returned.
+        pid: i64,
+    } -> ExecStatus
+);
+command!(
+    /// `guest-file-open`: opens a file in the guest; returns a handle.
+    "guest-file-open", GuestFileOpen {
+        /// The guest's path.
+        path: String,
+        /// `fopen` mode (`r`, `w`, `a`, …).
+        mode: String,
+    } -> i64
+);
+command!(
+    /// `guest-file-read`: up to `count` bytes (at most 48 MiB).
+    "guest-file-read", GuestFileRead {
+        /// The handle.
+        handle: i64,
+        /// How many bytes at most.
+        count: u64,
+    } -> FileRead
+);
+command!(
+    /// `guest-file-write`: writes base64-encoded bytes ([`GuestFileWrite::bytes`]).
+    "guest-file-write", GuestFileWrite {
+        /// The handle.
+        handle: i64,
+        /// The bytes, base64.
+        buf_b64: String,
+    } -> FileWritten
+);
+command!(
+    /// `guest-file-close`.
+    "guest-file-close", GuestFileClose {
+        /// The handle.
+        handle: i64,
+    } -> Empty
+);
+command!(
+    /// `guest-shutdown`: `powerdown` (the default), `halt` or `reboot`. Replies only when it fails:
+    /// send it with [`Agent::send_no_reply`](crate::Agent::send_no_reply) and see `SHUTDOWN` (or
+    /// `RESET`) on QMP.
+    "guest-shutdown", GuestShutdown {
+        /// `powerdown`, `halt` or `reboot`.
+        mode: String,
+    } -> Empty
+);
+
+impl GuestFileWrite {
+    /// A write of `bytes` to `handle`.
+    pub fn bytes(handle: i64, bytes: &[u8]) -> GuestFileWrite {
+        GuestFileWrite {
+            handle,
+            buf_b64: base64::engine::general_purpose::STANDARD.encode(bytes),
+        }
+    }
+}
+
+/// `guest-info`'s reply.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AgentInfo {
+    /// The agent's version.
+    pub version: String,
+    /// Each command and whether it is enabled.
+    #[serde(rename = "supported_commands", default)]
+    pub commands: Vec<AgentCommand>,
+}
+
+/// One command of `guest-info`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AgentCommand {
+    /// Its name.
+    pub name: String,
+    /// Enabled now (commands are disabled while frozen, or by `--block-rpcs`).
+    pub enabled: bool,
+    /// Replies when it succeeds (false for `guest-shutdown` and `guest-suspend-*`).
+    #[serde(rename = "success-response", default)]
+    pub success_response: bool,
+}
+
+/// `guest-get-osinfo`'s reply: what the guest's `os-release` and `uname` say.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct OsInfo {
+    /// `ID`, for example `debian`.
+    pub id: Option<String>,
+    /// `NAME`.
+    pub name: Option<String>,
+    /// `PRETTY_NAME`.
+    pub pretty_name: Option<String>,
+    /// `VERSION_ID`.
+    pub version_id: Option<String>,
+    /// The kernel's release (`uname -r`).
+    pub kernel_release: Option<String>,
+    /// The machine (`uname -m`).
+    pub machine: Option<String>,
+}
+
+/// `guest-get-host-name`'s reply.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct HostName {
+    /// The host name.
+    pub host_name: String,
+}
+
+/// One network interface of the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct NetworkInterface {
+    /// The interface's name (`eth0`).
+    pub name: String,
+    /// Its MAC address, when it has one (`lo` has `00:00:00:00:00:00`).
+    pub hardware_address: Option<String>,
+    /// Its addresses.
+    #[serde(default)]
+    pub ip_addresses: Vec<IpAddress>,
+}
+
+/// One address of a guest interface.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct IpAddress {
+    /// `ipv4` or `ipv6`.
+    pub ip_address_type: String,
+    /// The address.
+    pub ip_address: String,
+    /// The prefix length.
+    pub prefix: u8,
+}
+
+/// A logical CPU of the guest, as `guest-get-vcpus` lists and `guest-set-vcpus` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub struct GuestVcpu {
+    /// The guest's CPU number.
+    #[serde(rename = "logical-id")]
+    pub logical_id: i64,
+    /// Online.
+    pub online: bool,
+    /// Can be taken offline (`cpu0` usually cannot).
+    #[serde(rename = "can-offline", default, skip_serializing)]
+    pub can_offline: Option<bool>,
+}
+
+/// `guest-fsfreeze-status`'s reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FreezeStatus {
+    /// Writes go through.
+    Thawed,
+    /// Frozen: writes block until a thaw.
+    Frozen,
+}
+
+/// `guest-exec`'s reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct ExecStarted {
+    /// The program's pid, for [`GuestExecStatus`].
+    pub pid: i64,
+}
+
+/// `guest-exec-status`'s reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ExecStatus {
+    /// It has exited.
+    pub exited: bool,
+    /// Its exit code, once exited normally.
+    pub exitcode: Option<i64>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i64>,
+    /// Captured stdout, base64 ([`ExecStatus::stdout`]).
+    #[serde(rename = "out-data")]
+    pub out_data: Option<String>,
+    /// Captured stderr, base64 ([`ExecStatus::stderr`]).
+    #[serde(rename = "err-data")]
+    pub err_data: Option<String>,
+    /// stdout went past 16 MiB and was cut.
+    #[serde(rename = "out-truncated", default)]
+    pub out_truncated: bool,
+    /// stderr went past 16 MiB and was cut.
+    #[serde(rename = "err-truncated", default)]
+    pub err_truncated: bool,
+}
+
+impl ExecStatus {
+    /// The captured stdout, decoded (empty when none, or not valid base64).
+    pub fn stdout(&self) -> Vec<u8> {
+        decode(self.out_data.as_deref())
+    }
+
+    /// The captured stderr, decoded.
+    pub fn stderr(&self) -> Vec<u8> {
+        decode(self.err_data.as_deref())
+    }
+}
+
+/// `guest-file-read`'s reply.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FileRead {
+    /// How many bytes were read.
+    pub count: u64,
+    /// The bytes, base64 ([`FileRead::bytes`]).
+    #[serde(rename = "buf-b64")]
+    pub buf_b64: String,
+    /// The end of the file was reached.
+    pub eof: bool,
+}
+
+impl FileRead {
+    /// The bytes read, decoded.
+    pub fn bytes(&self) -> Vec<u8> {
+        decode(Some(&self.buf_b64))
+    }
+}
+
+/// `guest-file-write`'s reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct FileWritten {
+    /// How many bytes were written.
+    pub count: u64,
+    /// The end of the file was reached.
+    pub eof: bool,
+}
+
+fn decode(b64: Option<&str>) -> Vec<u8> {
+    b64.and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+        .unwrap_or_default()
+}

@@ -1,0 +1,89 @@
+//! The agent client's errors. Each says whether the agent may still owe an answer: after
+//! [`Error::Timeout`] or [`Error::FrameTooLong`] the next call resynchronises first.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A `Result` whose error is this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a call to the guest agent can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The agent's host socket could not be reached (QEMU is gone, or the path is wrong).
+    #[error("cannot reach the guest agent's socket {path:?}")]
+    NotConnected {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket closed (QEMU went away, or its chardev was removed). The next call connects
+    /// again.
+    #[error("the guest agent's socket closed")]
+    Disconnected,
+    /// No answer in time: the agent is not running, is slow, or is busy with an earlier command.
+    /// The next call resynchronises before it sends anything, so a late answer is never taken for
+    /// another command's.
+    #[error("the guest agent did not answer {command} within {after:?}")]
+    Timeout {
+        /// The command.
+        command: String,
+        /// How long the call waited.
+        after: Duration,
+    },
+    /// The agent refused because the guest's filesystems are frozen (only ping, info, sync, and
+    /// freeze status and thaw are allowed then).
+    #[error("the guest agent refused {command}: the filesystems are frozen")]
+    Frozen {
+        /// The command.
+        command: String,
+    },
+    /// The agent does not offer the command, or has it disabled (`CommandNotFound`).
+    #[error("the guest agent does not offer {command}: {desc}")]
+    Unsupported {
+        /// The command.
+        command: String,
+        /// The agent's words.
+        desc: String,
+    },
+    /// The agent ran the command and it failed.
+    #[error("the guest agent's {command} failed: {class}: {desc}")]
+    Agent {
+        /// The command.
+        command: String,
+        /// The error class.
+        class: String,
+        /// The agent's words.
+        desc: String,
+    },
+    /// A line from the agent was longer than the frame limit; it was discarded as it came. The
+    /// next call resynchronises.
+    #[error("a line from the guest agent exceeded {limit} bytes")]
+    FrameTooLong {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The agent's reply to `command` did not have the shape the command returns.
+    #[error("the guest agent's reply to {command} did not decode")]
+    Decode {
+        /// The command.
+        command: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A request could not be encoded, or the socket failed.
+    #[error("guest agent I/O")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// True when the agent may still answer later (a timeout, a reply lost to the frame limit):
+    /// nothing is known of what the command did.
+    pub fn is_in_doubt(&self) -> bool {
+        matches!(self, Error::Timeout { .. } | Error::FrameTooLong { .. })
+    }
+}

@@ -1,0 +1,336 @@
+//! The agent client against a scripted fake agent: what a real `qemu-ga` can be made to do only
+//! by chance (stale replies, garbage around the sync, replies to commands never sent, lines past
+//! the limit, an agent that stops answering or whose socket closes).
+
+use std::time::Duration;
+
+use qhotplug_qga::command::{
+    ExecStatus, GuestExecStatus, GuestFsfreezeFreeze, GuestGetHostName, GuestPing,
+};
+use qhotplug_qga::{Agent, Config, Error, SENTINEL};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixListener;
+
+/// The agent's end: a listener standing in for QEMU's chardev, and the connection the client
+/// made to it.
+struct Fake {
+    listener: UnixListener,
+    conn: Option<(BufReader<OwnedReadHalf>, OwnedWriteHalf)>,
+    _dir: tempfile::TempDir,
+}
+
+/// One request as the fake read it.
+struct Request {
+    /// It began with the sentinel byte.
+    sentinel: bool,
+    json: Value,
+}
+
+impl Request {
+    fn command(&self) -> &str {
+        self.json["execute"].as_str().unwrap_or("")
+    }
+    fn id(&self) -> Value {
+        self.json["id"].clone()
+    }
+    fn sync_id(&self) -> i64 {
+        assert_eq!(self.command(), "guest-sync-delimited", "{}", self.json);
+        assert!(self.sentinel, "a sync starts with 0xFF");
+        self.json["arguments"]["id"].as_i64().unwrap()
+    }
+}
+
+impl Fake {
+    fn new() -> (Fake, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qga.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let fake = Fake {
+            listener,
+            conn: None,
+            _dir: dir,
+        };
+        (fake, path)
+    }
+
+    async fn accept(&mut self) {
+        let (stream, _) = self.listener.accept().await.unwrap();
+        let (read, write) = stream.into_split();
+        self.conn = Some((BufReader::new(read), write));
+    }
+
+    /// The next request (a line; the agent's parser needs no newline, but the client sends one).
+    async fn recv(&mut self) -> Request {
+        let (read, _) = self.conn.as_mut().expect("accepted");
+        let mut line = Vec::new();
+        read.read_until(b'\n', &mut line).await.unwrap();
+        assert!(!line.is_empty(), "the client hung up");
+        let sentinel = line.first() == Some(&SENTINEL);
+        let json = serde_json::from_slice(&line[usize::from(sentinel)..]).unwrap();
+        Request { sentinel, json }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        let (_, write) = self.conn.as_mut().expect("accepted");
+        write.write_all(bytes).await.unwrap();
+    }
+
+    async fn reply(&mut self, value: Value) {
+        let mut line = serde_json::to_vec(&value).unwrap();
+        line.push(b'\n');
+        self.send(&line).await;
+    }
+
+    /// Answers the client's sync, after `before` (stale lines, garbage).
+    async fn sync(&mut self, before: &[u8]) {
+        let id = self.recv().await.sync_id();
+        self.send(before).await;
+        self.send(&[SENTINEL]).await;
+        self.reply(json!({ "return": id })).await;
+    }
+
+    /// True when the client sent nothing more within `within` (it waits for its reply).
+    async fn quiet(&mut self, within: Duration) -> bool {
+        let (read, _) = self.conn.as_mut().expect("accepted");
+        let mut byte = Vec::new();
+        tokio::time::timeout(within, read.read_until(b'\n', &mut byte))
+            .await
+            .is_err()
+    }
+}
+
+fn quick() -> Config {
+    Config::new()
+        .timeout(Duration::from_millis(300))
+        .sync_timeout(Duration::from_secs(5))
+}
+
+#[tokio::test]
+async fn a_sync_skips_stale_replies_and_garbage_and_a_reply_needs_our_id() {
+    let (mut fake, path) = Fake::new();
+    let agent = tokio::spawn(async move { Agent::connect(path, quick()).await });
+    fake.accept().await;
+    let id = fake.recv().await.sync_id();
+    // What a client can find in the stream: an earlier client's reply, the agent's complaint about
+    // the 0xFF byte, garbage, an earlier sync's reply, and garbage before the sentinel.
+    fake.reply(json!({"return": 1})).await;
+    fake.send(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\ufffd'\"}}\n")
+        .await;
+    fake.send(b"\x00\x01 not json at all\n").await;
+    fake.send(&[SENTINEL]).await;
+    fake.reply(json!({ "return": id + 1 })).await;
+    fake.send(b"junk").await;
+    fake.send(&[SENTINEL]).await;
+    fake.reply(json!({ "return": id })).await;
+    let agent = agent.await.unwrap().unwrap();
+
+    let host = tokio::spawn(async move { agent.execute(&GuestGetHostName).await });
+    let request = fake.recv().await;
+    assert_eq!(request.command(), "guest-get-host-name");
+    assert!(!request.sentinel);
+    // A reply to a command never sent, one without an id, then ours.
+    fake.reply(json!({"return": {"host-name": "intruder"}, "id": 4242}))
+        .await;
+    fake.reply(json!({"return": {"host-name": "no-id"}})).await;
+    fake.reply(json!({"return": {"host-name": "guest"}, "id": request.id()}))
+        .await;
+    assert_eq!(host.await.unwrap().unwrap().host_name, "guest");
+}
+
+#[tokio::test]
+async fn a_reply_that_comes_after_its_timeout_is_never_given_to_the_next_call() {
+    let (mut fake, path) = Fake::new();
+    let agent = std::sync::Arc::new(Agent::new(path, quick()));
+    let first = tokio::spawn({
+        let agent = agent.clone();
+        async move { agent.execute(&GuestGetHostName).await }
+    });
+    fake.accept().await;
+    fake.sync(b"").await;
+    let late = fake.recv().await;
+    // No answer in time.
+    match first.await.unwrap() {
+        Err(e @ Error::Timeout { .. }) => assert!(e.is_in_doubt()),
+        other => panic!("{other:?}"),
+    }
+    // It comes now, before the next call's sync reply.
+    let next = tokio::spawn({
+        let agent = agent.clone();
+        async move { agent.execute(&GuestGetHostName).await }
+    });
+    fake.reply(json!({"return": {"host-name": "late"}, "id": late.id()}))
+        .await;
+    fake.sync(b"").await;
+    let request = fake.recv().await;
+    assert_ne!(request.id(), late.id());
+    fake.reply(json!({"return": {"host-name": "fresh"}, "id": request.id()}))
+        .await;
+    assert_eq!(next.await.unwrap().unwrap().host_name, "fresh");
+}
+
+#[tokio::test]
+async fn an_agent_that_restarts_mid_command_is_a_typed_error_and_the_next_call_works() {
+    let (mut fake, path) = Fake::new();
+    let agent = std::sync::Arc::new(Agent::new(path, quick()));
+    let call = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.execute(&GuestPing).await })
+    };
+    fake.accept().await;
+    fake.sync(b"").await;
+    // The agent dies with the ping read: nothing comes back, the socket stays open (QEMU's).
+    let lost = fake.recv().await;
+    assert!(matches!(call.await.unwrap(), Err(Error::Timeout { .. })));
+    // The new agent answers what it finds (the stale ping), complains about the 0xFF, then syncs.
+    let again = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.execute(&GuestPing).await })
+    };
+    let stale = format!("{}\n", json!({"return": {}, "id": lost.id()}));
+    let complaint = "{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\ufffd'\"}}\n";
+    fake.sync(format!("{stale}{complaint}").as_bytes()).await;
+    let ping = fake.recv().await;
+    fake.reply(json!({"return": {}, "id": ping.id()})).await;
+    again.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_line_past_the_limit_is_dropped_as_it_arrives_and_the_next_call_resyncs() {
+    let (mut fake, path) = Fake::new();
+    let config = quick().max_frame(64 * 1024);
+    let agent = std::sync::Arc::new(Agent::new(path, config));
+    let call = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.execute(&GuestExecStatus { pid: 7 }).await })
+    };
+    fake.accept().await;
+    fake.sync(b"").await;
+    let request = fake.recv().await;
+    // 150 KiB of output for a 64 KiB limit: refused once the limit is passed, never held whole
+    // (the rest, still in the socket, is discarded by the next call's resync).
+    let huge = "A".repeat(150 << 10);
+    fake.reply(
+        json!({"return": {"exited": true, "exitcode": 0, "out-data": huge}, "id": request.id()}),
+    )
+    .await;
+    match call.await.unwrap() {
+        Err(Error::FrameTooLong { limit }) => assert_eq!(limit, 64 * 1024),
+        other => panic!("{other:?}"),
+    }
+    let call = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.execute(&GuestExecStatus { pid: 7 }).await })
+    };
+    fake.sync(b"").await;
+    let request = fake.recv().await;
+    fake.reply(
+        json!({"return": {"exited": true, "exitcode": 3, "out-data": "aGk="}, "id": request.id()}),
+    )
+    .await;
+    let status: ExecStatus = call.await.unwrap().unwrap();
+    assert_eq!(
+        (status.exitcode, status.stdout()),
+        (Some(3), b"hi".to_vec())
+    );
+}
+
+#[tokio::test]
+async fn frozen_not_offered_and_failed_are_told_apart() {
+    let (mut fake, path) = Fake::new();
+    let agent = std::sync::Arc::new(Agent::new(path, quick()));
+    let cases = [
+        (
+            "CommandNotFound",
+            "Command guest-fsfreeze-freeze has been disabled: the agent is in frozen state",
+        ),
+        (
+            "CommandNotFound",
+            "The command guest-fsfreeze-freeze has not been found",
+        ),
+        (
+            "GenericError",
+            "failed to freeze /: Device or resource busy",
+        ),
+    ];
+    let mut first = true;
+    for (class, desc) in cases {
+        let call = {
+            let agent = agent.clone();
+            tokio::spawn(async move { agent.execute(&GuestFsfreezeFreeze).await })
+        };
+        if first {
+            fake.accept().await;
+            fake.sync(b"").await;
+            first = false;
+        }
+        let request = fake.recv().await;
+        fake.reply(json!({"error": {"class": class, "desc": desc}, "id": request.id()}))
+            .await;
+        let err = call.await.unwrap().unwrap_err();
+        match (class, &err) {
+            (_, Error::Frozen { command }) if desc.contains("frozen") => {
+                assert_eq!(command, "guest-fsfreeze-freeze")
+            }
+            ("CommandNotFound", Error::Unsupported { .. }) => {}
+            ("GenericError", Error::Agent { desc: d, .. }) => assert_eq!(d, desc),
+            _ => panic!("{class} {desc}: {err:?}"),
+        }
+        // A refusal is an answer: the connection stays in sync (no resync before the next call).
+    }
+}
+
+#[tokio::test]
+async fn calls_from_many_tasks_go_one_at_a_time() {
+    let (mut fake, path) = Fake::new();
+    let agent = std::sync::Arc::new(Agent::new(path, quick()));
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let agent = agent.clone();
+            tokio::spawn(async move { agent.execute(&GuestPing).await })
+        })
+        .collect();
+    fake.accept().await;
+    fake.sync(b"").await;
+    for _ in 0..8 {
+        let request = fake.recv().await;
+        assert_eq!(request.command(), "guest-ping");
+        // Nothing else is written while this one is unanswered.
+        assert!(fake.quiet(Duration::from_millis(30)).await);
+        fake.reply(json!({"return": {}, "id": request.id()})).await;
+    }
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_closed_socket_is_disconnected_and_the_next_call_connects_again() {
+    let (mut fake, path) = Fake::new();
+    let agent = std::sync::Arc::new(Agent::new(path.clone(), quick()));
+    let call = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.execute(&GuestPing).await })
+    };
+    fake.accept().await;
+    fake.sync(b"").await;
+    fake.recv().await;
+    fake.conn = None;
+    assert!(matches!(call.await.unwrap(), Err(Error::Disconnected)));
+    let call = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.execute(&GuestPing).await })
+    };
+    fake.accept().await;
+    fake.sync(b"").await;
+    let request = fake.recv().await;
+    fake.reply(json!({"return": {}, "id": request.id()})).await;
+    call.await.unwrap().unwrap();
+    // With nothing listening: typed, naming the socket.
+    drop(fake);
+    match Agent::connect(&path, quick()).await {
+        Err(Error::NotConnected { path: p, .. }) => assert_eq!(p, path),
+        other => panic!("{other:?}"),
+    }
+}
