@@ -1,0 +1,174 @@
+//! The guest agent in a booted guest under TCG: Debian's `qemu-ga` in the test guest, on a
+//! virtio-serial port named `org.qemu.guest_agent.0` given at boot, driven by `qhotplug-qga`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qhotplug::{NicConfig, Pci, SerialPort, TapBuilder, VirtioSerial, VmSpec};
+use qhotplug_qga::command::{
+    ExecStatus, GuestExec, GuestExecStatus, GuestFileClose, GuestFileOpen, GuestFileRead,
+    GuestFileWrite, GuestGetHostName, GuestGetOsinfo, GuestGetVcpus, GuestNetworkGetInterfaces,
+    GuestPing,
+};
+use qhotplug_qga::{Agent, Config, Error};
+use qhotplug_tests::{pc_spec, Guest};
+
+const SEEN: Duration = Duration::from_secs(60);
+
+/// The test VM with a virtio-serial controller and the agent's port on `socket`.
+fn agent_spec(socket: &Path) -> VmSpec {
+    let mut spec = pc_spec();
+    spec.virtio_serials.push(VirtioSerial {
+        id: "vser0".into(),
+        pci: Pci::new("pci.0", 8),
+    });
+    spec.serial_ports.push(SerialPort {
+        id: "qga0".into(),
+        bus: "vser0.0".into(),
+        name: "org.qemu.guest_agent.0".into(),
+        socket: socket.to_owned(),
+    });
+    spec
+}
+
+/// A booted guest, its agent's socket, and the folder that holds it.
+async fn boot() -> (Guest, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("qga.sock");
+    let guest = Guest::boot(agent_spec(&socket), |l| l).await;
+    (guest, socket, dir)
+}
+
+/// Under TCG the agent starts a few seconds after boot and answers slowly: generous waits.
+fn patient() -> Config {
+    Config::new()
+        .timeout(Duration::from_secs(30))
+        .sync_timeout(SEEN)
+}
+
+/// Waits, with a deadline, until the program the agent started has exited.
+async fn exited(agent: &Agent, pid: i64) -> ExecStatus {
+    let deadline = tokio::time::Instant::now() + SEEN;
+    loop {
+        let status = agent.execute(&GuestExecStatus { pid }).await.unwrap();
+        if status.exited {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pid {pid} never exited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn the_agent_pings_runs_programs_moves_files_and_lists_a_hot_plugged_nic() {
+    qhotplug_tests::serial_test(async {
+        let (g, socket, _dir) = boot().await;
+        let agent = Agent::connect(&socket, patient()).await.unwrap();
+        agent.execute(&GuestPing).await.unwrap();
+
+        // OS info: the kernel the shell reports.
+        let os = agent.execute(&GuestGetOsinfo).await.unwrap();
+        let uname = g.console.run("uname -r", SEEN).await;
+        assert_eq!(os.kernel_release.as_deref(), Some(uname[0].as_str()));
+
+        // A program's output, error output and exit code.
+        let started = agent
+            .execute(&GuestExec {
+                path: "/bin/sh".into(),
+                arg: vec![
+                    "-c".into(),
+                    "echo from-the-agent; echo oops >&2; exit 3".into(),
+                ],
+                capture_output: true,
+            })
+            .await
+            .unwrap();
+        let status = exited(&agent, started.pid).await;
+        assert_eq!(status.exitcode, Some(3));
+        assert_eq!(status.stdout(), b"from-the-agent\n");
+        assert_eq!(status.stderr(), b"oops\n");
+
+        // A file written by the agent, read by the shell and read back by the agent.
+        let open = |mode: &str| GuestFileOpen {
+            path: "/tmp/by-agent".into(),
+            mode: mode.into(),
+        };
+        let handle = agent.execute(&open("w")).await.unwrap();
+        let written = agent
+            .execute(&GuestFileWrite::bytes(handle, b"written by the agent\n"))
+            .await
+            .unwrap();
+        assert_eq!(written.count, 21);
+        agent.execute(&GuestFileClose { handle }).await.unwrap();
+        assert_eq!(
+            g.console.run("cat /tmp/by-agent", SEEN).await,
+            ["written by the agent"]
+        );
+        let handle = agent.execute(&open("r")).await.unwrap();
+        let read = agent
+            .execute(&GuestFileRead {
+                handle,
+                count: 4096,
+            })
+            .await
+            .unwrap();
+        agent.execute(&GuestFileClose { handle }).await.unwrap();
+        assert_eq!(read.bytes(), b"written by the agent\n");
+
+        // The guest's one vCPU, online.
+        let vcpus = agent.execute(&GuestGetVcpus).await.unwrap();
+        assert_eq!(vcpus.len(), 1);
+        assert!(vcpus[0].online);
+
+        // A NIC the SDK hot-plugs shows up in the agent's interface list with its MAC.
+        let mac: qhotplug::MacAddr = "52:54:00:a9:0a:01".parse().unwrap();
+        let tap = TapBuilder::new("qga%d").create().unwrap();
+        let mark = g.console.mark();
+        g.vm.add_nic(NicConfig::new("n1", tap).no_vhost().mac(mac))
+            .await
+            .unwrap();
+        g.console.added(mark, "net").await;
+        let interfaces = agent.execute(&GuestNetworkGetInterfaces).await.unwrap();
+        let macs: Vec<&str> = interfaces
+            .iter()
+            .filter_map(|i| i.hardware_address.as_deref())
+            .collect();
+        assert!(macs.contains(&mac.to_string().as_str()), "{interfaces:?}");
+    });
+}
+
+#[test]
+fn an_agent_stopped_mid_command_times_out_typed_and_its_successor_answers_the_next_call() {
+    qhotplug_tests::serial_test(async {
+        let (g, socket, _dir) = boot().await;
+        let agent = Agent::connect(&socket, patient()).await.unwrap();
+        agent.execute(&GuestPing).await.unwrap();
+
+        // The agent stops (as if hung); a ping goes unanswered: a timeout, typed, in doubt.
+        assert_eq!(
+            g.console
+                .run("kill -STOP $(pidof qemu-ga) && echo stopped", SEEN)
+                .await,
+            ["stopped"]
+        );
+        let hung = agent
+            .execute_timeout(&GuestPing, Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(hung, Error::Timeout { .. }) && hung.is_in_doubt(),
+            "{hung:?}"
+        );
+        // It is killed and a new one started: it finds the unanswered ping in the port and
+        // answers it. The next call resyncs past that stale reply and gets its own.
+        let restart = "kill -9 $(pidof qemu-ga); while pidof qemu-ga >/dev/null; do :; done; \
+                       start-agent && echo restarted";
+        assert_eq!(g.console.run(restart, SEEN).await, ["restarted"]);
+        let name = agent.execute(&GuestGetHostName).await.unwrap();
+        assert!(!name.host_name.is_empty());
+        agent.execute(&GuestPing).await.unwrap();
+    });
+}
