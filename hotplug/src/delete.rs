@@ -12,7 +12,7 @@ use qhotplug_qmp::command::{
 use qhotplug_qmp::Client;
 
 use crate::error::Error;
-use crate::qemu_errors::{is_absent, is_backend_in_use};
+use crate::qemu_errors::{is_absent, is_backend_in_use, is_tray_closed};
 use crate::unplug::{self, UnplugPolicy, Unplugged};
 
 /// How long a `blockdev-del` or `chardev-remove` is asked again, at most, while QEMU still holds
@@ -175,16 +175,14 @@ impl Delete {
                 .map(drop),
             Delete::Medium(id) => {
                 // Out whatever the guest did to the tray: opened by force first (a no-op when it
-                // is open).
+                // is open), and again if the guest or its firmware closes it before the removal.
                 let open = BlockdevOpenTray {
                     id: id.clone(),
                     force: Some(true),
                 };
                 client.execute(&open).await?;
-                client
-                    .execute(&BlockdevRemoveMedium { id: id.clone() })
-                    .await
-                    .map(drop)
+                let remove = BlockdevRemoveMedium { id: id.clone() };
+                with_tray_open(client, id, true, &remove).await.map(drop)
             }
             Delete::Reinsert { device, node } => {
                 // Putting back what was there: the tray must be open, whatever the guest did to it
@@ -194,11 +192,11 @@ impl Delete {
                     force: Some(true),
                 };
                 client.execute(&open).await?;
-                client
-                    .execute(&BlockdevInsertMedium {
-                        id: device.clone(),
-                        node_name: node.clone(),
-                    })
+                let insert = BlockdevInsertMedium {
+                    id: device.clone(),
+                    node_name: node.clone(),
+                };
+                with_tray_open(client, device, true, &insert)
                     .await
                     .map(drop)
             }
@@ -207,6 +205,38 @@ impl Delete {
                 .await
                 .map(drop),
             Delete::Device(_) => unreachable!("run handles devices"),
+        }
+    }
+}
+
+/// How many times a medium step reopens a tray the guest closed under it.
+const TRAY_RETRIES: usize = 3;
+
+/// Runs `cmd` (a medium step that needs the tray open); when the guest (or its firmware, probing
+/// the drive) closed the tray meanwhile, opens it again and retries, a few times.
+pub(crate) async fn with_tray_open<C: qhotplug_qmp::command::Command>(
+    client: &qhotplug_qmp::Client,
+    id: &str,
+    force: bool,
+    cmd: &C,
+) -> qhotplug_qmp::Result<C::Returns> {
+    let open = BlockdevOpenTray {
+        id: id.to_owned(),
+        force: force.then_some(true),
+    };
+    let mut tries = 0;
+    loop {
+        match client.execute(cmd).await {
+            Err(e) if is_tray_closed(&e) && tries < TRAY_RETRIES => {
+                tries += 1;
+                tracing::debug!(
+                    id,
+                    tries,
+                    "the tray closed under the change; opening it again"
+                );
+                client.execute(&open).await?;
+            }
+            other => return other,
         }
     }
 }

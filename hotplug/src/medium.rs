@@ -30,12 +30,11 @@ use qhotplug_qmp::EventKind;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::delete::Delete;
+use crate::delete::{with_tray_open, Delete};
 use crate::engine::run_backends;
 use crate::error::{Error, Result};
 use crate::holds::{self, Busy};
 use crate::kinds::{image_backends, Device, DeviceKind, Placed};
-use crate::qemu_errors::is_tray_closed;
 use crate::transaction::Transaction;
 use crate::vm_core::Core;
 
@@ -234,38 +233,6 @@ async fn delete_old(core: &Core, old: &Cdrom) {
         if let Err(error) = step.run(&core.client).instrument(span).await {
             tracing::warn!(%step, %error, "old medium's node left for reconcile");
             core.state().touched.insert(old.id.clone());
-        }
-    }
-}
-
-/// How many times a medium step reopens a tray the guest closed under it.
-const TRAY_RETRIES: usize = 3;
-
-/// Runs `cmd` (a medium step that needs the tray open); when the guest (or its firmware, probing
-/// the drive) closed the tray meanwhile, opens it again and retries, a few times.
-async fn with_tray_open<C: qhotplug_qmp::command::Command>(
-    client: &qhotplug_qmp::Client,
-    id: &str,
-    force: bool,
-    cmd: &C,
-) -> qhotplug_qmp::Result<C::Returns> {
-    let open = BlockdevOpenTray {
-        id: id.to_owned(),
-        force: force.then_some(true),
-    };
-    let mut tries = 0;
-    loop {
-        match client.execute(cmd).await {
-            Err(e) if is_tray_closed(&e) && tries < TRAY_RETRIES => {
-                tries += 1;
-                tracing::debug!(
-                    id,
-                    tries,
-                    "the tray closed under the change; opening it again"
-                );
-                client.execute(&open).await?;
-            }
-            other => return other,
         }
     }
 }
