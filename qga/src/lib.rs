@@ -13,7 +13,9 @@
 //! - a frame limit of its own (64 MiB by default: `guest-exec` output comes back as one line),
 //!   lines past it discarded as they arrive, so memory stays bounded whatever the agent sends;
 //! - errors that tell a timeout (the agent may still answer) from a refusal while frozen, a
-//!   command the agent does not offer, a failure, and a closed socket.
+//!   command the agent does not offer, a failure, and a closed socket;
+//! - a freeze that always thaws ([`Frozen`]): on `thaw`, on drop, on a safety timer, and at once
+//!   when the freeze itself fails.
 //!
 //! Reuses `qhotplug-qmp`'s line codec and request encoding; typed commands are in [`command`].
 //!
@@ -37,6 +39,8 @@
 mod agent;
 pub mod command;
 mod error;
+mod freeze;
 
 pub use agent::{Agent, Config, DEFAULT_MAX_FRAME, QGA_SPAN, SENTINEL};
 pub use error::{Error, Result};
+pub use freeze::Frozen;

@@ -334,3 +334,77 @@ async fn a_closed_socket_is_disconnected_and_the_next_call_connects_again() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Answers the next request, which must be `command`, with `value`.
+async fn answer(fake: &mut Fake, command: &str, value: Value) {
+    let request = fake.recv().await;
+    assert_eq!(request.command(), command, "{}", request.json);
+    fake.reply(json!({"return": value, "id": request.id()}))
+        .await;
+}
+
+#[tokio::test]
+async fn a_freeze_thaws_when_told_when_dropped_on_its_safety_timer_and_when_it_fails() {
+    let (mut fake, path) = Fake::new();
+    let agent = std::sync::Arc::new(Agent::new(path, quick()));
+    let long = Duration::from_secs(3600);
+
+    // Thawed when told; the safety timer is gone with it.
+    let freeze = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.freeze(Duration::from_millis(200)).await })
+    };
+    fake.accept().await;
+    fake.sync(b"").await;
+    answer(&mut fake, "guest-fsfreeze-freeze", json!(2)).await;
+    let frozen = freeze.await.unwrap().unwrap();
+    assert_eq!(frozen.count(), 2);
+    let thaw = tokio::spawn(frozen.thaw());
+    answer(&mut fake, "guest-fsfreeze-thaw", json!(2)).await;
+    assert_eq!(thaw.await.unwrap().unwrap(), 2);
+    assert!(
+        fake.quiet(Duration::from_millis(400)).await,
+        "a second thaw"
+    );
+
+    // Thawed when dropped.
+    let freeze = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.freeze(long).await })
+    };
+    answer(&mut fake, "guest-fsfreeze-freeze", json!(1)).await;
+    drop(freeze.await.unwrap().unwrap());
+    answer(&mut fake, "guest-fsfreeze-thaw", json!(1)).await;
+
+    // Thawed by the safety timer when nobody does.
+    let freeze = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.freeze(Duration::from_millis(100)).await })
+    };
+    answer(&mut fake, "guest-fsfreeze-freeze", json!(1)).await;
+    let held = freeze.await.unwrap().unwrap();
+    answer(&mut fake, "guest-fsfreeze-thaw", json!(1)).await;
+    // Dropped after the timer thawed: nothing more is sent (polled until the timer's task is
+    // done with its reply, with a deadline).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !held.timed_out() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+    drop(held);
+    assert!(
+        fake.quiet(Duration::from_millis(200)).await,
+        "a thaw after the timer's"
+    );
+
+    // A freeze that fails is thawed at once, and its error returned.
+    let freeze = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.freeze(long).await })
+    };
+    let request = fake.recv().await;
+    fake.reply(json!({"error": {"class": "GenericError", "desc": "failed to freeze /mnt"}, "id": request.id()}))
+        .await;
+    answer(&mut fake, "guest-fsfreeze-thaw", json!(0)).await;
+    assert!(matches!(freeze.await.unwrap(), Err(Error::Agent { .. })));
+}

@@ -28,7 +28,7 @@ pub use sys::{clear_cloexec, exited, kill, process_lock, raise_fd_limit};
 pub use guest::{Console, Guest};
 pub use proxy::{assert_rolls_back, FaultProxy};
 pub use qemu::Qemu;
-pub use vm::{image, iso, pc_spec, q35_spec, second_monitor, Snapshot, TestVm};
+pub use vm::{image, iso, pc_spec, q35_spec, second_monitor, with_guest_agent, Snapshot, TestVm};
 
 /// Serialises the tests of one binary that compare our process's fd table (or run beside ones
 /// that do): under `cargo test` a binary's tests share a process and run on parallel threads, so

@@ -19,6 +19,22 @@ pub struct TestVm {
     dir: tempfile::TempDir,
 }
 
+/// Adds the guest agent's port to `spec`: a virtio-serial controller `vser0` at slot 8 and the
+/// port `qga0` named `org.qemu.guest_agent.0`, QEMU listening on `socket` (the test guest starts
+/// `qemu-ga` on it).
+pub fn with_guest_agent(spec: &mut VmSpec, socket: &std::path::Path) {
+    spec.virtio_serials.push(qhotplug::VirtioSerial {
+        id: "vser0".into(),
+        pci: qhotplug::Pci::new("pci.0", 8),
+    });
+    spec.serial_ports.push(qhotplug::SerialPort {
+        id: "qga0".into(),
+        bus: "vser0.0".into(),
+        name: "org.qemu.guest_agent.0".into(),
+        socket: socket.to_owned(),
+    });
+}
+
 /// A `pc` spec with no guest: 128 MiB, paused, one virtio-scsi controller `scsi0` at slot 3.
 pub fn pc_spec() -> VmSpec {
     let mut spec = VmSpec::new("qhotplug-test", Machine::Pc);

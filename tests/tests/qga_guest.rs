@@ -1,41 +1,27 @@
 //! The guest agent in a booted guest under TCG: Debian's `qemu-ga` in the test guest, on a
 //! virtio-serial port named `org.qemu.guest_agent.0` given at boot, driven by `qhotplug-qga`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use qhotplug::{NicConfig, Pci, SerialPort, TapBuilder, VirtioSerial, VmSpec};
+use qhotplug::{NicConfig, TapBuilder};
 use qhotplug_qga::command::{
-    ExecStatus, GuestExec, GuestExecStatus, GuestFileClose, GuestFileOpen, GuestFileRead,
-    GuestFileWrite, GuestGetHostName, GuestGetOsinfo, GuestGetVcpus, GuestNetworkGetInterfaces,
-    GuestPing,
+    ExecStatus, FreezeStatus, GuestExec, GuestExecStatus, GuestFileClose, GuestFileOpen,
+    GuestFileRead, GuestFileWrite, GuestFsfreezeStatus, GuestGetHostName, GuestGetOsinfo,
+    GuestGetVcpus, GuestNetworkGetInterfaces, GuestPing,
 };
 use qhotplug_qga::{Agent, Config, Error};
-use qhotplug_tests::{pc_spec, Guest};
+use qhotplug_tests::{pc_spec, with_guest_agent, Guest};
 
 const SEEN: Duration = Duration::from_secs(60);
-
-/// The test VM with a virtio-serial controller and the agent's port on `socket`.
-fn agent_spec(socket: &Path) -> VmSpec {
-    let mut spec = pc_spec();
-    spec.virtio_serials.push(VirtioSerial {
-        id: "vser0".into(),
-        pci: Pci::new("pci.0", 8),
-    });
-    spec.serial_ports.push(SerialPort {
-        id: "qga0".into(),
-        bus: "vser0.0".into(),
-        name: "org.qemu.guest_agent.0".into(),
-        socket: socket.to_owned(),
-    });
-    spec
-}
 
 /// A booted guest, its agent's socket, and the folder that holds it.
 async fn boot() -> (Guest, PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("qga.sock");
-    let guest = Guest::boot(agent_spec(&socket), |l| l).await;
+    let mut spec = pc_spec();
+    with_guest_agent(&mut spec, &socket);
+    let guest = Guest::boot(spec, |l| l).await;
     (guest, socket, dir)
 }
 
@@ -170,5 +156,51 @@ fn an_agent_stopped_mid_command_times_out_typed_and_its_successor_answers_the_ne
         let name = agent.execute(&GuestGetHostName).await.unwrap();
         assert!(!name.host_name.is_empty());
         agent.execute(&GuestPing).await.unwrap();
+    });
+}
+
+#[test]
+fn a_freeze_of_a_mounted_ext4_disk_shows_frozen_and_a_dropped_guard_thaws_it() {
+    qhotplug_tests::serial_test(async {
+        let (g, socket, dir) = boot().await;
+        // An ext4 filesystem made on the host, hot-plugged and mounted in the guest.
+        let fs = qhotplug_tests::image(dir.path(), "fs.raw", 16);
+        let made = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&fs)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let mark = g.console.mark();
+        g.vm.add_disk(qhotplug::DiskConfig::virtio_blk("fs", &fs))
+            .await
+            .unwrap();
+        let dev = g.console.added(mark, "block").await;
+        let mount = format!("mkdir -p /mnt && mount -t ext4 /dev/{dev} /mnt && echo mounted");
+        assert_eq!(g.console.run(&mount, SEEN).await, ["mounted"]);
+
+        let agent = std::sync::Arc::new(Agent::connect(&socket, patient()).await.unwrap());
+        let frozen = agent.freeze(SEEN).await.unwrap();
+        assert_eq!(
+            frozen.count(),
+            1,
+            "the ext4 mount (rootfs, proc, sysfs are not frozen)"
+        );
+        assert_eq!(
+            agent.execute(&GuestFsfreezeStatus).await.unwrap(),
+            FreezeStatus::Frozen
+        );
+        // While frozen the agent refuses all but a few commands, typed.
+        let refused = agent.execute(&GuestGetHostName).await.unwrap_err();
+        assert!(matches!(refused, Error::Frozen { .. }), "{refused:?}");
+        // Dropped: a task thaws.
+        drop(frozen);
+        let deadline = tokio::time::Instant::now() + SEEN;
+        while agent.execute(&GuestFsfreezeStatus).await.unwrap() != FreezeStatus::Thawed {
+            assert!(tokio::time::Instant::now() < deadline, "never thawed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let write = "echo after > /mnt/f && sync && cat /mnt/f";
+        assert_eq!(g.console.run(write, SEEN).await, ["after"]);
     });
 }
