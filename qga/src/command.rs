@@ -2,38 +2,10 @@
 //! [`Agent::execute`](crate::Agent::execute). Unknown members in replies are ignored.
 
 use base64::Engine;
-use qhotplug_qmp::Command;
 use serde::{Deserialize, Serialize};
 
-/// The `{}` that commands without a return value return.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub struct Empty {}
-
-macro_rules! command {
-    ($(#[$doc:meta])* $name:literal, $ty:ident, $ret:ty) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-        pub struct $ty;
-
-        impl Command for $ty {
-            const NAME: &'static str = $name;
-            type Returns = $ret;
-        }
-    };
-    ($(#[$doc:meta])* $name:literal, $ty:ident { $($(#[$fdoc:meta])* $field:ident : $fty:ty),* $(,)? } -> $ret:ty) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Serialize)]
-        #[serde(rename_all = "kebab-case")]
-        pub struct $ty {
-            $($(#[$fdoc])* pub $field: $fty,)*
-        }
-
-        impl Command for $ty {
-            const NAME: &'static str = $name;
-            type Returns = $ret;
-        }
-    };
-}
+use qhotplug_qmp::command;
+pub use qhotplug_qmp::command::Empty;
 
 command!(
     /// `guest-ping`: the agent is there and answering.

@@ -20,26 +20,37 @@ pub trait Command: Serialize {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub struct Empty {}
 
+/// Declares a typed command: a unit struct (no arguments) or a struct of its arguments
+/// (kebab-case on the wire), and its [`Command`] impl. Used for QMP here and for the guest agent's
+/// protocol, which shares QMP's request shape, in `qhotplug-qga`. The calling crate needs `serde`.
+///
+/// ```
+/// qhotplug_qmp::command!(
+///     /// `query-status`.
+///     "query-status", MyQueryStatus, serde_json::Value
+/// );
+/// ```
+#[macro_export]
 macro_rules! command {
     ($(#[$doc:meta])* $name:literal, $ty:ident, $ret:ty) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
         pub struct $ty;
 
-        impl Command for $ty {
+        impl $crate::command::Command for $ty {
             const NAME: &'static str = $name;
             type Returns = $ret;
         }
     };
     ($(#[$doc:meta])* $name:literal, $ty:ident { $($(#[$fdoc:meta])* $field:ident : $fty:ty),* $(,)? } -> $ret:ty) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Serialize)]
+        #[derive(Debug, Clone, PartialEq, serde::Serialize)]
         #[serde(rename_all = "kebab-case")]
         pub struct $ty {
             $($(#[$fdoc])* pub $field: $fty,)*
         }
 
-        impl Command for $ty {
+        impl $crate::command::Command for $ty {
             const NAME: &'static str = $name;
             type Returns = $ret;
         }
