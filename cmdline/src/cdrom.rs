@@ -15,8 +15,7 @@ use crate::error::{Error, Result};
 use crate::machine::Machine;
 use crate::model::DeviceModel;
 use crate::names;
-use crate::value::validate_id;
-use crate::value::{p, Props};
+use crate::value::{p, validate_id, Props};
 
 /// A place on the machine's built-in IDE controller: on `pc`, `ide.0` and `ide.1` with units 0
 /// and 1; on `q35` (AHCI), `ide.0` to `ide.5` with unit 0.

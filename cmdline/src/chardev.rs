@@ -8,8 +8,7 @@ use serde_json::json;
 
 use crate::device::render_kv;
 use crate::error::Result;
-use crate::value::validate_id;
-use crate::value::{p, Props};
+use crate::value::{p, validate_id, Props};
 
 /// A `socket` chardev on a Unix path.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,8 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::DeviceModel;
-use crate::value::validate_id;
-use crate::value::{p, Props};
+use crate::value::{p, validate_id, Props};
 
 /// The vCPU topology: how many vCPUs the VM may ever have, and how they are arranged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

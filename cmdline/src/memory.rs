@@ -11,8 +11,7 @@ use crate::device::Pci;
 use crate::error::{Error, Result};
 use crate::model::DeviceModel;
 use crate::names;
-use crate::value::{p, props_to_json, Props};
-use crate::value::{render, validate_id};
+use crate::value::{p, props_to_json, render, validate_id, Props};
 
 /// One MiB.
 pub const MIB: u64 = 1 << 20;

@@ -8,8 +8,7 @@ use crate::device::Pci;
 use crate::error::Result;
 use crate::model::DeviceModel;
 use crate::names;
-use crate::value::{p, props_to_json, Props};
-use crate::value::{render, validate_id};
+use crate::value::{p, props_to_json, render, validate_id, Props};
 
 /// A virtio RNG.
 #[derive(Debug, Clone, PartialEq, Eq)]

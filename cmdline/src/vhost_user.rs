@@ -11,8 +11,7 @@ use crate::device::Pci;
 use crate::error::Result;
 use crate::model::DeviceModel;
 use crate::names;
-use crate::value::validate_id;
-use crate::value::{p, Props};
+use crate::value::{p, validate_id, Props};
 
 /// A `vhost-user-blk-pci` disk on a backend's socket.
 #[derive(Debug, Clone, PartialEq, Eq)]

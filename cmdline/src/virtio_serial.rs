@@ -10,8 +10,7 @@ use crate::device::Pci;
 use crate::error::{Error, Result};
 use crate::model::DeviceModel;
 use crate::names;
-use crate::value::validate_id;
-use crate::value::{p, Props};
+use crate::value::{p, validate_id, Props};
 
 /// A `virtio-serial-pci` controller; its ports go on bus `<id>.0`.
 #[derive(Debug, Clone, PartialEq, Eq)]

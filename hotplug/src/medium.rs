@@ -16,12 +16,11 @@
 //! [`MediumOptions::tray_wait`] and, if the guest does not, answers [`Error::TrayLocked`] with
 //! nothing changed.
 
-use qhotplug_cmdline::DeviceModel;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qhotplug_cmdline::{Cdrom, CdromBus};
+use qhotplug_cmdline::{Cdrom, CdromBus, DeviceModel};
 use qhotplug_qmp::command::{
     BlockInfo, BlockdevCloseTray, BlockdevInsertMedium, BlockdevOpenTray, BlockdevRemoveMedium,
     QueryBlock,

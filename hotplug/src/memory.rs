@@ -101,7 +101,7 @@ async fn virtio_mem(core: &Core, id: &str) -> Result<command::VirtioMemInfo> {
 pub(crate) async fn check_fits(core: &Core, config: &MemoryConfig) -> Result<()> {
     let (boot, max, slots) = {
         let state = core.state();
-        let s = &state.spec();
+        let s = state.spec();
         (s.memory_mib * MIB, s.max_memory_mib, s.memory_slots)
     };
     let Some(max) = max else {
@@ -140,26 +140,25 @@ pub(crate) async fn check_fits(core: &Core, config: &MemoryConfig) -> Result<()>
     Ok(())
 }
 
+/// The balloon's id: [`Error::NotFound`] for the balloon when the VM has none.
+fn balloon_id(core: &Core) -> Result<String> {
+    let id = core.state().spec().balloon.as_ref().map(|b| b.id.clone());
+    id.ok_or_else(|| Error::NotFound {
+        kind: DeviceKind::Balloon,
+        id: String::new(),
+    })
+}
+
 /// See [`Vm::balloon_actual`](crate::Vm::balloon_actual).
 pub(crate) async fn balloon_actual(core: &Core) -> Result<u64> {
-    if core.state().spec().balloon.is_none() {
-        return Err(Error::NotFound {
-            kind: DeviceKind::Balloon,
-            id: String::new(),
-        });
-    }
+    balloon_id(core)?;
     Ok(core.client.execute(&command::QueryBalloon).await?.actual)
 }
 
 /// See [`Vm::set_balloon`](crate::Vm::set_balloon).
 pub(crate) async fn set_balloon(core: &Arc<Core>, target: u64) -> Result<()> {
     core.require("the balloon", &["balloon"]).await?;
-    let Some(id) = core.state().spec().balloon.as_ref().map(|b| b.id.clone()) else {
-        return Err(Error::NotFound {
-            kind: DeviceKind::Balloon,
-            id: String::new(),
-        });
-    };
+    let id = balloon_id(core)?;
     // Held to the end, so a removal cannot start under the command.
     let _busy = holds::mark_busy(core, &id, DeviceKind::Balloon)?;
     let value = i64::try_from(target).ok().filter(|v| *v > 0);

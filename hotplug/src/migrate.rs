@@ -412,11 +412,10 @@ async fn follow(
     }
 }
 
-/// The source's final figures (total time, downtime), once both ends are done.
+/// The source's final figures (total time, downtime), once both ends are done. A source that has
+/// just said `completed` may not have worked them out yet (seen once, after post-copy, on a loaded
+/// machine: no total time): asked again, for a bounded while.
 async fn final_figures(source: &Core) -> Result<MigrationInfo> {
-    // The final figures (total time, downtime), now that both ends are done. A source
-    // that has just said `completed` may not have worked them out yet (seen once, after
-    // post-copy, on a loaded machine: no total time): asked again, for a bounded while.
     let until = tokio::time::Instant::now() + FIGURES_WAIT;
     let mut info = source.client.execute(&QueryMigrate).await?;
     while info.total_time.unwrap_or(0) == 0 && tokio::time::Instant::now() < until {

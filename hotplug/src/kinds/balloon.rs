@@ -1,8 +1,7 @@
 //! The memory balloon: one `virtio-balloon-pci` in a PCI slot, no backend. See
 //! [`Vm::set_balloon`](crate::Vm::set_balloon) for driving it.
 
-use qhotplug_cmdline::DeviceModel;
-use qhotplug_cmdline::{Balloon, Pci};
+use qhotplug_cmdline::{Balloon, DeviceModel, Pci};
 
 use super::{Place, Placed, Plan, Plug, Want};
 use crate::error::Result;

@@ -5,10 +5,9 @@
 //! Hot-add, loaded: `add-fd` → `blockdev-add` (protocol node) → `blockdev-add` (raw node) →
 //! `remove-fd` → `device_add`; empty: `device_add` alone. Teardown: the medium's nodes.
 
-use qhotplug_cmdline::DeviceModel;
 use std::path::PathBuf;
 
-use qhotplug_cmdline::{Cdrom, CdromBus, ScsiAddr};
+use qhotplug_cmdline::{Cdrom, CdromBus, DeviceModel, ScsiAddr};
 
 use super::{Place, Placed, Plan, Plug, Want};
 use crate::delete::Delete;

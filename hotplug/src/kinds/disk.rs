@@ -4,10 +4,11 @@
 //! Hot-add: `add-fd` → `blockdev-add` (protocol node on `/dev/fdset/N`) → `blockdev-add` (format
 //! node) → `remove-fd` → `device_add`. Teardown: the format node, then the protocol node.
 
-use qhotplug_cmdline::DeviceModel;
 use std::path::PathBuf;
 
-use qhotplug_cmdline::{Cache, Disk, DiskBackend, DiskFrontend, Format, Pci, ScsiAddr};
+use qhotplug_cmdline::{
+    Cache, DeviceModel, Disk, DiskBackend, DiskFrontend, Format, Pci, ScsiAddr,
+};
 
 use qhotplug_qmp::command::{BlockSetIoThrottle, IoLimits};
 

@@ -5,10 +5,11 @@
 //! DIMM slot is left, and whether the device fits under `maxmem`, is checked against
 //! `query-memory-devices` before anything is sent ([`Vm::add_memory`](crate::Vm::add_memory)).
 
-use qhotplug_cmdline::DeviceModel;
 use std::path::PathBuf;
 
-use qhotplug_cmdline::{MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Pci};
+use qhotplug_cmdline::{
+    DeviceModel, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Pci,
+};
 
 use super::{Backend, Place, Placed, Plan, Plug, Want};
 use crate::delete::Delete;

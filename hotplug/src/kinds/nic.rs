@@ -4,10 +4,9 @@
 //! Hot-add: `getfd` per tap fd and vhost fd → `netdev_add` → `device_add`. Teardown: the netdev
 //! (which closes QEMU's tap and vhost fds).
 
-use qhotplug_cmdline::DeviceModel;
 use std::os::fd::OwnedFd;
 
-use qhotplug_cmdline::{names, Nic, Pci};
+use qhotplug_cmdline::{names, DeviceModel, Nic, Pci};
 use qhotplug_netdev::{open_vhost, MacAddr, Tap, Vhost, VhostPolicy};
 
 use super::{Backend, Place, Placed, Plan, Plug, Want};

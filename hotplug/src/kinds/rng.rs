@@ -1,10 +1,9 @@
 //! A virtio RNG: `object-add rng-random` (reading a host source) → `device_add virtio-rng-pci`.
 //! Teardown: `object-del`.
 
-use qhotplug_cmdline::DeviceModel;
 use std::path::PathBuf;
 
-use qhotplug_cmdline::{Pci, Rng};
+use qhotplug_cmdline::{DeviceModel, Pci, Rng};
 
 use super::{Backend, Place, Placed, Plan, Plug, Want};
 use crate::delete::Delete;

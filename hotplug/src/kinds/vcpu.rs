@@ -2,8 +2,7 @@
 //! `query-hotpluggable-cpus` lists. No backend; nothing to tear down. The guest onlines a new vCPU
 //! itself (or not): the SDK reports what QEMU confirms. See [`Vm::set_vcpus`](crate::Vm::set_vcpus).
 
-use qhotplug_cmdline::DeviceModel;
-use qhotplug_cmdline::Vcpu;
+use qhotplug_cmdline::{DeviceModel, Vcpu};
 
 use super::{Place, Placed, Plan, Plug, Want};
 use crate::error::{Error, Result};

@@ -8,10 +8,9 @@
 //! [`Vm::add_vhost_user_blk`]: crate::Vm::add_vhost_user_blk
 //! [`Vm::add_virtio_fs`]: crate::Vm::add_virtio_fs
 
-use qhotplug_cmdline::DeviceModel;
 use std::path::PathBuf;
 
-use qhotplug_cmdline::{Pci, SocketChardev, VhostUserBlk, VirtioFs};
+use qhotplug_cmdline::{DeviceModel, Pci, SocketChardev, VhostUserBlk, VirtioFs};
 
 use super::{Backend, Place, Placed, Plan, Plug, Want};
 use crate::delete::Delete;

@@ -2,10 +2,9 @@
 //! (`chardev-add` of a socket QEMU listens on → `device_add virtserialport`; QEMU numbers the
 //! port). Teardown of a port: `chardev-remove`.
 
-use qhotplug_cmdline::DeviceModel;
 use std::path::PathBuf;
 
-use qhotplug_cmdline::{Pci, SerialPort, VirtioSerial};
+use qhotplug_cmdline::{DeviceModel, Pci, SerialPort, VirtioSerial};
 
 use super::{Backend, Place, Placed, Plan, Plug, Want};
 use crate::delete::Delete;
