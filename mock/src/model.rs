@@ -405,9 +405,14 @@ impl Model {
     }
 
     pub(crate) fn greeting(&self) -> Value {
-        json!({"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7},
-                                   "package": "qhotplug mock"},
-                       "capabilities": ["oob"]}})
+        crate::greeting(7, 2, "qhotplug mock")
+    }
+
+    /// A running guest that answers: it acknowledges a new vCPU, plugs what virtio-mem is asked
+    /// for and reaches a balloon target at once. A paused one, or one that never answers an
+    /// unplug ([`GuestUnplug::Never`]), does none of it.
+    fn guest_answers(&self) -> bool {
+        self.running && self.guest_unplug != GuestUnplug::Never
     }
 
     pub(crate) fn subscribe(&mut self, writer: mpsc::UnboundedSender<Value>) {
@@ -420,8 +425,7 @@ impl Model {
     }
 
     fn emit(&mut self, name: &str, data: Value) {
-        let event = json!({"event": name, "data": data,
-                           "timestamp": {"seconds": 1_700_000_000, "microseconds": 0}});
+        let event = crate::event_json(name, data);
         self.subscribers.retain(|w| w.send(event.clone()).is_ok());
     }
 
@@ -733,7 +737,7 @@ impl Model {
         let path = required(args, "path")?;
         let property = required(args, "property")?;
         let id = path.strip_prefix("/machine/peripheral/").unwrap_or(path);
-        let answers = self.running && self.guest_unplug != GuestUnplug::Never;
+        let answers = self.guest_answers();
         let max = self
             .devices
             .iter()
@@ -765,7 +769,7 @@ impl Model {
     fn balloon(&mut self, args: &Value) -> Reply {
         self.balloon_device()?;
         let value = args.get("value").and_then(Value::as_u64).unwrap_or(0);
-        if self.running && self.guest_unplug != GuestUnplug::Never {
+        if self.guest_answers() {
             self.balloon_actual = Some(value);
         }
         Ok(json!({}))
@@ -1338,7 +1342,7 @@ impl Model {
         if let MockPlace::Cpu { core } = place {
             self.cpu_slots[core as usize] = Some(format!("/machine/peripheral/{id}"));
             // A guest that answers acknowledges the new vCPU (ACPI `_OST`, insertion, done).
-            if self.running && self.guest_unplug != GuestUnplug::Never {
+            if self.guest_answers() {
                 self.emit(
                     "ACPI_DEVICE_OST",
                     json!({"info": {"device": id, "slot": core.to_string(), "slot-type": "CPU",

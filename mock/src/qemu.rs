@@ -25,7 +25,8 @@ pub enum GuestUnplug {
     /// Refuses: `DEVICE_UNPLUG_GUEST_ERROR`; the device stays.
     Refuse,
     /// Never answers: the device stays and a second `device_del` is refused as already in the
-    /// process of unplug (a paused guest, a guest without hotplug support).
+    /// process of unplug (a paused guest, a guest without hotplug support). Such a guest also
+    /// acknowledges no vCPU, plugs no virtio-mem and reaches no balloon target.
     Never,
 }
 
