@@ -180,15 +180,9 @@ impl Agent {
             self.write(&mut conn, &request).await?;
             let deadline = Instant::now() + timeout;
             loop {
-                let frame = match self.next_frame(&mut conn, deadline).await {
-                    Err(Error::Timeout { .. }) => {
-                        return Err(Error::Timeout {
-                            command: C::NAME.into(),
-                            after: timeout,
-                        })
-                    }
-                    other => other?,
-                };
+                let frame = self
+                    .next_frame(&mut conn, deadline, C::NAME, timeout)
+                    .await?;
                 match classify(&frame, id) {
                     Line::Reply(reply) => {
                         conn.in_sync = true;
@@ -254,23 +248,20 @@ impl Agent {
             )
             .map_err(|e| Error::Io(std::io::Error::other(e)))?;
             self.write(conn, &request).await?;
-            let deadline = Instant::now() + self.config.sync_timeout;
+            let after = self.config.sync_timeout;
+            let deadline = Instant::now() + after;
             let mut skipped = 0u64;
             loop {
-                let frame = match self.next_frame(conn, deadline).await {
-                    Ok(frame) => frame,
+                let frame = match self
+                    .next_frame(conn, deadline, "guest-sync-delimited", after)
+                    .await
+                {
                     // A stale line past the limit is only more to skip.
                     Err(Error::FrameTooLong { .. }) => {
                         skipped += 1;
                         continue;
                     }
-                    Err(Error::Timeout { .. }) => {
-                        return Err(Error::Timeout {
-                            command: "guest-sync-delimited".into(),
-                            after: self.config.sync_timeout,
-                        })
-                    }
-                    Err(e) => return Err(e),
+                    other => other?,
                 };
                 if sync_reply(&frame) == Some(id) {
                     tracing::debug!(skipped, "in sync");
@@ -298,15 +289,21 @@ impl Agent {
         Ok(())
     }
 
-    /// The next line, by `deadline`. The socket closing drops the connection (the next call
-    /// connects again).
-    async fn next_frame(&self, conn: &mut Conn, deadline: Instant) -> Result<BytesMut> {
+    /// The next line, by `deadline` (else the timeout of `command`, which waited `after`). The
+    /// socket closing drops the connection (the next call connects again).
+    async fn next_frame(
+        &self,
+        conn: &mut Conn,
+        deadline: Instant,
+        command: &str,
+        after: Duration,
+    ) -> Result<BytesMut> {
         let io = conn.io.as_mut().ok_or(Error::Disconnected)?;
         let item = tokio::time::timeout_at(deadline, io.read.next())
             .await
             .map_err(|_| Error::Timeout {
-                command: String::new(),
-                after: Duration::ZERO,
+                command: command.to_owned(),
+                after,
             })?;
         match item {
             Some(Ok(Ok(frame))) => Ok(frame),
