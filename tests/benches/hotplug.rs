@@ -30,11 +30,6 @@ const NIC_ROUNDS: usize = 10;
 const BULK: usize = 64;
 const BULK_ROUNDS: usize = 3;
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -45,7 +40,7 @@ fn step_medians(rounds: &[Vec<(&'static str, Duration)>]) -> Vec<(&'static str, 
         .map(|i| {
             (
                 rounds[0][i].0,
-                median(rounds.iter().map(|r| r[i].1).collect()),
+                qhotplug_tests::median(rounds.iter().map(|r| r[i].1).collect()),
             )
         })
         .collect()
@@ -75,8 +70,8 @@ fn print_steps(
     println!(
         "  {:<14} {:>10.0} {:>10.0}   (sdk: the whole call, from the caller)",
         "total",
-        us(median(raw_totals)),
-        us(median(sdk_total.to_vec()))
+        us(qhotplug_tests::median(raw_totals)),
+        us(qhotplug_tests::median(sdk_total.to_vec()))
     );
     sorted[sorted.len() / 2]
 }
@@ -209,8 +204,8 @@ async fn run(timings: Timings) {
     let ratio_64 = qhotplug_tests::median_ratio(&floor_times, &sdk_times);
     println!(
         "{BULK} scsi-hd disks (median of {BULK_ROUNDS} rounds): floor one after another {:.1} ms, sdk {BULK} concurrent add_disk {:.1} ms",
-        median(floor_times).as_secs_f64() * 1e3,
-        median(sdk_times).as_secs_f64() * 1e3
+        qhotplug_tests::median(floor_times).as_secs_f64() * 1e3,
+        qhotplug_tests::median(sdk_times).as_secs_f64() * 1e3
     );
     println!("ratio_disk={ratio_disk:.3} ratio_nic={ratio_nic:.3} ratio_64={ratio_64:.3}");
 }

@@ -20,11 +20,6 @@ use qhotplug_tests::{pc_spec, with_guest_agent, Guest};
 const ROUNDS: usize = 20;
 const PINGS: usize = 50;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn main() {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -94,7 +89,7 @@ async fn run() {
     drop(Agent::connect(&socket, patient).await.unwrap());
     println!("guest-ping to qemu-ga in the booted guest (TCG), {ROUNDS} rounds of {PINGS}");
 
-    let (mut floor, mut sdk, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut floor, mut sdk) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         let path = socket.clone();
         let f = tokio::task::spawn_blocking(move || floor_round(&path))
@@ -105,18 +100,17 @@ async fn run() {
         for _ in 0..PINGS {
             agent.execute(&GuestPing).await.unwrap();
         }
-        let s = started.elapsed();
+        sdk.push(started.elapsed());
         drop(agent);
-        let per = |d: Duration| d.as_secs_f64() * 1e6 / PINGS as f64;
-        floor.push(per(f));
-        sdk.push(per(s));
-        ratios.push(f.as_secs_f64() / s.as_secs_f64());
+        floor.push(f);
     }
+    let ratio = qhotplug_tests::median_ratio(&floor, &sdk);
+    let per_ping = |v: Vec<Duration>| qhotplug_tests::median(v).as_secs_f64() * 1e6 / PINGS as f64;
     println!(
         "per ping (µs, median): floor {:.0}, sdk {:.0}",
-        median(floor),
-        median(sdk)
+        per_ping(floor),
+        per_ping(sdk)
     );
-    println!("ratio_ping={:.3}", median(ratios));
+    println!("ratio_ping={ratio:.3}");
     drop(guest);
 }

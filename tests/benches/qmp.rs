@@ -138,11 +138,6 @@ async fn client_pipelined(client: &qhotplug_qmp::Client, n: usize) -> Duration {
     start.elapsed()
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn per_op(d: Duration, n: usize) -> f64 {
     d.as_secs_f64() * 1e6 / n as f64
 }
@@ -227,7 +222,7 @@ async fn run() {
     let ratio_ids = ratio(&fs, &is);
     let total = |v: &[Duration]| v.iter().sum::<Duration>();
     let (fs_all, cs_all, is_all) = (total(&fs), total(&cs), total(&is));
-    let (fc, cc) = (median(fc), median(cc));
+    let (fc, cc) = (qhotplug_tests::median(fc), qhotplug_tests::median(cc));
     println!(
         "sequential query-status, {ROUNDS} rounds of {SEQ} round trips, floor and client alternating op by op:"
     );

@@ -23,11 +23,6 @@ use serde_json::{json, Value};
 
 const ROUNDS: usize = 30;
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn main() {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -122,14 +117,14 @@ async fn run() {
     println!(
         "  {:<8} {:>10.0} {:>10.0}",
         "DIMM",
-        us(median(dimm_floor.clone())),
-        us(median(dimm_sdk.clone()))
+        us(qhotplug_tests::median(dimm_floor.clone())),
+        us(qhotplug_tests::median(dimm_sdk.clone()))
     );
     println!(
         "  {:<8} {:>10.0} {:>10.0}",
         "vCPU",
-        us(median(vcpu_floor.clone())),
-        us(median(vcpu_sdk.clone()))
+        us(qhotplug_tests::median(vcpu_floor.clone())),
+        us(qhotplug_tests::median(vcpu_sdk.clone()))
     );
     println!(
         "ratio_dimm={:.3} ratio_vcpu={:.3}",

@@ -89,6 +89,12 @@ pub fn nic_hot_add_steps(queues: usize) -> Vec<&'static str> {
     steps
 }
 
+/// The median of `times` (the upper one of an even count).
+pub fn median(mut times: Vec<std::time::Duration>) -> std::time::Duration {
+    times.sort();
+    times[times.len() / 2]
+}
+
 /// The median of `floor[i] / ours[i]`: each floor measurement beside ours taken moments apart,
 /// which resists the drift of a shared machine better than a ratio of medians (the benchmarks'
 /// ratios; above 1.0, faster than the floor).
