@@ -76,14 +76,18 @@ impl Decoder for FrameCodec {
                 (false, Some(end)) => {
                     let mut line = buf.split_to(end + 1);
                     self.scanned = 0;
-                    let trimmed = trim_line(&line);
-                    if trimmed.is_empty() {
-                        continue;
-                    }
-                    if trimmed.len() > self.max_frame {
+                    // The limit is on the line as it came (its ending excluded), whitespace and
+                    // all: the same bytes the branch below counts while the newline has not
+                    // arrived, so a frame is refused or not however the stream was cut.
+                    let content = line.len() - 1 - usize::from(line.ends_with(b"\r\n"));
+                    if content > self.max_frame {
                         return Ok(Some(Err(FrameError::TooLong {
                             limit: self.max_frame,
                         })));
+                    }
+                    let trimmed = trim_line(&line);
+                    if trimmed.is_empty() {
+                        continue;
                     }
                     // Cut the frame down to its trimmed bytes without copying.
                     let offset = trimmed.as_ptr() as usize - line.as_ptr() as usize;
@@ -242,6 +246,25 @@ mod tests {
         assert_eq!(got[1], Err("frame exceeds the limit of 7 bytes".into()));
         // A CR that arrives before its LF does not count against the limit.
         let got = decode_all(&mut FrameCodec::new(7), &[b"{\"a\":1}\r", b"\n"]);
+        assert_eq!(got, vec![Ok(b"{\"a\":1}".to_vec())]);
+    }
+
+    #[test]
+    fn padding_counts_against_the_limit_however_the_bytes_are_cut() {
+        // Found by the fuzzer: 7 bytes of frame in 20 of whitespace were refused when the bytes
+        // came in pieces (the bytes held before the newline passed the limit) and passed when they
+        // came at once (the trimmed frame was measured). The line as it came is what counts.
+        let line = b"      {\"a\":1}       \r\n";
+        let whole = decode_all(&mut FrameCodec::new(7), &[line]);
+        let cut: Vec<&[u8]> = line.chunks(3).collect();
+        let split = decode_all(&mut FrameCodec::new(7), &cut);
+        assert_eq!(
+            whole,
+            vec![Err("frame exceeds the limit of 7 bytes".to_owned())]
+        );
+        assert_eq!(split, whole);
+        // Within the limit, padding and all, it is trimmed as before.
+        let got = decode_all(&mut FrameCodec::new(20), &[line]);
         assert_eq!(got, vec![Ok(b"{\"a\":1}".to_vec())]);
     }
 
