@@ -67,6 +67,15 @@ pub struct SerialPort {
 }
 
 impl SerialPort {
+    /// The name the guest agent's port has (`qemu-ga`'s default, and what libvirt, Nova and
+    /// KubeVirt give it): a port with this name is the VM's guest agent.
+    pub const GUEST_AGENT: &'static str = "org.qemu.guest_agent.0";
+
+    /// True when this is the guest agent's port (named [`SerialPort::GUEST_AGENT`]).
+    pub fn is_guest_agent(&self) -> bool {
+        self.name == Self::GUEST_AGENT
+    }
+
     /// Its chardev (QEMU listens).
     pub fn chardev(&self) -> SocketChardev {
         SocketChardev {

@@ -36,6 +36,10 @@ pub struct VcpuChange {
     /// deadline: QEMU has them, the guest may not have noticed yet. Empty on a VM that is not
     /// running (nothing is waited for).
     pub unconfirmed: Vec<String>,
+    /// What the guest agent did with the new vCPUs
+    /// ([`Vm::set_vcpus_online`](crate::Vm::set_vcpus_online)); `None` from
+    /// [`Vm::set_vcpus`](crate::Vm::set_vcpus), and when nothing was added.
+    pub guest: Option<crate::onlining::Onlined>,
 }
 
 /// See [`Vm::vcpu_slots`](crate::Vm::vcpu_slots).

@@ -243,6 +243,14 @@ pub enum Error {
         /// How long the SDK waited for `BLOCK_EXPORT_DELETED`.
         after: Duration,
     },
+    /// The guest agent failed: not running, no answer in time, refused, gone mid-command (see
+    /// [`qhotplug_qga::Error`]).
+    #[error(transparent)]
+    Agent(#[from] qhotplug_qga::Error),
+    /// The VM has no guest agent port: no virtio-serial port named
+    /// [`SerialPort::GUEST_AGENT`](qhotplug_cmdline::SerialPort::GUEST_AGENT) in its spec.
+    #[error("the VM has no guest agent port (a virtio-serial port named org.qemu.guest_agent.0)")]
+    NoGuestAgent,
     /// A host-side system call failed (a socket pair for a migration, waiting for a daemon to
     /// exit).
     #[error("{what}")]
@@ -308,6 +316,8 @@ impl Error {
                 | Error::OverMaxMemory { .. }
                 | Error::NeedsSharedMemory(_)
                 | Error::InvalidMigration(_)
+                | Error::NoGuestAgent
+                | Error::Agent(qhotplug_qga::Error::NotRunning { .. })
         )
     }
 

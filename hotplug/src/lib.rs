@@ -85,12 +85,15 @@ mod device_kind;
 mod discover;
 mod engine;
 mod error;
+mod guest_agent;
 mod holds;
 mod kinds;
+mod life;
 mod live;
 mod medium;
 mod memory;
 mod migrate;
+mod onlining;
 pub mod qemu_errors;
 mod reconcile;
 mod run_to_end;
@@ -107,6 +110,7 @@ mod vm_core;
 pub use cpus::VcpuChange;
 pub use device_kind::DeviceKind;
 pub use error::{Error, MigrationFailure, Result, UndoFailure};
+pub use guest_agent::{GuestAgent, DEFAULT_AGENT_TIMEOUT};
 pub use kinds::balloon::BalloonConfig;
 pub use kinds::cdrom::CdromConfig;
 pub use kinds::disk::{DiskConfig, DiskModel};
@@ -115,8 +119,10 @@ pub use kinds::nic::NicConfig;
 pub use kinds::rng::RngConfig;
 pub use kinds::vhost_user::{VhostUserBlkConfig, VirtioFsConfig};
 pub use kinds::virtio_serial::{SerialPortConfig, VirtioSerialConfig};
+pub use life::{PowerVia, Stopped};
 pub use medium::{MediumOptions, TrayStatus};
 pub use migrate::{MigrationOptions, Progress, SourceAfter, Transport};
+pub use onlining::Onlined;
 pub use reconcile::Reconciled;
 pub use storage_daemon::StorageDaemon;
 pub use unplug::{UnplugPolicy, DEFAULT_UNPLUG_DEADLINE};
@@ -132,8 +138,15 @@ pub use qhotplug_cmdline::{
     Vnc, VncListen, MIB,
 };
 pub use qhotplug_netdev::{MacAddr, Tap, TapBuilder, VhostPolicy};
-pub use qhotplug_qmp::command::IoLimits;
+pub use qhotplug_qmp::command::{IoLimits, RunState};
 pub use qhotplug_qmp::{Client, Event, EventKind};
+
+/// The guest agent's side: `qhotplug-qga`'s typed commands, errors and freeze guard, for use
+/// with [`GuestAgent`] (whose [`Vm::agent`] knows whether an agent runs).
+pub mod agent {
+    pub use qhotplug_qga::command::*;
+    pub use qhotplug_qga::{Agent, Config, Error, Frozen, Result};
+}
 
 /// The README's example, compiled as a doctest so it cannot rot.
 #[cfg(doctest)]

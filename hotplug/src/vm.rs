@@ -12,16 +12,19 @@ use qhotplug_cmdline::{
     Balloon, Cdrom, CdromBus, Disk, Launcher, MemoryDevice, Nic, QemuProcess, Rng, SerialPort,
     VhostUserBlk, VirtioFs, VirtioSerial, VmSpec,
 };
-use qhotplug_qmp::command::{HotpluggableCpu, IoLimits, MigrateCancel};
+use qhotplug_qmp::command::{HotpluggableCpu, IoLimits, MigrateCancel, RunState};
 use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
 
 use crate::cpus::{self, VcpuChange};
 use crate::error::{Error, Result};
+use crate::guest_agent::GuestAgent;
 use crate::kinds::{Device, DeviceKind, Plug};
+use crate::life::{self, PowerVia, Stopped};
 use crate::medium::{self, MediumOptions, TrayStatus};
 use crate::migrate::{self, MigrationOptions, Progress};
+use crate::onlining::{self, Onlined};
 use crate::reconcile::{self, Reconciled};
 use crate::run_to_end::RunToEnd;
 use crate::state::Entry;
@@ -260,6 +263,55 @@ impl Vm {
         self.core.quit().await
     }
 
+    /// The VM's guest agent, on its port named `org.qemu.guest_agent.0` (declared in the spec, or
+    /// hot-added with [`SerialPortConfig::guest_agent`]); [`Error::NoGuestAgent`] without one.
+    /// Every call returns a handle on the same connection. Whether an agent runs in the guest is
+    /// read from QEMU (the port's `frontend-open`, then `VSERPORT_CHANGE`), so a call to an agent
+    /// that is not running fails at once, typed, and is never taken for a slow one.
+    pub async fn agent(&self) -> Result<GuestAgent> {
+        self.core.agent().await
+    }
+
+    /// Shuts the VM down gracefully: asks the guest by `via` (the agent's `guest-shutdown` when
+    /// one runs, else the ACPI power button), waits for `SHUTDOWN` by `deadline`, and waits for
+    /// QEMU to exit (reaped, when the SDK launched it). A guest that has not shut down by the
+    /// deadline (it ignores the button, or hangs) is stopped with `quit`: [`Stopped::Forced`].
+    /// Either way QEMU is gone when it returns; it runs to its end if the caller stops waiting.
+    pub async fn shutdown(&self, via: PowerVia, deadline: Duration) -> Result<Stopped> {
+        self.call("shutdown", "", move |core, _| async move {
+            life::shutdown(&core, via, deadline).await
+        })
+        .await
+    }
+
+    /// Reboots the guest: through the agent (`guest-shutdown` `reboot`), waiting for `RESET` by
+    /// `deadline`, and resetting the VM (`system_reset`) if it has not come by then
+    /// ([`Stopped::Forced`]). ACPI has no reboot request: with [`PowerVia::Acpi`] (or
+    /// [`PowerVia::Auto`] and no agent running) the VM is reset at once.
+    pub async fn reboot(&self, via: PowerVia, deadline: Duration) -> Result<Stopped> {
+        self.call("reboot", "", move |core, _| async move {
+            life::reboot(&core, via, deadline).await
+        })
+        .await
+    }
+
+    /// Pauses the VM (`stop`): its vCPUs stop; QEMU and its devices stay. Pausing a paused VM
+    /// does nothing.
+    pub async fn pause(&self) -> Result<()> {
+        life::pause(&self.core).await
+    }
+
+    /// Resumes a paused VM (`cont`), also one QEMU paused itself (an I/O error with
+    /// `werror=stop`, a guest panic with `-action panic=pause`).
+    pub async fn resume(&self) -> Result<()> {
+        life::resume(&self.core).await
+    }
+
+    /// The VM's run state (`query-status`): running, paused, shut down, …
+    pub async fn run_state(&self) -> Result<RunState> {
+        life::run_state(&self.core).await
+    }
+
     /// The path of the pseudo-terminal behind serial console `index` (`Serial::Pty` in the spec),
     /// from `query-chardev`, for a caller to attach to. `None` when that console is no pty.
     pub async fn serial_pty(&self, index: usize) -> Result<Option<std::path::PathBuf>> {
@@ -496,6 +548,27 @@ impl Vm {
         .await
     }
 
+    /// [`set_vcpus`](Vm::set_vcpus), then the guest agent brings the new vCPUs online (only
+    /// those: the guest's ids it did not list before), and [`VcpuChange::guest`] says what it did
+    /// and what the guest now has: the guest's acknowledgement and its listing are waited for by
+    /// the handle's unplug deadline, a CPU the guest could not online is listed with its words.
+    ///
+    /// The agent must be running ([`Vm::agent`]); if not, [`Error::Agent`] with
+    /// `NotRunning` before anything is sent. If the agent fails after the hot-add, the vCPUs stay
+    /// (`vm.spec()` has them) and the error is the agent's.
+    pub async fn set_vcpus_online(&self, count: u32) -> Result<VcpuChange> {
+        let agent = self.agent().await?;
+        let before = onlining::vcpu_ids(&agent).await?;
+        let mut change = self.set_vcpus(count).await?;
+        if !change.added.is_empty() {
+            let deadline = tokio::time::Instant::now() + self.policy.deadline;
+            let guest =
+                onlining::online_vcpus(&agent, &before, change.added.len(), deadline).await?;
+            change.guest = Some(guest);
+        }
+        Ok(change)
+    }
+
     /// The VM's vCPU slots, as QEMU lists them (plugged ones have a `qom_path`), in slot order.
     pub async fn vcpu_slots(&self) -> Result<Vec<HotpluggableCpu>> {
         cpus::vcpu_slots(&self.core).await
@@ -513,6 +586,24 @@ impl Vm {
             engine::add(&core, config).await
         })
         .await
+    }
+
+    /// [`add_memory`](Vm::add_memory), then the guest agent brings the new memory blocks online
+    /// (for a guest that does not online hot-plugged memory itself; blocks it already onlined are
+    /// listed in [`Onlined::new`] only). The blocks of the device's size (a virtio-mem device's
+    /// `requested`) are waited for by the handle's unplug deadline. The agent must be running,
+    /// as for [`set_vcpus_online`](Vm::set_vcpus_online).
+    pub async fn add_memory_online(&self, config: MemoryConfig) -> Result<(MemoryDevice, Onlined)> {
+        let agent = self.agent().await?;
+        let before = onlining::memory_block_ids(&agent).await?;
+        let device = self.add_memory(config).await?;
+        let bytes = match &device.kind {
+            qhotplug_cmdline::MemoryDeviceKind::VirtioMem { requested, .. } => *requested,
+            _ => device.backend.size,
+        };
+        let deadline = tokio::time::Instant::now() + self.policy.deadline;
+        let guest = onlining::online_memory(&agent, &before, bytes, deadline).await?;
+        Ok((device, guest))
     }
 
     /// Hot-removes a memory device: `device_del`, wait for the guest to let it go, then its

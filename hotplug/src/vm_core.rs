@@ -8,6 +8,7 @@ use qhotplug_cmdline::QemuProcess;
 use qhotplug_qmp::Client;
 
 use crate::error::{Error, Result};
+use crate::guest_agent::GuestAgent;
 use crate::state::State;
 
 /// What every clone of a [`Vm`](crate::Vm) shares, and all that the engine and the operations
@@ -23,6 +24,9 @@ pub(crate) struct Core {
     /// [`Vm::settle`](crate::Vm::settle) when none is.
     running: AtomicUsize,
     idle: tokio::sync::Notify,
+    /// The guest agent, once asked for: one connection to its socket per VM (QEMU's chardev
+    /// takes one client at a time).
+    agent: tokio::sync::Mutex<Option<GuestAgent>>,
 }
 
 impl Core {
@@ -34,6 +38,7 @@ impl Core {
             rollbacks: Mutex::new(Vec::new()),
             running: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
+            agent: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -111,6 +116,26 @@ impl Core {
                 .map_err(|e| Error::Launch(qhotplug_cmdline::Error::Io(e)))?;
         }
         Ok(())
+    }
+
+    /// The VM's guest agent: on the port named `org.qemu.guest_agent.0` in the spec, started on
+    /// first use and shared after; started again if the port changed (removed, added anew).
+    pub(crate) async fn agent(&self) -> Result<GuestAgent> {
+        let port = self
+            .state()
+            .spec()
+            .serial_ports
+            .iter()
+            .find(|p| p.is_guest_agent())
+            .cloned()
+            .ok_or(Error::NoGuestAgent)?;
+        let mut cached = self.agent.lock().await;
+        if let Some(agent) = cached.as_ref().filter(|a| a.serves(&port)) {
+            return Ok(agent.clone());
+        }
+        let agent = GuestAgent::start(&self.client, port).await?;
+        *cached = Some(agent.clone());
+        Ok(agent)
     }
 
     /// Checks, from QEMU's own schema (read once per connection), that it has every command in

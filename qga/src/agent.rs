@@ -100,6 +100,8 @@ pub struct Agent {
     path: PathBuf,
     config: Config,
     conn: tokio::sync::Mutex<Conn>,
+    /// Set by [`Agent::resync_before_next`]: the next call resynchronises whatever the last left.
+    stale: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -132,6 +134,7 @@ impl Agent {
             path: path.into(),
             config,
             conn: tokio::sync::Mutex::new(Conn::default()),
+            stale: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -152,6 +155,13 @@ impl Agent {
         let mut conn = self.conn.lock().await;
         conn.in_sync = false;
         self.ensure_sync(&mut conn).await
+    }
+
+    /// Makes the next call resynchronise before it sends anything, without waiting for the
+    /// calls running now: for a caller that learnt the agent restarted (its port reopened), so
+    /// whatever the new agent holds from before is skipped.
+    pub fn resync_before_next(&self) {
+        self.stale.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Runs `command` and returns its reply, within the configured timeout.
@@ -229,6 +239,9 @@ impl Agent {
                 read: FramedRead::new(read, FrameCodec::new(self.config.max_frame)),
                 write,
             });
+            conn.in_sync = false;
+        }
+        if self.stale.swap(false, std::sync::atomic::Ordering::SeqCst) {
             conn.in_sync = false;
         }
         if conn.in_sync {

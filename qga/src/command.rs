@@ -44,6 +44,22 @@ command!(
     } -> i64
 );
 command!(
+    /// `guest-get-memory-blocks`: each memory block the guest has, and whether it is online.
+    "guest-get-memory-blocks", GuestGetMemoryBlocks, Vec<MemoryBlock>
+);
+command!(
+    /// `guest-set-memory-blocks`: brings memory blocks online or offline; one response per
+    /// block, in order.
+    "guest-set-memory-blocks", GuestSetMemoryBlocks {
+        /// The blocks and the state each should have.
+        mem_blks: Vec<MemoryBlockState>,
+    } -> Vec<MemoryBlockResponse>
+);
+command!(
+    /// `guest-get-memory-block-info`: the size of one memory block.
+    "guest-get-memory-block-info", GuestGetMemoryBlockInfo, MemoryBlockInfo
+);
+command!(
     /// `guest-fsfreeze-status`: `thawed` or `frozen`.
     "guest-fsfreeze-status", GuestFsfreezeStatus, FreezeStatus
 );
@@ -198,6 +214,49 @@ pub struct IpAddress {
     pub ip_address: String,
     /// The prefix length.
     pub prefix: u8,
+}
+
+/// One memory block in `guest-get-memory-blocks`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MemoryBlock {
+    /// The block's index (`/sys/devices/system/memory/memory<N>`).
+    pub phys_index: u64,
+    /// True when it is online.
+    pub online: bool,
+    /// True when the guest could take it offline (absent: unknown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub can_offline: Option<bool>,
+}
+
+/// A block and the state `guest-set-memory-blocks` should give it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MemoryBlockState {
+    /// The block's index.
+    pub phys_index: u64,
+    /// Online or offline.
+    pub online: bool,
+}
+
+/// What `guest-set-memory-blocks` did with one block.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MemoryBlockResponse {
+    /// The block's index.
+    pub phys_index: u64,
+    /// `success`, `not-found`, `operation-not-supported` or `operation-failed`.
+    pub response: String,
+    /// The guest's `errno`, when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<i64>,
+}
+
+/// The reply to `guest-get-memory-block-info`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct MemoryBlockInfo {
+    /// A memory block's size, in bytes.
+    pub size: u64,
 }
 
 /// A logical CPU of the guest, as `guest-get-vcpus` lists and `guest-set-vcpus` takes it.

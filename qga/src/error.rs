@@ -20,6 +20,22 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// No agent runs in the guest: the guest has not opened the agent's port (QEMU's
+    /// `frontend-open` for its chardev is false, or `VSERPORT_CHANGE` said it closed). Nothing
+    /// was sent. Told apart from [`Error::Timeout`] by the VM's own QMP connection (the
+    /// `qhotplug` crate's `GuestAgent`), which an [`Agent`](crate::Agent) alone cannot see.
+    #[error("the guest agent is not running: the guest has not opened port {port}")]
+    NotRunning {
+        /// The port's device id.
+        port: String,
+    },
+    /// The guest closed the agent's port while `command` ran: the agent stopped or restarted
+    /// mid-command. Nothing is known of what the command did; the next call resynchronises.
+    #[error("the guest agent went away while running {command}")]
+    Gone {
+        /// The command.
+        command: String,
+    },
     /// The socket closed (QEMU went away, or its chardev was removed). The next call connects
     /// again.
     #[error("the guest agent's socket closed")]
@@ -81,9 +97,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// True when the agent may still answer later (a timeout, a reply lost to the frame limit):
-    /// nothing is known of what the command did.
+    /// True when nothing is known of what the command did: no answer in time, a reply lost to
+    /// the frame limit, or an agent that went away mid-command.
     pub fn is_in_doubt(&self) -> bool {
-        matches!(self, Error::Timeout { .. } | Error::FrameTooLong { .. })
+        matches!(
+            self,
+            Error::Timeout { .. } | Error::FrameTooLong { .. } | Error::Gone { .. }
+        )
     }
 }

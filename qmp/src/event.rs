@@ -68,6 +68,18 @@ pub enum EventKind {
     /// `BLOCK_EXPORT_DELETED` (`qemu-storage-daemon`, QEMU): an export is gone, its clients
     /// disconnected.
     BlockExportDeleted(BlockExportDeleted),
+    /// `VSERPORT_CHANGE`: the guest opened or closed a virtio-serial port (for the guest agent's
+    /// port: the agent started or stopped). Rate-limited by QEMU.
+    VserportChange(VserportChange),
+    /// `GUEST_PANICKED`: the guest reported a panic (through a `pvpanic` device or Hyper-V's
+    /// crash MSRs); `action` is what QEMU did about it.
+    GuestPanicked(GuestPanicked),
+    /// `WATCHDOG`: the guest's watchdog expired; `action` is what QEMU did about it.
+    Watchdog(Watchdog),
+    /// `SUSPEND`: the guest entered S3 (suspend to RAM).
+    Suspend,
+    /// `WAKEUP`: the guest woke from suspend.
+    Wakeup,
     /// Any other event, and any known event whose data does not have the expected shape. Its
     /// data is [`Event::data`], held once.
     Other {
@@ -182,6 +194,33 @@ pub struct BlockExportDeleted {
     pub id: String,
 }
 
+/// The data of `VSERPORT_CHANGE`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct VserportChange {
+    /// The port's device id.
+    pub id: String,
+    /// True when the guest now has the port open.
+    pub open: bool,
+}
+
+/// The data of `GUEST_PANICKED`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct GuestPanicked {
+    /// What QEMU did: `pause`, `poweroff` or `run`.
+    pub action: String,
+    /// What the guest said of its panic, when it said anything (`GuestPanicInformation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<Value>,
+}
+
+/// The data of `WATCHDOG`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Watchdog {
+    /// What QEMU did: `reset`, `shutdown`, `poweroff`, `pause`, `debug`, `none` or
+    /// `inject-nmi`.
+    pub action: String,
+}
+
 fn typed<T: DeserializeOwned>(data: &Value) -> Option<T> {
     if data.is_null() {
         return None;
@@ -206,6 +245,11 @@ impl Event {
             "BLOCK_EXPORT_DELETED" => typed(&data).map(EventKind::BlockExportDeleted),
             "MIGRATION" => typed(&data).map(EventKind::Migration),
             "MIGRATION_PASS" => typed(&data).map(EventKind::MigrationPass),
+            "VSERPORT_CHANGE" => typed(&data).map(EventKind::VserportChange),
+            "GUEST_PANICKED" => typed(&data).map(EventKind::GuestPanicked),
+            "WATCHDOG" => typed(&data).map(EventKind::Watchdog),
+            "SUSPEND" => Some(EventKind::Suspend),
+            "WAKEUP" => Some(EventKind::Wakeup),
             "POWERDOWN" => Some(EventKind::Powerdown),
             "STOP" => Some(EventKind::Stop),
             "RESUME" => Some(EventKind::Resume),
@@ -241,6 +285,11 @@ impl Event {
             EventKind::BlockExportDeleted(_) => "BLOCK_EXPORT_DELETED",
             EventKind::Migration(_) => "MIGRATION",
             EventKind::MigrationPass(_) => "MIGRATION_PASS",
+            EventKind::VserportChange(_) => "VSERPORT_CHANGE",
+            EventKind::GuestPanicked(_) => "GUEST_PANICKED",
+            EventKind::Watchdog(_) => "WATCHDOG",
+            EventKind::Suspend => "SUSPEND",
+            EventKind::Wakeup => "WAKEUP",
             EventKind::Other { name } => name,
         }
     }
@@ -340,5 +389,52 @@ mod tests {
         assert_eq!(stop.data(), &Value::Null);
         assert_eq!(stop.kind(), &EventKind::Stop);
         assert_eq!(stop.to_json().get("data"), None);
+    }
+
+    #[test]
+    fn the_guest_s_life_events_are_typed() {
+        let ts = Timestamp::default();
+        let port = Event::from_wire(
+            "VSERPORT_CHANGE".into(),
+            Some(json!({"id": "qga0", "open": false})),
+            ts,
+        );
+        assert_eq!(
+            port.kind(),
+            &EventKind::VserportChange(VserportChange {
+                id: "qga0".into(),
+                open: false
+            })
+        );
+        let panic = Event::from_wire(
+            "GUEST_PANICKED".into(),
+            Some(json!({"action": "pause", "info": {"type": "hyper-v", "arg1": 1}})),
+            ts,
+        );
+        match panic.kind() {
+            EventKind::GuestPanicked(p) => {
+                assert_eq!(p.action, "pause");
+                assert_eq!(p.info.as_ref().unwrap()["type"], "hyper-v");
+            }
+            other => panic!("{other:?}"),
+        }
+        let dog = Event::from_wire("WATCHDOG".into(), Some(json!({"action": "reset"})), ts);
+        assert_eq!(
+            dog.kind(),
+            &EventKind::Watchdog(Watchdog {
+                action: "reset".into()
+            })
+        );
+        for (name, kind) in [
+            ("SUSPEND", EventKind::Suspend),
+            ("WAKEUP", EventKind::Wakeup),
+        ] {
+            let e = Event::from_wire(name.into(), None, ts);
+            assert_eq!((e.kind(), e.name()), (&kind, name));
+        }
+        // A port event without `open` is kept, untyped.
+        let odd = Event::from_wire("VSERPORT_CHANGE".into(), Some(json!({"id": "x"})), ts);
+        assert_eq!(odd.name(), "VSERPORT_CHANGE");
+        assert!(matches!(odd.kind(), EventKind::Other { .. }));
     }
 }

@@ -19,18 +19,18 @@ pub struct TestVm {
     dir: tempfile::TempDir,
 }
 
-/// Adds the guest agent's port to `spec`: a virtio-serial controller `vser0` at slot 8 and the
-/// port `qga0` named `org.qemu.guest_agent.0`, QEMU listening on `socket` (the test guest starts
-/// `qemu-ga` on it).
+/// Adds the guest agent's port to `spec`: a virtio-serial controller `vser0` at slot 8 of the
+/// machine's root bus and the port `qga0` named `org.qemu.guest_agent.0`, QEMU listening on
+/// `socket` (the test guest starts `qemu-ga` on it).
 pub fn with_guest_agent(spec: &mut VmSpec, socket: &std::path::Path) {
     spec.virtio_serials.push(qhotplug::VirtioSerial {
         id: "vser0".into(),
-        pci: qhotplug::Pci::new("pci.0", 8),
+        pci: qhotplug::Pci::new(spec.machine.root_bus(), 8),
     });
     spec.serial_ports.push(qhotplug::SerialPort {
         id: "qga0".into(),
         bus: "vser0.0".into(),
-        name: "org.qemu.guest_agent.0".into(),
+        name: qhotplug::SerialPort::GUEST_AGENT.into(),
         socket: socket.to_owned(),
     });
 }

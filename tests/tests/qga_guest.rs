@@ -1,10 +1,12 @@
 //! The guest agent in a booted guest under TCG: Debian's `qemu-ga` in the test guest, on a
-//! virtio-serial port named `org.qemu.guest_agent.0` given at boot, driven by `qhotplug-qga`.
+//! virtio-serial port named `org.qemu.guest_agent.0` given at boot or hot-plugged, driven by
+//! `qhotplug-qga` alone and through the VM (`Vm::agent`), which knows from QMP whether an agent
+//! runs.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use qhotplug::{NicConfig, TapBuilder};
+use qhotplug::{NicConfig, SerialPortConfig, TapBuilder, VirtioSerialConfig};
 use qhotplug_qga::command::{
     ExecStatus, FreezeStatus, GuestExec, GuestExecStatus, GuestFileClose, GuestFileOpen,
     GuestFileRead, GuestFileWrite, GuestFsfreezeStatus, GuestGetHostName, GuestGetOsinfo,
@@ -202,5 +204,76 @@ fn a_freeze_of_a_mounted_ext4_disk_shows_frozen_and_a_dropped_guard_thaws_it() {
         }
         let write = "echo after > /mnt/f && sync && cat /mnt/f";
         assert_eq!(g.console.run(write, SEEN).await, ["after"]);
+    });
+}
+
+#[test]
+fn the_vms_agent_is_not_running_until_a_hot_plugged_port_opens_and_one_killed_mid_command_is_gone()
+{
+    qhotplug_tests::serial_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        // No port: typed, nothing sent.
+        assert!(matches!(
+            g.vm.agent().await,
+            Err(qhotplug::Error::NoGuestAgent)
+        ));
+
+        // The controller and the agent's port, hot-plugged; the guest starts qemu-ga on the
+        // port's uevent, and QEMU says the port opened.
+        g.vm.add_virtio_serial(VirtioSerialConfig::new("vser0"))
+            .await
+            .unwrap();
+        g.vm.add_serial_port(SerialPortConfig::guest_agent(
+            "qga0",
+            "vser0",
+            dir.path().join("qga.sock"),
+        ))
+        .await
+        .unwrap();
+        let agent = g.vm.agent().await.unwrap().with_timeout(SEEN);
+        agent.wait_running(SEEN).await.unwrap();
+        agent.execute(&GuestPing).await.unwrap();
+
+        // Killed: the port closes, and a call is "not running" at once (not a timeout).
+        let kill =
+            "kill -9 $(pidof qemu-ga); while pidof qemu-ga >/dev/null; do :; done; echo killed";
+        assert_eq!(g.console.run(kill, SEEN).await, ["killed"]);
+        let closed = tokio::time::Instant::now() + SEEN;
+        while agent.is_running() {
+            assert!(
+                tokio::time::Instant::now() < closed,
+                "QEMU never said the port closed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        match agent.execute(&GuestPing).await {
+            Err(Error::NotRunning { port }) => assert_eq!(port, "qga0"),
+            other => panic!("{other:?}"),
+        }
+        let start = "start-agent && echo started";
+        assert_eq!(g.console.run(start, SEEN).await, ["started"]);
+        agent.wait_running(SEEN).await.unwrap();
+        agent.execute(&GuestPing).await.unwrap();
+
+        // Killed mid-command: the agent hangs (SIGSTOP) with a ping in hand, then is killed.
+        // The caller gets "gone", in doubt; after a restart the next call resyncs past the stale
+        // ping and gets its own reply.
+        let stop = "kill -STOP $(pidof qemu-ga) && echo stopped";
+        assert_eq!(g.console.run(stop, SEEN).await, ["stopped"]);
+        let pending = tokio::spawn({
+            let agent = agent.clone();
+            async move { agent.execute(&GuestPing).await }
+        });
+        assert_eq!(g.console.run(kill, SEEN).await, ["killed"]);
+        match pending.await.unwrap() {
+            Err(e @ Error::Gone { .. }) => assert!(e.is_in_doubt()),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(g.console.run(start, SEEN).await, ["started"]);
+        agent.wait_running(SEEN).await.unwrap();
+        let name = agent.execute(&GuestGetHostName).await.unwrap();
+        assert!(!name.host_name.is_empty());
+        agent.execute(&GuestPing).await.unwrap();
     });
 }

@@ -1,6 +1,6 @@
 //! vCPUs, memory and the balloon, seen from a real guest under TCG: vCPUs 1 → 3 → 1 on pc and q35
-//! (the test onlines them, as the SDK cannot), a DIMM's and a virtio-mem device's memory coming
-//! and going in `MemTotal`, a guest that refuses to give a DIMM back (onlined as normal memory)
+//! (onlined by the SDK through the guest agent), a DIMM's and a virtio-mem device's memory coming
+//! and going in `MemTotal`, a DIMM the guest leaves offline onlined through the agent, a guest that refuses to give a DIMM back (onlined as normal memory)
 //! reported at once, and a balloon the guest gives memory to.
 
 use std::time::Duration;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use qhotplug::{BalloonConfig, CpuTopology, Error, EventKind, MemoryConfig, VmSpec, MIB};
 use qhotplug_qmp::command::{MemoryDeviceInfo, QueryMemoryDevices};
-use qhotplug_tests::{pc_spec, q35_spec, Guest};
+use qhotplug_tests::{pc_spec, q35_spec, with_guest_agent, Guest};
 
 /// How long the guest may take to see a change (TCG; onlining a vCPU takes seconds).
 const SEEN: Duration = Duration::from_secs(90);
@@ -44,26 +44,46 @@ fn with_memory(mut spec: VmSpec) -> VmSpec {
     spec
 }
 
+/// Boots `spec` with the guest agent's port, and waits until the agent runs.
+async fn boot_with_agent(mut spec: VmSpec) -> (Guest, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    with_guest_agent(&mut spec, &dir.path().join("qga.sock"));
+    let g = Guest::boot(spec, |l| l).await;
+    g.vm.agent()
+        .await
+        .unwrap()
+        .wait_running(SEEN)
+        .await
+        .unwrap();
+    (g, dir)
+}
+
 async fn vcpus_one_three_one(spec: VmSpec) {
-    let g = Guest::boot(with_cpus(spec), |l| l).await;
+    let (g, _dir) = boot_with_agent(with_cpus(spec)).await;
     assert_eq!(
         g.console
             .run("cat /sys/devices/system/cpu/online", SEEN)
             .await,
         ["0"]
     );
-    let change = g.vm.set_vcpus(3).await.unwrap();
+    // Generous deadlines: under TCG the guest takes seconds to list a new vCPU.
+    let vm = g.vm.with_unplug_policy(qhotplug::UnplugPolicy::new(SEEN));
+    let change = vm.set_vcpus_online(3).await.unwrap();
     assert_eq!(change.added, ["vcpu1", "vcpu2"]);
     // The guest's ACPI code acknowledged both (`_OST`).
     assert!(change.unconfirmed.is_empty(), "{change:?}");
-    // The SDK cannot online them; the guest (here, the test through its console) does.
-    g.console
-        .until(
-            "echo 1 > /sys/devices/system/cpu/cpu1/online; echo 1 > /sys/devices/system/cpu/cpu2/online; cat /sys/devices/system/cpu/online",
-            |out| out.last().map(String::as_str) == Some("0-2"),
-            SEEN,
-        )
-        .await;
+    // The agent onlined the two new CPUs, and only them; no console step.
+    let guest = change.guest.expect("the agent's report");
+    assert_eq!(guest.new, [1, 2], "{guest:?}");
+    assert_eq!(guest.onlined, [1, 2], "{guest:?}");
+    assert!(guest.failed.is_empty(), "{guest:?}");
+    assert_eq!((guest.online, guest.total), (3, 3));
+    assert_eq!(
+        g.console
+            .run("cat /sys/devices/system/cpu/online", SEEN)
+            .await,
+        ["0-2"]
+    );
 
     // Under TCG, QEMU before 10.0 corrupts its heap on a vCPU unplug: refused before anything is
     // sent, and the vCPUs stay.
@@ -162,6 +182,29 @@ fn a_dimm_and_a_virtio_mem_device_grow_and_shrink_the_guests_memory() {
             spec.memory_devices[0].kind,
             qhotplug::MemoryDeviceKind::VirtioMem { requested: 0, .. }
         ));
+    });
+}
+
+#[test]
+fn a_dimm_the_guest_leaves_offline_is_onlined_through_the_agent() {
+    qhotplug_tests::serial_test(async {
+        let mut spec = with_memory(pc_spec());
+        // The kernel's own default: hot-plugged memory stays offline.
+        spec.append = Some("memhp_default_state=offline".into());
+        let (g, _dir) = boot_with_agent(spec).await;
+        let base = mem_total(&g).await;
+        let vm = g.vm.with_unplug_policy(qhotplug::UnplugPolicy::new(SEEN));
+        let (dimm, guest) = vm
+            .add_memory_online(MemoryConfig::dimm("dimm0", 128 * MIB))
+            .await
+            .unwrap();
+        assert_eq!(dimm.id, "dimm0");
+        // One 128 MiB block, new and onlined by the agent.
+        assert_eq!(guest.new.len(), 1, "{guest:?}");
+        assert_eq!(guest.onlined, guest.new, "{guest:?}");
+        assert!(guest.failed.is_empty(), "{guest:?}");
+        assert_eq!(guest.online, guest.total);
+        mem_total_becomes(&g, base + 128 * 1024).await;
     });
 }
 

@@ -64,6 +64,16 @@ impl SerialPortConfig {
         }
     }
 
+    /// The guest agent's port (named [`SerialPort::GUEST_AGENT`]) on controller `controller`,
+    /// QEMU listening at `socket`; [`Vm::agent`](crate::Vm::agent) drives the agent through it.
+    pub fn guest_agent(
+        id: impl Into<String>,
+        controller: impl Into<String>,
+        socket: impl Into<PathBuf>,
+    ) -> Self {
+        Self::new(id, controller, SerialPort::GUEST_AGENT, socket)
+    }
+
     /// The controller's id.
     pub(crate) fn controller(&self) -> &str {
         &self.controller

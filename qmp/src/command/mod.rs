@@ -123,6 +123,12 @@ command!(
 );
 
 command!(
+    /// `system_powerdown`: presses the guest's ACPI power button. The guest decides what to do;
+    /// `SHUTDOWN` says it shut down.
+    "system_powerdown", SystemPowerdown, Empty
+);
+
+command!(
     /// `system_reset`: resets the VM.
     "system_reset", SystemReset, Empty
 );
