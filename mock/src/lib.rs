@@ -57,5 +57,5 @@ mod scripted;
 mod sys;
 
 pub use model::{MockBlockNode, MockDevice, MockFdset, MockPlace, MockVirtioMem};
-pub use qemu::{GuestUnplug, MockQemu, ReceivedFd};
+pub use qemu::{GuestPower, GuestUnplug, MockQemu, ReceivedFd};
 pub use scripted::{default_greeting, event_json, greeting, schema, MockServer, Received};

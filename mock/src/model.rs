@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use crate::GuestUnplug;
+use crate::{GuestPower, GuestUnplug};
 
 /// A device, as the mock holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +168,11 @@ pub(crate) struct Model {
     /// Commands to fail: the command, how many of it to let pass first, and the error's text.
     failures: Vec<(String, usize, String)>,
     pub(crate) guest_unplug: GuestUnplug,
+    pub(crate) guest_power: GuestPower,
+    /// The virtio-serial ports (device ids) the guest has open.
+    open_ports: Vec<String>,
+    /// QEMU exited (`quit`, or a guest that powered off): every connection closes.
+    exited: bool,
     subscribers: Vec<mpsc::UnboundedSender<Value>>,
     next_fdset: i64,
     next_fd: i64,
@@ -269,6 +274,8 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("stop", &[]),
     ("cont", &[]),
     ("quit", &[]),
+    ("system_powerdown", &[]),
+    ("system_reset", &[]),
     ("qom-get", &["path", "property"]),
     ("qom-list", &["path"]),
     ("query-pci", &[]),
@@ -342,6 +349,9 @@ impl Model {
             received: Vec::new(),
             failures: Vec::new(),
             guest_unplug: GuestUnplug::default(),
+            guest_power: GuestPower::default(),
+            open_ports: Vec::new(),
+            exited: false,
             subscribers: Vec::new(),
             next_fdset: 0,
             next_fd: 20,
@@ -424,6 +434,21 @@ impl Model {
             .push((command.into(), nth.saturating_sub(1), desc.into()));
     }
 
+    /// See [`MockQemu::guest_port`](crate::MockQemu::guest_port).
+    pub(crate) fn guest_port(&mut self, id: &str, open: bool) {
+        self.open_ports.retain(|p| p != id);
+        if open {
+            self.open_ports.push(id.into());
+        }
+        self.emit("VSERPORT_CHANGE", json!({"id": id, "open": open}));
+    }
+
+    /// QEMU exits: `SHUTDOWN` with `reason`, then every connection closes.
+    fn exit(&mut self, guest: bool, reason: &str) {
+        self.emit("SHUTDOWN", json!({"guest": guest, "reason": reason}));
+        self.exited = true;
+    }
+
     fn emit(&mut self, name: &str, data: Value) {
         let event = crate::event_json(name, data);
         self.subscribers.retain(|w| w.send(event.clone()).is_ok());
@@ -480,6 +505,10 @@ impl Model {
             Err((class, desc)) => error_reply(class, &desc, id),
         };
         let _ = writer.send(reply);
+        if self.exited {
+            self.subscribers.retain(|w| w.send(Value::Null).is_ok());
+            let _ = writer.send(Value::Null);
+        }
         match later {
             Some(Later::Unplug(id, after)) => return Some((id, after)),
             Some(Later::Refuse(id)) => {
@@ -511,7 +540,24 @@ impl Model {
             "query-version" => Ok(self.greeting()["QMP"]["version"].clone()),
             "stop" => self.stop(),
             "cont" => self.cont(),
-            "quit" => Ok(json!({})),
+            "quit" => {
+                self.exit(false, "host-qmp-quit");
+                Ok(json!({}))
+            }
+            "system_powerdown" => {
+                self.emit("POWERDOWN", Value::Null);
+                if self.guest_power == GuestPower::PowersOff && self.running {
+                    self.exit(true, "guest-shutdown");
+                }
+                Ok(json!({}))
+            }
+            "system_reset" => {
+                self.emit(
+                    "RESET",
+                    json!({"guest": false, "reason": "host-qmp-system-reset"}),
+                );
+                Ok(json!({}))
+            }
             "qom-get" => self.qom_get(required(args, "path")?, required(args, "property")?),
             "qom-list" => self.qom_list(required(args, "path")?),
             "query-pci" => Ok(self.query_pci()),
@@ -655,7 +701,12 @@ impl Model {
         Ok(Value::Array(
             self.chardevs
                 .iter()
-                .map(|c| json!({"label": c, "filename": "mock", "frontend-open": false}))
+                .map(|c| {
+                    let open = self.devices.iter().any(|d| {
+                        d.chardev.as_deref() == Some(c.as_str()) && self.open_ports.contains(&d.id)
+                    });
+                    json!({"label": c, "filename": "mock", "frontend-open": open})
+                })
                 .collect(),
         ))
     }

@@ -30,6 +30,17 @@ pub enum GuestUnplug {
     Never,
 }
 
+/// What the mock's guest does when its ACPI power button is pressed (`system_powerdown`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestPower {
+    /// Powers off: `POWERDOWN`, then `SHUTDOWN` (`guest-shutdown`), and QEMU exits (every
+    /// monitor connection closes).
+    #[default]
+    PowersOff,
+    /// Ignores it: `POWERDOWN` only; QEMU runs on.
+    Ignores,
+}
+
 /// One fd the mock received, and the command it came with.
 #[derive(Debug)]
 pub struct ReceivedFd {
@@ -129,6 +140,17 @@ impl MockQemu {
         self.model().guest_unplug = behaviour;
     }
 
+    /// What the guest does from now on when its power button is pressed.
+    pub fn guest_power(&self, behaviour: GuestPower) {
+        self.model().guest_power = behaviour;
+    }
+
+    /// The guest opens (`true`) or closes virtio-serial port `id` (its agent starts or stops):
+    /// `VSERPORT_CHANGE`, and the port's chardev's `frontend-open` in `query-chardev`.
+    pub fn guest_port(&self, id: &str, open: bool) {
+        self.model().guest_port(id, open);
+    }
+
     /// Every command received, in order (`qmp_capabilities` left out).
     pub fn commands(&self) -> Vec<String> {
         self.model().log.iter().map(|(c, _)| c.clone()).collect()
@@ -208,6 +230,10 @@ async fn serve(
     let lock = || model.lock().unwrap_or_else(|p| p.into_inner());
     let write_task = async {
         while let Some(line) = lines.recv().await {
+            // QEMU exited: the connection closes after what was sent before.
+            if line.is_null() {
+                return;
+            }
             let mut bytes = serde_json::to_vec(&line).expect("JSON");
             bytes.extend_from_slice(b"\r\n");
             let mut at = 0;
