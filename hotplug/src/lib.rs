@@ -3,7 +3,10 @@
 //! virtio-serial ports and RNGs into running QEMU guests over QMP, and live-migrate them
 //! ([`Vm::migrate`]), as transactions with rollback, and change what is plugged (a
 //! disk's size and I/O limits, a NIC's link, a CD-ROM's medium, a virtio-mem device's size) while
-//! the guest runs.
+//! the guest runs. The guest's agent ([`Vm::agent`], [`GuestAgent`]) finishes what the guest must
+//! do (onlining new vCPUs and memory, freezing filesystems), and the VM's life is typed: graceful
+//! [`Vm::shutdown`] and [`Vm::reboot`] with a deadline, [`Vm::pause`], [`Vm::resume`],
+//! [`Vm::run_state`].
 //!
 //! A [`Vm`] is a handle on one QEMU, launched by the SDK ([`Vm::launch`]) or attached through its
 //! monitor ([`Vm::attach`]). Its hot-adds are transactions: each step that changes QEMU records
@@ -73,11 +76,12 @@
 //!
 //! | span | fields | what it covers |
 //! |---|---|---|
-//! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `add_memory`, `add_balloon`, `remove_disk`, `remove_nic`, `remove_cdrom`, `remove_memory`, `remove_balloon`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`, `set_vcpus`, `resize_virtio_mem`, `set_balloon`, `add_vhost_user_blk`, `add_virtio_fs`, `add_virtio_serial`, `add_serial_port`, `add_rng` and their `remove_*`; on a `StorageDaemon`: `export`, `unexport`; `migrate`), `id` | one public operation |
+//! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `add_memory`, `add_balloon`, `remove_disk`, `remove_nic`, `remove_cdrom`, `remove_memory`, `remove_balloon`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`, `set_vcpus`, `resize_virtio_mem`, `shutdown`, `reboot`, `set_balloon`, `add_vhost_user_blk`, `add_virtio_fs`, `add_virtio_serial`, `add_serial_port`, `add_rng` and their `remove_*`; on a `StorageDaemon`: `export`, `unexport`; `migrate`), `id` | one public operation |
 //! | `step` | `name` (the QMP command, or `wait DEVICE_DELETED`, `wait DEVICE_TRAY_MOVED`, `wait ACPI_DEVICE_OST`, `wait MEMORY_DEVICE_SIZE_CHANGE`, `wait BLOCK_EXPORT_DELETED`, `wait target MIGRATION`), `id`; `press` on `device_del` | one step of a hot-add, hot-remove or change; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
 //! | `undo` | `step` (for example `blockdev-del d1-fmt`) | one undo step of a rollback |
 //! | `rollback` | `id`, `reason` | the background rollback of a dropped hot-add or change |
 //! | `qmp` | `command`, `id` (`exec-oob` and in-band ids) | one QMP command (from `qhotplug-qmp`) |
+//! | `qga` | `command`, `id` (the request id the agent echoes) | one guest agent command, or a resynchronisation (`guest-sync-delimited`) (from `qhotplug-qga`) |
 
 mod cpus;
 mod delete;

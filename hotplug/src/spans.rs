@@ -2,7 +2,7 @@
 //! once. The SDK opens its spans with these, and tests and tools that read spans match on them.
 //!
 //! ```
-//! assert_eq!(qhotplug::spans::ALL, ["hotplug", "step", "undo", "rollback", "qmp"]);
+//! assert_eq!(qhotplug::spans::ALL, ["hotplug", "step", "undo", "rollback", "qmp", "qga"]);
 //! ```
 
 /// One public operation: fields `op`, `id`.
@@ -15,5 +15,7 @@ pub const UNDO: &str = "undo";
 pub const ROLLBACK: &str = "rollback";
 /// One QMP command, from `qhotplug-qmp`: fields `command`, `id`.
 pub const QMP: &str = qhotplug_qmp::QMP_SPAN;
+/// One guest agent command (or resynchronisation), from `qhotplug-qga`: fields `command`, `id`.
+pub const QGA: &str = qhotplug_qga::QGA_SPAN;
 /// Every span name above.
-pub const ALL: [&str; 5] = [HOTPLUG, STEP, UNDO, ROLLBACK, QMP];
+pub const ALL: [&str; 6] = [HOTPLUG, STEP, UNDO, ROLLBACK, QMP, QGA];

@@ -61,6 +61,8 @@ fn the_agent_pings_runs_programs_moves_files_and_lists_a_hot_plugged_nic() {
         let os = agent.execute(&GuestGetOsinfo).await.unwrap();
         let uname = g.console.run("uname -r", SEEN).await;
         assert_eq!(os.kernel_release.as_deref(), Some(uname[0].as_str()));
+        // And the guest image's /etc/os-release.
+        assert_eq!(os.id.as_deref(), Some("qhotplug-guest"));
 
         // A program's output, error output and exit code.
         let started = agent

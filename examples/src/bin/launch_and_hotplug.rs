@@ -1,7 +1,9 @@
-//! The demo: boots a small Linux guest under QEMU, hot-adds a disk and a two-queue NIC, grows the
-//! disk online, changes the medium in its CD-ROM drive, adds a vCPU and a DIMM, live-migrates it to
-//! a new QEMU with a progress bar, shows what the guest sees (from its serial console) and the QMP events as they
-//! arrive, removes both, and ends with how long each step took. Exits non-zero if any step fails.
+//! The demo: boots a small Linux guest under QEMU, asks its guest agent for its OS, hot-adds a disk
+//! and a two-queue NIC (whose MAC the agent then lists), grows the disk online, changes the medium
+//! in its CD-ROM drive, adds a vCPU (onlined through the agent) and a DIMM, live-migrates it to a
+//! new QEMU with a progress bar, shows what the guest sees (from its serial console) and the QMP
+//! events as they arrive, removes both, shuts the guest down gracefully, and ends with how long
+//! each step took. Exits non-zero if any step fails.
 //!
 //! Run it with `scripts/demo` (installs QEMU and builds the guest image when missing), or
 //! `cargo run --release -p qhotplug-examples --bin launch_and_hotplug` as root (taps need it).
@@ -10,9 +12,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use qhotplug::agent::{GuestExec, GuestExecStatus, GuestGetOsinfo, GuestNetworkGetInterfaces};
 use qhotplug::{
-    Cdrom, CpuTopology, DiskConfig, IdeAddr, MemoryConfig, MigrationOptions, NicConfig, Serial,
-    Transport, Vm, MIB,
+    Cdrom, CpuTopology, DiskConfig, GuestAgent, IdeAddr, MemoryConfig, MigrationOptions, NicConfig,
+    PowerVia, Serial, Stopped, Transport, Vm, MIB,
 };
 use qhotplug_cmdline::{Launcher, Machine, VmSpec};
 use qhotplug_netdev::{MacAddr, TapBuilder};
@@ -152,6 +155,8 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     spec.memory_slots = 2; // and for DIMMs, up to 1 GiB in all
     spec.max_memory_mib = Some(1024);
     boot_spec(&mut spec, console_path.clone());
+    // The guest agent's port (the guest image runs Debian's qemu-ga on it).
+    qhotplug_tests::with_guest_agent(&mut spec, &dir.path().join("qga.sock"));
     // An IDE CD-ROM drive (the guest's sr0) holding a first ISO.
     let tools_1 = qhotplug_tests::iso(dir.path(), "tools-1.iso", "VERSION", "tools 1\n");
     let tools_2 = qhotplug_tests::iso(dir.path(), "tools-2.iso", "VERSION", "tools 2\n");
@@ -201,6 +206,20 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     table.row("boot to a shell", boot.elapsed());
     println!("   guest ready in {}", format_duration(boot.elapsed()));
 
+    println!("== the guest agent");
+    let start = Instant::now();
+    let agent = vm.agent().await?.with_timeout(SEEN);
+    agent.wait_running(SEEN).await?;
+    let os = agent.execute(&GuestGetOsinfo).await?;
+    table.row("agent running, OS info", start.elapsed());
+    println!(
+        "agent   OS: {} (kernel {}, {})",
+        os.pretty_name.as_deref().unwrap_or("?"),
+        os.kernel_release.as_deref().unwrap_or("?"),
+        os.machine.as_deref().unwrap_or("?")
+    );
+    print_addresses(&agent).await?;
+
     // A 64 MiB disk.
     let image = dir.path().join("data-1.raw");
     std::fs::File::create(&image)?.set_len(64 << 20)?;
@@ -240,17 +259,21 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     println!("guest   /dev/sr0 holds VERSION = tools 2");
     table.row("guest reads the new CD", start.elapsed());
 
-    println!("== vCPUs: 2 → 3 (the guest onlines the new one itself)");
+    println!("== vCPUs: 2 → 3 (onlined through the guest agent)");
     let start = Instant::now();
-    let change = vm.set_vcpus(3).await?;
+    let change = vm.set_vcpus_online(3).await?;
     table.steps_from(timings);
     println!(
         "sdk     added {:?}, acknowledged by the guest's ACPI: {}",
         change.added,
         change.unconfirmed.is_empty()
     );
-    let online = "echo 1 > /sys/devices/system/cpu/cpu2/online; cat /sys/devices/system/cpu/online";
-    guest_says(&console, online, "0-2").await?;
+    let guest = change.guest.ok_or("no report from the agent")?;
+    println!(
+        "agent   new CPUs {:?}, onlined {:?}; {} of {} online",
+        guest.new, guest.onlined, guest.online, guest.total
+    );
+    guest_says(&console, "cat /sys/devices/system/cpu/online", "0-2").await?;
     println!("guest   /sys/devices/system/cpu/online = 0-2");
     table.row("guest runs on 3 vCPUs", start.elapsed());
 
@@ -298,6 +321,13 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     for line in listed {
         println!("guest   {line}");
     }
+    println!("== giving net-1 an address through the agent (guest-exec), and listing them");
+    let script = format!(
+        "ip link set lo up && ip addr add 192.0.2.10/24 dev {ifname} && ip link set {ifname} up"
+    );
+    let code = guest_exec(&agent, &script).await?;
+    println!("agent   `{script}` exited {code}");
+    print_addresses(&agent).await?;
 
     println!("== hot-removing both (the guest lets go; DEVICE_DELETED says when)");
     let mark = console.mark();
@@ -317,6 +347,9 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     let target_console = dir.path().join("target-console.sock");
     let mut launcher = vm.migration_launcher(dir.path().join("target"));
     launcher.spec_mut().serials = vec![Serial::Socket(target_console.clone())];
+    for port in &mut launcher.spec_mut().serial_ports {
+        port.socket = dir.path().join(format!("target-{}.sock", port.id));
+    }
     let target = Vm::launch(launcher).await?;
     let options = MigrationOptions::new(Transport::Unix(dir.path().join("migrate.sock")));
     let migrated = vm
@@ -347,6 +380,56 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
         println!("guest   (on the target) {line}");
     }
     let target = migrated.target;
-    timed(table, "quit", async { Ok(target.quit().await?) }).await?;
+    println!("== graceful shutdown (through the agent; QEMU quit if the guest takes over 30 s)");
+    let start = Instant::now();
+    match target.shutdown(PowerVia::Auto, SEEN).await? {
+        Stopped::Graceful { via, reason, after } => println!(
+            "sdk     the guest shut down ({via:?}, {}) in {}",
+            reason.as_deref().unwrap_or("?"),
+            format_duration(after)
+        ),
+        other => return Err(format!("the guest did not shut down: {other:?}").into()),
+    }
+    table.row("graceful shutdown", start.elapsed());
+    Ok(())
+}
+
+/// Runs `script` in the guest through the agent and waits (by `SEEN`) for its exit code.
+async fn guest_exec(agent: &GuestAgent, script: &str) -> Result<i64> {
+    let started = agent
+        .execute(&GuestExec {
+            path: "/bin/sh".into(),
+            arg: vec!["-c".into(), script.into()],
+            capture_output: true,
+        })
+        .await?;
+    let deadline = Instant::now() + SEEN;
+    loop {
+        let status = agent.execute(&GuestExecStatus { pid: started.pid }).await?;
+        if status.exited {
+            return Ok(status.exitcode.unwrap_or(-1));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("`{script}` did not exit within {SEEN:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Prints each interface the agent lists, with its MAC and addresses.
+async fn print_addresses(agent: &GuestAgent) -> Result<()> {
+    for i in agent.execute(&GuestNetworkGetInterfaces).await? {
+        let addresses: Vec<String> = i
+            .ip_addresses
+            .iter()
+            .map(|a| format!("{}/{}", a.ip_address, a.prefix))
+            .collect();
+        println!(
+            "agent   {:<6} {:<17} {}",
+            i.name,
+            i.hardware_address.as_deref().unwrap_or("-"),
+            addresses.join(" ")
+        );
+    }
     Ok(())
 }
