@@ -213,3 +213,36 @@ async fn pause_and_resume_change_the_run_state() {
     assert!(!stopped.is_graceful());
     assert!(qemu.commands().contains(&"system_reset".to_owned()));
 }
+
+#[tokio::test]
+async fn handles_asked_for_at_once_share_one_agent_and_their_calls_all_get_their_own_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = MockQemu::pc();
+    let vm = attached(&qemu).await;
+    vm.add_virtio_serial(VirtioSerialConfig::new("vser0"))
+        .await
+        .unwrap();
+    let socket = dir.path().join("qga.sock");
+    let fake = FakeAgent::listen(&socket);
+    vm.add_serial_port(SerialPortConfig::guest_agent("qga0", "vser0", &socket))
+        .await
+        .unwrap();
+    qemu.guest_port("qga0", true);
+    let calls = (0..16).map(|_| {
+        let vm = vm.clone();
+        tokio::spawn(async move {
+            let agent = vm.agent().await?;
+            agent.wait_running(WAIT).await?;
+            agent.execute(&GuestPing).await?;
+            Ok::<_, Error>(())
+        })
+    });
+    for call in futures::future::join_all(calls).await {
+        call.unwrap().unwrap();
+    }
+    // One connection, one sync, and sixteen pings each answered once.
+    assert_eq!(*fake.clients.lock().unwrap(), 1);
+    let lines = fake.lines();
+    assert_eq!(lines.iter().filter(|l| l[0] == 0xFF).count(), 1);
+    assert_eq!(lines.len(), 17);
+}

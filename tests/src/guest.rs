@@ -192,6 +192,17 @@ impl Console {
 }
 
 impl Console {
+    /// Types `command` and a newline, and waits for nothing: for a command that never comes back
+    /// (a panic, a reboot).
+    pub async fn send(&self, command: &str) {
+        self.writer
+            .lock()
+            .await
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .expect("write to the guest console");
+    }
+
     /// Runs `command` in the guest until its output satisfies `done` (what the guest shows can take
     /// a while to follow a change under TCG), up to `timeout`; returns that output. Fails the test
     /// at the deadline, with the last output.

@@ -1,6 +1,7 @@
 //! The VM's life with a real guest under TCG: graceful shutdown through the agent and through
 //! the ACPI power button (busybox's `acpid` in the test guest), a guest that ignores the button
-//! quit at the deadline, a reboot through the agent, pause and resume, the run state.
+//! quit at the deadline, a reboot through the agent, pause and resume, the run state, and a guest
+//! panic reported through pvpanic as a typed event.
 
 use std::time::Duration;
 
@@ -139,5 +140,58 @@ fn the_guest_reboots_through_its_agent_and_pauses_and_resumes() {
             .execute(&qhotplug::agent::GuestPing)
             .await
             .unwrap();
+    });
+}
+
+#[test]
+fn a_guest_panic_reported_through_pvpanic_is_a_typed_event() {
+    qhotplug_tests::serial_test(async {
+        let (g, _dir) = boot(pc_spec(), false).await;
+        // A pvpanic-pci device (the SDK has no kind for it: the test's own QMP), bound by the
+        // guest's driver.
+        g.vm.client()
+            .execute_raw(
+                "device_add",
+                &serde_json::json!({"driver": "pvpanic-pci", "id": "panic0", "bus": "pci.0", "addr": "0x9"}),
+            )
+            .await
+            .unwrap();
+        g.console
+            .until(
+                "ls /sys/bus/pci/drivers/pvpanic-pci/ | grep -c :",
+                |out| out.last().map(String::as_str) == Some("1"),
+                SEEN,
+            )
+            .await;
+        let mut events = g.vm.client().events();
+        g.console.send("echo c > /proc/sysrq-trigger").await;
+        let until = tokio::time::Instant::now() + SEEN;
+        let mut panicked = None;
+        let seen = events
+            .wait_for(until, |k| {
+                if let EventKind::GuestPanicked(p) = k {
+                    panicked = Some(p.clone());
+                    true
+                } else {
+                    false
+                }
+            })
+            .await;
+        assert!(seen, "no GUEST_PANICKED");
+        // QEMU's `-action panic=` default on 7.2 and 10.0: power off, the guest's doing.
+        assert_eq!(panicked.unwrap().action, "poweroff");
+        let mut reason = None;
+        assert!(
+            events
+                .wait_for(until, |k| match k {
+                    EventKind::Shutdown(c) => {
+                        reason = Some((c.guest, c.reason.clone()));
+                        true
+                    }
+                    _ => false,
+                })
+                .await
+        );
+        assert_eq!(reason, Some((true, "guest-panic".to_owned())));
     });
 }
