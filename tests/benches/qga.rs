@@ -2,9 +2,9 @@
 //!
 //! `guest-ping` round trips to Debian's `qemu-ga` in the booted test guest (TCG), through QEMU's
 //! socket chardev, beside the floor: a raw blocking Unix-socket loop that sends the same bytes
-//! (`encode_request` with the same ids) and reads one line per ping. Each round, the floor and
-//! then the SDK connect (the chardev takes one client at a time), resynchronise (not timed), and
-//! send `PINGS` pings one after another. Prints the medians per ping and, last,
+//! (`encode_request` with the same ids) and reads one line per ping. Each round, the floor and the
+//! SDK (in turn, who goes first alternating) connect (the chardev takes one client at a time),
+//! resynchronise (not timed), and send `PINGS` pings one after another. Prints the medians per ping and, last,
 //! `ratio_ping=…` (floor time / SDK time, the median of per-round ratios).
 
 use std::io::{BufRead, BufReader, Write};
@@ -68,6 +68,23 @@ fn floor_round(socket: &Path) -> Duration {
     started.elapsed()
 }
 
+async fn floor_in_task(socket: &Path) -> Duration {
+    let path = socket.to_owned();
+    tokio::task::spawn_blocking(move || floor_round(&path))
+        .await
+        .unwrap()
+}
+
+/// The SDK's round: connect and resynchronise (not timed), then `PINGS` pings.
+async fn sdk_round(socket: &Path) -> Duration {
+    let agent = Agent::connect(socket, Config::new()).await.unwrap();
+    let started = Instant::now();
+    for _ in 0..PINGS {
+        agent.execute(&GuestPing).await.unwrap();
+    }
+    started.elapsed()
+}
+
 fn sync_id() -> i64 {
     (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -90,19 +107,16 @@ async fn run() {
     println!("guest-ping to qemu-ga in the booted guest (TCG), {ROUNDS} rounds of {PINGS}");
 
     let (mut floor, mut sdk) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        let path = socket.clone();
-        let f = tokio::task::spawn_blocking(move || floor_round(&path))
-            .await
-            .unwrap();
-        let agent = Agent::connect(&socket, Config::new()).await.unwrap();
-        let started = Instant::now();
-        for _ in 0..PINGS {
-            agent.execute(&GuestPing).await.unwrap();
+    for round in 0..ROUNDS {
+        // Who goes first alternates, so neither gains from the order (the guest's state after
+        // the other's connection closed).
+        if round % 2 == 0 {
+            floor.push(floor_in_task(&socket).await);
+            sdk.push(sdk_round(&socket).await);
+        } else {
+            sdk.push(sdk_round(&socket).await);
+            floor.push(floor_in_task(&socket).await);
         }
-        sdk.push(started.elapsed());
-        drop(agent);
-        floor.push(f);
     }
     let ratio = qhotplug_tests::median_ratio(&floor, &sdk);
     let per_ping = |v: Vec<Duration>| qhotplug_tests::median(v).as_secs_f64() * 1e6 / PINGS as f64;
