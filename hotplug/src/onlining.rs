@@ -52,13 +52,10 @@ pub(crate) async fn online_vcpus(
     expected: usize,
     deadline: Instant,
 ) -> AgentResult<Onlined> {
-    let mut listed = agent.execute(&GuestGetVcpus).await?;
-    while new_count(listed.iter().map(|c| c.logical_id as u64), before) < expected
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(POLL).await;
-        listed = agent.execute(&GuestGetVcpus).await?;
-    }
+    let listed = until_listed(agent, &GuestGetVcpus, before, expected, deadline, |c| {
+        c.logical_id as u64
+    })
+    .await?;
     let mut out = Onlined::default();
     let mut todo: Vec<GuestVcpu> = Vec::new();
     for cpu in &listed {
@@ -132,13 +129,15 @@ pub(crate) async fn online_memory(
 ) -> AgentResult<Onlined> {
     let block = agent.execute(&GuestGetMemoryBlockInfo).await?.size.max(1);
     let expected = bytes.div_ceil(block) as usize;
-    let mut listed = agent.execute(&GuestGetMemoryBlocks).await?;
-    while new_count(listed.iter().map(|b| b.phys_index), before) < expected
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(POLL).await;
-        listed = agent.execute(&GuestGetMemoryBlocks).await?;
-    }
+    let listed = until_listed(
+        agent,
+        &GuestGetMemoryBlocks,
+        before,
+        expected,
+        deadline,
+        |b| b.phys_index,
+    )
+    .await?;
     let mut out = Onlined::default();
     let mut todo = Vec::new();
     for block in listed.iter().filter(|b| !before.contains(&b.phys_index)) {
@@ -173,6 +172,25 @@ pub(crate) async fn online_memory(
     Ok(out)
 }
 
-fn new_count(ids: impl Iterator<Item = u64>, before: &BTreeSet<u64>) -> usize {
-    ids.filter(|id| !before.contains(id)).count()
+/// Asks the guest (`list`) until it lists `expected` ids (`id` of each item) that are not in
+/// `before`, or `deadline` passes; returns the last listing.
+async fn until_listed<C, T>(
+    agent: &GuestAgent,
+    list: &C,
+    before: &BTreeSet<u64>,
+    expected: usize,
+    deadline: Instant,
+    id: impl Fn(&T) -> u64,
+) -> AgentResult<Vec<T>>
+where
+    C: qhotplug_qmp::Command<Returns = Vec<T>>,
+{
+    loop {
+        let listed = agent.execute(list).await?;
+        let new = listed.iter().filter(|t| !before.contains(&id(t))).count();
+        if new >= expected || Instant::now() >= deadline {
+            return Ok(listed);
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }

@@ -22,6 +22,20 @@ async fn attached(qemu: &MockQemu) -> Vm {
         .unwrap()
 }
 
+/// Hot-adds a virtio-serial controller and the agent's port `qga0`, a fake agent on its socket.
+async fn agent_port(vm: &Vm) -> (FakeAgent, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    vm.add_virtio_serial(VirtioSerialConfig::new("vser0"))
+        .await
+        .unwrap();
+    let socket = dir.path().join("qga.sock");
+    let fake = FakeAgent::listen(&socket);
+    vm.add_serial_port(SerialPortConfig::guest_agent("qga0", "vser0", &socket))
+        .await
+        .unwrap();
+    (fake, dir)
+}
+
 /// A guest agent's host socket: answers syncs and pings unless told to hang, and keeps every
 /// line it read and how many clients connected.
 #[derive(Clone, Default)]
@@ -81,18 +95,10 @@ impl FakeAgent {
 #[tokio::test]
 async fn an_agent_not_running_is_sent_nothing_one_whose_port_closes_is_gone_and_a_reopening_resyncs(
 ) {
-    let dir = tempfile::tempdir().unwrap();
     let qemu = MockQemu::pc();
     let vm = attached(&qemu).await;
     assert!(matches!(vm.agent().await, Err(Error::NoGuestAgent)));
-    vm.add_virtio_serial(VirtioSerialConfig::new("vser0"))
-        .await
-        .unwrap();
-    let socket = dir.path().join("qga.sock");
-    let fake = FakeAgent::listen(&socket);
-    vm.add_serial_port(SerialPortConfig::guest_agent("qga0", "vser0", &socket))
-        .await
-        .unwrap();
+    let (fake, _dir) = agent_port(&vm).await;
 
     // The port is closed: not running, typed, and the agent's socket is not even opened.
     let agent = vm.agent().await.unwrap();
@@ -216,17 +222,9 @@ async fn pause_and_resume_change_the_run_state() {
 
 #[tokio::test]
 async fn handles_asked_for_at_once_share_one_agent_and_their_calls_all_get_their_own_reply() {
-    let dir = tempfile::tempdir().unwrap();
     let qemu = MockQemu::pc();
     let vm = attached(&qemu).await;
-    vm.add_virtio_serial(VirtioSerialConfig::new("vser0"))
-        .await
-        .unwrap();
-    let socket = dir.path().join("qga.sock");
-    let fake = FakeAgent::listen(&socket);
-    vm.add_serial_port(SerialPortConfig::guest_agent("qga0", "vser0", &socket))
-        .await
-        .unwrap();
+    let (fake, _dir) = agent_port(&vm).await;
     qemu.guest_port("qga0", true);
     let calls = (0..16).map(|_| {
         let vm = vm.clone();

@@ -311,8 +311,29 @@ pub struct Guest {
 impl Guest {
     /// Boots the guest from `spec` (its kernel, console and `paused` are set here) and waits for
     /// its init to say it is ready. `launcher` may add NIC fds.
-    pub async fn boot(mut spec: VmSpec, launcher: impl FnOnce(Launcher) -> Launcher) -> Guest {
+    pub async fn boot(spec: VmSpec, launcher: impl FnOnce(Launcher) -> Launcher) -> Guest {
+        Self::boot_in(tempfile::tempdir().expect("tempdir"), spec, launcher).await
+    }
+
+    /// Boots the guest from `spec` with the guest agent's port (its socket in the guest's
+    /// scratch directory, see [`crate::with_guest_agent`]), and waits until the agent runs.
+    pub async fn boot_with_agent(mut spec: VmSpec) -> Guest {
         let dir = tempfile::tempdir().expect("tempdir");
+        crate::with_guest_agent(&mut spec, &dir.path().join("qga.sock"));
+        let g = Self::boot_in(dir, spec, |l| l).await;
+        let agent = g.vm.agent().await.expect("the VM's agent");
+        agent
+            .wait_running(BOOT_TIMEOUT)
+            .await
+            .expect("the guest agent runs");
+        g
+    }
+
+    async fn boot_in(
+        dir: tempfile::TempDir,
+        mut spec: VmSpec,
+        launcher: impl FnOnce(Launcher) -> Launcher,
+    ) -> Guest {
         let console_path = dir.path().join("console.sock");
         boot_spec(&mut spec, console_path.clone());
         let l = launcher(Launcher::new(spec, dir.path().join("run")));

@@ -6,26 +6,17 @@
 use std::time::Duration;
 
 use qhotplug::{EventKind, PowerVia, RunState, Stopped, VmSpec};
-use qhotplug_tests::{pc_spec, with_guest_agent, Guest};
+use qhotplug_tests::{pc_spec, Guest};
 
 const SEEN: Duration = Duration::from_secs(90);
 
-/// Boots `spec` (with the agent's port when `agent`); waits for the agent when there is one.
-async fn boot(mut spec: VmSpec, agent: bool) -> (Guest, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
+/// Boots `spec` (with the agent's port when `agent`, and waits for the agent).
+async fn boot(spec: VmSpec, agent: bool) -> Guest {
     if agent {
-        with_guest_agent(&mut spec, &dir.path().join("qga.sock"));
+        Guest::boot_with_agent(spec).await
+    } else {
+        Guest::boot(spec, |l| l).await
     }
-    let g = Guest::boot(spec, |l| l).await;
-    if agent {
-        g.vm.agent()
-            .await
-            .unwrap()
-            .wait_running(SEEN)
-            .await
-            .unwrap();
-    }
-    (g, dir)
 }
 
 /// True while a process with this pid exists (a zombie included: reaped means gone).
@@ -36,7 +27,7 @@ fn exists(pid: u32) -> bool {
 #[test]
 fn graceful_shutdown_through_the_agent_ends_with_shutdown_inside_the_deadline() {
     qhotplug_tests::serial_test(async {
-        let (g, _dir) = boot(pc_spec(), true).await;
+        let g = boot(pc_spec(), true).await;
         let pid = g.vm.pid().unwrap();
         let deadline = SEEN;
         match g.vm.shutdown(PowerVia::Auto, deadline).await.unwrap() {
@@ -56,7 +47,7 @@ fn graceful_shutdown_through_the_agent_ends_with_shutdown_inside_the_deadline() 
 fn the_power_button_shuts_a_listening_guest_down_and_one_that_ignores_it_is_quit_at_the_deadline() {
     qhotplug_tests::serial_test(async {
         // No agent: Auto presses the ACPI button; the guest's acpid powers off.
-        let (g, _dir) = boot(pc_spec(), false).await;
+        let g = boot(pc_spec(), false).await;
         let pid = g.vm.pid().unwrap();
         match g.vm.shutdown(PowerVia::Auto, SEEN).await.unwrap() {
             Stopped::Graceful { via, reason, .. } => {
@@ -70,7 +61,7 @@ fn the_power_button_shuts_a_listening_guest_down_and_one_that_ignores_it_is_quit
         // A guest that ignores the button (no acpid) is quit at the deadline; it says so.
         let mut spec = pc_spec();
         spec.append = Some("qhg.power_button=ignore".into());
-        let (g, _dir) = boot(spec, false).await;
+        let g = boot(spec, false).await;
         let pid = g.vm.pid().unwrap();
         let mut events = g.vm.client().events();
         let deadline = Duration::from_secs(3);
@@ -104,7 +95,7 @@ fn the_power_button_shuts_a_listening_guest_down_and_one_that_ignores_it_is_quit
 #[test]
 fn the_guest_reboots_through_its_agent_and_pauses_and_resumes() {
     qhotplug_tests::serial_test(async {
-        let (g, _dir) = boot(pc_spec(), true).await;
+        let g = boot(pc_spec(), true).await;
         assert_eq!(g.vm.run_state().await.unwrap(), RunState::Running);
 
         // Pause: the vCPUs stop (`STOP`), and QEMU says paused; resume: running again.
@@ -146,7 +137,7 @@ fn the_guest_reboots_through_its_agent_and_pauses_and_resumes() {
 #[test]
 fn a_guest_panic_reported_through_pvpanic_is_a_typed_event() {
     qhotplug_tests::serial_test(async {
-        let (g, _dir) = boot(pc_spec(), false).await;
+        let g = boot(pc_spec(), false).await;
         // A pvpanic-pci device (the SDK has no kind for it: the test's own QMP), bound by the
         // guest's driver.
         g.vm.client()

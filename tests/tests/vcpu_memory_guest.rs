@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use qhotplug::{BalloonConfig, CpuTopology, Error, EventKind, MemoryConfig, VmSpec, MIB};
 use qhotplug_qmp::command::{MemoryDeviceInfo, QueryMemoryDevices};
-use qhotplug_tests::{pc_spec, q35_spec, with_guest_agent, Guest};
+use qhotplug_tests::{pc_spec, q35_spec, Guest};
 
 /// How long the guest may take to see a change (TCG; onlining a vCPU takes seconds).
 const SEEN: Duration = Duration::from_secs(90);
@@ -44,22 +44,8 @@ fn with_memory(mut spec: VmSpec) -> VmSpec {
     spec
 }
 
-/// Boots `spec` with the guest agent's port, and waits until the agent runs.
-async fn boot_with_agent(mut spec: VmSpec) -> (Guest, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    with_guest_agent(&mut spec, &dir.path().join("qga.sock"));
-    let g = Guest::boot(spec, |l| l).await;
-    g.vm.agent()
-        .await
-        .unwrap()
-        .wait_running(SEEN)
-        .await
-        .unwrap();
-    (g, dir)
-}
-
 async fn vcpus_one_three_one(spec: VmSpec) {
-    let (g, _dir) = boot_with_agent(with_cpus(spec)).await;
+    let g = Guest::boot_with_agent(with_cpus(spec)).await;
     assert_eq!(
         g.console
             .run("cat /sys/devices/system/cpu/online", SEEN)
@@ -191,7 +177,7 @@ fn a_dimm_the_guest_leaves_offline_is_onlined_through_the_agent() {
         let mut spec = with_memory(pc_spec());
         // The kernel's own default: hot-plugged memory stays offline.
         spec.append = Some("memhp_default_state=offline".into());
-        let (g, _dir) = boot_with_agent(spec).await;
+        let g = Guest::boot_with_agent(spec).await;
         let base = mem_total(&g).await;
         let vm = g.vm.with_unplug_policy(qhotplug::UnplugPolicy::new(SEEN));
         let (dimm, guest) = vm
