@@ -2,7 +2,7 @@
 //! machine's IDE controller (boot only), each empty or holding an ISO image.
 //!
 //! A medium is two read-only block nodes, like a raw disk's, named by the drive's id and the
-//! medium's generation ([`names::medium_file_node`](crate::names::medium_file_node)): a medium
+//! medium's generation ([`names::file_node_at`](crate::names::file_node_at)): a medium
 //! change adds the new medium's nodes while the old ones still exist, so each medium a drive takes
 //! gets the next number.
 
@@ -117,12 +117,12 @@ impl Cdrom {
 
     /// The medium's protocol node.
     pub fn file_node(&self) -> String {
-        names::medium_file_node(&self.id, self.generation)
+        names::file_node_at(&self.id, self.generation)
     }
 
     /// The medium's format node (what the device's `drive` names when it holds one).
     pub fn top_node(&self) -> String {
-        names::medium_format_node(&self.id, self.generation)
+        names::format_node_at(&self.id, self.generation)
     }
 
     /// The medium's nodes: a read-only `file` node on `filename` (the path at boot,
@@ -188,7 +188,7 @@ impl DeviceModel for Cdrom {
     /// [`VmSpec::validate`](crate::VmSpec::validate), which knows the machine.
     fn check(&self) -> Result<()> {
         validate_id(&self.id)?;
-        let next = names::medium_file_node(&self.id, self.generation.wrapping_add(1));
+        let next = names::file_node_at(&self.id, self.generation.wrapping_add(1));
         if self.file_node().len() > 31 || next.len() > 31 {
             return Err(Error::InvalidId {
                 id: self.id.clone(),

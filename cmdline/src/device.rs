@@ -140,7 +140,8 @@ impl Cache {
 /// A disk: image, format, and how the guest sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
-    /// The device id; node names derive from it (`<id>-file`, `<id>-fmt`).
+    /// The device id; node names derive from it and [`Disk::generation`] (`<id>-file`,
+    /// `<id>-fmt`, then `<id>-file.<n>`, `<id>-fmt.<n>`).
     pub id: String,
     /// The guest side.
     pub frontend: DiskFrontend,
@@ -158,6 +159,10 @@ pub struct Disk {
     /// its command line: a VM launched with them starts paused, gets them, then runs
     /// (`qhotplug::Vm::launch`), and a hot-add sets them right after its `device_add`.
     pub io_limits: Option<qhotplug_qmp::command::IoLimits>,
+    /// Which image the disk runs on: 0 for the one it was added with, one more each time the SDK
+    /// moved it to another (a mirror's pivot). The node names carry it, so the new image's nodes
+    /// can exist beside the old one's until the switch.
+    pub generation: u32,
 }
 
 impl Disk {
@@ -172,6 +177,7 @@ impl Disk {
             read_only: false,
             cache: Cache::default(),
             io_limits: None,
+            generation: 0,
         }
     }
 
@@ -187,7 +193,7 @@ impl Disk {
 
     /// The protocol node's name.
     pub fn file_node(&self) -> String {
-        crate::names::file_node(&self.id)
+        crate::names::file_node_at(&self.id, self.generation)
     }
 
     /// The format node's name (what the device's `drive` names), or the protocol node for
@@ -195,7 +201,7 @@ impl Disk {
     pub fn top_node(&self) -> String {
         match self.frontend {
             DiskFrontend::ScsiGeneric(_) => self.file_node(),
-            _ => crate::names::format_node(&self.id),
+            _ => crate::names::format_node_at(&self.id, self.generation),
         }
     }
 
@@ -678,7 +684,7 @@ mod tests {
                 None => DiskFrontend::VirtioBlk(pci),
             };
             let disk = Disk { id, frontend, path: path.into(), backend: DiskBackend::File,
-                              format: if fmt { Format::Qcow2 } else { Format::Raw }, read_only: ro, cache: Cache::Writeback, io_limits: None };
+                              format: if fmt { Format::Qcow2 } else { Format::Raw }, read_only: ro, cache: Cache::Writeback, io_limits: None, generation: 0 };
             assert_same(disk.driver(), &disk.args(), &disk.device_add());
             // The -blockdev strings parse back to the image path exactly, commas and all.
             let (_, pairs) = parse(&disk.args()[1]);

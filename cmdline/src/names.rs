@@ -52,15 +52,16 @@ pub fn format_node(id: &str) -> String {
     format!("{id}-fmt")
 }
 
-/// The protocol node of CD-ROM `id`'s medium number `generation` (each medium a drive takes
-/// gets the next number, so the new medium's nodes exist beside the old one's until it is out):
-/// generation 0 is named as a disk's, later ones `<id>-file.<n>`.
-pub fn medium_file_node(id: &str, generation: u32) -> String {
+/// The protocol node of device `id`'s image number `generation`: each medium a CD-ROM drive
+/// takes, and each image a disk is moved to (a mirror's pivot), gets the next number, so the new
+/// image's nodes exist beside the old one's until the switch. Generation 0 is `<id>-file`, later
+/// ones `<id>-file.<n>`.
+pub fn file_node_at(id: &str, generation: u32) -> String {
     generational(file_node(id), generation)
 }
 
-/// The format node of CD-ROM `id`'s medium number `generation` (`<id>-fmt`, `<id>-fmt.<n>`).
-pub fn medium_format_node(id: &str, generation: u32) -> String {
+/// The format node of device `id`'s image number `generation` (`<id>-fmt`, `<id>-fmt.<n>`).
+pub fn format_node_at(id: &str, generation: u32) -> String {
     generational(format_node(id), generation)
 }
 
@@ -161,8 +162,8 @@ mod tests {
         assert_eq!(vhost_fd("n1", 0), "n1-vhost0");
         assert_eq!(fdset_tag("d1"), "qhotplug:d1");
         assert_eq!(backends("x").netdevs, ["x-net"]);
-        assert_eq!(medium_file_node("cd", 0), "cd-file");
-        assert_eq!(medium_format_node("cd", 3), "cd-fmt.3");
+        assert_eq!(file_node_at("cd", 0), "cd-file");
+        assert_eq!(format_node_at("cd", 3), "cd-fmt.3");
     }
 
     #[test]

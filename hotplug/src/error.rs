@@ -243,6 +243,31 @@ pub enum Error {
         /// How long the SDK waited for `BLOCK_EXPORT_DELETED`.
         after: Duration,
     },
+    /// A QEMU job ended with an error (QEMU's words from `query-jobs`); what it was doing is
+    /// undone as far as QEMU undoes it (a failed mirror leaves the disk on its source).
+    #[error("job {id} failed: {error}")]
+    JobFailed {
+        /// The job's id.
+        id: String,
+        /// QEMU's words.
+        error: String,
+    },
+    /// A job did not reach `want` by the deadline; it goes on.
+    #[error("job {id} is still {status} after {after:?} (waiting for {want})")]
+    JobTimeout {
+        /// The job's id.
+        id: String,
+        /// Its status when the wait ended.
+        status: String,
+        /// The status waited for.
+        want: &'static str,
+        /// How long the SDK waited.
+        after: Duration,
+    },
+    /// A job the SDK drives is gone from `query-jobs` before it concluded (QEMU restarted, or
+    /// someone else dismissed it).
+    #[error("job {0} is gone")]
+    JobGone(String),
     /// The guest agent failed: not running, no answer in time, refused, gone mid-command (see
     /// [`qhotplug_qga::Error`]).
     #[error(transparent)]

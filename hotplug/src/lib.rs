@@ -3,7 +3,8 @@
 //! virtio-serial ports and RNGs into running QEMU guests over QMP, and live-migrate them
 //! ([`Vm::migrate`]), as transactions with rollback, and change what is plugged (a
 //! disk's size and I/O limits, a NIC's link, a CD-ROM's medium, a virtio-mem device's size) while
-//! the guest runs. The guest's agent ([`Vm::agent`], [`GuestAgent`]) finishes what the guest must
+//! the guest runs, and copy a running disk to a new image ([`Vm::mirror_disk`], a [`MirrorJob`]
+//! that pivots or abandons). The guest's agent ([`Vm::agent`], [`GuestAgent`]) finishes what the guest must
 //! do (onlining new vCPUs and memory, freezing filesystems), and the VM's life is typed: graceful
 //! [`Vm::shutdown`] and [`Vm::reboot`] with a deadline, [`Vm::pause`], [`Vm::resume`],
 //! [`Vm::run_state`].
@@ -76,8 +77,8 @@
 //!
 //! | span | fields | what it covers |
 //! |---|---|---|
-//! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `add_memory`, `add_balloon`, `remove_disk`, `remove_nic`, `remove_cdrom`, `remove_memory`, `remove_balloon`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`, `set_vcpus`, `resize_virtio_mem`, `shutdown`, `reboot`, `set_balloon`, `add_vhost_user_blk`, `add_virtio_fs`, `add_virtio_serial`, `add_serial_port`, `add_rng` and their `remove_*`; on a `StorageDaemon`: `export`, `unexport`; `migrate`), `id` | one public operation |
-//! | `step` | `name` (the QMP command, or `wait DEVICE_DELETED`, `wait DEVICE_TRAY_MOVED`, `wait ACPI_DEVICE_OST`, `wait MEMORY_DEVICE_SIZE_CHANGE`, `wait BLOCK_EXPORT_DELETED`, `wait target MIGRATION`), `id`; `press` on `device_del` | one step of a hot-add, hot-remove or change; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
+//! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `add_memory`, `add_balloon`, `remove_disk`, `remove_nic`, `remove_cdrom`, `remove_memory`, `remove_balloon`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`, `set_vcpus`, `resize_virtio_mem`, `shutdown`, `reboot`, `mirror_disk`, `set_balloon`, `add_vhost_user_blk`, `add_virtio_fs`, `add_virtio_serial`, `add_serial_port`, `add_rng` and their `remove_*`; on a `StorageDaemon`: `export`, `unexport`; `migrate`), `id` | one public operation |
+//! | `step` | `name` (the QMP command, or `wait JOB_STATUS_CHANGE`, `wait DEVICE_DELETED`, `wait DEVICE_TRAY_MOVED`, `wait ACPI_DEVICE_OST`, `wait MEMORY_DEVICE_SIZE_CHANGE`, `wait BLOCK_EXPORT_DELETED`, `wait target MIGRATION`), `id`; `press` on `device_del` | one step of a hot-add, hot-remove or change; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
 //! | `undo` | `step` (for example `blockdev-del d1-fmt`) | one undo step of a rollback |
 //! | `rollback` | `id`, `reason` | the background rollback of a dropped hot-add or change |
 //! | `qmp` | `command`, `id` (`exec-oob` and in-band ids) | one QMP command (from `qhotplug-qmp`) |
@@ -91,12 +92,14 @@ mod engine;
 mod error;
 mod guest_agent;
 mod holds;
+mod jobs;
 mod kinds;
 mod life;
 mod live;
 mod medium;
 mod memory;
 mod migrate;
+mod mirror;
 mod onlining;
 pub mod qemu_errors;
 mod reconcile;
@@ -126,6 +129,7 @@ pub use kinds::virtio_serial::{SerialPortConfig, VirtioSerialConfig};
 pub use life::{PowerVia, Stopped};
 pub use medium::{MediumOptions, TrayStatus};
 pub use migrate::{MigrationOptions, Progress, SourceAfter, Transport};
+pub use mirror::{MirrorConfig, MirrorJob, MirrorSync};
 pub use onlining::Onlined;
 pub use reconcile::Reconciled;
 pub use storage_daemon::StorageDaemon;
@@ -142,7 +146,7 @@ pub use qhotplug_cmdline::{
     Vnc, VncListen, MIB,
 };
 pub use qhotplug_netdev::{MacAddr, Tap, TapBuilder, VhostPolicy};
-pub use qhotplug_qmp::command::{IoLimits, RunState};
+pub use qhotplug_qmp::command::{IoLimits, JobInfo, RunState};
 pub use qhotplug_qmp::{Client, Event, EventKind};
 
 /// The guest agent's side: `qhotplug-qga`'s typed commands, errors and freeze guard, for use

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use qhotplug_cmdline::names;
+use qhotplug_cmdline::{names, Disk};
 use qhotplug_qmp::command::{
     BlockInfo, BlockResize, BlockSetIoThrottle, IoLimits, QueryBlock, QueryNamedBlockNodes, SetLink,
 };
@@ -61,6 +61,22 @@ pub(crate) async fn set_io_limits(core: &Arc<Core>, id: &str, limits: IoLimits) 
     Ok(())
 }
 
+/// The size disk `disk`'s guest sees, from its top node in `query-named-block-nodes`.
+pub(crate) async fn virtual_size(core: &Core, disk: &Disk) -> Result<u64> {
+    let node = disk.top_node();
+    core.client
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await?
+        .into_iter()
+        .find(|n| n.node_name.as_deref() == Some(node.as_str()))
+        .and_then(|n| n.image)
+        .map(|i| i.virtual_size as u64)
+        .ok_or_else(|| Error::NotFound {
+            kind: DeviceKind::Disk,
+            id: disk.id.clone(),
+        })
+}
+
 /// See [`Vm::resize_disk`](crate::Vm::resize_disk) and [`Vm::shrink_disk`](crate::Vm::shrink_disk).
 pub(crate) async fn resize(core: &Arc<Core>, id: &str, size: u64, may_shrink: bool) -> Result<u64> {
     core.require("online disk resize", &["block_resize"])
@@ -78,18 +94,7 @@ pub(crate) async fn resize(core: &Arc<Core>, id: &str, size: u64, may_shrink: bo
         });
     }
     let node = disk.top_node();
-    let current = core
-        .client
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await?
-        .into_iter()
-        .find(|n| n.node_name.as_deref() == Some(node.as_str()))
-        .and_then(|n| n.image)
-        .map(|i| i.virtual_size as u64)
-        .ok_or_else(|| Error::NotFound {
-            kind: DeviceKind::Disk,
-            id: id.to_owned(),
-        })?;
+    let current = virtual_size(core, &disk).await?;
     if size < current && !may_shrink {
         return Err(Error::ShrinkRefused {
             id: id.to_owned(),

@@ -24,6 +24,7 @@ use crate::kinds::{Device, DeviceKind, Plug};
 use crate::life::{self, PowerVia, Stopped};
 use crate::medium::{self, MediumOptions, TrayStatus};
 use crate::migrate::{self, MigrationOptions, Progress};
+use crate::mirror::{self, MirrorConfig, MirrorJob};
 use crate::onlining::{self, Onlined};
 use crate::reconcile::{self, Reconciled};
 use crate::run_to_end::RunToEnd;
@@ -489,6 +490,21 @@ impl Vm {
     pub async fn shrink_disk(&self, id: &str, size: u64) -> Result<u64> {
         self.call("resize_disk", id, move |core, id| async move {
             live::resize(&core, &id, size, true).await
+        })
+        .await
+    }
+
+    /// Starts copying disk `id` to a new image ([`MirrorConfig`]): the SDK creates the target
+    /// (never over an existing file), opens it and hands it to QEMU as an fd, and starts
+    /// `blockdev-mirror`. The returned [`MirrorJob`] reports progress, pauses, resumes, sets the
+    /// speed, and ends the copy: [`pivot`](MirrorJob::pivot) (the disk runs on the copy from then
+    /// on, and `vm.spec()` says so), [`abandon`](MirrorJob::abandon) (a consistent copy, the
+    /// disk stays), or [`cancel`](MirrorJob::cancel). While it runs, the disk is busy: another
+    /// job or a hot-remove of it is [`Error::Busy`] before anything is sent. A failure while
+    /// starting undoes every step before it.
+    pub async fn mirror_disk(&self, id: &str, config: MirrorConfig) -> Result<MirrorJob> {
+        self.call("mirror_disk", id, |core, id| async move {
+            mirror::start(&core, &id, config).await
         })
         .await
     }

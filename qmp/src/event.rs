@@ -76,6 +76,9 @@ pub enum EventKind {
     GuestPanicked(GuestPanicked),
     /// `WATCHDOG`: the guest's watchdog expired; `action` is what QEMU did about it.
     Watchdog(Watchdog),
+    /// `JOB_STATUS_CHANGE`: a job's status changed (every transition of every job but QEMU's
+    /// internal ones).
+    JobStatusChange(JobStatusChange),
     /// `SUSPEND`: the guest entered S3 (suspend to RAM).
     Suspend,
     /// `WAKEUP`: the guest woke from suspend.
@@ -203,6 +206,15 @@ pub struct VserportChange {
     pub open: bool,
 }
 
+/// The data of `JOB_STATUS_CHANGE`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct JobStatusChange {
+    /// The job's id.
+    pub id: String,
+    /// Its new status (`created`, `running`, `ready`, `concluded`, …).
+    pub status: String,
+}
+
 /// The data of `GUEST_PANICKED`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct GuestPanicked {
@@ -248,6 +260,7 @@ impl Event {
             "VSERPORT_CHANGE" => typed(&data).map(EventKind::VserportChange),
             "GUEST_PANICKED" => typed(&data).map(EventKind::GuestPanicked),
             "WATCHDOG" => typed(&data).map(EventKind::Watchdog),
+            "JOB_STATUS_CHANGE" => typed(&data).map(EventKind::JobStatusChange),
             "SUSPEND" => Some(EventKind::Suspend),
             "WAKEUP" => Some(EventKind::Wakeup),
             "POWERDOWN" => Some(EventKind::Powerdown),
@@ -288,6 +301,7 @@ impl Event {
             EventKind::VserportChange(_) => "VSERPORT_CHANGE",
             EventKind::GuestPanicked(_) => "GUEST_PANICKED",
             EventKind::Watchdog(_) => "WATCHDOG",
+            EventKind::JobStatusChange(_) => "JOB_STATUS_CHANGE",
             EventKind::Suspend => "SUSPEND",
             EventKind::Wakeup => "WAKEUP",
             EventKind::Other { name } => name,

@@ -60,12 +60,14 @@ macro_rules! command {
 mod block;
 mod device;
 mod display;
+mod job;
 mod machine;
 mod migration;
 
 pub use block::*;
 pub use device::*;
 pub use display::*;
+pub use job::*;
 pub use machine::*;
 pub use migration::*;
 

@@ -1,0 +1,98 @@
+//! QEMU's jobs as the SDK drives them (`../shared/reference/block-jobs-snapshots-backup.md` §0,
+//! §1): every job starts with an explicit id and `auto-dismiss: false`, with events subscribed
+//! to before the start command; a status is waited for through `JOB_STATUS_CHANGE`, and
+//! `query-jobs` is the truth (at the start of a wait, after each event for the job, after lost
+//! events); the outcome is read from `query-jobs` at `concluded`, then the job is dismissed.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use qhotplug_qmp::command::{JobDismiss, JobInfo, QueryJobs};
+use qhotplug_qmp::{Client, EventKind, EventStream};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+
+/// Job `id` as `query-jobs` lists it, `None` once it is gone.
+pub(crate) async fn info(client: &Client, id: &str) -> Result<Option<JobInfo>> {
+    Ok(client
+        .execute(&QueryJobs)
+        .await?
+        .into_iter()
+        .find(|j| j.id == id))
+}
+
+/// Waits for job `id` to reach a status `want` accepts, or `concluded`, by `after` (`None`: no
+/// deadline). [`Error::JobGone`] if it vanished, [`Error::JobTimeout`] at the deadline.
+pub(crate) async fn wait_status(
+    client: &Client,
+    events: &mut EventStream,
+    id: &str,
+    want: &'static str,
+    accept: impl Fn(&str) -> bool,
+    after: Option<Duration>,
+) -> Result<JobInfo> {
+    let deadline = after.map(|a| Instant::now() + a);
+    let span = tracing::debug_span!(crate::spans::STEP, name = "wait JOB_STATUS_CHANGE", id);
+    async move {
+        loop {
+            let job = info(client, id)
+                .await?
+                .ok_or_else(|| Error::JobGone(id.to_owned()))?;
+            if accept(&job.status) || job.status == "concluded" {
+                return Ok(job);
+            }
+            // The next change of this job (or lost events): then ask QEMU again.
+            let changed = async {
+                while let Some(item) = events.next().await {
+                    match item {
+                        Ok(e) => {
+                            if matches!(e.kind(), EventKind::JobStatusChange(c) if c.id == id) {
+                                return true;
+                            }
+                        }
+                        Err(_) => return true,
+                    }
+                }
+                false
+            };
+            let changed = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, changed).await,
+                None => Ok(changed.await),
+            };
+            match changed {
+                Ok(true) => {}
+                Ok(false) => return Err(Error::JobGone(id.to_owned())),
+                Err(_) => {
+                    return Err(Error::JobTimeout {
+                        id: id.to_owned(),
+                        status: job.status,
+                        want,
+                        after: after.unwrap_or_default(),
+                    })
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Waits for job `id` to conclude, reads its error, and dismisses it: `Ok(())` when it ended
+/// without one.
+pub(crate) async fn conclude(client: &Client, events: &mut EventStream, id: &str) -> Result<()> {
+    let job = wait_status(client, events, id, "concluded", |_| false, None).await?;
+    let span = tracing::debug_span!(crate::spans::STEP, name = "job-dismiss", id);
+    client
+        .execute(&JobDismiss { id: id.to_owned() })
+        .instrument(span)
+        .await?;
+    match job.error {
+        Some(error) => Err(Error::JobFailed {
+            id: id.to_owned(),
+            error,
+        }),
+        None => Ok(()),
+    }
+}

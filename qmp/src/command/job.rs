@@ -1,0 +1,137 @@
+//! Jobs (`qapi/job.json`) and the block jobs that start them: `query-jobs`, the `job-*` verbs,
+//! the `block-job-*` commands that have no `job-*` equivalent (the soft cancel, the speed),
+//! `blockdev-mirror` and `blockdev-create`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::Empty;
+
+command!(
+    /// `query-jobs`: every job, block jobs and `blockdev-create` alike, with its status and
+    /// progress, and its error once it concluded (until dismissed).
+    "query-jobs", QueryJobs, Vec<JobInfo>
+);
+
+command!(
+    /// `job-pause`: pauses a job (it goes on when resumed).
+    "job-pause", JobPause {
+        /// The job's id.
+        id: String,
+    } -> Empty
+);
+
+command!(
+    /// `job-resume`: resumes a paused job.
+    "job-resume", JobResume {
+        /// The job's id.
+        id: String,
+    } -> Empty
+);
+
+command!(
+    /// `job-complete`: ends a `ready` job by its completion step (a mirror's pivot, an active
+    /// commit's switch to the base).
+    "job-complete", JobComplete {
+        /// The job's id.
+        id: String,
+    } -> Empty
+);
+
+command!(
+    /// `job-cancel`: the forced cancel (a mirror's target is then not a consistent copy).
+    "job-cancel", JobCancel {
+        /// The job's id.
+        id: String,
+    } -> Empty
+);
+
+command!(
+    /// `job-dismiss`: forgets a `concluded` job (started with `auto-dismiss: false`).
+    "job-dismiss", JobDismiss {
+        /// The job's id.
+        id: String,
+    } -> Empty
+);
+
+command!(
+    /// `block-job-cancel`: without `force`, ends a `ready` mirror with no pivot (its target a
+    /// consistent copy as of now, and `BLOCK_JOB_COMPLETED`); before `ready`, or with `force`, the
+    /// same as `job-cancel`.
+    "block-job-cancel", BlockJobCancel {
+        /// The job's id.
+        device: String,
+        /// The forced cancel.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        force: Option<bool>,
+    } -> Empty
+);
+
+command!(
+    /// `block-job-set-speed`: the job's rate limit in bytes per second (0: none).
+    "block-job-set-speed", BlockJobSetSpeed {
+        /// The job's id.
+        device: String,
+        /// Bytes per second.
+        speed: u64,
+    } -> Empty
+);
+
+command!(
+    /// `blockdev-mirror`: copies node `device` to node `target`, then keeps them in sync
+    /// (`ready`) until completed (pivot) or cancelled.
+    "blockdev-mirror", BlockdevMirror {
+        /// The job's id.
+        job_id: String,
+        /// The source's root node.
+        device: String,
+        /// The target's node (not attached to a device).
+        target: String,
+        /// `full`, `top` or `none`.
+        sync: String,
+        /// The dirty bitmap's granularity in bytes (a power of two, 512 B–64 MiB).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        granularity: Option<u32>,
+        /// Bytes per second (0 or absent: no limit).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        speed: Option<u64>,
+        /// `background` or `write-blocking`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        copy_mode: Option<String>,
+        /// Keep the job after it concluded, until `job-dismiss`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        auto_dismiss: Option<bool>,
+    } -> Empty
+);
+
+command!(
+    /// `blockdev-create`: formats an image on a node (a job; always needs `job-dismiss`).
+    "blockdev-create", BlockdevCreate {
+        /// The job's id.
+        job_id: String,
+        /// The driver's options (`{"driver": "qcow2", "file": …, "size": …}`).
+        options: Value,
+    } -> Empty
+);
+
+/// One job in `query-jobs`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct JobInfo {
+    /// The job's id.
+    pub id: String,
+    /// Its type (`mirror`, `commit`, `stream`, `backup`, `create`, …).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its status (`created`, `running`, `paused`, `ready`, `standby`, `waiting`, `pending`,
+    /// `aborting`, `concluded`, `null`).
+    pub status: String,
+    /// Progress so far, in units of `total_progress` (bytes for block jobs).
+    #[serde(rename = "current-progress")]
+    pub current_progress: u64,
+    /// The work it estimates in all; it may grow as the guest writes.
+    #[serde(rename = "total-progress")]
+    pub total_progress: u64,
+    /// Why it failed, once concluded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
