@@ -159,9 +159,23 @@ pub struct Disk {
     /// its command line: a VM launched with them starts paused, gets them, then runs
     /// (`qhotplug::Vm::launch`), and a hot-add sets them right after its `device_add`.
     pub io_limits: Option<qhotplug_qmp::command::IoLimits>,
-    /// Which image the disk runs on: 0 for the one it was added with, one more each time the SDK
-    /// moved it to another (a mirror's pivot). The node names carry it, so the new image's nodes
-    /// can exist beside the old one's until the switch.
+    /// Which image the disk runs on: 0 for the one it was added with, a new number each time the
+    /// SDK put another on top of it or moved it (a snapshot's overlay, a mirror's pivot, a
+    /// commit). The node names carry it, so a new image's nodes can exist beside the old one's.
+    pub generation: u32,
+    /// The images under [`Disk::path`], nearest first: what a live snapshot put it on. Empty for
+    /// a disk that is one image.
+    pub backing: Vec<DiskLayer>,
+}
+
+/// One image in a disk's backing chain ([`Disk::backing`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskLayer {
+    /// The image.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: Format,
+    /// The generation its node names carry (`<id>-file.<n>`, `<id>-fmt.<n>`).
     pub generation: u32,
 }
 
@@ -178,6 +192,7 @@ impl Disk {
             cache: Cache::default(),
             io_limits: None,
             generation: 0,
+            backing: Vec::new(),
         }
     }
 
@@ -282,8 +297,90 @@ impl Disk {
         )
     }
 
-    /// Launch arguments: `-blockdev` (protocol, then format) and `-device`.
+    /// The image on top, as a layer (what a snapshot puts under a new overlay).
+    pub fn top_layer(&self) -> DiskLayer {
+        DiskLayer {
+            path: self.path.clone(),
+            format: self.format,
+            generation: self.generation,
+        }
+    }
+
+    /// The disk with `layer` as its top image (the rest of its chain unchanged).
+    pub fn with_top(&self, layer: &DiskLayer) -> Disk {
+        Disk {
+            path: layer.path.clone(),
+            format: layer.format,
+            generation: layer.generation,
+            ..self.clone()
+        }
+    }
+
+    /// The next free generation of node names: one above every image's in the chain.
+    pub fn next_generation(&self) -> u32 {
+        self.backing
+            .iter()
+            .map(|l| l.generation)
+            .chain([self.generation])
+            .max()
+            .unwrap_or(0)
+            .wrapping_add(1)
+    }
+
+    /// The node names of every image, top first, each format node before its protocol node.
+    pub fn node_names(&self) -> Vec<String> {
+        let mut nodes = vec![self.top_node()];
+        if self.top_node() != self.file_node() {
+            nodes.push(self.file_node());
+        }
+        for layer in &self.backing {
+            nodes.push(crate::names::format_node_at(&self.id, layer.generation));
+            nodes.push(crate::names::file_node_at(&self.id, layer.generation));
+        }
+        nodes
+    }
+
+    /// Every node of a disk with a backing chain, bottom first, as `blockdev-add` arguments: each
+    /// format node names the one under it as `backing` (the lowest a null one, for qcow2), so
+    /// QEMU opens the chain the SDK knows rather than what the images' headers say.
+    fn chain_blockdevs(&self) -> Vec<BlockdevAdd> {
+        let mut layers: Vec<DiskLayer> = self.backing.iter().rev().cloned().collect();
+        layers.push(self.top_layer());
+        let mut out = Vec::new();
+        let mut below: Option<String> = None;
+        for layer in &layers {
+            let disk = self.with_top(layer);
+            let mut nodes = disk.blockdev_add(&layer.path.to_string_lossy());
+            if let Some(fmt) = nodes.get_mut(1) {
+                let backing = match (&below, layer.format) {
+                    (Some(node), _) => serde_json::Value::String(node.clone()),
+                    (None, Format::Qcow2) => serde_json::Value::Null,
+                    (None, Format::Raw) => {
+                        below = Some(fmt.node_name.clone());
+                        out.extend(nodes);
+                        continue;
+                    }
+                };
+                fmt.props.insert("backing".into(), backing);
+                below = Some(fmt.node_name.clone());
+            }
+            out.extend(nodes);
+        }
+        out
+    }
+
+    /// Launch arguments: `-blockdev` (protocol, then format) and `-device`. A disk with a
+    /// backing chain gives every node, bottom first, in QEMU's JSON form (keyval has no null).
     pub fn args(&self) -> Vec<String> {
+        if !self.backing.is_empty() {
+            let mut args = Vec::new();
+            for node in self.chain_blockdevs() {
+                let json = serde_json::to_string(&node).expect("a blockdev is JSON");
+                args.extend(["-blockdev".to_owned(), json]);
+            }
+            args.extend(["-device".to_owned(), self.device_arg()]);
+            return args;
+        }
         let mut args = vec![
             "-blockdev".to_owned(),
             render_kv(&self.protocol_props(&self.path.to_string_lossy())),
@@ -684,7 +781,8 @@ mod tests {
                 None => DiskFrontend::VirtioBlk(pci),
             };
             let disk = Disk { id, frontend, path: path.into(), backend: DiskBackend::File,
-                              format: if fmt { Format::Qcow2 } else { Format::Raw }, read_only: ro, cache: Cache::Writeback, io_limits: None, generation: 0 };
+                              format: if fmt { Format::Qcow2 } else { Format::Raw }, read_only: ro, cache: Cache::Writeback, io_limits: None, generation: 0,
+                              backing: Vec::new() };
             assert_same(disk.driver(), &disk.args(), &disk.device_add());
             // The -blockdev strings parse back to the image path exactly, commas and all.
             let (_, pairs) = parse(&disk.args()[1]);

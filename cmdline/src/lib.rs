@@ -41,7 +41,8 @@ pub use chardev::SocketChardev;
 pub use cpu::{CpuTopology, Vcpu};
 pub use daemons::{StorageDaemonLauncher, VirtiofsdLauncher, STORAGE_DAEMON_ENV, VIRTIOFSD_ENV};
 pub use device::{
-    Cache, Disk, DiskBackend, DiskFrontend, Format, Nic, Pci, RootPort, ScsiAddr, ScsiController,
+    Cache, Disk, DiskBackend, DiskFrontend, DiskLayer, Format, Nic, Pci, RootPort, ScsiAddr,
+    ScsiController,
 };
 pub use error::{Error, Result};
 pub use launch::{default_qemu, Launcher, Monitor, QemuProcess, QEMU_ENV};

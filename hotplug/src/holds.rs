@@ -141,6 +141,20 @@ impl Reservation {
     }
 }
 
+/// Several disks' busy marks, held by one transaction (a snapshot of several disks at once).
+impl Hold for Vec<Busy> {
+    fn id(&self) -> &str {
+        self.first().map_or("", |b| b.id.as_str())
+    }
+    fn inner(&self) -> Option<Arc<Core>> {
+        self.first().map(|b| b.inner.clone())
+    }
+    fn leak(self) {
+        self.into_iter().for_each(Hold::leak);
+    }
+    fn in_doubt(self) {}
+}
+
 /// What a sequence outside any VM's state holds: only its name (a storage daemon's export).
 pub(crate) struct Named(pub(crate) String);
 

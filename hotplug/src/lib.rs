@@ -3,7 +3,7 @@
 //! virtio-serial ports and RNGs into running QEMU guests over QMP, and live-migrate them
 //! ([`Vm::migrate`]), as transactions with rollback, and change what is plugged (a
 //! disk's size and I/O limits, a NIC's link, a CD-ROM's medium, a virtio-mem device's size) while
-//! the guest runs, and copy a running disk to a new image ([`Vm::mirror_disk`], a [`MirrorJob`]
+//! the guest runs, and copy a running disk to a new image ([`Vm::mirror_disk`], a [`BlockJob`]
 //! that pivots or abandons). The guest's agent ([`Vm::agent`], [`GuestAgent`]) finishes what the guest must
 //! do (onlining new vCPUs and memory, freezing filesystems), and the VM's life is typed: graceful
 //! [`Vm::shutdown`] and [`Vm::reboot`] with a deadline, [`Vm::pause`], [`Vm::resume`],
@@ -77,13 +77,15 @@
 //!
 //! | span | fields | what it covers |
 //! |---|---|---|
-//! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `add_memory`, `add_balloon`, `remove_disk`, `remove_nic`, `remove_cdrom`, `remove_memory`, `remove_balloon`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`, `set_vcpus`, `resize_virtio_mem`, `shutdown`, `reboot`, `mirror_disk`, `set_balloon`, `add_vhost_user_blk`, `add_virtio_fs`, `add_virtio_serial`, `add_serial_port`, `add_rng` and their `remove_*`; on a `StorageDaemon`: `export`, `unexport`; `migrate`), `id` | one public operation |
+//! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `add_memory`, `add_balloon`, `remove_disk`, `remove_nic`, `remove_cdrom`, `remove_memory`, `remove_balloon`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`, `set_vcpus`, `resize_virtio_mem`, `shutdown`, `reboot`, `mirror_disk`, `snapshot`, `commit_disk`, `stream_disk`, `set_balloon`, `add_vhost_user_blk`, `add_virtio_fs`, `add_virtio_serial`, `add_serial_port`, `add_rng` and their `remove_*`; on a `StorageDaemon`: `export`, `unexport`; `migrate`), `id` | one public operation |
 //! | `step` | `name` (the QMP command, or `wait JOB_STATUS_CHANGE`, `wait DEVICE_DELETED`, `wait DEVICE_TRAY_MOVED`, `wait ACPI_DEVICE_OST`, `wait MEMORY_DEVICE_SIZE_CHANGE`, `wait BLOCK_EXPORT_DELETED`, `wait target MIGRATION`), `id`; `press` on `device_del` | one step of a hot-add, hot-remove or change; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
 //! | `undo` | `step` (for example `blockdev-del d1-fmt`) | one undo step of a rollback |
 //! | `rollback` | `id`, `reason` | the background rollback of a dropped hot-add or change |
 //! | `qmp` | `command`, `id` (`exec-oob` and in-band ids) | one QMP command (from `qhotplug-qmp`) |
 //! | `qga` | `command`, `id` (the request id the agent echoes) | one guest agent command, or a resynchronisation (`guest-sync-delimited`) (from `qhotplug-qga`) |
 
+mod block_job;
+mod commit;
 mod cpus;
 mod delete;
 mod device_kind;
@@ -100,20 +102,24 @@ mod medium;
 mod memory;
 mod migrate;
 mod mirror;
+mod new_image;
 mod onlining;
 pub mod qemu_errors;
 mod reconcile;
 mod run_to_end;
 mod slots;
+mod snapshot;
 pub mod spans;
 mod state;
 mod storage_daemon;
+mod stream;
 mod transaction;
 mod unplug;
 mod virtio_devices;
 mod vm;
 mod vm_core;
 
+pub use block_job::BlockJob;
 pub use cpus::VcpuChange;
 pub use device_kind::DeviceKind;
 pub use error::{Error, MigrationFailure, Result, UndoFailure};
@@ -129,9 +135,10 @@ pub use kinds::virtio_serial::{SerialPortConfig, VirtioSerialConfig};
 pub use life::{PowerVia, Stopped};
 pub use medium::{MediumOptions, TrayStatus};
 pub use migrate::{MigrationOptions, Progress, SourceAfter, Transport};
-pub use mirror::{MirrorConfig, MirrorJob, MirrorSync};
+pub use mirror::{MirrorConfig, MirrorSync};
 pub use onlining::Onlined;
 pub use reconcile::Reconciled;
+pub use snapshot::SnapshotConfig;
 pub use storage_daemon::StorageDaemon;
 pub use unplug::{UnplugPolicy, DEFAULT_UNPLUG_DEADLINE};
 pub use vm::{Migrated, Vm, MIN_QEMU};
@@ -139,9 +146,9 @@ pub use vm::{Migrated, Vm, MIN_QEMU};
 // What a hot-plug needs from the other crates, each at one path: `qhotplug::…`. The protocol
 // itself (typed commands and events, `Config`) is the `qhotplug-qmp` crate's, at its own paths.
 pub use qhotplug_cmdline::{
-    Balloon, Cache, Cdrom, CdromBus, CpuTopology, DeviceModel, Disk, DiskFrontend, Format, IdeAddr,
-    Launcher, Machine, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Monitor, Nic,
-    Pci, QemuProcess, Rng, RootPort, ScsiAddr, ScsiController, Serial, SerialPort,
+    Balloon, Cache, Cdrom, CdromBus, CpuTopology, DeviceModel, Disk, DiskFrontend, DiskLayer,
+    Format, IdeAddr, Launcher, Machine, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind,
+    Monitor, Nic, Pci, QemuProcess, Rng, RootPort, ScsiAddr, ScsiController, Serial, SerialPort,
     StorageDaemonLauncher, Vcpu, VhostUserBlk, VirtioFs, VirtioSerial, VirtiofsdLauncher, VmSpec,
     Vnc, VncListen, MIB,
 };

@@ -120,6 +120,25 @@ impl<H: Hold> Transaction<H> {
         }
     }
 
+    /// Something between the steps failed (host-side work, a wait): everything done so far is
+    /// undone now, and `error` is handed back as it is. After a failed step (which has rolled
+    /// back already) there is nothing left to undo.
+    pub(crate) async fn abort(mut self, error: Error) -> Error {
+        let Some(hold) = self.hold.take() else {
+            return error;
+        };
+        let undo = std::mem::take(&mut self.undo);
+        tracing::debug!(%error, "{} failed between steps; rolling back", self.operation);
+        let rolled = roll_back(&self.client, undo).await;
+        for failure in &rolled.failures {
+            tracing::warn!(%failure, "{} rollback step failed", self.operation);
+        }
+        if rolled.device_left {
+            hold.in_doubt();
+        }
+        error
+    }
+
     /// Records an undo for something that happened outside a step (the guest opened a tray it
     /// was asked to).
     pub(crate) fn push_undo(&mut self, undo: Delete) {

@@ -17,6 +17,7 @@ use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
 
+use crate::block_job::BlockJob;
 use crate::cpus::{self, VcpuChange};
 use crate::error::{Error, Result};
 use crate::guest_agent::GuestAgent;
@@ -24,13 +25,15 @@ use crate::kinds::{Device, DeviceKind, Plug};
 use crate::life::{self, PowerVia, Stopped};
 use crate::medium::{self, MediumOptions, TrayStatus};
 use crate::migrate::{self, MigrationOptions, Progress};
-use crate::mirror::{self, MirrorConfig, MirrorJob};
+use crate::mirror::{self, MirrorConfig};
 use crate::onlining::{self, Onlined};
 use crate::reconcile::{self, Reconciled};
 use crate::run_to_end::RunToEnd;
+use crate::snapshot::{self, SnapshotConfig};
 use crate::state::Entry;
 use crate::unplug::{self, UnplugPolicy};
 use crate::vm_core::{hotplug_span, Core};
+use crate::{commit, stream};
 use crate::{engine, live, memory, virtio_devices};
 use crate::{
     BalloonConfig, CdromConfig, DiskConfig, MemoryConfig, NicConfig, RngConfig, SerialPortConfig,
@@ -496,15 +499,58 @@ impl Vm {
 
     /// Starts copying disk `id` to a new image ([`MirrorConfig`]): the SDK creates the target
     /// (never over an existing file), opens it and hands it to QEMU as an fd, and starts
-    /// `blockdev-mirror`. The returned [`MirrorJob`] reports progress, pauses, resumes, sets the
-    /// speed, and ends the copy: [`pivot`](MirrorJob::pivot) (the disk runs on the copy from then
-    /// on, and `vm.spec()` says so), [`abandon`](MirrorJob::abandon) (a consistent copy, the
-    /// disk stays), or [`cancel`](MirrorJob::cancel). While it runs, the disk is busy: another
+    /// `blockdev-mirror`. The returned [`BlockJob`] reports progress, pauses, resumes, sets the
+    /// speed, and ends the copy: [`pivot`](BlockJob::pivot) (the disk runs on the copy from then
+    /// on, and `vm.spec()` says so), [`abandon`](BlockJob::abandon) (a consistent copy, the
+    /// disk stays), or [`cancel`](BlockJob::cancel). While it runs, the disk is busy: another
     /// job or a hot-remove of it is [`Error::Busy`] before anything is sent. A failure while
     /// starting undoes every step before it.
-    pub async fn mirror_disk(&self, id: &str, config: MirrorConfig) -> Result<MirrorJob> {
+    pub async fn mirror_disk(&self, id: &str, config: MirrorConfig) -> Result<BlockJob> {
         self.call("mirror_disk", id, |core, id| async move {
             mirror::start(&core, &id, config).await
+        })
+        .await
+    }
+
+    /// Takes an external live snapshot of one or several disks at once ([`SnapshotConfig`]):
+    /// each gets a new qcow2 overlay the SDK creates, all in one QMP `transaction`, so a failure
+    /// leaves every disk as it was (and the overlays' nodes and files gone). Afterwards the
+    /// guest writes into the overlays; each disk's image is under its overlay, unchanged, in the
+    /// disk's backing chain ([`Disk::backing`]), which `vm.spec()` and a relaunch from it keep.
+    /// Returns the disks as they now are. A disk with a job running is [`Error::Busy`].
+    pub async fn snapshot(&self, config: SnapshotConfig) -> Result<Vec<Disk>> {
+        self.call("snapshot", "", |core, _| async move {
+            snapshot::snapshot(&core, config).await
+        })
+        .await
+    }
+
+    /// Starts merging disk `id`'s top image into the image under it (the active commit): wait
+    /// for [`BlockJob::wait_ready`], then [`BlockJob::pivot`] moves the disk onto that image and
+    /// deletes the top's nodes. A disk with no backing image is refused before anything is sent.
+    pub async fn commit_disk(&self, id: &str) -> Result<BlockJob> {
+        self.call("commit_disk", id, |core, id| async move {
+            commit::start(&core, &id, None).await
+        })
+        .await
+    }
+
+    /// Starts merging backing layer `layer` of disk `id` ([`Disk::backing`], 0 the nearest) into
+    /// the layer under it (an intermediate commit); it completes by itself:
+    /// [`BlockJob::wait`]. The merged layer leaves the chain and its nodes go.
+    pub async fn commit_layer(&self, id: &str, layer: usize) -> Result<BlockJob> {
+        self.call("commit_disk", id, move |core, id| async move {
+            commit::start(&core, &id, Some(layer)).await
+        })
+        .await
+    }
+
+    /// Starts pulling disk `id`'s backing chain into its top image ([`BlockJob::wait`] for its
+    /// end): then the top stands alone, the images under it are no longer opened (their files
+    /// can go), and `vm.spec()` has no backing chain for the disk.
+    pub async fn stream_disk(&self, id: &str) -> Result<BlockJob> {
+        self.call("stream_disk", id, |core, id| async move {
+            stream::start(&core, &id).await
         })
         .await
     }

@@ -10,53 +10,13 @@ use std::time::Duration;
 
 use qhotplug::{DiskConfig, Error, Format, MirrorConfig, VmSpec};
 use qhotplug_qmp::command::{QueryJobs, QueryNamedBlockNodes};
+use qhotplug_tests::storage::{self, md5, same_contents};
 use qhotplug_tests::{pc_spec, Guest};
 
 const SEEN: Duration = Duration::from_secs(90);
 
-/// A 64 MiB raw image in `dir` full of non-zero data (so a copy has work to do).
 fn data_image(dir: &Path, name: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let bytes: Vec<u8> = (0..64 << 20)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
-
-/// `md5sum` of a file on the host.
-fn md5(path: &Path) -> String {
-    let out = std::process::Command::new("md5sum")
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
-/// `qemu-img compare -U a b`: true when the guest-visible contents are the same.
-fn same_contents(a: &Path, b: &Path) -> bool {
-    let status = std::process::Command::new("qemu-img")
-        .args(["compare", "-U", "-q"])
-        .arg(a)
-        .arg(b)
-        .status()
-        .unwrap();
-    match status.code() {
-        Some(0) => true,
-        Some(1) => false,
-        other => panic!("qemu-img compare failed: {other:?}"),
-    }
+    storage::data_image(dir, name, 64, 1)
 }
 
 /// The node names QEMU has.

@@ -222,12 +222,11 @@ impl Placed for Disk {
         }
     }
 
-    /// The top node, then the protocol node under it.
+    /// Every image's nodes, top first, each format node before the protocol node under it.
     fn teardown(&self) -> Vec<Delete> {
-        let mut nodes = vec![Delete::BlockNode(self.top_node())];
-        if self.top_node() != self.file_node() {
-            nodes.push(Delete::BlockNode(self.file_node()));
-        }
-        nodes
+        self.node_names()
+            .into_iter()
+            .map(Delete::BlockNode)
+            .collect()
     }
 }

@@ -114,6 +114,73 @@ command!(
     } -> Empty
 );
 
+command!(
+    /// `block-commit`: merges the layers from `top_node` down to `base_node`'s child into
+    /// `base_node`. The active layer's commit goes `ready` and waits for `job-complete` (the
+    /// device then runs on the base); an intermediate one completes by itself.
+    "block-commit", BlockCommit {
+        /// The job's id.
+        job_id: String,
+        /// The device's root node.
+        device: String,
+        /// The topmost layer to merge.
+        top_node: String,
+        /// The layer merged into.
+        base_node: String,
+        /// Bytes per second (absent: no limit).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        speed: Option<u64>,
+        /// Keep the job after it concluded, until `job-dismiss`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        auto_dismiss: Option<bool>,
+    } -> Empty
+);
+
+command!(
+    /// `block-stream`: copies the backing chain's data into `device`'s top layer; once done, the
+    /// top stands alone (completes by itself).
+    "block-stream", BlockStream {
+        /// The job's id.
+        job_id: String,
+        /// The node to stream into (the device's top).
+        device: String,
+        /// Bytes per second (absent: no limit).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        speed: Option<u64>,
+        /// Keep the job after it concluded, until `job-dismiss`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        auto_dismiss: Option<bool>,
+    } -> Empty
+);
+
+command!(
+    /// `transaction`: several actions at once; if one fails, none is done.
+    "transaction", QmpTransaction {
+        /// The actions, in order.
+        actions: Vec<TransactionAction>,
+    } -> Empty
+);
+
+/// One action of a `transaction` (`{"type": "blockdev-snapshot", "data": {…}}`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TransactionAction {
+    /// The action's name, for example `blockdev-snapshot`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its arguments.
+    pub data: Value,
+}
+
+impl TransactionAction {
+    /// `blockdev-snapshot`: `overlay` (a node with no backing) goes on top of `node`.
+    pub fn blockdev_snapshot(node: &str, overlay: &str) -> TransactionAction {
+        TransactionAction {
+            kind: "blockdev-snapshot".into(),
+            data: serde_json::json!({"node": node, "overlay": overlay}),
+        }
+    }
+}
+
 /// One job in `query-jobs`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 pub struct JobInfo {

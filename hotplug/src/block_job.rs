@@ -1,0 +1,333 @@
+//! [`BlockJob`]: the handle of a storage job on one disk (a mirror, a commit, a stream), and the
+//! one place a job's end changes the SDK's view.
+//!
+//! An operation starts its job (a transaction up to the start command, [`jobs`]), then hands the
+//! handle what it knows: the disk as it will be once the job completes, the nodes that go then,
+//! the nodes that go if it is abandoned or cancelled, and a file it created for the job. The
+//! handle holds the disk's busy mark until the end is done with, so one disk runs one job at a
+//! time and cannot be hot-removed meanwhile. A handle dropped before its end cancels the job in
+//! a background task that `reconcile` waits for, as a dropped hot-add rolls back.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use qhotplug_cmdline::Disk;
+use qhotplug_qmp::command::{
+    BlockJobCancel, BlockJobSetSpeed, JobCancel, JobComplete, JobInfo, JobPause, JobResume,
+};
+use qhotplug_qmp::EventStream;
+use tracing::Instrument;
+
+use crate::delete::Delete;
+use crate::error::{Error, Result};
+use crate::holds::Busy;
+use crate::jobs;
+use crate::vm_core::Core;
+
+/// How long a job asked to end may take to conclude.
+const END_WAIT: Duration = Duration::from_secs(60);
+
+/// A running storage job on one disk. It ends by [`pivot`](BlockJob::pivot) (a mirror, an active
+/// commit), [`wait`](BlockJob::wait) (a job that completes by itself: a stream, an intermediate
+/// commit), [`abandon`](BlockJob::abandon) (a mirror kept as a point-in-time copy) or
+/// [`cancel`](BlockJob::cancel); dropped before that, it is cancelled in the background.
+pub struct BlockJob {
+    core: Arc<Core>,
+    job: String,
+    /// The disk as it is once the job completes.
+    after: Disk,
+    /// What goes once it completes: the nodes the disk no longer uses.
+    on_complete: Vec<Delete>,
+    /// What goes if it is abandoned or cancelled: the nodes the job added.
+    on_abort: Vec<Delete>,
+    /// A file the SDK created for the job (a mirror's target), removed if the job is cancelled.
+    created: Option<PathBuf>,
+    events: Option<EventStream>,
+    /// The disk's busy mark, held until the job's end is done with.
+    busy: Option<Busy>,
+}
+
+impl std::fmt::Debug for BlockJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockJob")
+            .field("job", &self.job)
+            .field("disk", &self.after.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a job's end was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// `job-complete`, or a job that completes by itself.
+    Complete,
+    /// The soft cancel of a ready mirror: completed, but the disk stays.
+    Abandon,
+    /// `job-cancel`.
+    Cancel,
+    /// It failed by itself.
+    Failed,
+}
+
+impl BlockJob {
+    /// The handle of job `job` just started on the disk `busy` marks.
+    pub(crate) fn new(
+        core: &Arc<Core>,
+        job: String,
+        events: EventStream,
+        busy: Busy,
+        after: Disk,
+    ) -> BlockJob {
+        BlockJob {
+            core: core.clone(),
+            job,
+            after,
+            on_complete: Vec::new(),
+            on_abort: Vec::new(),
+            created: None,
+            events: Some(events),
+            busy: Some(busy),
+        }
+    }
+
+    /// What goes once the job completes.
+    pub(crate) fn on_complete(mut self, gone: Vec<Delete>) -> Self {
+        self.on_complete = gone;
+        self
+    }
+
+    /// What goes if it is abandoned or cancelled.
+    pub(crate) fn on_abort(mut self, gone: Vec<Delete>) -> Self {
+        self.on_abort = gone;
+        self
+    }
+
+    /// A file the SDK created for the job, removed if it is cancelled.
+    pub(crate) fn created(mut self, path: PathBuf) -> Self {
+        self.created = Some(path);
+        self
+    }
+
+    /// The job's id in QEMU (`mirror-<disk>`, `commit-<disk>`, `stream-<disk>`).
+    pub fn job_id(&self) -> &str {
+        &self.job
+    }
+
+    /// The disk as it will be once the job completes (its image, format and backing chain).
+    pub fn disk_after(&self) -> &Disk {
+        &self.after
+    }
+
+    /// The job as `query-jobs` lists it now: status, and progress (bytes done of bytes to do).
+    pub async fn info(&self) -> Result<JobInfo> {
+        jobs::info(&self.core.client, &self.job)
+            .await?
+            .ok_or_else(|| Error::JobGone(self.job.clone()))
+    }
+
+    /// Waits until the job is `ready` (a mirror in sync, an active commit caught up), by
+    /// `timeout`. A job that failed meanwhile is [`Error::JobFailed`] (dismissed, and what it
+    /// added is gone).
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<JobInfo> {
+        let events = self.events.as_mut().expect("a running job has its events");
+        let job = jobs::wait_status(
+            &self.core.client,
+            events,
+            &self.job,
+            "ready",
+            |s| s == "ready",
+            Some(timeout),
+        )
+        .await?;
+        if job.status == "concluded" {
+            self.end(Ending::Failed).await?;
+            return Err(Error::JobFailed {
+                id: self.job.clone(),
+                error: job.error.unwrap_or_else(|| "concluded before ready".into()),
+            });
+        }
+        Ok(job)
+    }
+
+    /// Pauses the job (`job-pause`).
+    pub async fn pause(&self) -> Result<()> {
+        let pause = JobPause {
+            id: self.job.clone(),
+        };
+        self.core.client.execute(&pause).await?;
+        Ok(())
+    }
+
+    /// Resumes a paused job (`job-resume`).
+    pub async fn resume(&self) -> Result<()> {
+        let resume = JobResume {
+            id: self.job.clone(),
+        };
+        self.core.client.execute(&resume).await?;
+        Ok(())
+    }
+
+    /// Sets the rate limit in bytes per second (0: none).
+    pub async fn set_speed(&self, bytes_per_second: u64) -> Result<()> {
+        let speed = BlockJobSetSpeed {
+            device: self.job.clone(),
+            speed: bytes_per_second,
+        };
+        self.core.client.execute(&speed).await?;
+        Ok(())
+    }
+
+    /// Ends a `ready` mirror or active commit by its switch (`job-complete`): the disk now runs on
+    /// the mirror's copy, or on the commit's base, `vm.spec()` says so, and the nodes the disk no
+    /// longer uses are deleted (their files are the caller's). Returns the disk as it now is.
+    pub async fn pivot(mut self) -> Result<Disk> {
+        let complete = JobComplete {
+            id: self.job.clone(),
+        };
+        let span = tracing::debug_span!(crate::spans::STEP, name = "job-complete", id = %self.job);
+        self.core.client.execute(&complete).instrument(span).await?;
+        self.end(Ending::Complete).await?;
+        Ok(self.after.clone())
+    }
+
+    /// Waits, by `timeout`, for a job that completes by itself (a stream, an intermediate
+    /// commit); then the spec has the disk's new chain and the nodes it no longer uses are
+    /// deleted. Returns the disk as it now is.
+    pub async fn wait(mut self, timeout: Duration) -> Result<Disk> {
+        let events = self.events.as_mut().expect("a running job has its events");
+        jobs::wait_status(
+            &self.core.client,
+            events,
+            &self.job,
+            "concluded",
+            |_| false,
+            Some(timeout),
+        )
+        .await?;
+        self.end(Ending::Complete).await?;
+        Ok(self.after.clone())
+    }
+
+    /// Ends a `ready` mirror without moving the disk (`block-job-cancel` without `force`): the
+    /// target is a consistent image of the disk as of this call, its nodes go, the disk goes on
+    /// where it was. Returns the copy's path. Before `ready`, QEMU treats it as a cancel.
+    pub async fn abandon(mut self) -> Result<PathBuf> {
+        let cancel = BlockJobCancel {
+            device: self.job.clone(),
+            force: None,
+        };
+        let span =
+            tracing::debug_span!(crate::spans::STEP, name = "block-job-cancel", id = %self.job);
+        self.core.client.execute(&cancel).instrument(span).await?;
+        self.end(Ending::Abandon).await?;
+        Ok(self.after.path.clone())
+    }
+
+    /// Stops the job (`job-cancel`, the forced cancel): the disk stays as it was; what the job
+    /// added goes, and so does a file the SDK created for it (a mirror's target is no copy).
+    pub async fn cancel(mut self) -> Result<()> {
+        cancel_job(&self.core, &self.job).await?;
+        self.end(Ending::Cancel).await
+    }
+
+    async fn end(&mut self, ending: Ending) -> Result<()> {
+        let mut events = self.events.take().expect("a job ends once");
+        let busy = self.busy.take();
+        let result = self.finish(&mut events, ending).await;
+        drop(busy);
+        result
+    }
+
+    /// Concluded (its error read), dismissed; then on completion the spec takes the disk as it
+    /// is now and the nodes it left go; otherwise what the job added goes.
+    async fn finish(&self, events: &mut EventStream, ending: Ending) -> Result<()> {
+        let core = &self.core;
+        let outcome =
+            tokio::time::timeout(END_WAIT, jobs::conclude(&core.client, events, &self.job))
+                .await
+                .map_err(|_| Error::JobTimeout {
+                    id: self.job.clone(),
+                    status: "running".into(),
+                    want: "concluded",
+                    after: END_WAIT,
+                })?;
+        let completed = ending == Ending::Complete && outcome.is_ok();
+        if completed {
+            core.state().update(self.after.clone().into());
+        }
+        let gone = if completed {
+            &self.on_complete
+        } else {
+            &self.on_abort
+        };
+        let id = &self.after.id;
+        for step in gone {
+            let span = tracing::debug_span!(crate::spans::STEP, name = step.command(), id = %id);
+            if let Err(error) = step.run(&core.client).instrument(span).await {
+                tracing::warn!(%step, %error, "a job's node left for reconcile");
+                core.state().touched.insert(id.clone());
+            }
+        }
+        if matches!(ending, Ending::Cancel | Ending::Failed) {
+            if let Some(path) = &self.created {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        match (ending, outcome) {
+            // A forced cancel's "error" is the cancel itself.
+            (Ending::Cancel, _) => Ok(()),
+            (_, outcome) => outcome,
+        }
+    }
+}
+
+/// Sends the forced cancel; a job already concluded or gone counts as done.
+async fn cancel_job(core: &Core, job: &str) -> Result<()> {
+    let cancel = JobCancel { id: job.to_owned() };
+    let span = tracing::debug_span!(crate::spans::STEP, name = "job-cancel", id = %job);
+    match core.client.execute(&cancel).instrument(span).await {
+        Ok(_) => Ok(()),
+        Err(e) => match jobs::info(&core.client, job).await? {
+            None => Ok(()),
+            Some(j) if j.status == "concluded" => Ok(()),
+            Some(_) => Err(e.into()),
+        },
+    }
+}
+
+impl Drop for BlockJob {
+    fn drop(&mut self) {
+        let Some(mut events) = self.events.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let busy = self.busy.take();
+        let job = BlockJob {
+            core: self.core.clone(),
+            job: self.job.clone(),
+            after: self.after.clone(),
+            on_complete: Vec::new(),
+            on_abort: std::mem::take(&mut self.on_abort),
+            created: self.created.take(),
+            events: None,
+            busy: None,
+        };
+        let span = tracing::info_span!(crate::spans::ROLLBACK, id = %self.after.id, reason = "job handle dropped");
+        let task = runtime.spawn(
+            async move {
+                if let Err(error) = cancel_job(&job.core, &job.job).await {
+                    tracing::warn!(%error, "the dropped job could not be cancelled");
+                }
+                if let Err(error) = job.finish(&mut events, Ending::Cancel).await {
+                    tracing::warn!(%error, "the dropped job's end was not clean");
+                }
+                drop(busy);
+            }
+            .instrument(span),
+        );
+        self.core.track_rollback(task);
+    }
+}

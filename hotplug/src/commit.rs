@@ -1,0 +1,78 @@
+//! Block commit (reference §3.1): a disk's layers merged down into an image under them. The
+//! active commit merges the top into the image right under it: it goes `ready`, and its pivot
+//! moves the disk onto that image, whose nodes the disk already has open read-write (the SDK
+//! opens every image it adds through a read-write fd, so the writable reopen of §3.4 works). An
+//! intermediate commit merges one backing layer into the one under it and completes by itself.
+//! Either way the merged layer's nodes go once it is done; its file is the caller's.
+
+use std::sync::Arc;
+
+use qhotplug_cmdline::{names, Disk};
+use qhotplug_qmp::command::BlockCommit;
+
+use crate::block_job::BlockJob;
+use crate::delete::Delete;
+use crate::error::{Error, Result};
+use crate::holds;
+use crate::kinds::{Device, DeviceKind};
+use crate::vm_core::Core;
+
+/// The commands a commit uses.
+const COMMANDS: &[&str] = &["block-commit", "query-jobs", "job-complete", "job-dismiss"];
+
+/// See [`Vm::commit_disk`](crate::Vm::commit_disk): `layer` `None` for the active commit of the
+/// top, `Some(i)` for backing layer `i` into layer `i + 1`.
+pub(crate) async fn start(core: &Arc<Core>, id: &str, layer: Option<usize>) -> Result<BlockJob> {
+    core.require("block commit", COMMANDS).await?;
+    let (busy, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
+        unreachable!("a disk entry is a disk")
+    };
+    let (top, base) = match layer {
+        None => (Some(disk.top_layer()), disk.backing.first().cloned()),
+        Some(i) => (
+            disk.backing.get(i).cloned(),
+            disk.backing.get(i + 1).cloned(),
+        ),
+    };
+    let (Some(top), Some(base)) = (top, base) else {
+        return Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(format!(
+            "{id}: no image under the layer to commit (its backing chain has {} images)",
+            disk.backing.len()
+        ))));
+    };
+    let client = core.client.clone();
+    let events = client.events();
+    let job = format!("commit-{id}");
+    let commit = BlockCommit {
+        job_id: job.clone(),
+        device: disk.top_node(),
+        top_node: names::format_node_at(id, top.generation),
+        base_node: names::format_node_at(id, base.generation),
+        speed: None,
+        auto_dismiss: Some(false),
+    };
+    let span = tracing::debug_span!(crate::spans::STEP, name = "block-commit", id);
+    tracing::Instrument::instrument(client.execute(&commit), span).await?;
+    // Once done, the committed layer is out of the chain.
+    let after = match layer {
+        None => Disk {
+            backing: disk.backing[1..].to_vec(),
+            ..disk.with_top(&base)
+        },
+        Some(i) => {
+            let mut backing = disk.backing.clone();
+            backing.remove(i);
+            Disk {
+                backing,
+                ..disk.clone()
+            }
+        }
+    };
+    let gone = [
+        names::format_node_at(id, top.generation),
+        names::file_node_at(id, top.generation),
+    ];
+    tracing::info!(job, "commit started");
+    Ok(BlockJob::new(core, job, events, busy, after)
+        .on_complete(gone.into_iter().map(Delete::BlockNode).collect()))
+}

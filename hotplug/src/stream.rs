@@ -1,0 +1,51 @@
+//! Block stream (reference §3.2): a disk's backing chain pulled into its top image, which then
+//! stands alone; the images that were under it stay valid, their nodes go, their files are the
+//! caller's (a template can be deleted while the guest goes on reading).
+
+use std::sync::Arc;
+
+use qhotplug_cmdline::Disk;
+use qhotplug_qmp::command::BlockStream;
+
+use crate::block_job::BlockJob;
+use crate::delete::Delete;
+use crate::error::{Error, Result};
+use crate::holds;
+use crate::kinds::{Device, DeviceKind};
+use crate::vm_core::Core;
+
+/// The commands a stream uses.
+const COMMANDS: &[&str] = &["block-stream", "query-jobs", "job-dismiss"];
+
+/// See [`Vm::stream_disk`](crate::Vm::stream_disk).
+pub(crate) async fn start(core: &Arc<Core>, id: &str) -> Result<BlockJob> {
+    core.require("block stream", COMMANDS).await?;
+    let (busy, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
+        unreachable!("a disk entry is a disk")
+    };
+    if disk.backing.is_empty() {
+        return Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(format!(
+            "{id}: no backing image to stream from"
+        ))));
+    }
+    let client = core.client.clone();
+    let events = client.events();
+    let job = format!("stream-{id}");
+    let stream = BlockStream {
+        job_id: job.clone(),
+        device: disk.top_node(),
+        speed: None,
+        auto_dismiss: Some(false),
+    };
+    let span = tracing::debug_span!(crate::spans::STEP, name = "block-stream", id);
+    tracing::Instrument::instrument(client.execute(&stream), span).await?;
+    let alone = Disk {
+        backing: Vec::new(),
+        ..disk.clone()
+    };
+    // Once done, every node under the top goes, nearest first.
+    let gone = disk.node_names()[alone.node_names().len()..].to_vec();
+    tracing::info!(job, "stream started");
+    Ok(BlockJob::new(core, job, events, busy, alone)
+        .on_complete(gone.into_iter().map(Delete::BlockNode).collect()))
+}

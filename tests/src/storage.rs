@@ -1,0 +1,79 @@
+//! Host-side checks of the images a storage test made: images full of data, `md5sum`, and
+//! `qemu-img` (`compare`, `convert`) reading images QEMU holds (`-U`), after a guest `sync`.
+
+use std::path::{Path, PathBuf};
+
+/// A raw image of `mib` MiB in `dir` full of non-zero data (so a copy or a commit has work to
+/// do); `seed` makes images differ.
+pub fn data_image(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
+    let path = dir.join(name);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D);
+    let bytes: Vec<u8> = (0..mib << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(&path, bytes).expect("write the image");
+    path
+}
+
+/// `md5sum` of a file on the host.
+pub fn md5(path: &Path) -> String {
+    let out = std::process::Command::new("md5sum")
+        .arg(path)
+        .output()
+        .expect("run md5sum");
+    assert!(out.status.success(), "md5sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a sum")
+        .to_owned()
+}
+
+/// `qemu-img compare -U a b`: true when what a guest would read from them is the same.
+pub fn same_contents(a: &Path, b: &Path) -> bool {
+    let status = std::process::Command::new("qemu-img")
+        .args(["compare", "-U", "-q"])
+        .arg(a)
+        .arg(b)
+        .status()
+        .expect("run qemu-img");
+    match status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        other => panic!("qemu-img compare failed: {other:?}"),
+    }
+}
+
+/// The `md5sum` of what a guest reads from `image` (its backing chain included): converted to
+/// raw with `qemu-img convert -U` into `scratch`.
+pub fn guest_view_md5(image: &Path, scratch: &Path) -> String {
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(image)
+        .arg(scratch)
+        .status()
+        .expect("run qemu-img");
+    assert!(status.success(), "qemu-img convert {}", image.display());
+    let sum = md5(scratch);
+    let _ = std::fs::remove_file(scratch);
+    sum
+}
+
+/// The backing file `qemu-img info` reads from `image`'s header, if any.
+pub fn backing_file(image: &Path) -> Option<String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(image)
+        .output()
+        .expect("run qemu-img");
+    assert!(out.status.success(), "qemu-img info {}", image.display());
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    info.get("backing-filename")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned)
+}
