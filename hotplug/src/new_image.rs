@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use qhotplug_cmdline::{DeviceModel, Disk, DiskLayer, Format};
 use qhotplug_qmp::command::BlockdevCreate;
 use qhotplug_qmp::{Client, EventStream};
-use tracing::Instrument;
 
 use crate::delete::Delete;
 use crate::engine::run_backends;
@@ -86,7 +85,7 @@ pub(crate) async fn create<H: Hold>(
             Backing::Null { header } => *header,
             Backing::Node(layer) => Some(*layer),
         };
-        format_qcow2(client, events, &as_disk, size, header).await?;
+        format_qcow2(client, txn, events, &as_disk, size, header).await?;
         let node = match backing {
             Backing::Null { .. } => serde_json::Value::Null,
             Backing::Node(layer) => {
@@ -122,8 +121,9 @@ fn create_file(path: &Path, format: Format, size: u64) -> Result<std::fs::File> 
 
 /// Formats `image`'s protocol node as a qcow2 image of `size` bytes with `blockdev-create`,
 /// waited for and dismissed. `header`: the backing file its header names.
-async fn format_qcow2(
+async fn format_qcow2<H: Hold>(
     client: &Client,
+    txn: &mut Transaction<H>,
     events: &mut EventStream,
     image: &Disk,
     size: u64,
@@ -144,7 +144,7 @@ async fn format_qcow2(
         job_id: job.clone(),
         options,
     };
-    let span = tracing::debug_span!(crate::spans::STEP, name = "blockdev-create", id = %image.id);
-    client.execute(&create).instrument(span).await?;
+    txn.step("blockdev-create", None, client.execute(&create))
+        .await?;
     jobs::conclude(client, events, &job).await
 }

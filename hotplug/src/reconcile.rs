@@ -135,7 +135,8 @@ struct Judged {
     /// Ids whose leftovers go, marked [`Entry::Cleaning`] until `cleaning` is dropped.
     orphans: BTreeSet<String>,
     cleaning: Cleaning,
-    /// CD-ROM drives, each with the nodes of its own it keeps (its medium's).
+    /// CD-ROM drives and disks, each with the nodes of its own it keeps (a medium's, a disk's
+    /// chain's).
     drives: Vec<(String, Vec<String>)>,
     /// Each NIC's recorded link.
     links: Vec<(String, bool)>,
@@ -233,6 +234,16 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
             };
             (c.id.clone(), keep)
         })
+        // A disk no job runs on may have nodes of an image it no longer uses (a job's end whose
+        // deletes failed): all but its chain's go.
+        .chain(
+            state
+                .spec()
+                .disks
+                .iter()
+                .filter(|d| state.devices.get(&d.id).is_some_and(settled))
+                .map(|d| (d.id.clone(), d.node_names())),
+        )
         .collect();
     // QMP cannot read a link's state: the recorded one is applied again.
     let links = state

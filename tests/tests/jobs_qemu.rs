@@ -1,0 +1,133 @@
+//! Storage jobs on real QEMU without a guest: a failure forced at each step before a snapshot
+//! of two disks or a mirror starts (through the fault proxy) leaves QEMU's state, our fds and the
+//! host's files as they were; reconcile keeps a disk's chain and deletes an image's nodes a
+//! failed clean-up left.
+
+use qhotplug::{DiskConfig, Format, MirrorConfig, SnapshotConfig};
+use qhotplug_qmp::command::{QueryJobs, QueryNamedBlockNodes};
+use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
+
+/// A running VM (no guest OS) with disks `a` and `b` and a second monitor for the fault proxy.
+async fn with_two_disks() -> (TestVm, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mon2 = dir.path().join("mon2.sock");
+    let mut spec = pc_spec();
+    second_monitor(&mut spec, &mon2);
+    let t = TestVm::running(spec).await;
+    for id in ["a", "b"] {
+        let image = t.image(&format!("{id}.raw"), 4);
+        t.vm.add_disk(DiskConfig::virtio_blk(id, &image))
+            .await
+            .unwrap();
+    }
+    (t, mon2, dir)
+}
+
+async fn nodes(t: &TestVm) -> Vec<String> {
+    let mut names: Vec<String> =
+        t.vm.client()
+            .execute(&QueryNamedBlockNodes { flat: Some(true) })
+            .await
+            .unwrap()
+            .into_iter()
+            .filter_map(|n| n.node_name)
+            .collect();
+    names.sort();
+    names
+}
+
+/// The steps of a snapshot of two disks, in order, with the occurrence to fail.
+const SNAPSHOT_STEPS: &[(&str, usize)] = &[
+    ("add-fd", 1),
+    ("blockdev-add", 1),
+    ("remove-fd", 1),
+    ("blockdev-create", 1),
+    ("blockdev-add", 2),
+    ("add-fd", 2),
+    ("blockdev-add", 3),
+    ("remove-fd", 2),
+    ("blockdev-create", 2),
+    ("blockdev-add", 4),
+    ("transaction", 1),
+];
+
+#[test]
+fn a_failure_at_each_step_of_a_two_disk_snapshot_leaves_both_disks_as_they_were() {
+    qhotplug_tests::serial_test(async {
+        let (t, mon2, dir) = with_two_disks().await;
+        let (oa, ob) = (dir.path().join("a.1.qcow2"), dir.path().join("b.1.qcow2"));
+        for &(step, nth) in SNAPSHOT_STEPS {
+            let config = SnapshotConfig::new().disk("a", &oa).disk("b", &ob);
+            let (vm, _proxy) = assert_rolls_back(&t, &mon2, step, nth, |vm| async move {
+                vm.snapshot(config).await
+            })
+            .await;
+            assert!(vm.disks().iter().all(|d| d.backing.is_empty()), "{step}");
+            assert!(
+                !oa.exists() && !ob.exists(),
+                "{step} #{nth}: an overlay file stayed"
+            );
+            assert!(t.vm.client().execute(&QueryJobs).await.unwrap().is_empty());
+        }
+        // Without a fault it goes through.
+        let config = SnapshotConfig::new().disk("a", &oa).disk("b", &ob);
+        let disks = t.vm.snapshot(config).await.unwrap();
+        assert_eq!(disks.len(), 2);
+    });
+}
+
+/// The steps before a mirror to a qcow2 target starts.
+const MIRROR_STEPS: &[(&str, usize)] = &[
+    ("add-fd", 1),
+    ("blockdev-add", 1),
+    ("remove-fd", 1),
+    ("blockdev-create", 1),
+    ("blockdev-add", 2),
+    ("blockdev-mirror", 1),
+];
+
+#[test]
+fn a_failure_at_each_step_before_a_mirror_starts_leaves_the_disk_as_it_was() {
+    qhotplug_tests::serial_test(async {
+        let (t, mon2, dir) = with_two_disks().await;
+        let target = dir.path().join("copy.qcow2");
+        for &(step, nth) in MIRROR_STEPS {
+            let config = MirrorConfig::new(&target).format(Format::Qcow2);
+            let (vm, _proxy) = assert_rolls_back(&t, &mon2, step, nth, |vm| async move {
+                vm.mirror_disk("a", config).await
+            })
+            .await;
+            assert_eq!(vm.disks()[0].generation, 0);
+            assert!(!target.exists(), "{step} #{nth}: the target file stayed");
+        }
+        let job =
+            t.vm.mirror_disk("a", MirrorConfig::new(&target).format(Format::Qcow2))
+                .await
+                .unwrap();
+        job.cancel().await.unwrap();
+        assert!(!target.exists());
+    });
+}
+
+#[test]
+fn reconcile_keeps_a_disks_chain_and_deletes_nodes_of_an_image_it_no_longer_uses() {
+    qhotplug_tests::serial_test(async {
+        let (t, _mon2, dir) = with_two_disks().await;
+        t.vm.snapshot(SnapshotConfig::new().disk("a", dir.path().join("a.1.qcow2")))
+            .await
+            .unwrap();
+        let chain = nodes(&t).await;
+        // What a job's end whose deletes failed would leave: a node of `a`'s the chain lacks.
+        t.vm.client()
+            .execute_raw(
+                "blockdev-add",
+                &serde_json::json!({"driver": "null-co", "node-name": "a-file.9"}),
+            )
+            .await
+            .unwrap();
+        let report = t.vm.reconcile().await.unwrap();
+        assert_eq!(report.nodes_deleted, ["a-file.9"]);
+        assert_eq!(nodes(&t).await, chain);
+        assert!(t.vm.reconcile().await.unwrap().is_empty());
+    });
+}
