@@ -126,10 +126,27 @@ impl BlockJob {
             .ok_or_else(|| Error::JobGone(self.job.clone()))
     }
 
+    /// A disconnect while the job ran, as what it means for the disk: [`Error::JobInterrupted`].
+    fn interrupted(&self, error: Error) -> Error {
+        match &error {
+            Error::Qmp(e) if e.is_disconnected() => Error::JobInterrupted {
+                id: self.job.clone(),
+                disk: self.after.id.clone(),
+                partial: self.created.clone(),
+            },
+            _ => error,
+        }
+    }
+
     /// Waits until the job is `ready` (a mirror in sync, an active commit caught up), by
     /// `timeout`. A job that failed meanwhile is [`Error::JobFailed`] (dismissed, and what it
-    /// added is gone).
+    /// added is gone); QEMU gone is [`Error::JobInterrupted`].
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<JobInfo> {
+        let ready = self.ready_by(timeout).await;
+        ready.map_err(|e| self.interrupted(e))
+    }
+
+    async fn ready_by(&mut self, timeout: Duration) -> Result<JobInfo> {
         let events = self.events.as_mut().expect("a running job has its events");
         let job = jobs::wait_status(
             &self.core.client,
@@ -182,6 +199,11 @@ impl BlockJob {
     /// the mirror's copy, or on the commit's base, `vm.spec()` says so, and the nodes the disk no
     /// longer uses are deleted (their files are the caller's). Returns the disk as it now is.
     pub async fn pivot(mut self) -> Result<Disk> {
+        let pivoted = self.pivot_now().await;
+        pivoted.map_err(|e| self.interrupted(e))
+    }
+
+    async fn pivot_now(&mut self) -> Result<Disk> {
         let complete = JobComplete {
             id: self.job.clone(),
         };
@@ -195,6 +217,11 @@ impl BlockJob {
     /// commit); then the spec has the disk's new chain and the nodes it no longer uses are
     /// deleted. Returns the disk as it now is.
     pub async fn wait(mut self, timeout: Duration) -> Result<Disk> {
+        let done = self.wait_by(timeout).await;
+        done.map_err(|e| self.interrupted(e))
+    }
+
+    async fn wait_by(&mut self, timeout: Duration) -> Result<Disk> {
         let events = self.events.as_mut().expect("a running job has its events");
         jobs::wait_status(
             &self.core.client,

@@ -264,6 +264,18 @@ pub enum Error {
         /// How long the SDK waited.
         after: Duration,
     },
+    /// QEMU went away (killed, crashed) while job `id` ran on disk `disk`: the disk's images are
+    /// as QEMU left them, and `partial`, a file the job was writing (a mirror's target), is not
+    /// a copy of anything.
+    #[error("QEMU went away while job {id} ran on disk {disk}")]
+    JobInterrupted {
+        /// The job's id.
+        id: String,
+        /// The disk.
+        disk: String,
+        /// A file the job was writing, incomplete.
+        partial: Option<std::path::PathBuf>,
+    },
     /// A job the SDK drives is gone from `query-jobs` before it concluded (QEMU restarted, or
     /// someone else dismissed it).
     #[error("job {0} is gone")]

@@ -131,3 +131,81 @@ fn reconcile_keeps_a_disks_chain_and_deletes_nodes_of_an_image_it_no_longer_uses
         assert!(t.vm.reconcile().await.unwrap().is_empty());
     });
 }
+
+/// A tmpfs of `mib` MiB mounted at `dir/<name>`, unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &std::path::Path, name: &str, mib: u32) -> SmallFs {
+        let at = dir.join(name);
+        std::fs::create_dir(&at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount a tmpfs (the tests run as root)");
+        SmallFs(at)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_mirror_whose_target_runs_out_of_space_fails_typed_and_the_disk_stays() {
+    qhotplug_tests::serial_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestVm::running(pc_spec()).await;
+        let data = qhotplug_tests::storage::data_image(dir.path(), "data.raw", 32, 7);
+        let sum = qhotplug_tests::storage::md5(&data);
+        t.vm.add_disk(DiskConfig::virtio_blk("d", &data))
+            .await
+            .unwrap();
+        let before = nodes(&t).await;
+        // 8 MiB for a 32 MiB copy: the raw target is sparse, so it is made, and the copy fails.
+        let small = SmallFs::mount(dir.path(), "small", 8);
+        let target = small.0.join("copy.raw");
+        let mut job =
+            t.vm.mirror_disk("d", MirrorConfig::new(&target))
+                .await
+                .unwrap();
+        match job.wait_ready(std::time::Duration::from_secs(60)).await {
+            Err(qhotplug::Error::JobFailed { id, error }) => {
+                assert_eq!(id, "mirror-d");
+                assert!(error.contains("No space left"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(job);
+        // The disk is where it was, intact; the job, its nodes and its file are gone.
+        assert_eq!(t.vm.disks()[0].path, data);
+        assert_eq!(nodes(&t).await, before);
+        assert!(t.vm.client().execute(&QueryJobs).await.unwrap().is_empty());
+        assert!(!target.exists());
+        assert_eq!(qhotplug_tests::storage::md5(&data), sum);
+    });
+}
+
+#[test]
+fn qemu_killed_mid_job_is_an_interrupted_job_naming_the_partial_target() {
+    qhotplug_tests::serial_test(async {
+        let (t, _mon2, dir) = with_two_disks().await;
+        let target = dir.path().join("copy.raw");
+        let mut job =
+            t.vm.mirror_disk("a", MirrorConfig::new(&target).speed(64 << 10))
+                .await
+                .unwrap();
+        t.signal(9);
+        match job.wait_ready(std::time::Duration::from_secs(60)).await {
+            Err(qhotplug::Error::JobInterrupted { id, disk, partial }) => {
+                assert_eq!((id.as_str(), disk.as_str()), ("mirror-a", "a"));
+                assert_eq!(partial.as_deref(), Some(target.as_path()));
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+}
