@@ -81,7 +81,7 @@ where
 {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let kind = attrs.metadata().name();
-        if !matches!(kind, spans::HOTPLUG | spans::STEP | spans::QMP) {
+        if !matches!(kind, spans::HOTPLUG | spans::STEP | spans::QMP | spans::QGA) {
             return;
         }
         let mut fields = Fields::default();

@@ -14,6 +14,7 @@ use qhotplug::{DiskConfig, Error, SnapshotConfig, VmSpec};
 use qhotplug_qmp::command::{QueryJobs, QueryNamedBlockNodes};
 use qhotplug_tests::storage::{backing_file, data_image, guest_view_md5, md5};
 use qhotplug_tests::{pc_spec, Guest};
+use tracing_subscriber::layer::SubscriberExt;
 
 const SEEN: Duration = Duration::from_secs(90);
 
@@ -203,5 +204,59 @@ fn a_snapshot_that_fails_half_way_leaves_every_disk_as_it_was() {
         g.vm.snapshot(SnapshotConfig::new().disk("a", &oa))
             .await
             .unwrap();
+    });
+}
+
+#[test]
+fn a_quiesced_snapshot_freezes_the_guest_through_its_agent_and_thaws_it() {
+    qhotplug_tests::serial_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let a = data_image(d, "a.raw", 8, 1);
+        // Without an agent port a quiesced snapshot is refused, and nothing changes.
+        let (g, _) = boot_with_disks(pc_spec(), &[("a", &a)]).await;
+        let before = nodes(&g).await;
+        let oa = d.join("a.1.qcow2");
+        let refused =
+            g.vm.snapshot(SnapshotConfig::new().disk("a", &oa).quiesce(true))
+                .await
+                .unwrap_err();
+        assert!(matches!(refused, Error::NoGuestAgent), "{refused:?}");
+        assert_eq!(nodes(&g).await, before);
+        assert!(!oa.exists());
+        drop(g);
+
+        // With the agent: frozen for the transaction, thawed after. An ext4 made on the host.
+        let fs = qhotplug_tests::image(d, "fs.raw", 16);
+        let made = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&fs)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let g = Guest::boot_with_agent(pc_spec()).await;
+        let mark = g.console.mark();
+        g.vm.add_disk(DiskConfig::virtio_blk("a", &fs))
+            .await
+            .unwrap();
+        let dev = g.console.added(mark, "block").await;
+        let mount = format!("mkdir -p /mnt && mount -t ext4 /dev/{dev} /mnt && echo mounted");
+        assert_eq!(g.console.run(&mount, SEEN).await, ["mounted"]);
+        let disks =
+            g.vm.snapshot(SnapshotConfig::new().disk("a", &oa).quiesce(true))
+                .await
+                .unwrap();
+        assert_eq!(disks[0].backing.len(), 1);
+        let agent = g.vm.agent().await.unwrap();
+        assert_eq!(
+            agent
+                .execute(&qhotplug::agent::GuestFsfreezeStatus)
+                .await
+                .unwrap(),
+            qhotplug::agent::FreezeStatus::Thawed
+        );
+        // The guest writes on, into the overlay.
+        let write = "echo after > /mnt/f && sync && cat /mnt/f";
+        assert_eq!(g.console.run(write, SEEN).await, ["after"]);
     });
 }
