@@ -14,7 +14,6 @@ use qhotplug::{DiskConfig, Error, SnapshotConfig, VmSpec};
 use qhotplug_qmp::command::{QueryJobs, QueryNamedBlockNodes};
 use qhotplug_tests::storage::{backing_file, data_image, guest_view_md5, md5};
 use qhotplug_tests::{pc_spec, Guest};
-use tracing_subscriber::layer::SubscriberExt;
 
 const SEEN: Duration = Duration::from_secs(90);
 
