@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use qhotplug::Vm;
+use qhotplug_qmp::command::QueryNamedBlockNodes;
+
 /// A raw image of `mib` MiB in `dir` full of non-zero data (so a copy or a commit has work to
 /// do); `seed` makes images differ.
 pub fn data_image(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
@@ -76,4 +79,30 @@ pub fn backing_file(image: &Path) -> Option<String> {
     info.get("backing-filename")
         .and_then(|v| v.as_str())
         .map(str::to_owned)
+}
+
+/// The names of the block nodes QEMU has (`query-named-block-nodes`), sorted.
+pub async fn block_nodes(vm: &Vm) -> Vec<String> {
+    let mut names: Vec<String> = vm
+        .client()
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .expect("query-named-block-nodes")
+        .into_iter()
+        .filter_map(|n| n.node_name)
+        .collect();
+    names.sort();
+    names
+}
+
+/// A raw image of `mib` MiB in `dir` holding an empty ext4 filesystem (`mkfs.ext4` on the host).
+pub fn ext4_image(dir: &Path, name: &str, mib: u64) -> PathBuf {
+    let path = crate::image(dir, name, mib);
+    let made = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&path)
+        .status()
+        .expect("run mkfs.ext4");
+    assert!(made.success(), "mkfs.ext4 {}", path.display());
+    path
 }

@@ -8,7 +8,8 @@
 
 use futures::StreamExt;
 use qhotplug::{Cdrom, CdromBus, CdromConfig, DiskConfig, Error, IdeAddr, MediumOptions, Vm};
-use qhotplug_qmp::command::{BlockInfo, Cont, QueryBlock, QueryFdsets, QueryNamedBlockNodes, Stop};
+use qhotplug_qmp::command::{BlockInfo, Cont, QueryBlock, QueryFdsets, Stop};
+use qhotplug_tests::storage::block_nodes;
 use qhotplug_tests::{assert_rolls_back, iso, pc_spec, second_monitor, TestVm};
 
 async fn drive(vm: &Vm, id: &str) -> BlockInfo {
@@ -19,19 +20,6 @@ async fn drive(vm: &Vm, id: &str) -> BlockInfo {
         .into_iter()
         .find(|b| b.qdev.as_deref() == Some(id))
         .unwrap_or_else(|| panic!("no drive {id}"))
-}
-
-async fn nodes(vm: &Vm) -> Vec<String> {
-    let mut n: Vec<String> = vm
-        .client()
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|n| n.node_name)
-        .collect();
-    n.sort();
-    n
 }
 
 /// The node in drive `id`, and whether its tray is closed.
@@ -124,7 +112,7 @@ fn media_insert_change_and_eject_and_a_relaunch_keeps_the_medium() {
         t.vm.insert_medium("cd", &b).await.unwrap();
         assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt.1"));
         // The old medium's nodes are gone.
-        assert_eq!(nodes(&t.vm).await, ["cd-file.1", "cd-fmt.1"]);
+        assert_eq!(block_nodes(&t.vm).await, ["cd-file.1", "cd-fmt.1"]);
         // The tray opened and closed, as QEMU says.
         let mut moves = Vec::new();
         while moves.len() < 2 {
@@ -144,7 +132,7 @@ fn media_insert_change_and_eject_and_a_relaunch_keeps_the_medium() {
 
         t.vm.eject_medium("cd").await.unwrap();
         assert_eq!(medium(&t.vm, "cd").await, None);
-        assert!(nodes(&t.vm).await.is_empty());
+        assert!(block_nodes(&t.vm).await.is_empty());
         // With the last node on it gone, so is the fd set it was opened from.
         assert!(t
             .vm
@@ -426,7 +414,7 @@ fn an_ide_cd_root_boots_first_and_reconcile_deletes_a_stale_medium_node() {
             .unwrap();
         let report = t.vm.reconcile().await.unwrap();
         assert_eq!(report.nodes_deleted, ["root-fmt.7"]);
-        assert_eq!(nodes(&t.vm).await, ["root-file", "root-fmt"]);
+        assert_eq!(block_nodes(&t.vm).await, ["root-file", "root-fmt"]);
     });
 }
 
@@ -451,6 +439,6 @@ fn a_tray_the_guest_closes_during_a_change_is_opened_again() {
         t.vm.insert_medium("cd", &b).await.unwrap();
         assert_eq!(hook.fired_at().as_deref(), Some("blockdev-insert-medium"));
         assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt.1"));
-        assert_eq!(nodes(&t.vm).await, ["cd-file.1", "cd-fmt.1"]);
+        assert_eq!(block_nodes(&t.vm).await, ["cd-file.1", "cd-fmt.1"]);
     });
 }

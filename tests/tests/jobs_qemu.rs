@@ -4,7 +4,8 @@
 //! failed clean-up left.
 
 use qhotplug::{DiskConfig, Format, MirrorConfig, SnapshotConfig};
-use qhotplug_qmp::command::{QueryJobs, QueryNamedBlockNodes};
+use qhotplug_qmp::command::QueryJobs;
+use qhotplug_tests::storage::block_nodes;
 use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
 
 /// A running VM (no guest OS) with disks `a` and `b` and a second monitor for the fault proxy.
@@ -21,19 +22,6 @@ async fn with_two_disks() -> (TestVm, std::path::PathBuf, tempfile::TempDir) {
             .unwrap();
     }
     (t, mon2, dir)
-}
-
-async fn nodes(t: &TestVm) -> Vec<String> {
-    let mut names: Vec<String> =
-        t.vm.client()
-            .execute(&QueryNamedBlockNodes { flat: Some(true) })
-            .await
-            .unwrap()
-            .into_iter()
-            .filter_map(|n| n.node_name)
-            .collect();
-    names.sort();
-    names
 }
 
 /// The steps of a snapshot of two disks, in order, with the occurrence to fail.
@@ -116,7 +104,7 @@ fn reconcile_keeps_a_disks_chain_and_deletes_nodes_of_an_image_it_no_longer_uses
         t.vm.snapshot(SnapshotConfig::new().disk("a", dir.path().join("a.1.qcow2")))
             .await
             .unwrap();
-        let chain = nodes(&t).await;
+        let chain = block_nodes(&t.vm).await;
         // What a job's end whose deletes failed would leave: a node of `a`'s the chain lacks.
         t.vm.client()
             .execute_raw(
@@ -127,7 +115,7 @@ fn reconcile_keeps_a_disks_chain_and_deletes_nodes_of_an_image_it_no_longer_uses
             .unwrap();
         let report = t.vm.reconcile().await.unwrap();
         assert_eq!(report.nodes_deleted, ["a-file.9"]);
-        assert_eq!(nodes(&t).await, chain);
+        assert_eq!(block_nodes(&t.vm).await, chain);
         assert!(t.vm.reconcile().await.unwrap().is_empty());
     });
 }
@@ -165,7 +153,7 @@ fn a_mirror_whose_target_runs_out_of_space_fails_typed_and_the_disk_stays() {
         t.vm.add_disk(DiskConfig::virtio_blk("d", &data))
             .await
             .unwrap();
-        let before = nodes(&t).await;
+        let before = block_nodes(&t.vm).await;
         // 8 MiB for a 32 MiB copy: the raw target is sparse, so it is made, and the copy fails.
         let small = SmallFs::mount(dir.path(), "small", 8);
         let target = small.0.join("copy.raw");
@@ -183,7 +171,7 @@ fn a_mirror_whose_target_runs_out_of_space_fails_typed_and_the_disk_stays() {
         drop(job);
         // The disk is where it was, intact; the job, its nodes and its file are gone.
         assert_eq!(t.vm.disks()[0].path, data);
-        assert_eq!(nodes(&t).await, before);
+        assert_eq!(block_nodes(&t.vm).await, before);
         assert!(t.vm.client().execute(&QueryJobs).await.unwrap().is_empty());
         assert!(!target.exists());
         assert_eq!(qhotplug_tests::storage::md5(&data), sum);

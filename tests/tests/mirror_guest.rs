@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use qhotplug::{DiskConfig, Error, Format, MirrorConfig, VmSpec};
-use qhotplug_qmp::command::{QueryJobs, QueryNamedBlockNodes};
+use qhotplug_qmp::command::QueryJobs;
+use qhotplug_tests::storage::block_nodes;
 use qhotplug_tests::storage::{self, md5, same_contents};
 use qhotplug_tests::{pc_spec, Guest};
 
@@ -17,17 +18,6 @@ const SEEN: Duration = Duration::from_secs(90);
 
 fn data_image(dir: &Path, name: &str) -> std::path::PathBuf {
     storage::data_image(dir, name, 64, 1)
-}
-
-/// The node names QEMU has.
-async fn nodes(g: &Guest) -> Vec<String> {
-    g.vm.client()
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await
-        .unwrap()
-        .into_iter()
-        .filter_map(|n| n.node_name)
-        .collect()
 }
 
 /// Boots a guest, hot-adds `src` as virtio-blk disk `d1`, returns the guest's name for it.
@@ -97,7 +87,7 @@ fn a_disk_written_all_through_its_mirror_runs_on_the_copy_after_the_pivot_and_af
         );
         assert_eq!(g.vm.disks()[0].path, target);
         // The device runs on the copy's nodes; the source's are gone; no job is left.
-        let now = nodes(&g).await;
+        let now = block_nodes(&g.vm).await;
         assert!(now.contains(&"d1-fmt.1".to_owned()), "{now:?}");
         assert!(
             !now.iter().any(|n| n == "d1-fmt" || n == "d1-file"),
@@ -147,7 +137,7 @@ fn an_abandoned_qcow2_copy_equals_the_disk_at_the_abandon_and_the_disk_stays() {
         // The disk stayed where it was; the copy's nodes are gone.
         let disk = &g.vm.disks()[0];
         assert_eq!((disk.path.as_path(), disk.generation), (src.as_path(), 0));
-        let now = nodes(&g).await;
+        let now = block_nodes(&g.vm).await;
         assert!(!now.iter().any(|n| n.ends_with(".1")), "{now:?}");
         // Later writes reach the disk, not the copy.
         let write = format!(
@@ -164,7 +154,7 @@ fn a_throttled_mirror_pauses_resumes_speeds_up_and_is_cancelled_and_a_dropped_on
         let dir = tempfile::tempdir().unwrap();
         let src = data_image(dir.path(), "src.raw");
         let (g, _dev) = with_disk(pc_spec(), &src).await;
-        let before = nodes(&g).await;
+        let before = block_nodes(&g.vm).await;
         let target = dir.path().join("copy.raw");
         // 1 MiB/s: 64 s for the disk, so it is still running whatever the test does.
         let mut job =
@@ -200,7 +190,7 @@ fn a_throttled_mirror_pauses_resumes_speeds_up_and_is_cancelled_and_a_dropped_on
         job.cancel().await.unwrap();
         // Cancelled: no job, the disk as it was, the target's nodes and file gone.
         assert!(g.vm.client().execute(&QueryJobs).await.unwrap().is_empty());
-        assert_eq!(nodes(&g).await, before);
+        assert_eq!(block_nodes(&g.vm).await, before);
         assert!(!target.exists());
         assert_eq!(g.vm.disks()[0].path, src);
 
@@ -212,7 +202,7 @@ fn a_throttled_mirror_pauses_resumes_speeds_up_and_is_cancelled_and_a_dropped_on
         drop(job);
         g.vm.reconcile().await.unwrap();
         assert!(g.vm.client().execute(&QueryJobs).await.unwrap().is_empty());
-        assert_eq!(nodes(&g).await, before);
+        assert_eq!(block_nodes(&g.vm).await, before);
         assert!(!target.exists());
         // And the disk takes a new job.
         let job =

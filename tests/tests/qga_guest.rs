@@ -168,13 +168,7 @@ fn a_freeze_of_a_mounted_ext4_disk_shows_frozen_and_a_dropped_guard_thaws_it() {
     qhotplug_tests::serial_test(async {
         let (g, socket, dir) = boot().await;
         // An ext4 filesystem made on the host, hot-plugged and mounted in the guest.
-        let fs = qhotplug_tests::image(dir.path(), "fs.raw", 16);
-        let made = std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&fs)
-            .status()
-            .unwrap();
-        assert!(made.success());
+        let fs = qhotplug_tests::storage::ext4_image(dir.path(), "fs.raw", 16);
         let mark = g.console.mark();
         g.vm.add_disk(qhotplug::DiskConfig::virtio_blk("fs", &fs))
             .await

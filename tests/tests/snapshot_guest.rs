@@ -11,7 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use qhotplug::{DiskConfig, Error, SnapshotConfig, VmSpec};
-use qhotplug_qmp::command::{QueryJobs, QueryNamedBlockNodes};
+use qhotplug_qmp::command::QueryJobs;
+use qhotplug_tests::storage::block_nodes;
 use qhotplug_tests::storage::{backing_file, data_image, guest_view_md5, md5};
 use qhotplug_tests::{pc_spec, Guest};
 
@@ -46,19 +47,6 @@ async fn write_marker(g: &Guest, dev: &str, text: &str) {
         "echo {text} | dd of=/dev/{dev} bs=512 seek=2048 conv=notrunc,fsync 2>/dev/null; echo ok"
     );
     assert_eq!(g.console.run(&cmd, SEEN).await, ["ok"]);
-}
-
-async fn nodes(g: &Guest) -> Vec<String> {
-    let mut names: Vec<String> =
-        g.vm.client()
-            .execute(&QueryNamedBlockNodes { flat: Some(true) })
-            .await
-            .unwrap()
-            .into_iter()
-            .filter_map(|n| n.node_name)
-            .collect();
-    names.sort();
-    names
 }
 
 async fn boot_with_disks(spec: VmSpec, disks: &[(&str, &Path)]) -> (Guest, Vec<String>) {
@@ -154,7 +142,7 @@ fn three_disks_snapshot_at_once_relaunch_on_their_chains_commit_back_and_stream_
         // No job, and only the images the disks use are open.
         assert!(g.vm.client().execute(&QueryJobs).await.unwrap().is_empty());
         assert_eq!(
-            nodes(&g).await,
+            block_nodes(&g.vm).await,
             ["a-file", "a-fmt", "b-file", "b-fmt", "c-file.1", "c-fmt.1"]
         );
 
@@ -174,7 +162,7 @@ fn a_snapshot_that_fails_half_way_leaves_every_disk_as_it_was() {
         let d = dir.path();
         let (a, b) = (data_image(d, "a.raw", 8, 1), data_image(d, "b.raw", 8, 2));
         let (g, _) = boot_with_disks(pc_spec(), &[("a", &a), ("b", &b)]).await;
-        let before = nodes(&g).await;
+        let before = block_nodes(&g.vm).await;
         // b's overlay path exists already: refused when its turn comes, after a's overlay was
         // made; a's overlay nodes and file are undone.
         let taken = d.join("b.1.qcow2");
@@ -185,7 +173,7 @@ fn a_snapshot_that_fails_half_way_leaves_every_disk_as_it_was() {
                 .await
                 .unwrap_err();
         assert!(matches!(failed, Error::Open { .. }), "{failed:?}");
-        assert_eq!(nodes(&g).await, before);
+        assert_eq!(block_nodes(&g.vm).await, before);
         assert!(!oa.exists(), "a's overlay was removed");
         assert_eq!(std::fs::read(&taken).unwrap(), b"not ours");
         assert!(g.vm.disks().iter().all(|d| d.backing.is_empty()));
@@ -214,25 +202,19 @@ fn a_quiesced_snapshot_freezes_the_guest_through_its_agent_and_thaws_it() {
         let a = data_image(d, "a.raw", 8, 1);
         // Without an agent port a quiesced snapshot is refused, and nothing changes.
         let (g, _) = boot_with_disks(pc_spec(), &[("a", &a)]).await;
-        let before = nodes(&g).await;
+        let before = block_nodes(&g.vm).await;
         let oa = d.join("a.1.qcow2");
         let refused =
             g.vm.snapshot(SnapshotConfig::new().disk("a", &oa).quiesce(true))
                 .await
                 .unwrap_err();
         assert!(matches!(refused, Error::NoGuestAgent), "{refused:?}");
-        assert_eq!(nodes(&g).await, before);
+        assert_eq!(block_nodes(&g.vm).await, before);
         assert!(!oa.exists());
         drop(g);
 
         // With the agent: frozen for the transaction, thawed after. An ext4 made on the host.
-        let fs = qhotplug_tests::image(d, "fs.raw", 16);
-        let made = std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&fs)
-            .status()
-            .unwrap();
-        assert!(made.success());
+        let fs = qhotplug_tests::storage::ext4_image(d, "fs.raw", 16);
         let g = Guest::boot_with_agent(pc_spec()).await;
         let mark = g.console.mark();
         g.vm.add_disk(DiskConfig::virtio_blk("a", &fs))
