@@ -8,8 +8,7 @@ use qhotplug::Vm;
 use qhotplug_cmdline::{Launcher, Machine, Pci, RootPort, ScsiController, VmSpec};
 use qhotplug_qmp::command::{
     BlockInfo, Cont, FdsetInfo, HotpluggableCpu, MemoryDeviceInfo, PciInfo, QomList, QueryBlock,
-    QueryChardev, QueryFdsets, QueryHotpluggableCpus, QueryMemoryDevices, QueryNamedBlockNodes,
-    QueryPci,
+    QueryChardev, QueryFdsets, QueryHotpluggableCpus, QueryMemoryDevices, QueryPci,
 };
 
 /// A VM launched for a test, with its scratch directory. QEMU is killed when it is dropped.
@@ -216,14 +215,7 @@ impl Snapshot {
         let c = vm.client();
         let pci = c.execute(&QueryPci).await.expect("query-pci");
         let block = c.execute(&QueryBlock).await.expect("query-block");
-        let mut nodes: Vec<String> = c
-            .execute(&QueryNamedBlockNodes { flat: Some(true) })
-            .await
-            .expect("query-named-block-nodes")
-            .into_iter()
-            .filter_map(|n| n.node_name)
-            .collect();
-        nodes.sort();
+        let nodes = crate::storage::block_nodes(vm).await;
         let fdsets = c.execute(&QueryFdsets).await.expect("query-fdsets");
         let mut peripherals: Vec<String> = c
             .execute(&QomList {
