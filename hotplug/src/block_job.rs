@@ -279,7 +279,18 @@ impl BlockJob {
                     want: "concluded",
                     after: END_WAIT,
                 })?;
-        let completed = ending == Ending::Complete && outcome.is_ok();
+        // QEMU's word decides whether the disk moved (a mirror's pivot, an active commit): the
+        // image its device runs on now. A job that leaves the top where it is (a stream, an
+        // intermediate commit) completed if it ended without an error.
+        let before = match core.state().device(&self.after.id) {
+            Some(crate::kinds::Device::Disk(disk)) => disk.top_node(),
+            _ => String::new(),
+        };
+        let completed = if before != self.after.top_node() {
+            roots(core).await?.contains(&self.after.top_node())
+        } else {
+            ending == Ending::Complete && outcome.is_ok()
+        };
         if completed {
             core.state().update(self.after.clone().into());
         }
@@ -307,6 +318,96 @@ impl BlockJob {
             (_, outcome) => outcome,
         }
     }
+}
+
+/// The nodes QEMU's block devices run on (`query-block`).
+async fn roots(core: &Core) -> Result<Vec<String>> {
+    Ok(core
+        .client
+        .execute(&qhotplug_qmp::command::QueryBlock)
+        .await?
+        .into_iter()
+        .filter_map(|b| b.inserted.and_then(|i| i.node_name))
+        .collect())
+}
+
+/// What a job found in QEMU was started to do ([`Vm::find_job`](crate::Vm::find_job)): QEMU
+/// cannot say it all (a mirror's target was handed over as an fd, so its path is not QEMU's to
+/// tell).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JobOrigin {
+    /// A full mirror to the image at `target` (`mirror-<disk>`).
+    Mirror {
+        /// The target image.
+        target: PathBuf,
+        /// Its format.
+        format: qhotplug_cmdline::Format,
+    },
+    /// The active commit of the disk's top into the image under it (`commit-<disk>`).
+    ActiveCommit,
+    /// A stream of the disk's chain into its top (`stream-<disk>`).
+    Stream,
+}
+
+/// See [`Vm::find_job`](crate::Vm::find_job).
+pub(crate) async fn find(
+    core: &Arc<Core>,
+    id: &str,
+    origin: JobOrigin,
+) -> Result<Option<BlockJob>> {
+    use crate::kinds::{Device, DeviceKind};
+    let (busy, Device::Disk(disk)) = crate::holds::busy_device(core, id, DeviceKind::Disk)? else {
+        unreachable!("a disk entry is a disk")
+    };
+    let events = core.client.events();
+    let (job, after, gone, aborted, created) = match origin {
+        JobOrigin::Mirror { target, format } => {
+            let after = Disk {
+                path: target.clone(),
+                format,
+                generation: disk.next_generation(),
+                backing: Vec::new(),
+                ..disk.clone()
+            };
+            let copy = vec![after.top_node(), after.file_node()];
+            (
+                format!("mirror-{id}"),
+                after,
+                disk.node_names(),
+                copy,
+                Some(target),
+            )
+        }
+        JobOrigin::ActiveCommit => {
+            let Some(base) = disk.backing.first() else {
+                return Ok(None);
+            };
+            let after = Disk {
+                backing: disk.backing[1..].to_vec(),
+                ..disk.with_top(base)
+            };
+            let gone = vec![disk.top_node(), disk.file_node()];
+            (format!("commit-{id}"), after, gone, Vec::new(), None)
+        }
+        JobOrigin::Stream => {
+            let after = Disk {
+                backing: Vec::new(),
+                ..disk.clone()
+            };
+            let gone = disk.node_names()[after.node_names().len()..].to_vec();
+            (format!("stream-{id}"), after, gone, Vec::new(), None)
+        }
+    };
+    if jobs::info(&core.client, &job).await?.is_none() {
+        return Ok(None);
+    }
+    tracing::info!(job, "found a running job");
+    let mut found = BlockJob::new(core, job, events, busy, after)
+        .on_complete(gone.into_iter().map(Delete::BlockNode).collect())
+        .on_abort(aborted.into_iter().map(Delete::BlockNode).collect());
+    found.created = created;
+    Ok(Some(found))
 }
 
 /// Sends the forced cancel; a job already concluded or gone counts as done.

@@ -119,7 +119,7 @@ mod virtio_devices;
 mod vm;
 mod vm_core;
 
-pub use block_job::BlockJob;
+pub use block_job::{BlockJob, JobOrigin};
 pub use cpus::VcpuChange;
 pub use device_kind::DeviceKind;
 pub use error::{Error, MigrationFailure, Result, UndoFailure};

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use qhotplug_cmdline::{names, Disk};
 use qhotplug_qmp::command::{
-    BlockInfo, BlockResize, BlockSetIoThrottle, IoLimits, QueryBlock, QueryNamedBlockNodes, SetLink,
+    BlockInfo, BlockResize, BlockSetIoThrottle, IoLimits, QueryBlock, SetLink,
 };
 use tracing::Instrument;
 
@@ -61,15 +61,18 @@ pub(crate) async fn set_io_limits(core: &Arc<Core>, id: &str, limits: IoLimits) 
     Ok(())
 }
 
-/// The size disk `disk`'s guest sees, from its top node in `query-named-block-nodes`.
+/// The size disk `disk`'s guest sees, from `query-block` (the image its device runs on; not
+/// `query-named-block-nodes`, which QEMU crashes answering while a concluded stream job waits
+/// to be dismissed).
 pub(crate) async fn virtual_size(core: &Core, disk: &Disk) -> Result<u64> {
     let node = disk.top_node();
     core.client
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .execute(&QueryBlock)
         .await?
         .into_iter()
-        .find(|n| n.node_name.as_deref() == Some(node.as_str()))
-        .and_then(|n| n.image)
+        .filter_map(|b| b.inserted)
+        .find(|i| i.node_name.as_deref() == Some(node.as_str()))
+        .and_then(|i| i.image)
         .map(|i| i.virtual_size as u64)
         .ok_or_else(|| Error::NotFound {
             kind: DeviceKind::Disk,

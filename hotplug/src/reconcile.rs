@@ -5,9 +5,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use qhotplug_cmdline::names;
-use qhotplug_qmp::command::{
-    QomList, QueryBlock, QueryChardev, QueryFdsets, QueryNamedBlockNodes, QueryPci, SetLink,
-};
+use qhotplug_qmp::command::{QomList, QueryBlock, QueryChardev, QueryFdsets, QueryPci, SetLink};
 use qhotplug_qmp::Client;
 
 use crate::delete::{Delete, Outcome};
@@ -95,11 +93,12 @@ impl Seen {
     async fn read(client: &Client) -> Result<Seen> {
         let pci = client.execute(&QueryPci).await?;
         let found = scan_peripherals(client).await?;
-        let nodes = client
-            .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        // Not listed while a job waits to be dismissed (QEMU would crash): no node is judged
+        // then, and a later reconcile, once the job's handle ended it, cleans up.
+        let nodes = crate::jobs::named_block_nodes(client)
             .await?
+            .unwrap_or_default()
             .into_iter()
-            .filter_map(|n| n.node_name)
             .collect();
         let fdsets = client.execute(&QueryFdsets).await?;
         let chardevs = client

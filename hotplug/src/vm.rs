@@ -17,7 +17,7 @@ use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
 
-use crate::block_job::BlockJob;
+use crate::block_job::{self, BlockJob, JobOrigin};
 use crate::cpus::{self, VcpuChange};
 use crate::error::{Error, Result};
 use crate::guest_agent::GuestAgent;
@@ -510,6 +510,15 @@ impl Vm {
             mirror::start(&core, &id, config).await
         })
         .await
+    }
+
+    /// Finds the job an earlier process started on disk `id` (an orchestrator that restarted and
+    /// attached again): `mirror-<id>`, `commit-<id>` or `stream-<id>` by `origin`, running or
+    /// concluded, and gives its handle back (its progress goes on; its end reads the outcome,
+    /// dismisses the job and brings the spec to what QEMU runs the disk on). `None` when QEMU has
+    /// no such job. The disk is busy while the handle lives, as for a job started here.
+    pub async fn find_job(&self, id: &str, origin: JobOrigin) -> Result<Option<BlockJob>> {
+        block_job::find(&self.core, id, origin).await
     }
 
     /// Takes an external live snapshot of one or several disks at once ([`SnapshotConfig`]):

@@ -275,6 +275,7 @@ const COMMANDS: &[(&str, &[&str])] = &[
     ("cont", &[]),
     ("quit", &[]),
     ("system_powerdown", &[]),
+    ("query-jobs", &[]),
     ("system_reset", &[]),
     ("qom-get", &["path", "property"]),
     ("qom-list", &["path"]),
@@ -544,6 +545,8 @@ impl Model {
                 self.exit(false, "host-qmp-quit");
                 Ok(json!({}))
             }
+            // No job is modelled: QEMU with none running lists none.
+            "query-jobs" => Ok(json!([])),
             "system_powerdown" => {
                 self.emit("POWERDOWN", Value::Null);
                 if self.guest_power == GuestPower::PowersOff && self.running {

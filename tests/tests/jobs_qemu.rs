@@ -197,3 +197,91 @@ fn qemu_killed_mid_job_is_an_interrupted_job_naming_the_partial_target() {
         }
     });
 }
+
+#[test]
+fn an_orchestrator_that_restarts_finds_its_running_and_its_concluded_jobs_and_ends_them() {
+    qhotplug_tests::serial_test(async {
+        let (t, mon2, dir) = with_two_disks().await;
+        // A slow mirror of `c` (64 MiB of data at 64 KiB/s), and a stream of `b` that ends while
+        // nobody watches; then the process that started them "dies": its handles go without a
+        // word to QEMU.
+        let data = qhotplug_tests::storage::data_image(dir.path(), "c.raw", 64, 3);
+        t.vm.add_disk(DiskConfig::virtio_blk("c", &data))
+            .await
+            .unwrap();
+        let target = dir.path().join("c-copy.raw");
+        let mirror =
+            t.vm.mirror_disk("c", MirrorConfig::new(&target).speed(64 << 10))
+                .await
+                .unwrap();
+        t.vm.snapshot(SnapshotConfig::new().disk("b", dir.path().join("b.1.qcow2")))
+            .await
+            .unwrap();
+        let stream = t.vm.stream_disk("b").await.unwrap();
+        let spec = t.vm.spec();
+        std::mem::forget((mirror, stream));
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let jobs = t.vm.client().execute(&QueryJobs).await.unwrap();
+            if jobs
+                .iter()
+                .any(|j| j.id == "stream-b" && j.status == "concluded")
+            {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{jobs:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // While a stream job waits concluded and undismissed, QEMU 7.2 and 10.0 segfault
+        // answering `query-named-block-nodes`: the SDK does not ask then. Reconcile judges no
+        // node, a resize reads the size from `query-block`, and QEMU lives on.
+        t.vm.reconcile().await.unwrap();
+        t.vm.resize_disk("a", 8 << 20).await.unwrap();
+        assert!(!t.vm.client().execute(&QueryJobs).await.unwrap().is_empty());
+
+        // A new process attaches with the spec it kept.
+        let client = qhotplug_qmp::connect(&mon2).await.unwrap();
+        let vm = qhotplug::Vm::attach(client, spec).await.unwrap();
+        let by_id = |id: &str| vm.disks().into_iter().find(|d| d.id == id).unwrap();
+
+        // The stream concluded unwatched: its outcome is read, it is dismissed, the spec follows.
+        let job = vm
+            .find_job("b", qhotplug::JobOrigin::Stream)
+            .await
+            .unwrap()
+            .expect("stream-b");
+        let b = job.wait(std::time::Duration::from_secs(60)).await.unwrap();
+        assert!(b.backing.is_empty());
+        assert!(by_id("b").backing.is_empty());
+        assert!(vm
+            .find_job("b", qhotplug::JobOrigin::Stream)
+            .await
+            .unwrap()
+            .is_none());
+
+        // The mirror is found running; its progress goes on, and it ends here.
+        let origin = qhotplug::JobOrigin::Mirror {
+            target: target.clone(),
+            format: Format::Raw,
+        };
+        let mut job = vm.find_job("c", origin).await.unwrap().expect("mirror-c");
+        let first = job.info().await.unwrap();
+        assert_eq!(first.status, "running");
+        job.set_speed(0).await.unwrap();
+        let ready = job
+            .wait_ready(std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(ready.current_progress > first.current_progress);
+        let disk = job.pivot().await.unwrap();
+        assert_eq!(disk.path, target);
+        assert_eq!(by_id("c").path, target);
+        assert!(vm.client().execute(&QueryJobs).await.unwrap().is_empty());
+        let c_nodes: Vec<String> = block_nodes(&vm)
+            .await
+            .into_iter()
+            .filter(|n| n.starts_with("c-"))
+            .collect();
+        assert_eq!(c_nodes, ["c-file.1", "c-fmt.1"]);
+    });
+}
