@@ -179,6 +179,16 @@ pub struct DiskLayer {
     pub generation: u32,
 }
 
+impl DiskLayer {
+    /// Its node names on disk `id`: the format node, then the protocol node under it.
+    pub fn node_names(&self, id: &str) -> [String; 2] {
+        [
+            crate::names::format_node_at(id, self.generation),
+            crate::names::file_node_at(id, self.generation),
+        ]
+    }
+}
+
 impl Disk {
     /// A raw, read-write, writeback disk on a file.
     pub fn new(id: impl Into<String>, path: impl Into<PathBuf>, frontend: DiskFrontend) -> Disk {
@@ -334,8 +344,7 @@ impl Disk {
             nodes.push(self.file_node());
         }
         for layer in &self.backing {
-            nodes.push(crate::names::format_node_at(&self.id, layer.generation));
-            nodes.push(crate::names::file_node_at(&self.id, layer.generation));
+            nodes.extend(layer.node_names(&self.id));
         }
         nodes
     }
@@ -349,19 +358,18 @@ impl Disk {
         let mut out = Vec::new();
         let mut below: Option<String> = None;
         for layer in &layers {
-            let disk = self.with_top(layer);
-            let mut nodes = disk.blockdev_add(&layer.path.to_string_lossy());
+            let mut nodes = self
+                .with_top(layer)
+                .blockdev_add(&layer.path.to_string_lossy());
             if let Some(fmt) = nodes.get_mut(1) {
                 let backing = match (&below, layer.format) {
-                    (Some(node), _) => serde_json::Value::String(node.clone()),
-                    (None, Format::Qcow2) => serde_json::Value::Null,
-                    (None, Format::Raw) => {
-                        below = Some(fmt.node_name.clone());
-                        out.extend(nodes);
-                        continue;
-                    }
+                    (Some(node), _) => Some(serde_json::Value::String(node.clone())),
+                    (None, Format::Qcow2) => Some(serde_json::Value::Null),
+                    (None, Format::Raw) => None,
                 };
-                fmt.props.insert("backing".into(), backing);
+                if let Some(backing) = backing {
+                    fmt.props.insert("backing".into(), backing);
+                }
                 below = Some(fmt.node_name.clone());
             }
             out.extend(nodes);

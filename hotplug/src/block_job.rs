@@ -57,6 +57,15 @@ impl std::fmt::Debug for BlockJob {
     }
 }
 
+/// What a job's end changes, as the operation that starts it says: the disk as it is once the
+/// job completes, the nodes that go then, and the nodes that go if it is abandoned or cancelled.
+/// Each operation has one function that says it, for its start and for [`find`] alike.
+pub(crate) struct Ends {
+    pub(crate) after: Disk,
+    pub(crate) on_complete: Vec<String>,
+    pub(crate) on_abort: Vec<String>,
+}
+
 /// How a job's end was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ending {
@@ -71,36 +80,25 @@ enum Ending {
 }
 
 impl BlockJob {
-    /// The handle of job `job` just started on the disk `busy` marks.
+    /// The handle of job `job` just started on the disk `busy` marks; `ends`: what its end changes.
     pub(crate) fn new(
         core: &Arc<Core>,
         job: String,
         events: EventStream,
         busy: Busy,
-        after: Disk,
+        ends: Ends,
     ) -> BlockJob {
+        let deletes = |nodes: Vec<String>| nodes.into_iter().map(Delete::BlockNode).collect();
         BlockJob {
             core: core.clone(),
             job,
-            after,
-            on_complete: Vec::new(),
-            on_abort: Vec::new(),
+            after: ends.after,
+            on_complete: deletes(ends.on_complete),
+            on_abort: deletes(ends.on_abort),
             created: None,
             events: Some(events),
             busy: Some(busy),
         }
-    }
-
-    /// What goes once the job completes.
-    pub(crate) fn on_complete(mut self, gone: Vec<Delete>) -> Self {
-        self.on_complete = gone;
-        self
-    }
-
-    /// What goes if it is abandoned or cancelled.
-    pub(crate) fn on_abort(mut self, gone: Vec<Delete>) -> Self {
-        self.on_abort = gone;
-        self
     }
 
     /// A file the SDK created for the job, removed if it is cancelled.
@@ -140,7 +138,7 @@ impl BlockJob {
 
     /// Waits until the job is `ready` (a mirror in sync, an active commit caught up), by
     /// `timeout`. A job that failed meanwhile is [`Error::JobFailed`] (dismissed, and what it
-    /// added is gone); QEMU gone is [`Error::JobInterrupted`].
+    /// added is gone). Here and in every end, QEMU gone is [`Error::JobInterrupted`].
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<JobInfo> {
         let ready = self.ready_by(timeout).await;
         ready.map_err(|e| self.interrupted(e))
@@ -240,6 +238,11 @@ impl BlockJob {
     /// target is a consistent image of the disk as of this call, its nodes go, the disk goes on
     /// where it was. Returns the copy's path. Before `ready`, QEMU treats it as a cancel.
     pub async fn abandon(mut self) -> Result<PathBuf> {
+        let abandoned = self.abandon_now().await;
+        abandoned.map_err(|e| self.interrupted(e))
+    }
+
+    async fn abandon_now(&mut self) -> Result<PathBuf> {
         let cancel = BlockJobCancel {
             device: self.job.clone(),
             force: None,
@@ -254,8 +257,12 @@ impl BlockJob {
     /// Stops the job (`job-cancel`, the forced cancel): the disk stays as it was; what the job
     /// added goes, and so does a file the SDK created for it (a mirror's target is no copy).
     pub async fn cancel(mut self) -> Result<()> {
-        cancel_job(&self.core, &self.job).await?;
-        self.end(Ending::Cancel).await
+        let cancelled = async {
+            cancel_job(&self.core, &self.job).await?;
+            self.end(Ending::Cancel).await
+        }
+        .await;
+        cancelled.map_err(|e| self.interrupted(e))
     }
 
     async fn end(&mut self, ending: Ending) -> Result<()> {
@@ -361,51 +368,27 @@ pub(crate) async fn find(
         unreachable!("a disk entry is a disk")
     };
     let events = core.client.events();
-    let (job, after, gone, aborted, created) = match origin {
+    let (job, ends, created) = match origin {
         JobOrigin::Mirror { target, format } => {
-            let after = Disk {
+            let layer = qhotplug_cmdline::DiskLayer {
                 path: target.clone(),
                 format,
                 generation: disk.next_generation(),
-                backing: Vec::new(),
-                ..disk.clone()
             };
-            let copy = vec![after.top_node(), after.file_node()];
-            (
-                format!("mirror-{id}"),
-                after,
-                disk.node_names(),
-                copy,
-                Some(target),
-            )
+            let ends = crate::mirror::ends(&disk, &layer, false);
+            (format!("mirror-{id}"), ends, Some(target))
         }
-        JobOrigin::ActiveCommit => {
-            let Some(base) = disk.backing.first() else {
-                return Ok(None);
-            };
-            let after = Disk {
-                backing: disk.backing[1..].to_vec(),
-                ..disk.with_top(base)
-            };
-            let gone = vec![disk.top_node(), disk.file_node()];
-            (format!("commit-{id}"), after, gone, Vec::new(), None)
-        }
-        JobOrigin::Stream => {
-            let after = Disk {
-                backing: Vec::new(),
-                ..disk.clone()
-            };
-            let gone = disk.node_names()[after.node_names().len()..].to_vec();
-            (format!("stream-{id}"), after, gone, Vec::new(), None)
-        }
+        JobOrigin::ActiveCommit => match crate::commit::plan(&disk, None) {
+            Some((_, _, ends)) => (format!("commit-{id}"), ends, None),
+            None => return Ok(None),
+        },
+        JobOrigin::Stream => (format!("stream-{id}"), crate::stream::ends(&disk), None),
     };
     if jobs::info(&core.client, &job).await?.is_none() {
         return Ok(None);
     }
     tracing::info!(job, "found a running job");
-    let mut found = BlockJob::new(core, job, events, busy, after)
-        .on_complete(gone.into_iter().map(Delete::BlockNode).collect())
-        .on_abort(aborted.into_iter().map(Delete::BlockNode).collect());
+    let mut found = BlockJob::new(core, job, events, busy, ends);
     found.created = created;
     Ok(Some(found))
 }

@@ -7,11 +7,10 @@
 
 use std::sync::Arc;
 
-use qhotplug_cmdline::{names, Disk};
+use qhotplug_cmdline::{names, Disk, DiskLayer};
 use qhotplug_qmp::command::BlockCommit;
 
-use crate::block_job::BlockJob;
-use crate::delete::Delete;
+use crate::block_job::{BlockJob, Ends};
 use crate::error::{Error, Result};
 use crate::holds;
 use crate::kinds::{Device, DeviceKind};
@@ -27,14 +26,7 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, layer: Option<usize>) -> R
     let (busy, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
         unreachable!("a disk entry is a disk")
     };
-    let (top, base) = match layer {
-        None => (Some(disk.top_layer()), disk.backing.first().cloned()),
-        Some(i) => (
-            disk.backing.get(i).cloned(),
-            disk.backing.get(i + 1).cloned(),
-        ),
-    };
-    let (Some(top), Some(base)) = (top, base) else {
+    let Some((top, base, ends)) = plan(&disk, layer) else {
         return Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(format!(
             "{id}: no image under the layer to commit (its backing chain has {} images)",
             disk.backing.len()
@@ -53,7 +45,21 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, layer: Option<usize>) -> R
     };
     let span = tracing::debug_span!(crate::spans::STEP, name = "block-commit", id);
     tracing::Instrument::instrument(client.execute(&commit), span).await?;
-    // Once done, the committed layer is out of the chain.
+    tracing::info!(job, "commit started");
+    Ok(BlockJob::new(core, job, events, busy, ends))
+}
+
+/// The layer a commit merges (`layer` `None`: the top), the one it merges into, and what its end
+/// changes: the committed layer leaves the chain and its nodes go. `None` when nothing is under
+/// that layer.
+pub(crate) fn plan(disk: &Disk, layer: Option<usize>) -> Option<(DiskLayer, DiskLayer, Ends)> {
+    let (top, base) = match layer {
+        None => (disk.top_layer(), disk.backing.first()?.clone()),
+        Some(i) => (
+            disk.backing.get(i)?.clone(),
+            disk.backing.get(i + 1)?.clone(),
+        ),
+    };
     let after = match layer {
         None => Disk {
             backing: disk.backing[1..].to_vec(),
@@ -68,11 +74,10 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, layer: Option<usize>) -> R
             }
         }
     };
-    let gone = [
-        names::format_node_at(id, top.generation),
-        names::file_node_at(id, top.generation),
-    ];
-    tracing::info!(job, "commit started");
-    Ok(BlockJob::new(core, job, events, busy, after)
-        .on_complete(gone.into_iter().map(Delete::BlockNode).collect()))
+    let ends = Ends {
+        after,
+        on_complete: top.node_names(&disk.id).into(),
+        on_abort: Vec::new(),
+    };
+    Some((top, base, ends))
 }

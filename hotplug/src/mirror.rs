@@ -17,8 +17,7 @@ use std::sync::Arc;
 use qhotplug_cmdline::{Disk, DiskLayer, Format};
 use qhotplug_qmp::command::BlockdevMirror;
 
-use crate::block_job::BlockJob;
-use crate::delete::Delete;
+use crate::block_job::{BlockJob, Ends};
 use crate::error::{Error, Result};
 use crate::holds;
 use crate::kinds::{Device, DeviceKind};
@@ -163,23 +162,31 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, config: MirrorConfig) -> R
     txn.step("blockdev-mirror", None, client.execute(&mirror))
         .await?;
     let busy = txn.commit();
-    image.keep();
+    let layer = image.keep();
     tracing::info!(job, target = %config.target.display(), "mirror started");
-    // After a pivot the disk is the copy, standing on what the copy stands on: nothing for a
-    // full copy (the old chain's nodes all go), the old backing chain for a copy of the top.
-    let (after, gone) = match below {
-        Some(_) => (target, vec![disk.top_node(), disk.file_node()]),
-        None => (
+    let ends = ends(&disk, &layer, below.is_some());
+    Ok(BlockJob::new(core, job, events, busy, ends).created(config.target))
+}
+
+/// What a mirror's end changes. After a pivot the disk is the copy, standing on what the copy
+/// stands on: nothing for a full copy (every node of the old chain goes), the old backing chain
+/// for a copy of the top alone (only the old top's nodes go). Abandoned or cancelled, the copy's
+/// nodes go.
+pub(crate) fn ends(disk: &Disk, target: &DiskLayer, top_only: bool) -> Ends {
+    let copy = disk.with_top(target);
+    let (after, on_complete) = match top_only {
+        true => (copy, disk.top_layer().node_names(&disk.id).into()),
+        false => (
             Disk {
                 backing: Vec::new(),
-                ..target
+                ..copy
             },
             disk.node_names(),
         ),
     };
-    let copy_nodes = vec![after.top_node(), after.file_node()];
-    Ok(BlockJob::new(core, job, events, busy, after)
-        .on_complete(gone.into_iter().map(Delete::BlockNode).collect())
-        .on_abort(copy_nodes.into_iter().map(Delete::BlockNode).collect())
-        .created(config.target))
+    Ends {
+        after,
+        on_complete,
+        on_abort: target.node_names(&disk.id).into(),
+    }
 }

@@ -60,13 +60,14 @@ pub(crate) async fn create<H: Hold>(
     size: u64,
     backing: Backing<'_>,
 ) -> Result<NewImage> {
+    // Names QEMU would refuse are refused before the host is touched.
+    let as_disk = disk.with_top(&layer);
+    as_disk.check()?;
     let file = create_file(&layer.path, layer.format, size)?;
     let image = NewImage {
         created: Some(layer.path.clone()),
         layer,
     };
-    let as_disk = disk.with_top(&image.layer);
-    as_disk.check()?;
     let mut nodes = as_disk.blockdev_add("");
     let mut format_node = nodes.pop().expect("a disk's format node");
     let backends = vec![

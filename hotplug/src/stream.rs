@@ -7,8 +7,7 @@ use std::sync::Arc;
 use qhotplug_cmdline::Disk;
 use qhotplug_qmp::command::BlockStream;
 
-use crate::block_job::BlockJob;
-use crate::delete::Delete;
+use crate::block_job::{BlockJob, Ends};
 use crate::error::{Error, Result};
 use crate::holds;
 use crate::kinds::{Device, DeviceKind};
@@ -39,13 +38,20 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str) -> Result<BlockJob> {
     };
     let span = tracing::debug_span!(crate::spans::STEP, name = "block-stream", id);
     tracing::Instrument::instrument(client.execute(&stream), span).await?;
+    tracing::info!(job, "stream started");
+    Ok(BlockJob::new(core, job, events, busy, ends(&disk)))
+}
+
+/// What a stream's end changes: the top stands alone, and every node under it goes.
+pub(crate) fn ends(disk: &Disk) -> Ends {
     let alone = Disk {
         backing: Vec::new(),
         ..disk.clone()
     };
-    // Once done, every node under the top goes, nearest first.
-    let gone = disk.node_names()[alone.node_names().len()..].to_vec();
-    tracing::info!(job, "stream started");
-    Ok(BlockJob::new(core, job, events, busy, alone)
-        .on_complete(gone.into_iter().map(Delete::BlockNode).collect()))
+    let on_complete = disk.node_names()[alone.node_names().len()..].to_vec();
+    Ends {
+        after: alone,
+        on_complete,
+        on_abort: Vec::new(),
+    }
 }

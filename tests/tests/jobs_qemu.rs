@@ -3,7 +3,7 @@
 //! host's files as they were; reconcile keeps a disk's chain and deletes an image's nodes a
 //! failed clean-up left.
 
-use qhotplug::{DiskConfig, Format, MirrorConfig, SnapshotConfig};
+use qhotplug::{DiskConfig, Format, MirrorConfig, MirrorSync, SnapshotConfig};
 use qhotplug_qmp::command::QueryJobs;
 use qhotplug_tests::storage::block_nodes;
 use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
@@ -283,5 +283,66 @@ fn an_orchestrator_that_restarts_finds_its_running_and_its_concluded_jobs_and_en
             .filter(|n| n.starts_with("c-"))
             .collect();
         assert_eq!(c_nodes, ["c-file.1", "c-fmt.1"]);
+    });
+}
+
+#[test]
+fn a_mirror_of_the_top_alone_stands_on_the_same_backing_chain_after_its_pivot() {
+    qhotplug_tests::serial_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TestVm::running(pc_spec()).await;
+        let base = qhotplug_tests::storage::data_image(dir.path(), "base.raw", 8, 5);
+        t.vm.add_disk(DiskConfig::virtio_blk("c", &base))
+            .await
+            .unwrap();
+        let overlay = dir.path().join("c.1.qcow2");
+        t.vm.snapshot(SnapshotConfig::new().disk("c", &overlay))
+            .await
+            .unwrap();
+        // A write into the overlay, flushed (QEMU's own qemu-io on the device, as a guest would).
+        let qemu_io = |command: &str| qhotplug_qmp::command::HumanMonitorCommand {
+            command_line: format!("qemu-io -d /machine/peripheral/c/virtio-backend \"{command}\""),
+            cpu_index: None,
+        };
+        for command in ["write -P 0x5a 0 65536", "flush"] {
+            let out = t.vm.client().execute(&qemu_io(command)).await.unwrap();
+            assert!(!out.contains("Error"), "{command}: {out}");
+        }
+        // A raw target cannot stand on a backing file: refused before anything is made.
+        let raw = dir.path().join("top.raw");
+        let refused =
+            t.vm.mirror_disk("c", MirrorConfig::new(&raw).sync(MirrorSync::Top))
+                .await
+                .unwrap_err();
+        assert!(matches!(refused, qhotplug::Error::Spec(_)), "{refused:?}");
+        assert!(!raw.exists());
+
+        let copy = dir.path().join("top.qcow2");
+        let config = MirrorConfig::new(&copy)
+            .format(Format::Qcow2)
+            .sync(MirrorSync::Top);
+        let mut job = t.vm.mirror_disk("c", config).await.unwrap();
+        job.wait_ready(std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        let disk = job.pivot().await.unwrap();
+        assert_eq!(disk.path, copy);
+        assert_eq!(disk.backing.len(), 1);
+        assert_eq!(disk.backing[0].path, base);
+        assert_eq!(t.vm.disks()[0], disk);
+        let out = t.vm.client().execute(&qemu_io("flush")).await.unwrap();
+        assert!(!out.contains("Error"), "{out}");
+        // The copy holds the overlay's write and stands on the base: the same contents; the
+        // overlay's nodes are gone, the base's stay.
+        assert!(qhotplug_tests::storage::same_contents(&copy, &overlay));
+        assert_eq!(
+            qhotplug_tests::storage::backing_file(&copy).as_deref(),
+            base.to_str()
+        );
+        assert!(!qhotplug_tests::storage::same_contents(&copy, &base));
+        assert_eq!(
+            block_nodes(&t.vm).await,
+            ["c-file", "c-file.2", "c-fmt", "c-fmt.2"]
+        );
     });
 }
