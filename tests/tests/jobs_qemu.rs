@@ -346,3 +346,44 @@ fn a_mirror_of_the_top_alone_stands_on_the_same_backing_chain_after_its_pivot() 
         );
     });
 }
+
+#[test]
+fn an_active_commit_an_earlier_process_started_is_found_and_pivoted() {
+    qhotplug_tests::serial_test(async {
+        let (t, mon2, dir) = with_two_disks().await;
+        let base = t.vm.disks()[0].path.clone();
+        t.vm.snapshot(SnapshotConfig::new().disk("a", dir.path().join("a.1.qcow2")))
+            .await
+            .unwrap();
+        let commit = t.vm.commit_disk("a").await.unwrap();
+        let spec = t.vm.spec();
+        std::mem::forget(commit);
+
+        let client = qhotplug_qmp::connect(&mon2).await.unwrap();
+        let vm = qhotplug::Vm::attach(client, spec).await.unwrap();
+        // Nothing of another kind is found in its place.
+        assert!(vm
+            .find_job("a", qhotplug::JobOrigin::Stream)
+            .await
+            .unwrap()
+            .is_none());
+        let mut job = vm
+            .find_job("a", qhotplug::JobOrigin::ActiveCommit)
+            .await
+            .unwrap()
+            .expect("commit-a");
+        job.wait_ready(std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        let disk = job.pivot().await.unwrap();
+        assert_eq!((&disk.path, disk.backing.len()), (&base, 0));
+        assert_eq!(vm.disks()[0], disk);
+        assert!(vm.client().execute(&QueryJobs).await.unwrap().is_empty());
+        let a_nodes: Vec<String> = block_nodes(&vm)
+            .await
+            .into_iter()
+            .filter(|n| n.starts_with("a-"))
+            .collect();
+        assert_eq!(a_nodes, ["a-file", "a-fmt"]);
+    });
+}
