@@ -338,61 +338,6 @@ async fn roots(core: &Core) -> Result<Vec<String>> {
         .collect())
 }
 
-/// What a job found in QEMU was started to do ([`Vm::find_job`](crate::Vm::find_job)): QEMU
-/// cannot say it all (a mirror's target was handed over as an fd, so its path is not QEMU's to
-/// tell).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum JobOrigin {
-    /// A full mirror to the image at `target` (`mirror-<disk>`).
-    Mirror {
-        /// The target image.
-        target: PathBuf,
-        /// Its format.
-        format: qhotplug_cmdline::Format,
-    },
-    /// The active commit of the disk's top into the image under it (`commit-<disk>`).
-    ActiveCommit,
-    /// A stream of the disk's chain into its top (`stream-<disk>`).
-    Stream,
-}
-
-/// See [`Vm::find_job`](crate::Vm::find_job).
-pub(crate) async fn find(
-    core: &Arc<Core>,
-    id: &str,
-    origin: JobOrigin,
-) -> Result<Option<BlockJob>> {
-    use crate::kinds::{Device, DeviceKind};
-    let (busy, Device::Disk(disk)) = crate::holds::busy_device(core, id, DeviceKind::Disk)? else {
-        unreachable!("a disk entry is a disk")
-    };
-    let events = core.client.events();
-    let (job, ends, created) = match origin {
-        JobOrigin::Mirror { target, format } => {
-            let layer = qhotplug_cmdline::DiskLayer {
-                path: target.clone(),
-                format,
-                generation: disk.next_generation(),
-            };
-            let ends = crate::mirror::ends(&disk, &layer, false);
-            (format!("mirror-{id}"), ends, Some(target))
-        }
-        JobOrigin::ActiveCommit => match crate::commit::plan(&disk, None) {
-            Some((_, _, ends)) => (format!("commit-{id}"), ends, None),
-            None => return Ok(None),
-        },
-        JobOrigin::Stream => (format!("stream-{id}"), crate::stream::ends(&disk), None),
-    };
-    if jobs::info(&core.client, &job).await?.is_none() {
-        return Ok(None);
-    }
-    tracing::info!(job, "found a running job");
-    let mut found = BlockJob::new(core, job, events, busy, ends);
-    found.created = created;
-    Ok(Some(found))
-}
-
 /// Sends the forced cancel; a job already concluded or gone counts as done.
 async fn cancel_job(core: &Core, job: &str) -> Result<()> {
     let cancel = JobCancel { id: job.to_owned() };

@@ -17,9 +17,10 @@ use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
 
-use crate::block_job::{self, BlockJob, JobOrigin};
+use crate::block_job::BlockJob;
 use crate::cpus::{self, VcpuChange};
 use crate::error::{Error, Result};
+use crate::found_job::{self, JobOrigin};
 use crate::guest_agent::GuestAgent;
 use crate::kinds::{Device, DeviceKind, Plug};
 use crate::life::{self, PowerVia, Stopped};
@@ -518,7 +519,7 @@ impl Vm {
     /// dismisses the job and brings the spec to what QEMU runs the disk on). `None` when QEMU has
     /// no such job. The disk is busy while the handle lives, as for a job started here.
     pub async fn find_job(&self, id: &str, origin: JobOrigin) -> Result<Option<BlockJob>> {
-        block_job::find(&self.core, id, origin).await
+        found_job::find(&self.core, id, origin).await
     }
 
     /// Takes an external live snapshot of one or several disks at once ([`SnapshotConfig`]):
