@@ -46,7 +46,13 @@ pub struct BlockJob {
     events: Option<EventStream>,
     /// The disk's busy mark, held until the job's end is done with.
     busy: Option<Busy>,
+    /// Called with the job's progress while a wait runs ([`BlockJob::on_progress`]).
+    progress: Option<(Duration, ProgressFn)>,
 }
+
+/// A progress callback (in a mutex only so that the handle is `Sync`: it is called through
+/// `&mut`, never locked).
+type ProgressFn = std::sync::Mutex<Box<dyn FnMut(&JobInfo) + Send>>;
 
 impl std::fmt::Debug for BlockJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -98,7 +104,46 @@ impl BlockJob {
             created: None,
             events: Some(events),
             busy: Some(busy),
+            progress: None,
         }
+    }
+
+    /// Reports the job's progress to `report` while [`wait_ready`](BlockJob::wait_ready) or
+    /// [`wait`](BlockJob::wait) waits: what `query-jobs` says (status, bytes done of
+    /// bytes to do) at each status change and every `every` between them, as
+    /// [`Vm::migrate`](crate::Vm::migrate) reports a migration's passes.
+    ///
+    /// ```no_run
+    /// # async fn demo(vm: &qhotplug::Vm) -> qhotplug::Result<()> {
+    /// use std::time::Duration;
+    /// let mut job = vm.commit_disk("data-1").await?.on_progress(
+    ///     Duration::from_millis(500),
+    ///     |p| println!("{} {}: {} of {} bytes", p.id, p.status, p.current_progress, p.total_progress),
+    /// );
+    /// job.wait_ready(Duration::from_secs(60)).await?;
+    /// job.pivot().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn on_progress(
+        mut self,
+        every: Duration,
+        report: impl FnMut(&JobInfo) + Send + 'static,
+    ) -> Self {
+        self.progress = Some((every, std::sync::Mutex::new(Box::new(report))));
+        self
+    }
+
+    /// The progress report for a wait, if one was asked for.
+    fn report(&mut self) -> Option<jobs::Progress<'_>> {
+        self.progress
+            .as_mut()
+            .map(|(every, report)| jobs::Progress {
+                every: *every,
+                report: report
+                    .get_mut()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .as_mut(),
+            })
     }
 
     /// A file the SDK created for the job, removed if it is cancelled.
@@ -145,16 +190,19 @@ impl BlockJob {
     }
 
     async fn ready_by(&mut self, timeout: Duration) -> Result<JobInfo> {
-        let events = self.events.as_mut().expect("a running job has its events");
+        let mut events = self.events.take().expect("a running job has its events");
         let job = jobs::wait_status(
-            &self.core.client,
-            events,
-            &self.job,
+            &self.core.client.clone(),
+            &mut events,
+            &self.job.clone(),
             "ready",
             |s| s == "ready",
             Some(timeout),
+            self.report(),
         )
-        .await?;
+        .await;
+        self.events = Some(events);
+        let job = job?;
         if job.status == "concluded" {
             self.end(Ending::Failed).await?;
             return Err(Error::JobFailed {
@@ -220,16 +268,19 @@ impl BlockJob {
     }
 
     async fn wait_by(&mut self, timeout: Duration) -> Result<Disk> {
-        let events = self.events.as_mut().expect("a running job has its events");
-        jobs::wait_status(
-            &self.core.client,
-            events,
-            &self.job,
+        let mut events = self.events.take().expect("a running job has its events");
+        let concluded = jobs::wait_status(
+            &self.core.client.clone(),
+            &mut events,
+            &self.job.clone(),
             "concluded",
             |_| false,
             Some(timeout),
+            self.report(),
         )
-        .await?;
+        .await;
+        self.events = Some(events);
+        concluded?;
         self.end(Ending::Complete).await?;
         Ok(self.after.clone())
     }
@@ -370,6 +421,7 @@ impl Drop for BlockJob {
             created: self.created.take(),
             events: None,
             busy: None,
+            progress: None,
         };
         let span = tracing::info_span!(crate::spans::ROLLBACK, id = %self.after.id, reason = "job handle dropped");
         let task = runtime.spawn(

@@ -23,8 +23,16 @@ pub(crate) async fn info(client: &Client, id: &str) -> Result<Option<JobInfo>> {
         .find(|j| j.id == id))
 }
 
+/// How a wait reports a job's progress: `report` called with what `query-jobs` says at each
+/// status change and every `every` between them.
+pub(crate) struct Progress<'a> {
+    pub(crate) every: Duration,
+    pub(crate) report: &'a mut (dyn FnMut(&JobInfo) + Send),
+}
+
 /// Waits for job `id` to reach a status `want` accepts, or `concluded`, by `after` (`None`: no
-/// deadline). [`Error::JobGone`] if it vanished, [`Error::JobTimeout`] at the deadline.
+/// deadline), reporting its progress meanwhile if asked. [`Error::JobGone`] if it vanished,
+/// [`Error::JobTimeout`] at the deadline.
 pub(crate) async fn wait_status(
     client: &Client,
     events: &mut EventStream,
@@ -32,6 +40,7 @@ pub(crate) async fn wait_status(
     want: &'static str,
     accept: impl Fn(&str) -> bool,
     after: Option<Duration>,
+    mut progress: Option<Progress<'_>>,
 ) -> Result<JobInfo> {
     let deadline = after.map(|a| Instant::now() + a);
     let span = tracing::debug_span!(crate::spans::STEP, name = "wait JOB_STATUS_CHANGE", id);
@@ -40,22 +49,38 @@ pub(crate) async fn wait_status(
             let job = info(client, id)
                 .await?
                 .ok_or_else(|| Error::JobGone(id.to_owned()))?;
+            if let Some(p) = progress.as_mut() {
+                (p.report)(&job);
+            }
             if accept(&job.status) || job.status == "concluded" {
                 return Ok(job);
             }
-            // The next change of this job (or lost events): then ask QEMU again.
+            // The next change of this job, lost events, or the next progress report: then ask
+            // QEMU again.
+            let every = progress.as_ref().map(|p| p.every);
             let changed = async {
-                while let Some(item) = events.next().await {
+                let tick = async {
+                    match every {
+                        Some(every) => tokio::time::sleep(every).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::pin!(tick);
+                loop {
+                    let item = tokio::select! {
+                        item = events.next() => item,
+                        () = &mut tick => return true,
+                    };
                     match item {
-                        Ok(e) => {
+                        Some(Ok(e)) => {
                             if matches!(e.kind(), EventKind::JobStatusChange(c) if c.id == id) {
                                 return true;
                             }
                         }
-                        Err(_) => return true,
+                        Some(Err(_)) => return true,
+                        None => return false,
                     }
                 }
-                false
             };
             let changed = match deadline {
                 Some(deadline) => tokio::time::timeout_at(deadline, changed).await,
@@ -82,7 +107,7 @@ pub(crate) async fn wait_status(
 /// Waits for job `id` to conclude, reads its error, and dismisses it: `Ok(())` when it ended
 /// without one.
 pub(crate) async fn conclude(client: &Client, events: &mut EventStream, id: &str) -> Result<()> {
-    let job = wait_status(client, events, id, "concluded", |_| false, None).await?;
+    let job = wait_status(client, events, id, "concluded", |_| false, None, None).await?;
     let span = tracing::debug_span!(crate::spans::STEP, name = "job-dismiss", id);
     client
         .execute(&JobDismiss { id: id.to_owned() })

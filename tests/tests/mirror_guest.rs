@@ -156,11 +156,17 @@ fn a_throttled_mirror_pauses_resumes_speeds_up_and_is_cancelled_and_a_dropped_on
         let (g, _dev) = with_disk(pc_spec(), &src).await;
         let before = block_nodes(&g.vm).await;
         let target = dir.path().join("copy.raw");
-        // 1 MiB/s: 64 s for the disk, so it is still running whatever the test does.
+        // 1 MiB/s: 64 s for the disk, so it is still running whatever the test does. Its
+        // progress is reported every 100 ms while a wait runs.
+        let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = reports.clone();
         let mut job =
             g.vm.mirror_disk("d1", MirrorConfig::new(&target).speed(1 << 20))
                 .await
-                .unwrap();
+                .unwrap()
+                .on_progress(Duration::from_millis(100), move |p| {
+                    seen.lock().unwrap().push(p.clone())
+                });
         let status = |want: &'static str| {
             let job = &job;
             async move {
@@ -184,9 +190,29 @@ fn a_throttled_mirror_pauses_resumes_speeds_up_and_is_cancelled_and_a_dropped_on
         job.resume().await.unwrap();
         status("running").await;
         assert!(paused.current_progress < paused.total_progress);
-        // Unthrottled, it catches up.
+        // A wait that runs out while the copy crawls: a typed timeout, the job still there, and
+        // its progress reported meanwhile (QEMU copies in bursts under a rate limit, so the
+        // bytes need not move in 1.5 s).
+        match job.wait_ready(Duration::from_millis(1500)).await {
+            Err(Error::JobTimeout { status, .. }) => assert_eq!(status, "running"),
+            other => panic!("a 1.5 s wait for a 64 s copy: {other:?}"),
+        }
+        let crawled = reports.lock().unwrap().clone();
+        assert!(crawled.len() >= 2, "{crawled:?}");
+        assert!(crawled
+            .iter()
+            .all(|p| p.id == "mirror-d1" && p.status == "running"));
+        assert!(crawled[0].current_progress < crawled[0].total_progress);
+        // Unthrottled, it catches up; the reports grow to the ready job's, the last one.
         job.set_speed(0).await.unwrap();
-        job.wait_ready(SEEN).await.unwrap();
+        let ready = job.wait_ready(SEEN).await.unwrap();
+        let all = reports.lock().unwrap().clone();
+        assert!(all.len() > crawled.len());
+        assert!(all
+            .windows(2)
+            .all(|w| w[0].current_progress <= w[1].current_progress));
+        assert_eq!(all.last(), Some(&ready));
+        assert_eq!(ready.current_progress, ready.total_progress);
         job.cancel().await.unwrap();
         // Cancelled: no job, the disk as it was, the target's nodes and file gone.
         assert!(g.vm.client().execute(&QueryJobs).await.unwrap().is_empty());

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use qhotplug::agent::{GuestExec, GuestExecStatus, GuestGetOsinfo, GuestNetworkGetInterfaces};
 use qhotplug::{
-    Cdrom, CpuTopology, DiskConfig, GuestAgent, IdeAddr, MemoryConfig, MigrationOptions, NicConfig,
-    PowerVia, Serial, SnapshotConfig, Stopped, Transport, Vm, MIB,
+    Cdrom, CpuTopology, DiskConfig, GuestAgent, IdeAddr, JobInfo, MemoryConfig, MigrationOptions,
+    NicConfig, PowerVia, Serial, SnapshotConfig, Stopped, Transport, Vm, MIB,
 };
 use qhotplug_cmdline::{Launcher, Machine, VmSpec};
 use qhotplug_netdev::{MacAddr, TapBuilder};
@@ -346,17 +346,16 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
         "echo written-after-the-snapshot | dd of=/dev/{dev} bs=512 seek=2048 conv=notrunc,fsync 2>/dev/null; echo ok"
     );
     guest_says(&console, &write, "ok").await?;
-    let mut job = vm.commit_disk("data-1").await?;
-    let info = job.info().await?;
-    println!(
-        "job     {} {}: {} of {} bytes",
-        info.id, info.status, info.current_progress, info.total_progress
-    );
-    let ready = job.wait_ready(SEEN).await?;
-    println!(
-        "job     {} {}: {} of {} bytes",
-        ready.id, ready.status, ready.current_progress, ready.total_progress
-    );
+    let mut job =
+        vm.commit_disk("data-1")
+            .await?
+            .on_progress(Duration::from_millis(250), |p: &JobInfo| {
+                println!(
+                    "job     {} {}: {} of {} bytes",
+                    p.id, p.status, p.current_progress, p.total_progress
+                )
+            });
+    job.wait_ready(SEEN).await?;
     let disk = job.pivot().await?;
     table.steps_from(timings);
     println!(
