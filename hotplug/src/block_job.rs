@@ -146,9 +146,19 @@ impl BlockJob {
             })
     }
 
-    /// A file the SDK created for the job, removed if it is cancelled.
-    pub(crate) fn created(mut self, path: PathBuf) -> Self {
+    /// A file the SDK created for the job, removed if it is cancelled, and the fd set its fd
+    /// stays in while the job runs, let go at the job's end whatever it is.
+    pub(crate) fn created(mut self, path: PathBuf, fdset: Option<i64>) -> Self {
         self.created = Some(path);
+        if let Some(set) = fdset {
+            let tag = qhotplug_cmdline::names::fdset_tag(&self.after.id);
+            for deletes in [&mut self.on_complete, &mut self.on_abort] {
+                deletes.push(Delete::Fdset {
+                    id: Some(set),
+                    tag: tag.clone(),
+                });
+            }
+        }
         self
     }
 

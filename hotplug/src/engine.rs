@@ -53,16 +53,18 @@ pub(crate) async fn add<K: Plug>(core: &Arc<Core>, config: K) -> Result<K::Added
 }
 
 /// Creates `backends` in order, each with its undo recorded in `txn`, then lets go of the fd set
-/// they were opened from (QEMU holds its own dup once the nodes are open).
+/// they were opened from (QEMU holds its own dup once the nodes are open) unless it is to be
+/// kept: then returns it.
 pub(crate) async fn run_backends<H: Hold>(
     client: &Client,
     txn: &mut Transaction<H>,
     backends: Vec<Backend>,
-) -> Result<()> {
+) -> Result<Option<i64>> {
     let mut fdset = None;
+    let mut kept = None;
     for backend in backends {
         match backend {
-            Backend::Fdset { fd, tag } => {
+            Backend::Fdset { fd, tag, keep } => {
                 let add = qhotplug_qmp::command::AddFd {
                     fdset_id: None,
                     opaque: Some(tag.clone()),
@@ -77,6 +79,9 @@ pub(crate) async fn run_backends<H: Hold>(
                     }
                 });
                 fdset = Some(info.fdset_id);
+                if keep {
+                    kept = fdset;
+                }
             }
             Backend::Getfd { name, fd } => {
                 let undo = Delete::Fd(name.clone());
@@ -112,13 +117,17 @@ pub(crate) async fn run_backends<H: Hold>(
             }
         }
     }
-    if let Some(fdset_id) = fdset {
-        // QEMU holds its own dup of the fd now; the set goes away with the last node using it.
-        let remove = RemoveFd { fdset_id, fd: None };
-        txn.step("remove-fd", None, client.execute(&remove)).await?;
-        txn.forget(|d| !matches!(d, Delete::Fdset { .. }));
+    match fdset {
+        Some(fdset_id) if kept.is_none() => {
+            // QEMU holds its own dup of the fd now; the set goes away with the last node using
+            // it.
+            let remove = RemoveFd { fdset_id, fd: None };
+            txn.step("remove-fd", None, client.execute(&remove)).await?;
+            txn.forget(|d| !matches!(d, Delete::Fdset { .. }));
+        }
+        _ => {}
     }
-    Ok(())
+    Ok(kept)
 }
 
 /// Hot-removes device `id`, which must be of `kind`: waits for the guest to let it go, then

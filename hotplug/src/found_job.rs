@@ -1,16 +1,22 @@
 //! The restart path of storage jobs: a job an earlier process started on a disk, found in QEMU
-//! and given back as a [`BlockJob`] ([`Vm::find_job`](crate::Vm::find_job)). What its end
-//! changes comes from the operation that starts such a job (`mirror::ends`, `commit::plan`,
-//! `stream::ends`), so a found job ends as one started here does.
+//! and given back as a [`BlockJob`] ([`Vm::find_job`](crate::Vm::find_job), and every one at
+//! once: [`Vm::jobs`](crate::Vm::jobs)). What its end changes comes from the operation that
+//! starts such a job (`mirror::ends`, `commit::plan`, `stream::ends`), so a found job ends as one
+//! started here does.
+//!
+//! What a job was started to do is read from its id (the SDK names every job it starts after
+//! its operation and disk) and, for a mirror, from the kernel: its target went to QEMU as an fd
+//! in the disk's fd sets, and `/proc/<qemu>/fd` says which file that fd is.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use qhotplug_cmdline::DiskLayer;
+use qhotplug_cmdline::{names, Disk, DiskLayer, Format};
+use qhotplug_qmp::command::{JobInfo, QueryFdsets, QueryJobs};
 
 use crate::block_job::BlockJob;
 use crate::error::Result;
-use crate::holds;
+use crate::holds::{self, Busy, Hold};
 use crate::kinds::{Device, DeviceKind};
 use crate::vm_core::Core;
 use crate::{commit, mirror, stream};
@@ -30,6 +36,13 @@ pub enum JobOrigin {
     },
     /// The active commit of the disk's top into the image under it (`commit-<disk>`).
     ActiveCommit,
+    /// The commit of backing layer `layer` ([`Disk::backing`](qhotplug_cmdline::Disk::backing),
+    /// 0 the nearest) into the layer under it (`commit-<disk>-gen<n>`, `n` the layer's
+    /// generation).
+    LayerCommit {
+        /// The committed layer's index.
+        layer: usize,
+    },
     /// A stream of the disk's chain into its top (`stream-<disk>`).
     Stream,
 }
@@ -40,10 +53,36 @@ pub(crate) async fn find(
     id: &str,
     origin: JobOrigin,
 ) -> Result<Option<BlockJob>> {
-    let (busy, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
-        unreachable!("a disk entry is a disk")
+    // Marked busy before QEMU is asked, so no other call starts a job on the disk meanwhile.
+    let busy = holds::mark_busy(core, id, DeviceKind::Disk)?;
+    let listed = core.client.execute(&QueryJobs).await?;
+    let fdset = match &origin {
+        JobOrigin::Mirror { target, .. } => {
+            let target = target.canonicalize().unwrap_or_else(|_| target.clone());
+            held_files(core, id)
+                .await?
+                .into_iter()
+                .find_map(|(path, set)| (path == target).then_some(set))
+        }
+        _ => None,
     };
-    let events = core.client.events();
+    Ok(handle(core, busy, origin, fdset, &listed))
+}
+
+/// The handle of the job `origin` says on the disk `busy` marks, if `listed` (QEMU's jobs) has
+/// it; `fdset`: the set a mirror's target fd is in. Nothing here awaits: a handle is made only
+/// where it is returned, so a caller that gives up part-way cancels no job.
+fn handle(
+    core: &Arc<Core>,
+    busy: Busy,
+    origin: JobOrigin,
+    fdset: Option<i64>,
+    listed: &[JobInfo],
+) -> Option<BlockJob> {
+    let Some(Device::Disk(disk)) = core.state().device(busy.id()) else {
+        unreachable!("a disk marked busy is a disk of the spec")
+    };
+    let id = &disk.id;
     let (job, ends, created) = match origin {
         JobOrigin::Mirror { target, format } => {
             let layer = DiskLayer {
@@ -52,21 +91,132 @@ pub(crate) async fn find(
                 generation: disk.next_generation(),
             };
             let ends = mirror::ends(&disk, &layer, false);
-            (format!("mirror-{id}"), ends, Some(target))
+            (mirror::job_id(id), ends, Some(target))
         }
-        JobOrigin::ActiveCommit => match commit::plan(&disk, None) {
-            Some((_, _, ends)) => (format!("commit-{id}"), ends, None),
-            None => return Ok(None),
-        },
-        JobOrigin::Stream => (format!("stream-{id}"), stream::ends(&disk), None),
+        JobOrigin::ActiveCommit => {
+            let (_, _, ends) = commit::plan(&disk, None)?;
+            (commit::job_id(id, None), ends, None)
+        }
+        JobOrigin::LayerCommit { layer } => {
+            let (top, _, ends) = commit::plan(&disk, Some(layer))?;
+            (commit::job_id(id, Some(&top)), ends, None)
+        }
+        JobOrigin::Stream => (stream::job_id(id), stream::ends(&disk), None),
     };
-    if crate::jobs::info(&core.client, &job).await?.is_none() {
-        return Ok(None);
-    }
-    tracing::info!(job, "found a running job");
-    let found = BlockJob::new(core, job, events, busy, ends);
-    Ok(Some(match created {
-        Some(path) => found.created(path),
+    let info = listed.iter().find(|j| j.id == job)?;
+    tracing::info!(job, status = %info.status, "found a job");
+    let found = BlockJob::new(core, job, core.client.events(), busy, ends);
+    Some(match created {
+        Some(path) => found.created(path, fdset),
         None => found,
-    }))
+    })
+}
+
+/// See [`Vm::jobs`](crate::Vm::jobs): the jobs QEMU has that this SDK started on a disk of the
+/// spec, as handles. A job of the SDK's whose origin cannot be told (a mirror whose target fd
+/// is not found) is left alone, with a warning, for [`Vm::find_job`](crate::Vm::find_job).
+pub(crate) async fn all(core: &Arc<Core>) -> Result<Vec<BlockJob>> {
+    let disks = core.state().spec().disks.clone();
+    let listed = core.client.execute(&QueryJobs).await?;
+    let mut origins = Vec::new();
+    for job in &listed {
+        let Some((disk, origin)) = origin_of(&job.id, &disks) else {
+            tracing::info!(job = %job.id, "a job the SDK did not start: left alone");
+            continue;
+        };
+        let (origin, fdset) = match origin {
+            Some(origin) => (origin, None),
+            None => match mirror_target(core, disk).await? {
+                Some((target, format, set)) => (JobOrigin::Mirror { target, format }, Some(set)),
+                None => {
+                    tracing::warn!(job = %job.id, "a mirror whose target is not found: left for find_job");
+                    continue;
+                }
+            },
+        };
+        origins.push((disk.id.clone(), origin, fdset));
+    }
+    // The handles, with no await from here on (see `handle`). A disk already busy has its job's
+    // handle here already.
+    Ok(origins
+        .into_iter()
+        .filter_map(|(disk, origin, fdset)| {
+            let busy = holds::mark_busy(core, &disk, DeviceKind::Disk).ok()?;
+            handle(core, busy, origin, fdset, &listed)
+        })
+        .collect())
+}
+
+/// The disk job `id` runs on and what it was started to do, by the SDK's job names (an exact
+/// name first); `Some(None)`: a mirror, whose target is QEMU's fd.
+fn origin_of<'a>(id: &str, disks: &'a [Disk]) -> Option<(&'a Disk, Option<JobOrigin>)> {
+    let exact = disks.iter().find_map(|d| {
+        let origin = if id == mirror::job_id(&d.id) {
+            None
+        } else if id == commit::job_id(&d.id, None) {
+            Some(JobOrigin::ActiveCommit)
+        } else if id == stream::job_id(&d.id) {
+            Some(JobOrigin::Stream)
+        } else {
+            return None;
+        };
+        Some((d, origin))
+    });
+    exact.or_else(|| {
+        disks.iter().find_map(|d| {
+            let layer = d
+                .backing
+                .iter()
+                .position(|l| id == commit::job_id(&d.id, Some(l)))?;
+            Some((d, Some(JobOrigin::LayerCommit { layer })))
+        })
+    })
+}
+
+/// A mirror's target on `disk`: the one file in the disk's fd sets that is not an image of its
+/// chain (a job's target keeps its fd in its set while the job runs), its format (qcow2 by its
+/// magic, else raw) and its set. `None` when there is not exactly one such file.
+async fn mirror_target(core: &Core, disk: &Disk) -> Result<Option<(PathBuf, Format, i64)>> {
+    let chain: Vec<PathBuf> = std::iter::once(&disk.path)
+        .chain(disk.backing.iter().map(|l| &l.path))
+        .filter_map(|p| p.canonicalize().ok())
+        .collect();
+    let mut targets = held_files(core, &disk.id).await?;
+    targets.retain(|(path, _)| !chain.contains(path));
+    let [(target, set)] = &targets[..] else {
+        return Ok(None);
+    };
+    let mut magic = [0u8; 4];
+    let qcow2 = std::fs::File::open(target)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && &magic == b"QFI\xfb";
+    let format = if qcow2 { Format::Qcow2 } else { Format::Raw };
+    Ok(Some((target.clone(), format, *set)))
+}
+
+/// The files behind the fds in disk `id`'s fd sets, with their sets, as the kernel names them
+/// (`/proc/<qemu>/fd`). Empty when QEMU's process is not known: it is ours if the SDK launched
+/// it, else the monitor socket's peer.
+async fn held_files(core: &Core, id: &str) -> Result<Vec<(PathBuf, i64)>> {
+    let pid = {
+        let process = core.process.lock().unwrap_or_else(|p| p.into_inner());
+        process.as_ref().map(|p| p.pid())
+    };
+    let Some(pid) = pid.or_else(|| core.client.peer_pid()) else {
+        return Ok(Vec::new());
+    };
+    let tag = names::fdset_tag(id);
+    Ok(core
+        .client
+        .execute(&QueryFdsets)
+        .await?
+        .into_iter()
+        .flat_map(|set| set.fds.into_iter().map(move |fd| (set.fdset_id, fd)))
+        .filter(|(_, fd)| fd.opaque.as_ref() == Some(&tag))
+        .filter_map(|(set, fd)| {
+            let path = std::fs::read_link(format!("/proc/{pid}/fd/{}", fd.fd)).ok()?;
+            Some((path, set))
+        })
+        .collect())
 }

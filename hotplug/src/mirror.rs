@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::holds;
 use crate::kinds::{Device, DeviceKind};
 use crate::live;
-use crate::new_image::{self, Backing};
+use crate::new_image::{self, Backing, ImageSpec};
 use crate::transaction::Transaction;
 use crate::vm_core::Core;
 
@@ -138,13 +138,19 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, config: MirrorConfig) -> R
         Some(layer) => Backing::Node(layer),
         None => Backing::Null { header: None },
     };
-    let made = new_image::create(&client, &mut txn, &mut events, &disk, layer, size, backing);
+    let new = ImageSpec {
+        layer,
+        size,
+        backing,
+        job_target: true,
+    };
+    let made = new_image::create(&client, &mut txn, &mut events, &disk, new);
     let image = match made.await {
         Ok(image) => image,
         Err(error) => return Err(txn.abort(error).await),
     };
     let target = disk.with_top(&image.layer);
-    let job = format!("mirror-{id}");
+    let job = job_id(id);
     let mirror = BlockdevMirror {
         job_id: job.clone(),
         device: disk.top_node(),
@@ -162,10 +168,11 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, config: MirrorConfig) -> R
     txn.step("blockdev-mirror", None, client.execute(&mirror))
         .await?;
     let busy = txn.commit();
+    let fdset = image.fdset;
     let layer = image.keep();
     tracing::info!(job, target = %config.target.display(), "mirror started");
     let ends = ends(&disk, &layer, below.is_some());
-    Ok(BlockJob::new(core, job, events, busy, ends).created(config.target))
+    Ok(BlockJob::new(core, job, events, busy, ends).created(config.target, fdset))
 }
 
 /// What a mirror's end changes. After a pivot the disk is the copy, standing on what the copy
@@ -189,4 +196,9 @@ pub(crate) fn ends(disk: &Disk, target: &DiskLayer, top_only: bool) -> Ends {
         on_complete,
         on_abort: target.node_names(&disk.id).into(),
     }
+}
+
+/// A mirror's job id: `mirror-<disk>`.
+pub(crate) fn job_id(disk: &str) -> String {
+    format!("mirror-{disk}")
 }

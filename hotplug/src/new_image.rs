@@ -27,10 +27,21 @@ pub(crate) enum Backing<'a> {
     Node(&'a DiskLayer),
 }
 
+/// The image to make: the layer it is, its size, what it stands on, and whether it is a job's
+/// target (its fd then stays in its set while the job runs, for a later process to find).
+pub(crate) struct ImageSpec<'a> {
+    pub(crate) layer: DiskLayer,
+    pub(crate) size: u64,
+    pub(crate) backing: Backing<'a>,
+    pub(crate) job_target: bool,
+}
+
 /// An image made for disk `disk`; its file is removed on drop unless kept.
 pub(crate) struct NewImage {
     /// The image, as a layer of the disk.
     pub(crate) layer: DiskLayer,
+    /// The fd set its fd stays in (a job's target).
+    pub(crate) fdset: Option<i64>,
     created: Option<PathBuf>,
 }
 
@@ -50,22 +61,27 @@ impl Drop for NewImage {
     }
 }
 
-/// Creates image `layer` of `size` bytes for `disk` and adds its nodes, each step in `txn`.
+/// Creates image `new` for `disk` and adds its nodes, each step in `txn`.
 pub(crate) async fn create<H: Hold>(
     client: &Client,
     txn: &mut Transaction<H>,
     events: &mut EventStream,
     disk: &Disk,
-    layer: DiskLayer,
-    size: u64,
-    backing: Backing<'_>,
+    new: ImageSpec<'_>,
 ) -> Result<NewImage> {
+    let ImageSpec {
+        layer,
+        size,
+        backing,
+        job_target,
+    } = new;
     // Names QEMU would refuse are refused before the host is touched.
     let as_disk = disk.with_top(&layer);
     as_disk.check()?;
     let file = create_file(&layer.path, layer.format, size)?;
-    let image = NewImage {
+    let mut image = NewImage {
         created: Some(layer.path.clone()),
+        fdset: None,
         layer,
     };
     let mut nodes = as_disk.blockdev_add("");
@@ -74,13 +90,14 @@ pub(crate) async fn create<H: Hold>(
         Backend::Fdset {
             fd: file.into(),
             tag: qhotplug_cmdline::names::fdset_tag(&disk.id),
+            keep: job_target,
         },
         Backend::Blockdev {
             add: nodes.pop().expect("a disk's protocol node"),
             on_fdset: true,
         },
     ];
-    run_backends(client, txn, backends).await?;
+    image.fdset = run_backends(client, txn, backends).await?;
     if image.layer.format == Format::Qcow2 {
         let header = match &backing {
             Backing::Null { header } => *header,

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::holds::{self, Busy};
 use crate::kinds::{Device, DeviceKind};
 use crate::live;
-use crate::new_image::{self, Backing};
+use crate::new_image::{self, Backing, ImageSpec};
 use crate::transaction::Transaction;
 use crate::vm_core::Core;
 
@@ -96,7 +96,13 @@ pub(crate) async fn snapshot(core: &Arc<Core>, config: SnapshotConfig) -> Result
         };
         let made = async {
             let size = live::virtual_size(core, disk).await?;
-            new_image::create(&client, &mut txn, &mut events, disk, layer, size, backing).await
+            let new = ImageSpec {
+                layer,
+                size,
+                backing,
+                job_target: false,
+            };
+            new_image::create(&client, &mut txn, &mut events, disk, new).await
         };
         match made.await {
             Ok(image) => images.push(image),

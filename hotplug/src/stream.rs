@@ -29,7 +29,7 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str) -> Result<BlockJob> {
     }
     let client = core.client.clone();
     let events = client.events();
-    let job = format!("stream-{id}");
+    let job = job_id(id);
     let stream = BlockStream {
         job_id: job.clone(),
         device: disk.top_node(),
@@ -54,4 +54,9 @@ pub(crate) fn ends(disk: &Disk) -> Ends {
         on_complete,
         on_abort: Vec::new(),
     }
+}
+
+/// A stream's job id: `stream-<disk>`.
+pub(crate) fn job_id(disk: &str) -> String {
+    format!("stream-{disk}")
 }

@@ -522,6 +522,20 @@ impl Vm {
         found_job::find(&self.core, id, origin).await
     }
 
+    /// Every storage job QEMU has that the SDK started on one of this VM's disks, running or
+    /// concluded, as handles: what an orchestrator that restarted calls after
+    /// [`attach`](Vm::attach). What each job was started to do is read from QEMU: the job's id
+    /// (the SDK names its jobs after the operation and the disk) and, for a mirror, the target
+    /// file behind the fd QEMU holds (`/proc/<qemu>/fd`; on the same host, as fd passing is).
+    /// A concluded job's end ([`BlockJob::wait`]) reads its outcome and dismisses it. Jobs the
+    /// SDK did not start are left alone; a mirror whose target cannot be told is left for
+    /// [`find_job`](Vm::find_job), with a warning.
+    pub async fn jobs(&self) -> Result<Vec<BlockJob>> {
+        // Not through `call`: a caller that gives up must not have the handles made and dropped
+        // (a dropped handle cancels its job); `all` makes them after its last await.
+        found_job::all(&self.core).await
+    }
+
     /// Takes an external live snapshot of one or several disks at once ([`SnapshotConfig`]):
     /// each gets a new qcow2 overlay the SDK creates, all in one QMP `transaction`, so a failure
     /// leaves every disk as it was (and the overlays' nodes and files gone). Afterwards the

@@ -162,6 +162,11 @@ impl Config {
     /// Reads the greeting (skipping any events before it), negotiates capabilities, and returns the
     /// client with the connection future, which the caller must run (tokio-postgres style).
     pub async fn handshake(&self, stream: UnixStream) -> Result<(Client, Connection)> {
+        let peer_pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|c| c.pid())
+            .and_then(|pid| u32::try_from(pid).ok());
         let (read, write) = stream.into_split();
         let mut frames = FramedRead::new(read, QmpCodec::new(self.max_frame));
         let greeting = loop {
@@ -220,6 +225,7 @@ impl Config {
                 inband_ids: self.inband_ids,
                 default_timeout: self.default_timeout,
                 schema: std::sync::OnceLock::new(),
+                peer_pid,
             }),
         };
         let connection = Connection {
@@ -303,6 +309,8 @@ struct Inner {
     default_timeout: Option<Duration>,
     /// The cell its QEMU build's schema is loaded into, shared by every connection to the build.
     schema: std::sync::OnceLock<Arc<crate::schema::Cell>>,
+    /// The process at the other end of the socket, as the kernel says (`SO_PEERCRED`).
+    peer_pid: Option<u32>,
 }
 
 impl std::fmt::Debug for Client {
@@ -319,6 +327,12 @@ impl Client {
     /// The server's greeting.
     pub fn greeting(&self) -> &Greeting {
         &self.inner.greeting
+    }
+
+    /// The process at the other end of the monitor socket (QEMU's pid), as the kernel said when
+    /// the connection was made (`SO_PEERCRED`); `None` if it could not say.
+    pub fn peer_pid(&self) -> Option<u32> {
+        self.inner.peer_pid
     }
 
     /// True when out-of-band execution was negotiated.

@@ -4,7 +4,7 @@
 //! failed clean-up left.
 
 use qhotplug::{DiskConfig, Format, MirrorConfig, MirrorSync, SnapshotConfig};
-use qhotplug_qmp::command::QueryJobs;
+use qhotplug_qmp::command::{QueryFdsets, QueryJobs};
 use qhotplug_tests::storage::block_nodes;
 use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
 
@@ -68,7 +68,6 @@ fn a_failure_at_each_step_of_a_two_disk_snapshot_leaves_both_disks_as_they_were(
 const MIRROR_STEPS: &[(&str, usize)] = &[
     ("add-fd", 1),
     ("blockdev-add", 1),
-    ("remove-fd", 1),
     ("blockdev-create", 1),
     ("blockdev-add", 2),
     ("blockdev-mirror", 1),
@@ -244,13 +243,22 @@ fn an_orchestrator_that_restarts_finds_its_running_and_its_concluded_jobs_and_en
         let vm = qhotplug::Vm::attach(client, spec).await.unwrap();
         let by_id = |id: &str| vm.disks().into_iter().find(|d| d.id == id).unwrap();
 
+        // It asks QEMU for its jobs: both are found, what each was started to do read from
+        // QEMU (the mirror's target from the fd QEMU holds).
+        let mut found = vm.jobs().await.unwrap();
+        found.sort_by(|x, y| x.job_id().cmp(y.job_id()));
+        let [mut job, stream] = <[qhotplug::BlockJob; 2]>::try_from(found).unwrap();
+        assert_eq!((job.job_id(), stream.job_id()), ("mirror-c", "stream-b"));
+        assert_eq!(job.disk_after().path, target);
+        assert_eq!(job.disk_after().format, Format::Raw);
+        // Held here: a second look finds nothing more, and nothing new starts on the disks.
+        assert!(vm.jobs().await.unwrap().is_empty());
+
         // The stream concluded unwatched: its outcome is read, it is dismissed, the spec follows.
-        let job = vm
-            .find_job("b", qhotplug::JobOrigin::Stream)
+        let b = stream
+            .wait(std::time::Duration::from_secs(60))
             .await
-            .unwrap()
-            .expect("stream-b");
-        let b = job.wait(std::time::Duration::from_secs(60)).await.unwrap();
+            .unwrap();
         assert!(b.backing.is_empty());
         assert!(by_id("b").backing.is_empty());
         assert!(vm
@@ -260,11 +268,6 @@ fn an_orchestrator_that_restarts_finds_its_running_and_its_concluded_jobs_and_en
             .is_none());
 
         // The mirror is found running; its progress goes on, and it ends here.
-        let origin = qhotplug::JobOrigin::Mirror {
-            target: target.clone(),
-            format: Format::Raw,
-        };
-        let mut job = vm.find_job("c", origin).await.unwrap().expect("mirror-c");
         let first = job.info().await.unwrap();
         assert_eq!(first.status, "running");
         job.set_speed(0).await.unwrap();
@@ -283,6 +286,9 @@ fn an_orchestrator_that_restarts_finds_its_running_and_its_concluded_jobs_and_en
             .filter(|n| n.starts_with("c-"))
             .collect();
         assert_eq!(c_nodes, ["c-file.1", "c-fmt.1"]);
+        // The target's fd, kept in its set while the job ran, is let go of.
+        let sets = vm.client().execute(&QueryFdsets).await.unwrap();
+        assert!(sets.iter().all(|s| s.fds.is_empty()), "{sets:?}");
     });
 }
 
@@ -348,30 +354,50 @@ fn a_mirror_of_the_top_alone_stands_on_the_same_backing_chain_after_its_pivot() 
 }
 
 #[test]
-fn an_active_commit_an_earlier_process_started_is_found_and_pivoted() {
+fn commits_an_earlier_process_started_are_found_and_ended() {
     qhotplug_tests::serial_test(async {
         let (t, mon2, dir) = with_two_disks().await;
         let base = t.vm.disks()[0].path.clone();
         t.vm.snapshot(SnapshotConfig::new().disk("a", dir.path().join("a.1.qcow2")))
             .await
             .unwrap();
+        // `b` on two overlays, its middle one committed into its base.
+        for n in 1..=2 {
+            let overlay = dir.path().join(format!("b.{n}.qcow2"));
+            t.vm.snapshot(SnapshotConfig::new().disk("b", overlay))
+                .await
+                .unwrap();
+        }
         let commit = t.vm.commit_disk("a").await.unwrap();
+        let layer = t.vm.commit_layer("b", 0).await.unwrap();
+        assert_eq!(layer.job_id(), "commit-b-gen1");
         let spec = t.vm.spec();
-        std::mem::forget(commit);
+        std::mem::forget((commit, layer));
 
         let client = qhotplug_qmp::connect(&mon2).await.unwrap();
-        let vm = qhotplug::Vm::attach(client, spec).await.unwrap();
+        let vm = qhotplug::Vm::attach(client, spec.clone()).await.unwrap();
         // Nothing of another kind is found in its place.
         assert!(vm
             .find_job("a", qhotplug::JobOrigin::Stream)
             .await
             .unwrap()
             .is_none());
-        let mut job = vm
-            .find_job("a", qhotplug::JobOrigin::ActiveCommit)
+        // Both are found by asking QEMU, each for what it is.
+        let mut found = vm.jobs().await.unwrap();
+        found.sort_by(|x, y| x.job_id().cmp(y.job_id()));
+        let [mut job, layer] = <[qhotplug::BlockJob; 2]>::try_from(found).unwrap();
+        assert_eq!(
+            (job.job_id(), layer.job_id()),
+            ("commit-a", "commit-b-gen1")
+        );
+        let b = layer
+            .wait(std::time::Duration::from_secs(60))
             .await
-            .unwrap()
-            .expect("commit-a");
+            .unwrap();
+        assert_eq!(b.path, dir.path().join("b.2.qcow2"));
+        assert_eq!(b.backing.len(), 1);
+        assert_eq!(b.backing[0].path, spec.disks[1].backing[1].path);
+        assert_eq!(vm.disks()[1], b);
         job.wait_ready(std::time::Duration::from_secs(60))
             .await
             .unwrap();
@@ -385,5 +411,11 @@ fn an_active_commit_an_earlier_process_started_is_found_and_pivoted() {
             .filter(|n| n.starts_with("a-"))
             .collect();
         assert_eq!(a_nodes, ["a-file", "a-fmt"]);
+        let b_nodes: Vec<String> = block_nodes(&vm)
+            .await
+            .into_iter()
+            .filter(|n| n.starts_with("b-"))
+            .collect();
+        assert_eq!(b_nodes, ["b-file", "b-file.2", "b-fmt", "b-fmt.2"]);
     });
 }

@@ -51,8 +51,14 @@ pub(crate) enum Want {
 pub(crate) enum Backend {
     /// `add-fd` of an image the SDK opened, tagged so `reconcile` can find the set. A later
     /// [`Backend::Blockdev`] with `on_fdset` opens it as `/dev/fdset/N`; once the nodes are open,
-    /// QEMU holds its own dup and the engine lets the set go (`remove-fd`).
-    Fdset { fd: OwnedFd, tag: String },
+    /// QEMU holds its own dup and the engine lets the set go (`remove-fd`), unless `keep`: a
+    /// job's target keeps its fd in the set while the job runs, so that a later process can
+    /// tell which file it is; the job's end lets it go.
+    Fdset {
+        fd: OwnedFd,
+        tag: String,
+        keep: bool,
+    },
     /// `getfd` under `name`; a later [`Backend::Netdev`] takes it over.
     Getfd { name: String, fd: OwnedFd },
     /// `blockdev-add`; with `on_fdset`, its `filename` is the fd set added above.
@@ -120,6 +126,7 @@ pub(crate) fn image_backends(
     let mut backends = vec![Backend::Fdset {
         fd: file.into(),
         tag: qhotplug_cmdline::names::fdset_tag(id),
+        keep: false,
     }];
     backends.extend(
         nodes
