@@ -7,6 +7,7 @@ use qhotplug_qmp::command::{BlockdevAdd, NetdevAdd};
 
 use crate::error::{Error, Result};
 use crate::model::DeviceModel;
+use crate::network_disk::NetworkSource;
 use crate::value::{p, props_to_json, render, validate_id, Prop, Props};
 
 /// A PCI address: a bus and a slot (and function) on it. `addr` is hexadecimal on the wire.
@@ -97,12 +98,15 @@ pub enum DiskFrontend {
 }
 
 /// The host-side protocol driver.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskBackend {
     /// A regular file (`file`).
     File,
     /// A block or character device (`host_device`).
     HostDevice,
+    /// A network export QEMU opens itself: NBD, iSCSI or Ceph RBD. The disk's `path` is then
+    /// its URI, for people.
+    Network(NetworkSource),
 }
 
 /// The image format.
@@ -216,6 +220,19 @@ impl Disk {
         Disk::new(id, path, DiskFrontend::ScsiHd(addr))
     }
 
+    /// A raw, read-write, writeback disk on a network export; its `path` is the export's URI.
+    pub fn on_network(
+        id: impl Into<String>,
+        source: impl Into<NetworkSource>,
+        frontend: DiskFrontend,
+    ) -> Disk {
+        let source = source.into();
+        Disk {
+            backend: DiskBackend::Network(source.clone()),
+            ..Disk::new(id, source.uri(), frontend)
+        }
+    }
+
     /// The protocol node's name.
     pub fn file_node(&self) -> String {
         crate::names::file_node_at(&self.id, self.generation)
@@ -252,22 +269,25 @@ impl Disk {
         props
     }
 
-    /// The protocol node's properties; `filename` is the path at boot, `/dev/fdset/N` at hotplug.
+    /// The protocol node's properties; `filename` is the path at boot, `/dev/fdset/N` at hotplug
+    /// (a network disk has none: QEMU connects to its server).
     pub fn protocol_props(&self, filename: &str) -> Props {
-        vec![
-            p(
-                "driver",
-                match self.backend {
-                    DiskBackend::File => "file",
-                    DiskBackend::HostDevice => "host_device",
-                },
-            ),
-            p("node-name", self.file_node()),
-            p("filename", filename),
-        ]
-        .into_iter()
-        .chain(self.non_default_options())
-        .collect()
+        let mut props = match &self.backend {
+            DiskBackend::File => vec![p("driver", "file"), p("filename", filename)],
+            DiskBackend::HostDevice => vec![p("driver", "host_device"), p("filename", filename)],
+            DiskBackend::Network(source) => source.props(&self.id),
+        };
+        props.insert(1, p("node-name", self.file_node()));
+        props.extend(self.non_default_options());
+        props
+    }
+
+    /// Its network source, if it is a network disk.
+    pub fn network_source(&self) -> Option<&NetworkSource> {
+        match &self.backend {
+            DiskBackend::Network(source) => Some(source),
+            _ => None,
+        }
     }
 
     /// `read-only` and the cache options, only where they differ from QEMU's defaults (all
@@ -379,7 +399,19 @@ impl Disk {
 
     /// Launch arguments: `-blockdev` (protocol, then format) and `-device`. A disk with a
     /// backing chain gives every node, bottom first, in QEMU's JSON form (keyval has no null).
+    /// A network disk's TLS credentials come first as an `-object`; its secret is the
+    /// launcher's to give (it needs the VM's master key).
     pub fn args(&self) -> Vec<String> {
+        let mut args: Vec<String> = self
+            .network_source()
+            .and_then(|n| n.tls_object(&self.id))
+            .map(|tls| vec!["-object".to_owned(), render_kv(&tls)])
+            .unwrap_or_default();
+        args.extend(self.node_and_device_args());
+        args
+    }
+
+    fn node_and_device_args(&self) -> Vec<String> {
         if !self.backing.is_empty() {
             let mut args = Vec::new();
             for node in self.chain_blockdevs() {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use qhotplug_qmp::{Client, Config};
 use tokio::io::unix::AsyncFd;
 
+use crate::device::render_kv;
 use crate::error::{Error, Result};
 use crate::spec::VmSpec;
 
@@ -73,6 +74,8 @@ pub enum Monitor {
 #[derive(Debug)]
 pub struct QemuProcess {
     exit: Option<Exit>,
+    /// The VM's master key, when its spec had secrets (network disks' credentials).
+    master_key: Option<crate::MasterKey>,
     dir: PathBuf,
     qmp_path: PathBuf,
     stderr_path: PathBuf,
@@ -239,11 +242,34 @@ impl Launcher {
                 "fds given for {extra}, which the spec does not have"
             )));
         }
-        let args = self.spec.args(&chardev, |i| nic_numbers[i].clone());
+        // Secrets (network disks' credentials): the VM's master key through a pipe QEMU reads
+        // as a file, then each secret encrypted with it. Nothing secret is in the argv.
+        let secrets: Vec<(String, &crate::Secret)> = self
+            .spec
+            .disks
+            .iter()
+            .filter_map(|d| Some((crate::names::secret(&d.id), d.network_source()?.secret()?)))
+            .collect();
+        let mut args = Vec::new();
+        let master_key = match secrets.is_empty() {
+            true => None,
+            false => {
+                let key = crate::MasterKey::generate()?;
+                fds.push(OwnedFd::from(key.pipe()?));
+                let fd = i64::try_from(2 + fds.len()).expect("a few fds");
+                args.extend(["-object".to_owned(), render_kv(&key.object_props(fd))]);
+                for (id, secret) in secrets {
+                    args.extend(["-object".to_owned(), render_kv(&key.encrypt(&id, secret)?)]);
+                }
+                Some(key)
+            }
+        };
+        args.extend(self.spec.args(&chardev, |i| nic_numbers[i].clone()));
 
         tracing::debug!(binary = %self.binary, ?args, "launching QEMU");
         let mut process = spawn(&self.binary, &args, fds, &self.dir, "qemu.stderr")?;
         process.set_qmp_path(qmp_path);
+        process.master_key = master_key;
         let client = connect(&mut process, self.config.clone(), self.start_timeout).await?;
         Ok((client, process))
     }
@@ -284,6 +310,7 @@ pub(crate) fn spawn(
     };
     Ok(QemuProcess {
         exit: Some(Exit { child, pidfd }),
+        master_key: None,
         dir: dir.to_owned(),
         qmp_path: PathBuf::new(),
         stderr_path,
@@ -343,6 +370,12 @@ impl QemuProcess {
 
     pub(crate) fn set_qmp_path(&mut self, path: PathBuf) {
         self.qmp_path = path;
+    }
+
+    /// The master key QEMU was launched with (the `secret` object every other secret is
+    /// encrypted with), when its spec had secrets.
+    pub fn master_key(&self) -> Option<&crate::MasterKey> {
+        self.master_key.as_ref()
     }
 
     /// The monitor socket's path (one client at a time; empty for a process without one).

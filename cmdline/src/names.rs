@@ -121,6 +121,16 @@ pub fn vhost_fd(id: &str, queue: usize) -> String {
     format!("{id}-vhost{queue}")
 }
 
+/// The `secret` object holding network disk `id`'s credential (a CHAP password, a Ceph key).
+pub fn secret(id: &str) -> String {
+    format!("{id}-secret")
+}
+
+/// The `tls-creds-x509` object of network disk `id`.
+pub fn tls_creds(id: &str) -> String {
+    format!("{id}-tls")
+}
+
 /// The `opaque` tag of the fd sets that device `id`'s backends were opened from (`add-fd`), by
 /// which `reconcile` finds sets a hot-add left behind.
 pub fn fdset_tag(id: &str) -> String {
@@ -133,7 +143,7 @@ pub fn fdset_tag(id: &str) -> String {
 pub fn backends(id: &str) -> Backends {
     Backends {
         netdevs: vec![netdev(id)],
-        objects: vec![memdev(id), rng(id)],
+        objects: vec![memdev(id), rng(id), secret(id), tls_creds(id)],
         chardevs: vec![chardev(id)],
     }
 }

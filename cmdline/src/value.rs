@@ -151,8 +151,34 @@ pub(crate) fn p(key: &str, value: impl Into<Prop>) -> (String, Prop) {
     (key.to_owned(), value.into())
 }
 
-/// Typed JSON of `props`, with dotted keys (`cache.direct`) nested as QMP wants them.
+/// Typed JSON of `props`, with dotted keys (`cache.direct`) nested as QMP wants them, and an
+/// object whose keys are `0`, `1`, … made a list, as QEMU's keyval does (`server.0.host`).
 pub fn props_to_json(props: &[(String, Prop)]) -> Map<String, Value> {
+    let mut out = nest(props);
+    for value in out.values_mut() {
+        listify(value);
+    }
+    out
+}
+
+/// Objects keyed `0`..`n` become lists, innermost first.
+fn listify(value: &mut Value) {
+    let Value::Object(map) = value else {
+        return;
+    };
+    for inner in map.values_mut() {
+        listify(inner);
+    }
+    let indexed = !map.is_empty() && (0..map.len()).all(|i| map.contains_key(&i.to_string()));
+    if indexed {
+        let list = (0..map.len())
+            .map(|i| map.remove(&i.to_string()).expect("checked above"))
+            .collect();
+        *value = Value::Array(list);
+    }
+}
+
+fn nest(props: &[(String, Prop)]) -> Map<String, Value> {
     let mut out = Map::new();
     for (key, value) in props {
         let mut obj = &mut out;
@@ -204,4 +230,16 @@ mod tests {
         assert!(id_from_uuid("disk", "not-a-uuid").is_err());
         assert!(id_from_uuid("1x", "932df160-7a22-4067-a1b2").is_err());
     }
+}
+
+/// `object-add` arguments from an object's properties as the command line has them (`qom-type`
+/// and `id` among them).
+pub fn object_add(props: &[(String, Prop)]) -> qhotplug_qmp::command::ObjectAdd {
+    let mut props = props_to_json(props);
+    let mut take = |key: &str| match props.remove(key) {
+        Some(Value::String(s)) => s,
+        _ => String::new(),
+    };
+    let (qom_type, id) = (take("qom-type"), take("id"));
+    qhotplug_qmp::command::ObjectAdd { qom_type, id, props }
 }

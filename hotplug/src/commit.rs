@@ -12,6 +12,7 @@ use qhotplug_qmp::command::BlockCommit;
 
 use crate::block_job::{BlockJob, Ends};
 use crate::error::{Error, Result};
+use crate::jobs;
 use crate::holds;
 use crate::kinds::{Device, DeviceKind};
 use crate::vm_core::Core;
@@ -26,6 +27,7 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, layer: Option<usize>) -> R
     let (busy, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
         unreachable!("a disk entry is a disk")
     };
+    jobs::require_local(&disk)?;
     let Some((top, base, ends)) = plan(&disk, layer) else {
         return Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(format!(
             "{id}: no image under the layer to commit (its backing chain has {} images)",

@@ -26,13 +26,17 @@ use crate::vm_core::Core;
 /// Hot-adds one device of kind `K`; on failure every step done is undone.
 pub(crate) async fn add<K: Plug>(core: &Arc<Core>, config: K) -> Result<K::Added> {
     core.require(K::OPERATION, K::COMMANDS).await?;
+    if let Some(driver) = config.block_driver() {
+        core.require_block_driver(driver).await?;
+    }
     let want = config.want()?;
     let (mut reservation, place) = holds::reserve(core, config.id(), want)?;
     let plan = config.plan(place)?;
     reservation.plan(plan.added.clone().into());
     let client = core.client.clone();
     let mut txn = Transaction::new(client.clone(), "hot-add", reservation);
-    run_backends(&client, &mut txn, plan.backends).await?;
+    let backends = with_secrets(core, plan.backends).await?;
+    run_backends(&client, &mut txn, backends).await?;
     let id = txn.id().to_owned();
     txn.step(
         "device_add",
@@ -50,6 +54,24 @@ pub(crate) async fn add<K: Plug>(core: &Arc<Core>, config: K) -> Result<K::Added
     }
     txn.commit().commit();
     Ok(plan.added)
+}
+
+/// `backends` with each secret made an encrypted `secret` object: the VM's master key is made in
+/// QEMU first if it has none (kept for the VM's life: not part of this hot-add).
+async fn with_secrets(core: &Core, backends: Vec<Backend>) -> Result<Vec<Backend>> {
+    if !backends.iter().any(|b| matches!(b, Backend::Secret { .. })) {
+        return Ok(backends);
+    }
+    let key = crate::master_key::ensure(core).await?;
+    backends
+        .into_iter()
+        .map(|backend| match backend {
+            Backend::Secret { id, secret } => Ok(Backend::Object(
+                crate::master_key::secret_object(&key, &id, &secret)?,
+            )),
+            other => Ok(other),
+        })
+        .collect()
 }
 
 /// Creates `backends` in order, each with its undo recorded in `txn`, then lets go of the fd set
@@ -98,6 +120,7 @@ pub(crate) async fn run_backends<H: Hold>(
                 txn.step("blockdev-add", Some(undo), client.execute(&add))
                     .await?;
             }
+            Backend::Secret { .. } => unreachable!("secrets are objects by now (with_secrets)"),
             Backend::Object(add) => {
                 let undo = Delete::Object(add.id.clone());
                 txn.step("object-add", Some(undo), client.execute(&add))

@@ -41,6 +41,10 @@ pub enum Error {
         /// What needed it.
         operation: &'static str,
     },
+    /// This QEMU has no such block driver (its schema's `blockdev-add` does not list it: for
+    /// `iscsi` and `rbd`, Debian ships them in `qemu-block-extra`).
+    #[error("QEMU has no `{0}` block driver")]
+    NoBlockDriver(&'static str),
     /// A device with this id exists, or is being added or removed right now.
     #[error("device id {0:?} is already in use")]
     DuplicateId(String),

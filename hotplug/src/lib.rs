@@ -99,6 +99,7 @@ mod jobs;
 mod kinds;
 mod life;
 mod live;
+mod master_key;
 mod medium;
 mod memory;
 mod migrate;
@@ -148,8 +149,9 @@ pub use vm::{Migrated, Vm, MIN_QEMU};
 // What a hot-plug needs from the other crates, each at one path: `qhotplug::…`. The protocol
 // itself (typed commands and events, `Config`) is the `qhotplug-qmp` crate's, at its own paths.
 pub use qhotplug_cmdline::{
-    Balloon, Cache, Cdrom, CdromBus, CpuTopology, DeviceModel, Disk, DiskFrontend, DiskLayer,
-    Format, IdeAddr, Launcher, Machine, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind,
+    Balloon, Cache, CephMonitor, Cdrom, CdromBus, Chap, CpuTopology, DeviceModel, Disk,
+    DiskBackend, DiskFrontend, DiskLayer, Format, IdeAddr, Iscsi, Nbd, NbdServer, NetworkSource,
+    Rbd, Secret, Launcher, Machine, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind,
     Monitor, Nic, Pci, QemuProcess, Rng, RootPort, ScsiAddr, ScsiController, Serial, SerialPort,
     StorageDaemonLauncher, Vcpu, VhostUserBlk, VirtioFs, VirtioSerial, VirtiofsdLauncher, VmSpec,
     Vnc, VncListen, MIB,

@@ -19,6 +19,7 @@ use qhotplug_qmp::command::BlockdevMirror;
 
 use crate::block_job::{BlockJob, Ends};
 use crate::error::{Error, Result};
+use crate::jobs;
 use crate::holds;
 use crate::kinds::{Device, DeviceKind};
 use crate::live;
@@ -111,6 +112,7 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, config: MirrorConfig) -> R
     let (busy, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
         unreachable!("a disk entry is a disk")
     };
+    jobs::require_local(&disk)?;
     if disk.read_only {
         return Err(Error::ReadOnly(id.to_owned()));
     }

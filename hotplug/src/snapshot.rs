@@ -77,6 +77,7 @@ pub(crate) async fn snapshot(core: &Arc<Core>, config: SnapshotConfig) -> Result
         if disk.read_only {
             return Err(Error::ReadOnly(id.clone()));
         }
+        crate::jobs::require_local(&disk)?;
         busy.push(mark);
         disks.push(disk);
     }

@@ -9,6 +9,7 @@ use qhotplug_qmp::command::BlockStream;
 
 use crate::block_job::{BlockJob, Ends};
 use crate::error::{Error, Result};
+use crate::jobs;
 use crate::holds;
 use crate::kinds::{Device, DeviceKind};
 use crate::vm_core::Core;
@@ -22,6 +23,7 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str) -> Result<BlockJob> {
     let (busy, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
         unreachable!("a disk entry is a disk")
     };
+    jobs::require_local(&disk)?;
     if disk.backing.is_empty() {
         return Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(format!(
             "{id}: no backing image to stream from"

@@ -27,11 +27,15 @@ pub(crate) struct Core {
     /// The guest agent, once asked for: one connection to its socket per VM (QEMU's chardev
     /// takes one client at a time).
     agent: tokio::sync::Mutex<Option<GuestAgent>>,
+    /// The VM's master key for secrets, once QEMU has it ([`master_key`](crate::master_key)).
+    pub(crate) master_key: tokio::sync::Mutex<Option<qhotplug_cmdline::MasterKey>>,
 }
 
 impl Core {
     pub(crate) fn new(client: Client, state: State, process: Option<QemuProcess>) -> Core {
+        let master_key = process.as_ref().and_then(|p| p.master_key().cloned());
         Core {
+            master_key: tokio::sync::Mutex::new(master_key),
             client,
             state: Mutex::new(state),
             process: Mutex::new(process),
@@ -140,6 +144,16 @@ impl Core {
 
     /// Checks, from QEMU's own schema (read once per connection), that it has every command in
     /// `needed`; the error names the first one missing.
+    /// [`Error::NoBlockDriver`] unless QEMU's `blockdev-add` takes the block driver `driver`.
+    pub(crate) async fn require_block_driver(&self, driver: &'static str) -> Result<()> {
+        let schema = self.client.schema().await?;
+        let drivers = schema.arg_values("blockdev-add", "driver").unwrap_or_default();
+        match drivers.contains(&driver) {
+            true => Ok(()),
+            false => Err(Error::NoBlockDriver(driver)),
+        }
+    }
+
     pub(crate) async fn require(&self, operation: &'static str, needed: &[&str]) -> Result<()> {
         let schema = self.client.schema().await?;
         match needed.iter().find(|c| !schema.has_command(c)) {

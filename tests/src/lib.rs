@@ -19,6 +19,7 @@ pub mod guest;
 pub mod proxy;
 pub mod qemu;
 pub mod raw;
+pub mod servers;
 pub mod storage;
 mod sys;
 pub mod timing;

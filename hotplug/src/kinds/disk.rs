@@ -7,9 +7,10 @@
 use std::path::PathBuf;
 
 use qhotplug_cmdline::{
-    Cache, DeviceModel, Disk, DiskBackend, DiskFrontend, Format, Pci, ScsiAddr,
+    Cache, DeviceModel, Disk, DiskBackend, DiskFrontend, Format, NetworkSource, Pci, ScsiAddr,
 };
 
+use qhotplug_cmdline::names;
 use qhotplug_qmp::command::{BlockSetIoThrottle, IoLimits};
 
 use super::{After, Place, Placed, Plan, Plug, Want};
@@ -72,6 +73,37 @@ impl DiskConfig {
             cache: Cache::default(),
             at: At::Auto { scsi_bus: None },
             io_limits: None,
+        }
+    }
+
+    /// A raw, read-write disk of `model` on a network export that QEMU opens itself (NBD, iSCSI,
+    /// Ceph RBD): no fd is handed over; a credential in `source` goes to QEMU only as a `secret`
+    /// object encrypted with the VM's master key. The disk's `path` in the spec is the export's
+    /// URI. A QEMU without the driver is [`Error::NoBlockDriver`] before anything is sent.
+    ///
+    /// ```
+    /// use qhotplug::{DiskConfig, DiskModel, Nbd, NbdServer};
+    /// let disk = DiskConfig::network(
+    ///     "data-2",
+    ///     Nbd {
+    ///         server: NbdServer::Unix("/run/nbd/data-2.sock".into()),
+    ///         export: Some("data-2".into()),
+    ///         reconnect_delay: Some(5),
+    ///         tls_dir: None,
+    ///     },
+    ///     DiskModel::VirtioBlk,
+    /// );
+    /// # let _ = disk;
+    /// ```
+    pub fn network(
+        id: impl Into<String>,
+        source: impl Into<NetworkSource>,
+        model: DiskModel,
+    ) -> Self {
+        let source = source.into();
+        DiskConfig {
+            backend: DiskBackend::Network(source.clone()),
+            ..Self::new(id, source.uri(), model)
         }
     }
 
@@ -155,6 +187,13 @@ impl Plug for DiskConfig {
         &self.id
     }
 
+    fn block_driver(&self) -> Option<&'static str> {
+        match &self.backend {
+            DiskBackend::Network(source) => Some(source.driver()),
+            _ => None,
+        }
+    }
+
     fn want(&self) -> Result<Want> {
         match (self.model, &self.at) {
             (DiskModel::VirtioBlk, At::Auto { .. }) => Ok(Want::Pci(None)),
@@ -191,9 +230,16 @@ impl Plug for DiskConfig {
             })?;
         }
         disk.io_limits = limits.clone();
-        // The protocol node first (on the fd set), then the format node on it.
-        let backends =
-            super::image_backends(&disk.id, &disk.path, !disk.read_only, disk.blockdev_add(""))?;
+        // The protocol node first (on the fd set, or the network), then the format node on it.
+        let backends = match disk.network_source() {
+            None => super::image_backends(
+                &disk.id,
+                &disk.path,
+                !disk.read_only,
+                disk.blockdev_add(""),
+            )?,
+            Some(source) => super::network_backends(&disk.id, source, disk.blockdev_add("")),
+        };
         let after = limits
             .map(|limits| {
                 After::IoLimits(BlockSetIoThrottle {
@@ -222,11 +268,22 @@ impl Placed for Disk {
         }
     }
 
-    /// Every image's nodes, top first, each format node before the protocol node under it.
+    /// Every image's nodes, top first, each format node before the protocol node under it; then
+    /// a network disk's secret and TLS objects.
     fn teardown(&self) -> Vec<Delete> {
-        self.node_names()
+        let mut steps: Vec<Delete> = self
+            .node_names()
             .into_iter()
             .map(Delete::BlockNode)
-            .collect()
+            .collect();
+        if let Some(source) = self.network_source() {
+            if source.secret().is_some() {
+                steps.push(Delete::Object(names::secret(&self.id)));
+            }
+            if source.tls_object(&self.id).is_some() {
+                steps.push(Delete::Object(names::tls_creds(&self.id)));
+            }
+        }
+        steps
     }
 }

@@ -11,7 +11,8 @@
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
-use qhotplug_cmdline::{Pci, ScsiAddr};
+
+use qhotplug_cmdline::{Pci, ScsiAddr, Secret};
 use qhotplug_qmp::command::{
     BlockSetIoThrottle, BlockdevAdd, ChardevAdd, DeviceAdd, NetdevAdd, ObjectAdd,
 };
@@ -65,8 +66,11 @@ pub(crate) enum Backend {
     Blockdev { add: BlockdevAdd, on_fdset: bool },
     /// `netdev_add`, which takes over every fd given with `getfd` before it.
     Netdev(NetdevAdd),
-    /// `object-add` (a memory backend, an RNG source).
+    /// `object-add` (a memory backend, an RNG source, TLS credentials).
     Object(ObjectAdd),
+    /// A `secret` object `id` holding `secret`: the engine encrypts it with the VM's master key
+    /// (made in QEMU first if need be) and adds it as an object.
+    Secret { id: String, secret: Secret },
     /// `chardev-add` (a socket to a vhost-user backend, or for a serial port's host side).
     Chardev(ChardevAdd),
 }
@@ -101,9 +105,38 @@ pub(crate) trait Plug {
     /// Where its frontend goes. Errors here (an address that does not fit the model) come before
     /// anything is reserved or sent.
     fn want(&self) -> Result<Want>;
+    /// The block driver its backend needs that QEMU may lack (a network disk's `nbd`, `iscsi`,
+    /// `rbd`): checked against QEMU's schema before anything is sent.
+    fn block_driver(&self) -> Option<&'static str> {
+        None
+    }
     /// The plan, given the reserved address. Host-side work (opening an image, vhost-net) happens
     /// here, before anything is sent to QEMU.
     fn plan(self, place: Place) -> Result<Plan<Self::Added>>;
+}
+
+/// The backends of a network disk `id` (QEMU connects itself; no fd): its secret, its TLS
+/// credentials, then `nodes` in order.
+pub(crate) fn network_backends(
+    id: &str,
+    source: &qhotplug_cmdline::NetworkSource,
+    nodes: Vec<BlockdevAdd>,
+) -> Vec<Backend> {
+    let mut backends = Vec::new();
+    if let Some(secret) = source.secret() {
+        backends.push(Backend::Secret {
+            id: qhotplug_cmdline::names::secret(id),
+            secret: secret.clone(),
+        });
+    }
+    if let Some(tls) = source.tls_object(id) {
+        backends.push(Backend::Object(qhotplug_cmdline::object_add(&tls)));
+    }
+    backends.extend(nodes.into_iter().map(|add| Backend::Blockdev {
+        add,
+        on_fdset: false,
+    }));
+    backends
 }
 
 /// The backends of an image the SDK opens (read-only unless `write`) and hands over: its fd set,

@@ -1,0 +1,282 @@
+//! Disks that are not local files: an NBD export, an iSCSI LUN, a Ceph RBD image. QEMU opens them
+//! itself (no fd to hand over), from protocol-node options this module renders, the same at boot
+//! and at hotplug. Credentials are [`Secret`]s: the node names a `secret` object
+//! (`<disk>-secret`), which the launcher or the SDK creates encrypted with the VM's master key.
+
+use std::path::PathBuf;
+
+use crate::secret::Secret;
+use crate::value::{p, Props};
+
+/// Where an NBD server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdServer {
+    /// A Unix socket.
+    Unix(PathBuf),
+    /// TCP.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+/// An NBD export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nbd {
+    /// The server.
+    pub server: NbdServer,
+    /// The export's name (`None`: the server's default export).
+    pub export: Option<String>,
+    /// Seconds to keep reconnecting after the connection drops before requests fail
+    /// (`reconnect-delay`; `None`: fail at once).
+    pub reconnect_delay: Option<u32>,
+    /// A directory of x509 credentials for TLS (`ca-cert.pem`, and `client-cert.pem` and
+    /// `client-key.pem` for a client certificate): a `tls-creds-x509` object
+    /// (`<disk>-tls`, `endpoint=client`) is made from it.
+    pub tls_dir: Option<PathBuf>,
+}
+
+/// CHAP credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chap {
+    /// The user name.
+    pub user: String,
+    /// The password.
+    pub password: Secret,
+}
+
+/// An iSCSI LUN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Iscsi {
+    /// The portal, `host[:port]` (port 3260 by default).
+    pub portal: String,
+    /// The target's IQN.
+    pub target: String,
+    /// The LUN.
+    pub lun: u32,
+    /// The initiator name QEMU logs in as (`None`: QEMU's default, derived from the VM's UUID).
+    pub initiator: Option<String>,
+    /// CHAP credentials, if the target asks for them.
+    pub chap: Option<Chap>,
+}
+
+/// A Ceph monitor's address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CephMonitor {
+    /// Host name or address.
+    pub host: String,
+    /// Port (6789 by default in Ceph).
+    pub port: u16,
+}
+
+/// A Ceph RBD image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rbd {
+    /// The pool.
+    pub pool: String,
+    /// The image.
+    pub image: String,
+    /// The RADOS namespace, if any.
+    pub namespace: Option<String>,
+    /// A snapshot to open (read-only) instead of the image's head.
+    pub snapshot: Option<String>,
+    /// The monitors (empty: those of `conf`).
+    pub monitors: Vec<CephMonitor>,
+    /// The Ceph user (`None`: `admin`, librbd's default).
+    pub user: Option<String>,
+    /// A `ceph.conf` to read.
+    pub conf: Option<PathBuf>,
+    /// The user's key (`cephx`).
+    pub key: Option<Secret>,
+}
+
+impl Nbd {
+    /// QEMU's URI for it, for people (`vm.spec()` shows it as the disk's path).
+    pub fn uri(&self) -> String {
+        let export = self.export.as_deref().unwrap_or("");
+        match &self.server {
+            NbdServer::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
+            NbdServer::Tcp { host, port } => format!("nbd://{host}:{port}/{export}"),
+        }
+    }
+
+    fn props(&self, disk: &str) -> Props {
+        let mut props = vec![p("driver", "nbd")];
+        match &self.server {
+            NbdServer::Unix(path) => {
+                props.push(p("server.type", "unix"));
+                props.push(p("server.path", path.to_string_lossy().into_owned()));
+            }
+            NbdServer::Tcp { host, port } => {
+                props.push(p("server.type", "inet"));
+                props.push(p("server.host", host.clone()));
+                props.push(p("server.port", port.to_string()));
+            }
+        }
+        if let Some(export) = &self.export {
+            props.push(p("export", export.clone()));
+        }
+        if let Some(delay) = self.reconnect_delay {
+            props.push(p("reconnect-delay", i64::from(delay)));
+        }
+        if self.tls_dir.is_some() {
+            props.push(p("tls-creds", crate::names::tls_creds(disk)));
+        }
+        props
+    }
+}
+
+impl Iscsi {
+    /// QEMU's URI for it, for people.
+    pub fn uri(&self) -> String {
+        format!("iscsi://{}/{}/{}", self.portal, self.target, self.lun)
+    }
+
+    fn props(&self, disk: &str) -> Props {
+        let mut props = vec![
+            p("driver", "iscsi"),
+            p("transport", "tcp"),
+            p("portal", self.portal.clone()),
+            p("target", self.target.clone()),
+            p("lun", i64::from(self.lun)),
+        ];
+        if let Some(initiator) = &self.initiator {
+            props.push(p("initiator-name", initiator.clone()));
+        }
+        if let Some(chap) = &self.chap {
+            props.push(p("user", chap.user.clone()));
+            props.push(p("password-secret", crate::names::secret(disk)));
+        }
+        props
+    }
+}
+
+impl Rbd {
+    /// QEMU's URI for it, for people (no key, no conf).
+    pub fn uri(&self) -> String {
+        let ns = self
+            .namespace
+            .as_deref()
+            .map(|n| format!("{n}/"))
+            .unwrap_or_default();
+        let snap = self
+            .snapshot
+            .as_deref()
+            .map(|s| format!("@{s}"))
+            .unwrap_or_default();
+        format!("rbd:{}/{ns}{}{snap}", self.pool, self.image)
+    }
+
+    fn props(&self, disk: &str) -> Props {
+        let mut props = vec![
+            p("driver", "rbd"),
+            p("pool", self.pool.clone()),
+            p("image", self.image.clone()),
+        ];
+        if let Some(ns) = &self.namespace {
+            props.push(p("namespace", ns.clone()));
+        }
+        if let Some(snap) = &self.snapshot {
+            props.push(p("snapshot", snap.clone()));
+        }
+        for (i, mon) in self.monitors.iter().enumerate() {
+            props.push(p(&format!("server.{i}.host"), mon.host.clone()));
+            props.push(p(&format!("server.{i}.port"), mon.port.to_string()));
+        }
+        if let Some(user) = &self.user {
+            props.push(p("user", user.clone()));
+        }
+        if let Some(conf) = &self.conf {
+            props.push(p("conf", conf.to_string_lossy().into_owned()));
+        }
+        if self.key.is_some() {
+            props.push(p("key-secret", crate::names::secret(disk)));
+            props.push(p("auth-client-required.0", "cephx"));
+        }
+        props
+    }
+}
+
+/// A disk's network source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkSource {
+    /// NBD.
+    Nbd(Nbd),
+    /// iSCSI.
+    Iscsi(Iscsi),
+    /// Ceph RBD.
+    Rbd(Rbd),
+}
+
+impl NetworkSource {
+    /// QEMU's block driver for it.
+    pub fn driver(&self) -> &'static str {
+        match self {
+            NetworkSource::Nbd(_) => "nbd",
+            NetworkSource::Iscsi(_) => "iscsi",
+            NetworkSource::Rbd(_) => "rbd",
+        }
+    }
+
+    /// A URI for people: the disk's `path` in the spec.
+    pub fn uri(&self) -> String {
+        match self {
+            NetworkSource::Nbd(n) => n.uri(),
+            NetworkSource::Iscsi(i) => i.uri(),
+            NetworkSource::Rbd(r) => r.uri(),
+        }
+    }
+
+    /// The protocol node's driver options for disk `disk` (no node name).
+    pub fn props(&self, disk: &str) -> Props {
+        match self {
+            NetworkSource::Nbd(n) => n.props(disk),
+            NetworkSource::Iscsi(i) => i.props(disk),
+            NetworkSource::Rbd(r) => r.props(disk),
+        }
+    }
+
+    /// The secret the node names (`<disk>-secret`), if any.
+    pub fn secret(&self) -> Option<&Secret> {
+        match self {
+            NetworkSource::Nbd(_) => None,
+            NetworkSource::Iscsi(i) => i.chap.as_ref().map(|c| &c.password),
+            NetworkSource::Rbd(r) => r.key.as_ref(),
+        }
+    }
+
+    /// The `tls-creds-x509` object it needs (`<disk>-tls`), if any.
+    pub fn tls_object(&self, disk: &str) -> Option<Props> {
+        match self {
+            NetworkSource::Nbd(Nbd {
+                tls_dir: Some(dir), ..
+            }) => Some(vec![
+                p("qom-type", "tls-creds-x509"),
+                p("id", crate::names::tls_creds(disk)),
+                p("dir", dir.to_string_lossy().into_owned()),
+                p("endpoint", "client"),
+            ]),
+            _ => None,
+        }
+    }
+}
+
+impl From<Nbd> for NetworkSource {
+    fn from(nbd: Nbd) -> Self {
+        NetworkSource::Nbd(nbd)
+    }
+}
+
+impl From<Iscsi> for NetworkSource {
+    fn from(iscsi: Iscsi) -> Self {
+        NetworkSource::Iscsi(iscsi)
+    }
+}
+
+impl From<Rbd> for NetworkSource {
+    fn from(rbd: Rbd) -> Self {
+        NetworkSource::Rbd(rbd)
+    }
+}

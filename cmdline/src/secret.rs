@@ -1,0 +1,168 @@
+//! Secrets (a CHAP password, a Ceph key) and how they reach QEMU: as `secret` objects whose data
+//! is encrypted (AES-256-CBC) with a per-VM master key, itself read by QEMU from a pipe (never a
+//! file on disk, never a command-line argument or a QMP argument). The plaintext exists only in a
+//! [`Secret`], whose `Debug` is redacted and which has no `Display` and no serialisation.
+
+use std::fmt;
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use aes::cipher::{block_padding::Pkcs7, BlockEncryptMut, KeyIvInit};
+use base64::Engine;
+
+use crate::error::{Error, Result};
+use crate::value::{p, Props};
+
+/// A secret value: its bytes reach QEMU only encrypted with the VM's [`MasterKey`]. `Debug`
+/// prints `Secret(<redacted>)`; there is no other way to print it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<[u8]>);
+
+impl Secret {
+    /// A secret of these bytes.
+    pub fn new(bytes: impl AsRef<[u8]>) -> Secret {
+        Secret(bytes.as_ref().into())
+    }
+
+    /// The secret's bytes, for whoever must hand them on (the SDK's encryption).
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A per-VM AES-256 key that QEMU holds as the `secret` object [`MasterKey::id`]; every other
+/// secret goes to QEMU encrypted with it. A new one is made for each QEMU the SDK launches or
+/// attaches to (an attached QEMU's earlier key is not ours to know).
+#[derive(Clone)]
+pub struct MasterKey {
+    id: String,
+    key: Arc<[u8; 32]>,
+}
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MasterKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Random bytes from the kernel.
+fn random<const N: usize>() -> Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(Error::Io)?;
+    Ok(bytes)
+}
+
+impl MasterKey {
+    /// A new random key, its object named `qhotplug-key-<random>`.
+    pub fn generate() -> Result<MasterKey> {
+        let tag: [u8; 6] = random()?;
+        let id = format!(
+            "qhotplug-key-{}",
+            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        Ok(MasterKey {
+            id,
+            key: Arc::new(random()?),
+        })
+    }
+
+    /// The id of its `secret` object in QEMU.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// A pipe whose read end holds the key, written and closed: QEMU reads it to its end as the
+    /// file `/proc/self/fd/<n>` once it has the read end as fd `n`.
+    pub fn pipe(&self) -> Result<std::io::PipeReader> {
+        let (reader, mut writer) = std::io::pipe().map_err(Error::Io)?;
+        writer.write_all(&self.key[..]).map_err(Error::Io)?;
+        drop(writer);
+        Ok(reader)
+    }
+
+    /// The master key's own object, read from `/proc/self/fd/<fd>` in QEMU.
+    pub fn object_props(&self, fd: i64) -> Props {
+        vec![
+            p("qom-type", "secret"),
+            p("id", self.id.clone()),
+            p("file", format!("/proc/self/fd/{fd}")),
+            p("format", "raw"),
+        ]
+    }
+
+    /// The `secret` object `id` holding `secret`, encrypted with this key under a fresh IV.
+    pub fn encrypt(&self, id: &str, secret: &Secret) -> Result<Props> {
+        let iv: [u8; 16] = random()?;
+        let cipher = cbc::Encryptor::<aes::Aes256>::new(self.key[..].into(), (&iv).into());
+        let data = cipher.encrypt_padded_vec_mut::<Pkcs7>(secret.expose());
+        let b64 = base64::engine::general_purpose::STANDARD;
+        Ok(vec![
+            p("qom-type", "secret"),
+            p("id", id),
+            p("data", b64.encode(data)),
+            p("keyid", self.id.clone()),
+            p("iv", b64.encode(iv)),
+            p("format", "base64"),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aes::cipher::BlockDecryptMut;
+
+    #[test]
+    fn debug_never_shows_the_secret_or_the_key() {
+        let secret = Secret::new("hunter2-chap");
+        assert_eq!(format!("{secret:?}"), "Secret(<redacted>)");
+        let key = MasterKey::generate().unwrap();
+        let shown = format!("{key:?} {:#?}", Some(secret));
+        assert!(!shown.contains("hunter2"));
+        assert!(shown.contains(key.id()));
+    }
+
+    #[test]
+    fn the_encrypted_object_decrypts_to_the_secret_and_carries_no_plaintext() {
+        let key = MasterKey::generate().unwrap();
+        let secret = Secret::new("hunter2-chap");
+        let props = key.encrypt("d1-secret", &secret).unwrap();
+        let get = |k: &str| {
+            props
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.to_cli())
+                .unwrap()
+        };
+        assert_eq!(get("keyid"), key.id());
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let data = b64.decode(get("data")).unwrap();
+        let iv = b64.decode(get("iv")).unwrap();
+        let rendered = format!("{props:?}");
+        assert!(!rendered.contains("hunter2"));
+        let plain = cbc::Decryptor::<aes::Aes256>::new(key.key[..].into(), iv[..].into())
+            .decrypt_padded_vec_mut::<Pkcs7>(&data)
+            .unwrap();
+        assert_eq!(plain, b"hunter2-chap");
+        // A fresh IV each time: the same secret never encrypts the same way twice.
+        assert_ne!(key.encrypt("d1-secret", &secret).unwrap(), props);
+    }
+
+    #[test]
+    fn the_key_pipe_holds_the_key_and_ends() {
+        let key = MasterKey::generate().unwrap();
+        let mut read = Vec::new();
+        key.pipe().unwrap().read_to_end(&mut read).unwrap();
+        assert_eq!(read, key.key[..]);
+    }
+}

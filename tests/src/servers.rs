@@ -1,0 +1,129 @@
+//! Storage servers the network-disk tests start and stop: `qemu-nbd` exporting a file over a
+//! Unix socket or loopback TCP, and `tgtd` (Debian's `tgt`) serving a file as an iSCSI LUN, with
+//! or without CHAP. Each is a child process, killed on drop; each waits until its server answers
+//! (a connect, by a deadline), never a sleep.
+
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to answer after it starts.
+const START: Duration = Duration::from_secs(20);
+
+/// A free TCP port on loopback (bound, then let go: the server binds it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Waits until `ready` holds, by [`START`].
+fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + START;
+    let mut pause = Duration::from_millis(5);
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what} never answered");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// Where an NBD server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A Unix socket at this path.
+    Unix(PathBuf),
+    /// Loopback TCP on this port.
+    Tcp(u16),
+}
+
+/// `qemu-nbd` exporting one file (raw, writable, persistent, several clients at once).
+pub struct NbdExport {
+    file: PathBuf,
+    export: String,
+    listen: Listen,
+    child: Option<Child>,
+}
+
+impl NbdExport {
+    /// Exports `file` as `export` on `listen`, and waits until it answers.
+    pub fn start(file: &Path, export: &str, listen: Listen) -> NbdExport {
+        let mut server = NbdExport {
+            file: file.to_owned(),
+            export: export.to_owned(),
+            listen,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// The export's name.
+    pub fn export(&self) -> &str {
+        &self.export
+    }
+
+    /// The SDK's view of the server.
+    pub fn server(&self) -> qhotplug_cmdline::NbdServer {
+        match &self.listen {
+            Listen::Unix(path) => qhotplug_cmdline::NbdServer::Unix(path.clone()),
+            Listen::Tcp(port) => qhotplug_cmdline::NbdServer::Tcp {
+                host: "127.0.0.1".into(),
+                port: *port,
+            },
+        }
+    }
+
+    /// The disk source for it (no reconnect, no TLS).
+    pub fn source(&self) -> qhotplug_cmdline::Nbd {
+        qhotplug_cmdline::Nbd {
+            server: self.server(),
+            export: Some(self.export.clone()),
+            reconnect_delay: None,
+            tls_dir: None,
+        }
+    }
+
+    /// Kills the server (an outage): its clients' connections drop.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Listen::Unix(path) = &self.listen {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Starts the server (again), and waits until it answers.
+    pub fn restart(&mut self) {
+        self.stop();
+        let mut command = Command::new("qemu-nbd");
+        command.args(["--persistent", "--shared=8", "--format=raw", "--cache=writeback"]);
+        command.arg(format!("--export-name={}", self.export));
+        match &self.listen {
+            Listen::Unix(path) => {
+                command.arg(format!("--socket={}", path.display()));
+            }
+            Listen::Tcp(port) => {
+                command.args(["--bind=127.0.0.1", &format!("--port={port}")]);
+            }
+        }
+        command.arg(&self.file).stdin(Stdio::null()).stdout(Stdio::null());
+        self.child = Some(command.spawn().expect("run qemu-nbd"));
+        let listen = self.listen.clone();
+        wait_until("qemu-nbd", move || match &listen {
+            Listen::Unix(path) => UnixStream::connect(path).is_ok(),
+            Listen::Tcp(port) => TcpStream::connect(("127.0.0.1", *port)).is_ok(),
+        });
+    }
+}
+
+impl Drop for NbdExport {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
