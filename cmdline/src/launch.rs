@@ -41,7 +41,7 @@ pub(crate) fn binary_from_env(var: &str, default: impl FnOnce() -> String) -> St
 /// window where QEMU runs without a monitor or we poll for a socket file. Tap and vhost fds are passed
 /// at known fd numbers; every other fd of ours is closed in QEMU's process. The numbering: fd 3 is
 /// the monitor, fds given with [`inherit`](Launcher::inherit) follow at 4, 5, … in order, then each
-/// NIC's tap fds and vhost fds in spec order.
+/// NIC's tap fds and vhost fds in spec order, then a pipe holding the VM's master key for secrets.
 #[derive(Debug)]
 pub struct Launcher {
     spec: VmSpec,
@@ -242,37 +242,44 @@ impl Launcher {
                 "fds given for {extra}, which the spec does not have"
             )));
         }
-        // Secrets (network disks' credentials): the VM's master key through a pipe QEMU reads
-        // as a file, then each secret encrypted with it. Nothing secret is in the argv.
-        let secrets: Vec<(String, &crate::Secret)> = self
-            .spec
-            .disks
-            .iter()
-            .filter_map(|d| Some((crate::names::secret(&d.id), d.network_source()?.secret()?)))
-            .collect();
-        let mut args = Vec::new();
-        let master_key = match secrets.is_empty() {
-            true => None,
-            false => {
-                let key = crate::MasterKey::generate()?;
-                fds.push(OwnedFd::from(key.pipe()?));
-                let fd = i64::try_from(2 + fds.len()).expect("a few fds");
-                args.extend(["-object".to_owned(), render_kv(&key.object_props(fd))]);
-                for (id, secret) in secrets {
-                    args.extend(["-object".to_owned(), render_kv(&key.encrypt(&id, secret)?)]);
-                }
-                Some(key)
+        // The VM's master key, always (as libvirt makes one for every domain), through a pipe
+        // QEMU reads as a file; then each secret of the spec (network disks' credentials)
+        // encrypted with it. Nothing secret is in the argv.
+        let master_key = crate::MasterKey::generate()?;
+        fds.push(OwnedFd::from(master_key.pipe()?));
+        let fd = i64::try_from(2 + fds.len()).expect("a few fds");
+        let mut args = vec!["-object".to_owned(), render_kv(&master_key.object_props(fd))];
+        for disk in &self.spec.disks {
+            if let Some(secret) = disk.network_source().and_then(|n| n.secret()) {
+                let object = master_key.encrypt(&crate::names::secret(&disk.id), secret)?;
+                args.extend(["-object".to_owned(), render_kv(&object)]);
             }
-        };
+        }
         args.extend(self.spec.args(&chardev, |i| nic_numbers[i].clone()));
 
         tracing::debug!(binary = %self.binary, ?args, "launching QEMU");
         let mut process = spawn(&self.binary, &args, fds, &self.dir, "qemu.stderr")?;
         process.set_qmp_path(qmp_path);
-        process.master_key = master_key;
+        process.master_key = Some(master_key);
         let client = connect(&mut process, self.config.clone(), self.start_timeout).await?;
         Ok((client, process))
     }
+}
+
+/// The module directory of a QEMU installed outside `/usr` (unpacked under a prefix, as the
+/// tests' QEMU 10.0 is): `<prefix>/lib/<triple>/qemu` beside its `<prefix>/bin`. Such a QEMU
+/// would otherwise load the system's modules (`block-iscsi.so`, `block-rbd.so`), which a build
+/// refuses unless they are its own. `None` for `/usr/bin`'s or when `QEMU_MODULE_DIR` is set.
+fn own_module_dir(binary: &Path) -> Option<PathBuf> {
+    if std::env::var_os("QEMU_MODULE_DIR").is_some() {
+        return None;
+    }
+    let prefix = binary.parent()?.parent()?;
+    if prefix == Path::new("/usr") {
+        return None;
+    }
+    let dir = prefix.join("lib/x86_64-linux-gnu/qemu");
+    dir.is_dir().then_some(dir)
 }
 
 /// Starts `binary` with `args`, `fds` at 3, 4, … (everything else of ours closed in the child),
@@ -287,6 +294,9 @@ pub(crate) fn spawn(
     std::fs::create_dir_all(dir)?;
     let stderr_path = dir.join(log);
     let mut command = Command::new(binary);
+    if let Some(modules) = own_module_dir(Path::new(binary)) {
+        command.env("QEMU_MODULE_DIR", modules);
+    }
     command
         .args(args)
         .stdin(Stdio::null())

@@ -127,3 +127,101 @@ impl Drop for NbdExport {
         self.stop();
     }
 }
+
+/// `tgtd` serving one file as LUN 1 of one iSCSI target on loopback, optionally behind CHAP.
+pub struct IscsiTarget {
+    port: u16,
+    control: u16,
+    iqn: String,
+    child: Child,
+}
+
+impl IscsiTarget {
+    /// The target's IQN.
+    pub const IQN: &'static str = "iqn.2026-12.io.qhotplug:target";
+
+    /// Serves `file` as LUN 1 on a free loopback port, requiring `chap` (user, password) if
+    /// given, and waits until the portal answers.
+    pub fn start(file: &Path, chap: Option<(&str, &str)>) -> IscsiTarget {
+        let port = free_port();
+        // Its management socket's number (`-C`, at most 32767), from the portal's port.
+        let control = port % 32000 + 1;
+        let child = Command::new("tgtd")
+            .args(["-f", "-C", &control.to_string(), "--iscsi"])
+            .arg(format!("portal=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run tgtd");
+        let target = IscsiTarget {
+            port,
+            control,
+            iqn: Self::IQN.to_owned(),
+            child,
+        };
+        wait_until("tgtd's control socket", || {
+            target.tgtadm(&["--op", "show", "--mode", "sys"], false)
+        });
+        let file = file.to_string_lossy();
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["--op", "new", "--mode", "target", "--tid", "1", "-T", &target.iqn],
+            vec!["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", &file],
+            vec!["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"],
+        ];
+        for step in steps {
+            target.tgtadm(&step, true);
+        }
+        if let Some((user, password)) = chap {
+            let account = ["--op", "new", "--mode", "account", "--user", user, "--password"];
+            target.tgtadm(&[&account[..], &[password]].concat(), true);
+            let bind = ["--op", "bind", "--mode", "account", "--tid", "1", "--user", user];
+            target.tgtadm(&bind, true);
+        }
+        wait_until("the iSCSI portal", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        target
+    }
+
+    /// Runs `tgtadm` on this instance; true if it succeeded (asserted when `must`).
+    fn tgtadm(&self, args: &[&str], must: bool) -> bool {
+        let out = Command::new("tgtadm")
+            .args(["-C", &self.control.to_string(), "--lld", "iscsi"])
+            .args(args)
+            .output()
+            .expect("run tgtadm");
+        assert!(
+            out.status.success() || !must,
+            "tgtadm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.status.success()
+    }
+
+    /// The portal, `127.0.0.1:<port>`.
+    pub fn portal(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The disk source for LUN 1, with `chap` credentials if given.
+    pub fn source(&self, chap: Option<(&str, &str)>) -> qhotplug_cmdline::Iscsi {
+        qhotplug_cmdline::Iscsi {
+            portal: self.portal(),
+            target: self.iqn.clone(),
+            lun: 1,
+            initiator: Some("iqn.2026-12.io.qhotplug:initiator".into()),
+            chap: chap.map(|(user, password)| qhotplug_cmdline::Chap {
+                user: user.into(),
+                password: qhotplug_cmdline::Secret::new(password),
+            }),
+        }
+    }
+}
+
+impl Drop for IscsiTarget {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
