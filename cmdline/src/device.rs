@@ -106,7 +106,7 @@ pub enum DiskBackend {
     HostDevice,
     /// A network export QEMU opens itself: NBD, iSCSI or Ceph RBD. The disk's `path` is then
     /// its URI, for people.
-    Network(NetworkSource),
+    Network(Box<NetworkSource>),
 }
 
 /// The image format.
@@ -141,6 +141,72 @@ impl Cache {
     }
 }
 
+/// What the guest's disk device does when I/O on its image fails (`rerror`, `werror`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// The guest gets the error.
+    Report,
+    /// The error is dropped; the guest is told the I/O succeeded.
+    Ignore,
+    /// The VM pauses (`BLOCK_IO_ERROR` with action `stop`); resuming it retries the I/O.
+    Stop,
+    /// Pause on "no space left", report anything else (writes only; QEMU's default for them).
+    Enospc,
+}
+
+impl OnError {
+    fn as_str(self) -> &'static str {
+        match self {
+            OnError::Report => "report",
+            OnError::Ignore => "ignore",
+            OnError::Stop => "stop",
+            OnError::Enospc => "enospc",
+        }
+    }
+}
+
+/// A disk's error policy: what its device does when a read or a write fails. QEMU's default:
+/// reads report, writes pause on "no space left" and report anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorPolicy {
+    /// On a failed read (`rerror`; not [`OnError::Enospc`]).
+    pub read: OnError,
+    /// On a failed write (`werror`).
+    pub write: OnError,
+}
+
+impl Default for ErrorPolicy {
+    fn default() -> Self {
+        ErrorPolicy {
+            read: OnError::Report,
+            write: OnError::Enospc,
+        }
+    }
+}
+
+impl ErrorPolicy {
+    /// The same action on reads and writes.
+    pub fn both(on: OnError) -> Self {
+        ErrorPolicy {
+            read: on,
+            write: on,
+        }
+    }
+
+    /// `rerror`/`werror`, each only where it differs from QEMU's default.
+    fn props(self) -> Props {
+        let default = ErrorPolicy::default();
+        let mut props = Vec::new();
+        if self.read != default.read {
+            props.push(p("rerror", self.read.as_str()));
+        }
+        if self.write != default.write {
+            props.push(p("werror", self.write.as_str()));
+        }
+        props
+    }
+}
+
 /// A disk: image, format, and how the guest sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Disk {
@@ -170,6 +236,8 @@ pub struct Disk {
     /// The images under [`Disk::path`], nearest first: what a live snapshot put it on. Empty for
     /// a disk that is one image.
     pub backing: Vec<DiskLayer>,
+    /// What the device does when I/O fails.
+    pub on_error: ErrorPolicy,
 }
 
 /// One image in a disk's backing chain ([`Disk::backing`]).
@@ -207,6 +275,7 @@ impl Disk {
             io_limits: None,
             generation: 0,
             backing: Vec::new(),
+            on_error: ErrorPolicy::default(),
         }
     }
 
@@ -228,7 +297,7 @@ impl Disk {
     ) -> Disk {
         let source = source.into();
         Disk {
-            backend: DiskBackend::Network(source.clone()),
+            backend: DiskBackend::Network(Box::new(source.clone())),
             ..Disk::new(id, source.uri(), frontend)
         }
     }
@@ -466,6 +535,12 @@ impl DeviceModel for Disk {
         if let DiskFrontend::VirtioBlk(pci) = &self.frontend {
             pci.check()?;
         }
+        if self.on_error.read == OnError::Enospc {
+            return Err(Error::InvalidSpec(format!(
+                "{}: `enospc` is a policy for writes, not reads",
+                self.id
+            )));
+        }
         if matches!(self.frontend, DiskFrontend::ScsiGeneric(_))
             && self.backend != DiskBackend::HostDevice
         {
@@ -477,10 +552,14 @@ impl DeviceModel for Disk {
         Ok(())
     }
 
-    /// Every device property: placement, then `drive`.
+    /// Every device property: placement, then `drive`, then the error policy where it is not
+    /// QEMU's default (`scsi-generic` has none).
     fn device_props(&self) -> Props {
         let mut props = self.frontend_props();
         props.push(p("drive", self.top_node()));
+        if !matches!(self.frontend, DiskFrontend::ScsiGeneric(_)) {
+            props.extend(self.on_error.props());
+        }
         props
     }
 }
@@ -822,7 +901,7 @@ mod tests {
             };
             let disk = Disk { id, frontend, path: path.into(), backend: DiskBackend::File,
                               format: if fmt { Format::Qcow2 } else { Format::Raw }, read_only: ro, cache: Cache::Writeback, io_limits: None, generation: 0,
-                              backing: Vec::new() };
+                              backing: Vec::new(), on_error: ErrorPolicy::default() };
             assert_same(disk.driver(), &disk.args(), &disk.device_add());
             // The -blockdev strings parse back to the image path exactly, commas and all.
             let (_, pairs) = parse(&disk.args()[1]);

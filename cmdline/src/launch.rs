@@ -248,7 +248,10 @@ impl Launcher {
         let master_key = crate::MasterKey::generate()?;
         fds.push(OwnedFd::from(master_key.pipe()?));
         let fd = i64::try_from(2 + fds.len()).expect("a few fds");
-        let mut args = vec!["-object".to_owned(), render_kv(&master_key.object_props(fd))];
+        let mut args = vec![
+            "-object".to_owned(),
+            render_kv(&master_key.object_props(fd)),
+        ];
         for disk in &self.spec.disks {
             if let Some(secret) = disk.network_source().and_then(|n| n.secret()) {
                 let object = master_key.encrypt(&crate::names::secret(&disk.id), secret)?;

@@ -43,8 +43,8 @@ pub use chardev::SocketChardev;
 pub use cpu::{CpuTopology, Vcpu};
 pub use daemons::{StorageDaemonLauncher, VirtiofsdLauncher, STORAGE_DAEMON_ENV, VIRTIOFSD_ENV};
 pub use device::{
-    Cache, Disk, DiskBackend, DiskFrontend, DiskLayer, Format, Nic, Pci, RootPort, ScsiAddr,
-    ScsiController,
+    Cache, Disk, DiskBackend, DiskFrontend, DiskLayer, ErrorPolicy, Format, Nic, OnError, Pci,
+    RootPort, ScsiAddr, ScsiController,
 };
 pub use error::{Error, Result};
 pub use launch::{default_qemu, Launcher, Monitor, QemuProcess, QEMU_ENV};
@@ -52,8 +52,8 @@ pub use machine::Machine;
 pub use memory::{Balloon, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, MIB};
 pub use model::DeviceModel;
 pub use network_disk::{CephMonitor, Chap, Iscsi, Nbd, NbdServer, NetworkSource, Rbd};
-pub use secret::{MasterKey, Secret};
 pub use rng::Rng;
+pub use secret::{MasterKey, Secret};
 pub use spec::{Accel, Serial, VmSpec, Vnc, VncListen};
 pub use value::{escape, id_from_uuid, object_add, props_to_json, validate_id, Prop, Props};
 pub use vhost_user::{VhostUserBlk, VirtioFs};

@@ -77,7 +77,7 @@ impl MemoryBackend {
     /// Checks the id and size (a positive multiple of 2 MiB, which memory devices align to).
     pub fn check(&self) -> Result<()> {
         validate_id(&self.id)?;
-        if self.size == 0 || self.size % (2 * MIB) != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(2 * MIB) {
             return Err(Error::InvalidSpec(format!(
                 "{}: {} bytes is no memory size (a positive multiple of 2 MiB)",
                 self.id, self.size

@@ -198,6 +198,22 @@ fn nest(props: &[(String, Prop)]) -> Map<String, Value> {
     out
 }
 
+/// `object-add` arguments from an object's properties as the command line has them (`qom-type`
+/// and `id` among them).
+pub fn object_add(props: &[(String, Prop)]) -> qhotplug_qmp::command::ObjectAdd {
+    let mut props = props_to_json(props);
+    let mut take = |key: &str| match props.remove(key) {
+        Some(Value::String(s)) => s,
+        _ => String::new(),
+    };
+    let (qom_type, id) = (take("qom-type"), take("id"));
+    qhotplug_qmp::command::ObjectAdd {
+        qom_type,
+        id,
+        props,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,16 +246,4 @@ mod tests {
         assert!(id_from_uuid("disk", "not-a-uuid").is_err());
         assert!(id_from_uuid("1x", "932df160-7a22-4067-a1b2").is_err());
     }
-}
-
-/// `object-add` arguments from an object's properties as the command line has them (`qom-type`
-/// and `id` among them).
-pub fn object_add(props: &[(String, Prop)]) -> qhotplug_qmp::command::ObjectAdd {
-    let mut props = props_to_json(props);
-    let mut take = |key: &str| match props.remove(key) {
-        Some(Value::String(s)) => s,
-        _ => String::new(),
-    };
-    let (qom_type, id) = (take("qom-type"), take("id"));
-    qhotplug_qmp::command::ObjectAdd { qom_type, id, props }
 }

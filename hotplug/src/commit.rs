@@ -12,8 +12,8 @@ use qhotplug_qmp::command::BlockCommit;
 
 use crate::block_job::{BlockJob, Ends};
 use crate::error::{Error, Result};
-use crate::jobs;
 use crate::holds;
+use crate::jobs;
 use crate::kinds::{Device, DeviceKind};
 use crate::vm_core::Core;
 

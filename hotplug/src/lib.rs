@@ -149,12 +149,12 @@ pub use vm::{Migrated, Vm, MIN_QEMU};
 // What a hot-plug needs from the other crates, each at one path: `qhotplug::…`. The protocol
 // itself (typed commands and events, `Config`) is the `qhotplug-qmp` crate's, at its own paths.
 pub use qhotplug_cmdline::{
-    Balloon, Cache, CephMonitor, Cdrom, CdromBus, Chap, CpuTopology, DeviceModel, Disk,
-    DiskBackend, DiskFrontend, DiskLayer, Format, IdeAddr, Iscsi, Nbd, NbdServer, NetworkSource,
-    Rbd, Secret, Launcher, Machine, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind,
-    Monitor, Nic, Pci, QemuProcess, Rng, RootPort, ScsiAddr, ScsiController, Serial, SerialPort,
-    StorageDaemonLauncher, Vcpu, VhostUserBlk, VirtioFs, VirtioSerial, VirtiofsdLauncher, VmSpec,
-    Vnc, VncListen, MIB,
+    Balloon, Cache, Cdrom, CdromBus, CephMonitor, Chap, CpuTopology, DeviceModel, Disk,
+    DiskBackend, DiskFrontend, DiskLayer, ErrorPolicy, Format, IdeAddr, Iscsi, Launcher, Machine,
+    MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Monitor, Nbd, NbdServer,
+    NetworkSource, Nic, OnError, Pci, QemuProcess, Rbd, Rng, RootPort, ScsiAddr, ScsiController,
+    Secret, Serial, SerialPort, StorageDaemonLauncher, Vcpu, VhostUserBlk, VirtioFs, VirtioSerial,
+    VirtiofsdLauncher, VmSpec, Vnc, VncListen, MIB,
 };
 pub use qhotplug_netdev::{MacAddr, Tap, TapBuilder, VhostPolicy};
 pub use qhotplug_qmp::command::{IoLimits, JobInfo, RunState};

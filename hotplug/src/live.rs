@@ -90,7 +90,7 @@ pub(crate) async fn resize(core: &Arc<Core>, id: &str, size: u64, may_shrink: bo
     if disk.read_only {
         return Err(Error::ReadOnly(id.to_owned()));
     }
-    if size == 0 || size % SECTOR != 0 || i64::try_from(size).is_err() {
+    if size == 0 || !size.is_multiple_of(SECTOR) || i64::try_from(size).is_err() {
         return Err(Error::InvalidSize {
             id: id.to_owned(),
             size,

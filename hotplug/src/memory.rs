@@ -45,7 +45,7 @@ pub(crate) async fn resize_vmem(
         });
     };
     let info = virtio_mem(core, id).await?;
-    if requested > info.max_size || requested % info.block_size != 0 {
+    if requested > info.max_size || !requested.is_multiple_of(info.block_size) {
         return Err(Error::InvalidSize {
             id: id.to_owned(),
             size: requested,

@@ -19,8 +19,8 @@ use qhotplug_qmp::command::BlockdevMirror;
 
 use crate::block_job::{BlockJob, Ends};
 use crate::error::{Error, Result};
-use crate::jobs;
 use crate::holds;
+use crate::jobs;
 use crate::kinds::{Device, DeviceKind};
 use crate::live;
 use crate::new_image::{self, Backing, ImageSpec};

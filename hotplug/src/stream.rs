@@ -9,8 +9,8 @@ use qhotplug_qmp::command::BlockStream;
 
 use crate::block_job::{BlockJob, Ends};
 use crate::error::{Error, Result};
-use crate::jobs;
 use crate::holds;
+use crate::jobs;
 use crate::kinds::{Device, DeviceKind};
 use crate::vm_core::Core;
 

@@ -217,6 +217,31 @@ impl Vm {
         self.core.state().spec().disks.clone()
     }
 
+    /// Which of the VM's disks a `BLOCK_IO_ERROR` is about: by the node it names (any image of a
+    /// disk's chain), else by the device's QOM path (QEMU 8.2+). `None` for a disk the SDK does
+    /// not know.
+    pub fn disk_of_io_error(&self, error: &qhotplug_qmp::event::BlockIoError) -> Option<String> {
+        let by_node = |d: &&Disk| {
+            error
+                .node_name
+                .as_deref()
+                .is_some_and(|node| d.node_names().iter().any(|n| n == node))
+        };
+        let by_path = |d: &&Disk| {
+            error
+                .qom_path
+                .as_deref()
+                .and_then(qhotplug_cmdline::names::part_of)
+                .is_some_and(|(id, _)| id == d.id)
+        };
+        let disks = self.disks();
+        disks
+            .iter()
+            .find(by_node)
+            .or_else(|| disks.iter().find(by_path))
+            .map(|d| d.id.clone())
+    }
+
     /// The NICs the SDK knows of, by id.
     pub fn nics(&self) -> Vec<Nic> {
         self.core.state().spec().nics.clone()

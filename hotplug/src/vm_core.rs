@@ -147,7 +147,9 @@ impl Core {
     /// [`Error::NoBlockDriver`] unless QEMU's `blockdev-add` takes the block driver `driver`.
     pub(crate) async fn require_block_driver(&self, driver: &'static str) -> Result<()> {
         let schema = self.client.schema().await?;
-        let drivers = schema.arg_values("blockdev-add", "driver").unwrap_or_default();
+        let drivers = schema
+            .arg_values("blockdev-add", "driver")
+            .unwrap_or_default();
         match drivers.contains(&driver) {
             true => Ok(()),
             false => Err(Error::NoBlockDriver(driver)),

@@ -803,7 +803,7 @@ impl Model {
             return Err(generic(format!("Property '{property}' not found")));
         };
         let value = args.get("value").and_then(Value::as_u64).unwrap_or(0);
-        if value > max.unwrap_or(0) || value % VIRTIO_MEM_BLOCK != 0 {
+        if value > max.unwrap_or(0) || !value.is_multiple_of(VIRTIO_MEM_BLOCK) {
             return Err(generic(format!(
                 "'requested-size' property has to be a multiple of '{VIRTIO_MEM_BLOCK}' and at most 'max-size'"
             )));

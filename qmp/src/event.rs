@@ -79,6 +79,9 @@ pub enum EventKind {
     /// `JOB_STATUS_CHANGE`: a job's status changed (every transition of every job but QEMU's
     /// internal ones).
     JobStatusChange(JobStatusChange),
+    /// `BLOCK_IO_ERROR`: I/O on a disk failed, and the device acted by its error policy
+    /// (`report`, `ignore`, `stop`: the VM is paused).
+    BlockIoError(BlockIoError),
     /// `SUSPEND`: the guest entered S3 (suspend to RAM).
     Suspend,
     /// `WAKEUP`: the guest woke from suspend.
@@ -215,6 +218,29 @@ pub struct JobStatusChange {
     pub status: String,
 }
 
+/// The data of `BLOCK_IO_ERROR`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct BlockIoError {
+    /// The block backend's name (empty for a device on `-blockdev` nodes, as the SDK's are).
+    #[serde(default)]
+    pub device: String,
+    /// The node the error happened on, when QEMU knows it.
+    #[serde(rename = "node-name", default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    /// The device's QOM path (QEMU 8.2+).
+    #[serde(rename = "qom-path", default, skip_serializing_if = "Option::is_none")]
+    pub qom_path: Option<String>,
+    /// `read` or `write`.
+    pub operation: String,
+    /// What the device did: `ignore`, `report` or `stop`.
+    pub action: String,
+    /// True when the error was "no space left".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nospace: Option<bool>,
+    /// QEMU's words for the error.
+    pub reason: String,
+}
+
 /// The data of `GUEST_PANICKED`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct GuestPanicked {
@@ -261,6 +287,7 @@ impl Event {
             "GUEST_PANICKED" => typed(&data).map(EventKind::GuestPanicked),
             "WATCHDOG" => typed(&data).map(EventKind::Watchdog),
             "JOB_STATUS_CHANGE" => typed(&data).map(EventKind::JobStatusChange),
+            "BLOCK_IO_ERROR" => typed(&data).map(EventKind::BlockIoError),
             "SUSPEND" => Some(EventKind::Suspend),
             "WAKEUP" => Some(EventKind::Wakeup),
             "POWERDOWN" => Some(EventKind::Powerdown),
@@ -302,6 +329,7 @@ impl Event {
             EventKind::GuestPanicked(_) => "GUEST_PANICKED",
             EventKind::Watchdog(_) => "WATCHDOG",
             EventKind::JobStatusChange(_) => "JOB_STATUS_CHANGE",
+            EventKind::BlockIoError(_) => "BLOCK_IO_ERROR",
             EventKind::Suspend => "SUSPEND",
             EventKind::Wakeup => "WAKEUP",
             EventKind::Other { name } => name,

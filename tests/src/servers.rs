@@ -87,6 +87,26 @@ impl NbdExport {
         }
     }
 
+    /// Waits until a client is connected to this (TCP) server: an established connection to its
+    /// port in `/proc/net/tcp`.
+    pub fn wait_for_client(&self) {
+        let Listen::Tcp(port) = self.listen else {
+            panic!("wait_for_client watches a TCP server");
+        };
+        wait_until("a client of qemu-nbd", || {
+            std::fs::read_to_string("/proc/net/tcp")
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields.get(1)?.rsplit(':').next()?;
+                    Some((u16::from_str_radix(local_port, 16).ok()?, *fields.get(3)?))
+                })
+                .any(|(local, state)| local == port && state == "01")
+        });
+    }
+
     /// Kills the server (an outage): its clients' connections drop.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -102,7 +122,12 @@ impl NbdExport {
     pub fn restart(&mut self) {
         self.stop();
         let mut command = Command::new("qemu-nbd");
-        command.args(["--persistent", "--shared=8", "--format=raw", "--cache=writeback"]);
+        command.args([
+            "--persistent",
+            "--shared=8",
+            "--format=raw",
+            "--cache=writeback",
+        ]);
         command.arg(format!("--export-name={}", self.export));
         match &self.listen {
             Listen::Unix(path) => {
@@ -112,7 +137,10 @@ impl NbdExport {
                 command.args(["--bind=127.0.0.1", &format!("--port={port}")]);
             }
         }
-        command.arg(&self.file).stdin(Stdio::null()).stdout(Stdio::null());
+        command
+            .arg(&self.file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
         self.child = Some(command.spawn().expect("run qemu-nbd"));
         let listen = self.listen.clone();
         wait_until("qemu-nbd", move || match &listen {
@@ -165,17 +193,49 @@ impl IscsiTarget {
         });
         let file = file.to_string_lossy();
         let steps: Vec<Vec<&str>> = vec![
-            vec!["--op", "new", "--mode", "target", "--tid", "1", "-T", &target.iqn],
-            vec!["--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", &file],
-            vec!["--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"],
+            vec![
+                "--op",
+                "new",
+                "--mode",
+                "target",
+                "--tid",
+                "1",
+                "-T",
+                &target.iqn,
+            ],
+            vec![
+                "--op",
+                "new",
+                "--mode",
+                "logicalunit",
+                "--tid",
+                "1",
+                "--lun",
+                "1",
+                "-b",
+                &file,
+            ],
+            vec![
+                "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
+            ],
         ];
         for step in steps {
             target.tgtadm(&step, true);
         }
         if let Some((user, password)) = chap {
-            let account = ["--op", "new", "--mode", "account", "--user", user, "--password"];
+            let account = [
+                "--op",
+                "new",
+                "--mode",
+                "account",
+                "--user",
+                user,
+                "--password",
+            ];
             target.tgtadm(&[&account[..], &[password]].concat(), true);
-            let bind = ["--op", "bind", "--mode", "account", "--tid", "1", "--user", user];
+            let bind = [
+                "--op", "bind", "--mode", "account", "--tid", "1", "--user", user,
+            ];
             target.tgtadm(&bind, true);
         }
         wait_until("the iSCSI portal", || {

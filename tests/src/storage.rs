@@ -106,3 +106,27 @@ pub fn ext4_image(dir: &Path, name: &str, mib: u64) -> PathBuf {
     assert!(made.success(), "mkfs.ext4 {}", path.display());
     path
 }
+
+/// A tmpfs of `mib` MiB mounted at `dir/<name>`, unmounted on drop.
+pub struct SmallFs(pub std::path::PathBuf);
+
+impl SmallFs {
+    /// Mounts it.
+    pub fn mount(dir: &std::path::Path, name: &str, mib: u32) -> SmallFs {
+        let at = dir.join(name);
+        std::fs::create_dir(&at).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&at)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount a tmpfs (the tests run as root)");
+        SmallFs(at)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}

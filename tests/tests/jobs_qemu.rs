@@ -119,29 +119,6 @@ fn reconcile_keeps_a_disks_chain_and_deletes_nodes_of_an_image_it_no_longer_uses
     });
 }
 
-/// A tmpfs of `mib` MiB mounted at `dir/<name>`, unmounted on drop.
-struct SmallFs(std::path::PathBuf);
-
-impl SmallFs {
-    fn mount(dir: &std::path::Path, name: &str, mib: u32) -> SmallFs {
-        let at = dir.join(name);
-        std::fs::create_dir(&at).unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(&at)
-            .status()
-            .unwrap();
-        assert!(status.success(), "mount a tmpfs (the tests run as root)");
-        SmallFs(at)
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_mirror_whose_target_runs_out_of_space_fails_typed_and_the_disk_stays() {
     qhotplug_tests::serial_test(async {
@@ -154,7 +131,7 @@ fn a_mirror_whose_target_runs_out_of_space_fails_typed_and_the_disk_stays() {
             .unwrap();
         let before = block_nodes(&t.vm).await;
         // 8 MiB for a 32 MiB copy: the raw target is sparse, so it is made, and the copy fails.
-        let small = SmallFs::mount(dir.path(), "small", 8);
+        let small = qhotplug_tests::storage::SmallFs::mount(dir.path(), "small", 8);
         let target = small.0.join("copy.raw");
         let mut job =
             t.vm.mirror_disk("d", MirrorConfig::new(&target))

@@ -6,7 +6,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use qhotplug::{DiskConfig, DiskModel, NetworkSource};
+use qhotplug::{DiskConfig, DiskModel, ErrorPolicy, EventKind, NetworkSource, OnError, RunState};
+use qhotplug_qmp::event::BlockIoError;
 use qhotplug_tests::servers::{free_port, IscsiTarget, Listen, NbdExport};
 use qhotplug_tests::{image, pc_spec, Guest, Snapshot};
 
@@ -28,11 +29,10 @@ async fn write_through(
 ) -> String {
     let mark = g.console.mark();
     let uri = source.uri();
-    let disk = g
-        .vm
-        .add_disk(DiskConfig::network(id, source, model))
-        .await
-        .unwrap();
+    let disk =
+        g.vm.add_disk(DiskConfig::network(id, source, model))
+            .await
+            .unwrap();
     assert_eq!(disk.path.to_string_lossy(), uri);
     let (dev, sectors) = g.console.added_disk(mark).await;
     assert_eq!(sectors, mib * 2048, "{id} as {dev}");
@@ -72,7 +72,11 @@ fn nbd_disks_on_a_unix_socket_and_on_tcp_carry_the_guests_writes_to_the_servers_
         let dir = g.dir().to_owned();
         let before = Snapshot::take(&g.vm).await;
         let exports = [
-            ("nbd1", Listen::Unix(dir.join("nbd1.sock")), DiskModel::VirtioBlk),
+            (
+                "nbd1",
+                Listen::Unix(dir.join("nbd1.sock")),
+                DiskModel::VirtioBlk,
+            ),
             ("nbd2", Listen::Tcp(free_port()), DiskModel::ScsiHd),
         ];
         for (id, listen, model) in exports {
@@ -127,7 +131,15 @@ fn iscsi_luns_with_and_without_chap_carry_the_guests_writes_and_the_password_lea
         // Without CHAP, on scsi-hd.
         let open = image(&dir, "open.raw", 8);
         let target = IscsiTarget::start(&open, None);
-        write_through(&g, "lun1", target.source(None).into(), DiskModel::ScsiHd, &open, 8).await;
+        write_through(
+            &g,
+            "lun1",
+            target.source(None).into(),
+            DiskModel::ScsiHd,
+            &open,
+            8,
+        )
+        .await;
         g.vm.remove_disk("lun1").await.unwrap();
         assert_eq!(Snapshot::take(&g.vm).await, before);
 
@@ -137,15 +149,19 @@ fn iscsi_luns_with_and_without_chap_carry_the_guests_writes_and_the_password_lea
         let closed = image(&dir, "closed.raw", 8);
         let target = IscsiTarget::start(&closed, Some(chap));
         let wrong = target.source(Some(("qhotplug", "not-the-password")));
-        let refused = g
-            .vm
-            .add_disk(DiskConfig::network("lun2", wrong, DiskModel::VirtioBlk))
-            .await
-            .unwrap_err();
+        let refused =
+            g.vm.add_disk(DiskConfig::network("lun2", wrong, DiskModel::VirtioBlk))
+                .await
+                .unwrap_err();
         let said = format!("{refused} {refused:?}");
         assert!(
-            matches!(refused, qhotplug::Error::Step { step: "blockdev-add", .. })
-                && said.contains("Authentication failure"),
+            matches!(
+                refused,
+                qhotplug::Error::Step {
+                    step: "blockdev-add",
+                    ..
+                }
+            ) && said.contains("Authentication failure"),
             "{said}"
         );
         assert!(!said.contains("not-the-password"), "{said}");
@@ -174,4 +190,172 @@ fn iscsi_luns_with_and_without_chap_carry_the_guests_writes_and_the_password_lea
     let traced = String::from_utf8_lossy(&traced.0.lock().unwrap()).into_owned();
     assert!(traced.contains("lun2"), "the capture saw the SDK's work");
     assert!(!traced.contains(PASSWORD));
+}
+
+/// The 4 KiB block the outage tests write (a whole page: no read before the write).
+const PAGE: u64 = 13;
+
+/// A guest command writing `word`, padded to a page, over page [`PAGE`] of `/dev/<dev>` and
+/// flushing it, then running `then` if it succeeded.
+fn full_page_write(word: &str, dev: &str, then: &str) -> String {
+    format!(
+        "printf {word} | dd of=/dev/{dev} bs=4096 seek={PAGE} conv=sync,notrunc,fsync \
+         2>/dev/null && {then}"
+    )
+}
+
+/// The server's file holds `word` at page [`PAGE`].
+fn assert_on_server(file: &Path, word: &str) {
+    let on_server = std::fs::read(file).unwrap();
+    let at = (PAGE * 4096) as usize;
+    assert_eq!(&on_server[at..at + word.len()], word.as_bytes());
+}
+
+/// The next `BLOCK_IO_ERROR` on `events`, by [`SEEN`].
+async fn next_io_error(events: &mut qhotplug_qmp::EventStream) -> BlockIoError {
+    let seen = async {
+        loop {
+            if let Some(Ok(event)) = futures::StreamExt::next(events).await {
+                if let EventKind::BlockIoError(error) = event.kind() {
+                    return error.clone();
+                }
+            }
+        }
+    };
+    tokio::time::timeout(SEEN, seen)
+        .await
+        .expect("a BLOCK_IO_ERROR")
+}
+
+/// Hot-adds NBD disk `id` from `server` by `config`, returns the guest's name for it.
+async fn add_seen(g: &Guest, config: DiskConfig) -> String {
+    let mark = g.console.mark();
+    g.vm.add_disk(config).await.unwrap();
+    g.console.added_disk(mark).await.0
+}
+
+#[test]
+fn with_stop_a_server_that_goes_away_pauses_the_vm_with_an_event_naming_the_disk() {
+    qhotplug_tests::serial_test(async {
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        let dir = g.dir().to_owned();
+        let file = image(&dir, "gone.raw", 8);
+        let mut server = NbdExport::start(&file, "gone", Listen::Tcp(free_port()));
+        let config = DiskConfig::network("nbd3", server.source(), DiskModel::VirtioBlk)
+            .on_error(ErrorPolicy::both(OnError::Stop));
+        let dev = add_seen(&g, config).await;
+        let mut events = g.vm.client().events();
+        server.stop();
+
+        // The guest writes a whole page (no read first) and flushes it while the server is
+        // gone: instead of an error in the guest, the VM pauses, and the event names the disk.
+        let write = full_page_write(&word("nbd3"), &dev, "echo ok");
+        let guest = g.console.run(&write, SEEN);
+        let host = async {
+            let error = next_io_error(&mut events).await;
+            assert_eq!(
+                (error.operation.as_str(), error.action.as_str()),
+                ("write", "stop")
+            );
+            assert_eq!(error.nospace, Some(false));
+            assert_eq!(g.vm.disk_of_io_error(&error).as_deref(), Some("nbd3"));
+            assert_eq!(g.vm.run_state().await.unwrap(), RunState::IoError);
+        };
+        tokio::select! {
+            said = guest => panic!("the guest's write returned with the VM paused: {said:?}"),
+            () = host => {}
+        }
+        // Recovery from here is QEMU's NBD client's to make, and it does not (7.2, 10.0): every
+        // retry after a resume fails again with EIO, even once the server is back and QEMU has
+        // a TCP connection to it. `reconnect_delay` is the way to ride out an outage (below).
+        g.vm.quit().await.unwrap();
+    });
+}
+
+#[test]
+fn with_stop_storage_out_of_space_pauses_the_vm_and_one_resume_completes_the_write() {
+    qhotplug_tests::serial_test(async {
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        let dir = g.dir().to_owned();
+        // A thin image on a 4 MiB filesystem that is full: the server's writes fail ENOSPC.
+        let fs = qhotplug_tests::storage::SmallFs::mount(&dir, "thin", 4);
+        let file = fs.0.join("thin.raw");
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let filler = fs.0.join("filler");
+        let _ = std::fs::write(&filler, vec![0u8; 4 << 20]);
+        let server = NbdExport::start(&file, "thin", Listen::Tcp(free_port()));
+        let config = DiskConfig::network("nbd5", server.source(), DiskModel::VirtioBlk)
+            .on_error(ErrorPolicy::both(OnError::Stop));
+        let dev = add_seen(&g, config).await;
+        let mut events = g.vm.client().events();
+
+        let word = word("nbd5");
+        let write = full_page_write(&word, &dev, "echo ok");
+        let guest = g.console.run(&write, SEEN);
+        let host = async {
+            // The VM pauses on "no space left" (the server's words, through NBD), the event
+            // names the disk; space comes back, and one call resumes the VM.
+            let error = next_io_error(&mut events).await;
+            assert_eq!(
+                (error.operation.as_str(), error.action.as_str()),
+                ("write", "stop")
+            );
+            assert_eq!(error.nospace, Some(true));
+            assert_eq!(g.vm.disk_of_io_error(&error).as_deref(), Some("nbd5"));
+            assert_eq!(g.vm.run_state().await.unwrap(), RunState::IoError);
+            std::fs::remove_file(&filler).unwrap();
+            g.vm.resume().await.unwrap();
+        };
+        let (said, ()) = tokio::join!(guest, host);
+        assert_eq!(said, ["ok"]);
+        assert_eq!(g.vm.run_state().await.unwrap(), RunState::Running);
+        assert_on_server(&file, &word);
+        g.vm.remove_disk("nbd5").await.unwrap();
+        drop(server);
+    });
+}
+
+#[test]
+fn nbd_reconnect_rides_out_a_short_outage_with_no_error() {
+    qhotplug_tests::serial_test(async {
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        let dir = g.dir().to_owned();
+        let file = image(&dir, "again.raw", 8);
+        let mut server = NbdExport::start(&file, "again", Listen::Tcp(free_port()));
+        let mut source = server.source();
+        source.reconnect_delay = Some(60);
+        let dev = add_seen(
+            &g,
+            DiskConfig::network("nbd4", source, DiskModel::VirtioBlk),
+        )
+        .await;
+        let mut events = g.vm.client().events();
+        server.stop();
+
+        // The write starts in the background; once its `dd` waits on the disk (state D), the
+        // server comes back.
+        let word = word("nbd4");
+        let write = full_page_write(&word, &dev, "echo $? >/tmp/written");
+        let started = format!("rm -f /tmp/written; ( {write} ) >/dev/null 2>&1 & echo started");
+        assert_eq!(g.console.run(&started, SEEN).await, ["started"]);
+        let blocked = "for i in $(seq 600); do grep -q 'State:.*D' /proc/$(pidof dd)/status \
+             2>/dev/null && break; sleep 0.1; done; sed -n 's/^State:.//p' /proc/$(pidof dd)/status";
+        let state = g.console.run(blocked, SEEN).await.concat();
+        assert!(state.trim_start().starts_with('D'), "dd is {state:?}");
+        server.restart();
+        let done = "while [ ! -s /tmp/written ]; do sleep 0.1; done; cat /tmp/written";
+        assert_eq!(g.console.run(done, SEEN).await, ["0"]);
+        // No error reached the guest or QEMU's events, and the data is on the server.
+        let quiet = events
+            .wait_for(tokio::time::Instant::now(), |e| {
+                matches!(e, EventKind::BlockIoError(_))
+            })
+            .await;
+        assert!(!quiet, "a BLOCK_IO_ERROR");
+        assert_on_server(&file, &word);
+        g.vm.remove_disk("nbd4").await.unwrap();
+    });
 }

@@ -7,7 +7,8 @@
 use std::path::PathBuf;
 
 use qhotplug_cmdline::{
-    Cache, DeviceModel, Disk, DiskBackend, DiskFrontend, Format, NetworkSource, Pci, ScsiAddr,
+    Cache, DeviceModel, Disk, DiskBackend, DiskFrontend, ErrorPolicy, Format, NetworkSource, Pci,
+    ScsiAddr,
 };
 
 use qhotplug_cmdline::names;
@@ -58,6 +59,7 @@ pub struct DiskConfig {
     cache: Cache,
     at: At,
     io_limits: Option<IoLimits>,
+    on_error: ErrorPolicy,
 }
 
 impl DiskConfig {
@@ -73,6 +75,7 @@ impl DiskConfig {
             cache: Cache::default(),
             at: At::Auto { scsi_bus: None },
             io_limits: None,
+            on_error: ErrorPolicy::default(),
         }
     }
 
@@ -102,7 +105,7 @@ impl DiskConfig {
     ) -> Self {
         let source = source.into();
         DiskConfig {
-            backend: DiskBackend::Network(source.clone()),
+            backend: DiskBackend::Network(Box::new(source.clone())),
             ..Self::new(id, source.uri(), model)
         }
     }
@@ -126,6 +129,16 @@ impl DiskConfig {
     /// Read-only: the image is opened `O_RDONLY` and the guest cannot write (default false).
     pub fn read_only(mut self, read_only: bool) -> Self {
         self.read_only = read_only;
+        self
+    }
+
+    /// What the guest's device does when I/O on the disk fails (default: QEMU's, reads report,
+    /// writes pause on "no space left"). With [`OnError::Stop`](qhotplug_cmdline::OnError), a
+    /// storage server that goes away pauses the VM (`BLOCK_IO_ERROR`, which
+    /// [`Vm::disk_of_io_error`](crate::Vm::disk_of_io_error) names the disk of) instead of
+    /// failing the guest's I/O; [`Vm::resume`](crate::Vm::resume) retries it.
+    pub fn on_error(mut self, policy: ErrorPolicy) -> Self {
+        self.on_error = policy;
         self
     }
 
@@ -221,6 +234,7 @@ impl Plug for DiskConfig {
         disk.backend = self.backend;
         disk.read_only = self.read_only;
         disk.cache = self.cache;
+        disk.on_error = self.on_error;
         disk.check().map_err(Error::Spec)?;
         let limits = self.io_limits.filter(|l| !l.is_unlimited());
         if let Some(limits) = &limits {
@@ -232,12 +246,9 @@ impl Plug for DiskConfig {
         disk.io_limits = limits.clone();
         // The protocol node first (on the fd set, or the network), then the format node on it.
         let backends = match disk.network_source() {
-            None => super::image_backends(
-                &disk.id,
-                &disk.path,
-                !disk.read_only,
-                disk.blockdev_add(""),
-            )?,
+            None => {
+                super::image_backends(&disk.id, &disk.path, !disk.read_only, disk.blockdev_add(""))?
+            }
             Some(source) => super::network_backends(&disk.id, source, disk.blockdev_add("")),
         };
         let after = limits

@@ -11,7 +11,6 @@
 use std::os::fd::OwnedFd;
 use std::path::Path;
 
-
 use qhotplug_cmdline::{Pci, ScsiAddr, Secret};
 use qhotplug_qmp::command::{
     BlockSetIoThrottle, BlockdevAdd, ChardevAdd, DeviceAdd, NetdevAdd, ObjectAdd,
