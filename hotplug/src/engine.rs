@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use qhotplug_cmdline::MasterKey;
 use qhotplug_qmp::command::RemoveFd;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
@@ -35,7 +36,7 @@ pub(crate) async fn add<K: Plug>(core: &Arc<Core>, config: K) -> Result<K::Added
     reservation.plan(plan.added.clone().into());
     let client = core.client.clone();
     let mut txn = Transaction::new(client.clone(), "hot-add", reservation);
-    let backends = with_secrets(core, plan.backends).await?;
+    let (backends, new_key) = with_secrets(core, &mut txn, plan.backends).await?;
     run_backends(&client, &mut txn, backends).await?;
     let id = txn.id().to_owned();
     txn.step(
@@ -53,17 +54,32 @@ pub(crate) async fn add<K: Plug>(core: &Arc<Core>, config: K) -> Result<K::Added
         };
     }
     txn.commit().commit();
+    if let Some(key) = new_key {
+        // The VM's master key from now on (unless a concurrent hot-add's came first: QEMU keeps
+        // both, each secret made with its own).
+        core.master_key.lock().await.get_or_insert(key);
+    }
     Ok(plan.added)
 }
 
-/// `backends` with each secret made an encrypted `secret` object: the VM's master key is made in
-/// QEMU first if it has none (kept for the VM's life: not part of this hot-add).
-async fn with_secrets(core: &Core, backends: Vec<Backend>) -> Result<Vec<Backend>> {
+/// `backends` with each secret made an encrypted `secret` object, with the VM's master key. A VM
+/// whose QEMU has none of ours yet (one attached to) gets one made in QEMU as steps of `txn`, so a
+/// failure later in the hot-add takes it away again; it is returned to be kept once the hot-add
+/// commits.
+async fn with_secrets<H: Hold>(
+    core: &Core,
+    txn: &mut Transaction<H>,
+    backends: Vec<Backend>,
+) -> Result<(Vec<Backend>, Option<MasterKey>)> {
     if !backends.iter().any(|b| matches!(b, Backend::Secret { .. })) {
-        return Ok(backends);
+        return Ok((backends, None));
     }
-    let key = crate::master_key::ensure(core).await?;
-    backends
+    let held = core.master_key.lock().await.clone();
+    let (key, new) = match held {
+        Some(key) => (key, false),
+        None => (crate::master_key::create(&core.client, txn).await?, true),
+    };
+    let backends = backends
         .into_iter()
         .map(|backend| match backend {
             Backend::Secret { id, secret } => Ok(Backend::Object(
@@ -71,7 +87,8 @@ async fn with_secrets(core: &Core, backends: Vec<Backend>) -> Result<Vec<Backend
             )),
             other => Ok(other),
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((backends, new.then_some(key)))
 }
 
 /// Creates `backends` in order, each with its undo recorded in `txn`, then lets go of the fd set
