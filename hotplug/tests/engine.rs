@@ -541,3 +541,29 @@ async fn memory_devices_fit_under_maxmem_and_a_guest_that_answers_plugs_and_ball
     assert_eq!(qemu.objects(), ["v1-mem"]);
     assert!(vm.reconcile().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_network_disk_on_a_qemu_without_its_driver_is_refused_before_anything_is_sent() {
+    // The mock's schema lists no block driver by name: to the SDK it has no `nbd`.
+    let (qemu, vm) = attached().await;
+    let from = qemu.requests().len();
+    let nbd = qhotplug::Nbd {
+        server: qhotplug::NbdServer::Unix("/run/nbd/n1.sock".into()),
+        export: Some("n1".into()),
+        reconnect_delay: None,
+        tls_dir: None,
+    };
+    let config = DiskConfig::network("n1", nbd, qhotplug::DiskModel::VirtioBlk);
+    match vm.add_disk(config).await {
+        Err(Error::NoBlockDriver("nbd")) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(changes_since(&qemu, from).is_empty());
+    assert!(vm.disks().is_empty());
+    assert_empty(&qemu);
+    // The id is free again.
+    let dir = tempfile::tempdir().unwrap();
+    vm.add_disk(DiskConfig::virtio_blk("n1", image(dir.path(), "n1.raw")))
+        .await
+        .unwrap();
+}

@@ -126,6 +126,24 @@ impl RawMonitor {
         steps
     }
 
+    /// The SDK's hot-add of network disk `disk` (no secret), by hand: `blockdev-add` of the
+    /// protocol node (QEMU connects to the server), of the format node, `device_add`; the time of
+    /// each step.
+    pub fn add_network_disk(&mut self, disk: &Disk) -> Vec<(&'static str, Duration)> {
+        let mut steps = Vec::new();
+        for node in disk.blockdev_add("") {
+            self.step_encoded(
+                &mut steps,
+                "blockdev-add",
+                &encode("blockdev-add", &node),
+                None,
+            );
+        }
+        let device = encode("device_add", &disk.device_add());
+        self.step_encoded(&mut steps, "device_add", &device, None);
+        steps
+    }
+
     /// The SDK's removal of `disk`, by hand: `device_del`, wait for its `DEVICE_DELETED` (which
     /// may come before the reply: a SCSI disk goes at once), then `blockdev-del` of the format and
     /// protocol nodes. Needs no guest for a SCSI disk.

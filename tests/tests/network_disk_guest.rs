@@ -9,7 +9,7 @@ use std::time::Duration;
 use qhotplug::{DiskConfig, DiskModel, ErrorPolicy, EventKind, NetworkSource, OnError, RunState};
 use qhotplug_qmp::event::BlockIoError;
 use qhotplug_tests::servers::{free_port, IscsiTarget, Listen, NbdExport};
-use qhotplug_tests::{image, pc_spec, Guest, Snapshot};
+use qhotplug_tests::{image, pc_spec, Console, Guest, Snapshot};
 
 const SEEN: Duration = Duration::from_secs(60);
 
@@ -42,7 +42,7 @@ async fn write_through(
          echo ok"
     );
     assert_eq!(g.console.run(&write, SEEN).await, ["ok"]);
-    assert_eq!(read_back(g, &dev, &word).await, word);
+    assert_eq!(read_back(&g.console, &dev, &word).await, word);
     let on_server = std::fs::read(file).unwrap();
     let at = (SECTOR * 512) as usize;
     assert_eq!(&on_server[at..at + word.len()], word.as_bytes());
@@ -56,13 +56,13 @@ fn word(id: &str) -> String {
 
 /// What the guest reads at [`SECTOR`] of `/dev/<dev>`, its page cache dropped first, as long
 /// as `word`.
-async fn read_back(g: &Guest, dev: &str, word: &str) -> String {
+async fn read_back(console: &Console, dev: &str, word: &str) -> String {
     let read = format!(
         "echo 3 >/proc/sys/vm/drop_caches; \
          dd if=/dev/{dev} bs=512 skip={SECTOR} count=1 2>/dev/null | head -c {}; echo",
         word.len()
     );
-    g.console.run(&read, SEEN).await.concat()
+    console.run(&read, SEEN).await.concat()
 }
 
 #[test]
@@ -182,7 +182,10 @@ fn iscsi_luns_with_and_without_chap_carry_the_guests_writes_and_the_password_lea
         let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
         assert!(argv.contains("secret"), "{argv}");
         assert!(!argv.contains(PASSWORD), "{argv}");
-        assert_eq!(read_back(&again, "vda", &word("lun2")).await, word("lun2"));
+        assert_eq!(
+            read_back(&again.console, "vda", &word("lun2")).await,
+            word("lun2")
+        );
         again.vm.remove_disk("lun2").await.unwrap();
         drop(target);
     });
@@ -357,5 +360,58 @@ fn nbd_reconnect_rides_out_a_short_outage_with_no_error() {
         assert!(!quiet, "a BLOCK_IO_ERROR");
         assert_on_server(&file, &word);
         g.vm.remove_disk("nbd4").await.unwrap();
+    });
+}
+
+#[test]
+fn a_guest_on_nbd_migrates_with_both_qemus_on_one_export_and_relaunches_from_the_spec() {
+    qhotplug_tests::serial_test(async {
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        let dir = g.dir().to_owned();
+        let file = image(&dir, "shared.raw", 8);
+        let server = NbdExport::start(&file, "shared", Listen::Unix(dir.join("shared.sock")));
+        let source = server.source().into();
+        let dev = write_through(&g, "nbd6", source, DiskModel::VirtioBlk, &file, 8).await;
+        assert_eq!(dev, "vda");
+
+        // Shared storage: the target, launched from the source's spec, opens the same export.
+        let work = tempfile::tempdir().unwrap();
+        let console_path = work.path().join("target-console.sock");
+        let mut launcher = g.vm.migration_launcher(work.path().join("target"));
+        launcher.spec_mut().serials = vec![qhotplug::Serial::Socket(console_path.clone())];
+        let target = qhotplug::Vm::launch(launcher).await.unwrap();
+        let options = qhotplug::MigrationOptions::new(qhotplug::Transport::Unix(
+            work.path().join("migrate.sock"),
+        ));
+        let migrated = g.vm.migrate(target, options, |_| {}).await.unwrap();
+        let console = Console::connect(&console_path).await;
+        assert_eq!(
+            read_back(&console, "vda", &word("nbd6")).await,
+            word("nbd6")
+        );
+        // The guest writes on through the target's connection.
+        let after = "written-after-the-migration";
+        let write = format!(
+            "printf {after} | dd of=/dev/vda bs=512 seek={} conv=notrunc,fsync 2>/dev/null; echo ok",
+            SECTOR + 8
+        );
+        assert_eq!(console.run(&write, SEEN).await, ["ok"]);
+        let on_server = std::fs::read(&file).unwrap();
+        let at = ((SECTOR + 8) * 512) as usize;
+        assert_eq!(&on_server[at..at + after.len()], after.as_bytes());
+
+        // A relaunch from the target's spec boots on the same export.
+        let spec = migrated.target.spec();
+        assert_eq!(
+            spec.disks[0].network_source(),
+            Some(&server.source().into())
+        );
+        migrated.target.quit().await.unwrap();
+        drop(g);
+        let again = Guest::boot(spec, |l| l).await;
+        assert_eq!(
+            read_back(&again.console, "vda", &word("nbd6")).await,
+            word("nbd6")
+        );
     });
 }
