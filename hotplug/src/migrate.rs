@@ -212,6 +212,7 @@ pub(crate) async fn migrate(
     guard.armed = false;
     match outcome {
         Ok(info) => {
+            target.state().migrated_in();
             if options.source_after == SourceAfter::Quit {
                 source.quit().await?;
             }

@@ -93,6 +93,12 @@ impl State {
         &self.spec
     }
 
+    /// The VM took an incoming migration: it is a VM like any other now, and a relaunch from
+    /// its spec must not wait for one.
+    pub(crate) fn migrated_in(&mut self) {
+        self.spec.incoming = false;
+    }
+
     /// Records a live change to a device in the spec (its link, limits, medium, size), in place.
     pub(crate) fn update(&mut self, device: Device) {
         if !device.replace(&mut self.spec) {

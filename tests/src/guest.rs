@@ -339,7 +339,7 @@ impl Guest {
         let l = launcher(Launcher::new(spec, dir.path().join("run")));
         let vm = Vm::launch(l.start_timeout(Duration::from_secs(30)))
             .await
-            .unwrap_or_else(|e| panic!("launching the guest: {e}"));
+            .unwrap_or_else(|e| panic!("launching the guest: {e}: {e:?}"));
         let console = Console::connect(&console_path).await;
         if console
             .wait_for(0, "qhg: ready", BOOT_TIMEOUT)

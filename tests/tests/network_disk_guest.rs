@@ -367,8 +367,10 @@ fn nbd_reconnect_rides_out_a_short_outage_with_no_error() {
 fn a_guest_on_nbd_migrates_with_both_qemus_on_one_export_and_relaunches_from_the_spec() {
     qhotplug_tests::serial_test(async {
         let g = Guest::boot(pc_spec(), |l| l).await;
-        let dir = g.dir().to_owned();
-        let file = image(&dir, "shared.raw", 8);
+        // The server's file and socket outlive the first guest (its directory goes with it).
+        let storage = tempfile::tempdir().unwrap();
+        let dir = storage.path();
+        let file = image(dir, "shared.raw", 8);
         let server = NbdExport::start(&file, "shared", Listen::Unix(dir.join("shared.sock")));
         let source = server.source().into();
         let dev = write_through(&g, "nbd6", source, DiskModel::VirtioBlk, &file, 8).await;
