@@ -7,9 +7,10 @@
 //!   NBD handshake in the first, `device_add`); rounds alternate, then `remove_disk` on each
 //!   side. Prints the medians and `ratio_hotadd=…` (floor time / SDK time, median of pairs);
 //! - **sequential read in a booted guest**: 64 MiB read with `dd iflag=direct bs=1M` from a
-//!   virtio-blk disk on the same file as an NBD export (Unix socket, and TCP on loopback) and as a
-//!   local image the SDK hands over as an fd, each read three times, alternating; the guest's
-//!   page cache is bypassed, the host's is warm for all (the file is read once first).
+//!   virtio-blk disk on a file as an NBD export (Unix socket, and TCP on loopback) and as a
+//!   local image the SDK hands over as an fd (three files of the same data), each read three
+//!   times, alternating; the guest's page cache is bypassed, the host's is warm for all (each
+//!   file is read once first).
 
 use std::time::{Duration, Instant};
 
@@ -111,13 +112,17 @@ async fn read_rate(g: &Guest, dev: &str) -> f64 {
 async fn guest_read() {
     let g = Guest::boot(pc_spec(), |l| l).await;
     let dir = g.dir().to_owned();
-    let file = qhotplug_tests::storage::data_image(&dir, "data.raw", READ_MIB as usize, 7);
-    let _ = std::fs::read(&file).unwrap();
-    let unix = NbdExport::start(&file, "u", Listen::Unix(dir.join("u.sock")));
-    let tcp = NbdExport::start(&file, "t", Listen::Tcp(free_port()));
+    // One file each (an image QEMU writes is locked), the same data, all in the host's cache.
+    let file = |name: &str| {
+        let path = qhotplug_tests::storage::data_image(&dir, name, READ_MIB as usize, 7);
+        let _ = std::fs::read(&path).unwrap();
+        path
+    };
+    let unix = NbdExport::start(&file("u.raw"), "u", Listen::Unix(dir.join("u.sock")));
+    let tcp = NbdExport::start(&file("t.raw"), "t", Listen::Tcp(free_port()));
     let mut devs = Vec::new();
     for config in [
-        DiskConfig::virtio_blk("local", &file).read_only(true),
+        DiskConfig::virtio_blk("local", file("local.raw")).read_only(true),
         DiskConfig::network("nbd-unix", unix.source(), DiskModel::VirtioBlk).read_only(true),
         DiskConfig::network("nbd-tcp", tcp.source(), DiskModel::VirtioBlk).read_only(true),
     ] {
