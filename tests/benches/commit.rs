@@ -21,7 +21,6 @@ use qhotplug::{DiskConfig, SnapshotConfig};
 use qhotplug_cmdline::names;
 use qhotplug_qmp::command::HumanMonitorCommand;
 use qhotplug_tests::raw::RawMonitor;
-use qhotplug_tests::{pc_spec, second_monitor, TestVm};
 use serde_json::json;
 
 const PAIRS: usize = 8;
@@ -29,12 +28,7 @@ const PAIRS: usize = 8;
 const DATA_MIB: u64 = 256;
 
 fn main() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(run());
+    qhotplug_tests::bench_main(run());
 }
 
 /// The floor's round: disk `id`'s overlay (generation 1) committed into its base (generation 0).
@@ -68,14 +62,8 @@ fn rate(took: Duration) -> f64 {
 }
 
 async fn run() {
-    let dir = tempfile::tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .unwrap();
+    let (t, dir, mon) = qhotplug_tests::storage_bench_vm().await;
     let d = dir.path().to_owned();
-    let mon = d.join("mon2.sock");
-    let mut spec = pc_spec();
-    second_monitor(&mut spec, &mon);
-    let t = TestVm::launch(spec).await;
     println!(
         "active commit of {DATA_MIB} MiB into a raw base, pivoted (QEMU, no guest), {PAIRS} pairs"
     );

@@ -24,12 +24,7 @@ use serde_json::json;
 const PAIRS: usize = 4;
 
 fn main() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(run());
+    qhotplug_tests::bench_main(run());
 }
 
 /// A target for `vm`, with its own console and second monitor in `dir`.

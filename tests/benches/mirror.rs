@@ -20,19 +20,13 @@ use qhotplug::{DiskConfig, MirrorConfig};
 use qhotplug_cmdline::names;
 use qhotplug_qmp::command::{AddFd, RemoveFd};
 use qhotplug_tests::raw::{encode, RawMonitor};
-use qhotplug_tests::{pc_spec, second_monitor, TestVm};
 use serde_json::json;
 
 const PAIRS: usize = 8;
 const MIB: usize = 1024;
 
 fn main() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(run());
+    qhotplug_tests::bench_main(run());
 }
 
 /// The floor's round: disk `id` moves from generation `from` to a new raw image at `target`.
@@ -116,15 +110,8 @@ fn rate(took: Duration) -> f64 {
 }
 
 async fn run() {
-    // In memory (/dev/shm): the host disk's writeback would swamp what is compared.
-    let dir = tempfile::tempdir_in("/dev/shm")
-        .or_else(|_| tempfile::tempdir())
-        .unwrap();
+    let (t, dir, mon) = qhotplug_tests::storage_bench_vm().await;
     let d = dir.path().to_owned();
-    let mon = d.join("mon2.sock");
-    let mut spec = pc_spec();
-    second_monitor(&mut spec, &mon);
-    let t = TestVm::launch(spec).await;
     let sdk_src = qhotplug_tests::storage::data_image(&d, "sdk-0.raw", MIB, 1);
     let raw_src = qhotplug_tests::storage::data_image(&d, "raw-0.raw", MIB, 2);
     let size = (MIB as u64) << 20;

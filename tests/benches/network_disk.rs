@@ -24,15 +24,10 @@ const READ_MIB: u64 = 64;
 const READS: usize = 3;
 
 fn main() {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(async {
-            hot_add().await;
-            guest_read().await;
-        });
+    qhotplug_tests::bench_main(async {
+        hot_add().await;
+        guest_read().await;
+    });
 }
 
 fn ms(d: Duration) -> f64 {

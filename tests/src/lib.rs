@@ -170,3 +170,27 @@ pub fn pipe_fd() -> std::os::fd::OwnedFd {
     let (ours, _theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
     ours.into()
 }
+
+/// Runs a benchmark's `main` future on a two-worker tokio runtime (this machine's two CPUs: one
+/// for the SDK's side, one for QEMU).
+pub fn bench_main<F: std::future::Future>(run: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(run)
+}
+
+/// A paused QEMU for a storage benchmark, its images' directory in memory (`/dev/shm`, where the
+/// host disk's writeback cannot swamp what is compared) and a second monitor `mon2.sock` there
+/// for the raw floor. Returns the QEMU, the directory, and the monitor's path.
+pub async fn storage_bench_vm() -> (TestVm, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .expect("a directory for the images");
+    let mon = dir.path().join("mon2.sock");
+    let mut spec = pc_spec();
+    second_monitor(&mut spec, &mon);
+    (TestVm::launch(spec).await, dir, mon)
+}
