@@ -194,3 +194,18 @@ pub async fn storage_bench_vm() -> (TestVm, tempfile::TempDir, std::path::PathBu
     second_monitor(&mut spec, &mon);
     (TestVm::launch(spec).await, dir, mon)
 }
+
+/// Asserts that `error` is a sequence's failure at step `step` (`Error::Step`), its undo clean.
+pub fn assert_failed_at(error: &qhotplug::Error, step: &str) {
+    match error {
+        qhotplug::Error::Step {
+            step: failed,
+            undo_failures,
+            ..
+        } => {
+            assert_eq!(*failed, step, "{error:?}");
+            assert!(undo_failures.is_empty(), "{error:?}");
+        }
+        other => panic!("not a failure at {step}: {other:?}"),
+    }
+}

@@ -40,21 +40,31 @@ pub enum Listen {
     Tcp(u16),
 }
 
-/// `qemu-nbd` exporting one file (raw, writable, persistent, several clients at once).
+/// `qemu-nbd` exporting one file (raw, writable, persistent, several clients at once),
+/// optionally over TLS.
 pub struct NbdExport {
     file: PathBuf,
     export: String,
     listen: Listen,
+    /// The server's x509 credentials (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`).
+    tls: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl NbdExport {
     /// Exports `file` as `export` on `listen`, and waits until it answers.
     pub fn start(file: &Path, export: &str, listen: Listen) -> NbdExport {
+        Self::start_tls(file, export, listen, None)
+    }
+
+    /// As [`start`](NbdExport::start), requiring TLS with the server credentials in `tls` if
+    /// given (see [`x509`]).
+    pub fn start_tls(file: &Path, export: &str, listen: Listen, tls: Option<&Path>) -> NbdExport {
         let mut server = NbdExport {
             file: file.to_owned(),
             export: export.to_owned(),
             listen,
+            tls: tls.map(Path::to_owned),
             child: None,
         };
         server.restart();
@@ -129,6 +139,13 @@ impl NbdExport {
             "--cache=writeback",
         ]);
         command.arg(format!("--export-name={}", self.export));
+        if let Some(dir) = &self.tls {
+            command.arg(format!(
+                "--object=tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir={}",
+                dir.display()
+            ));
+            command.arg("--tls-creds=tls0");
+        }
         match &self.listen {
             Listen::Unix(path) => {
                 command.arg(format!("--socket={}", path.display()));
@@ -284,4 +301,82 @@ impl Drop for IscsiTarget {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// x509 credentials for a TLS test, made with `openssl` in `dir`: a CA, and a server certificate
+/// for `127.0.0.1` signed by it. Returns the server's directory (`ca-cert.pem`,
+/// `server-cert.pem`, `server-key.pem`) and a client's (`ca-cert.pem`), as QEMU's
+/// `tls-creds-x509` reads them.
+pub fn x509(dir: &Path) -> (PathBuf, PathBuf) {
+    let (server, client) = (dir.join("tls-server"), dir.join("tls-client"));
+    std::fs::create_dir_all(&server).unwrap();
+    std::fs::create_dir_all(&client).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ca_key = "ca-key.pem";
+    let ca = server.join("ca-cert.pem");
+    let ca = ca.to_str().unwrap();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        ca_key,
+        "-out",
+        ca,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=qhotplug test CA",
+    ]);
+    let key = server.join("server-key.pem");
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        key.to_str().unwrap(),
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let cert = server.join("server-cert.pem");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        ca,
+        "-CAkey",
+        ca_key,
+        "-CAcreateserial",
+        "-out",
+        cert.to_str().unwrap(),
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    std::fs::copy(server.join("ca-cert.pem"), client.join("ca-cert.pem")).unwrap();
+    (server, client)
 }

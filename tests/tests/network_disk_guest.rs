@@ -154,16 +154,8 @@ fn iscsi_luns_with_and_without_chap_carry_the_guests_writes_and_the_password_lea
                 .await
                 .unwrap_err();
         let said = format!("{refused} {refused:?}");
-        assert!(
-            matches!(
-                refused,
-                qhotplug::Error::Step {
-                    step: "blockdev-add",
-                    ..
-                }
-            ) && said.contains("Authentication failure"),
-            "{said}"
-        );
+        qhotplug_tests::assert_failed_at(&refused, "blockdev-add");
+        assert!(said.contains("Authentication failure"), "{said}");
         assert!(!said.contains("not-the-password"), "{said}");
         assert_eq!(Snapshot::take(&g.vm).await, before);
         let right = target.source(Some(chap));
@@ -415,5 +407,39 @@ fn a_guest_on_nbd_migrates_with_both_qemus_on_one_export_and_relaunches_from_the
             read_back(&again.console, "vda", &word("nbd6")).await,
             word("nbd6")
         );
+    });
+}
+
+#[test]
+fn an_nbd_export_over_tls_carries_the_guests_writes_and_a_client_that_trusts_another_ca_is_refused()
+{
+    qhotplug_tests::serial_test(async {
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        let dir = g.dir().to_owned();
+        let (server_creds, client_creds) = qhotplug_tests::servers::x509(&dir.join("pki"));
+        let file = image(&dir, "tls.raw", 8);
+        let server =
+            NbdExport::start_tls(&file, "tls", Listen::Tcp(free_port()), Some(&server_creds));
+        let before = Snapshot::take(&g.vm).await;
+
+        // A client whose CA is not the server's: a typed error, and nothing left (the TLS
+        // object included).
+        let (_, stranger) = qhotplug_tests::servers::x509(&dir.join("other-pki"));
+        let mut untrusting = server.source();
+        untrusting.tls_dir = Some(stranger);
+        let config = DiskConfig::network("nbd7", untrusting, DiskModel::VirtioBlk);
+        let refused = g.vm.add_disk(config).await.unwrap_err();
+        qhotplug_tests::assert_failed_at(&refused, "blockdev-add");
+        assert_eq!(Snapshot::take(&g.vm).await, before);
+
+        // With the server's CA: the guest's writes reach the file; the TLS object goes with the
+        // disk.
+        let mut source = server.source();
+        source.tls_dir = Some(client_creds);
+        write_through(&g, "nbd7", source.into(), DiskModel::VirtioBlk, &file, 8).await;
+        let objects = Snapshot::take(&g.vm).await.objects;
+        assert!(objects.iter().any(|o| o == "nbd7-tls"), "{objects:?}");
+        g.vm.remove_disk("nbd7").await.unwrap();
+        assert_eq!(Snapshot::take(&g.vm).await, before);
     });
 }
