@@ -539,10 +539,11 @@ impl Vm {
     }
 
     /// Finds the job an earlier process started on disk `id` (an orchestrator that restarted and
-    /// attached again): `mirror-<id>`, `commit-<id>` or `stream-<id>` by `origin`, running or
-    /// concluded, and gives its handle back (its progress goes on; its end reads the outcome,
-    /// dismisses the job and brings the spec to what QEMU runs the disk on). `None` when QEMU has
-    /// no such job. The disk is busy while the handle lives, as for a job started here.
+    /// attached again): `mirror-<id>`, `commit-<id>`, `commit-<id>-gen<n>` or `stream-<id>` by
+    /// `origin`, running or concluded, and gives its handle back (its progress goes on; its end
+    /// reads the outcome, dismisses the job and brings the spec to what QEMU runs the disk on).
+    /// `None` when QEMU has no such job. The disk is busy while the handle lives, as for a job
+    /// started here. [`jobs`](Vm::jobs) finds them all without being told what they are.
     pub async fn find_job(&self, id: &str, origin: JobOrigin) -> Result<Option<BlockJob>> {
         found_job::find(&self.core, id, origin).await
     }
