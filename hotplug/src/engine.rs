@@ -12,7 +12,6 @@
 use std::sync::Arc;
 
 use qhotplug_cmdline::MasterKey;
-use qhotplug_qmp::command::RemoveFd;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
 
@@ -104,19 +103,7 @@ pub(crate) async fn run_backends<H: Hold>(
     for backend in backends {
         match backend {
             Backend::Fdset { fd, tag, keep } => {
-                let add = qhotplug_qmp::command::AddFd {
-                    fdset_id: None,
-                    opaque: Some(tag.clone()),
-                };
-                let undo = Delete::Fdset { id: None, tag };
-                let info = txn
-                    .step("add-fd", Some(undo), client.add_fd(&add, fd))
-                    .await?;
-                txn.amend(|d| {
-                    if let Delete::Fdset { id, .. } = d {
-                        *id = Some(info.fdset_id);
-                    }
-                });
+                let info = txn.add_fdset(fd, tag).await?;
                 fdset = Some(info.fdset_id);
                 if keep {
                     kept = fdset;
@@ -158,13 +145,8 @@ pub(crate) async fn run_backends<H: Hold>(
         }
     }
     match fdset {
-        Some(fdset_id) if kept.is_none() => {
-            // QEMU holds its own dup of the fd now; the set goes away with the last node using
-            // it.
-            let remove = RemoveFd { fdset_id, fd: None };
-            txn.step("remove-fd", None, client.execute(&remove)).await?;
-            txn.forget(|d| !matches!(d, Delete::Fdset { .. }));
-        }
+        // QEMU holds its own dup of the fd now; the set goes away with the last node using it.
+        Some(fdset_id) if kept.is_none() => txn.let_go_fdset(fdset_id).await?,
         _ => {}
     }
     Ok(kept)

@@ -7,7 +7,7 @@
 //! again. Once made, it stays for the VM's life.
 
 use qhotplug_cmdline::{MasterKey, Secret};
-use qhotplug_qmp::command::{AddFd, ObjectAdd, RemoveFd};
+use qhotplug_qmp::command::ObjectAdd;
 use qhotplug_qmp::Client;
 
 use crate::delete::Delete;
@@ -22,38 +22,17 @@ pub(crate) async fn create<H: Hold>(
 ) -> Result<MasterKey> {
     let key = MasterKey::generate().map_err(Error::Spec)?;
     let pipe = key.pipe().map_err(Error::Spec)?;
-    let add = AddFd {
-        fdset_id: None,
-        opaque: Some(key.id().to_owned()),
-    };
-    let undo = Delete::Fdset {
-        id: None,
-        tag: key.id().to_owned(),
-    };
-    let info = txn
-        .step("add-fd", Some(undo), client.add_fd(&add, pipe.into()))
-        .await?;
-    txn.amend(|d| {
-        if let Delete::Fdset { id, .. } = d {
-            id.get_or_insert(info.fdset_id);
-        }
-    });
-    let object = qhotplug_cmdline::object_add(&key.object_props(info.fd));
+    let info = txn.add_fdset(pipe.into(), key.id().to_owned()).await?;
+    let object = key.object(info.fd).object_add();
     let undo = Delete::Object(key.id().to_owned());
     txn.step("object-add", Some(undo), client.execute(&object))
         .await?;
     // QEMU has read the key; the pipe goes.
-    let remove = RemoveFd {
-        fdset_id: info.fdset_id,
-        fd: None,
-    };
-    txn.step("remove-fd", None, client.execute(&remove)).await?;
-    txn.forget(|d| !matches!(d, Delete::Fdset { .. }));
+    txn.let_go_fdset(info.fdset_id).await?;
     Ok(key)
 }
 
 /// The `secret` object `id` holding `secret`, encrypted with `key`.
 pub(crate) fn secret_object(key: &MasterKey, id: &str, secret: &Secret) -> Result<ObjectAdd> {
-    let props = key.encrypt(id, secret).map_err(Error::Spec)?;
-    Ok(qhotplug_cmdline::object_add(&props))
+    Ok(key.encrypt(id, secret).map_err(Error::Spec)?.object_add())
 }

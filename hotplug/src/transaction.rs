@@ -150,6 +150,40 @@ impl<H: Hold> Transaction<H> {
         self.undo.retain(|u| keep(u));
     }
 
+    /// `add-fd` of `fd` into a new set tagged `tag`, a step whose undo removes the set.
+    pub(crate) async fn add_fdset(
+        &mut self,
+        fd: std::os::fd::OwnedFd,
+        tag: String,
+    ) -> Result<qhotplug_qmp::command::AddFdInfo, Error> {
+        let add = qhotplug_qmp::command::AddFd {
+            fdset_id: None,
+            opaque: Some(tag.clone()),
+        };
+        let undo = Delete::Fdset { id: None, tag };
+        let client = self.client.clone();
+        let info = self
+            .step("add-fd", Some(undo), client.add_fd(&add, fd))
+            .await?;
+        self.amend(|d| {
+            if let Delete::Fdset { id, .. } = d {
+                id.get_or_insert(info.fdset_id);
+            }
+        });
+        Ok(info)
+    }
+
+    /// `remove-fd` of set `fdset_id` once QEMU has what it needs from it (a node's dup, a key it
+    /// read): the set's undo is no longer needed.
+    pub(crate) async fn let_go_fdset(&mut self, fdset_id: i64) -> Result<(), Error> {
+        let remove = qhotplug_qmp::command::RemoveFd { fdset_id, fd: None };
+        let client = self.client.clone();
+        self.step("remove-fd", None, client.execute(&remove))
+            .await?;
+        self.forget(|d| !matches!(d, Delete::Fdset { .. }));
+        Ok(())
+    }
+
     /// Updates recorded undo steps in place (an fd set's id learnt from `add-fd`'s reply).
     pub(crate) fn amend(&mut self, f: impl FnMut(&mut Delete)) {
         self.undo.iter_mut().for_each(f);
