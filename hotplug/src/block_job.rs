@@ -133,9 +133,12 @@ impl BlockJob {
         self
     }
 
-    /// The progress report for a wait, if one was asked for.
-    fn report(&mut self) -> Option<jobs::Progress<'_>> {
-        self.progress
+    /// Waits, by `timeout`, for the job to reach status `want` (or `concluded`), reporting its
+    /// progress meanwhile if asked.
+    async fn status_by(&mut self, want: &'static str, timeout: Duration) -> Result<JobInfo> {
+        let events = self.events.as_mut().expect("a running job has its events");
+        let progress = self
+            .progress
             .as_mut()
             .map(|(every, report)| jobs::Progress {
                 every: *every,
@@ -143,7 +146,19 @@ impl BlockJob {
                     .get_mut()
                     .unwrap_or_else(|poisoned| poisoned.into_inner())
                     .as_mut(),
-            })
+            });
+        let accept = |status: &str| status == want;
+        let client = &self.core.client;
+        jobs::wait_status(
+            client,
+            events,
+            &self.job,
+            want,
+            accept,
+            Some(timeout),
+            progress,
+        )
+        .await
     }
 
     /// A file the SDK created for the job, removed if it is cancelled, and the fd set its fd
@@ -200,19 +215,7 @@ impl BlockJob {
     }
 
     async fn ready_by(&mut self, timeout: Duration) -> Result<JobInfo> {
-        let mut events = self.events.take().expect("a running job has its events");
-        let job = jobs::wait_status(
-            &self.core.client.clone(),
-            &mut events,
-            &self.job.clone(),
-            "ready",
-            |s| s == "ready",
-            Some(timeout),
-            self.report(),
-        )
-        .await;
-        self.events = Some(events);
-        let job = job?;
+        let job = self.status_by("ready", timeout).await?;
         if job.status == "concluded" {
             self.end(Ending::Failed).await?;
             return Err(Error::JobFailed {
@@ -278,19 +281,7 @@ impl BlockJob {
     }
 
     async fn wait_by(&mut self, timeout: Duration) -> Result<Disk> {
-        let mut events = self.events.take().expect("a running job has its events");
-        let concluded = jobs::wait_status(
-            &self.core.client.clone(),
-            &mut events,
-            &self.job.clone(),
-            "concluded",
-            |_| false,
-            Some(timeout),
-            self.report(),
-        )
-        .await;
-        self.events = Some(events);
-        concluded?;
+        self.status_by("concluded", timeout).await?;
         self.end(Ending::Complete).await?;
         Ok(self.after.clone())
     }
