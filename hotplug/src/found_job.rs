@@ -199,11 +199,7 @@ async fn mirror_target(core: &Core, disk: &Disk) -> Result<Option<(PathBuf, Form
 /// (`/proc/<qemu>/fd`). Empty when QEMU's process is not known: it is ours if the SDK launched
 /// it, else the monitor socket's peer.
 async fn held_files(core: &Core, id: &str) -> Result<Vec<(PathBuf, i64)>> {
-    let pid = {
-        let process = core.process.lock().unwrap_or_else(|p| p.into_inner());
-        process.as_ref().map(|p| p.pid())
-    };
-    let Some(pid) = pid.or_else(|| core.client.peer_pid()) else {
+    let Some(pid) = core.launched_pid().or_else(|| core.client.peer_pid()) else {
         return Ok(Vec::new());
     };
     let tag = names::fdset_tag(id);

@@ -234,12 +234,13 @@ impl Vm {
                 .and_then(qhotplug_cmdline::names::part_of)
                 .is_some_and(|(id, _)| id == d.id)
         };
-        let disks = self.disks();
-        disks
+        let state = self.core.state();
+        let disks = &state.spec().disks;
+        let found = disks
             .iter()
             .find(by_node)
-            .or_else(|| disks.iter().find(by_path))
-            .map(|d| d.id.clone())
+            .or_else(|| disks.iter().find(by_path));
+        found.map(|d| d.id.clone())
     }
 
     /// The NICs the SDK knows of, by id.
@@ -254,12 +255,7 @@ impl Vm {
 
     /// The QEMU process id, when the SDK launched it.
     pub fn pid(&self) -> Option<u32> {
-        self.core
-            .process
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(QemuProcess::pid)
+        self.core.launched_pid()
     }
 
     /// A handle on the same VM whose hot-removes ask the guest by `policy`. Only the new handle

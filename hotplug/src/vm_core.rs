@@ -156,6 +156,12 @@ impl Core {
         }
     }
 
+    /// The QEMU process id, when the SDK launched it.
+    pub(crate) fn launched_pid(&self) -> Option<u32> {
+        let process = self.process.lock().unwrap_or_else(|p| p.into_inner());
+        process.as_ref().map(QemuProcess::pid)
+    }
+
     pub(crate) async fn require(&self, operation: &'static str, needed: &[&str]) -> Result<()> {
         let schema = self.client.schema().await?;
         match needed.iter().find(|c| !schema.has_command(c)) {
