@@ -474,7 +474,7 @@ impl Disk {
         let mut args: Vec<String> = self
             .network_source()
             .and_then(|n| n.tls_object(&self.id))
-            .map(|tls| vec!["-object".to_owned(), render_kv(&tls)])
+            .map(|tls| tls.args().to_vec())
             .unwrap_or_default();
         args.extend(self.node_and_device_args());
         args

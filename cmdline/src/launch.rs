@@ -9,7 +9,6 @@ use std::time::Duration;
 use qhotplug_qmp::{Client, Config};
 use tokio::io::unix::AsyncFd;
 
-use crate::device::render_kv;
 use crate::error::{Error, Result};
 use crate::spec::VmSpec;
 
@@ -74,7 +73,7 @@ pub enum Monitor {
 #[derive(Debug)]
 pub struct QemuProcess {
     exit: Option<Exit>,
-    /// The VM's master key, when its spec had secrets (network disks' credentials).
+    /// The VM's master key (a QEMU the launcher started; none for a daemon).
     master_key: Option<crate::MasterKey>,
     dir: PathBuf,
     qmp_path: PathBuf,
@@ -248,14 +247,11 @@ impl Launcher {
         let master_key = crate::MasterKey::generate()?;
         fds.push(OwnedFd::from(master_key.pipe()?));
         let fd = i64::try_from(2 + fds.len()).expect("a few fds");
-        let mut args = vec![
-            "-object".to_owned(),
-            render_kv(&master_key.object_props(fd)),
-        ];
+        let mut args = master_key.object(fd).args().to_vec();
         for disk in &self.spec.disks {
             if let Some(secret) = disk.network_source().and_then(|n| n.secret()) {
                 let object = master_key.encrypt(&crate::names::secret(&disk.id), secret)?;
-                args.extend(["-object".to_owned(), render_kv(&object)]);
+                args.extend(object.args());
             }
         }
         args.extend(self.spec.args(&chardev, |i| nic_numbers[i].clone()));
@@ -386,7 +382,7 @@ impl QemuProcess {
     }
 
     /// The master key QEMU was launched with (the `secret` object every other secret is
-    /// encrypted with), when its spec had secrets.
+    /// encrypted with); `None` for a daemon's process.
     pub fn master_key(&self) -> Option<&crate::MasterKey> {
         self.master_key.as_ref()
     }

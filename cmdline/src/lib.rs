@@ -55,6 +55,6 @@ pub use network_disk::{CephMonitor, Chap, Iscsi, Nbd, NbdServer, NetworkSource, 
 pub use rng::Rng;
 pub use secret::{MasterKey, Secret};
 pub use spec::{Accel, Serial, VmSpec, Vnc, VncListen};
-pub use value::{escape, id_from_uuid, object_add, props_to_json, validate_id, Prop, Props};
+pub use value::{escape, id_from_uuid, props_to_json, validate_id, Prop, Props, QomObject};
 pub use vhost_user::{VhostUserBlk, VirtioFs};
 pub use virtio_serial::{SerialPort, VirtioSerial};

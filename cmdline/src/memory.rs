@@ -11,7 +11,7 @@ use crate::device::Pci;
 use crate::error::{Error, Result};
 use crate::model::DeviceModel;
 use crate::names;
-use crate::value::{p, props_to_json, render, validate_id, Props};
+use crate::value::{p, validate_id, Props, QomObject};
 
 /// One MiB.
 pub const MIB: u64 = 1 << 20;
@@ -107,20 +107,21 @@ impl MemoryBackend {
         props
     }
 
+    fn object(&self) -> QomObject {
+        QomObject {
+            qom_type: self.qom_type(),
+            props: self.props(),
+        }
+    }
+
     /// Launch arguments.
     pub fn args(&self) -> Vec<String> {
-        vec!["-object".into(), render(self.qom_type(), &self.props())]
+        self.object().args().to_vec()
     }
 
     /// `object-add` arguments.
     pub fn object_add(&self) -> ObjectAdd {
-        let mut props = props_to_json(&self.props());
-        props.remove("id");
-        ObjectAdd {
-            qom_type: self.qom_type().to_owned(),
-            id: self.id.clone(),
-            props,
-        }
+        self.object().object_add()
     }
 }
 

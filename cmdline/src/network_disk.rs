@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use crate::secret::Secret;
-use crate::value::{p, Props};
+use crate::value::{p, Props, QomObject};
 
 /// Where an NBD server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,16 +248,18 @@ impl NetworkSource {
     }
 
     /// The `tls-creds-x509` object it needs (`<disk>-tls`), if any.
-    pub fn tls_object(&self, disk: &str) -> Option<Props> {
+    pub fn tls_object(&self, disk: &str) -> Option<QomObject> {
         match self {
             NetworkSource::Nbd(Nbd {
                 tls_dir: Some(dir), ..
-            }) => Some(vec![
-                p("qom-type", "tls-creds-x509"),
-                p("id", crate::names::tls_creds(disk)),
-                p("dir", dir.to_string_lossy().into_owned()),
-                p("endpoint", "client"),
-            ]),
+            }) => Some(QomObject {
+                qom_type: "tls-creds-x509",
+                props: vec![
+                    p("id", crate::names::tls_creds(disk)),
+                    p("dir", dir.to_string_lossy().into_owned()),
+                    p("endpoint", "client"),
+                ],
+            }),
             _ => None,
         }
     }

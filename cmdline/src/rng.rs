@@ -8,7 +8,7 @@ use crate::device::Pci;
 use crate::error::Result;
 use crate::model::DeviceModel;
 use crate::names;
-use crate::value::{p, props_to_json, render, validate_id, Props};
+use crate::value::{p, validate_id, Props, QomObject};
 
 /// A virtio RNG.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,32 +22,26 @@ pub struct Rng {
 }
 
 impl Rng {
-    fn object_props(&self) -> Props {
-        vec![
-            p("id", names::rng(&self.id)),
-            p("filename", self.source.to_string_lossy().into_owned()),
-        ]
+    fn object(&self) -> QomObject {
+        QomObject {
+            qom_type: "rng-random",
+            props: vec![
+                p("id", names::rng(&self.id)),
+                p("filename", self.source.to_string_lossy().into_owned()),
+            ],
+        }
     }
 
     /// Launch arguments: `-object`, then `-device`.
     pub fn args(&self) -> Vec<String> {
-        vec![
-            "-object".into(),
-            render("rng-random", &self.object_props()),
-            "-device".into(),
-            self.device_arg(),
-        ]
+        let mut args = self.object().args().to_vec();
+        args.extend(["-device".into(), self.device_arg()]);
+        args
     }
 
     /// `object-add` arguments for its source.
     pub fn object_add(&self) -> ObjectAdd {
-        let mut props = props_to_json(&self.object_props());
-        props.remove("id");
-        ObjectAdd {
-            qom_type: "rng-random".into(),
-            id: names::rng(&self.id),
-            props,
-        }
+        self.object().object_add()
     }
 }
 

@@ -11,7 +11,7 @@ use aes::cipher::{block_padding::Pkcs7, BlockEncryptMut, KeyIvInit};
 use base64::Engine;
 
 use crate::error::{Error, Result};
-use crate::value::{p, Props};
+use crate::value::{p, QomObject};
 
 /// A secret value: its bytes reach QEMU only encrypted with the VM's [`MasterKey`]. `Debug`
 /// prints `Secret(<redacted>)`; there is no other way to print it.
@@ -91,29 +91,33 @@ impl MasterKey {
     }
 
     /// The master key's own object, read from `/proc/self/fd/<fd>` in QEMU.
-    pub fn object_props(&self, fd: i64) -> Props {
-        vec![
-            p("qom-type", "secret"),
-            p("id", self.id.clone()),
-            p("file", format!("/proc/self/fd/{fd}")),
-            p("format", "raw"),
-        ]
+    pub fn object(&self, fd: i64) -> QomObject {
+        QomObject {
+            qom_type: "secret",
+            props: vec![
+                p("id", self.id.clone()),
+                p("file", format!("/proc/self/fd/{fd}")),
+                p("format", "raw"),
+            ],
+        }
     }
 
     /// The `secret` object `id` holding `secret`, encrypted with this key under a fresh IV.
-    pub fn encrypt(&self, id: &str, secret: &Secret) -> Result<Props> {
+    pub fn encrypt(&self, id: &str, secret: &Secret) -> Result<QomObject> {
         let iv: [u8; 16] = random()?;
         let cipher = cbc::Encryptor::<aes::Aes256>::new(self.key[..].into(), (&iv).into());
         let data = cipher.encrypt_padded_vec_mut::<Pkcs7>(secret.expose());
         let b64 = base64::engine::general_purpose::STANDARD;
-        Ok(vec![
-            p("qom-type", "secret"),
-            p("id", id),
-            p("data", b64.encode(data)),
-            p("keyid", self.id.clone()),
-            p("iv", b64.encode(iv)),
-            p("format", "base64"),
-        ])
+        Ok(QomObject {
+            qom_type: "secret",
+            props: vec![
+                p("id", id),
+                p("data", b64.encode(data)),
+                p("keyid", self.id.clone()),
+                p("iv", b64.encode(iv)),
+                p("format", "base64"),
+            ],
+        })
     }
 }
 
@@ -137,8 +141,10 @@ mod tests {
         let key = MasterKey::generate().unwrap();
         let secret = Secret::new("hunter2-chap");
         let props = key.encrypt("d1-secret", &secret).unwrap();
+        assert_eq!(props.qom_type, "secret");
         let get = |k: &str| {
             props
+                .props
                 .iter()
                 .find(|(n, _)| n == k)
                 .map(|(_, v)| v.to_cli())

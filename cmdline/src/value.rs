@@ -198,19 +198,34 @@ fn nest(props: &[(String, Prop)]) -> Map<String, Value> {
     out
 }
 
-/// `object-add` arguments from an object's properties as the command line has them (`qom-type`
-/// and `id` among them).
-pub fn object_add(props: &[(String, Prop)]) -> qhotplug_qmp::command::ObjectAdd {
-    let mut props = props_to_json(props);
-    let mut take = |key: &str| match props.remove(key) {
-        Some(Value::String(s)) => s,
-        _ => String::new(),
-    };
-    let (qom_type, id) = (take("qom-type"), take("id"));
-    qhotplug_qmp::command::ObjectAdd {
-        qom_type,
-        id,
-        props,
+/// A QOM object as both of QEMU's interfaces take it: `-object <type>,id=…,…` at launch and
+/// `object-add` at hotplug, from one property list (`id` first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QomObject {
+    /// The QOM type, for example `rng-random` or `secret`.
+    pub qom_type: &'static str,
+    /// Its properties, `id` first.
+    pub props: Props,
+}
+
+impl QomObject {
+    /// `-object` and its argument.
+    pub fn args(&self) -> [String; 2] {
+        ["-object".into(), render(self.qom_type, &self.props)]
+    }
+
+    /// `object-add` arguments.
+    pub fn object_add(&self) -> qhotplug_qmp::command::ObjectAdd {
+        let mut props = props_to_json(&self.props);
+        let id = match props.remove("id") {
+            Some(Value::String(id)) => id,
+            _ => String::new(),
+        };
+        qhotplug_qmp::command::ObjectAdd {
+            qom_type: self.qom_type.into(),
+            id,
+            props,
+        }
     }
 }
 

@@ -129,7 +129,7 @@ pub(crate) fn network_backends(
         });
     }
     if let Some(tls) = source.tls_object(id) {
-        backends.push(Backend::Object(qhotplug_cmdline::object_add(&tls)));
+        backends.push(Backend::Object(tls.object_add()));
     }
     backends.extend(nodes.into_iter().map(|add| Backend::Blockdev {
         add,
