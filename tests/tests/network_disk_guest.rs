@@ -222,7 +222,38 @@ async fn next_io_error(events: &mut qhotplug_qmp::EventStream) -> BlockIoError {
         .expect("a BLOCK_IO_ERROR")
 }
 
-/// Hot-adds NBD disk `id` from `server` by `config`, returns the guest's name for it.
+/// Hot-adds NBD disk `id` on `source` with the `stop` error policy; returns the guest's name for
+/// it and QEMU's events from then on.
+async fn add_stopping(
+    g: &Guest,
+    id: &str,
+    source: qhotplug::Nbd,
+) -> (String, qhotplug_qmp::EventStream) {
+    let config = DiskConfig::network(id, source, DiskModel::VirtioBlk)
+        .on_error(ErrorPolicy::both(OnError::Stop));
+    let dev = add_seen(g, config).await;
+    (dev, g.vm.client().events())
+}
+
+/// The next `BLOCK_IO_ERROR` is a write on disk `id` that paused the VM (`nospace`: whether it
+/// was "no space left"), and the VM is paused on it.
+async fn paused_by_write(
+    g: &Guest,
+    events: &mut qhotplug_qmp::EventStream,
+    id: &str,
+    nospace: bool,
+) {
+    let error = next_io_error(events).await;
+    assert_eq!(
+        (error.operation.as_str(), error.action.as_str()),
+        ("write", "stop")
+    );
+    assert_eq!(error.nospace, Some(nospace));
+    assert_eq!(g.vm.disk_of_io_error(&error).as_deref(), Some(id));
+    assert_eq!(g.vm.run_state().await.unwrap(), RunState::IoError);
+}
+
+/// Hot-adds the disk `config` describes and returns the guest's name for it.
 async fn add_seen(g: &Guest, config: DiskConfig) -> String {
     let mark = g.console.mark();
     g.vm.add_disk(config).await.unwrap();
@@ -236,10 +267,7 @@ fn with_stop_a_server_that_goes_away_pauses_the_vm_with_an_event_naming_the_disk
         let dir = g.dir().to_owned();
         let file = image(&dir, "gone.raw", 8);
         let mut server = NbdExport::start(&file, "gone", Listen::Tcp(free_port()));
-        let config = DiskConfig::network("nbd3", server.source(), DiskModel::VirtioBlk)
-            .on_error(ErrorPolicy::both(OnError::Stop));
-        let dev = add_seen(&g, config).await;
-        let mut events = g.vm.client().events();
+        let (dev, mut events) = add_stopping(&g, "nbd3", server.source()).await;
         server.stop();
 
         // The guest writes a whole page (no read first) and flushes it while the server is
@@ -247,14 +275,7 @@ fn with_stop_a_server_that_goes_away_pauses_the_vm_with_an_event_naming_the_disk
         let write = full_page_write(&word("nbd3"), &dev, "echo ok");
         let guest = g.console.run(&write, SEEN);
         let host = async {
-            let error = next_io_error(&mut events).await;
-            assert_eq!(
-                (error.operation.as_str(), error.action.as_str()),
-                ("write", "stop")
-            );
-            assert_eq!(error.nospace, Some(false));
-            assert_eq!(g.vm.disk_of_io_error(&error).as_deref(), Some("nbd3"));
-            assert_eq!(g.vm.run_state().await.unwrap(), RunState::IoError);
+            paused_by_write(&g, &mut events, "nbd3", false).await;
         };
         tokio::select! {
             said = guest => panic!("the guest's write returned with the VM paused: {said:?}"),
@@ -282,10 +303,7 @@ fn with_stop_storage_out_of_space_pauses_the_vm_and_one_resume_completes_the_wri
         let filler = fs.0.join("filler");
         let _ = std::fs::write(&filler, vec![0u8; 4 << 20]);
         let server = NbdExport::start(&file, "thin", Listen::Tcp(free_port()));
-        let config = DiskConfig::network("nbd5", server.source(), DiskModel::VirtioBlk)
-            .on_error(ErrorPolicy::both(OnError::Stop));
-        let dev = add_seen(&g, config).await;
-        let mut events = g.vm.client().events();
+        let (dev, mut events) = add_stopping(&g, "nbd5", server.source()).await;
 
         let word = word("nbd5");
         let write = full_page_write(&word, &dev, "echo ok");
@@ -293,14 +311,7 @@ fn with_stop_storage_out_of_space_pauses_the_vm_and_one_resume_completes_the_wri
         let host = async {
             // The VM pauses on "no space left" (the server's words, through NBD), the event
             // names the disk; space comes back, and one call resumes the VM.
-            let error = next_io_error(&mut events).await;
-            assert_eq!(
-                (error.operation.as_str(), error.action.as_str()),
-                ("write", "stop")
-            );
-            assert_eq!(error.nospace, Some(true));
-            assert_eq!(g.vm.disk_of_io_error(&error).as_deref(), Some("nbd5"));
-            assert_eq!(g.vm.run_state().await.unwrap(), RunState::IoError);
+            paused_by_write(&g, &mut events, "nbd5", true).await;
             std::fs::remove_file(&filler).unwrap();
             g.vm.resume().await.unwrap();
         };
