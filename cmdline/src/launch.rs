@@ -249,8 +249,12 @@ impl Launcher {
         let fd = i64::try_from(2 + fds.len()).expect("a few fds");
         let mut args = master_key.object(fd).args().to_vec();
         for disk in &self.spec.disks {
-            if let Some(secret) = disk.network_source().and_then(|n| n.secret()) {
-                let object = master_key.encrypt(&crate::names::secret(&disk.id), secret)?;
+            let secret = disk
+                .network_source()
+                .map(|n| n.secret_value())
+                .transpose()?;
+            if let Some(secret) = secret.flatten() {
+                let object = master_key.encrypt(&crate::names::secret(&disk.id), &secret)?;
                 args.extend(object.args());
             }
         }

@@ -5,6 +5,9 @@
 
 use std::path::PathBuf;
 
+use base64::Engine;
+
+use crate::error::{Error, Result};
 use crate::secret::Secret;
 use crate::value::{p, Props, QomObject};
 
@@ -238,12 +241,34 @@ impl NetworkSource {
         }
     }
 
-    /// The secret the node names (`<disk>-secret`), if any.
+    /// The secret the node names (`<disk>-secret`), if any, as the user gave it.
     pub fn secret(&self) -> Option<&Secret> {
         match self {
             NetworkSource::Nbd(_) => None,
             NetworkSource::Iscsi(i) => i.chap.as_ref().map(|c| &c.password),
             NetworkSource::Rbd(r) => r.key.as_ref(),
+        }
+    }
+
+    /// What QEMU's `secret` object for [`secret`](NetworkSource::secret) holds: a CHAP
+    /// password as it is; a Ceph key decoded from the base64 Ceph prints it in, since QEMU's
+    /// `rbd` driver encodes the object's bytes in base64 again for librados (as libvirt stores
+    /// a Ceph secret's value decoded). A key that is not base64 is an error that shows none of it.
+    pub fn secret_value(&self) -> Result<Option<Secret>> {
+        match self {
+            NetworkSource::Rbd(Rbd { key: Some(key), .. }) => {
+                let text = String::from_utf8_lossy(key.expose());
+                base64::engine::general_purpose::STANDARD
+                    .decode(text.trim())
+                    .map(|raw| Some(Secret::new(raw)))
+                    .map_err(|_| {
+                        Error::InvalidSpec(
+                            "an RBD key must be the base64 text Ceph gives (`ceph auth get-key`)"
+                                .into(),
+                        )
+                    })
+            }
+            other => Ok(other.secret().cloned()),
         }
     }
 
@@ -280,5 +305,50 @@ impl From<Iscsi> for NetworkSource {
 impl From<Rbd> for NetworkSource {
     fn from(rbd: Rbd) -> Self {
         NetworkSource::Rbd(rbd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rbd(key: &str) -> NetworkSource {
+        NetworkSource::Rbd(Rbd {
+            pool: "rbd".into(),
+            image: "vm1".into(),
+            namespace: None,
+            snapshot: None,
+            monitors: Vec::new(),
+            user: None,
+            conf: None,
+            key: Some(Secret::new(key)),
+        })
+    }
+
+    #[test]
+    fn a_ceph_key_reaches_qemu_decoded_and_a_chap_password_as_it_is() {
+        let value = rbd("AQCgzRVr0NzQDBAAGE3fJsYSNglN+ZTs6h2huA==")
+            .secret_value()
+            .unwrap()
+            .unwrap();
+        assert_eq!(value.expose().len(), 28);
+        assert_eq!(&value.expose()[..2], &[0x01, 0x00]);
+        let chap = NetworkSource::Iscsi(Iscsi {
+            portal: "127.0.0.1".into(),
+            target: "iqn.t".into(),
+            lun: 1,
+            initiator: None,
+            chap: Some(Chap {
+                user: "u".into(),
+                password: Secret::new("pa ss"),
+            }),
+        });
+        assert_eq!(chap.secret_value().unwrap().unwrap().expose(), b"pa ss");
+    }
+
+    #[test]
+    fn a_ceph_key_that_is_not_base64_is_refused_without_showing_it() {
+        let error = rbd("Garbled-key!").secret_value().unwrap_err();
+        assert!(!format!("{error} {error:?}").contains("Garbled"));
     }
 }

@@ -14,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod ceph;
 pub mod epoll_floor;
 pub mod guest;
 pub mod proxy;

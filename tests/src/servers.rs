@@ -21,7 +21,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Waits until `ready` holds, by [`START`].
-fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + START;
     let mut pause = Duration::from_millis(5);
     while !ready() {
@@ -178,7 +178,9 @@ pub struct IscsiTarget {
     port: u16,
     control: u16,
     iqn: String,
-    child: Child,
+    file: PathBuf,
+    chap: Option<(String, String)>,
+    child: Option<Child>,
 }
 
 impl IscsiTarget {
@@ -189,36 +191,47 @@ impl IscsiTarget {
     /// given, and waits until the portal answers.
     pub fn start(file: &Path, chap: Option<(&str, &str)>) -> IscsiTarget {
         let port = free_port();
-        // Its management socket's number (`-C`, at most 32767), from the portal's port.
-        let control = port % 32000 + 1;
+        let mut target = IscsiTarget {
+            port,
+            // Its management socket's number (`-C`, at most 32767), from the portal's port.
+            control: port % 32000 + 1,
+            iqn: Self::IQN.to_owned(),
+            file: file.to_owned(),
+            chap: chap.map(|(u, p)| (u.to_owned(), p.to_owned())),
+            child: None,
+        };
+        target.restart();
+        target
+    }
+
+    /// Kills the target (an outage): its initiators' connections drop.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the target (again) on the same portal, with the same LUN and CHAP, and waits until
+    /// the portal answers.
+    pub fn restart(&mut self) {
+        self.stop();
         let child = Command::new("tgtd")
-            .args(["-f", "-C", &control.to_string(), "--iscsi"])
-            .arg(format!("portal=127.0.0.1:{port}"))
+            .args(["-f", "-C", &self.control.to_string(), "--iscsi"])
+            .arg(format!("portal=127.0.0.1:{}", self.port))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("run tgtd");
-        let target = IscsiTarget {
-            port,
-            control,
-            iqn: Self::IQN.to_owned(),
-            child,
-        };
+        self.child = Some(child);
         wait_until("tgtd's control socket", || {
-            target.tgtadm(&["--op", "show", "--mode", "sys"], false)
+            self.tgtadm(&["--op", "show", "--mode", "sys"], false)
         });
-        let file = file.to_string_lossy();
+        let file = self.file.to_string_lossy().into_owned();
         let steps: Vec<Vec<&str>> = vec![
             vec![
-                "--op",
-                "new",
-                "--mode",
-                "target",
-                "--tid",
-                "1",
-                "-T",
-                &target.iqn,
+                "--op", "new", "--mode", "target", "--tid", "1", "-T", &self.iqn,
             ],
             vec![
                 "--op",
@@ -237,9 +250,9 @@ impl IscsiTarget {
             ],
         ];
         for step in steps {
-            target.tgtadm(&step, true);
+            self.tgtadm(&step, true);
         }
-        if let Some((user, password)) = chap {
+        if let Some((user, password)) = &self.chap {
             let account = [
                 "--op",
                 "new",
@@ -248,17 +261,18 @@ impl IscsiTarget {
                 "--user",
                 user,
                 "--password",
+                password,
             ];
-            target.tgtadm(&[&account[..], &[password]].concat(), true);
+            self.tgtadm(&account, true);
             let bind = [
                 "--op", "bind", "--mode", "account", "--tid", "1", "--user", user,
             ];
-            target.tgtadm(&bind, true);
+            self.tgtadm(&bind, true);
         }
+        let port = self.port;
         wait_until("the iSCSI portal", || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        target
     }
 
     /// Runs `tgtadm` on this instance; true if it succeeded (asserted when `must`).
@@ -298,8 +312,7 @@ impl IscsiTarget {
 
 impl Drop for IscsiTarget {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 

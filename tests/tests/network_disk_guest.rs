@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use qhotplug::{DiskConfig, DiskModel, ErrorPolicy, EventKind, NetworkSource, OnError, RunState};
 use qhotplug_qmp::event::BlockIoError;
+use qhotplug_tests::ceph::CephCluster;
 use qhotplug_tests::servers::{free_port, IscsiTarget, Listen, NbdExport};
 use qhotplug_tests::{image, pc_spec, Console, Guest, Snapshot};
 
@@ -27,6 +28,18 @@ async fn write_through(
     file: &Path,
     mib: u64,
 ) -> String {
+    write_to_server(g, id, source, model, || std::fs::read(file).unwrap(), mib).await
+}
+
+/// As [`write_through`], the server's bytes read by `on_server`.
+async fn write_to_server(
+    g: &Guest,
+    id: &str,
+    source: NetworkSource,
+    model: DiskModel,
+    on_server: impl Fn() -> Vec<u8>,
+    mib: u64,
+) -> String {
     let mark = g.console.mark();
     let uri = source.uri();
     let disk =
@@ -43,7 +56,7 @@ async fn write_through(
     );
     assert_eq!(g.console.run(&write, SEEN).await, ["ok"]);
     assert_eq!(read_back(&g.console, &dev, &word).await, word);
-    let on_server = std::fs::read(file).unwrap();
+    let on_server = on_server();
     let at = (SECTOR * 512) as usize;
     assert_eq!(&on_server[at..at + word.len()], word.as_bytes());
     dev
@@ -324,6 +337,35 @@ fn with_stop_storage_out_of_space_pauses_the_vm_and_one_resume_completes_the_wri
     });
 }
 
+/// With the server of `dev` gone, the guest writes `word` in the background; once its `dd`
+/// waits on the disk (state D), `come_back` brings the server back, and the write completes with
+/// no error in the guest and no `BLOCK_IO_ERROR` on `events`.
+async fn write_rides_out(
+    g: &Guest,
+    events: &mut qhotplug_qmp::EventStream,
+    dev: &str,
+    word: &str,
+    come_back: impl FnOnce(),
+) {
+    let write = full_page_write(word, dev, "echo $? >/tmp/written");
+    let started = format!("rm -f /tmp/written; ( {write} ) >/dev/null 2>&1 & echo started");
+    assert_eq!(g.console.run(&started, SEEN).await, ["started"]);
+    let blocked = "for i in $(seq 600); do grep -q 'State:.*D' /proc/$(pidof dd)/status \
+         2>/dev/null && break; sleep 0.1; done; sed -n 's/^State:.//p' /proc/$(pidof dd)/status";
+    let state = g.console.run(blocked, SEEN).await.concat();
+    assert!(state.trim_start().starts_with('D'), "dd is {state:?}");
+    come_back();
+    let done = "while [ ! -s /tmp/written ]; do sleep 0.1; done; cat /tmp/written";
+    assert_eq!(g.console.run(done, SEEN).await, ["0"]);
+    let quiet = events
+        .wait_for(tokio::time::Instant::now(), |e| {
+            matches!(e, EventKind::BlockIoError(_))
+        })
+        .await;
+    assert!(!quiet, "a BLOCK_IO_ERROR");
+    assert_eq!(g.vm.run_state().await.unwrap(), RunState::Running);
+}
+
 #[test]
 fn nbd_reconnect_rides_out_a_short_outage_with_no_error() {
     qhotplug_tests::serial_test(async {
@@ -340,29 +382,32 @@ fn nbd_reconnect_rides_out_a_short_outage_with_no_error() {
         .await;
         let mut events = g.vm.client().events();
         server.stop();
-
-        // The write starts in the background; once its `dd` waits on the disk (state D), the
-        // server comes back.
         let word = word("nbd4");
-        let write = full_page_write(&word, &dev, "echo $? >/tmp/written");
-        let started = format!("rm -f /tmp/written; ( {write} ) >/dev/null 2>&1 & echo started");
-        assert_eq!(g.console.run(&started, SEEN).await, ["started"]);
-        let blocked = "for i in $(seq 600); do grep -q 'State:.*D' /proc/$(pidof dd)/status \
-             2>/dev/null && break; sleep 0.1; done; sed -n 's/^State:.//p' /proc/$(pidof dd)/status";
-        let state = g.console.run(blocked, SEEN).await.concat();
-        assert!(state.trim_start().starts_with('D'), "dd is {state:?}");
-        server.restart();
-        let done = "while [ ! -s /tmp/written ]; do sleep 0.1; done; cat /tmp/written";
-        assert_eq!(g.console.run(done, SEEN).await, ["0"]);
-        // No error reached the guest or QEMU's events, and the data is on the server.
-        let quiet = events
-            .wait_for(tokio::time::Instant::now(), |e| {
-                matches!(e, EventKind::BlockIoError(_))
-            })
-            .await;
-        assert!(!quiet, "a BLOCK_IO_ERROR");
+        write_rides_out(&g, &mut events, &dev, &word, || server.restart()).await;
         assert_on_server(&file, &word);
         g.vm.remove_disk("nbd4").await.unwrap();
+    });
+}
+
+#[test]
+fn an_iscsi_target_that_goes_away_and_comes_back_is_ridden_out_even_with_stop() {
+    qhotplug_tests::serial_test(async {
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        let dir = g.dir().to_owned();
+        let file = image(&dir, "away.raw", 8);
+        let mut target = IscsiTarget::start(&file, None);
+        // libiscsi logs in again and sends the waiting requests when the target is back; they
+        // never fail meanwhile (QEMU's `timeout` does not count while it reconnects), so the
+        // `stop` policy never comes into play.
+        let config = DiskConfig::network("lun3", target.source(None), DiskModel::VirtioBlk)
+            .on_error(ErrorPolicy::both(OnError::Stop));
+        let dev = add_seen(&g, config).await;
+        let mut events = g.vm.client().events();
+        target.stop();
+        let word = word("lun3");
+        write_rides_out(&g, &mut events, &dev, &word, || target.restart()).await;
+        assert_on_server(&file, &word);
+        g.vm.remove_disk("lun3").await.unwrap();
     });
 }
 
@@ -452,5 +497,58 @@ fn an_nbd_export_over_tls_carries_the_guests_writes_and_a_client_that_trusts_ano
         assert!(objects.iter().any(|o| o == "nbd7-tls"), "{objects:?}");
         g.vm.remove_disk("nbd7").await.unwrap();
         assert_eq!(Snapshot::take(&g.vm).await, before);
+    });
+}
+
+#[test]
+fn an_rbd_image_on_a_real_ceph_cluster_carries_the_guests_writes_and_its_key_stays_encrypted() {
+    qhotplug_tests::serial_test(async {
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        // The cluster outlives this QEMU's directory: the relaunch below uses it too.
+        let ceph_dir = tempfile::tempdir().unwrap();
+        let ceph = CephCluster::start(ceph_dir.path());
+        ceph.create_image("vm-data", 8);
+        let key = ceph.admin_key();
+        let before = Snapshot::take(&g.vm).await;
+
+        // Hot-added on scsi-hd and removed: the guest's write is in the image (read back by
+        // librbd), and QEMU has nothing left.
+        let read = || ceph.read_image("vm-data");
+        let source = ceph.source("vm-data");
+        write_to_server(
+            &g,
+            "rbd1",
+            source.clone().into(),
+            DiskModel::ScsiHd,
+            read,
+            8,
+        )
+        .await;
+        g.vm.remove_disk("rbd1").await.unwrap();
+        assert_eq!(Snapshot::take(&g.vm).await, before);
+
+        // On virtio-blk, then a relaunch from the spec: QEMU opens the image again with the key
+        // from the spec, which its argv has only encrypted; the guest reads what it wrote.
+        let config = DiskConfig::network("rbd2", source.clone(), DiskModel::VirtioBlk);
+        assert!(!format!("{config:?}").contains(&key));
+        let read = || ceph.read_image("vm-data");
+        write_to_server(&g, "rbd2", source.into(), DiskModel::VirtioBlk, read, 8).await;
+        let spec = g.vm.spec();
+        assert!(!format!("{spec:?}").contains(&key));
+        g.vm.quit().await.unwrap();
+        drop(g);
+        let again = Guest::boot(spec, |l| l).await;
+        let argv = std::fs::read(format!("/proc/{}/cmdline", again.vm.pid().unwrap())).unwrap();
+        let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+        assert!(
+            argv.contains("driver\":\"rbd") || argv.contains("driver=rbd"),
+            "{argv}"
+        );
+        assert!(!argv.contains(&key), "{argv}");
+        assert_eq!(
+            read_back(&again.console, "vda", &word("rbd2")).await,
+            word("rbd2")
+        );
+        again.vm.remove_disk("rbd2").await.unwrap();
     });
 }

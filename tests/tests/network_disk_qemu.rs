@@ -1,12 +1,14 @@
 //! Network disks against real QEMU and real servers, no guest: a failure at each step of a
 //! network disk's hot-add rolls back (through the fault proxy, on a VM attached to, whose
 //! master key is made in that same transaction), and bad input (an unreachable server, a wrong
-//! export name or LUN, a server that hangs up during the handshake, a wrong password, a Ceph
-//! monitor that does not answer) is a typed error that leaves QEMU and our fd table as they were.
+//! export name or LUN, a server that hangs up during the handshake, a wrong password; on a real
+//! Ceph cluster, a monitor that does not answer, an image that does not exist, a wrong key) is a
+//! typed error that leaves QEMU and our fd table as they were.
 
 use std::time::Duration;
 
 use qhotplug::{CephMonitor, DiskConfig, DiskModel, NetworkSource, Rbd};
+use qhotplug_tests::ceph::CephCluster;
 use qhotplug_tests::servers::{free_port, IscsiTarget, Listen, NbdExport};
 use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
 
@@ -127,34 +129,24 @@ fn bad_network_disks_are_typed_errors_that_leave_nothing_behind() {
 }
 
 #[test]
-fn an_rbd_disk_renders_against_both_qemus_and_no_monitor_is_a_typed_error_that_leaves_nothing() {
+fn rbd_options_are_qemus_and_bad_rbd_disks_on_a_real_ceph_cluster_are_typed_errors_that_leave_nothing(
+) {
     qhotplug_tests::serial_test(async {
         let t = TestVm::running(pc_spec()).await;
+        let ceph = CephCluster::start(&t.dir().join("ceph"));
+        ceph.create_image("exists", 8);
         let before = t.snapshot().await;
-        // A monitor nobody serves, and a ceph.conf that gives up on it in 2 s.
-        let conf = t.dir().join("ceph.conf");
-        std::fs::write(
-            &conf,
-            "[global]\nclient_mount_timeout = 2\nauth_client_required = cephx\n",
-        )
-        .unwrap();
-        let rbd = Rbd {
-            pool: "rbd".into(),
-            image: "vm1-data".into(),
-            namespace: Some("tenant-a".into()),
-            snapshot: None,
-            monitors: vec![CephMonitor {
-                host: "127.0.0.1".into(),
-                port: free_port(),
-            }],
-            user: Some("qhotplug".into()),
-            conf: Some(conf),
-            key: Some(qhotplug::Secret::new("AQBrbd-Key-Not-Real==")),
-        };
+        let good = ceph.source("exists");
+        let key = ceph.admin_key();
+
         // Every option the SDK renders is one QEMU's schema has for blockdev-add.
+        let mut full = good.clone();
+        full.namespace = Some("tenant-a".into());
+        full.snapshot = Some("snap".into());
+        full.conf = Some(t.dir().join("ceph.conf"));
         let disk = qhotplug::Disk::on_network(
             "rbd1",
-            rbd.clone(),
+            full,
             qhotplug::DiskFrontend::VirtioBlk(qhotplug::Pci::new("pci.0", 9)),
         );
         let schema = t.vm.client().schema().await.unwrap();
@@ -169,13 +161,55 @@ fn an_rbd_disk_renders_against_both_qemus_and_no_monitor_is_a_typed_error_that_l
             .arg_values("blockdev-add", "driver")
             .unwrap()
             .contains(&"rbd"));
-        let config = DiskConfig::network("rbd1", rbd, DiskModel::VirtioBlk);
-        let refused = tokio::time::timeout(Duration::from_secs(60), t.vm.add_disk(config))
+
+        // A key that is not Ceph's base64 is refused before anything is sent, showing none of it.
+        let mut garbled = good.clone();
+        garbled.key = Some(qhotplug::Secret::new("not-base64-Garbled!"));
+        let refused =
+            t.vm.add_disk(DiskConfig::network("bad", garbled, DiskModel::VirtioBlk))
+                .await
+                .unwrap_err();
+        assert!(refused.nothing_sent(), "{refused:?}");
+        assert!(!chain(&refused).contains("Garbled"));
+
+        // A monitor nobody serves, an image that does not exist, a key the cluster does not know.
+        // librados retries a monitor or a key it cannot use for `client_mount_timeout` (300 s
+        // by default, QEMU's monitor blocked meanwhile): a ceph.conf makes it 2 s.
+        let conf = t.dir().join("give-up.conf");
+        std::fs::write(&conf, "[global]\nclient_mount_timeout = 2\n").unwrap();
+        let mut no_monitor = good.clone();
+        no_monitor.monitors = vec![CephMonitor {
+            host: "127.0.0.1".into(),
+            port: free_port(),
+        }];
+        no_monitor.conf = Some(conf.clone());
+        let mut no_image = good.clone();
+        no_image.image = "does-not-exist".into();
+        let mut wrong_key = good.clone();
+        wrong_key.key = Some(qhotplug::Secret::new(ceph.new_key()));
+        wrong_key.conf = Some(conf);
+        let cases: Vec<(&str, Rbd, &str)> = vec![
+            ("no monitor", no_monitor, ""),
+            ("an image that does not exist", no_image, "No such file"),
+            ("a wrong key", wrong_key, ""),
+        ];
+        for (what, source, says) in cases {
+            let config = DiskConfig::network("bad", source, DiskModel::VirtioBlk);
+            let refused = tokio::time::timeout(Duration::from_secs(60), t.vm.add_disk(config))
+                .await
+                .unwrap_or_else(|_| panic!("{what}: no answer in 60 s"))
+                .unwrap_err();
+            let said = format!("{} {refused:?}", chain(&refused));
+            qhotplug_tests::assert_failed_at(&refused, "blockdev-add");
+            assert!(said.contains(says), "{what}: {said}");
+            assert!(!said.contains(&key), "{what}: {said}");
+            assert_eq!(t.snapshot().await, before, "{what}");
+        }
+        // And the right one opens (on SCSI, whose unplug needs no guest).
+        t.vm.add_disk(DiskConfig::network("rbd1", good, DiskModel::ScsiHd))
             .await
-            .expect("librbd gives up")
-            .unwrap_err();
-        qhotplug_tests::assert_failed_at(&refused, "blockdev-add");
-        assert!(!format!("{} {refused:?}", chain(&refused)).contains("Key-Not-Real"));
+            .unwrap();
+        t.vm.remove_disk("rbd1").await.unwrap();
         assert_eq!(t.snapshot().await, before);
     });
 }

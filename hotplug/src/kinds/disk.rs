@@ -249,7 +249,7 @@ impl Plug for DiskConfig {
             None => {
                 super::image_backends(&disk.id, &disk.path, !disk.read_only, disk.blockdev_add(""))?
             }
-            Some(source) => super::network_backends(&disk.id, source, disk.blockdev_add("")),
+            Some(source) => super::network_backends(&disk.id, source, disk.blockdev_add(""))?,
         };
         let after = limits
             .map(|limits| {

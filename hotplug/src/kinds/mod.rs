@@ -120,12 +120,12 @@ pub(crate) fn network_backends(
     id: &str,
     source: &qhotplug_cmdline::NetworkSource,
     nodes: Vec<BlockdevAdd>,
-) -> Vec<Backend> {
+) -> Result<Vec<Backend>> {
     let mut backends = Vec::new();
-    if let Some(secret) = source.secret() {
+    if let Some(secret) = source.secret_value().map_err(Error::Spec)? {
         backends.push(Backend::Secret {
             id: qhotplug_cmdline::names::secret(id),
-            secret: secret.clone(),
+            secret,
         });
     }
     if let Some(tls) = source.tls_object(id) {
@@ -135,7 +135,7 @@ pub(crate) fn network_backends(
         add,
         on_fdset: false,
     }));
-    backends
+    Ok(backends)
 }
 
 /// The backends of an image the SDK opens (read-only unless `write`) and hands over: its fd set,
