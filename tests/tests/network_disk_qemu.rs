@@ -1,5 +1,5 @@
 //! Network disks against real QEMU and real servers, no guest: a failure at each step of a
-//! network disk's hot-add rolls back (through the fault proxy, on a VM attached to, whose
+//! network disk's hot-add (iSCSI with CHAP, RBD with a key, NBD over TLS) rolls back (through the fault proxy, on a VM attached to, whose
 //! master key is made in that same transaction), and bad input (an unreachable server, a wrong
 //! export name or LUN, a server that hangs up during the handshake, a wrong password; on a real
 //! Ceph cluster, a monitor that does not answer, an image that does not exist, a wrong key) is a
@@ -12,8 +12,9 @@ use qhotplug_tests::ceph::CephCluster;
 use qhotplug_tests::servers::{free_port, IscsiTarget, Listen, NbdExport};
 use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
 
-/// The steps of an iSCSI-with-CHAP hot-add on a VM attached to (no master key yet), in order.
-const CHAP_STEPS: &[(&str, usize)] = &[
+/// The steps of a hot-add of a network disk with a secret (iSCSI with CHAP, RBD with a key) on a
+/// VM attached to (no master key yet), in order.
+const SECRET_STEPS: &[(&str, usize)] = &[
     ("add-fd", 1),
     ("object-add", 1),
     ("remove-fd", 1),
@@ -23,8 +24,16 @@ const CHAP_STEPS: &[(&str, usize)] = &[
     ("device_add", 1),
 ];
 
+/// The steps of a hot-add of an NBD disk over TLS: its credentials object, its nodes, its device.
+const TLS_STEPS: &[(&str, usize)] = &[
+    ("object-add", 1),
+    ("blockdev-add", 1),
+    ("blockdev-add", 2),
+    ("device_add", 1),
+];
+
 #[test]
-fn a_failure_at_each_step_of_a_chap_iscsi_hot_add_leaves_qemu_as_it_was() {
+fn a_failure_at_each_step_of_a_network_disk_hot_add_leaves_qemu_as_it_was() {
     qhotplug_tests::serial_test(async {
         let dir = tempfile::tempdir().unwrap();
         let mon2 = dir.path().join("mon2.sock");
@@ -34,14 +43,32 @@ fn a_failure_at_each_step_of_a_chap_iscsi_hot_add_leaves_qemu_as_it_was() {
         let lun = t.image("lun.raw", 8);
         let chap = ("qhotplug", "rollback-Password-1");
         let target = IscsiTarget::start(&lun, Some(chap));
-        for &(step, nth) in CHAP_STEPS {
-            let source: NetworkSource = target.source(Some(chap)).into();
-            let (vm, _proxy) = assert_rolls_back(&t, &mon2, step, nth, |vm| async move {
-                let config = DiskConfig::network("lun1", source, DiskModel::ScsiHd);
-                vm.add_disk(config).await
-            })
-            .await;
-            assert!(vm.disks().is_empty(), "{step} #{nth}");
+        let ceph = CephCluster::start(&dir.path().join("ceph"));
+        ceph.create_image("rolled", 8);
+        let export = t.image("export.raw", 8);
+        let (server_tls, client_tls) = qhotplug_tests::servers::x509(dir.path());
+        let nbd = NbdExport::start_tls(&export, "tls", Listen::Tcp(free_port()), Some(&server_tls));
+        let mut over_tls = nbd.source();
+        over_tls.tls_dir = Some(client_tls);
+        let cases: Vec<(&str, NetworkSource, &[(&str, usize)])> = vec![
+            (
+                "iSCSI with CHAP",
+                target.source(Some(chap)).into(),
+                SECRET_STEPS,
+            ),
+            ("RBD with a key", ceph.source("rolled").into(), SECRET_STEPS),
+            ("NBD over TLS", over_tls.into(), TLS_STEPS),
+        ];
+        for (what, source, steps) in cases {
+            for &(step, nth) in steps {
+                let source = source.clone();
+                let (vm, _proxy) = assert_rolls_back(&t, &mon2, step, nth, |vm| async move {
+                    let config = DiskConfig::network("net1", source, DiskModel::ScsiHd);
+                    vm.add_disk(config).await
+                })
+                .await;
+                assert!(vm.disks().is_empty(), "{what}: {step} #{nth}");
+            }
         }
         // And without a fault, through the same kind of attached VM: it works, and the master
         // key it made stays while the disk goes.
