@@ -1,12 +1,14 @@
 //! CD-ROM drives: `scsi-cd` on a virtio-scsi controller (hot-pluggable) and `ide-cd` on the
-//! machine's IDE controller (boot only), each empty or holding an ISO image.
+//! machine's IDE controller (boot only), each empty or holding an ISO image: a file on the host,
+//! or an export QEMU reads over the network (NBD, iSCSI, RBD), read-only either way.
 //!
 //! A medium is two read-only block nodes, like a raw disk's, named by the drive's id and the
 //! medium's generation ([`names::file_node_at`](crate::names::file_node_at)): a medium
 //! change adds the new medium's nodes while the old ones still exist, so each medium a drive takes
-//! gets the next number.
+//! gets the next number. So does a network medium's secret and TLS object
+//! ([`names::secret_at`](crate::names::secret_at)).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use qhotplug_qmp::command::BlockdevAdd;
 
@@ -15,7 +17,65 @@ use crate::error::{Error, Result};
 use crate::machine::Machine;
 use crate::model::DeviceModel;
 use crate::names;
+use crate::network_disk::NetworkSource;
 use crate::value::{p, validate_id, Props};
+
+/// What a CD-ROM drive holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Medium {
+    /// An ISO image on the host, opened read-only by the SDK and handed over as an fd.
+    Image(PathBuf),
+    /// An export QEMU opens itself, read-only: an ISO library on NBD, iSCSI or Ceph RBD.
+    Network(Box<NetworkSource>),
+}
+
+impl Medium {
+    /// The image's path, if it is a host file.
+    pub fn image_path(&self) -> Option<&Path> {
+        match self {
+            Medium::Image(path) => Some(path),
+            Medium::Network(_) => None,
+        }
+    }
+
+    /// Its network source, if it is one.
+    pub fn network_source(&self) -> Option<&NetworkSource> {
+        match self {
+            Medium::Image(_) => None,
+            Medium::Network(source) => Some(source),
+        }
+    }
+}
+
+impl From<PathBuf> for Medium {
+    fn from(path: PathBuf) -> Self {
+        Medium::Image(path)
+    }
+}
+
+impl From<&Path> for Medium {
+    fn from(path: &Path) -> Self {
+        Medium::Image(path.to_owned())
+    }
+}
+
+impl From<&PathBuf> for Medium {
+    fn from(path: &PathBuf) -> Self {
+        Medium::Image(path.clone())
+    }
+}
+
+impl From<&str> for Medium {
+    fn from(path: &str) -> Self {
+        Medium::Image(path.into())
+    }
+}
+
+impl From<NetworkSource> for Medium {
+    fn from(source: NetworkSource) -> Self {
+        Medium::Network(Box::new(source))
+    }
+}
 
 /// A place on the machine's built-in IDE controller: on `pc`, `ide.0` and `ide.1` with units 0
 /// and 1; on `q35` (AHCI), `ide.0` to `ide.5` with unit 0.
@@ -76,8 +136,8 @@ pub struct Cdrom {
     pub id: String,
     /// Where it sits.
     pub bus: CdromBus,
-    /// The image in the drive (opened read-only), or `None` for an empty drive.
-    pub medium: Option<PathBuf>,
+    /// The medium in the drive (read-only), or `None` for an empty drive.
+    pub medium: Option<Medium>,
     /// The number of the medium in the drive (or of the last one), which its block nodes are
     /// named by; a medium change takes the next.
     pub generation: u32,
@@ -109,10 +169,21 @@ impl Cdrom {
         }
     }
 
-    /// The same drive holding the image at `path`.
-    pub fn with_medium(mut self, path: impl Into<PathBuf>) -> Cdrom {
-        self.medium = Some(path.into());
+    /// The same drive holding `medium`: an image's path, or a [`NetworkSource`].
+    pub fn with_medium(mut self, medium: impl Into<Medium>) -> Cdrom {
+        self.medium = Some(medium.into());
         self
+    }
+
+    /// The medium's network source, if it is on the network.
+    pub fn network_source(&self) -> Option<&NetworkSource> {
+        self.medium.as_ref().and_then(Medium::network_source)
+    }
+
+    /// The name of the medium's `secret` object (there is one when its network source has a
+    /// secret).
+    pub fn secret_id(&self) -> String {
+        names::secret_at(&self.id, self.generation)
     }
 
     /// The medium's protocol node.
@@ -125,19 +196,21 @@ impl Cdrom {
         names::format_node_at(&self.id, self.generation)
     }
 
-    /// The medium's nodes: a read-only `file` node on `filename` (the path at boot,
-    /// `/dev/fdset/N` at hotplug), then a read-only `raw` node on it. Empty for an empty drive.
+    /// The medium's nodes: a read-only protocol node (a `file` node on `filename`, the path at boot
+    /// and `/dev/fdset/N` at hotplug; or the network export), then a read-only `raw` node on it.
+    /// Empty for an empty drive.
     pub fn medium_props(&self, filename: &str) -> Vec<Props> {
-        if self.medium.is_none() {
+        let Some(medium) = &self.medium else {
             return Vec::new();
-        }
+        };
+        let mut protocol = match medium {
+            Medium::Image(_) => vec![p("driver", "file"), p("filename", filename)],
+            Medium::Network(source) => source.props(&self.id, self.generation),
+        };
+        protocol.insert(1, p("node-name", self.file_node()));
+        protocol.push(p("read-only", true));
         vec![
-            vec![
-                p("driver", "file"),
-                p("node-name", self.file_node()),
-                p("filename", filename),
-                p("read-only", true),
-            ],
+            protocol,
             vec![
                 p("driver", "raw"),
                 p("node-name", self.top_node()),
@@ -147,14 +220,25 @@ impl Cdrom {
         ]
     }
 
-    /// Launch arguments: the medium's `-blockdev`s, then `-device`.
+    /// The medium's `tls-creds-x509` object, if it is on the network over TLS.
+    pub fn tls_object(&self) -> Option<crate::value::QomObject> {
+        self.network_source()?.tls_object(&self.id, self.generation)
+    }
+
+    /// Launch arguments: a network medium's TLS object, the medium's `-blockdev`s, then
+    /// `-device`. A network medium's secret is the launcher's to give (it needs the VM's master
+    /// key).
     pub fn args(&self) -> Vec<String> {
         let filename = self
             .medium
             .as_ref()
+            .and_then(Medium::image_path)
             .map(|m| m.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let mut args = Vec::new();
+        let mut args = self
+            .tls_object()
+            .map(|tls| tls.args().to_vec())
+            .unwrap_or_default();
         for node in self.medium_props(&filename) {
             args.extend(["-blockdev".to_owned(), render_kv(&node)]);
         }

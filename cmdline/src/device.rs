@@ -344,7 +344,7 @@ impl Disk {
         let mut props = match &self.backend {
             DiskBackend::File => vec![p("driver", "file"), p("filename", filename)],
             DiskBackend::HostDevice => vec![p("driver", "host_device"), p("filename", filename)],
-            DiskBackend::Network(source) => source.props(&self.id),
+            DiskBackend::Network(source) => source.props(&self.id, 0),
         };
         props.insert(1, p("node-name", self.file_node()));
         props.extend(self.non_default_options());
@@ -473,7 +473,7 @@ impl Disk {
     pub fn args(&self) -> Vec<String> {
         let mut args: Vec<String> = self
             .network_source()
-            .and_then(|n| n.tls_object(&self.id))
+            .and_then(|n| n.tls_object(&self.id, 0))
             .map(|tls| tls.args().to_vec())
             .unwrap_or_default();
         args.extend(self.node_and_device_args());

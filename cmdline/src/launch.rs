@@ -248,14 +248,13 @@ impl Launcher {
         fds.push(OwnedFd::from(master_key.pipe()?));
         let fd = i64::try_from(2 + fds.len()).expect("a few fds");
         let mut args = master_key.object(fd).args().to_vec();
-        for disk in &self.spec.disks {
-            let secret = disk
-                .network_source()
-                .map(|n| n.secret_value())
-                .transpose()?;
-            if let Some(secret) = secret.flatten() {
-                let object = master_key.encrypt(&crate::names::secret(&disk.id), &secret)?;
-                args.extend(object.args());
+        let disks = self.spec.disks.iter();
+        let disk_secrets = disks.map(|d| (d.network_source(), crate::names::secret(&d.id)));
+        let cdroms = self.spec.cdroms.iter();
+        let medium_secrets = cdroms.map(|c| (c.network_source(), c.secret_id()));
+        for (source, id) in disk_secrets.chain(medium_secrets) {
+            if let Some(secret) = source.map(|n| n.secret_value()).transpose()?.flatten() {
+                args.extend(master_key.encrypt(&id, &secret)?.args());
             }
         }
         args.extend(self.spec.args(&chardev, |i| nic_numbers[i].clone()));

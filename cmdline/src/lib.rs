@@ -38,7 +38,7 @@ pub mod value;
 mod vhost_user;
 mod virtio_serial;
 
-pub use cdrom::{Cdrom, CdromBus, IdeAddr};
+pub use cdrom::{Cdrom, CdromBus, IdeAddr, Medium};
 pub use chardev::SocketChardev;
 pub use cpu::{CpuTopology, Vcpu};
 pub use daemons::{StorageDaemonLauncher, VirtiofsdLauncher, STORAGE_DAEMON_ENV, VIRTIOFSD_ENV};

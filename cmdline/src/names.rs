@@ -76,14 +76,17 @@ fn generational(name: String, generation: u32) -> String {
 /// medium generation. No two ids share a node name: a node name ends in `-file`/`-fmt` (and
 /// maybe `.<n>`), so the id is what comes before.
 pub fn is_block_node_of(id: &str, node: &str) -> bool {
-    let Some(rest) = node.strip_prefix(id) else {
-        return false;
-    };
-    let base = match rest.rsplit_once('.') {
+    matches!(suffix_of(id, node), Some("-file" | "-fmt"))
+}
+
+/// What `name` adds to device `id` after its generation number is taken off (`cd0-file.3` on
+/// `cd0`: `-file`), if `name` starts with `id`.
+fn suffix_of<'a>(id: &str, name: &'a str) -> Option<&'a str> {
+    let rest = name.strip_prefix(id)?;
+    Some(match rest.rsplit_once('.') {
         Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => base,
         _ => rest,
-    };
-    base == "-file" || base == "-fmt"
+    })
 }
 
 /// The id of the hot-pluggable vCPU in CPU slot `index` (in slot order, the boot vCPU's being 0).
@@ -131,6 +134,24 @@ pub fn tls_creds(id: &str) -> String {
     format!("{id}-tls")
 }
 
+/// The `secret` object of device `id`'s network medium number `generation` (a CD-ROM's media
+/// each have their own, since the old one's exists until the new one is in): `<id>-secret`, then
+/// `<id>-secret.<n>`.
+pub fn secret_at(id: &str, generation: u32) -> String {
+    generational(secret(id), generation)
+}
+
+/// The `tls-creds-x509` object of device `id`'s network medium number `generation`.
+pub fn tls_creds_at(id: &str, generation: u32) -> String {
+    generational(tls_creds(id), generation)
+}
+
+/// Whether QOM object `object` is a network backend's object (secret, TLS credentials) of
+/// device `id`, of any generation: what `reconcile` looks for besides [`backends`]'s.
+pub fn is_network_object_of(id: &str, object: &str) -> bool {
+    matches!(suffix_of(id, object), Some("-secret" | "-tls"))
+}
+
 /// The `opaque` tag of the fd sets that device `id`'s backends were opened from (`add-fd`), by
 /// which `reconcile` finds sets a hot-add left behind.
 pub fn fdset_tag(id: &str) -> String {
@@ -174,6 +195,24 @@ mod tests {
         assert_eq!(backends("x").netdevs, ["x-net"]);
         assert_eq!(file_node_at("cd", 0), "cd-file");
         assert_eq!(format_node_at("cd", 3), "cd-fmt.3");
+    }
+
+    #[test]
+    fn network_objects_belong_to_one_id_whatever_their_generation() {
+        assert_eq!(secret_at("cd", 0), "cd-secret");
+        assert_eq!(tls_creds_at("cd", 3), "cd-tls.3");
+        for object in ["cd-secret", "cd-tls", "cd-secret.1", "cd-tls.12"] {
+            assert!(is_network_object_of("cd", object), "{object}");
+        }
+        for object in [
+            "cd-1-secret",
+            "cd-secret.x",
+            "cdx-tls",
+            "cd-mem",
+            "cd-file.1",
+        ] {
+            assert!(!is_network_object_of("cd", object), "{object}");
+        }
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl Nbd {
         }
     }
 
-    fn props(&self, disk: &str) -> Props {
+    fn props(&self, owner: &str, generation: u32) -> Props {
         let mut props = vec![p("driver", "nbd")];
         match &self.server {
             NbdServer::Unix(path) => {
@@ -125,7 +125,10 @@ impl Nbd {
             props.push(p("reconnect-delay", i64::from(delay)));
         }
         if self.tls_dir.is_some() {
-            props.push(p("tls-creds", crate::names::tls_creds(disk)));
+            props.push(p(
+                "tls-creds",
+                crate::names::tls_creds_at(owner, generation),
+            ));
         }
         props
     }
@@ -137,7 +140,7 @@ impl Iscsi {
         format!("iscsi://{}/{}/{}", self.portal, self.target, self.lun)
     }
 
-    fn props(&self, disk: &str) -> Props {
+    fn props(&self, owner: &str, generation: u32) -> Props {
         let mut props = vec![
             p("driver", "iscsi"),
             p("transport", "tcp"),
@@ -150,7 +153,10 @@ impl Iscsi {
         }
         if let Some(chap) = &self.chap {
             props.push(p("user", chap.user.clone()));
-            props.push(p("password-secret", crate::names::secret(disk)));
+            props.push(p(
+                "password-secret",
+                crate::names::secret_at(owner, generation),
+            ));
         }
         props
     }
@@ -172,7 +178,7 @@ impl Rbd {
         format!("rbd:{}/{ns}{}{snap}", self.pool, self.image)
     }
 
-    fn props(&self, disk: &str) -> Props {
+    fn props(&self, owner: &str, generation: u32) -> Props {
         let mut props = vec![
             p("driver", "rbd"),
             p("pool", self.pool.clone()),
@@ -195,7 +201,7 @@ impl Rbd {
             props.push(p("conf", conf.to_string_lossy().into_owned()));
         }
         if self.key.is_some() {
-            props.push(p("key-secret", crate::names::secret(disk)));
+            props.push(p("key-secret", crate::names::secret_at(owner, generation)));
             props.push(p("auth-client-required.0", "cephx"));
         }
         props
@@ -232,12 +238,15 @@ impl NetworkSource {
         }
     }
 
-    /// The protocol node's driver options for disk `disk` (no node name).
-    pub fn props(&self, disk: &str) -> Props {
+    /// The protocol node's driver options (no node name) for device `owner`'s medium number
+    /// `generation` (0 for a disk): the secret and TLS objects it names are
+    /// [`names::secret_at`](crate::names::secret_at) and
+    /// [`names::tls_creds_at`](crate::names::tls_creds_at) of those.
+    pub fn props(&self, owner: &str, generation: u32) -> Props {
         match self {
-            NetworkSource::Nbd(n) => n.props(disk),
-            NetworkSource::Iscsi(i) => i.props(disk),
-            NetworkSource::Rbd(r) => r.props(disk),
+            NetworkSource::Nbd(n) => n.props(owner, generation),
+            NetworkSource::Iscsi(i) => i.props(owner, generation),
+            NetworkSource::Rbd(r) => r.props(owner, generation),
         }
     }
 
@@ -272,15 +281,16 @@ impl NetworkSource {
         }
     }
 
-    /// The `tls-creds-x509` object it needs (`<disk>-tls`), if any.
-    pub fn tls_object(&self, disk: &str) -> Option<QomObject> {
+    /// The `tls-creds-x509` object it needs for device `owner`'s medium number `generation`
+    /// (`<owner>-tls`, `<owner>-tls.<n>`), if any.
+    pub fn tls_object(&self, owner: &str, generation: u32) -> Option<QomObject> {
         match self {
             NetworkSource::Nbd(Nbd {
                 tls_dir: Some(dir), ..
             }) => Some(QomObject {
                 qom_type: "tls-creds-x509",
                 props: vec![
-                    p("id", crate::names::tls_creds(disk)),
+                    p("id", crate::names::tls_creds_at(owner, generation)),
                     p("dir", dir.to_string_lossy().into_owned()),
                     p("endpoint", "client"),
                 ],

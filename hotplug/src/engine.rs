@@ -35,8 +35,7 @@ pub(crate) async fn add<K: Plug>(core: &Arc<Core>, config: K) -> Result<K::Added
     reservation.plan(plan.added.clone().into());
     let client = core.client.clone();
     let mut txn = Transaction::new(client.clone(), "hot-add", reservation);
-    let (backends, new_key) = with_secrets(core, &mut txn, plan.backends).await?;
-    run_backends(&client, &mut txn, backends).await?;
+    let new_key = run_secret_backends(core, &mut txn, plan.backends).await?;
     let id = txn.id().to_owned();
     txn.step(
         "device_add",
@@ -53,12 +52,29 @@ pub(crate) async fn add<K: Plug>(core: &Arc<Core>, config: K) -> Result<K::Added
         };
     }
     txn.commit().commit();
-    if let Some(key) = new_key {
-        // The VM's master key from now on (unless a concurrent hot-add's came first: QEMU keeps
-        // both, each secret made with its own).
+    keep_master_key(core, new_key).await;
+    Ok(plan.added)
+}
+
+/// [`run_backends`] on `backends` with their secrets encrypted ([`with_secrets`]): what a change
+/// whose backends may hold secrets (a hot-add, a medium change) runs. Returns the master key made
+/// for it, if one was, for [`keep_master_key`] once the change commits.
+pub(crate) async fn run_secret_backends<H: Hold>(
+    core: &Core,
+    txn: &mut Transaction<H>,
+    backends: Vec<Backend>,
+) -> Result<Option<MasterKey>> {
+    let (backends, new_key) = with_secrets(core, txn, backends).await?;
+    run_backends(&core.client, txn, backends).await?;
+    Ok(new_key)
+}
+
+/// Keeps `key`, made by a change that committed, as the VM's master key from now on (unless a
+/// concurrent change's came first: QEMU keeps both, each secret made with its own).
+pub(crate) async fn keep_master_key(core: &Core, key: Option<MasterKey>) {
+    if let Some(key) = key {
         core.master_key.lock().await.get_or_insert(key);
     }
-    Ok(plan.added)
 }
 
 /// `backends` with each secret made an encrypted `secret` object, with the VM's master key. A VM

@@ -151,7 +151,7 @@ pub use vm::{Migrated, Vm, MIN_QEMU};
 pub use qhotplug_cmdline::{
     Balloon, Cache, Cdrom, CdromBus, CephMonitor, Chap, CpuTopology, DeviceModel, Disk,
     DiskBackend, DiskFrontend, DiskLayer, ErrorPolicy, Format, IdeAddr, Iscsi, Launcher, Machine,
-    MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Monitor, Nbd, NbdServer,
+    Medium, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Monitor, Nbd, NbdServer,
     NetworkSource, Nic, OnError, Pci, QemuProcess, Rbd, Rng, RootPort, ScsiAddr, ScsiController,
     Secret, Serial, SerialPort, StorageDaemonLauncher, Vcpu, VhostUserBlk, VirtioFs, VirtioSerial,
     VirtiofsdLauncher, VmSpec, Vnc, VncListen, MIB,

@@ -2,7 +2,8 @@
 //! transaction with rollback.
 //!
 //! The sequence: `query-block` (the tray, its lock, the medium in it) → `blockdev-open-tray` →
-//! `blockdev-remove-medium` → the new medium's `add-fd`, `blockdev-add` ×2, `remove-fd` →
+//! `blockdev-remove-medium` → the new medium's `add-fd`, `blockdev-add` ×2, `remove-fd` (or, on
+//! the network, its secret and TLS objects and `blockdev-add` ×2) →
 //! `blockdev-insert-medium` → `blockdev-close-tray`. Each step records its undo first (close the
 //! tray, put the old medium back, delete the new nodes, take the new medium out), so a failure
 //! anywhere leaves the drive as it was. The old medium's nodes are deleted only once the new
@@ -16,11 +17,10 @@
 //! [`MediumOptions::tray_wait`] and, if the guest does not, answers [`Error::TrayLocked`] with
 //! nothing changed.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qhotplug_cmdline::{Cdrom, CdromBus, DeviceModel};
+use qhotplug_cmdline::{Cdrom, CdromBus, DeviceModel, Medium};
 use qhotplug_qmp::command::{
     BlockInfo, BlockdevCloseTray, BlockdevInsertMedium, BlockdevOpenTray, BlockdevRemoveMedium,
     QueryBlock,
@@ -30,10 +30,10 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::delete::{with_tray_open, Delete};
-use crate::engine::run_backends;
+use crate::engine::{keep_master_key, run_secret_backends};
 use crate::error::{Error, Result};
 use crate::holds::{self, Busy};
-use crate::kinds::{image_backends, Device, DeviceKind, Placed};
+use crate::kinds::{medium_backends, Device, DeviceKind, Placed};
 use crate::transaction::Transaction;
 use crate::vm_core::Core;
 
@@ -122,10 +122,13 @@ async fn query_drive(core: &Core, id: &str) -> Result<BlockInfo> {
 pub(crate) async fn change(
     core: &Arc<Core>,
     id: &str,
-    medium: Option<PathBuf>,
+    medium: Option<Medium>,
     options: MediumOptions,
 ) -> Result<()> {
     core.require("CD-ROM medium change", COMMANDS).await?;
+    if let Some(source) = medium.as_ref().and_then(Medium::network_source) {
+        core.require_block_driver(source.driver()).await?;
+    }
     let busy = holds::mark_busy(core, id, DeviceKind::Cdrom)?;
     let Some(Device::Cdrom(old)) = core.state().device(id) else {
         unreachable!("a CD-ROM entry is a CD-ROM")
@@ -140,10 +143,7 @@ pub(crate) async fn change(
     };
     new.check()?;
     // Host-side work first: a path that does not open changes nothing.
-    let backends = match &medium {
-        Some(path) => image_backends(id, path, false, new.blockdev_add(""))?,
-        None => Vec::new(),
-    };
+    let backends = medium_backends(&new)?;
     let client = core.client.clone();
     let mut events = client.events();
     let drive = query_drive(core, id).await?;
@@ -158,7 +158,7 @@ pub(crate) async fn change(
         let step = with_tray_open(&client, id, options.force, &remove);
         txn.step("blockdev-remove-medium", Some(undo), step).await?;
     }
-    run_backends(&client, &mut txn, backends).await?;
+    let new_key = run_secret_backends(core, &mut txn, backends).await?;
     if new.medium.is_some() {
         let insert = BlockdevInsertMedium {
             id: id.to_owned(),
@@ -172,6 +172,7 @@ pub(crate) async fn change(
     txn.step("blockdev-close-tray", None, client.execute(&close))
         .await?;
     let busy = txn.commit();
+    keep_master_key(core, new_key).await;
     core.state().update(new.clone().into());
     delete_old(core, &old).await;
     drop(busy);

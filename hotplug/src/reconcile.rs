@@ -228,7 +228,12 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
         .filter(|c| state.devices.get(&c.id).is_some_and(settled))
         .map(|c| {
             let keep = match c.medium {
-                Some(_) => vec![c.top_node(), c.file_node()],
+                Some(_) => vec![
+                    c.top_node(),
+                    c.file_node(),
+                    c.secret_id(),
+                    names::tls_creds_at(&c.id, c.generation),
+                ],
                 None => Vec::new(),
             };
             (c.id.clone(), keep)
@@ -241,7 +246,11 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
                 .disks
                 .iter()
                 .filter(|d| state.devices.get(&d.id).is_some_and(settled))
-                .map(|d| (d.id.clone(), d.node_names())),
+                .map(|d| {
+                    let mut keep = d.node_names();
+                    keep.extend([names::secret(&d.id), names::tls_creds(&d.id)]);
+                    (d.id.clone(), keep)
+                }),
         )
         .collect();
     // QMP cannot read a link's state: the recorded one is applied again.
@@ -268,6 +277,9 @@ async fn clean_up(core: &Core, seen: &Seen, judged: &Judged, report: &mut Reconc
     let client = &core.client;
     for (id, keep) in &judged.drives {
         for step in nodes_of(&seen.nodes, id, keep) {
+            report.run(client, step).await;
+        }
+        for step in network_objects_of(&seen.objects, id, keep) {
             report.run(client, step).await;
         }
     }
@@ -315,10 +327,22 @@ fn leftovers_of(seen: &Seen, id: &str) -> Vec<Delete> {
         backends
             .objects
             .into_iter()
-            .filter(|o| seen.objects.contains(o))
+            .filter(|o| seen.objects.contains(o) && !names::is_network_object_of(id, o))
             .map(Delete::Object),
     );
+    steps.extend(network_objects_of(&seen.objects, id, &[]));
     steps
+}
+
+/// The deletes of device `id`'s network objects (secrets, TLS credentials, of any medium's
+/// generation) that QEMU has, but those in `keep`.
+fn network_objects_of(objects: &HashSet<String>, id: &str, keep: &[String]) -> Vec<Delete> {
+    let mut mine: Vec<&String> = objects
+        .iter()
+        .filter(|o| names::is_network_object_of(id, o) && !keep.contains(o))
+        .collect();
+    mine.sort();
+    mine.into_iter().cloned().map(Delete::Object).collect()
 }
 
 impl Reconciled {

@@ -4,13 +4,13 @@
 //! handle; a handle adds only its unplug policy. Calls that change QEMU run through
 //! [`Vm::call`]: their span, and the rule that they run to their end.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use qhotplug_cmdline::{
-    Balloon, Cdrom, CdromBus, Disk, Launcher, MemoryDevice, Nic, QemuProcess, Rng, SerialPort,
-    VhostUserBlk, VirtioFs, VirtioSerial, VmSpec,
+    Balloon, Cdrom, CdromBus, Disk, Launcher, Medium, MemoryDevice, Nic, QemuProcess, Rng,
+    SerialPort, VhostUserBlk, VirtioFs, VirtioSerial, VmSpec,
 };
 use qhotplug_qmp::command::{HotpluggableCpu, IoLimits, MigrateCancel, RunState};
 use qhotplug_qmp::message::VersionTriple;
@@ -601,12 +601,12 @@ impl Vm {
         .await
     }
 
-    /// Puts the ISO image at `path` into CD-ROM drive `id` (opened read-only by the SDK and passed
-    /// as an fd), replacing what was in it, and closes the tray. See
+    /// Puts `medium` into CD-ROM drive `id`, replacing what was in it, and closes the tray: the
+    /// ISO image at a path (opened read-only by the SDK and passed as an fd), or a
+    /// [`NetworkSource`](qhotplug_cmdline::NetworkSource) QEMU opens read-only. See
     /// [`change_medium`](Vm::change_medium).
-    pub async fn insert_medium(&self, id: &str, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref().to_owned();
-        self.change_medium(id, Some(path), MediumOptions::default())
+    pub async fn insert_medium(&self, id: &str, medium: impl Into<Medium>) -> Result<()> {
+        self.change_medium(id, Some(medium.into()), MediumOptions::default())
             .await
     }
 
@@ -616,14 +616,14 @@ impl Vm {
         self.change_medium(id, None, MediumOptions::default()).await
     }
 
-    /// Changes the medium in CD-ROM drive `id` to the image at `medium` (`None`: none), then
+    /// Changes the medium in CD-ROM drive `id` to `medium` (`None`: none), then
     /// closes the tray. On failure the drive is as it was ([`Error::Step`] names the step). A tray
     /// the guest holds locked is [`Error::TrayLocked`] unless `options` force it. The drive's
     /// medium is part of the spec: a VM launched from `vm.spec()` boots with it.
     pub async fn change_medium(
         &self,
         id: &str,
-        medium: Option<PathBuf>,
+        medium: Option<Medium>,
         options: MediumOptions,
     ) -> Result<()> {
         self.call("change_medium", id, move |core, id| async move {

@@ -464,7 +464,7 @@ async fn a_medium_change_that_fails_puts_the_old_medium_back_and_deletes_the_new
     let drive = qemu.devices().into_iter().find(|d| d.id == "cd0").unwrap();
     assert_eq!(drive.drive.as_deref(), Some("cd0-fmt"));
     assert_eq!(drive.tray_open, Some(false));
-    assert_eq!(vm.cdroms()[0].medium.as_deref(), Some(one.as_path()));
+    assert_eq!(vm.cdroms()[0].medium, Some(one.clone().into()));
     assert!(vm.reconcile().await.unwrap().is_empty());
 }
 

@@ -163,6 +163,11 @@ impl CephCluster {
         self.rbd(&["create", "--size", &format!("{mib}M"), &self.spec(name)]);
     }
 
+    /// Creates image `name` holding `file`'s bytes (`rbd import`).
+    pub fn import_image(&self, name: &str, file: &Path) {
+        self.rbd(&["import", path(file), &self.spec(name)]);
+    }
+
     /// Image `name`'s bytes, read by `rbd export` (librbd, not QEMU).
     pub fn read_image(&self, name: &str) -> Vec<u8> {
         let out = self.dir.join(format!("{name}.export"));

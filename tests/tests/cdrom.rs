@@ -7,10 +7,15 @@
 //! The VMs run (no guest OS): QEMU before 9.1 closes a removed fd set's fds only while the VM runs.
 
 use futures::StreamExt;
-use qhotplug::{Cdrom, CdromBus, CdromConfig, DiskConfig, Error, IdeAddr, MediumOptions, Vm};
+use qhotplug::{
+    Cdrom, CdromBus, CdromConfig, DiskConfig, Error, IdeAddr, Medium, MediumOptions, NetworkSource,
+    Vm,
+};
 use qhotplug_qmp::command::{BlockInfo, Cont, QueryBlock, QueryFdsets, Stop};
+use qhotplug_tests::ceph::CephCluster;
+use qhotplug_tests::servers::{Listen, NbdExport};
 use qhotplug_tests::storage::block_nodes;
-use qhotplug_tests::{assert_rolls_back, iso, pc_spec, second_monitor, TestVm};
+use qhotplug_tests::{assert_rolls_back, iso, pc_spec, second_monitor, Guest, Snapshot, TestVm};
 
 async fn drive(vm: &Vm, id: &str) -> BlockInfo {
     vm.client()
@@ -47,7 +52,7 @@ fn scsi_cd_hot_adds_empty_and_loaded_and_removes() {
             t.vm.add_cdrom(CdromConfig::new("cd1").medium(&a))
                 .await
                 .unwrap();
-        assert_eq!(loaded.medium.as_deref(), Some(a.as_path()));
+        assert_eq!(loaded.medium, Some(Medium::Image(a.clone())));
         assert_eq!(medium(&t.vm, "cd1").await.as_deref(), Some("cd1-fmt"));
         // Two drives, two targets.
         let targets: Vec<u16> =
@@ -152,7 +157,7 @@ fn media_insert_change_and_eject_and_a_relaunch_keeps_the_medium() {
 
         // A relaunch from the spec boots with the medium now in the drive.
         let spec = t.vm.spec();
-        assert_eq!(spec.cdroms[0].medium.as_deref(), Some(a.as_path()));
+        assert_eq!(spec.cdroms[0].medium, Some(Medium::Image(a.clone())));
         drop(t);
         let again = TestVm::running(spec).await;
         assert_eq!(medium(&again.vm, "cd").await.as_deref(), Some("cd-fmt.2"));
@@ -242,11 +247,61 @@ fn a_failure_at_each_step_of_a_medium_change_leaves_the_drive_as_it_was() {
             .await;
             assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt"));
             // The SDK's view did not move either.
-            assert_eq!(vm.cdroms()[0].medium.as_deref(), Some(a.as_path()));
+            assert_eq!(vm.cdroms()[0].medium, Some(Medium::Image(a.clone())));
         }
         // The same change, without a fault, goes through.
         t.vm.insert_medium("cd", &b).await.unwrap();
         assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt.1"));
+    });
+}
+
+/// The steps of a change to a medium on RBD with a key, on a VM attached to (no master key yet).
+const NETWORK_CHANGE_STEPS: &[(&str, usize)] = &[
+    ("blockdev-open-tray", 1),
+    ("blockdev-remove-medium", 1),
+    ("add-fd", 1),
+    ("object-add", 1),
+    ("remove-fd", 1),
+    ("object-add", 2),
+    ("blockdev-add", 1),
+    ("blockdev-add", 2),
+    ("blockdev-insert-medium", 1),
+    ("blockdev-close-tray", 1),
+];
+
+#[test]
+fn a_failure_at_each_step_of_a_change_to_a_network_medium_leaves_the_drive_as_it_was() {
+    qhotplug_tests::serial_test(async {
+        let (isos, spec) = ide_cd_with_a_second_monitor();
+        let (a, b, mon2) = (
+            isos.path().join("a.iso"),
+            isos.path().join("b.iso"),
+            isos.path().join("mon2.sock"),
+        );
+        let ceph = CephCluster::start(&isos.path().join("ceph"));
+        ceph.import_image("b-iso", &b);
+        let on_rbd = NetworkSource::from(ceph.source("b-iso"));
+        let t = TestVm::running(spec).await;
+        for &(step, nth) in NETWORK_CHANGE_STEPS {
+            let on_rbd = on_rbd.clone();
+            let (vm, _proxy) = assert_rolls_back(&t, &mon2, step, nth, |vm| async move {
+                vm.insert_medium("cd", on_rbd).await
+            })
+            .await;
+            assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt"));
+            assert_eq!(vm.cdroms()[0].medium, Some(Medium::Image(a.clone())));
+        }
+        // Without a fault it goes through, and back to a file the RBD medium's secret goes.
+        t.vm.insert_medium("cd", on_rbd).await.unwrap();
+        assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt.1"));
+        assert!(t
+            .snapshot()
+            .await
+            .objects
+            .contains(&"cd-secret.1".to_owned()));
+        t.vm.insert_medium("cd", &a).await.unwrap();
+        let objects = t.snapshot().await.objects;
+        assert!(!objects.iter().any(|o| o.starts_with("cd-")), "{objects:?}");
     });
 }
 
@@ -266,7 +321,7 @@ fn an_unforced_change_of_an_open_tray_still_closes_it() {
             })
             .await
             .unwrap();
-        t.vm.change_medium("cd", Some(a), MediumOptions::default())
+        t.vm.change_medium("cd", Some(a.into()), MediumOptions::default())
             .await
             .unwrap();
         assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt.1"));
@@ -278,7 +333,9 @@ const GUEST: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Mounts `/dev/{dev}`, prints `file` from it, and unmounts it, until that works.
 async fn read_medium(g: &qhotplug_tests::Guest, dev: &str, file: &str) -> Vec<String> {
-    let cmd = format!("mount -t iso9660 -o ro /dev/{dev} /mnt && cat /mnt/{file} && umount /mnt");
+    let cmd = format!(
+        "mkdir -p /mnt && mount -t iso9660 -o ro /dev/{dev} /mnt && cat /mnt/{file} && umount /mnt"
+    );
     let done = |out: &[String]| !out.is_empty() && out.iter().all(|l| l.starts_with("from "));
     g.console.until(&cmd, done, GUEST).await
 }
@@ -305,7 +362,7 @@ fn the_guest_reads_each_medium_and_a_locked_tray_is_refused_unless_forced() {
         assert!(g.vm.tray_status("ide-cd").await.unwrap().locked);
         let quick = MediumOptions::default().tray_wait(std::time::Duration::from_millis(500));
         assert!(matches!(
-            g.vm.change_medium("ide-cd", Some(b.clone()), quick).await,
+            g.vm.change_medium("ide-cd", Some(b.clone().into()), quick).await,
             Err(Error::TrayLocked(id)) if id == "ide-cd"
         ));
         assert_eq!(medium(&g.vm, "ide-cd").await.as_deref(), Some("ide-cd-fmt"));
@@ -319,7 +376,7 @@ fn the_guest_reads_each_medium_and_a_locked_tray_is_refused_unless_forced() {
         // Forced, a mounted medium is taken all the same.
         g.vm.change_medium(
             "ide-cd",
-            Some(c.clone()),
+            Some(c.clone().into()),
             MediumOptions::default().force(true),
         )
         .await
@@ -385,7 +442,7 @@ fn a_failure_at_each_step_of_a_scsi_cd_hot_add_leaves_qemu_as_it_was() {
 }
 
 #[test]
-fn an_ide_cd_root_boots_first_and_reconcile_deletes_a_stale_medium_node() {
+fn an_ide_cd_root_boots_first_and_reconcile_deletes_a_stale_medium_node_and_secret() {
     qhotplug_tests::serial_test(async {
         let isos = tempfile::tempdir().unwrap();
         let a = iso(isos.path(), "a.iso", "hello.txt", "from a\n");
@@ -412,9 +469,22 @@ fn an_ide_cd_root_boots_first_and_reconcile_deletes_a_stale_medium_node() {
             )
             .await
             .unwrap();
+        // And an earlier network medium's secret; an object of another name stays.
+        for id in ["root-secret.6", "not-roots"] {
+            t.vm.client()
+                .execute_raw(
+                    "object-add",
+                    &serde_json::json!({"qom-type": "secret", "id": id, "data": "x"}),
+                )
+                .await
+                .unwrap();
+        }
         let report = t.vm.reconcile().await.unwrap();
         assert_eq!(report.nodes_deleted, ["root-fmt.7"]);
+        assert_eq!(report.objects_deleted, ["root-secret.6"]);
         assert_eq!(block_nodes(&t.vm).await, ["root-file", "root-fmt"]);
+        let objects = t.snapshot().await.objects;
+        assert!(objects.contains(&"not-roots".to_owned()), "{objects:?}");
     });
 }
 
@@ -440,5 +510,66 @@ fn a_tray_the_guest_closes_during_a_change_is_opened_again() {
         assert_eq!(hook.fired_at().as_deref(), Some("blockdev-insert-medium"));
         assert_eq!(medium(&t.vm, "cd").await.as_deref(), Some("cd-fmt.1"));
         assert_eq!(block_nodes(&t.vm).await, ["cd-file.1", "cd-fmt.1"]);
+    });
+}
+
+#[test]
+fn a_scsi_cd_reads_isos_on_nbd_and_on_rbd_through_a_medium_change_and_a_relaunch() {
+    qhotplug_tests::serial_test(async {
+        let isos = tempfile::tempdir().unwrap();
+        let a = iso(isos.path(), "a.iso", "hello.txt", "from nbd\n");
+        let b = iso(isos.path(), "b.iso", "hello.txt", "from rbd\n");
+        let nbd = NbdExport::start(&a, "tools", Listen::Unix(isos.path().join("isos.sock")));
+        let ceph = CephCluster::start(&isos.path().join("ceph"));
+        ceph.import_image("b-iso", &b);
+        let key = ceph.admin_key();
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        let before = Snapshot::take(&g.vm).await;
+
+        // Hot-added with an ISO on NBD: the guest mounts it.
+        let mark = g.console.mark();
+        let on_nbd = NetworkSource::from(nbd.source());
+        g.vm.add_cdrom(CdromConfig::new("netcd").medium(on_nbd))
+            .await
+            .unwrap();
+        let dev = g.console.added(mark, "block").await;
+        assert_eq!(read_medium(&g, &dev, "hello.txt").await, ["from nbd"]);
+
+        // Changed to an ISO on RBD, whose key is this medium's own secret object.
+        let on_rbd = NetworkSource::from(ceph.source("b-iso"));
+        g.vm.insert_medium("netcd", on_rbd).await.unwrap();
+        assert_eq!(read_medium(&g, &dev, "hello.txt").await, ["from rbd"]);
+        let objects = Snapshot::take(&g.vm).await.objects;
+        let ours: Vec<&String> = objects.iter().filter(|o| o.starts_with("netcd")).collect();
+        assert_eq!(ours, ["netcd-secret.1"]);
+        let spec = g.vm.spec();
+        assert!(!format!("{spec:?}").contains(&key));
+
+        // Ejected, then removed: the medium's nodes and secret go, and QEMU is as it was.
+        g.vm.eject_medium("netcd").await.unwrap();
+        let objects = Snapshot::take(&g.vm).await.objects;
+        assert!(
+            !objects.iter().any(|o| o.starts_with("netcd")),
+            "{objects:?}"
+        );
+        let mark = g.console.mark();
+        g.vm.remove_cdrom("netcd").await.unwrap();
+        g.console
+            .wait_for(mark, &format!("qhg: remove block {dev}"), GUEST)
+            .await
+            .expect("the guest saw the drive go");
+        assert_eq!(Snapshot::take(&g.vm).await, before);
+        g.vm.quit().await.unwrap();
+        drop(g);
+
+        // A relaunch from the spec taken with the RBD medium in boots with it: the key only
+        // encrypted in QEMU's argv, the ISO read in the guest.
+        let again = Guest::boot(spec, |l| l).await;
+        let argv = std::fs::read(format!("/proc/{}/cmdline", again.vm.pid().unwrap())).unwrap();
+        let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+        assert!(argv.contains("netcd-secret.1"), "{argv}");
+        assert!(!argv.contains(&key), "{argv}");
+        assert_eq!(read_medium(&again, "sr0", "hello.txt").await, ["from rbd"]);
+        drop(nbd);
     });
 }

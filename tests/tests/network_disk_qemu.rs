@@ -12,9 +12,12 @@ use qhotplug_tests::ceph::CephCluster;
 use qhotplug_tests::servers::{free_port, IscsiTarget, Listen, NbdExport};
 use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
 
+/// A sequence's steps, each with the occurrence of its command to fail.
+type Steps = &'static [(&'static str, usize)];
+
 /// The steps of a hot-add of a network disk with a secret (iSCSI with CHAP, RBD with a key) on a
 /// VM attached to (no master key yet), in order.
-const SECRET_STEPS: &[(&str, usize)] = &[
+const SECRET_STEPS: Steps = &[
     ("add-fd", 1),
     ("object-add", 1),
     ("remove-fd", 1),
@@ -25,7 +28,7 @@ const SECRET_STEPS: &[(&str, usize)] = &[
 ];
 
 /// The steps of a hot-add of an NBD disk over TLS: its credentials object, its nodes, its device.
-const TLS_STEPS: &[(&str, usize)] = &[
+const TLS_STEPS: Steps = &[
     ("object-add", 1),
     ("blockdev-add", 1),
     ("blockdev-add", 2),
@@ -50,7 +53,7 @@ fn a_failure_at_each_step_of_a_network_disk_hot_add_leaves_qemu_as_it_was() {
         let nbd = NbdExport::start_tls(&export, "tls", Listen::Tcp(free_port()), Some(&server_tls));
         let mut over_tls = nbd.source();
         over_tls.tls_dir = Some(client_tls);
-        let cases: Vec<(&str, NetworkSource, &[(&str, usize)])> = vec![
+        let cases: Vec<(&str, NetworkSource, Steps)> = vec![
             (
                 "iSCSI with CHAP",
                 target.source(Some(chap)).into(),

@@ -178,7 +178,8 @@ async fn run(vm: &Vm, fx: &Fixtures, op: &Op) -> Result<(), Error> {
         }
         Op::ChangeMedium(id, medium) => {
             let path = medium.map(|i| fx.isos[i].clone());
-            vm.change_medium(id, path, MediumOptions::default()).await
+            vm.change_medium(id, path.map(Into::into), MediumOptions::default())
+                .await
         }
         Op::RemoveCdrom(id) => vm.remove_cdrom(id).await,
         Op::SetVcpus(n) => vm.set_vcpus(*n).await.map(drop),

@@ -1,29 +1,38 @@
-//! CD-ROM drives: a `scsi-cd` on a virtio-scsi controller, hot-plugged empty or with an ISO image
-//! the SDK opens read-only and hands over as an fd. (An `ide-cd` is boot-only: IDE has no hotplug.
-//! Its medium changes like any drive's: see [`Vm::change_medium`](crate::Vm::change_medium).)
+//! CD-ROM drives: a `scsi-cd` on a virtio-scsi controller, hot-plugged empty, with an ISO image
+//! the SDK opens read-only and hands over as an fd, or with an ISO on the network that QEMU opens
+//! itself. (An `ide-cd` is boot-only: IDE has no hotplug. Its medium changes like any drive's:
+//! see [`Vm::change_medium`](crate::Vm::change_medium).)
 //!
 //! Hot-add, loaded: `add-fd` → `blockdev-add` (protocol node) → `blockdev-add` (raw node) →
-//! `remove-fd` → `device_add`; empty: `device_add` alone. Teardown: the medium's nodes.
+//! `remove-fd` → `device_add`; from the network: its secret and TLS objects if it has them →
+//! `blockdev-add` ×2 → `device_add`; empty: `device_add` alone. Teardown: the medium's nodes,
+//! then its objects.
 
-use std::path::PathBuf;
-
-use qhotplug_cmdline::{Cdrom, CdromBus, DeviceModel, ScsiAddr};
+use qhotplug_cmdline::{names, Cdrom, CdromBus, DeviceModel, Medium, ScsiAddr};
 
 use super::{Place, Placed, Plan, Plug, Want};
 use crate::delete::Delete;
 use crate::error::{Error, Result};
 
-/// A `scsi-cd` drive to hot-add, empty or holding an ISO image.
+/// A `scsi-cd` drive to hot-add, empty or holding an ISO image (a host file, or a
+/// [`NetworkSource`](qhotplug_cmdline::NetworkSource)).
 ///
 /// ```
-/// use qhotplug::CdromConfig;
+/// use qhotplug::{CdromConfig, Nbd, NbdServer, NetworkSource};
 /// let cd = CdromConfig::new("cd-1").medium("/var/lib/isos/tools.iso");
-/// # let _ = cd;
+/// let library = Nbd {
+///     server: NbdServer::Unix("/run/isos.sock".into()),
+///     export: Some("tools".into()),
+///     reconnect_delay: None,
+///     tls_dir: None,
+/// };
+/// let remote = CdromConfig::new("cd-2").medium(NetworkSource::from(library));
+/// # let _ = (cd, remote);
 /// ```
 #[derive(Debug, Clone)]
 pub struct CdromConfig {
     id: String,
-    medium: Option<PathBuf>,
+    medium: Option<Medium>,
     at: Option<ScsiAddr>,
     scsi_bus: Option<String>,
 }
@@ -39,9 +48,10 @@ impl CdromConfig {
         }
     }
 
-    /// The drive holds the image at `path` (opened read-only by the SDK).
-    pub fn medium(mut self, path: impl Into<PathBuf>) -> Self {
-        self.medium = Some(path.into());
+    /// The drive holds `medium`: the image at a path (opened read-only by the SDK), or a
+    /// network export QEMU opens read-only.
+    pub fn medium(mut self, medium: impl Into<Medium>) -> Self {
+        self.medium = Some(medium.into());
         self
     }
 
@@ -74,6 +84,13 @@ impl Plug for CdromConfig {
         &self.id
     }
 
+    fn block_driver(&self) -> Option<&'static str> {
+        self.medium
+            .as_ref()
+            .and_then(Medium::network_source)
+            .map(|source| source.driver())
+    }
+
     fn want(&self) -> Result<Want> {
         Ok(Want::Scsi {
             at: self.at.clone(),
@@ -88,10 +105,7 @@ impl Plug for CdromConfig {
         let mut cd = Cdrom::scsi(self.id, addr);
         cd.medium = self.medium;
         cd.check().map_err(Error::Spec)?;
-        let backends = match &cd.medium {
-            Some(path) => super::image_backends(&cd.id, path, false, cd.blockdev_add(""))?,
-            None => Vec::new(),
-        };
+        let backends = super::medium_backends(&cd)?;
         Ok(Plan {
             backends,
             device: cd.device_add(),
@@ -128,12 +142,24 @@ impl Placed for Cdrom {
     /// Once the guest let the drive go, or once its medium is out: the medium's nodes, the top
     /// one first.
     fn teardown(&self) -> Vec<Delete> {
-        match self.medium {
-            Some(_) => vec![
-                Delete::BlockNode(self.top_node()),
-                Delete::BlockNode(self.file_node()),
-            ],
-            None => Vec::new(),
+        if self.medium.is_none() {
+            return Vec::new();
         }
+        let mut steps = vec![
+            Delete::BlockNode(self.top_node()),
+            Delete::BlockNode(self.file_node()),
+        ];
+        if let Some(source) = self.network_source() {
+            if source.secret().is_some() {
+                steps.push(Delete::Object(self.secret_id()));
+            }
+            if self.tls_object().is_some() {
+                steps.push(Delete::Object(names::tls_creds_at(
+                    &self.id,
+                    self.generation,
+                )));
+            }
+        }
+        steps
     }
 }

@@ -249,7 +249,7 @@ impl Plug for DiskConfig {
             None => {
                 super::image_backends(&disk.id, &disk.path, !disk.read_only, disk.blockdev_add(""))?
             }
-            Some(source) => super::network_backends(&disk.id, source, disk.blockdev_add(""))?,
+            Some(source) => super::network_backends(&disk.id, 0, source, disk.blockdev_add(""))?,
         };
         let after = limits
             .map(|limits| {
@@ -291,7 +291,7 @@ impl Placed for Disk {
             if source.secret().is_some() {
                 steps.push(Delete::Object(names::secret(&self.id)));
             }
-            if source.tls_object(&self.id).is_some() {
+            if source.tls_object(&self.id, 0).is_some() {
                 steps.push(Delete::Object(names::tls_creds(&self.id)));
             }
         }

@@ -114,21 +114,22 @@ pub(crate) trait Plug {
     fn plan(self, place: Place) -> Result<Plan<Self::Added>>;
 }
 
-/// The backends of a network disk `id` (QEMU connects itself; no fd): its secret, its TLS
-/// credentials, then `nodes` in order.
+/// The backends of device `id`'s network disk or medium number `generation` (QEMU connects
+/// itself; no fd): its secret, its TLS credentials, then `nodes` in order.
 pub(crate) fn network_backends(
     id: &str,
+    generation: u32,
     source: &qhotplug_cmdline::NetworkSource,
     nodes: Vec<BlockdevAdd>,
 ) -> Result<Vec<Backend>> {
     let mut backends = Vec::new();
     if let Some(secret) = source.secret_value().map_err(Error::Spec)? {
         backends.push(Backend::Secret {
-            id: qhotplug_cmdline::names::secret(id),
+            id: qhotplug_cmdline::names::secret_at(id, generation),
             secret,
         });
     }
-    if let Some(tls) = source.tls_object(id) {
+    if let Some(tls) = source.tls_object(id, generation) {
         backends.push(Backend::Object(tls.object_add()));
     }
     backends.extend(nodes.into_iter().map(|add| Backend::Blockdev {
@@ -136,6 +137,19 @@ pub(crate) fn network_backends(
         on_fdset: false,
     }));
     Ok(backends)
+}
+
+/// The backends of CD-ROM drive `cd`'s medium: an image's fd set and nodes, or a network
+/// medium's objects and nodes; none for an empty drive. Host-side work happens here.
+pub(crate) fn medium_backends(cd: &qhotplug_cmdline::Cdrom) -> Result<Vec<Backend>> {
+    let nodes = cd.blockdev_add("");
+    match &cd.medium {
+        None => Ok(Vec::new()),
+        Some(qhotplug_cmdline::Medium::Image(path)) => image_backends(&cd.id, path, false, nodes),
+        Some(qhotplug_cmdline::Medium::Network(source)) => {
+            network_backends(&cd.id, cd.generation, source, nodes)
+        }
+    }
 }
 
 /// The backends of an image the SDK opens (read-only unless `write`) and hands over: its fd set,
