@@ -274,6 +274,13 @@ pub struct BlockDeviceInfo {
     /// What the node's image is, when QEMU says (its virtual size, among others).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageInfo>,
+    /// The node's dirty bitmaps.
+    #[serde(
+        rename = "dirty-bitmaps",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub dirty_bitmaps: Vec<super::DirtyBitmapInfo>,
 }
 
 /// A node's image, in `BlockDeviceInfo` (QAPI `ImageInfo`; only what the SDK reads).

@@ -47,6 +47,15 @@ command!(
 );
 
 command!(
+    /// `job-finalize`: lets a `pending` job (started with `auto-finalize: false`) make its
+    /// changes final and conclude.
+    "job-finalize", JobFinalize {
+        /// The job's id.
+        id: String,
+    } -> Empty
+);
+
+command!(
     /// `job-dismiss`: forgets a `concluded` job (started with `auto-dismiss: false`).
     "job-dismiss", JobDismiss {
         /// The job's id.
@@ -158,6 +167,38 @@ command!(
     "transaction", QmpTransaction {
         /// The actions, in order.
         actions: Vec<TransactionAction>,
+        /// `{"completion-mode": "grouped"}`: the jobs the actions start fail and are cancelled
+        /// together (absent: each on its own).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        properties: Option<Value>,
+    } -> Empty
+);
+
+command!(
+    /// `blockdev-backup`: copies node `device` as of now to node `target` (writes after the start
+    /// are not copied); `sync: incremental` copies only what `bitmap` marks. Completes by itself.
+    "blockdev-backup", BlockdevBackup {
+        /// The job's id.
+        job_id: String,
+        /// The source's root node.
+        device: String,
+        /// The target's node.
+        target: String,
+        /// `full`, `top`, `none`, `incremental` or `bitmap`.
+        sync: String,
+        /// The bitmap an incremental backup copies (cleared by QEMU on success).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        bitmap: Option<String>,
+        /// Bytes per second (absent: no limit).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        speed: Option<u64>,
+        /// Wait in `pending` for `job-finalize` once the copy is done (so several jobs can be
+        /// made final, or cancelled, together).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        auto_finalize: Option<bool>,
+        /// Keep the job after it concluded, until `job-dismiss`.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        auto_dismiss: Option<bool>,
     } -> Empty
 );
 
@@ -172,6 +213,15 @@ pub struct TransactionAction {
 }
 
 impl TransactionAction {
+    /// `command` as an action (those `transaction` takes: `blockdev-backup`, the dirty bitmap
+    /// commands, `blockdev-snapshot`, …).
+    pub fn of<C: super::Command>(command: &C) -> TransactionAction {
+        TransactionAction {
+            kind: C::NAME.into(),
+            data: serde_json::to_value(command).expect("a command's arguments are JSON"),
+        }
+    }
+
     /// `blockdev-snapshot`: `overlay` (a node with no backing) goes on top of `node`.
     pub fn blockdev_snapshot(node: &str, overlay: &str) -> TransactionAction {
         TransactionAction {

@@ -57,6 +57,7 @@ macro_rules! command {
     };
 }
 
+mod bitmap;
 mod block;
 mod device;
 mod display;
@@ -64,6 +65,7 @@ mod job;
 mod machine;
 mod migration;
 
+pub use bitmap::*;
 pub use block::*;
 pub use device::*;
 pub use display::*;
