@@ -238,6 +238,11 @@ pub struct Disk {
     pub backing: Vec<DiskLayer>,
     /// What the device does when I/O fails.
     pub on_error: ErrorPolicy,
+    /// The disk's checkpoints, oldest first: persistent dirty bitmaps of these names on its top
+    /// image (qcow2), each recording the writes from its making until the next one's, the last
+    /// still recording. An incremental backup since one copies what it and every later one
+    /// recorded. QEMU keeps them in the image across a clean shutdown; this list keeps the order.
+    pub checkpoints: Vec<String>,
 }
 
 /// One image in a disk's backing chain ([`Disk::backing`]).
@@ -276,6 +281,7 @@ impl Disk {
             generation: 0,
             backing: Vec::new(),
             on_error: ErrorPolicy::default(),
+            checkpoints: Vec::new(),
         }
     }
 
@@ -405,12 +411,19 @@ impl Disk {
         }
     }
 
-    /// The disk with `layer` as its top image (the rest of its chain unchanged).
+    /// The disk with `layer` as its top image (the rest of its chain unchanged). Its checkpoints
+    /// are the top image's bitmaps: another top has none of them.
     pub fn with_top(&self, layer: &DiskLayer) -> Disk {
+        let same = layer.generation == self.generation;
         Disk {
             path: layer.path.clone(),
             format: layer.format,
             generation: layer.generation,
+            checkpoints: if same {
+                self.checkpoints.clone()
+            } else {
+                Vec::new()
+            },
             ..self.clone()
         }
     }
@@ -901,7 +914,7 @@ mod tests {
             };
             let disk = Disk { id, frontend, path: path.into(), backend: DiskBackend::File,
                               format: if fmt { Format::Qcow2 } else { Format::Raw }, read_only: ro, cache: Cache::Writeback, io_limits: None, generation: 0,
-                              backing: Vec::new(), on_error: ErrorPolicy::default() };
+                              backing: Vec::new(), on_error: ErrorPolicy::default(), checkpoints: Vec::new() };
             assert_same(disk.driver(), &disk.args(), &disk.device_add());
             // The -blockdev strings parse back to the image path exactly, commas and all.
             let (_, pairs) = parse(&disk.args()[1]);

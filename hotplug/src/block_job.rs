@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use qhotplug_cmdline::Disk;
 use qhotplug_qmp::command::{
-    BlockJobCancel, BlockJobSetSpeed, JobCancel, JobComplete, JobInfo, JobPause, JobResume,
+    BlockJobCancel, BlockJobSetSpeed, JobCancel, JobComplete, JobFinalize, JobInfo, JobPause,
+    JobResume,
 };
 use qhotplug_qmp::EventStream;
 use tracing::Instrument;
@@ -30,7 +31,7 @@ const END_WAIT: Duration = Duration::from_secs(60);
 
 /// A running storage job on one disk. It ends by [`pivot`](BlockJob::pivot) (a mirror, an active
 /// commit), [`wait`](BlockJob::wait) (a job that completes by itself: a stream, an intermediate
-/// commit), [`abandon`](BlockJob::abandon) (a mirror kept as a point-in-time copy) or
+/// commit, a backup), [`abandon`](BlockJob::abandon) (a mirror kept as a point-in-time copy) or
 /// [`cancel`](BlockJob::cancel); dropped before that, it is cancelled in the background.
 pub struct BlockJob {
     core: Arc<Core>,
@@ -177,7 +178,15 @@ impl BlockJob {
         self
     }
 
-    /// The job's id in QEMU (`mirror-<disk>`, `commit-<disk>`, `stream-<disk>`).
+    /// More to delete at the job's end beyond its nodes: `on_complete` if it completes,
+    /// `on_abort` otherwise (a backup's temporary bitmap, its checkpoint's undo).
+    pub(crate) fn also_ending(mut self, on_complete: Vec<Delete>, on_abort: Vec<Delete>) -> Self {
+        self.on_complete.extend(on_complete);
+        self.on_abort.extend(on_abort);
+        self
+    }
+
+    /// The job's id in QEMU (`mirror-<disk>`, `commit-<disk>`, `stream-<disk>`, `backup-<disk>`).
     pub fn job_id(&self) -> &str {
         &self.job
     }
@@ -281,9 +290,34 @@ impl BlockJob {
     }
 
     async fn wait_by(&mut self, timeout: Duration) -> Result<Disk> {
-        self.status_by("concluded", timeout).await?;
-        self.end(Ending::Complete).await?;
+        let job = self.status_by("concluded", timeout).await?;
+        // Concluded with an error, it failed: what it added goes, a file made for it too.
+        let ending = match job.error {
+            Some(_) => Ending::Failed,
+            None => Ending::Complete,
+        };
+        self.end(ending).await?;
         Ok(self.after.clone())
+    }
+
+    /// Waits, by `timeout`, until a job started with `auto-finalize: false` is `pending` (its
+    /// work done, its changes not yet final), or concluded (it failed): what `query-jobs` says.
+    pub(crate) async fn wait_pending(&mut self, timeout: Duration) -> Result<JobInfo> {
+        let pending = self.status_by("pending", timeout).await;
+        pending.map_err(|e| self.interrupted(e))
+    }
+
+    /// Makes a `pending` job final (`job-finalize`) and waits for its end, as
+    /// [`wait`](BlockJob::wait).
+    pub(crate) async fn finalize(self, timeout: Duration) -> Result<Disk> {
+        let finalize = JobFinalize {
+            id: self.job.clone(),
+        };
+        let span = tracing::debug_span!(crate::spans::STEP, name = "job-finalize", id = %self.job);
+        if let Err(error) = self.core.client.execute(&finalize).instrument(span).await {
+            return Err(self.interrupted(error.into()));
+        }
+        self.wait(timeout).await
     }
 
     /// Ends a `ready` mirror without moving the disk (`block-job-cancel` without `force`): the

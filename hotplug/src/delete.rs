@@ -1,13 +1,15 @@
 //! Deleting what a device's backends left in QEMU: the undo steps of a hot-add's rollback, the
 //! teardown of a hot-remove once the guest let the device go, and `reconcile`'s clean-up all run
 //! these, with one rule: what is already absent counts as deleted. A medium change's undo also
-//! puts things back: the old medium in, the tray closed.
+//! puts things back: the old medium in, the tray closed; and a backup's undo gives a new
+//! checkpoint's record back to the one before it.
 
 use std::time::Duration;
 
 use qhotplug_qmp::command::{
-    BlockdevCloseTray, BlockdevDel, BlockdevInsertMedium, BlockdevOpenTray, BlockdevRemoveMedium,
-    ChardevRemove, Closefd, NetdevDel, ObjectDel, QueryFdsets, RemoveFd,
+    BlockDirtyBitmapEnable, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove, BlockdevCloseTray,
+    BlockdevDel, BlockdevInsertMedium, BlockdevOpenTray, BlockdevRemoveMedium, ChardevRemove,
+    Closefd, NetdevDel, ObjectDel, QmpTransaction, QueryFdsets, RemoveFd, TransactionAction,
 };
 use qhotplug_qmp::Client;
 
@@ -48,6 +50,17 @@ pub(crate) enum Delete {
     Reinsert { device: String, node: String },
     /// Drive `device`'s tray closed (`blockdev-close-tray`; a closed tray counts as done).
     CloseTray(String),
+    /// Dirty bitmap `name` on `node` (`block-dirty-bitmap-remove`).
+    Bitmap { node: String, name: String },
+    /// Checkpoint `name` on `node` gone, losing nothing: what it recorded merged into `into`
+    /// (the checkpoint before it), which records again if `resume`, then `name` removed; one
+    /// `transaction`.
+    Checkpoint {
+        node: String,
+        name: String,
+        into: Option<String>,
+        resume: bool,
+    },
 }
 
 impl std::fmt::Display for Delete {
@@ -66,6 +79,10 @@ impl std::fmt::Display for Delete {
                 write!(f, "blockdev-insert-medium {device} {node}")
             }
             Delete::CloseTray(id) => write!(f, "blockdev-close-tray {id}"),
+            Delete::Bitmap { node, name } => write!(f, "block-dirty-bitmap-remove {node} {name}"),
+            Delete::Checkpoint { node, name, .. } => {
+                write!(f, "transaction (checkpoint {name} on {node} undone)")
+            }
         }
     }
 }
@@ -93,6 +110,8 @@ impl Delete {
             Delete::Medium(_) => "blockdev-remove-medium",
             Delete::Reinsert { .. } => "blockdev-insert-medium",
             Delete::CloseTray(_) => "blockdev-close-tray",
+            Delete::Bitmap { .. } => "block-dirty-bitmap-remove",
+            Delete::Checkpoint { .. } => "transaction",
         }
     }
 
@@ -204,6 +223,43 @@ impl Delete {
                 .execute(&BlockdevCloseTray { id: id.clone() })
                 .await
                 .map(drop),
+            Delete::Bitmap { node, name } => client
+                .execute(&BlockDirtyBitmapRemove {
+                    node: node.clone(),
+                    name: name.clone(),
+                })
+                .await
+                .map(drop),
+            Delete::Checkpoint {
+                node,
+                name,
+                into,
+                resume,
+            } => {
+                let mut actions = Vec::new();
+                if let Some(into) = into {
+                    actions.push(TransactionAction::of(&BlockDirtyBitmapMerge {
+                        node: node.clone(),
+                        target: into.clone(),
+                        bitmaps: vec![name.clone()],
+                    }));
+                    if *resume {
+                        actions.push(TransactionAction::of(&BlockDirtyBitmapEnable {
+                            node: node.clone(),
+                            name: into.clone(),
+                        }));
+                    }
+                }
+                actions.push(TransactionAction::of(&BlockDirtyBitmapRemove {
+                    node: node.clone(),
+                    name: name.clone(),
+                }));
+                let undo = QmpTransaction {
+                    actions,
+                    properties: None,
+                };
+                client.execute(&undo).await.map(drop)
+            }
             Delete::Device(_) => unreachable!("run handles devices"),
         }
     }

@@ -280,6 +280,17 @@ pub enum Error {
         /// A file the job was writing, incomplete.
         partial: Option<std::path::PathBuf>,
     },
+    /// A checkpoint of disk `disk` cannot be used as asked ([`CheckpointProblem`]); nothing was
+    /// sent. An inconsistent or missing one means the next backup must be a full one.
+    #[error("checkpoint {checkpoint:?} of disk {disk}: {problem}")]
+    Checkpoint {
+        /// The disk.
+        disk: String,
+        /// The checkpoint.
+        checkpoint: String,
+        /// What is wrong with it.
+        problem: CheckpointProblem,
+    },
     /// A job the SDK drives is gone from `query-jobs` before it concluded (QEMU restarted, or
     /// someone else dismissed it).
     #[error("job {0} is gone")]
@@ -327,6 +338,29 @@ fn undo_note(failures: &[UndoFailure]) -> String {
     format!(" (rollback incomplete: {})", list.join("; "))
 }
 
+/// Why a checkpoint cannot be used ([`Error::Checkpoint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointProblem {
+    /// The disk has no checkpoint of that name.
+    #[error("the disk has no such checkpoint")]
+    Unknown,
+    /// The disk already has a checkpoint of that name.
+    #[error("the disk already has a checkpoint of that name")]
+    Exists,
+    /// QEMU loaded it from an image that was not closed cleanly (QEMU was killed): what it
+    /// recorded cannot be trusted, so an incremental backup from it is refused.
+    #[error("QEMU reports it inconsistent (not shut down cleanly): a full backup is needed")]
+    Inconsistent,
+    /// The spec lists it but QEMU has no such bitmap on the disk's image (the image was
+    /// replaced, or the bitmap removed behind the SDK's back).
+    #[error("QEMU has no such bitmap on the disk's image: a full backup is needed")]
+    Missing,
+    /// Checkpoints are persistent bitmaps, which only qcow2 images hold.
+    #[error("checkpoints need a qcow2 image")]
+    NeedsQcow2,
+}
+
 impl Error {
     /// True when the call sent nothing to QEMU: bad input, a device or id it cannot act on, no
     /// room, a QEMU that cannot do it, or a guard that refused. QEMU and the SDK's view are as they
@@ -359,6 +393,7 @@ impl Error {
                 | Error::InvalidMigration(_)
                 | Error::NoGuestAgent
                 | Error::Agent(qhotplug_qga::Error::NotRunning { .. })
+                | Error::Checkpoint { .. }
         )
     }
 

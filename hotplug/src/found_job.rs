@@ -186,12 +186,7 @@ async fn mirror_target(core: &Core, disk: &Disk) -> Result<Option<(PathBuf, Form
     let [(target, set)] = &targets[..] else {
         return Ok(None);
     };
-    let mut magic = [0u8; 4];
-    let qcow2 = std::fs::File::open(target)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-        .is_ok()
-        && &magic == b"QFI\xfb";
-    let format = if qcow2 { Format::Qcow2 } else { Format::Raw };
+    let format = crate::new_image::format_of(target);
     Ok(Some((target.clone(), format, *set)))
 }
 

@@ -129,7 +129,10 @@ pub(crate) async fn snapshot(core: &Arc<Core>, config: SnapshotConfig) -> Result
         .step(
             "transaction",
             None,
-            client.execute(&QmpTransaction { actions }),
+            client.execute(&QmpTransaction {
+                actions,
+                properties: None,
+            }),
         )
         .await;
     if let Some(frozen) = frozen {

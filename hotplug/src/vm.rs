@@ -17,7 +17,9 @@ use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
 
+use crate::backup::{self, Backup, BackupConfig};
 use crate::block_job::BlockJob;
+use crate::checkpoint::{self, CheckpointInfo};
 use crate::cpus::{self, VcpuChange};
 use crate::error::{Error, Result};
 use crate::found_job::{self, JobOrigin};
@@ -556,6 +558,36 @@ impl Vm {
         // Not through `call`: a caller that gives up must not have the handles made and dropped
         // (a dropped handle cancels its job); `all` makes them after its last await.
         found_job::all(&self.core).await
+    }
+
+    /// Starts a push backup of one or several disks at once ([`BackupConfig`]): full, or
+    /// incremental since a checkpoint; each disk into a new image the SDK creates and hands to
+    /// QEMU as an fd; all disks at one point in time (one QMP `transaction`), failing and
+    /// cancelled together. With [`BackupConfig::checkpoint`] the backup also makes the point from
+    /// which the next incremental one starts. A failure while starting undoes every step; the
+    /// disks are busy until the returned [`Backup`] ends. A checkpoint that cannot be used (an
+    /// unknown name; inconsistent after QEMU was killed) is [`Error::Checkpoint`], nothing sent.
+    pub async fn backup(&self, config: BackupConfig) -> Result<Backup> {
+        self.call("backup", "", |core, _| async move {
+            backup::start(&core, config).await
+        })
+        .await
+    }
+
+    /// Disk `id`'s checkpoints, oldest first, as QEMU has them: whether each is usable, what
+    /// it recorded, and what an incremental backup since it would copy now.
+    pub async fn checkpoints(&self, id: &str) -> Result<Vec<CheckpointInfo>> {
+        checkpoint::list(&self.core, id).await
+    }
+
+    /// Deletes checkpoint `name` of disk `id`, losing nothing: what it recorded joins the
+    /// checkpoint before it, so an incremental backup since that one still copies everything.
+    pub async fn delete_checkpoint(&self, id: &str, name: &str) -> Result<()> {
+        let name = name.to_owned();
+        self.call("delete_checkpoint", id, move |core, id| async move {
+            checkpoint::delete(&core, &id, &name).await
+        })
+        .await
     }
 
     /// Takes an external live snapshot of one or several disks at once ([`SnapshotConfig`]):

@@ -100,8 +100,10 @@ impl<T: DeviceModel> Field<T> for Option<T> {
 macro_rules! registry {
     ($($(#[$doc:meta])* $kind:ident($placed:ty) in $field:ident, $name:literal;)*) => {
 
-        /// A placed device, as `vm.spec()` lists it.
+        /// A placed device, as `vm.spec()` lists it. One per device in the state's map, moved
+        /// rarely: a disk's size (its I/O limits, chain and checkpoints inline) is not worth a box.
         #[derive(Debug, Clone)]
+        #[allow(clippy::large_enum_variant)]
         pub(crate) enum Device {
             $($kind($placed),)*
         }

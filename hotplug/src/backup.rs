@@ -1,0 +1,411 @@
+//! Push backups of one or several disks at once, full or incremental (reference §5.3): for each
+//! disk a target image the SDK creates and hands over as an fd (qcow2 by default; an incremental
+//! one names the previous backup as its backing file), then one QMP `transaction` that starts
+//! every disk's `blockdev-backup` at the same point in time together with its checkpoint
+//! bookkeeping ([`checkpoint`](crate::checkpoint)). Several disks' jobs end as a group: QEMU's
+//! `completion-mode: grouped` is refused beside bitmap actions, so each job waits in `pending`
+//! (`auto-finalize: false`) until all are, then all are made final; one that fails gets the
+//! others cancelled (libvirt's way). The [`Backup`] handle
+//! holds each disk's job; its end removes the targets' nodes and the temporary bitmap, and, if
+//! the backup did not complete, gives the new checkpoint's record back to the one before it and
+//! removes the targets' files.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use qhotplug_cmdline::{Disk, DiskLayer, Format};
+use qhotplug_qmp::command::{BlockdevBackup, JobInfo, QmpTransaction, TransactionAction};
+
+use crate::block_job::{BlockJob, Ends};
+use crate::checkpoint::{Checkpoints, BACKUP_BITMAP};
+use crate::delete::Delete;
+use crate::error::{Error, Result};
+use crate::holds::{self, Busy};
+use crate::kinds::{Device, DeviceKind};
+use crate::live;
+use crate::new_image::{self, Backing, ImageSpec};
+use crate::transaction::Transaction;
+use crate::vm_core::Core;
+
+/// The commands a backup uses besides the checkpoints'.
+const COMMANDS: &[&str] = &[
+    "blockdev-backup",
+    "blockdev-create",
+    "transaction",
+    "query-jobs",
+    "job-cancel",
+    "job-dismiss",
+];
+
+/// One disk of a backup: where its copy goes, and the previous backup an incremental one stands
+/// on (its qcow2 header names it, so the chain restores with `qemu-img`).
+#[derive(Debug, Clone)]
+struct Target {
+    disk: String,
+    path: PathBuf,
+    previous: Option<PathBuf>,
+}
+
+/// A push backup ([`Vm::backup`](crate::Vm::backup)): full, or incremental since a checkpoint;
+/// of which disks, to which new files; and the checkpoint it makes, from which the next
+/// incremental one can start.
+///
+/// ```
+/// use qhotplug::BackupConfig;
+/// let monday = BackupConfig::full()
+///     .disk("data-1", "/backups/data-1.mon.qcow2")
+///     .checkpoint("mon");
+/// let tuesday = BackupConfig::incremental("mon")
+///     .disk_onto("data-1", "/backups/data-1.tue.qcow2", "/backups/data-1.mon.qcow2")
+///     .checkpoint("tue");
+/// # let _ = (monday, tuesday);
+/// ```
+#[derive(Debug, Clone)]
+pub struct BackupConfig {
+    since: Option<String>,
+    targets: Vec<Target>,
+    checkpoint: Option<String>,
+    format: Format,
+    speed: u64,
+}
+
+impl BackupConfig {
+    /// A full backup (every allocated byte of each disk).
+    pub fn full() -> BackupConfig {
+        BackupConfig {
+            since: None,
+            targets: Vec::new(),
+            checkpoint: None,
+            format: Format::Qcow2,
+            speed: 0,
+        }
+    }
+
+    /// An incremental backup: what each disk's guest wrote since checkpoint `since` (which each
+    /// disk must have, usable).
+    pub fn incremental(since: impl Into<String>) -> BackupConfig {
+        BackupConfig {
+            since: Some(since.into()),
+            ..BackupConfig::full()
+        }
+    }
+
+    /// Disk `id` is copied into a new image at `target` (which must not exist: the SDK creates
+    /// it, of the disk's size).
+    pub fn disk(mut self, id: impl Into<String>, target: impl Into<PathBuf>) -> Self {
+        self.targets.push(Target {
+            disk: id.into(),
+            path: target.into(),
+            previous: None,
+        });
+        self
+    }
+
+    /// As [`disk`](BackupConfig::disk), the new image's header naming `previous` (the backup the
+    /// increment applies to) as its backing file: the chain then reads as the disk did at this
+    /// backup's start.
+    pub fn disk_onto(
+        mut self,
+        id: impl Into<String>,
+        target: impl Into<PathBuf>,
+        previous: impl Into<PathBuf>,
+    ) -> Self {
+        self.targets.push(Target {
+            disk: id.into(),
+            path: target.into(),
+            previous: Some(previous.into()),
+        });
+        self
+    }
+
+    /// Makes checkpoint `name` on each disk at the backup's point in time (once the backup
+    /// completes; a backup that fails or is cancelled leaves the checkpoints as they were). The
+    /// disks' images must be qcow2.
+    pub fn checkpoint(mut self, name: impl Into<String>) -> Self {
+        self.checkpoint = Some(name.into());
+        self
+    }
+
+    /// The format of a full backup's targets (qcow2 by default; an incremental one is qcow2).
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// A rate limit per disk in bytes per second (0, the default: none).
+    pub fn speed(mut self, bytes_per_second: u64) -> Self {
+        self.speed = bytes_per_second;
+        self
+    }
+}
+
+/// A backup running: one job per disk ([`Vm::backup`](crate::Vm::backup)). It ends by
+/// [`wait`](Backup::wait) or [`cancel`](Backup::cancel); dropped before that, its jobs are
+/// cancelled in the background.
+#[derive(Debug)]
+pub struct Backup {
+    jobs: Vec<BlockJob>,
+    targets: Vec<PathBuf>,
+}
+
+impl Backup {
+    /// The disks' jobs (`backup-<disk>`), for their progress, speed, pause and resume.
+    pub fn jobs(&self) -> &[BlockJob] {
+        &self.jobs
+    }
+
+    /// The target files, in the order the disks were given.
+    pub fn targets(&self) -> &[PathBuf] {
+        &self.targets
+    }
+
+    /// Reports each disk's progress to `report` while [`wait`](Backup::wait) waits, as
+    /// [`BlockJob::on_progress`] does.
+    pub fn on_progress(
+        mut self,
+        every: Duration,
+        report: impl FnMut(&JobInfo) + Send + Clone + 'static,
+    ) -> Self {
+        self.jobs = self
+            .jobs
+            .into_iter()
+            .map(|job| job.on_progress(every, report.clone()))
+            .collect();
+        self
+    }
+
+    /// Waits, by `timeout` in all, for every disk's copy. Then each disk has the new checkpoint
+    /// (`vm.spec()` lists it) and returns as it now is; the targets hold the disks as they were
+    /// at the backup's start. If one disk's copy failed, all were cancelled (grouped): the error
+    /// is the first failure's, the checkpoints are as before the backup, the target files gone.
+    pub async fn wait(mut self, timeout: Duration) -> Result<Vec<Disk>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        if let [_] = &self.jobs[..] {
+            let job = self.jobs.pop().expect("one job");
+            return Ok(vec![job.wait(left()).await?]);
+        }
+        // Every job done copying (pending), or the first one that failed.
+        let mut failed = None;
+        for (at, job) in self.jobs.iter_mut().enumerate() {
+            match job.wait_pending(left()).await {
+                Ok(info) if info.status == "pending" => {}
+                Ok(_) => {
+                    failed = Some(Ok(at));
+                    break;
+                }
+                Err(error) => {
+                    failed = Some(Err(error));
+                    break;
+                }
+            }
+        }
+        match failed {
+            None => {
+                let mut disks = Vec::new();
+                for job in self.jobs {
+                    disks.push(job.finalize(left()).await?);
+                }
+                Ok(disks)
+            }
+            Some(why) => {
+                // The failed job's end first (it reads QEMU's error), then the others cancelled.
+                let (failed_at, mut first_error) = match why {
+                    Ok(at) => (Some(at), None),
+                    Err(error) => (None, Some(error)),
+                };
+                let mut failed_id = String::new();
+                if let Some(at) = failed_at {
+                    let job = self.jobs.remove(at);
+                    failed_id = job.job_id().to_owned();
+                    if let Err(error) = job.wait(left()).await {
+                        first_error.get_or_insert(error);
+                    }
+                }
+                for job in self.jobs {
+                    if let Err(error) = job.cancel().await {
+                        first_error.get_or_insert(error);
+                    }
+                }
+                Err(first_error.unwrap_or(Error::JobFailed {
+                    id: failed_id,
+                    error: "concluded before the others were done".into(),
+                }))
+            }
+        }
+    }
+
+    /// Cancels every disk's copy: the checkpoints are as before the backup, the targets gone.
+    pub async fn cancel(self) -> Result<()> {
+        let mut first_error = None;
+        for job in self.jobs {
+            if let Err(error) = job.cancel().await {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// A backup's job id on disk `disk`: `backup-<disk>`.
+pub(crate) fn job_id(disk: &str) -> String {
+    format!("backup-{disk}")
+}
+
+/// See [`Vm::backup`](crate::Vm::backup).
+pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Backup> {
+    core.require("backup", COMMANDS).await?;
+    core.require("backup", crate::checkpoint::COMMANDS).await?;
+    let invalid = |why: String| Error::Spec(qhotplug_cmdline::Error::InvalidSpec(why));
+    if config.targets.is_empty() {
+        return Err(invalid("a backup of no disk".into()));
+    }
+    let incremental = config.since.is_some();
+    if incremental && config.format != Format::Qcow2 {
+        return Err(invalid("an incremental backup's targets are qcow2".into()));
+    }
+    // Every disk marked busy and checked before anything is created or sent.
+    let mut busy: Vec<Busy> = Vec::new();
+    let mut plans: Vec<(Checkpoints, Vec<String>)> = Vec::new();
+    for target in &config.targets {
+        if plans.iter().any(|(c, _)| c.disk.id == target.disk) {
+            return Err(Error::DuplicateId(target.disk.clone()));
+        }
+        let (mark, Device::Disk(disk)) = holds::busy_device(core, &target.disk, DeviceKind::Disk)?
+        else {
+            unreachable!("a disk entry is a disk")
+        };
+        crate::jobs::require_local(&disk)?;
+        busy.push(mark);
+        let checkpoints = Checkpoints::read(core, disk).await?;
+        if let Some(name) = &config.checkpoint {
+            checkpoints.check_new(name)?;
+        }
+        let chain = match &config.since {
+            Some(since) => checkpoints.chain_since(since)?,
+            None => Vec::new(),
+        };
+        plans.push((checkpoints, chain));
+    }
+    let client = core.client.clone();
+    let mut events = client.events();
+    // Each job's events, subscribed to before the transaction starts them.
+    let mut job_events: Vec<_> = plans.iter().map(|_| client.events()).collect();
+    let mut txn = Transaction::new(client.clone(), "backup", busy);
+    let mut images = Vec::new();
+    for ((checkpoints, _), target) in plans.iter().zip(&config.targets) {
+        let disk = &checkpoints.disk;
+        let previous = target.previous.as_ref().map(|path| DiskLayer {
+            path: path.clone(),
+            format: new_image::format_of(path),
+            generation: 0,
+        });
+        let layer = DiskLayer {
+            path: target.path.clone(),
+            format: if incremental {
+                Format::Qcow2
+            } else {
+                config.format
+            },
+            generation: disk.next_generation(),
+        };
+        let made = async {
+            let size = live::virtual_size(core, disk).await?;
+            let new = ImageSpec {
+                layer,
+                size,
+                backing: Backing::Null {
+                    header: previous.as_ref(),
+                },
+                job_target: true,
+            };
+            new_image::create(&client, &mut txn, &mut events, disk, new).await
+        };
+        match made.await {
+            Ok(image) => images.push(image),
+            Err(error) => return Err(txn.abort(error).await),
+        }
+    }
+    // One point in time for every disk: the temporary bitmaps, the checkpoints, the jobs; several
+    // disks' jobs wait for each other in `pending` ([`Backup::wait`]).
+    let grouped = plans.len() > 1;
+    let mut actions: Vec<TransactionAction> = Vec::new();
+    let mut after: Vec<(Disk, Disk, Option<Delete>)> = Vec::new();
+    for ((checkpoints, chain), image) in plans.iter().zip(&images) {
+        let disk = &checkpoints.disk;
+        if incremental {
+            actions.extend(checkpoints.backup_bitmap_actions(chain));
+        }
+        let (kept, with_new, undo) = match &config.checkpoint {
+            Some(name) => {
+                let (add, kept, undo) = checkpoints.add_actions(name);
+                actions.extend(add);
+                let mut with_new = kept.clone();
+                with_new.push(name.clone());
+                (kept, with_new, Some(undo))
+            }
+            None => (disk.checkpoints.clone(), disk.checkpoints.clone(), None),
+        };
+        actions.push(TransactionAction::of(&BlockdevBackup {
+            job_id: job_id(&disk.id),
+            device: disk.top_node(),
+            target: disk.with_top(&image.layer).top_node(),
+            sync: if incremental { "incremental" } else { "full" }.into(),
+            bitmap: incremental.then(|| BACKUP_BITMAP.to_owned()),
+            speed: (config.speed > 0).then_some(config.speed),
+            auto_finalize: grouped.then_some(false),
+            auto_dismiss: Some(false),
+        }));
+        let now = Disk {
+            checkpoints: kept,
+            ..disk.clone()
+        };
+        let done = Disk {
+            checkpoints: with_new,
+            ..disk.clone()
+        };
+        after.push((now, done, undo));
+    }
+    let start = QmpTransaction {
+        actions,
+        properties: None,
+    };
+    txn.step("transaction", None, client.execute(&start))
+        .await?;
+    let busy = txn.commit();
+    let mut jobs = Vec::new();
+    let mut targets = Vec::new();
+    for (((now, done, undo), image), mark) in after.into_iter().zip(images).zip(busy) {
+        // Checkpoints QEMU no longer has (inconsistent ones the transaction removed) are gone
+        // from the spec at once; the new one joins it when the copy completes.
+        core.state().update(now.clone().into());
+        let fdset = image.fdset;
+        let layer = image.keep();
+        let nodes: Vec<String> = layer.node_names(&now.id).into();
+        let ends = Ends {
+            after: done,
+            on_complete: nodes.clone(),
+            on_abort: nodes,
+        };
+        let events = job_events.remove(0);
+        let job = BlockJob::new(core, job_id(&now.id), events, mark, ends)
+            .created(layer.path.clone(), fdset);
+        let temporary = incremental.then(|| Delete::Bitmap {
+            node: now.top_node(),
+            name: BACKUP_BITMAP.into(),
+        });
+        let job = job.also_ending(temporary.clone().into_iter().collect(), {
+            temporary.into_iter().chain(undo).collect()
+        });
+        targets.push(layer.path);
+        jobs.push(job);
+    }
+    tracing::info!(
+        disks = jobs.len(),
+        incremental,
+        checkpoint = config.checkpoint.as_deref().unwrap_or(""),
+        "backup started"
+    );
+    Ok(Backup { jobs, targets })
+}

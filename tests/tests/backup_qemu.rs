@@ -1,0 +1,212 @@
+//! Backups on real QEMU without a guest: a failure forced at each step before a two-disk
+//! incremental backup starts (through the fault proxy) leaves QEMU's state, our fds, the host's
+//! files and the checkpoints as they were; two disks backed up together fail together (grouped)
+//! when one target runs out of space, and lose nothing; bad requests are typed and send nothing.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qhotplug::{BackupConfig, CheckpointProblem, DiskConfig, Error, Format};
+use qhotplug_qmp::command::QueryJobs;
+use qhotplug_tests::storage::{data_image, SmallFs};
+use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
+
+const DONE: Duration = Duration::from_secs(60);
+
+/// A qcow2 copy of 4 MiB of data.
+fn qcow2_with_data(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let raw = data_image(dir, &format!("{name}.raw"), 4, seed);
+    let path = dir.join(format!("{name}.qcow2"));
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    path
+}
+
+/// A running VM (no guest OS) with qcow2 disks `a` and `b` full of data, and a second monitor.
+async fn with_two_disks() -> (TestVm, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mon2 = dir.path().join("mon2.sock");
+    let mut spec = pc_spec();
+    second_monitor(&mut spec, &mon2);
+    let t = TestVm::running(spec).await;
+    for (id, seed) in [("a", 1), ("b", 2)] {
+        let image = qcow2_with_data(dir.path(), id, seed);
+        let disk = DiskConfig::virtio_blk(id, &image).format(Format::Qcow2);
+        t.vm.add_disk(disk).await.unwrap();
+    }
+    (t, mon2, dir)
+}
+
+/// The checkpoints each disk has in QEMU, by name, and whether each records.
+async fn checkpoints(t: &TestVm) -> Vec<Vec<(String, bool)>> {
+    let mut out = Vec::new();
+    for id in ["a", "b"] {
+        let listed = t.vm.checkpoints(id).await.unwrap();
+        out.push(listed.into_iter().map(|c| (c.name, c.recording)).collect());
+    }
+    out
+}
+
+/// The steps before a two-disk backup starts, in order.
+const BACKUP_STEPS: &[(&str, usize)] = &[
+    ("add-fd", 1),
+    ("blockdev-add", 1),
+    ("blockdev-create", 1),
+    ("blockdev-add", 2),
+    ("add-fd", 2),
+    ("blockdev-add", 3),
+    ("blockdev-create", 2),
+    ("blockdev-add", 4),
+    ("transaction", 1),
+];
+
+#[test]
+fn a_failure_at_each_step_before_a_two_disk_incremental_starts_changes_nothing() {
+    qhotplug_tests::serial_test(async {
+        let (t, mon2, dir) = with_two_disks().await;
+        let d = dir.path();
+        let full = BackupConfig::full()
+            .disk("a", d.join("a.0.qcow2"))
+            .disk("b", d.join("b.0.qcow2"))
+            .checkpoint("c1");
+        t.vm.backup(full).await.unwrap().wait(DONE).await.unwrap();
+        let had = checkpoints(&t).await;
+        assert_eq!(had, [[("c1".to_owned(), true)], [("c1".to_owned(), true)]]);
+        let (ia, ib) = (d.join("a.1.qcow2"), d.join("b.1.qcow2"));
+        let incremental = || {
+            BackupConfig::incremental("c1")
+                .disk_onto("a", &ia, d.join("a.0.qcow2"))
+                .disk_onto("b", &ib, d.join("b.0.qcow2"))
+                .checkpoint("c2")
+        };
+        for &(step, nth) in BACKUP_STEPS {
+            let config = incremental();
+            let (vm, _proxy) =
+                assert_rolls_back(
+                    &t,
+                    &mon2,
+                    step,
+                    nth,
+                    |vm| async move { vm.backup(config).await },
+                )
+                .await;
+            assert!(
+                !ia.exists() && !ib.exists(),
+                "{step} #{nth}: a target stayed"
+            );
+            assert!(t.vm.client().execute(&QueryJobs).await.unwrap().is_empty());
+            assert_eq!(checkpoints(&t).await, had, "{step} #{nth}");
+            assert!(vm.disks().iter().all(|disk| disk.checkpoints == ["c1"]));
+        }
+        // Without a fault it goes through: both disks have c2, recording.
+        t.vm.backup(incremental())
+            .await
+            .unwrap()
+            .wait(DONE)
+            .await
+            .unwrap();
+        let now = checkpoints(&t).await;
+        let both = [("c1".to_owned(), false), ("c2".to_owned(), true)];
+        assert_eq!(now, [both.clone(), both]);
+    });
+}
+
+#[test]
+fn two_disks_backed_up_together_fail_together_and_lose_nothing() {
+    qhotplug_tests::serial_test(async {
+        let (t, _mon2, dir) = with_two_disks().await;
+        let d = dir.path();
+        let first = BackupConfig::full()
+            .disk("a", d.join("a.0.qcow2"))
+            .disk("b", d.join("b.0.qcow2"))
+            .checkpoint("c1");
+        t.vm.backup(first).await.unwrap().wait(DONE).await.unwrap();
+        let before = t.snapshot().await;
+        let had = checkpoints(&t).await;
+
+        // Disk b's target is on a 1 MiB filesystem: its 4 MiB copy fails, and a's is cancelled.
+        let small = SmallFs::mount(d, "small", 1);
+        let (ta, tb) = (d.join("a.full.qcow2"), small.0.join("b.full.qcow2"));
+        let both = BackupConfig::full()
+            .disk("a", &ta)
+            .disk("b", &tb)
+            .checkpoint("c2");
+        let failed = t.vm.backup(both).await.unwrap().wait(DONE).await;
+        assert!(matches!(failed, Err(Error::JobFailed { .. })), "{failed:?}");
+        assert!(!ta.exists() && !tb.exists());
+        assert_eq!(checkpoints(&t).await, had);
+        assert!(t
+            .vm
+            .spec()
+            .disks
+            .iter()
+            .all(|disk| disk.checkpoints == ["c1"]));
+        assert!(t.vm.client().execute(&QueryJobs).await.unwrap().is_empty());
+        assert_eq!(t.snapshot().await, before);
+    });
+}
+
+#[test]
+fn bad_backup_requests_are_typed_and_send_nothing() {
+    qhotplug_tests::serial_test(async {
+        let (t, _mon2, dir) = with_two_disks().await;
+        let d = dir.path();
+        let raw = t.image("raw.raw", 4);
+        t.vm.add_disk(DiskConfig::virtio_blk("r", &raw))
+            .await
+            .unwrap();
+        let before = t.snapshot().await;
+        let target = d.join("t.qcow2");
+        let cases: Vec<(&str, BackupConfig)> = vec![
+            (
+                "an unknown checkpoint",
+                BackupConfig::incremental("nope").disk("a", &target),
+            ),
+            (
+                "a checkpoint on a raw image",
+                BackupConfig::full().disk("r", &target).checkpoint("c1"),
+            ),
+            (
+                "a disk twice",
+                BackupConfig::full().disk("a", &target).disk("a", &target),
+            ),
+            ("no disk", BackupConfig::full()),
+            (
+                "an incremental to raw",
+                BackupConfig::incremental("c1")
+                    .format(Format::Raw)
+                    .disk("a", &target),
+            ),
+        ];
+        for (what, config) in cases {
+            let refused = t.vm.backup(config).await.unwrap_err();
+            assert!(refused.nothing_sent(), "{what}: {refused:?}");
+            assert!(!target.exists(), "{what}");
+            assert_eq!(t.snapshot().await, before, "{what}");
+        }
+        let unknown =
+            t.vm.backup(BackupConfig::incremental("nope").disk("a", &target))
+                .await
+                .unwrap_err();
+        assert!(matches!(
+            unknown,
+            Error::Checkpoint {
+                problem: CheckpointProblem::Unknown,
+                ..
+            }
+        ));
+        // A target that exists is never written over.
+        std::fs::write(&target, b"keep me").unwrap();
+        let refused =
+            t.vm.backup(BackupConfig::full().disk("a", &target))
+                .await
+                .unwrap_err();
+        assert!(refused.nothing_sent(), "{refused:?}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    });
+}
