@@ -75,6 +75,7 @@ pub struct MigrationOptions {
     downtime_limit: Option<Duration>,
     multifd_channels: Option<u8>,
     auto_converge: bool,
+    dirty_bitmaps: bool,
     postcopy_after: Option<u64>,
     deadline: Option<Duration>,
     source_after: SourceAfter,
@@ -90,6 +91,7 @@ impl MigrationOptions {
             downtime_limit: None,
             multifd_channels: None,
             auto_converge: false,
+            dirty_bitmaps: false,
             postcopy_after: None,
             deadline: None,
             source_after: SourceAfter::Quit,
@@ -118,6 +120,15 @@ impl MigrationOptions {
     /// (`auto-converge`).
     pub fn auto_converge(mut self, on: bool) -> Self {
         self.auto_converge = on;
+        self
+    }
+
+    /// The disks' checkpoints (their dirty bitmaps) travel with the migration stream (the
+    /// `dirty-bitmaps` capability on both sides), so an incremental backup on the target goes on
+    /// from them. Without it, persistent bitmaps on shared storage reach the target through the
+    /// image only.
+    pub fn dirty_bitmaps(mut self, on: bool) -> Self {
+        self.dirty_bitmaps = on;
         self
     }
 
@@ -292,6 +303,9 @@ async fn configure(source: &Core, target: &Core, options: &MigrationOptions) -> 
     }
     if options.multifd_channels.is_some() {
         both.push(("multifd", true));
+    }
+    if options.dirty_bitmaps {
+        both.push(("dirty-bitmaps", true));
     }
     let mut source_caps = both.clone();
     if options.auto_converge {

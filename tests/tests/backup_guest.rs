@@ -4,7 +4,7 @@
 //! allocates only what the guest changed. Checkpoints are listed with their sizes, deleted
 //! without losing anything, survive a clean shutdown and relaunch, and after QEMU is killed are
 //! reported inconsistent (or missing, if made after the last clean shutdown): the incremental is
-//! refused and a new full backup works. A failed
+//! refused and a new full backup works. They migrate with the guest (`dirty-bitmaps`). A failed
 //! incremental (its target's filesystem full) loses nothing.
 
 use std::path::{Path, PathBuf};
@@ -267,5 +267,61 @@ fn checkpoints_survive_a_clean_relaunch_and_after_qemu_is_killed_only_a_full_bac
         let listed = g.vm.checkpoints("d1").await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].state, CheckpointState::Usable);
+    });
+}
+
+#[test]
+fn checkpoints_migrate_with_the_guest_and_the_target_takes_the_next_incremental() {
+    qhotplug_tests::serial_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let image = qcow2(d, "d1.qcow2");
+        let scratch = d.join("restored.raw");
+        let (g, dev) = with_disk(pc_spec(), &image).await;
+        write_mib(&g, &dev, 1).await;
+        let full = d.join("full.qcow2");
+        let backup = BackupConfig::full().disk("d1", &full).checkpoint("c1");
+        g.vm.backup(backup).await.unwrap().wait(SEEN).await.unwrap();
+        write_mib(&g, &dev, 4).await;
+
+        // Shared storage; the bitmaps travel in the migration stream.
+        let console_path = d.join("target-console.sock");
+        let mut launcher = g.vm.migration_launcher(d.join("target"));
+        launcher.spec_mut().serials = vec![qhotplug::Serial::Socket(console_path.clone())];
+        let target = qhotplug::Vm::launch(launcher).await.unwrap();
+        let options =
+            qhotplug::MigrationOptions::new(qhotplug::Transport::Unix(d.join("migrate.sock")))
+                .dirty_bitmaps(true);
+        let migrated = g.vm.migrate(target, options, |_| {}).await.unwrap();
+        let target = migrated.target;
+        let listed = target.checkpoints("d1").await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (listed[0].state, listed[0].recorded, listed[0].recording),
+            (CheckpointState::Usable, MIB, true)
+        );
+
+        // The guest goes on on the target; an incremental there holds what it wrote since c1.
+        let console = qhotplug_tests::Console::connect(&console_path).await;
+        let write = format!(
+            "dd if=/dev/urandom of=/dev/{dev} bs=64k count=16 seek=128 conv=notrunc,fsync \
+             2>/dev/null; md5sum /dev/{dev}"
+        );
+        let out = console.run(&write, SEEN).await;
+        let now = out[0].split_whitespace().next().unwrap().to_owned();
+        let inc = d.join("inc.qcow2");
+        let backup = BackupConfig::incremental("c1")
+            .disk_onto("d1", &inc, &full)
+            .checkpoint("c2");
+        target
+            .backup(backup)
+            .await
+            .unwrap()
+            .wait(SEEN)
+            .await
+            .unwrap();
+        assert_eq!(guest_view_md5(&inc, &scratch), now);
+        assert_eq!(allocated_here(&inc), 2 * MIB);
+        target.quit().await.unwrap();
     });
 }

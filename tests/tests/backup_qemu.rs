@@ -210,3 +210,24 @@ fn bad_backup_requests_are_typed_and_send_nothing() {
         assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
     });
 }
+
+#[test]
+fn qemu_killed_mid_backup_is_an_interrupted_job_naming_the_incomplete_target() {
+    qhotplug_tests::serial_test(async {
+        let (t, _mon2, dir) = with_two_disks().await;
+        let target = dir.path().join("a.full.qcow2");
+        let backup = BackupConfig::full()
+            .disk("a", &target)
+            .checkpoint("c1")
+            .speed(64 << 10);
+        let running = t.vm.backup(backup).await.unwrap();
+        t.signal(9);
+        match running.wait(DONE).await {
+            Err(Error::JobInterrupted { id, disk, partial }) => {
+                assert_eq!((id.as_str(), disk.as_str()), ("backup-a", "a"));
+                assert_eq!(partial.as_deref(), Some(target.as_path()));
+            }
+            other => panic!("{other:?}"),
+        }
+    });
+}
