@@ -1,7 +1,8 @@
 //! The demo: boots a small Linux guest under QEMU, asks its guest agent for its OS, hot-adds a disk
 //! and a two-queue NIC (whose MAC the agent then lists), grows the disk online, changes the medium
 //! in its CD-ROM drive, adds a vCPU (onlined through the agent) and a DIMM, takes a live snapshot
-//! of the disk and commits it back with the guest writing between, live-migrates it to a
+//! of the disk, a full and an incremental backup of it (showing their sizes), and commits it
+//! back with the guest writing between, live-migrates it to a
 //! new QEMU with a progress bar, shows what the guest sees (from its serial console) and the QMP
 //! events as they arrive, removes both, shuts the guest down gracefully, and ends with how long
 //! each step took. Exits non-zero if any step fails.
@@ -15,8 +16,8 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use qhotplug::agent::{GuestExec, GuestExecStatus, GuestGetOsinfo, GuestNetworkGetInterfaces};
 use qhotplug::{
-    Cdrom, CpuTopology, DiskConfig, GuestAgent, IdeAddr, JobInfo, MemoryConfig, MigrationOptions,
-    NicConfig, PowerVia, Serial, SnapshotConfig, Stopped, Transport, Vm, MIB,
+    BackupConfig, Cdrom, CpuTopology, DiskConfig, GuestAgent, IdeAddr, JobInfo, MemoryConfig,
+    MigrationOptions, NicConfig, PowerVia, Serial, SnapshotConfig, Stopped, Transport, Vm, MIB,
 };
 use qhotplug_cmdline::{Launcher, Machine, VmSpec};
 use qhotplug_netdev::{MacAddr, TapBuilder};
@@ -330,7 +331,7 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     println!("agent   `{script}` exited {code}");
     print_addresses(&agent).await?;
 
-    println!("== a live snapshot of data-1, the guest writing on, then the overlay committed back");
+    println!("== a live snapshot of data-1, the guest writing on");
     let overlay = dir.path().join("data-1.snap.qcow2");
     let start = Instant::now();
     let disks = vm
@@ -346,6 +347,55 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
         "echo written-after-the-snapshot | dd of=/dev/{dev} bs=512 seek=2048 conv=notrunc,fsync 2>/dev/null; echo ok"
     );
     guest_says(&console, &write, "ok").await?;
+    table.row("snapshot, write", start.elapsed());
+
+    println!("== backups of data-1: 8 MiB written, a full one; 1 MiB written, an incremental one");
+    // The disk's top is now the qcow2 overlay, which can hold the checkpoint.
+    let write = format!(
+        "dd if=/dev/urandom of=/dev/{dev} bs=1M count=8 seek=16 conv=notrunc,fsync 2>/dev/null; echo ok"
+    );
+    guest_says(&console, &write, "ok").await?;
+    let full = dir.path().join("data-1.full.qcow2");
+    let start = Instant::now();
+    let backup = BackupConfig::full().disk("data-1", &full).checkpoint("b0");
+    vm.backup(backup).await?.wait(SEEN).await?;
+    table.steps_from(timings);
+    table.row("full backup", start.elapsed());
+    let write = format!(
+        "dd if=/dev/urandom of=/dev/{dev} bs=64k count=16 seek=64 conv=notrunc,fsync 2>/dev/null; echo ok"
+    );
+    guest_says(&console, &write, "ok").await?;
+    let incremental = dir.path().join("data-1.inc.qcow2");
+    let start = Instant::now();
+    let backup = BackupConfig::incremental("b0")
+        .disk_onto("data-1", &incremental, &full)
+        .checkpoint("b1");
+    vm.backup(backup).await?.wait(SEEN).await?;
+    table.steps_from(timings);
+    table.row("incremental backup", start.elapsed());
+    for (what, path) in [("full       ", &full), ("incremental", &incremental)] {
+        println!(
+            "backup  {what} {} : {:.1} MiB on disk",
+            path.display(),
+            allocated(path)? as f64 / MIB as f64
+        );
+    }
+    for checkpoint in vm.checkpoints("data-1").await? {
+        println!(
+            "sdk     checkpoint {}: {:?}, recorded {} KiB{}",
+            checkpoint.name,
+            checkpoint.state,
+            checkpoint.recorded >> 10,
+            if checkpoint.recording {
+                ", recording"
+            } else {
+                ""
+            }
+        );
+    }
+
+    println!("== data-1's overlay committed back");
+    let start = Instant::now();
     let mut job =
         vm.commit_disk("data-1")
             .await?
@@ -368,7 +418,7 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     );
     guest_says(&console, &read, "written-after-the-snapshot").await?;
     println!("guest   reads written-after-the-snapshot from the committed disk");
-    table.row("snapshot, write, commit back", start.elapsed());
+    table.row("commit back", start.elapsed());
 
     println!("== hot-removing both (the guest lets go; DEVICE_DELETED says when)");
     let mark = console.mark();
@@ -473,4 +523,10 @@ async fn print_addresses(agent: &GuestAgent) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Bytes a file takes on disk (its allocated blocks).
+fn allocated(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.blocks() * 512)
 }
