@@ -1,0 +1,225 @@
+//! `cargo bench -p qhotplug-tests --bench backup`
+//!
+//! Push backups of a 512 MiB qcow2 image full of data (QEMU, no guest; images in `/dev/shm`).
+//!
+//! - **Full backup, SDK beside its floor:** `Vm::backup` (a full backup to a new raw file, making
+//!   a checkpoint) beside a raw blocking monitor on the same QEMU's second monitor sending the
+//!   same commands for a second disk of the same data (the target made and opened, `add-fd`,
+//!   `blockdev-add` ×2, one `transaction` of the previous checkpoint's `disable`, the new one's
+//!   `add` and `blockdev-backup`, `JOB_STATUS_CHANGE` `concluded`, `job-dismiss`, `blockdev-del`
+//!   ×2, `remove-fd`); rounds alternate who goes first. Then, for scale, `qemu-img convert` of the
+//!   same image to raw.
+//! - **Incremental after 1 % changed, beside the full:** 1 % of the disk written through the
+//!   device (HMP `qemu-io`, 82 × 64 KiB spread over it), then an incremental backup to qcow2,
+//!   timed with the size it allocates, beside the full backups above.
+//!
+//! Prints each round and, last, `ratio_wall=…` (floor time / SDK time, the median of per-pair
+//! ratios).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use qhotplug::{BackupConfig, DiskConfig, Format};
+use qhotplug_cmdline::names;
+use qhotplug_qmp::command::AddFd;
+use qhotplug_tests::raw::{encode, RawMonitor};
+use serde_json::json;
+
+const PAIRS: usize = 8;
+const MIB: u64 = 512;
+const DONE: Duration = Duration::from_secs(600);
+
+fn main() {
+    qhotplug_tests::bench_main(run());
+}
+
+/// A qcow2 image of `MIB` MiB of data.
+fn qcow2_with_data(dir: &Path, name: &str, seed: u64) -> std::path::PathBuf {
+    let raw = qhotplug_tests::storage::data_image(dir, &format!("{name}.raw"), MIB as usize, seed);
+    let path = dir.join(format!("{name}.qcow2"));
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::remove_file(raw).unwrap();
+    path
+}
+
+/// The floor's round: disk `id` (generation 0) backed up in full to a new raw file `target`,
+/// checkpoint `c<round>` made (the one before stopped).
+fn raw_round(mon: &Path, id: &str, round: usize, target: &Path) -> Duration {
+    let mut raw = RawMonitor::connect(mon);
+    let start = Instant::now();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(target)
+        .unwrap();
+    file.set_len(MIB << 20).unwrap();
+    let add = AddFd {
+        fdset_id: None,
+        opaque: Some(names::fdset_tag(id)),
+    };
+    let info = raw.send_encoded("add-fd", &encode("add-fd", &add), Some(&file));
+    drop(file);
+    let set = info["fdset-id"].as_i64().unwrap();
+    let (file_node, fmt_node) = (names::file_node_at(id, 1), names::format_node_at(id, 1));
+    raw.send(
+        "blockdev-add",
+        &json!({"driver": "file", "node-name": file_node, "filename": format!("/dev/fdset/{set}")}),
+        None,
+    );
+    raw.send(
+        "blockdev-add",
+        &json!({"driver": "raw", "node-name": fmt_node, "file": file_node}),
+        None,
+    );
+    let node = names::format_node(id);
+    let job = format!("backup-{id}");
+    let mut actions = Vec::new();
+    if round > 0 {
+        actions.push(json!({"type": "block-dirty-bitmap-disable",
+            "data": {"node": node, "name": format!("c{}", round - 1)}}));
+    }
+    actions.push(json!({"type": "block-dirty-bitmap-add",
+        "data": {"node": node, "name": format!("c{round}"), "persistent": true}}));
+    actions.push(
+        json!({"type": "blockdev-backup", "data": {"job-id": job, "device": node,
+        "target": fmt_node, "sync": "full", "auto-dismiss": false}}),
+    );
+    raw.send("transaction", &json!({ "actions": actions }), None);
+    raw.wait_event("JOB_STATUS_CHANGE", |d| {
+        d["id"] == job && d["status"] == "concluded"
+    });
+    raw.send("job-dismiss", &json!({ "id": job }), None);
+    for node in [fmt_node, file_node] {
+        raw.send("blockdev-del", &json!({ "node-name": node }), None);
+    }
+    raw.send("remove-fd", &json!({ "fdset-id": set }), None);
+    start.elapsed()
+}
+
+fn rate(took: Duration) -> f64 {
+    MIB as f64 / took.as_secs_f64()
+}
+
+fn ms(took: Duration) -> f64 {
+    took.as_secs_f64() * 1e3
+}
+
+async fn run() {
+    let (t, dir, mon) = qhotplug_tests::storage_bench_vm().await;
+    let d = dir.path().to_owned();
+    let sdk_src = qcow2_with_data(&d, "sdk", 1);
+    let raw_src = qcow2_with_data(&d, "raw", 2);
+    for (id, src) in [("s", &sdk_src), ("r", &raw_src)] {
+        let disk = DiskConfig::virtio_blk(id, src).format(Format::Qcow2);
+        t.vm.add_disk(disk).await.unwrap();
+    }
+    println!("full backup of a 512 MiB qcow2 image to raw, with a checkpoint (QEMU, no guest), {PAIRS} pairs");
+    let (mut sdk, mut floor) = (Vec::new(), Vec::new());
+    for round in 0..PAIRS {
+        let sdk_to = d.join(format!("sdk-full-{round}.raw"));
+        let raw_to = d.join(format!("raw-full-{round}.raw"));
+        let sdk_round = async {
+            let start = Instant::now();
+            let backup = BackupConfig::full()
+                .format(Format::Raw)
+                .disk("s", &sdk_to)
+                .checkpoint(format!("c{round}"));
+            t.vm.backup(backup).await.unwrap().wait(DONE).await.unwrap();
+            start.elapsed()
+        };
+        let raw = |to: std::path::PathBuf| {
+            let mon = mon.clone();
+            tokio::task::spawn_blocking(move || raw_round(&mon, "r", round, &to))
+        };
+        let (s, f) = if round % 2 == 0 {
+            let s = sdk_round.await;
+            (s, raw(raw_to.clone()).await.unwrap())
+        } else {
+            let f = raw(raw_to.clone()).await.unwrap();
+            (sdk_round.await, f)
+        };
+        println!(
+            "round {round}: sdk {:.0} ms ({:.0} MiB/s), floor {:.0} ms ({:.0} MiB/s)",
+            ms(s),
+            rate(s),
+            ms(f),
+            rate(f)
+        );
+        sdk.push(s);
+        floor.push(f);
+        std::fs::remove_file(&sdk_to).unwrap();
+        std::fs::remove_file(&raw_to).unwrap();
+    }
+    // For scale: the same image copied outside QEMU.
+    let out = d.join("convert.raw");
+    let start = Instant::now();
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(&sdk_src)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let convert = start.elapsed();
+    std::fs::remove_file(&out).unwrap();
+    let full = qhotplug_tests::median(sdk.clone());
+    println!(
+        "copy rate (MiB/s, median): full backup via the SDK {:.0}, floor {:.0}; qemu-img convert {:.0}",
+        rate(full),
+        rate(qhotplug_tests::median(floor.clone())),
+        rate(convert)
+    );
+
+    // 1 % of the disk changed, then an incremental backup since the last checkpoint.
+    let base = d.join("base.qcow2");
+    let last = format!("c{}", PAIRS - 1);
+    let backup = BackupConfig::full().disk("s", &base).checkpoint("base");
+    t.vm.backup(backup).await.unwrap().wait(DONE).await.unwrap();
+    let writes = (MIB << 20) / 100 / (64 << 10) + 1;
+    // Cluster-aligned, so each write dirties one 64 KiB cluster of the bitmap.
+    let stride = (MIB << 20) / writes / (64 << 10) * (64 << 10);
+    for i in 0..writes {
+        let line = format!(
+            "qemu-io -d /machine/peripheral/s/virtio-backend \"write -P 0x5a {} 64k\"",
+            i * stride
+        );
+        let said =
+            t.vm.client()
+                .execute_raw("human-monitor-command", &json!({ "command-line": line }))
+                .await
+                .unwrap();
+        assert!(
+            !said.as_str().unwrap_or("").contains("rror"),
+            "qemu-io: {said}"
+        );
+    }
+    let inc = d.join("inc.qcow2");
+    let start = Instant::now();
+    let backup = BackupConfig::incremental("base")
+        .disk_onto("s", &inc, &base)
+        .checkpoint("inc");
+    t.vm.backup(backup).await.unwrap().wait(DONE).await.unwrap();
+    let incremental = start.elapsed();
+    let size = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).unwrap().blocks() * 512
+    };
+    println!(
+        "incremental after {} KiB changed (1 %): {:.0} ms, target {:.1} MiB on disk; full: {:.0} ms, target {:.1} MiB (checkpoint {last} was the last full's)",
+        writes * 64,
+        ms(incremental),
+        size(&inc) as f64 / 1048576.0,
+        ms(full),
+        size(&base) as f64 / 1048576.0,
+    );
+    let ratio = qhotplug_tests::median_ratio(&floor, &sdk);
+    println!("ratio_wall={ratio:.3}");
+    t.vm.quit().await.unwrap();
+}
