@@ -16,7 +16,7 @@ use tracing::Instrument;
 use qhotplug_cmdline::{Disk, Format};
 use qhotplug_qmp::command::{
     BlockDirtyBitmapAdd, BlockDirtyBitmapDisable, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove,
-    DirtyBitmapInfo, QmpTransaction, QueryNamedBlockNodes, TransactionAction,
+    DirtyBitmapInfo, QmpTransaction, QueryBlock, TransactionAction,
 };
 
 use crate::delete::Delete;
@@ -27,7 +27,7 @@ use crate::vm_core::Core;
 
 /// The commands checkpoints use.
 pub(crate) const COMMANDS: &[&str] = &[
-    "query-named-block-nodes",
+    "query-block",
     "transaction",
     "block-dirty-bitmap-add",
     "block-dirty-bitmap-remove",
@@ -82,16 +82,7 @@ pub(crate) struct Checkpoints {
 impl Checkpoints {
     /// Reads disk `disk`'s bitmaps from QEMU.
     pub(crate) async fn read(core: &Core, disk: Disk) -> Result<Checkpoints> {
-        let node = disk.top_node();
-        let nodes = core
-            .client
-            .execute(&QueryNamedBlockNodes { flat: Some(true) })
-            .await?;
-        let have: Vec<DirtyBitmapInfo> = nodes
-            .into_iter()
-            .find(|n| n.node_name.as_deref() == Some(node.as_str()))
-            .map(|n| n.dirty_bitmaps)
-            .unwrap_or_default();
+        let have = bitmaps_of(core, &disk.top_node()).await?;
         let bitmaps = disk
             .checkpoints
             .iter()
@@ -261,15 +252,34 @@ pub(crate) async fn list(core: &Arc<Core>, id: &str) -> Result<Vec<CheckpointInf
     Ok(out)
 }
 
+/// The dirty bitmaps of block node `node`, the root of a device, from `query-block` (not
+/// `query-named-block-nodes`, which crashes QEMU while some job waits concluded: see
+/// `jobs::named_block_nodes`).
+async fn bitmaps_of(core: &Core, node: &str) -> Result<Vec<DirtyBitmapInfo>> {
+    Ok(core
+        .client
+        .execute(&QueryBlock)
+        .await?
+        .into_iter()
+        .filter_map(|b| b.inserted)
+        .find(|i| i.node_name.as_deref() == Some(node))
+        .map(|i| i.dirty_bitmaps)
+        .unwrap_or_default())
+}
+
+/// The bytes bitmap `name` of `bitmaps` marks.
+fn count(bitmaps: &[DirtyBitmapInfo], name: &str) -> u64 {
+    bitmaps
+        .iter()
+        .find(|b| b.name == name)
+        .map_or(0, |b| b.count)
+}
+
 /// How many bytes `chain`'s bitmaps on `node` mark together: merged into a scratch bitmap, read,
 /// and the scratch removed.
 async fn merged_count(core: &Core, node: &str, chain: &[String]) -> Result<u64> {
     if let [one] = chain {
-        let nodes = core
-            .client
-            .execute(&QueryNamedBlockNodes { flat: Some(true) })
-            .await?;
-        return Ok(bitmap_count(&nodes, node, one));
+        return Ok(count(&bitmaps_of(core, node).await?, one));
     }
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let scratch = format!(
@@ -292,24 +302,13 @@ async fn merged_count(core: &Core, node: &str, chain: &[String]) -> Result<u64> 
         properties: None,
     };
     core.client.execute(&made).await?;
-    let counted = core
-        .client
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await;
+    let counted = bitmaps_of(core, node).await;
     let remove = Delete::Bitmap {
         node: node.to_owned(),
         name: scratch.clone(),
     };
     remove.run(&core.client).await?;
-    Ok(bitmap_count(&counted?, node, &scratch))
-}
-
-fn bitmap_count(nodes: &[qhotplug_qmp::command::BlockDeviceInfo], node: &str, name: &str) -> u64 {
-    nodes
-        .iter()
-        .find(|n| n.node_name.as_deref() == Some(node))
-        .and_then(|n| n.dirty_bitmaps.iter().find(|b| b.name == name))
-        .map_or(0, |b| b.count)
+    Ok(count(&counted?, &scratch))
 }
 
 /// See [`Vm::delete_checkpoint`](crate::Vm::delete_checkpoint).
