@@ -7,14 +7,15 @@
 use std::time::Duration;
 
 use qhotplug_qmp::command::{
-    BlockDirtyBitmapEnable, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove, BlockdevCloseTray,
-    BlockdevDel, BlockdevInsertMedium, BlockdevOpenTray, BlockdevRemoveMedium, ChardevRemove,
-    Closefd, NetdevDel, ObjectDel, QmpTransaction, QueryFdsets, RemoveFd, TransactionAction,
+    BlockDirtyBitmapEnable, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove, BlockExportDel,
+    BlockdevCloseTray, BlockdevDel, BlockdevInsertMedium, BlockdevOpenTray, BlockdevRemoveMedium,
+    ChardevRemove, Closefd, JobCancel, NbdServerStop, NetdevDel, ObjectDel, QmpTransaction,
+    QueryFdsets, RemoveFd, TransactionAction,
 };
 use qhotplug_qmp::Client;
 
 use crate::error::Error;
-use crate::qemu_errors::{is_absent, is_backend_in_use, is_tray_closed};
+use crate::qemu_errors::{is_absent, is_backend_in_use, is_nbd_server_not_running, is_tray_closed};
 use crate::unplug::{self, UnplugPolicy, Unplugged};
 
 /// How long a `blockdev-del` or `chardev-remove` is asked again, at most, while QEMU still holds
@@ -52,6 +53,12 @@ pub(crate) enum Delete {
     CloseTray(String),
     /// Dirty bitmap `name` on `node` (`block-dirty-bitmap-remove`).
     Bitmap { node: String, name: String },
+    /// A job: cancelled (`job-cancel`; one concluded already counts), waited for, dismissed.
+    Job(String),
+    /// An export of the VM's NBD server (`block-export-del`, `hard`: its clients dropped).
+    Export(String),
+    /// The VM's NBD server (`nbd-server-stop`).
+    NbdServer,
     /// Checkpoint `name` on `node` gone, losing nothing: what it recorded merged into `into`
     /// (the checkpoint before it), which records again if `resume`, then `name` removed; one
     /// `transaction`.
@@ -80,6 +87,9 @@ impl std::fmt::Display for Delete {
             }
             Delete::CloseTray(id) => write!(f, "blockdev-close-tray {id}"),
             Delete::Bitmap { node, name } => write!(f, "block-dirty-bitmap-remove {node} {name}"),
+            Delete::Job(id) => write!(f, "job-cancel {id}"),
+            Delete::Export(id) => write!(f, "block-export-del {id}"),
+            Delete::NbdServer => write!(f, "nbd-server-stop"),
             Delete::Checkpoint { node, name, .. } => {
                 write!(f, "transaction (checkpoint {name} on {node} undone)")
             }
@@ -111,6 +121,9 @@ impl Delete {
             Delete::Reinsert { .. } => "blockdev-insert-medium",
             Delete::CloseTray(_) => "blockdev-close-tray",
             Delete::Bitmap { .. } => "block-dirty-bitmap-remove",
+            Delete::Job(_) => "job-cancel",
+            Delete::Export(_) => "block-export-del",
+            Delete::NbdServer => "nbd-server-stop",
             Delete::Checkpoint { .. } => "transaction",
         }
     }
@@ -126,12 +139,18 @@ impl Delete {
                 Err(refused) => Err(refused.into_error(id)),
             };
         }
+        if let Delete::Job(id) = self {
+            return end_job(client, id).await;
+        }
         let deadline = tokio::time::Instant::now() + BACKEND_RELEASE;
         let mut pause = Duration::from_millis(5);
         loop {
             match self.run_command(client).await {
                 Ok(()) => return Ok(Outcome::Done),
                 Err(e) if is_absent(&e) => return Ok(Outcome::Absent),
+                Err(e) if matches!(self, Delete::NbdServer) && is_nbd_server_not_running(&e) => {
+                    return Ok(Outcome::Absent)
+                }
                 Err(e)
                     if matches!(self, Delete::BlockNode(_) | Delete::Chardev(_))
                         && is_backend_in_use(&e)
@@ -260,8 +279,43 @@ impl Delete {
                 };
                 client.execute(&undo).await.map(drop)
             }
-            Delete::Device(_) => unreachable!("run handles devices"),
+            Delete::Export(id) => client
+                .execute(&BlockExportDel {
+                    id: id.clone(),
+                    mode: Some("hard".into()),
+                })
+                .await
+                .map(drop),
+            Delete::NbdServer => client.execute(&NbdServerStop).await.map(drop),
+            Delete::Device(_) | Delete::Job(_) => unreachable!("run handles devices and jobs"),
         }
+    }
+}
+
+/// How long a cancelled job may take to conclude.
+const JOB_END: Duration = Duration::from_secs(30);
+
+/// Cancels job `id` and waits for its end, then dismisses it; gone already is absent.
+async fn end_job(client: &Client, id: &str) -> Result<Outcome, Error> {
+    let mut events = client.events();
+    let cancel = JobCancel { id: id.to_owned() };
+    if let Err(e) = client.execute(&cancel).await {
+        match crate::jobs::info(client, id).await? {
+            None => return Ok(Outcome::Absent),
+            Some(job) if job.status == "concluded" => {}
+            Some(_) => return Err(e.into()),
+        }
+    }
+    match tokio::time::timeout(JOB_END, crate::jobs::conclude(client, &mut events, id)).await {
+        // A cancelled job's "error" is the cancel.
+        Ok(Ok(()) | Err(Error::JobFailed { .. })) => Ok(Outcome::Done),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(Error::JobTimeout {
+            id: id.to_owned(),
+            status: "aborting".into(),
+            want: "concluded",
+            after: JOB_END,
+        }),
     }
 }
 

@@ -18,6 +18,13 @@ pub fn is_absent(e: &Error) -> bool {
             .is_some_and(|d| d.contains("not found") || d.starts_with("Failed to find node"))
 }
 
+/// `nbd-server-stop` with no NBD server running ("NBD server not running"): what it would stop is
+/// not there.
+pub fn is_nbd_server_not_running(e: &Error) -> bool {
+    e.qmp_desc()
+        .is_some_and(|d| d.contains("NBD server not running"))
+}
+
 /// `device_del` refused because an unplug of the device is already under way ("Device … is
 /// already in the process of unplug"): the earlier request stands; pressing again must wait.
 pub fn is_unplug_under_way(e: &Error) -> bool {

@@ -30,6 +30,7 @@ use crate::medium::{self, MediumOptions, TrayStatus};
 use crate::migrate::{self, MigrationOptions, Progress};
 use crate::mirror::{self, MirrorConfig};
 use crate::onlining::{self, Onlined};
+use crate::pull::{self, PullBackup, PullConfig};
 use crate::reconcile::{self, Reconciled};
 use crate::run_to_end::RunToEnd;
 use crate::snapshot::{self, SnapshotConfig};
@@ -570,6 +571,18 @@ impl Vm {
     pub async fn backup(&self, config: BackupConfig) -> Result<Backup> {
         self.call("backup", "", |core, _| async move {
             backup::start(&core, config).await
+        })
+        .await
+    }
+
+    /// Starts a pull backup ([`PullConfig`]): each disk's view as of now served read-only by
+    /// QEMU's NBD server for a backup tool to read at its pace, while the guest writes on (the
+    /// blocks it overwrites are first copied into a scratch image the SDK creates). An
+    /// incremental one offers the changed extents as a dirty bitmap. The returned
+    /// [`PullBackup`] says where to read and ends it; a failure while starting undoes every step.
+    pub async fn pull_backup(&self, config: PullConfig) -> Result<PullBackup> {
+        self.call("pull_backup", "", |core, _| async move {
+            pull::start(&core, config).await
         })
         .await
     }

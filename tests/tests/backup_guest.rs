@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use qhotplug::{
-    BackupConfig, CheckpointProblem, CheckpointState, DiskConfig, Error, Format, VmSpec,
+    BackupConfig, CheckpointProblem, CheckpointState, DiskConfig, Error, Format, NbdServer,
+    PullConfig, VmSpec,
 };
 use qhotplug_tests::storage::{guest_view_md5, SmallFs};
 use qhotplug_tests::{pc_spec, Guest, Snapshot};
@@ -323,5 +324,122 @@ fn checkpoints_migrate_with_the_guest_and_the_target_takes_the_next_incremental(
         assert_eq!(guest_view_md5(&inc, &scratch), now);
         assert_eq!(allocated_here(&inc), 2 * MIB);
         target.quit().await.unwrap();
+    });
+}
+
+/// `qemu-img convert` of NBD export `source` (read over the network, as a backup tool would) to a
+/// raw file; its `md5sum`.
+fn read_export(source: &qhotplug::Nbd, scratch: &Path) -> String {
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &source.uri()])
+        .arg(scratch)
+        .status()
+        .unwrap();
+    assert!(status.success(), "qemu-img convert {}", source.uri());
+    let sum = qhotplug_tests::storage::md5(scratch);
+    std::fs::remove_file(scratch).unwrap();
+    sum
+}
+
+/// Bytes of NBD export `source` that `context` (a dirty bitmap's meta context) marks dirty: read
+/// with `qemu-img map` through QEMU's NBD client, which reports the context's bit as a hole.
+fn dirty_bytes(source: &qhotplug::Nbd, context: &str) -> u64 {
+    let qhotplug::NbdServer::Unix(socket) = &source.server else {
+        panic!("a Unix socket")
+    };
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},export={},x-dirty-bitmap={context}",
+        socket.display(),
+        source.export.as_deref().unwrap()
+    );
+    let out = std::process::Command::new("qemu-img")
+        .args(["map", "--output=json", "--image-opts", &opts])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    map.iter()
+        .filter(|e| e["data"] == false)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
+
+/// What a pull backup's end must leave as before: QEMU's nodes, fd sets, open files, and ours.
+fn leftovers(s: &Snapshot) -> impl PartialEq + std::fmt::Debug {
+    (
+        s.nodes.clone(),
+        s.fdsets.clone(),
+        s.qemu_fds.clone(),
+        s.our_fds.clone(),
+        s.objects.clone(),
+    )
+}
+
+#[test]
+fn a_pull_backup_serves_the_disk_as_it_was_while_the_guest_overwrites_it() {
+    qhotplug_tests::serial_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let image = qcow2(d, "d1.qcow2");
+        let out = d.join("read.raw");
+        let (g, dev) = with_disk(pc_spec(), &image).await;
+        let before = Snapshot::take(&g.vm).await;
+        let socket = d.join("pull.sock");
+
+        // Full: the view is the disk as of the start, whatever the guest writes meanwhile.
+        let at_start = write_mib(&g, &dev, 1).await;
+        let config = PullConfig::full(NbdServer::Unix(socket.clone()))
+            .disk("d1", d.join("scratch.qcow2"))
+            .checkpoint("c1");
+        let pull = g.vm.pull_backup(config).await.unwrap();
+        let source = pull.source("d1").unwrap();
+        let now = write_mib(&g, &dev, 1).await;
+        assert_ne!(now, at_start);
+        // A reader that connects, reads a little and goes does not disturb the next one.
+        let status = std::process::Command::new("qemu-io")
+            .args(["-r", "-f", "raw", "-c", "read 0 64k", &source.uri()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(read_export(&source, &out), at_start);
+        let disks = pull.finish().await.unwrap();
+        assert_eq!(disks[0].checkpoints, ["c1"]);
+        assert_eq!(g.vm.spec().disks[0].checkpoints, ["c1"]);
+        assert_eq!(leftovers(&Snapshot::take(&g.vm).await), leftovers(&before));
+        assert!(!d.join("scratch.qcow2").exists());
+
+        // Incremental since c1: the changed extents are offered as a dirty bitmap.
+        let at_start = write_mib(&g, &dev, 4).await;
+        let config = PullConfig::incremental("c1", NbdServer::Unix(socket.clone()))
+            .disk("d1", d.join("scratch.qcow2"))
+            .checkpoint("c2");
+        let pull = g.vm.pull_backup(config).await.unwrap();
+        let source = pull.source("d1").unwrap();
+        write_mib(&g, &dev, 8).await;
+        let context = pull.dirty_bitmap().unwrap();
+        // c1 recorded the write at MiB 1 after the full pull started, and the one at MiB 4.
+        assert_eq!(dirty_bytes(&source, &context), 2 * MIB);
+        assert_eq!(read_export(&source, &out), at_start);
+        pull.finish().await.unwrap();
+        assert_eq!(g.vm.spec().disks[0].checkpoints, ["c1", "c2"]);
+
+        // Aborted, a pull backup leaves the checkpoints as they were.
+        let config = PullConfig::incremental("c2", NbdServer::Unix(socket.clone()))
+            .disk("d1", d.join("scratch.qcow2"))
+            .checkpoint("c3");
+        let pull = g.vm.pull_backup(config).await.unwrap();
+        pull.abort().await.unwrap();
+        assert_eq!(g.vm.spec().disks[0].checkpoints, ["c1", "c2"]);
+        let listed = g.vm.checkpoints("d1").await.unwrap();
+        let shown: Vec<(&str, bool, u64)> = listed
+            .iter()
+            .map(|c| (c.name.as_str(), c.recording, c.recorded))
+            .collect();
+        assert_eq!(shown, [("c1", false, 2 * MIB), ("c2", true, MIB)]);
+        assert_eq!(leftovers(&Snapshot::take(&g.vm).await), leftovers(&before));
     });
 }

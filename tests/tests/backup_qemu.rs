@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use qhotplug::{BackupConfig, CheckpointProblem, DiskConfig, Error, Format};
+use qhotplug::{BackupConfig, CheckpointProblem, DiskConfig, Error, Format, NbdServer, PullConfig};
 use qhotplug_qmp::command::QueryJobs;
 use qhotplug_tests::storage::{data_image, SmallFs};
 use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
@@ -229,5 +229,63 @@ fn qemu_killed_mid_backup_is_an_interrupted_job_naming_the_incomplete_target() {
             }
             other => panic!("{other:?}"),
         }
+    });
+}
+
+/// The steps before a one-disk pull backup is served, in order.
+const PULL_STEPS: &[(&str, usize)] = &[
+    ("add-fd", 1),
+    ("blockdev-add", 1),
+    ("remove-fd", 1),
+    ("blockdev-create", 1),
+    ("blockdev-add", 2),
+    ("transaction", 1),
+    ("nbd-server-start", 1),
+    ("block-export-add", 1),
+];
+
+#[test]
+fn a_failure_at_each_step_before_a_pull_backup_is_served_changes_nothing_and_a_dropped_one_ends() {
+    qhotplug_tests::serial_test(async {
+        let (t, mon2, dir) = with_two_disks().await;
+        let d = dir.path();
+        let full = BackupConfig::full()
+            .disk("a", d.join("a.0.qcow2"))
+            .checkpoint("c1");
+        t.vm.backup(full).await.unwrap().wait(DONE).await.unwrap();
+        let before = t.snapshot().await;
+        let scratch = d.join("scratch.qcow2");
+        let socket = d.join("pull.sock");
+        let config = || {
+            PullConfig::incremental("c1", NbdServer::Unix(socket.clone()))
+                .disk("a", &scratch)
+                .checkpoint("c2")
+        };
+        for &(step, nth) in PULL_STEPS {
+            let config = config();
+            let (vm, _proxy) = assert_rolls_back(&t, &mon2, step, nth, |vm| async move {
+                vm.pull_backup(config).await
+            })
+            .await;
+            assert!(!scratch.exists(), "{step} #{nth}: the scratch file stayed");
+            assert!(t.vm.client().execute(&QueryJobs).await.unwrap().is_empty());
+            assert_eq!(vm.disks()[0].checkpoints, ["c1"]);
+        }
+        // A handle dropped while served ends it in the background, the checkpoint given back.
+        let pull = t.vm.pull_backup(config()).await.unwrap();
+        assert!(socket.exists());
+        drop(pull);
+        t.vm.reconcile().await.unwrap();
+        assert_eq!(t.snapshot().await, before);
+        assert!(!scratch.exists());
+        assert_eq!(t.vm.spec().disks[0].checkpoints, ["c1"]);
+        // And served again, the same way.
+        t.vm.pull_backup(config())
+            .await
+            .unwrap()
+            .finish()
+            .await
+            .unwrap();
+        assert_eq!(t.vm.spec().disks[0].checkpoints, ["c1", "c2"]);
     });
 }

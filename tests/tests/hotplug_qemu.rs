@@ -507,6 +507,33 @@ fn each_qemu_error_the_sdk_tells_apart_is_classified_on_this_qemu() {
         assert!(is_backend_in_use(&busy), "{busy}");
         assert!(!is_absent(&busy), "{busy}");
         assert!(!is_backend_in_use(&absent[1]), "{}", absent[1]);
+        // Nothing to stop, and nothing of those to remove, for a pull backup's end.
+        let stopped = c.execute(&NbdServerStop).await.unwrap_err();
+        assert!(
+            qhotplug::qemu_errors::is_nbd_server_not_running(&stopped),
+            "{stopped}"
+        );
+        let bitmap = c
+            .execute(&BlockDirtyBitmapRemove {
+                node: "b1-fmt".into(),
+                name: "nope".into(),
+            })
+            .await
+            .unwrap_err();
+        let export = c
+            .execute(&BlockExportDel {
+                id: "nope".into(),
+                mode: Some("hard".into()),
+            })
+            .await
+            .unwrap_err();
+        let job = c
+            .execute(&JobCancel { id: "nope".into() })
+            .await
+            .unwrap_err();
+        for e in [&bitmap, &export, &job] {
+            assert!(is_absent(e), "not read as absent: {e}");
+        }
     });
 }
 

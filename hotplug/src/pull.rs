@@ -1,0 +1,423 @@
+//! Pull backups: a point-in-time view of each disk served over NBD for a backup tool to read at
+//! its pace, while the guest writes on (classic fleecing, reference §5.5, on QEMU 5.0 and later).
+//!
+//! Start, one transaction with rollback: per disk a qcow2 scratch image the SDK creates, standing
+//! on the disk's top node; one QMP `transaction` of the checkpoint actions (and, incremental, the
+//! temporary bitmap merged from the chain) and a `blockdev-backup` `sync: none` per disk, which
+//! copies a block into the scratch only before the guest overwrites it; QEMU's NBD server; an
+//! export per disk of its scratch node (named after the disk; read-only; an incremental one offers
+//! the temporary bitmap as `qemu:dirty-bitmap:qhotplug-backup`). End, in order: the exports (their
+//! readers dropped), the jobs, the server, the scratch nodes and files, the temporary bitmap; and
+//! the new checkpoint kept ([`PullBackup::finish`]) or given back ([`PullBackup::abort`], or a
+//! handle dropped).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use qhotplug_cmdline::{Disk, DiskLayer, Format, Nbd, NbdServer};
+use qhotplug_qmp::command::{
+    BlockExportAddNbd, BlockdevBackup, NbdServerStart, QmpTransaction, TransactionAction,
+};
+use tracing::Instrument;
+
+use crate::checkpoint::{Checkpoints, BACKUP_BITMAP};
+use crate::delete::Delete;
+use crate::error::{Error, Result};
+use crate::holds::{self, Busy};
+use crate::kinds::{Device, DeviceKind};
+use crate::live;
+use crate::new_image::{self, Backing, ImageSpec};
+use crate::transaction::Transaction;
+use crate::vm_core::Core;
+
+/// The commands a pull backup uses besides the checkpoints'.
+const COMMANDS: &[&str] = &[
+    "blockdev-backup",
+    "blockdev-create",
+    "transaction",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "block-export-add",
+    "block-export-del",
+    "job-cancel",
+    "job-dismiss",
+];
+
+/// A pull backup ([`Vm::pull_backup`](crate::Vm::pull_backup)): full or incremental since a
+/// checkpoint, of which disks (each with a scratch file for the blocks the guest overwrites
+/// meanwhile), served where.
+///
+/// ```
+/// use qhotplug::{NbdServer, PullConfig};
+/// let pull = PullConfig::full(NbdServer::Unix("/run/backup/vm1.sock".into()))
+///     .disk("data-1", "/var/tmp/data-1.scratch.qcow2")
+///     .checkpoint("mon");
+/// # let _ = pull;
+/// ```
+#[derive(Debug, Clone)]
+pub struct PullConfig {
+    since: Option<String>,
+    server: NbdServer,
+    disks: Vec<(String, PathBuf)>,
+    checkpoint: Option<String>,
+}
+
+impl PullConfig {
+    /// The whole of each disk, served by QEMU's NBD server at `server`.
+    pub fn full(server: NbdServer) -> PullConfig {
+        PullConfig {
+            since: None,
+            server,
+            disks: Vec::new(),
+            checkpoint: None,
+        }
+    }
+
+    /// Each disk, with what the guest wrote since checkpoint `since` offered to the reader as a
+    /// dirty bitmap ([`PullBackup::dirty_bitmap`]), so it reads only the changed extents.
+    pub fn incremental(since: impl Into<String>, server: NbdServer) -> PullConfig {
+        PullConfig {
+            since: Some(since.into()),
+            ..PullConfig::full(server)
+        }
+    }
+
+    /// Disk `id` is served; `scratch` (which must not exist: the SDK creates it, and removes it
+    /// at the end) holds the blocks the guest overwrites while the backup runs.
+    pub fn disk(mut self, id: impl Into<String>, scratch: impl Into<PathBuf>) -> Self {
+        self.disks.push((id.into(), scratch.into()));
+        self
+    }
+
+    /// Makes checkpoint `name` at the backup's point in time, kept if the backup
+    /// [`finish`](PullBackup::finish)es.
+    pub fn checkpoint(mut self, name: impl Into<String>) -> Self {
+        self.checkpoint = Some(name.into());
+        self
+    }
+}
+
+/// One disk being served.
+#[derive(Debug)]
+struct Served {
+    /// The disk as it is once the backup finishes (with the new checkpoint).
+    after: Disk,
+    /// The scratch file.
+    scratch: PathBuf,
+    /// Its nodes.
+    nodes: [String; 2],
+    /// What gives the new checkpoint's record back.
+    undo_checkpoint: Option<Delete>,
+}
+
+/// A pull backup being served ([`Vm::pull_backup`](crate::Vm::pull_backup)): each disk's view as
+/// of the start, read over NBD. It ends by [`finish`](PullBackup::finish) (the reader is done: the
+/// checkpoint stays) or [`abort`](PullBackup::abort); dropped, it is aborted in the background.
+pub struct PullBackup {
+    core: Arc<Core>,
+    server: NbdServer,
+    served: Vec<Served>,
+    incremental: bool,
+    busy: Option<Vec<Busy>>,
+}
+
+impl std::fmt::Debug for PullBackup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullBackup")
+            .field("server", &self.server)
+            .field("served", &self.served)
+            .field("incremental", &self.incremental)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PullBackup {
+    /// Where QEMU's NBD server listens.
+    pub fn server(&self) -> &NbdServer {
+        &self.server
+    }
+
+    /// The NBD source of disk `id`'s view (the export is named after the disk), for a reader:
+    /// `source.uri()` is `nbd+unix:///<id>?socket=…` or `nbd://host:port/<id>`.
+    pub fn source(&self, id: &str) -> Option<Nbd> {
+        self.served.iter().find(|s| s.after.id == id).map(|_| Nbd {
+            server: self.server.clone(),
+            export: Some(id.to_owned()),
+            reconnect_delay: None,
+            tls_dir: None,
+        })
+    }
+
+    /// The NBD meta context of an incremental backup's dirty bitmap, which marks what changed
+    /// since the checkpoint (`qemu:dirty-bitmap:qhotplug-backup`); `None` for a full one.
+    pub fn dirty_bitmap(&self) -> Option<String> {
+        self.incremental
+            .then(|| format!("qemu:dirty-bitmap:{BACKUP_BITMAP}"))
+    }
+
+    /// The reader is done: everything is torn down in order, and the new checkpoint stays
+    /// (`vm.spec()` lists it). Returns the disks as they now are.
+    pub async fn finish(mut self) -> Result<Vec<Disk>> {
+        let busy = self.busy.take();
+        let ended = end(&self.core, std::mem::take(&mut self.served), true).await;
+        drop(busy);
+        ended
+    }
+
+    /// Ends the backup without keeping it: everything is torn down and the checkpoints are as
+    /// they were before it.
+    pub async fn abort(mut self) -> Result<()> {
+        let busy = self.busy.take();
+        let ended = end(&self.core, std::mem::take(&mut self.served), false).await;
+        drop(busy);
+        ended.map(drop)
+    }
+}
+
+impl Drop for PullBackup {
+    fn drop(&mut self) {
+        let Some(busy) = self.busy.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let core = self.core.clone();
+        let served = std::mem::take(&mut self.served);
+        let span = tracing::info_span!(
+            crate::spans::ROLLBACK,
+            id = "pull-backup",
+            reason = "pull backup handle dropped"
+        );
+        let task = runtime.spawn(
+            async move {
+                if let Err(error) = end(&core, served, false).await {
+                    tracing::warn!(%error, "the dropped pull backup's end was not clean");
+                }
+                drop(busy);
+            }
+            .instrument(span),
+        );
+        self.core.track_rollback(task);
+    }
+}
+
+/// A pull backup's export and job id on disk `disk`: `pull-<disk>`.
+fn pull_id(disk: &str) -> String {
+    format!("pull-{disk}")
+}
+
+/// Tears a pull backup down in order; `keep`: the new checkpoints stay (the spec gets them).
+async fn end(core: &Core, served: Vec<Served>, keep: bool) -> Result<Vec<Disk>> {
+    let mut steps: Vec<Delete> = served
+        .iter()
+        .map(|s| Delete::Export(pull_id(&s.after.id)))
+        .collect();
+    steps.extend(served.iter().map(|s| Delete::Job(pull_id(&s.after.id))));
+    steps.push(Delete::NbdServer);
+    for s in &served {
+        steps.extend(s.nodes.iter().cloned().map(Delete::BlockNode));
+        steps.push(Delete::Bitmap {
+            node: s.after.top_node(),
+            name: BACKUP_BITMAP.into(),
+        });
+        if !keep {
+            steps.extend(s.undo_checkpoint.clone());
+        }
+    }
+    let mut first_error = None;
+    for step in steps {
+        let span = tracing::debug_span!(crate::spans::STEP, name = step.command(), id = "pull");
+        if let Err(error) = step.run(&core.client).instrument(span).await {
+            tracing::warn!(%step, %error, "a pull backup's leftover for reconcile");
+            first_error.get_or_insert(error);
+        }
+    }
+    let mut disks = Vec::new();
+    for s in served {
+        let _ = std::fs::remove_file(&s.scratch);
+        if keep {
+            core.state().update(s.after.clone().into());
+        }
+        disks.push(s.after);
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(disks),
+    }
+}
+
+/// The NBD server's address as QMP's `SocketAddressLegacy`.
+fn legacy_address(server: &NbdServer) -> serde_json::Value {
+    match server {
+        NbdServer::Unix(path) => {
+            serde_json::json!({"type": "unix", "data": {"path": path.to_string_lossy()}})
+        }
+        NbdServer::Tcp { host, port } => {
+            serde_json::json!({"type": "inet", "data": {"host": host, "port": port.to_string()}})
+        }
+    }
+}
+
+/// See [`Vm::pull_backup`](crate::Vm::pull_backup).
+pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBackup> {
+    core.require("pull backup", COMMANDS).await?;
+    core.require("pull backup", crate::checkpoint::COMMANDS)
+        .await?;
+    if config.disks.is_empty() {
+        return Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(
+            "a pull backup of no disk".into(),
+        )));
+    }
+    let mut busy: Vec<Busy> = Vec::new();
+    let mut plans: Vec<(Checkpoints, Vec<String>)> = Vec::new();
+    for (id, _) in &config.disks {
+        if plans.iter().any(|(c, _)| &c.disk.id == id) {
+            return Err(Error::DuplicateId(id.clone()));
+        }
+        let (mark, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
+            unreachable!("a disk entry is a disk")
+        };
+        crate::jobs::require_local(&disk)?;
+        busy.push(mark);
+        let checkpoints = Checkpoints::read(core, disk).await?;
+        if let Some(name) = &config.checkpoint {
+            checkpoints.check_new(name)?;
+        }
+        let chain = match &config.since {
+            Some(since) => checkpoints.chain_since(since)?,
+            None => Vec::new(),
+        };
+        plans.push((checkpoints, chain));
+    }
+    let client = core.client.clone();
+    let mut events = client.events();
+    let mut txn = Transaction::new(client.clone(), "pull backup", busy);
+    let mut scratches = Vec::new();
+    for ((checkpoints, _), (_, path)) in plans.iter().zip(&config.disks) {
+        let disk = &checkpoints.disk;
+        let top = disk.top_layer();
+        let made = async {
+            let new = ImageSpec {
+                layer: DiskLayer {
+                    path: path.clone(),
+                    format: Format::Qcow2,
+                    generation: disk.next_generation(),
+                },
+                size: live::virtual_size(core, disk).await?,
+                backing: Backing::Node(&top),
+                job_target: false,
+            };
+            new_image::create(&client, &mut txn, &mut events, disk, new).await
+        };
+        match made.await {
+            Ok(image) => scratches.push(image),
+            Err(error) => return Err(txn.abort(error).await),
+        }
+    }
+    // The point in time: every disk's checkpoint actions and copy-before-write job at once.
+    let incremental = config.since.is_some();
+    let mut actions: Vec<TransactionAction> = Vec::new();
+    let mut served = Vec::new();
+    let mut nows = Vec::new();
+    let mut undos = Vec::new();
+    for ((checkpoints, chain), scratch) in plans.iter().zip(&scratches) {
+        let disk = &checkpoints.disk;
+        if incremental {
+            actions.extend(checkpoints.backup_bitmap_actions(chain));
+            undos.push(Delete::Bitmap {
+                node: disk.top_node(),
+                name: BACKUP_BITMAP.into(),
+            });
+        }
+        let mut now = disk.clone();
+        let mut after = disk.clone();
+        let mut undo_checkpoint = None;
+        if let Some(name) = &config.checkpoint {
+            let (add, kept, undo) = checkpoints.add_actions(name);
+            actions.extend(add);
+            undos.push(undo.clone());
+            undo_checkpoint = Some(undo);
+            now.checkpoints = kept.clone();
+            after.checkpoints = kept;
+            after.checkpoints.push(name.clone());
+        }
+        nows.push(now);
+        let target = disk.with_top(&scratch.layer);
+        actions.push(TransactionAction::of(&BlockdevBackup {
+            job_id: pull_id(&disk.id),
+            device: disk.top_node(),
+            target: target.top_node(),
+            sync: "none".into(),
+            bitmap: None,
+            speed: None,
+            auto_finalize: None,
+            auto_dismiss: Some(false),
+        }));
+        undos.push(Delete::Job(pull_id(&disk.id)));
+        served.push(Served {
+            after,
+            scratch: scratch.layer.path.clone(),
+            nodes: scratch.layer.node_names(&disk.id),
+            undo_checkpoint,
+        });
+    }
+    let start = QmpTransaction {
+        actions,
+        properties: None,
+    };
+    txn.step("transaction", None, client.execute(&start))
+        .await?;
+    for undo in undos {
+        txn.push_undo(undo);
+    }
+    let server = NbdServerStart {
+        addr: legacy_address(&config.server),
+        tls_creds: None,
+    };
+    txn.step(
+        "nbd-server-start",
+        Some(Delete::NbdServer),
+        client.execute(&server),
+    )
+    .await?;
+    for s in &served {
+        let id = pull_id(&s.after.id);
+        let export = BlockExportAddNbd {
+            kind: "nbd".into(),
+            id: id.clone(),
+            node_name: s.nodes[0].clone(),
+            name: s.after.id.clone(),
+            writable: false,
+            bitmaps: if incremental {
+                vec![BACKUP_BITMAP.into()]
+            } else {
+                Vec::new()
+            },
+        };
+        txn.step(
+            "block-export-add",
+            Some(Delete::Export(id)),
+            client.execute(&export),
+        )
+        .await?;
+    }
+    let busy = txn.commit();
+    // The scratch files are the backup's now: removed at its end.
+    for scratch in scratches {
+        scratch.keep();
+    }
+    // Checkpoints QEMU no longer has (inconsistent ones the transaction removed) leave the spec;
+    // the new one joins it when the backup finishes.
+    for now in nows {
+        core.state().update(now.into());
+    }
+    tracing::info!(disks = served.len(), incremental, "pull backup served");
+    Ok(PullBackup {
+        core: core.clone(),
+        server: config.server,
+        served,
+        incremental,
+        busy: Some(busy),
+    })
+}
