@@ -117,6 +117,7 @@ mod snapshot;
 pub mod spans;
 mod state;
 mod storage_daemon;
+mod storage_migration;
 mod stream;
 mod transaction;
 mod unplug;
@@ -149,6 +150,7 @@ pub use pull::{PullBackup, PullConfig};
 pub use reconcile::Reconciled;
 pub use snapshot::SnapshotConfig;
 pub use storage_daemon::StorageDaemon;
+pub use storage_migration::StorageCopy;
 pub use unplug::{UnplugPolicy, DEFAULT_UNPLUG_DEADLINE};
 pub use vm::{Migrated, Vm, MIN_QEMU};
 

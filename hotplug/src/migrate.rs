@@ -15,6 +15,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -28,6 +29,8 @@ use qhotplug_qmp::{Client, EventKind};
 use tracing::Instrument;
 
 use crate::error::{Error, MigrationFailure, Result};
+use crate::spans::step;
+use crate::storage_migration::{self, StorageCopy};
 use crate::vm_core::{hotplug_span, Core};
 
 /// The QMP commands a migration uses on the source.
@@ -76,6 +79,7 @@ pub struct MigrationOptions {
     multifd_channels: Option<u8>,
     auto_converge: bool,
     dirty_bitmaps: bool,
+    storage: Option<StorageCopy>,
     postcopy_after: Option<u64>,
     deadline: Option<Duration>,
     source_after: SourceAfter,
@@ -92,6 +96,7 @@ impl MigrationOptions {
             multifd_channels: None,
             auto_converge: false,
             dirty_bitmaps: false,
+            storage: None,
             postcopy_after: None,
             deadline: None,
             source_after: SourceAfter::Quit,
@@ -132,6 +137,14 @@ impl MigrationOptions {
         self
     }
 
+    /// Without shared storage: before memory moves, each disk is mirrored over NBD into the
+    /// target's own image (the target's spec names new local images of the same size), and the
+    /// copies end at the switch ([`StorageCopy`]). Progress covers the disks, then memory.
+    pub fn copy_storage(mut self, copy: StorageCopy) -> Self {
+        self.storage = Some(copy);
+        self
+    }
+
     /// Post-copy (`postcopy-ram` on both sides): switch (`migrate-start-postcopy`) once pass
     /// `pass` begins. The switch is final: from then on a failure loses the guest.
     pub fn postcopy_after(mut self, pass: u64) -> Self {
@@ -152,8 +165,9 @@ impl MigrationOptions {
     }
 }
 
-/// A snapshot of a migration's progress, from `query-migrate` at each pass or status change.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A snapshot of a migration's progress, from `query-migrate` at each pass or status change (and,
+/// while a storage copy runs first, its disks' progress every half second).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Progress {
     /// QEMU's status (`active`, `postcopy-active`, …).
     pub status: String,
@@ -167,6 +181,10 @@ pub struct Progress {
     pub dirty_rate: u64,
     /// Passes over memory so far.
     pub passes: u64,
+    /// Bytes of the disks copied so far ([`StorageCopy`](crate::StorageCopy)).
+    pub disks_done: u64,
+    /// Bytes of the disks to copy (it grows as the guest writes).
+    pub disks_total: u64,
 }
 
 /// Sends `migrate_cancel` if dropped armed: a migration future dropped part-way cancels.
@@ -205,8 +223,8 @@ pub(crate) fn migration_launcher(mut spec: VmSpec, runtime_dir: PathBuf) -> Laun
 /// See [`Vm::migrate`](crate::Vm::migrate): the source is `source`, the target `target`; on
 /// success, the source's final `query-migrate` (its figures: total time, downtime).
 pub(crate) async fn migrate(
-    source: &Core,
-    target: &Core,
+    source: &Arc<Core>,
+    target: &Arc<Core>,
     options: MigrationOptions,
     progress: impl FnMut(&Progress),
 ) -> Result<MigrationInfo> {
@@ -249,27 +267,53 @@ pub(crate) async fn migrate(
 /// [`check`], [`configure`] both sides, [`start`] (the target listens, the source sends), and
 /// [`follow`] the source's events to the end.
 async fn run_migration(
-    source: &Core,
-    target: &Core,
+    source: &Arc<Core>,
+    target: &Arc<Core>,
     options: &MigrationOptions,
-    progress: impl FnMut(&Progress),
+    mut progress: impl FnMut(&Progress),
     guard: &mut CancelOnDrop,
 ) -> Result<MigrationInfo> {
     check(source, target, options).await?;
     configure(source, target, options).await?;
-    // Subscribed before anything starts, so no event is missed.
-    let mut events = source.client.events();
-    let mut target_events = target.client.events();
-    start(source, target, options, guard).await?;
-    follow(
-        source,
-        target,
-        options,
-        &mut events,
-        &mut target_events,
-        progress,
-    )
-    .await
+    // Without shared storage, the disks are in sync first.
+    let copies = match &options.storage {
+        Some(copy) => {
+            let mut disks = |done, total| {
+                progress(&Progress {
+                    status: "copying storage".into(),
+                    disks_done: done,
+                    disks_total: total,
+                    ..Progress::default()
+                })
+            };
+            Some(storage_migration::start(source, target, copy, &mut disks).await?)
+        }
+        None => None,
+    };
+    let moved = async {
+        // Subscribed before anything starts, so no event is missed.
+        let mut events = source.client.events();
+        let mut target_events = target.client.events();
+        start(source, target, options, guard).await?;
+        follow(
+            source,
+            target,
+            options,
+            &mut events,
+            &mut target_events,
+            progress,
+        )
+        .await
+    };
+    let moved = moved.await;
+    match (moved, copies) {
+        (Ok(info), Some(copies)) => copies.finish().await.map(|()| info),
+        (Err(error), Some(copies)) => {
+            copies.abort().await;
+            Err(error)
+        }
+        (moved, None) => moved,
+    }
 }
 
 /// What both QEMUs must have and what the options must agree on, before anything is sent.
@@ -539,15 +583,6 @@ async fn set_capabilities(client: &Client, caps: &[(&str, bool)]) -> Result<()> 
     Ok(())
 }
 
-/// One step, in a `step` span.
-async fn step<T>(
-    name: &'static str,
-    fut: impl std::future::Future<Output = qhotplug_qmp::Result<T>>,
-) -> Result<T> {
-    let span = tracing::debug_span!(crate::spans::STEP, name);
-    Ok(fut.instrument(span).await?)
-}
-
 fn progress_of(info: &MigrationInfo) -> Progress {
     let ram = info.ram.clone().unwrap_or_default();
     Progress {
@@ -557,6 +592,7 @@ fn progress_of(info: &MigrationInfo) -> Progress {
         total: ram.total,
         dirty_rate: ram.dirty_pages_rate,
         passes: ram.dirty_sync_count,
+        ..Progress::default()
     }
 }
 

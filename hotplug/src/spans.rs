@@ -19,3 +19,13 @@ pub const QMP: &str = qhotplug_qmp::QMP_SPAN;
 pub const QGA: &str = qhotplug_qga::QGA_SPAN;
 /// Every span name above.
 pub const ALL: [&str; 6] = [HOTPLUG, STEP, UNDO, ROLLBACK, QMP, QGA];
+
+/// Runs one QMP step in a [`STEP`] span named `name`.
+pub(crate) async fn step<T>(
+    name: &'static str,
+    fut: impl std::future::Future<Output = qhotplug_qmp::Result<T>>,
+) -> crate::Result<T> {
+    use tracing::Instrument;
+    let span = tracing::debug_span!(STEP, name);
+    Ok(fut.instrument(span).await?)
+}

@@ -1,0 +1,453 @@
+//! Live migration without shared storage (reference §4.5; libvirt's, Proxmox's and KubeVirt's
+//! way, QEMU's block migration having been removed in 9.1): before memory moves, each disk is
+//! mirrored into the target's own image over NBD.
+//!
+//! Target: `nbd-server-start`, then a writable `block-export-add` of each disk's node (the
+//! target's images are new local files of the same size, which its spec names). Source: per disk
+//! an NBD client node and a raw node on it (`mig-<id>-nbd`, `mig-<id>-raw`), then
+//! `blockdev-mirror` (`mig-<id>`); every mirror `ready`. Then memory migrates
+//! ([`migrate`](crate::migrate)); once it completed, each mirror is ended without a pivot (the
+//! soft cancel: the target's image is a consistent copy), its nodes go, and the target's exports
+//! and server. Failure anywhere, on either side, leaves the source on its own disks with nothing
+//! attached: the mirrors force-cancelled, their nodes deleted, the target's exports and server
+//! stopped if the target is still there.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use qhotplug_cmdline::{Disk, NbdServer};
+use qhotplug_qmp::command::{
+    BlockExportAddNbd, BlockJobCancel, BlockdevMirror, NbdServerStart, QueryBlock,
+};
+use tracing::Instrument;
+
+use crate::delete::Delete;
+use crate::error::{Error, Result};
+use crate::kinds::Device;
+use crate::spans::step;
+use crate::vm_core::Core;
+
+/// The commands a storage copy uses on the source.
+const SOURCE_COMMANDS: &[&str] = &[
+    "blockdev-add",
+    "blockdev-del",
+    "blockdev-mirror",
+    "block-job-cancel",
+    "job-cancel",
+    "job-dismiss",
+    "query-jobs",
+];
+
+/// The commands it uses on the target.
+const TARGET_COMMANDS: &[&str] = &[
+    "nbd-server-start",
+    "nbd-server-stop",
+    "block-export-add",
+    "block-export-del",
+];
+
+/// How often the disks' progress is reported while they copy.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
+
+/// A migration's storage copy ([`MigrationOptions::copy_storage`](crate::MigrationOptions)):
+/// the target's NBD server address, which disks, and how.
+#[derive(Debug, Clone)]
+pub struct StorageCopy {
+    server: NbdServer,
+    disks: Option<Vec<String>>,
+    shallow: bool,
+    write_blocking: bool,
+    ready_timeout: Duration,
+}
+
+impl StorageCopy {
+    /// Every local disk of the VM, copied over the target's NBD server at `server` (a Unix socket
+    /// or TCP: the target QEMU listens there during the copy).
+    pub fn new(server: NbdServer) -> StorageCopy {
+        StorageCopy {
+            server,
+            disks: None,
+            shallow: false,
+            write_blocking: false,
+            ready_timeout: Duration::from_secs(3600),
+        }
+    }
+
+    /// Only these disks (the others are on shared storage).
+    pub fn disks<I: IntoIterator<Item = S>, S: Into<String>>(mut self, ids: I) -> Self {
+        self.disks = Some(ids.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Copy each disk's top image only (`sync: top`): the target's images stand on a copy of the
+    /// same backing chain already (a shared template).
+    pub fn shallow(mut self, on: bool) -> Self {
+        self.shallow = on;
+        self
+    }
+
+    /// Guest writes go to the target synchronously too (`copy-mode: write-blocking`), so a guest
+    /// that writes faster than the copy cannot keep it from converging.
+    pub fn write_blocking(mut self, on: bool) -> Self {
+        self.write_blocking = on;
+        self
+    }
+
+    /// How long the disks may take to be in sync before memory migrates (default an hour).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
+}
+
+/// The copies running: what their end and their abort undo. Dropped before either (the
+/// migration's future dropped), they are aborted in the background.
+pub(crate) struct Copies {
+    source: Arc<Core>,
+    target: Arc<Core>,
+    armed: bool,
+    /// The source's mirror jobs.
+    jobs: Vec<String>,
+    /// What goes on the source (the NBD client nodes), in order.
+    source_nodes: Vec<Delete>,
+    /// What goes on the target (exports, then the server), in order.
+    target_steps: Vec<Delete>,
+}
+
+fn job_id(disk: &str) -> String {
+    format!("mig-{disk}")
+}
+
+/// The source's NBD client node and raw node of disk `disk`.
+fn client_nodes(disk: &str) -> [String; 2] {
+    [format!("mig-{disk}-nbd"), format!("mig-{disk}-raw")]
+}
+
+/// The NBD server address as QMP's `SocketAddressLegacy`, and as a `SocketAddress` for a client.
+fn addresses(server: &NbdServer) -> (serde_json::Value, serde_json::Value) {
+    match server {
+        NbdServer::Unix(path) => {
+            let path = path.to_string_lossy();
+            (
+                serde_json::json!({"type": "unix", "data": {"path": path}}),
+                serde_json::json!({"type": "unix", "path": path}),
+            )
+        }
+        NbdServer::Tcp { host, port } => (
+            serde_json::json!({"type": "inet", "data": {"host": host, "port": port.to_string()}}),
+            serde_json::json!({"type": "inet", "host": host, "port": port.to_string()}),
+        ),
+    }
+}
+
+/// The disks to copy: the chosen ones, or every local one, from the source's spec; each must be
+/// in the target's spec too, local, and of the same size on both (checked by QEMU's word).
+async fn disks_to_copy(source: &Core, target: &Core, copy: &StorageCopy) -> Result<Vec<Disk>> {
+    let mut disks: Vec<Disk> = {
+        let state = source.state();
+        let spec = state.spec();
+        match &copy.disks {
+            Some(ids) => {
+                let mut chosen = Vec::new();
+                for id in ids {
+                    let disk =
+                        spec.disks.iter().find(|d| &d.id == id).ok_or_else(|| {
+                            Error::InvalidMigration(format!("no disk {id} to copy"))
+                        })?;
+                    chosen.push(disk.clone());
+                }
+                chosen
+            }
+            None => spec.disks.clone(),
+        }
+    };
+    disks.retain(|d| d.network_source().is_none());
+    let sizes = |blocks: Vec<qhotplug_qmp::command::BlockInfo>| -> Vec<(String, i64)> {
+        blocks
+            .into_iter()
+            .filter_map(|b| b.inserted)
+            .filter_map(|i| Some((i.node_name?, i.image?.virtual_size)))
+            .collect()
+    };
+    let here = sizes(source.client.execute(&QueryBlock).await?);
+    let there = sizes(target.client.execute(&QueryBlock).await?);
+    for disk in &disks {
+        let Some(Device::Disk(theirs)) = target.state().device(&disk.id) else {
+            return Err(Error::InvalidMigration(format!(
+                "the target has no disk {}",
+                disk.id
+            )));
+        };
+        let size = |list: &[(String, i64)], node: &str| {
+            list.iter().find(|(n, _)| n == node).map(|(_, s)| *s)
+        };
+        let (ours, its) = (
+            size(&here, &disk.top_node()),
+            size(&there, &theirs.top_node()),
+        );
+        if ours != its {
+            return Err(Error::InvalidMigration(format!(
+                "disk {} is {} bytes here and {} on the target: its image there must be as large",
+                disk.id,
+                ours.unwrap_or(0),
+                its.unwrap_or(0)
+            )));
+        }
+    }
+    Ok(disks)
+}
+
+/// Starts the copies and waits until every mirror is `ready`, reporting their progress. On
+/// failure everything started is undone before the error returns.
+pub(crate) async fn start(
+    source: &Arc<Core>,
+    target: &Arc<Core>,
+    copy: &StorageCopy,
+    progress: &mut impl FnMut(u64, u64),
+) -> Result<Copies> {
+    source.require("storage migration", SOURCE_COMMANDS).await?;
+    target.require("storage migration", TARGET_COMMANDS).await?;
+    let disks = disks_to_copy(source, target, copy).await?;
+    let mut copies = Copies {
+        source: source.clone(),
+        target: target.clone(),
+        armed: true,
+        jobs: Vec::new(),
+        source_nodes: Vec::new(),
+        target_steps: Vec::new(),
+    };
+    let mut events = source.client.events();
+    let started = async {
+        launch(source, target, copy, &disks, &mut copies).await?;
+        wait_ready(
+            source,
+            &mut events,
+            &copies.jobs,
+            copy.ready_timeout,
+            progress,
+        )
+        .await
+    };
+    match started.await {
+        Ok(()) => Ok(copies),
+        Err(error) => {
+            copies.abort().await;
+            Err(error)
+        }
+    }
+}
+
+/// The target's server and exports, the source's client nodes and mirrors, each recorded in
+/// `copies` as soon as it exists.
+async fn launch(
+    source: &Core,
+    target: &Core,
+    copy: &StorageCopy,
+    disks: &[Disk],
+    copies: &mut Copies,
+) -> Result<()> {
+    let (listen, connect) = addresses(&copy.server);
+    let server = NbdServerStart {
+        addr: listen,
+        tls_creds: None,
+    };
+    step("nbd-server-start", target.client.execute(&server)).await?;
+    copies.target_steps.push(Delete::NbdServer);
+    for disk in disks {
+        let Some(Device::Disk(theirs)) = target.state().device(&disk.id) else {
+            unreachable!("checked: the target has the disk")
+        };
+        let export = BlockExportAddNbd {
+            kind: "nbd".into(),
+            id: job_id(&disk.id),
+            node_name: theirs.top_node(),
+            name: disk.id.clone(),
+            writable: true,
+            bitmaps: Vec::new(),
+        };
+        step("block-export-add", target.client.execute(&export)).await?;
+        // Exports go before the server.
+        copies
+            .target_steps
+            .insert(0, Delete::Export(job_id(&disk.id)));
+    }
+    for disk in disks {
+        let [nbd, raw] = client_nodes(&disk.id);
+        let nbd_node = serde_json::json!({"driver": "nbd", "node-name": nbd,
+            "server": connect, "export": disk.id});
+        step(
+            "blockdev-add",
+            source.client.execute_raw("blockdev-add", &nbd_node),
+        )
+        .await?;
+        copies
+            .source_nodes
+            .insert(0, Delete::BlockNode(nbd.clone()));
+        let raw_node = serde_json::json!({"driver": "raw", "node-name": raw, "file": nbd});
+        step(
+            "blockdev-add",
+            source.client.execute_raw("blockdev-add", &raw_node),
+        )
+        .await?;
+        copies
+            .source_nodes
+            .insert(0, Delete::BlockNode(raw.clone()));
+        let mirror = BlockdevMirror {
+            job_id: job_id(&disk.id),
+            device: disk.top_node(),
+            target: raw,
+            sync: if copy.shallow { "top" } else { "full" }.into(),
+            granularity: None,
+            speed: None,
+            copy_mode: copy.write_blocking.then(|| "write-blocking".into()),
+            auto_dismiss: Some(false),
+        };
+        step("blockdev-mirror", source.client.execute(&mirror)).await?;
+        copies.jobs.push(job_id(&disk.id));
+    }
+    Ok(())
+}
+
+/// Waits until every job of `jobs` is `ready`, by `timeout`, reporting their progress summed
+/// (bytes done, bytes to do) at each status change and every [`REPORT_EVERY`].
+async fn wait_ready(
+    source: &Core,
+    events: &mut qhotplug_qmp::EventStream,
+    jobs: &[String],
+    timeout: Duration,
+    progress: &mut impl FnMut(u64, u64),
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let listed = source
+            .client
+            .execute(&qhotplug_qmp::command::QueryJobs)
+            .await?;
+        let ours: Vec<_> = listed.iter().filter(|j| jobs.contains(&j.id)).collect();
+        if let Some(failed) = ours.iter().find(|j| j.status == "concluded") {
+            return Err(Error::JobFailed {
+                id: failed.id.clone(),
+                error: failed
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "ended before it was in sync".into()),
+            });
+        }
+        if ours.len() < jobs.len() {
+            return Err(Error::JobGone(jobs.join(", ")));
+        }
+        progress(
+            ours.iter().map(|j| j.current_progress).sum(),
+            ours.iter().map(|j| j.total_progress).sum(),
+        );
+        if ours.iter().all(|j| j.status == "ready") {
+            return Ok(());
+        }
+        let wake = (tokio::time::Instant::now() + REPORT_EVERY).min(deadline);
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::JobTimeout {
+                id: jobs.join(", "),
+                status: "running".into(),
+                want: "ready",
+                after: timeout,
+            });
+        }
+        let changed = |e: &qhotplug_qmp::EventKind| matches!(e, qhotplug_qmp::EventKind::JobStatusChange(c) if jobs.contains(&c.id));
+        events.wait_for(wake, changed).await;
+    }
+}
+
+impl Copies {
+    /// After memory migrated: each mirror ended without a pivot (the target's image is the
+    /// disk as of the switch), the source's client nodes deleted, the target's exports and
+    /// server stopped.
+    pub(crate) async fn finish(mut self) -> Result<()> {
+        self.armed = false;
+        let source = &self.source;
+        let mut events = source.client.events();
+        for job in &self.jobs {
+            let cancel = BlockJobCancel {
+                device: job.clone(),
+                force: None,
+            };
+            step("block-job-cancel", source.client.execute(&cancel)).await?;
+        }
+        let mut first_error = None;
+        for job in &self.jobs {
+            let span = tracing::debug_span!(crate::spans::STEP, name = "wait concluded", id = %job);
+            if let Err(error) = crate::jobs::conclude(&source.client, &mut events, job)
+                .instrument(span)
+                .await
+            {
+                first_error.get_or_insert(error);
+            }
+        }
+        undo(
+            &self.source,
+            &self.target,
+            &[],
+            &self.source_nodes,
+            &self.target_steps,
+        )
+        .await;
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// After a failure: the mirrors force-cancelled, and everything else undone.
+    pub(crate) async fn abort(mut self) {
+        self.armed = false;
+        undo(
+            &self.source,
+            &self.target,
+            &self.jobs,
+            &self.source_nodes,
+            &self.target_steps,
+        )
+        .await;
+    }
+}
+
+impl Drop for Copies {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (source, target) = (self.source.clone(), self.target.clone());
+        let jobs = std::mem::take(&mut self.jobs);
+        let nodes = std::mem::take(&mut self.source_nodes);
+        let steps = std::mem::take(&mut self.target_steps);
+        let span = tracing::info_span!(
+            crate::spans::ROLLBACK,
+            id = "migration",
+            reason = "migration dropped"
+        );
+        let task = runtime.spawn(
+            async move { undo(&source, &target, &jobs, &nodes, &steps).await }.instrument(span),
+        );
+        self.source.track_rollback(task);
+    }
+}
+
+/// The mirrors `jobs` force-cancelled, then the source's `nodes` and the target's `steps` run.
+async fn undo(source: &Core, target: &Core, jobs: &[String], nodes: &[Delete], steps: &[Delete]) {
+    for job in jobs {
+        run(&source.client, &Delete::Job(job.clone())).await;
+    }
+    for node in nodes {
+        run(&source.client, node).await;
+    }
+    for step in steps {
+        run(&target.client, step).await;
+    }
+}
+
+/// Runs one delete, logged; a failure (a target gone) is left at a warning.
+async fn run(client: &qhotplug_qmp::Client, step: &Delete) {
+    let span = tracing::debug_span!(crate::spans::STEP, name = step.command(), id = "migration");
+    if let Err(error) = step.run(client).instrument(span).await {
+        tracing::warn!(%step, %error, "storage migration clean-up");
+    }
+}
