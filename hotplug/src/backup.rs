@@ -18,11 +18,9 @@ use qhotplug_cmdline::{Disk, DiskLayer, Format};
 use qhotplug_qmp::command::{BlockdevBackup, JobInfo, QmpTransaction, TransactionAction};
 
 use crate::block_job::{BlockJob, Ends};
-use crate::checkpoint::{Checkpoints, BACKUP_BITMAP};
+use crate::checkpoint::BACKUP_BITMAP;
 use crate::delete::Delete;
 use crate::error::{Error, Result};
-use crate::holds::{self, Busy};
-use crate::kinds::{Device, DeviceKind};
 use crate::live;
 use crate::new_image::{self, Backing, ImageSpec};
 use crate::transaction::Transaction;
@@ -266,28 +264,17 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
         return Err(invalid("an incremental backup's targets are qcow2".into()));
     }
     // Every disk marked busy and checked before anything is created or sent.
-    let mut busy: Vec<Busy> = Vec::new();
-    let mut plans: Vec<(Checkpoints, Vec<String>)> = Vec::new();
-    for target in &config.targets {
-        if plans.iter().any(|(c, _)| c.disk.id == target.disk) {
-            return Err(Error::DuplicateId(target.disk.clone()));
-        }
-        let (mark, Device::Disk(disk)) = holds::busy_device(core, &target.disk, DeviceKind::Disk)?
-        else {
-            unreachable!("a disk entry is a disk")
-        };
-        crate::jobs::require_local(&disk)?;
-        busy.push(mark);
-        let checkpoints = Checkpoints::read(core, disk).await?;
-        if let Some(name) = &config.checkpoint {
-            checkpoints.check_new(name)?;
-        }
-        let chain = match &config.since {
-            Some(since) => checkpoints.chain_since(since)?,
-            None => Vec::new(),
-        };
-        plans.push((checkpoints, chain));
-    }
+    let (busy, plans) = crate::checkpoint::plan(
+        core,
+        &config
+            .targets
+            .iter()
+            .map(|t| t.disk.clone())
+            .collect::<Vec<_>>(),
+        config.since.as_deref(),
+        config.checkpoint.as_deref(),
+    )
+    .await?;
     let client = core.client.clone();
     let mut events = client.events();
     // Each job's events, subscribed to before the transaction starts them.

@@ -220,6 +220,41 @@ impl Checkpoints {
     }
 }
 
+/// What a backup (push or pull) of disk `ids` reads and holds before it touches anything: each
+/// disk marked busy (so one backup or job runs on it at a time), local, its checkpoints read
+/// from QEMU, the new checkpoint's name free and the disk qcow2 (if one is to be made), and for
+/// an incremental one the chain since `since`, each usable. Returns the marks and, per disk, its
+/// checkpoints and that chain.
+pub(crate) async fn plan(
+    core: &Arc<Core>,
+    ids: &[String],
+    since: Option<&str>,
+    checkpoint: Option<&str>,
+) -> Result<(Vec<holds::Busy>, Vec<(Checkpoints, Vec<String>)>)> {
+    let mut busy = Vec::new();
+    let mut plans: Vec<(Checkpoints, Vec<String>)> = Vec::new();
+    for id in ids {
+        if plans.iter().any(|(c, _)| &c.disk.id == id) {
+            return Err(Error::DuplicateId(id.clone()));
+        }
+        let (mark, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
+            unreachable!("a disk entry is a disk")
+        };
+        crate::jobs::require_local(&disk)?;
+        busy.push(mark);
+        let checkpoints = Checkpoints::read(core, disk).await?;
+        if let Some(name) = checkpoint {
+            checkpoints.check_new(name)?;
+        }
+        let chain = match since {
+            Some(since) => checkpoints.chain_since(since)?,
+            None => Vec::new(),
+        };
+        plans.push((checkpoints, chain));
+    }
+    Ok((busy, plans))
+}
+
 /// See [`Vm::checkpoints`](crate::Vm::checkpoints).
 pub(crate) async fn list(core: &Arc<Core>, id: &str) -> Result<Vec<CheckpointInfo>> {
     core.require("checkpoints", COMMANDS).await?;

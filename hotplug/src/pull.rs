@@ -20,11 +20,10 @@ use qhotplug_qmp::command::{
 };
 use tracing::Instrument;
 
-use crate::checkpoint::{Checkpoints, BACKUP_BITMAP};
+use crate::checkpoint::BACKUP_BITMAP;
 use crate::delete::Delete;
 use crate::error::{Error, Result};
-use crate::holds::{self, Busy};
-use crate::kinds::{Device, DeviceKind};
+use crate::holds::Busy;
 use crate::live;
 use crate::new_image::{self, Backing, ImageSpec};
 use crate::transaction::Transaction;
@@ -269,27 +268,17 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
             "a pull backup of no disk".into(),
         )));
     }
-    let mut busy: Vec<Busy> = Vec::new();
-    let mut plans: Vec<(Checkpoints, Vec<String>)> = Vec::new();
-    for (id, _) in &config.disks {
-        if plans.iter().any(|(c, _)| &c.disk.id == id) {
-            return Err(Error::DuplicateId(id.clone()));
-        }
-        let (mark, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
-            unreachable!("a disk entry is a disk")
-        };
-        crate::jobs::require_local(&disk)?;
-        busy.push(mark);
-        let checkpoints = Checkpoints::read(core, disk).await?;
-        if let Some(name) = &config.checkpoint {
-            checkpoints.check_new(name)?;
-        }
-        let chain = match &config.since {
-            Some(since) => checkpoints.chain_since(since)?,
-            None => Vec::new(),
-        };
-        plans.push((checkpoints, chain));
-    }
+    let (busy, plans) = crate::checkpoint::plan(
+        core,
+        &config
+            .disks
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect::<Vec<_>>(),
+        config.since.as_deref(),
+        config.checkpoint.as_deref(),
+    )
+    .await?;
     let client = core.client.clone();
     let mut events = client.events();
     let mut txn = Transaction::new(client.clone(), "pull backup", busy);

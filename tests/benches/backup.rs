@@ -33,21 +33,6 @@ fn main() {
     qhotplug_tests::bench_main(run());
 }
 
-/// A qcow2 image of `MIB` MiB of data.
-fn qcow2_with_data(dir: &Path, name: &str, seed: u64) -> std::path::PathBuf {
-    let raw = qhotplug_tests::storage::data_image(dir, &format!("{name}.raw"), MIB as usize, seed);
-    let path = dir.join(format!("{name}.qcow2"));
-    let status = std::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    std::fs::remove_file(raw).unwrap();
-    path
-}
-
 /// The floor's round: disk `id` (generation 0) backed up in full to a new raw file `target`,
 /// checkpoint `c<round>` made (the one before stopped).
 fn raw_round(mon: &Path, id: &str, round: usize, target: &Path) -> Duration {
@@ -114,8 +99,8 @@ fn ms(took: Duration) -> f64 {
 async fn run() {
     let (t, dir, mon) = qhotplug_tests::storage_bench_vm().await;
     let d = dir.path().to_owned();
-    let sdk_src = qcow2_with_data(&d, "sdk", 1);
-    let raw_src = qcow2_with_data(&d, "raw", 2);
+    let sdk_src = qhotplug_tests::storage::qcow2_data_image(&d, "sdk", MIB as usize, 1);
+    let raw_src = qhotplug_tests::storage::qcow2_data_image(&d, "raw", MIB as usize, 2);
     for (id, src) in [("s", &sdk_src), ("r", &raw_src)] {
         let disk = DiskConfig::virtio_blk(id, src).format(Format::Qcow2);
         t.vm.add_disk(disk).await.unwrap();

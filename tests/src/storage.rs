@@ -23,6 +23,21 @@ pub fn data_image(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
     path
 }
 
+/// A qcow2 image of `mib` MiB of data (seeded as [`data_image`]), made by `qemu-img convert`.
+pub fn qcow2_data_image(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
+    let raw = data_image(dir, &format!("{name}.raw"), mib, seed);
+    let path = dir.join(format!("{name}.qcow2"));
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&path)
+        .status()
+        .expect("run qemu-img");
+    assert!(status.success(), "qemu-img convert {}", raw.display());
+    std::fs::remove_file(raw).expect("remove the raw image");
+    path
+}
+
 /// `md5sum` of a file on the host.
 pub fn md5(path: &Path) -> String {
     let out = std::process::Command::new("md5sum")

@@ -49,6 +49,20 @@ async fn with_disk(spec: VmSpec, image: &Path) -> (Guest, String) {
     (g, dev)
 }
 
+/// A guest whose disk `d1` (qcow2, in `dir`) was written at MiB 1 and then backed up in full to
+/// `dir/full.qcow2` with checkpoint `c1`: the guest, its name for the disk, the backup, and the
+/// guest's `md5sum` of the disk at the backup.
+async fn backed_up_once(dir: &Path) -> (Guest, String, PathBuf, String) {
+    let image = qcow2(dir, "d1.qcow2");
+    let (g, dev) = with_disk(pc_spec(), &image).await;
+    let at_full = write_mib(&g, &dev, 1).await;
+    let full = dir.join("full.qcow2");
+    let backup = BackupConfig::full().disk("d1", &full).checkpoint("c1");
+    let disks = g.vm.backup(backup).await.unwrap().wait(SEEN).await.unwrap();
+    assert_eq!(disks[0].checkpoints, ["c1"]);
+    (g, dev, full, at_full)
+}
+
 /// The guest writes 1 MiB of random bytes at MiB `at` of `/dev/<dev>`, flushed, and returns its
 /// `md5sum` of the whole disk then.
 async fn write_mib(g: &Guest, dev: &str, at: u64) -> String {
@@ -81,15 +95,8 @@ fn full_then_two_incrementals_each_restore_the_disk_as_it_was_and_copy_only_what
     qhotplug_tests::serial_test(async {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let image = qcow2(d, "d1.qcow2");
-        let (g, dev) = with_disk(pc_spec(), &image).await;
+        let (g, dev, full, at_full) = backed_up_once(d).await;
         let scratch = d.join("restored.raw");
-
-        let at_full = write_mib(&g, &dev, 1).await;
-        let full = d.join("full.qcow2");
-        let backup = BackupConfig::full().disk("d1", &full).checkpoint("c1");
-        let disks = g.vm.backup(backup).await.unwrap().wait(SEEN).await.unwrap();
-        assert_eq!(disks[0].checkpoints, ["c1"]);
 
         let at_inc1 = write_mib(&g, &dev, 4).await;
         let inc1 = d.join("inc1.qcow2");
@@ -150,13 +157,8 @@ fn a_failed_incremental_loses_nothing_and_the_next_one_covers_everything_since_t
     qhotplug_tests::serial_test(async {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let image = qcow2(d, "d1.qcow2");
-        let (g, dev) = with_disk(pc_spec(), &image).await;
+        let (g, dev, full, _) = backed_up_once(d).await;
         let scratch = d.join("restored.raw");
-        write_mib(&g, &dev, 1).await;
-        let full = d.join("full.qcow2");
-        let backup = BackupConfig::full().disk("d1", &full).checkpoint("c1");
-        g.vm.backup(backup).await.unwrap().wait(SEEN).await.unwrap();
 
         // 4 MiB of new data, onto a 1 MiB filesystem: the copy fails (ENOSPC).
         write_mib(&g, &dev, 4).await;
@@ -197,19 +199,14 @@ fn checkpoints_survive_a_clean_relaunch_and_after_qemu_is_killed_only_a_full_bac
     qhotplug_tests::serial_test(async {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let image = qcow2(d, "d1.qcow2");
+        let (g, _, full, _) = backed_up_once(d).await;
         let scratch = d.join("restored.raw");
-        let (g, dev) = with_disk(pc_spec(), &image).await;
-        write_mib(&g, &dev, 1).await;
-        let full = d.join("full.qcow2");
-        let backup = BackupConfig::full().disk("d1", &full).checkpoint("c1");
-        g.vm.backup(backup).await.unwrap().wait(SEEN).await.unwrap();
         let spec = g.vm.spec();
         g.vm.quit().await.unwrap();
         drop(g);
 
         // A clean shutdown stored c1 in the image: relaunched, it is usable and records.
-        let (g, dev) = with_disk(spec.clone(), &image).await;
+        let (g, dev) = with_disk(spec.clone(), &d.join("d1.qcow2")).await;
         let listed = g.vm.checkpoints("d1").await.unwrap();
         assert_eq!(listed[0].state, CheckpointState::Usable, "{listed:?}");
         assert!(listed[0].recording);
@@ -232,7 +229,7 @@ fn checkpoints_survive_a_clean_relaunch_and_after_qemu_is_killed_only_a_full_bac
             .unwrap();
         assert!(status.success());
         drop(g);
-        let (g, dev) = with_disk(spec, &image).await;
+        let (g, dev) = with_disk(spec, &d.join("d1.qcow2")).await;
         let listed = g.vm.checkpoints("d1").await.unwrap();
         let states: Vec<CheckpointState> = listed.iter().map(|c| c.state).collect();
         assert_eq!(
@@ -276,13 +273,8 @@ fn checkpoints_migrate_with_the_guest_and_the_target_takes_the_next_incremental(
     qhotplug_tests::serial_test(async {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let image = qcow2(d, "d1.qcow2");
+        let (g, dev, full, _) = backed_up_once(d).await;
         let scratch = d.join("restored.raw");
-        let (g, dev) = with_disk(pc_spec(), &image).await;
-        write_mib(&g, &dev, 1).await;
-        let full = d.join("full.qcow2");
-        let backup = BackupConfig::full().disk("d1", &full).checkpoint("c1");
-        g.vm.backup(backup).await.unwrap().wait(SEEN).await.unwrap();
         write_mib(&g, &dev, 4).await;
 
         // Shared storage; the bitmaps travel in the migration stream.

@@ -3,29 +3,15 @@
 //! files and the checkpoints as they were; two disks backed up together fail together (grouped)
 //! when one target runs out of space, and lose nothing; bad requests are typed and send nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use qhotplug::{BackupConfig, CheckpointProblem, DiskConfig, Error, Format, NbdServer, PullConfig};
 use qhotplug_qmp::command::QueryJobs;
-use qhotplug_tests::storage::{data_image, SmallFs};
+use qhotplug_tests::storage::{qcow2_data_image, SmallFs};
 use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
 
 const DONE: Duration = Duration::from_secs(60);
-
-/// A qcow2 copy of 4 MiB of data.
-fn qcow2_with_data(dir: &Path, name: &str, seed: u64) -> PathBuf {
-    let raw = data_image(dir, &format!("{name}.raw"), 4, seed);
-    let path = dir.join(format!("{name}.qcow2"));
-    let status = std::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-O", "qcow2"])
-        .arg(&raw)
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    path
-}
 
 /// A running VM (no guest OS) with qcow2 disks `a` and `b` full of data, and a second monitor.
 async fn with_two_disks() -> (TestVm, PathBuf, tempfile::TempDir) {
@@ -35,7 +21,7 @@ async fn with_two_disks() -> (TestVm, PathBuf, tempfile::TempDir) {
     second_monitor(&mut spec, &mon2);
     let t = TestVm::running(spec).await;
     for (id, seed) in [("a", 1), ("b", 2)] {
-        let image = qcow2_with_data(dir.path(), id, seed);
+        let image = qcow2_data_image(dir.path(), id, 4, seed);
         let disk = DiskConfig::virtio_blk(id, &image).format(Format::Qcow2);
         t.vm.add_disk(disk).await.unwrap();
     }
