@@ -266,6 +266,8 @@ fn an_orchestrator_that_restarts_finds_its_running_and_its_concluded_jobs_and_en
         // The target's fd, kept in its set while the job ran, is let go of.
         let sets = vm.client().execute(&QueryFdsets).await.unwrap();
         assert!(sets.iter().all(|s| s.fds.is_empty()), "{sets:?}");
+        // The forgotten handles keep the first VM's core, and with it its QEMU, alive: quit it.
+        t.vm.quit().await.unwrap();
     });
 }
 
@@ -394,5 +396,7 @@ fn commits_an_earlier_process_started_are_found_and_ended() {
             .filter(|n| n.starts_with("b-"))
             .collect();
         assert_eq!(b_nodes, ["b-file", "b-file.2", "b-fmt", "b-fmt.2"]);
+        // The forgotten handles keep the first VM's core, and with it its QEMU, alive: quit it.
+        t.vm.quit().await.unwrap();
     });
 }
