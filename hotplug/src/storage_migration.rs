@@ -46,6 +46,9 @@ const TARGET_COMMANDS: &[&str] = &[
     "block-export-del",
 ];
 
+/// How long a copy's soft cancel may take to conclude at the switch.
+const END_WAIT: Duration = Duration::from_secs(60);
+
 /// How often the disks' progress is reported while they copy.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
 
@@ -54,6 +57,7 @@ const REPORT_EVERY: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone)]
 pub struct StorageCopy {
     server: NbdServer,
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     disks: Option<Vec<String>>,
     shallow: bool,
     write_blocking: bool,
@@ -66,11 +70,25 @@ impl StorageCopy {
     pub fn new(server: NbdServer) -> StorageCopy {
         StorageCopy {
             server,
+            tls: None,
             disks: None,
             shallow: false,
             write_blocking: false,
             ready_timeout: Duration::from_secs(3600),
         }
+    }
+
+    /// The copy goes over TLS: x509 credentials as QEMU's `tls-creds-x509` reads them, the
+    /// target's in `server_dir` (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`), the
+    /// source's in `client_dir` (`ca-cert.pem`, the CA the target's certificate is checked
+    /// against; the server's name is the TCP host).
+    pub fn tls(
+        mut self,
+        server_dir: impl Into<std::path::PathBuf>,
+        client_dir: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls = Some((server_dir.into(), client_dir.into()));
+        self
     }
 
     /// Only these disks (the others are on shared storage).
@@ -112,6 +130,25 @@ pub(crate) struct Copies {
     source_nodes: Vec<Delete>,
     /// What goes on the target (exports, then the server), in order.
     target_steps: Vec<Delete>,
+}
+
+/// The id of each side's `tls-creds-x509` object during a copy over TLS.
+const TLS_ID: &str = "mig-tls";
+
+/// A `tls-creds-x509` object on `dir` for `endpoint` (`server` or `client`). The server does not
+/// ask the source for a certificate of its own (`verify-peer` off), as an NBD export's does not.
+fn tls_object(dir: &std::path::Path, endpoint: &str) -> qhotplug_qmp::command::ObjectAdd {
+    let mut props = serde_json::Map::new();
+    props.insert("dir".into(), dir.to_string_lossy().into_owned().into());
+    props.insert("endpoint".into(), endpoint.into());
+    if endpoint == "server" {
+        props.insert("verify-peer".into(), false.into());
+    }
+    qhotplug_qmp::command::ObjectAdd {
+        qom_type: "tls-creds-x509".into(),
+        id: TLS_ID.into(),
+        props,
+    }
 }
 
 fn job_id(disk: &str) -> String {
@@ -247,12 +284,23 @@ async fn launch(
     copies: &mut Copies,
 ) -> Result<()> {
     let (listen, connect) = addresses(&copy.server);
+    let mut tls_creds = None;
+    if let Some((server_dir, client_dir)) = &copy.tls {
+        // Each side's credentials object, removed after what uses it.
+        let on_target = tls_object(server_dir, "server");
+        step("object-add", target.client.execute(&on_target)).await?;
+        copies.target_steps.push(Delete::Object(TLS_ID.into()));
+        let on_source = tls_object(client_dir, "client");
+        step("object-add", source.client.execute(&on_source)).await?;
+        copies.source_nodes.push(Delete::Object(TLS_ID.into()));
+        tls_creds = Some(TLS_ID.to_owned());
+    }
     let server = NbdServerStart {
         addr: listen,
-        tls_creds: None,
+        tls_creds: tls_creds.clone(),
     };
     step("nbd-server-start", target.client.execute(&server)).await?;
-    copies.target_steps.push(Delete::NbdServer);
+    copies.target_steps.insert(0, Delete::NbdServer);
     for disk in disks {
         let Some(Device::Disk(theirs)) = target.state().device(&disk.id) else {
             unreachable!("checked: the target has the disk")
@@ -273,8 +321,11 @@ async fn launch(
     }
     for disk in disks {
         let [nbd, raw] = client_nodes(&disk.id);
-        let nbd_node = serde_json::json!({"driver": "nbd", "node-name": nbd,
+        let mut nbd_node = serde_json::json!({"driver": "nbd", "node-name": nbd,
             "server": connect, "export": disk.id});
+        if let Some(creds) = &tls_creds {
+            nbd_node["tls-creds"] = creds.clone().into();
+        }
         step(
             "blockdev-add",
             source.client.execute_raw("blockdev-add", &nbd_node),
@@ -375,10 +426,22 @@ impl Copies {
         let mut first_error = None;
         for job in &self.jobs {
             let span = tracing::debug_span!(crate::spans::STEP, name = "wait concluded", id = %job);
-            if let Err(error) = crate::jobs::conclude(&source.client, &mut events, job)
-                .instrument(span)
-                .await
-            {
+            let concluded = crate::jobs::conclude(&source.client, &mut events, job);
+            // A target that died just before the soft cancel can leave QEMU retrying for good
+            // (qemu-project/qemu#462): after a deadline the job is force-cancelled.
+            let ended = match tokio::time::timeout(END_WAIT, concluded.instrument(span)).await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    run(&source.client, &Delete::Job(job.clone())).await;
+                    Err(Error::JobTimeout {
+                        id: job.clone(),
+                        status: "ready".into(),
+                        want: "concluded",
+                        after: END_WAIT,
+                    })
+                }
+            };
+            if let Err(error) = ended {
                 first_error.get_or_insert(error);
             }
         }

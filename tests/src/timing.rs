@@ -116,6 +116,8 @@ where
 #[derive(Clone)]
 pub struct AtStep {
     target: usize,
+    /// Or the first step of this name.
+    want: Option<&'static str>,
     seen: Arc<std::sync::atomic::AtomicUsize>,
     name: Arc<Mutex<Option<String>>>,
     action: Arc<dyn Fn() + Send + Sync>,
@@ -126,9 +128,18 @@ impl AtStep {
     pub fn new(n: usize, action: impl Fn() + Send + Sync + 'static) -> Self {
         AtStep {
             target: n,
+            want: None,
             seen: Arc::default(),
             name: Arc::default(),
             action: Arc::new(action),
+        }
+    }
+
+    /// Runs `action` when the first step named `name` begins.
+    pub fn named(name: &'static str, action: impl Fn() + Send + Sync + 'static) -> Self {
+        AtStep {
+            want: Some(name),
+            ..AtStep::new(usize::MAX, action)
         }
     }
 
@@ -147,9 +158,13 @@ where
             return;
         }
         let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        if n == self.target {
-            let mut fields = Fields::default();
-            attrs.record(&mut fields);
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        let fire = match self.want {
+            Some(want) => fields.name.as_deref() == Some(want) && self.fired_at().is_none(),
+            None => n == self.target,
+        };
+        if fire {
             *self.name.lock().unwrap() = fields.name;
             (self.action)();
         }

@@ -181,3 +181,95 @@ fn the_copy_runs_over_tcp_too() {
         migrated.target.quit().await.unwrap();
     });
 }
+
+#[test]
+fn the_copy_runs_over_tls() {
+    qhotplug_tests::serial_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (g, dev, _source_image) = source(d, 16).await;
+        let target = target(&g, d, 16).await;
+        let (server_dir, client_dir) = qhotplug_tests::servers::x509(d);
+        let server = NbdServer::Tcp {
+            host: "127.0.0.1".into(),
+            port: qhotplug_tests::servers::free_port(),
+        };
+        let options = MigrationOptions::new(Transport::Unix(d.join("migrate.sock")))
+            .copy_storage(StorageCopy::new(server).tls(&server_dir, &client_dir));
+        let sum = g.console.run(&format!("md5sum /dev/{dev}"), SEEN).await;
+        let migrated = g.vm.migrate(target, options, |_| {}).await.unwrap();
+        drop(g);
+        let console = Console::connect(&d.join("target-console.sock")).await;
+        assert_eq!(console.run(&format!("md5sum /dev/{dev}"), SEEN).await, sum);
+        // Neither side keeps the credentials object.
+        let objects = migrated
+            .target
+            .client()
+            .execute_raw("qom-list", &serde_json::json!({"path": "/objects"}))
+            .await
+            .unwrap();
+        assert!(!objects.to_string().contains("mig-tls"), "{objects}");
+        migrated.target.quit().await.unwrap();
+    });
+}
+
+/// `qemu-img create -f qcow2` of an overlay of `size` bytes on raw `template`.
+fn overlay(path: &Path, template: &Path) {
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(template)
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn a_shallow_copy_moves_only_the_top_image_onto_the_targets_own_overlay_of_the_template() {
+    qhotplug_tests::serial_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let template = data_image(d, "template.raw", 16, 3);
+        let (src, dst) = (d.join("d1.qcow2"), d.join("d1.target.qcow2"));
+        overlay(&src, &template);
+        overlay(&dst, &template);
+        let g = Guest::boot(pc_spec(), |l| l).await;
+        let mark = g.console.mark();
+        let disk = DiskConfig::virtio_blk("d1", &src).format(qhotplug::Format::Qcow2);
+        g.vm.add_disk(disk).await.unwrap();
+        let dev = g.console.added(mark, "block").await;
+        let write = format!(
+            "dd if=/dev/urandom of=/dev/{dev} bs=64k count=16 seek=32 conv=notrunc,fsync \
+             2>/dev/null; md5sum /dev/{dev}"
+        );
+        let sum = g.console.run(&write, SEEN).await;
+        let mut launcher = g.vm.migration_launcher(d.join("target"));
+        launcher.spec_mut().serials = vec![Serial::Socket(d.join("target-console.sock"))];
+        launcher.spec_mut().disks[0].path = dst.clone();
+        let target = Vm::launch(launcher).await.unwrap();
+        let options = MigrationOptions::new(Transport::Unix(d.join("migrate.sock")))
+            .copy_storage(StorageCopy::new(NbdServer::Unix(d.join("nbd.sock"))).shallow(true));
+        let migrated = g.vm.migrate(target, options, |_| {}).await.unwrap();
+        drop(g);
+        let console = Console::connect(&d.join("target-console.sock")).await;
+        let now = console.run(&format!("md5sum /dev/{dev}"), SEEN).await;
+        assert_eq!(
+            now[0].split_whitespace().next(),
+            sum[0].split_whitespace().next()
+        );
+        migrated.target.quit().await.unwrap();
+        // Only the top's 1 MiB went over: the target's overlay holds it, the template the rest.
+        let out = std::process::Command::new("qemu-img")
+            .args(["map", "--output=json"])
+            .arg(&dst)
+            .output()
+            .unwrap();
+        let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let here: u64 = map
+            .iter()
+            .filter(|e| e["depth"] == 0 && e["data"] == true)
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum();
+        assert_eq!(here, 1 << 20, "{map:?}");
+    });
+}
