@@ -51,7 +51,9 @@ pub use launch::{default_qemu, Launcher, Monitor, QemuProcess, QEMU_ENV};
 pub use machine::Machine;
 pub use memory::{Balloon, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, MIB};
 pub use model::DeviceModel;
-pub use network_disk::{CephMonitor, Chap, Iscsi, Nbd, NbdServer, NetworkSource, Rbd};
+pub use network_disk::{
+    tls_creds, CephMonitor, Chap, Iscsi, Nbd, NbdServer, NetworkSource, Rbd, TlsEndpoint,
+};
 pub use rng::Rng;
 pub use secret::{MasterKey, Secret};
 pub use spec::{Accel, Serial, VmSpec, Vnc, VncListen};

@@ -25,6 +25,31 @@ pub enum NbdServer {
     },
 }
 
+impl NbdServer {
+    /// QMP's `SocketAddress` for it (an NBD client node's `server`).
+    pub fn address(&self) -> serde_json::Value {
+        match self {
+            NbdServer::Unix(path) => {
+                serde_json::json!({"type": "unix", "path": path.to_string_lossy()})
+            }
+            NbdServer::Tcp { host, port } => {
+                serde_json::json!({"type": "inet", "host": host, "port": port.to_string()})
+            }
+        }
+    }
+
+    /// QMP's `SocketAddressLegacy` for it (`nbd-server-start`'s `addr`): the same, its fields
+    /// under `data`.
+    pub fn legacy_address(&self) -> serde_json::Value {
+        let mut flat = self.address();
+        let kind = flat["type"].take();
+        if let Some(fields) = flat.as_object_mut() {
+            fields.remove("type");
+        }
+        serde_json::json!({"type": kind, "data": flat})
+    }
+}
+
 /// An NBD export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nbd {
@@ -281,22 +306,57 @@ impl NetworkSource {
         }
     }
 
+    /// The ids of the QOM objects it needs for device `owner`'s medium number `generation` (0
+    /// for a disk): its secret's, its TLS credentials', whichever it has.
+    pub fn object_ids(&self, owner: &str, generation: u32) -> Vec<String> {
+        let secret = self
+            .secret()
+            .map(|_| crate::names::secret_at(owner, generation));
+        let tls = self
+            .tls_object(owner, generation)
+            .map(|_| crate::names::tls_creds_at(owner, generation));
+        secret.into_iter().chain(tls).collect()
+    }
+
     /// The `tls-creds-x509` object it needs for device `owner`'s medium number `generation`
     /// (`<owner>-tls`, `<owner>-tls.<n>`), if any.
     pub fn tls_object(&self, owner: &str, generation: u32) -> Option<QomObject> {
         match self {
             NetworkSource::Nbd(Nbd {
                 tls_dir: Some(dir), ..
-            }) => Some(QomObject {
-                qom_type: "tls-creds-x509",
-                props: vec![
-                    p("id", crate::names::tls_creds_at(owner, generation)),
-                    p("dir", dir.to_string_lossy().into_owned()),
-                    p("endpoint", "client"),
-                ],
-            }),
+            }) => Some(tls_creds(
+                &crate::names::tls_creds_at(owner, generation),
+                dir,
+                TlsEndpoint::Client,
+            )),
             _ => None,
         }
+    }
+}
+
+/// Which end of a TLS connection a `tls-creds-x509` object is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsEndpoint {
+    /// The client: `dir` holds `ca-cert.pem`, the CA the server's certificate is checked against.
+    Client,
+    /// The server: `dir` holds `ca-cert.pem`, `server-cert.pem`, `server-key.pem`; it does not ask
+    /// clients for certificates of their own (`verify-peer` off), as an NBD export's does not.
+    Server,
+}
+
+/// A `tls-creds-x509` object `id` reading x509 credentials from `dir`, for `endpoint`.
+pub fn tls_creds(id: &str, dir: &std::path::Path, endpoint: TlsEndpoint) -> QomObject {
+    let mut props = vec![p("id", id), p("dir", dir.to_string_lossy().into_owned())];
+    match endpoint {
+        TlsEndpoint::Client => props.push(p("endpoint", "client")),
+        TlsEndpoint::Server => {
+            props.push(p("endpoint", "server"));
+            props.push(p("verify-peer", false));
+        }
+    }
+    QomObject {
+        qom_type: "tls-creds-x509",
+        props,
     }
 }
 
@@ -354,6 +414,27 @@ mod tests {
             }),
         });
         assert_eq!(chap.secret_value().unwrap().unwrap().expose(), b"pa ss");
+    }
+
+    #[test]
+    fn an_nbd_servers_address_in_both_of_qmps_forms() {
+        let tcp = NbdServer::Tcp {
+            host: "127.0.0.1".into(),
+            port: 10809,
+        };
+        assert_eq!(
+            tcp.legacy_address(),
+            serde_json::json!({"type": "inet", "data": {"host": "127.0.0.1", "port": "10809"}})
+        );
+        let unix = NbdServer::Unix("/run/n.sock".into());
+        assert_eq!(
+            unix.address(),
+            serde_json::json!({"type": "unix", "path": "/run/n.sock"})
+        );
+        assert_eq!(
+            unix.legacy_address(),
+            serde_json::json!({"type": "unix", "data": {"path": "/run/n.sock"}})
+        );
     }
 
     #[test]

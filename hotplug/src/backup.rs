@@ -19,7 +19,6 @@ use qhotplug_qmp::command::{BlockdevBackup, JobInfo, QmpTransaction, Transaction
 
 use crate::block_job::{BlockJob, Ends};
 use crate::checkpoint::BACKUP_BITMAP;
-use crate::delete::Delete;
 use crate::error::{Error, Result};
 use crate::live;
 use crate::new_image::{self, Backing, ImageSpec};
@@ -278,7 +277,7 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
     let client = core.client.clone();
     let mut events = client.events();
     // Each job's events, subscribed to before the transaction starts them.
-    let mut job_events: Vec<_> = plans.iter().map(|_| client.events()).collect();
+    let job_events: Vec<_> = plans.iter().map(|_| client.events()).collect();
     let mut txn = Transaction::new(client.clone(), "backup", busy);
     let mut images = Vec::new();
     for ((checkpoints, _), target) in plans.iter().zip(&config.targets) {
@@ -318,22 +317,14 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
     // disks' jobs wait for each other in `pending` ([`Backup::wait`]).
     let grouped = plans.len() > 1;
     let mut actions: Vec<TransactionAction> = Vec::new();
-    let mut after: Vec<(Disk, Disk, Option<Delete>)> = Vec::new();
+    let mut ats = Vec::new();
     for ((checkpoints, chain), image) in plans.iter().zip(&images) {
         let disk = &checkpoints.disk;
-        if incremental {
-            actions.extend(checkpoints.backup_bitmap_actions(chain));
-        }
-        let (kept, with_new, undo) = match &config.checkpoint {
-            Some(name) => {
-                let (add, kept, undo) = checkpoints.add_actions(name);
-                actions.extend(add);
-                let mut with_new = kept.clone();
-                with_new.push(name.clone());
-                (kept, with_new, Some(undo))
-            }
-            None => (disk.checkpoints.clone(), disk.checkpoints.clone(), None),
-        };
+        let mut at = checkpoints.at_backup(
+            incremental.then_some(chain.as_slice()),
+            config.checkpoint.as_deref(),
+        );
+        actions.append(&mut at.actions);
         actions.push(TransactionAction::of(&BlockdevBackup {
             job_id: job_id(&disk.id),
             device: disk.top_node(),
@@ -344,15 +335,7 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
             auto_finalize: grouped.then_some(false),
             auto_dismiss: Some(false),
         }));
-        let now = Disk {
-            checkpoints: kept,
-            ..disk.clone()
-        };
-        let done = Disk {
-            checkpoints: with_new,
-            ..disk.clone()
-        };
-        after.push((now, done, undo));
+        ats.push(at);
     }
     let start = QmpTransaction {
         actions,
@@ -363,28 +346,26 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
     let busy = txn.commit();
     let mut jobs = Vec::new();
     let mut targets = Vec::new();
-    for (((now, done, undo), image), mark) in after.into_iter().zip(images).zip(busy) {
+    let starting = ats.into_iter().zip(images).zip(busy).zip(job_events);
+    for (((at, image), mark), events) in starting {
         // Checkpoints QEMU no longer has (inconsistent ones the transaction removed) are gone
         // from the spec at once; the new one joins it when the copy completes.
-        core.state().update(now.clone().into());
+        let id = at.now.id.clone();
+        core.state().update(at.now.into());
         let fdset = image.fdset;
         let layer = image.keep();
-        let nodes: Vec<String> = layer.node_names(&now.id).into();
+        let nodes: Vec<String> = layer.node_names(&id).into();
         let ends = Ends {
-            after: done,
+            after: at.after,
             on_complete: nodes.clone(),
             on_abort: nodes,
         };
-        let events = job_events.remove(0);
-        let job = BlockJob::new(core, job_id(&now.id), events, mark, ends)
-            .created(layer.path.clone(), fdset);
-        let temporary = incremental.then(|| Delete::Bitmap {
-            node: now.top_node(),
-            name: BACKUP_BITMAP.into(),
-        });
-        let job = job.also_ending(temporary.clone().into_iter().collect(), {
-            temporary.into_iter().chain(undo).collect()
-        });
+        let job = BlockJob::new(core, job_id(&id), events, mark, ends)
+            .created(layer.path.clone(), fdset)
+            .also_ending(
+                at.temporary.clone().into_iter().collect(),
+                at.temporary.into_iter().chain(at.undo_checkpoint).collect(),
+            );
         targets.push(layer.path);
         jobs.push(job);
     }

@@ -14,8 +14,7 @@ use std::time::Duration;
 
 use qhotplug_cmdline::Disk;
 use qhotplug_qmp::command::{
-    BlockJobCancel, BlockJobSetSpeed, JobCancel, JobComplete, JobFinalize, JobInfo, JobPause,
-    JobResume,
+    BlockJobCancel, BlockJobSetSpeed, JobComplete, JobFinalize, JobInfo, JobPause, JobResume,
 };
 use qhotplug_qmp::EventStream;
 use tracing::Instrument;
@@ -344,7 +343,7 @@ impl BlockJob {
     /// added goes, and so does a file the SDK created for it (a mirror's target is no copy).
     pub async fn cancel(mut self) -> Result<()> {
         let cancelled = async {
-            cancel_job(&self.core, &self.job).await?;
+            jobs::cancel(&self.core.client, &self.job).await?;
             self.end(Ending::Cancel).await
         }
         .await;
@@ -424,20 +423,6 @@ async fn roots(core: &Core) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Sends the forced cancel; a job already concluded or gone counts as done.
-async fn cancel_job(core: &Core, job: &str) -> Result<()> {
-    let cancel = JobCancel { id: job.to_owned() };
-    let span = tracing::debug_span!(crate::spans::STEP, name = "job-cancel", id = %job);
-    match core.client.execute(&cancel).instrument(span).await {
-        Ok(_) => Ok(()),
-        Err(e) => match jobs::info(&core.client, job).await? {
-            None => Ok(()),
-            Some(j) if j.status == "concluded" => Ok(()),
-            Some(_) => Err(e.into()),
-        },
-    }
-}
-
 impl Drop for BlockJob {
     fn drop(&mut self) {
         let Some(mut events) = self.events.take() else {
@@ -461,7 +446,7 @@ impl Drop for BlockJob {
         let span = tracing::info_span!(crate::spans::ROLLBACK, id = %self.after.id, reason = "job handle dropped");
         let task = runtime.spawn(
             async move {
-                if let Err(error) = cancel_job(&job.core, &job.job).await {
+                if let Err(error) = jobs::cancel(&job.core.client, &job.job).await {
                     tracing::warn!(%error, "the dropped job could not be cancelled");
                 }
                 if let Err(error) = job.finish(&mut events, Ending::Cancel).await {

@@ -16,7 +16,7 @@ use tracing::Instrument;
 use qhotplug_cmdline::{Disk, Format};
 use qhotplug_qmp::command::{
     BlockDirtyBitmapAdd, BlockDirtyBitmapDisable, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove,
-    DirtyBitmapInfo, QmpTransaction, QueryBlock, TransactionAction,
+    BlockInfo, DirtyBitmapInfo, QmpTransaction, QueryBlock, TransactionAction,
 };
 
 use crate::delete::Delete;
@@ -68,6 +68,20 @@ pub enum CheckpointState {
     Missing,
 }
 
+/// What a backup does to one disk's checkpoints ([`Checkpoints::at_backup`]).
+pub(crate) struct AtBackup {
+    /// The `transaction` actions, before the disk's backup job.
+    pub(crate) actions: Vec<TransactionAction>,
+    /// The disk once they ran: checkpoints QEMU no longer has (inconsistent ones removed) gone.
+    pub(crate) now: Disk,
+    /// The disk once the backup completes: the new checkpoint the newest.
+    pub(crate) after: Disk,
+    /// The temporary bitmap, removed at the backup's end whatever it is.
+    pub(crate) temporary: Option<Delete>,
+    /// What gives the new checkpoint's record back if the backup does not complete.
+    pub(crate) undo_checkpoint: Option<Delete>,
+}
+
 /// The disk's checkpoints as QEMU has them: for each of the spec's, oldest first, its bitmap on
 /// the disk's top node.
 pub(crate) struct Checkpoints {
@@ -82,18 +96,24 @@ pub(crate) struct Checkpoints {
 impl Checkpoints {
     /// Reads disk `disk`'s bitmaps from QEMU.
     pub(crate) async fn read(core: &Core, disk: Disk) -> Result<Checkpoints> {
-        let have = bitmaps_of(core, &disk.top_node()).await?;
+        let blocks = core.client.execute(&QueryBlock).await?;
+        Ok(Checkpoints::of(disk, &blocks))
+    }
+
+    /// Disk `disk`'s checkpoints against its top node's bitmaps in `blocks` (`query-block`).
+    pub(crate) fn of(disk: Disk, blocks: &[BlockInfo]) -> Checkpoints {
+        let have = bitmaps_in(blocks, &disk.top_node());
         let bitmaps = disk
             .checkpoints
             .iter()
             .map(|name| (name.clone(), have.iter().find(|b| &b.name == name).cloned()))
             .collect();
         let stale_backup_bitmap = have.iter().any(|b| b.name == BACKUP_BITMAP);
-        Ok(Checkpoints {
+        Checkpoints {
             disk,
             bitmaps,
             stale_backup_bitmap,
-        })
+        }
     }
 
     fn state(bitmap: &Option<DirtyBitmapInfo>) -> CheckpointState {
@@ -194,6 +214,35 @@ impl Checkpoints {
         (actions, kept, undo)
     }
 
+    /// Everything a backup (push or pull) does to this disk's checkpoints at its point in time:
+    /// for an incremental one (`chain`, from [`chain_since`](Checkpoints::chain_since)) the
+    /// temporary bitmap filled from the chain, and with `checkpoint` the new one made the newest.
+    pub(crate) fn at_backup(&self, chain: Option<&[String]>, checkpoint: Option<&str>) -> AtBackup {
+        let mut at = AtBackup {
+            actions: Vec::new(),
+            now: self.disk.clone(),
+            after: self.disk.clone(),
+            temporary: None,
+            undo_checkpoint: None,
+        };
+        if let Some(chain) = chain {
+            at.actions.extend(self.backup_bitmap_actions(chain));
+            at.temporary = Some(Delete::Bitmap {
+                node: self.disk.top_node(),
+                name: BACKUP_BITMAP.into(),
+            });
+        }
+        if let Some(name) = checkpoint {
+            let (add, kept, undo) = self.add_actions(name);
+            at.actions.extend(add);
+            at.now.checkpoints = kept.clone();
+            at.after.checkpoints = kept;
+            at.after.checkpoints.push(name.to_owned());
+            at.undo_checkpoint = Some(undo);
+        }
+        at
+    }
+
     /// The actions that fill a backup's temporary bitmap with what `chain` recorded (a stale one
     /// from an earlier process removed first).
     pub(crate) fn backup_bitmap_actions(&self, chain: &[String]) -> Vec<TransactionAction> {
@@ -232,9 +281,9 @@ pub(crate) async fn plan(
     checkpoint: Option<&str>,
 ) -> Result<(Vec<holds::Busy>, Vec<(Checkpoints, Vec<String>)>)> {
     let mut busy = Vec::new();
-    let mut plans: Vec<(Checkpoints, Vec<String>)> = Vec::new();
+    let mut disks: Vec<Disk> = Vec::new();
     for id in ids {
-        if plans.iter().any(|(c, _)| &c.disk.id == id) {
+        if disks.iter().any(|d| &d.id == id) {
             return Err(Error::DuplicateId(id.clone()));
         }
         let (mark, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
@@ -242,7 +291,13 @@ pub(crate) async fn plan(
         };
         crate::jobs::require_local(&disk)?;
         busy.push(mark);
-        let checkpoints = Checkpoints::read(core, disk).await?;
+        disks.push(disk);
+    }
+    // Every disk's bitmaps from one `query-block`.
+    let blocks = core.client.execute(&QueryBlock).await?;
+    let mut plans = Vec::new();
+    for disk in disks {
+        let checkpoints = Checkpoints::of(disk, &blocks);
         if let Some(name) = checkpoint {
             checkpoints.check_new(name)?;
         }
@@ -291,15 +346,17 @@ pub(crate) async fn list(core: &Arc<Core>, id: &str) -> Result<Vec<CheckpointInf
 /// `query-named-block-nodes`, which crashes QEMU while some job waits concluded: see
 /// `jobs::named_block_nodes`).
 async fn bitmaps_of(core: &Core, node: &str) -> Result<Vec<DirtyBitmapInfo>> {
-    Ok(core
-        .client
-        .execute(&QueryBlock)
-        .await?
-        .into_iter()
-        .filter_map(|b| b.inserted)
+    Ok(bitmaps_in(&core.client.execute(&QueryBlock).await?, node))
+}
+
+/// The dirty bitmaps of root node `node` in `blocks` (`query-block`).
+fn bitmaps_in(blocks: &[BlockInfo], node: &str) -> Vec<DirtyBitmapInfo> {
+    blocks
+        .iter()
+        .filter_map(|b| b.inserted.as_ref())
         .find(|i| i.node_name.as_deref() == Some(node))
-        .map(|i| i.dirty_bitmaps)
-        .unwrap_or_default())
+        .map(|i| i.dirty_bitmaps.clone())
+        .unwrap_or_default()
 }
 
 /// The bytes bitmap `name` of `bitmaps` marks.

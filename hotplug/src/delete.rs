@@ -9,8 +9,8 @@ use std::time::Duration;
 use qhotplug_qmp::command::{
     BlockDirtyBitmapEnable, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove, BlockExportDel,
     BlockdevCloseTray, BlockdevDel, BlockdevInsertMedium, BlockdevOpenTray, BlockdevRemoveMedium,
-    ChardevRemove, Closefd, JobCancel, NbdServerStop, NetdevDel, ObjectDel, QmpTransaction,
-    QueryFdsets, RemoveFd, TransactionAction,
+    ChardevRemove, Closefd, NbdServerStop, NetdevDel, ObjectDel, QmpTransaction, QueryFdsets,
+    RemoveFd, TransactionAction,
 };
 use qhotplug_qmp::Client;
 
@@ -298,13 +298,8 @@ const JOB_END: Duration = Duration::from_secs(30);
 /// Cancels job `id` and waits for its end, then dismisses it; gone already is absent.
 async fn end_job(client: &Client, id: &str) -> Result<Outcome, Error> {
     let mut events = client.events();
-    let cancel = JobCancel { id: id.to_owned() };
-    if let Err(e) = client.execute(&cancel).await {
-        match crate::jobs::info(client, id).await? {
-            None => return Ok(Outcome::Absent),
-            Some(job) if job.status == "concluded" => {}
-            Some(_) => return Err(e.into()),
-        }
+    if !crate::jobs::cancel(client, id).await? {
+        return Ok(Outcome::Absent);
     }
     match tokio::time::timeout(JOB_END, crate::jobs::conclude(client, &mut events, id)).await {
         // A cancelled job's "error" is the cancel.

@@ -122,6 +122,21 @@ pub(crate) async fn conclude(client: &Client, events: &mut EventStream, id: &str
     }
 }
 
+/// Sends the forced cancel (`job-cancel`) of job `id`. `Ok(false)` when there was no such job;
+/// one that had already concluded counts as cancelled.
+pub(crate) async fn cancel(client: &Client, id: &str) -> Result<bool> {
+    let cancel = qhotplug_qmp::command::JobCancel { id: id.to_owned() };
+    let span = tracing::debug_span!(crate::spans::STEP, name = "job-cancel", id);
+    match client.execute(&cancel).instrument(span).await {
+        Ok(_) => Ok(true),
+        Err(e) => match info(client, id).await? {
+            None => Ok(false),
+            Some(j) if j.status == "concluded" => Ok(true),
+            Some(_) => Err(e.into()),
+        },
+    }
+}
+
 /// `query-named-block-nodes`, unless a job is `concluded` and not yet dismissed: QEMU 7.2 and
 /// 10.0 crash (a segfault) answering it while a `block-stream` job waits in that state, which
 /// is where a job an earlier process started and nobody has dismissed sits. `None` then.

@@ -246,18 +246,6 @@ async fn end(core: &Core, served: Vec<Served>, keep: bool) -> Result<Vec<Disk>> 
     }
 }
 
-/// The NBD server's address as QMP's `SocketAddressLegacy`.
-fn legacy_address(server: &NbdServer) -> serde_json::Value {
-    match server {
-        NbdServer::Unix(path) => {
-            serde_json::json!({"type": "unix", "data": {"path": path.to_string_lossy()}})
-        }
-        NbdServer::Tcp { host, port } => {
-            serde_json::json!({"type": "inet", "data": {"host": host, "port": port.to_string()}})
-        }
-    }
-}
-
 /// See [`Vm::pull_backup`](crate::Vm::pull_backup).
 pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBackup> {
     core.require("pull backup", COMMANDS).await?;
@@ -312,26 +300,14 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
     let mut undos = Vec::new();
     for ((checkpoints, chain), scratch) in plans.iter().zip(&scratches) {
         let disk = &checkpoints.disk;
-        if incremental {
-            actions.extend(checkpoints.backup_bitmap_actions(chain));
-            undos.push(Delete::Bitmap {
-                node: disk.top_node(),
-                name: BACKUP_BITMAP.into(),
-            });
-        }
-        let mut now = disk.clone();
-        let mut after = disk.clone();
-        let mut undo_checkpoint = None;
-        if let Some(name) = &config.checkpoint {
-            let (add, kept, undo) = checkpoints.add_actions(name);
-            actions.extend(add);
-            undos.push(undo.clone());
-            undo_checkpoint = Some(undo);
-            now.checkpoints = kept.clone();
-            after.checkpoints = kept;
-            after.checkpoints.push(name.clone());
-        }
-        nows.push(now);
+        let at = checkpoints.at_backup(
+            incremental.then_some(chain.as_slice()),
+            config.checkpoint.as_deref(),
+        );
+        actions.extend(at.actions);
+        undos.extend(at.temporary);
+        undos.extend(at.undo_checkpoint.clone());
+        nows.push(at.now);
         let target = disk.with_top(&scratch.layer);
         actions.push(TransactionAction::of(&BlockdevBackup {
             job_id: pull_id(&disk.id),
@@ -345,10 +321,10 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
         }));
         undos.push(Delete::Job(pull_id(&disk.id)));
         served.push(Served {
-            after,
+            after: at.after,
             scratch: scratch.layer.path.clone(),
             nodes: scratch.layer.node_names(&disk.id),
-            undo_checkpoint,
+            undo_checkpoint: at.undo_checkpoint,
         });
     }
     let start = QmpTransaction {
@@ -361,7 +337,7 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
         txn.push_undo(undo);
     }
     let server = NbdServerStart {
-        addr: legacy_address(&config.server),
+        addr: config.server.legacy_address(),
         tls_creds: None,
     };
     txn.step(

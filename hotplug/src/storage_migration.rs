@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use qhotplug_cmdline::{Disk, NbdServer};
+use qhotplug_cmdline::{Disk, NbdServer, TlsEndpoint};
 use qhotplug_qmp::command::{
     BlockExportAddNbd, BlockJobCancel, BlockdevMirror, NbdServerStart, QueryBlock,
 };
@@ -135,22 +135,6 @@ pub(crate) struct Copies {
 /// The id of each side's `tls-creds-x509` object during a copy over TLS.
 const TLS_ID: &str = "mig-tls";
 
-/// A `tls-creds-x509` object on `dir` for `endpoint` (`server` or `client`). The server does not
-/// ask the source for a certificate of its own (`verify-peer` off), as an NBD export's does not.
-fn tls_object(dir: &std::path::Path, endpoint: &str) -> qhotplug_qmp::command::ObjectAdd {
-    let mut props = serde_json::Map::new();
-    props.insert("dir".into(), dir.to_string_lossy().into_owned().into());
-    props.insert("endpoint".into(), endpoint.into());
-    if endpoint == "server" {
-        props.insert("verify-peer".into(), false.into());
-    }
-    qhotplug_qmp::command::ObjectAdd {
-        qom_type: "tls-creds-x509".into(),
-        id: TLS_ID.into(),
-        props,
-    }
-}
-
 fn job_id(disk: &str) -> String {
     format!("mig-{disk}")
 }
@@ -160,45 +144,36 @@ fn client_nodes(disk: &str) -> [String; 2] {
     [format!("mig-{disk}-nbd"), format!("mig-{disk}-raw")]
 }
 
-/// The NBD server address as QMP's `SocketAddressLegacy`, and as a `SocketAddress` for a client.
-fn addresses(server: &NbdServer) -> (serde_json::Value, serde_json::Value) {
-    match server {
-        NbdServer::Unix(path) => {
-            let path = path.to_string_lossy();
-            (
-                serde_json::json!({"type": "unix", "data": {"path": path}}),
-                serde_json::json!({"type": "unix", "path": path}),
-            )
-        }
-        NbdServer::Tcp { host, port } => (
-            serde_json::json!({"type": "inet", "data": {"host": host, "port": port.to_string()}}),
-            serde_json::json!({"type": "inet", "host": host, "port": port.to_string()}),
-        ),
-    }
-}
-
 /// The disks to copy: the chosen ones, or every local one, from the source's spec; each must be
 /// in the target's spec too, local, and of the same size on both (checked by QEMU's word).
 async fn disks_to_copy(source: &Core, target: &Core, copy: &StorageCopy) -> Result<Vec<Disk>> {
-    let mut disks: Vec<Disk> = {
+    let disks: Vec<Disk> = {
         let state = source.state();
         let spec = state.spec();
         match &copy.disks {
+            // Every local disk; network ones are on storage both QEMUs reach.
+            None => spec
+                .disks
+                .iter()
+                .filter(|d| d.network_source().is_none())
+                .cloned()
+                .collect(),
             Some(ids) => {
                 let mut chosen = Vec::new();
                 for id in ids {
-                    let disk =
-                        spec.disks.iter().find(|d| &d.id == id).ok_or_else(|| {
-                            Error::InvalidMigration(format!("no disk {id} to copy"))
+                    let disk = spec
+                        .disks
+                        .iter()
+                        .find(|d| &d.id == id && d.network_source().is_none())
+                        .ok_or_else(|| {
+                            Error::InvalidMigration(format!("no local disk {id} to copy"))
                         })?;
                     chosen.push(disk.clone());
                 }
                 chosen
             }
-            None => spec.disks.clone(),
         }
     };
-    disks.retain(|d| d.network_source().is_none());
     let sizes = |blocks: Vec<qhotplug_qmp::command::BlockInfo>| -> Vec<(String, i64)> {
         blocks
             .into_iter()
@@ -283,14 +258,16 @@ async fn launch(
     disks: &[Disk],
     copies: &mut Copies,
 ) -> Result<()> {
-    let (listen, connect) = addresses(&copy.server);
+    let (listen, connect) = (copy.server.legacy_address(), copy.server.address());
     let mut tls_creds = None;
     if let Some((server_dir, client_dir)) = &copy.tls {
         // Each side's credentials object, removed after what uses it.
-        let on_target = tls_object(server_dir, "server");
+        let on_target =
+            qhotplug_cmdline::tls_creds(TLS_ID, server_dir, TlsEndpoint::Server).object_add();
         step("object-add", target.client.execute(&on_target)).await?;
         copies.target_steps.push(Delete::Object(TLS_ID.into()));
-        let on_source = tls_object(client_dir, "client");
+        let on_source =
+            qhotplug_cmdline::tls_creds(TLS_ID, client_dir, TlsEndpoint::Client).object_add();
         step("object-add", source.client.execute(&on_source)).await?;
         copies.source_nodes.push(Delete::Object(TLS_ID.into()));
         tls_creds = Some(TLS_ID.to_owned());

@@ -55,8 +55,13 @@ async fn target(g: &Guest, dir: &Path, mib: usize) -> Vm {
         .unwrap()
         .set_len((mib as u64) << 20)
         .unwrap();
-    let mut launcher = g.vm.migration_launcher(dir.join("target"));
-    launcher.spec_mut().serials = vec![Serial::Socket(dir.join("target-console.sock"))];
+    // A runtime directory of its own each time (a test may need a second target).
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut launcher = g.vm.migration_launcher(dir.join(format!("target-{n}")));
+    let console = dir.join("target-console.sock");
+    let _ = std::fs::remove_file(&console);
+    launcher.spec_mut().serials = vec![Serial::Socket(console)];
     let disk = launcher
         .spec_mut()
         .disks
@@ -188,16 +193,33 @@ fn the_copy_runs_over_tls() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let (g, dev, _source_image) = source(d, 16).await;
-        let target = target(&g, d, 16).await;
         let (server_dir, client_dir) = qhotplug_tests::servers::x509(d);
-        let server = NbdServer::Tcp {
-            host: "127.0.0.1".into(),
-            port: qhotplug_tests::servers::free_port(),
+        let other = d.join("other-ca");
+        std::fs::create_dir(&other).unwrap();
+        let (_, trusts_another_ca) = qhotplug_tests::servers::x509(&other);
+        let options = |client_dir: &Path| {
+            let server = NbdServer::Tcp {
+                host: "127.0.0.1".into(),
+                port: qhotplug_tests::servers::free_port(),
+            };
+            MigrationOptions::new(Transport::Unix(d.join("migrate.sock")))
+                .copy_storage(StorageCopy::new(server).tls(&server_dir, client_dir))
         };
-        let options = MigrationOptions::new(Transport::Unix(d.join("migrate.sock")))
-            .copy_storage(StorageCopy::new(server).tls(&server_dir, &client_dir));
+        // A source that trusts another CA is refused the target's server: the copy is TLS,
+        // verified; the source goes on as it was.
+        let before = Snapshot::take(&g.vm).await;
+        let to = target(&g, d, 16).await;
+        let refused = g.vm.migrate(to, options(&trusts_another_ca), |_| {}).await;
+        let said = format!("{:?}", refused.unwrap_err());
+        assert!(said.contains("certificate"), "{said}");
+        assert_eq!(Snapshot::take(&g.vm).await, before);
+
+        let to = target(&g, d, 16).await;
         let sum = g.console.run(&format!("md5sum /dev/{dev}"), SEEN).await;
-        let migrated = g.vm.migrate(target, options, |_| {}).await.unwrap();
+        let migrated =
+            g.vm.migrate(to, options(&client_dir), |_| {})
+                .await
+                .unwrap();
         drop(g);
         let console = Console::connect(&d.join("target-console.sock")).await;
         assert_eq!(console.run(&format!("md5sum /dev/{dev}"), SEEN).await, sum);

@@ -8,7 +8,7 @@
 //! `blockdev-add` ×2 → `device_add`; empty: `device_add` alone. Teardown: the medium's nodes,
 //! then its objects.
 
-use qhotplug_cmdline::{names, Cdrom, CdromBus, DeviceModel, Medium, ScsiAddr};
+use qhotplug_cmdline::{Cdrom, CdromBus, DeviceModel, Medium, ScsiAddr};
 
 use super::{Place, Placed, Plan, Plug, Want};
 use crate::delete::Delete;
@@ -150,15 +150,8 @@ impl Placed for Cdrom {
             Delete::BlockNode(self.file_node()),
         ];
         if let Some(source) = self.network_source() {
-            if source.secret().is_some() {
-                steps.push(Delete::Object(self.secret_id()));
-            }
-            if self.tls_object().is_some() {
-                steps.push(Delete::Object(names::tls_creds_at(
-                    &self.id,
-                    self.generation,
-                )));
-            }
+            let objects = source.object_ids(&self.id, self.generation);
+            steps.extend(objects.into_iter().map(Delete::Object));
         }
         steps
     }

@@ -11,7 +11,6 @@ use qhotplug_cmdline::{
     ScsiAddr,
 };
 
-use qhotplug_cmdline::names;
 use qhotplug_qmp::command::{BlockSetIoThrottle, IoLimits};
 
 use super::{After, Place, Placed, Plan, Plug, Want};
@@ -288,12 +287,12 @@ impl Placed for Disk {
             .map(Delete::BlockNode)
             .collect();
         if let Some(source) = self.network_source() {
-            if source.secret().is_some() {
-                steps.push(Delete::Object(names::secret(&self.id)));
-            }
-            if source.tls_object(&self.id, 0).is_some() {
-                steps.push(Delete::Object(names::tls_creds(&self.id)));
-            }
+            steps.extend(
+                source
+                    .object_ids(&self.id, 0)
+                    .into_iter()
+                    .map(Delete::Object),
+            );
         }
         steps
     }
