@@ -390,7 +390,7 @@ impl Client {
         let raw = self
             .send(C::NAME, command, None, Execution::InBand, timeout)
             .await?;
-        decode::<C>(&raw)
+        decode(command, &raw)
     }
 
     /// Runs any command by name. `arguments` must be a JSON object, or `Null` for none.
@@ -454,7 +454,7 @@ impl Client {
                 self.inner.default_timeout,
             )
             .await?;
-        decode::<C>(&raw)
+        decode(command, &raw)
     }
 
     /// `getfd`: passes `fd` to QEMU under `name`, on this connection only (`netdev_add` takes it by
@@ -600,11 +600,18 @@ impl Drop for Abandon<'_> {
     }
 }
 
-fn decode<C: Command>(raw: &serde_json::value::RawValue) -> Result<C::Returns> {
-    serde_json::from_str(raw.get()).map_err(|e| Error::UnexpectedReply {
-        command: C::NAME.to_owned(),
-        source: std::sync::Arc::new(e),
-    })
+fn decode<C: Command>(command: &C, raw: &serde_json::value::RawValue) -> Result<C::Returns> {
+    crate::decode::from_str(raw.get())
+        .and_then(|reply| {
+            command
+                .check_reply(&reply)
+                .map_err(<serde_json::Error as serde::de::Error>::custom)?;
+            Ok(reply)
+        })
+        .map_err(|e| Error::UnexpectedReply {
+            command: C::NAME.to_owned(),
+            source: std::sync::Arc::new(e),
+        })
 }
 
 /// A subscriber fell this many events behind and they were lost to it. The stream goes on with the

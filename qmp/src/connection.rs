@@ -40,7 +40,7 @@ use tokio_util::codec::FramedRead;
 
 use crate::codec::QmpCodec;
 use crate::error::{Error, FrameError, QmpError, Result};
-use crate::event::Event;
+use crate::event::{Event, MAX_EVENT_BYTES};
 use crate::message::{Message, Reply};
 
 /// What a waiter receives: the raw `return` value, QEMU's error, or why the connection closed
@@ -371,6 +371,7 @@ impl State {
     fn on_reply(&mut self, reply: Reply, issued_below: u64) -> std::result::Result<(), FrameError> {
         let first_unsent = self.outbox.first_unsent();
         let early = || unpaired("a reply came before its command was completely sent");
+        let id = reply.numeric_id();
         let result = reply.result.map_err(Failure::Qmp);
         let Some(raw_id) = reply.id else {
             if self.rules.inband_ids {
@@ -380,7 +381,6 @@ impl State {
             }
             return self.answer_inband(result, first_unsent);
         };
-        let id = raw_id.as_u64();
         if self.rules.inband_ids && id.is_some() && self.inband.front().is_some_and(|w| w.id == id)
         {
             return self.answer_inband(result, first_unsent);
@@ -400,7 +400,8 @@ impl State {
                 Ok(())
             }
             _ => Err(unpaired(format!(
-                "a reply with id {raw_id}, which no command carried"
+                "a reply with id {}, which no command carried",
+                crate::error::clip(raw_id.get())
             ))),
         }
     }
@@ -523,6 +524,13 @@ impl Connection {
                             }
                             pending = !state.outbox.is_empty();
                         }
+                    }
+                    Some(Ok(Ok(Message::Event(event)))) if event.wire_len() > MAX_EVENT_BYTES => {
+                        tracing::warn!(
+                            event = crate::error::clip(event.name()),
+                            bytes = event.wire_len(),
+                            "dropped an event larger than MAX_EVENT_BYTES"
+                        );
                     }
                     Some(Ok(Ok(Message::Event(event)))) => {
                         tracing::trace!(event = event.name(), "event");

@@ -191,3 +191,13 @@ impl std::fmt::Display for Chain<'_> {
         Ok(())
     }
 }
+
+/// At most the first 64 characters of a peer's text, for a log line or an error message: what a
+/// peer sends can be as long as a frame.
+pub(crate) fn clip(text: &str) -> String {
+    const MAX: usize = 64;
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}

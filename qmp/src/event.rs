@@ -2,11 +2,21 @@
 //!
 //! The events the SDK reasons about are typed variants of [`EventKind`]; every other event, and any
 //! known event whose data does not have the expected shape, is [`EventKind::Other`]; every event keeps
-//! its raw data ([`Event::data`]).
+//! its raw data ([`Event::data`]), as text: it is decoded only into the typed kind, or when a
+//! caller asks ([`Event::data_value`], [`Event::data_as`]), so a peer's event never costs more
+//! than a small multiple of its bytes.
 //! An event the SDK does not know never breaks anything.
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+/// The largest event a connection delivers, in bytes of its name and data (64 KiB; QEMU's events
+/// are a few hundred bytes). A larger one is logged and dropped: events wait in every
+/// subscriber's buffer ([`Config::event_capacity`](crate::Config::event_capacity) of them), so
+/// this bounds what a flooding peer can make the process hold to about
+/// `event_capacity × 2 × MAX_EVENT_BYTES` (the raw text and its typed copy), 32 MiB by default.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 
 /// When QEMU emitted an event (host wall clock; `-1`/`-1` when QEMU could not read the clock).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -22,11 +32,19 @@ pub struct Timestamp {
 ///
 /// Cheap to clone: the kind and data are shared, so every subscriber's copy of an event (and the
 /// connection's buffer of recent events) costs a pointer, however large the event.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Event {
     /// When QEMU emitted it.
     pub timestamp: Timestamp,
-    inner: std::sync::Arc<(EventKind, Value)>,
+    inner: std::sync::Arc<(EventKind, Option<Box<RawValue>>)>,
+}
+
+impl PartialEq for Event {
+    fn eq(&self, other: &Event) -> bool {
+        self.timestamp == other.timestamp
+            && self.kind() == other.kind()
+            && self.data().get() == other.data().get()
+    }
 }
 
 /// What an event says.
@@ -242,13 +260,21 @@ pub struct BlockIoError {
 }
 
 /// The data of `GUEST_PANICKED`.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct GuestPanicked {
     /// What QEMU did: `pause`, `poweroff` or `run`.
     pub action: String,
-    /// What the guest said of its panic, when it said anything (`GuestPanicInformation`).
+    /// What the guest said of its panic, when it said anything (`GuestPanicInformation`), as
+    /// QEMU sent it: decode it with `serde_json::from_str(info.get())`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub info: Option<Value>,
+    pub info: Option<Box<RawValue>>,
+}
+
+impl PartialEq for GuestPanicked {
+    fn eq(&self, other: &GuestPanicked) -> bool {
+        self.action == other.action
+            && self.info.as_ref().map(|i| i.get()) == other.info.as_ref().map(|i| i.get())
+    }
 }
 
 /// The data of `WATCHDOG`.
@@ -259,35 +285,37 @@ pub struct Watchdog {
     pub action: String,
 }
 
-fn typed<T: DeserializeOwned>(data: &Value) -> Option<T> {
-    if data.is_null() {
-        return None;
-    }
-    T::deserialize(data).ok()
+fn typed<T: DeserializeOwned>(data: Option<&RawValue>) -> Option<T> {
+    crate::decode::from_str(data?.get()).ok()
 }
 
 impl Event {
-    /// Builds an event from the members of its wire form.
-    pub fn from_wire(name: String, data: Option<Value>, timestamp: Timestamp) -> Event {
-        let data = data.unwrap_or(Value::Null);
+    /// Builds an event from the members of its wire form: its name, its `data` as sent (`None`
+    /// when it had none), and its timestamp.
+    pub fn from_wire(name: String, data: Option<Box<RawValue>>, timestamp: Timestamp) -> Event {
+        let data = data.filter(|raw| raw.get() != "null");
         let kind = match name.as_str() {
-            "DEVICE_DELETED" => typed(&data).map(EventKind::DeviceDeleted),
-            "DEVICE_UNPLUG_GUEST_ERROR" => typed(&data).map(EventKind::DeviceUnplugGuestError),
-            "SHUTDOWN" => typed(&data).map(EventKind::Shutdown),
-            "RESET" => typed(&data).map(EventKind::Reset),
-            "NIC_RX_FILTER_CHANGED" => typed(&data).map(EventKind::NicRxFilterChanged),
-            "ACPI_DEVICE_OST" => typed(&data).map(EventKind::AcpiDeviceOst),
-            "DEVICE_TRAY_MOVED" => typed(&data).map(EventKind::DeviceTrayMoved),
-            "MEMORY_DEVICE_SIZE_CHANGE" => typed(&data).map(EventKind::MemoryDeviceSizeChange),
-            "BALLOON_CHANGE" => typed(&data).map(EventKind::BalloonChange),
-            "BLOCK_EXPORT_DELETED" => typed(&data).map(EventKind::BlockExportDeleted),
-            "MIGRATION" => typed(&data).map(EventKind::Migration),
-            "MIGRATION_PASS" => typed(&data).map(EventKind::MigrationPass),
-            "VSERPORT_CHANGE" => typed(&data).map(EventKind::VserportChange),
-            "GUEST_PANICKED" => typed(&data).map(EventKind::GuestPanicked),
-            "WATCHDOG" => typed(&data).map(EventKind::Watchdog),
-            "JOB_STATUS_CHANGE" => typed(&data).map(EventKind::JobStatusChange),
-            "BLOCK_IO_ERROR" => typed(&data).map(EventKind::BlockIoError),
+            "DEVICE_DELETED" => typed(data.as_deref()).map(EventKind::DeviceDeleted),
+            "DEVICE_UNPLUG_GUEST_ERROR" => {
+                typed(data.as_deref()).map(EventKind::DeviceUnplugGuestError)
+            }
+            "SHUTDOWN" => typed(data.as_deref()).map(EventKind::Shutdown),
+            "RESET" => typed(data.as_deref()).map(EventKind::Reset),
+            "NIC_RX_FILTER_CHANGED" => typed(data.as_deref()).map(EventKind::NicRxFilterChanged),
+            "ACPI_DEVICE_OST" => typed(data.as_deref()).map(EventKind::AcpiDeviceOst),
+            "DEVICE_TRAY_MOVED" => typed(data.as_deref()).map(EventKind::DeviceTrayMoved),
+            "MEMORY_DEVICE_SIZE_CHANGE" => {
+                typed(data.as_deref()).map(EventKind::MemoryDeviceSizeChange)
+            }
+            "BALLOON_CHANGE" => typed(data.as_deref()).map(EventKind::BalloonChange),
+            "BLOCK_EXPORT_DELETED" => typed(data.as_deref()).map(EventKind::BlockExportDeleted),
+            "MIGRATION" => typed(data.as_deref()).map(EventKind::Migration),
+            "MIGRATION_PASS" => typed(data.as_deref()).map(EventKind::MigrationPass),
+            "VSERPORT_CHANGE" => typed(data.as_deref()).map(EventKind::VserportChange),
+            "GUEST_PANICKED" => typed(data.as_deref()).map(EventKind::GuestPanicked),
+            "WATCHDOG" => typed(data.as_deref()).map(EventKind::Watchdog),
+            "JOB_STATUS_CHANGE" => typed(data.as_deref()).map(EventKind::JobStatusChange),
+            "BLOCK_IO_ERROR" => typed(data.as_deref()).map(EventKind::BlockIoError),
             "SUSPEND" => Some(EventKind::Suspend),
             "WAKEUP" => Some(EventKind::Wakeup),
             "POWERDOWN" => Some(EventKind::Powerdown),
@@ -336,18 +364,36 @@ impl Event {
         }
     }
 
-    /// The event's `data` member as QEMU sent it (`Null` when it had none), members the typed
-    /// kind does not know included.
-    pub fn data(&self) -> &Value {
-        &self.inner.1
+    /// The event's `data` member as QEMU sent it (`null` when it had none), members the typed
+    /// kind does not know included: its JSON text, undecoded.
+    pub fn data(&self) -> &RawValue {
+        self.inner.1.as_deref().unwrap_or(RawValue::NULL)
+    }
+
+    /// The event's `data`, decoded into a JSON value (`Null` when it had none, or when it cannot
+    /// be: nested past serde_json's depth limit). Built on each call: a JSON value can take about
+    /// a hundred times the bytes of its text, so prefer [`Event::kind`] or [`Event::data_as`].
+    pub fn data_value(&self) -> Value {
+        serde_json::from_str(self.data().get()).unwrap_or(Value::Null)
+    }
+
+    /// The event's `data`, decoded into a type of the caller's (an object only where a struct is
+    /// expected).
+    pub fn data_as<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
+        crate::decode::from_str(self.data().get())
+    }
+
+    /// The bytes the event holds: its name and its raw data.
+    pub(crate) fn wire_len(&self) -> usize {
+        self.name().len() + self.inner.1.as_ref().map_or(0, |raw| raw.get().len())
     }
 
     /// The event in QMP's wire form: `{"event": …, "data": …, "timestamp": …}`.
     pub fn to_json(&self) -> Value {
         let mut obj = Map::new();
         obj.insert("event".into(), Value::String(self.name().to_owned()));
-        if !self.data().is_null() {
-            obj.insert("data".into(), self.data().clone());
+        if self.inner.1.is_some() {
+            obj.insert("data".into(), self.data_value());
         }
         obj.insert(
             "timestamp".into(),
@@ -373,31 +419,35 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn raw(value: Value) -> Option<Box<RawValue>> {
+        Some(serde_json::value::to_raw_value(&value).unwrap())
+    }
+
     #[test]
     fn typed_and_other_events() {
         let ts = Timestamp::default();
         let e = Event::from_wire(
             "DEVICE_DELETED".into(),
-            Some(json!({"device": "d1", "path": "/machine/peripheral/d1"})),
+            raw(json!({"device": "d1", "path": "/machine/peripheral/d1"})),
             ts,
         );
         assert_eq!(e.deleted_device(), Some("d1"));
         assert_eq!(
-            e.data(),
-            &json!({"device": "d1", "path": "/machine/peripheral/d1"})
+            e.data_value(),
+            json!({"device": "d1", "path": "/machine/peripheral/d1"})
         );
         // A member a newer QEMU adds to a known event is kept beside the typed kind.
         let newer = Event::from_wire(
             "DEVICE_DELETED".into(),
-            Some(json!({"device": "d1", "path": "/p", "new-member": 7})),
+            raw(json!({"device": "d1", "path": "/p", "new-member": 7})),
             ts,
         );
         assert_eq!(newer.deleted_device(), Some("d1"));
-        assert_eq!(newer.data()["new-member"], 7);
+        assert_eq!(newer.data_value()["new-member"], 7);
         assert_eq!(newer.to_json()["data"]["new-member"], 7);
         let ost = Event::from_wire(
             "ACPI_DEVICE_OST".into(),
-            Some(
+            raw(
                 json!({"info": {"device": "dimm1", "slot": "0", "slot-type": "DIMM", "source": 3, "status": 130}}),
             ),
             ts,
@@ -412,23 +462,23 @@ mod tests {
 
         let backend = Event::from_wire(
             "DEVICE_DELETED".into(),
-            Some(json!({"path": "/machine/peripheral/d1/virtio-backend"})),
+            raw(json!({"path": "/machine/peripheral/d1/virtio-backend"})),
             ts,
         );
         assert_eq!(backend.deleted_device(), None);
 
-        let odd = Event::from_wire("DEVICE_DELETED".into(), Some(json!({"weird": 1})), ts);
+        let odd = Event::from_wire("DEVICE_DELETED".into(), raw(json!({"weird": 1})), ts);
         assert!(matches!(odd.kind(), EventKind::Other { .. }));
         assert_eq!(odd.name(), "DEVICE_DELETED");
 
-        let unknown = Event::from_wire("BRAND_NEW".into(), Some(json!([1, 2])), ts);
+        let unknown = Event::from_wire("BRAND_NEW".into(), raw(json!([1, 2])), ts);
         assert_eq!(unknown.name(), "BRAND_NEW");
         assert_eq!(
             unknown.to_json(),
             json!({"event": "BRAND_NEW", "data": [1, 2], "timestamp": {"seconds": 0, "microseconds": 0}})
         );
         let stop = Event::from_wire("STOP".into(), None, ts);
-        assert_eq!(stop.data(), &Value::Null);
+        assert_eq!(stop.data().get(), "null");
         assert_eq!(stop.kind(), &EventKind::Stop);
         assert_eq!(stop.to_json().get("data"), None);
     }
@@ -438,7 +488,7 @@ mod tests {
         let ts = Timestamp::default();
         let port = Event::from_wire(
             "VSERPORT_CHANGE".into(),
-            Some(json!({"id": "qga0", "open": false})),
+            raw(json!({"id": "qga0", "open": false})),
             ts,
         );
         assert_eq!(
@@ -450,17 +500,18 @@ mod tests {
         );
         let panic = Event::from_wire(
             "GUEST_PANICKED".into(),
-            Some(json!({"action": "pause", "info": {"type": "hyper-v", "arg1": 1}})),
+            raw(json!({"action": "pause", "info": {"type": "hyper-v", "arg1": 1}})),
             ts,
         );
         match panic.kind() {
             EventKind::GuestPanicked(p) => {
                 assert_eq!(p.action, "pause");
-                assert_eq!(p.info.as_ref().unwrap()["type"], "hyper-v");
+                let info: Value = serde_json::from_str(p.info.as_ref().unwrap().get()).unwrap();
+                assert_eq!(info["type"], "hyper-v");
             }
             other => panic!("{other:?}"),
         }
-        let dog = Event::from_wire("WATCHDOG".into(), Some(json!({"action": "reset"})), ts);
+        let dog = Event::from_wire("WATCHDOG".into(), raw(json!({"action": "reset"})), ts);
         assert_eq!(
             dog.kind(),
             &EventKind::Watchdog(Watchdog {
@@ -475,7 +526,7 @@ mod tests {
             assert_eq!((e.kind(), e.name()), (&kind, name));
         }
         // A port event without `open` is kept, untyped.
-        let odd = Event::from_wire("VSERPORT_CHANGE".into(), Some(json!({"id": "x"})), ts);
+        let odd = Event::from_wire("VSERPORT_CHANGE".into(), raw(json!({"id": "x"})), ts);
         assert_eq!(odd.name(), "VSERPORT_CHANGE");
         assert!(matches!(odd.kind(), EventKind::Other { .. }));
     }

@@ -54,6 +54,7 @@ mod client;
 pub mod codec;
 pub mod command;
 mod connection;
+pub mod decode;
 mod error;
 pub mod event;
 pub mod message;

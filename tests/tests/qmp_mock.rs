@@ -242,7 +242,7 @@ async fn events_interleaved_with_replies_reach_every_subscriber() {
         );
         let other = events.next().await.unwrap().unwrap();
         assert_eq!(other.name(), "SOMETHING_NEW");
-        assert_eq!(other.data(), &json!({"x": 1}));
+        assert_eq!(other.data_value(), json!({"x": 1}));
     }
 }
 

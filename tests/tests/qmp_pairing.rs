@@ -185,7 +185,11 @@ fn a_malformed_event_never_fails_the_commands_in_flight() {
         }
         let first = events.next().await.unwrap().unwrap();
         assert_eq!(first.name(), "DEVICE_DELETED");
-        assert_eq!(first.data(), &Value::Null);
+        // Its data is kept as sent, but no typed kind can be read from it.
+        assert!(matches!(
+            first.kind(),
+            qhotplug_qmp::EventKind::Other { .. }
+        ));
         assert_eq!(first.timestamp.seconds, 1);
         let second = events.next().await.unwrap().unwrap();
         assert_eq!(second.name(), "STOP");

@@ -14,6 +14,14 @@ pub trait Command: Serialize {
     const NAME: &'static str;
     /// The type of the command's `return` value.
     type Returns: DeserializeOwned;
+
+    /// Checks a decoded reply against the request (a count no larger than what was asked, one
+    /// answer per item): the peer is untrusted, and a reply of the right shape can still be a
+    /// lie. `Err` says what is wrong, and the call fails as a reply that did not decode. Accepts
+    /// everything unless a command says otherwise.
+    fn check_reply(&self, _reply: &Self::Returns) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The `{}` that commands without a return value return.
@@ -21,7 +29,8 @@ pub trait Command: Serialize {
 pub struct Empty {}
 
 /// Declares a typed command: a unit struct (no arguments) or a struct of its arguments
-/// (kebab-case on the wire), and its [`Command`] impl. Used for QMP here and for the guest agent's
+/// (kebab-case on the wire), and its [`Command`] impl, with an optional
+/// `check(command, reply) { … }` block for [`Command::check_reply`]. Used for QMP here and for the guest agent's
 /// protocol, which shares QMP's request shape, in `qhotplug-qga`. The calling crate needs `serde`.
 ///
 /// ```
@@ -32,7 +41,7 @@ pub struct Empty {}
 /// ```
 #[macro_export]
 macro_rules! command {
-    ($(#[$doc:meta])* $name:literal, $ty:ident, $ret:ty) => {
+    ($(#[$doc:meta])* $name:literal, $ty:ident, $ret:ty $(, check($cmd:ident, $reply:ident) $check:block)?) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
         pub struct $ty;
@@ -40,9 +49,16 @@ macro_rules! command {
         impl $crate::command::Command for $ty {
             const NAME: &'static str = $name;
             type Returns = $ret;
+            $(
+                fn check_reply(&self, $reply: &$ret) -> ::std::result::Result<(), String> {
+                    let $cmd = self;
+                    let _ = $cmd;
+                    $check
+                }
+            )?
         }
     };
-    ($(#[$doc:meta])* $name:literal, $ty:ident { $($(#[$fdoc:meta])* $field:ident : $fty:ty),* $(,)? } -> $ret:ty) => {
+    ($(#[$doc:meta])* $name:literal, $ty:ident { $($(#[$fdoc:meta])* $field:ident : $fty:ty),* $(,)? } -> $ret:ty $(, check($cmd:ident, $reply:ident) $check:block)?) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, serde::Serialize)]
         #[serde(rename_all = "kebab-case")]
@@ -53,6 +69,13 @@ macro_rules! command {
         impl $crate::command::Command for $ty {
             const NAME: &'static str = $name;
             type Returns = $ret;
+            $(
+                fn check_reply(&self, $reply: &$ret) -> ::std::result::Result<(), String> {
+                    let $cmd = self;
+                    let _ = $cmd;
+                    $check
+                }
+            )?
         }
     };
 }
