@@ -9,7 +9,9 @@
 //! - every request carries an `id` of ours, which the agent echoes: a reply without it (a stale
 //!   one, or one to a command never sent) is skipped, never returned;
 //! - a call dropped part-way, a timeout, or a reply over the frame limit leaves the connection out
-//!   of sync, so the next call resynchronises first.
+//!   of sync, so the next call resynchronises first;
+//! - a line is read for its `id`, `return` and `error` members only, borrowed from the line: no
+//!   JSON value is built from what the agent sends, and only our own reply is decoded.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,7 +21,8 @@ use futures::StreamExt;
 use qhotplug_qmp::codec::FrameCodec;
 use qhotplug_qmp::message::{encode_request, Execution};
 use qhotplug_qmp::{Command, FrameError};
-use serde_json::Value;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -29,10 +32,16 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 
-/// The default frame limit: 64 MiB. `guest-exec`'s captured output (up to 16 MiB each of stdout
-/// and stderr, base64: about 43 MB) and `guest-file-read`'s largest count (48 MiB, base64: 64 MB)
-/// come back as one line; QMP's 16 MiB default is too small for them.
-pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+/// The default frame limit: 64 MiB and 64 KiB. The largest reply qemu-ga sends is
+/// `guest-file-read`'s largest count (48 MiB: 64 MiB of base64, and the JSON around it);
+/// `guest-exec`'s captured output (up to 16 MiB each of stdout and stderr, base64: about 43 MB)
+/// comes back as one line too. QMP's 16 MiB default is too small for either.
+///
+/// What a line costs: the read buffer grows to at most twice the longest line, and a line that is
+/// not our reply is read for its `id` without building anything, so the agent's lines never make
+/// the process hold more than 4× the frame limit on their account; our own reply adds what its
+/// typed value holds (a file read: its bytes, ¾ of the base64).
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024 + 64 * 1024;
 
 /// The byte the agent puts before its reply to `guest-sync-delimited` (and that a client puts
 /// before the request, so the agent drops whatever half request it holds). Never valid in JSON.
@@ -47,6 +56,7 @@ pub struct Config {
     timeout: Duration,
     sync_timeout: Duration,
     max_frame: usize,
+    thaw_deadline: Duration,
 }
 
 impl Default for Config {
@@ -56,12 +66,14 @@ impl Default for Config {
 }
 
 impl Config {
-    /// 10 s per command, 5 s to resynchronise, a 64 MiB frame limit.
+    /// 10 s per command, 5 s to resynchronise, a frame limit of [`DEFAULT_MAX_FRAME`], and a
+    /// minute for a freeze guard to get its thaw through.
     pub fn new() -> Config {
         Config {
             timeout: Duration::from_secs(10),
             sync_timeout: Duration::from_secs(5),
             max_frame: DEFAULT_MAX_FRAME,
+            thaw_deadline: Duration::from_secs(60),
         }
     }
 
@@ -81,6 +93,18 @@ impl Config {
     pub fn max_frame(mut self, bytes: usize) -> Config {
         self.max_frame = bytes;
         self
+    }
+
+    /// How long a freeze guard keeps retrying a thaw the agent refuses or does not answer
+    /// (resynchronising, or connecting again, before each try) before it gives up and leaves
+    /// the state [`FreezeState::Unknown`](crate::FreezeState::Unknown).
+    pub fn thaw_deadline(mut self, deadline: Duration) -> Config {
+        self.thaw_deadline = deadline;
+        self
+    }
+
+    pub(crate) fn thaw_deadline_value(&self) -> Duration {
+        self.thaw_deadline
     }
 }
 
@@ -102,14 +126,19 @@ pub struct Agent {
     conn: tokio::sync::Mutex<Conn>,
     /// Set by [`Agent::resync_before_next`]: the next call resynchronises whatever the last left.
     stale: std::sync::atomic::AtomicBool,
+    /// What is known of the guest's filesystems' freeze, and which guard holds it.
+    pub(crate) freeze: std::sync::Mutex<crate::freeze::FreezeBook>,
+    /// Told whenever a freeze stops being anybody's to thaw.
+    pub(crate) freeze_changed: tokio::sync::Notify,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Conn {
     io: Option<Io>,
     /// The last call ended with its own reply read: the next line is the next command's.
     in_sync: bool,
-    /// The id the next request carries.
+    /// The id the next request carries: counted up from a random start, so an agent cannot
+    /// answer a request before it exists by guessing its id.
     next_id: u64,
 }
 
@@ -120,11 +149,37 @@ struct Io {
 }
 
 /// What a line from the agent is, to a call waiting for reply `id`.
-enum Line {
-    /// Our reply: `return` or `error`.
-    Reply(std::result::Result<Value, (String, String)>),
+enum Line<'a> {
+    /// Our reply: `return` (borrowed from the line) or `error` (class, desc).
+    Reply(std::result::Result<&'a RawValue, (String, String)>),
     /// Anything else: a stale reply, garbage, a parse error about an earlier request.
     Other,
+}
+
+/// The members of a line that a call reads; everything else is skipped unread (at any depth).
+#[derive(Deserialize)]
+struct Members<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "return")]
+    ret: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+}
+
+/// An `error` member's words; anything else in it is skipped.
+#[derive(Deserialize, Default)]
+struct Refusal {
+    #[serde(default)]
+    class: String,
+    #[serde(default)]
+    desc: String,
+}
+
+impl Refusal {
+    fn read(raw: &RawValue) -> Refusal {
+        serde_json::from_str(raw.get()).unwrap_or_default()
+    }
 }
 
 impl Agent {
@@ -133,8 +188,15 @@ impl Agent {
         Agent {
             path: path.into(),
             config,
-            conn: tokio::sync::Mutex::new(Conn::default()),
+            conn: tokio::sync::Mutex::new(Conn {
+                io: None,
+                in_sync: false,
+                // Exact in a double, as any JSON reader may hold it.
+                next_id: fastrand::u64(1..1 << 52),
+            }),
             stale: std::sync::atomic::AtomicBool::new(false),
+            freeze: std::sync::Mutex::default(),
+            freeze_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -148,6 +210,11 @@ impl Agent {
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How this agent waits and how much it reads.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// Resynchronises now (`guest-sync-delimited`), whatever the last call left.
@@ -180,34 +247,33 @@ impl Agent {
         let id = conn.next_id;
         conn.next_id += 1;
         let span = tracing::debug_span!(QGA_SPAN, command = C::NAME, id);
-        let reply = async {
+        async {
             let mut request = Vec::with_capacity(64);
             encode_request(&mut request, C::NAME, command, Execution::InBandWithId(id))
                 .map_err(|e| Error::Io(std::io::Error::other(e)))?;
             // Out of sync until our own reply is read: a call dropped or failed part-way makes
             // the next one resynchronise.
             conn.in_sync = false;
-            self.write(&mut conn, &request).await?;
             let deadline = Instant::now() + timeout;
+            self.write(&mut conn, &request, deadline, C::NAME, timeout)
+                .await?;
             loop {
                 let frame = self
                     .next_frame(&mut conn, deadline, C::NAME, timeout)
-                    .await?;
+                    .await
+                    .map_err(|e| e.after_send(C::NAME))?;
                 match classify(&frame, id) {
                     Line::Reply(reply) => {
                         conn.in_sync = true;
-                        return reply.map_err(|(class, desc)| refusal(C::NAME, class, desc));
+                        let raw = reply.map_err(|(class, desc)| refusal(C::NAME, class, desc))?;
+                        return decode(command, raw);
                     }
                     Line::Other => tracing::debug!("skipped a line that is not this reply"),
                 }
             }
         }
         .instrument(span)
-        .await?;
-        serde_json::from_value(reply).map_err(|source| Error::Decode {
-            command: C::NAME.into(),
-            source,
-        })
+        .await
     }
 
     /// Sends a command that does not reply when it succeeds (`guest-shutdown`,
@@ -221,7 +287,15 @@ impl Agent {
         encode_request(&mut request, C::NAME, command, Execution::InBand)
             .map_err(|e| Error::Io(std::io::Error::other(e)))?;
         conn.in_sync = false;
-        self.write(&mut conn, &request).await
+        let timeout = self.config.timeout;
+        self.write(
+            &mut conn,
+            &request,
+            Instant::now() + timeout,
+            C::NAME,
+            timeout,
+        )
+        .await
     }
 
     /// Connects if needed, and resynchronises unless the last call ended cleanly.
@@ -249,26 +323,25 @@ impl Agent {
         }
         // Positive, and well inside the agent's int64.
         let id = fastrand::i64(1..i64::MAX / 2);
-        let span = tracing::debug_span!(QGA_SPAN, command = "guest-sync-delimited", id);
+        let span = tracing::debug_span!(QGA_SPAN, command = SYNC, id);
         async {
             let mut request = vec![SENTINEL];
             let args = serde_json::json!({ "id": id });
+            // The request's own id too, so that the agent's refusal of it can be told from a
+            // stale line.
             encode_request(
                 &mut request,
-                "guest-sync-delimited",
+                SYNC,
                 &args,
-                Execution::InBand,
+                Execution::InBandWithId(id.unsigned_abs()),
             )
             .map_err(|e| Error::Io(std::io::Error::other(e)))?;
-            self.write(conn, &request).await?;
             let after = self.config.sync_timeout;
             let deadline = Instant::now() + after;
+            self.write(conn, &request, deadline, SYNC, after).await?;
             let mut skipped = 0u64;
             loop {
-                let frame = match self
-                    .next_frame(conn, deadline, "guest-sync-delimited", after)
-                    .await
-                {
+                let frame = match self.next_frame(conn, deadline, SYNC, after).await {
                     // A stale line past the limit is only more to skip.
                     Err(Error::FrameTooLong { .. }) => {
                         skipped += 1;
@@ -281,6 +354,9 @@ impl Agent {
                     conn.in_sync = true;
                     return Ok(());
                 }
+                if let Some(refused) = sync_refused(&frame, id) {
+                    return Err(refused);
+                }
                 skipped += 1;
             }
         }
@@ -288,9 +364,26 @@ impl Agent {
         .await
     }
 
-    async fn write(&self, conn: &mut Conn, bytes: &[u8]) -> Result<()> {
+    /// Writes a whole request by `deadline` (an agent that stops reading fills the socket, and
+    /// a write must not wait for ever). A write that fails or times out did not deliver the whole
+    /// request, so the agent cannot have run it: the next resynchronisation's `0xFF` makes it drop
+    /// the part it has.
+    async fn write(
+        &self,
+        conn: &mut Conn,
+        bytes: &[u8],
+        deadline: Instant,
+        command: &str,
+        after: Duration,
+    ) -> Result<()> {
         let io = conn.io.as_mut().ok_or(Error::Disconnected)?;
-        if let Err(e) = io.write.write_all(bytes).await {
+        let written = tokio::time::timeout_at(deadline, io.write.write_all(bytes))
+            .await
+            .map_err(|_| Error::Timeout {
+                command: command.to_owned(),
+                after,
+            })?;
+        if let Err(e) = written {
             conn.io = None;
             return Err(match e.kind() {
                 std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
@@ -333,40 +426,83 @@ impl Agent {
     }
 }
 
+/// The command that resynchronises.
+const SYNC: &str = "guest-sync-delimited";
+
 /// The id of a `guest-sync-delimited` reply: a line whose last `0xFF` is followed by
 /// `{"return": id}` (whatever came before it on the line is garbage).
 fn sync_reply(frame: &[u8]) -> Option<i64> {
     let at = frame.iter().rposition(|&b| b == SENTINEL)?;
-    let value: Value = serde_json::from_slice(&frame[at + 1..]).ok()?;
-    value.get("return")?.as_i64()
+    let members: Members<'_> = serde_json::from_slice(&frame[at + 1..]).ok()?;
+    members.ret?.get().parse().ok()
+}
+
+/// The agent's refusal of our `guest-sync-delimited` (disabled with `--block-rpcs`, or an agent
+/// that lacks it): an error carrying the sync's id, or, from an agent that does not echo ids, a
+/// `CommandNotFound`/`CommandDisabled` naming the command. A resynchronisation cannot work then,
+/// and waiting for it would only look like a slow agent.
+fn sync_refused(frame: &[u8], id: i64) -> Option<Error> {
+    if frame.contains(&SENTINEL) {
+        return None;
+    }
+    let members: Members<'_> = serde_json::from_slice(frame).ok()?;
+    let Refusal { class, desc } = Refusal::read(members.error?);
+    let ours = members.id.is_some_and(|raw| raw.get() == id.to_string());
+    let names_sync =
+        matches!(class.as_str(), "CommandNotFound" | "CommandDisabled") && desc.contains(SYNC);
+    if !ours && !names_sync {
+        return None;
+    }
+    Some(match class.as_str() {
+        "CommandNotFound" | "CommandDisabled" => Error::Unsupported {
+            command: SYNC.into(),
+            desc,
+        },
+        _ => Error::Agent {
+            command: SYNC.into(),
+            class,
+            desc,
+        },
+    })
 }
 
 /// Whether `frame` is the reply to request `id`: an object with our `id`, and `return` or
-/// `error`. A line with a sentinel is a sync reply, never a command's.
-fn classify(frame: &[u8], id: u64) -> Line {
+/// `error`. A line with a sentinel is a sync reply, never a command's. Nothing is built from the
+/// line but an error's words.
+fn classify(frame: &[u8], id: u64) -> Line<'_> {
     if frame.contains(&SENTINEL) {
         return Line::Other;
     }
-    let Ok(Value::Object(mut reply)) = serde_json::from_slice::<Value>(frame) else {
+    let Ok(members) = serde_json::from_slice::<Members<'_>>(frame) else {
         return Line::Other;
     };
-    if reply.get("id").and_then(Value::as_u64) != Some(id) {
+    if members.id.and_then(|raw| raw.get().parse::<u64>().ok()) != Some(id) {
         return Line::Other;
     }
-    if let Some(value) = reply.remove("return") {
-        return Line::Reply(Ok(value));
+    match (members.ret, members.error) {
+        (Some(ret), None) => Line::Reply(Ok(ret)),
+        (None, Some(error)) => {
+            let Refusal { class, desc } = Refusal::read(error);
+            Line::Reply(Err((class, desc)))
+        }
+        // Both, or neither: not a reply, whatever its id says.
+        _ => Line::Other,
     }
-    let Some(Value::Object(error)) = reply.remove("error") else {
-        return Line::Other;
-    };
-    let text = |k: &str| {
-        error
-            .get(k)
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned()
-    };
-    Line::Reply(Err((text("class"), text("desc"))))
+}
+
+/// Our reply, decoded strictly (a struct only from an object) and checked against the request.
+fn decode<C: Command>(command: &C, raw: &RawValue) -> Result<C::Returns> {
+    qhotplug_qmp::decode::from_str(raw.get())
+        .and_then(|reply| {
+            command
+                .check_reply(&reply)
+                .map_err(<serde_json::Error as serde::de::Error>::custom)?;
+            Ok(reply)
+        })
+        .map_err(|source| Error::Decode {
+            command: C::NAME.into(),
+            source,
+        })
 }
 
 /// The error for a refusal of `command`: frozen, not offered, or failed.

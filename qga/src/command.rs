@@ -1,5 +1,7 @@
 //! Typed guest agent commands (QEMU's `qga/qapi-schema.json`), run with
-//! [`Agent::execute`](crate::Agent::execute). Unknown members in replies are ignored.
+//! [`Agent::execute`](crate::Agent::execute). Unknown members in replies are ignored; a reply that
+//! cannot be true (base64 that does not decode, a count that disagrees with its data or with the
+//! request, a negative CPU number) is a decode error.
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -33,7 +35,13 @@ command!(
 );
 command!(
     /// `guest-get-vcpus`: each logical CPU and whether it is online.
-    "guest-get-vcpus", GuestGetVcpus, Vec<GuestVcpu>
+    "guest-get-vcpus", GuestGetVcpus, Vec<GuestVcpu>,
+    check(_command, vcpus) {
+        match vcpus.iter().find(|v| v.logical_id < 0) {
+            Some(v) => Err(format!("a CPU numbered {}", v.logical_id)),
+            None => Ok(()),
+        }
+    }
 );
 command!(
     /// `guest-set-vcpus`: brings CPUs online or offline; returns how many of the list (in order)
@@ -41,7 +49,8 @@ command!(
     "guest-set-vcpus", GuestSetVcpus {
         /// The CPUs and the state each should have.
         vcpus: Vec<GuestVcpu>,
-    } -> i64
+    } -> i64,
+    check(command, done) { within("CPUs processed", *done, command.vcpus.len()) }
 );
 command!(
     /// `guest-get-memory-blocks`: each memory block the guest has, and whether it is online.
@@ -53,7 +62,13 @@ command!(
     "guest-set-memory-blocks", GuestSetMemoryBlocks {
         /// The blocks and the state each should have.
         mem_blks: Vec<MemoryBlockState>,
-    } -> Vec<MemoryBlockResponse>
+    } -> Vec<MemoryBlockResponse>,
+    check(command, answers) {
+        match answers.len() == command.mem_blks.len() {
+            true => Ok(()),
+            false => Err(format!("{} answers to {} blocks", answers.len(), command.mem_blks.len())),
+        }
+    }
 );
 command!(
     /// `guest-get-memory-block-info`: the size of one memory block.
@@ -65,11 +80,13 @@ command!(
 );
 command!(
     /// `guest-fsfreeze-freeze`: freezes every freezable filesystem; returns how many.
-    "guest-fsfreeze-freeze", GuestFsfreezeFreeze, i64
+    "guest-fsfreeze-freeze", GuestFsfreezeFreeze, i64,
+    check(_command, count) { within("filesystems frozen", *count, usize::MAX) }
 );
 command!(
     /// `guest-fsfreeze-thaw`: thaws them; returns how many.
-    "guest-fsfreeze-thaw", GuestFsfreezeThaw, i64
+    "guest-fsfreeze-thaw", GuestFsfreezeThaw, i64,
+    check(_command, count) { within("filesystems thawed", *count, usize::MAX) }
 );
 command!(
     /// `guest-exec`: starts a program; its status comes from [`GuestExecStatus`].
@@ -105,7 +122,13 @@ command!(
         handle: i64,
         /// How many bytes at most.
         count: u64,
-    } -> FileRead
+    } -> FileRead,
+    check(command, read) {
+        match read.data.len() as u64 <= command.count {
+            true => Ok(()),
+            false => Err(format!("{} bytes for a read of {}", read.data.len(), command.count)),
+        }
+    }
 );
 command!(
     /// `guest-file-write`: writes base64-encoded bytes ([`GuestFileWrite::bytes`]).
@@ -114,7 +137,15 @@ command!(
         handle: i64,
         /// The bytes, base64.
         buf_b64: String,
-    } -> FileWritten
+    } -> FileWritten,
+    check(command, written) {
+        // base64's length is 4/3 of the bytes it carries, padding included.
+        let sent = command.buf_b64.len() / 4 * 3;
+        match written.count as usize <= sent {
+            true => Ok(()),
+            false => Err(format!("{} bytes written of at most {sent}", written.count)),
+        }
+    }
 );
 command!(
     /// `guest-file-close`.
@@ -299,12 +330,12 @@ pub struct ExecStatus {
     pub exitcode: Option<i64>,
     /// The signal that ended it, if one did.
     pub signal: Option<i64>,
-    /// Captured stdout, base64 ([`ExecStatus::stdout`]).
-    #[serde(rename = "out-data")]
-    pub out_data: Option<String>,
-    /// Captured stderr, base64 ([`ExecStatus::stderr`]).
-    #[serde(rename = "err-data")]
-    pub err_data: Option<String>,
+    /// Captured stdout, decoded from the reply's base64 ([`ExecStatus::stdout`]).
+    #[serde(rename = "out-data", default, deserialize_with = "base64_option")]
+    pub out_data: Option<Vec<u8>>,
+    /// Captured stderr, decoded ([`ExecStatus::stderr`]).
+    #[serde(rename = "err-data", default, deserialize_with = "base64_option")]
+    pub err_data: Option<Vec<u8>>,
     /// stdout went past 16 MiB and was cut.
     #[serde(rename = "out-truncated", default)]
     pub out_truncated: bool,
@@ -314,34 +345,59 @@ pub struct ExecStatus {
 }
 
 impl ExecStatus {
-    /// The captured stdout, decoded (empty when none, or not valid base64).
-    pub fn stdout(&self) -> Vec<u8> {
-        decode(self.out_data.as_deref())
+    /// The captured stdout (empty when none).
+    pub fn stdout(&self) -> &[u8] {
+        self.out_data.as_deref().unwrap_or_default()
     }
 
-    /// The captured stderr, decoded.
-    pub fn stderr(&self) -> Vec<u8> {
-        decode(self.err_data.as_deref())
+    /// The captured stderr (empty when none).
+    pub fn stderr(&self) -> &[u8] {
+        self.err_data.as_deref().unwrap_or_default()
     }
 }
 
-/// `guest-file-read`'s reply.
+/// `guest-file-read`'s reply: its `count` must be the length of its data, which must be base64
+/// (else the reply is a decode error), and no more than the read asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(try_from = "FileReadWire")]
 pub struct FileRead {
-    /// How many bytes were read.
-    pub count: u64,
-    /// The bytes, base64 ([`FileRead::bytes`]).
-    #[serde(rename = "buf-b64")]
-    pub buf_b64: String,
+    /// The bytes read, decoded from the reply's base64.
+    pub data: Vec<u8>,
     /// The end of the file was reached.
     pub eof: bool,
 }
 
 impl FileRead {
-    /// The bytes read, decoded.
-    pub fn bytes(&self) -> Vec<u8> {
-        decode(Some(&self.buf_b64))
+    /// The bytes read.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// `guest-file-read`'s reply as it comes.
+#[derive(Deserialize)]
+struct FileReadWire {
+    count: u64,
+    #[serde(rename = "buf-b64", deserialize_with = "base64")]
+    data: Vec<u8>,
+    eof: bool,
+}
+
+impl TryFrom<FileReadWire> for FileRead {
+    type Error = String;
+
+    fn try_from(wire: FileReadWire) -> Result<FileRead, String> {
+        if wire.count != wire.data.len() as u64 {
+            return Err(format!(
+                "count {} for {} bytes of data",
+                wire.count,
+                wire.data.len()
+            ));
+        }
+        Ok(FileRead {
+            data: wire.data,
+            eof: wire.eof,
+        })
     }
 }
 
@@ -354,7 +410,34 @@ pub struct FileWritten {
     pub eof: bool,
 }
 
-fn decode(b64: Option<&str>) -> Vec<u8> {
-    b64.and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
-        .unwrap_or_default()
+/// Base64 text, decoded; text that is not base64 fails the reply. Decoded straight from the
+/// reply's text, so only the decoded bytes are made.
+fn base64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    struct Text;
+    impl serde::de::Visitor<'_> for Text {
+        type Value = Vec<u8>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("base64 text")
+        }
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Vec<u8>, E> {
+            base64::engine::general_purpose::STANDARD
+                .decode(text.as_bytes())
+                .map_err(|e| E::custom(format!("data that is not base64: {e}")))
+        }
+    }
+    d.deserialize_str(Text)
+}
+
+fn base64_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+    #[derive(Deserialize)]
+    struct Base64(#[serde(deserialize_with = "base64")] Vec<u8>);
+    Ok(Option::<Base64>::deserialize(d)?.map(|b| b.0))
+}
+
+/// `count` within `0..=most`.
+fn within(what: &str, count: i64, most: usize) -> Result<(), String> {
+    match usize::try_from(count) {
+        Ok(n) if n <= most => Ok(()),
+        _ => Err(format!("{count} {what}")),
+    }
 }

@@ -1,5 +1,8 @@
-//! The agent client's errors. Each says whether the agent may still owe an answer: after
-//! [`Error::Timeout`] or [`Error::FrameTooLong`] the next call resynchronises first.
+//! The agent client's errors. Each says whether the command may have run: [`Error::is_in_doubt`]
+//! is true for every error that came after the command's bytes may have reached the agent and
+//! before its reply was read ([`Error::Timeout`], [`Error::FrameTooLong`], [`Error::Gone`],
+//! [`Error::ReplyLost`]); a caller that retries only what is not in doubt never runs a command
+//! twice. After any of them the next call resynchronises first.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,13 +39,24 @@ pub enum Error {
         /// The command.
         command: String,
     },
-    /// The socket closed (QEMU went away, or its chardev was removed). The next call connects
-    /// again.
+    /// The socket closed before the command was sent whole (QEMU went away, or its chardev was
+    /// removed): the agent cannot have run it. Not in doubt. The next call connects again.
     #[error("the guest agent's socket closed")]
     Disconnected,
-    /// No answer in time: the agent is not running, is slow, or is busy with an earlier command.
-    /// The next call resynchronises before it sends anything, so a late answer is never taken for
-    /// another command's.
+    /// The socket closed or failed after `command` was sent and before its reply was read: the
+    /// agent may have run it. In doubt. The next call connects again.
+    #[error("the guest agent's socket closed after {command} was sent, before its reply")]
+    ReplyLost {
+        /// The command.
+        command: String,
+        /// The socket's error, when it failed rather than closed.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    /// No answer in time (or the request could not be written in time): the agent is not
+    /// running, is slow, or is busy with an earlier command. In doubt. The next call
+    /// resynchronises before it sends anything, so a late answer is never taken for another
+    /// command's.
     #[error("the guest agent did not answer {command} within {after:?}")]
     Timeout {
         /// The command.
@@ -50,7 +64,8 @@ pub enum Error {
         /// How long the call waited.
         after: Duration,
     },
-    /// The agent refused because the guest's filesystems are frozen (only ping, info, sync, and
+    /// The agent refused because the guest's filesystems are frozen (for a freeze: they were
+    /// frozen already, by a guard that still holds them or by someone else) (only ping, info, sync, and
     /// freeze status and thaw are allowed then).
     #[error("the guest agent refused {command}: the filesystems are frozen")]
     Frozen {
@@ -65,7 +80,7 @@ pub enum Error {
         /// The agent's words.
         desc: String,
     },
-    /// The agent ran the command and it failed.
+    /// The agent ran the command and it failed. Not in doubt: the agent said so.
     #[error("the guest agent's {command} failed: {class}: {desc}")]
     Agent {
         /// The command.
@@ -75,14 +90,17 @@ pub enum Error {
         /// The agent's words.
         desc: String,
     },
-    /// A line from the agent was longer than the frame limit; it was discarded as it came. The
-    /// next call resynchronises.
+    /// A line from the agent was longer than the frame limit; it was discarded as it came. In
+    /// doubt (it may have been the reply). The next call resynchronises.
     #[error("a line from the guest agent exceeded {limit} bytes")]
     FrameTooLong {
         /// The limit, in bytes.
         limit: usize,
     },
-    /// The agent's reply to `command` did not have the shape the command returns.
+    /// The agent's reply to `command` did not have the shape the command returns (a struct read
+    /// only from an object, base64 that decodes, a count that matches its data), or did not fit
+    /// the request (a count past what was asked). The agent ran the command: not in doubt, but
+    /// what it did is only what it claimed.
     #[error("the guest agent's reply to {command} did not decode")]
     Decode {
         /// The command.
@@ -97,12 +115,39 @@ pub enum Error {
 }
 
 impl Error {
-    /// True when nothing is known of what the command did: no answer in time, a reply lost to
-    /// the frame limit, or an agent that went away mid-command.
+    /// True when nothing is known of what the command did: its bytes may have reached the agent
+    /// and its reply was not read (no answer in time, a reply lost to the frame limit or to a
+    /// closed socket, an agent that went away mid-command).
     pub fn is_in_doubt(&self) -> bool {
-        matches!(
-            self,
-            Error::Timeout { .. } | Error::FrameTooLong { .. } | Error::Gone { .. }
-        )
+        match self {
+            Error::Timeout { .. }
+            | Error::FrameTooLong { .. }
+            | Error::Gone { .. }
+            | Error::ReplyLost { .. } => true,
+            Error::NotConnected { .. }
+            | Error::NotRunning { .. }
+            | Error::Disconnected
+            | Error::Frozen { .. }
+            | Error::Unsupported { .. }
+            | Error::Agent { .. }
+            | Error::Decode { .. }
+            | Error::Io(_) => false,
+        }
+    }
+
+    /// The same error, as seen after `command` was sent whole: a closed or failed socket is then
+    /// [`Error::ReplyLost`].
+    pub(crate) fn after_send(self, command: &str) -> Error {
+        match self {
+            Error::Disconnected => Error::ReplyLost {
+                command: command.into(),
+                source: None,
+            },
+            Error::Io(e) => Error::ReplyLost {
+                command: command.into(),
+                source: Some(e),
+            },
+            other => other,
+        }
     }
 }

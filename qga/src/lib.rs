@@ -10,12 +10,27 @@
 //!   the stream in doubt (a timeout, a reply past the frame limit, a call dropped part-way), every
 //!   line skipped until the `0xFF` reply with that id;
 //! - each request carries an id the agent echoes; a line without it is skipped, never returned;
-//! - a frame limit of its own (64 MiB by default: `guest-exec` output comes back as one line),
-//!   lines past it discarded as they arrive, so memory stays bounded whatever the agent sends;
+//! - request ids counted up from a random start, so an agent cannot answer a request before it
+//!   exists;
+//! - a frame limit of its own ([`DEFAULT_MAX_FRAME`]: qemu-ga's largest reply, a 48 MiB file
+//!   read, fits), lines past it discarded as they arrive; a line is read for its `id` without
+//!   building a JSON value, and only our reply is decoded, so the agent's lines never make the
+//!   process hold more than 4× the frame limit on their account;
+//! - replies decoded strictly and checked: a struct only from a JSON object (never an array read
+//!   positionally), unknown members skipped at any depth, base64 that must decode, counts that
+//!   must match their data or fit the request (`guest-file-read`, `guest-set-vcpus`,
+//!   `guest-set-memory-blocks`, `guest-get-vcpus`): anything else is [`Error::Decode`];
 //! - errors that tell a timeout (the agent may still answer) from a refusal while frozen, a
-//!   command the agent does not offer, a failure, and a closed socket;
+//!   command the agent does not offer, a failure, and a closed socket; every error after the
+//!   command's bytes may have reached the agent and before its reply was read says
+//!   [`Error::is_in_doubt`] (a socket that closes then is [`Error::ReplyLost`], not
+//!   [`Error::Disconnected`]);
+//! - an agent that refuses `guest-sync-delimited` is [`Error::Unsupported`] at once, not a slow
+//!   agent's [`Error::Timeout`];
 //! - a freeze that always thaws ([`Frozen`]): on `thaw`, on drop, on a safety timer, and at once
-//!   when the freeze itself fails.
+//!   when the freeze itself fails and may have frozen something; a thaw is believed only when the
+//!   agent answered it, and tried again until it is ([`FreezeState`]); a second freeze never
+//!   thaws the first.
 //!
 //! Reuses `qhotplug-qmp`'s line codec and request encoding; typed commands are in [`command`].
 //!
@@ -43,4 +58,4 @@ mod freeze;
 
 pub use agent::{Agent, Config, DEFAULT_MAX_FRAME, QGA_SPAN, SENTINEL};
 pub use error::{Error, Result};
-pub use freeze::Frozen;
+pub use freeze::{FreezeState, Frozen};

@@ -7,7 +7,7 @@ use std::time::Duration;
 use qhotplug_qga::command::{
     ExecStatus, GuestExecStatus, GuestFsfreezeFreeze, GuestGetHostName, GuestPing,
 };
-use qhotplug_qga::{Agent, Config, Error, SENTINEL};
+use qhotplug_qga::{Agent, Config, Error, FreezeState, SENTINEL};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -230,10 +230,7 @@ async fn a_line_past_the_limit_is_dropped_as_it_arrives_and_the_next_call_resync
     )
     .await;
     let status: ExecStatus = call.await.unwrap().unwrap();
-    assert_eq!(
-        (status.exitcode, status.stdout()),
-        (Some(3), b"hi".to_vec())
-    );
+    assert_eq!((status.exitcode, status.stdout()), (Some(3), &b"hi"[..]));
 }
 
 #[tokio::test]
@@ -317,7 +314,11 @@ async fn a_closed_socket_is_disconnected_and_the_next_call_connects_again() {
     fake.sync(b"").await;
     fake.recv().await;
     fake.conn = None;
-    assert!(matches!(call.await.unwrap(), Err(Error::Disconnected)));
+    // The ping was sent whole: the agent may have run it.
+    match call.await.unwrap() {
+        Err(e @ Error::ReplyLost { .. }) => assert!(e.is_in_doubt()),
+        other => panic!("{other:?}"),
+    }
     let call = {
         let agent = agent.clone();
         tokio::spawn(async move { agent.execute(&GuestPing).await })
@@ -386,8 +387,9 @@ async fn a_freeze_thaws_when_told_when_dropped_on_its_safety_timer_and_when_it_f
     answer(&mut fake, "guest-fsfreeze-thaw", json!(1)).await;
     // Dropped after the timer thawed: nothing more is sent (polled until the timer's task is
     // done with its reply, with a deadline).
+    assert!(held.timed_out());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !held.timed_out() {
+    while held.state() != FreezeState::Thawed {
         assert!(tokio::time::Instant::now() < deadline);
         tokio::task::yield_now().await;
     }
@@ -407,4 +409,341 @@ async fn a_freeze_thaws_when_told_when_dropped_on_its_safety_timer_and_when_it_f
         .await;
     answer(&mut fake, "guest-fsfreeze-thaw", json!(0)).await;
     assert!(matches!(freeze.await.unwrap(), Err(Error::Agent { .. })));
+}
+
+/// A config whose thaws are retried for a few seconds at most.
+fn retrying() -> Config {
+    quick().thaw_deadline(Duration::from_secs(5))
+}
+
+fn refuse(request: &Request, class: &str, desc: &str) -> Value {
+    json!({"error": {"class": class, "desc": desc}, "id": request.id()})
+}
+
+#[tokio::test]
+async fn a_second_freeze_never_thaws_the_first_and_a_refused_freeze_thaws_nothing() {
+    let (mut fake, path) = Fake::new();
+    let agent = std::sync::Arc::new(Agent::new(path, retrying()));
+    let long = Duration::from_secs(3600);
+    let first = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.freeze(long).await })
+    };
+    fake.accept().await;
+    fake.sync(b"").await;
+    answer(&mut fake, "guest-fsfreeze-freeze", json!(2)).await;
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.state(), FreezeState::Frozen);
+
+    // While the guard lives, a second freeze is refused and nothing at all is sent.
+    match agent.freeze(long).await {
+        Err(Error::Frozen { command }) => assert_eq!(command, "guest-fsfreeze-freeze"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        fake.quiet(Duration::from_millis(200)).await,
+        "sent something"
+    );
+    assert_eq!(first.state(), FreezeState::Frozen);
+    assert_eq!(agent.freeze_state(), FreezeState::Frozen);
+    // Nor does ensure_thawed thaw a live guard's freeze.
+    let ensure = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.ensure_thawed().await })
+    };
+    answer(&mut fake, "guest-fsfreeze-status", json!("frozen")).await;
+    assert_eq!(
+        ensure.await.unwrap().unwrap(),
+        qhotplug_qga::command::FreezeStatus::Frozen
+    );
+    assert!(fake.quiet(Duration::from_millis(200)).await, "a thaw");
+
+    let thaw = tokio::spawn(first.thaw());
+    answer(&mut fake, "guest-fsfreeze-thaw", json!(2)).await;
+    assert_eq!(thaw.await.unwrap().unwrap(), 2);
+    assert_eq!(agent.freeze_state(), FreezeState::Thawed);
+
+    // Someone else's freeze (another client, a guard lost with its process): qemu-ga's real
+    // refusal. The failed freeze froze nothing, so nothing is thawed.
+    let second = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.freeze(long).await })
+    };
+    let request = fake.recv().await;
+    assert_eq!(request.command(), "guest-fsfreeze-freeze");
+    let refusal = refuse(
+        &request,
+        "CommandNotFound",
+        "Command guest-fsfreeze-freeze has been disabled: the agent is in frozen state",
+    );
+    fake.reply(refusal).await;
+    assert!(matches!(second.await.unwrap(), Err(Error::Frozen { .. })));
+    assert!(fake.quiet(Duration::from_millis(300)).await, "a thaw");
+    assert_eq!(agent.freeze_state(), FreezeState::Thawed);
+}
+
+#[tokio::test]
+async fn a_refused_safety_thaw_is_tried_again_until_the_agent_answers_it() {
+    let (mut fake, path) = Fake::new();
+    let agent = std::sync::Arc::new(Agent::new(path, retrying()));
+    let freeze = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.freeze(Duration::from_millis(300)).await })
+    };
+    fake.accept().await;
+    fake.sync(b"").await;
+    answer(&mut fake, "guest-fsfreeze-freeze", json!(1)).await;
+    let frozen = freeze.await.unwrap().unwrap();
+
+    // The timer's thaw, refused.
+    let request = fake.recv().await;
+    assert_eq!(request.command(), "guest-fsfreeze-thaw");
+    fake.reply(refuse(&request, "GenericError", "not now"))
+        .await;
+    // It resynchronises and tries again; meanwhile the guard says what it knows: not thawed.
+    let id = fake.recv().await.sync_id();
+    assert!(frozen.timed_out());
+    match frozen.state() {
+        FreezeState::Unknown { error } => assert!(error.contains("not now"), "{error}"),
+        other => panic!("{other:?}"),
+    }
+    fake.send(&[SENTINEL]).await;
+    fake.reply(json!({ "return": id })).await;
+    answer(&mut fake, "guest-fsfreeze-thaw", json!(1)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while frozen.state() != FreezeState::Thawed {
+        assert!(tokio::time::Instant::now() < deadline, "never thawed");
+        tokio::task::yield_now().await;
+    }
+    drop(frozen);
+    assert!(
+        fake.quiet(Duration::from_millis(300)).await,
+        "a thaw after the answered one"
+    );
+}
+
+#[tokio::test]
+async fn a_guard_dropped_while_the_socket_is_down_thaws_once_it_is_back() {
+    let (mut fake, path) = Fake::new();
+    let agent = std::sync::Arc::new(Agent::new(path, retrying()));
+    let freeze = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.freeze(Duration::from_secs(3600)).await })
+    };
+    fake.accept().await;
+    fake.sync(b"").await;
+    answer(&mut fake, "guest-fsfreeze-freeze", json!(1)).await;
+    let frozen = freeze.await.unwrap().unwrap();
+    // The socket closes (the agent's chardev reconnecting), and the guard is dropped.
+    fake.conn = None;
+    drop(frozen);
+    // The thaw goes on: it connects again, resynchronises, and thaws.
+    fake.accept().await;
+    loop {
+        let request = fake.recv().await;
+        if request.command() == "guest-sync-delimited" {
+            fake.send(&[SENTINEL]).await;
+            fake.reply(json!({ "return": request.sync_id() })).await;
+            continue;
+        }
+        assert_eq!(request.command(), "guest-fsfreeze-thaw");
+        fake.reply(json!({"return": 1, "id": request.id()})).await;
+        break;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while agent.freeze_state() != FreezeState::Thawed {
+        assert!(tokio::time::Instant::now() < deadline, "never thawed");
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_thaw_the_agent_never_accepts_gives_up_at_its_deadline_and_says_unknown() {
+    let (mut fake, path) = Fake::new();
+    let config = quick().thaw_deadline(Duration::from_millis(700));
+    let agent = std::sync::Arc::new(Agent::new(path, config));
+    let freeze = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.freeze(Duration::from_secs(3600)).await })
+    };
+    fake.accept().await;
+    fake.sync(b"").await;
+    answer(&mut fake, "guest-fsfreeze-freeze", json!(1)).await;
+    let frozen = freeze.await.unwrap().unwrap();
+    let mut thaw = tokio::spawn(frozen.thaw());
+    let mut refused = 0;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut thaw => break outcome.unwrap(),
+            request = fake.recv() => {
+                if request.command() == "guest-sync-delimited" {
+                    fake.send(&[SENTINEL]).await;
+                    fake.reply(json!({ "return": request.sync_id() })).await;
+                } else {
+                    refused += 1;
+                    fake.reply(refuse(&request, "GenericError", "never")).await;
+                }
+            }
+        }
+    };
+    assert!(matches!(outcome, Err(Error::Agent { .. })), "{outcome:?}");
+    assert!(refused >= 2, "tried {refused} times");
+    assert!(matches!(agent.freeze_state(), FreezeState::Unknown { .. }));
+}
+
+#[tokio::test]
+async fn an_agent_that_refuses_the_sync_is_unsupported_at_once() {
+    let (mut fake, path) = Fake::new();
+    let connect = tokio::spawn(Agent::connect(path, Config::new()));
+    fake.accept().await;
+    let request = fake.recv().await;
+    assert_eq!(request.command(), "guest-sync-delimited");
+    // The sync carries an id of its own, which the refusal echoes.
+    assert_eq!(request.id(), json!(request.sync_id()));
+    fake.reply(refuse(
+        &request,
+        "CommandNotFound",
+        "The command guest-sync-delimited has been disabled for this instance",
+    ))
+    .await;
+    let started = std::time::Instant::now();
+    match connect.await.unwrap() {
+        Err(Error::Unsupported { command, .. }) => assert_eq!(command, "guest-sync-delimited"),
+        other => panic!("{other:?}"),
+    }
+    // Not the 5 s sync timeout.
+    assert!(started.elapsed() < Duration::from_secs(4));
+}
+
+#[tokio::test]
+async fn replies_are_read_strictly_and_checked_against_the_request() {
+    use qhotplug_qga::command::{GuestFileRead, GuestGetVcpus, GuestSetVcpus, GuestVcpu};
+    let (mut fake, path) = Fake::new();
+    let agent = std::sync::Arc::new(Agent::new(path, quick()));
+    let call = |agent: &std::sync::Arc<Agent>| {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.execute(&GuestGetHostName).await })
+    };
+
+    // Our id, with an unknown member nested far past serde_json's depth limit: still our reply.
+    let host = call(&agent);
+    fake.accept().await;
+    fake.sync(b"").await;
+    let request = fake.recv().await;
+    let deep = format!("{}{}", "[".repeat(20_000), "]".repeat(20_000));
+    let line = format!(
+        "{{\"return\": {{\"host-name\": \"g\", \"future\": {deep}}}, \"id\": {}}}\n",
+        request.id()
+    );
+    fake.send(line.as_bytes()).await;
+    assert_eq!(host.await.unwrap().unwrap().host_name, "g");
+    // A request's id is not guessable: it starts at random, far from 0.
+    let first_id = request.id().as_u64().unwrap();
+    assert!(first_id > 1000, "{first_id}");
+
+    // An array where a struct is expected: not read positionally.
+    let host = call(&agent);
+    let request = fake.recv().await;
+    fake.reply(json!({"return": ["intruder"], "id": request.id()}))
+        .await;
+    assert!(matches!(host.await.unwrap(), Err(Error::Decode { .. })));
+
+    // A file read whose count disagrees with its data, and data that is not base64.
+    for (count, data) in [(5, "aGk="), (2, "!!not base64!!")] {
+        let read = {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                agent
+                    .execute(&GuestFileRead {
+                        handle: 1,
+                        count: 100,
+                    })
+                    .await
+            })
+        };
+        let request = fake.recv().await;
+        fake.reply(
+            json!({"return": {"count": count, "buf-b64": data, "eof": true}, "id": request.id()}),
+        )
+        .await;
+        match read.await.unwrap() {
+            Err(e @ Error::Decode { .. }) => assert!(!e.is_in_doubt()),
+            other => panic!("{other:?}"),
+        }
+    }
+    // More bytes than the read asked for.
+    let read = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            agent
+                .execute(&GuestFileRead {
+                    handle: 1,
+                    count: 1,
+                })
+                .await
+        })
+    };
+    let request = fake.recv().await;
+    fake.reply(json!({"return": {"count": 2, "buf-b64": "aGk=", "eof": true}, "id": request.id()}))
+        .await;
+    assert!(matches!(read.await.unwrap(), Err(Error::Decode { .. })));
+
+    // CPU counts out of range.
+    let vcpus = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.execute(&GuestGetVcpus).await })
+    };
+    let request = fake.recv().await;
+    fake.reply(json!({"return": [{"logical-id": -1, "online": true}], "id": request.id()}))
+        .await;
+    assert!(matches!(vcpus.await.unwrap(), Err(Error::Decode { .. })));
+    let set = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let vcpus = vec![GuestVcpu {
+                logical_id: 1,
+                online: false,
+                can_offline: None,
+            }];
+            agent.execute(&GuestSetVcpus { vcpus }).await
+        })
+    };
+    let request = fake.recv().await;
+    fake.reply(json!({"return": 7, "id": request.id()})).await;
+    assert!(matches!(set.await.unwrap(), Err(Error::Decode { .. })));
+}
+
+#[tokio::test]
+async fn the_default_frame_carries_the_largest_file_read_qemu_ga_sends() {
+    use base64::Engine;
+    use qhotplug_qga::command::GuestFileRead;
+    const MAX_READ: u64 = 48 * 1024 * 1024; // qemu-ga's QGA_READ_COUNT_MAX
+    let (mut fake, path) = Fake::new();
+    let agent = std::sync::Arc::new(Agent::new(path, Config::new()));
+    let read = {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            agent
+                .execute(&GuestFileRead {
+                    handle: 1,
+                    count: MAX_READ,
+                })
+                .await
+        })
+    };
+    fake.accept().await;
+    fake.sync(b"").await;
+    let request = fake.recv().await;
+    let data = vec![0xA5u8; MAX_READ as usize];
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&data);
+    // qemu-ga's own member order and spacing.
+    let line = format!(
+        "{{\"return\": {{\"count\": {MAX_READ}, \"buf-b64\": \"{b64}\", \"eof\": false}}, \"id\": {}}}\n",
+        request.id()
+    );
+    assert!(line.len() > 64 * 1024 * 1024, "{}", line.len());
+    fake.send(line.as_bytes()).await;
+    let read = read.await.unwrap().unwrap();
+    assert_eq!(read.bytes().len() as u64, MAX_READ);
+    assert!(read.bytes() == &data[..]);
 }
