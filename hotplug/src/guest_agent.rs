@@ -154,6 +154,13 @@ impl GuestAgent {
             .await
     }
 
+    /// What this VM's agent client knows of the guest's filesystems' freeze: frozen, thawed
+    /// (only once the agent answered a thaw), or unknown with the last error while a thaw does
+    /// not go through (see [`Frozen`]).
+    pub fn freeze_state(&self) -> qhotplug_qga::FreezeState {
+        self.shared.agent.freeze_state()
+    }
+
     /// Thaws the guest's filesystems if they are frozen (a guard lost with a crash; the agent
     /// keeps its frozen state across its own restart) and returns the state they are in.
     pub async fn ensure_thawed(&self) -> AgentResult<FreezeStatus> {

@@ -172,10 +172,15 @@ pub use qhotplug_qmp::{Client, Event, EventKind};
 /// with [`GuestAgent`] (whose [`Vm::agent`] knows whether an agent runs).
 pub mod agent {
     pub use qhotplug_qga::command::*;
-    pub use qhotplug_qga::{Agent, Config, Error, Frozen, Result};
+    pub use qhotplug_qga::{Agent, Config, Error, FreezeState, Frozen, Result};
 }
 
 /// The README's example, compiled as a doctest so it cannot rot.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
+
+/// The crate's own README (the one a registry shows), compiled as a doctest too.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct CrateReadmeDoctests;

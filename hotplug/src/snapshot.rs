@@ -137,7 +137,7 @@ pub(crate) async fn snapshot(core: &Arc<Core>, config: SnapshotConfig) -> Result
         .await;
     if let Some(frozen) = frozen {
         if let Err(error) = frozen.thaw().await {
-            tracing::warn!(%error, "the guest's filesystems were not thawed by the snapshot (the guard's timer will)");
+            tracing::error!(%error, "the guest's filesystems may still be frozen: the snapshot's thaw did not go through (GuestAgent::freeze_state says what is known)");
         }
     }
     done?;

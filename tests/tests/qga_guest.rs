@@ -9,10 +9,10 @@ use std::time::Duration;
 use qhotplug::{NicConfig, SerialPortConfig, TapBuilder, VirtioSerialConfig};
 use qhotplug_qga::command::{
     ExecStatus, FreezeStatus, GuestExec, GuestExecStatus, GuestFileClose, GuestFileOpen,
-    GuestFileRead, GuestFileWrite, GuestFsfreezeStatus, GuestGetHostName, GuestGetOsinfo,
-    GuestGetVcpus, GuestNetworkGetInterfaces, GuestPing,
+    GuestFileRead, GuestFileWrite, GuestFsfreezeFreeze, GuestFsfreezeStatus, GuestGetHostName,
+    GuestGetOsinfo, GuestGetVcpus, GuestNetworkGetInterfaces, GuestPing,
 };
-use qhotplug_qga::{Agent, Config, Error};
+use qhotplug_qga::{Agent, Config, Error, FreezeState};
 use qhotplug_tests::{pc_spec, with_guest_agent, Guest};
 
 const SEEN: Duration = Duration::from_secs(60);
@@ -198,6 +198,84 @@ fn a_freeze_of_a_mounted_ext4_disk_shows_frozen_and_a_dropped_guard_thaws_it() {
             assert!(tokio::time::Instant::now() < deadline, "never thawed");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let write = "echo after > /mnt/f && sync && cat /mnt/f";
+        assert_eq!(g.console.run(write, SEEN).await, ["after"]);
+    });
+}
+
+#[test]
+fn a_second_freeze_leaves_the_first_alone_and_a_thaw_the_stopped_agent_never_answers_goes_through_its_successor(
+) {
+    qhotplug_tests::serial_test(async {
+        let (g, socket, dir) = boot().await;
+        let fs = qhotplug_tests::storage::ext4_image(dir.path(), "fs.raw", 16);
+        let mark = g.console.mark();
+        g.vm.add_disk(qhotplug::DiskConfig::virtio_blk("fs", &fs))
+            .await
+            .unwrap();
+        let dev = g.console.added(mark, "block").await;
+        let mount = format!("mkdir -p /mnt && mount -t ext4 /dev/{dev} /mnt && echo mounted");
+        assert_eq!(g.console.run(&mount, SEEN).await, ["mounted"]);
+
+        // Short waits per try, and a thaw that keeps trying for two minutes.
+        let config = Config::new()
+            .timeout(Duration::from_secs(5))
+            .sync_timeout(Duration::from_secs(5))
+            .thaw_deadline(Duration::from_secs(120));
+        let agent = std::sync::Arc::new(Agent::new(&socket, config));
+        agent
+            .execute_timeout(&GuestPing, SEEN)
+            .await
+            .expect("the agent answers");
+        let first = agent.freeze(Duration::from_secs(600)).await.unwrap();
+        assert_eq!(first.state(), FreezeState::Frozen);
+
+        // A second freeze while the guard lives: refused, and the guest stays frozen.
+        let second = agent.freeze(SEEN).await.unwrap_err();
+        assert!(matches!(second, Error::Frozen { .. }), "{second:?}");
+        // qemu-ga's own answer to a freeze while frozen reads as the same refusal.
+        let raw = agent.execute(&GuestFsfreezeFreeze).await.unwrap_err();
+        assert!(matches!(raw, Error::Frozen { .. }), "{raw:?}");
+        assert_eq!(
+            agent.execute(&GuestFsfreezeStatus).await.unwrap(),
+            FreezeStatus::Frozen
+        );
+        assert_eq!(first.state(), FreezeState::Frozen);
+
+        // The agent stops (hung): the thaw is not answered, so the guard does not say thawed.
+        assert_eq!(
+            g.console
+                .run("kill -STOP $(pidof qemu-ga) && echo stopped", SEEN)
+                .await,
+            ["stopped"]
+        );
+        let watch = agent.clone();
+        let thaw = tokio::spawn(first.thaw());
+        let deadline = tokio::time::Instant::now() + SEEN;
+        while !matches!(watch.freeze_state(), FreezeState::Unknown { .. }) {
+            assert!(tokio::time::Instant::now() < deadline, "no try failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!thaw.is_finished());
+        // Its successor starts (the filesystems are still frozen in the kernel): the thaw's
+        // next try, after a resync, goes through it.
+        // (qemu-ga says on its stderr that it found the filesystems frozen: only the shell's
+        // last line is ours.)
+        let restart = "kill -9 $(pidof qemu-ga); while pidof qemu-ga >/dev/null; do :; done; \
+                       start-agent && echo restarted";
+        let said = g.console.run(restart, SEEN).await;
+        assert_eq!(
+            said.last().map(String::as_str),
+            Some("restarted"),
+            "{said:?}"
+        );
+        let thawed = thaw.await.unwrap().unwrap();
+        assert_eq!(watch.freeze_state(), FreezeState::Thawed);
+        assert!(thawed <= 1, "{thawed}");
+        assert_eq!(
+            agent.execute(&GuestFsfreezeStatus).await.unwrap(),
+            FreezeStatus::Thawed
+        );
         let write = "echo after > /mnt/f && sync && cat /mnt/f";
         assert_eq!(g.console.run(write, SEEN).await, ["after"]);
     });

@@ -75,7 +75,7 @@ fn json_nested_a_hundred_thousand_deep_is_an_error_not_a_stack_overflow() {
         assert!(next.await.unwrap().unwrap().running);
         // As an event's data.
         let deep_event = format!(
-        "{{\"event\":\"X\",\"data\":{}{},\"timestamp\":{{\"seconds\":1,\"microseconds\":1}}}}\r\n",
+        "{{\"event\":\"X\",\"data\":{}0{},\"timestamp\":{{\"seconds\":1,\"microseconds\":1}}}}\r\n",
         "{\"a\":".repeat(5_000),
         "}".repeat(5_000)
     );

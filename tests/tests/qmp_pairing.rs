@@ -226,23 +226,24 @@ fn events_are_held_only_until_every_live_subscriber_has_them() {
     qhotplug_tests::serial_test(async {
         let (mut server, client) = MockServer::connected(Config::new()).await;
         // Made once: the mock lives in our process, so its buffers count in what we measure.
-        let frame = big_event(4 << 20);
+        // Each event is just under the largest the connection delivers (MAX_EVENT_BYTES).
+        let frame = big_event(60 << 10);
         // Warm up the codec's buffer and the allocator with events of the same size.
         send_events(&mut server, &client, 2, &frame).await;
 
         let before = qhotplug_tests::rss_mib();
-        send_events(&mut server, &client, 64, &frame).await;
+        send_events(&mut server, &client, 1024, &frame).await;
         let grew = qhotplug_tests::rss_mib() - before;
         assert!(
             grew < 8.0,
-            "no subscriber: 64 × 4 MiB events grew us by {grew:.1} MiB"
+            "no subscriber: 1024 × 60 KiB events grew us by {grew:.1} MiB"
         );
 
         let mut events = client.events();
         let before = qhotplug_tests::rss_mib();
         let reader = tokio::spawn(async move {
             let mut n = 0;
-            while n < 64 {
+            while n < 1024 {
                 match events.next().await {
                     Some(Ok(e)) => {
                         assert_eq!(e.name(), "BIG");
@@ -253,13 +254,20 @@ fn events_are_held_only_until_every_live_subscriber_has_them() {
             }
             events
         });
-        send_events(&mut server, &client, 64, &frame).await;
-        let events = reader.await.unwrap();
+        send_events(&mut server, &client, 1024, &frame).await;
+        let mut events = reader.await.unwrap();
         let grew = qhotplug_tests::rss_mib() - before;
         assert!(
             grew < 8.0,
-            "one subscriber that read all 64: grew by {grew:.1} MiB"
+            "one subscriber that read all 1024: grew by {grew:.1} MiB"
         );
+
+        // An event past MAX_EVENT_BYTES is dropped: the subscriber gets the next one.
+        let over = big_event(qhotplug_qmp::event::MAX_EVENT_BYTES);
+        let small = event_json("SMALL", json!({}));
+        let small = [serde_json::to_vec(&small).unwrap(), b"\r\n".to_vec()].concat();
+        send_events(&mut server, &client, 1, &[over, small].concat()).await;
+        assert_eq!(events.next().await.unwrap().unwrap().name(), "SMALL");
         drop(events);
 
         // Lag is still reported to a subscriber that falls behind.
