@@ -60,3 +60,8 @@ pub use spec::{Accel, Serial, VmSpec, Vnc, VncListen};
 pub use value::{escape, id_from_uuid, props_to_json, validate_id, Prop, Props, QomObject};
 pub use vhost_user::{VhostUserBlk, VirtioFs};
 pub use virtio_serial::{SerialPort, VirtioSerial};
+
+/// The README, compiled as a doctest so its example stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

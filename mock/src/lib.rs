@@ -59,3 +59,8 @@ mod sys;
 pub use model::{MockBlockNode, MockDevice, MockFdset, MockPlace, MockVirtioMem};
 pub use qemu::{GuestPower, GuestUnplug, MockQemu, ReceivedFd};
 pub use scripted::{default_greeting, event_json, greeting, schema, MockServer, Received};
+
+/// The README, compiled as a doctest so its example stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

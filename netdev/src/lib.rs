@@ -26,3 +26,8 @@ pub use error::{Error, Result};
 pub use mac::{MacAddr, QEMU_OUI};
 pub use tap::{delete_persistent, validate_name, Tap, TapBuilder, VnetHdr, MAX_QUEUES};
 pub use vhost::{open_vhost, Vhost, VhostPolicy};
+
+/// The README, compiled as a doctest so its example stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -59,3 +59,8 @@ mod freeze;
 pub use agent::{Agent, Config, DEFAULT_MAX_FRAME, QGA_SPAN, SENTINEL};
 pub use error::{Error, Result};
 pub use freeze::{FreezeState, Frozen};
+
+/// The README, compiled as a doctest so its example stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

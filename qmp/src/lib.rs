@@ -69,3 +69,8 @@ pub use event::Timestamp;
 pub use event::{Event, EventKind};
 pub use message::Greeting;
 pub use schema::Schema;
+
+/// The README, compiled as a doctest so its example stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
