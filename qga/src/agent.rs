@@ -492,17 +492,10 @@ fn classify(frame: &[u8], id: u64) -> Line<'_> {
 
 /// Our reply, decoded strictly (a struct only from an object) and checked against the request.
 fn decode<C: Command>(command: &C, raw: &RawValue) -> Result<C::Returns> {
-    qhotplug_qmp::decode::from_str(raw.get())
-        .and_then(|reply| {
-            command
-                .check_reply(&reply)
-                .map_err(<serde_json::Error as serde::de::Error>::custom)?;
-            Ok(reply)
-        })
-        .map_err(|source| Error::Decode {
-            command: C::NAME.into(),
-            source,
-        })
+    qhotplug_qmp::decode::reply(command, raw.get()).map_err(|source| Error::Decode {
+        command: C::NAME.into(),
+        source,
+    })
 }
 
 /// The error for a refusal of `command`: frozen, not offered, or failed.

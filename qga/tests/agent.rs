@@ -411,6 +411,23 @@ async fn a_freeze_thaws_when_told_when_dropped_on_its_safety_timer_and_when_it_f
     assert!(matches!(freeze.await.unwrap(), Err(Error::Agent { .. })));
 }
 
+/// A fake agent, a client of it, and a freeze of one filesystem that client holds.
+async fn frozen_on_a_fake(
+    config: Config,
+    safety: Duration,
+) -> (Fake, std::sync::Arc<Agent>, qhotplug_qga::Frozen) {
+    let (mut fake, path) = Fake::new();
+    let agent = std::sync::Arc::new(Agent::new(path, config));
+    let freeze = {
+        let agent = agent.clone();
+        tokio::spawn(async move { agent.freeze(safety).await })
+    };
+    fake.accept().await;
+    fake.sync(b"").await;
+    answer(&mut fake, "guest-fsfreeze-freeze", json!(1)).await;
+    (fake, agent, freeze.await.unwrap().unwrap())
+}
+
 /// A config whose thaws are retried for a few seconds at most.
 fn retrying() -> Config {
     quick().thaw_deadline(Duration::from_secs(5))
@@ -484,16 +501,7 @@ async fn a_second_freeze_never_thaws_the_first_and_a_refused_freeze_thaws_nothin
 
 #[tokio::test]
 async fn a_refused_safety_thaw_is_tried_again_until_the_agent_answers_it() {
-    let (mut fake, path) = Fake::new();
-    let agent = std::sync::Arc::new(Agent::new(path, retrying()));
-    let freeze = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.freeze(Duration::from_millis(300)).await })
-    };
-    fake.accept().await;
-    fake.sync(b"").await;
-    answer(&mut fake, "guest-fsfreeze-freeze", json!(1)).await;
-    let frozen = freeze.await.unwrap().unwrap();
+    let (mut fake, _agent, frozen) = frozen_on_a_fake(retrying(), Duration::from_millis(300)).await;
 
     // The timer's thaw, refused.
     let request = fake.recv().await;
@@ -524,16 +532,7 @@ async fn a_refused_safety_thaw_is_tried_again_until_the_agent_answers_it() {
 
 #[tokio::test]
 async fn a_guard_dropped_while_the_socket_is_down_thaws_once_it_is_back() {
-    let (mut fake, path) = Fake::new();
-    let agent = std::sync::Arc::new(Agent::new(path, retrying()));
-    let freeze = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.freeze(Duration::from_secs(3600)).await })
-    };
-    fake.accept().await;
-    fake.sync(b"").await;
-    answer(&mut fake, "guest-fsfreeze-freeze", json!(1)).await;
-    let frozen = freeze.await.unwrap().unwrap();
+    let (mut fake, agent, frozen) = frozen_on_a_fake(retrying(), Duration::from_secs(3600)).await;
     // The socket closes (the agent's chardev reconnecting), and the guard is dropped.
     fake.conn = None;
     drop(frozen);
@@ -559,17 +558,8 @@ async fn a_guard_dropped_while_the_socket_is_down_thaws_once_it_is_back() {
 
 #[tokio::test]
 async fn a_thaw_the_agent_never_accepts_gives_up_at_its_deadline_and_says_unknown() {
-    let (mut fake, path) = Fake::new();
     let config = quick().thaw_deadline(Duration::from_millis(700));
-    let agent = std::sync::Arc::new(Agent::new(path, config));
-    let freeze = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.freeze(Duration::from_secs(3600)).await })
-    };
-    fake.accept().await;
-    fake.sync(b"").await;
-    answer(&mut fake, "guest-fsfreeze-freeze", json!(1)).await;
-    let frozen = freeze.await.unwrap().unwrap();
+    let (mut fake, agent, frozen) = frozen_on_a_fake(config, Duration::from_secs(3600)).await;
     let mut thaw = tokio::spawn(frozen.thaw());
     let mut refused = 0;
     let outcome = loop {

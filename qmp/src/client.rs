@@ -601,17 +601,10 @@ impl Drop for Abandon<'_> {
 }
 
 fn decode<C: Command>(command: &C, raw: &serde_json::value::RawValue) -> Result<C::Returns> {
-    crate::decode::from_str(raw.get())
-        .and_then(|reply| {
-            command
-                .check_reply(&reply)
-                .map_err(<serde_json::Error as serde::de::Error>::custom)?;
-            Ok(reply)
-        })
-        .map_err(|e| Error::UnexpectedReply {
-            command: C::NAME.to_owned(),
-            source: std::sync::Arc::new(e),
-        })
+    crate::decode::reply(command, raw.get()).map_err(|e| Error::UnexpectedReply {
+        command: C::NAME.to_owned(),
+        source: std::sync::Arc::new(e),
+    })
 }
 
 /// A subscriber fell this many events behind and they were lost to it. The stream goes on with the

@@ -17,6 +17,17 @@ pub fn from_str<'a, T: de::Deserialize<'a>>(text: &'a str) -> serde_json::Result
     Ok(value)
 }
 
+/// Decodes the reply to `command` (strictly, as [`from_str`]) and checks it against the request
+/// ([`Command::check_reply`](crate::Command::check_reply)): what both protocol clients do with
+/// their own reply.
+pub fn reply<C: crate::Command>(command: &C, text: &str) -> serde_json::Result<C::Returns> {
+    let reply = from_str(text)?;
+    command
+        .check_reply(&reply)
+        .map_err(<serde_json::Error as de::Error>::custom)?;
+    Ok(reply)
+}
+
 /// A deserializer that reads structs as maps only; everything it hands on is wrapped likewise.
 struct Strict<D>(D);
 

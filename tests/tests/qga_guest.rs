@@ -27,6 +27,18 @@ async fn boot() -> (Guest, PathBuf, tempfile::TempDir) {
     (guest, socket, dir)
 }
 
+/// An ext4 filesystem made on the host in `dir`, hot-plugged and mounted at `/mnt` in the guest.
+async fn mount_ext4(g: &Guest, dir: &std::path::Path) {
+    let fs = qhotplug_tests::storage::ext4_image(dir, "fs.raw", 16);
+    let mark = g.console.mark();
+    g.vm.add_disk(qhotplug::DiskConfig::virtio_blk("fs", &fs))
+        .await
+        .unwrap();
+    let dev = g.console.added(mark, "block").await;
+    let mount = format!("mkdir -p /mnt && mount -t ext4 /dev/{dev} /mnt && echo mounted");
+    assert_eq!(g.console.run(&mount, SEEN).await, ["mounted"]);
+}
+
 /// Under TCG the agent starts a few seconds after boot and answers slowly: generous waits.
 fn patient() -> Config {
     Config::new()
@@ -167,15 +179,7 @@ fn an_agent_stopped_mid_command_times_out_typed_and_its_successor_answers_the_ne
 fn a_freeze_of_a_mounted_ext4_disk_shows_frozen_and_a_dropped_guard_thaws_it() {
     qhotplug_tests::serial_test(async {
         let (g, socket, dir) = boot().await;
-        // An ext4 filesystem made on the host, hot-plugged and mounted in the guest.
-        let fs = qhotplug_tests::storage::ext4_image(dir.path(), "fs.raw", 16);
-        let mark = g.console.mark();
-        g.vm.add_disk(qhotplug::DiskConfig::virtio_blk("fs", &fs))
-            .await
-            .unwrap();
-        let dev = g.console.added(mark, "block").await;
-        let mount = format!("mkdir -p /mnt && mount -t ext4 /dev/{dev} /mnt && echo mounted");
-        assert_eq!(g.console.run(&mount, SEEN).await, ["mounted"]);
+        mount_ext4(&g, dir.path()).await;
 
         let agent = std::sync::Arc::new(Agent::connect(&socket, patient()).await.unwrap());
         let frozen = agent.freeze(SEEN).await.unwrap();
@@ -208,14 +212,7 @@ fn a_second_freeze_leaves_the_first_alone_and_a_thaw_the_stopped_agent_never_ans
 ) {
     qhotplug_tests::serial_test(async {
         let (g, socket, dir) = boot().await;
-        let fs = qhotplug_tests::storage::ext4_image(dir.path(), "fs.raw", 16);
-        let mark = g.console.mark();
-        g.vm.add_disk(qhotplug::DiskConfig::virtio_blk("fs", &fs))
-            .await
-            .unwrap();
-        let dev = g.console.added(mark, "block").await;
-        let mount = format!("mkdir -p /mnt && mount -t ext4 /dev/{dev} /mnt && echo mounted");
-        assert_eq!(g.console.run(&mount, SEEN).await, ["mounted"]);
+        mount_ext4(&g, dir.path()).await;
 
         // Short waits per try, and a thaw that keeps trying for two minutes.
         let config = Config::new()
