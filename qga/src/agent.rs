@@ -56,7 +56,7 @@ pub struct Config {
     timeout: Duration,
     sync_timeout: Duration,
     max_frame: usize,
-    thaw_deadline: Duration,
+    pub(crate) thaw_deadline: Duration,
 }
 
 impl Default for Config {
@@ -102,10 +102,6 @@ impl Config {
         self.thaw_deadline = deadline;
         self
     }
-
-    pub(crate) fn thaw_deadline_value(&self) -> Duration {
-        self.thaw_deadline
-    }
 }
 
 /// A client of one guest agent, through the host side of its virtio-serial port (QEMU's socket
@@ -122,7 +118,7 @@ impl Config {
 #[derive(Debug)]
 pub struct Agent {
     path: PathBuf,
-    config: Config,
+    pub(crate) config: Config,
     conn: tokio::sync::Mutex<Conn>,
     /// Set by [`Agent::resync_before_next`]: the next call resynchronises whatever the last left.
     stale: std::sync::atomic::AtomicBool,
@@ -210,11 +206,6 @@ impl Agent {
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// How this agent waits and how much it reads.
-    pub fn config(&self) -> &Config {
-        &self.config
     }
 
     /// Resynchronises now (`guest-sync-delimited`), whatever the last call left.
@@ -349,15 +340,15 @@ impl Agent {
                     }
                     other => other?,
                 };
-                if sync_reply(&frame) == Some(id) {
-                    tracing::debug!(skipped, "in sync");
-                    conn.in_sync = true;
-                    return Ok(());
+                match sync_line(&frame, id) {
+                    SyncLine::InSync => {
+                        tracing::debug!(skipped, "in sync");
+                        conn.in_sync = true;
+                        return Ok(());
+                    }
+                    SyncLine::Refused(refused) => return Err(refused),
+                    SyncLine::Other => skipped += 1,
                 }
-                if let Some(refused) = sync_refused(&frame, id) {
-                    return Err(refused);
-                }
-                skipped += 1;
             }
         }
         .instrument(span)
@@ -429,41 +420,55 @@ impl Agent {
 /// The command that resynchronises.
 const SYNC: &str = "guest-sync-delimited";
 
-/// The id of a `guest-sync-delimited` reply: a line whose last `0xFF` is followed by
-/// `{"return": id}` (whatever came before it on the line is garbage).
-fn sync_reply(frame: &[u8]) -> Option<i64> {
-    let at = frame.iter().rposition(|&b| b == SENTINEL)?;
-    let members: Members<'_> = serde_json::from_slice(&frame[at + 1..]).ok()?;
-    members.ret?.get().parse().ok()
+/// What a line is, to a resynchronisation waiting for the reply to its sync `id`.
+enum SyncLine {
+    /// The sync's reply: the last `0xFF` on the line followed by `{"return": id}` (whatever came
+    /// before it is garbage).
+    InSync,
+    /// The agent's refusal of the sync (disabled with `--block-rpcs`, or an agent that lacks it):
+    /// an error carrying the sync's id, or, from an agent that does not echo ids, a
+    /// `CommandNotFound`/`CommandDisabled` naming the command. A resynchronisation cannot work
+    /// then, and waiting for it would only look like a slow agent.
+    Refused(Error),
+    /// Anything else: stale lines and garbage, skipped.
+    Other,
 }
 
-/// The agent's refusal of our `guest-sync-delimited` (disabled with `--block-rpcs`, or an agent
-/// that lacks it): an error carrying the sync's id, or, from an agent that does not echo ids, a
-/// `CommandNotFound`/`CommandDisabled` naming the command. A resynchronisation cannot work then,
-/// and waiting for it would only look like a slow agent.
-fn sync_refused(frame: &[u8], id: i64) -> Option<Error> {
-    if frame.contains(&SENTINEL) {
-        return None;
+/// Reads a line once for what a resynchronisation needs.
+fn sync_line(frame: &[u8], id: i64) -> SyncLine {
+    if let Some(at) = frame.iter().rposition(|&b| b == SENTINEL) {
+        let ours = serde_json::from_slice::<Members<'_>>(&frame[at + 1..])
+            .ok()
+            .and_then(|members| members.ret)
+            .and_then(number::<i64>)
+            == Some(id);
+        return if ours {
+            SyncLine::InSync
+        } else {
+            SyncLine::Other
+        };
     }
-    let members: Members<'_> = serde_json::from_slice(frame).ok()?;
-    let Refusal { class, desc } = Refusal::read(members.error?);
-    let ours = members.id.is_some_and(|raw| raw.get() == id.to_string());
+    let Ok(Members {
+        id: echoed,
+        error: Some(error),
+        ..
+    }) = serde_json::from_slice::<Members<'_>>(frame)
+    else {
+        return SyncLine::Other;
+    };
+    let Refusal { class, desc } = Refusal::read(error);
+    let ours = echoed.and_then(number::<i64>) == Some(id);
     let names_sync =
         matches!(class.as_str(), "CommandNotFound" | "CommandDisabled") && desc.contains(SYNC);
-    if !ours && !names_sync {
-        return None;
+    match ours || names_sync {
+        true => SyncLine::Refused(refusal(SYNC, class, desc)),
+        false => SyncLine::Other,
     }
-    Some(match class.as_str() {
-        "CommandNotFound" | "CommandDisabled" => Error::Unsupported {
-            command: SYNC.into(),
-            desc,
-        },
-        _ => Error::Agent {
-            command: SYNC.into(),
-            class,
-            desc,
-        },
-    })
+}
+
+/// A JSON number, read from its text.
+fn number<T: std::str::FromStr>(raw: &RawValue) -> Option<T> {
+    raw.get().parse().ok()
 }
 
 /// Whether `frame` is the reply to request `id`: an object with our `id`, and `return` or
@@ -476,7 +481,7 @@ fn classify(frame: &[u8], id: u64) -> Line<'_> {
     let Ok(members) = serde_json::from_slice::<Members<'_>>(frame) else {
         return Line::Other;
     };
-    if members.id.and_then(|raw| raw.get().parse::<u64>().ok()) != Some(id) {
+    if members.id.and_then(number::<u64>) != Some(id) {
         return Line::Other;
     }
     match (members.ret, members.error) {

@@ -64,9 +64,9 @@ pub enum Error {
         /// How long the call waited.
         after: Duration,
     },
-    /// The agent refused because the guest's filesystems are frozen (for a freeze: they were
-    /// frozen already, by a guard that still holds them or by someone else) (only ping, info, sync, and
-    /// freeze status and thaw are allowed then).
+    /// The agent refused because the guest's filesystems are frozen: only ping, info, sync, and
+    /// freeze status and thaw are allowed then. For a freeze: they were frozen already, by a guard
+    /// that still holds them or by someone else.
     #[error("the guest agent refused {command}: the filesystems are frozen")]
     Frozen {
         /// The command.

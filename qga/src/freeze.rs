@@ -10,7 +10,6 @@
 //! without asking the agent, and a freeze that failed thaws only when it may have frozen
 //! something, so nothing thaws a freeze behind its guard's back.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,10 +76,10 @@ pub struct Frozen {
     agent: Arc<Agent>,
     count: i64,
     generation: u64,
-    /// Thaws at the safety deadline unless the guard did first; `None` once the guard thawed.
+    /// Thaws at `deadline` unless the guard did first; `None` once the guard thawed.
     timer: Option<JoinHandle<()>>,
-    /// The safety deadline has passed (the timer began to thaw).
-    timed_out: Arc<AtomicBool>,
+    /// The safety deadline.
+    deadline: Instant,
 }
 
 /// The first pause between two tries of a thaw; it doubles up to [`MAX_PAUSE`].
@@ -130,11 +129,9 @@ impl Agent {
         };
         let generation = self.hold(FreezeState::Frozen);
         let agent = self.clone();
-        let timed_out = Arc::new(AtomicBool::new(false));
-        let flag = timed_out.clone();
+        let deadline = Instant::now() + safety;
         let timer = tokio::spawn(async move {
-            tokio::time::sleep(safety).await;
-            flag.store(true, Ordering::SeqCst);
+            tokio::time::sleep_until(deadline).await;
             tracing::warn!(?safety, "freeze held past its safety deadline: thawing");
             let _ = agent.thaw_held(generation, Release::OnSuccess).await;
         });
@@ -143,7 +140,7 @@ impl Agent {
             count,
             generation,
             timer: Some(timer),
-            timed_out,
+            deadline,
         })
     }
 
@@ -220,7 +217,7 @@ impl Agent {
             // Thawed already (by the safety timer): a thaw now could only thaw a later freeze.
             return Ok(0);
         }
-        let deadline = Instant::now() + self.config().thaw_deadline_value();
+        let deadline = Instant::now() + self.config.thaw_deadline;
         let mut pause = FIRST_PAUSE;
         let mut tries = 0u32;
         loop {
@@ -271,11 +268,11 @@ impl Frozen {
         self.count
     }
 
-    /// True once the safety deadline has passed and the timer began to thaw: whatever was done
-    /// under the guard since may not have been consistent. Whether the thaw went through is
+    /// True once the safety deadline has passed (the timer thaws then): whatever was done under
+    /// the guard since may not have been consistent. Whether the thaw went through is
     /// [`Frozen::state`].
     pub fn timed_out(&self) -> bool {
-        self.timed_out.load(Ordering::SeqCst)
+        Instant::now() >= self.deadline
     }
 
     /// What is known of the freeze now: frozen, thawed (only once the agent answered a thaw), or

@@ -174,20 +174,14 @@ async fn a_reply_that_comes_after_its_timeout_is_never_given_to_the_next_call() 
 async fn an_agent_that_restarts_mid_command_is_a_typed_error_and_the_next_call_works() {
     let (mut fake, path) = Fake::new();
     let agent = std::sync::Arc::new(Agent::new(path, quick()));
-    let call = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.execute(&GuestPing).await })
-    };
+    let call = spawned(&agent, GuestPing);
     fake.accept().await;
     fake.sync(b"").await;
     // The agent dies with the ping read: nothing comes back, the socket stays open (QEMU's).
     let lost = fake.recv().await;
     assert!(matches!(call.await.unwrap(), Err(Error::Timeout { .. })));
     // The new agent answers what it finds (the stale ping), complains about the 0xFF, then syncs.
-    let again = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.execute(&GuestPing).await })
-    };
+    let again = spawned(&agent, GuestPing);
     let stale = format!("{}\n", json!({"return": {}, "id": lost.id()}));
     let complaint = "{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\ufffd'\"}}\n";
     fake.sync(format!("{stale}{complaint}").as_bytes()).await;
@@ -201,10 +195,7 @@ async fn a_line_past_the_limit_is_dropped_as_it_arrives_and_the_next_call_resync
     let (mut fake, path) = Fake::new();
     let config = quick().max_frame(64 * 1024);
     let agent = std::sync::Arc::new(Agent::new(path, config));
-    let call = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.execute(&GuestExecStatus { pid: 7 }).await })
-    };
+    let call = spawned(&agent, GuestExecStatus { pid: 7 });
     fake.accept().await;
     fake.sync(b"").await;
     let request = fake.recv().await;
@@ -219,10 +210,7 @@ async fn a_line_past_the_limit_is_dropped_as_it_arrives_and_the_next_call_resync
         Err(Error::FrameTooLong { limit }) => assert_eq!(limit, 64 * 1024),
         other => panic!("{other:?}"),
     }
-    let call = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.execute(&GuestExecStatus { pid: 7 }).await })
-    };
+    let call = spawned(&agent, GuestExecStatus { pid: 7 });
     fake.sync(b"").await;
     let request = fake.recv().await;
     fake.reply(
@@ -253,10 +241,7 @@ async fn frozen_not_offered_and_failed_are_told_apart() {
     ];
     let mut first = true;
     for (class, desc) in cases {
-        let call = {
-            let agent = agent.clone();
-            tokio::spawn(async move { agent.execute(&GuestFsfreezeFreeze).await })
-        };
+        let call = spawned(&agent, GuestFsfreezeFreeze);
         if first {
             fake.accept().await;
             fake.sync(b"").await;
@@ -282,12 +267,7 @@ async fn frozen_not_offered_and_failed_are_told_apart() {
 async fn calls_from_many_tasks_go_one_at_a_time() {
     let (mut fake, path) = Fake::new();
     let agent = std::sync::Arc::new(Agent::new(path, quick()));
-    let calls: Vec<_> = (0..8)
-        .map(|_| {
-            let agent = agent.clone();
-            tokio::spawn(async move { agent.execute(&GuestPing).await })
-        })
-        .collect();
+    let calls: Vec<_> = (0..8).map(|_| spawned(&agent, GuestPing)).collect();
     fake.accept().await;
     fake.sync(b"").await;
     for _ in 0..8 {
@@ -306,10 +286,7 @@ async fn calls_from_many_tasks_go_one_at_a_time() {
 async fn a_closed_socket_is_disconnected_and_the_next_call_connects_again() {
     let (mut fake, path) = Fake::new();
     let agent = std::sync::Arc::new(Agent::new(path.clone(), quick()));
-    let call = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.execute(&GuestPing).await })
-    };
+    let call = spawned(&agent, GuestPing);
     fake.accept().await;
     fake.sync(b"").await;
     fake.recv().await;
@@ -319,10 +296,7 @@ async fn a_closed_socket_is_disconnected_and_the_next_call_connects_again() {
         Err(e @ Error::ReplyLost { .. }) => assert!(e.is_in_doubt()),
         other => panic!("{other:?}"),
     }
-    let call = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.execute(&GuestPing).await })
-    };
+    let call = spawned(&agent, GuestPing);
     fake.accept().await;
     fake.sync(b"").await;
     let request = fake.recv().await;
@@ -334,6 +308,28 @@ async fn a_closed_socket_is_disconnected_and_the_next_call_connects_again() {
         Err(Error::NotConnected { path: p, .. }) => assert_eq!(p, path),
         other => panic!("{other:?}"),
     }
+}
+
+/// `command`, run by `agent` in a task of its own (so the test can play the agent meanwhile).
+fn spawned<C>(
+    agent: &std::sync::Arc<Agent>,
+    command: C,
+) -> tokio::task::JoinHandle<qhotplug_qga::Result<C::Returns>>
+where
+    C: qhotplug_qmp::Command + Send + Sync + 'static,
+    C::Returns: Send,
+{
+    let agent = agent.clone();
+    tokio::spawn(async move { agent.execute(&command).await })
+}
+
+/// A freeze by `agent`, in a task of its own.
+fn spawned_freeze(
+    agent: &std::sync::Arc<Agent>,
+    safety: Duration,
+) -> tokio::task::JoinHandle<qhotplug_qga::Result<qhotplug_qga::Frozen>> {
+    let agent = agent.clone();
+    tokio::spawn(async move { agent.freeze(safety).await })
 }
 
 /// Answers the next request, which must be `command`, with `value`.
@@ -351,10 +347,7 @@ async fn a_freeze_thaws_when_told_when_dropped_on_its_safety_timer_and_when_it_f
     let long = Duration::from_secs(3600);
 
     // Thawed when told; the safety timer is gone with it.
-    let freeze = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.freeze(Duration::from_millis(200)).await })
-    };
+    let freeze = spawned_freeze(&agent, Duration::from_millis(200));
     fake.accept().await;
     fake.sync(b"").await;
     answer(&mut fake, "guest-fsfreeze-freeze", json!(2)).await;
@@ -369,19 +362,13 @@ async fn a_freeze_thaws_when_told_when_dropped_on_its_safety_timer_and_when_it_f
     );
 
     // Thawed when dropped.
-    let freeze = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.freeze(long).await })
-    };
+    let freeze = spawned_freeze(&agent, long);
     answer(&mut fake, "guest-fsfreeze-freeze", json!(1)).await;
     drop(freeze.await.unwrap().unwrap());
     answer(&mut fake, "guest-fsfreeze-thaw", json!(1)).await;
 
     // Thawed by the safety timer when nobody does.
-    let freeze = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.freeze(Duration::from_millis(100)).await })
-    };
+    let freeze = spawned_freeze(&agent, Duration::from_millis(100));
     answer(&mut fake, "guest-fsfreeze-freeze", json!(1)).await;
     let held = freeze.await.unwrap().unwrap();
     answer(&mut fake, "guest-fsfreeze-thaw", json!(1)).await;
@@ -400,10 +387,7 @@ async fn a_freeze_thaws_when_told_when_dropped_on_its_safety_timer_and_when_it_f
     );
 
     // A freeze that fails is thawed at once, and its error returned.
-    let freeze = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.freeze(long).await })
-    };
+    let freeze = spawned_freeze(&agent, long);
     let request = fake.recv().await;
     fake.reply(json!({"error": {"class": "GenericError", "desc": "failed to freeze /mnt"}, "id": request.id()}))
         .await;
@@ -418,10 +402,7 @@ async fn frozen_on_a_fake(
 ) -> (Fake, std::sync::Arc<Agent>, qhotplug_qga::Frozen) {
     let (mut fake, path) = Fake::new();
     let agent = std::sync::Arc::new(Agent::new(path, config));
-    let freeze = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.freeze(safety).await })
-    };
+    let freeze = spawned_freeze(&agent, safety);
     fake.accept().await;
     fake.sync(b"").await;
     answer(&mut fake, "guest-fsfreeze-freeze", json!(1)).await;
@@ -442,10 +423,7 @@ async fn a_second_freeze_never_thaws_the_first_and_a_refused_freeze_thaws_nothin
     let (mut fake, path) = Fake::new();
     let agent = std::sync::Arc::new(Agent::new(path, retrying()));
     let long = Duration::from_secs(3600);
-    let first = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.freeze(long).await })
-    };
+    let first = spawned_freeze(&agent, long);
     fake.accept().await;
     fake.sync(b"").await;
     answer(&mut fake, "guest-fsfreeze-freeze", json!(2)).await;
@@ -482,10 +460,7 @@ async fn a_second_freeze_never_thaws_the_first_and_a_refused_freeze_thaws_nothin
 
     // Someone else's freeze (another client, a guard lost with its process): qemu-ga's real
     // refusal. The failed freeze froze nothing, so nothing is thawed.
-    let second = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.freeze(long).await })
-    };
+    let second = spawned_freeze(&agent, long);
     let request = fake.recv().await;
     assert_eq!(request.command(), "guest-fsfreeze-freeze");
     let refusal = refuse(
@@ -610,13 +585,9 @@ async fn replies_are_read_strictly_and_checked_against_the_request() {
     use qhotplug_qga::command::{GuestFileRead, GuestGetVcpus, GuestSetVcpus, GuestVcpu};
     let (mut fake, path) = Fake::new();
     let agent = std::sync::Arc::new(Agent::new(path, quick()));
-    let call = |agent: &std::sync::Arc<Agent>| {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.execute(&GuestGetHostName).await })
-    };
 
     // Our id, with an unknown member nested far past serde_json's depth limit: still our reply.
-    let host = call(&agent);
+    let host = spawned(&agent, GuestGetHostName);
     fake.accept().await;
     fake.sync(b"").await;
     let request = fake.recv().await;
@@ -632,7 +603,7 @@ async fn replies_are_read_strictly_and_checked_against_the_request() {
     assert!(first_id > 1000, "{first_id}");
 
     // An array where a struct is expected: not read positionally.
-    let host = call(&agent);
+    let host = spawned(&agent, GuestGetHostName);
     let request = fake.recv().await;
     fake.reply(json!({"return": ["intruder"], "id": request.id()}))
         .await;
@@ -640,17 +611,13 @@ async fn replies_are_read_strictly_and_checked_against_the_request() {
 
     // A file read whose count disagrees with its data, and data that is not base64.
     for (count, data) in [(5, "aGk="), (2, "!!not base64!!")] {
-        let read = {
-            let agent = agent.clone();
-            tokio::spawn(async move {
-                agent
-                    .execute(&GuestFileRead {
-                        handle: 1,
-                        count: 100,
-                    })
-                    .await
-            })
-        };
+        let read = spawned(
+            &agent,
+            GuestFileRead {
+                handle: 1,
+                count: 100,
+            },
+        );
         let request = fake.recv().await;
         fake.reply(
             json!({"return": {"count": count, "buf-b64": data, "eof": true}, "id": request.id()}),
@@ -662,27 +629,20 @@ async fn replies_are_read_strictly_and_checked_against_the_request() {
         }
     }
     // More bytes than the read asked for.
-    let read = {
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            agent
-                .execute(&GuestFileRead {
-                    handle: 1,
-                    count: 1,
-                })
-                .await
-        })
-    };
+    let read = spawned(
+        &agent,
+        GuestFileRead {
+            handle: 1,
+            count: 1,
+        },
+    );
     let request = fake.recv().await;
     fake.reply(json!({"return": {"count": 2, "buf-b64": "aGk=", "eof": true}, "id": request.id()}))
         .await;
     assert!(matches!(read.await.unwrap(), Err(Error::Decode { .. })));
 
     // CPU counts out of range.
-    let vcpus = {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.execute(&GuestGetVcpus).await })
-    };
+    let vcpus = spawned(&agent, GuestGetVcpus);
     let request = fake.recv().await;
     fake.reply(json!({"return": [{"logical-id": -1, "online": true}], "id": request.id()}))
         .await;
@@ -710,17 +670,13 @@ async fn the_default_frame_carries_the_largest_file_read_qemu_ga_sends() {
     const MAX_READ: u64 = 48 * 1024 * 1024; // qemu-ga's QGA_READ_COUNT_MAX
     let (mut fake, path) = Fake::new();
     let agent = std::sync::Arc::new(Agent::new(path, Config::new()));
-    let read = {
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            agent
-                .execute(&GuestFileRead {
-                    handle: 1,
-                    count: MAX_READ,
-                })
-                .await
-        })
-    };
+    let read = spawned(
+        &agent,
+        GuestFileRead {
+            handle: 1,
+            count: MAX_READ,
+        },
+    );
     fake.accept().await;
     fake.sync(b"").await;
     let request = fake.recv().await;

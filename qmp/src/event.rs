@@ -294,28 +294,25 @@ impl Event {
     /// when it had none), and its timestamp.
     pub fn from_wire(name: String, data: Option<Box<RawValue>>, timestamp: Timestamp) -> Event {
         let data = data.filter(|raw| raw.get() != "null");
+        let raw = data.as_deref();
         let kind = match name.as_str() {
-            "DEVICE_DELETED" => typed(data.as_deref()).map(EventKind::DeviceDeleted),
-            "DEVICE_UNPLUG_GUEST_ERROR" => {
-                typed(data.as_deref()).map(EventKind::DeviceUnplugGuestError)
-            }
-            "SHUTDOWN" => typed(data.as_deref()).map(EventKind::Shutdown),
-            "RESET" => typed(data.as_deref()).map(EventKind::Reset),
-            "NIC_RX_FILTER_CHANGED" => typed(data.as_deref()).map(EventKind::NicRxFilterChanged),
-            "ACPI_DEVICE_OST" => typed(data.as_deref()).map(EventKind::AcpiDeviceOst),
-            "DEVICE_TRAY_MOVED" => typed(data.as_deref()).map(EventKind::DeviceTrayMoved),
-            "MEMORY_DEVICE_SIZE_CHANGE" => {
-                typed(data.as_deref()).map(EventKind::MemoryDeviceSizeChange)
-            }
-            "BALLOON_CHANGE" => typed(data.as_deref()).map(EventKind::BalloonChange),
-            "BLOCK_EXPORT_DELETED" => typed(data.as_deref()).map(EventKind::BlockExportDeleted),
-            "MIGRATION" => typed(data.as_deref()).map(EventKind::Migration),
-            "MIGRATION_PASS" => typed(data.as_deref()).map(EventKind::MigrationPass),
-            "VSERPORT_CHANGE" => typed(data.as_deref()).map(EventKind::VserportChange),
-            "GUEST_PANICKED" => typed(data.as_deref()).map(EventKind::GuestPanicked),
-            "WATCHDOG" => typed(data.as_deref()).map(EventKind::Watchdog),
-            "JOB_STATUS_CHANGE" => typed(data.as_deref()).map(EventKind::JobStatusChange),
-            "BLOCK_IO_ERROR" => typed(data.as_deref()).map(EventKind::BlockIoError),
+            "DEVICE_DELETED" => typed(raw).map(EventKind::DeviceDeleted),
+            "DEVICE_UNPLUG_GUEST_ERROR" => typed(raw).map(EventKind::DeviceUnplugGuestError),
+            "SHUTDOWN" => typed(raw).map(EventKind::Shutdown),
+            "RESET" => typed(raw).map(EventKind::Reset),
+            "NIC_RX_FILTER_CHANGED" => typed(raw).map(EventKind::NicRxFilterChanged),
+            "ACPI_DEVICE_OST" => typed(raw).map(EventKind::AcpiDeviceOst),
+            "DEVICE_TRAY_MOVED" => typed(raw).map(EventKind::DeviceTrayMoved),
+            "MEMORY_DEVICE_SIZE_CHANGE" => typed(raw).map(EventKind::MemoryDeviceSizeChange),
+            "BALLOON_CHANGE" => typed(raw).map(EventKind::BalloonChange),
+            "BLOCK_EXPORT_DELETED" => typed(raw).map(EventKind::BlockExportDeleted),
+            "MIGRATION" => typed(raw).map(EventKind::Migration),
+            "MIGRATION_PASS" => typed(raw).map(EventKind::MigrationPass),
+            "VSERPORT_CHANGE" => typed(raw).map(EventKind::VserportChange),
+            "GUEST_PANICKED" => typed(raw).map(EventKind::GuestPanicked),
+            "WATCHDOG" => typed(raw).map(EventKind::Watchdog),
+            "JOB_STATUS_CHANGE" => typed(raw).map(EventKind::JobStatusChange),
+            "BLOCK_IO_ERROR" => typed(raw).map(EventKind::BlockIoError),
             "SUSPEND" => Some(EventKind::Suspend),
             "WAKEUP" => Some(EventKind::Wakeup),
             "POWERDOWN" => Some(EventKind::Powerdown),

@@ -470,6 +470,27 @@ mod tests {
     }
 
     #[test]
+    fn a_greeting_keeps_its_first_capabilities_and_skips_the_rest_unread() {
+        let names: Vec<String> = (0..1000).map(|i| format!("cap-{i}")).collect();
+        let frame = json!({"QMP": {
+            "version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""},
+            "capabilities": names,
+        }});
+        match Message::from_slice(frame.to_string().as_bytes()).unwrap() {
+            Message::Greeting(g) => assert_eq!(g.capabilities, names[..MAX_CAPABILITIES]),
+            other => panic!("{other:?}"),
+        }
+        // A list shorter than the bound is kept whole; a name that is not a string is refused.
+        let short = br#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": ["oob"]}}"#;
+        match Message::from_slice(short).unwrap() {
+            Message::Greeting(g) => assert!(g.offers_oob()),
+            other => panic!("{other:?}"),
+        }
+        let bad = br#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": [1]}}"#;
+        assert!(Message::from_slice(bad).is_err());
+    }
+
+    #[test]
     fn an_event_with_undecodable_members_is_still_an_event() {
         // A lone surrogate in the data, and a timestamp of the wrong type.
         let frame =

@@ -119,39 +119,34 @@ async fn a_line_that_is_not_ours_costs_at_most_four_times_its_bytes_in_either_cl
     agent_lines().await;
 }
 
-async fn qmp_events_and_late_replies() {
-    let config = qhotplug_qmp::Config::new();
-    let (mut server, client) = MockServer::connected(config).await;
-    let _events = client.events();
-    // Warm up: the connection's buffers and the runtime's first allocations.
+/// A `query-status` round trip with `before` sent ahead of its reply: when the call returns, the
+/// client has read `before`.
+async fn status_after(server: &mut MockServer, client: &qhotplug_qmp::Client, before: &[u8]) {
     let call = {
         let c = client.clone();
         tokio::spawn(async move { c.execute(&QueryStatus).await })
     };
     server.recv().await.unwrap();
+    server.send_raw(before).await;
     server
         .reply(json!({"running": true, "status": "running"}))
         .await;
     call.await.unwrap().unwrap();
+}
+
+async fn qmp_events_and_late_replies() {
+    let config = qhotplug_qmp::Config::new();
+    let (mut server, client) = MockServer::connected(config).await;
+    let _events = client.events();
+    // Warm up: the connection's buffers and the runtime's first allocations.
+    status_after(&mut server, &client, b"").await;
 
     for (shape, json) in shapes() {
         // An event whose data is the line.
         let line = format!(
             "{{\"event\":\"FLOOD\",\"data\":{json},\"timestamp\":{{\"seconds\":1,\"microseconds\":1}}}}\r\n"
         );
-        let peak = peak_during(async {
-            let call = {
-                let c = client.clone();
-                tokio::spawn(async move { c.execute(&QueryStatus).await })
-            };
-            server.recv().await.unwrap();
-            server.send_raw(line.as_bytes()).await;
-            server
-                .reply(json!({"running": true, "status": "running"}))
-                .await;
-            call.await.unwrap().unwrap();
-        })
-        .await;
+        let peak = peak_during(status_after(&mut server, &client, line.as_bytes())).await;
         assert_bounded("QMP", shape, "an event", line.len(), peak);
 
         // A reply whose caller gave up (in order, so not a protocol error), and nobody's.
@@ -161,20 +156,57 @@ async fn qmp_events_and_late_replies() {
                 .execute_timeout(&QueryStatus, Some(Duration::from_millis(1)))
                 .await;
             assert!(late.is_err());
-            let _ = server.recv().await.unwrap();
-            server.send_raw(line.as_bytes()).await;
-            let call = {
-                let c = client.clone();
-                tokio::spawn(async move { c.execute(&QueryStatus).await })
-            };
             server.recv().await.unwrap();
-            server
-                .reply(json!({"running": true, "status": "running"}))
-                .await;
-            call.await.unwrap().unwrap();
+            server.send_raw(line.as_bytes()).await;
+            status_after(&mut server, &client, b"").await;
         })
         .await;
         assert_bounded("QMP", shape, "a late reply", line.len(), peak);
+    }
+}
+
+/// The agent's end of the socket.
+struct AgentPeer {
+    read: BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl AgentPeer {
+    async fn send(&mut self, bytes: &[u8]) {
+        self.write.write_all(bytes).await.unwrap();
+    }
+
+    /// The next request (a sync starts with the sentinel byte).
+    async fn request(&mut self) -> serde_json::Value {
+        let mut line = Vec::new();
+        self.read.read_until(b'\n', &mut line).await.unwrap();
+        let sentinel = line.first() == Some(&qhotplug_qga::SENTINEL);
+        serde_json::from_slice(&line[usize::from(sentinel)..]).unwrap()
+    }
+
+    async fn answer_sync(&mut self, sync: &serde_json::Value) {
+        assert_eq!(sync["execute"], "guest-sync-delimited");
+        let reply = format!("{{\"return\": {}}}\n", sync["arguments"]["id"]);
+        self.send(&[qhotplug_qga::SENTINEL]).await;
+        self.send(reply.as_bytes()).await;
+    }
+
+    /// A `guest-ping` by `agent`, with `before` sent ahead of its reply: when the call returns,
+    /// the client has read `before` (and resynchronised, if it had to).
+    async fn ping_after(&mut self, agent: &std::sync::Arc<qhotplug_qga::Agent>, before: &[u8]) {
+        let call = {
+            let agent = agent.clone();
+            tokio::spawn(async move { agent.execute(&GuestPing).await })
+        };
+        let mut request = self.request().await;
+        if request["execute"] == "guest-sync-delimited" {
+            self.answer_sync(&request).await;
+            request = self.request().await;
+        }
+        self.send(before).await;
+        let reply = format!("{{\"return\": {{}}, \"id\": {}}}\n", request["id"]);
+        self.send(reply.as_bytes()).await;
+        call.await.unwrap().unwrap();
     }
 }
 
@@ -183,34 +215,18 @@ async fn agent_lines() {
     let path = dir.path().join("qga.sock");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     let config = qhotplug_qga::Config::new().max_frame(16 << 20);
-    let agent = std::sync::Arc::new(qhotplug_qga::Agent::new(&path, config));
-    let ping = |agent: &std::sync::Arc<qhotplug_qga::Agent>| {
-        let agent = agent.clone();
-        tokio::spawn(async move { agent.execute(&GuestPing).await })
-    };
-    let first = ping(&agent);
+    let connect = tokio::spawn(qhotplug_qga::Agent::connect(path, config));
     let (stream, _) = listener.accept().await.unwrap();
-    let (read, mut write) = stream.into_split();
-    let mut read = BufReader::new(read);
-    let mut recv = async move || {
-        let mut line = Vec::new();
-        read.read_until(b'\n', &mut line).await.unwrap();
-        let sentinel = line.first() == Some(&qhotplug_qga::SENTINEL);
-        serde_json::from_slice::<serde_json::Value>(&line[usize::from(sentinel)..]).unwrap()
+    let (read, write) = stream.into_split();
+    let mut peer = AgentPeer {
+        read: BufReader::new(read),
+        write,
     };
-    let sync = recv().await;
-    let sync_id = &sync["arguments"]["id"];
-    write.write_all(&[qhotplug_qga::SENTINEL]).await.unwrap();
-    write
-        .write_all(format!("{{\"return\": {sync_id}}}\n").as_bytes())
-        .await
-        .unwrap();
-    let request = recv().await;
-    write
-        .write_all(format!("{{\"return\": {{}}, \"id\": {}}}\n", request["id"]).as_bytes())
-        .await
-        .unwrap();
-    first.await.unwrap().unwrap();
+    let sync = peer.request().await;
+    peer.answer_sync(&sync).await;
+    let agent = std::sync::Arc::new(connect.await.unwrap().unwrap());
+    // Warm up: the client's buffers and the runtime's first allocations.
+    peer.ping_after(&agent, b"").await;
 
     for (shape, json) in shapes() {
         let lines = [
@@ -225,19 +241,7 @@ async fn agent_lines() {
             ),
         ];
         for (what, line) in lines {
-            let peak = peak_during(async {
-                let call = ping(&agent);
-                let request = recv().await;
-                write.write_all(line.as_bytes()).await.unwrap();
-                write
-                    .write_all(
-                        format!("{{\"return\": {{}}, \"id\": {}}}\n", request["id"]).as_bytes(),
-                    )
-                    .await
-                    .unwrap();
-                call.await.unwrap().unwrap();
-            })
-            .await;
+            let peak = peak_during(peer.ping_after(&agent, line.as_bytes())).await;
             assert_bounded("agent", shape, what, line.len(), peak);
         }
     }

@@ -46,17 +46,7 @@ macro_rules! command {
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
         pub struct $ty;
 
-        impl $crate::command::Command for $ty {
-            const NAME: &'static str = $name;
-            type Returns = $ret;
-            $(
-                fn check_reply(&self, $reply: &$ret) -> ::std::result::Result<(), String> {
-                    let $cmd = self;
-                    let _ = $cmd;
-                    $check
-                }
-            )?
-        }
+        $crate::command!(@impl $name, $ty, $ret $(, check($cmd, $reply) $check)?);
     };
     ($(#[$doc:meta])* $name:literal, $ty:ident { $($(#[$fdoc:meta])* $field:ident : $fty:ty),* $(,)? } -> $ret:ty $(, check($cmd:ident, $reply:ident) $check:block)?) => {
         $(#[$doc])*
@@ -66,13 +56,15 @@ macro_rules! command {
             $($(#[$fdoc])* pub $field: $fty,)*
         }
 
+        $crate::command!(@impl $name, $ty, $ret $(, check($cmd, $reply) $check)?);
+    };
+    (@impl $name:literal, $ty:ident, $ret:ty $(, check($cmd:ident, $reply:ident) $check:block)?) => {
         impl $crate::command::Command for $ty {
             const NAME: &'static str = $name;
             type Returns = $ret;
             $(
                 fn check_reply(&self, $reply: &$ret) -> ::std::result::Result<(), String> {
                     let $cmd = self;
-                    let _ = $cmd;
                     $check
                 }
             )?
