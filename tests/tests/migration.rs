@@ -63,7 +63,10 @@ async fn source() -> (Guest, Vec<String>) {
     assert_eq!(g.console.run(&write, SEEN).await, ["ok"]);
     let tap = TapBuilder::new("qhms%d").up(true).create().unwrap();
     let taps = vec![tap.name().to_owned()];
+    // The guest has the NIC before anything migrates: the checks on the target read eth0.
+    let mark = g.console.mark();
     g.vm.add_nic(NicConfig::new("net0", tap)).await.unwrap();
+    assert_eq!(g.console.added(mark, "net").await, "eth0");
     (g, taps)
 }
 
