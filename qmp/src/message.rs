@@ -504,6 +504,17 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // Found by the fuzzer: data no JSON value can hold (a lone surrogate), beside a bad
+        // timestamp, survives the event's wire form unchanged: the data is kept as sent.
+        let frame = br#"{"event": "X", "data": {"a": "\ud800"}, "timestamp": "bad"}"#;
+        let Ok(Message::Event(event)) = Message::from_slice(frame) else {
+            panic!("not an event");
+        };
+        assert_eq!(event.data().get(), r#"{"a": "\ud800"}"#);
+        match Message::from_slice(event.to_json().get().as_bytes()) {
+            Ok(Message::Event(again)) => assert_eq!(again, event),
+            other => panic!("{other:?}"),
+        }
         // A good timestamp is kept when only the data is bad.
         let frame =
             br#"{"event": "X", "data": "\udc00", "timestamp": {"seconds": 5, "microseconds": 6}}"#;
