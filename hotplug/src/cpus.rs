@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::engine;
 use crate::error::{Error, Result};
 use crate::kinds::{DeviceKind, Plug};
-use crate::unplug::UnplugPolicy;
+use crate::qemu::unplug::UnplugPolicy;
 use crate::vm_core::Core;
 
 /// ACPI `_OST` source for a device insertion.

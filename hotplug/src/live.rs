@@ -12,8 +12,8 @@ use qhotplug_qmp::command::{
 };
 use tracing::Instrument;
 
+use crate::engine::holds;
 use crate::error::{Error, Result};
-use crate::holds;
 use crate::kinds::{Device, DeviceKind};
 use crate::vm_core::Core;
 

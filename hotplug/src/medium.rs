@@ -29,12 +29,12 @@ use qhotplug_qmp::EventKind;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::delete::{with_tray_open, Delete};
+use crate::engine::holds::{self, Busy};
+use crate::engine::transaction::Transaction;
 use crate::engine::{keep_master_key, run_secret_backends};
 use crate::error::{Error, Result};
-use crate::holds::{self, Busy};
 use crate::kinds::{medium_backends, Device, DeviceKind, Placed};
-use crate::transaction::Transaction;
+use crate::qemu::delete::{with_tray_open, Delete};
 use crate::vm_core::Core;
 
 /// The QMP commands a medium change uses.

@@ -15,8 +15,8 @@ use qhotplug_qmp::EventKind;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::engine::holds;
 use crate::error::{Error, Result};
-use crate::holds;
 use crate::kinds::{Device, DeviceKind, Plug};
 use crate::vm_core::Core;
 use crate::MemoryConfig;

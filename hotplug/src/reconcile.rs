@@ -8,12 +8,12 @@ use qhotplug_cmdline::names;
 use qhotplug_qmp::command::{QomList, QueryBlock, QueryChardev, QueryFdsets, QueryPci, SetLink};
 use qhotplug_qmp::Client;
 
-use crate::delete::{Delete, Outcome};
 use crate::discover::scan_peripherals;
+use crate::engine::holds::{self, Cleaning};
 use crate::error::Result;
-use crate::holds::{self, Cleaning};
 use crate::kinds::{Device, DeviceKind};
 use crate::live;
+use crate::qemu::delete::{Delete, Outcome};
 use crate::state::Entry;
 use crate::vm_core::Core;
 
@@ -95,7 +95,7 @@ impl Seen {
         let found = scan_peripherals(client).await?;
         // Not listed while a job waits to be dismissed (QEMU would crash): no node is judged
         // then, and a later reconcile, once the job's handle ended it, cleans up.
-        let nodes = crate::jobs::named_block_nodes(client)
+        let nodes = crate::qemu::jobs::named_block_nodes(client)
             .await?
             .unwrap_or_default()
             .into_iter()

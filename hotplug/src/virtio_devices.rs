@@ -10,7 +10,7 @@ use qhotplug_cmdline::names;
 use crate::engine;
 use crate::error::{Error, Result};
 use crate::kinds::DeviceKind;
-use crate::unplug::UnplugPolicy;
+use crate::qemu::unplug::UnplugPolicy;
 use crate::vm_core::Core;
 use crate::SerialPortConfig;
 

@@ -17,27 +17,27 @@ use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
 
-use crate::backup::{self, Backup, BackupConfig};
-use crate::block_job::BlockJob;
-use crate::checkpoint::{self, CheckpointInfo};
 use crate::cpus::{self, VcpuChange};
 use crate::error::{Error, Result};
-use crate::found_job::{self, JobOrigin};
 use crate::guest_agent::GuestAgent;
 use crate::kinds::{Device, DeviceKind, Plug};
 use crate::life::{self, PowerVia, Stopped};
 use crate::medium::{self, MediumOptions, TrayStatus};
-use crate::migrate::{self, MigrationOptions, Progress};
-use crate::mirror::{self, MirrorConfig};
+use crate::migration::migrate::{self, MigrationOptions, Progress};
 use crate::onlining::{self, Onlined};
-use crate::pull::{self, PullBackup, PullConfig};
+use crate::qemu::unplug::{self, UnplugPolicy};
 use crate::reconcile::{self, Reconciled};
 use crate::run_to_end::RunToEnd;
-use crate::snapshot::{self, SnapshotConfig};
 use crate::state::Entry;
-use crate::unplug::{self, UnplugPolicy};
+use crate::storage::backup::{self, Backup, BackupConfig};
+use crate::storage::block_job::BlockJob;
+use crate::storage::checkpoint::{self, CheckpointInfo};
+use crate::storage::found_job::{self, JobOrigin};
+use crate::storage::mirror::{self, MirrorConfig};
+use crate::storage::pull::{self, PullBackup, PullConfig};
+use crate::storage::snapshot::{self, SnapshotConfig};
+use crate::storage::{commit, stream};
 use crate::vm_core::{hotplug_span, Core};
-use crate::{commit, stream};
 use crate::{engine, live, memory, virtio_devices};
 use crate::{
     BalloonConfig, CdromConfig, DiskConfig, MemoryConfig, NicConfig, RngConfig, SerialPortConfig,

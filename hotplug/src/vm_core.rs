@@ -27,7 +27,7 @@ pub(crate) struct Core {
     /// The guest agent, once asked for: one connection to its socket per VM (QEMU's chardev
     /// takes one client at a time).
     agent: tokio::sync::Mutex<Option<GuestAgent>>,
-    /// The VM's master key for secrets, once QEMU has it ([`master_key`](crate::master_key)).
+    /// The VM's master key for secrets, once QEMU has it ([`master_key`](crate::engine::master_key)).
     pub(crate) master_key: tokio::sync::Mutex<Option<qhotplug_cmdline::MasterKey>>,
 }
 

@@ -1,8 +1,9 @@
 //! ARCHITECTURE.md is true, and this keeps it so (as rust-analyzer's `tidy` does): every source
 //! file of the six crates is on its map and every file the map names exists; and the rules it
-//! states hold in the code: `device_del` is sent only by `unplug.rs`, QEMU's error strings are
-//! matched only in `qemu_errors.rs`, QEMU object names are spelled only in `cmdline::names`, and
-//! no module but `vm.rs` and `lib.rs` names `Vm`.
+//! states hold in the code: the hotplug crate's folders import only what their row of the table
+//! allows, `device_del` is sent only by `qemu/unplug.rs`, QEMU's error strings are matched only in
+//! `qemu/errors.rs`, QEMU object names are spelled only in `cmdline::names`, and no module but
+//! `vm.rs` and `lib.rs` names `Vm`.
 
 use std::path::{Path, PathBuf};
 
@@ -139,7 +140,7 @@ fn offenders(allowed: &[&str], matches: impl Fn(&str) -> bool) -> Vec<String> {
 fn device_del_is_sent_only_by_the_unplug_module() {
     // The qmp crate defines the command; the mock plays QEMU.
     let allowed = [
-        "hotplug/src/unplug.rs",
+        "hotplug/src/qemu/unplug.rs",
         "qmp/src/command/device.rs",
         "mock/src/model.rs",
         "mock/src/qemu.rs",
@@ -154,7 +155,7 @@ fn device_del_is_sent_only_by_the_unplug_module() {
 #[test]
 fn qemu_error_strings_are_matched_only_in_qemu_errors() {
     let allowed = [
-        "hotplug/src/qemu_errors.rs",
+        "hotplug/src/qemu/errors.rs",
         "qmp/src/error.rs",
         "mock/src/model.rs",
         "mock/src/qemu.rs",
@@ -164,7 +165,7 @@ fn qemu_error_strings_are_matched_only_in_qemu_errors() {
     });
     assert!(
         found.is_empty(),
-        "QEMU error strings matched outside qemu_errors.rs: {found:#?}"
+        "QEMU error strings matched outside qemu/errors.rs: {found:#?}"
     );
 }
 
@@ -287,4 +288,73 @@ fn span_names_come_from_the_one_list() {
     // `QMP_SPAN`), never by a literal.
     let found = offenders(&[], |l| l.contains("_span!(\""));
     assert!(found.is_empty(), "span names spelled in place: {found:#?}");
+}
+
+/// The hotplug crate's folder table in ARCHITECTURE.md: each folder and the modules it may import.
+fn folder_rules(doc: &str) -> Vec<(String, Vec<String>)> {
+    let section = section(doc, "hotplug");
+    let mut rules = Vec::new();
+    for line in section.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // `| `storage/` | what | `engine`, `qemu` |`: five cells with the empty ends.
+        let [_, folder, _, allowed, _] = cells[..] else {
+            continue;
+        };
+        let Some(folder) = folder.strip_prefix('`').and_then(|f| f.strip_suffix("/`")) else {
+            continue;
+        };
+        let allowed = allowed
+            .split(',')
+            .map(|m| m.trim().trim_matches('`').to_owned())
+            .filter(|m| !m.is_empty())
+            .collect();
+        rules.push((folder.to_owned(), allowed));
+    }
+    rules
+}
+
+#[test]
+fn each_folder_imports_only_what_its_row_allows() {
+    let doc = std::fs::read_to_string(top().join("ARCHITECTURE.md")).unwrap();
+    let rules = folder_rules(&doc);
+    let src = top().join("hotplug/src");
+    let files = sources(&src);
+    let mut modules: Vec<String> = files.iter().filter_map(|f| module_of(f)).collect();
+    modules.dedup();
+    let folders: Vec<&String> = modules
+        .iter()
+        .filter(|m| src.join(m.as_str()).is_dir())
+        .collect();
+    // Every folder has a row, and every row a folder.
+    for folder in &folders {
+        assert!(
+            rules.iter().any(|(f, _)| f == *folder),
+            "hotplug/src/{folder}/ has no row in ARCHITECTURE.md's folder table"
+        );
+    }
+    assert!(
+        rules.len() >= 5,
+        "the folder table was not found: {rules:?}"
+    );
+    let mut broken = Vec::new();
+    for (folder, allowed) in &rules {
+        assert!(
+            folders.contains(&folder),
+            "ARCHITECTURE.md's folder table names {folder}/, which is not a folder"
+        );
+        for file in files
+            .iter()
+            .filter(|f| f.starts_with(&format!("{folder}/")))
+        {
+            for module in imports(&code(&src.join(file)), &modules) {
+                if module != *folder && !allowed.contains(&module) {
+                    broken.push(format!("hotplug/src/{file} imports crate::{module}"));
+                }
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "imports the folder table does not allow: {broken:#?}"
+    );
 }

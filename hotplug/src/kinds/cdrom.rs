@@ -11,8 +11,8 @@
 use qhotplug_cmdline::{Cdrom, CdromBus, DeviceModel, Medium, ScsiAddr};
 
 use super::{Place, Placed, Plan, Plug, Want};
-use crate::delete::Delete;
 use crate::error::{Error, Result};
+use crate::qemu::delete::Delete;
 
 /// A `scsi-cd` drive to hot-add, empty or holding an ISO image (a host file, or a
 /// [`NetworkSource`](qhotplug_cmdline::NetworkSource)).

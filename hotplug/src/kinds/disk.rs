@@ -14,8 +14,8 @@ use qhotplug_cmdline::{
 use qhotplug_qmp::command::{BlockSetIoThrottle, IoLimits};
 
 use super::{After, Place, Placed, Plan, Plug, Want};
-use crate::delete::Delete;
 use crate::error::{Error, Result};
+use crate::qemu::delete::Delete;
 
 /// The guest-facing model of a hot-plugged disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,8 +12,8 @@ use qhotplug_cmdline::{
 };
 
 use super::{Backend, Place, Placed, Plan, Plug, Want};
-use crate::delete::Delete;
 use crate::error::{Error, Result};
+use crate::qemu::delete::Delete;
 
 /// A memory device to hot-add.
 ///

@@ -6,7 +6,7 @@
 //! Adding a kind: a module here with its config type (`impl Plug`) and its placed type's
 //! `impl Placed` (place, teardown), one line in [`registry`]'s list, its cmdline model, and the
 //! public `add_*`/`remove_*` methods on [`Vm`](crate::Vm). A backend QEMU object of a new sort is
-//! one [`Backend`] variant plus its [`Delete`](crate::delete::Delete).
+//! one [`Backend`] variant plus its [`Delete`](crate::qemu::delete::Delete).
 
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -47,7 +47,7 @@ pub(crate) enum Want {
 }
 
 /// One backend a hot-add creates before its `device_add`, in order. The engine runs each with the
-/// [`Delete`](crate::delete::Delete) that undoes it, and knows QEMU's rules for handing fds over.
+/// [`Delete`](crate::qemu::delete::Delete) that undoes it, and knows QEMU's rules for handing fds over.
 pub(crate) enum Backend {
     /// `add-fd` of an image the SDK opened, tagged so `reconcile` can find the set. A later
     /// [`Backend::Blockdev`] with `on_fdset` opens it as `/dev/fdset/N`; once the nodes are open,

@@ -10,8 +10,8 @@ use qhotplug_cmdline::{names, DeviceModel, Nic, Pci};
 use qhotplug_netdev::{open_vhost, MacAddr, Tap, Vhost, VhostPolicy};
 
 use super::{Backend, Place, Placed, Plan, Plug, Want};
-use crate::delete::Delete;
 use crate::error::Result;
+use crate::qemu::delete::Delete;
 
 /// A `virtio-net-pci` NIC to hot-add on a tap: one tap fd per queue pair; more than one queue turns
 /// on `mq` with `vectors=2N+2`.

@@ -6,9 +6,9 @@
 use qhotplug_cmdline::{DeviceModel, Pci, ScsiAddr, VmSpec};
 
 use super::Plug;
-use crate::delete::Delete;
 use crate::device_kind::DeviceKind;
 use crate::error::{Error, Result};
+use crate::qemu::delete::Delete;
 
 /// Where a device sits, for the slot maps.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use qhotplug_cmdline::{DeviceModel, Pci, Rng};
 
 use super::{Backend, Place, Placed, Plan, Plug, Want};
-use crate::delete::Delete;
 use crate::error::Result;
+use crate::qemu::delete::Delete;
 
 /// A `virtio-rng-pci` to hot-add.
 ///

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use qhotplug_cmdline::{DeviceModel, Pci, SocketChardev, VhostUserBlk, VirtioFs};
 
 use super::{Backend, Place, Placed, Plan, Plug, Want};
-use crate::delete::Delete;
 use crate::error::Result;
+use crate::qemu::delete::Delete;
 
 /// A `vhost-user-blk-pci` disk to hot-add, on the socket its backend listens on.
 ///

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use qhotplug_cmdline::{DeviceModel, Pci, SerialPort, VirtioSerial};
 
 use super::{Backend, Place, Placed, Plan, Plug, Want};
-use crate::delete::Delete;
 use crate::error::Result;
+use crate::qemu::delete::Delete;
 
 /// A `virtio-serial-pci` controller to hot-add.
 #[derive(Debug, Clone)]

@@ -18,10 +18,10 @@ use qhotplug_qmp::{Client, EventKind, EventStream};
 use serde_json::json;
 use tracing::Instrument;
 
-use crate::delete::Delete;
+use crate::engine::holds::Named;
+use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
-use crate::holds::Named;
-use crate::transaction::Transaction;
+use crate::qemu::delete::Delete;
 
 /// How long an export's removal may wait for its clients to go.
 const UNEXPORT_DEADLINE: Duration = Duration::from_secs(10);

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use qhotplug_cmdline::Disk;
 use qhotplug_qmp::command::BlockStream;
 
-use crate::block_job::{BlockJob, Ends};
+use crate::engine::holds;
 use crate::error::{Error, Result};
-use crate::holds;
-use crate::jobs;
 use crate::kinds::{Device, DeviceKind};
+use crate::qemu::jobs;
+use crate::storage::block_job::{BlockJob, Ends};
 use crate::vm_core::Core;
 
 /// The commands a stream uses.

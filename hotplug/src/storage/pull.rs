@@ -20,13 +20,13 @@ use qhotplug_qmp::command::{
 };
 use tracing::Instrument;
 
-use crate::checkpoint::BACKUP_BITMAP;
-use crate::delete::Delete;
+use crate::engine::holds::Busy;
+use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
-use crate::holds::Busy;
 use crate::live;
-use crate::new_image::{self, Backing, ImageSpec};
-use crate::transaction::Transaction;
+use crate::qemu::delete::Delete;
+use crate::storage::checkpoint::BACKUP_BITMAP;
+use crate::storage::new_image::{self, Backing, ImageSpec};
 use crate::vm_core::Core;
 
 /// The commands a pull backup uses besides the checkpoints'.
@@ -249,14 +249,14 @@ async fn end(core: &Core, served: Vec<Served>, keep: bool) -> Result<Vec<Disk>> 
 /// See [`Vm::pull_backup`](crate::Vm::pull_backup).
 pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBackup> {
     core.require("pull backup", COMMANDS).await?;
-    core.require("pull backup", crate::checkpoint::COMMANDS)
+    core.require("pull backup", crate::storage::checkpoint::COMMANDS)
         .await?;
     if config.disks.is_empty() {
         return Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(
             "a pull backup of no disk".into(),
         )));
     }
-    let (busy, plans) = crate::checkpoint::plan(
+    let (busy, plans) = crate::storage::checkpoint::plan(
         core,
         &config
             .disks

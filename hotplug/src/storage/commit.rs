@@ -10,11 +10,11 @@ use std::sync::Arc;
 use qhotplug_cmdline::{names, Disk, DiskLayer};
 use qhotplug_qmp::command::BlockCommit;
 
-use crate::block_job::{BlockJob, Ends};
+use crate::engine::holds;
 use crate::error::{Error, Result};
-use crate::holds;
-use crate::jobs;
 use crate::kinds::{Device, DeviceKind};
+use crate::qemu::jobs;
+use crate::storage::block_job::{BlockJob, Ends};
 use crate::vm_core::Core;
 
 /// The commands a commit uses.

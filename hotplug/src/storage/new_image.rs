@@ -10,13 +10,13 @@ use qhotplug_cmdline::{DeviceModel, Disk, DiskLayer, Format};
 use qhotplug_qmp::command::BlockdevCreate;
 use qhotplug_qmp::{Client, EventStream};
 
-use crate::delete::Delete;
+use crate::engine::holds::Hold;
 use crate::engine::run_backends;
+use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
-use crate::holds::Hold;
-use crate::jobs;
 use crate::kinds::Backend;
-use crate::transaction::Transaction;
+use crate::qemu::delete::Delete;
+use crate::qemu::jobs;
 
 /// What the new image's format node stands on.
 pub(crate) enum Backing<'a> {

@@ -13,12 +13,12 @@ use std::time::Duration;
 use qhotplug_cmdline::{Disk, DiskLayer, Format};
 use qhotplug_qmp::command::{QmpTransaction, TransactionAction};
 
+use crate::engine::holds::{self, Busy};
+use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
-use crate::holds::{self, Busy};
 use crate::kinds::{Device, DeviceKind};
 use crate::live;
-use crate::new_image::{self, Backing, ImageSpec};
-use crate::transaction::Transaction;
+use crate::storage::new_image::{self, Backing, ImageSpec};
 use crate::vm_core::Core;
 
 /// The commands a snapshot uses.
@@ -77,7 +77,7 @@ pub(crate) async fn snapshot(core: &Arc<Core>, config: SnapshotConfig) -> Result
         if disk.read_only {
             return Err(Error::ReadOnly(id.clone()));
         }
-        crate::jobs::require_local(&disk)?;
+        crate::qemu::jobs::require_local(&disk)?;
         busy.push(mark);
         disks.push(disk);
     }

@@ -17,14 +17,14 @@ use std::sync::Arc;
 use qhotplug_cmdline::{Disk, DiskLayer, Format};
 use qhotplug_qmp::command::BlockdevMirror;
 
-use crate::block_job::{BlockJob, Ends};
+use crate::engine::holds;
+use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
-use crate::holds;
-use crate::jobs;
 use crate::kinds::{Device, DeviceKind};
 use crate::live;
-use crate::new_image::{self, Backing, ImageSpec};
-use crate::transaction::Transaction;
+use crate::qemu::jobs;
+use crate::storage::block_job::{BlockJob, Ends};
+use crate::storage::new_image::{self, Backing, ImageSpec};
 use crate::vm_core::Core;
 
 /// The commands a mirror uses.

@@ -29,8 +29,8 @@ use qhotplug_qmp::{Client, EventKind};
 use tracing::Instrument;
 
 use crate::error::{Error, MigrationFailure, Result};
+use crate::migration::storage_copy::{self, StorageCopy};
 use crate::spans::step;
-use crate::storage_migration::{self, StorageCopy};
 use crate::vm_core::{hotplug_span, Core};
 
 /// The QMP commands a migration uses on the source.
@@ -286,7 +286,7 @@ async fn run_migration(
                     ..Progress::default()
                 })
             };
-            Some(storage_migration::start(source, target, copy, &mut disks).await?)
+            Some(storage_copy::start(source, target, copy, &mut disks).await?)
         }
         None => None,
     };

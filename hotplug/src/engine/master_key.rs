@@ -10,10 +10,10 @@ use qhotplug_cmdline::{MasterKey, Secret};
 use qhotplug_qmp::command::ObjectAdd;
 use qhotplug_qmp::Client;
 
-use crate::delete::Delete;
+use crate::engine::holds::Hold;
+use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
-use crate::holds::Hold;
-use crate::transaction::Transaction;
+use crate::qemu::delete::Delete;
 
 /// Makes a new master key in QEMU, each step in `txn`.
 pub(crate) async fn create<H: Hold>(

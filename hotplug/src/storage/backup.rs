@@ -2,7 +2,7 @@
 //! disk a target image the SDK creates and hands over as an fd (qcow2 by default; an incremental
 //! one names the previous backup as its backing file), then one QMP `transaction` that starts
 //! every disk's `blockdev-backup` at the same point in time together with its checkpoint
-//! bookkeeping ([`checkpoint`](crate::checkpoint)). Several disks' jobs end as a group: QEMU's
+//! bookkeeping ([`checkpoint`](crate::storage::checkpoint)). Several disks' jobs end as a group: QEMU's
 //! `completion-mode: grouped` is refused beside bitmap actions, so each job waits in `pending`
 //! (`auto-finalize: false`) until all are, then all are made final; one that fails gets the
 //! others cancelled (libvirt's way). The [`Backup`] handle
@@ -17,12 +17,12 @@ use std::time::Duration;
 use qhotplug_cmdline::{Disk, DiskLayer, Format};
 use qhotplug_qmp::command::{BlockdevBackup, JobInfo, QmpTransaction, TransactionAction};
 
-use crate::block_job::{BlockJob, Ends};
-use crate::checkpoint::BACKUP_BITMAP;
+use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
 use crate::live;
-use crate::new_image::{self, Backing, ImageSpec};
-use crate::transaction::Transaction;
+use crate::storage::block_job::{BlockJob, Ends};
+use crate::storage::checkpoint::BACKUP_BITMAP;
+use crate::storage::new_image::{self, Backing, ImageSpec};
 use crate::vm_core::Core;
 
 /// The commands a backup uses besides the checkpoints'.
@@ -253,7 +253,8 @@ pub(crate) fn job_id(disk: &str) -> String {
 /// See [`Vm::backup`](crate::Vm::backup).
 pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Backup> {
     core.require("backup", COMMANDS).await?;
-    core.require("backup", crate::checkpoint::COMMANDS).await?;
+    core.require("backup", crate::storage::checkpoint::COMMANDS)
+        .await?;
     let invalid = |why: String| Error::Spec(qhotplug_cmdline::Error::InvalidSpec(why));
     if config.targets.is_empty() {
         return Err(invalid("a backup of no disk".into()));
@@ -263,7 +264,7 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
         return Err(invalid("an incremental backup's targets are qcow2".into()));
     }
     // Every disk marked busy and checked before anything is created or sent.
-    let (busy, plans) = crate::checkpoint::plan(
+    let (busy, plans) = crate::storage::checkpoint::plan(
         core,
         &config
             .targets

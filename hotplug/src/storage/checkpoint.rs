@@ -19,10 +19,10 @@ use qhotplug_qmp::command::{
     BlockInfo, DirtyBitmapInfo, QmpTransaction, QueryBlock, TransactionAction,
 };
 
-use crate::delete::Delete;
+use crate::engine::holds;
 use crate::error::{CheckpointProblem, Error, Result};
-use crate::holds;
 use crate::kinds::{Device, DeviceKind};
+use crate::qemu::delete::Delete;
 use crate::vm_core::Core;
 
 /// The commands checkpoints use.
@@ -289,7 +289,7 @@ pub(crate) async fn plan(
         let (mark, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
             unreachable!("a disk entry is a disk")
         };
-        crate::jobs::require_local(&disk)?;
+        crate::qemu::jobs::require_local(&disk)?;
         busy.push(mark);
         disks.push(disk);
     }

@@ -14,12 +14,12 @@ use std::sync::Arc;
 use qhotplug_cmdline::{names, Disk, DiskLayer, Format};
 use qhotplug_qmp::command::{JobInfo, QueryFdsets, QueryJobs};
 
-use crate::block_job::BlockJob;
+use crate::engine::holds::{self, Busy, Hold};
 use crate::error::Result;
-use crate::holds::{self, Busy, Hold};
 use crate::kinds::{Device, DeviceKind};
+use crate::storage::block_job::BlockJob;
+use crate::storage::{commit, mirror, stream};
 use crate::vm_core::Core;
-use crate::{commit, mirror, stream};
 
 /// What a job found in QEMU was started to do ([`Vm::find_job`](crate::Vm::find_job)): QEMU
 /// cannot say it all (a mirror's target was handed over as an fd, so its path is not QEMU's to
@@ -186,7 +186,7 @@ async fn mirror_target(core: &Core, disk: &Disk) -> Result<Option<(PathBuf, Form
     let [(target, set)] = &targets[..] else {
         return Ok(None);
     };
-    let format = crate::new_image::format_of(target);
+    let format = crate::storage::new_image::format_of(target);
     Ok(Some((target.clone(), format, *set)))
 }
 

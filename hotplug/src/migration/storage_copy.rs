@@ -6,7 +6,7 @@
 //! target's images are new local files of the same size, which its spec names). Source: per disk
 //! an NBD client node and a raw node on it (`mig-<id>-nbd`, `mig-<id>-raw`), then
 //! `blockdev-mirror` (`mig-<id>`); every mirror `ready`. Then memory migrates
-//! ([`migrate`](crate::migrate)); once it completed, each mirror is ended without a pivot (the
+//! ([`migrate`](crate::migration::migrate)); once it completed, each mirror is ended without a pivot (the
 //! soft cancel: the target's image is a consistent copy), its nodes go, and the target's exports
 //! and server. Failure anywhere, on either side, leaves the source on its own disks with nothing
 //! attached: the mirrors force-cancelled, their nodes deleted, the target's exports and server
@@ -21,9 +21,9 @@ use qhotplug_qmp::command::{
 };
 use tracing::Instrument;
 
-use crate::delete::Delete;
 use crate::error::{Error, Result};
 use crate::kinds::Device;
+use crate::qemu::delete::Delete;
 use crate::spans::step;
 use crate::vm_core::Core;
 
@@ -403,7 +403,7 @@ impl Copies {
         let mut first_error = None;
         for job in &self.jobs {
             let span = tracing::debug_span!(crate::spans::STEP, name = "wait concluded", id = %job);
-            let concluded = crate::jobs::conclude(&source.client, &mut events, job);
+            let concluded = crate::qemu::jobs::conclude(&source.client, &mut events, job);
             // A target that died just before the soft cancel can leave QEMU retrying for good
             // (qemu-project/qemu#462): after a deadline the job is force-cancelled.
             let ended = match tokio::time::timeout(END_WAIT, concluded.instrument(span)).await {

@@ -19,10 +19,10 @@ use qhotplug_qmp::command::{
 use qhotplug_qmp::EventStream;
 use tracing::Instrument;
 
-use crate::delete::Delete;
+use crate::engine::holds::Busy;
 use crate::error::{Error, Result};
-use crate::holds::Busy;
-use crate::jobs;
+use crate::qemu::delete::Delete;
+use crate::qemu::jobs;
 use crate::vm_core::Core;
 
 /// How long a job asked to end may take to conclude.

@@ -1,6 +1,6 @@
 //! What a call holds on a VM's shared core while it runs, each released when dropped: a hot-add's
 //! [`Reservation`] (its id and place), a removal's or a change's [`Busy`] mark, and `reconcile`'s
-//! [`Cleaning`] marks; and the [`Hold`] a [`Transaction`](crate::transaction::Transaction) keeps
+//! [`Cleaning`] marks; and the [`Hold`] a [`Transaction`](crate::engine::transaction::Transaction) keeps
 //! until its rollback is done.
 
 use std::sync::Arc;
@@ -85,7 +85,7 @@ fn slot_error(e: SlotError) -> Error {
     }
 }
 
-/// What a [`Transaction`](crate::transaction::Transaction) holds while it runs and lets go of only
+/// What a [`Transaction`](crate::engine::transaction::Transaction) holds while it runs and lets go of only
 /// after a rollback: a hot-add's [`Reservation`] (id and address), or a change's [`Busy`] mark.
 pub(crate) trait Hold: Send + 'static {
     /// The device id.

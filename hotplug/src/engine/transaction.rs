@@ -13,9 +13,9 @@ use std::sync::Arc;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
 
-use crate::delete::Delete;
+use crate::engine::holds::{Hold, Reservation};
 use crate::error::{Error, UndoFailure};
-use crate::holds::{Hold, Reservation};
+use crate::qemu::delete::Delete;
 
 /// What a rollback left undone.
 struct RolledBack {

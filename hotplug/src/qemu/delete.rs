@@ -15,8 +15,10 @@ use qhotplug_qmp::command::{
 use qhotplug_qmp::Client;
 
 use crate::error::Error;
-use crate::qemu_errors::{is_absent, is_backend_in_use, is_nbd_server_not_running, is_tray_closed};
-use crate::unplug::{self, UnplugPolicy, Unplugged};
+use crate::qemu::errors::{
+    is_absent, is_backend_in_use, is_nbd_server_not_running, is_tray_closed,
+};
+use crate::qemu::unplug::{self, UnplugPolicy, Unplugged};
 
 /// How long a `blockdev-del` or `chardev-remove` is asked again, at most, while QEMU still holds
 /// the backend: right after its device went (a teardown, or a rollback's `device_del`), QEMU may
@@ -298,10 +300,15 @@ const JOB_END: Duration = Duration::from_secs(30);
 /// Cancels job `id` and waits for its end, then dismisses it; gone already is absent.
 async fn end_job(client: &Client, id: &str) -> Result<Outcome, Error> {
     let mut events = client.events();
-    if !crate::jobs::cancel(client, id).await? {
+    if !crate::qemu::jobs::cancel(client, id).await? {
         return Ok(Outcome::Absent);
     }
-    match tokio::time::timeout(JOB_END, crate::jobs::conclude(client, &mut events, id)).await {
+    match tokio::time::timeout(
+        JOB_END,
+        crate::qemu::jobs::conclude(client, &mut events, id),
+    )
+    .await
+    {
         // A cancelled job's "error" is the cancel.
         Ok(Ok(()) | Err(Error::JobFailed { .. })) => Ok(Outcome::Done),
         Ok(Err(error)) => Err(error),

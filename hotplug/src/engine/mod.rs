@@ -6,8 +6,12 @@
 //! fd sets QEMU now holds → `device_add`, last, so a failed hot-add never needs the guest to undo
 //! it → commit to the SDK's view.
 //!
-//! Hot-remove: mark the device busy → [unplug](crate::unplug) by the handle's policy → run the
+//! Hot-remove: mark the device busy → [unplug](crate::qemu::unplug) by the handle's policy → run the
 //! kind's teardown → forget the device (its address is free only now).
+
+pub(crate) mod holds;
+pub(crate) mod master_key;
+pub(crate) mod transaction;
 
 use std::sync::Arc;
 
@@ -15,12 +19,12 @@ use qhotplug_cmdline::MasterKey;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
 
-use crate::delete::Delete;
+use self::holds::Hold;
+use self::transaction::Transaction;
 use crate::error::{Error, Result};
-use crate::holds::{self, Hold};
 use crate::kinds::{After, Backend, DeviceKind, Plug};
-use crate::transaction::Transaction;
-use crate::unplug::{self, Refused, UnplugPolicy, Unplugged};
+use crate::qemu::delete::Delete;
+use crate::qemu::unplug::{self, Refused, UnplugPolicy, Unplugged};
 use crate::vm_core::Core;
 
 /// Hot-adds one device of kind `K`; on failure every step done is undone.
@@ -92,13 +96,16 @@ async fn with_secrets<H: Hold>(
     let held = core.master_key.lock().await.clone();
     let (key, new) = match held {
         Some(key) => (key, false),
-        None => (crate::master_key::create(&core.client, txn).await?, true),
+        None => (
+            crate::engine::master_key::create(&core.client, txn).await?,
+            true,
+        ),
     };
     let backends = backends
         .into_iter()
         .map(|backend| match backend {
             Backend::Secret { id, secret } => Ok(Backend::Object(
-                crate::master_key::secret_object(&key, &id, &secret)?,
+                crate::engine::master_key::secret_object(&key, &id, &secret)?,
             )),
             other => Ok(other),
         })

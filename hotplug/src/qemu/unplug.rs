@@ -30,7 +30,7 @@ use qhotplug_qmp::{Client, EventStream, Lagged};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::qemu_errors::{
+use crate::qemu::errors::{
     is_absent, is_guest_busy, is_unplug_under_way, ost_refuses_eject, OST_EJECT_REQUEST,
 };
 

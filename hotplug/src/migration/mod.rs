@@ -1,0 +1,5 @@
+//! Moving a running VM to another QEMU: the migration itself, and the copy of its disks when
+//! the two do not share storage.
+
+pub(crate) mod migrate;
+pub(crate) mod storage_copy;
