@@ -1,5 +1,5 @@
 //! Hotplug sequences against real QEMU without a guest: placement, concurrency, relaunch from the
-//! recorded spec, and SCSI removal (which needs no guest). Rollback is in `hotplug_rollback.rs`,
+//! recorded spec, and SCSI removal (which needs no guest). Rollback is in `hotplug_rollback_qemu.rs`,
 //! real-guest tests in `hotplug_guest.rs`.
 
 use std::collections::{BTreeMap, HashSet};
@@ -451,7 +451,7 @@ fn attaching_to_a_running_qemu_learns_its_slots_controllers_and_machine() {
 #[test]
 fn each_qemu_error_the_sdk_tells_apart_is_classified_on_this_qemu() {
     use qhotplug::qemu_errors::{is_absent, is_backend_in_use, is_guest_busy, is_unplug_under_way};
-    // ("guest is busy" and "already in the process of unplug" need a guest: hotplug_unplug.rs.)
+    // ("guest is busy" and "already in the process of unplug" need a guest: hotplug_unplug_guest.rs.)
     use qhotplug_qmp::command::*;
     qhotplug_tests::serial_test(async {
         let t = TestVm::launch(pc_spec()).await;

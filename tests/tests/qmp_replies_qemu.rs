@@ -3,7 +3,7 @@
 //! so a reply shape that changes between versions shows here whichever QEMU runs the suite.
 //!
 //! To record a new QEMU's replies:
-//! `QHOTPLUG_RECORD_REPLIES=1 QHOTPLUG_QEMU=/path/to/qemu cargo nextest run -E 'binary(qmp_replies)'`.
+//! `QHOTPLUG_RECORD_REPLIES=1 QHOTPLUG_QEMU=/path/to/qemu cargo nextest run -E 'binary(qmp_replies_qemu)'`.
 
 use std::path::PathBuf;
 

@@ -358,3 +358,30 @@ fn each_folder_imports_only_what_its_row_allows() {
         "imports the folder table does not allow: {broken:#?}"
     );
 }
+
+#[test]
+fn every_test_file_is_named_by_its_tier() {
+    // `_mock`: nothing but the build; `_qemu`: a real QEMU and root; `_guest`: a booted guest.
+    // `scripts/test-fast` and `.config/nextest.toml` select by these names.
+    let mut unnamed = Vec::new();
+    for dir in [
+        "tests/tests",
+        "hotplug/tests",
+        "qga/tests",
+        "examples/tests",
+    ] {
+        for file in sources(&top().join(dir)) {
+            let stem = file.strip_suffix(".rs").unwrap();
+            if !["_mock", "_qemu", "_guest"]
+                .iter()
+                .any(|t| stem.ends_with(t))
+            {
+                unnamed.push(format!("{dir}/{file}"));
+            }
+        }
+    }
+    assert!(
+        unnamed.is_empty(),
+        "test files not named by their tier: {unnamed:?}"
+    );
+}
