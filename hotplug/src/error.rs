@@ -45,6 +45,16 @@ pub enum Error {
     /// `iscsi` and `rbd`, Debian ships them in `qemu-block-extra`).
     #[error("QEMU has no `{0}` block driver")]
     NoBlockDriver(&'static str),
+    /// The SDK refused the request before sending anything: what it asks cannot be done as the
+    /// VM stands (a backup of no disk, a commit with no image under the layer, a storage job on a
+    /// network disk, a mirror of the top image alone into a raw target). Nothing was sent.
+    #[error("{operation}: {reason}")]
+    Precondition {
+        /// What was asked: `backup`, `pull backup`, `drive mirror`, `commit`, `stream`, …
+        operation: &'static str,
+        /// Why it cannot be done.
+        reason: String,
+    },
     /// A device with this id exists, or is being added or removed right now.
     #[error("device id {0:?} is already in use")]
     DuplicateId(String),
@@ -90,7 +100,8 @@ pub enum Error {
     /// that failed in turn are in `undo_failures` (empty when the rollback was clean).
     #[error("{operation} of {id:?} failed at {step}{}", undo_note(undo_failures))]
     Step {
-        /// What failed: `hot-add`, `medium change`.
+        /// What failed: the operation's name as its transaction gives it (`hot-add`, `medium
+        /// change`, `live snapshot`, `drive mirror`, `backup`, `pull backup`, `export`).
         operation: &'static str,
         /// The device id.
         id: String,
@@ -122,12 +133,16 @@ pub enum Error {
         /// How long we waited.
         after: Duration,
     },
-    /// The device is gone from the guest, but removing its backend failed.
-    #[error("{id:?} is gone, but removing its backend failed at {step}")]
+    /// A hot-remove failed at a step on the device's backend: before the unplug (a CD-ROM's
+    /// medium taken out: the device is still there, as it was) or after it (the device is gone
+    /// from the guest and its id and address are free; its remaining backends are left to
+    /// [`Vm::reconcile`](crate::Vm::reconcile)).
+    #[error("removing {id:?} failed at {step}")]
     Backend {
         /// The device id.
         id: String,
-        /// `blockdev-del` or `netdev_del`.
+        /// The command that failed: `blockdev-remove-medium` before the unplug; after it
+        /// `blockdev-del`, `netdev_del`, `object-del`, `chardev-remove`, `remove-fd`, …
         step: &'static str,
         /// Why.
         #[source]
@@ -361,69 +376,101 @@ pub enum CheckpointProblem {
     NeedsQcow2,
 }
 
+/// What an error says about QEMU and the SDK's view: the one classification every predicate is
+/// derived from. [`Error::class`] matches every variant with no wildcard arm, so a new variant
+/// does not compile until it is classified (as hyper's `Error::description` is written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Refused before anything was sent; QEMU and the view are as they were.
+    Refused,
+    /// Refused before anything was sent, for want of room in the VM.
+    NoRoom,
+    /// The guest said no, or did not answer in time; the device is as it was.
+    Guest,
+    /// QEMU went away.
+    Gone,
+    /// Anything else: QEMU said no part-way (and what was done is undone), a job failed, a host
+    /// call failed.
+    Failed,
+}
+
 impl Error {
+    fn class(&self) -> Class {
+        use Class::*;
+        match self {
+            Error::Qmp(e) if e.is_disconnected() => Gone,
+            Error::Qmp(_) => Failed,
+            Error::Spec(_)
+            | Error::Netdev(_)
+            | Error::QemuTooOld { .. }
+            | Error::Unsupported { .. }
+            | Error::NoBlockDriver(_)
+            | Error::Precondition { .. }
+            | Error::DuplicateId(_)
+            | Error::NotFound { .. }
+            | Error::Busy(_)
+            | Error::AddressTaken { .. }
+            | Error::NoScsiController(_)
+            | Error::Open { .. }
+            | Error::InvalidIoLimits { .. }
+            | Error::ReadOnly(_)
+            | Error::InvalidSize { .. }
+            | Error::ShrinkRefused { .. }
+            | Error::AddressMismatch(_)
+            | Error::NotHotpluggable { .. }
+            | Error::InvalidVcpuCount { .. }
+            | Error::TcgVcpuUnplug { .. }
+            | Error::NeedsSharedMemory(_)
+            | Error::InvalidMigration(_)
+            | Error::NoGuestAgent
+            | Error::Checkpoint { .. } => Refused,
+            Error::NoFreeSlot { .. }
+            | Error::OverMaxMemory { .. }
+            | Error::TcgVcpuContexts { .. } => NoRoom,
+            Error::UnplugRejected { .. } | Error::UnplugPending { .. } | Error::TrayLocked(_) => {
+                Guest
+            }
+            Error::Step { source, .. } if source.is_disconnected() => Gone,
+            Error::Backend { source, .. } if source.is_disconnected() => Gone,
+            Error::JobInterrupted { .. } => Gone,
+            Error::Agent(qhotplug_qga::Error::NotRunning { .. }) => Refused,
+            Error::Step { .. }
+            | Error::Backend { .. }
+            | Error::Migration(_)
+            | Error::Launch(_)
+            | Error::UnexportPending { .. }
+            | Error::JobFailed { .. }
+            | Error::JobTimeout { .. }
+            | Error::JobGone(_)
+            | Error::Agent(_)
+            | Error::Io { .. } => Failed,
+        }
+    }
+
     /// True when the call sent nothing to QEMU: bad input, a device or id it cannot act on, no
     /// room, a QEMU that cannot do it, or a guard that refused. QEMU and the SDK's view are as they
     /// were. (A [`Error::Step`] did send commands, and undid them.)
     pub fn nothing_sent(&self) -> bool {
-        matches!(
-            self,
-            Error::Spec(_)
-                | Error::Netdev(_)
-                | Error::QemuTooOld { .. }
-                | Error::Unsupported { .. }
-                | Error::DuplicateId(_)
-                | Error::NotFound { .. }
-                | Error::Busy(_)
-                | Error::NoFreeSlot { .. }
-                | Error::AddressTaken { .. }
-                | Error::NoScsiController(_)
-                | Error::Open { .. }
-                | Error::InvalidIoLimits { .. }
-                | Error::ReadOnly(_)
-                | Error::InvalidSize { .. }
-                | Error::ShrinkRefused { .. }
-                | Error::AddressMismatch(_)
-                | Error::NotHotpluggable { .. }
-                | Error::InvalidVcpuCount { .. }
-                | Error::TcgVcpuContexts { .. }
-                | Error::TcgVcpuUnplug { .. }
-                | Error::OverMaxMemory { .. }
-                | Error::NeedsSharedMemory(_)
-                | Error::InvalidMigration(_)
-                | Error::NoGuestAgent
-                | Error::Agent(qhotplug_qga::Error::NotRunning { .. })
-                | Error::Checkpoint { .. }
-        )
+        matches!(self.class(), Class::Refused | Class::NoRoom)
     }
 
     /// True when the guest said no, or did not answer in time: an unplug it refused or still owes
     /// ([`Error::UnplugRejected`], [`Error::UnplugPending`]), a tray it holds locked. The device is
     /// as it was; asking again later may work.
     pub fn is_guest_refusal(&self) -> bool {
-        matches!(
-            self,
-            Error::UnplugRejected { .. } | Error::UnplugPending { .. } | Error::TrayLocked(_)
-        )
+        self.class() == Class::Guest
     }
 
     /// True when the VM has no room for it: no free PCI slot, root port or SCSI target, no memory
     /// slot or `maxmem` left, or no vCPU thread left under TCG. Nothing was sent.
     pub fn is_out_of_room(&self) -> bool {
-        matches!(
-            self,
-            Error::NoFreeSlot { .. } | Error::OverMaxMemory { .. } | Error::TcgVcpuContexts { .. }
-        )
+        self.class() == Class::NoRoom
     }
 
-    /// True when QEMU is gone: nothing more can be done on this VM.
+    /// True when QEMU is gone (killed, crashed, its socket closed), whether between calls, under
+    /// a step or while a job ran ([`Error::JobInterrupted`]): nothing more can be done on this VM.
     pub fn is_disconnected(&self) -> bool {
-        match self {
-            Error::Qmp(e) => e.is_disconnected(),
-            Error::Step { source, .. } => source.is_disconnected(),
-            Error::Backend { source, .. } => source.is_disconnected(),
-            _ => false,
-        }
+        self.class() == Class::Gone
     }
 }
 
@@ -454,5 +501,57 @@ fn with_id(id: &str) -> String {
     match id {
         "" => String::new(),
         id => format!(" with id {id:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_driver_qemu_lacks_and_a_precondition_sent_nothing() {
+        assert!(Error::NoBlockDriver("rbd").nothing_sent());
+        let refused = Error::Precondition {
+            operation: "backup",
+            reason: "a backup of no disk".into(),
+        };
+        assert!(refused.nothing_sent());
+        assert!(!refused.is_disconnected());
+        assert_eq!(refused.to_string(), "backup: a backup of no disk");
+    }
+
+    #[test]
+    fn a_job_qemu_left_under_says_qemu_is_gone() {
+        let interrupted = Error::JobInterrupted {
+            id: "mirror-a".into(),
+            disk: "a".into(),
+            partial: None,
+        };
+        assert!(interrupted.is_disconnected());
+        assert!(!interrupted.nothing_sent());
+    }
+
+    #[test]
+    fn the_predicates_follow_the_cause_through_a_step_and_a_backend() {
+        let gone = || Box::new(qhotplug_qmp::Error::Disconnected);
+        let step = Error::Step {
+            operation: "hot-add",
+            id: "a".into(),
+            step: "blockdev-add",
+            source: gone(),
+            undo_failures: vec![],
+        };
+        assert!(step.is_disconnected() && !step.nothing_sent());
+        let backend = Error::Backend {
+            id: "a".into(),
+            step: "blockdev-del",
+            source: Box::new(Error::Qmp(qhotplug_qmp::Error::Disconnected)),
+        };
+        assert!(backend.is_disconnected());
+        let room = Error::NoFreeSlot {
+            bus: "pci.0".into(),
+        };
+        assert!(room.is_out_of_room() && room.nothing_sent() && !room.is_guest_refusal());
+        assert!(Error::TrayLocked("cd".into()).is_guest_refusal());
     }
 }

@@ -202,14 +202,8 @@ async fn reap(core: &Arc<Core>) -> Result<()> {
     let Some(mut process) = process else {
         return Ok(());
     };
-    match tokio::time::timeout(EXIT_GRACE, process.wait()).await {
-        Ok(status) => {
-            status.map_err(|source| crate::Error::Io {
-                what: "waiting for QEMU to exit",
-                source,
-            })?;
-            Ok(())
-        }
+    match tokio::time::timeout(EXIT_GRACE, crate::vm_core::wait_exit(&mut process)).await {
+        Ok(waited) => waited,
         Err(_) => {
             *core.process.lock().unwrap_or_else(|p| p.into_inner()) = Some(process);
             core.quit().await

@@ -114,10 +114,7 @@ impl Core {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(mut process) = process {
-            process
-                .wait()
-                .await
-                .map_err(|e| Error::Launch(qhotplug_cmdline::Error::Io(e)))?;
+            wait_exit(&mut process).await?;
         }
         Ok(())
     }
@@ -142,8 +139,6 @@ impl Core {
         Ok(agent)
     }
 
-    /// Checks, from QEMU's own schema (read once per connection), that it has every command in
-    /// `needed`; the error names the first one missing.
     /// [`Error::NoBlockDriver`] unless QEMU's `blockdev-add` takes the block driver `driver`.
     pub(crate) async fn require_block_driver(&self, driver: &'static str) -> Result<()> {
         let schema = self.client.schema().await?;
@@ -162,6 +157,8 @@ impl Core {
         process.as_ref().map(QemuProcess::pid)
     }
 
+    /// Checks, from QEMU's own schema (read once per connection), that it has every command in
+    /// `needed`; the error names the first one missing.
     pub(crate) async fn require(&self, operation: &'static str, needed: &[&str]) -> Result<()> {
         let schema = self.client.schema().await?;
         match needed.iter().find(|c| !schema.has_command(c)) {
@@ -172,4 +169,14 @@ impl Core {
             None => Ok(()),
         }
     }
+}
+
+/// Waits for the QEMU the SDK launched to exit and reaps it: the one error for a wait that
+/// failed, whoever waits (`quit`, a shutdown's reaping).
+pub(crate) async fn wait_exit(process: &mut QemuProcess) -> Result<()> {
+    process.wait().await.map_err(|source| Error::Io {
+        what: "waiting for QEMU to exit",
+        source,
+    })?;
+    Ok(())
 }

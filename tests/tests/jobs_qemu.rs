@@ -299,7 +299,10 @@ fn a_mirror_of_the_top_alone_stands_on_the_same_backing_chain_after_its_pivot() 
             t.vm.mirror_disk("c", MirrorConfig::new(&raw).sync(MirrorSync::Top))
                 .await
                 .unwrap_err();
-        assert!(matches!(refused, qhotplug::Error::Spec(_)), "{refused:?}");
+        assert!(
+            matches!(refused, qhotplug::Error::Precondition { .. }) && refused.nothing_sent(),
+            "{refused:?}"
+        );
         assert!(!raw.exists());
 
         let copy = dir.path().join("top.qcow2");

@@ -185,8 +185,14 @@ fn a_snapshot_that_fails_half_way_leaves_every_disk_as_it_was() {
         assert!(matches!(twice, Error::DuplicateId(_)), "{twice:?}");
         assert!(!oa.exists());
         // And nothing to commit or stream on a disk that is one image.
-        assert!(matches!(g.vm.commit_disk("a").await, Err(Error::Spec(_))));
-        assert!(matches!(g.vm.stream_disk("a").await, Err(Error::Spec(_))));
+        assert!(matches!(
+            g.vm.commit_disk("a").await,
+            Err(Error::Precondition { .. })
+        ));
+        assert!(matches!(
+            g.vm.stream_disk("a").await,
+            Err(Error::Precondition { .. })
+        ));
         // The disks still take a snapshot.
         g.vm.snapshot(SnapshotConfig::new().disk("a", &oa))
             .await

@@ -161,13 +161,16 @@ pub(crate) async fn named_block_nodes(client: &Client) -> Result<Option<Vec<Stri
 
 /// Storage jobs and snapshots work on disks of local images: a network disk's layers would need
 /// a backend each in the chain the spec records, which it does not have yet.
-pub(crate) fn require_local(disk: &qhotplug_cmdline::Disk) -> Result<()> {
+pub(crate) fn require_local(operation: &'static str, disk: &qhotplug_cmdline::Disk) -> Result<()> {
     match disk.network_source() {
         None => Ok(()),
-        Some(source) => Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(format!(
-            "{}: snapshots and storage jobs need a local image; this disk is on {}",
-            disk.id,
-            source.driver()
-        )))),
+        Some(source) => Err(Error::Precondition {
+            operation,
+            reason: format!(
+                "{}: snapshots and storage jobs need a local image; this disk is on {}",
+                disk.id,
+                source.driver()
+            ),
+        }),
     }
 }

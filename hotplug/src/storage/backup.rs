@@ -255,7 +255,10 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
     core.require("backup", COMMANDS).await?;
     core.require("backup", crate::storage::checkpoint::COMMANDS)
         .await?;
-    let invalid = |why: String| Error::Spec(qhotplug_cmdline::Error::InvalidSpec(why));
+    let invalid = |reason: String| Error::Precondition {
+        operation: "backup",
+        reason,
+    };
     if config.targets.is_empty() {
         return Err(invalid("a backup of no disk".into()));
     }
@@ -266,6 +269,7 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
     // Every disk marked busy and checked before anything is created or sent.
     let (busy, plans) = crate::storage::checkpoint::plan(
         core,
+        "backup",
         &config
             .targets
             .iter()

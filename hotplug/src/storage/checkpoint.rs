@@ -276,6 +276,7 @@ impl Checkpoints {
 /// checkpoints and that chain.
 pub(crate) async fn plan(
     core: &Arc<Core>,
+    operation: &'static str,
     ids: &[String],
     since: Option<&str>,
     checkpoint: Option<&str>,
@@ -289,7 +290,7 @@ pub(crate) async fn plan(
         let (mark, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
             unreachable!("a disk entry is a disk")
         };
-        crate::qemu::jobs::require_local(&disk)?;
+        crate::qemu::jobs::require_local(operation, &disk)?;
         busy.push(mark);
         disks.push(disk);
     }

@@ -27,12 +27,15 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, layer: Option<usize>) -> R
     let (busy, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
         unreachable!("a disk entry is a disk")
     };
-    jobs::require_local(&disk)?;
+    jobs::require_local("block commit", &disk)?;
     let Some((top, base, ends)) = plan(&disk, layer) else {
-        return Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(format!(
-            "{id}: no image under the layer to commit (its backing chain has {} images)",
-            disk.backing.len()
-        ))));
+        return Err(Error::Precondition {
+            operation: "block commit",
+            reason: format!(
+                "{id}: no image under the layer to commit (its backing chain has {} images)",
+                disk.backing.len()
+            ),
+        });
     };
     let client = core.client.clone();
     let events = client.events();

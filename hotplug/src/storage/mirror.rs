@@ -112,7 +112,7 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, config: MirrorConfig) -> R
     let (busy, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
         unreachable!("a disk entry is a disk")
     };
-    jobs::require_local(&disk)?;
+    jobs::require_local("drive mirror", &disk)?;
     if disk.read_only {
         return Err(Error::ReadOnly(id.to_owned()));
     }
@@ -123,9 +123,12 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, config: MirrorConfig) -> R
         MirrorSync::Full => None,
     };
     if below.is_some() && config.format != Format::Qcow2 {
-        return Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(format!(
-            "{id}: a mirror of the top image alone needs a qcow2 target (it has a backing file)"
-        ))));
+        return Err(Error::Precondition {
+            operation: "drive mirror",
+            reason: format!(
+                "{id}: a mirror of the top image alone needs a qcow2 target (it has a backing file)"
+            ),
+        });
     }
     let size = live::virtual_size(core, &disk).await?;
     let layer = DiskLayer {

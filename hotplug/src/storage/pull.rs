@@ -252,12 +252,14 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
     core.require("pull backup", crate::storage::checkpoint::COMMANDS)
         .await?;
     if config.disks.is_empty() {
-        return Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(
-            "a pull backup of no disk".into(),
-        )));
+        return Err(Error::Precondition {
+            operation: "pull backup",
+            reason: "a pull backup of no disk".into(),
+        });
     }
     let (busy, plans) = crate::storage::checkpoint::plan(
         core,
+        "pull backup",
         &config
             .disks
             .iter()

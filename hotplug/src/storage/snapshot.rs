@@ -77,7 +77,7 @@ pub(crate) async fn snapshot(core: &Arc<Core>, config: SnapshotConfig) -> Result
         if disk.read_only {
             return Err(Error::ReadOnly(id.clone()));
         }
-        crate::qemu::jobs::require_local(&disk)?;
+        crate::qemu::jobs::require_local("live snapshot", &disk)?;
         busy.push(mark);
         disks.push(disk);
     }

@@ -23,11 +23,12 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str) -> Result<BlockJob> {
     let (busy, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
         unreachable!("a disk entry is a disk")
     };
-    jobs::require_local(&disk)?;
+    jobs::require_local("block stream", &disk)?;
     if disk.backing.is_empty() {
-        return Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(format!(
-            "{id}: no backing image to stream from"
-        ))));
+        return Err(Error::Precondition {
+            operation: "block stream",
+            reason: format!("{id}: no backing image to stream from"),
+        });
     }
     let client = core.client.clone();
     let events = client.events();
