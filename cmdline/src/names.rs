@@ -1,7 +1,9 @@
 //! The names of the QEMU objects behind each device, derived from the device id: the one place
 //! they are spelled. Boot (`-blockdev`, `-netdev`) and hotplug (`blockdev-add`, `getfd`,
 //! `add-fd`, `netdev_add`) use the same names, so a hot-plugged device and one given at boot look
-//! alike to QEMU, and `reconcile` can find what a hot-add left behind from the id alone.
+//! alike to QEMU, and `reconcile` can find what a hot-add left behind from the id alone. The
+//! storage half's names are here too: job ids, a storage migration's nodes and TLS object, the
+//! backup bitmap, export names and the master key's id.
 
 /// QEMU's container of the devices plugged with an id.
 pub const PERIPHERAL: &str = "/machine/peripheral";
@@ -169,6 +171,82 @@ pub fn backends(id: &str) -> Backends {
     }
 }
 
+/// The id of the master key's `secret` object, from a random `tag` (hex): `qhotplug-key-<tag>`.
+pub fn master_key(tag: &str) -> String {
+    format!("qhotplug-key-{tag}")
+}
+
+/// The job id of a mirror of disk `disk`: `mirror-<disk>`.
+pub fn mirror_job(disk: &str) -> String {
+    format!("mirror-{disk}")
+}
+
+/// The job id of a commit on disk `disk`: `commit-<disk>` for the active commit (the top image
+/// merged down), `commit-<disk>-gen<n>` for the intermediate commit of the layer of generation
+/// `n`, so a later process can tell which it is.
+pub fn commit_job(disk: &str, layer_generation: Option<u32>) -> String {
+    match layer_generation {
+        None => format!("commit-{disk}"),
+        Some(generation) => format!("commit-{disk}-gen{generation}"),
+    }
+}
+
+/// The job id of a stream into disk `disk`: `stream-<disk>`.
+pub fn stream_job(disk: &str) -> String {
+    format!("stream-{disk}")
+}
+
+/// The job id of a push backup of disk `disk`: `backup-<disk>`.
+pub fn backup_job(disk: &str) -> String {
+    format!("backup-{disk}")
+}
+
+/// The id of a pull backup's `blockdev-backup` job of disk `disk`, and of its NBD export:
+/// `pull-<disk>`.
+pub fn pull_job(disk: &str) -> String {
+    format!("pull-{disk}")
+}
+
+/// The id of the `blockdev-create` job that formats the image under node `node`: `create-<node>`.
+pub fn create_job(node: &str) -> String {
+    format!("create-{node}")
+}
+
+/// The name an NBD export of disk `disk` is served under (pull backups, storage migration):
+/// the disk's id.
+pub fn export_name(disk: &str) -> String {
+    disk.to_owned()
+}
+
+/// Storage migration of disk `disk`: the source's mirror job id and the target's export id,
+/// `mig-<disk>`.
+pub fn migration_job(disk: &str) -> String {
+    format!("mig-{disk}")
+}
+
+/// Storage migration of disk `disk`: the source's NBD client node and the raw node on it,
+/// `mig-<disk>-nbd` and `mig-<disk>-raw`.
+pub fn migration_client_nodes(disk: &str) -> [String; 2] {
+    [format!("mig-{disk}-nbd"), format!("mig-{disk}-raw")]
+}
+
+/// The id of each side's `tls-creds-x509` object while storage migrates over TLS.
+pub const MIGRATION_TLS: &str = "mig-tls";
+
+/// The temporary dirty bitmap a backup in progress copies from, on the disk's top node (the
+/// changes since its checkpoint; one backup per disk at a time: the disk's busy mark).
+pub const BACKUP_BITMAP: &str = "qhotplug-backup";
+
+/// A scratch dirty bitmap, number `n`, that a count of several checkpoints merges into.
+pub fn scratch_bitmap(n: u64) -> String {
+    format!("qhotplug-size-{n}")
+}
+
+/// The NBD meta context that serves dirty bitmap `bitmap` with an export.
+pub fn dirty_bitmap_context(bitmap: &str) -> String {
+    format!("qemu:dirty-bitmap:{bitmap}")
+}
+
 /// The QEMU objects a device's backends may be, by kind, as [`backends`] lists them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backends {
@@ -195,6 +273,8 @@ mod tests {
         assert_eq!(backends("x").netdevs, ["x-net"]);
         assert_eq!(file_node_at("cd", 0), "cd-file");
         assert_eq!(format_node_at("cd", 3), "cd-fmt.3");
+        assert_eq!(commit_job("d", Some(2)), "commit-d-gen2");
+        assert_eq!(migration_client_nodes("d"), ["mig-d-nbd", "mig-d-raw"]);
     }
 
     #[test]

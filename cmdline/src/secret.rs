@@ -66,10 +66,8 @@ impl MasterKey {
     /// A new random key, its object named `qhotplug-key-<random>`.
     pub fn generate() -> Result<MasterKey> {
         let tag: [u8; 6] = random()?;
-        let id = format!(
-            "qhotplug-key-{}",
-            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
+        let id =
+            crate::names::master_key(&tag.iter().map(|b| format!("{b:02x}")).collect::<String>());
         Ok(MasterKey {
             id,
             key: Arc::new(random()?),

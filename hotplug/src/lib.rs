@@ -80,7 +80,7 @@
 //! | `hotplug` | `op` (`add_disk`, `add_nic`, `add_cdrom`, `add_memory`, `add_balloon`, `remove_disk`, `remove_nic`, `remove_cdrom`, `remove_memory`, `remove_balloon`, `reconcile`, `set_link`, `resize_disk`, `set_io_limits`, `change_medium`, `set_vcpus`, `resize_virtio_mem`, `shutdown`, `reboot`, `mirror_disk`, `snapshot`, `commit_disk`, `stream_disk`, `backup`, `pull_backup`, `delete_checkpoint`, `set_balloon`, `add_vhost_user_blk`, `add_virtio_fs`, `add_virtio_serial`, `add_serial_port`, `add_rng` and their `remove_*`; on a `StorageDaemon`: `export`, `unexport`; `migrate`), `id` | one public operation |
 //! | `step` | `name` (the QMP command, or `wait JOB_STATUS_CHANGE`, `wait DEVICE_DELETED`, `wait DEVICE_TRAY_MOVED`, `wait ACPI_DEVICE_OST`, `wait MEMORY_DEVICE_SIZE_CHANGE`, `wait BLOCK_EXPORT_DELETED`, `wait target MIGRATION`), `id`; `press` on `device_del` | one step of a hot-add, hot-remove or change; a `device_del` logs its `verdict` (`accepted`, `busy`, `under way`, `absent`, `error`) |
 //! | `undo` | `step` (for example `blockdev-del d1-fmt`) | one undo step of a rollback |
-//! | `rollback` | `id`, `reason` | the background rollback of a dropped hot-add or change |
+//! | `rollback` | `id`, `reason` | the background clean-up of anything dropped part-way (hot-add, change, job handle, pull backup, migration) |
 //! | `qmp` | `command`, `id` (`exec-oob` and in-band ids) | one QMP command (from `qhotplug-qmp`) |
 //! | `qga` | `command`, `id` (the request id the agent echoes) | one guest agent command, or a resynchronisation (`guest-sync-delimited`) (from `qhotplug-qga`) |
 

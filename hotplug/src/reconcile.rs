@@ -58,9 +58,7 @@ impl Reconciled {
 /// leftovers it deletes are marked [`Entry::Cleaning`] until it is done, so no hot-add can take
 /// one and lose its backends to the clean-up.
 pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
-    for task in core.take_rollbacks() {
-        let _ = task.await;
-    }
+    core.cleanups_done().await;
     let start = core.state().epoch;
     let seen = Seen::read(&core.client).await?;
     let mut report = Reconciled::default();

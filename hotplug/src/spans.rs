@@ -11,7 +11,8 @@ pub const HOTPLUG: &str = "hotplug";
 pub const STEP: &str = "step";
 /// One undo step of a rollback: field `step`.
 pub const UNDO: &str = "undo";
-/// The background rollback of a dropped hot-add or change: fields `id`, `reason`.
+/// The background clean-up of anything dropped part-way (a hot-add or change, a job handle, a pull
+/// backup, a migration and its storage copy), at `info`: fields `id`, `reason`.
 pub const ROLLBACK: &str = "rollback";
 /// One QMP command, from `qhotplug-qmp`: fields `command`, `id`.
 pub const QMP: &str = qhotplug_qmp::QMP_SPAN;

@@ -13,13 +13,14 @@ use crate::state::State;
 
 /// What every clone of a [`Vm`](crate::Vm) shares, and all that the engine and the operations
 /// see of a VM: its QMP client, what the SDK knows of it (`State`), its process, and the calls
-/// and rollbacks running on it.
+/// and clean-ups running on it.
 pub(crate) struct Core {
     pub(crate) client: Client,
     state: Mutex<State>,
     pub(crate) process: Mutex<Option<QemuProcess>>,
-    /// Rollbacks of cancelled hot-adds, running in the background.
-    rollbacks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// What futures and handles dropped part-way left to clean up, running in the background
+    /// ([`clean_up_after_drop`]).
+    cleanups: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// How many public calls are running (each in a task of its own), and a wake-up for
     /// [`Vm::settle`](crate::Vm::settle) when none is.
     running: AtomicUsize,
@@ -39,7 +40,7 @@ impl Core {
             client,
             state: Mutex::new(state),
             process: Mutex::new(process),
-            rollbacks: Mutex::new(Vec::new()),
+            cleanups: Mutex::new(Vec::new()),
             running: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
             agent: tokio::sync::Mutex::new(None),
@@ -53,8 +54,24 @@ impl Core {
         RunningCall(self.clone())
     }
 
-    /// Waits until no public call is running.
+    /// Waits until no public call is running, and no clean-up of a dropped one.
     pub(crate) async fn settled(&self) {
+        loop {
+            self.calls_done().await;
+            // A call that ended may have left a clean-up, and a clean-up never starts a call.
+            self.cleanups_done().await;
+            let cleaning = !self
+                .cleanups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty();
+            if self.running.load(Ordering::SeqCst) == 0 && !cleaning {
+                return;
+            }
+        }
+    }
+
+    async fn calls_done(&self) {
         loop {
             let idle = self.idle.notified();
             tokio::pin!(idle);
@@ -72,17 +89,54 @@ impl Core {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps a background rollback's handle, so `reconcile` can wait for it.
-    pub(crate) fn track_rollback(&self, task: tokio::task::JoinHandle<()>) {
-        let mut tasks = self.rollbacks.lock().unwrap_or_else(|p| p.into_inner());
+    /// Waits for every clean-up running in the background (those started meanwhile too).
+    pub(crate) async fn cleanups_done(&self) {
+        loop {
+            let tasks =
+                std::mem::take(&mut *self.cleanups.lock().unwrap_or_else(|p| p.into_inner()));
+            if tasks.is_empty() {
+                return;
+            }
+            for task in tasks {
+                let _ = task.await;
+            }
+        }
+    }
+}
+
+/// The one way a future or handle dropped part-way cleans up after itself (a hot-add's rollback,
+/// a job handle's cancel, a pull backup's teardown, a storage copy's undo, a migration's cancel):
+/// `work(held)` runs in a task of its own in a `rollback` span (`id`, `reason`), tracked by the
+/// VM's `core` when it is a VM's, so [`Vm::settle`](crate::Vm::settle) and `reconcile` wait for
+/// it. Outside a runtime nothing can run: it warns and gives `held` back, for the caller to leave
+/// for `reconcile`.
+pub(crate) fn clean_up_after_drop<S, F, Fut>(
+    core: Option<&Core>,
+    id: &str,
+    reason: &'static str,
+    held: S,
+    work: F,
+) -> std::result::Result<(), S>
+where
+    F: FnOnce(S) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(
+            id,
+            reason,
+            "dropped outside a runtime: nothing cleaned up; reconcile"
+        );
+        return Err(held);
+    };
+    let span = tracing::info_span!(crate::spans::ROLLBACK, id, reason);
+    let task = runtime.spawn(tracing::Instrument::instrument(work(held), span));
+    if let Some(core) = core {
+        let mut tasks = core.cleanups.lock().unwrap_or_else(|p| p.into_inner());
         tasks.retain(|t| !t.is_finished());
         tasks.push(task);
     }
-
-    /// The background rollbacks still running, handed over to wait for.
-    pub(crate) fn take_rollbacks(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        std::mem::take(&mut *self.rollbacks.lock().unwrap_or_else(|p| p.into_inner()))
-    }
+    Ok(())
 }
 
 /// The `hotplug` span of one public operation (`op`, `id`): the one place it is opened.

@@ -189,12 +189,35 @@ fn qemu_object_names_are_spelled_only_in_cmdline_names() {
             || l.contains("}.0\"")
             || l.contains("\"migrate-out\"")
             || l.contains("\"migrate-in\"")
+            // Job ids, storage migration's nodes and TLS object, bitmaps, the master key.
+            || [
+                "mirror-", "commit-", "stream-", "backup-", "pull-", "create-", "mig-", "qhotplug-",
+            ]
+            .iter()
+            .any(|prefix| l.contains(&format!("\"{prefix}")))
+            || formats_a_name(l)
     };
     let found = offenders(&allowed, spelled);
     assert!(
         found.is_empty(),
         "QEMU object names outside cmdline::names: {found:#?}"
     );
+}
+
+/// Whether `line` formats a name from a prefix: a string literal that starts with words joined
+/// by `-` and goes on with `-{` (`"backup-{disk}"`, `"qhotplug-size-{}"`).
+fn formats_a_name(line: &str) -> bool {
+    line.split('"').skip(1).step_by(2).any(|literal| {
+        let Some(at) = literal.find("-{") else {
+            return false;
+        };
+        let head = &literal[..at];
+        !head.is_empty()
+            && head.starts_with(|c: char| c.is_ascii_lowercase())
+            && head
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    })
 }
 
 #[test]

@@ -16,6 +16,7 @@ use tracing::Instrument;
 use crate::engine::holds::{Hold, Reservation};
 use crate::error::{Error, UndoFailure};
 use crate::qemu::delete::Delete;
+use crate::vm_core::clean_up_after_drop;
 
 /// What a rollback left undone.
 struct RolledBack {
@@ -207,35 +208,27 @@ impl<H: Hold> Drop for Transaction<H> {
         }
         // The future was dropped part-way: undo in the background, and free the slot only after.
         let client = self.client.clone();
-        let id = self.id.clone();
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                let span =
-                    tracing::debug_span!(crate::spans::ROLLBACK, id = %id, reason = "cancelled");
-                let inner = hold.inner();
-                let task = handle.spawn(
-                    async move {
-                        let rolled = roll_back(&client, undo).await;
-                        if !rolled.failures.is_empty() {
-                            tracing::warn!(
-                                failures = ?rolled.failures,
-                                "rollback of a cancelled sequence incomplete"
-                            );
-                        }
-                        if rolled.device_left {
-                            hold.in_doubt();
-                        }
-                    }
-                    .instrument(span),
-                );
-                if let Some(inner) = inner {
-                    inner.track_rollback(task);
+        let core = hold.inner();
+        let undone = clean_up_after_drop(
+            core.as_deref(),
+            &self.id,
+            "cancelled",
+            hold,
+            |hold| async move {
+                let rolled = roll_back(&client, undo).await;
+                if !rolled.failures.is_empty() {
+                    tracing::warn!(
+                        failures = ?rolled.failures,
+                        "rollback of a cancelled sequence incomplete"
+                    );
                 }
-            }
-            Err(_) => {
-                tracing::warn!(%id, "sequence dropped outside a runtime: cannot roll back; reconcile");
-                hold.leak();
-            }
+                if rolled.device_left {
+                    hold.in_doubt();
+                }
+            },
+        );
+        if let Err(hold) = undone {
+            hold.leak();
         }
     }
 }

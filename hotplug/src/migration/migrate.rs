@@ -31,7 +31,7 @@ use tracing::Instrument;
 use crate::error::{Error, MigrationFailure, Result};
 use crate::migration::storage_copy::{self, StorageCopy};
 use crate::spans::step;
-use crate::vm_core::{hotplug_span, Core};
+use crate::vm_core::{clean_up_after_drop, hotplug_span, Core};
 
 /// The QMP commands a migration uses on the source.
 const SOURCE_COMMANDS: &[&str] = &[
@@ -189,7 +189,7 @@ pub struct Progress {
 
 /// Sends `migrate_cancel` if dropped armed: a migration future dropped part-way cancels.
 struct CancelOnDrop {
-    client: Client,
+    source: Arc<Core>,
     armed: bool,
 }
 
@@ -198,14 +198,19 @@ impl Drop for CancelOnDrop {
         if !self.armed {
             return;
         }
-        let client = self.client.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
+        let client = self.source.client.clone();
+        let name = self.source.state().spec().name.clone();
+        let _ = clean_up_after_drop(
+            Some(&self.source),
+            &name,
+            "migration dropped",
+            (),
+            |()| async move {
                 if let Err(error) = client.execute(&MigrateCancel).await {
                     tracing::warn!(%error, "cancelling a dropped migration");
                 }
-            });
-        }
+            },
+        );
     }
 }
 
@@ -232,7 +237,7 @@ pub(crate) async fn migrate(
     let span = hotplug_span("migrate", &name);
     let was_running = source.client.execute(&QueryStatus).await?.running;
     let mut guard = CancelOnDrop {
-        client: source.client.clone(),
+        source: source.clone(),
         armed: false,
     };
     let outcome = run_migration(source, target, &options, progress, &mut guard)

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use qhotplug_cmdline::{Disk, NbdServer, TlsEndpoint};
+use qhotplug_cmdline::{names, Disk, NbdServer, TlsEndpoint};
 use qhotplug_qmp::command::{
     BlockExportAddNbd, BlockJobCancel, BlockdevMirror, NbdServerStart, QueryBlock,
 };
@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::kinds::Device;
 use crate::qemu::delete::Delete;
 use crate::spans::step;
-use crate::vm_core::Core;
+use crate::vm_core::{clean_up_after_drop, Core};
 
 /// The commands a storage copy uses on the source.
 const SOURCE_COMMANDS: &[&str] = &[
@@ -130,18 +130,6 @@ pub(crate) struct Copies {
     source_nodes: Vec<Delete>,
     /// What goes on the target (exports, then the server), in order.
     target_steps: Vec<Delete>,
-}
-
-/// The id of each side's `tls-creds-x509` object during a copy over TLS.
-const TLS_ID: &str = "mig-tls";
-
-fn job_id(disk: &str) -> String {
-    format!("mig-{disk}")
-}
-
-/// The source's NBD client node and raw node of disk `disk`.
-fn client_nodes(disk: &str) -> [String; 2] {
-    [format!("mig-{disk}-nbd"), format!("mig-{disk}-raw")]
 }
 
 /// The disks to copy: the chosen ones, or every local one, from the source's spec; each must be
@@ -263,14 +251,20 @@ async fn launch(
     if let Some((server_dir, client_dir)) = &copy.tls {
         // Each side's credentials object, removed after what uses it.
         let on_target =
-            qhotplug_cmdline::tls_creds(TLS_ID, server_dir, TlsEndpoint::Server).object_add();
+            qhotplug_cmdline::tls_creds(names::MIGRATION_TLS, server_dir, TlsEndpoint::Server)
+                .object_add();
         step("object-add", target.client.execute(&on_target)).await?;
-        copies.target_steps.push(Delete::Object(TLS_ID.into()));
+        copies
+            .target_steps
+            .push(Delete::Object(names::MIGRATION_TLS.into()));
         let on_source =
-            qhotplug_cmdline::tls_creds(TLS_ID, client_dir, TlsEndpoint::Client).object_add();
+            qhotplug_cmdline::tls_creds(names::MIGRATION_TLS, client_dir, TlsEndpoint::Client)
+                .object_add();
         step("object-add", source.client.execute(&on_source)).await?;
-        copies.source_nodes.push(Delete::Object(TLS_ID.into()));
-        tls_creds = Some(TLS_ID.to_owned());
+        copies
+            .source_nodes
+            .push(Delete::Object(names::MIGRATION_TLS.into()));
+        tls_creds = Some(names::MIGRATION_TLS.to_owned());
     }
     let server = NbdServerStart {
         addr: listen,
@@ -284,9 +278,9 @@ async fn launch(
         };
         let export = BlockExportAddNbd {
             kind: "nbd".into(),
-            id: job_id(&disk.id),
+            id: names::migration_job(&disk.id),
             node_name: theirs.top_node(),
-            name: disk.id.clone(),
+            name: names::export_name(&disk.id),
             writable: true,
             bitmaps: Vec::new(),
         };
@@ -294,12 +288,12 @@ async fn launch(
         // Exports go before the server.
         copies
             .target_steps
-            .insert(0, Delete::Export(job_id(&disk.id)));
+            .insert(0, Delete::Export(names::migration_job(&disk.id)));
     }
     for disk in disks {
-        let [nbd, raw] = client_nodes(&disk.id);
+        let [nbd, raw] = names::migration_client_nodes(&disk.id);
         let mut nbd_node = serde_json::json!({"driver": "nbd", "node-name": nbd,
-            "server": connect, "export": disk.id});
+            "server": connect, "export": names::export_name(&disk.id)});
         if let Some(creds) = &tls_creds {
             nbd_node["tls-creds"] = creds.clone().into();
         }
@@ -321,7 +315,7 @@ async fn launch(
             .source_nodes
             .insert(0, Delete::BlockNode(raw.clone()));
         let mirror = BlockdevMirror {
-            job_id: job_id(&disk.id),
+            job_id: names::migration_job(&disk.id),
             device: disk.top_node(),
             target: raw,
             sync: if copy.shallow { "top" } else { "full" }.into(),
@@ -331,7 +325,7 @@ async fn launch(
             auto_dismiss: Some(false),
         };
         step("blockdev-mirror", source.client.execute(&mirror)).await?;
-        copies.jobs.push(job_id(&disk.id));
+        copies.jobs.push(names::migration_job(&disk.id));
     }
     Ok(())
 }
@@ -452,22 +446,18 @@ impl Drop for Copies {
         if !self.armed {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let (source, target) = (self.source.clone(), self.target.clone());
         let jobs = std::mem::take(&mut self.jobs);
         let nodes = std::mem::take(&mut self.source_nodes);
         let steps = std::mem::take(&mut self.target_steps);
-        let span = tracing::info_span!(
-            crate::spans::ROLLBACK,
-            id = "migration",
-            reason = "migration dropped"
+        let name = source.state().spec().name.clone();
+        let _ = clean_up_after_drop(
+            Some(&self.source),
+            &name,
+            "storage copy dropped",
+            (),
+            |()| async move { undo(&source, &target, &jobs, &nodes, &steps).await },
         );
-        let task = runtime.spawn(
-            async move { undo(&source, &target, &jobs, &nodes, &steps).await }.instrument(span),
-        );
-        self.source.track_rollback(task);
     }
 }
 

@@ -21,9 +21,9 @@ use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
 use crate::live;
 use crate::storage::block_job::{BlockJob, Ends};
-use crate::storage::checkpoint::BACKUP_BITMAP;
 use crate::storage::new_image::{self, Backing, ImageSpec};
 use crate::vm_core::Core;
+use qhotplug_cmdline::names::{self, BACKUP_BITMAP};
 
 /// The commands a backup uses besides the checkpoints'.
 const COMMANDS: &[&str] = &[
@@ -245,11 +245,6 @@ impl Backup {
     }
 }
 
-/// A backup's job id on disk `disk`: `backup-<disk>`.
-pub(crate) fn job_id(disk: &str) -> String {
-    format!("backup-{disk}")
-}
-
 /// See [`Vm::backup`](crate::Vm::backup).
 pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Backup> {
     core.require("backup", COMMANDS).await?;
@@ -331,7 +326,7 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
         );
         actions.append(&mut at.actions);
         actions.push(TransactionAction::of(&BlockdevBackup {
-            job_id: job_id(&disk.id),
+            job_id: names::backup_job(&disk.id),
             device: disk.top_node(),
             target: disk.with_top(&image.layer).top_node(),
             sync: if incremental { "incremental" } else { "full" }.into(),
@@ -365,7 +360,7 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
             on_complete: nodes.clone(),
             on_abort: nodes,
         };
-        let job = BlockJob::new(core, job_id(&id), events, mark, ends)
+        let job = BlockJob::new(core, names::backup_job(&id), events, mark, ends)
             .created(layer.path.clone(), fdset)
             .also_ending(
                 at.temporary.clone().into_iter().collect(),

@@ -19,11 +19,11 @@ use qhotplug_qmp::command::{
 use qhotplug_qmp::EventStream;
 use tracing::Instrument;
 
-use crate::engine::holds::Busy;
+use crate::engine::holds::{Busy, Hold};
 use crate::error::{Error, Result};
 use crate::qemu::delete::Delete;
 use crate::qemu::jobs;
-use crate::vm_core::Core;
+use crate::vm_core::{clean_up_after_drop, Core};
 
 /// How long a job asked to end may take to conclude.
 const END_WAIT: Duration = Duration::from_secs(60);
@@ -428,9 +428,6 @@ impl Drop for BlockJob {
         let Some(mut events) = self.events.take() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let busy = self.busy.take();
         let job = BlockJob {
             core: self.core.clone(),
@@ -443,9 +440,12 @@ impl Drop for BlockJob {
             busy: None,
             progress: None,
         };
-        let span = tracing::info_span!(crate::spans::ROLLBACK, id = %self.after.id, reason = "job handle dropped");
-        let task = runtime.spawn(
-            async move {
+        let cancelled = clean_up_after_drop(
+            Some(&self.core),
+            &self.after.id,
+            "job handle dropped",
+            busy,
+            |busy| async move {
                 if let Err(error) = jobs::cancel(&job.core.client, &job.job).await {
                     tracing::warn!(%error, "the dropped job could not be cancelled");
                 }
@@ -453,9 +453,11 @@ impl Drop for BlockJob {
                     tracing::warn!(%error, "the dropped job's end was not clean");
                 }
                 drop(busy);
-            }
-            .instrument(span),
+            },
         );
-        self.core.track_rollback(task);
+        // The job runs on: the disk stays busy until a reconcile.
+        if let Err(Some(busy)) = cancelled {
+            busy.leak();
+        }
     }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use tracing::Instrument;
 
+use qhotplug_cmdline::names::{self, BACKUP_BITMAP};
 use qhotplug_cmdline::{Disk, Format};
 use qhotplug_qmp::command::{
     BlockDirtyBitmapAdd, BlockDirtyBitmapDisable, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove,
@@ -35,10 +36,6 @@ pub(crate) const COMMANDS: &[&str] = &[
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-enable",
 ];
-
-/// The bitmap a backup in progress copies from, on the disk's top node (one backup per disk at
-/// a time: the disk's busy mark).
-pub(crate) const BACKUP_BITMAP: &str = "qhotplug-backup";
 
 /// One checkpoint of a disk, as QEMU has it ([`Vm::checkpoints`](crate::Vm::checkpoints)).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -375,10 +372,7 @@ async fn merged_count(core: &Core, node: &str, chain: &[String]) -> Result<u64> 
         return Ok(count(&bitmaps_of(core, node).await?, one));
     }
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let scratch = format!(
-        "qhotplug-size-{}",
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
+    let scratch = names::scratch_bitmap(N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let add = TransactionAction::of(&BlockDirtyBitmapAdd {
         node: node.to_owned(),
         name: scratch.clone(),

@@ -39,7 +39,7 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, layer: Option<usize>) -> R
     };
     let client = core.client.clone();
     let events = client.events();
-    let job = job_id(id, layer.map(|_| &top));
+    let job = qhotplug_cmdline::names::commit_job(id, layer.map(|_| top.generation));
     let commit = BlockCommit {
         job_id: job.clone(),
         device: disk.top_node(),
@@ -52,15 +52,6 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, layer: Option<usize>) -> R
     tracing::Instrument::instrument(client.execute(&commit), span).await?;
     tracing::info!(job, "commit started");
     Ok(BlockJob::new(core, job, events, busy, ends))
-}
-
-/// A commit's job id: `commit-<disk>` for the active commit, `commit-<disk>-gen<n>` for the
-/// intermediate commit of the layer of generation `n`, so a later process can tell which it is.
-pub(crate) fn job_id(disk: &str, layer: Option<&DiskLayer>) -> String {
-    match layer {
-        None => format!("commit-{disk}"),
-        Some(layer) => format!("commit-{disk}-gen{}", layer.generation),
-    }
 }
 
 /// The layer a commit merges (`layer` `None`: the top), the one it merges into, and what its end

@@ -91,17 +91,17 @@ fn handle(
                 generation: disk.next_generation(),
             };
             let ends = mirror::ends(&disk, &layer, false);
-            (mirror::job_id(id), ends, Some(target))
+            (names::mirror_job(id), ends, Some(target))
         }
         JobOrigin::ActiveCommit => {
             let (_, _, ends) = commit::plan(&disk, None)?;
-            (commit::job_id(id, None), ends, None)
+            (names::commit_job(id, None), ends, None)
         }
         JobOrigin::LayerCommit { layer } => {
             let (top, _, ends) = commit::plan(&disk, Some(layer))?;
-            (commit::job_id(id, Some(&top)), ends, None)
+            (names::commit_job(id, Some(top.generation)), ends, None)
         }
-        JobOrigin::Stream => (stream::job_id(id), stream::ends(&disk), None),
+        JobOrigin::Stream => (names::stream_job(id), stream::ends(&disk), None),
     };
     let info = listed.iter().find(|j| j.id == job)?;
     tracing::info!(job, status = %info.status, "found a job");
@@ -151,11 +151,11 @@ pub(crate) async fn all(core: &Arc<Core>) -> Result<Vec<BlockJob>> {
 /// name first); `Some(None)`: a mirror, whose target is QEMU's fd.
 fn origin_of<'a>(id: &str, disks: &'a [Disk]) -> Option<(&'a Disk, Option<JobOrigin>)> {
     let exact = disks.iter().find_map(|d| {
-        let origin = if id == mirror::job_id(&d.id) {
+        let origin = if id == names::mirror_job(&d.id) {
             None
-        } else if id == commit::job_id(&d.id, None) {
+        } else if id == names::commit_job(&d.id, None) {
             Some(JobOrigin::ActiveCommit)
-        } else if id == stream::job_id(&d.id) {
+        } else if id == names::stream_job(&d.id) {
             Some(JobOrigin::Stream)
         } else {
             return None;
@@ -167,7 +167,7 @@ fn origin_of<'a>(id: &str, disks: &'a [Disk]) -> Option<(&'a Disk, Option<JobOri
             let layer = d
                 .backing
                 .iter()
-                .position(|l| id == commit::job_id(&d.id, Some(l)))?;
+                .position(|l| id == names::commit_job(&d.id, Some(l.generation)))?;
             Some((d, Some(JobOrigin::LayerCommit { layer })))
         })
     })

@@ -155,7 +155,7 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, config: MirrorConfig) -> R
         Err(error) => return Err(txn.abort(error).await),
     };
     let target = disk.with_top(&image.layer);
-    let job = job_id(id);
+    let job = qhotplug_cmdline::names::mirror_job(id);
     let mirror = BlockdevMirror {
         job_id: job.clone(),
         device: disk.top_node(),
@@ -201,9 +201,4 @@ pub(crate) fn ends(disk: &Disk, target: &DiskLayer, top_only: bool) -> Ends {
         on_complete,
         on_abort: target.node_names(&disk.id).into(),
     }
-}
-
-/// A mirror's job id: `mirror-<disk>`.
-pub(crate) fn job_id(disk: &str) -> String {
-    format!("mirror-{disk}")
 }

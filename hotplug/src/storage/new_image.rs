@@ -161,7 +161,7 @@ async fn format_qcow2<H: Hold>(
     size: u64,
     header: Option<&DiskLayer>,
 ) -> Result<()> {
-    let job = format!("create-{}", image.top_node());
+    let job = qhotplug_cmdline::names::create_job(&image.top_node());
     let mut options =
         serde_json::json!({"driver": "qcow2", "file": image.file_node(), "size": size});
     if let Some(layer) = header {

@@ -25,9 +25,9 @@ use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
 use crate::live;
 use crate::qemu::delete::Delete;
-use crate::storage::checkpoint::BACKUP_BITMAP;
 use crate::storage::new_image::{self, Backing, ImageSpec};
-use crate::vm_core::Core;
+use crate::vm_core::{clean_up_after_drop, Core};
+use qhotplug_cmdline::names::{self, BACKUP_BITMAP};
 
 /// The commands a pull backup uses besides the checkpoints'.
 const COMMANDS: &[&str] = &[
@@ -151,7 +151,7 @@ impl PullBackup {
     /// since the checkpoint (`qemu:dirty-bitmap:qhotplug-backup`); `None` for a full one.
     pub fn dirty_bitmap(&self) -> Option<String> {
         self.incremental
-            .then(|| format!("qemu:dirty-bitmap:{BACKUP_BITMAP}"))
+            .then(|| names::dirty_bitmap_context(BACKUP_BITMAP))
     }
 
     /// The reader is done: everything is torn down in order, and the new checkpoint stays
@@ -178,41 +178,40 @@ impl Drop for PullBackup {
         let Some(busy) = self.busy.take() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let core = self.core.clone();
         let served = std::mem::take(&mut self.served);
-        let span = tracing::info_span!(
-            crate::spans::ROLLBACK,
-            id = "pull-backup",
-            reason = "pull backup handle dropped"
-        );
-        let task = runtime.spawn(
-            async move {
+        let disks: Vec<&str> = served.iter().map(|s| s.after.id.as_str()).collect();
+        let id = disks.join(",");
+        let ended = clean_up_after_drop(
+            Some(&self.core),
+            &id,
+            "pull backup handle dropped",
+            busy,
+            |busy| async move {
                 if let Err(error) = end(&core, served, false).await {
                     tracing::warn!(%error, "the dropped pull backup's end was not clean");
                 }
                 drop(busy);
-            }
-            .instrument(span),
+            },
         );
-        self.core.track_rollback(task);
+        // Its exports and jobs stay: the disks stay busy until a reconcile.
+        if let Err(busy) = ended {
+            busy.leak();
+        }
     }
-}
-
-/// A pull backup's export and job id on disk `disk`: `pull-<disk>`.
-fn pull_id(disk: &str) -> String {
-    format!("pull-{disk}")
 }
 
 /// Tears a pull backup down in order; `keep`: the new checkpoints stay (the spec gets them).
 async fn end(core: &Core, served: Vec<Served>, keep: bool) -> Result<Vec<Disk>> {
     let mut steps: Vec<Delete> = served
         .iter()
-        .map(|s| Delete::Export(pull_id(&s.after.id)))
+        .map(|s| Delete::Export(names::pull_job(&s.after.id)))
         .collect();
-    steps.extend(served.iter().map(|s| Delete::Job(pull_id(&s.after.id))));
+    steps.extend(
+        served
+            .iter()
+            .map(|s| Delete::Job(names::pull_job(&s.after.id))),
+    );
     steps.push(Delete::NbdServer);
     for s in &served {
         steps.extend(s.nodes.iter().cloned().map(Delete::BlockNode));
@@ -312,7 +311,7 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
         nows.push(at.now);
         let target = disk.with_top(&scratch.layer);
         actions.push(TransactionAction::of(&BlockdevBackup {
-            job_id: pull_id(&disk.id),
+            job_id: names::pull_job(&disk.id),
             device: disk.top_node(),
             target: target.top_node(),
             sync: "none".into(),
@@ -321,7 +320,7 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
             auto_finalize: None,
             auto_dismiss: Some(false),
         }));
-        undos.push(Delete::Job(pull_id(&disk.id)));
+        undos.push(Delete::Job(names::pull_job(&disk.id)));
         served.push(Served {
             after: at.after,
             scratch: scratch.layer.path.clone(),
@@ -349,12 +348,12 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
     )
     .await?;
     for s in &served {
-        let id = pull_id(&s.after.id);
+        let id = names::pull_job(&s.after.id);
         let export = BlockExportAddNbd {
             kind: "nbd".into(),
             id: id.clone(),
             node_name: s.nodes[0].clone(),
-            name: s.after.id.clone(),
+            name: names::export_name(&s.after.id),
             writable: false,
             bitmaps: if incremental {
                 vec![BACKUP_BITMAP.into()]

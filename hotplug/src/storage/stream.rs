@@ -32,7 +32,7 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str) -> Result<BlockJob> {
     }
     let client = core.client.clone();
     let events = client.events();
-    let job = job_id(id);
+    let job = qhotplug_cmdline::names::stream_job(id);
     let stream = BlockStream {
         job_id: job.clone(),
         device: disk.top_node(),
@@ -57,9 +57,4 @@ pub(crate) fn ends(disk: &Disk) -> Ends {
         on_complete,
         on_abort: Vec::new(),
     }
-}
-
-/// A stream's job id: `stream-<disk>`.
-pub(crate) fn job_id(disk: &str) -> String {
-    format!("stream-{disk}")
 }
