@@ -6,15 +6,13 @@
 
 use std::sync::Arc;
 
-use qhotplug_cmdline::{names, Disk};
-use qhotplug_qmp::command::{
-    BlockInfo, BlockResize, BlockSetIoThrottle, IoLimits, QueryBlock, SetLink,
-};
+use qhotplug_qmp::command::{BlockResize, BlockSetIoThrottle, IoLimits, SetLink};
 use tracing::Instrument;
 
 use crate::engine::holds;
 use crate::error::{Error, Result};
 use crate::kinds::{Device, DeviceKind};
+use crate::qemu::block::{self, Blocks};
 use crate::vm_core::Core;
 
 /// The sector size QEMU resizes in.
@@ -61,25 +59,6 @@ pub(crate) async fn set_io_limits(core: &Arc<Core>, id: &str, limits: IoLimits) 
     Ok(())
 }
 
-/// The size disk `disk`'s guest sees, from `query-block` (the image its device runs on; not
-/// `query-named-block-nodes`, which QEMU crashes answering while a concluded stream job waits
-/// to be dismissed).
-pub(crate) async fn virtual_size(core: &Core, disk: &Disk) -> Result<u64> {
-    let node = disk.top_node();
-    core.client
-        .execute(&QueryBlock)
-        .await?
-        .into_iter()
-        .filter_map(|b| b.inserted)
-        .find(|i| i.node_name.as_deref() == Some(node.as_str()))
-        .and_then(|i| i.image)
-        .map(|i| i.virtual_size as u64)
-        .ok_or_else(|| Error::NotFound {
-            kind: DeviceKind::Disk,
-            id: disk.id.clone(),
-        })
-}
-
 /// See [`Vm::resize_disk`](crate::Vm::resize_disk) and [`Vm::shrink_disk`](crate::Vm::shrink_disk).
 pub(crate) async fn resize(core: &Arc<Core>, id: &str, size: u64, may_shrink: bool) -> Result<u64> {
     core.require("online disk resize", &["block_resize"])
@@ -97,7 +76,7 @@ pub(crate) async fn resize(core: &Arc<Core>, id: &str, size: u64, may_shrink: bo
         });
     }
     let node = disk.top_node();
-    let current = virtual_size(core, &disk).await?;
+    let current = block::disk_size(&core.client, &disk).await?;
     if size < current && !may_shrink {
         return Err(Error::ShrinkRefused {
             id: id.to_owned(),
@@ -118,30 +97,13 @@ pub(crate) async fn resize(core: &Arc<Core>, id: &str, size: u64, may_shrink: bo
     Ok(current)
 }
 
-/// Device `id`'s I/O limits as `query-block` shows them, without the implicit throttle group
-/// QEMU names after the device when none was given.
-pub(crate) fn limits_in(blocks: &[BlockInfo], id: &str) -> Option<IoLimits> {
-    let block = blocks.iter().find(|b| {
-        b.qdev
-            .as_deref()
-            .is_some_and(|q| q.split('/').any(|part| part == id))
-    })?;
-    let mut limits = block.inserted.as_ref()?.limits.clone();
-    if limits
-        .group
-        .as_deref()
-        .is_some_and(|g| names::is_implicit_throttle_group(id, g))
-    {
-        limits.group = None;
-    }
-    Some(limits)
-}
-
 /// See [`Vm::io_limits`](crate::Vm::io_limits).
 pub(crate) async fn io_limits(core: &Core, id: &str) -> Result<IoLimits> {
-    let blocks = core.client.execute(&QueryBlock).await?;
-    limits_in(&blocks, id).ok_or_else(|| Error::NotFound {
-        kind: DeviceKind::Disk,
-        id: id.to_owned(),
-    })
+    Blocks::read(&core.client)
+        .await?
+        .limits_of(id)
+        .ok_or_else(|| Error::NotFound {
+            kind: DeviceKind::Disk,
+            id: id.to_owned(),
+        })
 }

@@ -23,7 +23,6 @@ use std::time::Duration;
 use qhotplug_cmdline::{Cdrom, CdromBus, DeviceModel, Medium};
 use qhotplug_qmp::command::{
     BlockInfo, BlockdevCloseTray, BlockdevInsertMedium, BlockdevOpenTray, BlockdevRemoveMedium,
-    QueryBlock,
 };
 use qhotplug_qmp::EventKind;
 use tokio::time::Instant;
@@ -34,6 +33,7 @@ use crate::engine::transaction::Transaction;
 use crate::engine::{keep_master_key, run_secret_backends};
 use crate::error::{Error, Result};
 use crate::kinds::{medium_backends, Device, DeviceKind, Placed};
+use crate::qemu::block::Blocks;
 use crate::qemu::delete::{with_tray_open, Delete};
 use crate::vm_core::Core;
 
@@ -105,14 +105,7 @@ pub(crate) async fn tray_status(core: &Core, id: &str) -> Result<TrayStatus> {
 
 /// Drive `id` as `query-block` shows it.
 async fn query_drive(core: &Core, id: &str) -> Result<BlockInfo> {
-    let blocks = core.client.execute(&QueryBlock).await?;
-    blocks
-        .into_iter()
-        .find(|b| b.qdev.as_deref() == Some(id))
-        .ok_or_else(|| Error::NotFound {
-            kind: DeviceKind::Cdrom,
-            id: id.to_owned(),
-        })
+    Ok(Blocks::read(&core.client).await?.cdrom(id)?.clone())
 }
 
 /// See [`Vm::change_medium`](crate::Vm::change_medium). Its stages: the new drive's description

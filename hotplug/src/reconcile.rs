@@ -5,14 +5,14 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use qhotplug_cmdline::names;
-use qhotplug_qmp::command::{QomList, QueryBlock, QueryChardev, QueryFdsets, QueryPci, SetLink};
+use qhotplug_qmp::command::{QomList, QueryChardev, QueryFdsets, QueryPci, SetLink};
 use qhotplug_qmp::Client;
 
 use crate::discover::scan_peripherals;
 use crate::engine::holds::{self, Cleaning};
 use crate::error::Result;
 use crate::kinds::{Device, DeviceKind};
-use crate::live;
+use crate::qemu::block::Blocks;
 use crate::qemu::delete::{Delete, Outcome};
 use crate::state::Entry;
 use crate::vm_core::Core;
@@ -84,7 +84,7 @@ struct Seen {
     fdsets: Vec<qhotplug_qmp::command::FdsetInfo>,
     chardevs: HashSet<String>,
     objects: HashSet<String>,
-    blocks: Vec<qhotplug_qmp::command::BlockInfo>,
+    blocks: Blocks,
 }
 
 impl Seen {
@@ -93,7 +93,7 @@ impl Seen {
         let found = scan_peripherals(client).await?;
         // Not listed while a job waits to be dismissed (QEMU would crash): no node is judged
         // then, and a later reconcile, once the job's handle ended it, cleans up.
-        let nodes = crate::qemu::jobs::named_block_nodes(client)
+        let nodes = crate::qemu::block::named_block_nodes(client)
             .await?
             .unwrap_or_default()
             .into_iter()
@@ -114,7 +114,7 @@ impl Seen {
             .filter(|o| o.child_type().is_some())
             .map(|o| o.name)
             .collect();
-        let blocks = client.execute(&QueryBlock).await?;
+        let blocks = Blocks::read(client).await?;
         Ok(Seen {
             pci,
             found,
@@ -177,7 +177,7 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
         if !report.adopted.contains(&disk.id) && !judged(&disk.id) {
             continue;
         }
-        if let Some(limits) = live::limits_in(&seen.blocks, &disk.id) {
+        if let Some(limits) = seen.blocks.limits_of(&disk.id) {
             let limits = Some(limits).filter(|l| !l.is_unlimited());
             if disk.io_limits != limits {
                 tracing::info!(id = %disk.id, ?limits, "reconcile: I/O limits as QEMU has them");
@@ -194,8 +194,7 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
         }
         let empty = seen
             .blocks
-            .iter()
-            .find(|b| b.qdev.as_deref() == Some(cd.id.as_str()))
+            .drive(&cd.id)
             .is_some_and(|b| b.inserted.is_none());
         if empty && cd.medium.is_some() {
             tracing::info!(id = %cd.id, "reconcile: the drive is empty in QEMU");

@@ -221,6 +221,22 @@ fn formats_a_name(line: &str) -> bool {
 }
 
 #[test]
+fn query_block_is_sent_only_by_the_block_view() {
+    // The qmp crate defines the command; the mock plays QEMU; the harness checks QEMU's state.
+    let allowed = [
+        "hotplug/src/qemu/block.rs",
+        "qmp/src/command/block.rs",
+        "mock/src/model.rs",
+        "mock/src/qemu.rs",
+    ];
+    let found = offenders(&allowed, |l| l.contains("QueryBlock"));
+    assert!(
+        found.is_empty(),
+        "query-block outside qemu/block.rs: {found:#?}"
+    );
+}
+
+#[test]
 fn only_the_handle_names_vm() {
     let allowed = ["hotplug/src/vm.rs", "hotplug/src/lib.rs"];
     let found = offenders(&allowed, |l| {

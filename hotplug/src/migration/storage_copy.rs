@@ -16,13 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qhotplug_cmdline::{names, Disk, NbdServer, TlsEndpoint};
-use qhotplug_qmp::command::{
-    BlockExportAddNbd, BlockJobCancel, BlockdevMirror, NbdServerStart, QueryBlock,
-};
+use qhotplug_qmp::command::{BlockExportAddNbd, BlockJobCancel, BlockdevMirror, NbdServerStart};
 use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::kinds::Device;
+use crate::qemu::block::Blocks;
 use crate::qemu::delete::Delete;
 use crate::spans::step;
 use crate::vm_core::{clean_up_after_drop, Core};
@@ -162,15 +161,8 @@ async fn disks_to_copy(source: &Core, target: &Core, copy: &StorageCopy) -> Resu
             }
         }
     };
-    let sizes = |blocks: Vec<qhotplug_qmp::command::BlockInfo>| -> Vec<(String, i64)> {
-        blocks
-            .into_iter()
-            .filter_map(|b| b.inserted)
-            .filter_map(|i| Some((i.node_name?, i.image?.virtual_size)))
-            .collect()
-    };
-    let here = sizes(source.client.execute(&QueryBlock).await?);
-    let there = sizes(target.client.execute(&QueryBlock).await?);
+    let here = Blocks::read(&source.client).await?;
+    let there = Blocks::read(&target.client).await?;
     for disk in &disks {
         let Some(Device::Disk(theirs)) = target.state().device(&disk.id) else {
             return Err(Error::InvalidMigration(format!(
@@ -178,12 +170,9 @@ async fn disks_to_copy(source: &Core, target: &Core, copy: &StorageCopy) -> Resu
                 disk.id
             )));
         };
-        let size = |list: &[(String, i64)], node: &str| {
-            list.iter().find(|(n, _)| n == node).map(|(_, s)| *s)
-        };
         let (ours, its) = (
-            size(&here, &disk.top_node()),
-            size(&there, &theirs.top_node()),
+            here.size_of(&disk.top_node()),
+            there.size_of(&theirs.top_node()),
         );
         if ours != its {
             return Err(Error::InvalidMigration(format!(

@@ -137,28 +137,6 @@ pub(crate) async fn cancel(client: &Client, id: &str) -> Result<bool> {
     }
 }
 
-/// `query-named-block-nodes`, unless a job is `concluded` and not yet dismissed: QEMU 7.2 and
-/// 10.0 crash (a segfault) answering it while a `block-stream` job waits in that state, which
-/// is where a job an earlier process started and nobody has dismissed sits. `None` then.
-pub(crate) async fn named_block_nodes(client: &Client) -> Result<Option<Vec<String>>> {
-    let concluded = client
-        .execute(&QueryJobs)
-        .await?
-        .into_iter()
-        .any(|j| j.status == "concluded");
-    if concluded {
-        tracing::warn!("a job is concluded and not dismissed: block nodes not listed (QEMU crashes listing them then)");
-        return Ok(None);
-    }
-    let nodes = client
-        .execute(&qhotplug_qmp::command::QueryNamedBlockNodes { flat: Some(true) })
-        .await?
-        .into_iter()
-        .filter_map(|n| n.node_name)
-        .collect();
-    Ok(Some(nodes))
-}
-
 /// Storage jobs and snapshots work on disks of local images: a network disk's layers would need
 /// a backend each in the chain the spec records, which it does not have yet.
 pub(crate) fn require_local(operation: &'static str, disk: &qhotplug_cmdline::Disk) -> Result<()> {

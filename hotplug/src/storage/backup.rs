@@ -19,7 +19,6 @@ use qhotplug_qmp::command::{BlockdevBackup, JobInfo, QmpTransaction, Transaction
 
 use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
-use crate::live;
 use crate::storage::block_job::{BlockJob, Ends};
 use crate::storage::new_image::{self, Backing, ImageSpec};
 use crate::vm_core::Core;
@@ -297,7 +296,7 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
             generation: disk.next_generation(),
         };
         let made = async {
-            let size = live::virtual_size(core, disk).await?;
+            let size = crate::qemu::block::disk_size(&core.client, disk).await?;
             let new = ImageSpec {
                 layer,
                 size,

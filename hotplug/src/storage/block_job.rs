@@ -414,13 +414,9 @@ impl BlockJob {
 
 /// The nodes QEMU's block devices run on (`query-block`).
 async fn roots(core: &Core) -> Result<Vec<String>> {
-    Ok(core
-        .client
-        .execute(&qhotplug_qmp::command::QueryBlock)
+    Ok(crate::qemu::block::Blocks::read(&core.client)
         .await?
-        .into_iter()
-        .filter_map(|b| b.inserted.and_then(|i| i.node_name))
-        .collect())
+        .roots())
 }
 
 impl Drop for BlockJob {

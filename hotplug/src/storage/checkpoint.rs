@@ -17,12 +17,13 @@ use qhotplug_cmdline::names::{self, BACKUP_BITMAP};
 use qhotplug_cmdline::{Disk, Format};
 use qhotplug_qmp::command::{
     BlockDirtyBitmapAdd, BlockDirtyBitmapDisable, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove,
-    BlockInfo, DirtyBitmapInfo, QmpTransaction, QueryBlock, TransactionAction,
+    DirtyBitmapInfo, QmpTransaction, TransactionAction,
 };
 
 use crate::engine::holds;
 use crate::error::{CheckpointProblem, Error, Result};
 use crate::kinds::{Device, DeviceKind};
+use crate::qemu::block::Blocks;
 use crate::qemu::delete::Delete;
 use crate::vm_core::Core;
 
@@ -93,13 +94,12 @@ pub(crate) struct Checkpoints {
 impl Checkpoints {
     /// Reads disk `disk`'s bitmaps from QEMU.
     pub(crate) async fn read(core: &Core, disk: Disk) -> Result<Checkpoints> {
-        let blocks = core.client.execute(&QueryBlock).await?;
-        Ok(Checkpoints::of(disk, &blocks))
+        Ok(Checkpoints::of(disk, &Blocks::read(&core.client).await?))
     }
 
     /// Disk `disk`'s checkpoints against its top node's bitmaps in `blocks` (`query-block`).
-    pub(crate) fn of(disk: Disk, blocks: &[BlockInfo]) -> Checkpoints {
-        let have = bitmaps_in(blocks, &disk.top_node());
+    pub(crate) fn of(disk: Disk, blocks: &Blocks) -> Checkpoints {
+        let have = blocks.bitmaps_of(&disk.top_node());
         let bitmaps = disk
             .checkpoints
             .iter()
@@ -292,7 +292,7 @@ pub(crate) async fn plan(
         disks.push(disk);
     }
     // Every disk's bitmaps from one `query-block`.
-    let blocks = core.client.execute(&QueryBlock).await?;
+    let blocks = Blocks::read(&core.client).await?;
     let mut plans = Vec::new();
     for disk in disks {
         let checkpoints = Checkpoints::of(disk, &blocks);
@@ -340,21 +340,9 @@ pub(crate) async fn list(core: &Arc<Core>, id: &str) -> Result<Vec<CheckpointInf
     Ok(out)
 }
 
-/// The dirty bitmaps of block node `node`, the root of a device, from `query-block` (not
-/// `query-named-block-nodes`, which crashes QEMU while some job waits concluded: see
-/// `jobs::named_block_nodes`).
+/// The dirty bitmaps of block node `node`, the root of a device, from a fresh `query-block`.
 async fn bitmaps_of(core: &Core, node: &str) -> Result<Vec<DirtyBitmapInfo>> {
-    Ok(bitmaps_in(&core.client.execute(&QueryBlock).await?, node))
-}
-
-/// The dirty bitmaps of root node `node` in `blocks` (`query-block`).
-fn bitmaps_in(blocks: &[BlockInfo], node: &str) -> Vec<DirtyBitmapInfo> {
-    blocks
-        .iter()
-        .filter_map(|b| b.inserted.as_ref())
-        .find(|i| i.node_name.as_deref() == Some(node))
-        .map(|i| i.dirty_bitmaps.clone())
-        .unwrap_or_default()
+    Ok(Blocks::read(&core.client).await?.bitmaps_of(node))
 }
 
 /// The bytes bitmap `name` of `bitmaps` marks.

@@ -21,7 +21,6 @@ use crate::engine::holds;
 use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
 use crate::kinds::{Device, DeviceKind};
-use crate::live;
 use crate::qemu::jobs;
 use crate::storage::block_job::{BlockJob, Ends};
 use crate::storage::new_image::{self, Backing, ImageSpec};
@@ -130,7 +129,7 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, config: MirrorConfig) -> R
             ),
         });
     }
-    let size = live::virtual_size(core, &disk).await?;
+    let size = crate::qemu::block::disk_size(&core.client, &disk).await?;
     let layer = DiskLayer {
         path: config.target.clone(),
         format: config.format,

@@ -23,7 +23,6 @@ use tracing::Instrument;
 use crate::engine::holds::Busy;
 use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
-use crate::live;
 use crate::qemu::delete::Delete;
 use crate::storage::new_image::{self, Backing, ImageSpec};
 use crate::vm_core::{clean_up_after_drop, Core};
@@ -282,7 +281,7 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
                     format: Format::Qcow2,
                     generation: disk.next_generation(),
                 },
-                size: live::virtual_size(core, disk).await?,
+                size: crate::qemu::block::disk_size(&core.client, disk).await?,
                 backing: Backing::Node(&top),
                 job_target: false,
             };

@@ -17,7 +17,6 @@ use crate::engine::holds::{self, Busy};
 use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
 use crate::kinds::{Device, DeviceKind};
-use crate::live;
 use crate::storage::new_image::{self, Backing, ImageSpec};
 use crate::vm_core::Core;
 
@@ -96,7 +95,7 @@ pub(crate) async fn snapshot(core: &Arc<Core>, config: SnapshotConfig) -> Result
             header: Some(&under),
         };
         let made = async {
-            let size = live::virtual_size(core, disk).await?;
+            let size = crate::qemu::block::disk_size(&core.client, disk).await?;
             let new = ImageSpec {
                 layer,
                 size,
