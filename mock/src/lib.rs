@@ -51,14 +51,17 @@
 
 #![warn(missing_docs)]
 
+mod args;
 mod model;
 mod qemu;
 mod scripted;
+mod storage;
 mod sys;
 
 pub use model::{MockBlockNode, MockDevice, MockFdset, MockPlace, MockVirtioMem};
 pub use qemu::{GuestPower, GuestUnplug, MockQemu, ReceivedFd};
 pub use scripted::{default_greeting, event_json, greeting, schema, MockServer, Received};
+pub use storage::{MockBitmap, MockExport, MockJob};
 
 /// The README, compiled as a doctest so its example stays true.
 #[cfg(doctest)]

@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use crate::args::{error_reply, generic, not_found, required, str_arg, Reply};
+use crate::storage::{Graph, Storage};
 use crate::{GuestPower, GuestUnplug};
 
 /// A device, as the mock holds it.
@@ -118,8 +120,18 @@ pub struct MockBlockNode {
     pub filename: Option<String>,
     /// Read-only.
     pub read_only: bool,
+    /// The node it stands on, for a format node with a backing image (`backing`, a snapshot's
+    /// overlay, what a stream or commit leaves).
+    pub backing: Option<String>,
     /// The fd it holds (its own dup of the fd set's, as QEMU's).
     fd: Option<Arc<OwnedFd>>,
+}
+
+impl MockBlockNode {
+    /// The fd it holds, for a protocol node opened from an fd set.
+    pub(crate) fn fd(&self) -> Option<Arc<OwnedFd>> {
+        self.fd.clone()
+    }
 }
 
 /// An fd set as `query-fdsets` shows it: each fd's number in the mock and its `opaque`.
@@ -185,33 +197,8 @@ pub(crate) struct Model {
     object_sizes: Vec<(String, u64)>,
     /// The balloon's target, once the guest reached it.
     balloon_actual: Option<u64>,
-}
-
-type Reply = Result<Value, (&'static str, String)>;
-
-fn generic(desc: impl Into<String>) -> (&'static str, String) {
-    ("GenericError", desc.into())
-}
-
-fn not_found(desc: impl Into<String>) -> (&'static str, String) {
-    ("DeviceNotFound", desc.into())
-}
-
-/// An error reply, with the request's id echoed when it had one.
-pub(crate) fn error_reply(class: &str, desc: &str, id: Option<&Value>) -> Value {
-    let mut reply = json!({"error": {"class": class, "desc": desc}});
-    if let Some(id) = id {
-        reply["id"] = id.clone();
-    }
-    reply
-}
-
-fn str_arg<'a>(args: &'a Value, key: &str) -> Option<&'a str> {
-    args.get(key).and_then(Value::as_str)
-}
-
-fn required<'a>(args: &'a Value, key: &str) -> Result<&'a str, (&'static str, String)> {
-    str_arg(args, key).ok_or_else(|| generic(format!("Parameter '{key}' is missing")))
+    /// Jobs, bitmaps and NBD exports (`storage.rs`).
+    pub(crate) storage: Storage,
 }
 
 /// Removes the first item `matches` picks, and returns it; `None` when there is none (the
@@ -296,6 +283,9 @@ const COMMANDS: &[(&str, &[&str])] = &[
             "file",
             "read-only",
             "cache",
+            "backing",
+            "server",
+            "export",
         ],
     ),
     ("blockdev-del", &["node-name"]),
@@ -361,6 +351,7 @@ impl Model {
             memory: (128 * MIB, 0, None),
             object_sizes: Vec::new(),
             balloon_actual: None,
+            storage: Default::default(),
         }
     }
 
@@ -450,7 +441,28 @@ impl Model {
         self.exited = true;
     }
 
-    fn emit(&mut self, name: &str, data: Value) {
+    /// Runs `work` on the storage half with the block graph, then sends the events it made.
+    fn storage<T>(&mut self, work: impl FnOnce(&mut Storage, &mut Graph<'_>) -> T) -> T {
+        let mut events = Vec::new();
+        let mut graph = Graph {
+            nodes: &mut self.nodes,
+            devices: &mut self.devices,
+            events: &mut events,
+        };
+        let out = work(&mut self.storage, &mut graph);
+        for (name, data) in events {
+            self.emit(&name, data);
+        }
+        out
+    }
+
+    /// Moves every job as far as it goes without the user: after each reply, and when a test
+    /// lets held jobs go.
+    pub(crate) fn advance_jobs(&mut self) {
+        self.storage(|storage, g| storage.advance_jobs(g));
+    }
+
+    pub(crate) fn emit(&mut self, name: &str, data: Value) {
         let event = crate::event_json(name, data);
         self.subscribers.retain(|w| w.send(event.clone()).is_ok());
     }
@@ -506,6 +518,7 @@ impl Model {
             Err((class, desc)) => error_reply(class, &desc, id),
         };
         let _ = writer.send(reply);
+        self.advance_jobs();
         if self.exited {
             self.subscribers.retain(|w| w.send(Value::Null).is_ok());
             let _ = writer.send(Value::Null);
@@ -535,7 +548,11 @@ impl Model {
             "qmp_capabilities" => Ok(json!({})),
             "query-qmp-schema" => Ok(schema()),
             "query-commands" => Ok(Value::Array(
-                COMMANDS.iter().map(|(c, _)| json!({ "name": c })).collect(),
+                COMMANDS
+                    .iter()
+                    .chain(crate::storage::COMMANDS)
+                    .map(|(c, _)| json!({ "name": c }))
+                    .collect(),
             )),
             "query-status" => self.query_status(),
             "query-version" => Ok(self.greeting()["QMP"]["version"].clone()),
@@ -545,8 +562,6 @@ impl Model {
                 self.exit(false, "host-qmp-quit");
                 Ok(json!({}))
             }
-            // No job is modelled: QEMU with none running lists none.
-            "query-jobs" => Ok(json!([])),
             "system_powerdown" => {
                 self.emit("POWERDOWN", Value::Null);
                 if self.guest_power == GuestPower::PowersOff && self.running {
@@ -600,10 +615,14 @@ impl Model {
             "block_set_io_throttle" => self.block_set_io_throttle(args),
             "block_resize" => self.block_resize(args),
             "human-monitor-command" => self.human_monitor_command(args),
-            other => Err((
-                "CommandNotFound",
-                format!("The command {other} has not been found"),
-            )),
+            other => self
+                .storage(|storage, g| storage.command(g, other, args))
+                .unwrap_or_else(|| {
+                    Err((
+                        "CommandNotFound",
+                        format!("The command {other} has not been found"),
+                    ))
+                }),
         }
     }
 
@@ -1129,6 +1148,7 @@ impl Model {
                             {
                                 to.extend(limits.clone());
                             }
+                            inserted["dirty-bitmaps"] = self.storage.bitmaps_json(&node.node_name);
                             info["inserted"] = inserted;
                         }
                         (None, Some(_)) => {}
@@ -1217,6 +1237,7 @@ impl Model {
             file: None,
             filename: None,
             read_only,
+            backing: None,
             fd: None,
         };
         match driver {
@@ -1261,8 +1282,18 @@ impl Model {
                 if driver == "qcow2" && !child.fd.as_deref().is_some_and(is_qcow2) {
                     return Err(generic("Image is not in qcow2 format"));
                 }
+                if let Some(backing) = str_arg(args, "backing") {
+                    if !self.nodes.iter().any(|n| n.node_name == backing) {
+                        return Err(generic(format!(
+                            "Cannot find device='' nor node-name='{backing}'"
+                        )));
+                    }
+                    node.backing = Some(backing.into());
+                }
                 node.file = Some(file.into());
             }
+            // A storage migration's client of the other QEMU's export: nothing is connected.
+            "nbd" => node.filename = Some(format!("nbd:{}", str_arg(args, "export").unwrap_or(""))),
             other => return Err(generic(format!("Invalid parameter '{other}'"))),
         }
         self.nodes.push(node);
@@ -1280,6 +1311,7 @@ impl Model {
                 .devices
                 .iter()
                 .any(|d| d.drive.as_deref() == Some(name))
+            || self.storage(|storage, g| storage.holds(g, name))
         {
             return Err(generic(format!("Node '{name}' is busy: node is in use")));
         }
@@ -1707,12 +1739,16 @@ impl Model {
             .clone()
             .or_else(|| n.file.clone())
             .unwrap_or_default();
-        let size = self
+        let file_under = self
             .protocol_node(&n.node_name)
             .and_then(|p| p.fd.as_deref())
             .and_then(|fd| fd.try_clone().ok())
-            .and_then(|fd| std::fs::File::from(fd).metadata().ok())
-            .map_or(0, |m| m.len());
+            .map(std::fs::File::from);
+        let size = match (&file_under, n.driver.as_str()) {
+            (Some(f), "qcow2") => crate::storage::qcow2_size(f).unwrap_or(0),
+            (Some(f), _) => f.metadata().map_or(0, |m| m.len()),
+            (None, _) => 0,
+        };
         json!({"file": file, "node-name": n.node_name, "ro": n.read_only, "drv": n.driver,
                "encrypted": false, "detect_zeroes": "off", "bps": 0, "bps_rd": 0, "bps_wr": 0,
                "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0,
@@ -1731,7 +1767,8 @@ fn is_qcow2(fd: &OwnedFd) -> bool {
 /// The mock's QAPI schema: each command with its arguments, and the events it sends.
 fn schema() -> Value {
     let mut infos = Vec::new();
-    for (i, (name, args)) in COMMANDS.iter().enumerate() {
+    let commands = COMMANDS.iter().chain(crate::storage::COMMANDS);
+    for (i, (name, args)) in commands.enumerate() {
         let arg_type = format!("a{i}");
         let members: Vec<Value> = args
             .iter()
@@ -1743,7 +1780,7 @@ fn schema() -> Value {
                           "ret-type": "any", "allow-oob": false}),
         );
     }
-    for event in EVENTS {
+    for event in EVENTS.iter().chain(crate::storage::EVENTS) {
         infos.push(json!({"name": event, "meta-type": "event", "arg-type": "e"}));
     }
     let device_members = json!([{"name": "device", "type": "str", "default": null},

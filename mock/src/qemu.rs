@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use qhotplug_qmp::{Client, Config};
 
 use crate::model::{self, MockBlockNode, MockDevice, MockFdset};
+use crate::storage::{MockBitmap, MockExport, MockJob};
 
 /// What the mock's guest does when asked to let a device go (`device_del`). SCSI devices go at
 /// once whatever it does, as they do on a real virtio-scsi bus.
@@ -133,6 +134,44 @@ impl MockQemu {
     /// `blockdev-add` twice (protocol node, then format node) is failed at its second with `2`.
     pub fn fail_nth(&self, command: &str, nth: usize, desc: &str) {
         self.model().fail_nth(command, nth, desc);
+    }
+
+    /// While `hold` is true, every job stays `running` (a copy that takes its time); set it
+    /// false to let them go on.
+    pub fn hold_jobs(&self, hold: bool) {
+        let mut model = self.model();
+        model.storage.hold = hold;
+        if !hold {
+            model.advance_jobs();
+        }
+    }
+
+    /// Job `id` fails with `error` when it runs (now, if it is running): `aborting`, then
+    /// `concluded` with the error, as a job whose target failed.
+    pub fn fail_job(&self, id: &str, error: &str) {
+        let mut model = self.model();
+        model.storage.failing.push((id.into(), error.into()));
+        model.advance_jobs();
+    }
+
+    /// The jobs, as `query-jobs` lists them.
+    pub fn jobs(&self) -> Vec<MockJob> {
+        self.model().storage.jobs.clone()
+    }
+
+    /// The dirty bitmaps, on every node.
+    pub fn bitmaps(&self) -> Vec<MockBitmap> {
+        self.model().storage.bitmaps.clone()
+    }
+
+    /// The NBD exports.
+    pub fn exports(&self) -> Vec<MockExport> {
+        self.model().storage.exports.clone()
+    }
+
+    /// Whether the NBD server runs.
+    pub fn nbd_server(&self) -> bool {
+        self.model().storage.nbd_server
     }
 
     /// What the guest does from now on when asked to let a device go.
@@ -260,7 +299,7 @@ async fn serve(
                     Ok(v) => v,
                     Err(e) => {
                         let desc = format!("JSON parse error, {e}");
-                        let _ = writer.send(model::error_reply("GenericError", &desc, None));
+                        let _ = writer.send(crate::args::error_reply("GenericError", &desc, None));
                         continue;
                     }
                 };

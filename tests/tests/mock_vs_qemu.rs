@@ -13,7 +13,7 @@ use qhotplug::{
 };
 use qhotplug_mock::{GuestUnplug, MockQemu};
 use qhotplug_qmp::command::{
-    QomList, QueryBlock, QueryChardev, QueryFdsets, QueryNamedBlockNodes, QueryPci,
+    QomList, QueryBlock, QueryChardev, QueryFdsets, QueryJobs, QueryNamedBlockNodes, QueryPci,
 };
 use qhotplug_tests::{image, iso, pc_spec, TestVm};
 use serde_json::json;
@@ -21,6 +21,12 @@ use serde_json::json;
 /// QEMU's state as far as the mock models it: our devices and where they sit, block nodes, fd
 /// sets (by tag), all sorted.
 async fn state(vm: &Vm) -> String {
+    state_of(vm, true).await
+}
+
+/// [`state`], with the sizes of `file` nodes when `file_sizes`: a qcow2 image's file grows with
+/// what a job copies into it, which the mock does not model.
+async fn state_of(vm: &Vm, file_sizes: bool) -> String {
     let c = vm.client();
     let mut devices: Vec<String> = c
         .execute(&QomList {
@@ -47,7 +53,13 @@ async fn state(vm: &Vm) -> String {
         .into_iter()
         .filter_map(|n| {
             let size = n.image.as_ref().map_or(0, |i| i.virtual_size);
-            Some(format!("{}:{}:{size}", n.node_name?, n.drv))
+            // QEMU's own nodes (a job's filter) are named `#block…`.
+            let name = n.node_name.filter(|n| !n.starts_with('#'))?;
+            let size = match (file_sizes, n.drv.as_str()) {
+                (false, "file") => "*".to_owned(),
+                _ => size.to_string(),
+            };
+            Some(format!("{name}:{}:{size}", n.drv))
         })
         .collect();
     nodes.sort();
@@ -245,6 +257,166 @@ async fn cdrom_scenarios(vm: &Vm, dir: &Path) -> Vec<String> {
     );
     note("remove", outcome(&vm.remove_cdrom("cd0").await));
     note("end", state(vm).await);
+    seen
+}
+
+/// Jobs (id and status) and NBD exports: all that is compared while a backup job runs (QEMU then
+/// shows the device on its job's filter node, which the mock does not model).
+async fn jobs_and_exports(vm: &Vm) -> String {
+    let c = vm.client();
+    let jobs: Vec<String> = c
+        .execute(&QueryJobs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| format!("{}:{}", j.id, j.status))
+        .collect();
+    let exports = c
+        .execute_raw("query-block-exports", &json!({}))
+        .await
+        .unwrap();
+    let mut exports: Vec<String> = exports
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{}:{}", e["id"], e["node-name"]))
+        .collect();
+    exports.sort();
+    format!("jobs {jobs:?} exports {exports:?}")
+}
+
+/// The storage half's state beside [`state`]: jobs, the dirty bitmaps of every drive's node
+/// (name, recording, persistent, busy), and NBD exports.
+async fn storage_state(vm: &Vm) -> String {
+    let mut bitmaps: Vec<String> = vm
+        .client()
+        .execute(&QueryBlock)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|b| b.inserted)
+        .flat_map(|i| {
+            let node = i.node_name.unwrap_or_default();
+            i.dirty_bitmaps.into_iter().map(move |b| {
+                format!(
+                    "{node}/{}:{}:{}:{}",
+                    b.name, b.recording, b.persistent, b.busy
+                )
+            })
+        })
+        .collect();
+    bitmaps.sort();
+    let base = state_of(vm, false).await;
+    let running = jobs_and_exports(vm).await;
+    format!("{base} bitmaps {bitmaps:?} {running}")
+}
+
+/// The storage half: a snapshot, an active commit, a mirror pivoted and one abandoned, a
+/// stream, full and incremental push backups with checkpoints, a pull backup, and requests
+/// refused before anything is sent; QEMU's state after each.
+async fn storage_scenarios(vm: &Vm, dir: &Path) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut note = |what: &str, text: String| seen.push(format!("{what}: {text}"));
+    let wait = Duration::from_secs(30);
+    let disk = qhotplug_tests::storage::qcow2_data_image(dir, "s", 1, 7);
+    let added = vm
+        .add_disk(DiskConfig::virtio_blk("s", &disk).format(Format::Qcow2))
+        .await;
+    note("disk", outcome(&added.map(|d| d.id)));
+    note("start", storage_state(vm).await);
+    let snap = vm
+        .snapshot(qhotplug::SnapshotConfig::new().disk("s", dir.join("s.1.qcow2")))
+        .await;
+    note("snapshot", outcome(&snap.map(|d| d[0].backing.len())));
+    note("after snapshot", storage_state(vm).await);
+    let mut commit = vm.commit_disk("s").await.unwrap();
+    note(
+        "commit ready",
+        outcome(&commit.wait_ready(wait).await.map(|j| j.status)),
+    );
+    note(
+        "commit",
+        outcome(&commit.pivot().await.map(|d| d.top_node())),
+    );
+    note("after commit", storage_state(vm).await);
+    let mut mirror = vm
+        .mirror_disk("s", qhotplug::MirrorConfig::new(dir.join("copy.qcow2")))
+        .await
+        .unwrap();
+    note(
+        "mirror ready",
+        outcome(&mirror.wait_ready(wait).await.map(|j| j.status)),
+    );
+    note(
+        "pivot",
+        outcome(&mirror.pivot().await.map(|d| d.top_node())),
+    );
+    note("after pivot", storage_state(vm).await);
+    let mut mirror = vm
+        .mirror_disk("s", qhotplug::MirrorConfig::new(dir.join("other.qcow2")))
+        .await
+        .unwrap();
+    mirror.wait_ready(wait).await.unwrap();
+    note(
+        "abandon",
+        outcome(&mirror.abandon().await.map(|p| p.exists())),
+    );
+    note("after abandon", storage_state(vm).await);
+    vm.snapshot(qhotplug::SnapshotConfig::new().disk("s", dir.join("s.2.qcow2")))
+        .await
+        .unwrap();
+    let stream = vm.stream_disk("s").await.unwrap();
+    note(
+        "stream",
+        outcome(&stream.wait(wait).await.map(|d| d.backing.len())),
+    );
+    note("after stream", storage_state(vm).await);
+    let full = qhotplug::BackupConfig::full()
+        .disk("s", dir.join("full.qcow2"))
+        .checkpoint("c1");
+    let done = vm.backup(full).await.unwrap().wait(wait).await;
+    note(
+        "full backup",
+        outcome(&done.map(|d| d[0].checkpoints.clone())),
+    );
+    note("after full backup", storage_state(vm).await);
+    let since = qhotplug::BackupConfig::incremental("c1")
+        .disk("s", dir.join("inc.qcow2"))
+        .checkpoint("c2");
+    let done = vm.backup(since).await.unwrap().wait(wait).await;
+    note(
+        "incremental",
+        outcome(&done.map(|d| d[0].checkpoints.clone())),
+    );
+    note("after incremental", storage_state(vm).await);
+    let server = qhotplug::NbdServer::Unix(dir.join("pull.sock"));
+    let pull = vm
+        .pull_backup(
+            qhotplug::PullConfig::incremental("c2", server)
+                .disk("s", dir.join("scratch.qcow2"))
+                .checkpoint("c3"),
+        )
+        .await
+        .unwrap();
+    note("pulling", jobs_and_exports(vm).await);
+    note(
+        "pull",
+        outcome(&pull.finish().await.map(|d| d[0].checkpoints.clone())),
+    );
+    note("after pull", storage_state(vm).await);
+    let unknown = vm
+        .backup(qhotplug::BackupConfig::incremental("nope").disk("s", dir.join("x.qcow2")))
+        .await;
+    note("unknown checkpoint", outcome(&unknown.map(|_| ())));
+    let twice = vm
+        .snapshot(qhotplug::SnapshotConfig::new().disk("s", dir.join("full.qcow2")))
+        .await;
+    note("overlay exists", outcome(&twice.map(|_| ())));
+    note(
+        "checkpoint gone",
+        outcome(&vm.delete_checkpoint("s", "c1").await),
+    );
+    note("end", storage_state(vm).await);
     seen
 }
 
@@ -461,6 +633,13 @@ fn the_mock_and_real_qemu_agree_on_vhost_user_disks_and_virtio_fs() {
         .await;
         drop(qsd);
     });
+}
+
+#[test]
+fn the_mock_and_real_qemu_agree_on_snapshots_jobs_backups_and_checkpoints() {
+    qhotplug_tests::serial_test(compare(|vm, dir| async move {
+        storage_scenarios(&vm, &dir).await
+    }));
 }
 
 #[test]

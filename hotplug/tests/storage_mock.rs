@@ -1,0 +1,394 @@
+//! The storage half on the mock QEMU, in seconds, without QEMU, root or a guest: snapshots,
+//! mirrors, commits, streams and push and pull backups run to their end, and a failure at each
+//! step of a snapshot, a mirror and a push or pull backup leaves QEMU (nodes, fd sets, jobs,
+//! bitmaps, exports), the host (no image left behind) and `vm.spec()` as they were. A job
+//! handle dropped before its end is cancelled in the background, and `settle()` waits for it.
+//! `tests/tests/` proves the same on real QEMU and in booted guests.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qhotplug::{
+    BackupConfig, DiskConfig, Error, Machine, MirrorConfig, NbdServer, PullConfig, SnapshotConfig,
+    Vm, VmSpec,
+};
+use qhotplug_mock::MockQemu;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// A VM attached to a fresh `pc` mock, with a virtio-blk disk `a` on a 1 MiB raw image.
+async fn with_disk(dir: &Path) -> (MockQemu, Vm) {
+    let qemu = MockQemu::pc();
+    let vm = Vm::attach(qemu.connect().await.unwrap(), VmSpec::new("t", Machine::Pc))
+        .await
+        .unwrap();
+    let image = dir.join("a.raw");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    vm.add_disk(DiskConfig::virtio_blk("a", &image))
+        .await
+        .unwrap();
+    (qemu, vm)
+}
+
+/// What a storage operation may leave in the mock: nodes, fd sets, jobs, bitmaps, exports,
+/// whether the NBD server runs, and the node disk `a` runs on.
+fn state(qemu: &MockQemu) -> String {
+    let mut nodes: Vec<String> = qemu
+        .block_nodes()
+        .iter()
+        .map(|n| format!("{}>{:?}", n.node_name, n.backing))
+        .collect();
+    nodes.sort();
+    let drive = qemu
+        .devices()
+        .iter()
+        .find(|d| d.id == "a")
+        .and_then(|d| d.drive.clone());
+    format!(
+        "nodes {nodes:?} drive {drive:?} fdsets {} jobs {:?} bitmaps {:?} exports {:?} nbd {}",
+        qemu.fdsets().len(),
+        qemu.jobs().iter().map(|j| &j.id).collect::<Vec<_>>(),
+        qemu.bitmaps()
+            .iter()
+            .map(|b| format!("{}/{}", b.node, b.name))
+            .collect::<Vec<_>>(),
+        qemu.exports().iter().map(|e| &e.id).collect::<Vec<_>>(),
+        qemu.nbd_server(),
+    )
+}
+
+/// The files in `dir`, sorted.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    out.sort();
+    out
+}
+
+/// The commands that change QEMU sent since request `from`.
+fn changes_since(qemu: &MockQemu, from: usize) -> Vec<String> {
+    qemu.requests()[from..]
+        .iter()
+        .map(|(c, _)| c.clone())
+        .filter(|c| !c.starts_with("query-") && !c.starts_with("qom-"))
+        .collect()
+}
+
+/// Runs `start` once to learn the commands it sends up to its return (ending what it started
+/// by dropping it), then again failing at each of them in turn (each on a fresh VM), and checks
+/// that every failure left the mock, the directory and the spec as they were before.
+async fn rolls_back_at_each_step<F, Fut, T>(start: F)
+where
+    F: Fn(Vm, PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
+    let steps = {
+        let dir = tempfile::tempdir().unwrap();
+        let (qemu, vm) = with_disk(dir.path()).await;
+        let from = qemu.requests().len();
+        let started = start(vm.clone(), dir.path().to_owned()).await.unwrap();
+        let steps = changes_since(&qemu, from);
+        drop(started);
+        vm.settle().await;
+        steps
+    };
+    assert!(!steps.is_empty());
+    let mut seen: Vec<&String> = Vec::new();
+    for step in &steps {
+        let nth = seen.iter().filter(|s| **s == step).count() + 1;
+        seen.push(step);
+        let dir = tempfile::tempdir().unwrap();
+        let (qemu, vm) = with_disk(dir.path()).await;
+        let (before, spec, on_disk) = (state(&qemu), vm.spec(), files(dir.path()));
+        qemu.fail_nth(step, nth, "injected");
+        let failed = start(vm.clone(), dir.path().to_owned()).await;
+        // A step that only cleans up (`remove-fd` once QEMU holds its own fd, a created job's
+        // `job-dismiss`) may fail without failing the operation; the rest must fail it.
+        let cleanup = matches!(step.as_str(), "remove-fd" | "job-dismiss");
+        assert!(
+            failed.is_err() || cleanup,
+            "{step} #{nth} failed, yet the operation did not"
+        );
+        drop(failed);
+        vm.settle().await;
+        if !cleanup {
+            assert_eq!(state(&qemu), before, "after a failure at {step} #{nth}");
+            assert_eq!(vm.spec(), spec, "after a failure at {step} #{nth}");
+            assert_eq!(
+                files(dir.path()),
+                on_disk,
+                "after a failure at {step} #{nth}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_snapshot_moves_the_disk_onto_its_overlay_and_rolls_back_at_each_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_disk(dir.path()).await;
+    let overlay = dir.path().join("a.1.qcow2");
+    let disks = vm
+        .snapshot(SnapshotConfig::new().disk("a", &overlay))
+        .await
+        .unwrap();
+    assert_eq!(disks[0].backing.len(), 1, "{disks:?}");
+    let drive = qemu
+        .devices()
+        .into_iter()
+        .find(|d| d.id == "a")
+        .unwrap()
+        .drive;
+    assert_eq!(drive, Some(disks[0].top_node()));
+    let top = qemu
+        .block_nodes()
+        .into_iter()
+        .find(|n| Some(&n.node_name) == drive.as_ref())
+        .unwrap();
+    assert_eq!(top.backing.as_deref(), Some("a-fmt"));
+    assert!(overlay.exists());
+
+    rolls_back_at_each_step(|vm, dir| async move {
+        vm.snapshot(SnapshotConfig::new().disk("a", dir.join("a.1.qcow2")))
+            .await
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_mirror_pivots_or_is_abandoned_and_rolls_back_at_each_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_disk(dir.path()).await;
+    let copy = dir.path().join("copy.raw");
+    let mut job = vm
+        .mirror_disk("a", MirrorConfig::new(&copy).format(qhotplug::Format::Raw))
+        .await
+        .unwrap();
+    assert_eq!(job.wait_ready(WAIT).await.unwrap().status, "ready");
+    let disk = job.pivot().await.unwrap();
+    let drive = qemu
+        .devices()
+        .into_iter()
+        .find(|d| d.id == "a")
+        .unwrap()
+        .drive;
+    assert_eq!(drive, Some(disk.top_node()));
+    assert_eq!(vm.spec().disks[0].path, copy);
+    assert!(qemu.jobs().is_empty(), "{:?}", qemu.jobs());
+
+    // Abandoned: the disk stays where it was, the copy is the caller's.
+    let again = dir.path().join("again.raw");
+    let before = state(&qemu);
+    let mut job = vm
+        .mirror_disk("a", MirrorConfig::new(&again).format(qhotplug::Format::Raw))
+        .await
+        .unwrap();
+    job.wait_ready(WAIT).await.unwrap();
+    assert_eq!(job.abandon().await.unwrap(), again);
+    assert_eq!(state(&qemu), before);
+    assert!(again.exists());
+
+    rolls_back_at_each_step(|vm, dir| async move {
+        vm.mirror_disk(
+            "a",
+            MirrorConfig::new(dir.join("copy.raw")).format(qhotplug::Format::Raw),
+        )
+        .await
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_mirror_whose_job_fails_leaves_the_disk_on_its_image_and_removes_the_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_disk(dir.path()).await;
+    let (before, spec) = (state(&qemu), vm.spec());
+    qemu.hold_jobs(true);
+    let copy = dir.path().join("copy.raw");
+    let mut job = vm
+        .mirror_disk("a", MirrorConfig::new(&copy).format(qhotplug::Format::Raw))
+        .await
+        .unwrap();
+    qemu.fail_job("mirror-a", "Input/output error");
+    let failed = job.wait_ready(WAIT).await.unwrap_err();
+    assert!(
+        matches!(&failed, Error::JobFailed { error, .. } if error == "Input/output error"),
+        "{failed:?}"
+    );
+    qemu.hold_jobs(false);
+    vm.settle().await;
+    assert_eq!(state(&qemu), before);
+    assert_eq!(vm.spec(), spec);
+    assert!(!copy.exists());
+}
+
+#[tokio::test]
+async fn a_job_handle_dropped_before_its_end_is_cancelled_and_settle_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_disk(dir.path()).await;
+    let (before, spec) = (state(&qemu), vm.spec());
+    qemu.hold_jobs(true);
+    let copy = dir.path().join("copy.raw");
+    let job = vm
+        .mirror_disk("a", MirrorConfig::new(&copy).format(qhotplug::Format::Raw))
+        .await
+        .unwrap();
+    drop(job);
+    vm.settle().await;
+    assert_eq!(state(&qemu), before);
+    assert_eq!(vm.spec(), spec);
+    assert!(!copy.exists());
+    assert!(qemu.commands().contains(&"job-cancel".to_owned()));
+}
+
+#[tokio::test]
+async fn commit_and_stream_shorten_the_chain_the_spec_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_disk(dir.path()).await;
+    vm.snapshot(SnapshotConfig::new().disk("a", dir.path().join("a.1.qcow2")))
+        .await
+        .unwrap();
+    let mut job = vm.commit_disk("a").await.unwrap();
+    job.wait_ready(WAIT).await.unwrap();
+    let disk = job.pivot().await.unwrap();
+    assert!(disk.backing.is_empty(), "{disk:?}");
+    let drive = qemu
+        .devices()
+        .into_iter()
+        .find(|d| d.id == "a")
+        .unwrap()
+        .drive;
+    assert_eq!(drive.as_deref(), Some("a-fmt"));
+
+    vm.snapshot(SnapshotConfig::new().disk("a", dir.path().join("a.2.qcow2")))
+        .await
+        .unwrap();
+    let disk = vm.stream_disk("a").await.unwrap().wait(WAIT).await.unwrap();
+    assert!(disk.backing.is_empty(), "{disk:?}");
+    assert_eq!(vm.spec().disks[0].backing.len(), 0);
+    // The streamed layers' nodes are gone: only the top image's two stay.
+    assert_eq!(qemu.block_nodes().len(), 2, "{:?}", qemu.block_nodes());
+}
+
+#[tokio::test]
+async fn a_push_backup_runs_to_its_end_and_rolls_back_at_each_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_disk(dir.path()).await;
+    let target = dir.path().join("full.qcow2");
+    let before = state(&qemu);
+    let backup = vm
+        .backup(BackupConfig::full().disk("a", &target))
+        .await
+        .unwrap();
+    backup.wait(WAIT).await.unwrap();
+    assert_eq!(state(&qemu), before);
+    assert!(target.exists());
+
+    rolls_back_at_each_step(|vm, dir| async move {
+        vm.backup(BackupConfig::full().disk("a", dir.join("full.qcow2")))
+            .await
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pull_backup_serves_each_disk_and_tears_down_and_rolls_back_at_each_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_disk(dir.path()).await;
+    let before = state(&qemu);
+    let server = NbdServer::Unix(dir.path().join("nbd.sock"));
+    let pull = vm
+        .pull_backup(PullConfig::full(server.clone()).disk("a", dir.path().join("scratch.qcow2")))
+        .await
+        .unwrap();
+    assert!(qemu.nbd_server());
+    assert_eq!(qemu.exports().len(), 1);
+    assert!(!qemu.exports()[0].writable);
+    pull.finish().await.unwrap();
+    assert_eq!(state(&qemu), before);
+
+    rolls_back_at_each_step(|vm, dir| {
+        let server = NbdServer::Unix(dir.join("nbd.sock"));
+        async move {
+            vm.pull_backup(PullConfig::full(server).disk("a", dir.join("scratch.qcow2")))
+                .await
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn checkpoints_are_bitmaps_a_full_then_an_incremental_backup_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = MockQemu::pc();
+    let vm = Vm::attach(qemu.connect().await.unwrap(), VmSpec::new("t", Machine::Pc))
+        .await
+        .unwrap();
+    // Checkpoints are persistent bitmaps: a qcow2 disk (the mock reads qcow2's magic and size).
+    let image = dir.path().join("a.qcow2");
+    let mut header = vec![0u8; 1 << 16];
+    header[..4].copy_from_slice(b"QFI\xfb");
+    header[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+    std::fs::write(&image, header).unwrap();
+    vm.add_disk(DiskConfig::virtio_blk("a", &image).format(qhotplug::Format::Qcow2))
+        .await
+        .unwrap();
+    let full = BackupConfig::full()
+        .disk("a", dir.path().join("full.qcow2"))
+        .checkpoint("c1");
+    vm.backup(full).await.unwrap().wait(WAIT).await.unwrap();
+    let since = BackupConfig::incremental("c1")
+        .disk("a", dir.path().join("inc.qcow2"))
+        .checkpoint("c2");
+    vm.backup(since).await.unwrap().wait(WAIT).await.unwrap();
+    assert_eq!(vm.spec().disks[0].checkpoints, ["c1", "c2"]);
+    let names: Vec<String> = qemu.bitmaps().into_iter().map(|b| b.name).collect();
+    assert_eq!(names, ["c1", "c2"], "the temporary bitmap is gone");
+    assert!(qemu.bitmaps().iter().all(|b| b.persistent));
+    // Only the newest records.
+    let recording: Vec<bool> = qemu.bitmaps().iter().map(|b| b.recording).collect();
+    assert_eq!(recording, [false, true]);
+    assert!(qemu.jobs().is_empty());
+
+    // An incremental backup since a checkpoint the disk lacks sends nothing.
+    let from = qemu.requests().len();
+    let unknown = vm
+        .backup(BackupConfig::incremental("nope").disk("a", dir.path().join("x.qcow2")))
+        .await
+        .unwrap_err();
+    assert!(unknown.nothing_sent(), "{unknown:?}");
+    assert!(changes_since(&qemu, from).is_empty());
+}
+
+#[tokio::test]
+async fn the_mock_refuses_grouped_completion_beside_a_bitmap_action_and_undoes_a_failed_transaction(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_disk(dir.path()).await;
+    let before = state(&qemu);
+    let add = serde_json::json!({"type": "block-dirty-bitmap-add",
+                                 "data": {"node": "a-fmt", "name": "b1"}});
+    let grouped = vm
+        .client()
+        .execute_raw(
+            "transaction",
+            &serde_json::json!({"actions": [add.clone()],
+                                "properties": {"completion-mode": "grouped"}}),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        grouped.to_string().contains("completion-mode = grouped"),
+        "{grouped}"
+    );
+    // The second action fails (no such node): the first is undone.
+    let bad = serde_json::json!({"type": "block-dirty-bitmap-add",
+                                 "data": {"node": "nowhere", "name": "b2"}});
+    vm.client()
+        .execute_raw("transaction", &serde_json::json!({"actions": [add, bad]}))
+        .await
+        .unwrap_err();
+    assert_eq!(state(&qemu), before);
+}
