@@ -130,6 +130,19 @@ impl Nbd {
         }
     }
 
+    /// `blockdev-add` of a client node `node_name` of this export (a storage migration's
+    /// source, reading the target's export), rendered from the one model of an NBD source.
+    /// `tls_dir` is not rendered: the caller names its own credentials object (`tls-creds`).
+    pub fn blockdev_add(&self, node_name: &str) -> qhotplug_qmp::command::BlockdevAdd {
+        let plain = Nbd {
+            tls_dir: None,
+            ..self.clone()
+        };
+        let mut props = plain.props("", 0);
+        props.insert(1, p("node-name", node_name));
+        crate::device::blockdev(&props)
+    }
+
     fn props(&self, owner: &str, generation: u32) -> Props {
         let mut props = vec![p("driver", "nbd")];
         match &self.server {

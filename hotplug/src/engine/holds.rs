@@ -155,15 +155,16 @@ impl Hold for Vec<Busy> {
     fn in_doubt(self) {}
 }
 
-/// What a sequence outside any VM's state holds: only its name (a storage daemon's export).
-pub(crate) struct Named(pub(crate) String);
+/// What a sequence that holds no device holds: its name, and the VM whose clean-ups track its
+/// rollback when it is on one (a storage migration's side; none for a storage daemon's export).
+pub(crate) struct Named(pub(crate) String, pub(crate) Option<Arc<Core>>);
 
 impl Hold for Named {
     fn id(&self) -> &str {
         &self.0
     }
     fn inner(&self) -> Option<Arc<Core>> {
-        None
+        self.1.clone()
     }
     fn leak(self) {}
     fn in_doubt(self) {}

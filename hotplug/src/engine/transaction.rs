@@ -140,6 +140,21 @@ impl<H: Hold> Transaction<H> {
         error
     }
 
+    /// The sequence has run its course and what it made goes now, as a teardown rather than a
+    /// rollback (a storage copy's nodes and exports after the switch): the undo stack runs, and
+    /// what it held is let go. Returns the steps that failed.
+    pub(crate) async fn unwind(mut self) -> Vec<crate::error::UndoFailure> {
+        let Some(hold) = self.hold.take() else {
+            return Vec::new();
+        };
+        let undo = std::mem::take(&mut self.undo);
+        let rolled = roll_back(&self.client, undo).await;
+        if rolled.device_left {
+            hold.in_doubt();
+        }
+        rolled.failures
+    }
+
     /// Records an undo for something that happened outside a step (the guest opened a tray it
     /// was asked to).
     pub(crate) fn push_undo(&mut self, undo: Delete) {

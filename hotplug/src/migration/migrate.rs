@@ -313,10 +313,7 @@ async fn run_migration(
     let moved = moved.await;
     match (moved, copies) {
         (Ok(info), Some(copies)) => copies.finish().await.map(|()| info),
-        (Err(error), Some(copies)) => {
-            copies.abort().await;
-            Err(error)
-        }
+        (Err(error), Some(copies)) => Err(copies.abort(error).await),
         (moved, None) => moved,
     }
 }

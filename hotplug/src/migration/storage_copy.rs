@@ -15,16 +15,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use qhotplug_cmdline::{names, Disk, NbdServer, TlsEndpoint};
-use qhotplug_qmp::command::{BlockExportAddNbd, BlockJobCancel, BlockdevMirror, NbdServerStart};
+use qhotplug_cmdline::{names, Disk, Nbd, NbdServer, TlsEndpoint};
+use qhotplug_qmp::command::{
+    BlockExportAddNbd, BlockJobCancel, BlockdevAdd, BlockdevMirror, NbdServerStart,
+};
 use tracing::Instrument;
 
+use crate::engine::holds::Named;
+use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
 use crate::kinds::Device;
 use crate::qemu::block::Blocks;
 use crate::qemu::delete::Delete;
-use crate::spans::step;
-use crate::vm_core::{clean_up_after_drop, Core};
+use crate::vm_core::Core;
 
 /// The commands a storage copy uses on the source.
 const SOURCE_COMMANDS: &[&str] = &[
@@ -117,18 +120,16 @@ impl StorageCopy {
     }
 }
 
-/// The copies running: what their end and their abort undo. Dropped before either (the
-/// migration's future dropped), they are aborted in the background.
+/// The copies running, as one [`Transaction`] per QEMU: each step's undo recorded before the step
+/// is awaited (the mirrors' forced cancel, the client nodes, the TLS objects, the exports and the
+/// server). Their end runs the undo as a teardown after the soft cancels; a failure, or a drop
+/// (the migration's future dropped), rolls both back.
 pub(crate) struct Copies {
-    source: Arc<Core>,
-    target: Arc<Core>,
-    armed: bool,
+    source: Transaction<Named>,
+    target: Transaction<Named>,
+    source_core: Arc<Core>,
     /// The source's mirror jobs.
     jobs: Vec<String>,
-    /// What goes on the source (the NBD client nodes), in order.
-    source_nodes: Vec<Delete>,
-    /// What goes on the target (exports, then the server), in order.
-    target_steps: Vec<Delete>,
 }
 
 /// The disks to copy: the chosen ones, or every local one, from the source's spec; each must be
@@ -197,32 +198,33 @@ pub(crate) async fn start(
     source.require("storage migration", SOURCE_COMMANDS).await?;
     target.require("storage migration", TARGET_COMMANDS).await?;
     let disks = disks_to_copy(source, target, copy).await?;
+    let name = source.state().spec().name.clone();
+    let side = |core: &Arc<Core>| {
+        let hold = Named(name.clone(), Some(core.clone()));
+        Transaction::new(core.client.clone(), "storage migration", hold)
+    };
     let mut copies = Copies {
-        source: source.clone(),
-        target: target.clone(),
-        armed: true,
+        source: side(source),
+        target: side(target),
+        source_core: source.clone(),
         jobs: Vec::new(),
-        source_nodes: Vec::new(),
-        target_steps: Vec::new(),
     };
     let mut events = source.client.events();
-    let started = async {
-        launch(source, target, copy, &disks, &mut copies).await?;
-        wait_ready(
-            source,
-            &mut events,
-            &copies.jobs,
-            copy.ready_timeout,
-            progress,
-        )
-        .await
-    };
-    match started.await {
+    match launch(source, target, copy, &disks, &mut copies).await {
+        Ok(()) => {}
+        Err(error) => return Err(copies.abort(error).await),
+    }
+    let ready = wait_ready(
+        source,
+        &mut events,
+        &copies.jobs,
+        copy.ready_timeout,
+        progress,
+    )
+    .await;
+    match ready {
         Ok(()) => Ok(copies),
-        Err(error) => {
-            copies.abort().await;
-            Err(error)
-        }
+        Err(error) => Err(copies.abort(error).await),
     }
 }
 
@@ -235,76 +237,104 @@ async fn launch(
     disks: &[Disk],
     copies: &mut Copies,
 ) -> Result<()> {
-    let (listen, connect) = (copy.server.legacy_address(), copy.server.address());
+    let listen = copy.server.legacy_address();
     let mut tls_creds = None;
     if let Some((server_dir, client_dir)) = &copy.tls {
         // Each side's credentials object, removed after what uses it.
+        let tls = Delete::Object(names::MIGRATION_TLS.into());
         let on_target =
             qhotplug_cmdline::tls_creds(names::MIGRATION_TLS, server_dir, TlsEndpoint::Server)
                 .object_add();
-        step("object-add", target.client.execute(&on_target)).await?;
+        let client = target.client.clone();
         copies
-            .target_steps
-            .push(Delete::Object(names::MIGRATION_TLS.into()));
+            .target
+            .step("object-add", Some(tls.clone()), client.execute(&on_target))
+            .await?;
         let on_source =
             qhotplug_cmdline::tls_creds(names::MIGRATION_TLS, client_dir, TlsEndpoint::Client)
                 .object_add();
-        step("object-add", source.client.execute(&on_source)).await?;
+        let client = source.client.clone();
         copies
-            .source_nodes
-            .push(Delete::Object(names::MIGRATION_TLS.into()));
+            .source
+            .step("object-add", Some(tls), client.execute(&on_source))
+            .await?;
         tls_creds = Some(names::MIGRATION_TLS.to_owned());
     }
     let server = NbdServerStart {
         addr: listen,
         tls_creds: tls_creds.clone(),
     };
-    step("nbd-server-start", target.client.execute(&server)).await?;
-    copies.target_steps.insert(0, Delete::NbdServer);
+    let client = target.client.clone();
+    copies
+        .target
+        .step(
+            "nbd-server-start",
+            Some(Delete::NbdServer),
+            client.execute(&server),
+        )
+        .await?;
     for disk in disks {
         let Some(Device::Disk(theirs)) = target.state().device(&disk.id) else {
             unreachable!("checked: the target has the disk")
         };
+        let id = names::migration_job(&disk.id);
         let export = BlockExportAddNbd {
             kind: "nbd".into(),
-            id: names::migration_job(&disk.id),
+            id: id.clone(),
             node_name: theirs.top_node(),
             name: names::export_name(&disk.id),
             writable: true,
             bitmaps: Vec::new(),
         };
-        step("block-export-add", target.client.execute(&export)).await?;
-        // Exports go before the server.
         copies
-            .target_steps
-            .insert(0, Delete::Export(names::migration_job(&disk.id)));
+            .target
+            .step(
+                "block-export-add",
+                Some(Delete::Export(id)),
+                client.execute(&export),
+            )
+            .await?;
     }
+    let client = source.client.clone();
     for disk in disks {
         let [nbd, raw] = names::migration_client_nodes(&disk.id);
-        let mut nbd_node = serde_json::json!({"driver": "nbd", "node-name": nbd,
-            "server": connect, "export": names::export_name(&disk.id)});
+        // The client of the target's export, rendered by the one NBD model.
+        let export = Nbd {
+            server: copy.server.clone(),
+            export: Some(names::export_name(&disk.id)),
+            reconnect_delay: None,
+            tls_dir: None,
+        };
+        let mut nbd_node = export.blockdev_add(&nbd);
         if let Some(creds) = &tls_creds {
-            nbd_node["tls-creds"] = creds.clone().into();
+            nbd_node
+                .props
+                .insert("tls-creds".into(), creds.clone().into());
         }
-        step(
-            "blockdev-add",
-            source.client.execute_raw("blockdev-add", &nbd_node),
-        )
-        .await?;
         copies
-            .source_nodes
-            .insert(0, Delete::BlockNode(nbd.clone()));
-        let raw_node = serde_json::json!({"driver": "raw", "node-name": raw, "file": nbd});
-        step(
-            "blockdev-add",
-            source.client.execute_raw("blockdev-add", &raw_node),
-        )
-        .await?;
+            .source
+            .step(
+                "blockdev-add",
+                Some(Delete::BlockNode(nbd.clone())),
+                client.execute(&nbd_node),
+            )
+            .await?;
+        let raw_node = BlockdevAdd {
+            driver: "raw".into(),
+            node_name: raw.clone(),
+            props: [("file".to_owned(), nbd.into())].into_iter().collect(),
+        };
         copies
-            .source_nodes
-            .insert(0, Delete::BlockNode(raw.clone()));
+            .source
+            .step(
+                "blockdev-add",
+                Some(Delete::BlockNode(raw.clone())),
+                client.execute(&raw_node),
+            )
+            .await?;
+        let job = names::migration_job(&disk.id);
         let mirror = BlockdevMirror {
-            job_id: names::migration_job(&disk.id),
+            job_id: job.clone(),
             device: disk.top_node(),
             target: raw,
             sync: if copy.shallow { "top" } else { "full" }.into(),
@@ -313,8 +343,15 @@ async fn launch(
             copy_mode: copy.write_blocking.then(|| "write-blocking".into()),
             auto_dismiss: Some(false),
         };
-        step("blockdev-mirror", source.client.execute(&mirror)).await?;
-        copies.jobs.push(names::migration_job(&disk.id));
+        copies
+            .source
+            .step(
+                "blockdev-mirror",
+                Some(Delete::Job(job.clone())),
+                client.execute(&mirror),
+            )
+            .await?;
+        copies.jobs.push(job);
     }
     Ok(())
 }
@@ -370,18 +407,25 @@ async fn wait_ready(
 
 impl Copies {
     /// After memory migrated: each mirror ended without a pivot (the target's image is the
-    /// disk as of the switch), the source's client nodes deleted, the target's exports and
-    /// server stopped.
+    /// disk as of the switch), then the rest of both sides' undo run as the copy's teardown (the
+    /// source's client nodes, the target's exports and server).
     pub(crate) async fn finish(mut self) -> Result<()> {
-        self.armed = false;
-        let source = &self.source;
+        let source = self.source_core.clone();
         let mut events = source.client.events();
         for job in &self.jobs {
             let cancel = BlockJobCancel {
                 device: job.clone(),
                 force: None,
             };
-            step("block-job-cancel", source.client.execute(&cancel)).await?;
+            let client = source.client.clone();
+            // On a failure here both sides roll back (the mirrors force-cancelled).
+            if let Err(error) = self
+                .source
+                .step("block-job-cancel", None, client.execute(&cancel))
+                .await
+            {
+                return Err(self.target.abort(error).await);
+            }
         }
         let mut first_error = None;
         for job in &self.jobs {
@@ -405,61 +449,22 @@ impl Copies {
                 first_error.get_or_insert(error);
             }
         }
-        undo(
-            &self.source,
-            &self.target,
-            &[],
-            &self.source_nodes,
-            &self.target_steps,
-        )
-        .await;
+        // The jobs are gone (concluded and dismissed, or force-cancelled): the rest is teardown.
+        self.source.forget(|d| !matches!(d, Delete::Job(_)));
+        for failure in self.source.unwind().await {
+            tracing::warn!(%failure, "storage migration clean-up");
+        }
+        for failure in self.target.unwind().await {
+            tracing::warn!(%failure, "storage migration clean-up");
+        }
         first_error.map_or(Ok(()), Err)
     }
 
-    /// After a failure: the mirrors force-cancelled, and everything else undone.
-    pub(crate) async fn abort(mut self) {
-        self.armed = false;
-        undo(
-            &self.source,
-            &self.target,
-            &self.jobs,
-            &self.source_nodes,
-            &self.target_steps,
-        )
-        .await;
-    }
-}
-
-impl Drop for Copies {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let (source, target) = (self.source.clone(), self.target.clone());
-        let jobs = std::mem::take(&mut self.jobs);
-        let nodes = std::mem::take(&mut self.source_nodes);
-        let steps = std::mem::take(&mut self.target_steps);
-        let name = source.state().spec().name.clone();
-        let _ = clean_up_after_drop(
-            Some(&self.source),
-            &name,
-            "storage copy dropped",
-            (),
-            |()| async move { undo(&source, &target, &jobs, &nodes, &steps).await },
-        );
-    }
-}
-
-/// The mirrors `jobs` force-cancelled, then the source's `nodes` and the target's `steps` run.
-async fn undo(source: &Core, target: &Core, jobs: &[String], nodes: &[Delete], steps: &[Delete]) {
-    for job in jobs {
-        run(&source.client, &Delete::Job(job.clone())).await;
-    }
-    for node in nodes {
-        run(&source.client, node).await;
-    }
-    for step in steps {
-        run(&target.client, step).await;
+    /// After a failure: the source rolled back (the mirrors force-cancelled first), then the
+    /// target; `error` is handed back.
+    pub(crate) async fn abort(self, error: Error) -> Error {
+        let error = self.source.abort(error).await;
+        self.target.abort(error).await
     }
 }
 

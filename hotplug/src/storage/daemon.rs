@@ -87,7 +87,7 @@ impl StorageDaemon {
             // The engine's transaction: each node's undo recorded before it is added, all undone
             // in reverse if a later step fails.
             let client = &self.client;
-            let mut txn = Transaction::new(client.clone(), "export", Named(id.to_owned()));
+            let mut txn = Transaction::new(client.clone(), "export", Named(id.to_owned(), None));
             let undo = Some(Delete::BlockNode(file.clone()));
             txn.step("blockdev-add", undo, client.execute(&file_add))
                 .await?;
