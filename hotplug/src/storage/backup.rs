@@ -14,13 +14,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use qhotplug_cmdline::{Disk, DiskLayer, Format};
+use qhotplug_cmdline::{Disk, Format};
 use qhotplug_qmp::command::{BlockdevBackup, JobInfo, QmpTransaction, TransactionAction};
 
-use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
+use crate::storage::backup_prep::{self, Image, Prepared, Wanted};
 use crate::storage::block_job::{BlockJob, Ends};
-use crate::storage::new_image::{self, Backing, ImageSpec};
 use crate::vm_core::Core;
 use qhotplug_cmdline::names::{self, BACKUP_BITMAP};
 
@@ -249,81 +248,42 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
     core.require("backup", COMMANDS).await?;
     core.require("backup", crate::storage::checkpoint::COMMANDS)
         .await?;
-    let invalid = |reason: String| Error::Precondition {
-        operation: "backup",
-        reason,
-    };
-    if config.targets.is_empty() {
-        return Err(invalid("a backup of no disk".into()));
-    }
     let incremental = config.since.is_some();
     if incremental && config.format != Format::Qcow2 {
-        return Err(invalid("an incremental backup's targets are qcow2".into()));
+        return Err(Error::Precondition {
+            operation: "backup",
+            reason: "an incremental backup's targets are qcow2".into(),
+        });
     }
-    // Every disk marked busy and checked before anything is created or sent.
-    let (busy, plans) = crate::storage::checkpoint::plan(
+    let wanted: Vec<Wanted> = config
+        .targets
+        .iter()
+        .map(|t| Wanted {
+            disk: t.disk.clone(),
+            path: t.path.clone(),
+            image: Image::Target {
+                format: config.format,
+                previous: t.previous.clone(),
+            },
+        })
+        .collect();
+    let (mut txn, prepared) = backup_prep::prepare(
         core,
         "backup",
-        &config
-            .targets
-            .iter()
-            .map(|t| t.disk.clone())
-            .collect::<Vec<_>>(),
+        &wanted,
         config.since.as_deref(),
         config.checkpoint.as_deref(),
     )
     .await?;
     let client = core.client.clone();
-    let mut events = client.events();
     // Each job's events, subscribed to before the transaction starts them.
-    let job_events: Vec<_> = plans.iter().map(|_| client.events()).collect();
-    let mut txn = Transaction::new(client.clone(), "backup", busy);
-    let mut images = Vec::new();
-    for ((checkpoints, _), target) in plans.iter().zip(&config.targets) {
-        let disk = &checkpoints.disk;
-        let previous = target.previous.as_ref().map(|path| DiskLayer {
-            path: path.clone(),
-            format: new_image::format_of(path),
-            generation: 0,
-        });
-        let layer = DiskLayer {
-            path: target.path.clone(),
-            format: if incremental {
-                Format::Qcow2
-            } else {
-                config.format
-            },
-            generation: disk.next_generation(),
-        };
-        let made = async {
-            let size = crate::qemu::block::disk_size(&core.client, disk).await?;
-            let new = ImageSpec {
-                layer,
-                size,
-                backing: Backing::Null {
-                    header: previous.as_ref(),
-                },
-                job_target: true,
-            };
-            new_image::create(&client, &mut txn, &mut events, disk, new).await
-        };
-        match made.await {
-            Ok(image) => images.push(image),
-            Err(error) => return Err(txn.abort(error).await),
-        }
-    }
+    let job_events: Vec<_> = prepared.iter().map(|_| client.events()).collect();
     // One point in time for every disk: the temporary bitmaps, the checkpoints, the jobs; several
     // disks' jobs wait for each other in `pending` ([`Backup::wait`]).
-    let grouped = plans.len() > 1;
+    let grouped = prepared.len() > 1;
     let mut actions: Vec<TransactionAction> = Vec::new();
-    let mut ats = Vec::new();
-    for ((checkpoints, chain), image) in plans.iter().zip(&images) {
-        let disk = &checkpoints.disk;
-        let mut at = checkpoints.at_backup(
-            incremental.then_some(chain.as_slice()),
-            config.checkpoint.as_deref(),
-        );
-        actions.append(&mut at.actions);
+    for Prepared { disk, image, at } in &prepared {
+        actions.extend(at.actions.iter().cloned());
         actions.push(TransactionAction::of(&BlockdevBackup {
             job_id: names::backup_job(&disk.id),
             device: disk.top_node(),
@@ -334,7 +294,6 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
             auto_finalize: grouped.then_some(false),
             auto_dismiss: Some(false),
         }));
-        ats.push(at);
     }
     let start = QmpTransaction {
         actions,
@@ -345,8 +304,8 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
     let busy = txn.commit();
     let mut jobs = Vec::new();
     let mut targets = Vec::new();
-    let starting = ats.into_iter().zip(images).zip(busy).zip(job_events);
-    for (((at, image), mark), events) in starting {
+    let starting = prepared.into_iter().zip(busy).zip(job_events);
+    for ((Prepared { image, at, .. }, mark), events) in starting {
         // Checkpoints QEMU no longer has (inconsistent ones the transaction removed) are gone
         // from the spec at once; the new one joins it when the copy completes.
         let id = at.now.id.clone();

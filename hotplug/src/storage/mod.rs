@@ -3,6 +3,7 @@
 //! found again, and the storage daemon.
 
 pub(crate) mod backup;
+pub(crate) mod backup_prep;
 pub(crate) mod block_job;
 pub(crate) mod checkpoint;
 pub(crate) mod commit;

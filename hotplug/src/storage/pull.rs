@@ -14,17 +14,16 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use qhotplug_cmdline::{Disk, DiskLayer, Format, Nbd, NbdServer};
+use qhotplug_cmdline::{Disk, Nbd, NbdServer};
 use qhotplug_qmp::command::{
     BlockExportAddNbd, BlockdevBackup, NbdServerStart, QmpTransaction, TransactionAction,
 };
 use tracing::Instrument;
 
 use crate::engine::holds::Busy;
-use crate::engine::transaction::Transaction;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::qemu::delete::Delete;
-use crate::storage::new_image::{self, Backing, ImageSpec};
+use crate::storage::backup_prep::{self, Image, Prepared, Wanted};
 use crate::vm_core::{clean_up_after_drop, Core};
 use qhotplug_cmdline::names::{self, BACKUP_BITMAP};
 
@@ -249,66 +248,37 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
     core.require("pull backup", COMMANDS).await?;
     core.require("pull backup", crate::storage::checkpoint::COMMANDS)
         .await?;
-    if config.disks.is_empty() {
-        return Err(Error::Precondition {
-            operation: "pull backup",
-            reason: "a pull backup of no disk".into(),
-        });
-    }
-    let (busy, plans) = crate::storage::checkpoint::plan(
+    let wanted: Vec<Wanted> = config
+        .disks
+        .iter()
+        .map(|(disk, scratch)| Wanted {
+            disk: disk.clone(),
+            path: scratch.clone(),
+            image: Image::Scratch,
+        })
+        .collect();
+    let (mut txn, prepared) = backup_prep::prepare(
         core,
         "pull backup",
-        &config
-            .disks
-            .iter()
-            .map(|(id, _)| id.clone())
-            .collect::<Vec<_>>(),
+        &wanted,
         config.since.as_deref(),
         config.checkpoint.as_deref(),
     )
     .await?;
     let client = core.client.clone();
-    let mut events = client.events();
-    let mut txn = Transaction::new(client.clone(), "pull backup", busy);
-    let mut scratches = Vec::new();
-    for ((checkpoints, _), (_, path)) in plans.iter().zip(&config.disks) {
-        let disk = &checkpoints.disk;
-        let top = disk.top_layer();
-        let made = async {
-            let new = ImageSpec {
-                layer: DiskLayer {
-                    path: path.clone(),
-                    format: Format::Qcow2,
-                    generation: disk.next_generation(),
-                },
-                size: crate::qemu::block::disk_size(&core.client, disk).await?,
-                backing: Backing::Node(&top),
-                job_target: false,
-            };
-            new_image::create(&client, &mut txn, &mut events, disk, new).await
-        };
-        match made.await {
-            Ok(image) => scratches.push(image),
-            Err(error) => return Err(txn.abort(error).await),
-        }
-    }
     // The point in time: every disk's checkpoint actions and copy-before-write job at once.
     let incremental = config.since.is_some();
     let mut actions: Vec<TransactionAction> = Vec::new();
     let mut served = Vec::new();
     let mut nows = Vec::new();
     let mut undos = Vec::new();
-    for ((checkpoints, chain), scratch) in plans.iter().zip(&scratches) {
-        let disk = &checkpoints.disk;
-        let at = checkpoints.at_backup(
-            incremental.then_some(chain.as_slice()),
-            config.checkpoint.as_deref(),
-        );
+    let mut scratches = Vec::new();
+    for Prepared { disk, image, at } in prepared {
         actions.extend(at.actions);
         undos.extend(at.temporary);
         undos.extend(at.undo_checkpoint.clone());
         nows.push(at.now);
-        let target = disk.with_top(&scratch.layer);
+        let target = disk.with_top(&image.layer);
         actions.push(TransactionAction::of(&BlockdevBackup {
             job_id: names::pull_job(&disk.id),
             device: disk.top_node(),
@@ -322,10 +292,11 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
         undos.push(Delete::Job(names::pull_job(&disk.id)));
         served.push(Served {
             after: at.after,
-            scratch: scratch.layer.path.clone(),
-            nodes: scratch.layer.node_names(&disk.id),
+            scratch: image.layer.path.clone(),
+            nodes: image.layer.node_names(&disk.id),
             undo_checkpoint: at.undo_checkpoint,
         });
+        scratches.push(image);
     }
     let start = QmpTransaction {
         actions,
