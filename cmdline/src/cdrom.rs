@@ -12,12 +12,13 @@ use std::path::{Path, PathBuf};
 
 use qhotplug_qmp::command::BlockdevAdd;
 
-use crate::device::{blockdev, render_kv, ScsiAddr};
+use crate::device::{render_kv, ScsiAddr};
 use crate::error::{Error, Result};
 use crate::machine::Machine;
 use crate::model::DeviceModel;
 use crate::names;
 use crate::network_disk::NetworkSource;
+use crate::value::blockdev;
 use crate::value::{p, validate_id, Props};
 
 /// What a CD-ROM drive holds.

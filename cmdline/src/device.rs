@@ -8,7 +8,7 @@ use qhotplug_qmp::command::{BlockdevAdd, NetdevAdd};
 use crate::error::{Error, Result};
 use crate::model::DeviceModel;
 use crate::network_disk::NetworkSource;
-use crate::value::{p, props_to_json, render, validate_id, Prop, Props};
+use crate::value::{blockdev, p, props_to_json, render, validate_id, Prop, Props};
 
 /// A PCI address: a bus and a slot (and function) on it. `addr` is hexadecimal on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -580,23 +580,6 @@ impl DeviceModel for Disk {
 pub(crate) fn render_kv(props: &[(String, Prop)]) -> String {
     let s = render("", props);
     s.strip_prefix(',').unwrap_or(&s).to_owned()
-}
-
-pub(crate) fn blockdev(props: &[(String, Prop)]) -> BlockdevAdd {
-    let mut map = props_to_json(props);
-    let driver = map
-        .remove("driver")
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    let node_name = map
-        .remove("node-name")
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    BlockdevAdd {
-        driver,
-        node_name,
-        props: map,
-    }
 }
 
 /// A `virtio-net-pci` NIC on a tap.

@@ -140,7 +140,7 @@ impl Nbd {
         };
         let mut props = plain.props("", 0);
         props.insert(1, p("node-name", node_name));
-        crate::device::blockdev(&props)
+        crate::value::blockdev(&props)
     }
 
     fn props(&self, owner: &str, generation: u32) -> Props {

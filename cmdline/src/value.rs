@@ -229,6 +229,24 @@ impl QomObject {
     }
 }
 
+/// `blockdev-add` arguments from a node's property list (`driver` and `node-name` lifted out).
+pub(crate) fn blockdev(props: &[(String, Prop)]) -> qhotplug_qmp::command::BlockdevAdd {
+    let mut map = props_to_json(props);
+    let driver = map
+        .remove("driver")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let node_name = map
+        .remove("node-name")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    qhotplug_qmp::command::BlockdevAdd {
+        driver,
+        node_name,
+        props: map,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
