@@ -16,9 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qhotplug_cmdline::{names, Disk, Nbd, NbdServer, TlsEndpoint};
-use qhotplug_qmp::command::{
-    BlockExportAddNbd, BlockJobCancel, BlockdevAdd, BlockdevMirror, NbdServerStart,
-};
+use qhotplug_qmp::command::{BlockJobCancel, BlockdevAdd, BlockdevMirror};
 use tracing::Instrument;
 
 use crate::engine::holds::Named;
@@ -27,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::kinds::Device;
 use crate::qemu::block::Blocks;
 use crate::qemu::delete::Delete;
+use crate::storage::nbd::{self, Export};
 use crate::vm_core::Core;
 
 /// The commands a storage copy uses on the source.
@@ -237,7 +236,6 @@ async fn launch(
     disks: &[Disk],
     copies: &mut Copies,
 ) -> Result<()> {
-    let listen = copy.server.legacy_address();
     let mut tls_creds = None;
     if let Some((server_dir, client_dir)) = &copy.tls {
         // Each side's credentials object, removed after what uses it.
@@ -260,41 +258,30 @@ async fn launch(
             .await?;
         tls_creds = Some(names::MIGRATION_TLS.to_owned());
     }
-    let server = NbdServerStart {
-        addr: listen,
-        tls_creds: tls_creds.clone(),
-    };
+    let exports = disks
+        .iter()
+        .map(|disk| {
+            let Some(Device::Disk(theirs)) = target.state().device(&disk.id) else {
+                unreachable!("checked: the target has the disk")
+            };
+            Export {
+                id: names::migration_job(&disk.id),
+                node: theirs.top_node(),
+                name: names::export_name(&disk.id),
+                writable: true,
+                bitmaps: Vec::new(),
+            }
+        })
+        .collect();
     let client = target.client.clone();
-    copies
-        .target
-        .step(
-            "nbd-server-start",
-            Some(Delete::NbdServer),
-            client.execute(&server),
-        )
-        .await?;
-    for disk in disks {
-        let Some(Device::Disk(theirs)) = target.state().device(&disk.id) else {
-            unreachable!("checked: the target has the disk")
-        };
-        let id = names::migration_job(&disk.id);
-        let export = BlockExportAddNbd {
-            kind: "nbd".into(),
-            id: id.clone(),
-            node_name: theirs.top_node(),
-            name: names::export_name(&disk.id),
-            writable: true,
-            bitmaps: Vec::new(),
-        };
-        copies
-            .target
-            .step(
-                "block-export-add",
-                Some(Delete::Export(id)),
-                client.execute(&export),
-            )
-            .await?;
-    }
+    nbd::serve(
+        &mut copies.target,
+        &client,
+        &copy.server,
+        tls_creds.clone(),
+        exports,
+    )
+    .await?;
     let client = source.client.clone();
     for disk in disks {
         let [nbd, raw] = names::migration_client_nodes(&disk.id);

@@ -10,6 +10,7 @@ pub(crate) mod commit;
 pub(crate) mod daemon;
 pub(crate) mod found_job;
 pub(crate) mod mirror;
+pub(crate) mod nbd;
 pub(crate) mod new_image;
 pub(crate) mod pull;
 pub(crate) mod snapshot;

@@ -15,15 +15,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use qhotplug_cmdline::{Disk, Nbd, NbdServer};
-use qhotplug_qmp::command::{
-    BlockExportAddNbd, BlockdevBackup, NbdServerStart, QmpTransaction, TransactionAction,
-};
+use qhotplug_qmp::command::{BlockdevBackup, QmpTransaction, TransactionAction};
 use tracing::Instrument;
 
 use crate::engine::holds::Busy;
 use crate::error::Result;
 use crate::qemu::delete::Delete;
 use crate::storage::backup_prep::{self, Image, Prepared, Wanted};
+use crate::storage::nbd::{self, Export};
 use crate::vm_core::{clean_up_after_drop, Core};
 use qhotplug_cmdline::names::{self, BACKUP_BITMAP};
 
@@ -307,22 +306,11 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
     for undo in undos {
         txn.push_undo(undo);
     }
-    let server = NbdServerStart {
-        addr: config.server.legacy_address(),
-        tls_creds: None,
-    };
-    txn.step(
-        "nbd-server-start",
-        Some(Delete::NbdServer),
-        client.execute(&server),
-    )
-    .await?;
-    for s in &served {
-        let id = names::pull_job(&s.after.id);
-        let export = BlockExportAddNbd {
-            kind: "nbd".into(),
-            id: id.clone(),
-            node_name: s.nodes[0].clone(),
+    let exports = served
+        .iter()
+        .map(|s| Export {
+            id: names::pull_job(&s.after.id),
+            node: s.nodes[0].clone(),
             name: names::export_name(&s.after.id),
             writable: false,
             bitmaps: if incremental {
@@ -330,14 +318,9 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
             } else {
                 Vec::new()
             },
-        };
-        txn.step(
-            "block-export-add",
-            Some(Delete::Export(id)),
-            client.execute(&export),
-        )
-        .await?;
-    }
+        })
+        .collect();
+    nbd::serve(&mut txn, &client, &config.server, None, exports).await?;
     let busy = txn.commit();
     // The scratch files are the backup's now: removed at its end.
     for scratch in scratches {
