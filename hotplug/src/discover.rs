@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use qhotplug_cmdline::names;
 use qhotplug_cmdline::{Machine, Pci, VmSpec};
-use qhotplug_qmp::command::{QomList, QueryPci};
+use qhotplug_qmp::command::{QomGet, QomList, QueryPci};
 use qhotplug_qmp::Client;
 
 use crate::error::Result;
@@ -53,8 +53,11 @@ pub(crate) async fn scan_peripherals(client: &Client) -> Result<Peripherals> {
         }
     }
     let get = |path: &str, property: &'static str| {
-        let args = serde_json::json!({"path": path, "property": property});
-        async move { client.execute_raw("qom-get", &args).await }
+        let get = QomGet {
+            path: path.to_owned(),
+            property: property.into(),
+        };
+        async move { client.execute(&get).await }
     };
     // All asked at once: the connection pipelines them.
     let places = futures::future::join_all(
@@ -86,10 +89,10 @@ pub(crate) async fn scan_peripherals(client: &Client) -> Result<Peripherals> {
 /// what QEMU reports. The machine type is QEMU's own.
 pub(crate) async fn discover(client: &Client, mut spec: VmSpec) -> Result<State> {
     let machine_type = client
-        .execute_raw(
-            "qom-get",
-            &serde_json::json!({"path": "/machine", "property": "type"}),
-        )
+        .execute(&QomGet {
+            path: "/machine".into(),
+            property: "type".into(),
+        })
         .await?;
     if let Some(t) = machine_type.as_str() {
         spec.machine = if t.contains("q35") {

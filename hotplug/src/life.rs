@@ -223,6 +223,16 @@ pub(crate) async fn resume(core: &Core) -> Result<()> {
     Ok(())
 }
 
+/// The VNC password a launch sets (QEMU's command line cannot carry it unseen).
+pub(crate) async fn set_vnc_password(core: &Core, password: String) -> Result<()> {
+    let set = qhotplug_qmp::command::SetPassword {
+        protocol: "vnc".into(),
+        password,
+    };
+    core.client.execute(&set).await?;
+    Ok(())
+}
+
 /// See [`Vm::run_state`](crate::Vm::run_state).
 pub(crate) async fn run_state(core: &Core) -> Result<RunState> {
     Ok(core.client.execute(&QueryStatus).await?.status)

@@ -35,6 +35,42 @@ pub struct Onlined {
 }
 
 /// The logical ids of the guest's CPUs, before a hot-add.
+/// A vCPU change (`change`, not yet started) with its new logical CPUs brought online in the
+/// guest by `deadline` after it: the guest's CPUs listed first, so the new ones are those it did
+/// not list.
+pub(crate) async fn vcpus(
+    agent: &GuestAgent,
+    deadline: Duration,
+    change: impl std::future::Future<Output = crate::error::Result<crate::VcpuChange>>,
+) -> crate::error::Result<crate::VcpuChange> {
+    let before = vcpu_ids(agent).await?;
+    let mut change = change.await?;
+    if !change.added.is_empty() {
+        let deadline = Instant::now() + deadline;
+        let guest = online_vcpus(agent, &before, change.added.len(), deadline).await?;
+        change.guest = Some(guest);
+    }
+    Ok(change)
+}
+
+/// A memory hot-add (`add`, not yet started) with its new memory blocks brought online in the
+/// guest by `deadline` after it: as many bytes as the device gives (a virtio-mem device's
+/// requested size).
+pub(crate) async fn memory(
+    agent: &GuestAgent,
+    deadline: Duration,
+    add: impl std::future::Future<Output = crate::error::Result<qhotplug_cmdline::MemoryDevice>>,
+) -> crate::error::Result<(qhotplug_cmdline::MemoryDevice, Onlined)> {
+    let before = memory_block_ids(agent).await?;
+    let device = add.await?;
+    let bytes = match &device.kind {
+        qhotplug_cmdline::MemoryDeviceKind::VirtioMem { requested, .. } => *requested,
+        _ => device.backend.size,
+    };
+    let guest = online_memory(agent, &before, bytes, Instant::now() + deadline).await?;
+    Ok((device, guest))
+}
+
 pub(crate) async fn vcpu_ids(agent: &GuestAgent) -> AgentResult<BTreeSet<u64>> {
     Ok(agent
         .execute(&GuestGetVcpus)

@@ -12,7 +12,7 @@ use qhotplug_cmdline::{
     Balloon, Cdrom, CdromBus, Disk, Launcher, Medium, MemoryDevice, Nic, QemuProcess, Rng,
     SerialPort, VhostUserBlk, VirtioFs, VirtioSerial, VmSpec,
 };
-use qhotplug_qmp::command::{HotpluggableCpu, IoLimits, MigrateCancel, RunState};
+use qhotplug_qmp::command::{HotpluggableCpu, IoLimits, RunState};
 use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::Client;
 use tracing::Instrument;
@@ -121,14 +121,13 @@ impl Vm {
             }
         }
         if let Some(password) = password {
-            let set = qhotplug_qmp::command::SetPassword {
-                protocol: "vnc".into(),
-                password,
-            };
-            vm.client().execute(&set).await?;
+            vm.call("set_vnc_password", "", |core, _| async move {
+                life::set_vnc_password(&core, password).await
+            })
+            .await?;
         }
         if resume {
-            vm.client().execute(&qhotplug_qmp::command::Cont).await?;
+            vm.resume().await?;
         }
         Ok(vm)
     }
@@ -327,13 +326,23 @@ impl Vm {
     /// Pauses the VM (`stop`): its vCPUs stop; QEMU and its devices stay. Pausing a paused VM
     /// does nothing.
     pub async fn pause(&self) -> Result<()> {
-        life::pause(&self.core).await
+        self.call(
+            "pause",
+            "",
+            |core, _| async move { life::pause(&core).await },
+        )
+        .await
     }
 
     /// Resumes a paused VM (`cont`), also one QEMU paused itself (an I/O error with
     /// `werror=stop`, a guest panic with `-action panic=pause`).
     pub async fn resume(&self) -> Result<()> {
-        life::resume(&self.core).await
+        self.call(
+            "resume",
+            "",
+            |core, _| async move { life::resume(&core).await },
+        )
+        .await
     }
 
     /// The VM's run state (`query-status`): running, paused, shut down, …
@@ -711,15 +720,7 @@ impl Vm {
     /// (`vm.spec()` has them) and the error is the agent's.
     pub async fn set_vcpus_online(&self, count: u32) -> Result<VcpuChange> {
         let agent = self.agent().await?;
-        let before = onlining::vcpu_ids(&agent).await?;
-        let mut change = self.set_vcpus(count).await?;
-        if !change.added.is_empty() {
-            let deadline = tokio::time::Instant::now() + self.policy.deadline;
-            let guest =
-                onlining::online_vcpus(&agent, &before, change.added.len(), deadline).await?;
-            change.guest = Some(guest);
-        }
-        Ok(change)
+        onlining::vcpus(&agent, self.policy.deadline, self.set_vcpus(count)).await
     }
 
     /// The VM's vCPU slots, as QEMU lists them (plugged ones have a `qom_path`), in slot order.
@@ -748,15 +749,7 @@ impl Vm {
     /// as for [`set_vcpus_online`](Vm::set_vcpus_online).
     pub async fn add_memory_online(&self, config: MemoryConfig) -> Result<(MemoryDevice, Onlined)> {
         let agent = self.agent().await?;
-        let before = onlining::memory_block_ids(&agent).await?;
-        let device = self.add_memory(config).await?;
-        let bytes = match &device.kind {
-            qhotplug_cmdline::MemoryDeviceKind::VirtioMem { requested, .. } => *requested,
-            _ => device.backend.size,
-        };
-        let deadline = tokio::time::Instant::now() + self.policy.deadline;
-        let guest = onlining::online_memory(&agent, &before, bytes, deadline).await?;
-        Ok((device, guest))
+        onlining::memory(&agent, self.policy.deadline, self.add_memory(config)).await
     }
 
     /// Hot-removes a memory device: `device_del`, wait for the guest to let it go, then its
@@ -913,8 +906,10 @@ impl Vm {
     /// returns [`MigrationFailure::Cancelled`](crate::MigrationFailure::Cancelled) and the source
     /// runs on.
     pub async fn cancel_migration(&self) -> Result<()> {
-        self.client().execute(&MigrateCancel).await?;
-        Ok(())
+        self.call("cancel_migration", "", |core, _| async move {
+            migrate::cancel(&core).await
+        })
+        .await
     }
 
     /// A hot-remove as a call of its own (see [`Vm::call`]).

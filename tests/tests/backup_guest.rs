@@ -424,7 +424,7 @@ fn a_pull_backup_serves_the_disk_as_it_was_while_the_guest_overwrites_it() {
             .disk("d1", d.join("scratch.qcow2"))
             .checkpoint("c3");
         let pull = g.vm.pull_backup(config).await.unwrap();
-        pull.abort().await.unwrap();
+        pull.cancel().await.unwrap();
         assert_eq!(g.vm.spec().disks[0].checkpoints, ["c1", "c2"]);
         let listed = g.vm.checkpoints("d1").await.unwrap();
         let shown: Vec<(&str, bool, u64)> = listed

@@ -187,6 +187,12 @@ pub struct Progress {
     pub disks_total: u64,
 }
 
+/// See [`Vm::cancel_migration`](crate::Vm::cancel_migration).
+pub(crate) async fn cancel(core: &Core) -> Result<()> {
+    core.client.execute(&MigrateCancel).await?;
+    Ok(())
+}
+
 /// Sends `migrate_cancel` if dropped armed: a migration future dropped part-way cancels.
 struct CancelOnDrop {
     source: Arc<Core>,

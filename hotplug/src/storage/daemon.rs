@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use qhotplug_cmdline::{names, QemuProcess, StorageDaemonLauncher};
-use qhotplug_qmp::command::BlockdevAdd;
+use qhotplug_qmp::command::{BlockExportDel, BlockdevAdd};
 use qhotplug_qmp::{Client, EventKind, EventStream};
 use serde_json::json;
 use tracing::Instrument;
@@ -94,6 +94,7 @@ impl StorageDaemon {
             let undo = Some(Delete::BlockNode(fmt.clone()));
             txn.step("blockdev-add", undo, client.execute(&fmt_add))
                 .await?;
+            // No typed command: the vhost-user-blk export's arguments are this one's alone.
             txn.step(
                 "block-export-add",
                 None,
@@ -115,7 +116,10 @@ impl StorageDaemon {
             let mut events = self.client.events();
             let step = tracing::debug_span!(crate::spans::STEP, name = "block-export-del", id);
             self.client
-                .execute_raw("block-export-del", &json!({ "id": id }))
+                .execute(&BlockExportDel {
+                    id: id.to_owned(),
+                    mode: None,
+                })
                 .instrument(step)
                 .await?;
             let step =
@@ -140,7 +144,7 @@ impl StorageDaemon {
 
     /// Asks the daemon to quit and waits for it to exit.
     pub async fn quit(mut self) -> Result<()> {
-        let _ = self.client.execute_raw("quit", &json!({})).await;
+        let _ = self.client.execute(&qhotplug_qmp::command::Quit).await;
         self.process.wait().await.map_err(|source| Error::Io {
             what: "waiting for qemu-storage-daemon to exit",
             source,

@@ -8,7 +8,7 @@
 //! export per disk of its scratch node (named after the disk; read-only; an incremental one offers
 //! the temporary bitmap as `qemu:dirty-bitmap:qhotplug-backup`). End, in order: the exports (their
 //! readers dropped), the jobs, the server, the scratch nodes and files, the temporary bitmap; and
-//! the new checkpoint kept ([`PullBackup::finish`]) or given back ([`PullBackup::abort`], or a
+//! the new checkpoint kept ([`PullBackup::finish`]) or given back ([`PullBackup::cancel`], or a
 //! handle dropped).
 
 use std::path::PathBuf;
@@ -108,7 +108,7 @@ struct Served {
 
 /// A pull backup being served ([`Vm::pull_backup`](crate::Vm::pull_backup)): each disk's view as
 /// of the start, read over NBD. It ends by [`finish`](PullBackup::finish) (the reader is done: the
-/// checkpoint stays) or [`abort`](PullBackup::abort); dropped, it is aborted in the background.
+/// checkpoint stays) or [`cancel`](PullBackup::cancel); dropped, it is cancelled in the background.
 pub struct PullBackup {
     core: Arc<Core>,
     server: NbdServer,
@@ -162,7 +162,7 @@ impl PullBackup {
 
     /// Ends the backup without keeping it: everything is torn down and the checkpoints are as
     /// they were before it.
-    pub async fn abort(mut self) -> Result<()> {
+    pub async fn cancel(mut self) -> Result<()> {
         let busy = self.busy.take();
         let ended = end(&self.core, std::mem::take(&mut self.served), false).await;
         drop(busy);
