@@ -14,7 +14,7 @@ use crate::error::Result;
 use crate::kinds::{Device, DeviceKind};
 use crate::qemu::block::Blocks;
 use crate::qemu::delete::{Delete, Outcome};
-use crate::state::Entry;
+use crate::state::{Entry, State};
 use crate::vm_core::Core;
 
 /// What [`Vm::reconcile`](crate::Vm::reconcile) found and fixed.
@@ -140,14 +140,51 @@ struct Judged {
 }
 
 /// Lines the SDK's view up with `seen`, under one lock: only what no call holds, and what was in
-/// the spec before the queries (`start`), is judged.
+/// the spec before the queries (`start`), is judged. Its stages: hot-adds in doubt settled by
+/// QEMU's word, devices gone forgotten, the slot maps rebuilt, what QEMU applied read back, and
+/// what the clean-up deletes and keeps.
 fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> Judged {
     let present = &seen.found.ids;
-    let settled =
-        |e: &Entry| matches!(e, Entry::Placed { busy: false, since, .. } if *since <= start);
     let mut guard = core.state();
     let state = &mut *guard;
-    // Hot-adds whose rollback could not take their device back: QEMU's list decides.
+    settle_doubts(state, present, report);
+    let gone = forget_gone(state, present, start);
+    state.rebuild_slots(&seen.pci, &seen.found.placements);
+    read_back(state, &seen.blocks, start, report);
+    // Leftovers may belong to the devices just found gone, or to ids this handle used.
+    let orphans: BTreeSet<String> = state
+        .touched
+        .iter()
+        .filter(|id| !present.contains(*id) && !state.devices.contains_key(*id))
+        .chain(&gone)
+        .cloned()
+        .collect();
+    let cleaning = Cleaning::mark(core, state, orphans.iter().cloned().collect());
+    let drives = kept_nodes(state, start);
+    // QMP cannot read a link's state: the recorded one is applied again.
+    let links = state
+        .spec()
+        .nics
+        .iter()
+        .filter(|n| settled(state, &n.id, start))
+        .map(|n| (n.id.clone(), n.link_up))
+        .collect();
+    report.gone = gone;
+    Judged {
+        orphans,
+        cleaning,
+        drives,
+        links,
+    }
+}
+
+/// Whether device `id` is judged: placed before the queries began (`start`) and held by no call.
+fn settled(state: &State, id: &str, start: u64) -> bool {
+    matches!(state.devices.get(id), Some(Entry::Placed { busy: false, since, .. }) if *since <= start)
+}
+
+/// Hot-adds whose rollback could not take their device back: QEMU's list decides.
+fn settle_doubts(state: &mut State, present: &HashSet<String>, report: &mut Reconciled) {
     let doubted: Vec<String> = state
         .devices
         .iter()
@@ -160,24 +197,31 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
             report.adopted.push(id);
         }
     }
+}
+
+/// The judged devices QEMU no longer has, forgotten; returns their ids.
+fn forget_gone(state: &mut State, present: &HashSet<String>, start: u64) -> Vec<String> {
     let gone: Vec<String> = state
         .devices
-        .iter()
-        .filter(|(id, e)| settled(e) && !present.contains(*id))
-        .map(|(id, _)| id.clone())
+        .keys()
+        .filter(|id| settled(state, id, start) && !present.contains(*id))
+        .cloned()
         .collect();
     for id in &gone {
         state.forget(id, false);
     }
-    state.rebuild_slots(&seen.pci, &seen.found.placements);
-    // What QEMU applied is the truth: I/O limits and media as `query-block` shows them.
-    let judged = |id: &str| state.devices.get(id).is_some_and(settled);
+    gone
+}
+
+/// What QEMU applied is the truth: disks' I/O limits and CD-ROM media as `query-block` shows
+/// them, recorded in the spec.
+fn read_back(state: &mut State, blocks: &Blocks, start: u64, report: &mut Reconciled) {
     let mut updates: Vec<Device> = Vec::new();
     for disk in &state.spec().disks {
-        if !report.adopted.contains(&disk.id) && !judged(&disk.id) {
+        if !report.adopted.contains(&disk.id) && !settled(state, &disk.id, start) {
             continue;
         }
-        if let Some(limits) = seen.blocks.limits_of(&disk.id) {
+        if let Some(limits) = blocks.limits_of(&disk.id) {
             let limits = Some(limits).filter(|l| !l.is_unlimited());
             if disk.io_limits != limits {
                 tracing::info!(id = %disk.id, ?limits, "reconcile: I/O limits as QEMU has them");
@@ -189,13 +233,10 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
         }
     }
     for cd in &state.spec().cdroms {
-        if !judged(&cd.id) {
+        if !settled(state, &cd.id, start) {
             continue;
         }
-        let empty = seen
-            .blocks
-            .drive(&cd.id)
-            .is_some_and(|b| b.inserted.is_none());
+        let empty = blocks.drive(&cd.id).is_some_and(|b| b.inserted.is_none());
         if empty && cd.medium.is_some() {
             tracing::info!(id = %cd.id, "reconcile: the drive is empty in QEMU");
             report.media_updated.push(cd.id.clone());
@@ -207,22 +248,18 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
     for device in updates {
         state.update(device);
     }
-    // Leftovers may belong to the devices just found gone, or to ids this handle used.
-    let orphans: BTreeSet<String> = state
-        .touched
-        .iter()
-        .filter(|id| !present.contains(*id) && !state.devices.contains_key(*id))
-        .chain(&gone)
-        .cloned()
-        .collect();
-    let cleaning = Cleaning::mark(core, state, orphans.iter().cloned().collect());
-    // A CD-ROM still there may have an old medium's nodes left (a change whose last deletes
-    // failed): everything of its own but its medium's nodes goes.
+}
+
+/// Each judged CD-ROM drive and disk with the nodes of its own it keeps: a drive still there
+/// may have an old medium's nodes left (a change whose last deletes failed), a disk no job runs
+/// on those of an image it no longer uses (a job's end whose deletes failed); all but its
+/// medium's, or its chain's, go.
+fn kept_nodes(state: &State, start: u64) -> Vec<(String, Vec<String>)> {
     let drives = state
         .spec()
         .cdroms
         .iter()
-        .filter(|c| state.devices.get(&c.id).is_some_and(settled))
+        .filter(|c| settled(state, &c.id, start))
         .map(|c| {
             let keep = match c.medium {
                 Some(_) => vec![
@@ -234,37 +271,18 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
                 None => Vec::new(),
             };
             (c.id.clone(), keep)
-        })
-        // A disk no job runs on may have nodes of an image it no longer uses (a job's end whose
-        // deletes failed): all but its chain's go.
-        .chain(
-            state
-                .spec()
-                .disks
-                .iter()
-                .filter(|d| state.devices.get(&d.id).is_some_and(settled))
-                .map(|d| {
-                    let mut keep = d.node_names();
-                    keep.extend([names::secret(&d.id), names::tls_creds(&d.id)]);
-                    (d.id.clone(), keep)
-                }),
-        )
-        .collect();
-    // QMP cannot read a link's state: the recorded one is applied again.
-    let links = state
+        });
+    let disks = state
         .spec()
-        .nics
+        .disks
         .iter()
-        .filter(|n| state.devices.get(&n.id).is_some_and(settled))
-        .map(|n| (n.id.clone(), n.link_up))
-        .collect();
-    report.gone = gone;
-    Judged {
-        orphans,
-        cleaning,
-        drives,
-        links,
-    }
+        .filter(|d| settled(state, &d.id, start))
+        .map(|d| {
+            let mut keep = d.node_names();
+            keep.extend([names::secret(&d.id), names::tls_creds(&d.id)]);
+            (d.id.clone(), keep)
+        });
+    drives.chain(disks).collect()
 }
 
 /// Deletes what the judgement found left over: a drive's stale medium nodes, and everything of

@@ -142,7 +142,34 @@ async fn seen(console: &Console, mark: usize, needle: &str) -> Result<String> {
     Ok(report)
 }
 
+/// The demo, stage by stage: each stage prints what the SDK and the guest say and adds its rows
+/// to `table` (the SDK's own steps from `timings`).
 async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
+    let (dir, spec, console_path, tools_2) = prepare(table).await?;
+    let vm = launch(table, spec, dir.path()).await?;
+    let printer = print_events(&vm);
+    let console = boot(table, &console_path).await?;
+    let agent = agent_up(table, &vm).await?;
+    let dev = disk(timings, table, &vm, &console, dir.path()).await?;
+    cdrom(timings, table, &vm, &console, &tools_2).await?;
+    vcpus_and_memory(timings, table, &vm, &console).await?;
+    nic(timings, table, &vm, &console, &agent).await?;
+    storage(timings, table, &vm, &console, dir.path(), &dev).await?;
+    remove(timings, table, &vm, &console).await?;
+    migrate_and_shut_down(timings, table, vm, dir.path(), printer).await
+}
+
+/// The guest image (built once, cached) and the VM's spec: two vCPUs of four, room for a DIMM,
+/// the agent's port, an IDE CD-ROM holding a first ISO. Returns the directory everything lives
+/// in, the spec, the console's socket and the second ISO.
+async fn prepare(
+    table: &mut Table,
+) -> Result<(
+    tempfile::TempDir,
+    VmSpec,
+    std::path::PathBuf,
+    std::path::PathBuf,
+)> {
     println!("== guest image (Debian cloud kernel + busybox, built once and cached)");
     let start = Instant::now();
     let (kernel, _) = tokio::task::spawn_blocking(image).await?;
@@ -164,10 +191,14 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     let tools_2 = qhotplug_tests::iso(dir.path(), "tools-2.iso", "VERSION", "tools 2\n");
     spec.cdroms
         .push(Cdrom::ide("cd", IdeAddr::new(1, 0)).with_medium(&tools_1));
+    Ok((dir, spec, console_path, tools_2))
+}
 
+/// QEMU launched with `spec`, its greeting printed.
+async fn launch(table: &mut Table, spec: VmSpec, dir: &std::path::Path) -> Result<Vm> {
     println!("== launching QEMU (TCG)");
     let vm = timed(table, "launch QEMU + QMP handshake", async {
-        Ok(Vm::launch(Launcher::new(spec, dir.path().join("run"))).await?)
+        Ok(Vm::launch(Launcher::new(spec, dir.join("run"))).await?)
     })
     .await?;
     let g = vm.client().greeting();
@@ -177,20 +208,26 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
         g.version.package,
         vm.pid()
     );
+    Ok(vm)
+}
 
-    // Every QMP event, as it arrives.
+/// Every QMP event, printed as it arrives, until QEMU goes.
+fn print_events(vm: &Vm) -> tokio::task::JoinHandle<()> {
     let mut events = vm.client().events();
-    let printer = tokio::spawn(async move {
+    tokio::spawn(async move {
         while let Some(item) = events.next().await {
             match item {
                 Ok(e) => println!("event   {} {}", e.name(), e.data()),
                 Err(lagged) => println!("event   ({lagged})"),
             }
         }
-    });
+    })
+}
 
+/// Waits for the guest's shell on its console.
+async fn boot(table: &mut Table, console_path: &std::path::Path) -> Result<Console> {
     println!("== booting the guest");
-    let console = Console::connect(&console_path).await;
+    let console = Console::connect(console_path).await;
     let boot = Instant::now();
     let ready = async {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -207,7 +244,11 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     ready.await?;
     table.row("boot to a shell", boot.elapsed());
     println!("   guest ready in {}", format_duration(boot.elapsed()));
+    Ok(console)
+}
 
+/// The guest agent running: the guest's OS and addresses.
+async fn agent_up(table: &mut Table, vm: &Vm) -> Result<GuestAgent> {
     println!("== the guest agent");
     let start = Instant::now();
     let agent = vm.agent().await?.with_timeout(SEEN);
@@ -221,9 +262,19 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
         os.machine.as_deref().unwrap_or("?")
     );
     print_addresses(&agent).await?;
+    Ok(agent)
+}
 
+/// A virtio-blk disk hot-added and grown online; returns the guest's name for it.
+async fn disk(
+    timings: &Timings,
+    table: &mut Table,
+    vm: &Vm,
+    console: &Console,
+    dir: &std::path::Path,
+) -> Result<String> {
     // A 64 MiB disk.
-    let image = dir.path().join("data-1.raw");
+    let image = dir.join("data-1.raw");
     std::fs::File::create(&image)?.set_len(64 << 20)?;
     println!("== hot-adding a virtio-blk disk");
     let mark = console.mark();
@@ -233,7 +284,7 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
         .await?;
     table.steps_from(timings);
     println!("sdk     data-1 at {:?}", disk.frontend);
-    let report = seen(&console, mark, "qhg: add block").await?;
+    let report = seen(console, mark, "qhg: add block").await?;
     table.row("guest sees data-1 (after the call)", start.elapsed());
 
     println!("== growing data-1 online to 128 MiB");
@@ -243,24 +294,43 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     table.steps_from(timings);
     println!("sdk     data-1 grew from {} MiB", before >> 20);
     // virtio-blk announces the new capacity; wait until the guest's size says so.
-    guest_says(&console, &format!("cat /sys/block/{dev}/size"), "262144").await?;
+    guest_says(console, &format!("cat /sys/block/{dev}/size"), "262144").await?;
     println!("guest   /sys/block/{dev}/size = 262144 sectors (128 MiB)");
     table.row("guest sees 128 MiB (after the call)", start.elapsed());
+    Ok(dev)
+}
 
+/// The CD-ROM's medium changed under the guest.
+async fn cdrom(
+    timings: &Timings,
+    table: &mut Table,
+    vm: &Vm,
+    console: &Console,
+    tools_2: &std::path::Path,
+) -> Result<()> {
     println!("== changing the CD-ROM's medium: tools-1.iso out, tools-2.iso in");
     // The guest's first read after a change reports it (a unit attention); the read is retried.
     let read_cd = "mount -t iso9660 -o ro /dev/sr0 /mnt && cat /mnt/VERSION && umount /mnt";
     console.run("mkdir -p /mnt", SEEN).await;
-    guest_says(&console, read_cd, "tools 1").await?;
+    guest_says(console, read_cd, "tools 1").await?;
     println!("guest   /dev/sr0 holds VERSION = tools 1");
     let start = Instant::now();
-    vm.insert_medium("cd", &tools_2).await?;
+    vm.insert_medium("cd", tools_2).await?;
     table.steps_from(timings);
     println!("sdk     cd now holds {}", tools_2.display());
-    guest_says(&console, read_cd, "tools 2").await?;
+    guest_says(console, read_cd, "tools 2").await?;
     println!("guest   /dev/sr0 holds VERSION = tools 2");
     table.row("guest reads the new CD", start.elapsed());
+    Ok(())
+}
 
+/// A vCPU and a DIMM hot-added, onlined by the guest.
+async fn vcpus_and_memory(
+    timings: &Timings,
+    table: &mut Table,
+    vm: &Vm,
+    console: &Console,
+) -> Result<()> {
     println!("== vCPUs: 2 → 3 (onlined through the guest agent)");
     let start = Instant::now();
     let change = vm.set_vcpus_online(3).await?;
@@ -275,7 +345,7 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
         "agent   new CPUs {:?}, onlined {:?}; {} of {} online",
         guest.new, guest.onlined, guest.online, guest.total
     );
-    guest_says(&console, "cat /sys/devices/system/cpu/online", "0-2").await?;
+    guest_says(console, "cat /sys/devices/system/cpu/online", "0-2").await?;
     println!("guest   /sys/devices/system/cpu/online = 0-2");
     table.row("guest runs on 3 vCPUs", start.elapsed());
 
@@ -292,10 +362,20 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
         .and_then(|n| n.parse().ok())
         .ok_or("no MemTotal")?;
     let want = format!("MemTotal:         {} kB", kib + 128 * 1024);
-    guest_says(&console, meminfo, &want).await?;
+    guest_says(console, meminfo, &want).await?;
     println!("guest   {before} → {want}");
     table.row("guest sees the DIMM", start.elapsed());
+    Ok(())
+}
 
+/// A two-queue NIC on a tap hot-added, given an address through the agent.
+async fn nic(
+    timings: &Timings,
+    table: &mut Table,
+    vm: &Vm,
+    console: &Console,
+    agent: &GuestAgent,
+) -> Result<()> {
     println!("== hot-adding a two-queue virtio-net NIC on a tap");
     let tap = TapBuilder::new("qhdemo%d").queues(2).up(true).create()?;
     let tap_name = tap.name().to_owned();
@@ -308,7 +388,7 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
         "sdk     net-1 on {tap_name} at {:?}, {} queues, vhost {}",
         nic.pci, nic.queues, nic.vhost
     );
-    let report = seen(&console, mark, "qhg: add net").await?;
+    let report = seen(console, mark, "qhg: add net").await?;
     table.row("guest sees net-1 (after the call)", start.elapsed());
     if !report.ends_with(&format!("mac={mac}")) {
         return Err(format!("the guest sees MAC {report:?}, not {mac}").into());
@@ -327,12 +407,23 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     let script = format!(
         "ip link set lo up && ip addr add 192.0.2.10/24 dev {ifname} && ip link set {ifname} up"
     );
-    let code = guest_exec(&agent, &script).await?;
+    let code = guest_exec(agent, &script).await?;
     println!("agent   `{script}` exited {code}");
-    print_addresses(&agent).await?;
+    print_addresses(agent).await?;
+    Ok(())
+}
 
+/// A live snapshot of data-1, full and incremental backups, and the overlay committed back.
+async fn storage(
+    timings: &Timings,
+    table: &mut Table,
+    vm: &Vm,
+    console: &Console,
+    dir: &std::path::Path,
+    dev: &str,
+) -> Result<()> {
     println!("== a live snapshot of data-1, the guest writing on");
-    let overlay = dir.path().join("data-1.snap.qcow2");
+    let overlay = dir.join("data-1.snap.qcow2");
     let start = Instant::now();
     let disks = vm
         .snapshot(SnapshotConfig::new().disk("data-1", &overlay))
@@ -346,7 +437,7 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     let write = format!(
         "echo written-after-the-snapshot | dd of=/dev/{dev} bs=512 seek=2048 conv=notrunc,fsync 2>/dev/null; echo ok"
     );
-    guest_says(&console, &write, "ok").await?;
+    guest_says(console, &write, "ok").await?;
     table.row("snapshot, write", start.elapsed());
 
     println!("== backups of data-1: 8 MiB written, a full one; 1 MiB written, an incremental one");
@@ -354,8 +445,8 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     let write = format!(
         "dd if=/dev/urandom of=/dev/{dev} bs=1M count=8 seek=16 conv=notrunc,fsync 2>/dev/null; echo ok"
     );
-    guest_says(&console, &write, "ok").await?;
-    let full = dir.path().join("data-1.full.qcow2");
+    guest_says(console, &write, "ok").await?;
+    let full = dir.join("data-1.full.qcow2");
     let start = Instant::now();
     let backup = BackupConfig::full().disk("data-1", &full).checkpoint("b0");
     vm.backup(backup).await?.wait(SEEN).await?;
@@ -364,8 +455,8 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     let write = format!(
         "dd if=/dev/urandom of=/dev/{dev} bs=64k count=16 seek=64 conv=notrunc,fsync 2>/dev/null; echo ok"
     );
-    guest_says(&console, &write, "ok").await?;
-    let incremental = dir.path().join("data-1.inc.qcow2");
+    guest_says(console, &write, "ok").await?;
+    let incremental = dir.join("data-1.inc.qcow2");
     let start = Instant::now();
     let backup = BackupConfig::incremental("b0")
         .disk_onto("data-1", &incremental, &full)
@@ -416,33 +507,47 @@ async fn demo(timings: &Timings, table: &mut Table) -> Result<()> {
     let read = format!(
         "echo 3 >/proc/sys/vm/drop_caches; dd if=/dev/{dev} bs=512 skip=2048 count=1 2>/dev/null | head -n1"
     );
-    guest_says(&console, &read, "written-after-the-snapshot").await?;
+    guest_says(console, &read, "written-after-the-snapshot").await?;
     println!("guest   reads written-after-the-snapshot from the committed disk");
     table.row("commit back", start.elapsed());
+    Ok(())
+}
 
+/// Both devices hot-removed, the guest letting go.
+async fn remove(timings: &Timings, table: &mut Table, vm: &Vm, console: &Console) -> Result<()> {
     println!("== hot-removing both (the guest lets go; DEVICE_DELETED says when)");
     let mark = console.mark();
     let start = Instant::now();
     vm.remove_disk("data-1").await?;
     table.steps_from(timings);
-    seen(&console, mark, "qhg: remove block").await?;
+    seen(console, mark, "qhg: remove block").await?;
     table.row("guest lost data-1", start.elapsed());
     let mark = console.mark();
     let start = Instant::now();
     vm.remove_nic("net-1").await?;
     table.steps_from(timings);
-    seen(&console, mark, "qhg: remove net").await?;
+    seen(console, mark, "qhg: remove net").await?;
     table.row("guest lost net-1", start.elapsed());
+    Ok(())
+}
 
+/// Live migration to a new QEMU launched from `vm.spec()`, then a graceful shutdown there.
+async fn migrate_and_shut_down(
+    timings: &Timings,
+    table: &mut Table,
+    vm: Vm,
+    dir: &std::path::Path,
+    printer: tokio::task::JoinHandle<()>,
+) -> Result<()> {
     println!("== live migration to a new QEMU launched from vm.spec() (the guest keeps running)");
-    let target_console = dir.path().join("target-console.sock");
-    let mut launcher = vm.migration_launcher(dir.path().join("target"));
+    let target_console = dir.join("target-console.sock");
+    let mut launcher = vm.migration_launcher(dir.join("target"));
     launcher.spec_mut().serials = vec![Serial::Socket(target_console.clone())];
     for port in &mut launcher.spec_mut().serial_ports {
-        port.socket = dir.path().join(format!("target-{}.sock", port.id));
+        port.socket = dir.join(format!("target-{}.sock", port.id));
     }
     let target = Vm::launch(launcher).await?;
-    let options = MigrationOptions::new(Transport::Unix(dir.path().join("migrate.sock")));
+    let options = MigrationOptions::new(Transport::Unix(dir.join("migrate.sock")));
     let migrated = vm
         .migrate(target, options, |p| {
             let done = p.transferred as f64 / (p.transferred + p.remaining).max(1) as f64;

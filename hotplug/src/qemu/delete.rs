@@ -169,26 +169,7 @@ impl Delete {
 
     async fn run_command(&self, client: &Client) -> Result<(), qhotplug_qmp::Error> {
         match self {
-            Delete::Fdset { id, tag } => {
-                let sets = match id {
-                    Some(id) => vec![*id],
-                    None => client
-                        .execute(&QueryFdsets)
-                        .await?
-                        .into_iter()
-                        .filter(|s| s.fds.iter().any(|f| f.opaque.as_ref() == Some(tag)))
-                        .map(|s| s.fdset_id)
-                        .collect(),
-                };
-                for fdset_id in sets {
-                    let cmd = RemoveFd { fdset_id, fd: None };
-                    match client.execute(&cmd).await {
-                        Err(e) if !is_absent(&e) => return Err(e),
-                        _ => {}
-                    }
-                }
-                Ok(())
-            }
+            Delete::Fdset { id, tag } => remove_fdsets(client, *id, tag).await,
             Delete::BlockNode(node) => client
                 .execute(&BlockdevDel {
                     node_name: node.clone(),
@@ -213,32 +194,19 @@ impl Delete {
                 .execute(&ChardevRemove { id: id.clone() })
                 .await
                 .map(drop),
+            // Out whatever the guest did to the tray.
             Delete::Medium(id) => {
-                // Out whatever the guest did to the tray: opened by force first (a no-op when it
-                // is open), and again if the guest or its firmware closes it before the removal.
-                let open = BlockdevOpenTray {
-                    id: id.clone(),
-                    force: Some(true),
-                };
-                client.execute(&open).await?;
                 let remove = BlockdevRemoveMedium { id: id.clone() };
-                with_tray_open(client, id, true, &remove).await.map(drop)
+                on_open_tray(client, id, &remove).await
             }
+            // Putting back what was there (a `CloseTray` undo after this closes it again if it
+            // was closed).
             Delete::Reinsert { device, node } => {
-                // Putting back what was there: the tray must be open, whatever the guest did to it
-                // meanwhile (a `CloseTray` undo after this closes it again if it was closed).
-                let open = BlockdevOpenTray {
-                    id: device.clone(),
-                    force: Some(true),
-                };
-                client.execute(&open).await?;
                 let insert = BlockdevInsertMedium {
                     id: device.clone(),
                     node_name: node.clone(),
                 };
-                with_tray_open(client, device, true, &insert)
-                    .await
-                    .map(drop)
+                on_open_tray(client, device, &insert).await
             }
             Delete::CloseTray(id) => client
                 .execute(&BlockdevCloseTray { id: id.clone() })
@@ -256,31 +224,7 @@ impl Delete {
                 name,
                 into,
                 resume,
-            } => {
-                let mut actions = Vec::new();
-                if let Some(into) = into {
-                    actions.push(TransactionAction::of(&BlockDirtyBitmapMerge {
-                        node: node.clone(),
-                        target: into.clone(),
-                        bitmaps: vec![name.clone()],
-                    }));
-                    if *resume {
-                        actions.push(TransactionAction::of(&BlockDirtyBitmapEnable {
-                            node: node.clone(),
-                            name: into.clone(),
-                        }));
-                    }
-                }
-                actions.push(TransactionAction::of(&BlockDirtyBitmapRemove {
-                    node: node.clone(),
-                    name: name.clone(),
-                }));
-                let undo = QmpTransaction {
-                    actions,
-                    properties: None,
-                };
-                client.execute(&undo).await.map(drop)
-            }
+            } => give_back_checkpoint(client, node, name, into.as_deref(), *resume).await,
             Delete::Export(id) => client
                 .execute(&BlockExportDel {
                     id: id.clone(),
@@ -351,4 +295,79 @@ pub(crate) async fn with_tray_open<C: qhotplug_qmp::command::Command>(
             other => return other,
         }
     }
+}
+
+/// Removes fd set `id`, or every set tagged `tag` when its id is not known; one already gone
+/// counts as removed.
+async fn remove_fdsets(
+    client: &Client,
+    id: Option<i64>,
+    tag: &str,
+) -> Result<(), qhotplug_qmp::Error> {
+    let sets = match id {
+        Some(id) => vec![id],
+        None => client
+            .execute(&QueryFdsets)
+            .await?
+            .into_iter()
+            .filter(|s| s.fds.iter().any(|f| f.opaque.as_deref() == Some(tag)))
+            .map(|s| s.fdset_id)
+            .collect(),
+    };
+    for fdset_id in sets {
+        let cmd = RemoveFd { fdset_id, fd: None };
+        match client.execute(&cmd).await {
+            Err(e) if !is_absent(&e) => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Runs `command` on drive `id` with its tray open: opened by force first (a no-op when it is
+/// open), and again if the guest or its firmware closes it before the command.
+async fn on_open_tray<C>(client: &Client, id: &str, command: &C) -> Result<(), qhotplug_qmp::Error>
+where
+    C: qhotplug_qmp::Command<Returns = qhotplug_qmp::command::Empty>,
+{
+    let open = BlockdevOpenTray {
+        id: id.to_owned(),
+        force: Some(true),
+    };
+    client.execute(&open).await?;
+    with_tray_open(client, id, true, command).await.map(drop)
+}
+
+/// A checkpoint's record given back: merged into the one before it (`into`, enabled again when
+/// it was the recording one), then removed, in one transaction.
+async fn give_back_checkpoint(
+    client: &Client,
+    node: &str,
+    name: &str,
+    into: Option<&str>,
+    resume: bool,
+) -> Result<(), qhotplug_qmp::Error> {
+    let mut actions = Vec::new();
+    if let Some(into) = into {
+        actions.push(TransactionAction::of(&BlockDirtyBitmapMerge {
+            node: node.to_owned(),
+            target: into.to_owned(),
+            bitmaps: vec![name.to_owned()],
+        }));
+        if resume {
+            actions.push(TransactionAction::of(&BlockDirtyBitmapEnable {
+                node: node.to_owned(),
+                name: into.to_owned(),
+            }));
+        }
+    }
+    actions.push(TransactionAction::of(&BlockDirtyBitmapRemove {
+        node: node.to_owned(),
+        name: name.to_owned(),
+    }));
+    let undo = QmpTransaction {
+        actions,
+        properties: None,
+    };
+    client.execute(&undo).await.map(drop)
 }
