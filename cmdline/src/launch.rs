@@ -177,9 +177,25 @@ impl Launcher {
     pub async fn launch(mut self) -> Result<(Client, QemuProcess)> {
         self.spec.validate()?;
         std::fs::create_dir_all(&self.dir)?;
-        // fd 3 is the monitor's listener, or a placeholder when QEMU binds the path itself (the
-        // fd numbering stays the same either way).
-        let (qmp_path, listener, chardev) = match std::mem::take(&mut self.monitor) {
+        let (qmp_path, listener, chardev) = self.monitor_fd()?;
+        let mut fds: Vec<OwnedFd> = vec![listener];
+        fds.append(&mut self.extra_fds);
+        let nic_numbers = self.nic_fd_numbers(&mut fds)?;
+        let (master_key, mut args) = self.master_key_args(&mut fds)?;
+        args.extend(self.spec.args(&chardev, |i| nic_numbers[i].clone()));
+
+        tracing::debug!(binary = %self.binary, ?args, "launching QEMU");
+        let mut process = spawn(&self.binary, &args, fds, &self.dir, "qemu.stderr")?;
+        process.set_qmp_path(qmp_path);
+        process.master_key = Some(master_key);
+        let client = connect(&mut process, self.config.clone(), self.start_timeout).await?;
+        Ok((client, process))
+    }
+
+    /// The monitor: its path, the fd QEMU finds at 3 (the listener, or a placeholder when QEMU
+    /// binds the path itself: the numbering stays the same either way), and its `-chardev`.
+    fn monitor_fd(&mut self) -> Result<(PathBuf, OwnedFd, String)> {
+        Ok(match std::mem::take(&mut self.monitor) {
             Monitor::Prebound => {
                 let path = self.dir.join("qmp.sock");
                 let _ = std::fs::remove_file(&path);
@@ -205,10 +221,15 @@ impl Launcher {
                 let placeholder = OwnedFd::from(std::fs::File::open("/dev/null")?);
                 (path, placeholder, chardev)
             }
-        };
+        })
+    }
 
-        let mut fds: Vec<OwnedFd> = vec![listener];
-        fds.append(&mut self.extra_fds);
+    /// Each NIC's tap (and vhost) fds moved into `fds`, checked against its queues; returns the
+    /// numbers QEMU finds them at, per NIC.
+    fn nic_fd_numbers(
+        &mut self,
+        fds: &mut Vec<OwnedFd>,
+    ) -> Result<Vec<(Vec<String>, Vec<String>)>> {
         let mut nic_numbers = Vec::new();
         for nic in &self.spec.nics {
             let (taps, vhost) = self
@@ -241,9 +262,13 @@ impl Launcher {
                 "fds given for {extra}, which the spec does not have"
             )));
         }
-        // The VM's master key, always (as libvirt makes one for every domain), through a pipe
-        // QEMU reads as a file; then each secret of the spec (network disks' credentials)
-        // encrypted with it. Nothing secret is in the argv.
+        Ok(nic_numbers)
+    }
+
+    /// The VM's master key, always (as libvirt makes one for every domain), through a pipe QEMU
+    /// reads as a file (in `fds`); then each secret of the spec (network disks' credentials)
+    /// encrypted with it. Nothing secret is in the argv. Returns the key and its `-object`s.
+    fn master_key_args(&self, fds: &mut Vec<OwnedFd>) -> Result<(crate::MasterKey, Vec<String>)> {
         let master_key = crate::MasterKey::generate()?;
         fds.push(OwnedFd::from(master_key.pipe()?));
         let fd = i64::try_from(2 + fds.len()).expect("a few fds");
@@ -257,14 +282,7 @@ impl Launcher {
                 args.extend(master_key.encrypt(&id, &secret)?.args());
             }
         }
-        args.extend(self.spec.args(&chardev, |i| nic_numbers[i].clone()));
-
-        tracing::debug!(binary = %self.binary, ?args, "launching QEMU");
-        let mut process = spawn(&self.binary, &args, fds, &self.dir, "qemu.stderr")?;
-        process.set_qmp_path(qmp_path);
-        process.master_key = Some(master_key);
-        let client = connect(&mut process, self.config.clone(), self.start_timeout).await?;
-        Ok((client, process))
+        Ok((master_key, args))
     }
 }
 

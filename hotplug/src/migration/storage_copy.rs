@@ -236,28 +236,12 @@ async fn launch(
     disks: &[Disk],
     copies: &mut Copies,
 ) -> Result<()> {
-    let mut tls_creds = None;
-    if let Some((server_dir, client_dir)) = &copy.tls {
-        // Each side's credentials object, removed after what uses it.
-        let tls = Delete::Object(names::MIGRATION_TLS.into());
-        let on_target =
-            qhotplug_cmdline::tls_creds(names::MIGRATION_TLS, server_dir, TlsEndpoint::Server)
-                .object_add();
-        let client = target.client.clone();
-        copies
-            .target
-            .step("object-add", Some(tls.clone()), client.execute(&on_target))
-            .await?;
-        let on_source =
-            qhotplug_cmdline::tls_creds(names::MIGRATION_TLS, client_dir, TlsEndpoint::Client)
-                .object_add();
-        let client = source.client.clone();
-        copies
-            .source
-            .step("object-add", Some(tls), client.execute(&on_source))
-            .await?;
-        tls_creds = Some(names::MIGRATION_TLS.to_owned());
-    }
+    let tls_creds = match &copy.tls {
+        Some((server_dir, client_dir)) => {
+            Some(tls(source, target, server_dir, client_dir, copies).await?)
+        }
+        None => None,
+    };
     let exports = disks
         .iter()
         .map(|disk| {
@@ -282,64 +266,104 @@ async fn launch(
         exports,
     )
     .await?;
-    let client = source.client.clone();
     for disk in disks {
-        let [nbd, raw] = names::migration_client_nodes(&disk.id);
-        // The client of the target's export, rendered by the one NBD model.
-        let export = Nbd {
-            server: copy.server.clone(),
-            export: Some(names::export_name(&disk.id)),
-            reconnect_delay: None,
-            tls_dir: None,
-        };
-        let mut nbd_node = export.blockdev_add(&nbd);
-        if let Some(creds) = &tls_creds {
-            nbd_node
-                .props
-                .insert("tls-creds".into(), creds.clone().into());
-        }
-        copies
-            .source
-            .step(
-                "blockdev-add",
-                Some(Delete::BlockNode(nbd.clone())),
-                client.execute(&nbd_node),
-            )
-            .await?;
-        let raw_node = BlockdevAdd {
-            driver: "raw".into(),
-            node_name: raw.clone(),
-            props: [("file".to_owned(), nbd.into())].into_iter().collect(),
-        };
-        copies
-            .source
-            .step(
-                "blockdev-add",
-                Some(Delete::BlockNode(raw.clone())),
-                client.execute(&raw_node),
-            )
-            .await?;
-        let job = names::migration_job(&disk.id);
-        let mirror = BlockdevMirror {
-            job_id: job.clone(),
-            device: disk.top_node(),
-            target: raw,
-            sync: if copy.shallow { "top" } else { "full" }.into(),
-            granularity: None,
-            speed: None,
-            copy_mode: copy.write_blocking.then(|| "write-blocking".into()),
-            auto_dismiss: Some(false),
-        };
-        copies
-            .source
-            .step(
-                "blockdev-mirror",
-                Some(Delete::Job(job.clone())),
-                client.execute(&mirror),
-            )
-            .await?;
-        copies.jobs.push(job);
+        mirror(source, copy, disk, tls_creds.as_deref(), copies).await?;
     }
+    Ok(())
+}
+
+/// Each side's TLS credentials object (the target's a server's, the source's a client's), each
+/// removed after what uses it; returns the id both have.
+async fn tls(
+    source: &Core,
+    target: &Core,
+    server_dir: &std::path::Path,
+    client_dir: &std::path::Path,
+    copies: &mut Copies,
+) -> Result<String> {
+    let tls = Delete::Object(names::MIGRATION_TLS.into());
+    let on_target =
+        qhotplug_cmdline::tls_creds(names::MIGRATION_TLS, server_dir, TlsEndpoint::Server)
+            .object_add();
+    let client = target.client.clone();
+    copies
+        .target
+        .step("object-add", Some(tls.clone()), client.execute(&on_target))
+        .await?;
+    let on_source =
+        qhotplug_cmdline::tls_creds(names::MIGRATION_TLS, client_dir, TlsEndpoint::Client)
+            .object_add();
+    let client = source.client.clone();
+    copies
+        .source
+        .step("object-add", Some(tls), client.execute(&on_source))
+        .await?;
+    Ok(names::MIGRATION_TLS.to_owned())
+}
+
+/// Disk `disk`'s copy on the source: an NBD client node of the target's export, a raw node on
+/// it, and `blockdev-mirror` into that.
+async fn mirror(
+    source: &Core,
+    copy: &StorageCopy,
+    disk: &Disk,
+    tls_creds: Option<&str>,
+    copies: &mut Copies,
+) -> Result<()> {
+    let client = source.client.clone();
+    let [nbd, raw] = names::migration_client_nodes(&disk.id);
+    // The client of the target's export, rendered by the one NBD model.
+    let export = Nbd {
+        server: copy.server.clone(),
+        export: Some(names::export_name(&disk.id)),
+        reconnect_delay: None,
+        tls_dir: None,
+    };
+    let mut nbd_node = export.blockdev_add(&nbd);
+    if let Some(creds) = tls_creds {
+        nbd_node.props.insert("tls-creds".into(), creds.into());
+    }
+    copies
+        .source
+        .step(
+            "blockdev-add",
+            Some(Delete::BlockNode(nbd.clone())),
+            client.execute(&nbd_node),
+        )
+        .await?;
+    let raw_node = BlockdevAdd {
+        driver: "raw".into(),
+        node_name: raw.clone(),
+        props: [("file".to_owned(), nbd.into())].into_iter().collect(),
+    };
+    copies
+        .source
+        .step(
+            "blockdev-add",
+            Some(Delete::BlockNode(raw.clone())),
+            client.execute(&raw_node),
+        )
+        .await?;
+    let job = names::migration_job(&disk.id);
+    let mirror = BlockdevMirror {
+        job_id: job.clone(),
+        device: disk.top_node(),
+        target: raw,
+        sync: if copy.shallow { "top" } else { "full" }.into(),
+        granularity: None,
+        speed: None,
+        copy_mode: copy.write_blocking.then(|| "write-blocking".into()),
+        auto_dismiss: Some(false),
+    };
+    copies
+        .source
+        .step(
+            "blockdev-mirror",
+            Some(Delete::Job(job.clone())),
+            client.execute(&mirror),
+        )
+        .await?;
+    copies.jobs.push(job);
     Ok(())
 }
 

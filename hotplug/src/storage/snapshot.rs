@@ -17,7 +17,7 @@ use crate::engine::holds::{self, Busy};
 use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
 use crate::kinds::{Device, DeviceKind};
-use crate::storage::new_image::{self, Backing, ImageSpec};
+use crate::storage::new_image::{self, Backing, ImageSpec, NewImage};
 use crate::vm_core::Core;
 
 /// The commands a snapshot uses.
@@ -64,51 +64,13 @@ impl SnapshotConfig {
 /// See [`Vm::snapshot`](crate::Vm::snapshot).
 pub(crate) async fn snapshot(core: &Arc<Core>, config: SnapshotConfig) -> Result<Vec<Disk>> {
     core.require("live snapshot", COMMANDS).await?;
-    let mut busy: Vec<Busy> = Vec::new();
-    let mut disks: Vec<Disk> = Vec::new();
-    for (id, _) in &config.disks {
-        if disks.iter().any(|d| &d.id == id) {
-            return Err(Error::DuplicateId(id.clone()));
-        }
-        let (mark, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
-            unreachable!("a disk entry is a disk")
-        };
-        if disk.read_only {
-            return Err(Error::ReadOnly(id.clone()));
-        }
-        crate::qemu::jobs::require_local("live snapshot", &disk)?;
-        busy.push(mark);
-        disks.push(disk);
-    }
+    let (busy, disks) = checked(core, &config)?;
     let client = core.client.clone();
-    let mut events = client.events();
     let mut txn = Transaction::new(client.clone(), "live snapshot", busy);
-    let mut images = Vec::new();
-    for (disk, (_, path)) in disks.iter().zip(&config.disks) {
-        let layer = DiskLayer {
-            path: path.clone(),
-            format: Format::Qcow2,
-            generation: disk.next_generation(),
-        };
-        let under = disk.top_layer();
-        let backing = Backing::Null {
-            header: Some(&under),
-        };
-        let made = async {
-            let size = crate::qemu::block::disk_size(&core.client, disk).await?;
-            let new = ImageSpec {
-                layer,
-                size,
-                backing,
-                job_target: false,
-            };
-            new_image::create(&client, &mut txn, &mut events, disk, new).await
-        };
-        match made.await {
-            Ok(image) => images.push(image),
-            Err(error) => return Err(txn.abort(error).await),
-        }
-    }
+    let images = match overlays(core, &mut txn, &disks, &config).await {
+        Ok(images) => images,
+        Err(error) => return Err(txn.abort(error).await),
+    };
     let frozen = match config.quiesce {
         true => match freeze(core).await {
             Ok(frozen) => Some(frozen),
@@ -116,6 +78,7 @@ pub(crate) async fn snapshot(core: &Arc<Core>, config: SnapshotConfig) -> Result
         },
         false => None,
     };
+    // One point in time for every disk.
     let actions = disks
         .iter()
         .zip(&images)
@@ -156,6 +119,62 @@ pub(crate) async fn snapshot(core: &Arc<Core>, config: SnapshotConfig) -> Result
     drop(busy);
     tracing::info!(disks = after.len(), "snapshot taken");
     Ok(after)
+}
+
+/// Each disk of the snapshot marked busy and checked (named once, writable, local) before
+/// anything is made or sent.
+fn checked(core: &Arc<Core>, config: &SnapshotConfig) -> Result<(Vec<Busy>, Vec<Disk>)> {
+    let mut busy: Vec<Busy> = Vec::new();
+    let mut disks: Vec<Disk> = Vec::new();
+    for (id, _) in &config.disks {
+        if disks.iter().any(|d| &d.id == id) {
+            return Err(Error::DuplicateId(id.clone()));
+        }
+        let (mark, Device::Disk(disk)) = holds::busy_device(core, id, DeviceKind::Disk)? else {
+            unreachable!("a disk entry is a disk")
+        };
+        if disk.read_only {
+            return Err(Error::ReadOnly(id.clone()));
+        }
+        crate::qemu::jobs::require_local("live snapshot", &disk)?;
+        busy.push(mark);
+        disks.push(disk);
+    }
+    Ok((busy, disks))
+}
+
+/// A qcow2 overlay per disk, its header naming the disk's image, each made in `txn` (which the
+/// caller rolls back if one fails).
+async fn overlays(
+    core: &Core,
+    txn: &mut Transaction<Vec<Busy>>,
+    disks: &[Disk],
+    config: &SnapshotConfig,
+) -> Result<Vec<NewImage>> {
+    let client = core.client.clone();
+    let mut events = client.events();
+    let mut images = Vec::new();
+    for (disk, (_, path)) in disks.iter().zip(&config.disks) {
+        let layer = DiskLayer {
+            path: path.clone(),
+            format: Format::Qcow2,
+            generation: disk.next_generation(),
+        };
+        let under = disk.top_layer();
+        let made = async {
+            let new = ImageSpec {
+                layer,
+                size: crate::qemu::block::disk_size(&client, disk).await?,
+                backing: Backing::Null {
+                    header: Some(&under),
+                },
+                job_target: false,
+            };
+            new_image::create(&client, txn, &mut events, disk, new).await
+        };
+        images.push(made.await?);
+    }
+    Ok(images)
 }
 
 /// Freezes the guest's filesystems through its agent, by [`FREEZE_SAFETY`] at the latest.
