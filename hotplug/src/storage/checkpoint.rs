@@ -426,3 +426,111 @@ pub(crate) async fn delete(core: &Arc<Core>, id: &str, name: &str) -> Result<()>
     tracing::info!(disk = id, checkpoint = name, "checkpoint deleted");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::fixtures::chain;
+
+    fn bitmap(name: &str, recording: bool, inconsistent: bool) -> Option<DirtyBitmapInfo> {
+        Some(DirtyBitmapInfo {
+            name: name.into(),
+            count: 0,
+            granularity: 65536,
+            recording,
+            busy: false,
+            persistent: true,
+            inconsistent,
+        })
+    }
+
+    /// Disk `d` with checkpoints c1 (stopped), c2 (recording) and c3 as QEMU has them.
+    fn checkpoints(c3: Option<DirtyBitmapInfo>) -> Checkpoints {
+        let mut disk = chain();
+        disk.checkpoints = vec!["c1".into(), "c2".into(), "c3".into()];
+        Checkpoints {
+            disk,
+            bitmaps: vec![
+                ("c1".into(), bitmap("c1", false, false)),
+                ("c2".into(), bitmap("c2", true, false)),
+                ("c3".into(), c3),
+            ],
+            stale_backup_bitmap: false,
+        }
+    }
+
+    fn kinds(actions: &[TransactionAction]) -> Vec<String> {
+        actions.iter().map(|a| a.kind.clone()).collect()
+    }
+
+    #[test]
+    fn an_incremental_chain_needs_every_checkpoint_since_usable() {
+        let missing = checkpoints(None);
+        assert!(matches!(
+            missing.chain_since("c2"),
+            Err(Error::Checkpoint {
+                problem: CheckpointProblem::Missing,
+                ..
+            })
+        ));
+        let broken = checkpoints(bitmap("c3", false, true));
+        assert!(matches!(
+            broken.chain_since("c1"),
+            Err(Error::Checkpoint {
+                problem: CheckpointProblem::Inconsistent,
+                ..
+            })
+        ));
+        assert!(matches!(
+            broken.chain_since("c0"),
+            Err(Error::Checkpoint {
+                problem: CheckpointProblem::Unknown,
+                ..
+            })
+        ));
+        let usable = checkpoints(bitmap("c3", false, false));
+        assert_eq!(usable.chain_since("c2").unwrap(), ["c2", "c3"]);
+    }
+
+    #[test]
+    fn a_new_checkpoint_drops_broken_ones_stops_the_recording_one_and_can_be_given_back() {
+        let at = checkpoints(bitmap("c3", false, true)).at_backup(None, Some("c4"));
+        assert_eq!(
+            kinds(&at.actions),
+            [
+                "block-dirty-bitmap-remove",
+                "block-dirty-bitmap-disable",
+                "block-dirty-bitmap-add"
+            ]
+        );
+        // The inconsistent one leaves the spec at once; the new one joins when the backup ends.
+        assert_eq!(at.now.checkpoints, ["c1", "c2"]);
+        assert_eq!(at.after.checkpoints, ["c1", "c2", "c4"]);
+        assert!(at.temporary.is_none());
+        assert!(matches!(
+            at.undo_checkpoint,
+            Some(Delete::Checkpoint { ref into, resume: true, .. }) if into.as_deref() == Some("c2")
+        ));
+    }
+
+    #[test]
+    fn an_incremental_backup_fills_its_temporary_bitmap_from_the_chain() {
+        let mut points = checkpoints(bitmap("c3", false, false));
+        points.stale_backup_bitmap = true;
+        let chain = points.chain_since("c2").unwrap();
+        let at = points.at_backup(Some(&chain), None);
+        assert_eq!(
+            kinds(&at.actions),
+            [
+                "block-dirty-bitmap-remove",
+                "block-dirty-bitmap-add",
+                "block-dirty-bitmap-merge"
+            ]
+        );
+        assert!(
+            matches!(at.temporary, Some(Delete::Bitmap { ref name, .. }) if name == BACKUP_BITMAP)
+        );
+        assert!(at.undo_checkpoint.is_none());
+        assert_eq!(at.after.checkpoints, points.disk.checkpoints);
+    }
+}

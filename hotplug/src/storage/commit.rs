@@ -86,3 +86,42 @@ pub(crate) fn plan(disk: &Disk, layer: Option<usize>) -> Option<(DiskLayer, Disk
     };
     Some((top, base, ends))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::fixtures::chain;
+
+    #[test]
+    fn an_active_commit_merges_the_top_into_the_image_under_it() {
+        let disk = chain();
+        let (top, base, ends) = plan(&disk, None).unwrap();
+        assert_eq!(top.generation, 2);
+        assert_eq!(base.generation, 1);
+        assert_eq!(ends.after.top_node(), "d-fmt.1");
+        assert_eq!(ends.after.backing.len(), 1);
+        assert_eq!(ends.on_complete, ["d-fmt.2", "d-file.2"]);
+        assert!(ends.on_abort.is_empty());
+    }
+
+    #[test]
+    fn a_layer_commit_merges_that_layer_down_and_keeps_the_top() {
+        let disk = chain();
+        let (top, base, ends) = plan(&disk, Some(0)).unwrap();
+        assert_eq!((top.generation, base.generation), (1, 0));
+        assert_eq!(ends.after.top_node(), disk.top_node());
+        assert_eq!(ends.after.backing.len(), 1);
+        assert_eq!(ends.after.backing[0].generation, 0);
+        assert_eq!(ends.on_complete, ["d-fmt.1", "d-file.1"]);
+        // Nothing under the bottom image, and no image alone to commit.
+        assert!(plan(&disk, Some(1)).is_none());
+        assert!(plan(
+            &Disk {
+                backing: vec![],
+                ..disk
+            },
+            None
+        )
+        .is_none());
+    }
+}

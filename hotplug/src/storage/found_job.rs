@@ -211,3 +211,36 @@ async fn held_files(core: &Core, id: &str) -> Result<Vec<(PathBuf, i64)>> {
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::fixtures::chain;
+
+    #[test]
+    fn a_jobs_id_says_which_disk_and_what_started_it() {
+        let disks = [chain()];
+        let origin = |id: &str| origin_of(id, &disks).map(|(d, o)| (d.id.clone(), o));
+        assert_eq!(origin("mirror-d"), Some(("d".into(), None)));
+        assert_eq!(
+            origin("commit-d"),
+            Some(("d".into(), Some(JobOrigin::ActiveCommit)))
+        );
+        assert_eq!(
+            origin("stream-d"),
+            Some(("d".into(), Some(JobOrigin::Stream)))
+        );
+        // commit-<disk>-gen<n> names the layer by its generation: layer 0 is generation 1.
+        assert_eq!(
+            origin("commit-d-gen1"),
+            Some(("d".into(), Some(JobOrigin::LayerCommit { layer: 0 })))
+        );
+        assert_eq!(
+            origin("commit-d-gen0"),
+            Some(("d".into(), Some(JobOrigin::LayerCommit { layer: 1 })))
+        );
+        assert_eq!(origin("commit-d-gen7"), None);
+        assert_eq!(origin("backup-d"), None);
+        assert_eq!(origin("mirror-e"), None);
+    }
+}

@@ -201,3 +201,36 @@ pub(crate) fn ends(disk: &Disk, target: &DiskLayer, top_only: bool) -> Ends {
         on_abort: target.node_names(&disk.id).into(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::fixtures::chain;
+
+    fn target() -> DiskLayer {
+        DiskLayer {
+            path: "/elsewhere/d.3.qcow2".into(),
+            format: Format::Qcow2,
+            generation: 3,
+        }
+    }
+
+    #[test]
+    fn a_full_mirror_stands_alone_and_its_source_chain_goes() {
+        let disk = chain();
+        let ends = ends(&disk, &target(), false);
+        assert_eq!(ends.after.top_node(), "d-fmt.3");
+        assert!(ends.after.backing.is_empty());
+        assert_eq!(ends.on_complete, disk.node_names());
+        assert_eq!(ends.on_abort, ["d-fmt.3", "d-file.3"]);
+    }
+
+    #[test]
+    fn a_mirror_of_the_top_keeps_the_chain_under_it() {
+        let disk = chain();
+        let ends = ends(&disk, &target(), true);
+        assert_eq!(ends.after.backing, disk.backing);
+        assert_eq!(ends.on_complete, ["d-fmt.2", "d-file.2"]);
+        assert_eq!(ends.on_abort, ["d-fmt.3", "d-file.3"]);
+    }
+}

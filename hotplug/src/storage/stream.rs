@@ -58,3 +58,18 @@ pub(crate) fn ends(disk: &Disk) -> Ends {
         on_abort: Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::fixtures::chain;
+
+    #[test]
+    fn a_stream_leaves_the_top_alone_and_deletes_every_layer_under_it() {
+        let ends = ends(&chain());
+        assert!(ends.after.backing.is_empty());
+        assert_eq!(ends.after.top_node(), "d-fmt.2");
+        assert_eq!(ends.on_complete, ["d-fmt.1", "d-file.1", "d-fmt", "d-file"]);
+        assert!(ends.on_abort.is_empty());
+    }
+}
