@@ -57,6 +57,15 @@ fn state(qemu: &MockQemu) -> String {
     )
 }
 
+/// Waits, with a deadline, until `done` holds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 /// The files in `dir`, sorted.
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -391,4 +400,92 @@ async fn the_mock_refuses_grouped_completion_beside_a_bitmap_action_and_undoes_a
         .await
         .unwrap_err();
     assert_eq!(state(&qemu), before);
+}
+
+/// A source and a target VM, each with disk `a` on its own 1 MiB image.
+async fn source_and_target(dir: &Path) -> (MockQemu, Vm, MockQemu, Vm) {
+    let (source_qemu, source) = with_disk(dir).await;
+    let there = dir.join("target");
+    std::fs::create_dir(&there).unwrap();
+    let (target_qemu, target) = with_disk(&there).await;
+    (source_qemu, source, target_qemu, target)
+}
+
+fn copying(dir: &Path) -> qhotplug::MigrationOptions {
+    let copy = qhotplug::StorageCopy::new(NbdServer::Unix(dir.join("nbd.sock")));
+    qhotplug::MigrationOptions::new(qhotplug::Transport::Unix(dir.join("migrate.sock")))
+        .copy_storage(copy)
+}
+
+#[tokio::test]
+async fn a_storage_copy_that_fails_at_each_step_leaves_the_source_as_it_was() {
+    // The copy's steps: the target's server and export, the source's client nodes and mirror
+    // (the mock has no migration stream, so a copy that gets through fails at `migrate`).
+    let steps = [
+        ("nbd-server-start", 1, false),
+        ("block-export-add", 1, false),
+        ("blockdev-add", 1, true),
+        ("blockdev-add", 2, true),
+        ("blockdev-mirror", 1, true),
+        ("migrate", 1, true),
+    ];
+    for (step, nth, on_source) in steps {
+        let dir = tempfile::tempdir().unwrap();
+        let (source_qemu, source, target_qemu, target) = source_and_target(dir.path()).await;
+        let (before, spec) = (state(&source_qemu), source.spec());
+        match on_source {
+            true => source_qemu.fail_nth(step, nth, "injected"),
+            false => target_qemu.fail_nth(step, nth, "injected"),
+        }
+        let failed = source.migrate(target, copying(dir.path()), |_| {}).await;
+        assert!(failed.is_err(), "{step} #{nth}");
+        source.settle().await;
+        assert_eq!(
+            state(&source_qemu),
+            before,
+            "after a failure at {step} #{nth}"
+        );
+        assert_eq!(source.spec(), spec, "after a failure at {step} #{nth}");
+        // The target QEMU was told to go.
+        assert!(
+            target_qemu.commands().contains(&"quit".to_owned()),
+            "{step} #{nth}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_copy_whose_mirror_fails_or_whose_migration_is_dropped_leaves_the_source_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let (source_qemu, source, _target_qemu, target) = source_and_target(dir.path()).await;
+    let before = state(&source_qemu);
+    source_qemu.fail_job("mig-a", "Input/output error");
+    let failed = source
+        .migrate(target, copying(dir.path()), |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&failed, Error::JobFailed { error, .. } if error == "Input/output error"),
+        "{failed:?}"
+    );
+    source.settle().await;
+    assert_eq!(state(&source_qemu), before);
+
+    // Dropped while the disks copy: the copy is undone in the background, settle() waits.
+    let dir = tempfile::tempdir().unwrap();
+    let (source_qemu, source, target_qemu, target) = source_and_target(dir.path()).await;
+    let before = state(&source_qemu);
+    source_qemu.hold_jobs(true);
+    let migrating = source.migrate(target, copying(dir.path()), |_| {});
+    tokio::select! {
+        _ = migrating => panic!("a held copy cannot finish"),
+        () = until("the copy's mirror started", || !source_qemu.jobs().is_empty()) => {}
+    }
+    source.settle().await;
+    assert_eq!(state(&source_qemu), before);
+    // The target's side is undone by a clean-up of its own (its handle went with the call).
+    until("the target's export and server gone", || {
+        target_qemu.exports().is_empty() && !target_qemu.nbd_server()
+    })
+    .await;
 }

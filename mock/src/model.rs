@@ -320,6 +320,17 @@ const COMMANDS: &[(&str, &[&str])] = &[
         ],
     ),
     ("block_resize", &["device", "node-name", "size"]),
+    // Migration: its set-up is modelled, not the stream (a migration fails at `migrate`).
+    ("query-migrate-capabilities", &[]),
+    ("migrate-set-capabilities", &["capabilities"]),
+    (
+        "migrate-set-parameters",
+        &["max-bandwidth", "downtime-limit", "multifd-channels"],
+    ),
+    ("migrate-incoming", &["uri"]),
+    ("migrate", &["uri"]),
+    ("migrate_cancel", &[]),
+    ("query-migrate", &[]),
 ];
 
 impl Model {
@@ -615,6 +626,23 @@ impl Model {
             "block_set_io_throttle" => self.block_set_io_throttle(args),
             "block_resize" => self.block_resize(args),
             "human-monitor-command" => self.human_monitor_command(args),
+            "query-migrate-capabilities" => Ok(Value::Array(
+                [
+                    "events",
+                    "postcopy-ram",
+                    "multifd",
+                    "dirty-bitmaps",
+                    "auto-converge",
+                ]
+                .iter()
+                .map(|c| json!({"capability": c, "state": false}))
+                .collect(),
+            )),
+            "migrate-set-capabilities" | "migrate-set-parameters" | "migrate_cancel" => {
+                Ok(json!({}))
+            }
+            "query-migrate" => Ok(json!({})),
+            "migrate-incoming" | "migrate" => Err(generic("the mock QEMU has no migration stream")),
             other => self
                 .storage(|storage, g| storage.command(g, other, args))
                 .unwrap_or_else(|| {
