@@ -145,3 +145,25 @@ impl Drop for SmallFs {
         let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
 }
+
+/// Drive `id` as `query-block` shows it.
+pub async fn drive(vm: &qhotplug::Vm, id: &str) -> qhotplug_qmp::command::BlockInfo {
+    vm.client()
+        .execute(&qhotplug_qmp::command::QueryBlock)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| b.qdev.as_deref() == Some(id))
+        .unwrap_or_else(|| panic!("no drive {id}"))
+}
+
+/// The node in drive `id`, and whether its tray is closed.
+pub async fn medium(vm: &qhotplug::Vm, id: &str) -> Option<String> {
+    let d = drive(vm, id).await;
+    assert_eq!(d.tray_open, Some(false), "{d:?}");
+    assert!(d.removable);
+    d.inserted.map(|i| {
+        assert!(i.ro, "a medium is read-only: {i:?}");
+        i.node_name.unwrap()
+    })
+}

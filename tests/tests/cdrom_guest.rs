@@ -2,32 +2,11 @@
 //! guest locked refused unless forced, and ISOs on NBD and on Ceph RBD through a medium change
 //! and a relaunch from `vm.spec()`.
 
-use qhotplug::{Cdrom, CdromConfig, Error, IdeAddr, MediumOptions, NetworkSource, Vm};
-use qhotplug_qmp::command::{BlockInfo, QueryBlock};
+use qhotplug::{Cdrom, CdromConfig, Error, IdeAddr, MediumOptions, NetworkSource};
 use qhotplug_tests::ceph::CephCluster;
 use qhotplug_tests::servers::{Listen, NbdExport};
+use qhotplug_tests::storage::medium;
 use qhotplug_tests::{iso, pc_spec, Guest, Snapshot};
-
-async fn drive(vm: &Vm, id: &str) -> BlockInfo {
-    vm.client()
-        .execute(&QueryBlock)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|b| b.qdev.as_deref() == Some(id))
-        .unwrap_or_else(|| panic!("no drive {id}"))
-}
-
-/// The node in drive `id`, and whether its tray is closed.
-async fn medium(vm: &Vm, id: &str) -> Option<String> {
-    let d = drive(vm, id).await;
-    assert_eq!(d.tray_open, Some(false), "{d:?}");
-    assert!(d.removable);
-    d.inserted.map(|i| {
-        assert!(i.ro, "a medium is read-only: {i:?}");
-        i.node_name.unwrap()
-    })
-}
 
 /// How long the guest may take to answer (TCG).
 const GUEST: std::time::Duration = std::time::Duration::from_secs(60);

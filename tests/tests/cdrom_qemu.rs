@@ -9,33 +9,11 @@
 use futures::StreamExt;
 use qhotplug::{
     Cdrom, CdromBus, CdromConfig, DiskConfig, Error, IdeAddr, Medium, MediumOptions, NetworkSource,
-    Vm,
 };
-use qhotplug_qmp::command::{BlockInfo, Cont, QueryBlock, QueryFdsets, Stop};
+use qhotplug_qmp::command::{Cont, QueryFdsets, Stop};
 use qhotplug_tests::ceph::CephCluster;
-use qhotplug_tests::storage::block_nodes;
+use qhotplug_tests::storage::{block_nodes, medium};
 use qhotplug_tests::{assert_rolls_back, iso, pc_spec, second_monitor, TestVm};
-
-async fn drive(vm: &Vm, id: &str) -> BlockInfo {
-    vm.client()
-        .execute(&QueryBlock)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|b| b.qdev.as_deref() == Some(id))
-        .unwrap_or_else(|| panic!("no drive {id}"))
-}
-
-/// The node in drive `id`, and whether its tray is closed.
-async fn medium(vm: &Vm, id: &str) -> Option<String> {
-    let d = drive(vm, id).await;
-    assert_eq!(d.tray_open, Some(false), "{d:?}");
-    assert!(d.removable);
-    d.inserted.map(|i| {
-        assert!(i.ro, "a medium is read-only: {i:?}");
-        i.node_name.unwrap()
-    })
-}
 
 #[test]
 fn scsi_cd_hot_adds_empty_and_loaded_and_removes() {
