@@ -254,6 +254,10 @@ pub struct DiskLayer {
     pub format: Format,
     /// The generation its node names carry (`<id>-file.<n>`, `<id>-fmt.<n>`).
     pub generation: u32,
+    /// The checkpoints it holds (persistent dirty bitmaps), oldest first. An image keeps them
+    /// while it is under the disk's top, so they are the disk's checkpoints again when it comes
+    /// back on top (an active commit's pivot).
+    pub checkpoints: Vec<String>,
 }
 
 impl DiskLayer {
@@ -408,21 +412,23 @@ impl Disk {
             path: self.path.clone(),
             format: self.format,
             generation: self.generation,
+            checkpoints: self.checkpoints.clone(),
         }
     }
 
     /// The disk with `layer` as its top image (the rest of its chain unchanged). Its checkpoints
-    /// are the top image's bitmaps: another top has none of them.
+    /// are the top image's bitmaps: another image brings its own ([`DiskLayer::checkpoints`]).
     pub fn with_top(&self, layer: &DiskLayer) -> Disk {
         let same = layer.generation == self.generation;
         Disk {
             path: layer.path.clone(),
             format: layer.format,
             generation: layer.generation,
+            // The image's own checkpoints (none for a new one).
             checkpoints: if same {
                 self.checkpoints.clone()
             } else {
-                Vec::new()
+                layer.checkpoints.clone()
             },
             ..self.clone()
         }

@@ -81,6 +81,19 @@ pub fn is_block_node_of(id: &str, node: &str) -> bool {
     matches!(suffix_of(id, node), Some("-file" | "-fmt"))
 }
 
+/// The generation of device `id`'s block node `node`: the `<n>` of `-fmt.<n>`/`-file.<n>`, 0
+/// for the first image's `-fmt`/`-file`; `None` when the node is not the device's. A disk's newer
+/// images have higher generations, so its chain is deleted from the highest down.
+pub fn generation_of(id: &str, node: &str) -> Option<u32> {
+    if !is_block_node_of(id, node) {
+        return None;
+    }
+    match node.rsplit_once('.') {
+        Some((_, n)) => n.parse().ok(),
+        None => Some(0),
+    }
+}
+
 /// What `name` adds to device `id` after its generation number is taken off (`cd0-file.3` on
 /// `cd0`: `-file`), if `name` starts with `id`.
 fn suffix_of<'a>(id: &str, name: &'a str) -> Option<&'a str> {
@@ -275,6 +288,9 @@ mod tests {
         assert_eq!(format_node_at("cd", 3), "cd-fmt.3");
         assert_eq!(commit_job("d", Some(2)), "commit-d-gen2");
         assert_eq!(migration_client_nodes("d"), ["mig-d-nbd", "mig-d-raw"]);
+        assert_eq!(generation_of("d", "d-fmt.12"), Some(12));
+        assert_eq!(generation_of("d", "d-file"), Some(0));
+        assert_eq!(generation_of("d", "e-file"), None);
     }
 
     #[test]

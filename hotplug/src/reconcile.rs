@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::kinds::{Device, DeviceKind};
 use crate::qemu::block::Blocks;
 use crate::qemu::delete::{Delete, Outcome};
+use crate::qemu::errors as qemu_errors;
 use crate::state::{Entry, State};
 use crate::vm_core::Core;
 
@@ -67,10 +68,31 @@ pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
     drop(judged.cleaning);
     for (id, up) in judged.links {
         // Skipped when a call holds the NIC now: that call decides its link.
-        let Ok(_busy) = holds::mark_busy(core, &id, DeviceKind::Nic) else {
+        let Ok(busy) = holds::mark_busy(core, &id, DeviceKind::Nic) else {
             continue;
         };
-        core.client.execute(&SetLink { name: id, up }).await?;
+        match core
+            .client
+            .execute(&SetLink {
+                name: id.clone(),
+                up,
+            })
+            .await
+        {
+            Ok(_) => {}
+            // Gone since QEMU was read (an unplug a dead process asked for, finishing now):
+            // forgotten, and its leftovers deleted, as if it had been gone then.
+            Err(e) if qemu_errors::is_absent(&e) => {
+                drop(busy);
+                tracing::info!(%id, "reconcile: the NIC went while it was reconciled");
+                core.state().forget(&id, false);
+                for step in leftovers_of(&seen, &id) {
+                    report.run(&core.client, step).await;
+                }
+                report.gone.push(id);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     tracing::info!(?report, "reconciled");
     Ok(report)
@@ -390,6 +412,43 @@ fn nodes_of(nodes: &HashSet<String>, id: &str, keep: &[String]) -> Vec<Delete> {
         .iter()
         .filter(|n| names::is_block_node_of(id, n) && !keep.contains(n))
         .collect();
-    mine.sort_by_key(|n| (!names::is_format_node_of(id, n), n.to_owned()));
+    // The newest image first (a disk's overlays stand on the images under them, and QEMU keeps
+    // a node another uses as its backing), its format node before its protocol node.
+    mine.sort_by_key(|n| {
+        let generation = names::generation_of(id, n).unwrap_or(0);
+        (
+            std::cmp::Reverse(generation),
+            !names::is_format_node_of(id, n),
+            n.to_owned(),
+        )
+    });
     mine.into_iter().cloned().map(Delete::BlockNode).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disks_leftover_nodes_go_newest_image_first_format_before_protocol() {
+        let nodes: HashSet<String> = [
+            "d-file", "d-fmt", "d-file.1", "d-fmt.1", "d-fmt.10", "e-fmt",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        let order: Vec<String> = nodes_of(&nodes, "d", &["d-file.1".into()])
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "blockdev-del d-fmt.10",
+                "blockdev-del d-fmt.1",
+                "blockdev-del d-fmt",
+                "blockdev-del d-file"
+            ]
+        );
+    }
 }

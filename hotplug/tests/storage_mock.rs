@@ -331,19 +331,7 @@ async fn a_pull_backup_serves_each_disk_and_tears_down_and_rolls_back_at_each_st
 #[tokio::test]
 async fn checkpoints_are_bitmaps_a_full_then_an_incremental_backup_records() {
     let dir = tempfile::tempdir().unwrap();
-    let qemu = MockQemu::pc();
-    let vm = Vm::attach(qemu.connect().await.unwrap(), VmSpec::new("t", Machine::Pc))
-        .await
-        .unwrap();
-    // Checkpoints are persistent bitmaps: a qcow2 disk (the mock reads qcow2's magic and size).
-    let image = dir.path().join("a.qcow2");
-    let mut header = vec![0u8; 1 << 16];
-    header[..4].copy_from_slice(b"QFI\xfb");
-    header[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
-    std::fs::write(&image, header).unwrap();
-    vm.add_disk(DiskConfig::virtio_blk("a", &image).format(qhotplug::Format::Qcow2))
-        .await
-        .unwrap();
+    let (qemu, vm) = with_qcow2_disk(dir.path()).await;
     let full = BackupConfig::full()
         .disk("a", dir.path().join("full.qcow2"))
         .checkpoint("c1");
@@ -488,4 +476,106 @@ async fn a_copy_whose_mirror_fails_or_whose_migration_is_dropped_leaves_the_sour
         target_qemu.exports().is_empty() && !target_qemu.nbd_server()
     })
     .await;
+}
+
+#[tokio::test]
+async fn reconcile_deletes_every_image_of_a_chain_whose_disk_went_behind_its_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_disk(dir.path()).await;
+    for n in 1..=2 {
+        let overlay = dir.path().join(format!("a.{n}.qcow2"));
+        vm.snapshot(SnapshotConfig::new().disk("a", overlay))
+            .await
+            .unwrap();
+    }
+    assert_eq!(qemu.block_nodes().len(), 6);
+    // A process killed inside `remove_disk` once the guest let the disk go: its nodes stay.
+    let spec = vm.spec();
+    vm.client()
+        .execute_raw("device_del", &serde_json::json!({"id": "a"}))
+        .await
+        .unwrap();
+    until("the guest let the disk go", || qemu.devices().is_empty()).await;
+    drop(vm);
+    // The next process, with the last spec the dead one kept.
+    let again = Vm::attach(qemu.connect().await.unwrap(), spec)
+        .await
+        .unwrap();
+    let report = again.reconcile().await.unwrap();
+    assert_eq!(report.gone, ["a"]);
+    assert!(qemu.block_nodes().is_empty(), "{:?}", qemu.block_nodes());
+    assert!(qemu.fdsets().is_empty(), "{:?}", qemu.fdsets());
+    assert!(again.spec().disks.is_empty());
+}
+
+/// A VM attached to a fresh `pc` mock with a virtio-blk disk `a` on a 1 MiB qcow2 image (which
+/// checkpoints need; the mock reads qcow2's magic and size).
+async fn with_qcow2_disk(dir: &Path) -> (MockQemu, Vm) {
+    let qemu = MockQemu::pc();
+    let vm = Vm::attach(qemu.connect().await.unwrap(), VmSpec::new("t", Machine::Pc))
+        .await
+        .unwrap();
+    let image = dir.join("a.qcow2");
+    let mut header = vec![0u8; 1 << 16];
+    header[..4].copy_from_slice(b"QFI\xfb");
+    header[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+    std::fs::write(&image, header).unwrap();
+    vm.add_disk(DiskConfig::virtio_blk("a", &image).format(qhotplug::Format::Qcow2))
+        .await
+        .unwrap();
+    (qemu, vm)
+}
+
+#[tokio::test]
+async fn checkpoints_come_back_with_their_image_when_a_commit_pivots_onto_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_qcow2_disk(dir.path()).await;
+    let full = BackupConfig::full().disk("a", dir.path().join("b0.qcow2"));
+    vm.backup(full.checkpoint("c1"))
+        .await
+        .unwrap()
+        .wait(WAIT)
+        .await
+        .unwrap();
+    let since = BackupConfig::incremental("c1").disk("a", dir.path().join("b1.qcow2"));
+    vm.backup(since.checkpoint("c2"))
+        .await
+        .unwrap()
+        .wait(WAIT)
+        .await
+        .unwrap();
+    assert_eq!(vm.spec().disks[0].checkpoints, ["c1", "c2"]);
+    // On the overlay the disk has none: QEMU's bitmaps stay on the image under it.
+    vm.snapshot(SnapshotConfig::new().disk("a", dir.path().join("a.1.qcow2")))
+        .await
+        .unwrap();
+    assert!(vm.spec().disks[0].checkpoints.is_empty());
+    assert_eq!(vm.spec().disks[0].backing[0].checkpoints, ["c1", "c2"]);
+    let mut job = vm.commit_disk("a").await.unwrap();
+    job.wait_ready(WAIT).await.unwrap();
+    job.pivot().await.unwrap();
+    // Back on the image that holds them, they are the disk's again, usable, in order.
+    assert_eq!(vm.spec().disks[0].checkpoints, ["c1", "c2"]);
+    let states: Vec<(String, qhotplug::CheckpointState)> = vm
+        .checkpoints("a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.name, c.state))
+        .collect();
+    let usable = qhotplug::CheckpointState::Usable;
+    assert_eq!(
+        states,
+        [("c1".to_owned(), usable), ("c2".to_owned(), usable)]
+    );
+    // So an incremental since c2 is taken, and makes c3.
+    let since = BackupConfig::incremental("c2").disk("a", dir.path().join("b2.qcow2"));
+    vm.backup(since.checkpoint("c3"))
+        .await
+        .unwrap()
+        .wait(WAIT)
+        .await
+        .unwrap();
+    assert_eq!(vm.spec().disks[0].checkpoints, ["c1", "c2", "c3"]);
+    assert_eq!(qemu.bitmaps().len(), 3);
 }

@@ -85,6 +85,7 @@ pub(crate) async fn prepare(
                     path: path.clone(),
                     format: new_image::format_of(path),
                     generation: 0,
+                    checkpoints: Vec::new(),
                 }),
                 _ => None,
             };
@@ -106,6 +107,7 @@ pub(crate) async fn prepare(
                     path: want.path.clone(),
                     format,
                     generation,
+                    checkpoints: Vec::new(),
                 },
                 size,
                 backing,

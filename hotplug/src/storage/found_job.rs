@@ -89,6 +89,7 @@ fn handle(
                 path: target.clone(),
                 format,
                 generation: disk.next_generation(),
+                checkpoints: Vec::new(),
             };
             let ends = mirror::ends(&disk, &layer, false);
             (names::mirror_job(id), ends, Some(target))

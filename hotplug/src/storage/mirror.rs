@@ -134,6 +134,7 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, config: MirrorConfig) -> R
         path: config.target.clone(),
         format: config.format,
         generation: disk.next_generation(),
+        checkpoints: Vec::new(),
     };
     let client = core.client.clone();
     let mut events = client.events();
@@ -212,6 +213,7 @@ mod tests {
             path: "/elsewhere/d.3.qcow2".into(),
             format: Format::Qcow2,
             generation: 3,
+            checkpoints: Vec::new(),
         }
     }
 

@@ -28,6 +28,7 @@ pub(crate) mod fixtures {
             path: format!("/images/{name}").into(),
             format,
             generation,
+            checkpoints: Vec::new(),
         };
         let mut disk = Disk::virtio_blk("d", "/images/d.2.qcow2", Pci::new("pci.0", 5));
         disk.format = Format::Qcow2;

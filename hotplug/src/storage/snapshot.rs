@@ -159,6 +159,7 @@ async fn overlays(
             path: path.clone(),
             format: Format::Qcow2,
             generation: disk.next_generation(),
+            checkpoints: Vec::new(),
         };
         let under = disk.top_layer();
         let made = async {
