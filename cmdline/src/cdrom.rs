@@ -22,7 +22,8 @@ use crate::value::blockdev;
 use crate::value::{p, validate_id, Props};
 
 /// What a CD-ROM drive holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Medium {
     /// An ISO image on the host, opened read-only by the SDK and handed over as an fd.
     Image(PathBuf),
@@ -80,7 +81,7 @@ impl From<NetworkSource> for Medium {
 
 /// A place on the machine's built-in IDE controller: on `pc`, `ide.0` and `ide.1` with units 0
 /// and 1; on `q35` (AHCI), `ide.0` to `ide.5` with unit 0.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct IdeAddr {
     /// The bus, `ide.N`.
     pub bus: String,
@@ -121,7 +122,8 @@ impl IdeAddr {
 }
 
 /// Where a CD-ROM drive sits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CdromBus {
     /// `scsi-cd` on a virtio-scsi controller: hot-pluggable.
     Scsi(ScsiAddr),
@@ -131,7 +133,7 @@ pub enum CdromBus {
 }
 
 /// A CD-ROM drive, empty or holding an ISO image.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Cdrom {
     /// The device id.
     pub id: String,

@@ -11,7 +11,7 @@ use crate::error::Result;
 use crate::value::{p, validate_id, Props};
 
 /// A `socket` chardev on a Unix path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SocketChardev {
     /// The chardev id.
     pub id: String,

@@ -7,7 +7,7 @@ use crate::model::DeviceModel;
 use crate::value::{p, validate_id, Props};
 
 /// The vCPU topology: how many vCPUs the VM may ever have, and how they are arranged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct CpuTopology {
     /// The most vCPUs it may have (`maxcpus`); `sockets × cores × threads` when those are given.
     pub max: u32,
@@ -64,7 +64,7 @@ impl CpuTopology {
 }
 
 /// A hot-pluggable vCPU in one of QEMU's CPU slots (`query-hotpluggable-cpus`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Vcpu {
     /// The device id.
     pub id: String,

@@ -11,7 +11,7 @@ use crate::network_disk::NetworkSource;
 use crate::value::{blockdev, p, props_to_json, render, validate_id, Prop, Props};
 
 /// A PCI address: a bus and a slot (and function) on it. `addr` is hexadecimal on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Pci {
     /// The bus: `pci.0` on `pc`, `pcie.0` or a root port's id on `q35`.
     pub bus: String,
@@ -63,7 +63,7 @@ impl Pci {
 }
 
 /// A SCSI address on a virtio-scsi controller's bus.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ScsiAddr {
     /// The controller's bus, `<controller id>.0`.
     pub bus: String,
@@ -87,7 +87,8 @@ impl ScsiAddr {
 }
 
 /// The guest-facing side of a disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DiskFrontend {
     /// `virtio-blk-pci` at a PCI address.
     VirtioBlk(Pci),
@@ -98,7 +99,8 @@ pub enum DiskFrontend {
 }
 
 /// The host-side protocol driver.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DiskBackend {
     /// A regular file (`file`).
     File,
@@ -110,7 +112,8 @@ pub enum DiskBackend {
 }
 
 /// The image format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Format {
     /// `raw`.
     Raw,
@@ -119,7 +122,8 @@ pub enum Format {
 }
 
 /// Host cache mode, as libvirt names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Cache {
     /// Page cache, flushes honoured (QEMU's default).
     #[default]
@@ -142,7 +146,8 @@ impl Cache {
 }
 
 /// What the guest's disk device does when I/O on its image fails (`rerror`, `werror`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OnError {
     /// The guest gets the error.
     Report,
@@ -167,7 +172,7 @@ impl OnError {
 
 /// A disk's error policy: what its device does when a read or a write fails. QEMU's default:
 /// reads report, writes pause on "no space left" and report anything else.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ErrorPolicy {
     /// On a failed read (`rerror`; not [`OnError::Enospc`]).
     pub read: OnError,
@@ -208,7 +213,7 @@ impl ErrorPolicy {
 }
 
 /// A disk: image, format, and how the guest sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Disk {
     /// The device id; node names derive from it and [`Disk::generation`] (`<id>-file`,
     /// `<id>-fmt`, then `<id>-file.<n>`, `<id>-fmt.<n>`).
@@ -246,7 +251,7 @@ pub struct Disk {
 }
 
 /// One image in a disk's backing chain ([`Disk::backing`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskLayer {
     /// The image.
     pub path: PathBuf,
@@ -589,7 +594,7 @@ pub(crate) fn render_kv(props: &[(String, Prop)]) -> String {
 }
 
 /// A `virtio-net-pci` NIC on a tap.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Nic {
     /// The device id; the netdev is `<id>-net`.
     pub id: String,
@@ -704,7 +709,7 @@ impl DeviceModel for Nic {
 }
 
 /// A `virtio-scsi-pci` controller; its bus is `<id>.0`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ScsiController {
     /// The id.
     pub id: String,
@@ -726,7 +731,7 @@ impl ScsiController {
 }
 
 /// A `pcie-root-port` on `q35`: one hot-pluggable device sits behind each.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RootPort {
     /// The id (the bus name of the device behind it).
     pub id: String,

@@ -30,6 +30,7 @@ mod memory;
 mod model;
 pub mod names;
 mod network_disk;
+mod persist;
 mod rng;
 mod secret;
 mod spec;
@@ -54,6 +55,7 @@ pub use model::DeviceModel;
 pub use network_disk::{
     tls_creds, CephMonitor, Chap, Iscsi, Nbd, NbdServer, NetworkSource, Rbd, TlsEndpoint,
 };
+pub use persist::SPEC_VERSION;
 pub use rng::Rng;
 pub use secret::{MasterKey, Secret};
 pub use spec::{Accel, Serial, VmSpec, Vnc, VncListen};

@@ -1,7 +1,8 @@
 //! The machine type, which decides the root bus and which devices hot-plug where.
 
 /// The machine type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Machine {
     /// i440FX: conventional PCI, devices hot-plug into slots of `pci.0` (ACPI hotplug).
     #[default]

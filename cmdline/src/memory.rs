@@ -17,7 +17,8 @@ use crate::value::{p, validate_id, Props, QomObject};
 pub const MIB: u64 = 1 << 20;
 
 /// What a memory backend's pages come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MemoryKind {
     /// Anonymous memory (`memory-backend-ram`).
     Ram,
@@ -29,7 +30,7 @@ pub enum MemoryKind {
 }
 
 /// A memory backend object.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryBackend {
     /// The object id (under `/objects`).
     pub id: String,
@@ -126,7 +127,8 @@ impl MemoryBackend {
 }
 
 /// What sort of memory device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum MemoryDeviceKind {
     /// `pc-dimm`: all of its backend, in one of the machine's memory slots.
     Dimm,
@@ -141,7 +143,7 @@ pub enum MemoryDeviceKind {
 }
 
 /// A memory device and its backend (whose id is [`names::memdev`] of the device's).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryDevice {
     /// The device id.
     pub id: String,
@@ -229,7 +231,7 @@ impl DeviceModel for MemoryDevice {
 }
 
 /// A `virtio-balloon-pci`: the host asks the guest to give memory back.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Balloon {
     /// The device id.
     pub id: String,

@@ -12,7 +12,8 @@ use crate::secret::Secret;
 use crate::value::{p, Props, QomObject};
 
 /// Where an NBD server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum NbdServer {
     /// A Unix socket.
     Unix(PathBuf),
@@ -51,7 +52,7 @@ impl NbdServer {
 }
 
 /// An NBD export.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Nbd {
     /// The server.
     pub server: NbdServer,
@@ -67,7 +68,7 @@ pub struct Nbd {
 }
 
 /// CHAP credentials.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Chap {
     /// The user name.
     pub user: String,
@@ -76,7 +77,7 @@ pub struct Chap {
 }
 
 /// An iSCSI LUN.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Iscsi {
     /// The portal, `host[:port]` (port 3260 by default).
     pub portal: String,
@@ -91,7 +92,7 @@ pub struct Iscsi {
 }
 
 /// A Ceph monitor's address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CephMonitor {
     /// Host name or address.
     pub host: String,
@@ -100,7 +101,7 @@ pub struct CephMonitor {
 }
 
 /// A Ceph RBD image.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rbd {
     /// The pool.
     pub pool: String,
@@ -247,7 +248,8 @@ impl Rbd {
 }
 
 /// A disk's network source.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum NetworkSource {
     /// NBD.
     Nbd(Nbd),
@@ -303,6 +305,10 @@ impl NetworkSource {
     /// a Ceph secret's value decoded). A key that is not base64 is an error that shows none of it.
     pub fn secret_value(&self) -> Result<Option<Secret>> {
         match self {
+            // An unresolved key passes as it is: the encryption refuses it.
+            NetworkSource::Rbd(Rbd { key: Some(key), .. }) if !key.is_resolved() => {
+                Ok(Some(key.clone()))
+            }
             NetworkSource::Rbd(Rbd { key: Some(key), .. }) => {
                 let text = String::from_utf8_lossy(key.expose());
                 base64::engine::general_purpose::STANDARD

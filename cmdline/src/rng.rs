@@ -11,7 +11,7 @@ use crate::names;
 use crate::value::{p, validate_id, Props, QomObject};
 
 /// A virtio RNG.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rng {
     /// The device id.
     pub id: String,

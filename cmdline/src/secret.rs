@@ -1,7 +1,8 @@
 //! Secrets (a CHAP password, a Ceph key) and how they reach QEMU: as `secret` objects whose data
 //! is encrypted (AES-256-CBC) with a per-VM master key, itself read by QEMU from a pipe (never a
 //! file on disk, never a command-line argument or a QMP argument). The plaintext exists only in a
-//! [`Secret`], whose `Debug` is redacted and which has no `Display` and no serialisation.
+//! [`Secret`], whose `Debug` is redacted, which has no `Display`, and which is serialised as its
+//! reference alone.
 
 use std::fmt;
 use std::io::{Read, Write};
@@ -14,25 +15,101 @@ use crate::error::{Error, Result};
 use crate::value::{p, QomObject};
 
 /// A secret value: its bytes reach QEMU only encrypted with the VM's [`MasterKey`]. `Debug`
-/// prints `Secret(<redacted>)`; there is no other way to print it.
+/// prints `Secret(<redacted>)` (with its reference, if it has one); there is no other way to
+/// print it.
+///
+/// A spec written out ([`VmSpec::to_json`](crate::VmSpec::to_json)) keeps a secret's
+/// [`reference`](Secret::reference), never its bytes: a name the caller chose to find the value
+/// again (a vault path, a key file). Read back, the secret is unresolved until the caller gives
+/// the value ([`VmSpec::resolve_secrets`](crate::VmSpec::resolve_secrets)); an unresolved secret
+/// is refused wherever it would reach QEMU. A secret with no reference cannot be written.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(Arc<[u8]>);
+pub struct Secret {
+    value: Option<Arc<[u8]>>,
+    reference: Option<Arc<str>>,
+}
 
 impl Secret {
     /// A secret of these bytes.
     pub fn new(bytes: impl AsRef<[u8]>) -> Secret {
-        Secret(bytes.as_ref().into())
+        Secret {
+            value: Some(bytes.as_ref().into()),
+            reference: None,
+        }
     }
 
-    /// The secret's bytes, for whoever must hand them on (the SDK's encryption).
+    /// The same secret, found again by `reference` (what a written spec keeps in its place).
+    pub fn with_reference(mut self, reference: impl Into<String>) -> Secret {
+        self.reference = Some(reference.into().into());
+        self
+    }
+
+    /// A secret known only by its reference, its value not given yet.
+    pub fn unresolved(reference: impl Into<String>) -> Secret {
+        Secret {
+            value: None,
+            reference: Some(reference.into().into()),
+        }
+    }
+
+    /// The name the caller finds the value by, if it gave one.
+    pub fn reference(&self) -> Option<&str> {
+        self.reference.as_deref()
+    }
+
+    /// Whether its value is known (not a secret read back from a written spec and not yet
+    /// resolved).
+    pub fn is_resolved(&self) -> bool {
+        self.value.is_some()
+    }
+
+    /// The secret's bytes, for whoever must hand them on (the SDK's encryption); empty for an
+    /// unresolved secret, which [`MasterKey::encrypt`] refuses.
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        self.value.as_deref().unwrap_or_default()
     }
 }
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
+        match (&self.reference, &self.value) {
+            (Some(r), Some(_)) => write!(f, "Secret(<redacted>, reference {r:?})"),
+            (Some(r), None) => write!(f, "Secret(<unresolved>, reference {r:?})"),
+            (None, _) => f.write_str("Secret(<redacted>)"),
+        }
+    }
+}
+
+/// How a secret is written: `{"secret": "<reference>"}`, its value never.
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::{Error as _, SerializeMap};
+        let Some(reference) = &self.reference else {
+            return Err(S::Error::custom(
+                "a secret with no reference cannot be written (Secret::with_reference)",
+            ));
+        };
+        let mut map = serializer.serialize_map(Some(1))?;
+        map.serialize_entry("secret", &**reference)?;
+        map.end()
+    }
+}
+
+/// A written secret, read back unresolved.
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Written {
+            secret: String,
+        }
+        let written = Written::deserialize(deserializer)?;
+        Ok(Secret::unresolved(written.secret))
     }
 }
 
@@ -102,6 +179,13 @@ impl MasterKey {
 
     /// The `secret` object `id` holding `secret`, encrypted with this key under a fresh IV.
     pub fn encrypt(&self, id: &str, secret: &Secret) -> Result<QomObject> {
+        if !secret.is_resolved() {
+            return Err(Error::InvalidSpec(format!(
+                "{id}: secret {:?} was read back from a written spec and not resolved \
+                 (VmSpec::resolve_secrets)",
+                secret.reference().unwrap_or("")
+            )));
+        }
         let iv: [u8; 16] = random()?;
         let cipher = cbc::Encryptor::<aes::Aes256>::new(self.key[..].into(), (&iv).into());
         let data = cipher.encrypt_padded_vec_mut::<Pkcs7>(secret.expose());

@@ -16,7 +16,8 @@ use crate::vhost_user::{VhostUserBlk, VirtioFs};
 use crate::virtio_serial::{SerialPort, VirtioSerial};
 
 /// The accelerator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Accel {
     /// Software emulation.
     #[default]
@@ -26,7 +27,8 @@ pub enum Accel {
 }
 
 /// Where one of the guest's serial consoles goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Serial {
     /// Appended to a file (a console log that survives restarts).
     File(PathBuf),
@@ -37,26 +39,27 @@ pub enum Serial {
 }
 
 /// A VNC display.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Vnc {
     /// Where it listens.
     pub listen: VncListen,
     /// The password clients must give, set over QMP (`set_password`) as soon as QEMU is up and
     /// before the guest runs: never on QEMU's command line, where any local user could read it.
-    pub password: Option<String>,
+    pub password: Option<crate::Secret>,
 }
 
 impl std::fmt::Debug for Vnc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Vnc")
             .field("listen", &self.listen)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password", &self.password)
             .finish()
     }
 }
 
 /// Where a VNC display listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum VncListen {
     /// A TCP address and display number (port 5900 + display).
     Tcp {
@@ -71,7 +74,7 @@ pub enum VncListen {
 
 /// Everything QEMU needs to start a VM. Devices are the same values hotplug uses, so a VM
 /// relaunched from a recorded spec has the topology it had.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct VmSpec {
     /// The guest's name (`-name`).
     pub name: String,
@@ -542,7 +545,7 @@ mod front_panel_tests {
                 host: "::1".into(),
                 display: 3,
             },
-            password: Some("never-in-argv".into()),
+            password: Some(crate::Secret::new("never-in-argv")),
         });
         spec.usb_tablet = true;
         let args = spec.args("socket,id=qmp,fd=3,server=on,wait=off", |_| unreachable!());

@@ -14,7 +14,7 @@ use crate::names;
 use crate::value::{p, validate_id, Props};
 
 /// A `vhost-user-blk-pci` disk on a backend's socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VhostUserBlk {
     /// The device id.
     pub id: String,
@@ -27,7 +27,7 @@ pub struct VhostUserBlk {
 }
 
 /// A `vhost-user-fs-pci` share on a virtiofsd socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VirtioFs {
     /// The device id.
     pub id: String,

@@ -13,7 +13,7 @@ use crate::names;
 use crate::value::{p, validate_id, Props};
 
 /// A `virtio-serial-pci` controller; its ports go on bus `<id>.0`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VirtioSerial {
     /// The device id.
     pub id: String,
@@ -54,7 +54,7 @@ impl DeviceModel for VirtioSerial {
 }
 
 /// A named `virtserialport` on a controller's bus, on a socket QEMU listens on.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SerialPort {
     /// The device id.
     pub id: String,

@@ -14,7 +14,7 @@ use qhotplug_qmp::command::{Cont, QueryStatus, RunState, Stop, SystemPowerdown, 
 use qhotplug_qmp::{EventKind, EventStream};
 use tokio::time::Instant;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::vm_core::Core;
 
 /// How long a QEMU that reported `SHUTDOWN` has to exit before it is quit.
@@ -224,10 +224,19 @@ pub(crate) async fn resume(core: &Core) -> Result<()> {
 }
 
 /// The VNC password a launch sets (QEMU's command line cannot carry it unseen).
-pub(crate) async fn set_vnc_password(core: &Core, password: String) -> Result<()> {
+pub(crate) async fn set_vnc_password(
+    core: &Core,
+    password: qhotplug_cmdline::Secret,
+) -> Result<()> {
+    if !password.is_resolved() {
+        return Err(Error::Spec(qhotplug_cmdline::Error::InvalidSpec(format!(
+            "the VNC password {:?} was read back from a written spec and not resolved",
+            password.reference().unwrap_or("")
+        ))));
+    }
     let set = qhotplug_qmp::command::SetPassword {
         protocol: "vnc".into(),
-        password,
+        password: String::from_utf8_lossy(password.expose()).into_owned(),
     };
     core.client.execute(&set).await?;
     Ok(())

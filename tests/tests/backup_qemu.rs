@@ -275,3 +275,83 @@ fn a_failure_at_each_step_before_a_pull_backup_is_served_changes_nothing_and_a_d
         assert_eq!(t.vm.spec().disks[0].checkpoints, ["c1", "c2"]);
     });
 }
+
+/// Writes 64 KiB of 0x5a at `offset` into disk `id` through its device (HMP `qemu-io`).
+async fn write_64k(t: &TestVm, id: &str, offset: u64) {
+    let line = format!(
+        "qemu-io -d /machine/peripheral/{id}/virtio-backend \"write -P 0x5a {offset} 64k\""
+    );
+    let said =
+        t.vm.client()
+            .execute_raw(
+                "human-monitor-command",
+                &serde_json::json!({ "command-line": line }),
+            )
+            .await
+            .unwrap();
+    assert!(
+        !said.as_str().unwrap_or("").contains("rror"),
+        "qemu-io: {said}"
+    );
+}
+
+/// The extents of `image` that hold data of its own (not its backing's), from `qemu-img map`.
+fn own_data(image: &std::path::Path) -> Vec<(u64, u64)> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["map", "-U", "--output=json"])
+        .arg(image)
+        .output()
+        .expect("run qemu-img map");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    map.iter()
+        .filter(|e| e["data"] == true && e["depth"] == 0)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn after_a_snapshot_and_a_commit_an_incremental_since_a_checkpoint_holds_what_was_written_since() {
+    qhotplug_tests::serial_test(async {
+        let (t, _mon2, dir) = with_two_disks().await;
+        let d = dir.path();
+        let full = BackupConfig::full().disk("a", d.join("full.qcow2"));
+        t.vm.backup(full.checkpoint("c1"))
+            .await
+            .unwrap()
+            .wait(DONE)
+            .await
+            .unwrap();
+        // One write before the snapshot, one on the overlay.
+        write_64k(&t, "a", 1 << 20).await;
+        t.vm.snapshot(qhotplug::SnapshotConfig::new().disk("a", d.join("a.1.qcow2")))
+            .await
+            .unwrap();
+        assert!(t.vm.spec().disks[0].checkpoints.is_empty());
+        write_64k(&t, "a", 3 << 20).await;
+        let mut commit = t.vm.commit_disk("a").await.unwrap();
+        commit.wait_ready(DONE).await.unwrap();
+        commit.pivot().await.unwrap();
+        // Back on the image that holds c1: the disk's checkpoint again, as QEMU has it.
+        assert_eq!(t.vm.spec().disks[0].checkpoints, ["c1"]);
+        let listed = t.vm.checkpoints("a").await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].state, qhotplug::CheckpointState::Usable);
+        let inc = d.join("inc.qcow2");
+        let since = BackupConfig::incremental("c1").disk("a", &inc);
+        t.vm.backup(since.checkpoint("c2"))
+            .await
+            .unwrap()
+            .wait(DONE)
+            .await
+            .unwrap();
+        // Exactly the two writes since c1: the one before the snapshot, and the one the commit
+        // brought down from the overlay.
+        assert_eq!(own_data(&inc), [(1 << 20, 64 << 10), (3 << 20, 64 << 10)]);
+        assert_eq!(t.vm.spec().disks[0].checkpoints, ["c1", "c2"]);
+    });
+}

@@ -16,7 +16,7 @@ fn vnc_with_a_password_a_usb_tablet_a_log_console_and_a_pty() {
         spec.serials = vec![Serial::File(log.clone()), Serial::Pty];
         spec.vnc = Some(Vnc {
             listen: VncListen::Unix(dir.path().join("vnc.sock")),
-            password: Some("s3cret-pw".into()),
+            password: Some(qhotplug::Secret::new("s3cret-pw")),
         });
         spec.usb_tablet = true;
         let t = TestVm::launch(spec).await;
