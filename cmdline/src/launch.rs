@@ -80,35 +80,80 @@ pub struct QemuProcess {
     stderr_path: PathBuf,
 }
 
-/// The child and a pidfd that becomes readable when it exits.
+/// How the process's exit is seen: our child, or a QEMU another process launched and this one
+/// adopted by pid ([`QemuProcess::adopt`]). Either way a pidfd becomes readable when it exits.
 #[derive(Debug)]
-struct Exit {
-    child: Child,
-    pidfd: AsyncFd<OwnedFd>,
+enum Exit {
+    Child {
+        child: Child,
+        pidfd: AsyncFd<OwnedFd>,
+    },
+    Adopted {
+        pid: u32,
+        pidfd: AsyncFd<OwnedFd>,
+    },
 }
 
 impl Exit {
+    fn pid(&self) -> u32 {
+        match self {
+            Exit::Child { child, .. } => child.id(),
+            Exit::Adopted { pid, .. } => *pid,
+        }
+    }
+
+    fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
+        match self {
+            Exit::Child { child, .. } => child.try_wait(),
+            Exit::Adopted { pid, pidfd } => match crate::sys::pidfd_exited(pidfd.get_ref())? {
+                true => {
+                    crate::sys::reap_if_ours(*pid);
+                    Ok(Some(adopted_status()))
+                }
+                false => Ok(None),
+            },
+        }
+    }
+
     async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self.try_wait()? {
                 return Ok(status);
             }
-            let mut ready = self.pidfd.readable().await?;
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
+            let pidfd = match self {
+                Exit::Child { pidfd, .. } | Exit::Adopted { pidfd, .. } => pidfd,
+            };
+            let mut ready = pidfd.readable().await?;
             ready.clear_ready();
         }
     }
+
+    fn kill(&mut self) -> std::io::Result<()> {
+        match self {
+            Exit::Child { child, .. } => child.kill(),
+            Exit::Adopted { pidfd, .. } => crate::sys::pidfd_kill(pidfd.get_ref()),
+        }
+    }
+}
+
+/// What an adopted process's exit reads as: its status was its parent's to collect, not ours.
+fn adopted_status() -> ExitStatus {
+    std::os::unix::process::ExitStatusExt::from_raw(0)
 }
 
 impl Drop for Exit {
     fn drop(&mut self) {
         // The last resort, when no task could wait: the process was killed, so this is brief.
         // After a successful wait std returns the kept status at once.
-        let _ = self.child.wait();
+        if let Exit::Child { child, .. } = self {
+            let _ = child.wait();
+        }
     }
 }
+
+/// The file in a VM's runtime directory that keeps its master key (mode 0600) for a process that
+/// adopts it ([`QemuProcess::adopt`]); removed with the QEMU.
+pub const MASTER_KEY_FILE: &str = "master-key";
 
 impl Launcher {
     /// A launcher for `spec` whose monitor socket and logs go in `runtime_dir` (created if absent).
@@ -270,6 +315,8 @@ impl Launcher {
     /// encrypted with it. Nothing secret is in the argv. Returns the key and its `-object`s.
     fn master_key_args(&self, fds: &mut Vec<OwnedFd>) -> Result<(crate::MasterKey, Vec<String>)> {
         let master_key = crate::MasterKey::generate()?;
+        // Kept for a process that adopts this QEMU later ([`QemuProcess::adopt`]).
+        master_key.keep(&self.dir.join(MASTER_KEY_FILE))?;
         fds.push(OwnedFd::from(master_key.pipe()?));
         let fd = i64::try_from(2 + fds.len()).expect("a few fds");
         let mut args = master_key.object(fd).args().to_vec();
@@ -339,7 +386,7 @@ pub(crate) fn spawn(
         }
     };
     Ok(QemuProcess {
-        exit: Some(Exit { child, pidfd }),
+        exit: Some(Exit::Child { child, pidfd }),
         master_key: None,
         dir: dir.to_owned(),
         qmp_path: PathBuf::new(),
@@ -395,7 +442,33 @@ impl QemuProcess {
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.exit.as_ref().expect("only Drop takes it").child.id()
+        self.exit.as_ref().expect("only Drop takes it").pid()
+    }
+
+    /// Takes charge of a QEMU another process launched with a [`Launcher`] in `runtime_dir` and
+    /// left running (an orchestrator that died or restarted): its exit is watched on a pidfd, it
+    /// is killed on drop as a launched one is, its monitor is `runtime_dir/qmp.sock`, and the
+    /// master key the launch kept there (readable by its owner only) is its again, so secrets can
+    /// still be hot-added. Its exit status is not ours to read (it reads as success).
+    pub fn adopt(pid: u32, runtime_dir: impl Into<PathBuf>) -> Result<QemuProcess> {
+        let dir = runtime_dir.into();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+        if !String::from_utf8_lossy(&cmdline).contains("qemu") {
+            return Err(Error::InvalidSpec(format!("process {pid} is no QEMU")));
+        }
+        let pidfd = crate::sys::pidfd_of(pid)?;
+        let key = dir.join(MASTER_KEY_FILE);
+        let master_key = match key.exists() {
+            true => Some(crate::MasterKey::kept(&key)?),
+            false => None,
+        };
+        Ok(QemuProcess {
+            exit: Some(Exit::Adopted { pid, pidfd }),
+            master_key,
+            qmp_path: dir.join("qmp.sock"),
+            stderr_path: dir.join("qemu.stderr"),
+            dir,
+        })
     }
 
     pub(crate) fn set_qmp_path(&mut self, path: PathBuf) {
@@ -428,7 +501,7 @@ impl QemuProcess {
 
     /// Whether QEMU has exited, without waiting.
     pub fn try_wait(&mut self) -> std::io::Result<Option<ExitStatus>> {
-        self.exit().child.try_wait()
+        self.exit().try_wait()
     }
 
     /// Waits for QEMU to exit, and reaps it. Wakes on the process's pidfd: no polling.
@@ -438,7 +511,7 @@ impl QemuProcess {
 
     /// Kills QEMU (SIGKILL) without waiting for it.
     pub fn kill(&mut self) -> std::io::Result<()> {
-        self.exit().child.kill()
+        self.exit().kill()
     }
 }
 
@@ -447,8 +520,12 @@ impl Drop for QemuProcess {
         let Some(mut exit) = self.exit.take() else {
             return;
         };
-        let _ = exit.child.kill();
-        if let Ok(Some(_)) = exit.child.try_wait() {
+        // The key goes with the QEMU it belongs to.
+        if self.master_key.is_some() {
+            let _ = std::fs::remove_file(self.dir.join(MASTER_KEY_FILE));
+        }
+        let _ = exit.kill();
+        if let Ok(Some(_)) = exit.try_wait() {
             return;
         }
         // Reap in the background; if the runtime ends first, dropping the task reaps (Exit's Drop).

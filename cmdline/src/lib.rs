@@ -48,7 +48,7 @@ pub use device::{
     RootPort, ScsiAddr, ScsiController,
 };
 pub use error::{Error, Result};
-pub use launch::{default_qemu, Launcher, Monitor, QemuProcess, QEMU_ENV};
+pub use launch::{default_qemu, Launcher, Monitor, QemuProcess, MASTER_KEY_FILE, QEMU_ENV};
 pub use machine::Machine;
 pub use memory::{Balloon, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, MIB};
 pub use model::DeviceModel;

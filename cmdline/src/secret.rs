@@ -151,6 +151,40 @@ impl MasterKey {
         })
     }
 
+    /// Keeps the key in `path`, readable by its owner only (`id`, then the key in base64), so a
+    /// process that adopts the QEMU later can still encrypt secrets for it. Written to a
+    /// temporary file and renamed, so a reader finds the whole key or none.
+    pub(crate) fn keep(&self, path: &std::path::Path) -> Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let partial = path.with_extension("partial");
+        let _ = std::fs::remove_file(&partial);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&partial)
+            .map_err(Error::Io)?;
+        writeln!(file, "{}\n{}", self.id, b64.encode(&self.key[..])).map_err(Error::Io)?;
+        file.sync_all().map_err(Error::Io)?;
+        std::fs::rename(&partial, path).map_err(Error::Io)
+    }
+
+    /// The key [`keep`](MasterKey::keep) wrote to `path`.
+    pub(crate) fn kept(path: &std::path::Path) -> Result<MasterKey> {
+        let text = std::fs::read_to_string(path).map_err(Error::Io)?;
+        let bad = || Error::InvalidSpec(format!("{} holds no master key", path.display()));
+        let (id, key) = text.trim().split_once('\n').ok_or_else(bad)?;
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(key.trim())
+            .map_err(|_| bad())?;
+        let key: [u8; 32] = key.try_into().map_err(|_| bad())?;
+        Ok(MasterKey {
+            id: id.to_owned(),
+            key: Arc::new(key),
+        })
+    }
+
     /// The id of its `secret` object in QEMU.
     pub fn id(&self) -> &str {
         &self.id

@@ -72,3 +72,57 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: the kernel just gave us this fd (O_CLOEXEC by definition of pidfds); we own it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
+
+/// A pidfd for process `pid`, any process (one another process launched), registered with the
+/// current tokio runtime.
+pub(crate) fn pidfd_of(pid: u32) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    pidfd(pid)
+}
+
+/// Sends SIGKILL through `pidfd` (no pid reuse can redirect it).
+pub(crate) fn pidfd_kill(pidfd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal takes a pidfd we own, a signal number, a null siginfo and flags;
+    // no memory of ours is passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        // Already gone.
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Whether the process behind `pidfd` has exited (a pidfd becomes readable then), without
+/// waiting.
+pub(crate) fn pidfd_exited(pidfd: &OwnedFd) -> io::Result<bool> {
+    let mut poll = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own for the duration of the call, a zero timeout.
+    let r = unsafe { libc::poll(&mut poll, 1, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(poll.revents & libc::POLLIN != 0)
+}
+
+/// Reaps `pid` if it is our child and has exited; nothing if it is another's (its parent, or
+/// init, reaps it).
+pub(crate) fn reap_if_ours(pid: u32) {
+    let mut status = 0;
+    // SAFETY: waitpid with WNOHANG on one pid writes the status int we pass and returns at once.
+    unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+}

@@ -146,7 +146,7 @@ pub use qhotplug_cmdline::{
     Medium, MemoryBackend, MemoryDevice, MemoryDeviceKind, MemoryKind, Monitor, Nbd, NbdServer,
     NetworkSource, Nic, OnError, Pci, QemuProcess, Rbd, Rng, RootPort, ScsiAddr, ScsiController,
     Secret, Serial, SerialPort, StorageDaemonLauncher, Vcpu, VhostUserBlk, VirtioFs, VirtioSerial,
-    VirtiofsdLauncher, VmSpec, Vnc, VncListen, MIB,
+    VirtiofsdLauncher, VmSpec, Vnc, VncListen, MASTER_KEY_FILE, MIB,
 };
 pub use qhotplug_netdev::{MacAddr, Tap, TapBuilder, VhostPolicy};
 pub use qhotplug_qmp::command::{IoLimits, JobInfo, RunState};

@@ -144,6 +144,19 @@ impl Vm {
         Self::attach_inner(client, spec, None).await
     }
 
+    /// Takes charge of a QEMU an earlier process launched and left running (it died, or was
+    /// restarted): connects to the adopted process's monitor and attaches with `spec` (the one
+    /// the earlier process kept: [`VmSpec::from_json`], its secrets resolved). The VM is then this
+    /// handle's as a launched one is: [`Vm::quit`] and [`Vm::shutdown`] end the process, dropping
+    /// the last handle kills it, and secrets are encrypted with the master key the launch kept.
+    /// Run [`Vm::reconcile`] next: what the dead process left half-done is settled there.
+    pub async fn adopt(process: QemuProcess, spec: VmSpec) -> Result<Vm> {
+        let client = qhotplug_qmp::Config::new()
+            .connect(process.qmp_path())
+            .await?;
+        Self::attach_inner(client, spec, Some(process)).await
+    }
+
     async fn attach_inner(
         client: Client,
         spec: VmSpec,
