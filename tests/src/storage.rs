@@ -167,3 +167,34 @@ pub async fn medium(vm: &qhotplug::Vm, id: &str) -> Option<String> {
         i.node_name.unwrap()
     })
 }
+
+/// `qemu-img map --output=json` of what `args` name (an image file, or `--image-opts …`): its
+/// extents.
+pub fn qemu_img_map<I, S>(args: I) -> Vec<serde_json::Value>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let out = std::process::Command::new("qemu-img")
+        .args(["map", "--output=json"])
+        .args(args)
+        .output()
+        .expect("run qemu-img map");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("qemu-img map's JSON")
+}
+
+/// The extents (start, length) `image` holds data of its own (not its backing chain's), read
+/// while QEMU may hold it (`-U`).
+pub fn own_data(image: &Path) -> Vec<(u64, u64)> {
+    let image = image.as_os_str();
+    qemu_img_map([std::ffi::OsStr::new("-U"), image])
+        .iter()
+        .filter(|e| e["data"] == true && e["depth"] == 0)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}

@@ -14,7 +14,7 @@ use qhotplug::{
     BackupConfig, CheckpointProblem, CheckpointState, DiskConfig, Error, Format, NbdServer,
     PullConfig, VmSpec,
 };
-use qhotplug_tests::storage::{guest_view_md5, SmallFs};
+use qhotplug_tests::storage::{guest_view_md5, own_data, qemu_img_map, SmallFs};
 use qhotplug_tests::{pc_spec, Guest, Snapshot};
 
 const SEEN: Duration = Duration::from_secs(90);
@@ -75,19 +75,9 @@ async fn write_mib(g: &Guest, dev: &str, at: u64) -> String {
     out[0].split_whitespace().next().unwrap().to_owned()
 }
 
-/// Bytes `image` itself allocates (not its backing chain): `qemu-img map` extents at depth 0.
+/// Bytes `image` itself allocates (not its backing chain).
 fn allocated_here(image: &Path) -> u64 {
-    let out = std::process::Command::new("qemu-img")
-        .args(["map", "-U", "--output=json"])
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    map.iter()
-        .filter(|e| e["depth"] == 0 && e["data"] == true)
-        .map(|e| e["length"].as_u64().unwrap())
-        .sum()
+    own_data(image).iter().map(|(_, length)| length).sum()
 }
 
 #[test]
@@ -344,16 +334,7 @@ fn dirty_bytes(source: &qhotplug::Nbd, context: &str) -> u64 {
         socket.display(),
         source.export.as_deref().unwrap()
     );
-    let out = std::process::Command::new("qemu-img")
-        .args(["map", "--output=json", "--image-opts", &opts])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let map = qemu_img_map(["--image-opts", &opts]);
     map.iter()
         .filter(|e| e["data"] == false)
         .map(|e| e["length"].as_u64().unwrap())

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use qhotplug::{BackupConfig, CheckpointProblem, DiskConfig, Error, Format, NbdServer, PullConfig};
 use qhotplug_qmp::command::QueryJobs;
-use qhotplug_tests::storage::{qcow2_data_image, SmallFs};
+use qhotplug_tests::storage::{own_data, qcow2_data_image, SmallFs};
 use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
 
 const DONE: Duration = Duration::from_secs(60);
@@ -293,25 +293,6 @@ async fn write_64k(t: &TestVm, id: &str, offset: u64) {
         !said.as_str().unwrap_or("").contains("rror"),
         "qemu-io: {said}"
     );
-}
-
-/// The extents of `image` that hold data of its own (not its backing's), from `qemu-img map`.
-fn own_data(image: &std::path::Path) -> Vec<(u64, u64)> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["map", "-U", "--output=json"])
-        .arg(image)
-        .output()
-        .expect("run qemu-img map");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    map.iter()
-        .filter(|e| e["data"] == true && e["depth"] == 0)
-        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
-        .collect()
 }
 
 #[test]
