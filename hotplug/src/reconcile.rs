@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use qhotplug_cmdline::names;
-use qhotplug_qmp::command::{QomList, QueryChardev, QueryFdsets, QueryPci, SetLink};
+use qhotplug_qmp::command::{QomList, QueryChardev, QueryFdsets, QueryJobs, QueryPci, SetLink};
 use qhotplug_qmp::Client;
 
 use crate::discover::scan_peripherals;
@@ -41,6 +41,15 @@ pub struct Reconciled {
     pub limits_updated: Vec<String>,
     /// CD-ROM drives the SDK thought loaded that QEMU has empty: the view now has them empty.
     pub media_updated: Vec<String>,
+    /// Jobs the SDK names that no handle can take back (a push or pull backup's, an image's
+    /// creation, a storage copy's), left by a process that died, ended (cancelled, dismissed).
+    pub jobs_ended: Vec<String>,
+    /// NBD exports the SDK names (a pull backup's, a storage copy's target's), deleted; the NBD
+    /// server stopped with them when no other export was left.
+    pub exports_deleted: Vec<String>,
+    /// Checkpoints a backup that never finished had made, given back to the one before them (its
+    /// record merged into it): the spec never listed them.
+    pub checkpoints_given_back: Vec<String>,
 }
 
 impl Reconciled {
@@ -61,8 +70,11 @@ impl Reconciled {
 pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
     core.cleanups_done().await;
     let start = core.state().epoch;
-    let seen = Seen::read(&core.client).await?;
     let mut report = Reconciled::default();
+    // First what a dead process's storage operations left running: its jobs hold nodes (and
+    // QEMU lists no node while one waits concluded).
+    end_orphaned_storage(core, start, &mut report).await?;
+    let seen = Seen::read(&core.client).await?;
     let judged = judge(core, &seen, start, &mut report);
     clean_up(core, &seen, &judged, &mut report).await;
     drop(judged.cleaning);
@@ -393,6 +405,9 @@ impl Reconciled {
             }
             Ok(Outcome::Absent) => {}
             Ok(Outcome::Done) => match step {
+                Delete::Job(job) => self.jobs_ended.push(job),
+                Delete::Export(export) => self.exports_deleted.push(export),
+                Delete::Checkpoint { name, .. } => self.checkpoints_given_back.push(name),
                 Delete::Fdset { id: Some(set), .. } => self.fdsets_removed.push(set),
                 Delete::BlockNode(node) => self.nodes_deleted.push(node),
                 Delete::Netdev(netdev) => self.netdevs_deleted.push(netdev),
@@ -423,6 +438,130 @@ fn nodes_of(nodes: &HashSet<String>, id: &str, keep: &[String]) -> Vec<Delete> {
         )
     });
     mine.into_iter().cloned().map(Delete::BlockNode).collect()
+}
+
+/// What a dead process's storage operations left on the disks no call of this one holds: their
+/// jobs that no handle can take back ended, their exports deleted (and the NBD server, when no
+/// export of anyone else's was left), a backup's temporary bitmap removed, and a checkpoint an
+/// unfinished backup made given back to the one before it. Mirrors, commits and streams are
+/// [`Vm::jobs`](crate::Vm::jobs)' to hand back. Each disk is held busy while it is cleaned.
+async fn end_orphaned_storage(core: &Arc<Core>, start: u64, report: &mut Reconciled) -> Result<()> {
+    let client = &core.client;
+    let jobs: Vec<String> = client
+        .execute(&QueryJobs)
+        .await?
+        .into_iter()
+        .map(|j| j.id)
+        .collect();
+    let exports: Vec<String> = client
+        .execute_raw("query-block-exports", &serde_json::json!({}))
+        .await?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["id"].as_str().map(str::to_owned))
+        .collect();
+    let blocks = Blocks::read(client).await?;
+    let disks: Vec<qhotplug_cmdline::Disk> = {
+        let state = core.state();
+        state
+            .spec()
+            .disks
+            .iter()
+            .filter(|d| settled(&state, &d.id, start))
+            .cloned()
+            .collect()
+    };
+    let mut ours = Vec::new();
+    let mut serving = false;
+    let mut handled = Vec::new();
+    let mut marks = Vec::new();
+    for disk in &disks {
+        let id = &disk.id;
+        let backups = [names::backup_job(id), names::pull_job(id)];
+        let others = [names::migration_job(id)];
+        // A new image's creation is named after its nodes, of the disk's next generation at most.
+        let creations: Vec<String> = (0..=disk.next_generation())
+            .flat_map(|g| [names::format_node_at(id, g), names::file_node_at(id, g)])
+            .map(|n| names::create_job(&n))
+            .collect();
+        let mine =
+            |job: &String| backups.contains(job) || others.contains(job) || creations.contains(job);
+        let (to_end, to_unexport): (Vec<&String>, Vec<&String>) = (
+            jobs.iter().filter(|j| mine(j)).collect(),
+            exports
+                .iter()
+                .filter(|e| *e == &names::pull_job(id) || *e == &names::migration_job(id))
+                .collect(),
+        );
+        let temporary = blocks
+            .bitmaps_of(&disk.top_node())
+            .into_iter()
+            .any(|b| b.name == names::BACKUP_BITMAP);
+        // While a backup job runs QEMU shows the device on its filter: no bitmap is seen then.
+        let filtered = blocks.drive(id).is_some_and(|b| {
+            b.inserted
+                .as_ref()
+                .and_then(|i| i.node_name.as_deref())
+                .is_some_and(|n| n.starts_with('#'))
+        });
+        if to_end.is_empty() && to_unexport.is_empty() && !temporary && !filtered {
+            continue;
+        }
+        // A call of this process took the disk since: it is that call's.
+        let Ok(mark) = holds::mark_busy(core, id, DeviceKind::Disk) else {
+            continue;
+        };
+        marks.push(mark);
+        let unfinished_backup = to_end.iter().any(|j| backups.contains(j));
+        serving |= to_end.contains(&&names::pull_job(id)) || !to_unexport.is_empty();
+        for job in to_end {
+            report.run(client, Delete::Job(job.clone())).await;
+        }
+        for export in to_unexport {
+            ours.push(export.clone());
+            report.run(client, Delete::Export(export.clone())).await;
+        }
+        handled.push((disk, unfinished_backup));
+    }
+    // The server was a pull backup's or a storage copy's: stopped unless it serves others too.
+    if serving && exports.iter().all(|e| ours.contains(e)) {
+        report.run(client, Delete::NbdServer).await;
+    }
+    // The bitmaps, read again now that no job's filter hides the disks' nodes.
+    let blocks = Blocks::read(client).await?;
+    for (disk, unfinished_backup) in handled {
+        let top = disk.top_node();
+        let bitmaps = blocks.bitmaps_of(&top);
+        if bitmaps.iter().any(|b| b.name == names::BACKUP_BITMAP) {
+            report
+                .run(
+                    client,
+                    Delete::Bitmap {
+                        node: top.clone(),
+                        name: names::BACKUP_BITMAP.into(),
+                    },
+                )
+                .await;
+        }
+        if !unfinished_backup {
+            continue;
+        }
+        for bitmap in bitmaps {
+            let known = disk.checkpoints.contains(&bitmap.name);
+            if bitmap.persistent && !known && bitmap.name != names::BACKUP_BITMAP {
+                let give_back = Delete::Checkpoint {
+                    node: top.clone(),
+                    name: bitmap.name,
+                    into: disk.checkpoints.last().cloned(),
+                    resume: true,
+                };
+                report.run(client, give_back).await;
+            }
+        }
+    }
+    drop(marks);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -579,3 +579,46 @@ async fn checkpoints_come_back_with_their_image_when_a_commit_pivots_onto_it() {
     assert_eq!(vm.spec().disks[0].checkpoints, ["c1", "c2", "c3"]);
     assert_eq!(qemu.bitmaps().len(), 3);
 }
+
+#[tokio::test]
+async fn reconcile_ends_what_a_dead_processs_pull_backup_left_and_gives_its_checkpoint_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_qcow2_disk(dir.path()).await;
+    let full = BackupConfig::full().disk("a", dir.path().join("b0.qcow2"));
+    vm.backup(full.checkpoint("c1"))
+        .await
+        .unwrap()
+        .wait(WAIT)
+        .await
+        .unwrap();
+    let before = state(&qemu);
+    let spec = vm.spec();
+    // A pull backup serving when its process dies: nothing of its own runs (no drop).
+    let server = NbdServer::Unix(dir.path().join("nbd.sock"));
+    let scratch = dir.path().join("scratch.qcow2");
+    let pull = vm
+        .pull_backup(
+            PullConfig::incremental("c1", server)
+                .disk("a", &scratch)
+                .checkpoint("c2"),
+        )
+        .await
+        .unwrap();
+    std::mem::forget(pull);
+    std::mem::forget(vm);
+    assert!(qemu.nbd_server() && !qemu.jobs().is_empty());
+    // The next process, with the spec the dead one kept.
+    let again = Vm::attach(qemu.connect().await.unwrap(), spec)
+        .await
+        .unwrap();
+    let report = again.reconcile().await.unwrap();
+    assert_eq!(report.jobs_ended, ["pull-a"]);
+    assert_eq!(report.exports_deleted, ["pull-a"]);
+    assert_eq!(report.checkpoints_given_back, ["c2"]);
+    // QEMU is as before the pull backup: no job, export, server, scratch node or bitmap of it,
+    // and c1 records again (the next incremental since c1 covers what c2 had recorded).
+    assert_eq!(state(&qemu), before);
+    let c1 = qemu.bitmaps().into_iter().find(|b| b.name == "c1").unwrap();
+    assert!(c1.recording);
+    assert_eq!(again.spec().disks[0].checkpoints, ["c1"]);
+}

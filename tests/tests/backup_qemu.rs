@@ -336,3 +336,55 @@ fn after_a_snapshot_and_a_commit_an_incremental_since_a_checkpoint_holds_what_wa
         assert_eq!(t.vm.spec().disks[0].checkpoints, ["c1", "c2"]);
     });
 }
+
+#[test]
+fn a_pull_backup_whose_process_died_is_ended_by_the_next_ones_reconcile() {
+    qhotplug_tests::serial_test(async {
+        let (t, mon2, dir) = with_two_disks().await;
+        let d = dir.path();
+        let full = BackupConfig::full().disk("a", d.join("a.0.qcow2"));
+        t.vm.backup(full.checkpoint("c1"))
+            .await
+            .unwrap()
+            .wait(DONE)
+            .await
+            .unwrap();
+        let spec = t.vm.spec();
+        let before = qhotplug_tests::Snapshot::take(&t.vm).await;
+        let server = NbdServer::Unix(d.join("pull.sock"));
+        let config = PullConfig::incremental("c1", server)
+            .disk("a", d.join("scratch.qcow2"))
+            .checkpoint("c2");
+        let pull = t.vm.pull_backup(config).await.unwrap();
+        // Its process dies while it serves: nothing of the handle's runs.
+        std::mem::forget(pull);
+        // The next process, on the second monitor, with the spec the dead one kept.
+        let client = qhotplug_qmp::connect(&mon2).await.unwrap();
+        let again = qhotplug::Vm::attach(client, spec).await.unwrap();
+        let report = again.reconcile().await.unwrap();
+        assert_eq!(report.jobs_ended, ["pull-a"], "{report:?}");
+        assert_eq!(report.exports_deleted, ["pull-a"]);
+        assert_eq!(report.checkpoints_given_back, ["c2"]);
+        let after = qhotplug_tests::Snapshot::take(&again).await;
+        assert_eq!(after.nodes, before.nodes);
+        assert_eq!(after.fdsets, before.fdsets);
+        assert_eq!(after.block, before.block);
+        assert!(again.client().execute(&QueryJobs).await.unwrap().is_empty());
+        let listed = again.checkpoints("a").await.unwrap();
+        let shown: Vec<(&str, bool)> = listed
+            .iter()
+            .map(|c| (c.name.as_str(), c.recording))
+            .collect();
+        assert_eq!(shown, [("c1", true)]);
+        // The NBD server is gone too: a new pull backup can start one.
+        let server = NbdServer::Unix(d.join("pull2.sock"));
+        let config = PullConfig::full(server).disk("a", d.join("scratch2.qcow2"));
+        again
+            .pull_backup(config)
+            .await
+            .unwrap()
+            .cancel()
+            .await
+            .unwrap();
+    });
+}
