@@ -453,14 +453,18 @@ async fn end_orphaned_storage(core: &Arc<Core>, start: u64, report: &mut Reconci
         .into_iter()
         .map(|j| j.id)
         .collect();
-    let exports: Vec<String> = client
-        .execute_raw("query-block-exports", &serde_json::json!({}))
-        .await?
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e["id"].as_str().map(str::to_owned))
-        .collect();
+    // A QEMU before 5.2 has no exports to list.
+    let exports: Vec<String> = match client.schema().await?.has_command("query-block-exports") {
+        true => client
+            .execute_raw("query-block-exports", &serde_json::json!({}))
+            .await?
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["id"].as_str().map(str::to_owned))
+            .collect(),
+        false => Vec::new(),
+    };
     let blocks = Blocks::read(client).await?;
     let disks: Vec<qhotplug_cmdline::Disk> = {
         let state = core.state();
