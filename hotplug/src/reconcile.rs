@@ -453,18 +453,7 @@ async fn end_orphaned_storage(core: &Arc<Core>, start: u64, report: &mut Reconci
         .into_iter()
         .map(|j| j.id)
         .collect();
-    // A QEMU before 5.2 has no exports to list.
-    let exports: Vec<String> = match client.schema().await?.has_command("query-block-exports") {
-        true => client
-            .execute_raw("query-block-exports", &serde_json::json!({}))
-            .await?
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e["id"].as_str().map(str::to_owned))
-            .collect(),
-        false => Vec::new(),
-    };
+    let exports = crate::qemu::block::export_ids(client).await?;
     let blocks = Blocks::read(client).await?;
     let disks: Vec<qhotplug_cmdline::Disk> = {
         let state = core.state();
@@ -483,20 +472,19 @@ async fn end_orphaned_storage(core: &Arc<Core>, start: u64, report: &mut Reconci
     for disk in &disks {
         let id = &disk.id;
         let backups = [names::backup_job(id), names::pull_job(id)];
-        let others = [names::migration_job(id)];
+        // A pull backup's export and a storage copy's target are named as their jobs.
+        let exported = [names::pull_job(id), names::migration_job(id)];
         // A new image's creation is named after its nodes, of the disk's next generation at most.
         let creations: Vec<String> = (0..=disk.next_generation())
             .flat_map(|g| [names::format_node_at(id, g), names::file_node_at(id, g)])
             .map(|n| names::create_job(&n))
             .collect();
-        let mine =
-            |job: &String| backups.contains(job) || others.contains(job) || creations.contains(job);
+        let mine = |job: &String| {
+            backups.contains(job) || exported.contains(job) || creations.contains(job)
+        };
         let (to_end, to_unexport): (Vec<&String>, Vec<&String>) = (
             jobs.iter().filter(|j| mine(j)).collect(),
-            exports
-                .iter()
-                .filter(|e| *e == &names::pull_job(id) || *e == &names::migration_job(id))
-                .collect(),
+            exports.iter().filter(|e| exported.contains(e)).collect(),
         );
         let temporary = blocks
             .bitmaps_of(&disk.top_node())
@@ -518,7 +506,7 @@ async fn end_orphaned_storage(core: &Arc<Core>, start: u64, report: &mut Reconci
         };
         marks.push(mark);
         let unfinished_backup = to_end.iter().any(|j| backups.contains(j));
-        serving |= to_end.contains(&&names::pull_job(id)) || !to_unexport.is_empty();
+        serving |= to_end.contains(&&exported[0]) || !to_unexport.is_empty();
         for job in to_end {
             report.run(client, Delete::Job(job.clone())).await;
         }

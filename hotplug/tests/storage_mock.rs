@@ -18,16 +18,35 @@ const WAIT: Duration = Duration::from_secs(5);
 
 /// A VM attached to a fresh `pc` mock, with a virtio-blk disk `a` on a 1 MiB raw image.
 async fn with_disk(dir: &Path) -> (MockQemu, Vm) {
+    with_disk_of(dir, qhotplug::Format::Raw).await
+}
+
+/// As [`with_disk`], its image of `format`: 1 MiB raw, or a qcow2 header of 1 MiB (which
+/// checkpoints need; the mock reads qcow2's magic and size).
+async fn with_disk_of(dir: &Path, format: qhotplug::Format) -> (MockQemu, Vm) {
     let qemu = MockQemu::pc();
     let vm = Vm::attach(qemu.connect().await.unwrap(), VmSpec::new("t", Machine::Pc))
         .await
         .unwrap();
-    let image = dir.join("a.raw");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    vm.add_disk(DiskConfig::virtio_blk("a", &image))
+    let (image, bytes) = match format {
+        qhotplug::Format::Qcow2 => {
+            let mut header = vec![0u8; 1 << 16];
+            header[..4].copy_from_slice(b"QFI\xfb");
+            header[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+            (dir.join("a.qcow2"), header)
+        }
+        _ => (dir.join("a.raw"), vec![0u8; 1 << 20]),
+    };
+    std::fs::write(&image, bytes).unwrap();
+    vm.add_disk(DiskConfig::virtio_blk("a", &image).format(format))
         .await
         .unwrap();
     (qemu, vm)
+}
+
+/// A push backup run to its end.
+async fn backed_up(vm: &Vm, config: BackupConfig) {
+    vm.backup(config).await.unwrap().wait(WAIT).await.unwrap();
 }
 
 /// What a storage operation may leave in the mock: nodes, fd sets, jobs, bitmaps, exports,
@@ -331,15 +350,15 @@ async fn a_pull_backup_serves_each_disk_and_tears_down_and_rolls_back_at_each_st
 #[tokio::test]
 async fn checkpoints_are_bitmaps_a_full_then_an_incremental_backup_records() {
     let dir = tempfile::tempdir().unwrap();
-    let (qemu, vm) = with_qcow2_disk(dir.path()).await;
+    let (qemu, vm) = with_disk_of(dir.path(), qhotplug::Format::Qcow2).await;
     let full = BackupConfig::full()
         .disk("a", dir.path().join("full.qcow2"))
         .checkpoint("c1");
-    vm.backup(full).await.unwrap().wait(WAIT).await.unwrap();
+    backed_up(&vm, full).await;
     let since = BackupConfig::incremental("c1")
         .disk("a", dir.path().join("inc.qcow2"))
         .checkpoint("c2");
-    vm.backup(since).await.unwrap().wait(WAIT).await.unwrap();
+    backed_up(&vm, since).await;
     assert_eq!(vm.spec().disks[0].checkpoints, ["c1", "c2"]);
     let names: Vec<String> = qemu.bitmaps().into_iter().map(|b| b.name).collect();
     assert_eq!(names, ["c1", "c2"], "the temporary bitmap is gone");
@@ -508,42 +527,14 @@ async fn reconcile_deletes_every_image_of_a_chain_whose_disk_went_behind_its_bac
     assert!(again.spec().disks.is_empty());
 }
 
-/// A VM attached to a fresh `pc` mock with a virtio-blk disk `a` on a 1 MiB qcow2 image (which
-/// checkpoints need; the mock reads qcow2's magic and size).
-async fn with_qcow2_disk(dir: &Path) -> (MockQemu, Vm) {
-    let qemu = MockQemu::pc();
-    let vm = Vm::attach(qemu.connect().await.unwrap(), VmSpec::new("t", Machine::Pc))
-        .await
-        .unwrap();
-    let image = dir.join("a.qcow2");
-    let mut header = vec![0u8; 1 << 16];
-    header[..4].copy_from_slice(b"QFI\xfb");
-    header[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
-    std::fs::write(&image, header).unwrap();
-    vm.add_disk(DiskConfig::virtio_blk("a", &image).format(qhotplug::Format::Qcow2))
-        .await
-        .unwrap();
-    (qemu, vm)
-}
-
 #[tokio::test]
 async fn checkpoints_come_back_with_their_image_when_a_commit_pivots_onto_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (qemu, vm) = with_qcow2_disk(dir.path()).await;
+    let (qemu, vm) = with_disk_of(dir.path(), qhotplug::Format::Qcow2).await;
     let full = BackupConfig::full().disk("a", dir.path().join("b0.qcow2"));
-    vm.backup(full.checkpoint("c1"))
-        .await
-        .unwrap()
-        .wait(WAIT)
-        .await
-        .unwrap();
+    backed_up(&vm, full.checkpoint("c1")).await;
     let since = BackupConfig::incremental("c1").disk("a", dir.path().join("b1.qcow2"));
-    vm.backup(since.checkpoint("c2"))
-        .await
-        .unwrap()
-        .wait(WAIT)
-        .await
-        .unwrap();
+    backed_up(&vm, since.checkpoint("c2")).await;
     assert_eq!(vm.spec().disks[0].checkpoints, ["c1", "c2"]);
     // On the overlay the disk has none: QEMU's bitmaps stay on the image under it.
     vm.snapshot(SnapshotConfig::new().disk("a", dir.path().join("a.1.qcow2")))
@@ -570,12 +561,7 @@ async fn checkpoints_come_back_with_their_image_when_a_commit_pivots_onto_it() {
     );
     // So an incremental since c2 is taken, and makes c3.
     let since = BackupConfig::incremental("c2").disk("a", dir.path().join("b2.qcow2"));
-    vm.backup(since.checkpoint("c3"))
-        .await
-        .unwrap()
-        .wait(WAIT)
-        .await
-        .unwrap();
+    backed_up(&vm, since.checkpoint("c3")).await;
     assert_eq!(vm.spec().disks[0].checkpoints, ["c1", "c2", "c3"]);
     assert_eq!(qemu.bitmaps().len(), 3);
 }
@@ -583,14 +569,9 @@ async fn checkpoints_come_back_with_their_image_when_a_commit_pivots_onto_it() {
 #[tokio::test]
 async fn reconcile_ends_what_a_dead_processs_pull_backup_left_and_gives_its_checkpoint_back() {
     let dir = tempfile::tempdir().unwrap();
-    let (qemu, vm) = with_qcow2_disk(dir.path()).await;
+    let (qemu, vm) = with_disk_of(dir.path(), qhotplug::Format::Qcow2).await;
     let full = BackupConfig::full().disk("a", dir.path().join("b0.qcow2"));
-    vm.backup(full.checkpoint("c1"))
-        .await
-        .unwrap()
-        .wait(WAIT)
-        .await
-        .unwrap();
+    backed_up(&vm, full.checkpoint("c1")).await;
     let before = state(&qemu);
     let spec = vm.spec();
     // A pull backup serving when its process dies: nothing of its own runs (no drop).

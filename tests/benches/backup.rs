@@ -23,6 +23,7 @@ use qhotplug::{BackupConfig, DiskConfig, Format};
 use qhotplug_cmdline::names;
 use qhotplug_qmp::command::AddFd;
 use qhotplug_tests::raw::{encode, RawMonitor};
+use qhotplug_tests::storage::write_64k;
 use serde_json::json;
 
 const PAIRS: usize = 8;
@@ -171,19 +172,7 @@ async fn run() {
     // Cluster-aligned, so each write dirties one 64 KiB cluster of the bitmap.
     let stride = (MIB << 20) / writes / (64 << 10) * (64 << 10);
     for i in 0..writes {
-        let line = format!(
-            "qemu-io -d /machine/peripheral/s/virtio-backend \"write -P 0x5a {} 64k\"",
-            i * stride
-        );
-        let said =
-            t.vm.client()
-                .execute_raw("human-monitor-command", &json!({ "command-line": line }))
-                .await
-                .unwrap();
-        assert!(
-            !said.as_str().unwrap_or("").contains("rror"),
-            "qemu-io: {said}"
-        );
+        write_64k(&t.vm, "s", i * stride).await;
     }
     let inc = d.join("inc.qcow2");
     let start = Instant::now();

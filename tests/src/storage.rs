@@ -198,3 +198,16 @@ pub fn own_data(image: &Path) -> Vec<(u64, u64)> {
         .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
         .collect()
 }
+
+/// Writes 64 KiB of 0x5a at `offset` into virtio-blk disk `id` through its device, as the guest
+/// would (HMP `qemu-io`): with no guest OS, a write the disk's dirty bitmaps record.
+pub async fn write_64k(vm: &qhotplug::Vm, id: &str, offset: u64) {
+    let write = qhotplug_qmp::command::HumanMonitorCommand {
+        command_line: format!(
+            "qemu-io -d /machine/peripheral/{id}/virtio-backend \"write -P 0x5a {offset} 64k\""
+        ),
+        cpu_index: None,
+    };
+    let said = vm.client().execute(&write).await.unwrap();
+    assert!(!said.contains("rror"), "qemu-io: {said}");
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use qhotplug::{BackupConfig, CheckpointProblem, DiskConfig, Error, Format, NbdServer, PullConfig};
 use qhotplug_qmp::command::QueryJobs;
-use qhotplug_tests::storage::{own_data, qcow2_data_image, SmallFs};
+use qhotplug_tests::storage::{own_data, qcow2_data_image, write_64k, SmallFs};
 use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
 
 const DONE: Duration = Duration::from_secs(60);
@@ -26,6 +26,11 @@ async fn with_two_disks() -> (TestVm, PathBuf, tempfile::TempDir) {
         t.vm.add_disk(disk).await.unwrap();
     }
     (t, mon2, dir)
+}
+
+/// A push backup run to its end.
+async fn backed_up(t: &TestVm, config: BackupConfig) {
+    t.vm.backup(config).await.unwrap().wait(DONE).await.unwrap();
 }
 
 /// The checkpoints each disk has in QEMU, by name, and whether each records.
@@ -60,7 +65,7 @@ fn a_failure_at_each_step_before_a_two_disk_incremental_starts_changes_nothing()
             .disk("a", d.join("a.0.qcow2"))
             .disk("b", d.join("b.0.qcow2"))
             .checkpoint("c1");
-        t.vm.backup(full).await.unwrap().wait(DONE).await.unwrap();
+        backed_up(&t, full).await;
         let had = checkpoints(&t).await;
         assert_eq!(had, [[("c1".to_owned(), true)], [("c1".to_owned(), true)]]);
         let (ia, ib) = (d.join("a.1.qcow2"), d.join("b.1.qcow2"));
@@ -90,12 +95,7 @@ fn a_failure_at_each_step_before_a_two_disk_incremental_starts_changes_nothing()
             assert!(vm.disks().iter().all(|disk| disk.checkpoints == ["c1"]));
         }
         // Without a fault it goes through: both disks have c2, recording.
-        t.vm.backup(incremental())
-            .await
-            .unwrap()
-            .wait(DONE)
-            .await
-            .unwrap();
+        backed_up(&t, incremental()).await;
         let now = checkpoints(&t).await;
         let both = [("c1".to_owned(), false), ("c2".to_owned(), true)];
         assert_eq!(now, [both.clone(), both]);
@@ -111,7 +111,7 @@ fn two_disks_backed_up_together_fail_together_and_lose_nothing() {
             .disk("a", d.join("a.0.qcow2"))
             .disk("b", d.join("b.0.qcow2"))
             .checkpoint("c1");
-        t.vm.backup(first).await.unwrap().wait(DONE).await.unwrap();
+        backed_up(&t, first).await;
         let before = t.snapshot().await;
         let had = checkpoints(&t).await;
 
@@ -238,7 +238,7 @@ fn a_failure_at_each_step_before_a_pull_backup_is_served_changes_nothing_and_a_d
         let full = BackupConfig::full()
             .disk("a", d.join("a.0.qcow2"))
             .checkpoint("c1");
-        t.vm.backup(full).await.unwrap().wait(DONE).await.unwrap();
+        backed_up(&t, full).await;
         let before = t.snapshot().await;
         let scratch = d.join("scratch.qcow2");
         let socket = d.join("pull.sock");
@@ -276,44 +276,20 @@ fn a_failure_at_each_step_before_a_pull_backup_is_served_changes_nothing_and_a_d
     });
 }
 
-/// Writes 64 KiB of 0x5a at `offset` into disk `id` through its device (HMP `qemu-io`).
-async fn write_64k(t: &TestVm, id: &str, offset: u64) {
-    let line = format!(
-        "qemu-io -d /machine/peripheral/{id}/virtio-backend \"write -P 0x5a {offset} 64k\""
-    );
-    let said =
-        t.vm.client()
-            .execute_raw(
-                "human-monitor-command",
-                &serde_json::json!({ "command-line": line }),
-            )
-            .await
-            .unwrap();
-    assert!(
-        !said.as_str().unwrap_or("").contains("rror"),
-        "qemu-io: {said}"
-    );
-}
-
 #[test]
 fn after_a_snapshot_and_a_commit_an_incremental_since_a_checkpoint_holds_what_was_written_since() {
     qhotplug_tests::serial_test(async {
         let (t, _mon2, dir) = with_two_disks().await;
         let d = dir.path();
         let full = BackupConfig::full().disk("a", d.join("full.qcow2"));
-        t.vm.backup(full.checkpoint("c1"))
-            .await
-            .unwrap()
-            .wait(DONE)
-            .await
-            .unwrap();
+        backed_up(&t, full.checkpoint("c1")).await;
         // One write before the snapshot, one on the overlay.
-        write_64k(&t, "a", 1 << 20).await;
+        write_64k(&t.vm, "a", 1 << 20).await;
         t.vm.snapshot(qhotplug::SnapshotConfig::new().disk("a", d.join("a.1.qcow2")))
             .await
             .unwrap();
         assert!(t.vm.spec().disks[0].checkpoints.is_empty());
-        write_64k(&t, "a", 3 << 20).await;
+        write_64k(&t.vm, "a", 3 << 20).await;
         let mut commit = t.vm.commit_disk("a").await.unwrap();
         commit.wait_ready(DONE).await.unwrap();
         commit.pivot().await.unwrap();
@@ -324,12 +300,7 @@ fn after_a_snapshot_and_a_commit_an_incremental_since_a_checkpoint_holds_what_wa
         assert_eq!(listed[0].state, qhotplug::CheckpointState::Usable);
         let inc = d.join("inc.qcow2");
         let since = BackupConfig::incremental("c1").disk("a", &inc);
-        t.vm.backup(since.checkpoint("c2"))
-            .await
-            .unwrap()
-            .wait(DONE)
-            .await
-            .unwrap();
+        backed_up(&t, since.checkpoint("c2")).await;
         // Exactly the two writes since c1: the one before the snapshot, and the one the commit
         // brought down from the overlay.
         assert_eq!(own_data(&inc), [(1 << 20, 64 << 10), (3 << 20, 64 << 10)]);
@@ -343,12 +314,7 @@ fn a_pull_backup_whose_process_died_is_ended_by_the_next_ones_reconcile() {
         let (t, mon2, dir) = with_two_disks().await;
         let d = dir.path();
         let full = BackupConfig::full().disk("a", d.join("a.0.qcow2"));
-        t.vm.backup(full.checkpoint("c1"))
-            .await
-            .unwrap()
-            .wait(DONE)
-            .await
-            .unwrap();
+        backed_up(&t, full.checkpoint("c1")).await;
         let spec = t.vm.spec();
         let before = qhotplug_tests::Snapshot::take(&t.vm).await;
         let server = NbdServer::Unix(d.join("pull.sock"));

@@ -13,7 +13,8 @@ use qhotplug::{
 };
 use qhotplug_mock::{GuestUnplug, MockQemu};
 use qhotplug_qmp::command::{
-    QomList, QueryBlock, QueryChardev, QueryFdsets, QueryJobs, QueryNamedBlockNodes, QueryPci,
+    QomList, QueryBlock, QueryBlockExports, QueryChardev, QueryFdsets, QueryJobs,
+    QueryNamedBlockNodes, QueryPci,
 };
 use qhotplug_tests::{image, iso, pc_spec, TestVm};
 use serde_json::json;
@@ -271,15 +272,12 @@ async fn jobs_and_exports(vm: &Vm) -> String {
         .into_iter()
         .map(|j| format!("{}:{}", j.id, j.status))
         .collect();
-    let exports = c
-        .execute_raw("query-block-exports", &json!({}))
+    let mut exports: Vec<String> = c
+        .execute(&QueryBlockExports)
         .await
-        .unwrap();
-    let mut exports: Vec<String> = exports
-        .as_array()
         .unwrap()
-        .iter()
-        .map(|e| format!("{}:{}", e["id"], e["node-name"]))
+        .into_iter()
+        .map(|e| format!("{}:{}", e.id, e.node_name))
         .collect();
     exports.sort();
     format!("jobs {jobs:?} exports {exports:?}")

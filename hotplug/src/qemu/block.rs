@@ -7,7 +7,8 @@
 
 use qhotplug_cmdline::names;
 use qhotplug_qmp::command::{
-    BlockInfo, DirtyBitmapInfo, IoLimits, QueryBlock, QueryJobs, QueryNamedBlockNodes,
+    BlockInfo, DirtyBitmapInfo, IoLimits, QueryBlock, QueryBlockExports, QueryJobs,
+    QueryNamedBlockNodes,
 };
 use qhotplug_qmp::Client;
 
@@ -99,6 +100,15 @@ impl Blocks {
 /// Disk `disk`'s size as its guest sees it, from a fresh `query-block`.
 pub(crate) async fn disk_size(client: &Client, disk: &qhotplug_cmdline::Disk) -> Result<u64> {
     Blocks::read(client).await?.disk_size(disk)
+}
+
+/// The ids of the block exports QEMU serves (none before QEMU 5.2, which has no exports).
+pub(crate) async fn export_ids(client: &Client) -> Result<Vec<String>> {
+    if !client.schema().await?.has_command("query-block-exports") {
+        return Ok(Vec::new());
+    }
+    let exports = client.execute(&QueryBlockExports).await?;
+    Ok(exports.into_iter().map(|e| e.id).collect())
 }
 
 /// `query-named-block-nodes`, unless a job is `concluded` and not yet dismissed: QEMU 7.2 and

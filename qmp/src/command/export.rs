@@ -1,6 +1,7 @@
 //! QEMU's NBD server and its block exports (`qapi/block-export.json`): a node of the VM's served
 //! to NBD clients (a pull backup's point-in-time view, a storage migration's target).
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Empty;
@@ -53,3 +54,24 @@ command!(
         mode: Option<String>,
     } -> Empty
 );
+
+command!(
+    /// `query-block-exports` (QEMU 5.2+): the block exports QEMU serves.
+    "query-block-exports", QueryBlockExports, Vec<BlockExportInfo>
+);
+
+/// One block export, as `query-block-exports` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct BlockExportInfo {
+    /// Its id.
+    pub id: String,
+    /// Its type: `nbd`, `vhost-user-blk`, `fuse`, …
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The node it serves.
+    #[serde(rename = "node-name")]
+    pub node_name: String,
+    /// Ending (`block-export-del` sent, clients still connected).
+    #[serde(rename = "shutting-down", default)]
+    pub shutting_down: bool,
+}
