@@ -159,6 +159,27 @@ impl VmSpec {
         }
     }
 
+    /// Orders every device list by id, and the vCPUs by their place in the topology (socket,
+    /// die, module, core, thread): the order a spec read from QEMU has, where QOM lists devices
+    /// in no set order. What the VM is does not change.
+    pub fn sort_by_id(&mut self) {
+        self.root_ports.sort_by(|a, b| a.id.cmp(&b.id));
+        self.scsi_controllers.sort_by(|a, b| a.id.cmp(&b.id));
+        self.disks.sort_by(|a, b| a.id.cmp(&b.id));
+        self.nics.sort_by(|a, b| a.id.cmp(&b.id));
+        self.cdroms.sort_by(|a, b| a.id.cmp(&b.id));
+        self.memory_devices.sort_by(|a, b| a.id.cmp(&b.id));
+        self.vhost_user_blks.sort_by(|a, b| a.id.cmp(&b.id));
+        self.virtio_fs.sort_by(|a, b| a.id.cmp(&b.id));
+        self.virtio_serials.sort_by(|a, b| a.id.cmp(&b.id));
+        self.serial_ports.sort_by(|a, b| a.id.cmp(&b.id));
+        self.rngs.sort_by(|a, b| a.id.cmp(&b.id));
+        self.vcpus.sort_by_key(|v| {
+            ["socket-id", "die-id", "module-id", "core-id", "thread-id"]
+                .map(|key| v.slot.iter().find(|(k, _)| k == key).map_or(0, |(_, n)| *n))
+        });
+    }
+
     /// Checks ids (QEMU's rules, and unique), PCI addresses (unique), SCSI buses and addresses.
     pub fn validate(&self) -> Result<()> {
         let mut claims = Claims {

@@ -86,16 +86,7 @@ pub(crate) async fn set_vcpus(
             .filter(|(_, s)| s.qom_path.is_none())
             .take((count - plugged) as usize);
         for (index, slot) in free {
-            let cpu = Vcpu {
-                id: names::vcpu(index),
-                driver: slot.kind.clone(),
-                slot: slot
-                    .props
-                    .iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_i64()?)))
-                    .collect(),
-            };
-            let added = engine::add(core, cpu).await?;
+            let added = engine::add(core, vcpu_in(&names::vcpu(index), slot)).await?;
             change.added.push(added.id);
         }
         let running = core.client.execute(&QueryStatus).await?.running;
@@ -170,6 +161,19 @@ async fn tcg_guard(core: &Core, plugged: u32, count: u32, max: u32) -> Result<()
     }
     *started += wanted;
     Ok(())
+}
+
+/// vCPU `id` in `slot`, its address the slot's properties as QEMU lists them.
+pub(crate) fn vcpu_in(id: &str, slot: &HotpluggableCpu) -> Vcpu {
+    Vcpu {
+        id: id.to_owned(),
+        driver: slot.kind.clone(),
+        slot: slot
+            .props
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_i64()?)))
+            .collect(),
+    }
 }
 
 /// A slot's place in the topology: socket, die, module, core, thread.

@@ -48,6 +48,8 @@ const COMMANDS: &[&str] = &[
     "blockdev-del",
     "add-fd",
     "remove-fd",
+    "query-fdsets",
+    "query-named-block-nodes",
 ];
 
 /// How a medium change treats a tray the guest holds locked.

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
-use qhotplug_cmdline::names;
+use qhotplug_cmdline::{names, DiskBackend};
 use qhotplug_qmp::command::{QomList, QueryChardev, QueryFdsets, QueryJobs, QueryPci, SetLink};
 use qhotplug_qmp::Client;
 
@@ -168,7 +168,7 @@ struct Judged {
     cleaning: Cleaning,
     /// CD-ROM drives and disks, each with the nodes of its own it keeps (a medium's, a disk's
     /// chain's).
-    drives: Vec<(String, Vec<String>)>,
+    drives: Vec<Kept>,
     /// Each NIC's recorded link.
     links: Vec<(String, bool)>,
 }
@@ -284,11 +284,19 @@ fn read_back(state: &mut State, blocks: &Blocks, start: u64, report: &mut Reconc
     }
 }
 
+/// A judged drive's own nodes and objects that stay, and how many image files it has open (each
+/// in an fd set of its own, when the SDK handed it over).
+struct Kept {
+    id: String,
+    nodes: Vec<String>,
+    images: usize,
+}
+
 /// Each judged CD-ROM drive and disk with the nodes of its own it keeps: a drive still there
 /// may have an old medium's nodes left (a change whose last deletes failed), a disk no job runs
 /// on those of an image it no longer uses (a job's end whose deletes failed); all but its
-/// medium's, or its chain's, go.
-fn kept_nodes(state: &State, start: u64) -> Vec<(String, Vec<String>)> {
+/// medium's, or its chain's, go, and with them the fd sets no node opens.
+fn kept_nodes(state: &State, start: u64) -> Vec<Kept> {
     let drives = state
         .spec()
         .cdroms
@@ -304,7 +312,15 @@ fn kept_nodes(state: &State, start: u64) -> Vec<(String, Vec<String>)> {
                 ],
                 None => Vec::new(),
             };
-            (c.id.clone(), keep)
+            let images = c
+                .medium
+                .as_ref()
+                .map_or(0, |m| usize::from(m.image_path().is_some()));
+            Kept {
+                id: c.id.clone(),
+                nodes: keep,
+                images,
+            }
         });
     let disks = state
         .spec()
@@ -314,7 +330,15 @@ fn kept_nodes(state: &State, start: u64) -> Vec<(String, Vec<String>)> {
         .map(|d| {
             let mut keep = d.node_names();
             keep.extend([names::secret(&d.id), names::tls_creds(&d.id)]);
-            (d.id.clone(), keep)
+            let images = match d.backend {
+                DiskBackend::Network(_) => 0,
+                _ => 1 + d.backing.len(),
+            };
+            Kept {
+                id: d.id.clone(),
+                nodes: keep,
+                images,
+            }
         });
     drives.chain(disks).collect()
 }
@@ -324,12 +348,23 @@ fn kept_nodes(state: &State, start: u64) -> Vec<(String, Vec<String>)> {
 /// look.
 async fn clean_up(core: &Core, seen: &Seen, judged: &Judged, report: &mut Reconciled) {
     let client = &core.client;
-    for (id, keep) in &judged.drives {
-        for step in nodes_of(&seen.nodes, id, keep) {
+    for Kept { id, nodes, images } in &judged.drives {
+        for step in nodes_of(&seen.nodes, id, nodes) {
             report.run(client, step).await;
         }
-        for step in network_objects_of(&seen.objects, id, keep) {
+        for step in network_objects_of(&seen.objects, id, nodes) {
             report.run(client, step).await;
+        }
+        // More sets than open images: a node's deletion whose set was left (a process that died
+        // between the two).
+        let tag = names::fdset_tag(id);
+        let sets = seen
+            .fdsets
+            .iter()
+            .filter(|s| s.fds.iter().any(|f| f.opaque.as_ref() == Some(&tag)))
+            .count();
+        if sets > *images {
+            report.run(client, Delete::UnusedFdsets(tag)).await;
         }
     }
     let mut clean = Vec::new();

@@ -26,6 +26,7 @@ use crate::medium::{self, MediumOptions, TrayStatus};
 use crate::migration::migrate::{self, MigrationOptions, Progress};
 use crate::onlining::{self, Onlined};
 use crate::qemu::unplug::{self, UnplugPolicy};
+use crate::read_spec::Unreadable;
 use crate::reconcile::{self, Reconciled};
 use crate::run_to_end::RunToEnd;
 use crate::state::Entry;
@@ -157,18 +158,45 @@ impl Vm {
         Self::attach_inner(client, spec, Some(process)).await
     }
 
+    /// Attaches to a running QEMU with no spec: what the VM is comes from QEMU alone. The
+    /// machine, memory and vCPUs, and every device of every kind the SDK plugs with its
+    /// configuration (a disk's image chain as QEMU runs it, each image's file from
+    /// `/proc/<qemu>/fd` when QEMU was handed an fd and this process may read QEMU's fds;
+    /// checkpoints; sockets; memory backends), as [`Vm::spec`] then shows it. What QEMU does not
+    /// tell comes back as [`Unreadable`], each saying what the spec holds in its place: a
+    /// process that kept its spec ([`VmSpec::to_json`]) attaches with it instead.
+    ///
+    /// A value QEMU chose where the launch left it to QEMU (a vCPU topology, a vhost-user disk's
+    /// queues) is read back as QEMU has it. Run [`Vm::reconcile`] next, as after any restart.
+    pub async fn attach_without_spec(client: Client) -> Result<(Vm, Vec<Unreadable>)> {
+        Self::attach_reading(client, None).await
+    }
+
+    /// [`Vm::adopt`] with no spec: the spec is read from QEMU as [`Vm::attach_without_spec`]
+    /// reads it.
+    pub async fn adopt_without_spec(process: QemuProcess) -> Result<(Vm, Vec<Unreadable>)> {
+        let client = qhotplug_qmp::Config::new()
+            .connect(process.qmp_path())
+            .await?;
+        Self::attach_reading(client, Some(process)).await
+    }
+
+    async fn attach_reading(
+        client: Client,
+        process: Option<QemuProcess>,
+    ) -> Result<(Vm, Vec<Unreadable>)> {
+        check_version(&client)?;
+        let read = crate::read_spec::read_spec(&client).await?;
+        let vm = Self::attach_inner(client, read.spec, process).await?;
+        Ok((vm, read.unreadable))
+    }
+
     async fn attach_inner(
         client: Client,
         spec: VmSpec,
         process: Option<QemuProcess>,
     ) -> Result<Vm> {
-        let found = client.greeting().version.qemu;
-        if found < MIN_QEMU {
-            return Err(Error::QemuTooOld {
-                found,
-                minimum: MIN_QEMU,
-            });
-        }
+        check_version(&client)?;
         let state = crate::discover::discover(&client, spec).await?;
         Ok(Vm {
             core: Arc::new(Core::new(client, state, process)),
@@ -970,4 +998,16 @@ pub struct Migrated {
     pub downtime: Duration,
     /// The whole call, as the caller saw it.
     pub elapsed: Duration,
+}
+
+/// Refuses a QEMU older than [`MIN_QEMU`] before anything is sent to it.
+fn check_version(client: &Client) -> Result<()> {
+    let found = client.greeting().version.qemu;
+    if found < MIN_QEMU {
+        return Err(Error::QemuTooOld {
+            found,
+            minimum: MIN_QEMU,
+        });
+    }
+    Ok(())
 }

@@ -96,26 +96,30 @@ async fn a_disk_hot_add_that_fails_at_any_step_is_undone_in_reverse_and_frees_it
             "add-fd".to_owned(),
             format!("blockdev-add {file}"),
             format!("blockdev-add {fmt}"),
-            "remove-fd 0".to_owned(),
             "device_add d1".to_owned(),
             "block_set_io_throttle /machine/peripheral/d1/virtio-backend".to_owned(),
         ]
     );
     let del = |node: &str| format!("blockdev-del {node}");
-    let cases: [(&str, usize, Vec<String>); 6] = [
+    // The image's fd set stays while its nodes are open, so every undo after `add-fd` removes it.
+    let cases: [(&str, usize, Vec<String>); 5] = [
         ("add-fd", 1, vec![]),
         ("blockdev-add", 1, vec!["remove-fd 0".into()]),
         ("blockdev-add", 2, vec![del(&file), "remove-fd 0".into()]),
         (
-            "remove-fd",
+            "device_add",
             1,
             vec![del(&fmt), del(&file), "remove-fd 0".into()],
         ),
-        ("device_add", 1, vec![del(&fmt), del(&file)]),
         (
             "block_set_io_throttle",
             1,
-            vec!["device_del d1".into(), del(&fmt), del(&file)],
+            vec![
+                "device_del d1".into(),
+                del(&fmt),
+                del(&file),
+                "remove-fd 0".into(),
+            ],
         ),
     ];
     for (command, nth, undo) in cases {
@@ -450,6 +454,7 @@ async fn a_medium_change_that_fails_puts_the_old_medium_back_and_deletes_the_new
         [
             "blockdev-del cd0-fmt.1",
             "blockdev-del cd0-file.1",
+            "remove-fd 1",
             "blockdev-open-tray cd0",
             "blockdev-insert-medium cd0-fmt",
             "blockdev-close-tray cd0",

@@ -7,8 +7,9 @@
 //!   same commands for a second disk of the same data (the target made and opened, `add-fd`,
 //!   `blockdev-add` ×2, one `transaction` of the previous checkpoint's `disable`, the new one's
 //!   `add` and `blockdev-backup`, `JOB_STATUS_CHANGE` `concluded`, `job-dismiss`, `blockdev-del`
-//!   ×2, `remove-fd`); rounds alternate who goes first. Then, for scale, `qemu-img convert` of the
-//!   same image to raw.
+//!   ×2, and the target's fd set removed as the SDK's sweep does: `query-fdsets`,
+//!   `query-named-block-nodes`, `remove-fd`); rounds alternate who goes first. Then, for scale,
+//!   `qemu-img convert` of the same image to raw.
 //! - **Incremental after 1 % changed, beside the full:** 1 % of the disk written through the
 //!   device (HMP `qemu-io`, 82 × 64 KiB spread over it), then an incremental backup to qcow2,
 //!   timed with the size it allocates, beside the full backups above.
@@ -85,6 +86,9 @@ fn raw_round(mon: &Path, id: &str, round: usize, target: &Path) -> Duration {
     for node in [fmt_node, file_node] {
         raw.send("blockdev-del", &json!({ "node-name": node }), None);
     }
+    // The target's fd set once no node opens it: the SDK's sweep at a job's end.
+    raw.send("query-fdsets", &json!({}), None);
+    raw.send("query-named-block-nodes", &json!({"flat": true}), None);
     raw.send("remove-fd", &json!({ "fdset-id": set }), None);
     start.elapsed()
 }

@@ -3,9 +3,10 @@
 //! A drive mirror of a 1 GiB raw image full of data, pivoted, driven by the SDK
 //! (`Vm::mirror_disk`, `wait_ready`, `pivot`) beside the floor: a raw blocking monitor on the same
 //! QEMU's second monitor sending the same commands for a second disk of the same size (the target
-//! file made and opened, `add-fd`, `blockdev-add` ×2, `remove-fd`, `blockdev-mirror` with
+//! file made and opened, `add-fd`, `blockdev-add` ×2, `blockdev-mirror` with
 //! `auto-dismiss: false`, `JOB_STATUS_CHANGE` `ready`, `job-complete`, `concluded`,
-//! `job-dismiss`, `blockdev-del` ×2 of the old image). Both are timed from the first command to the
+//! `job-dismiss`, `blockdev-del` ×2 of the old image, its fd set removed as the SDK's sweep
+//! does: `query-fdsets`, `query-named-block-nodes`, `remove-fd`). Both are timed from the first command to the
 //! old image's nodes gone; rounds alternate, each copying 1 GiB onto a new file. Then, for scale,
 //! the same 1 GiB copied by `qemu-img convert` and by `dd` in the same place. The images live in
 //! `/dev/shm`: on the host disk, its writeback of earlier rounds swamps the difference compared.
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use qhotplug::{DiskConfig, MirrorConfig};
 use qhotplug_cmdline::names;
-use qhotplug_qmp::command::{AddFd, RemoveFd};
+use qhotplug_qmp::command::AddFd;
 use qhotplug_tests::raw::{encode, RawMonitor};
 use serde_json::json;
 
@@ -55,14 +56,6 @@ fn raw_round(mon: &Path, id: &str, from: u32, target: &Path, size: u64) -> Durat
         None,
     );
     raw.send(
-        "remove-fd",
-        &RemoveFd {
-            fdset_id: set,
-            fd: None,
-        },
-        None,
-    );
-    raw.send(
         "blockdev-add",
         &json!({"driver": "raw", "node-name": fmt_node, "file": file_node}),
         None,
@@ -87,6 +80,18 @@ fn raw_round(mon: &Path, id: &str, from: u32, target: &Path, size: u64) -> Durat
         names::file_node_at(id, from),
     ] {
         raw.send("blockdev-del", &json!({ "node-name": node }), None);
+    }
+    // The old image's fd set, once no node opens it (the SDK's sweep at a job's end).
+    let sets = raw.send("query-fdsets", &json!({}), None);
+    raw.send("query-named-block-nodes", &json!({"flat": true}), None);
+    let tag = names::fdset_tag(id);
+    for listed in sets.as_array().unwrap() {
+        let fds = listed["fds"].as_array().unwrap();
+        let tagged = fds.iter().any(|f| f["opaque"] == tag.as_str());
+        let n = listed["fdset-id"].as_i64().unwrap();
+        if tagged && n != set {
+            raw.send("remove-fd", &json!({ "fdset-id": n }), None);
+        }
     }
     start.elapsed()
 }

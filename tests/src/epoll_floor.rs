@@ -23,6 +23,8 @@ enum InFlight {
     AddFd(Disk),
     /// `device_del`'s reply and `DEVICE_DELETED`; then the `blockdev-del`s.
     Removal(Removal, Disk),
+    /// `query-fdsets`' reply; then the `remove-fd` of the removed disk's sets.
+    Fdsets(Disk),
 }
 
 /// One monitor's batch in progress.
@@ -33,6 +35,8 @@ struct Flow<'a> {
     ops: VecDeque<RawOp>,
     /// The current operation's commands not yet sent.
     queue: VecDeque<Vec<u8>>,
+    /// A removed disk whose fd sets are looked for once `queue` is sent.
+    then_fdsets: Option<Disk>,
     /// `None` only before the first operation and after the last.
     in_flight: Option<InFlight>,
     /// When the batch began, then the instant each operation ended.
@@ -48,10 +52,16 @@ impl Flow<'_> {
                 raw::write_request(self.socket, &bytes, None);
                 self.in_flight = Some(InFlight::Reply);
             }
-            None => {
-                self.marks.push(Instant::now());
-                self.begin();
-            }
+            None => match self.then_fdsets.take() {
+                Some(disk) => {
+                    raw::write_request(self.socket, &raw::query_fdsets(), None);
+                    self.in_flight = Some(InFlight::Fdsets(disk));
+                }
+                None => {
+                    self.marks.push(Instant::now());
+                    self.begin();
+                }
+            },
         }
     }
 
@@ -82,6 +92,7 @@ impl Flow<'_> {
                 }
                 let after = raw::disk_after_deleted(&disk);
                 self.queue.extend(after.into_iter().map(|(_, bytes)| bytes));
+                self.then_fdsets = Some(disk);
             }
             in_flight if message.get("event").is_some() => {
                 self.in_flight = in_flight;
@@ -91,9 +102,15 @@ impl Flow<'_> {
                 let reply = message
                     .get("return")
                     .unwrap_or_else(|| panic!("the floor's command failed: {message}"));
-                if let InFlight::AddFd(disk) = in_flight {
-                    let after = raw::disk_after_add_fd(&disk, reply);
-                    self.queue.extend(after.into_iter().map(|(_, bytes)| bytes));
+                match in_flight {
+                    InFlight::AddFd(disk) => {
+                        let after = raw::disk_after_add_fd(&disk, reply);
+                        self.queue.extend(after.into_iter().map(|(_, bytes)| bytes));
+                    }
+                    InFlight::Fdsets(disk) => {
+                        self.queue.extend(raw::remove_disk_fdsets(&disk, reply));
+                    }
+                    InFlight::Reply | InFlight::Removal(..) => {}
                 }
             }
             None => panic!("a reply with no command in flight: {message}"),
@@ -146,6 +163,7 @@ pub fn run(monitors: &mut [RawMonitor], batches: Vec<Vec<RawOp>>) -> Vec<Vec<Ins
                 partial: buffered,
                 ops: ops.into(),
                 queue: VecDeque::new(),
+                then_fdsets: None,
                 in_flight: None,
                 marks: Vec::new(),
             };

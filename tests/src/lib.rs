@@ -31,7 +31,9 @@ pub use sys::{clear_cloexec, exited, kill, process_lock, raise_fd_limit};
 pub use guest::{Console, Guest};
 pub use proxy::{assert_rolls_back, FaultProxy};
 pub use qemu::Qemu;
-pub use vm::{image, iso, pc_spec, q35_spec, second_monitor, with_guest_agent, Snapshot, TestVm};
+pub use vm::{
+    fdset_files, image, iso, pc_spec, q35_spec, second_monitor, with_guest_agent, Snapshot, TestVm,
+};
 
 /// Serialises the tests of one binary that compare our process's fd table (or run beside ones
 /// that do): under `cargo test` a binary's tests share a process and run on parallel threads, so
@@ -84,13 +86,7 @@ pub fn open_fds() -> Vec<(i32, String)> {
 
 /// The steps of a disk hot-add, as its `step` spans name them: what the fault and cancellation
 /// tests find, one drop or kill point each.
-pub const DISK_HOT_ADD_STEPS: [&str; 5] = [
-    "add-fd",
-    "blockdev-add",
-    "blockdev-add",
-    "remove-fd",
-    "device_add",
-];
+pub const DISK_HOT_ADD_STEPS: [&str; 4] = ["add-fd", "blockdev-add", "blockdev-add", "device_add"];
 
 /// The steps of a NIC hot-add with `queues` tap queues and no vhost-net.
 pub fn nic_hot_add_steps(queues: usize) -> Vec<&'static str> {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use qhotplug_cmdline::{Disk, Nic, Pci, ScsiAddr};
 use qhotplug_netdev::{MacAddr, TapBuilder};
-use qhotplug_qmp::command::{AddFd, Getfd, RemoveFd};
+use qhotplug_qmp::command::{AddFd, FdsetInfo, Getfd, QueryFdsets, RemoveFd};
 use qhotplug_qmp::message::{encode_request, Execution};
 use sendfd::SendWithFd;
 use serde_json::{json, Value};
@@ -146,7 +146,7 @@ impl RawMonitor {
 
     /// The SDK's removal of `disk`, by hand: `device_del`, wait for its `DEVICE_DELETED` (which
     /// may come before the reply: a SCSI disk goes at once), then `blockdev-del` of the format and
-    /// protocol nodes. Needs no guest for a SCSI disk.
+    /// protocol nodes, and the removal of its fd sets. Needs no guest for a SCSI disk.
     pub fn remove_disk(&mut self, disk: &Disk) {
         write_request(&self.write, &device_del(disk), None);
         let mut waiting = Removal::new(disk);
@@ -158,6 +158,10 @@ impl RawMonitor {
         }
         for (name, bytes) in disk_after_deleted(disk) {
             self.send_encoded(name, &bytes, None);
+        }
+        let sets = self.send_encoded("query-fdsets", &query_fdsets(), None);
+        for remove in remove_disk_fdsets(disk, &sets) {
+            self.send_encoded("remove-fd", &remove, None);
         }
     }
 
@@ -221,9 +225,10 @@ impl RawMonitor {
 
 /// One operation of a floor's batch, in the SDK's sequence.
 pub enum RawOp {
-    /// The disk hot-add (`add-fd`, `blockdev-add` ×2, `remove-fd`, `device_add`).
+    /// The disk hot-add (`add-fd`, `blockdev-add` ×2, `device_add`).
     AddDisk(Disk),
-    /// The disk removal (`device_del`, its `DEVICE_DELETED`, `blockdev-del` ×2).
+    /// The disk removal (`device_del`, its `DEVICE_DELETED`, `blockdev-del` ×2, `query-fdsets`,
+    /// `remove-fd`).
     RemoveDisk(Disk),
 }
 
@@ -274,22 +279,40 @@ pub fn disk_add_fd(disk: &Disk) -> (Vec<u8>, std::fs::File) {
 }
 
 /// The rest of the SDK's disk sequence once `add-fd` answered `info`, encoded: the
-/// `blockdev-add`s on the new fd set, `remove-fd`, `device_add`.
+/// `blockdev-add`s on the new fd set (which stays while they are open), `device_add`.
 pub fn disk_after_add_fd(disk: &Disk, info: &Value) -> Vec<(&'static str, Vec<u8>)> {
     let set = info["fdset-id"]
         .as_i64()
         .expect("add-fd answers an fdset-id");
-    let remove = RemoveFd {
-        fdset_id: set,
-        fd: None,
-    };
     disk.blockdev_add(&format!("/dev/fdset/{set}"))
         .iter()
         .map(|node| ("blockdev-add", encode("blockdev-add", node)))
-        .chain([
-            ("remove-fd", encode("remove-fd", &remove)),
-            ("device_add", encode("device_add", &disk.device_add())),
-        ])
+        .chain([("device_add", encode("device_add", &disk.device_add()))])
+        .collect()
+}
+
+/// `query-fdsets`, encoded: how the SDK finds a removed disk's fd sets.
+pub fn query_fdsets() -> Vec<u8> {
+    encode("query-fdsets", &QueryFdsets)
+}
+
+/// The `remove-fd` of each set `query-fdsets` answered (`sets`) that is tagged for `disk`.
+pub fn remove_disk_fdsets(disk: &Disk, sets: &Value) -> Vec<Vec<u8>> {
+    let tag = qhotplug_cmdline::names::fdset_tag(&disk.id);
+    let sets: Vec<FdsetInfo> = serde_json::from_value(sets.clone()).expect("query-fdsets' reply");
+    sets.into_iter()
+        .filter(|s| {
+            s.fds
+                .iter()
+                .any(|f| f.opaque.as_deref() == Some(tag.as_str()))
+        })
+        .map(|s| {
+            let remove = RemoveFd {
+                fdset_id: s.fdset_id,
+                fd: None,
+            };
+            encode("remove-fd", &remove)
+        })
         .collect()
 }
 
@@ -299,7 +322,8 @@ pub fn device_del(disk: &Disk) -> Vec<u8> {
 }
 
 /// The end of the SDK's removal of `disk` once it is deleted, encoded: `blockdev-del` of the
-/// format and the protocol node.
+/// format and the protocol node (then, as the SDK does, [`query_fdsets`] and
+/// [`remove_disk_fdsets`]).
 pub fn disk_after_deleted(disk: &Disk) -> Vec<(&'static str, Vec<u8>)> {
     [disk.top_node(), disk.file_node()]
         .into_iter()

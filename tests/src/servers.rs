@@ -1,6 +1,6 @@
 //! Storage servers the network-disk tests start and stop: `qemu-nbd` exporting a file over a
 //! Unix socket or loopback TCP, and `tgtd` (Debian's `tgt`) serving a file as an iSCSI LUN, with
-//! or without CHAP. Each is a child process, killed on drop; each waits until its server answers
+//! or without CHAP; and the vhost-user backends (a storage daemon's export, virtiofsd). Each is a child process, killed on drop; each waits until its server answers
 //! (a connect, by a deadline), never a sleep.
 
 use std::net::TcpStream;
@@ -392,4 +392,22 @@ pub fn x509(dir: &Path) -> (PathBuf, PathBuf) {
     ]);
     std::fs::copy(server.join("ca-cert.pem"), client.join("ca-cert.pem")).unwrap();
     (server, client)
+}
+
+/// A storage daemon exporting an 8 MiB image as `vdisk` on `dir/vdisk.sock`, and virtiofsd
+/// sharing `dir/shared` on `dir/fs.sock`: what the vhost-user disk and virtio-fs tests plug.
+pub async fn vhost_user_backends(dir: &Path) -> (qhotplug::StorageDaemon, qhotplug::QemuProcess) {
+    let qsd =
+        qhotplug::StorageDaemon::launch(qhotplug::StorageDaemonLauncher::new(dir.join("qsd")))
+            .await
+            .unwrap();
+    let img = crate::image(dir, "vdisk.raw", 8);
+    qsd.export("vdisk", &img, &dir.join("vdisk.sock"), true)
+        .await
+        .unwrap();
+    std::fs::create_dir_all(dir.join("shared")).unwrap();
+    let fsd = qhotplug::VirtiofsdLauncher::new(dir.join("shared"), dir.join("fs.sock"))
+        .launch()
+        .unwrap();
+    (qsd, fsd)
 }

@@ -214,7 +214,12 @@ impl Snapshot {
     pub async fn take(vm: &Vm) -> Snapshot {
         let c = vm.client();
         let pci = c.execute(&QueryPci).await.expect("query-pci");
-        let block = c.execute(&QueryBlock).await.expect("query-block");
+        let mut block = c.execute(&QueryBlock).await.expect("query-block");
+        // A device's write cache is the guest's to negotiate (SeaBIOS's virtio-blk driver turns
+        // it off while the test runs), not something a hot-plug changes.
+        for inserted in block.iter_mut().filter_map(|b| b.inserted.as_mut()) {
+            inserted.cache = None;
+        }
         let nodes = crate::storage::block_nodes(vm).await;
         let fdsets = c.execute(&QueryFdsets).await.expect("query-fdsets");
         let mut peripherals: Vec<String> = c
@@ -289,6 +294,28 @@ fn fd_targets(dir: &str) -> Vec<String> {
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .map(|t| t.to_string_lossy().into_owned())
         .filter(|t| !t.starts_with("anon_inode:"))
+        .collect();
+    out.sort();
+    out
+}
+
+/// QEMU's fd sets as `(tag, file)` pairs, sorted: the file behind each set's fd, read through
+/// `/proc/<qemu>/fd` (every image the SDK hands over stays in its set while it is open).
+pub async fn fdset_files(vm: &Vm) -> Vec<(String, PathBuf)> {
+    let pid = vm.pid().expect("launched by the SDK");
+    let sets = vm
+        .client()
+        .execute(&QueryFdsets)
+        .await
+        .expect("query-fdsets");
+    let mut out: Vec<(String, PathBuf)> = sets
+        .into_iter()
+        .flat_map(|s| s.fds)
+        .map(|fd| {
+            let file = std::fs::read_link(format!("/proc/{pid}/fd/{}", fd.fd))
+                .expect("QEMU's fd of a set");
+            (fd.opaque.unwrap_or_default(), file)
+        })
         .collect();
     out.sort();
     out

@@ -222,7 +222,6 @@ fn qemu_killed_mid_backup_is_an_interrupted_job_naming_the_incomplete_target() {
 const PULL_STEPS: &[(&str, usize)] = &[
     ("add-fd", 1),
     ("blockdev-add", 1),
-    ("remove-fd", 1),
     ("blockdev-create", 1),
     ("blockdev-add", 2),
     ("transaction", 1),

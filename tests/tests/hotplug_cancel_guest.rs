@@ -137,6 +137,7 @@ fn every_drop_point_of_a_hot_remove_still_finishes() {
                     "wait DEVICE_DELETED",
                     "blockdev-del",
                     "blockdev-del",
+                    "remove-fd",
                 ]
             } else {
                 &["device_del", "wait DEVICE_DELETED", "netdev_del"]

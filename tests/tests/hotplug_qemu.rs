@@ -9,8 +9,8 @@ use futures::future::join_all;
 use qhotplug::{DiskConfig, Error, NicConfig, UnplugPolicy, Vm};
 use qhotplug_cmdline::{DiskFrontend, Launcher, Pci};
 use qhotplug_netdev::TapBuilder;
-use qhotplug_qmp::command::{Cont, PciDeviceInfo, QueryBlock, QueryFdsets, QueryPci};
-use qhotplug_tests::{open_fds, pc_spec, q35_spec, TestVm};
+use qhotplug_qmp::command::{Cont, PciDeviceInfo, QueryBlock, QueryPci};
+use qhotplug_tests::{fdset_files, open_fds, pc_spec, q35_spec, TestVm};
 
 /// Every device with a qdev id, by id: (bus number, slot, function), once `query-pci` lists every
 /// id in `expect` (on q35 the firmware must have numbered the buses behind the root ports first).
@@ -80,9 +80,11 @@ fn a_virtio_disk_lands_where_the_sdk_says_and_qemu_holds_its_own_fd() {
         let inserted = b.inserted.as_ref().unwrap();
         assert_eq!(inserted.node_name.as_deref(), Some("d1-fmt"));
         assert!(!inserted.ro);
-        // The fd set is let go of; QEMU's dup keeps it listed, with no fd of ours in it.
-        let fdsets = t.vm.client().execute(&QueryFdsets).await.unwrap();
-        assert!(fdsets.iter().all(|s| s.fds.is_empty()), "{fdsets:?}");
+        // The fd set stays while the disk's nodes are open: QEMU's fd in it is the image.
+        assert_eq!(
+            fdset_files(&t.vm).await,
+            [("qhotplug:d1".to_owned(), path.canonicalize().unwrap())]
+        );
         // The image fd went to QEMU; we keep nothing.
         assert_eq!(open_fds(), before);
         assert_eq!(t.vm.disks(), vec![disk]);

@@ -9,6 +9,7 @@ use qhotplug::{
     VhostUserBlkConfig, VirtioFsConfig, VirtioSerialConfig, VirtiofsdLauncher, Vm, VmSpec, MIB,
 };
 use qhotplug_qmp::command::QueryChardev;
+use qhotplug_tests::servers::vhost_user_backends;
 use qhotplug_tests::{assert_rolls_back, image, pc_spec, second_monitor, TestVm};
 use serde_json::json;
 
@@ -17,23 +18,6 @@ fn shared_memory_spec() -> VmSpec {
     spec.memory_mib = 256;
     spec.memory_backend = Some(MemoryBackend::shared_memfd("ram", 256 * MIB));
     spec
-}
-
-/// A storage daemon exporting an 8 MiB image as `vdisk` on `dir/vdisk.sock`, and virtiofsd
-/// sharing `dir/shared` on `dir/fs.sock`.
-async fn backends(dir: &std::path::Path) -> (StorageDaemon, qhotplug::QemuProcess) {
-    let qsd = StorageDaemon::launch(StorageDaemonLauncher::new(dir.join("qsd")))
-        .await
-        .unwrap();
-    let img = image(dir, "vdisk.raw", 8);
-    qsd.export("vdisk", &img, &dir.join("vdisk.sock"), true)
-        .await
-        .unwrap();
-    std::fs::create_dir_all(dir.join("shared")).unwrap();
-    let fsd = VirtiofsdLauncher::new(dir.join("shared"), dir.join("fs.sock"))
-        .launch()
-        .unwrap();
-    (qsd, fsd)
 }
 
 #[test]
@@ -66,7 +50,7 @@ fn a_failure_at_each_step_leaves_chardevs_objects_and_slots_as_they_were() {
     qhotplug_tests::serial_test(async {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let (_qsd, _fsd) = backends(d).await;
+        let (_qsd, _fsd) = vhost_user_backends(d).await;
         let mon2 = d.join("mon2.sock");
         let mut spec = shared_memory_spec();
         second_monitor(&mut spec, &mon2);
@@ -148,7 +132,7 @@ fn a_relaunch_from_the_spec_has_every_kind_at_boot() {
     qhotplug_tests::serial_test(async {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let (_qsd, fsd) = backends(d).await;
+        let (_qsd, fsd) = vhost_user_backends(d).await;
         let t = TestVm::running(shared_memory_spec()).await;
         t.vm.add_vhost_user_blk(VhostUserBlkConfig::new("vdisk", d.join("vdisk.sock")))
             .await

@@ -122,15 +122,11 @@ pub(crate) async fn run_backends<H: Hold>(
     backends: Vec<Backend>,
 ) -> Result<Option<i64>> {
     let mut fdset = None;
-    let mut kept = None;
     for backend in backends {
         match backend {
-            Backend::Fdset { fd, tag, keep } => {
+            Backend::Fdset { fd, tag } => {
                 let info = txn.add_fdset(fd, tag).await?;
                 fdset = Some(info.fdset_id);
-                if keep {
-                    kept = fdset;
-                }
             }
             Backend::Getfd { name, fd } => {
                 let undo = Delete::Fd(name.clone());
@@ -167,12 +163,8 @@ pub(crate) async fn run_backends<H: Hold>(
             }
         }
     }
-    match fdset {
-        // QEMU holds its own dup of the fd now; the set goes away with the last node using it.
-        Some(fdset_id) if kept.is_none() => txn.let_go_fdset(fdset_id).await?,
-        _ => {}
-    }
-    Ok(kept)
+    // The image's set stays while its nodes are open: QEMU's fd table then names the file.
+    Ok(fdset)
 }
 
 /// Hot-removes device `id`, which must be of `kind`: waits for the guest to let it go, then

@@ -74,6 +74,8 @@ impl Plug for CdromConfig {
     const COMMANDS: &'static [&'static str] = &[
         "add-fd",
         "remove-fd",
+        "query-fdsets",
+        "query-named-block-nodes",
         "blockdev-add",
         "blockdev-del",
         "device_add",
@@ -140,7 +142,8 @@ impl Placed for Cdrom {
     }
 
     /// Once the guest let the drive go, or once its medium is out: the medium's nodes, the top
-    /// one first.
+    /// one first; then an ISO's fd set (no node opens it any more), or a network medium's
+    /// objects.
     fn teardown(&self) -> Vec<Delete> {
         if self.medium.is_none() {
             return Vec::new();
@@ -149,9 +152,14 @@ impl Placed for Cdrom {
             Delete::BlockNode(self.top_node()),
             Delete::BlockNode(self.file_node()),
         ];
-        if let Some(source) = self.network_source() {
-            let objects = source.object_ids(&self.id, self.generation);
-            steps.extend(objects.into_iter().map(Delete::Object));
+        match self.network_source() {
+            Some(source) => {
+                let objects = source.object_ids(&self.id, self.generation);
+                steps.extend(objects.into_iter().map(Delete::Object));
+            }
+            None => steps.push(Delete::UnusedFdsets(qhotplug_cmdline::names::fdset_tag(
+                &self.id,
+            ))),
         }
         steps
     }

@@ -2,7 +2,9 @@
 //! and hands over as an fd (QEMU never needs access to the path).
 //!
 //! Hot-add: `add-fd` → `blockdev-add` (protocol node on `/dev/fdset/N`) → `blockdev-add` (format
-//! node) → `remove-fd` → `device_add`. Teardown: the format node, then the protocol node.
+//! node) → `device_add`; the fd set stays while the nodes are open, so QEMU's fd table names the
+//! image for a process that attaches later. Teardown: the format node, then the protocol node,
+//! then the disk's fd sets (`remove-fd`).
 
 use std::path::PathBuf;
 
@@ -279,13 +281,17 @@ impl Placed for Disk {
     }
 
     /// Every image's nodes, top first, each format node before the protocol node under it; then
-    /// a network disk's secret and TLS objects.
+    /// the fd sets its images were handed over in, or a network disk's secret and TLS objects.
     fn teardown(&self) -> Vec<Delete> {
         let mut steps: Vec<Delete> = self
             .node_names()
             .into_iter()
             .map(Delete::BlockNode)
             .collect();
+        steps.push(Delete::Fdset {
+            id: None,
+            tag: qhotplug_cmdline::names::fdset_tag(&self.id),
+        });
         if let Some(source) = self.network_source() {
             steps.extend(
                 source

@@ -49,16 +49,12 @@ pub(crate) enum Want {
 /// One backend a hot-add creates before its `device_add`, in order. The engine runs each with the
 /// [`Delete`](crate::qemu::delete::Delete) that undoes it, and knows QEMU's rules for handing fds over.
 pub(crate) enum Backend {
-    /// `add-fd` of an image the SDK opened, tagged so `reconcile` can find the set. A later
-    /// [`Backend::Blockdev`] with `on_fdset` opens it as `/dev/fdset/N`; once the nodes are open,
-    /// QEMU holds its own dup and the engine lets the set go (`remove-fd`), unless `keep`: a
-    /// job's target keeps its fd in the set while the job runs, so that a later process can
-    /// tell which file it is; the job's end lets it go.
-    Fdset {
-        fd: OwnedFd,
-        tag: String,
-        keep: bool,
-    },
+    /// `add-fd` of an image the SDK opened, tagged for its device. A later
+    /// [`Backend::Blockdev`] with `on_fdset` opens it as `/dev/fdset/N`. The set stays as long as
+    /// a node is open on it (as libvirt keeps its fd sets), so that QEMU's fd table names the
+    /// image's file for a process that attaches later (`/proc/<qemu>/fd`); whatever deletes the
+    /// nodes removes the set (`Delete::UnusedFdsets`, or all the device's sets with it).
+    Fdset { fd: OwnedFd, tag: String },
     /// `getfd` under `name`; a later [`Backend::Netdev`] takes it over.
     Getfd { name: String, fd: OwnedFd },
     /// `blockdev-add`; with `on_fdset`, its `filename` is the fd set added above.
@@ -172,7 +168,6 @@ pub(crate) fn image_backends(
     let mut backends = vec![Backend::Fdset {
         fd: file.into(),
         tag: qhotplug_cmdline::names::fdset_tag(id),
-        keep: false,
     }];
     backends.extend(
         nodes

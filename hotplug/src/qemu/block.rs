@@ -7,8 +7,8 @@
 
 use qhotplug_cmdline::names;
 use qhotplug_qmp::command::{
-    BlockInfo, DirtyBitmapInfo, IoLimits, QueryBlock, QueryBlockExports, QueryJobs,
-    QueryNamedBlockNodes,
+    BlockDeviceInfo, BlockInfo, DirtyBitmapInfo, IoLimits, QueryBlock, QueryBlockExports,
+    QueryJobs, QueryNamedBlockNodes,
 };
 use qhotplug_qmp::Client;
 
@@ -111,10 +111,19 @@ pub(crate) async fn export_ids(client: &Client) -> Result<Vec<String>> {
     Ok(exports.into_iter().map(|e| e.id).collect())
 }
 
+/// The names of QEMU's named block nodes: [`named_block_node_infos`]'s.
+pub(crate) async fn named_block_nodes(client: &Client) -> Result<Option<Vec<String>>> {
+    Ok(named_block_node_infos(client)
+        .await?
+        .map(|nodes| nodes.into_iter().filter_map(|n| n.node_name).collect()))
+}
+
 /// `query-named-block-nodes`, unless a job is `concluded` and not yet dismissed: QEMU 7.2 and
 /// 10.0 crash (a segfault) answering it while a `block-stream` job waits in that state, which
 /// is where a job an earlier process started and nobody has dismissed sits. `None` then.
-pub(crate) async fn named_block_nodes(client: &Client) -> Result<Option<Vec<String>>> {
+pub(crate) async fn named_block_node_infos(
+    client: &Client,
+) -> Result<Option<Vec<BlockDeviceInfo>>> {
     let concluded = client
         .execute(&QueryJobs)
         .await?
@@ -126,9 +135,6 @@ pub(crate) async fn named_block_nodes(client: &Client) -> Result<Option<Vec<Stri
     }
     let nodes = client
         .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await?
-        .into_iter()
-        .filter_map(|n| n.node_name)
-        .collect();
+        .await?;
     Ok(Some(nodes))
 }

@@ -15,6 +15,7 @@ use qhotplug_qmp::command::{
 use qhotplug_qmp::Client;
 
 use crate::error::Error;
+use crate::qemu::block::named_block_node_infos;
 use crate::qemu::errors::{
     is_absent, is_backend_in_use, is_nbd_server_not_running, is_tray_closed,
 };
@@ -33,6 +34,11 @@ const ROLLBACK_UNPLUG: UnplugPolicy = UnplugPolicy::new(Duration::from_secs(5));
 pub(crate) enum Delete {
     /// An fd set: by id once `add-fd` answered, else every set whose fd carries `tag`.
     Fdset { id: Option<i64>, tag: String },
+    /// The fd sets tagged `tag` (one device's images, each kept in its set while a node is open
+    /// on it) that no block node opens any more: a node's file name is `/dev/fdset/N`. Nothing
+    /// is removed while the nodes cannot be listed (a job waits concluded); `reconcile` sweeps
+    /// again.
+    UnusedFdsets(String),
     /// A block node (`blockdev-del`).
     BlockNode(String),
     /// A name given with `getfd` (`closefd`).
@@ -77,6 +83,7 @@ impl std::fmt::Display for Delete {
         match self {
             Delete::Fdset { id: Some(id), .. } => write!(f, "remove-fd {id}"),
             Delete::Fdset { tag, .. } => write!(f, "remove-fd {tag}"),
+            Delete::UnusedFdsets(tag) => write!(f, "remove-fd (unused sets of {tag})"),
             Delete::BlockNode(node) => write!(f, "blockdev-del {node}"),
             Delete::Fd(name) => write!(f, "closefd {name}"),
             Delete::Netdev(id) => write!(f, "netdev_del {id}"),
@@ -112,7 +119,7 @@ impl Delete {
     /// The QMP command it sends.
     pub(crate) fn command(&self) -> &'static str {
         match self {
-            Delete::Fdset { .. } => "remove-fd",
+            Delete::Fdset { .. } | Delete::UnusedFdsets(_) => "remove-fd",
             Delete::BlockNode(_) => "blockdev-del",
             Delete::Fd(_) => "closefd",
             Delete::Netdev(_) => "netdev_del",
@@ -143,6 +150,9 @@ impl Delete {
         }
         if let Delete::Job(id) = self {
             return end_job(client, id).await;
+        }
+        if let Delete::UnusedFdsets(tag) = self {
+            return remove_unused_fdsets(client, tag).await;
         }
         let deadline = tokio::time::Instant::now() + BACKEND_RELEASE;
         let mut pause = Duration::from_millis(5);
@@ -233,7 +243,9 @@ impl Delete {
                 .await
                 .map(drop),
             Delete::NbdServer => client.execute(&NbdServerStop).await.map(drop),
-            Delete::Device(_) | Delete::Job(_) => unreachable!("run handles devices and jobs"),
+            Delete::Device(_) | Delete::Job(_) | Delete::UnusedFdsets(_) => {
+                unreachable!("run handles devices, jobs and unused fd sets")
+            }
         }
     }
 }
@@ -295,6 +307,32 @@ pub(crate) async fn with_tray_open<C: qhotplug_qmp::command::Command>(
             other => return other,
         }
     }
+}
+
+/// Removes the sets tagged `tag` whose set no named node's file name (`/dev/fdset/N`) opens.
+async fn remove_unused_fdsets(client: &Client, tag: &str) -> Result<Outcome, Error> {
+    let sets: Vec<i64> = client
+        .execute(&QueryFdsets)
+        .await?
+        .into_iter()
+        .filter(|s| s.fds.iter().any(|f| f.opaque.as_deref() == Some(tag)))
+        .map(|s| s.fdset_id)
+        .collect();
+    if sets.is_empty() {
+        return Ok(Outcome::Absent);
+    }
+    let Some(nodes) = named_block_node_infos(client).await? else {
+        return Ok(Outcome::Absent);
+    };
+    let open: std::collections::HashSet<&str> = nodes.iter().map(|n| n.file.as_str()).collect();
+    let mut outcome = Outcome::Absent;
+    for set in sets {
+        if !open.contains(format!("/dev/fdset/{set}").as_str()) {
+            remove_fdsets(client, Some(set), tag).await?;
+            outcome = Outcome::Done;
+        }
+    }
+    Ok(outcome)
 }
 
 /// Removes fd set `id`, or every set tagged `tag` when its id is not known; one already gone

@@ -310,7 +310,6 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
         // from the spec at once; the new one joins it when the copy completes.
         let id = at.now.id.clone();
         core.state().update(at.now.into());
-        let fdset = image.fdset;
         let layer = image.keep();
         let nodes: Vec<String> = layer.node_names(&id).into();
         let ends = Ends {
@@ -319,7 +318,7 @@ pub(crate) async fn start(core: &Arc<Core>, config: BackupConfig) -> Result<Back
             on_abort: nodes,
         };
         let job = BlockJob::new(core, names::backup_job(&id), events, mark, ends)
-            .created(layer.path.clone(), fdset)
+            .created(layer.path.clone())
             .also_ending(
                 at.temporary.clone().into_iter().collect(),
                 at.temporary.into_iter().chain(at.undo_checkpoint).collect(),

@@ -89,7 +89,7 @@ pub(crate) async fn prepare(
                 }),
                 _ => None,
             };
-            let (format, backing, job_target) = match &want.image {
+            let (format, backing) = match &want.image {
                 // An incremental backup's target stands on the one before it: qcow2.
                 Image::Target { format, .. } => {
                     let format = if since.is_some() {
@@ -98,9 +98,9 @@ pub(crate) async fn prepare(
                         *format
                     };
                     let header = previous.as_ref();
-                    (format, Backing::Null { header }, true)
+                    (format, Backing::Null { header })
                 }
-                Image::Scratch => (Format::Qcow2, Backing::Node(&top), false),
+                Image::Scratch => (Format::Qcow2, Backing::Node(&top)),
             };
             let spec = ImageSpec {
                 layer: DiskLayer {
@@ -111,7 +111,6 @@ pub(crate) async fn prepare(
                 },
                 size,
                 backing,
-                job_target,
             };
             new_image::create(&client, &mut txn, &mut events, disk, spec).await
         };

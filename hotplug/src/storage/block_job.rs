@@ -161,19 +161,9 @@ impl BlockJob {
         .await
     }
 
-    /// A file the SDK created for the job, removed if it is cancelled, and the fd set its fd
-    /// stays in while the job runs, let go at the job's end whatever it is.
-    pub(crate) fn created(mut self, path: PathBuf, fdset: Option<i64>) -> Self {
+    /// A file the SDK created for the job, removed if it is cancelled.
+    pub(crate) fn created(mut self, path: PathBuf) -> Self {
         self.created = Some(path);
-        if let Some(set) = fdset {
-            let tag = qhotplug_cmdline::names::fdset_tag(&self.after.id);
-            for deletes in [&mut self.on_complete, &mut self.on_abort] {
-                deletes.push(Delete::Fdset {
-                    id: Some(set),
-                    tag: tag.clone(),
-                });
-            }
-        }
         self
     }
 
@@ -392,7 +382,10 @@ impl BlockJob {
             &self.on_abort
         };
         let id = &self.after.id;
-        for step in gone {
+        // Then the fd sets of the images no node opens any more (the old chain after a pivot,
+        // merged layers, an abandoned or finished copy's target).
+        let sweep = Delete::UnusedFdsets(qhotplug_cmdline::names::fdset_tag(id));
+        for step in gone.iter().chain([&sweep]) {
             let span = tracing::debug_span!(crate::spans::STEP, name = step.command(), id = %id);
             if let Err(error) = step.run(&core.client).instrument(span).await {
                 tracing::warn!(%step, %error, "a job's node left for reconcile");

@@ -12,11 +12,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use qhotplug_cmdline::{names, Disk, DiskLayer, Format};
-use qhotplug_qmp::command::{JobInfo, QueryFdsets, QueryJobs};
+use qhotplug_qmp::command::{JobInfo, QueryJobs};
 
 use crate::engine::holds::{self, Busy, Hold};
 use crate::error::Result;
 use crate::kinds::{Device, DeviceKind};
+use crate::qemu::fd_files::fd_files;
 use crate::storage::block_job::BlockJob;
 use crate::storage::{commit, mirror, stream};
 use crate::vm_core::Core;
@@ -56,29 +57,13 @@ pub(crate) async fn find(
     // Marked busy before QEMU is asked, so no other call starts a job on the disk meanwhile.
     let busy = holds::mark_busy(core, id, DeviceKind::Disk)?;
     let listed = core.client.execute(&QueryJobs).await?;
-    let fdset = match &origin {
-        JobOrigin::Mirror { target, .. } => {
-            let target = target.canonicalize().unwrap_or_else(|_| target.clone());
-            held_files(core, id)
-                .await?
-                .into_iter()
-                .find_map(|(path, set)| (path == target).then_some(set))
-        }
-        _ => None,
-    };
-    Ok(handle(core, busy, origin, fdset, &listed))
+    Ok(handle(core, busy, origin, &listed))
 }
 
 /// The handle of the job `origin` says on the disk `busy` marks, if `listed` (QEMU's jobs) has
-/// it; `fdset`: the set a mirror's target fd is in. Nothing here awaits: a handle is made only
-/// where it is returned, so a caller that gives up part-way cancels no job.
-fn handle(
-    core: &Arc<Core>,
-    busy: Busy,
-    origin: JobOrigin,
-    fdset: Option<i64>,
-    listed: &[JobInfo],
-) -> Option<BlockJob> {
+/// it. Nothing here awaits: a handle is made only where it is returned, so a caller that gives
+/// up part-way cancels no job.
+fn handle(core: &Arc<Core>, busy: Busy, origin: JobOrigin, listed: &[JobInfo]) -> Option<BlockJob> {
     let Some(Device::Disk(disk)) = core.state().device(busy.id()) else {
         unreachable!("a disk marked busy is a disk of the spec")
     };
@@ -108,7 +93,7 @@ fn handle(
     tracing::info!(job, status = %info.status, "found a job");
     let found = BlockJob::new(core, job, core.client.events(), busy, ends);
     Some(match created {
-        Some(path) => found.created(path, fdset),
+        Some(path) => found.created(path),
         None => found,
     })
 }
@@ -125,25 +110,25 @@ pub(crate) async fn all(core: &Arc<Core>) -> Result<Vec<BlockJob>> {
             tracing::info!(job = %job.id, "a job the SDK did not start: left alone");
             continue;
         };
-        let (origin, fdset) = match origin {
-            Some(origin) => (origin, None),
+        let origin = match origin {
+            Some(origin) => origin,
             None => match mirror_target(core, disk).await? {
-                Some((target, format, set)) => (JobOrigin::Mirror { target, format }, Some(set)),
+                Some((target, format)) => JobOrigin::Mirror { target, format },
                 None => {
                     tracing::warn!(job = %job.id, "a mirror whose target is not found: left for find_job");
                     continue;
                 }
             },
         };
-        origins.push((disk.id.clone(), origin, fdset));
+        origins.push((disk.id.clone(), origin));
     }
     // The handles, with no await from here on (see `handle`). A disk already busy has its job's
     // handle here already.
     Ok(origins
         .into_iter()
-        .filter_map(|(disk, origin, fdset)| {
+        .filter_map(|(disk, origin)| {
             let busy = holds::mark_busy(core, &disk, DeviceKind::Disk).ok()?;
-            handle(core, busy, origin, fdset, &listed)
+            handle(core, busy, origin, &listed)
         })
         .collect())
 }
@@ -175,41 +160,32 @@ fn origin_of<'a>(id: &str, disks: &'a [Disk]) -> Option<(&'a Disk, Option<JobOri
 }
 
 /// A mirror's target on `disk`: the one file in the disk's fd sets that is not an image of its
-/// chain (a job's target keeps its fd in its set while the job runs), its format (qcow2 by its
-/// magic, else raw) and its set. `None` when there is not exactly one such file.
-async fn mirror_target(core: &Core, disk: &Disk) -> Result<Option<(PathBuf, Format, i64)>> {
+/// chain (every image's fd stays in its set while its nodes are open), and its format (qcow2 by
+/// its magic, else raw). `None` when there is not exactly one such file.
+async fn mirror_target(core: &Core, disk: &Disk) -> Result<Option<(PathBuf, Format)>> {
     let chain: Vec<PathBuf> = std::iter::once(&disk.path)
         .chain(disk.backing.iter().map(|l| &l.path))
         .filter_map(|p| p.canonicalize().ok())
         .collect();
     let mut targets = held_files(core, &disk.id).await?;
-    targets.retain(|(path, _)| !chain.contains(path));
-    let [(target, set)] = &targets[..] else {
+    targets.retain(|path| !chain.contains(path));
+    let [target] = &targets[..] else {
         return Ok(None);
     };
     let format = crate::storage::new_image::format_of(target);
-    Ok(Some((target.clone(), format, *set)))
+    Ok(Some((target.clone(), format)))
 }
 
-/// The files behind the fds in disk `id`'s fd sets, with their sets, as the kernel names them
-/// (`/proc/<qemu>/fd`). Empty when QEMU's process is not known: it is ours if the SDK launched
-/// it, else the monitor socket's peer.
-async fn held_files(core: &Core, id: &str) -> Result<Vec<(PathBuf, i64)>> {
-    let Some(pid) = core.launched_pid().or_else(|| core.client.peer_pid()) else {
-        return Ok(Vec::new());
-    };
+/// The files behind the fds in disk `id`'s fd sets (`/proc/<qemu>/fd`). Empty when QEMU's
+/// process is not known: it is ours if the SDK launched it, else the monitor socket's peer.
+async fn held_files(core: &Core, id: &str) -> Result<Vec<PathBuf>> {
+    let pid = core.launched_pid().or_else(|| core.client.peer_pid());
     let tag = names::fdset_tag(id);
-    Ok(core
-        .client
-        .execute(&QueryFdsets)
+    Ok(fd_files(&core.client, pid)
         .await?
         .into_iter()
-        .flat_map(|set| set.fds.into_iter().map(move |fd| (set.fdset_id, fd)))
-        .filter(|(_, fd)| fd.opaque.as_ref() == Some(&tag))
-        .filter_map(|(set, fd)| {
-            let path = std::fs::read_link(format!("/proc/{pid}/fd/{}", fd.fd)).ok()?;
-            Some((path, set))
-        })
+        .filter(|f| f.tag.as_ref() == Some(&tag))
+        .map(|f| f.path)
         .collect())
 }
 

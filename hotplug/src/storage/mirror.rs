@@ -147,7 +147,6 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, config: MirrorConfig) -> R
         layer,
         size,
         backing,
-        job_target: true,
     };
     let made = new_image::create(&client, &mut txn, &mut events, &disk, new);
     let image = match made.await {
@@ -173,11 +172,10 @@ pub(crate) async fn start(core: &Arc<Core>, id: &str, config: MirrorConfig) -> R
     txn.step("blockdev-mirror", None, client.execute(&mirror))
         .await?;
     let busy = txn.commit();
-    let fdset = image.fdset;
     let layer = image.keep();
     tracing::info!(job, target = %config.target.display(), "mirror started");
     let ends = ends(&disk, &layer, below.is_some());
-    Ok(BlockJob::new(core, job, events, busy, ends).created(config.target, fdset))
+    Ok(BlockJob::new(core, job, events, busy, ends).created(config.target))
 }
 
 /// What a mirror's end changes. After a pivot the disk is the copy, standing on what the copy

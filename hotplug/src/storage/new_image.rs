@@ -27,21 +27,18 @@ pub(crate) enum Backing<'a> {
     Node(&'a DiskLayer),
 }
 
-/// The image to make: the layer it is, its size, what it stands on, and whether it is a job's
-/// target (its fd then stays in its set while the job runs, for a later process to find).
+/// The image to make: the layer it is, its size, and what it stands on. Its fd stays in its set
+/// (tagged for the disk) while its nodes are open, for a later process to find its file.
 pub(crate) struct ImageSpec<'a> {
     pub(crate) layer: DiskLayer,
     pub(crate) size: u64,
     pub(crate) backing: Backing<'a>,
-    pub(crate) job_target: bool,
 }
 
 /// An image made for disk `disk`; its file is removed on drop unless kept.
 pub(crate) struct NewImage {
     /// The image, as a layer of the disk.
     pub(crate) layer: DiskLayer,
-    /// The fd set its fd stays in (a job's target).
-    pub(crate) fdset: Option<i64>,
     created: Option<PathBuf>,
 }
 
@@ -73,15 +70,13 @@ pub(crate) async fn create<H: Hold>(
         layer,
         size,
         backing,
-        job_target,
     } = new;
     // Names QEMU would refuse are refused before the host is touched.
     let as_disk = disk.with_top(&layer);
     as_disk.check()?;
     let file = create_file(&layer.path, layer.format, size)?;
-    let mut image = NewImage {
+    let image = NewImage {
         created: Some(layer.path.clone()),
-        fdset: None,
         layer,
     };
     let mut nodes = as_disk.blockdev_add("");
@@ -90,14 +85,13 @@ pub(crate) async fn create<H: Hold>(
         Backend::Fdset {
             fd: file.into(),
             tag: qhotplug_cmdline::names::fdset_tag(&disk.id),
-            keep: job_target,
         },
         Backend::Blockdev {
             add: nodes.pop().expect("a disk's protocol node"),
             on_fdset: true,
         },
     ];
-    image.fdset = run_backends(client, txn, backends).await?;
+    run_backends(client, txn, backends).await?;
     if image.layer.format == Format::Qcow2 {
         let header = match &backing {
             Backing::Null { header } => *header,

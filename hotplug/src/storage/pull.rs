@@ -212,6 +212,7 @@ async fn end(core: &Core, served: Vec<Served>, keep: bool) -> Result<Vec<Disk>> 
     steps.push(Delete::NbdServer);
     for s in &served {
         steps.extend(s.nodes.iter().cloned().map(Delete::BlockNode));
+        steps.push(Delete::UnusedFdsets(names::fdset_tag(&s.after.id)));
         steps.push(Delete::Bitmap {
             node: s.after.top_node(),
             name: BACKUP_BITMAP.into(),

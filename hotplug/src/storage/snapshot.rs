@@ -169,7 +169,6 @@ async fn overlays(
                 backing: Backing::Null {
                     header: Some(&under),
                 },
-                job_target: false,
             };
             new_image::create(&client, txn, &mut events, disk, new).await
         };

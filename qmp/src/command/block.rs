@@ -274,6 +274,12 @@ pub struct BlockDeviceInfo {
     /// What the node's image is, when QEMU says (its virtual size, among others).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageInfo>,
+    /// The node's cache mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<BlockdevCacheInfo>,
+    /// How many images are under this one in its backing chain (0 for one that stands alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing_file_depth: Option<u32>,
     /// The node's dirty bitmaps.
     #[serde(
         rename = "dirty-bitmaps",
@@ -289,6 +295,31 @@ pub struct ImageInfo {
     /// The size the guest sees, in bytes.
     #[serde(rename = "virtual-size")]
     pub virtual_size: i64,
+    /// The image's file name as QEMU opened it (a path, `/dev/fdset/N`, or a `json:` description).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    /// The image's format, for example `qcow2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// The image under it, for an image with a backing chain (in `query-block`, the whole chain).
+    #[serde(
+        rename = "backing-image",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backing_image: Option<Box<ImageInfo>>,
+}
+
+/// A node's cache mode, in `BlockDeviceInfo` (QAPI `BlockdevCacheInfo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub struct BlockdevCacheInfo {
+    /// The guest sees a write-back cache.
+    pub writeback: bool,
+    /// The host's page cache is bypassed (`O_DIRECT`).
+    pub direct: bool,
+    /// Flushes are ignored.
+    #[serde(rename = "no-flush")]
+    pub no_flush: bool,
 }
 
 /// One fd set in `query-fdsets`.

@@ -134,6 +134,45 @@ pub struct KvmInfo {
 }
 
 command!(
+    /// `query-name`: the guest's name (`-name`), if it was given one.
+    "query-name", QueryName, NameInfo
+);
+
+/// The reply to `query-name`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct NameInfo {
+    /// The name, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+command!(
+    /// `query-machines`: the machine types this QEMU has, with their defaults.
+    "query-machines", QueryMachines, Vec<MachineInfo>
+);
+
+/// One machine type in `query-machines` (only what the SDK reads).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct MachineInfo {
+    /// Its name, for example `pc-i440fx-7.2`.
+    pub name: String,
+    /// The CPU type its vCPUs have unless `-cpu` says otherwise (`qemu64-x86_64-cpu`).
+    #[serde(
+        rename = "default-cpu-type",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub default_cpu_type: Option<String>,
+    /// The id of the memory backend QEMU makes for its boot memory when none is given.
+    #[serde(
+        rename = "default-ram-id",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub default_ram_id: Option<String>,
+}
+
+command!(
     /// `stop`: pauses the VM.
     "stop", Stop, Empty
 );

@@ -1,0 +1,275 @@
+//! A process that kept no spec attaches to a running QEMU and reads the VM from QEMU alone
+//! (`Vm::attach_without_spec`): a VM launched with a disk, a serial console, VNC and a USB tablet,
+//! then changed through the SDK (every kind hot-added, I/O limits, a snapshot, a backup's
+//! checkpoint, a vCPU), is read back through a second monitor, and the spec read is compared
+//! with the launching handle's field by field. What QEMU cannot tell comes back typed.
+
+use std::path::Path;
+
+use qhotplug::{
+    BackupConfig, BalloonConfig, CdromConfig, CpuTopology, DiskConfig, Format, IoLimits, Machine,
+    MemoryBackend, MemoryConfig, NicConfig, OnError, Pci, RngConfig, Serial, SerialPortConfig,
+    SnapshotConfig, StorageDaemon, Unreadable, VhostUserBlkConfig, VirtioFsConfig,
+    VirtioSerialConfig, Vm, VmSpec, Vnc, VncListen, MIB,
+};
+use qhotplug_cmdline::{Disk, DiskFrontend, ErrorPolicy};
+use qhotplug_netdev::TapBuilder;
+use qhotplug_qmp::command::{FdsetInfo, QueryFdsets};
+use qhotplug_tests::servers::vhost_user_backends;
+use qhotplug_tests::{image, iso, pc_spec, q35_spec, second_monitor, TestVm};
+
+const DONE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A spec using what can be set only at launch: shared boot memory, memory and vCPU hotplug, a
+/// disk with a chain and an error policy, a serial console, VNC, the USB tablet, a second
+/// monitor at `dir/mon2.sock`.
+fn launch_spec(machine: Machine, dir: &Path) -> VmSpec {
+    let mut spec = match machine {
+        Machine::Pc => pc_spec(),
+        Machine::Q35 => q35_spec(8),
+    };
+    spec.memory_mib = 256;
+    spec.memory_backend = Some(MemoryBackend::shared_memfd("ram", 256 * MIB));
+    spec.memory_slots = 2;
+    spec.max_memory_mib = Some(1024);
+    spec.cpu_topology = Some(CpuTopology {
+        max: 2,
+        sockets: 1,
+        cores: 2,
+        threads: 1,
+    });
+    spec.serials = vec![Serial::Socket(dir.join("console.sock"))];
+    spec.vnc = Some(Vnc {
+        listen: VncListen::Unix(dir.join("vnc.sock")),
+        password: None,
+    });
+    spec.usb_tablet = true;
+    let base = dir.join("boot-base.qcow2");
+    let top = dir.join("boot.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &base.to_string_lossy(),
+        "16M",
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        &base.to_string_lossy(),
+        &top.to_string_lossy(),
+    ]);
+    let mut disk = Disk::new(
+        "boot0",
+        &top,
+        DiskFrontend::VirtioBlk(Pci::new(spec.machine.root_bus(), 12)),
+    );
+    disk.format = Format::Qcow2;
+    disk.generation = 1;
+    disk.backing = vec![qhotplug_cmdline::DiskLayer {
+        path: base,
+        format: Format::Qcow2,
+        generation: 0,
+        checkpoints: Vec::new(),
+    }];
+    disk.on_error = ErrorPolicy {
+        read: OnError::Report,
+        write: OnError::Stop,
+    };
+    spec.disks.push(disk);
+    second_monitor(&mut spec, &dir.join("mon2.sock"));
+    spec
+}
+
+fn qemu_img(args: &[&str]) {
+    let status = std::process::Command::new("qemu-img")
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "qemu-img {args:?}");
+}
+
+/// Every kind the SDK plugs, hot-added, and the live changes and storage operations that show
+/// in a spec.
+async fn change_everything(t: &TestVm, dir: &Path) -> (StorageDaemon, qhotplug::QemuProcess) {
+    let vm = &t.vm;
+    let (qsd, fsd) = vhost_user_backends(dir).await;
+    vm.add_disk(DiskConfig::virtio_blk("d1", image(dir, "d1.raw", 8)))
+        .await
+        .unwrap();
+    vm.set_io_limits(
+        "d1",
+        IoLimits {
+            bps: 8 * MIB,
+            ..IoLimits::default()
+        },
+    )
+    .await
+    .unwrap();
+    let d2 = dir.join("d2.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", &d2.to_string_lossy(), "16M"]);
+    vm.add_disk(DiskConfig::scsi_hd("d2", &d2).format(Format::Qcow2))
+        .await
+        .unwrap();
+    vm.backup(
+        BackupConfig::full()
+            .disk("d2", dir.join("d2-full.qcow2"))
+            .checkpoint("c1"),
+    )
+    .await
+    .unwrap()
+    .wait(DONE)
+    .await
+    .unwrap();
+    vm.snapshot(SnapshotConfig::new().disk("d2", dir.join("d2-overlay.qcow2")))
+        .await
+        .unwrap();
+    let tap = TapBuilder::new("qhp%d").create().unwrap();
+    vm.add_nic(NicConfig::new("n1", tap).no_vhost())
+        .await
+        .unwrap();
+    let disc = iso(dir, "cd.iso", "hello.txt", "hello");
+    vm.add_cdrom(CdromConfig::new("cd1").medium(disc.as_path()))
+        .await
+        .unwrap();
+    vm.set_vcpus(2).await.unwrap();
+    vm.add_memory(MemoryConfig::dimm("m1", 128 * MIB))
+        .await
+        .unwrap();
+    vm.add_memory(MemoryConfig::virtio_mem("vm1", 256 * MIB, 128 * MIB))
+        .await
+        .unwrap();
+    vm.add_balloon(BalloonConfig::new("b0")).await.unwrap();
+    vm.add_virtio_serial(VirtioSerialConfig::new("vser0"))
+        .await
+        .unwrap();
+    vm.add_serial_port(SerialPortConfig::new(
+        "p0",
+        "vser0",
+        "org.example.port",
+        dir.join("port.sock"),
+    ))
+    .await
+    .unwrap();
+    vm.add_rng(RngConfig::new("rng0")).await.unwrap();
+    vm.add_vhost_user_blk(VhostUserBlkConfig::new("vdisk", dir.join("vdisk.sock")).num_queues(1))
+        .await
+        .unwrap();
+    vm.add_virtio_fs(VirtioFsConfig::new("fs0", dir.join("fs.sock"), "share"))
+        .await
+        .unwrap();
+    vm.settle().await;
+    (qsd, fsd)
+}
+
+/// `spec` as a spec read from QEMU holds it: what only a command line says is off, and lists
+/// are ordered by id.
+fn as_read(mut spec: VmSpec) -> VmSpec {
+    spec.paused = false;
+    spec.incoming = false;
+    spec.extra_args.clear();
+    spec.sort_by_id();
+    spec
+}
+
+/// Asserts `read` equals `expected` field by field (each field named when one differs), then
+/// whole.
+fn assert_same(read: &VmSpec, expected: &VmSpec) {
+    macro_rules! fields {
+        ($($f:ident),*) => {$(
+            assert_eq!(read.$f, expected.$f, concat!("the spec read from QEMU: ", stringify!($f)));
+        )*};
+    }
+    fields!(
+        name,
+        machine,
+        accel,
+        cpu,
+        smp,
+        cpu_topology,
+        vcpus,
+        memory_mib,
+        memory_slots,
+        max_memory_mib,
+        memory_backend,
+        memory_devices,
+        balloon,
+        vhost_user_blks,
+        virtio_fs,
+        virtio_serials,
+        serial_ports,
+        rngs,
+        kernel,
+        initrd,
+        append,
+        serials,
+        vnc,
+        usb_tablet,
+        paused,
+        incoming,
+        root_ports,
+        scsi_controllers,
+        disks,
+        nics,
+        cdroms,
+        extra_args
+    );
+    assert_eq!(read, expected);
+}
+
+fn a_vm_changed_through_the_sdk_is_read_back_whole(machine: Machine) {
+    qhotplug_tests::serial_test(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let t = TestVm::running(launch_spec(machine, d)).await;
+        let _backends = change_everything(&t, d).await;
+        let expected = as_read(t.vm.spec());
+        let client = qhotplug_qmp::Config::new()
+            .connect(&d.join("mon2.sock"))
+            .await
+            .unwrap();
+        let (read, unreadable) = Vm::attach_without_spec(client).await.unwrap();
+        assert_same(&read.spec(), &expected);
+        assert_eq!(
+            unreadable,
+            vec![
+                Unreadable::LaunchOptions,
+                Unreadable::NicLink {
+                    device: "n1".into()
+                }
+            ]
+        );
+        // The handle that read it drives the VM: nothing to reconcile, and a disk it never
+        // plugged comes out (SCSI: no guest needed) with its chain's nodes and fd sets.
+        assert!(read.reconcile().await.unwrap().is_empty());
+        read.remove_disk("d2").await.unwrap();
+        assert!(!t.vm.has_device("d2").await.unwrap());
+        let nodes = qhotplug_tests::storage::block_nodes(&read).await;
+        assert!(!nodes.iter().any(|n| n.starts_with("d2-")), "{nodes:?}");
+        let sets = read.client().execute(&QueryFdsets).await.unwrap();
+        let tagged = |s: &&FdsetInfo| {
+            s.fds
+                .iter()
+                .any(|f| f.opaque.as_deref() == Some("qhotplug:d2"))
+        };
+        assert_eq!(sets.iter().filter(tagged).count(), 0, "{sets:?}");
+        // Every other image the SDK handed over is still in its set: d1's, and the medium's.
+        assert_eq!(sets.len(), 2, "{sets:?}");
+    });
+}
+
+#[test]
+fn a_pc_vm_changed_through_the_sdk_is_read_back_whole() {
+    a_vm_changed_through_the_sdk_is_read_back_whole(Machine::Pc);
+}
+
+#[test]
+fn a_q35_vm_changed_through_the_sdk_is_read_back_whole() {
+    a_vm_changed_through_the_sdk_is_read_back_whole(Machine::Q35);
+}
