@@ -184,6 +184,25 @@ pub fn backends(id: &str) -> Backends {
     }
 }
 
+/// The device a QEMU object named by the SDK belongs to, by its name alone: an fd set's tag
+/// (`qhotplug:<id>`), a block node (`<id>-file`, `<id>-fmt`, of any generation), a chardev
+/// (`<id>-chr`) or a QOM object (`<id>-mem`, `<id>-rng`, `<id>-secret`, `<id>-tls`, of any
+/// generation). How a process that attaches after another died finds what that one's unfinished
+/// hot-adds left (a NIC's netdev cannot be listed on every QEMU, so it is not here).
+pub fn owner_of(name: &str) -> Option<&str> {
+    if let Some(id) = name.strip_prefix("qhotplug:") {
+        return Some(id).filter(|id| !id.is_empty());
+    }
+    let base = match name.rsplit_once('.') {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => base,
+        _ => name,
+    };
+    ["-file", "-fmt", "-chr", "-mem", "-rng", "-secret", "-tls"]
+        .iter()
+        .find_map(|suffix| base.strip_suffix(suffix))
+        .filter(|id| !id.is_empty())
+}
+
 /// The id of the master key's `secret` object, from a random `tag` (hex): `qhotplug-key-<tag>`.
 pub fn master_key(tag: &str) -> String {
     format!("qhotplug-key-{tag}")
@@ -291,6 +310,33 @@ mod tests {
         assert_eq!(generation_of("d", "d-fmt.12"), Some(12));
         assert_eq!(generation_of("d", "d-file"), Some(0));
         assert_eq!(generation_of("d", "e-file"), None);
+    }
+
+    #[test]
+    fn an_objects_name_says_whose_it_is() {
+        for (name, id) in [
+            ("qhotplug:d1", "d1"),
+            ("d1-file", "d1"),
+            ("d1-fmt.3", "d1"),
+            ("my-disk-fmt", "my-disk"),
+            ("p0-chr", "p0"),
+            ("m1-mem", "m1"),
+            ("r-rng", "r"),
+            ("cd-secret.2", "cd"),
+            ("nbd-tls", "nbd"),
+        ] {
+            assert_eq!(owner_of(name), Some(id), "{name}");
+        }
+        for name in [
+            "qhotplug:",
+            "-file",
+            "ram",
+            "qhotplug-key-ab12",
+            "d1-net",
+            "d1-fmt.x",
+        ] {
+            assert_eq!(owner_of(name), None, "{name}");
+        }
     }
 
     #[test]

@@ -17,10 +17,11 @@ use qhotplug_cmdline::{
     Secret, Serial, SerialPort, VhostUserBlk, VirtioFs, VirtioSerial, VmSpec, Vnc, VncListen,
 };
 use qhotplug_qmp::command::{
-    BlockDeviceInfo, BlockInfo, ChardevInfo, MemoryDeviceInfo, QomGet, QomList, QueryChardev,
-    QueryHotpluggableCpus, QueryKvm, QueryMachines, QueryMemoryDevices, QueryName, QueryVnc,
+    BlockDeviceInfo, BlockInfo, ChardevInfo, JobDismiss, MemoryDeviceInfo, QomGet, QomList,
+    QueryChardev, QueryHotpluggableCpus, QueryJobs, QueryKvm, QueryMachines, QueryMemoryDevices,
+    QueryName, QueryVnc,
 };
-use qhotplug_qmp::Client;
+use qhotplug_qmp::{Client, EventKind};
 use serde_json::Value;
 
 use crate::error::Result;
@@ -84,8 +85,8 @@ pub(crate) struct ReadSpec {
     pub(crate) unreadable: Vec<Unreadable>,
 }
 
-/// Reads the VM's spec from QEMU.
-pub(crate) async fn read_spec(client: &Client) -> Result<ReadSpec> {
+/// Reads the VM's spec from QEMU, whose process is `pid` (for the files behind its fds).
+pub(crate) async fn read_spec(client: &Client, pid: Option<u32>) -> Result<ReadSpec> {
     let mut read = Reader {
         qom: Qom(client),
         spec: VmSpec::default(),
@@ -96,8 +97,14 @@ pub(crate) async fn read_spec(client: &Client) -> Result<ReadSpec> {
     read.consoles(client, &chardevs).await?;
     read.vcpus(client).await?;
     let blocks = Blocks::read(client).await?;
-    let nodes = named_block_node_infos(client).await?.unwrap_or_default();
-    let files = FdFiles::read(client).await?;
+    let nodes = match named_block_node_infos(client).await? {
+        Some(nodes) => nodes,
+        None => {
+            dismiss_orphaned_creations(client).await?;
+            named_block_node_infos(client).await?.unwrap_or_default()
+        }
+    };
+    let files = FdFiles::read(client, pid).await?;
     let memory = client.execute(&QueryMemoryDevices).await?;
     let devices = read.qom.children(names::PERIPHERAL).await?;
     for (id, driver) in devices {
@@ -116,6 +123,44 @@ pub(crate) async fn read_spec(client: &Client) -> Result<ReadSpec> {
         spec,
         unreadable: read.unreadable,
     })
+}
+
+/// How long a concluded image-creation job may wait for the call that started it to dismiss it
+/// (it does so at once) before it is taken for a dead process's.
+const CREATION_DISMISSED: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// QEMU lists no block node while a job waits concluded (it would crash). A creation job of the
+/// SDK's (`create-<node>`: a new image's qcow2 header) that stays concluded was left by a process
+/// that died between its end and its dismissal: its outcome is nobody's now, and it is dismissed.
+/// (Another job left concluded is `Vm::jobs`' to hand back: the disks are then read without
+/// their nodes.)
+async fn dismiss_orphaned_creations(client: &Client) -> Result<()> {
+    let mut events = client.events();
+    let concluded: Vec<String> = client
+        .execute(&QueryJobs)
+        .await?
+        .into_iter()
+        .filter(|j| j.status == "concluded" && j.id.starts_with(&names::create_job("")))
+        .map(|j| j.id)
+        .collect();
+    for job in concluded {
+        let deadline = tokio::time::Instant::now() + CREATION_DISMISSED;
+        let gone = events
+            .wait_for(
+                deadline,
+                |e| matches!(e, EventKind::JobStatusChange(c) if c.id == job && c.status == "null"),
+            )
+            .await;
+        if gone {
+            continue;
+        }
+        tracing::info!(%job, "a dead process's concluded image creation: dismissed");
+        match client.execute(&JobDismiss { id: job }).await {
+            Err(e) if !crate::qemu::errors::is_absent(&e) => return Err(e.into()),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// What QEMU's queries said, shared by every device.
@@ -719,13 +764,12 @@ fn socket_path(filename: &str) -> Option<PathBuf> {
     Some(PathBuf::from(path))
 }
 
-/// The files behind the fds QEMU holds in its fd sets, by set (`/proc/<qemu>/fd`; QEMU is the
-/// monitor socket's peer).
+/// The files behind the fds QEMU holds in its fd sets, by set (`/proc/<qemu>/fd`).
 struct FdFiles(HashMap<i64, PathBuf>);
 
 impl FdFiles {
-    async fn read(client: &Client) -> Result<FdFiles> {
-        let files = fd_files(client, client.peer_pid()).await?;
+    async fn read(client: &Client, pid: Option<u32>) -> Result<FdFiles> {
+        let files = fd_files(client, pid).await?;
         Ok(FdFiles(
             files.into_iter().map(|f| (f.set, f.path)).collect(),
         ))

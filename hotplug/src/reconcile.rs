@@ -185,10 +185,30 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
     let gone = forget_gone(state, present, start);
     state.rebuild_slots(&seen.pci, &seen.found.placements);
     read_back(state, &seen.blocks, start, report);
-    // Leftovers may belong to the devices just found gone, or to ids this handle used.
+    // Leftovers may belong to the devices just found gone, to ids this handle used, or to ids
+    // whose hot-add a process that died never finished (found by the SDK's names on what QEMU
+    // has: that process's ids are not this one's to know).
+    let spec = state.spec();
+    let boot_memory = spec.memory_backend.as_ref().map(|b| b.id.as_str());
+    let left_by_name = seen
+        .fdsets
+        .iter()
+        .flat_map(|s| s.fds.iter().filter_map(|f| f.opaque.as_deref()))
+        .chain(seen.nodes.iter().map(String::as_str))
+        .chain(seen.chardevs.iter().map(String::as_str))
+        .chain(
+            seen.objects
+                .iter()
+                .map(String::as_str)
+                .filter(|o| Some(*o) != boot_memory),
+        )
+        .filter_map(names::owner_of)
+        .map(str::to_owned)
+        .collect::<BTreeSet<String>>();
     let orphans: BTreeSet<String> = state
         .touched
         .iter()
+        .chain(&left_by_name)
         .filter(|id| !present.contains(*id) && !state.devices.contains_key(*id))
         .chain(&gone)
         .cloned()

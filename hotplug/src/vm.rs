@@ -167,7 +167,10 @@ impl Vm {
     /// process that kept its spec ([`VmSpec::to_json`]) attaches with it instead.
     ///
     /// A value QEMU chose where the launch left it to QEMU (a vCPU topology, a vhost-user disk's
-    /// queues) is read back as QEMU has it. Run [`Vm::reconcile`] next, as after any restart.
+    /// queues) is read back as QEMU has it. One thing is changed, not read: an image-creation
+    /// job a dead process left concluded is dismissed after a second (QEMU lists no block node
+    /// beside a concluded job). Run [`Vm::reconcile`] next, as after any restart: it deletes what
+    /// a dead process's unfinished hot-adds left, found by the SDK's names.
     pub async fn attach_without_spec(client: Client) -> Result<(Vm, Vec<Unreadable>)> {
         Self::attach_reading(client, None).await
     }
@@ -186,7 +189,9 @@ impl Vm {
         process: Option<QemuProcess>,
     ) -> Result<(Vm, Vec<Unreadable>)> {
         check_version(&client)?;
-        let read = crate::read_spec::read_spec(&client).await?;
+        let pid = process.as_ref().map(QemuProcess::pid);
+        let pid = pid.or_else(|| client.peer_pid());
+        let read = crate::read_spec::read_spec(&client, pid).await?;
         let vm = Self::attach_inner(client, read.spec, process).await?;
         Ok((vm, read.unreadable))
     }

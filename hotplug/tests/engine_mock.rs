@@ -572,3 +572,61 @@ async fn a_network_disk_on_a_qemu_without_its_driver_is_refused_before_anything_
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn what_a_dead_processs_unfinished_hot_adds_left_is_found_by_its_names_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "a.raw");
+    let qemu = MockQemu::pc();
+    // A process that died part-way through hot-adds: a disk's fd set and nodes, a port's chardev,
+    // a DIMM's backend; no device. Its ids are nothing the next process knows.
+    let dead = qemu.connect().await.unwrap();
+    let set = dead
+        .add_fd(
+            &qhotplug_qmp::command::AddFd {
+                fdset_id: None,
+                opaque: Some(qhotplug_cmdline::names::fdset_tag("d9")),
+            },
+            std::fs::File::open(&path).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .fdset_id;
+    dead.execute_raw(
+        "blockdev-add",
+        &json!({"driver": "file", "node-name": "d9-file", "filename": format!("/dev/fdset/{set}")}),
+    )
+    .await
+    .unwrap();
+    dead.execute_raw(
+        "blockdev-add",
+        &json!({"driver": "raw", "node-name": "d9-fmt", "file": "d9-file"}),
+    )
+    .await
+    .unwrap();
+    dead.execute_raw(
+        "chardev-add",
+        &json!({"id": "p9-chr", "backend": {"type": "socket", "data": {
+            "addr": {"type": "unix", "data": {"path": dir.path().join("p9.sock")}},
+            "server": true, "wait": false}}}),
+    )
+    .await
+    .unwrap();
+    dead.execute_raw(
+        "object-add",
+        &json!({"qom-type": "memory-backend-ram", "id": "m9-mem", "size": 128 << 20}),
+    )
+    .await
+    .unwrap();
+    drop(dead);
+    let vm = Vm::attach(qemu.connect().await.unwrap(), VmSpec::new("t", Machine::Pc))
+        .await
+        .unwrap();
+    let done = vm.reconcile().await.unwrap();
+    assert_eq!(done.nodes_deleted, ["d9-fmt", "d9-file"], "{done:?}");
+    assert_eq!(done.fdsets_removed, [set], "{done:?}");
+    assert_eq!(done.chardevs_removed, ["p9-chr"], "{done:?}");
+    assert_eq!(done.objects_deleted, ["m9-mem"], "{done:?}");
+    assert!(qemu.block_nodes().is_empty() && qemu.fdsets().is_empty());
+    assert!(vm.reconcile().await.unwrap().is_empty());
+}

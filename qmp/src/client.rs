@@ -162,11 +162,14 @@ impl Config {
     /// Reads the greeting (skipping any events before it), negotiates capabilities, and returns the
     /// client with the connection future, which the caller must run (tokio-postgres style).
     pub async fn handshake(&self, stream: UnixStream) -> Result<(Client, Connection)> {
+        // The kernel names the process that listened: for a socket this process bound and
+        // handed QEMU (a launch's monitor), that is this process, not QEMU.
         let peer_pid = stream
             .peer_cred()
             .ok()
             .and_then(|c| c.pid())
-            .and_then(|pid| u32::try_from(pid).ok());
+            .and_then(|pid| u32::try_from(pid).ok())
+            .filter(|&pid| pid != std::process::id());
         let (read, write) = stream.into_split();
         let mut frames = FramedRead::new(read, QmpCodec::new(self.max_frame));
         let greeting = loop {
@@ -330,7 +333,9 @@ impl Client {
     }
 
     /// The process at the other end of the monitor socket (QEMU's pid), as the kernel said when
-    /// the connection was made (`SO_PEERCRED`); `None` if it could not say.
+    /// the connection was made (`SO_PEERCRED`: the process that listened on the socket); `None`
+    /// if it could not say, or if the listener was this process's own (a socket it bound and
+    /// handed to the QEMU it launched).
     pub fn peer_pid(&self) -> Option<u32> {
         self.inner.peer_pid
     }

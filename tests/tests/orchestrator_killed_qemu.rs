@@ -1,0 +1,209 @@
+//! The orchestrator SIGKILLed between any two QMP commands of an operation: a child process
+//! attaches to a running QEMU (no guest OS) through its second monitor and runs one operation
+//! (a SCSI disk's hot-add or removal, a CD-ROM medium change, a snapshot), killing itself when
+//! the operation's step `n` begins (before its command is sent), for every `n` in turn. Then a new
+//! process attaches with no spec, reconciles, and finds its view equal to QEMU's read afresh,
+//! every object, node and fd set QEMU has belonging to a device of that view, every fd set's
+//! file one of its images, and nothing left for a second reconcile.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use qhotplug::{DiskConfig, Format, SnapshotConfig, Vm, VmSpec};
+use qhotplug_cmdline::{names, Cdrom, IdeAddr};
+use qhotplug_qmp::command::{QomList, QueryChardev};
+use qhotplug_tests::timing::AtStep;
+use qhotplug_tests::{fdset_files, image, iso, pc_spec, second_monitor, TestVm};
+
+/// The operations, by the name the child is given.
+const OPERATIONS: [&str; 4] = ["add_disk", "remove_disk", "insert_medium", "snapshot"];
+
+/// The child's part (run by the parent, never alone): attach, run `QHOTPLUG_KILL_OP`, SIGKILL
+/// itself when step `QHOTPLUG_KILL_STEP` begins; `dir/done` if it never did.
+#[test]
+#[ignore = "the child of an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle"]
+fn operation_that_gets_killed() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let Some(dir) = std::env::var_os("QHOTPLUG_KILL_DIR").map(PathBuf::from) else {
+        return;
+    };
+    let op = std::env::var("QHOTPLUG_KILL_OP").unwrap();
+    let step: usize = std::env::var("QHOTPLUG_KILL_STEP")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Dead at once: no destructor, no drop of a future, no word to QEMU.
+    let hook = AtStep::new(step, || {
+        qhotplug_tests::kill(std::process::id(), libc::SIGKILL).unwrap();
+    });
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(hook)).unwrap();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let client = qhotplug_qmp::connect(&dir.join("mon2.sock")).await.unwrap();
+            let (vm, _) = Vm::attach_without_spec(client).await.unwrap();
+            match op.as_str() {
+                "add_disk" => drop(
+                    vm.add_disk(DiskConfig::scsi_hd("d1", dir.join("d1.raw")))
+                        .await
+                        .unwrap(),
+                ),
+                "remove_disk" => vm.remove_disk("d0").await.unwrap(),
+                "insert_medium" => vm.insert_medium("cd", dir.join("b.iso")).await.unwrap(),
+                "snapshot" => drop(
+                    vm.snapshot(SnapshotConfig::new().disk("d0", dir.join("d0.1.qcow2")))
+                        .await
+                        .unwrap(),
+                ),
+                other => panic!("no operation {other}"),
+            }
+            std::fs::write(dir.join("done"), "").unwrap();
+        });
+}
+
+/// A VM for `op`, running with no guest OS, its second monitor at `dir/mon2.sock`: a boot CD-ROM
+/// `cd` holding `a.iso`, and for the removal and the snapshot a SCSI disk `d0`.
+async fn vm_for(op: &str, dir: &Path) -> TestVm {
+    let a = iso(dir, "a.iso", "hello.txt", "from a\n");
+    iso(dir, "b.iso", "hello.txt", "from b\n");
+    image(dir, "d1.raw", 4);
+    let mut spec: VmSpec = pc_spec();
+    spec.cdroms
+        .push(Cdrom::ide("cd", IdeAddr::new(1, 0)).with_medium(&a));
+    second_monitor(&mut spec, &dir.join("mon2.sock"));
+    let t = TestVm::running(spec).await;
+    if op == "remove_disk" || op == "snapshot" {
+        let d0 = dir.join("d0.qcow2");
+        let status = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&d0)
+            .arg("4M")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        t.vm.add_disk(DiskConfig::scsi_hd("d0", &d0).format(Format::Qcow2))
+            .await
+            .unwrap();
+    }
+    t
+}
+
+/// Runs the child for `op`, killed at step `step`; true when it finished instead.
+fn run_child(dir: &Path, op: &str, step: usize) -> bool {
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "operation_that_gets_killed",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("QHOTPLUG_KILL_DIR", dir)
+        .env("QHOTPLUG_KILL_OP", op)
+        .env("QHOTPLUG_KILL_STEP", step.to_string())
+        .status()
+        .unwrap();
+    let done = dir.join("done").exists();
+    assert_eq!(status.success(), done, "{op} at step {step}: {status}");
+    done
+}
+
+/// Asserts that everything of the SDK's QEMU has belongs to a device of `spec`: block nodes
+/// (each one its device's), fd sets (each file one of its device's images), chardevs and
+/// objects.
+async fn assert_nothing_left(vm: &Vm, t: &TestVm, spec: &VmSpec, case: &str) {
+    let mut nodes: Vec<String> = spec.disks.iter().flat_map(|d| d.node_names()).collect();
+    for cd in spec.cdroms.iter().filter(|c| c.medium.is_some()) {
+        nodes.extend([cd.top_node(), cd.file_node()]);
+    }
+    nodes.sort();
+    let mut seen = qhotplug_tests::storage::block_nodes(vm).await;
+    seen.sort();
+    assert_eq!(seen, nodes, "{case}: block nodes");
+    let images: Vec<PathBuf> = spec
+        .disks
+        .iter()
+        .flat_map(|d| {
+            std::iter::once(d.path.as_path()).chain(d.backing.iter().map(|l| l.path.as_path()))
+        })
+        .chain(
+            spec.cdroms
+                .iter()
+                .filter_map(|c| c.medium.as_ref()?.image_path()),
+        )
+        .map(|p| p.canonicalize().unwrap())
+        .collect();
+    let sets = fdset_files(&t.vm).await;
+    for (tag, file) in &sets {
+        assert!(images.contains(file), "{case}: {tag}'s set holds {file:?}");
+    }
+    let mut files: Vec<&PathBuf> = sets.iter().map(|(_, f)| f).collect();
+    files.dedup();
+    assert_eq!(
+        files.len(),
+        sets.len(),
+        "{case}: one set per image: {sets:?}"
+    );
+    let ids: Vec<&str> = spec
+        .disks
+        .iter()
+        .map(|d| d.id.as_str())
+        .chain(spec.cdroms.iter().map(|c| c.id.as_str()))
+        .collect();
+    let chardevs = vm.client().execute(&QueryChardev).await.unwrap();
+    let objects = vm
+        .client()
+        .execute(&QomList {
+            path: "/objects".into(),
+        })
+        .await
+        .unwrap();
+    let named = chardevs
+        .iter()
+        .map(|c| c.label.as_str())
+        .chain(objects.iter().map(|o| o.name.as_str()));
+    for name in named {
+        if let Some(owner) = names::owner_of(name) {
+            assert!(ids.contains(&owner), "{case}: {name} left behind");
+        }
+    }
+}
+
+#[test]
+fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() {
+    qhotplug_tests::serial_test(async {
+        for op in OPERATIONS {
+            for step in 0.. {
+                let dir = tempfile::tempdir().unwrap();
+                let d = dir.path();
+                let t = vm_for(op, d).await;
+                let finished = run_child(d, op, step);
+                let case = format!("{op} killed at step {step}");
+                // A new process, with no spec: attach, reconcile.
+                let client = qhotplug_qmp::connect(&d.join("mon2.sock")).await.unwrap();
+                let (vm, _) = Vm::attach_without_spec(client).await.unwrap();
+                vm.reconcile().await.unwrap();
+                vm.settle().await;
+                assert!(vm.reconcile().await.unwrap().is_empty(), "{case}");
+                // Its view is QEMU's, read afresh by another handle.
+                let (fresh, _) = Vm::attach_without_spec(vm.client().clone()).await.unwrap();
+                let spec = vm.spec();
+                assert_eq!(spec, fresh.spec(), "{case}");
+                assert_nothing_left(&vm, &t, &spec, &case).await;
+                // The operation is done or not, never half: the disk, the medium, the chain.
+                let has = |id: &str| spec.disks.iter().any(|x| x.id == id);
+                match op {
+                    "add_disk" => assert_eq!(has("d1"), finished, "{case}"),
+                    "remove_disk" => assert_eq!(has("d0"), step == 0, "{case}"),
+                    "snapshot" => {
+                        let d0 = spec.disks.iter().find(|x| x.id == "d0").unwrap();
+                        assert_eq!(d0.backing.is_empty(), !finished, "{case}");
+                    }
+                    _ => {}
+                }
+                if finished {
+                    break;
+                }
+            }
+        }
+    });
+}
