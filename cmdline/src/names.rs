@@ -244,6 +244,16 @@ pub fn create_job(node: &str) -> String {
     format!("create-{node}")
 }
 
+/// Whether job `id` is named as the SDK names its jobs (a mirror's, a commit's, a stream's, a
+/// backup's, a pull backup's, an image creation's, a storage copy's).
+pub fn is_sdk_job(id: &str) -> bool {
+    [
+        "mirror-", "commit-", "stream-", "backup-", "pull-", "create-", "mig-",
+    ]
+    .iter()
+    .any(|prefix| id.strip_prefix(prefix).is_some_and(|rest| !rest.is_empty()))
+}
+
 /// The name an NBD export of disk `disk` is served under (pull backups, storage migration):
 /// the disk's id.
 pub fn export_name(disk: &str) -> String {
@@ -336,6 +346,16 @@ mod tests {
             "d1-fmt.x",
         ] {
             assert_eq!(owner_of(name), None, "{name}");
+        }
+        for job in [
+            mirror_job("d"),
+            commit_job("d", Some(1)),
+            create_job("d-fmt.2"),
+        ] {
+            assert!(is_sdk_job(&job), "{job}");
+        }
+        for job in ["mirror-", "copy-d", "job0"] {
+            assert!(!is_sdk_job(job), "{job}");
         }
     }
 

@@ -17,9 +17,9 @@ use qhotplug_cmdline::{
     Secret, Serial, SerialPort, VhostUserBlk, VirtioFs, VirtioSerial, VmSpec, Vnc, VncListen,
 };
 use qhotplug_qmp::command::{
-    BlockDeviceInfo, BlockInfo, ChardevInfo, JobDismiss, MemoryDeviceInfo, QomGet, QomList,
-    QueryChardev, QueryHotpluggableCpus, QueryJobs, QueryKvm, QueryMachines, QueryMemoryDevices,
-    QueryName, QueryVnc,
+    BlockDeviceInfo, BlockInfo, ChardevInfo, JobDismiss, JobInfo, MemoryDeviceInfo, QomGet,
+    QomList, QueryChardev, QueryHotpluggableCpus, QueryJobs, QueryKvm, QueryMachines,
+    QueryMemoryDevices, QueryName, QueryVnc,
 };
 use qhotplug_qmp::{Client, EventKind};
 use serde_json::Value;
@@ -100,7 +100,7 @@ pub(crate) async fn read_spec(client: &Client, pid: Option<u32>) -> Result<ReadS
     let nodes = match named_block_node_infos(client).await? {
         Some(nodes) => nodes,
         None => {
-            dismiss_orphaned_creations(client).await?;
+            dismiss_orphaned_concluded(client).await?;
             named_block_node_infos(client).await?.unwrap_or_default()
         }
     };
@@ -125,37 +125,35 @@ pub(crate) async fn read_spec(client: &Client, pid: Option<u32>) -> Result<ReadS
     })
 }
 
-/// How long a concluded image-creation job may wait for the call that started it to dismiss it
-/// (it does so at once) before it is taken for a dead process's.
-const CREATION_DISMISSED: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a concluded job of the SDK's may wait for the call that started it to dismiss it (it
+/// does so at once) before it is taken for a dead process's.
+const CONCLUDED_DISMISSED: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// QEMU lists no block node while a job waits concluded (it would crash). A creation job of the
-/// SDK's (`create-<node>`: a new image's qcow2 header) that stays concluded was left by a process
-/// that died between its end and its dismissal: its outcome is nobody's now, and it is dismissed.
-/// (Another job left concluded is `Vm::jobs`' to hand back: the disks are then read without
-/// their nodes.)
-async fn dismiss_orphaned_creations(client: &Client) -> Result<()> {
+/// QEMU lists no block node while a job waits concluded (it would crash). A job of the SDK's
+/// (`names::is_sdk_job`) that stays concluded was left by a process that died between the job's
+/// end and its dismissal; it is dismissed, its outcome logged. Nothing is lost: what the job did
+/// is in QEMU's graph (the node a device runs on after a pivot, a chain a commit or a stream
+/// shortened), which is what is read next, and what it left unused is `reconcile`'s to delete.
+async fn dismiss_orphaned_concluded(client: &Client) -> Result<()> {
     let mut events = client.events();
-    let concluded: Vec<String> = client
+    let concluded: Vec<JobInfo> = client
         .execute(&QueryJobs)
         .await?
         .into_iter()
-        .filter(|j| j.status == "concluded" && j.id.starts_with(&names::create_job("")))
-        .map(|j| j.id)
+        .filter(|j| j.status == "concluded" && names::is_sdk_job(&j.id))
         .collect();
     for job in concluded {
-        let deadline = tokio::time::Instant::now() + CREATION_DISMISSED;
+        let deadline = tokio::time::Instant::now() + CONCLUDED_DISMISSED;
         let gone = events
-            .wait_for(
-                deadline,
-                |e| matches!(e, EventKind::JobStatusChange(c) if c.id == job && c.status == "null"),
-            )
+            .wait_for(deadline, |e| {
+                matches!(e, EventKind::JobStatusChange(c) if c.id == job.id && c.status == "null")
+            })
             .await;
         if gone {
             continue;
         }
-        tracing::info!(%job, "a dead process's concluded image creation: dismissed");
-        match client.execute(&JobDismiss { id: job }).await {
+        tracing::info!(job = %job.id, error = ?job.error, "a dead process's concluded job: dismissed");
+        match client.execute(&JobDismiss { id: job.id }).await {
             Err(e) if !crate::qemu::errors::is_absent(&e) => return Err(e.into()),
             _ => {}
         }

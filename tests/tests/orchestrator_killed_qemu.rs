@@ -1,6 +1,7 @@
 //! The orchestrator SIGKILLed between any two QMP commands of an operation: a child process
 //! attaches to a running QEMU (no guest OS) through its second monitor and runs one operation
-//! (a SCSI disk's hot-add or removal, a CD-ROM medium change, a snapshot), killing itself when
+//! (a SCSI disk's hot-add or removal, a CD-ROM medium change, a snapshot, a mirror started and
+//! pivoted, a full backup with a checkpoint), killing itself when
 //! the operation's step `n` begins (before its command is sent), for every `n` in turn. Then a new
 //! process attaches with no spec, reconciles, and finds its view equal to QEMU's read afresh,
 //! every object, node and fd set QEMU has belonging to a device of that view, every fd set's
@@ -9,14 +10,24 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use qhotplug::{DiskConfig, Format, SnapshotConfig, Vm, VmSpec};
+use qhotplug::{BackupConfig, DiskConfig, Format, MirrorConfig, SnapshotConfig, Vm, VmSpec};
 use qhotplug_cmdline::{names, Cdrom, IdeAddr};
 use qhotplug_qmp::command::{QomList, QueryChardev};
 use qhotplug_tests::timing::AtStep;
 use qhotplug_tests::{fdset_files, image, iso, pc_spec, second_monitor, TestVm};
 
 /// The operations, by the name the child is given.
-const OPERATIONS: [&str; 4] = ["add_disk", "remove_disk", "insert_medium", "snapshot"];
+const OPERATIONS: [&str; 6] = [
+    "add_disk",
+    "remove_disk",
+    "insert_medium",
+    "snapshot",
+    "mirror",
+    "backup",
+];
+
+/// How long a job may take here (4 MiB images).
+const JOB: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The child's part (run by the parent, never alone): attach, run `QHOTPLUG_KILL_OP`, SIGKILL
 /// itself when step `QHOTPLUG_KILL_STEP` begins; `dir/done` if it never did.
@@ -55,6 +66,18 @@ fn operation_that_gets_killed() {
                         .await
                         .unwrap(),
                 ),
+                "mirror" => {
+                    let config = MirrorConfig::new(dir.join("d0.copy.qcow2")).format(Format::Qcow2);
+                    let mut job = vm.mirror_disk("d0", config).await.unwrap();
+                    job.wait_ready(JOB).await.unwrap();
+                    job.pivot().await.unwrap();
+                }
+                "backup" => {
+                    let config = BackupConfig::full()
+                        .disk("d0", dir.join("d0.full.qcow2"))
+                        .checkpoint("c1");
+                    vm.backup(config).await.unwrap().wait(JOB).await.unwrap();
+                }
                 other => panic!("no operation {other}"),
             }
             std::fs::write(dir.join("done"), "").unwrap();
@@ -72,7 +95,7 @@ async fn vm_for(op: &str, dir: &Path) -> TestVm {
         .push(Cdrom::ide("cd", IdeAddr::new(1, 0)).with_medium(&a));
     second_monitor(&mut spec, &dir.join("mon2.sock"));
     let t = TestVm::running(spec).await;
-    if op == "remove_disk" || op == "snapshot" {
+    if op != "add_disk" && op != "insert_medium" {
         let d0 = dir.join("d0.qcow2");
         let status = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
@@ -181,6 +204,11 @@ fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() 
                 // A new process, with no spec: attach, reconcile.
                 let client = qhotplug_qmp::connect(&d.join("mon2.sock")).await.unwrap();
                 let (vm, _) = Vm::attach_without_spec(client).await.unwrap();
+                // The dead process's jobs that a handle takes back are ended, as an orchestrator
+                // that does not want them would; the rest is reconcile's.
+                for job in vm.jobs().await.unwrap() {
+                    job.cancel().await.unwrap();
+                }
                 vm.reconcile().await.unwrap();
                 vm.settle().await;
                 assert!(vm.reconcile().await.unwrap().is_empty(), "{case}");
@@ -197,6 +225,10 @@ fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() 
                     "snapshot" => {
                         let d0 = spec.disks.iter().find(|x| x.id == "d0").unwrap();
                         assert_eq!(d0.backing.is_empty(), !finished, "{case}");
+                    }
+                    "mirror" if finished => {
+                        let d0 = spec.disks.iter().find(|x| x.id == "d0").unwrap();
+                        assert_eq!(d0.path, d.join("d0.copy.qcow2"), "{case}");
                     }
                     _ => {}
                 }
