@@ -159,6 +159,23 @@ impl VmSpec {
         }
     }
 
+    /// Every host file the VM's devices run on: each disk's images (top first, then its chain)
+    /// and each CD-ROM's ISO. A network disk's or medium's URI is not a file and is left out.
+    pub fn image_paths(&self) -> Vec<&std::path::Path> {
+        let disks = self
+            .disks
+            .iter()
+            .filter(|d| !matches!(d.backend, crate::DiskBackend::Network(_)))
+            .flat_map(|d| {
+                std::iter::once(d.path.as_path()).chain(d.backing.iter().map(|l| l.path.as_path()))
+            });
+        let media = self
+            .cdroms
+            .iter()
+            .filter_map(|c| c.medium.as_ref()?.image_path());
+        disks.chain(media).collect()
+    }
+
     /// Orders every device list by id, and the vCPUs by their place in the topology (socket,
     /// die, module, core, thread): the order a spec read from QEMU has, where QOM lists devices
     /// in no set order. What the VM is does not change.

@@ -15,6 +15,7 @@ use crate::kinds::{Device, DeviceKind};
 use crate::qemu::block::Blocks;
 use crate::qemu::delete::{Delete, Outcome};
 use crate::qemu::errors as qemu_errors;
+use crate::qemu::fd_files::{fd_files, FdFile};
 use crate::state::{Entry, State};
 use crate::vm_core::Core;
 
@@ -50,6 +51,12 @@ pub struct Reconciled {
     /// Checkpoints a backup that never finished had made, given back to the one before them (its
     /// record merged into it): the spec never listed them.
     pub checkpoints_given_back: Vec<String>,
+    /// Files QEMU held for the SDK (in fd sets of its) that the clean-up let go and the spec does
+    /// not use: an image a hot-add never finished with, or one a storage operation a dead
+    /// process started made and never used (a snapshot's overlay, a mirror's copy, a backup's
+    /// target, a pull backup's scratch). The SDK removes none: a process that died cannot tell a
+    /// finished backup from an abandoned overlay, nor the caller's image from one it made.
+    pub files_released: Vec<std::path::PathBuf>,
 }
 
 impl Reconciled {
@@ -75,8 +82,11 @@ pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
     // QEMU lists no node while one waits concluded).
     end_orphaned_storage(core, start, &mut report).await?;
     let seen = Seen::read(&core.client).await?;
+    let pid = core.launched_pid().or_else(|| core.client.peer_pid());
+    let held = fd_files(&core.client, pid).await?;
     let judged = judge(core, &seen, start, &mut report);
     clean_up(core, &seen, &judged, &mut report).await;
+    report.files_released = released(core, held).await?;
     drop(judged.cleaning);
     for (id, up) in judged.links {
         // Skipped when a call holds the NIC now: that call decides its link.
@@ -230,6 +240,35 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
         drives,
         links,
     }
+}
+
+/// The files of `held` (QEMU's fd sets before the clean-up) whose sets are gone now and that no
+/// device of the spec uses.
+async fn released(core: &Core, held: Vec<FdFile>) -> Result<Vec<std::path::PathBuf>> {
+    if held.is_empty() {
+        return Ok(Vec::new());
+    }
+    let now: HashSet<i64> = core
+        .client
+        .execute(&QueryFdsets)
+        .await?
+        .into_iter()
+        .map(|s| s.fdset_id)
+        .collect();
+    let spec = core.state().spec().clone();
+    let used: HashSet<std::path::PathBuf> = spec
+        .image_paths()
+        .into_iter()
+        .filter_map(|p| p.canonicalize().ok())
+        .collect();
+    let mut files: Vec<std::path::PathBuf> = held
+        .into_iter()
+        .filter(|f| !now.contains(&f.set) && !used.contains(&f.path))
+        .map(|f| f.path)
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
 }
 
 /// Whether device `id` is judged: placed before the queries began (`start`) and held by no call.
