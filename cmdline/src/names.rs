@@ -203,6 +203,11 @@ pub fn owner_of(name: &str) -> Option<&str> {
         .filter(|id| !id.is_empty())
 }
 
+/// The NIC a netdev named by the SDK belongs to (`<id>-net`).
+pub fn netdev_owner(name: &str) -> Option<&str> {
+    name.strip_suffix("-net").filter(|id| !id.is_empty())
+}
+
 /// The id of the master key's `secret` object, from a random `tag` (hex): `qhotplug-key-<tag>`.
 pub fn master_key(tag: &str) -> String {
     format!("qhotplug-key-{tag}")
@@ -347,6 +352,8 @@ mod tests {
         ] {
             assert_eq!(owner_of(name), None, "{name}");
         }
+        assert_eq!(netdev_owner("n1-net"), Some("n1"));
+        assert_eq!(netdev_owner("-net"), None);
         for job in [
             mirror_job("d"),
             commit_job("d", Some(1)),

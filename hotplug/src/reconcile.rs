@@ -128,6 +128,8 @@ struct Seen {
     fdsets: Vec<qhotplug_qmp::command::FdsetInfo>,
     chardevs: HashSet<String>,
     objects: HashSet<String>,
+    /// The netdevs, from HMP `info network`: QMP has no query for them.
+    netdevs: HashSet<String>,
     blocks: Blocks,
 }
 
@@ -159,6 +161,7 @@ impl Seen {
             .map(|o| o.name)
             .collect();
         let blocks = Blocks::read(client).await?;
+        let netdevs = netdevs(client).await;
         Ok(Seen {
             pci,
             found,
@@ -166,9 +169,30 @@ impl Seen {
             fdsets,
             chardevs,
             objects,
+            netdevs,
             blocks,
         })
     }
+}
+
+/// The netdevs QEMU has, by HMP `info network` (the one thing reconcile asks HMP: QMP cannot list
+/// netdevs, and a NIC hot-add a dead process left before its `device_add` holds its taps in
+/// one). Each line names a client (`<id>: index=…`), a netdev behind a NIC indented by ` \ `.
+/// None when HMP does not answer.
+async fn netdevs(client: &Client) -> HashSet<String> {
+    let info = qhotplug_qmp::command::HumanMonitorCommand {
+        command_line: "info network".into(),
+        cpu_index: None,
+    };
+    let Ok(text) = client.execute(&info).await else {
+        return HashSet::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim_start().trim_start_matches('\\').trim_start();
+            line.split_once(':').map(|(name, _)| name.to_owned())
+        })
+        .collect()
 }
 
 /// What the judgement left to do once the lock is let go.
@@ -213,6 +237,7 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
                 .filter(|o| Some(*o) != boot_memory),
         )
         .filter_map(names::owner_of)
+        .chain(seen.netdevs.iter().filter_map(|n| names::netdev_owner(n)))
         .map(str::to_owned)
         .collect::<BTreeSet<String>>();
     let orphans: BTreeSet<String> = state
