@@ -516,7 +516,24 @@ impl Reader<'_> {
                 reason: "no image inserted".into(),
             }));
         };
-        let top = inserted.node_name.clone().unwrap_or_default();
+        let mut top = inserted.node_name.clone().unwrap_or_default();
+        if top.starts_with('#') {
+            // A job's implicit filter (a backup's copy-before-write) sits between the device and
+            // its image while the job runs; it reports its child's file name.
+            let under: Vec<&BlockDeviceInfo> = found
+                .nodes
+                .iter()
+                .filter(|n| {
+                    n.node_name
+                        .as_deref()
+                        .is_some_and(|name| names::is_format_node_of(id, name))
+                        && n.file == inserted.file
+                })
+                .collect();
+            if let [node] = &under[..] {
+                top = node.node_name.clone().unwrap_or_default();
+            }
+        }
         let Some(generation) = names::generation_of(id, &top) else {
             return Ok(Err(Unreadable::Foreign {
                 device: id.to_owned(),
@@ -546,9 +563,17 @@ impl Reader<'_> {
             chain.push(info);
             image = info.backing_image.as_deref();
         }
+        // A filter over the image (a job's) heads the chain with a format of its own.
+        let images = chain
+            .iter()
+            .position(|i| matches!(i.format.as_deref(), Some("raw" | "qcow2")))
+            .unwrap_or(0);
+        let chain = chain.split_off(images);
+        let depth = chain.len().saturating_sub(1) as u32;
         let mut on = vec![top.clone()];
-        for (below, info) in chain.iter().enumerate().skip(1) {
-            let depth = (chain.len() - 1 - below) as u32;
+        for below in 1..=depth as usize {
+            let file = chain.get(below).and_then(|info| info.filename.as_ref());
+            let depth = depth - below as u32;
             let candidates: Vec<&BlockDeviceInfo> = found
                 .nodes
                 .iter()
@@ -558,9 +583,7 @@ impl Reader<'_> {
                     }) && n.backing_file_depth == Some(depth)
                 })
                 .collect();
-            let by_file = candidates
-                .iter()
-                .find(|n| Some(&n.file) == info.filename.as_ref());
+            let by_file = candidates.iter().find(|n| Some(&n.file) == file);
             let node = match (by_file, &candidates[..]) {
                 (Some(node), _) | (None, [node]) => node,
                 _ => {

@@ -5,7 +5,10 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use qhotplug_cmdline::{names, DiskBackend};
-use qhotplug_qmp::command::{QomList, QueryChardev, QueryFdsets, QueryJobs, QueryPci, SetLink};
+use qhotplug_qmp::command::{
+    QomList, QueryChardev, QueryFdsets, QueryJobs, QueryPci, QueryStatus, SetLink,
+};
+use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::Client;
 
 use crate::discover::scan_peripherals;
@@ -120,6 +123,13 @@ pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
     Ok(report)
 }
 
+/// The first QEMU that closes a removed fd set while the VM is paused (and so stops listing it).
+const FDSETS_CLOSED_PAUSED: VersionTriple = VersionTriple {
+    major: 9,
+    minor: 1,
+    micro: 0,
+};
+
 /// What QEMU has, read before anything is judged.
 struct Seen {
     pci: Vec<qhotplug_qmp::command::PciInfo>,
@@ -130,6 +140,9 @@ struct Seen {
     objects: HashSet<String>,
     /// The netdevs, from HMP `info network`: QMP has no query for them.
     netdevs: HashSet<String>,
+    /// Whether an fd set QEMU lists is one nobody removed: not so on QEMU before 9.1 while the
+    /// VM is paused, which lists removed sets (their fds still open) until it runs.
+    fdsets_current: bool,
     blocks: Blocks,
 }
 
@@ -162,6 +175,8 @@ impl Seen {
             .collect();
         let blocks = Blocks::read(client).await?;
         let netdevs = netdevs(client).await;
+        let fdsets_current = client.greeting().version.qemu >= FDSETS_CLOSED_PAUSED
+            || client.execute(&QueryStatus).await?.running;
         Ok(Seen {
             pci,
             found,
@@ -170,6 +185,7 @@ impl Seen {
             chardevs,
             objects,
             netdevs,
+            fdsets_current,
             blocks,
         })
     }
@@ -227,6 +243,7 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
     let left_by_name = seen
         .fdsets
         .iter()
+        .filter(|_| seen.fdsets_current)
         .flat_map(|s| s.fds.iter().filter_map(|f| f.opaque.as_deref()))
         .chain(seen.nodes.iter().map(String::as_str))
         .chain(seen.chardevs.iter().map(String::as_str))

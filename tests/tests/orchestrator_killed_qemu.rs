@@ -1,7 +1,8 @@
 //! The orchestrator SIGKILLed between any two QMP commands of an operation: a child process
 //! attaches to a running QEMU (no guest OS) through its second monitor and runs one operation
-//! (a NIC's hot-add, a SCSI disk's hot-add or removal, a CD-ROM medium change, a snapshot, a mirror started and
-//! pivoted, a full backup with a checkpoint), killing itself when
+//! (a NIC's, a DIMM's, a serial port's and an RNG's hot-add, a SCSI disk's hot-add or removal, a
+//! CD-ROM medium change, a snapshot, a mirror or an active commit started and pivoted, a stream, a
+//! full push backup and a pull backup, each with a checkpoint), killing itself when
 //! the operation's step `n` begins (before its command is sent), for every `n` in turn. Then a new
 //! process attaches with no spec, reconciles, and finds its view equal to QEMU's read afresh,
 //! every object, node and fd set QEMU has belonging to a device of that view, every fd set's
@@ -11,23 +12,32 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use qhotplug::{
-    BackupConfig, DiskConfig, Format, MirrorConfig, NicConfig, SnapshotConfig, TapBuilder, Vm,
-    VmSpec,
+    BackupConfig, DiskConfig, Format, MemoryConfig, MirrorConfig, NbdServer, NicConfig, PullConfig,
+    RngConfig, SerialPortConfig, SnapshotConfig, TapBuilder, Vm, VmSpec, MIB,
 };
 use qhotplug_cmdline::{names, Cdrom, IdeAddr};
 use qhotplug_qmp::command::{QomList, QueryChardev};
 use qhotplug_tests::timing::AtStep;
 use qhotplug_tests::{fdset_files, image, iso, pc_spec, second_monitor, TestVm};
 
-/// The operations, by the name the child is given.
-const OPERATIONS: [&str; 7] = [
+/// The operations, by the name the child is given: devices' hot-adds and a medium change.
+const DEVICE_OPERATIONS: [&str; 6] = [
     "add_nic",
     "add_disk",
-    "remove_disk",
+    "add_memory",
+    "add_serial_port",
+    "add_rng",
     "insert_medium",
+];
+/// The operations on disk `d0`, which the VM has from before.
+const DISK_OPERATIONS: [&str; 7] = [
+    "remove_disk",
     "snapshot",
     "mirror",
+    "commit",
+    "stream",
     "backup",
+    "pull_backup",
 ];
 
 /// How long a job may take here (4 MiB images).
@@ -78,6 +88,39 @@ fn operation_that_gets_killed() {
                         .await
                         .unwrap(),
                 ),
+                "add_memory" => drop(
+                    vm.add_memory(MemoryConfig::dimm("m1", 128 * MIB))
+                        .await
+                        .unwrap(),
+                ),
+                "add_serial_port" => drop(
+                    vm.add_serial_port(SerialPortConfig::new(
+                        "p1",
+                        "vser0",
+                        "org.example.p1",
+                        dir.join("p1.sock"),
+                    ))
+                    .await
+                    .unwrap(),
+                ),
+                "add_rng" => drop(vm.add_rng(RngConfig::new("r1")).await.unwrap()),
+                "commit" => {
+                    let mut job = vm.commit_disk("d0").await.unwrap();
+                    job.wait_ready(JOB).await.unwrap();
+                    job.pivot().await.unwrap();
+                }
+                "stream" => drop(vm.stream_disk("d0").await.unwrap().wait(JOB).await.unwrap()),
+                "pull_backup" => {
+                    let config = PullConfig::full(NbdServer::Unix(dir.join("pull.sock")))
+                        .disk("d0", dir.join("d0.scratch.qcow2"))
+                        .checkpoint("c1");
+                    vm.pull_backup(config)
+                        .await
+                        .unwrap()
+                        .finish()
+                        .await
+                        .unwrap();
+                }
                 "mirror" => {
                     let config = MirrorConfig::new(dir.join("d0.copy.qcow2")).format(Format::Qcow2);
                     let mut job = vm.mirror_disk("d0", config).await.unwrap();
@@ -97,7 +140,8 @@ fn operation_that_gets_killed() {
 }
 
 /// A VM for `op`, running with no guest OS, its second monitor at `dir/mon2.sock`: a boot CD-ROM
-/// `cd` holding `a.iso`, and for the removal and the snapshot a SCSI disk `d0`.
+/// `cd` holding `a.iso`, memory slots, a virtio-serial controller `vser0`, and for the storage
+/// operations a SCSI disk `d0` (on a chain of two images for a commit or a stream).
 async fn vm_for(op: &str, dir: &Path) -> TestVm {
     let a = iso(dir, "a.iso", "hello.txt", "from a\n");
     iso(dir, "b.iso", "hello.txt", "from b\n");
@@ -105,9 +149,15 @@ async fn vm_for(op: &str, dir: &Path) -> TestVm {
     let mut spec: VmSpec = pc_spec();
     spec.cdroms
         .push(Cdrom::ide("cd", IdeAddr::new(1, 0)).with_medium(&a));
+    spec.memory_slots = 2;
+    spec.max_memory_mib = Some(512);
+    spec.virtio_serials.push(qhotplug::VirtioSerial {
+        id: "vser0".into(),
+        pci: qhotplug::Pci::new("pci.0", 8),
+    });
     second_monitor(&mut spec, &dir.join("mon2.sock"));
     let t = TestVm::running(spec).await;
-    if !matches!(op, "add_nic" | "add_disk" | "insert_medium") {
+    if DISK_OPERATIONS.contains(&op) {
         let d0 = dir.join("d0.qcow2");
         let status = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
@@ -117,6 +167,11 @@ async fn vm_for(op: &str, dir: &Path) -> TestVm {
             .unwrap();
         assert!(status.success());
         t.vm.add_disk(DiskConfig::scsi_hd("d0", &d0).format(Format::Qcow2))
+            .await
+            .unwrap();
+    }
+    if op == "commit" || op == "stream" {
+        t.vm.snapshot(SnapshotConfig::new().disk("d0", dir.join("d0.1.qcow2")))
             .await
             .unwrap();
     }
@@ -175,6 +230,9 @@ async fn assert_nothing_left(vm: &Vm, t: &TestVm, spec: &VmSpec, case: &str) {
         .iter()
         .map(|d| d.id.as_str())
         .chain(spec.cdroms.iter().map(|c| c.id.as_str()))
+        .chain(spec.memory_devices.iter().map(|m| m.id.as_str()))
+        .chain(spec.serial_ports.iter().map(|p| p.id.as_str()))
+        .chain(spec.rngs.iter().map(|r| r.id.as_str()))
         .collect();
     let chardevs = vm.client().execute(&QueryChardev).await.unwrap();
     let objects = vm
@@ -199,7 +257,7 @@ async fn assert_nothing_left(vm: &Vm, t: &TestVm, spec: &VmSpec, case: &str) {
 fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() {
     qhotplug_tests::serial_test(async {
         let mut released = Vec::new();
-        for op in OPERATIONS {
+        for op in DEVICE_OPERATIONS.into_iter().chain(DISK_OPERATIONS) {
             for step in 0.. {
                 let dir = tempfile::tempdir().unwrap();
                 let d = dir.path();
@@ -237,10 +295,21 @@ fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() 
                 match op {
                     "add_nic" => assert_eq!(spec.nics.len(), usize::from(finished), "{case}"),
                     "add_disk" => assert_eq!(has("d1"), finished, "{case}"),
+                    "add_memory" => {
+                        assert_eq!(spec.memory_devices.len(), usize::from(finished), "{case}")
+                    }
+                    "add_serial_port" => {
+                        assert_eq!(spec.serial_ports.len(), usize::from(finished), "{case}")
+                    }
+                    "add_rng" => assert_eq!(spec.rngs.len(), usize::from(finished), "{case}"),
                     "remove_disk" => assert_eq!(has("d0"), step == 0, "{case}"),
                     "snapshot" => {
                         let d0 = spec.disks.iter().find(|x| x.id == "d0").unwrap();
                         assert_eq!(d0.backing.is_empty(), !finished, "{case}");
+                    }
+                    "commit" | "stream" if finished => {
+                        let d0 = spec.disks.iter().find(|x| x.id == "d0").unwrap();
+                        assert!(d0.backing.is_empty(), "{case}: {d0:?}");
                     }
                     "mirror" if finished => {
                         let d0 = spec.disks.iter().find(|x| x.id == "d0").unwrap();
@@ -251,7 +320,14 @@ fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() 
                 // A file the operation made is the spec's, or removed, or reported released;
                 // but one made right before its `add-fd` (step 0 of a new image), which QEMU
                 // never saw: nothing names it.
-                let made = ["d0.1.qcow2", "d0.copy.qcow2", "d0.full.qcow2"].map(|f| d.join(f));
+                let made = match op {
+                    "snapshot" => Some("d0.1.qcow2"),
+                    "mirror" => Some("d0.copy.qcow2"),
+                    "backup" => Some("d0.full.qcow2"),
+                    "pull_backup" => Some("d0.scratch.qcow2"),
+                    _ => None,
+                };
+                let made = made.map(|f| d.join(f));
                 let used = spec.image_paths();
                 for file in made
                     .iter()

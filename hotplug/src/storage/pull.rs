@@ -221,6 +221,11 @@ async fn end(core: &Core, served: Vec<Served>, keep: bool) -> Result<Vec<Disk>> 
             steps.extend(s.undo_checkpoint.clone());
         }
     }
+    // The scratch files go from the host first: QEMU keeps its fds until the nodes are deleted,
+    // and a process that dies part-way through the teardown leaves no file behind.
+    for s in &served {
+        let _ = std::fs::remove_file(&s.scratch);
+    }
     let mut first_error = None;
     for step in steps {
         let span = tracing::debug_span!(crate::spans::STEP, name = step.command(), id = "pull");
@@ -231,7 +236,6 @@ async fn end(core: &Core, served: Vec<Served>, keep: bool) -> Result<Vec<Disk>> 
     }
     let mut disks = Vec::new();
     for s in served {
-        let _ = std::fs::remove_file(&s.scratch);
         if keep {
             core.state().update(s.after.clone().into());
         }
