@@ -188,8 +188,12 @@ pub fn backends(id: &str) -> Backends {
 /// (`qhotplug:<id>`), a block node (`<id>-file`, `<id>-fmt`, of any generation), a chardev
 /// (`<id>-chr`) or a QOM object (`<id>-mem`, `<id>-rng`, `<id>-secret`, `<id>-tls`, of any
 /// generation). How a process that attaches after another died finds what that one's unfinished
-/// hot-adds left (a NIC's netdev cannot be listed on every QEMU, so it is not here).
+/// hot-adds left (a NIC's netdev cannot be listed on every QEMU, so it is not here). A storage
+/// copy's TLS credentials ([`MIGRATION_TLS`]) are the migration's, no device's.
 pub fn owner_of(name: &str) -> Option<&str> {
+    if name == MIGRATION_TLS {
+        return None;
+    }
     if let Some(id) = name.strip_prefix("qhotplug:") {
         return Some(id).filter(|id| !id.is_empty());
     }
@@ -349,6 +353,7 @@ mod tests {
             "qhotplug-key-ab12",
             "d1-net",
             "d1-fmt.x",
+            MIGRATION_TLS,
         ] {
             assert_eq!(owner_of(name), None, "{name}");
         }
