@@ -1,6 +1,6 @@
 //! Devices: one value renders as launch arguments and as hotplug (QMP) arguments.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use qhotplug_netdev::MacAddr;
 use qhotplug_qmp::command::{BlockdevAdd, NetdevAdd};
@@ -372,6 +372,17 @@ impl Disk {
             DiskBackend::Network(source) => Some(source),
             _ => None,
         }
+    }
+
+    /// The host files the disk runs on: its image, then its chain's, nearest first; none for a
+    /// network disk (its `path` is a URI).
+    pub fn image_paths(&self) -> Vec<&Path> {
+        if self.network_source().is_some() {
+            return Vec::new();
+        }
+        std::iter::once(self.path.as_path())
+            .chain(self.backing.iter().map(|l| l.path.as_path()))
+            .collect()
     }
 
     /// `read-only` and the cache options, only where they differ from QEMU's defaults (all

@@ -162,13 +162,7 @@ impl VmSpec {
     /// Every host file the VM's devices run on: each disk's images (top first, then its chain)
     /// and each CD-ROM's ISO. A network disk's or medium's URI is not a file and is left out.
     pub fn image_paths(&self) -> Vec<&std::path::Path> {
-        let disks = self
-            .disks
-            .iter()
-            .filter(|d| !matches!(d.backend, crate::DiskBackend::Network(_)))
-            .flat_map(|d| {
-                std::iter::once(d.path.as_path()).chain(d.backing.iter().map(|l| l.path.as_path()))
-            });
+        let disks = self.disks.iter().flat_map(Disk::image_paths);
         let media = self
             .cdroms
             .iter()

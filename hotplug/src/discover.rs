@@ -74,15 +74,20 @@ pub(crate) async fn scan_peripherals(client: &Client) -> Result<Peripherals> {
         let (Some(bus), Some(addr)) = (bus.as_str(), addr.as_u64()) else {
             continue;
         };
-        if let Some(name) = bus.rsplit('/').next().filter(|n| !n.is_empty()) {
-            found.placements.push(Pci {
-                bus: name.to_owned(),
-                slot: u8::try_from(addr >> 3).unwrap_or(u8::MAX),
-                function: (addr & 7) as u8,
-            });
-        }
+        found.placements.extend(pci_at(bus, addr));
     }
     Ok(found)
+}
+
+/// The PCI address a device's QOM `parent_bus` (a path ending in the bus name) and `addr`
+/// (slot × 8 + function) say.
+pub(crate) fn pci_at(parent_bus: &str, addr: u64) -> Option<Pci> {
+    let bus = parent_bus.rsplit('/').next().filter(|n| !n.is_empty())?;
+    Some(Pci {
+        bus: bus.to_owned(),
+        slot: u8::try_from(addr >> 3).unwrap_or(u8::MAX),
+        function: (addr & 7) as u8,
+    })
 }
 
 /// The SDK's starting view of a VM: `spec` (what the caller knows), corrected and completed by

@@ -24,6 +24,7 @@ use qhotplug_qmp::command::{
 use qhotplug_qmp::{Client, EventKind};
 use serde_json::Value;
 
+use crate::discover::pci_at;
 use crate::error::Result;
 use crate::qemu::block::{named_block_node_infos, Blocks};
 use crate::qemu::fd_files::fd_files;
@@ -106,15 +107,14 @@ pub(crate) async fn read_spec(client: &Client, pid: Option<u32>) -> Result<ReadS
     };
     let files = FdFiles::read(client, pid).await?;
     let memory = client.execute(&QueryMemoryDevices).await?;
-    let devices = read.qom.children(names::PERIPHERAL).await?;
-    for (id, driver) in devices {
-        let found = Found {
-            chardevs: &chardevs,
-            blocks: &blocks,
-            nodes: &nodes,
-            files: &files,
-            memory: &memory,
-        };
+    let found = Found {
+        chardevs: &chardevs,
+        blocks: &blocks,
+        nodes: &nodes,
+        files: &files,
+        memory: &memory,
+    };
+    for (id, driver) in read.qom.children(names::PERIPHERAL).await? {
         read.device(&id, &driver, &found).await?;
     }
     let mut spec = read.spec;
@@ -142,8 +142,9 @@ async fn dismiss_orphaned_concluded(client: &Client) -> Result<()> {
         .into_iter()
         .filter(|j| j.status == "concluded" && names::is_sdk_job(&j.id))
         .collect();
+    // One wait for them all: a live caller dismisses its job at once.
+    let deadline = tokio::time::Instant::now() + CONCLUDED_DISMISSED;
     for job in concluded {
-        let deadline = tokio::time::Instant::now() + CONCLUDED_DISMISSED;
         let gone = events
             .wait_for(deadline, |e| {
                 matches!(e, EventKind::JobStatusChange(c) if c.id == job.id && c.status == "null")
@@ -359,7 +360,7 @@ impl Reader<'_> {
                         .push(foreign("a MAC address that does not parse"));
                     return Ok(());
                 };
-                let vectors = qom.get(&path, "vectors").await?.and_then(|v| v.as_u64());
+                let vectors = qom.number(&path, "vectors").await?;
                 let mq = qom.get(&path, "mq").await?.and_then(|v| v.as_bool()) == Some(true);
                 let queues = match (mq, vectors) {
                     (true, Some(v)) if v >= 4 => ((v - 2) / 2) as u16,
@@ -388,7 +389,7 @@ impl Reader<'_> {
                     "virtio-balloon-pci" => spec.balloon = Some(Balloon { id, pci }),
                     "virtio-serial-pci" => spec.virtio_serials.push(VirtioSerial { id, pci }),
                     _ => {
-                        let chassis = qom.get(&path, "chassis").await?.and_then(|v| v.as_u64());
+                        let chassis = qom.number(&path, "chassis").await?;
                         spec.root_ports.push(RootPort {
                             id,
                             chassis: chassis.unwrap_or(0) as u8,
@@ -421,19 +422,9 @@ impl Reader<'_> {
                     return Ok(());
                 };
                 let qom = &self.qom;
-                let number = |property: &'static str| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, crate::Error>(
-                            qom.get(&path, property)
-                                .await?
-                                .and_then(|v| v.as_u64())
-                                .and_then(|n| u16::try_from(n).ok()),
-                        )
-                    }
-                };
+                let number = |n: Option<u64>| n.and_then(|n| u16::try_from(n).ok());
                 if driver == "vhost-user-blk-pci" {
-                    let num_queues = number("num-queues").await?;
+                    let num_queues = number(qom.number(&path, "num-queues").await?);
                     self.spec.vhost_user_blks.push(VhostUserBlk {
                         id: id.to_owned(),
                         socket,
@@ -443,7 +434,8 @@ impl Reader<'_> {
                 } else {
                     let tag = qom.string(&path, "tag").await?.unwrap_or_default();
                     // QEMU's default, which the SDK leaves unsaid.
-                    let queue_size = number("queue-size").await?.filter(|&n| n != 128);
+                    let queue_size =
+                        number(qom.number(&path, "queue-size").await?).filter(|&n| n != 128);
                     self.spec.virtio_fs.push(VirtioFs {
                         id: id.to_owned(),
                         socket,
@@ -853,27 +845,24 @@ impl Qom<'_> {
             .filter(|b| !b.is_empty()))
     }
 
+    /// A number property of the object at `path`.
+    async fn number(&self, path: &str, property: &str) -> Result<Option<u64>> {
+        Ok(self.get(path, property).await?.and_then(|v| v.as_u64()))
+    }
+
     /// The PCI address of the device at `path`.
     async fn pci(&self, path: &str) -> Result<Option<Pci>> {
-        let bus = self.bus(path).await?;
-        let addr = self.get(path, "addr").await?.and_then(|a| a.as_i64());
-        Ok(match (bus, addr) {
-            (Some(bus), Some(addr)) if addr >= 0 => Some(Pci {
-                bus,
-                slot: (addr >> 3) as u8,
-                function: (addr & 7) as u8,
-            }),
-            _ => None,
-        })
+        let bus = self.string(path, "parent_bus").await?;
+        let addr = self.number(path, "addr").await?;
+        Ok(bus.zip(addr).and_then(|(bus, addr)| pci_at(&bus, addr)))
     }
 
     /// The SCSI address of the device at `path`.
     async fn scsi(&self, path: &str) -> Result<Option<ScsiAddr>> {
         let bus = self.bus(path).await?;
-        let number = |v: Option<Value>| v.and_then(|v| v.as_u64());
-        let channel = number(self.get(path, "channel").await?);
-        let scsi_id = number(self.get(path, "scsi-id").await?);
-        let lun = number(self.get(path, "lun").await?);
+        let channel = self.number(path, "channel").await?;
+        let scsi_id = self.number(path, "scsi-id").await?;
+        let lun = self.number(path, "lun").await?;
         Ok(match (bus, channel, scsi_id, lun) {
             (Some(bus), Some(channel), Some(scsi_id), Some(lun)) => Some(ScsiAddr {
                 bus,
@@ -888,7 +877,7 @@ impl Qom<'_> {
     /// The IDE address of the device at `path`.
     async fn ide(&self, path: &str) -> Result<Option<IdeAddr>> {
         let bus = self.bus(path).await?;
-        let unit = self.get(path, "unit").await?.and_then(|v| v.as_u64());
+        let unit = self.number(path, "unit").await?;
         Ok(match (bus, unit) {
             (Some(bus), Some(unit)) => Some(IdeAddr {
                 bus,
@@ -918,11 +907,7 @@ impl Qom<'_> {
         Ok(MemoryBackend {
             id: id.to_owned(),
             kind,
-            size: self
-                .get(&path, "size")
-                .await?
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0),
+            size: self.number(&path, "size").await?.unwrap_or(0),
             share: flag(self.get(&path, "share").await?),
             hugepages,
         })

@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
-use qhotplug_cmdline::{names, DiskBackend};
+use qhotplug_cmdline::names;
 use qhotplug_qmp::command::{
     QomList, QueryChardev, QueryFdsets, QueryJobs, QueryPci, QueryStatus, SetLink,
 };
@@ -18,7 +18,7 @@ use crate::kinds::{Device, DeviceKind};
 use crate::qemu::block::Blocks;
 use crate::qemu::delete::{Delete, Outcome};
 use crate::qemu::errors as qemu_errors;
-use crate::qemu::fd_files::{fd_files, FdFile};
+use crate::qemu::fd_files::{files_of, FdFile};
 use crate::state::{Entry, State};
 use crate::vm_core::Core;
 
@@ -85,8 +85,7 @@ pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
     // QEMU lists no node while one waits concluded).
     end_orphaned_storage(core, start, &mut report).await?;
     let seen = Seen::read(&core.client).await?;
-    let pid = core.launched_pid().or_else(|| core.client.peer_pid());
-    let held = fd_files(&core.client, pid).await?;
+    let held = files_of(&seen.fdsets, core.qemu_pid());
     let judged = judge(core, &seen, start, &mut report);
     clean_up(core, &seen, &judged, &mut report).await;
     report.files_released = released(core, held).await?;
@@ -297,8 +296,9 @@ async fn released(core: &Core, held: Vec<FdFile>) -> Result<Vec<std::path::PathB
         .into_iter()
         .map(|s| s.fdset_id)
         .collect();
-    let spec = core.state().spec().clone();
-    let used: HashSet<std::path::PathBuf> = spec
+    let used: HashSet<std::path::PathBuf> = core
+        .state()
+        .spec()
         .image_paths()
         .into_iter()
         .filter_map(|p| p.canonicalize().ok())
@@ -431,10 +431,7 @@ fn kept_nodes(state: &State, start: u64) -> Vec<Kept> {
         .map(|d| {
             let mut keep = d.node_names();
             keep.extend([names::secret(&d.id), names::tls_creds(&d.id)]);
-            let images = match d.backend {
-                DiskBackend::Network(_) => 0,
-                _ => 1 + d.backing.len(),
-            };
+            let images = d.image_paths().len();
             Kept {
                 id: d.id.clone(),
                 nodes: keep,

@@ -169,8 +169,9 @@ impl Vm {
     /// A value QEMU chose where the launch left it to QEMU (a vCPU topology, a vhost-user disk's
     /// queues) is read back as QEMU has it. One thing is changed, not read: a job of the SDK's
     /// a dead process left concluded is dismissed after a second (QEMU lists no block node beside
-    /// a concluded job; what the job did is in QEMU's graph, read next). Run [`Vm::reconcile`] next, as after any restart: it deletes what
-    /// a dead process's unfinished hot-adds left, found by the SDK's names.
+    /// a concluded job; what the job did is in QEMU's graph, read next). Run [`Vm::reconcile`]
+    /// next, as after any restart: it deletes what a dead process's unfinished hot-adds left,
+    /// found by the SDK's names.
     pub async fn attach_without_spec(client: Client) -> Result<(Vm, Vec<Unreadable>)> {
         Self::attach_reading(client, None).await
     }

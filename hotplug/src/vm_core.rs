@@ -211,6 +211,12 @@ impl Core {
         process.as_ref().map(QemuProcess::pid)
     }
 
+    /// QEMU's process id: ours if the SDK launched or adopted it, else the monitor socket's
+    /// peer; `None` when neither is known.
+    pub(crate) fn qemu_pid(&self) -> Option<u32> {
+        self.launched_pid().or_else(|| self.client.peer_pid())
+    }
+
     /// Checks, from QEMU's own schema (read once per connection), that it has every command in
     /// `needed`; the error names the first one missing.
     pub(crate) async fn require(&self, operation: &'static str, needed: &[&str]) -> Result<()> {

@@ -1,14 +1,14 @@
 //! `cargo bench -p qhotplug-tests --bench mirror`
 //!
-//! A drive mirror of a 1 GiB raw image full of data, pivoted, driven by the SDK
-//! (`Vm::mirror_disk`, `wait_ready`, `pivot`) beside the floor: a raw blocking monitor on the same
-//! QEMU's second monitor sending the same commands for a second disk of the same size (the target
-//! file made and opened, `add-fd`, `blockdev-add` ×2, `blockdev-mirror` with
-//! `auto-dismiss: false`, `JOB_STATUS_CHANGE` `ready`, `job-complete`, `concluded`,
-//! `job-dismiss`, `blockdev-del` ×2 of the old image, its fd set removed as the SDK's sweep
-//! does: `query-fdsets`, `query-named-block-nodes`, `remove-fd`). Both are timed from the first command to the
-//! old image's nodes gone; rounds alternate, each copying 1 GiB onto a new file. Then, for scale,
-//! the same 1 GiB copied by `qemu-img convert` and by `dd` in the same place. The images live in
+//! A drive mirror of a 1 GiB raw image full of data, pivoted, driven by the SDK (`Vm::mirror_disk`,
+//! `wait_ready`, `pivot`) beside the floor: a raw blocking monitor on the same QEMU's second
+//! monitor sending the same commands for a second disk of the same size (the target file made and
+//! opened, `add-fd`, `blockdev-add` ×2, `blockdev-mirror` with `auto-dismiss: false`,
+//! `JOB_STATUS_CHANGE` `ready`, `job-complete`, `concluded`, `job-dismiss`, `blockdev-del` ×2 of
+//! the old image, its fd set removed as the SDK's sweep does: `query-fdsets`,
+//! `query-named-block-nodes`, `remove-fd`). Both are timed from the first command to the old
+//! image's nodes gone; rounds alternate, each copying 1 GiB onto a new file. Then, for scale, the
+//! same 1 GiB copied by `qemu-img convert` and by `dd` in the same place. The images live in
 //! `/dev/shm`: on the host disk, its writeback of earlier rounds swamps the difference compared.
 //!
 //! Prints each round and, last, `ratio_wall=…` (floor time / SDK time, the median of per-pair

@@ -1,7 +1,8 @@
-//! Storage servers the network-disk tests start and stop: `qemu-nbd` exporting a file over a
-//! Unix socket or loopback TCP, and `tgtd` (Debian's `tgt`) serving a file as an iSCSI LUN, with
-//! or without CHAP; and the vhost-user backends (a storage daemon's export, virtiofsd). Each is a child process, killed on drop; each waits until its server answers
-//! (a connect, by a deadline), never a sleep.
+//! Storage servers the network-disk tests start and stop: `qemu-nbd` exporting a file over a Unix
+//! socket or loopback TCP, and `tgtd` (Debian's `tgt`) serving a file as an iSCSI LUN, with or
+//! without CHAP; and the vhost-user backends (a storage daemon's export, virtiofsd). Each is a
+//! child process, killed on drop; each waits until its server answers (a connect, by a deadline),
+//! never a sleep.
 
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;

@@ -23,6 +23,28 @@ pub fn data_image(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
     path
 }
 
+/// A new, empty qcow2 image at `path` (`qemu-img create`): of `mib` MiB, or, on `backing` (an
+/// image and its format), of the backing image's size when `mib` is `None`.
+pub fn new_qcow2(
+    path: impl Into<PathBuf>,
+    mib: Option<u64>,
+    backing: Option<(&Path, &str)>,
+) -> PathBuf {
+    let path = path.into();
+    let mut command = std::process::Command::new("qemu-img");
+    command.args(["create", "-q", "-f", "qcow2"]);
+    if let Some((image, format)) = backing {
+        command.args(["-F", format, "-b"]).arg(image);
+    }
+    command.arg(&path);
+    if let Some(mib) = mib {
+        command.arg(format!("{mib}M"));
+    }
+    let status = command.status().expect("run qemu-img");
+    assert!(status.success(), "qemu-img create {}", path.display());
+    path
+}
+
 /// A qcow2 image of `mib` MiB of data (seeded as [`data_image`]), made by `qemu-img convert`.
 pub fn qcow2_data_image(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
     let raw = data_image(dir, &format!("{name}.raw"), mib, seed);

@@ -16,6 +16,7 @@ use qhotplug_cmdline::{Disk, DiskFrontend, ErrorPolicy};
 use qhotplug_netdev::TapBuilder;
 use qhotplug_qmp::command::{FdsetInfo, QueryFdsets};
 use qhotplug_tests::servers::vhost_user_backends;
+use qhotplug_tests::storage::new_qcow2;
 use qhotplug_tests::{image, iso, pc_spec, q35_spec, second_monitor, TestVm};
 
 const DONE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -44,27 +45,8 @@ fn launch_spec(machine: Machine, dir: &Path) -> VmSpec {
         password: None,
     });
     spec.usb_tablet = true;
-    let base = dir.join("boot-base.qcow2");
-    let top = dir.join("boot.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        &base.to_string_lossy(),
-        "16M",
-    ]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-F",
-        "qcow2",
-        "-b",
-        &base.to_string_lossy(),
-        &top.to_string_lossy(),
-    ]);
+    let base = new_qcow2(dir.join("boot-base.qcow2"), Some(16), None);
+    let top = new_qcow2(dir.join("boot.qcow2"), None, Some((&base, "qcow2")));
     let mut disk = Disk::new(
         "boot0",
         &top,
@@ -87,14 +69,6 @@ fn launch_spec(machine: Machine, dir: &Path) -> VmSpec {
     spec
 }
 
-fn qemu_img(args: &[&str]) {
-    let status = std::process::Command::new("qemu-img")
-        .args(args)
-        .status()
-        .unwrap();
-    assert!(status.success(), "qemu-img {args:?}");
-}
-
 /// Every kind the SDK plugs, hot-added, and the live changes and storage operations that show
 /// in a spec.
 async fn change_everything(t: &TestVm, dir: &Path) -> (StorageDaemon, qhotplug::QemuProcess) {
@@ -112,8 +86,7 @@ async fn change_everything(t: &TestVm, dir: &Path) -> (StorageDaemon, qhotplug::
     )
     .await
     .unwrap();
-    let d2 = dir.join("d2.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", &d2.to_string_lossy(), "16M"]);
+    let d2 = new_qcow2(dir.join("d2.qcow2"), Some(16), None);
     vm.add_disk(DiskConfig::scsi_hd("d2", &d2).format(Format::Qcow2))
         .await
         .unwrap();

@@ -14,24 +14,11 @@ use qhotplug::{
     BackupConfig, CheckpointProblem, CheckpointState, DiskConfig, Error, Format, NbdServer,
     PullConfig, VmSpec,
 };
-use qhotplug_tests::storage::{guest_view_md5, own_data, qemu_img_map, SmallFs};
+use qhotplug_tests::storage::{guest_view_md5, new_qcow2, own_data, qemu_img_map, SmallFs};
 use qhotplug_tests::{pc_spec, Guest, Snapshot};
 
 const SEEN: Duration = Duration::from_secs(90);
 const MIB: u64 = 1 << 20;
-
-/// A new, empty 32 MiB qcow2 image.
-fn qcow2(dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(name);
-    let status = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&path)
-        .arg("32M")
-        .status()
-        .unwrap();
-    assert!(status.success());
-    path
-}
 
 /// Boots a guest from `spec` and hot-adds `image` (qcow2) as virtio-blk disk `d1` unless the spec
 /// has it; returns the guest and its name for the disk.
@@ -53,7 +40,7 @@ async fn with_disk(spec: VmSpec, image: &Path) -> (Guest, String) {
 /// `dir/full.qcow2` with checkpoint `c1`: the guest, its name for the disk, the backup, and the
 /// guest's `md5sum` of the disk at the backup.
 async fn backed_up_once(dir: &Path) -> (Guest, String, PathBuf, String) {
-    let image = qcow2(dir, "d1.qcow2");
+    let image = new_qcow2(dir.join("d1.qcow2"), Some(32), None);
     let (g, dev) = with_disk(pc_spec(), &image).await;
     let at_full = write_mib(&g, &dev, 1).await;
     let full = dir.join("full.qcow2");
@@ -357,7 +344,7 @@ fn a_pull_backup_serves_the_disk_as_it_was_while_the_guest_overwrites_it() {
     qhotplug_tests::serial_test(async {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let image = qcow2(d, "d1.qcow2");
+        let image = new_qcow2(d.join("d1.qcow2"), Some(32), None);
         let out = d.join("read.raw");
         let (g, dev) = with_disk(pc_spec(), &image).await;
         let before = Snapshot::take(&g.vm).await;

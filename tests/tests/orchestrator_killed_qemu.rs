@@ -17,6 +17,7 @@ use qhotplug::{
 };
 use qhotplug_cmdline::{names, Cdrom, IdeAddr};
 use qhotplug_qmp::command::{QomList, QueryChardev};
+use qhotplug_tests::storage::new_qcow2;
 use qhotplug_tests::timing::AtStep;
 use qhotplug_tests::{fdset_files, image, iso, pc_spec, second_monitor, TestVm};
 
@@ -158,14 +159,7 @@ async fn vm_for(op: &str, dir: &Path) -> TestVm {
     second_monitor(&mut spec, &dir.join("mon2.sock"));
     let t = TestVm::running(spec).await;
     if DISK_OPERATIONS.contains(&op) {
-        let d0 = dir.join("d0.qcow2");
-        let status = Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&d0)
-            .arg("4M")
-            .status()
-            .unwrap();
-        assert!(status.success());
+        let d0 = new_qcow2(dir.join("d0.qcow2"), Some(4), None);
         t.vm.add_disk(DiskConfig::scsi_hd("d0", &d0).format(Format::Qcow2))
             .await
             .unwrap();

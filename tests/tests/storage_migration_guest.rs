@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use qhotplug::{DiskConfig, MigrationOptions, NbdServer, Serial, StorageCopy, Transport, Vm};
 use qhotplug_qmp::command::QueryJobs;
-use qhotplug_tests::storage::{data_image, md5};
+use qhotplug_tests::storage::{data_image, md5, new_qcow2};
 use qhotplug_tests::{pc_spec, Console, Guest, Snapshot};
 
 const SEEN: Duration = Duration::from_secs(90);
@@ -235,17 +235,6 @@ fn the_copy_runs_over_tls() {
     });
 }
 
-/// `qemu-img create -f qcow2` of an overlay of `size` bytes on raw `template`.
-fn overlay(path: &Path, template: &Path) {
-    let status = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(template)
-        .arg(path)
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[test]
 fn a_shallow_copy_moves_only_the_top_image_onto_the_targets_own_overlay_of_the_template() {
     qhotplug_tests::serial_test(async {
@@ -253,8 +242,8 @@ fn a_shallow_copy_moves_only_the_top_image_onto_the_targets_own_overlay_of_the_t
         let d = dir.path();
         let template = data_image(d, "template.raw", 16, 3);
         let (src, dst) = (d.join("d1.qcow2"), d.join("d1.target.qcow2"));
-        overlay(&src, &template);
-        overlay(&dst, &template);
+        new_qcow2(&src, None, Some((&template, "raw")));
+        new_qcow2(&dst, None, Some((&template, "raw")));
         let g = Guest::boot(pc_spec(), |l| l).await;
         let mark = g.console.mark();
         let disk = DiskConfig::virtio_blk("d1", &src).format(qhotplug::Format::Qcow2);

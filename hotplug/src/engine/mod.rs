@@ -113,14 +113,14 @@ async fn with_secrets<H: Hold>(
     Ok((backends, new.then_some(key)))
 }
 
-/// Creates `backends` in order, each with its undo recorded in `txn`, then lets go of the fd set
-/// they were opened from (QEMU holds its own dup once the nodes are open) unless it is to be
-/// kept: then returns it.
+/// Creates `backends` in order, each with its undo recorded in `txn`. An image's fd set stays
+/// while its nodes are open (QEMU's fd table then names the file); whatever deletes the nodes
+/// removes it.
 pub(crate) async fn run_backends<H: Hold>(
     client: &Client,
     txn: &mut Transaction<H>,
     backends: Vec<Backend>,
-) -> Result<Option<i64>> {
+) -> Result<()> {
     let mut fdset = None;
     for backend in backends {
         match backend {
@@ -163,8 +163,7 @@ pub(crate) async fn run_backends<H: Hold>(
             }
         }
     }
-    // The image's set stays while its nodes are open: QEMU's fd table then names the file.
-    Ok(fdset)
+    Ok(())
 }
 
 /// Hot-removes device `id`, which must be of `kind`: waits for the guest to let it go, then

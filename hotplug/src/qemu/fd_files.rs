@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use qhotplug_qmp::command::QueryFdsets;
+use qhotplug_qmp::command::{FdsetInfo, QueryFdsets};
 use qhotplug_qmp::Client;
 
 use crate::error::Result;
@@ -21,21 +21,26 @@ pub(crate) struct FdFile {
 
 /// Every fd in QEMU's fd sets whose file QEMU's process `pid` lets us read; none without a pid.
 pub(crate) async fn fd_files(client: &Client, pid: Option<u32>) -> Result<Vec<FdFile>> {
-    let Some(pid) = pid else {
+    if pid.is_none() {
         return Ok(Vec::new());
+    }
+    Ok(files_of(&client.execute(&QueryFdsets).await?, pid))
+}
+
+/// The files behind the fds of `sets` (a `query-fdsets` already made), as [`fd_files`] reads them.
+pub(crate) fn files_of(sets: &[FdsetInfo], pid: Option<u32>) -> Vec<FdFile> {
+    let Some(pid) = pid else {
+        return Vec::new();
     };
-    Ok(client
-        .execute(&QueryFdsets)
-        .await?
-        .into_iter()
-        .flat_map(|set| set.fds.into_iter().map(move |fd| (set.fdset_id, fd)))
+    sets.iter()
+        .flat_map(|set| set.fds.iter().map(move |fd| (set.fdset_id, fd)))
         .filter_map(|(set, fd)| {
             let path = std::fs::read_link(format!("/proc/{pid}/fd/{}", fd.fd)).ok()?;
             Some(FdFile {
                 set,
-                tag: fd.opaque,
+                tag: fd.opaque.clone(),
                 path,
             })
         })
-        .collect())
+        .collect()
 }

@@ -163,8 +163,9 @@ fn origin_of<'a>(id: &str, disks: &'a [Disk]) -> Option<(&'a Disk, Option<JobOri
 /// chain (every image's fd stays in its set while its nodes are open), and its format (qcow2 by
 /// its magic, else raw). `None` when there is not exactly one such file.
 async fn mirror_target(core: &Core, disk: &Disk) -> Result<Option<(PathBuf, Format)>> {
-    let chain: Vec<PathBuf> = std::iter::once(&disk.path)
-        .chain(disk.backing.iter().map(|l| &l.path))
+    let chain: Vec<PathBuf> = disk
+        .image_paths()
+        .into_iter()
         .filter_map(|p| p.canonicalize().ok())
         .collect();
     let mut targets = held_files(core, &disk.id).await?;
@@ -179,9 +180,8 @@ async fn mirror_target(core: &Core, disk: &Disk) -> Result<Option<(PathBuf, Form
 /// The files behind the fds in disk `id`'s fd sets (`/proc/<qemu>/fd`). Empty when QEMU's
 /// process is not known: it is ours if the SDK launched it, else the monitor socket's peer.
 async fn held_files(core: &Core, id: &str) -> Result<Vec<PathBuf>> {
-    let pid = core.launched_pid().or_else(|| core.client.peer_pid());
     let tag = names::fdset_tag(id);
-    Ok(fd_files(&core.client, pid)
+    Ok(fd_files(&core.client, core.qemu_pid())
         .await?
         .into_iter()
         .filter(|f| f.tag.as_ref() == Some(&tag))
