@@ -290,11 +290,16 @@ async fn serve(
     };
     let read_task = async {
         let mut buf = Vec::new();
-        let mut fds: VecDeque<OwnedFd> = VecDeque::new();
+        // Each fd with the stream offset of the request it came with.
+        let mut fds: VecDeque<(usize, OwnedFd)> = VecDeque::new();
+        // The stream offset of `buf`'s first byte.
+        let mut consumed = 0usize;
         let mut chunk = [0u8; 4096];
         loop {
             while let Some(end) = buf.iter().position(|&b| b == b'\n') {
+                let start = consumed;
                 let line: Vec<u8> = buf.drain(..=end).collect();
+                consumed += line.len();
                 let request: Value = match serde_json::from_slice(&line) {
                     Ok(v) => v,
                     Err(e) => {
@@ -303,9 +308,15 @@ async fn serve(
                         continue;
                     }
                 };
-                // An fd belongs to the request whose bytes it came with: requests are read in
-                // order, and a client sends one fd command at a time.
-                let fd = fds.pop_front();
+                // An fd belongs to the request whose bytes it came with, not to one read before
+                // it in the same chunk (other callers' commands go out between fd commands).
+                while fds.front().is_some_and(|(at, _)| *at < start) {
+                    fds.pop_front();
+                }
+                let fd = match fds.front() {
+                    Some((at, _)) if *at == start => fds.pop_front().map(|(_, fd)| fd),
+                    _ => None,
+                };
                 let handled = lock().handle(&request, fd, &writer);
                 if let Some((id, after)) = handled {
                     // A guest that takes its time: the device goes, and the event is sent, later.
@@ -329,8 +340,15 @@ async fn serve(
             match read {
                 Ok(0) => return,
                 Ok(n) => {
+                    // The kernel ends a read after the bytes that carried fds, and a client sends
+                    // a request with its fd in one `sendmsg`: the fds belong to the last request
+                    // that starts in this read.
                     buf.extend_from_slice(&chunk[..n]);
-                    fds.extend(got);
+                    if !got.is_empty() {
+                        let body = &buf[..buf.len().saturating_sub(1)];
+                        let last = body.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                        fds.extend(got.into_iter().map(|fd| (consumed + last, fd)));
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return,
