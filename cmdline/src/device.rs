@@ -31,6 +31,19 @@ impl Pci {
         }
     }
 
+    /// No address yet: the SDK gives one (a free slot at launch, in
+    /// [`VmSpec::assign_addresses`](crate::VmSpec::assign_addresses), and at hot-add), and the
+    /// spec it returns says which. A desired spec's `auto` address matches any
+    /// (`qhotplug::Vm::plan`).
+    pub fn auto() -> Self {
+        Pci::new("", 0)
+    }
+
+    /// True for [`Pci::auto`]: an address the SDK is still to give.
+    pub fn is_auto(&self) -> bool {
+        self.bus.is_empty()
+    }
+
     /// The `addr` property: `0x9`, or `0x9.0x1` for a function other than 0.
     pub fn addr(&self) -> String {
         if self.function == 0 {
@@ -76,6 +89,23 @@ pub struct ScsiAddr {
 }
 
 impl ScsiAddr {
+    /// No address yet: the SDK gives a free target (on the first SCSI controller at launch, in
+    /// [`VmSpec::assign_addresses`](crate::VmSpec::assign_addresses); on any at hot-add), and the
+    /// spec it returns says which. A desired spec's `auto` address matches any.
+    pub fn auto() -> Self {
+        ScsiAddr {
+            bus: String::new(),
+            channel: 0,
+            scsi_id: 0,
+            lun: 0,
+        }
+    }
+
+    /// True for [`ScsiAddr::auto`]: an address the SDK is still to give.
+    pub fn is_auto(&self) -> bool {
+        self.bus.is_empty()
+    }
+
     pub(crate) fn props(&self) -> Props {
         vec![
             p("bus", self.bus.clone()),

@@ -217,9 +217,11 @@ impl Launcher {
         self
     }
 
-    /// Validates the spec, starts QEMU, and returns the connected client and the process guard.
-    /// When QEMU exits during start-up, the error carries what it wrote to stderr.
+    /// Gives every device without an address one ([`VmSpec::assign_addresses`]), validates the
+    /// spec, starts QEMU, and returns the connected client and the process guard. When QEMU exits
+    /// during start-up, the error carries what it wrote to stderr.
     pub async fn launch(mut self) -> Result<(Client, QemuProcess)> {
+        self.spec.assign_addresses()?;
         self.spec.validate()?;
         std::fs::create_dir_all(&self.dir)?;
         let (qmp_path, listener, chardev) = self.monitor_fd()?;

@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+mod addresses;
 mod cdrom;
 mod chardev;
 mod cpu;

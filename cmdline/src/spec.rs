@@ -541,9 +541,10 @@ impl Claims {
         Ok(())
     }
 
-    /// Device `id` takes PCI address `at`, which must be free.
+    /// Device `id` takes PCI address `at`, which must be free (an address still to give takes
+    /// none).
     fn pci(&mut self, id: &str, at: &crate::device::Pci) -> Result<()> {
-        if !self.pci.insert(at.clone()) {
+        if !at.is_auto() && !self.pci.insert(at.clone()) {
             return Err(Error::InvalidSpec(format!("{id}: PCI address taken")));
         }
         Ok(())
@@ -551,6 +552,9 @@ impl Claims {
 
     /// Device `id` takes SCSI address `at`, on a controller of the spec, which must be free.
     fn scsi(&mut self, id: &str, at: &crate::device::ScsiAddr) -> Result<()> {
+        if at.is_auto() {
+            return Ok(());
+        }
         if !self.scsi_buses.contains(&at.bus) {
             return Err(Error::InvalidSpec(format!(
                 "{id}: no SCSI controller with bus {}",
