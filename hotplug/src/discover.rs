@@ -1,12 +1,13 @@
 //! Learning a VM's layout from QEMU when the SDK attaches, and again when it reconciles: the
 //! machine type, the PCI buses and occupied slots (`query-pci`, and each device's QOM
 //! `parent_bus` and `addr`, which also covers what sits behind q35 root ports before the firmware
-//! has numbered their buses), the virtio-scsi controllers, and the ids of the devices QEMU has.
+//! has numbered their buses), the virtio-scsi controllers (added to the spec where the caller's
+//! did not name them), and the ids of the devices QEMU has.
 
 use std::collections::HashSet;
 
 use qhotplug_cmdline::names;
-use qhotplug_cmdline::{Machine, Pci, VmSpec};
+use qhotplug_cmdline::{Machine, Pci, ScsiController, VmSpec};
 use qhotplug_qmp::command::{QomGet, QomList, QueryPci};
 use qhotplug_qmp::Client;
 
@@ -20,6 +21,8 @@ pub(crate) struct Peripherals {
     pub(crate) ids: HashSet<String>,
     /// The buses of the virtio-scsi controllers (`<id>.0`).
     pub(crate) scsi_buses: Vec<String>,
+    /// The virtio-scsi controllers whose place QOM gave.
+    pub(crate) scsi_controllers: Vec<ScsiController>,
     /// Where every PCI device sits: each device's `parent_bus` (a path ending in the bus name) and
     /// `addr` (slot × 8 + function). Unlike `query-pci`, this does not depend on the firmware having
     /// numbered the buses, so it sees what sits behind q35 root ports on a VM that has not run yet.
@@ -30,9 +33,11 @@ pub(crate) async fn scan_peripherals(client: &Client) -> Result<Peripherals> {
     let mut found = Peripherals {
         ids: HashSet::new(),
         scsi_buses: Vec::new(),
+        scsi_controllers: Vec::new(),
         placements: Vec::new(),
     };
     let mut paths = Vec::new();
+    let mut controllers = HashSet::new();
     for container in [names::PERIPHERAL, names::PERIPHERAL_ANON] {
         let children = client
             .execute(&QomList {
@@ -46,6 +51,7 @@ pub(crate) async fn scan_peripherals(client: &Client) -> Result<Peripherals> {
             if container == names::PERIPHERAL {
                 if kind == "virtio-scsi-pci" {
                     found.scsi_buses.push(names::controller_bus(&child.name));
+                    controllers.insert(child.name.clone());
                 }
                 found.ids.insert(child.name.clone());
             }
@@ -66,7 +72,7 @@ pub(crate) async fn scan_peripherals(client: &Client) -> Result<Peripherals> {
             .map(|path| futures::future::join(get(path, "parent_bus"), get(path, "addr"))),
     )
     .await;
-    for (bus, addr) in places {
+    for (path, (bus, addr)) in paths.iter().zip(places) {
         // Not a PCI device (no `addr`), or one going away right now: nothing to mark.
         let (Ok(bus), Ok(addr)) = (bus, addr) else {
             continue;
@@ -74,7 +80,18 @@ pub(crate) async fn scan_peripherals(client: &Client) -> Result<Peripherals> {
         let (Some(bus), Some(addr)) = (bus.as_str(), addr.as_u64()) else {
             continue;
         };
-        found.placements.extend(pci_at(bus, addr));
+        let Some(pci) = pci_at(bus, addr) else {
+            continue;
+        };
+        if let Some(id) = path.strip_prefix(&format!("{}/", names::PERIPHERAL)) {
+            if controllers.contains(id) {
+                found.scsi_controllers.push(ScsiController {
+                    id: id.to_owned(),
+                    pci: pci.clone(),
+                });
+            }
+        }
+        found.placements.push(pci);
     }
     Ok(found)
 }
@@ -114,6 +131,12 @@ pub(crate) async fn discover(client: &Client, mut spec: VmSpec) -> Result<State>
     let found = scan_peripherals(client).await?;
     for placed in &found.placements {
         pci.mark(placed);
+    }
+    // A controller QEMU has is in the view, whether or not the caller's spec named it.
+    for c in found.scsi_controllers {
+        if !spec.scsi_controllers.iter().any(|x| x.id == c.id) {
+            spec.scsi_controllers.push(c);
+        }
     }
     let mut scsi = ScsiMap::default();
     for bus in spec
