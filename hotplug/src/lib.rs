@@ -85,6 +85,7 @@
 //! | `qga` | `command`, `id` (the request id the agent echoes) | one guest agent command, or a resynchronisation (`guest-sync-delimited`) (from `qhotplug-qga`) |
 
 mod cpus;
+mod desired;
 mod device_kind;
 mod discover;
 mod engine;
@@ -105,11 +106,13 @@ mod slots;
 pub mod spans;
 mod state;
 mod storage;
+mod unreadable;
 mod virtio_devices;
 mod vm;
 mod vm_core;
 
 pub use cpus::VcpuChange;
+pub use desired::{Applied, Change, Desired, Outcome, Plan, Restart, Step, DEFAULT_CONCURRENCY};
 pub use device_kind::DeviceKind;
 pub use error::{CheckpointProblem, Error, MigrationFailure, Result, UndoFailure};
 pub use guest_agent::{GuestAgent, DEFAULT_AGENT_TIMEOUT};
@@ -128,7 +131,6 @@ pub use migration::storage_copy::StorageCopy;
 pub use onlining::Onlined;
 pub use qemu::errors as qemu_errors;
 pub use qemu::unplug::{UnplugPolicy, DEFAULT_UNPLUG_DEADLINE};
-pub use read_spec::Unreadable;
 pub use reconcile::Reconciled;
 pub use storage::backup::{Backup, BackupConfig};
 pub use storage::block_job::BlockJob;
@@ -138,6 +140,7 @@ pub use storage::found_job::JobOrigin;
 pub use storage::mirror::{MirrorConfig, MirrorSync};
 pub use storage::pull::{PullBackup, PullConfig};
 pub use storage::snapshot::SnapshotConfig;
+pub use unreadable::Unreadable;
 pub use vm::{Migrated, Vm, MIN_QEMU};
 
 // What a hot-plug needs from the other crates, each at one path: `qhotplug::…`. The protocol

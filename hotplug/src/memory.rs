@@ -173,5 +173,6 @@ pub(crate) async fn set_balloon(core: &Arc<Core>, target: u64) -> Result<()> {
         .execute(&command::Balloon { value })
         .instrument(step)
         .await?;
+    core.state().balloon_target = Some(target);
     Ok(())
 }

@@ -56,6 +56,8 @@ pub(crate) struct State {
     /// Ids whose last device went without its own `DEVICE_DELETED` being seen: QEMU may send it
     /// late, and the next unplug of the id must not take it for its own.
     pub(crate) late_deleted: HashSet<String>,
+    /// The balloon's target as this process last set it (QMP reports only what the guest has).
+    pub(crate) balloon_target: Option<u64>,
 }
 
 impl State {
@@ -71,6 +73,7 @@ impl State {
             vcpus_started: None,
             tcg: None,
             late_deleted: HashSet::new(),
+            balloon_target: None,
         };
         let placed: Vec<Device> = state.all_devices();
         for device in placed {

@@ -18,6 +18,7 @@ use qhotplug_qmp::Client;
 use tracing::Instrument;
 
 use crate::cpus::{self, VcpuChange};
+use crate::desired::{Applied, Change, Desired, Plan, Step};
 use crate::error::{Error, Result};
 use crate::guest_agent::GuestAgent;
 use crate::kinds::{Device, DeviceKind, Plug};
@@ -26,7 +27,6 @@ use crate::medium::{self, MediumOptions, TrayStatus};
 use crate::migration::migrate::{self, MigrationOptions, Progress};
 use crate::onlining::{self, Onlined};
 use crate::qemu::unplug::{self, UnplugPolicy};
-use crate::read_spec::Unreadable;
 use crate::reconcile::{self, Reconciled};
 use crate::run_to_end::RunToEnd;
 use crate::state::Entry;
@@ -38,6 +38,7 @@ use crate::storage::mirror::{self, MirrorConfig};
 use crate::storage::pull::{self, PullBackup, PullConfig};
 use crate::storage::snapshot::{self, SnapshotConfig};
 use crate::storage::{commit, stream};
+use crate::unreadable::Unreadable;
 use crate::vm_core::{hotplug_span, Core};
 use crate::{engine, live, memory, virtio_devices};
 use crate::{
@@ -96,7 +97,16 @@ impl Vm {
     /// cannot say is set over QMP before the guest runs: a NIC whose `link_up` is false has its
     /// link taken down, a disk with `io_limits` gets them, the VNC display gets its password (the
     /// VM starts paused for that, and runs once they are set, unless the spec says paused).
+    ///
+    /// A device whose address is [`Pci::auto`](qhotplug_cmdline::Pci::auto) or
+    /// [`ScsiAddr::auto`](qhotplug_cmdline::ScsiAddr::auto) gets a free one
+    /// ([`VmSpec::assign_addresses`]); [`Vm::spec`] says which.
     pub async fn launch(launcher: Launcher) -> Result<Vm> {
+        let mut launcher = launcher;
+        launcher
+            .spec_mut()
+            .assign_addresses()
+            .map_err(Error::Launch)?;
         let spec = launcher.spec().clone();
         // What QEMU's command line cannot say (a NIC's link down, a disk's I/O limits) is set
         // over QMP; a VM that should run starts paused until then, so its guest never runs
@@ -107,7 +117,6 @@ impl Vm {
             || password.is_some();
         // A migration target waits for its guest: nothing is resumed, the migration starts it.
         let resume = later && !spec.paused && !spec.incoming;
-        let mut launcher = launcher;
         if resume {
             launcher.spec_mut().paused = true;
         }
@@ -194,6 +203,7 @@ impl Vm {
         let pid = pid.or_else(|| client.peer_pid());
         let read = crate::read_spec::read_spec(&client, pid).await?;
         let vm = Self::attach_inner(client, read.spec, process).await?;
+        let _ = vm.core.unreadable.set(read.unreadable.clone());
         Ok((vm, read.unreadable))
     }
 
@@ -466,6 +476,129 @@ impl Vm {
             reconcile::reconcile(&core).await
         })
         .await
+    }
+
+    /// What it takes to make this VM match `desired`, against [`Vm::spec`] (QEMU's truth):
+    /// removals, additions, live changes, in an order that respects what depends on what, and
+    /// what needs a restart because QEMU cannot change it live (machine, base memory,
+    /// `maxmem`/`maxcpus`, a device whose model, bus, address or backend type changed, boot
+    /// order, display), each with its reason. Nothing that changes QEMU is sent: only
+    /// `query-block` when a disk size is desired and `query-balloon` when a balloon target is
+    /// (and this process set none). See [`Desired`] for the fields left to the SDK.
+    ///
+    /// On a VM attached without a spec ([`Vm::attach_without_spec`]), what QEMU could not tell
+    /// ([`Unreadable`]) is not taken for a difference: a NIC's vhost, a file console, launch
+    /// options; a desired device of an id QEMU has but the SDK could not read needs a restart.
+    ///
+    /// [`Error::Spec`] when the desired spec contradicts itself.
+    pub async fn plan(&self, desired: &Desired) -> Result<Plan> {
+        let seen = crate::desired::seen(&self.core, desired).await?;
+        crate::desired::plan::plan(&seen, desired)
+    }
+
+    /// Makes this VM match `desired`: plans ([`Vm::plan`]), then runs the steps, each as the
+    /// public call it names ([`Vm::add_disk`], [`Vm::set_link`], …) with its own transaction and
+    /// busy marks, at most [`Desired::concurrency`] at once, a step only after those it waits for
+    /// ([`Step::after`](crate::Step::after)) are done. Every step's [`Outcome`](crate::Outcome)
+    /// comes back: done; failed with its typed error (its own transaction undid it); or skipped,
+    /// because a step it waited for failed. **A failure does not undo independent steps that
+    /// succeeded**: the VM is then part-way, `vm.spec()` says exactly where, and a second `apply`
+    /// retries what is left. What needs a restart is returned, not attempted.
+    ///
+    /// A second `apply` of the same desired state plans nothing and sends nothing but the queries
+    /// of [`Vm::plan`]. Two `apply`s at once, or an `apply` beside other calls: each plans from the
+    /// spec as it is when it starts, and its steps take the usual busy marks, so a step that meets
+    /// another call on its device fails with [`Error::Busy`] or [`Error::DuplicateId`] (or finds
+    /// its device gone: [`Error::NotFound`]) and changes nothing; the spec never parts from QEMU,
+    /// and the next `apply` converges. Like every call, it runs to its end if its future is
+    /// dropped: every step planned still runs.
+    ///
+    /// [`Error::Spec`] (nothing sent) when the desired spec contradicts itself.
+    pub async fn apply(&self, desired: Desired) -> Result<Applied> {
+        let vm = self.clone();
+        self.call("apply", "", move |core, _| async move {
+            let seen = crate::desired::seen(&core, &desired).await?;
+            let plan = crate::desired::plan::plan(&seen, &desired)?;
+            let Desired {
+                mut nic_fds,
+                concurrency,
+                ..
+            } = desired;
+            let outcomes = crate::desired::apply::run(&plan.steps, concurrency, |i| {
+                let step = plan.steps[i].clone();
+                let taps = match &step.change {
+                    Change::Add { id, .. } => nic_fds.remove(id),
+                    _ => None,
+                };
+                let vm = vm.clone();
+                async move { vm.run_step(step, taps).await }
+            })
+            .await;
+            Ok(Applied {
+                steps: plan.steps.into_iter().zip(outcomes).collect(),
+                needs_restart: plan.needs_restart,
+            })
+        })
+        .await
+    }
+
+    /// One step of a plan, as the public call it names.
+    async fn run_step(&self, step: Step, taps: Option<Vec<std::os::fd::OwnedFd>>) -> Result<()> {
+        use crate::desired::configs;
+        match step.change {
+            Change::Remove { kind, id } => match kind {
+                DeviceKind::Disk => self.remove_disk(&id).await,
+                DeviceKind::Nic => self.remove_nic(&id).await,
+                DeviceKind::Cdrom => self.remove_cdrom(&id).await,
+                DeviceKind::Memory => self.remove_memory(&id).await,
+                DeviceKind::Balloon => self.remove_balloon(&id).await,
+                DeviceKind::VhostUserBlk => self.remove_vhost_user_blk(&id).await,
+                DeviceKind::VirtioFs => self.remove_virtio_fs(&id).await,
+                DeviceKind::VirtioSerial => self.remove_virtio_serial(&id).await,
+                DeviceKind::SerialPort => self.remove_serial_port(&id).await,
+                DeviceKind::Rng => self.remove_rng(&id).await,
+                DeviceKind::Vcpu => unreachable!("the planner removes no vCPU by id"),
+            },
+            Change::Add { .. } => match step.device {
+                Some(Device::Disk(d)) => self.add_disk(configs::disk(&d)?).await.map(drop),
+                Some(Device::Nic(n)) => self.add_nic(configs::nic(&n, taps)?).await.map(drop),
+                Some(Device::Cdrom(c)) => self.add_cdrom(configs::cdrom(&c)?).await.map(drop),
+                Some(Device::Memory(m)) => self.add_memory(configs::memory(&m)).await.map(drop),
+                Some(Device::Balloon(b)) => self.add_balloon(configs::balloon(&b)).await.map(drop),
+                Some(Device::VhostUserBlk(d)) => self
+                    .add_vhost_user_blk(configs::vhost_user_blk(&d))
+                    .await
+                    .map(drop),
+                Some(Device::VirtioFs(d)) => {
+                    self.add_virtio_fs(configs::virtio_fs(&d)).await.map(drop)
+                }
+                Some(Device::VirtioSerial(d)) => self
+                    .add_virtio_serial(configs::virtio_serial(&d))
+                    .await
+                    .map(drop),
+                Some(Device::SerialPort(p)) => self
+                    .add_serial_port(configs::serial_port(&p))
+                    .await
+                    .map(drop),
+                Some(Device::Rng(r)) => self.add_rng(configs::rng(&r)).await.map(drop),
+                Some(Device::Vcpu(_)) | None => unreachable!("the planner adds no vCPU by id"),
+            },
+            Change::ResizeDisk { id, from, to } if to < from => {
+                self.shrink_disk(&id, to).await.map(drop)
+            }
+            Change::ResizeDisk { id, to, .. } => self.resize_disk(&id, to).await.map(drop),
+            Change::SetIoLimits { id, limits } => self.set_io_limits(&id, limits).await,
+            Change::SetLink { id, up } => self.set_link(&id, up).await,
+            Change::ChangeMedium { id, medium } => {
+                self.change_medium(&id, medium, MediumOptions::default())
+                    .await
+            }
+            Change::SetVcpus { to, .. } => self.set_vcpus(to).await.map(drop),
+            Change::ResizeVirtioMem { id, to, .. } => {
+                self.resize_virtio_mem(&id, to).await.map(drop)
+            }
+            Change::SetBalloon { target } => self.set_balloon(target).await,
+        }
     }
 
     /// Hot-adds a disk: opens the image, passes it with `add-fd`, adds the protocol and format

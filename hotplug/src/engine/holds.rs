@@ -20,6 +20,12 @@ pub(crate) fn reserve(core: &Arc<Core>, id: &str, want: Want) -> Result<(Reserva
         Some(_) => return Err(Error::DuplicateId(id.to_owned())),
         None => {}
     }
+    // An address a spec left to the SDK (`Pci::auto`, `ScsiAddr::auto`) is no address.
+    let want = match want {
+        Want::Pci(Some(pci)) if pci.is_auto() => Want::Pci(None),
+        Want::Scsi { at: Some(a), bus } if a.is_auto() => Want::Scsi { at: None, bus },
+        want => want,
+    };
     let place = match want {
         Want::Pci(None) => Place::Pci(state.pci.allocate().map_err(slot_error)?),
         Want::Pci(Some(pci)) => {

@@ -1,0 +1,53 @@
+//! [`Unreadable`]: what a spec read from QEMU could not say. A leaf, so the core can keep it
+//! and the planner weigh it without importing the reader.
+
+/// Something of a VM QEMU does not tell, found while a spec was read from it
+/// ([`Vm::attach_without_spec`](crate::Vm::attach_without_spec)). Each says what the read spec
+/// holds in its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unreadable {
+    /// What only QEMU's command line said: `paused`, `incoming` and `extra_args`. The spec has
+    /// them off and empty.
+    LaunchOptions,
+    /// The guest's serial console `index` writes to a file, whose path QEMU does not report. The
+    /// spec has the consoles before it only.
+    SerialConsole {
+        /// Its place (`ttyS<index>`).
+        index: usize,
+    },
+    /// The VNC display has a password, which QEMU never tells. The spec holds it as an
+    /// unresolved secret with reference `vnc-password` ([`VmSpec::resolve_secrets`]).
+    VncPassword,
+    /// An image QEMU was handed as an fd whose set is gone, so nothing names its file. The spec
+    /// holds `/dev/fdset/N` as its path.
+    ImagePath {
+        /// The device.
+        device: String,
+        /// The image's format node.
+        node: String,
+    },
+    /// A disk or a CD-ROM drive whose image QEMU opens itself over the network (NBD, iSCSI,
+    /// RBD): its source and secrets are not read back. The spec leaves the device out; QEMU
+    /// keeps it, and `reconcile` leaves it alone.
+    NetworkBackend {
+        /// The device.
+        device: String,
+    },
+    /// A NIC's link state and whether it uses vhost-net: QMP reports neither. The spec has the
+    /// link up and no vhost.
+    NicLink {
+        /// The NIC.
+        device: String,
+    },
+    /// A device the SDK does not plug (another driver, or not shaped as the SDK makes them). The
+    /// spec leaves it out; QEMU keeps it, and `reconcile` leaves it alone.
+    Foreign {
+        /// Its id.
+        device: String,
+        /// Its QOM type.
+        driver: String,
+        /// What did not fit.
+        reason: String,
+    },
+}
