@@ -13,6 +13,7 @@ use crate::engine::holds;
 use crate::error::{Error, Result};
 use crate::kinds::{Device, DeviceKind};
 use crate::qemu::block::{self, Blocks};
+use crate::unreadable::Unreadable;
 use crate::vm_core::Core;
 
 /// The sector size QEMU resizes in.
@@ -34,6 +35,9 @@ pub(crate) async fn set_link(core: &Arc<Core>, id: &str, up: bool) -> Result<()>
         .await?;
     nic.link_up = up;
     core.state().update(nic.into());
+    // The link is known now, whatever an attach without a spec could not read.
+    (core.unreadable.lock().unwrap_or_else(|p| p.into_inner()))
+        .retain(|u| !matches!(u, Unreadable::NicLink { device } if device == id));
     Ok(())
 }
 

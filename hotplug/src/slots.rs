@@ -43,6 +43,8 @@ pub(crate) struct PciMap {
     buses: Vec<Bus>,
     /// The bus (by index) and slot `allocate` gave last: it goes on from there.
     last: Option<(usize, u8)>,
+    /// Slots freed, least recently first: given again only when no other is free.
+    freed: std::collections::VecDeque<(usize, u8)>,
 }
 
 /// Why no slot could be given.
@@ -74,6 +76,7 @@ impl PciMap {
             machine,
             buses: vec![root],
             last: None,
+            freed: std::collections::VecDeque::new(),
         }
     }
 
@@ -117,10 +120,13 @@ impl PciMap {
     }
 
     /// Takes the next free hot-pluggable slot after the one it gave last (wrapping round): on `pc`,
-    /// a slot of `pci.0`; on `q35`, slot 0 of a root port with nothing behind it. A slot just
-    /// freed is given again only once every other one was: a guest may still act on an eject
-    /// request it queued for the slot's last device (Linux's acpiphp handles a second notify for a
-    /// slot after the first one emptied it), and would eject a newcomer.
+    /// a slot of `pci.0`; on `q35`, slot 0 of a root port with nothing behind it. A slot this map
+    /// freed is given again only when no slot it never freed is free, the least recently freed
+    /// first: a guest may still act on an eject request it queued for the slot's last device
+    /// (QEMU's ACPI hotplug notifies every slot with an eject pending at each event, and Linux's
+    /// acpiphp handles a second notify for a slot after the first one emptied it), and would
+    /// eject a newcomer. Seen in `tests/tests/apply_guest.rs`: a removal and an addition in one
+    /// apply, the new RNG in the slot the removed disk had just left, ejected by the guest.
     pub(crate) fn allocate(&mut self) -> Result<Pci, SlotError> {
         let places: Vec<(usize, u8)> = self
             .buses
@@ -132,11 +138,14 @@ impl PciMap {
             .last
             .and_then(|last| places.iter().position(|p| *p == last))
             .map_or(0, |at| at + 1);
+        let is_free = |&(b, slot): &(usize, u8)| !self.buses[b].taken[usize::from(slot)];
         let free = (0..places.len())
             .map(|i| places[(start + i) % places.len()])
-            .find(|&(b, slot)| !self.buses[b].taken[usize::from(slot)]);
+            .find(|p| is_free(p) && !self.freed.contains(p))
+            .or_else(|| self.freed.iter().copied().find(is_free));
         if let Some((b, slot)) = free {
             self.last = Some((b, slot));
+            self.freed.retain(|p| *p != (b, slot));
             let bus = &mut self.buses[b];
             bus.taken.set(usize::from(slot), true);
             return Ok(Pci::new(bus.name.clone(), slot));
@@ -186,7 +195,8 @@ impl PciMap {
     /// Frees an address once its device is confirmed gone (or never made it in). One that was
     /// not taken is refused: freeing twice is a bug, and would hand one slot to two devices.
     pub(crate) fn release(&mut self, pci: &Pci) -> Result<(), NotTaken> {
-        if let Some(bus) = self.buses.iter_mut().find(|b| b.name == pci.bus) {
+        if let Some(b) = self.buses.iter().position(|b| b.name == pci.bus) {
+            let bus = &mut self.buses[b];
             if pci.slot < 32 {
                 if !bus.taken[usize::from(pci.slot)] {
                     return Err(NotTaken {
@@ -195,6 +205,8 @@ impl PciMap {
                     });
                 }
                 bus.taken.set(usize::from(pci.slot), false);
+                self.freed.retain(|p| *p != (b, pci.slot));
+                self.freed.push_back((b, pci.slot));
             }
         }
         Ok(())
@@ -369,6 +381,24 @@ mod tests {
             given.push(pci.slot);
         }
         assert_eq!(given, (1..32).collect::<Vec<u8>>());
+    }
+
+    #[test]
+    fn a_slot_freed_before_any_allocation_waits_for_the_others_too() {
+        // A handle that attached and removed a device first (an apply's removal, then its
+        // addition): the low slot it freed is not the next one given.
+        let mut map = PciMap::new(Machine::Pc);
+        for slot in [2, 3] {
+            map.mark(&Pci::new("pci.0", slot));
+        }
+        map.release(&Pci::new("pci.0", 2)).unwrap();
+        assert_eq!(map.allocate().unwrap().slot, 1);
+        assert_eq!(map.allocate().unwrap().slot, 4);
+        for slot in 5..32 {
+            map.mark(&Pci::new("pci.0", slot));
+        }
+        // Only the freed one is left: it is given.
+        assert_eq!(map.allocate().unwrap().slot, 2);
     }
 
     #[test]

@@ -203,7 +203,7 @@ impl Vm {
         let pid = pid.or_else(|| client.peer_pid());
         let read = crate::read_spec::read_spec(&client, pid).await?;
         let vm = Self::attach_inner(client, read.spec, process).await?;
-        let _ = vm.core.unreadable.set(read.unreadable.clone());
+        *vm.core.unreadable.lock().unwrap_or_else(|p| p.into_inner()) = read.unreadable.clone();
         Ok((vm, read.unreadable))
     }
 
@@ -483,8 +483,8 @@ impl Vm {
     /// what needs a restart because QEMU cannot change it live (machine, base memory,
     /// `maxmem`/`maxcpus`, a device whose model, bus, address or backend type changed, boot
     /// order, display), each with its reason. Nothing that changes QEMU is sent: only
-    /// `query-block` when a disk size is desired and `query-balloon` when a balloon target is
-    /// (and this process set none). See [`Desired`] for the fields left to the SDK.
+    /// `query-block` when a disk size is desired, and `query-balloon` when a balloon target is or
+    /// the VM has memory devices (and this process set no target). See [`Desired`] for the fields left to the SDK.
     ///
     /// On a VM attached without a spec ([`Vm::attach_without_spec`]), what QEMU could not tell
     /// ([`Unreadable`]) is not taken for a difference: a NIC's vhost, a file console, launch

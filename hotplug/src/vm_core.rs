@@ -30,9 +30,9 @@ pub(crate) struct Core {
     agent: tokio::sync::Mutex<Option<GuestAgent>>,
     /// The VM's master key for secrets, once QEMU has it ([`master_key`](crate::engine::master_key)).
     pub(crate) master_key: tokio::sync::Mutex<Option<qhotplug_cmdline::MasterKey>>,
-    /// What attaching without a spec could not read from QEMU (empty otherwise): the planner
-    /// does not take what the spec holds in its place for QEMU's.
-    pub(crate) unreadable: std::sync::OnceLock<Vec<crate::unreadable::Unreadable>>,
+    /// What attaching without a spec could not read from QEMU and no call has set since (empty
+    /// otherwise): the planner does not take what the spec holds in its place for QEMU's.
+    pub(crate) unreadable: Mutex<Vec<crate::unreadable::Unreadable>>,
 }
 
 impl Core {
@@ -47,7 +47,7 @@ impl Core {
             running: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
             agent: tokio::sync::Mutex::new(None),
-            unreadable: std::sync::OnceLock::new(),
+            unreadable: Mutex::new(Vec::new()),
         }
     }
 

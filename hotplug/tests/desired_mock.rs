@@ -145,9 +145,15 @@ async fn apply_brings_every_kind_to_its_spec_and_a_second_apply_sends_nothing() 
         Desired::new(spec.clone())
             .nic_fds("n0", vec![tap_fd()])
             .balloon_target(96 * MIB)
+            .disk_size("d0", 2 << 20)
     };
     let plan = vm.plan(&desired()).await.unwrap();
     assert!(plan.needs_restart.is_empty(), "{plan}");
+    // A new disk's size is its image's until the step after its addition.
+    let resize = index_of(&plan, &format!("resize disk d0: {} → {}", 1 << 20, 2 << 20));
+    assert!(plan.steps[resize]
+        .after
+        .contains(&index_of(&plan, "add disk d0")));
     let applied = vm.apply(desired()).await.unwrap();
     assert_all_done(&applied);
     assert!(applied.needs_restart.is_empty());
@@ -628,4 +634,36 @@ async fn a_kind_the_spec_cannot_hot_add_needs_a_restart() {
     let what: Vec<&str> = plan.needs_restart.iter().map(|r| r.what.as_str()).collect();
     assert_eq!(what, ["disk chain", "CD-ROM ide0"]);
     let _ = (DeviceKind::Disk, Medium::Image(PathBuf::new()));
+}
+
+#[tokio::test]
+async fn an_inflated_balloon_is_deflated_before_memory_goes_and_set_again_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_qemu, vm) = attached().await;
+    let mut spec = vm.spec();
+    spec.balloon = Some(Balloon {
+        id: "b0".into(),
+        pci: Pci::auto(),
+    });
+    spec.memory_devices
+        .push(MemoryDevice::dimm("m0", 128 * MIB));
+    let applied = vm
+        .apply(Desired::new(spec.clone()).balloon_target(96 * MIB))
+        .await
+        .unwrap();
+    assert_all_done(&applied);
+    let _ = dir;
+    spec.memory_devices.clear();
+    let plan = vm.plan(&Desired::new(spec.clone())).await.unwrap();
+    let whole = format!("balloon target {}", (128 + 128) * MIB);
+    let again = format!("balloon target {}", 96 * MIB);
+    assert_eq!(
+        changes(&plan),
+        [whole.as_str(), "remove memory device m0", again.as_str()]
+    );
+    let (deflate, remove, set) = (index_of(&plan, &whole), 1, 2);
+    assert_eq!(plan.steps[remove].after, [deflate]);
+    assert_eq!(plan.steps[set].after, [remove]);
+    assert_all_done(&vm.apply(Desired::new(spec.clone())).await.unwrap());
+    assert!(vm.plan(&Desired::new(spec)).await.unwrap().is_empty());
 }

@@ -20,7 +20,9 @@ pub mod guest;
 pub mod proxy;
 pub mod qemu;
 pub mod raw;
+mod seeded;
 pub mod servers;
+pub mod state_check;
 pub mod storage;
 mod sys;
 pub mod timing;
@@ -31,6 +33,7 @@ pub use sys::{clear_cloexec, exited, kill, process_lock, raise_fd_limit};
 pub use guest::{Console, Guest};
 pub use proxy::{assert_rolls_back, FaultProxy};
 pub use qemu::Qemu;
+pub use seeded::SplitMix;
 pub use vm::{
     fdset_files, image, iso, pc_spec, q35_spec, second_monitor, with_guest_agent, Snapshot, TestVm,
 };

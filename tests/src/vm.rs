@@ -212,6 +212,12 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads it all.
     pub async fn take(vm: &Vm) -> Snapshot {
+        Self::take_of(vm, vm.pid()).await
+    }
+
+    /// Reads it all through `vm`, QEMU's fds from process `pid` (a handle attached through a
+    /// proxy knows no pid).
+    pub async fn take_of(vm: &Vm, pid: Option<u32>) -> Snapshot {
         let c = vm.client();
         let pci = c.execute(&QueryPci).await.expect("query-pci");
         let mut block = c.execute(&QueryBlock).await.expect("query-block");
@@ -267,7 +273,7 @@ impl Snapshot {
             .map(|c| c.label)
             .collect();
         chardevs.sort();
-        let qemu_fds = match vm.pid() {
+        let qemu_fds = match pid {
             Some(pid) => fd_targets(&format!("/proc/{pid}/fd")),
             None => Vec::new(),
         };

@@ -16,7 +16,7 @@
 //!
 //! A failure names the seed and the round, and lists the calls of that round with their results.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -24,12 +24,10 @@ use qhotplug::{
     CdromConfig, CpuTopology, DiskConfig, Error, IoLimits, MediumOptions, MemoryConfig, NicConfig,
     Pci, RngConfig, SerialPortConfig, VirtioSerial, Vm, VmSpec, MIB,
 };
-use qhotplug_cmdline::names;
 use qhotplug_netdev::TapBuilder;
-use qhotplug_qmp::command::{
-    DeviceAdd, DeviceDel, PciInfo, QueryNamedBlockNodes, QueryPci, QueryStatus,
-};
-use qhotplug_tests::{image, iso, pc_spec, q35_spec, Guest, Snapshot};
+use qhotplug_qmp::command::{DeviceAdd, DeviceDel, QueryPci, QueryStatus};
+use qhotplug_tests::state_check::{differences, free_ports, Check, Start};
+use qhotplug_tests::{image, iso, pc_spec, q35_spec, Guest, SplitMix};
 
 /// How long the guest may take to show a change (TCG).
 const SEEN: Duration = Duration::from_secs(30);
@@ -37,28 +35,6 @@ const SEEN: Duration = Duration::from_secs(30);
 /// the other race test runs beside it in another process.
 fn tap_prefix() -> String {
     format!("qr{}-", std::process::id())
-}
-
-/// SplitMix64: small, seeded, and the same on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
-    fn chance(&mut self, one_in: u64) -> bool {
-        self.below(one_in) == 0
-    }
 }
 
 /// One public call, with its arguments drawn.
@@ -100,11 +76,11 @@ const PORT: &str = "p0";
 const SERIAL_CONTROLLER: &str = "vser0";
 const FOREIGN: &str = "x0";
 
-fn draw(rng: &mut Rng, foreign: bool) -> Op {
+fn draw(rng: &mut SplitMix, foreign: bool) -> Op {
     let disk = *rng.pick(&DISKS);
     let nic = *rng.pick(&NICS);
     let cd = *rng.pick(&CDROMS);
-    let medium = |rng: &mut Rng| (!rng.chance(3)).then(|| rng.below(2) as usize);
+    let medium = |rng: &mut SplitMix| (!rng.chance(3)).then(|| rng.below(2) as usize);
     // Live changes are what orchestrators do most: they come twice as often.
     match rng.below(if foreign { 24 } else { 23 }) {
         0 | 1 => Op::AddDisk {
@@ -232,17 +208,6 @@ async fn foreign(vm: &Vm, add: bool) -> Result<(), Error> {
     Ok(())
 }
 
-/// The q35 root ports with nothing behind them, by id.
-fn free_ports(pci: &[PciInfo]) -> Vec<String> {
-    pci.iter()
-        .flat_map(|b| &b.devices)
-        .filter_map(|d| {
-            let bridge = d.pci_bridge.as_ref()?;
-            (d.qdev_id.starts_with("rp") && bridge.devices.is_empty()).then(|| d.qdev_id.clone())
-        })
-        .collect()
-}
-
 /// The error's variant, for the tally.
 fn variant(e: &Error) -> String {
     let text = format!("{e:?}");
@@ -253,278 +218,6 @@ fn variant(e: &Error) -> String {
 fn is_transport(e: &Error) -> bool {
     let text = format!("{e:?}");
     text.contains("Disconnected") || text.contains("Frame") || text.contains("Protocol")
-}
-
-/// What QEMU, the host and the guest have, compared with `vm.spec()`; each difference in words.
-/// With `reconciled`, the SDK has also seen devices plugged behind its back, so a root port
-/// QEMU has free must be one it hands out.
-async fn differences(g: &Guest, start: &Start, reconciled: bool) -> Vec<String> {
-    let vm = &g.vm;
-    let c = vm.client();
-    let spec = vm.spec();
-    let mut out = Vec::new();
-    let pending: BTreeSet<String> = spec
-        .disks
-        .iter()
-        .map(|d| &d.id)
-        .chain(spec.nics.iter().map(|n| &n.id))
-        .chain(spec.cdroms.iter().map(|c| &c.id))
-        .filter(|id| vm.unplug_pending(id))
-        .cloned()
-        .collect();
-
-    let snapshot = Snapshot::take(vm).await;
-
-    // Devices.
-    let peripherals: BTreeSet<String> = snapshot
-        .peripherals
-        .iter()
-        .filter(|id| *id != FOREIGN && !pending.contains(*id))
-        .cloned()
-        .collect();
-    let mut expected: BTreeSet<String> = start.peripherals.clone();
-    expected.extend(spec.disks.iter().map(|d| d.id.clone()));
-    expected.extend(spec.nics.iter().map(|n| n.id.clone()));
-    expected.extend(spec.cdroms.iter().map(|c| c.id.clone()));
-    expected.extend(spec.vcpus.iter().map(|c| c.id.clone()));
-    expected.extend(spec.rngs.iter().map(|r| r.id.clone()));
-    expected.extend(spec.memory_devices.iter().map(|m| m.id.clone()));
-    expected.extend(spec.serial_ports.iter().map(|p| p.id.clone()));
-    expected.retain(|id| !pending.contains(id));
-    differ(
-        &mut out,
-        "peripherals",
-        format!("{peripherals:?}"),
-        format!("{expected:?}"),
-    );
-
-    // Block nodes, sizes, limits, media.
-    let nodes = c
-        .execute(&QueryNamedBlockNodes { flat: Some(true) })
-        .await
-        .expect("query-named-block-nodes");
-    let names: BTreeSet<String> = nodes.iter().filter_map(|n| n.node_name.clone()).collect();
-    let mut want: BTreeSet<String> = start.nodes.clone();
-    for d in &spec.disks {
-        want.extend([d.file_node(), d.top_node()]);
-    }
-    for cd in spec.cdroms.iter().filter(|c| c.medium.is_some()) {
-        want.extend([cd.file_node(), cd.top_node()]);
-    }
-    differ(
-        &mut out,
-        "block nodes",
-        format!("{names:?}"),
-        format!("{want:?}"),
-    );
-    let blocks = &snapshot.block;
-    for d in &spec.disks {
-        let size = nodes
-            .iter()
-            .find(|n| n.node_name.as_deref() == Some(d.top_node().as_str()))
-            .and_then(|n| n.image.as_ref())
-            .map(|i| i.virtual_size as u64);
-        let file = std::fs::metadata(&d.path).map(|m| m.len()).ok();
-        differ(
-            &mut out,
-            &format!("{} size (node, file)", d.id),
-            format!("{size:?}"),
-            format!("{file:?}"),
-        );
-        differ(
-            &mut out,
-            &format!("{} I/O limits", d.id),
-            format!("{:?}", vm.io_limits(&d.id).await.ok()),
-            format!("{:?}", Some(d.io_limits.clone().unwrap_or_default())),
-        );
-    }
-    for cd in &spec.cdroms {
-        let inserted = blocks
-            .iter()
-            .find(|b| b.qdev.as_deref() == Some(cd.id.as_str()))
-            .and_then(|b| b.inserted.as_ref())
-            .and_then(|i| i.node_name.clone());
-        let want = cd.medium.as_ref().map(|_| cd.top_node());
-        differ(
-            &mut out,
-            &format!("{} medium", cd.id),
-            format!("{inserted:?}"),
-            format!("{want:?}"),
-        );
-    }
-
-    // Fd sets: every tag of ours names a disk or drive the SDK lists.
-    for set in &snapshot.fdsets {
-        for fd in &set.fds {
-            let Some(id) = fd
-                .opaque
-                .as_deref()
-                .and_then(|t| t.strip_prefix("qhotplug:"))
-            else {
-                continue;
-            };
-            let listed =
-                spec.disks.iter().any(|d| d.id == id) || spec.cdroms.iter().any(|c| c.id == id);
-            if !listed {
-                out.push(format!(
-                    "fd set {} of {id}, which the SDK does not list",
-                    set.fdset_id
-                ));
-            }
-        }
-    }
-
-    // Netdevs (HMP's `info network`: 7.2 has no query for them), objects, chardevs.
-    let netdevs: BTreeSet<String> = snapshot
-        .network
-        .lines()
-        .filter_map(|l| l.trim_start_matches([' ', '\\']).split(": index=").next())
-        .filter(|name| name.ends_with("-net"))
-        .map(str::to_owned)
-        .collect();
-    let want: BTreeSet<String> = spec.nics.iter().map(|n| n.netdev_id()).collect();
-    differ(
-        &mut out,
-        "netdevs",
-        format!("{netdevs:?}"),
-        format!("{want:?}"),
-    );
-    let objects: BTreeSet<String> = snapshot.objects.iter().cloned().collect();
-    let mut want = start.objects.clone();
-    want.extend(spec.rngs.iter().map(|r| names::rng(&r.id)));
-    want.extend(spec.memory_devices.iter().map(|m| names::memdev(&m.id)));
-    differ(
-        &mut out,
-        "objects",
-        format!("{objects:?}"),
-        format!("{want:?}"),
-    );
-    let chardevs: BTreeSet<String> = snapshot.chardevs.iter().cloned().collect();
-    let mut want = start.chardevs.clone();
-    want.extend(spec.serial_ports.iter().map(|p| names::chardev(&p.id)));
-    differ(
-        &mut out,
-        "chardevs",
-        format!("{chardevs:?}"),
-        format!("{want:?}"),
-    );
-
-    // vCPUs.
-    let plugged = snapshot
-        .cpus
-        .iter()
-        .filter(|s| s.qom_path.is_some())
-        .count();
-    differ(
-        &mut out,
-        "plugged vCPUs",
-        plugged.to_string(),
-        (start.vcpus + spec.vcpus.len()).to_string(),
-    );
-
-    // Slots: once reconciled, a free root port in QEMU is one the SDK hands out (q35).
-    if reconciled && spec.machine == qhotplug::Machine::Q35 {
-        let pci = c.execute(&QueryPci).await.expect("query-pci");
-        if !free_ports(&pci).is_empty() {
-            let probe = qhotplug::RngConfig::new("probe");
-            match vm.add_rng(probe).await {
-                Ok(_) => vm.remove_rng("probe").await.expect("remove the probe"),
-                Err(e) => out.push(format!("QEMU has a free root port, the SDK says {e}")),
-            }
-        }
-    }
-
-    // Host: our fds, and a tap per NIC.
-    differ(
-        &mut out,
-        "our fds",
-        format!("{:?}", snapshot.our_fds),
-        format!("{:?}", start.our_fds),
-    );
-    // QEMU holds a tap fd per queue of each NIC it has, and none else (a `getfd` left behind
-    // would show here).
-    let tun_fds = snapshot
-        .qemu_fds
-        .iter()
-        .filter(|t| *t == "/dev/net/tun")
-        .count();
-    let queues: usize = spec.nics.iter().map(|n| usize::from(n.queues)).sum();
-    differ(
-        &mut out,
-        "QEMU's tap fds",
-        tun_fds.to_string(),
-        queues.to_string(),
-    );
-    // A tap goes once its last fd is closed; the kernel may take a while to unregister it when
-    // the machine is busy (IPv6 address configuration holds it).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while taps() != spec.nics.len() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    differ(
-        &mut out,
-        "host taps",
-        taps().to_string(),
-        spec.nics.len().to_string(),
-    );
-
-    // The guest: each NIC's carrier is its recorded link.
-    if out.is_empty() && !spec.nics.is_empty() {
-        let want: BTreeSet<String> = spec
-            .nics
-            .iter()
-            .map(|n| format!("{} {}", n.mac, u8::from(n.link_up)))
-            .collect();
-        // Panics at the deadline, naming what the guest still says.
-        g.console
-            .until(
-                "for i in /sys/class/net/eth*; do ip link set ${i##*/} up; echo $(cat $i/address) $(cat $i/carrier); done",
-                |lines| lines.iter().cloned().collect::<BTreeSet<_>>() == want,
-                SEEN,
-            )
-            .await;
-    }
-    out
-}
-
-/// Records a difference between QEMU's `qemu` and the SDK's `sdk`.
-fn differ(out: &mut Vec<String>, what: &str, qemu: String, sdk: String) {
-    if qemu != sdk {
-        out.push(format!("{what}: QEMU {qemu}, SDK {sdk}"));
-    }
-}
-
-/// The host's taps the test made.
-fn taps() -> usize {
-    std::fs::read_dir("/sys/class/net")
-        .expect("/sys/class/net")
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&tap_prefix()))
-        .count()
-}
-
-/// What the VM had before any call: what the SDK's own devices are compared beside.
-struct Start {
-    peripherals: BTreeSet<String>,
-    nodes: BTreeSet<String>,
-    objects: BTreeSet<String>,
-    chardevs: BTreeSet<String>,
-    vcpus: usize,
-    our_fds: Vec<(i32, String)>,
-}
-
-impl Start {
-    async fn take(vm: &Vm) -> Start {
-        let s = qhotplug_tests::Snapshot::take(vm).await;
-        Start {
-            peripherals: s.peripherals.into_iter().collect(),
-            nodes: s.nodes.into_iter().collect(),
-            objects: s.objects.into_iter().collect(),
-            chardevs: s.chardevs.into_iter().collect(),
-            vcpus: s.cpus.iter().filter(|c| c.qom_path.is_some()).count(),
-            our_fds: s.our_fds,
-        }
-    }
 }
 
 /// Resumes QEMU when dropped, so a failing round never leaves it stopped.
@@ -564,7 +257,7 @@ async fn race(spec: VmSpec, default_seed: u64, default_rounds: u64, calls: usize
     let seed = env_u64("QHOTPLUG_RACE_SEED", default_seed);
     let rounds = env_u64("QHOTPLUG_RACE_ROUNDS", default_rounds);
     let foreign_ops = spec.machine == qhotplug::Machine::Q35;
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix(seed);
     let g = Guest::boot(spec, |l| l).await;
     let vm = g.vm.clone();
     let fx = Fixtures {
@@ -584,8 +277,18 @@ async fn race(spec: VmSpec, default_seed: u64, default_rounds: u64, calls: usize
             .collect(),
         dir: g.dir().to_owned(),
     };
-    let start = Start::take(&vm).await;
     let pid = vm.pid().expect("launched by the SDK");
+    let start = Start::take(&vm, pid).await;
+    let prefix = tap_prefix();
+    let check = Check {
+        vm: &vm,
+        pid,
+        console: &g.console,
+        start: &start,
+        tap_prefix: &prefix,
+        ignore: &[FOREIGN],
+        seen: SEEN,
+    };
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
 
     for round in 0..rounds {
@@ -663,7 +366,7 @@ async fn race(spec: VmSpec, default_seed: u64, default_rounds: u64, calls: usize
             .execute(&QueryStatus)
             .await
             .expect("QEMU answers");
-        let before = differences(&g, &start, false).await;
+        let before = differences(&check, false).await;
         assert!(before.is_empty(), "{before:#?}\n{}", log());
         let report = vm.reconcile().await.expect("reconcile");
         assert!(
@@ -671,7 +374,7 @@ async fn race(spec: VmSpec, default_seed: u64, default_rounds: u64, calls: usize
             "reconcile had work: {report:?}\n{}",
             log()
         );
-        let after = differences(&g, &start, true).await;
+        let after = differences(&check, true).await;
         assert!(after.is_empty(), "after reconcile: {after:#?}\n{}", log());
     }
     eprintln!("seed {seed}, {rounds} rounds of {calls} calls: {tally:#?}");

@@ -83,8 +83,8 @@ impl Desired {
 
     /// Disk `id` should be `bytes` long, as the guest sees it. A smaller size than the disk has
     /// shrinks it ([`Vm::shrink_disk`](crate::Vm::shrink_disk): what lies past the end is lost).
-    /// It applies to a disk QEMU has; a disk added by the same `apply` comes with its image's size,
-    /// and the next `apply` resizes it.
+    /// A disk the same `apply` adds is resized right after its addition (its image's size read
+    /// from the file: a raw file's length, a qcow2 header's).
     pub fn disk_size(mut self, id: impl Into<String>, bytes: u64) -> Self {
         self.disk_sizes.insert(id.into(), bytes);
         self
@@ -118,8 +118,8 @@ impl Desired {
 }
 
 /// What the planner needs from QEMU besides the spec: the sizes of the disks a size is desired
-/// for (`query-block`), and the balloon's target when one is desired (as last set, else
-/// `query-balloon`).
+/// for (`query-block`), and the balloon's target when one is desired or the VM has memory
+/// devices (as last set, else `query-balloon`).
 pub(crate) async fn seen(core: &Core, desired: &Desired) -> Result<plan::Seen> {
     let actual = core.state().spec().clone();
     let mut disk_sizes = HashMap::new();
@@ -133,9 +133,12 @@ pub(crate) async fn seen(core: &Core, desired: &Desired) -> Result<plan::Seen> {
         }
     }
     let last_set = core.state().balloon_target;
-    let balloon_target = match (&actual.balloon, desired.balloon_target, last_set) {
-        (Some(_), Some(_), Some(target)) => Some(target),
-        (Some(_), Some(_), None) => Some(
+    // Wanted for a target to compare, or for memory devices that may go (a balloon is deflated
+    // first).
+    let wanted = desired.balloon_target.is_some() || !actual.memory_devices.is_empty();
+    let balloon_target = match (&actual.balloon, wanted, last_set) {
+        (Some(_), true, Some(target)) => Some(target),
+        (Some(_), true, None) => Some(
             core.client
                 .execute(&qhotplug_qmp::command::QueryBalloon)
                 .await?
@@ -143,12 +146,45 @@ pub(crate) async fn seen(core: &Core, desired: &Desired) -> Result<plan::Seen> {
         ),
         _ => None,
     };
+    // A disk this plan adds: its image's size, from the file (what the guest will see).
+    for disk in desired.spec.disks.iter().filter(|d| {
+        desired.disk_sizes.contains_key(&d.id) && !actual.disks.iter().any(|a| a.id == d.id)
+    }) {
+        if let Some(size) = image_size(&disk.path, disk.format) {
+            disk_sizes.insert(disk.id.clone(), size);
+        }
+    }
     Ok(plan::Seen {
         actual,
         disk_sizes,
         balloon_target,
-        unreadable: core.unreadable.get().cloned().unwrap_or_default(),
+        unreadable: core
+            .unreadable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
     })
+}
+
+/// The size the guest sees of the image at `path`: a raw file's length, a qcow2 header's size.
+/// `None` for anything else (a block device, a network disk, a file that cannot be read).
+fn image_size(path: &std::path::Path, format: qhotplug_cmdline::Format) -> Option<u64> {
+    use std::io::Read;
+    match format {
+        qhotplug_cmdline::Format::Raw => std::fs::metadata(path)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len()),
+        qhotplug_cmdline::Format::Qcow2 => {
+            let mut header = [0u8; 32];
+            std::fs::File::open(path)
+                .ok()?
+                .read_exact(&mut header)
+                .ok()?;
+            let size: [u8; 8] = header[24..32].try_into().ok()?;
+            (&header[..4] == b"QFI\xfb").then(|| u64::from_be_bytes(size))
+        }
+    }
 }
 
 /// What it takes to make the VM match a [`Desired`]: [`Plan::steps`] in an order that respects

@@ -13,7 +13,8 @@
 //! address; a NIC's addition for every NIC's removal (it may reuse their tap); a memory device's
 //! addition for every memory removal (room under `maxmem`) and the vCPU change; the vCPU change
 //! for every memory removal; a serial port's addition for its controller's; a controller's
-//! removal for its ports'; a live change of a device added in the same plan for its addition.
+//! removal for its ports'; a live change of a device added in the same plan for its addition;
+//! memory removals for the balloon's deflation (or removal), its target set again after them.
 
 use std::collections::HashMap;
 
@@ -127,7 +128,7 @@ impl Planner<'_> {
         if d.cpu.is_some() && a.cpu != d.cpu {
             self.needs_restart("cpu", fixed);
         }
-        if a.cpu_topology != d.cpu_topology {
+        if !same_topology(a, d) {
             self.needs_restart("cpu_topology", "maxcpus and the topology are set at launch");
         }
         if a.memory_mib != d.memory_mib {
@@ -295,7 +296,26 @@ impl Planner<'_> {
             },
             Some(device.clone()),
         );
-        // What the hot-add cannot say: a NIC's link down.
+        // What the hot-add cannot say: a new disk's size, a NIC's link down.
+        if let Device::Disk(_) = device {
+            let sizes = (
+                self.desired.disk_sizes.get(id),
+                self.seen.disk_sizes.get(id),
+            );
+            if let (Some(&to), Some(&from)) = sizes {
+                if to != from {
+                    let resize = self.step(
+                        Change::ResizeDisk {
+                            id: id.to_owned(),
+                            from,
+                            to,
+                        },
+                        None,
+                    );
+                    self.steps[resize].after.push(i);
+                }
+            }
+        }
         if let Device::Nic(n) = device {
             if !n.link_up {
                 let link = self.step(
@@ -314,7 +334,7 @@ impl Planner<'_> {
         let (a, d) = (&self.seen.actual, &self.desired.spec);
         let count = |s: &VmSpec| s.smp + u32::try_from(s.vcpus.len()).unwrap_or(u32::MAX);
         let (from, to) = (count(a), count(d));
-        if from == to || a.cpu_topology != d.cpu_topology {
+        if from == to || !same_topology(a, d) {
             return;
         }
         if to < a.smp {
@@ -327,6 +347,9 @@ impl Planner<'_> {
     }
 
     fn balloon(&mut self) {
+        if self.deflate_for_memory_removals() {
+            return;
+        }
         let (Some(target), Some(_)) = (self.desired.balloon_target, &self.desired.spec.balloon)
         else {
             return;
@@ -334,6 +357,61 @@ impl Planner<'_> {
         let added = self.seen.actual.balloon.is_none();
         if added || self.seen.balloon_target != Some(target) {
             self.step(Change::SetBalloon { target }, None);
+        }
+    }
+
+    /// A guest cannot give back memory its balloon holds pages in: an inflated balloon is
+    /// deflated (its target the VM's whole memory) before any memory device is removed, and set
+    /// to its target again (the desired one, else the one it had) after them. A removed balloon
+    /// goes first instead: its driver gives its pages back as it goes. True when it planned so.
+    fn deflate_for_memory_removals(&mut self) -> bool {
+        let removals: Vec<usize> = (self.steps.iter().enumerate())
+            .filter(|(_, s)| {
+                matches!(
+                    s.change,
+                    Change::Remove {
+                        kind: DeviceKind::Memory,
+                        ..
+                    }
+                )
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let a = &self.seen.actual;
+        let whole = a.memory_mib * qhotplug_cmdline::MIB
+            + a.memory_devices.iter().map(|m| m.size()).sum::<u64>();
+        let balloon_removed = self.steps.iter().position(|s| {
+            matches!(
+                s.change,
+                Change::Remove {
+                    kind: DeviceKind::Balloon,
+                    ..
+                }
+            )
+        });
+        match (balloon_removed, self.seen.balloon_target) {
+            (Some(removal), _) => {
+                for &i in &removals {
+                    self.steps[i].after.push(removal);
+                }
+                false
+            }
+            (None, Some(now)) if !removals.is_empty() && a.balloon.is_some() && now < whole => {
+                let deflate = self.step(Change::SetBalloon { target: whole }, None);
+                for &i in &removals {
+                    self.steps[i].after.push(deflate);
+                }
+                let wanted = self.desired.spec.balloon.is_some();
+                let target = self
+                    .desired
+                    .balloon_target
+                    .filter(|_| wanted)
+                    .unwrap_or(now);
+                let again = self.step(Change::SetBalloon { target }, None);
+                self.steps[again].after.extend(&removals);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -482,6 +560,7 @@ fn diff(a: &Device, d: &Device, desired: &Desired, seen: &Seen) -> Diff {
             if !same_pci(&a.pci, &d.pci) {
                 return Diff::Restart(moved(&a.pci, &d.pci));
             }
+            // QMP reports neither a NIC's link nor its vhost (`Unreadable::NicLink`).
             let vhost_unknown = seen
                 .unreadable
                 .iter()
@@ -489,9 +568,12 @@ fn diff(a: &Device, d: &Device, desired: &Desired, seen: &Seen) -> Diff {
             if a.mac != d.mac || a.queues != d.queues || (a.vhost != d.vhost && !vhost_unknown) {
                 return Diff::Replace("its MAC, queues or vhost");
             }
-            live(a.link_up != d.link_up, || Change::SetLink {
-                id: d.id.clone(),
-                up: d.link_up,
+            // A link QMP could not read is set, whatever the spec holds in its place.
+            live(a.link_up != d.link_up || vhost_unknown, || {
+                Change::SetLink {
+                    id: d.id.clone(),
+                    up: d.link_up,
+                }
             })
         }
         (Device::Cdrom(a), Device::Cdrom(d)) => {
@@ -683,6 +765,22 @@ fn moved(a: &Pci, d: &Pci) -> String {
         d.bus,
         d.addr()
     )
+}
+
+/// The same `maxcpus` (the boot count when none is given), and the same sockets, cores and
+/// threads where the desired spec gives them (0 leaves them to QEMU, which a spec read back from
+/// QEMU then holds as QEMU chose them).
+fn same_topology(a: &VmSpec, d: &VmSpec) -> bool {
+    let max = |s: &VmSpec| s.cpu_topology.map_or(s.smp, |t| t.max);
+    let (at, dt) = (
+        a.cpu_topology.unwrap_or_default(),
+        d.cpu_topology.unwrap_or_default(),
+    );
+    let given = |want: u32, have: u32| want == 0 || want == have;
+    max(a) == max(d)
+        && given(dt.sockets, at.sockets)
+        && given(dt.cores, at.cores)
+        && given(dt.threads, at.threads)
 }
 
 /// Two memory backends are the same but for their ids (the SDK's names).
