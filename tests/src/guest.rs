@@ -176,11 +176,11 @@ impl Console {
         let start = lines
             .iter()
             .position(|l| l.ends_with(&begin))
-            .expect("begin marker");
+            .unwrap_or_else(|| panic!("no {begin} in what the guest printed: {captured:?}"));
         let stop = lines
             .iter()
             .position(|l| l.ends_with(&end))
-            .expect("end marker");
+            .unwrap_or_else(|| panic!("no {end} in what the guest printed: {captured:?}"));
         lines[start + 1..stop]
             .iter()
             .map(|l| match l.strip_prefix(&tag) {

@@ -4,8 +4,9 @@
 //! of the disk, a full and an incremental backup of it (showing their sizes), and commits it
 //! back with the guest writing between, live-migrates it to a
 //! new QEMU with a progress bar, shows what the guest sees (from its serial console) and the QMP
-//! events as they arrive, removes both, shuts the guest down gracefully, and ends with how long
-//! each step took. Exits non-zero if any step fails.
+//! events as they arrive, removes both, edits the spec (a disk and an RNG at addresses left to the
+//! SDK) and applies it, printing the plan and each step's outcome, shuts the guest down
+//! gracefully, and ends with how long each step took. Exits non-zero if any step fails.
 //!
 //! Run it with `scripts/demo` (installs QEMU and builds the guest image when missing), or
 //! `cargo run --release -p qhotplug-examples --bin launch_and_hotplug` as root (taps need it).
@@ -16,8 +17,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use qhotplug::agent::{GuestExec, GuestExecStatus, GuestGetOsinfo, GuestNetworkGetInterfaces};
 use qhotplug::{
-    BackupConfig, Cdrom, CpuTopology, DiskConfig, GuestAgent, IdeAddr, JobInfo, MemoryConfig,
-    MigrationOptions, NicConfig, PowerVia, Serial, SnapshotConfig, Stopped, Transport, Vm, MIB,
+    BackupConfig, Cdrom, CpuTopology, Desired, Disk, DiskConfig, GuestAgent, IdeAddr, IoLimits,
+    JobInfo, MemoryConfig, MigrationOptions, NicConfig, Pci, PowerVia, Rng, Serial, SnapshotConfig,
+    Stopped, Transport, Vm, MIB,
 };
 use qhotplug_cmdline::{Launcher, Machine, VmSpec};
 use qhotplug_netdev::{MacAddr, TapBuilder};
@@ -576,6 +578,7 @@ async fn migrate_and_shut_down(
         println!("guest   (on the target) {line}");
     }
     let target = migrated.target;
+    apply_edited(timings, table, &target, dir, &console).await?;
     println!("== graceful shutdown (through the agent; QEMU quit if the guest takes over 30 s)");
     let start = Instant::now();
     match target.shutdown(PowerVia::Auto, SEEN).await? {
@@ -587,6 +590,65 @@ async fn migrate_and_shut_down(
         other => return Err(format!("the guest did not shut down: {other:?}").into()),
     }
     table.row("graceful shutdown", start.elapsed());
+    Ok(())
+}
+
+/// Desired state: the VM's spec edited (a disk and an RNG added at addresses left to the SDK, a
+/// vCPU fewer is not asked: TCG), planned, applied, each step's outcome printed, then planned
+/// again: nothing left.
+async fn apply_edited(
+    timings: &Timings,
+    table: &mut Table,
+    vm: &Vm,
+    dir: &std::path::Path,
+    console: &Console,
+) -> Result<()> {
+    println!("== desired state: vm.spec() edited, planned and applied");
+    let image = dir.join("data-2.raw");
+    std::fs::File::create(&image)?.set_len(32 * MIB)?;
+    let mut spec = vm.spec();
+    let mut disk = Disk::virtio_blk("data-2", &image, Pci::auto());
+    disk.io_limits = Some(IoLimits {
+        iops: 500,
+        ..IoLimits::default()
+    });
+    spec.disks.push(disk);
+    spec.rngs.push(Rng {
+        id: "rng-1".into(),
+        pci: Pci::auto(),
+        source: "/dev/urandom".into(),
+    });
+    let desired = || Desired::new(spec.clone()).disk_size("data-2", 64 * MIB);
+    let plan = vm.plan(&desired()).await?;
+    print!("plan\n{plan}");
+    let mark = console.mark();
+    let start = Instant::now();
+    let applied = vm.apply(desired()).await?;
+    table.steps_from(timings);
+    table.row(
+        format!("apply ({} steps)", applied.steps.len()),
+        start.elapsed(),
+    );
+    for (step, outcome) in &applied.steps {
+        println!("sdk     {}: {outcome:?}", step.change);
+    }
+    if !applied.all_done() {
+        return Err("a step of the plan failed".into());
+    }
+    let now = vm.spec();
+    let at = &now
+        .disks
+        .iter()
+        .find(|d| d.id == "data-2")
+        .unwrap()
+        .frontend;
+    println!("sdk     data-2 went to {at:?}");
+    seen(console, mark, "qhg: add block").await?;
+    let again = vm.plan(&desired()).await?;
+    println!("sdk     planned again: {} steps", again.steps.len());
+    if !again.is_empty() {
+        return Err(format!("the plan is not empty after apply: {again}").into());
+    }
     Ok(())
 }
 

@@ -14,7 +14,8 @@
 //! addition for every memory removal (room under `maxmem`) and the vCPU change; the vCPU change
 //! for every memory removal; a serial port's addition for its controller's; a controller's
 //! removal for its ports'; a live change of a device added in the same plan for its addition;
-//! memory removals for the balloon's deflation (or removal), its target set again after them.
+//! memory removals for the balloon's deflation (or removal), a balloon target for memory
+//! removals.
 
 use std::collections::HashMap;
 
@@ -356,8 +357,28 @@ impl Planner<'_> {
         };
         let added = self.seen.actual.balloon.is_none();
         if added || self.seen.balloon_target != Some(target) {
-            self.step(Change::SetBalloon { target }, None);
+            // After memory removals: a balloon inflating while the guest offlines memory can
+            // leave it none (the guest's OOM killer, then a panic, in `apply_guest`).
+            let removals = self.memory_removals();
+            let set = self.step(Change::SetBalloon { target }, None);
+            self.steps[set].after.extend(removals);
         }
+    }
+
+    /// The steps that remove a memory device.
+    fn memory_removals(&self) -> Vec<usize> {
+        (self.steps.iter().enumerate())
+            .filter(|(_, s)| {
+                matches!(
+                    s.change,
+                    Change::Remove {
+                        kind: DeviceKind::Memory,
+                        ..
+                    }
+                )
+            })
+            .map(|(i, _)| i)
+            .collect()
     }
 
     /// A guest cannot give back memory its balloon holds pages in: an inflated balloon is
