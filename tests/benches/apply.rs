@@ -25,7 +25,7 @@ use qhotplug::{
 use qhotplug_netdev::TapBuilder;
 use qhotplug_tests::{image, iso, pc_spec, TestVm};
 
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 15;
 const DISKS: usize = 8;
 const NICS: usize = 2;
 
@@ -181,6 +181,12 @@ async fn run() {
         joined.push(times[1]);
         applied.push(times[2]);
         ratios.push(times[0].min(times[1]).as_secs_f64() / times[2].as_secs_f64());
+        println!(
+            "  round {round:>2}: calls {:>6.1}  join_all {:>6.1}  apply {:>6.1} ms",
+            ms(times[0]),
+            ms(times[1]),
+            ms(times[2])
+        );
     }
     println!(
         "QEMU {version}, paused, TCG: {DISKS} scsi-hd disks, {NICS} NICs, a CD-ROM medium, vCPUs 1 → 2"
