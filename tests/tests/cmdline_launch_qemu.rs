@@ -273,3 +273,71 @@ async fn the_monitor_can_be_a_path_qemu_binds_or_a_listener_the_caller_bound() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A spec that leaves addresses to the SDK launches: each device gets a free place (on q35 an
+/// empty root port first), the spec returned says which, and QEMU has them there.
+#[tokio::test]
+async fn addresses_left_to_the_sdk_are_given_at_launch_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    for machine in [Machine::Pc, Machine::Q35] {
+        let mut spec = VmSpec::new("auto", machine);
+        spec.paused = true;
+        if machine == Machine::Q35 {
+            spec.root_ports.push(RootPort {
+                id: "rp0".into(),
+                chassis: 1,
+                pci: Pci::new("pcie.0", 4),
+            });
+        }
+        spec.scsi_controllers.push(ScsiController {
+            id: "scsi0".into(),
+            pci: Pci::auto(),
+        });
+        spec.disks.push(Disk::virtio_blk(
+            "va",
+            image(dir.path(), &format!("va-{machine:?}.img")),
+            Pci::auto(),
+        ));
+        spec.disks.push(Disk::scsi_hd(
+            "sa",
+            image(dir.path(), &format!("sa-{machine:?}.img")),
+            ScsiAddr::auto(),
+        ));
+        let vm = qhotplug::Vm::launch(Launcher::new(spec, dir.path().join(format!("{machine:?}"))))
+            .await
+            .unwrap();
+        let now = vm.spec();
+        let va = match &now.disks[0].frontend {
+            DiskFrontend::VirtioBlk(pci) => pci.clone(),
+            other => panic!("{other:?}"),
+        };
+        let (controller, va_want) = match machine {
+            Machine::Pc => (Pci::new("pci.0", 2), Pci::new("pci.0", 3)),
+            Machine::Q35 => (Pci::new("rp0", 0), Pci::new("pcie.0", 1)),
+        };
+        assert_eq!(now.scsi_controllers[0].pci, controller);
+        assert_eq!(va, va_want);
+        assert_eq!(
+            now.disks[1].frontend,
+            DiskFrontend::ScsiHd(ScsiAddr {
+                bus: "scsi0.0".into(),
+                channel: 0,
+                scsi_id: 0,
+                lun: 0
+            })
+        );
+        // QEMU put them there: each device's QOM parent bus and address.
+        for (id, at) in [("scsi0", &controller), ("va", &va)] {
+            let path = format!("/machine/peripheral/{id}");
+            let get = |property: &str| qhotplug_qmp::command::QomGet {
+                path: path.clone(),
+                property: property.into(),
+            };
+            let bus = vm.client().execute(&get("parent_bus")).await.unwrap();
+            let addr = vm.client().execute(&get("addr")).await.unwrap();
+            assert!(bus.as_str().unwrap().ends_with(&at.bus), "{id}: {bus}");
+            assert_eq!(addr.as_u64(), Some(u64::from(at.slot) * 8), "{id}");
+        }
+        vm.quit().await.unwrap();
+    }
+}

@@ -423,6 +423,14 @@ fn attaching_to_a_running_qemu_learns_its_slots_controllers_and_machine() {
         .await
         .unwrap();
         assert_eq!(vm.spec().machine, qhotplug_cmdline::Machine::Q35);
+        // The controller QEMU has is in the view, where QEMU has it.
+        assert_eq!(
+            vm.spec().scsi_controllers,
+            [qhotplug_cmdline::ScsiController {
+                id: "ctl".into(),
+                pci: Pci::new("pcie.0", 6),
+            }]
+        );
         let dir = qemu.dir();
         let path = qhotplug_tests::image(dir, "a.raw", 1);
         // port-a holds a device QEMU reported; port-b is the free one.
