@@ -55,6 +55,20 @@ fn nic(id: &str, mac: &str) -> Nic {
     }
 }
 
+/// A virtio-serial controller `controller` with one port `port` named `name` on it.
+fn with_port(spec: &mut VmSpec, controller: &str, port: &str, name: &str, socket: PathBuf) {
+    spec.virtio_serials.push(VirtioSerial {
+        id: controller.into(),
+        pci: Pci::auto(),
+    });
+    spec.serial_ports.push(SerialPort {
+        id: port.into(),
+        bus: format!("{controller}.0"),
+        name: name.into(),
+        socket,
+    });
+}
+
 /// The desired spec of a VM with one device of nearly every kind (vhost-user and virtio-fs need
 /// shared memory and a backend: `tests/tests/apply_guest.rs` has them), addresses left to the
 /// SDK, on the VM's own machine settings.
@@ -85,16 +99,7 @@ fn every_kind(vm: &Vm, dir: &Path) -> VmSpec {
         id: "b0".into(),
         pci: Pci::auto(),
     });
-    spec.virtio_serials.push(VirtioSerial {
-        id: "vs0".into(),
-        pci: Pci::auto(),
-    });
-    spec.serial_ports.push(SerialPort {
-        id: "p0".into(),
-        bus: "vs0.0".into(),
-        name: "org.example.0".into(),
-        socket: dir.join("p0.sock"),
-    });
+    with_port(&mut spec, "vs0", "p0", "org.example.0", dir.join("p0.sock"));
     spec.rngs.push(Rng {
         id: "r0".into(),
         pci: Pci::auto(),
@@ -363,16 +368,13 @@ async fn steps_wait_for_what_they_depend_on() {
     first
         .memory_devices
         .push(MemoryDevice::dimm("m-old", 128 * MIB));
-    first.virtio_serials.push(VirtioSerial {
-        id: "vs-old".into(),
-        pci: Pci::auto(),
-    });
-    first.serial_ports.push(SerialPort {
-        id: "p-old".into(),
-        bus: "vs-old.0".into(),
-        name: "org.example.old".into(),
-        socket: dir.path().join("old.sock"),
-    });
+    with_port(
+        &mut first,
+        "vs-old",
+        "p-old",
+        "org.example.old",
+        dir.path().join("old.sock"),
+    );
     let applied = vm
         .apply(Desired::new(first).nic_fds("n-old", vec![tap_fd()]))
         .await
@@ -430,16 +432,13 @@ async fn a_failed_step_skips_what_waits_for_it_and_leaves_the_rest_done() {
     let dir = tempfile::tempdir().unwrap();
     let (qemu, vm) = attached().await;
     let mut spec = vm.spec();
-    spec.virtio_serials.push(VirtioSerial {
-        id: "vs0".into(),
-        pci: Pci::auto(),
-    });
-    spec.serial_ports.push(SerialPort {
-        id: "p0".into(),
-        bus: "vs0.0".into(),
-        name: "org.example.0".into(),
-        socket: dir.path().join("p0.sock"),
-    });
+    with_port(
+        &mut spec,
+        "vs0",
+        "p0",
+        "org.example.0",
+        dir.path().join("p0.sock"),
+    );
     spec.rngs.push(Rng {
         id: "r0".into(),
         pci: Pci::auto(),

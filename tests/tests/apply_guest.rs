@@ -438,15 +438,7 @@ async fn rounds(base: VmSpec, default_seed: u64, default_rounds: u64) {
         // Every step has ended, those of a dropped apply too; whatever happened, QEMU, the host
         // and the guest are what the handle says.
         vm.settle().await;
-        let check = Check {
-            vm: &vm,
-            pid,
-            console: &g.console,
-            start: &start_now,
-            tap_prefix: &prefix,
-            ignore: &[],
-            seen: SEEN,
-        };
+        let check = check_of(&vm, pid, &g.console, &start_now, &prefix);
         let diff = differences(&check, false).await;
         if !diff.is_empty() {
             use futures::StreamExt;
@@ -487,15 +479,7 @@ async fn rounds(base: VmSpec, default_seed: u64, default_rounds: u64) {
         }
         let plan = vm.plan(&drawn.plain()).await.expect(&log);
         assert!(plan.is_empty(), "{log}: left {plan}");
-        let check = Check {
-            vm: &vm,
-            pid,
-            console: &g.console,
-            start: &start_now,
-            tap_prefix: &prefix,
-            ignore: &[],
-            seen: SEEN,
-        };
+        let check = check_of(&vm, pid, &g.console, &start_now, &prefix);
         let diff = differences(&check, false).await;
         assert!(diff.is_empty(), "{log}: after the second apply: {diff:#?}");
         let want = expected_guest_view(&vm.spec(), base_blocks, block);
@@ -513,6 +497,25 @@ async fn rounds(base: VmSpec, default_seed: u64, default_rounds: u64) {
         kept = vm.spec();
     }
     eprintln!("seed {seed}, {rounds} rounds: {tally:#?}");
+}
+
+/// What a round's handle is checked with: QEMU's state against its spec.
+fn check_of<'a>(
+    vm: &'a Vm,
+    pid: u32,
+    console: &'a qhotplug_tests::Console,
+    start: &'a Start,
+    tap_prefix: &'a str,
+) -> Check<'a> {
+    Check {
+        vm,
+        pid,
+        console,
+        start,
+        tap_prefix,
+        ignore: &[],
+        seen: SEEN,
+    }
 }
 
 /// Room for vCPUs and a DIMM, guest memory shared (vhost-user), and a fixed seed per machine.

@@ -18,9 +18,13 @@ use crate::kinds::rng::RngConfig;
 use crate::kinds::vhost_user::{VhostUserBlkConfig, VirtioFsConfig};
 use crate::kinds::virtio_serial::{SerialPortConfig, VirtioSerialConfig};
 
-/// `Some(pci)` unless it is left to the SDK.
-fn given(pci: &Pci) -> Option<Pci> {
-    (!pci.is_auto()).then(|| pci.clone())
+/// `config` at `pci` (through its `at_pci`), unless the address is left to the SDK.
+fn placed<C>(config: C, pci: &Pci, at_pci: fn(C, Pci) -> C) -> C {
+    if pci.is_auto() {
+        config
+    } else {
+        at_pci(config, pci.clone())
+    }
 }
 
 pub(crate) fn disk(d: &Disk) -> Result<DiskConfig> {
@@ -47,10 +51,7 @@ pub(crate) fn disk(d: &Disk) -> Result<DiskConfig> {
         config = config.io_limits(limits.clone());
     }
     Ok(match &d.frontend {
-        DiskFrontend::VirtioBlk(pci) => match given(pci) {
-            Some(pci) => config.at_pci(pci),
-            None => config,
-        },
+        DiskFrontend::VirtioBlk(pci) => placed(config, pci, DiskConfig::at_pci),
         DiskFrontend::ScsiHd(at) | DiskFrontend::ScsiGeneric(at) if !at.is_auto() => {
             config.at_scsi(at.clone())
         }
@@ -72,10 +73,7 @@ pub(crate) fn nic(n: &Nic, taps: Option<Vec<OwnedFd>>) -> Result<NicConfig> {
     } else {
         config.no_vhost()
     };
-    Ok(match given(&n.pci) {
-        Some(pci) => config.at_pci(pci),
-        None => config,
-    })
+    Ok(placed(config, &n.pci, NicConfig::at_pci))
 }
 
 pub(crate) fn cdrom(c: &Cdrom) -> Result<CdromConfig> {
@@ -99,10 +97,7 @@ pub(crate) fn memory(m: &MemoryDevice) -> MemoryConfig {
         MemoryDeviceKind::Dimm => MemoryConfig::dimm(&m.id, b.size),
         MemoryDeviceKind::VirtioMem { pci, requested } => {
             let config = MemoryConfig::virtio_mem(&m.id, b.size, *requested);
-            match given(pci) {
-                Some(pci) => config.at_pci(pci),
-                None => config,
-            }
+            placed(config, pci, MemoryConfig::at_pci)
         }
     };
     config = match &b.kind {
@@ -115,10 +110,7 @@ pub(crate) fn memory(m: &MemoryDevice) -> MemoryConfig {
 
 pub(crate) fn balloon(b: &Balloon) -> BalloonConfig {
     let config = BalloonConfig::new(&b.id);
-    match given(&b.pci) {
-        Some(pci) => config.at_pci(pci),
-        None => config,
-    }
+    placed(config, &b.pci, BalloonConfig::at_pci)
 }
 
 pub(crate) fn vhost_user_blk(d: &VhostUserBlk) -> VhostUserBlkConfig {
@@ -126,10 +118,7 @@ pub(crate) fn vhost_user_blk(d: &VhostUserBlk) -> VhostUserBlkConfig {
     if let Some(n) = d.num_queues {
         config = config.num_queues(n);
     }
-    match given(&d.pci) {
-        Some(pci) => config.at_pci(pci),
-        None => config,
-    }
+    placed(config, &d.pci, VhostUserBlkConfig::at_pci)
 }
 
 pub(crate) fn virtio_fs(d: &VirtioFs) -> VirtioFsConfig {
@@ -137,18 +126,12 @@ pub(crate) fn virtio_fs(d: &VirtioFs) -> VirtioFsConfig {
     if let Some(n) = d.queue_size {
         config = config.queue_size(n);
     }
-    match given(&d.pci) {
-        Some(pci) => config.at_pci(pci),
-        None => config,
-    }
+    placed(config, &d.pci, VirtioFsConfig::at_pci)
 }
 
 pub(crate) fn virtio_serial(d: &VirtioSerial) -> VirtioSerialConfig {
     let config = VirtioSerialConfig::new(&d.id);
-    match given(&d.pci) {
-        Some(pci) => config.at_pci(pci),
-        None => config,
-    }
+    placed(config, &d.pci, VirtioSerialConfig::at_pci)
 }
 
 pub(crate) fn serial_port(p: &SerialPort) -> SerialPortConfig {
@@ -158,8 +141,5 @@ pub(crate) fn serial_port(p: &SerialPort) -> SerialPortConfig {
 
 pub(crate) fn rng(r: &Rng) -> RngConfig {
     let config = RngConfig::new(&r.id).source(&r.source);
-    match given(&r.pci) {
-        Some(pci) => config.at_pci(pci),
-        None => config,
-    }
+    placed(config, &r.pci, RngConfig::at_pci)
 }

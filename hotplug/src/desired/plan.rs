@@ -386,18 +386,7 @@ impl Planner<'_> {
     /// to its target again (the desired one, else the one it had) after them. A removed balloon
     /// goes first instead: its driver gives its pages back as it goes. True when it planned so.
     fn deflate_for_memory_removals(&mut self) -> bool {
-        let removals: Vec<usize> = (self.steps.iter().enumerate())
-            .filter(|(_, s)| {
-                matches!(
-                    s.change,
-                    Change::Remove {
-                        kind: DeviceKind::Memory,
-                        ..
-                    }
-                )
-            })
-            .map(|(i, _)| i)
-            .collect();
+        let removals = self.memory_removals();
         let a = &self.seen.actual;
         let whole = a.memory_mib * qhotplug_cmdline::MIB
             + a.memory_devices.iter().map(|m| m.size()).sum::<u64>();
