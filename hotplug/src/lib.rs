@@ -91,6 +91,7 @@ mod discover;
 mod engine;
 mod error;
 mod guest_agent;
+mod guest_removals;
 mod kinds;
 mod life;
 mod live;

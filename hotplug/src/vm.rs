@@ -214,8 +214,11 @@ impl Vm {
     ) -> Result<Vm> {
         check_version(&client)?;
         let state = crate::discover::discover(&client, spec).await?;
+        let core = Arc::new(Core::new(client, state, process));
+        *core.watcher.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(crate::guest_removals::watch(&core));
         Ok(Vm {
-            core: Arc::new(Core::new(client, state, process)),
+            core,
             policy: UnplugPolicy::default(),
         })
     }
@@ -458,7 +461,8 @@ impl Vm {
     /// Brings the SDK's view back in line with QEMU's, from `qom-list`, `query-pci`,
     /// `query-named-block-nodes`, `query-fdsets` and `query-block`: after an unplug that was
     /// reported pending completed, after someone else changed the VM, or after a rollback could not
-    /// finish.
+    /// finish. (A device that goes without the SDK asking, its `DEVICE_DELETED` seen, is followed
+    /// at once: a task per VM runs this for it.)
     ///
     /// It first waits for the background rollbacks of cancelled hot-adds. Then devices the SDK
     /// lists but QEMU no longer has are dropped from the view and their backends deleted; block

@@ -33,6 +33,16 @@ pub(crate) struct Core {
     /// What attaching without a spec could not read from QEMU and no call has set since (empty
     /// otherwise): the planner does not take what the spec holds in its place for QEMU's.
     pub(crate) unreadable: Mutex<Vec<crate::unreadable::Unreadable>>,
+    /// The task that follows devices the guest gives up unasked (`guest_removals`).
+    pub(crate) watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        if let Some(task) = self.watcher.get_mut().ok().and_then(Option::take) {
+            task.abort();
+        }
+    }
 }
 
 impl Core {
@@ -48,6 +58,7 @@ impl Core {
             idle: tokio::sync::Notify::new(),
             agent: tokio::sync::Mutex::new(None),
             unreadable: Mutex::new(Vec::new()),
+            watcher: Mutex::new(None),
         }
     }
 

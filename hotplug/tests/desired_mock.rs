@@ -666,3 +666,34 @@ async fn an_inflated_balloon_is_deflated_before_memory_goes_and_set_again_after(
     assert_all_done(&vm.apply(Desired::new(spec.clone())).await.unwrap());
     assert!(vm.plan(&Desired::new(spec)).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_device_the_guest_gives_up_unasked_leaves_the_view_and_apply_adds_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = attached().await;
+    let mut spec = vm.spec();
+    spec.disks.push(Disk::virtio_blk(
+        "d0",
+        image(dir.path(), "d0.raw"),
+        Pci::auto(),
+    ));
+    spec.rngs.push(Rng {
+        id: "r0".into(),
+        pci: Pci::auto(),
+        source: "/dev/urandom".into(),
+    });
+    assert_all_done(&vm.apply(Desired::new(spec.clone())).await.unwrap());
+    // The guest ejects the RNG by itself: the SDK follows, its backend deleted.
+    qemu.guest_eject("r0");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !vm.spec().rngs.is_empty() || qemu.objects().contains(&"r0-rng".to_owned()) {
+        assert!(tokio::time::Instant::now() < deadline, "the view kept r0");
+        vm.settle().await;
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(vm.spec().disks.len(), 1);
+    let plan = vm.plan(&Desired::new(spec.clone())).await.unwrap();
+    assert_eq!(changes(&plan), ["add RNG r0"]);
+    assert_all_done(&vm.apply(Desired::new(spec)).await.unwrap());
+    assert!(qemu.devices().iter().any(|d| d.id == "r0"));
+}

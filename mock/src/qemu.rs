@@ -106,6 +106,13 @@ impl MockQemu {
         self
     }
 
+    /// The guest gives device `id` up on its own, no `device_del` asked (a guest's own eject, or
+    /// a stale eject request that hits a newcomer): it goes, with its `DEVICE_DELETED`; its
+    /// backends stay, as QEMU's do.
+    pub fn guest_eject(&self, id: &str) {
+        self.model().finish_unplug(id);
+    }
+
     /// A client connected to a new monitor of this QEMU, with the default [`Config`].
     pub async fn connect(&self) -> qhotplug_qmp::Result<Client> {
         self.connect_with(&Config::new()).await
