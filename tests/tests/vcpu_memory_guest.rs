@@ -206,6 +206,13 @@ fn a_guest_that_cannot_give_a_dimm_back_is_reported_at_once_and_the_dimm_stays()
             .await
             .unwrap();
         mem_total_becomes(&g, base + 128 * 1024).await;
+        // The DIMM is the guest's only ZONE_NORMAL memory (the rest is below 4 GiB, DMA32), where
+        // the kernel allocates first: a walk of /sys and /proc fills slab pages there, which
+        // cannot move. Without it the guest sometimes could offline the DIMM after all (one CI
+        // run in several): it had put nothing unmovable there yet.
+        g.console
+            .run("ls -lR /sys /proc >/dev/null 2>&1; echo walked", SEEN)
+            .await;
 
         let mut events = g.vm.client().events();
         let refusal = tokio::spawn(async move {
