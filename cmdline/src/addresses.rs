@@ -3,9 +3,9 @@
 //! A launch command line has no `query-pci` to ask, so the free places are what the machine
 //! brings with `-nodefaults` (the launcher's): on `pc`, `pci.0` slot 0 (the host bridge) and 1
 //! (PIIX3, its IDE, USB and ACPI functions); on `q35`, `pcie.0` slot 0 (the host bridge) and 31
-//! (ICH9's LPC, SATA and SMBus), and 29 with `-usb` (its UHCI and EHCI). A device on `q35` goes behind a root port of the spec that
-//! nothing sits behind yet (so it can be hot-removed later), and on `pcie.0` only when none is
-//! left.
+//! (ICH9's LPC, SATA and SMBus), and 29 with `-usb` (its UHCI and EHCI). A device on `q35`
+//! goes behind a root port of the spec that nothing sits behind yet (so it can be hot-removed
+//! later), and on `pcie.0` only when none is left.
 
 use std::collections::HashSet;
 
@@ -31,175 +31,115 @@ impl VmSpec {
     /// [`Error::InvalidSpec`] when no place is left, or a SCSI device has no controller.
     ///
     /// ```
-    /// use qhotplug_cmdline::{Disk, Machine, Pci, VmSpec};
+    /// use qhotplug_cmdline::{Disk, DiskFrontend, Machine, Pci, VmSpec};
     /// let mut spec = VmSpec::new("vm", Machine::Pc);
     /// spec.disks.push(Disk::virtio_blk("d0", "/var/lib/images/d0.raw", Pci::auto()));
     /// spec.assign_addresses()?;
-    /// assert_eq!(spec.disks[0].frontend, qhotplug_cmdline::DiskFrontend::VirtioBlk(Pci::new("pci.0", 2)));
+    /// assert_eq!(spec.disks[0].frontend, DiskFrontend::VirtioBlk(Pci::new("pci.0", 2)));
     /// # Ok::<(), qhotplug_cmdline::Error>(())
     /// ```
     pub fn assign_addresses(&mut self) -> Result<()> {
-        let mut pci = PciFree::of(self);
-        let mut scsi = ScsiFree::of(self);
-        let machine = self.machine;
-        let mut give = |id: &str, at: &mut Pci| -> Result<()> {
-            if at.is_auto() {
-                *at = pci.take(machine).ok_or_else(|| {
-                    Error::InvalidSpec(format!("{id}: no free PCI slot or root port is left"))
-                })?;
-            }
-            Ok(())
-        };
-        for c in &mut self.scsi_controllers {
-            give(&c.id, &mut c.pci)?;
-        }
-        for d in &mut self.disks {
-            match &mut d.frontend {
-                DiskFrontend::VirtioBlk(at) => give(&d.id, at)?,
-                DiskFrontend::ScsiHd(at) | DiskFrontend::ScsiGeneric(at) => scsi.give(&d.id, at)?,
-            }
-        }
-        for n in &mut self.nics {
-            give(&n.id, &mut n.pci)?;
-        }
-        for c in &mut self.cdroms {
-            if let CdromBus::Scsi(at) = &mut c.bus {
-                scsi.give(&c.id, at)?;
-            }
-        }
-        for m in &mut self.memory_devices {
-            if let MemoryDeviceKind::VirtioMem { pci: at, .. } = &mut m.kind {
-                give(&m.id, at)?;
-            }
-        }
-        if let Some(b) = &mut self.balloon {
-            give(&b.id, &mut b.pci)?;
-        }
-        for d in &mut self.vhost_user_blks {
-            give(&d.id, &mut d.pci)?;
-        }
-        for d in &mut self.virtio_fs {
-            give(&d.id, &mut d.pci)?;
-        }
-        for d in &mut self.virtio_serials {
-            give(&d.id, &mut d.pci)?;
-        }
-        for d in &mut self.rngs {
-            give(&d.id, &mut d.pci)?;
-        }
-        Ok(())
-    }
-}
-
-/// The PCI places a launch has left: slots of the root bus, and (q35) root ports.
-struct PciFree {
-    taken: HashSet<(String, u8)>,
-    /// Root ports' buses, in the spec's order.
-    ports: Vec<String>,
-}
-
-impl PciFree {
-    fn of(spec: &VmSpec) -> PciFree {
-        let mut taken: HashSet<(String, u8)> = pci_addresses(spec)
-            .filter(|a| !a.is_auto())
-            .map(|a| (a.bus.clone(), a.slot))
+        let (machine, usb) = (self.machine, self.usb_tablet);
+        let ports: Vec<String> = self.root_ports.iter().map(|p| p.id.clone()).collect();
+        let scsi_bus = self.scsi_controllers.first().map(|c| c.bus());
+        let pci = pci_places(self);
+        let mut taken: HashSet<(String, u8)> = (pci.iter())
+            .filter(|(_, at)| !at.is_auto())
+            .map(|(_, at)| (at.bus.clone(), at.slot))
             .collect();
-        if spec.usb_tablet && spec.machine == Machine::Q35 {
+        if usb && machine == Machine::Q35 {
             taken.insert(("pcie.0".to_owned(), 29));
         }
-        PciFree {
-            taken,
-            ports: spec.root_ports.iter().map(|p| p.id.clone()).collect(),
+        for (id, at) in pci.into_iter().filter(|(_, at)| at.is_auto()) {
+            let free = match machine {
+                Machine::Pc => (2..32)
+                    .map(|s| Pci::new("pci.0", s))
+                    .find(|a| free(&taken, a)),
+                // A root port takes one device, at slot 0.
+                Machine::Q35 => (ports.iter().map(|port| Pci::new(port.clone(), 0)))
+                    .chain((1..31).map(|s| Pci::new("pcie.0", s)))
+                    .find(|a| free(&taken, a)),
+            };
+            let free = free.ok_or_else(|| {
+                Error::InvalidSpec(format!("{id}: no free PCI slot or root port is left"))
+            })?;
+            taken.insert((free.bus.clone(), free.slot));
+            *at = free;
         }
-    }
-
-    fn take(&mut self, machine: Machine) -> Option<Pci> {
-        let at = match machine {
-            Machine::Pc => (2..32).map(|s| Pci::new("pci.0", s)).find(|a| self.free(a)),
-            Machine::Q35 => self
-                .ports
-                .iter()
-                .map(|port| Pci::new(port.clone(), 0))
-                .chain((1..31).map(|s| Pci::new("pcie.0", s)))
-                .find(|a| self.free(a)),
-        }?;
-        self.taken.insert((at.bus.clone(), at.slot));
-        Some(at)
-    }
-
-    /// Nothing sits there (a root port takes one device, at slot 0).
-    fn free(&self, at: &Pci) -> bool {
-        !self.taken.contains(&(at.bus.clone(), at.slot))
-    }
-}
-
-/// Every PCI address the spec names, given or not.
-fn pci_addresses(spec: &VmSpec) -> impl Iterator<Item = &Pci> {
-    let disks = spec.disks.iter().filter_map(|d| match &d.frontend {
-        DiskFrontend::VirtioBlk(a) => Some(a),
-        DiskFrontend::ScsiHd(_) | DiskFrontend::ScsiGeneric(_) => None,
-    });
-    let memory = spec.memory_devices.iter().filter_map(|m| match &m.kind {
-        MemoryDeviceKind::VirtioMem { pci, .. } => Some(pci),
-        MemoryDeviceKind::Dimm => None,
-    });
-    (spec.root_ports.iter().map(|p| &p.pci))
-        .chain(spec.scsi_controllers.iter().map(|c| &c.pci))
-        .chain(disks)
-        .chain(spec.nics.iter().map(|n| &n.pci))
-        .chain(memory)
-        .chain(spec.balloon.iter().map(|b| &b.pci))
-        .chain(spec.vhost_user_blks.iter().map(|d| &d.pci))
-        .chain(spec.virtio_fs.iter().map(|d| &d.pci))
-        .chain(spec.virtio_serials.iter().map(|d| &d.pci))
-        .chain(spec.rngs.iter().map(|d| &d.pci))
-}
-
-/// The SCSI targets a launch has left on the first controller.
-struct ScsiFree {
-    bus: Option<String>,
-    taken: HashSet<(String, u16)>,
-}
-
-impl ScsiFree {
-    fn of(spec: &VmSpec) -> ScsiFree {
-        let disks = spec.disks.iter().filter_map(|d| match &d.frontend {
-            DiskFrontend::ScsiHd(a) | DiskFrontend::ScsiGeneric(a) => Some(a),
-            DiskFrontend::VirtioBlk(_) => None,
-        });
-        let cdroms = spec.cdroms.iter().filter_map(|c| match &c.bus {
-            CdromBus::Scsi(a) => Some(a),
-            CdromBus::Ide(_) => None,
-        });
-        ScsiFree {
-            bus: spec.scsi_controllers.first().map(|c| c.bus()),
-            taken: disks
-                .chain(cdroms)
-                .filter(|a| !a.is_auto())
-                .map(|a| (a.bus.clone(), a.scsi_id))
-                .collect(),
+        let scsi = scsi_places(self);
+        let mut taken: HashSet<(String, u16)> = (scsi.iter())
+            .filter(|(_, at)| !at.is_auto())
+            .map(|(_, at)| (at.bus.clone(), at.scsi_id))
+            .collect();
+        for (id, at) in scsi.into_iter().filter(|(_, at)| at.is_auto()) {
+            let bus = scsi_bus.clone().ok_or_else(|| {
+                Error::InvalidSpec(format!("{id}: a SCSI device needs a SCSI controller"))
+            })?;
+            let target = (0..SCSI_TARGETS)
+                .find(|t| !taken.contains(&(bus.clone(), *t)))
+                .ok_or_else(|| Error::InvalidSpec(format!("{id}: no free target on {bus}")))?;
+            taken.insert((bus.clone(), target));
+            *at = ScsiAddr {
+                bus,
+                channel: 0,
+                scsi_id: target,
+                lun: 0,
+            };
         }
-    }
-
-    fn give(&mut self, id: &str, at: &mut ScsiAddr) -> Result<()> {
-        if !at.is_auto() {
-            return Ok(());
-        }
-        let bus = self.bus.clone().ok_or_else(|| {
-            Error::InvalidSpec(format!("{id}: a SCSI device needs a SCSI controller"))
-        })?;
-        let target = (0..SCSI_TARGETS)
-            .find(|t| !self.taken.contains(&(bus.clone(), *t)))
-            .ok_or_else(|| Error::InvalidSpec(format!("{id}: no free target on {bus}")))?;
-        self.taken.insert((bus.clone(), target));
-        *at = ScsiAddr {
-            bus,
-            channel: 0,
-            scsi_id: target,
-            lun: 0,
-        };
         Ok(())
     }
+}
+
+fn free(taken: &HashSet<(String, u8)>, at: &Pci) -> bool {
+    !taken.contains(&(at.bus.clone(), at.slot))
+}
+
+/// Every PCI address of the spec, given or not, with its device's id, in the spec's order.
+fn pci_places(spec: &mut VmSpec) -> Vec<(&str, &mut Pci)> {
+    let mut out: Vec<(&str, &mut Pci)> = Vec::new();
+    out.extend(spec.root_ports.iter_mut().map(|p| (&*p.id, &mut p.pci)));
+    out.extend(
+        spec.scsi_controllers
+            .iter_mut()
+            .map(|c| (&*c.id, &mut c.pci)),
+    );
+    for d in &mut spec.disks {
+        if let DiskFrontend::VirtioBlk(at) = &mut d.frontend {
+            out.push((&d.id, at));
+        }
+    }
+    out.extend(spec.nics.iter_mut().map(|n| (&*n.id, &mut n.pci)));
+    for m in &mut spec.memory_devices {
+        if let MemoryDeviceKind::VirtioMem { pci, .. } = &mut m.kind {
+            out.push((&m.id, pci));
+        }
+    }
+    out.extend(spec.balloon.iter_mut().map(|b| (&*b.id, &mut b.pci)));
+    out.extend(
+        spec.vhost_user_blks
+            .iter_mut()
+            .map(|d| (&*d.id, &mut d.pci)),
+    );
+    out.extend(spec.virtio_fs.iter_mut().map(|d| (&*d.id, &mut d.pci)));
+    out.extend(spec.virtio_serials.iter_mut().map(|d| (&*d.id, &mut d.pci)));
+    out.extend(spec.rngs.iter_mut().map(|d| (&*d.id, &mut d.pci)));
+    out
+}
+
+/// Every SCSI address of the spec, given or not, with its device's id: disks, then CD-ROMs.
+fn scsi_places(spec: &mut VmSpec) -> Vec<(&str, &mut ScsiAddr)> {
+    let mut out: Vec<(&str, &mut ScsiAddr)> = Vec::new();
+    for d in &mut spec.disks {
+        if let DiskFrontend::ScsiHd(at) | DiskFrontend::ScsiGeneric(at) = &mut d.frontend {
+            out.push((&d.id, at));
+        }
+    }
+    for c in &mut spec.cdroms {
+        if let CdromBus::Scsi(at) = &mut c.bus {
+            out.push((&c.id, at));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

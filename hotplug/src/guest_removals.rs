@@ -10,6 +10,7 @@ use std::sync::{Arc, Weak};
 
 use futures::StreamExt;
 use qhotplug_qmp::EventKind;
+use tracing::Instrument;
 
 use crate::state::Entry;
 use crate::vm_core::Core;
@@ -43,7 +44,8 @@ pub(crate) fn watch(core: &Arc<Core>) -> tokio::task::JoinHandle<()> {
             if unasked {
                 tracing::warn!(%id, "the guest gave the device up unasked: reconciling");
                 let running = core.enter_call();
-                if let Err(e) = crate::reconcile::reconcile(&core).await {
+                let span = crate::vm_core::hotplug_span("reconcile", &id);
+                if let Err(e) = crate::reconcile::reconcile(&core).instrument(span).await {
                     tracing::warn!(%id, error = %e, "reconcile after an unasked removal");
                 }
                 drop(running);

@@ -17,7 +17,8 @@ pub enum Unreadable {
         index: usize,
     },
     /// The VNC display has a password, which QEMU never tells. The spec holds it as an
-    /// unresolved secret with reference `vnc-password` ([`VmSpec::resolve_secrets`](qhotplug_cmdline::VmSpec::resolve_secrets)).
+    /// unresolved secret with reference `vnc-password`
+    /// ([`VmSpec::resolve_secrets`](qhotplug_cmdline::VmSpec::resolve_secrets)).
     VncPassword,
     /// An image QEMU was handed as an fd whose set is gone, so nothing names its file. The spec
     /// holds `/dev/fdset/N` as its path.

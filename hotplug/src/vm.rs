@@ -488,7 +488,8 @@ impl Vm {
     /// `maxmem`/`maxcpus`, a device whose model, bus, address or backend type changed, boot
     /// order, display), each with its reason. Nothing that changes QEMU is sent: only
     /// `query-block` when a disk size is desired, and `query-balloon` when a balloon target is or
-    /// the VM has memory devices (and this process set no target). See [`Desired`] for the fields left to the SDK.
+    /// the VM has memory devices (and this process set no target). See [`Desired`] for the
+    /// fields left to the SDK.
     ///
     /// On a VM attached without a spec ([`Vm::attach_without_spec`]), what QEMU could not tell
     /// ([`Unreadable`]) is not taken for a difference: a NIC's vhost, a file console, launch

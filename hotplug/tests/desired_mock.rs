@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use qhotplug::{
-    Applied, Balloon, Cdrom, Change, CpuTopology, Desired, DeviceKind, Disk, DiskFrontend, Error,
-    IoLimits, MacAddr, Machine, Medium, MemoryDevice, MemoryDeviceKind, Nic, Outcome, Pci, Plan,
-    Rng, ScsiAddr, SerialPort, VirtioSerial, Vm, VmSpec, MIB,
+    Applied, Balloon, Cdrom, Change, CpuTopology, Desired, Disk, DiskFrontend, Error, IoLimits,
+    MacAddr, Machine, MemoryDevice, MemoryDeviceKind, Nic, Outcome, Pci, Plan, Rng, ScsiAddr,
+    SerialPort, VirtioSerial, Vm, VmSpec, MIB,
 };
 use qhotplug_mock::MockQemu;
 
@@ -42,6 +42,15 @@ fn image(dir: &Path, name: &str) -> PathBuf {
 fn tap_fd() -> std::os::fd::OwnedFd {
     let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     ours.into()
+}
+
+/// A virtio RNG on `/dev/urandom`, its address left to the SDK.
+fn rng(id: &str) -> Rng {
+    Rng {
+        id: id.into(),
+        pci: Pci::auto(),
+        source: "/dev/urandom".into(),
+    }
 }
 
 fn nic(id: &str, mac: &str) -> Nic {
@@ -100,11 +109,7 @@ fn every_kind(vm: &Vm, dir: &Path) -> VmSpec {
         pci: Pci::auto(),
     });
     with_port(&mut spec, "vs0", "p0", "org.example.0", dir.join("p0.sock"));
-    spec.rngs.push(Rng {
-        id: "r0".into(),
-        pci: Pci::auto(),
-        source: "/dev/urandom".into(),
-    });
+    spec.rngs.push(rng("r0"));
     spec
 }
 
@@ -439,11 +444,7 @@ async fn a_failed_step_skips_what_waits_for_it_and_leaves_the_rest_done() {
         "org.example.0",
         dir.path().join("p0.sock"),
     );
-    spec.rngs.push(Rng {
-        id: "r0".into(),
-        pci: Pci::auto(),
-        source: "/dev/urandom".into(),
-    });
+    spec.rngs.push(rng("r0"));
     // One at a time, so the controller's device_add is the first.
     qemu.fail_next("device_add", "injected");
     let applied = vm
@@ -632,12 +633,10 @@ async fn a_kind_the_spec_cannot_hot_add_needs_a_restart() {
     assert!(plan.steps.is_empty(), "{plan}");
     let what: Vec<&str> = plan.needs_restart.iter().map(|r| r.what.as_str()).collect();
     assert_eq!(what, ["disk chain", "CD-ROM ide0"]);
-    let _ = (DeviceKind::Disk, Medium::Image(PathBuf::new()));
 }
 
 #[tokio::test]
 async fn an_inflated_balloon_is_deflated_before_memory_goes_and_set_again_after() {
-    let dir = tempfile::tempdir().unwrap();
     let (_qemu, vm) = attached().await;
     let mut spec = vm.spec();
     spec.balloon = Some(Balloon {
@@ -651,7 +650,6 @@ async fn an_inflated_balloon_is_deflated_before_memory_goes_and_set_again_after(
         .await
         .unwrap();
     assert_all_done(&applied);
-    let _ = dir;
     spec.memory_devices.clear();
     let plan = vm.plan(&Desired::new(spec.clone())).await.unwrap();
     let whole = format!("balloon target {}", (128 + 128) * MIB);
@@ -677,11 +675,7 @@ async fn a_device_the_guest_gives_up_unasked_leaves_the_view_and_apply_adds_it_a
         image(dir.path(), "d0.raw"),
         Pci::auto(),
     ));
-    spec.rngs.push(Rng {
-        id: "r0".into(),
-        pci: Pci::auto(),
-        source: "/dev/urandom".into(),
-    });
+    spec.rngs.push(rng("r0"));
     assert_all_done(&vm.apply(Desired::new(spec.clone())).await.unwrap());
     // The guest ejects the RNG by itself: the SDK follows, its backend deleted.
     qemu.guest_eject("r0");

@@ -41,7 +41,7 @@ const FAULTS: [&str; 12] = [
     "block_resize",
     "set_link",
     "device_del",
-    "blockdev-change-medium",
+    "blockdev-insert-medium",
 ];
 
 fn tap_prefix() -> String {

@@ -133,6 +133,44 @@ fn a_scsi_disk_comes_and_goes_without_a_guest_and_its_target_is_reused() {
     });
 }
 
+/// A device that goes without the SDK asking (here a raw `device_del` of a `scsi-hd`, which
+/// leaves at once without a guest; in a guest, its own eject) leaves the view by itself: the
+/// SDK reads its `DEVICE_DELETED`, forgets it and deletes its nodes and fd set.
+#[test]
+fn a_disk_removed_behind_the_sdks_back_leaves_the_view_with_its_backends() {
+    qhotplug_tests::serial_test(async {
+        let t = TestVm::launch(pc_spec()).await;
+        // Running: QEMU before 9.1 lists a removed fd set while paused, until it runs.
+        t.vm.resume().await.unwrap();
+        let path = t.image("gone.raw", 1);
+        let before = t.snapshot().await;
+        t.vm.add_disk(DiskConfig::scsi_hd("gone", &path))
+            .await
+            .unwrap();
+        let mut events = t.vm.client().events();
+        t.vm.client()
+            .execute(&qhotplug_qmp::command::DeviceDel { id: "gone".into() })
+            .await
+            .unwrap();
+        qhotplug_tests::guest::deleted(&mut events, "gone").await;
+        // The reconcile the SDK runs for it is a call: settle waits for it, once it started.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !t.vm.spec().disks.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the view kept the disk"
+            );
+            t.vm.settle().await;
+            tokio::task::yield_now().await;
+        }
+        t.vm.settle().await;
+        let after = t.snapshot().await;
+        assert_eq!(after.nodes, before.nodes, "its nodes are deleted");
+        assert_eq!(after.fdsets, before.fdsets, "its fd set is removed");
+        assert!(t.vm.reconcile().await.unwrap().is_empty());
+    });
+}
+
 #[test]
 fn sixteen_concurrent_disk_adds_get_sixteen_slots() {
     qhotplug_tests::serial_test(async {

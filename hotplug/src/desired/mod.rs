@@ -33,9 +33,9 @@ pub const DEFAULT_CONCURRENCY: usize = 8;
 /// [`Pci::auto`](qhotplug_cmdline::Pci::auto) or
 /// [`ScsiAddr::auto`](qhotplug_cmdline::ScsiAddr::auto), the vCPUs' ids (only their count
 /// matters: `smp` plus `vcpus`, so a desired count is `smp = n` with `vcpus` empty, or
-/// `vm.spec()`'s vCPUs kept), a disk's generation, backing chain and checkpoints (what the SDK's storage jobs
-/// made; a disk whose path is any image of its chain is that disk), a CD-ROM's generation, a
-/// memory backend's id.
+/// `vm.spec()`'s vCPUs kept), a disk's generation, backing chain and checkpoints (what the
+/// SDK's storage jobs made; a disk whose path is any image of its chain is that disk), a
+/// CD-ROM's generation, a memory backend's id.
 ///
 /// ```
 /// use qhotplug::{Desired, Disk, Machine, Pci, VmSpec};
@@ -90,8 +90,8 @@ impl Desired {
         self
     }
 
-    /// The balloon's target, in bytes of guest memory ([`Vm::set_balloon`](crate::Vm::set_balloon)).
-    /// It is compared with the last target this process set, else with what QEMU reports the
+    /// The balloon's target, in bytes of guest memory
+    /// ([`Vm::set_balloon`](crate::Vm::set_balloon)). It is compared with the last target this process set, else with what QEMU reports the
     /// guest has (`query-balloon`).
     pub fn balloon_target(mut self, bytes: u64) -> Self {
         self.balloon_target = Some(bytes);
@@ -121,7 +121,10 @@ impl Desired {
 /// for (`query-block`), and the balloon's target when one is desired or the VM has memory
 /// devices (as last set, else `query-balloon`).
 pub(crate) async fn seen(core: &Core, desired: &Desired) -> Result<plan::Seen> {
-    let actual = core.state().spec().clone();
+    let (actual, last_set) = {
+        let state = core.state();
+        (state.spec().clone(), state.balloon_target)
+    };
     let mut disk_sizes = HashMap::new();
     let sized: Vec<_> = (actual.disks.iter())
         .filter(|d| desired.disk_sizes.contains_key(&d.id))
@@ -132,7 +135,6 @@ pub(crate) async fn seen(core: &Core, desired: &Desired) -> Result<plan::Seen> {
             disk_sizes.insert(disk.id.clone(), blocks.disk_size(disk)?);
         }
     }
-    let last_set = core.state().balloon_target;
     // Wanted for a target to compare, or for memory devices that may go (a balloon is deflated
     // first).
     let wanted = desired.balloon_target.is_some() || !actual.memory_devices.is_empty();
@@ -150,7 +152,7 @@ pub(crate) async fn seen(core: &Core, desired: &Desired) -> Result<plan::Seen> {
     for disk in desired.spec.disks.iter().filter(|d| {
         desired.disk_sizes.contains_key(&d.id) && !actual.disks.iter().any(|a| a.id == d.id)
     }) {
-        if let Some(size) = image_size(&disk.path, disk.format) {
+        if let Some(size) = crate::kinds::disk::image_size(&disk.path, disk.format) {
             disk_sizes.insert(disk.id.clone(), size);
         }
     }
@@ -164,27 +166,6 @@ pub(crate) async fn seen(core: &Core, desired: &Desired) -> Result<plan::Seen> {
             .unwrap_or_else(|p| p.into_inner())
             .clone(),
     })
-}
-
-/// The size the guest sees of the image at `path`: a raw file's length, a qcow2 header's size.
-/// `None` for anything else (a block device, a network disk, a file that cannot be read).
-fn image_size(path: &std::path::Path, format: qhotplug_cmdline::Format) -> Option<u64> {
-    use std::io::Read;
-    match format {
-        qhotplug_cmdline::Format::Raw => std::fs::metadata(path)
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| m.len()),
-        qhotplug_cmdline::Format::Qcow2 => {
-            let mut header = [0u8; 32];
-            std::fs::File::open(path)
-                .ok()?
-                .read_exact(&mut header)
-                .ok()?;
-            let size: [u8; 8] = header[24..32].try_into().ok()?;
-            (&header[..4] == b"QFI\xfb").then(|| u64::from_be_bytes(size))
-        }
-    }
 }
 
 /// What it takes to make the VM match a [`Desired`]: [`Plan::steps`] in an order that respects

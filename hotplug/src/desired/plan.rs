@@ -17,12 +17,11 @@
 //! memory removals for the balloon's deflation (or removal), a balloon target for memory
 //! removals.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use qhotplug_cmdline::names;
 use qhotplug_cmdline::{
-    CdromBus, Disk, DiskBackend, DiskFrontend, MemoryBackend, MemoryDeviceKind, Pci, ScsiAddr,
-    VmSpec,
+    CdromBus, Disk, DiskBackend, DiskFrontend, MemoryBackend, MemoryDeviceKind, VmSpec,
 };
 
 use super::{Change, Desired, Plan, Restart, Step};
@@ -175,25 +174,22 @@ impl Planner<'_> {
         if ports(a) != ports(d) {
             self.needs_restart("root_ports", "root ports cannot be hot-plugged");
         }
-        for c in &d.scsi_controllers {
-            let same = a
+        // A controller only one side has, or one the desired spec moved.
+        let moved = |c: &qhotplug_cmdline::ScsiController, other: &VmSpec, given: bool| {
+            !other
                 .scsi_controllers
                 .iter()
-                .any(|x| x.id == c.id && (c.pci.is_auto() || x.pci == c.pci));
-            if !same {
-                self.needs_restart(
-                    format!("SCSI controller {}", c.id),
-                    "the SDK does not hot-plug controllers",
-                );
-            }
-        }
-        for c in &a.scsi_controllers {
-            if !d.scsi_controllers.iter().any(|x| x.id == c.id) {
-                self.needs_restart(
-                    format!("SCSI controller {}", c.id),
-                    "the SDK does not hot-plug controllers",
-                );
-            }
+                .any(|x| x.id == c.id && (!given || c.pci.is_auto() || x.pci == c.pci))
+        };
+        let changed: BTreeSet<&str> = (d.scsi_controllers.iter().filter(|c| moved(c, a, true)))
+            .chain(a.scsi_controllers.iter().filter(|c| moved(c, d, false)))
+            .map(|c| c.id.as_str())
+            .collect();
+        for id in changed {
+            self.needs_restart(
+                format!("SCSI controller {id}"),
+                "the SDK does not hot-plug controllers",
+            );
         }
         if a.cdroms.iter().find(|c| c.boot).map(|c| &c.id)
             != d.cdroms.iter().find(|c| c.boot).map(|c| &c.id)
@@ -290,14 +286,15 @@ impl Planner<'_> {
         if let Some(reason) = not_live {
             return self.needs_restart(what, reason);
         }
-        let i = self.step(
+        self.step(
             Change::Add {
                 kind: device.kind(),
                 id: id.to_owned(),
             },
             Some(device.clone()),
         );
-        // What the hot-add cannot say: a new disk's size, a NIC's link down.
+        // What the hot-add cannot say: a new disk's size, a NIC's link down (each after the
+        // addition, by the live-change rule of `waits_for`).
         if let Device::Disk(_) = device {
             let sizes = (
                 self.desired.disk_sizes.get(id),
@@ -305,28 +302,15 @@ impl Planner<'_> {
             );
             if let (Some(&to), Some(&from)) = sizes {
                 if to != from {
-                    let resize = self.step(
-                        Change::ResizeDisk {
-                            id: id.to_owned(),
-                            from,
-                            to,
-                        },
-                        None,
-                    );
-                    self.steps[resize].after.push(i);
+                    let id = id.to_owned();
+                    self.step(Change::ResizeDisk { id, from, to }, None);
                 }
             }
         }
         if let Device::Nic(n) = device {
             if !n.link_up {
-                let link = self.step(
-                    Change::SetLink {
-                        id: n.id.clone(),
-                        up: false,
-                    },
-                    None,
-                );
-                self.steps[link].after.push(i);
+                let id = n.id.clone();
+                self.step(Change::SetLink { id, up: false }, None);
             }
         }
     }
@@ -562,38 +546,42 @@ fn same_given_place(added: &Device, removed: &Device) -> bool {
     }
 }
 
-/// What differs between a device the VM has (`a`) and the desired one (`d`), of one kind and id.
+/// What differs between a device the VM has (`a`) and the desired one (`d`), of one kind and id:
+/// its model, then its place (one check for every kind, through `Place`), then what it is made
+/// of and its live values.
 fn diff(a: &Device, d: &Device, desired: &Desired, seen: &Seen) -> Diff {
+    if let Some(reason) = model_change(a, d) {
+        return Diff::Restart(reason.into());
+    }
+    if !same_place(&a.place(), &d.place()) {
+        return Diff::Restart(format!(
+            "its address changed ({:?} → {:?})",
+            a.place(),
+            d.place()
+        ));
+    }
     match (a, d) {
         (Device::Disk(a), Device::Disk(d)) => disk_diff(a, d, desired, seen),
         (Device::Nic(a), Device::Nic(d)) => {
-            if !same_pci(&a.pci, &d.pci) {
-                return Diff::Restart(moved(&a.pci, &d.pci));
-            }
             // QMP reports neither a NIC's link nor its vhost (`Unreadable::NicLink`).
-            let vhost_unknown = seen
+            let link_unknown = seen
                 .unreadable
                 .iter()
                 .any(|u| matches!(u, Unreadable::NicLink { device } if *device == d.id));
-            if a.mac != d.mac || a.queues != d.queues || (a.vhost != d.vhost && !vhost_unknown) {
+            if a.mac != d.mac || a.queues != d.queues || (a.vhost != d.vhost && !link_unknown) {
                 return Diff::Replace("its MAC, queues or vhost");
             }
             // A link QMP could not read is set, whatever the spec holds in its place.
-            live(a.link_up != d.link_up || vhost_unknown, || {
-                Change::SetLink {
-                    id: d.id.clone(),
-                    up: d.link_up,
-                }
+            live(a.link_up != d.link_up || link_unknown, || Change::SetLink {
+                id: d.id.clone(),
+                up: d.link_up,
             })
         }
         (Device::Cdrom(a), Device::Cdrom(d)) => {
-            let place = match (&a.bus, &d.bus) {
-                (CdromBus::Scsi(x), CdromBus::Scsi(y)) => same_scsi(x, y),
-                (CdromBus::Ide(x), CdromBus::Ide(y)) => x == y,
-                _ => return Diff::Restart("its bus changed (IDE and SCSI)".into()),
-            };
-            if !place {
-                return Diff::Restart("its address changed".into());
+            if let (CdromBus::Ide(x), CdromBus::Ide(y)) = (&a.bus, &d.bus) {
+                if x != y {
+                    return Diff::Restart("its IDE unit changed".into());
+                }
             }
             live(a.medium != d.medium, || Change::ChangeMedium {
                 id: d.id.clone(),
@@ -601,59 +589,33 @@ fn diff(a: &Device, d: &Device, desired: &Desired, seen: &Seen) -> Diff {
             })
         }
         (Device::Memory(a), Device::Memory(d)) => {
-            let requested = match (&a.kind, &d.kind) {
-                (MemoryDeviceKind::Dimm, MemoryDeviceKind::Dimm) => None,
-                (
-                    MemoryDeviceKind::VirtioMem {
-                        pci: pa,
-                        requested: ra,
-                    },
-                    MemoryDeviceKind::VirtioMem {
-                        pci: pd,
-                        requested: rd,
-                    },
-                ) => {
-                    if !same_pci(pa, pd) {
-                        return Diff::Restart(moved(pa, pd));
-                    }
-                    Some((*ra, *rd))
-                }
-                _ => return Diff::Restart("its model changed (DIMM and virtio-mem)".into()),
-            };
             if !same_backend(Some(&a.backend), Some(&d.backend)) {
                 return Diff::Replace("its memory backend");
             }
-            match requested {
-                Some((from, to)) if from != to => Diff::Live(vec![Change::ResizeVirtioMem {
+            match (&a.kind, &d.kind) {
+                (
+                    MemoryDeviceKind::VirtioMem {
+                        requested: from, ..
+                    },
+                    MemoryDeviceKind::VirtioMem { requested: to, .. },
+                ) if from != to => Diff::Live(vec![Change::ResizeVirtioMem {
                     id: d.id.clone(),
-                    from,
-                    to,
+                    from: *from,
+                    to: *to,
                 }]),
                 _ => Diff::Same,
             }
         }
-        (Device::Balloon(a), Device::Balloon(d)) => place_only(&a.pci, &d.pci),
-        (Device::VhostUserBlk(a), Device::VhostUserBlk(d)) => {
-            if !same_pci(&a.pci, &d.pci) {
-                return Diff::Restart(moved(&a.pci, &d.pci));
-            }
-            replace_if(
-                a.socket != d.socket || (d.num_queues.is_some() && a.num_queues != d.num_queues),
-                "its socket or queues",
-            )
-        }
-        (Device::VirtioFs(a), Device::VirtioFs(d)) => {
-            if !same_pci(&a.pci, &d.pci) {
-                return Diff::Restart(moved(&a.pci, &d.pci));
-            }
-            replace_if(
-                a.socket != d.socket
-                    || a.tag != d.tag
-                    || (d.queue_size.is_some() && a.queue_size != d.queue_size),
-                "its socket, tag or queue size",
-            )
-        }
-        (Device::VirtioSerial(a), Device::VirtioSerial(d)) => place_only(&a.pci, &d.pci),
+        (Device::VhostUserBlk(a), Device::VhostUserBlk(d)) => replace_if(
+            a.socket != d.socket || (d.num_queues.is_some() && a.num_queues != d.num_queues),
+            "its socket or queues",
+        ),
+        (Device::VirtioFs(a), Device::VirtioFs(d)) => replace_if(
+            a.socket != d.socket
+                || a.tag != d.tag
+                || (d.queue_size.is_some() && a.queue_size != d.queue_size),
+            "its socket, tag or queue size",
+        ),
         (Device::SerialPort(a), Device::SerialPort(d)) => {
             if a.bus != d.bus {
                 return Diff::Restart(format!("its controller changed ({} → {})", a.bus, d.bus));
@@ -663,26 +625,29 @@ fn diff(a: &Device, d: &Device, desired: &Desired, seen: &Seen) -> Diff {
                 "its name or socket",
             )
         }
-        (Device::Rng(a), Device::Rng(d)) => {
-            if !same_pci(&a.pci, &d.pci) {
-                return Diff::Restart(moved(&a.pci, &d.pci));
-            }
-            replace_if(a.source != d.source, "its source")
+        (Device::Rng(a), Device::Rng(d)) => replace_if(a.source != d.source, "its source"),
+        // The balloon and a virtio-serial controller are their place alone.
+        _ => Diff::Same,
+    }
+}
+
+/// Why the device's model changed, if it did: a disk's frontend, a CD-ROM's bus, a memory
+/// device's sort.
+fn model_change(a: &Device, d: &Device) -> Option<&'static str> {
+    use std::mem::discriminant;
+    match (a, d) {
+        (Device::Disk(a), Device::Disk(d)) => {
+            (discriminant(&a.frontend) != discriminant(&d.frontend)).then_some("its model changed")
         }
-        _ => Diff::Restart("its kind changed".into()),
+        (Device::Cdrom(a), Device::Cdrom(d)) => (discriminant(&a.bus) != discriminant(&d.bus))
+            .then_some("its bus changed (IDE and SCSI)"),
+        (Device::Memory(a), Device::Memory(d)) => (discriminant(&a.kind) != discriminant(&d.kind))
+            .then_some("its model changed (DIMM and virtio-mem)"),
+        _ => None,
     }
 }
 
 fn disk_diff(a: &Disk, d: &Disk, desired: &Desired, seen: &Seen) -> Diff {
-    let place = match (&a.frontend, &d.frontend) {
-        (DiskFrontend::VirtioBlk(x), DiskFrontend::VirtioBlk(y)) => same_pci(x, y),
-        (DiskFrontend::ScsiHd(x), DiskFrontend::ScsiHd(y))
-        | (DiskFrontend::ScsiGeneric(x), DiskFrontend::ScsiGeneric(y)) => same_scsi(x, y),
-        _ => return Diff::Restart("its model changed".into()),
-    };
-    if !place {
-        return Diff::Restart("its address changed".into());
-    }
     if std::mem::discriminant(&a.backend) != std::mem::discriminant(&d.backend) {
         return Diff::Restart("its backend type changed (file, host device, network)".into());
     }
@@ -750,31 +715,14 @@ fn replace_if(differs: bool, why: &'static str) -> Diff {
     }
 }
 
-fn place_only(a: &Pci, d: &Pci) -> Diff {
-    if same_pci(a, d) {
-        Diff::Same
-    } else {
-        Diff::Restart(moved(a, d))
+/// A desired address left to the SDK (`Pci::auto`, `ScsiAddr::auto`) matches any; a place QEMU
+/// picks (a DIMM slot, an IDE unit) is not compared here.
+fn same_place(actual: &Place, desired: &Place) -> bool {
+    match (actual, desired) {
+        (Place::Pci(a), Place::Pci(d)) => d.is_auto() || a == d,
+        (Place::Scsi(a), Place::Scsi(d)) => d.is_auto() || a == d,
+        (a, d) => a == d,
     }
-}
-
-/// A desired address left to the SDK matches any.
-fn same_pci(actual: &Pci, desired: &Pci) -> bool {
-    desired.is_auto() || actual == desired
-}
-
-fn same_scsi(actual: &ScsiAddr, desired: &ScsiAddr) -> bool {
-    desired.is_auto() || actual == desired
-}
-
-fn moved(a: &Pci, d: &Pci) -> String {
-    format!(
-        "its address changed ({} {} → {} {})",
-        a.bus,
-        a.addr(),
-        d.bus,
-        d.addr()
-    )
 }
 
 /// The same `maxcpus` (the boot count when none is given), and the same sockets, cores and

@@ -6,7 +6,7 @@
 //! image for a process that attaches later. Teardown: the format node, then the protocol node,
 //! then the disk's fd sets (`remove-fd`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use qhotplug_cmdline::{
     Cache, DeviceModel, Disk, DiskBackend, DiskFrontend, ErrorPolicy, Format, NetworkSource, Pci,
@@ -301,5 +301,38 @@ impl Placed for Disk {
             );
         }
         steps
+    }
+}
+
+/// The first bytes of a qcow2 image: its magic, and (at 24) its size.
+const QCOW2_HEADER: usize = 32;
+
+/// The first [`QCOW2_HEADER`] bytes of the image at `path`, when it is a qcow2 image.
+fn qcow2_header(path: &Path) -> Option<[u8; QCOW2_HEADER]> {
+    let mut header = [0u8; QCOW2_HEADER];
+    std::io::Read::read_exact(&mut std::fs::File::open(path).ok()?, &mut header).ok()?;
+    (&header[..4] == b"QFI\xfb").then_some(header)
+}
+
+/// The format of the image at `path`: qcow2 by its magic, else raw.
+pub(crate) fn format_of(path: &Path) -> Format {
+    match qcow2_header(path) {
+        Some(_) => Format::Qcow2,
+        None => Format::Raw,
+    }
+}
+
+/// The size a guest sees of the image at `path` in `format`: a raw file's length, a qcow2
+/// header's size. `None` for anything else (a block device, a file that cannot be read).
+pub(crate) fn image_size(path: &Path, format: Format) -> Option<u64> {
+    match format {
+        Format::Raw => std::fs::metadata(path)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len()),
+        Format::Qcow2 => {
+            let header = qcow2_header(path)?;
+            Some(u64::from_be_bytes(header[24..32].try_into().ok()?))
+        }
     }
 }

@@ -83,7 +83,7 @@ pub(crate) async fn prepare(
                     ..
                 } => Some(DiskLayer {
                     path: path.clone(),
-                    format: new_image::format_of(path),
+                    format: crate::kinds::disk::format_of(path),
                     generation: 0,
                     checkpoints: Vec::new(),
                 }),

@@ -173,7 +173,7 @@ async fn mirror_target(core: &Core, disk: &Disk) -> Result<Option<(PathBuf, Form
     let [target] = &targets[..] else {
         return Ok(None);
     };
-    let format = crate::storage::new_image::format_of(target);
+    let format = crate::kinds::disk::format_of(target);
     Ok(Some((target.clone(), format)))
 }
 

@@ -112,20 +112,6 @@ pub(crate) async fn create<H: Hold>(
     Ok(image)
 }
 
-/// The format of the image at `path`: qcow2 by its magic, else raw.
-pub(crate) fn format_of(path: &Path) -> Format {
-    let mut magic = [0u8; 4];
-    let qcow2 = std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-        .is_ok()
-        && &magic == b"QFI\xfb";
-    if qcow2 {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    }
-}
-
 /// Creates the file (never an existing one) and opens it read-write. A raw image is made `size`
 /// bytes here; a qcow2 one is formatted by QEMU.
 fn create_file(path: &Path, format: Format, size: u64) -> Result<std::fs::File> {
