@@ -321,6 +321,38 @@ async fn a_push_backup_runs_to_its_end_and_rolls_back_at_each_step() {
     .await;
 }
 
+/// The `x-perf` of every `blockdev-backup` the mock was asked for, in order.
+fn backup_perf(qemu: &MockQemu) -> Vec<serde_json::Value> {
+    qemu.requests()
+        .into_iter()
+        .filter(|(command, _)| command == "transaction")
+        .flat_map(|(_, args)| args["actions"].as_array().cloned().unwrap_or_default())
+        .filter(|action| action["type"] == "blockdev-backup")
+        .map(|action| action["data"]["x-perf"].clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_push_backup_copies_with_copy_offloading_unless_told_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_disk(dir.path()).await;
+    let d = dir.path();
+    backed_up(&vm, BackupConfig::full().disk("a", d.join("1.qcow2"))).await;
+    let tuned = BackupConfig::full()
+        .disk("a", d.join("2.qcow2"))
+        .copy_offload(false)
+        .workers(8)
+        .max_chunk(1 << 20);
+    backed_up(&vm, tuned).await;
+    assert_eq!(
+        backup_perf(&qemu),
+        [
+            serde_json::json!({"use-copy-range": true}),
+            serde_json::json!({"use-copy-range": false, "max-workers": 8, "max-chunk": 1 << 20}),
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_pull_backup_serves_each_disk_and_tears_down_and_rolls_back_at_each_step() {
     let dir = tempfile::tempdir().unwrap();

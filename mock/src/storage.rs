@@ -133,6 +133,7 @@ pub(crate) const COMMANDS: &[(&str, &[&str])] = &[
             "bitmap",
             "auto-finalize",
             "auto-dismiss",
+            "x-perf",
         ],
     ),
     ("blockdev-snapshot", &["node", "overlay"]),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use qhotplug::{BackupConfig, CheckpointProblem, DiskConfig, Error, Format, NbdServer, PullConfig};
 use qhotplug_qmp::command::QueryJobs;
-use qhotplug_tests::storage::{own_data, qcow2_data_image, write_64k, SmallFs};
+use qhotplug_tests::storage::{own_data, qcow2_data_image, same_contents, write_64k, SmallFs};
 use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
 
 const DONE: Duration = Duration::from_secs(60);
@@ -134,6 +134,38 @@ fn two_disks_backed_up_together_fail_together_and_lose_nothing() {
             .all(|disk| disk.checkpoints == ["c1"]));
         assert!(t.vm.client().execute(&QueryJobs).await.unwrap().is_empty());
         assert_eq!(t.snapshot().await, before);
+    });
+}
+
+#[test]
+fn a_backup_copies_the_same_bytes_with_copy_offloading_without_it_and_across_file_systems() {
+    qhotplug_tests::serial_test(async {
+        let (t, _mon2, dir) = with_two_disks().await;
+        let d = dir.path();
+        let source = t.vm.spec().disks[0].path.clone();
+        // Another file system: copy_file_range cannot cross it, and QEMU falls back.
+        let other = SmallFs::mount(d, "other", 16);
+        let targets = [
+            ("offloaded", d.join("offloaded.raw"), BackupConfig::full()),
+            (
+                "read and written, 8 workers of 256 KiB",
+                d.join("tuned.raw"),
+                BackupConfig::full()
+                    .copy_offload(false)
+                    .workers(8)
+                    .max_chunk(256 << 10),
+            ),
+            (
+                "on another file system",
+                other.0.join("o.raw"),
+                BackupConfig::full(),
+            ),
+        ];
+        for (what, target, config) in targets {
+            let config = config.format(Format::Raw).disk("a", &target);
+            backed_up(&t, config).await;
+            assert!(same_contents(&source, &target), "{what}");
+        }
     });
 }
 

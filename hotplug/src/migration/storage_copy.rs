@@ -55,6 +55,12 @@ const REPORT_EVERY: Duration = Duration::from_millis(500);
 
 /// A migration's storage copy ([`MigrationOptions::copy_storage`](crate::MigrationOptions)):
 /// the target's NBD server address, which disks, and how.
+///
+/// Each disk is a mirror onto the target's NBD export with QEMU's defaults, which copy at
+/// `qemu-img convert`'s rate over a Unix socket on this project's machines (BENCHMARKS.md): the
+/// target's cluster size as granularity, up to 16 MiB in flight as requests of up to 1 MiB, no
+/// rate limit, guest writes copied in the background. [`buffer`](StorageCopy::buffer) and
+/// [`write_blocking`](StorageCopy::write_blocking) change them.
 #[derive(Debug, Clone)]
 pub struct StorageCopy {
     server: NbdServer,
@@ -62,6 +68,7 @@ pub struct StorageCopy {
     disks: Option<Vec<String>>,
     shallow: bool,
     write_blocking: bool,
+    buffer: Option<u64>,
     ready_timeout: Duration,
 }
 
@@ -75,6 +82,7 @@ impl StorageCopy {
             disks: None,
             shallow: false,
             write_blocking: false,
+            buffer: None,
             ready_timeout: Duration::from_secs(3600),
         }
     }
@@ -109,6 +117,12 @@ impl StorageCopy {
     /// that writes faster than the copy cannot keep it from converging.
     pub fn write_blocking(mut self, on: bool) -> Self {
         self.write_blocking = on;
+        self
+    }
+
+    /// The most bytes in flight from each disk to its copy (`buf-size`; QEMU's default 16 MiB).
+    pub fn buffer(mut self, bytes: u64) -> Self {
+        self.buffer = Some(bytes);
         self
     }
 
@@ -354,6 +368,7 @@ async fn mirror(
         speed: None,
         copy_mode: copy.write_blocking.then(|| "write-blocking".into()),
         auto_dismiss: Some(false),
+        buf_size: copy.buffer,
     };
     copies
         .source

@@ -292,6 +292,7 @@ pub(crate) async fn start(core: &Arc<Core>, config: PullConfig) -> Result<PullBa
             speed: None,
             auto_finalize: None,
             auto_dismiss: Some(false),
+            x_perf: None,
         }));
         undos.push(Delete::Job(names::pull_job(&disk.id)));
         served.push(Served {

@@ -110,6 +110,10 @@ command!(
         /// Keep the job after it concluded, until `job-dismiss`.
         #[serde(skip_serializing_if = "Option::is_none")]
         auto_dismiss: Option<bool>,
+        /// The most bytes in flight from source to target (absent: QEMU's 16 MiB, as 16
+        /// requests of up to 1 MiB).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        buf_size: Option<u64>,
     } -> Empty
 );
 
@@ -199,8 +203,29 @@ command!(
         /// Keep the job after it concluded, until `job-dismiss`.
         #[serde(skip_serializing_if = "Option::is_none")]
         auto_dismiss: Option<bool>,
+        /// How the job copies (`x-perf`, an unstable member: send it only to a QEMU whose schema
+        /// has it).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        x_perf: Option<BackupPerf>,
     } -> Empty
 );
+
+/// `BackupPerf`: how a backup job copies (`blockdev-backup`'s `x-perf`). Absent members take
+/// QEMU's defaults: no copy offloading, 64 workers, chunks of any size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BackupPerf {
+    /// Copy with the host's copy offloading (`copy_file_range`) where both nodes allow it; QEMU
+    /// falls back to reading and writing where they do not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub use_copy_range: Option<bool>,
+    /// How many requests the job keeps in flight.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_workers: Option<u32>,
+    /// The largest request in bytes (0: no limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_chunk: Option<u64>,
+}
 
 /// One action of a `transaction` (`{"type": "blockdev-snapshot", "data": {…}}`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
