@@ -11,11 +11,32 @@ use qhotplug_qmp::command::{
     QueryChardev, QueryFdsets, QueryHotpluggableCpus, QueryMemoryDevices, QueryPci,
 };
 
-/// A VM launched for a test, with its scratch directory. QEMU is killed when it is dropped.
+/// A VM launched for a test, with its scratch directory. QEMU is killed when it is dropped,
+/// even when a test leaked a handle on it (a job handle `mem::forget`-ed to play a process that
+/// died keeps the VM's core, whose drop would otherwise end QEMU): such a QEMU outlived its test
+/// and held its memory.
 pub struct TestVm {
     /// The handle under test.
     pub vm: Vm,
     dir: tempfile::TempDir,
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        let Some(pid) = self.vm.pid() else {
+            return;
+        };
+        // Only our own QEMU child: after a `quit` the SDK has reaped it, and the pid may be
+        // another process's by now.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ours = stat.split_once(") ").is_some_and(|(name, rest)| {
+            let parent = rest.split(' ').nth(1).and_then(|p| p.parse::<u32>().ok());
+            name.contains("(qemu-system") && parent == Some(std::process::id())
+        });
+        if ours {
+            let _ = crate::sys::kill(pid, libc::SIGKILL);
+        }
+    }
 }
 
 /// Adds the guest agent's port to `spec`: a virtio-serial controller `vser0` at slot 8 of the
