@@ -8,14 +8,18 @@
 //!   `blockdev-add` ×2, one `transaction` of the previous checkpoint's `disable`, the new one's
 //!   `add` and `blockdev-backup`, `JOB_STATUS_CHANGE` `concluded`, `job-dismiss`, `blockdev-del`
 //!   ×2, and the target's fd set removed as the SDK's sweep does: `query-fdsets`,
-//!   `query-named-block-nodes`, `remove-fd`); rounds alternate who goes first. Then, for scale,
-//!   `qemu-img convert` of the same image to raw.
+//!   `query-named-block-nodes`, `remove-fd`; the job with the SDK's `x-perf`, copy offloading).
+//! - **Beside the host's copy:** each round also times `qemu-img convert` of the same image to
+//!   raw in the same place, and the SDK's backup with `copy_offload(false)` (QEMU's defaults);
+//!   the four go in an order that rotates from round to round. `ratio_convert` is the median of
+//!   the rounds' convert time / SDK time (the SDK's copy rate as a share of `qemu-img`'s), and
+//!   `ratio_convert_without_offloading` the same for the backup without offloading.
 //! - **Incremental after 1 % changed, beside the full:** 1 % of the disk written through the
 //!   device (HMP `qemu-io`, 82 × 64 KiB spread over it), then an incremental backup to qcow2,
 //!   timed with the size it allocates, beside the full backups above.
 //!
 //! Prints each round and, last, `ratio_wall=…` (floor time / SDK time, the median of per-pair
-//! ratios).
+//! ratios) and `ratio_convert=…`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,7 +28,7 @@ use qhotplug::{BackupConfig, DiskConfig, Format};
 use qhotplug_cmdline::names;
 use qhotplug_qmp::command::AddFd;
 use qhotplug_tests::raw::{encode, RawMonitor};
-use qhotplug_tests::storage::write_64k;
+use qhotplug_tests::storage::{convert_time, write_64k};
 use serde_json::json;
 
 const PAIRS: usize = 8;
@@ -76,7 +80,8 @@ fn raw_round(mon: &Path, id: &str, round: usize, target: &Path) -> Duration {
         "data": {"node": node, "name": format!("c{round}"), "persistent": true}}));
     actions.push(
         json!({"type": "blockdev-backup", "data": {"job-id": job, "device": node,
-        "target": fmt_node, "sync": "full", "auto-dismiss": false}}),
+        "target": fmt_node, "sync": "full", "auto-dismiss": false,
+        "x-perf": {"use-copy-range": true}}}),
     );
     raw.send("transaction", &json!({ "actions": actions }), None);
     raw.wait_event("JOB_STATUS_CHANGE", |d| {
@@ -101,7 +106,29 @@ fn ms(took: Duration) -> f64 {
     took.as_secs_f64() * 1e3
 }
 
+/// Copies the 64 KiB blocks at `offsets` of `from` into a new file `to` at the same offsets, by
+/// `pread` and `pwrite`, and returns how long it took: the blocks of an incremental copied alone.
+fn copy_blocks(from: &Path, to: &Path, offsets: &[u64]) -> Duration {
+    use std::os::unix::fs::FileExt;
+    let start = Instant::now();
+    let source = std::fs::File::open(from).unwrap();
+    let target = std::fs::File::create(to).unwrap();
+    let mut block = vec![0u8; 64 << 10];
+    for &at in offsets {
+        source.read_exact_at(&mut block, at).unwrap();
+        target.write_all_at(&block, at).unwrap();
+    }
+    target.sync_data().unwrap();
+    let took = start.elapsed();
+    std::fs::remove_file(to).unwrap();
+    took
+}
+
 async fn run() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let timings = qhotplug_tests::timing::Timings::new();
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(timings.clone()))
+        .unwrap();
     let (t, dir, mon) = qhotplug_tests::storage_bench_vm().await;
     let d = dir.path().to_owned();
     let sdk_src = qhotplug_tests::storage::qcow2_data_image(&d, "sdk", MIB as usize, 1);
@@ -111,60 +138,69 @@ async fn run() {
         t.vm.add_disk(disk).await.unwrap();
     }
     println!("full backup of a 512 MiB qcow2 image to raw, with a checkpoint (QEMU, no guest), {PAIRS} pairs");
-    let (mut sdk, mut floor) = (Vec::new(), Vec::new());
+    let (mut sdk, mut floor, mut host, mut no_offload) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..PAIRS {
         let sdk_to = d.join(format!("sdk-full-{round}.raw"));
         let raw_to = d.join(format!("raw-full-{round}.raw"));
-        let sdk_round = async {
-            let start = Instant::now();
-            let backup = BackupConfig::full()
-                .format(Format::Raw)
-                .disk("s", &sdk_to)
-                .checkpoint(format!("c{round}"));
-            t.vm.backup(backup).await.unwrap().wait(DONE).await.unwrap();
-            start.elapsed()
-        };
-        let raw = |to: std::path::PathBuf| {
-            let mon = mon.clone();
-            tokio::task::spawn_blocking(move || raw_round(&mon, "r", round, &to))
-        };
-        let (s, f) = if round % 2 == 0 {
-            let s = sdk_round.await;
-            (s, raw(raw_to.clone()).await.unwrap())
-        } else {
-            let f = raw(raw_to.clone()).await.unwrap();
-            (sdk_round.await, f)
-        };
+        let (mut s, mut f, mut c, mut plain) = (None, None, None, None);
+        // The four in an order that rotates from round to round.
+        for turn in 0..4 {
+            match (round + turn) % 4 {
+                0 => {
+                    let start = Instant::now();
+                    let backup = BackupConfig::full()
+                        .format(Format::Raw)
+                        .disk("s", &sdk_to)
+                        .checkpoint(format!("c{round}"));
+                    t.vm.backup(backup).await.unwrap().wait(DONE).await.unwrap();
+                    s = Some(start.elapsed());
+                }
+                1 => {
+                    let (mon, to) = (mon.clone(), raw_to.clone());
+                    let raw = tokio::task::spawn_blocking(move || raw_round(&mon, "r", round, &to));
+                    f = Some(raw.await.unwrap());
+                }
+                2 => c = Some(convert_time(&sdk_src, &d.join("convert.raw"))),
+                _ => {
+                    // The SDK before its copy offloading: QEMU's own defaults.
+                    let to = d.join("plain.raw");
+                    let start = Instant::now();
+                    let backup = BackupConfig::full()
+                        .format(Format::Raw)
+                        .copy_offload(false)
+                        .disk("s", &to);
+                    t.vm.backup(backup).await.unwrap().wait(DONE).await.unwrap();
+                    plain = Some(start.elapsed());
+                    std::fs::remove_file(&to).unwrap();
+                }
+            }
+        }
+        let (s, f, c, p) = (s.unwrap(), f.unwrap(), c.unwrap(), plain.unwrap());
         println!(
-            "round {round}: sdk {:.0} ms ({:.0} MiB/s), floor {:.0} ms ({:.0} MiB/s)",
+            "round {round}: sdk {:.0} ms ({:.0} MiB/s), floor {:.0} ms ({:.0} MiB/s), qemu-img convert {:.0} ms ({:.0} MiB/s), sdk without offloading {:.0} ms ({:.0} MiB/s)",
             ms(s),
             rate(s),
             ms(f),
-            rate(f)
+            rate(f),
+            ms(c),
+            rate(c),
+            ms(p),
+            rate(p)
         );
         sdk.push(s);
         floor.push(f);
+        host.push(c);
+        no_offload.push(p);
         std::fs::remove_file(&sdk_to).unwrap();
         std::fs::remove_file(&raw_to).unwrap();
     }
-    // For scale: the same image copied outside QEMU.
-    let out = d.join("convert.raw");
-    let start = Instant::now();
-    let status = std::process::Command::new("qemu-img")
-        .args(["convert", "-U", "-O", "raw"])
-        .arg(&sdk_src)
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let convert = start.elapsed();
-    std::fs::remove_file(&out).unwrap();
     let full = qhotplug_tests::median(sdk.clone());
     println!(
         "copy rate (MiB/s, median): full backup via the SDK {:.0}, floor {:.0}; qemu-img convert {:.0}",
         rate(full),
         rate(qhotplug_tests::median(floor.clone())),
-        rate(convert)
+        rate(qhotplug_tests::median(host.clone()))
     );
 
     // 1 % of the disk changed, then an incremental backup since the last checkpoint.
@@ -175,10 +211,13 @@ async fn run() {
     let writes = (MIB << 20) / 100 / (64 << 10) + 1;
     // Cluster-aligned, so each write dirties one 64 KiB cluster of the bitmap.
     let stride = (MIB << 20) / writes / (64 << 10) * (64 << 10);
-    for i in 0..writes {
-        write_64k(&t.vm, "s", i * stride).await;
+    let offsets: Vec<u64> = (0..writes).map(|i| i * stride).collect();
+    for &at in &offsets {
+        write_64k(&t.vm, "s", at).await;
     }
+    let alone = copy_blocks(&sdk_src, &d.join("blocks.raw"), &offsets);
     let inc = d.join("inc.qcow2");
+    timings.take();
     let start = Instant::now();
     let backup = BackupConfig::incremental("base")
         .disk_onto("s", &inc, &base)
@@ -190,14 +229,30 @@ async fn run() {
         std::fs::metadata(p).unwrap().blocks() * 512
     };
     println!(
-        "incremental after {} KiB changed (1 %): {:.0} ms, target {:.1} MiB on disk; full: {:.0} ms, target {:.1} MiB (checkpoint {last} was the last full's)",
+        "incremental after {} KiB changed (1 %): {:.1} ms, target {:.1} MiB on disk; full: {:.0} ms, target {:.1} MiB (checkpoint {last} was the last full's); the same blocks copied alone (pread, pwrite, fdatasync): {:.1} ms",
         writes * 64,
         ms(incremental),
         size(&inc) as f64 / 1048576.0,
         ms(full),
         size(&base) as f64 / 1048576.0,
+        ms(alone),
     );
+    println!("  where the incremental's time went (spans of 0.2 ms or more):");
+    for span in timings.take() {
+        if span.elapsed >= Duration::from_micros(200) {
+            println!(
+                "    {:<8} {:<28} {:>6.1} ms",
+                span.kind,
+                span.name,
+                ms(span.elapsed)
+            );
+        }
+    }
     let ratio = qhotplug_tests::median_ratio(&floor, &sdk);
-    println!("ratio_wall={ratio:.3}");
+    let ratio_convert = qhotplug_tests::median_ratio(&host, &sdk);
+    let without = qhotplug_tests::median_ratio(&host, &no_offload);
+    println!(
+        "ratio_wall={ratio:.3} ratio_convert={ratio_convert:.3} ratio_convert_without_offloading={without:.3}"
+    );
     t.vm.quit().await.unwrap();
 }

@@ -7,12 +7,14 @@
 //! `JOB_STATUS_CHANGE` `ready`, `job-complete`, `concluded`, `job-dismiss`, `blockdev-del` ×2 of
 //! the old image, its fd set removed as the SDK's sweep does: `query-fdsets`,
 //! `query-named-block-nodes`, `remove-fd`). Both are timed from the first command to the old
-//! image's nodes gone; rounds alternate, each copying 1 GiB onto a new file. Then, for scale, the
-//! same 1 GiB copied by `qemu-img convert` and by `dd` in the same place. The images live in
+//! image's nodes gone; each round copies 1 GiB onto a new file. Each round also times `qemu-img
+//! convert` of the SDK's current image to raw in the same place; the three go in an order that
+//! rotates from round to round. Then, for scale, `dd` of the same 1 GiB. The images live in
 //! `/dev/shm`: on the host disk, its writeback of earlier rounds swamps the difference compared.
 //!
 //! Prints each round and, last, `ratio_wall=…` (floor time / SDK time, the median of per-pair
-//! ratios).
+//! ratios) and `ratio_convert=…` (convert time / SDK time: the SDK's copy rate as a share of
+//! `qemu-img`'s).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,6 +23,7 @@ use qhotplug::{DiskConfig, MirrorConfig};
 use qhotplug_cmdline::names;
 use qhotplug_qmp::command::AddFd;
 use qhotplug_tests::raw::{encode, RawMonitor};
+use qhotplug_tests::storage::convert_time;
 use serde_json::json;
 
 const PAIRS: usize = 8;
@@ -96,20 +99,6 @@ fn raw_round(mon: &Path, id: &str, from: u32, target: &Path, size: u64) -> Durat
     start.elapsed()
 }
 
-fn timed_command(program: &str, args: &[&str], from: &Path, to: &Path) -> Duration {
-    let start = Instant::now();
-    let status = std::process::Command::new(program)
-        .args(args)
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(status.success(), "{program}");
-    let took = start.elapsed();
-    std::fs::remove_file(to).unwrap();
-    took
-}
-
 fn rate(took: Duration) -> f64 {
     MIB as f64 / took.as_secs_f64()
 }
@@ -128,49 +117,54 @@ async fn run() {
         .unwrap();
     println!("drive mirror of a 1 GiB raw image, pivoted (QEMU, no guest), {PAIRS} pairs");
 
-    let (mut sdk, mut floor) = (Vec::new(), Vec::new());
+    let (mut sdk, mut floor, mut host) = (Vec::new(), Vec::new(), Vec::new());
     let (mut sdk_old, mut raw_old): (PathBuf, PathBuf) = (sdk_src, raw_src);
     for round in 0..PAIRS {
         let gen = round as u32;
         let sdk_to = d.join(format!("sdk-{}.raw", round + 1));
         let raw_to = d.join(format!("raw-{}.raw", round + 1));
-        let sdk_round = async {
-            let start = Instant::now();
-            let mut job =
-                t.vm.mirror_disk("s", MirrorConfig::new(&sdk_to))
-                    .await
-                    .unwrap();
-            job.wait_ready(Duration::from_secs(600)).await.unwrap();
-            job.pivot().await.unwrap();
-            start.elapsed()
-        };
-        let raw = |mon: PathBuf, to: PathBuf| {
-            tokio::task::spawn_blocking(move || raw_round(&mon, "r", gen, &to, size))
-        };
-        // Who goes first alternates.
-        let (s, f) = if round % 2 == 0 {
-            let s = sdk_round.await;
-            (s, raw(mon.clone(), raw_to.clone()).await.unwrap())
-        } else {
-            let f = raw(mon.clone(), raw_to.clone()).await.unwrap();
-            (sdk_round.await, f)
-        };
+        let (mut s, mut f, mut c) = (None, None, None);
+        // The three in an order that rotates: who goes first, second and last.
+        for turn in 0..3 {
+            match (round + turn) % 3 {
+                0 => {
+                    let start = Instant::now();
+                    let mut job =
+                        t.vm.mirror_disk("s", MirrorConfig::new(&sdk_to))
+                            .await
+                            .unwrap();
+                    job.wait_ready(Duration::from_secs(600)).await.unwrap();
+                    job.pivot().await.unwrap();
+                    s = Some(start.elapsed());
+                }
+                1 => {
+                    let (mon, to) = (mon.clone(), raw_to.clone());
+                    let raw =
+                        tokio::task::spawn_blocking(move || raw_round(&mon, "r", gen, &to, size));
+                    f = Some(raw.await.unwrap());
+                }
+                _ => c = Some(convert_time(&sdk_old, &d.join("convert.raw"))),
+            }
+        }
+        let (s, f, c) = (s.unwrap(), f.unwrap(), c.unwrap());
         println!(
-            "round {round}: sdk {:.0} ms ({:.0} MiB/s), floor {:.0} ms ({:.0} MiB/s)",
+            "round {round}: sdk {:.0} ms ({:.0} MiB/s), floor {:.0} ms ({:.0} MiB/s), qemu-img convert {:.0} ms ({:.0} MiB/s)",
             s.as_secs_f64() * 1e3,
             rate(s),
             f.as_secs_f64() * 1e3,
-            rate(f)
+            rate(f),
+            c.as_secs_f64() * 1e3,
+            rate(c)
         );
         sdk.push(s);
         floor.push(f);
+        host.push(c);
         std::fs::remove_file(&sdk_old).unwrap();
         std::fs::remove_file(&raw_old).unwrap();
         (sdk_old, raw_old) = (sdk_to, raw_to);
     }
-    // For scale: the same bytes copied outside QEMU, from the SDK's current image.
+    // For scale: the same bytes copied by `dd`, from the SDK's current image.
     let out = d.join("copy.raw");
-    let convert = timed_command("qemu-img", &["convert", "-U", "-O", "raw"], &sdk_old, &out);
     let dd_start = Instant::now();
     let status = std::process::Command::new("dd")
         .arg(format!("if={}", sdk_old.display()))
@@ -185,10 +179,11 @@ async fn run() {
         "copy rate (MiB/s, median): QEMU mirror via the SDK {:.0}, floor {:.0}; qemu-img convert {:.0}; dd bs=1M {:.0}",
         rate(qhotplug_tests::median(sdk.clone())),
         rate(qhotplug_tests::median(floor.clone())),
-        rate(convert),
+        rate(qhotplug_tests::median(host.clone())),
         rate(dd)
     );
     let ratio = qhotplug_tests::median_ratio(&floor, &sdk);
-    println!("ratio_wall={ratio:.3}");
+    let ratio_convert = qhotplug_tests::median_ratio(&host, &sdk);
+    println!("ratio_wall={ratio:.3} ratio_convert={ratio_convert:.3}");
     t.vm.quit().await.unwrap();
 }

@@ -14,8 +14,14 @@
 //! The QEMU build's QMP schema is read before the first hop and kept, as a process running other
 //! VMs of the same build keeps it.
 //!
+//! Each SDK hop is paired with `qemu-img convert` of the disk's image to raw in the same place,
+//! before the hop or after it in turn.
+//!
 //! Prints each hop and, last, `ratio_wall=…` (floor wall time / SDK wall time, the median of
-//! per-pair ratios).
+//! per-pair ratios), `ratio_convert=…` (convert time / SDK hop time, the median over SDK hops:
+//! the whole hop's rate, memory and set-up included, as a share of `qemu-img`'s copy) and
+//! `ratio_convert_copy=…` (the same for the copy alone: from the first progress report of the
+//! disks copying to the last, when every mirror is in sync).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,6 +29,7 @@ use std::time::{Duration, Instant};
 use qhotplug::{MigrationOptions, NbdServer, StorageCopy, Transport, Vm};
 use qhotplug_cmdline::{Disk, Pci};
 use qhotplug_tests::raw::RawMonitor;
+use qhotplug_tests::storage::convert_time;
 use qhotplug_tests::{pc_spec, second_monitor};
 use serde_json::json;
 
@@ -138,22 +145,38 @@ async fn run() {
     let mut current_mon = d.join("mon0.sock");
     let mut current_image = image;
     println!("migration without shared storage of a VM with a 256 MiB raw disk (TCG, no guest), {PAIRS} pairs");
-    let (mut sdk, mut floor) = (Vec::new(), Vec::new());
+    let (mut sdk, mut floor, mut host, mut copies) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for hop in 1..=2 * PAIRS {
         let (next, next_image) = target(&current, &d, hop).await;
         let next_mon = d.join(format!("mon{hop}.sock"));
         let uri_path = d.join(format!("m{hop}.sock"));
         let nbd = d.join(format!("nbd{hop}.sock"));
         let (who, wall) = if hop % 2 == 1 {
+            let convert = || convert_time(&current_image, &d.join("convert.raw"));
+            if hop % 4 == 1 {
+                host.push(convert());
+            }
             let start = Instant::now();
             let options = MigrationOptions::new(Transport::Unix(uri_path))
                 .copy_storage(StorageCopy::new(NbdServer::Unix(nbd)));
+            // The copy: from the first report of the disks copying to the last (all in sync).
+            let (mut first, mut last) = (None, None);
             current
-                .migrate(next.clone(), options, |_| {})
+                .migrate(next.clone(), options, |p| {
+                    if p.status == "copying storage" {
+                        first.get_or_insert_with(Instant::now);
+                        last = Some(Instant::now());
+                    }
+                })
                 .await
                 .unwrap();
             let wall = start.elapsed();
             sdk.push(wall);
+            copies.push(last.unwrap() - first.unwrap());
+            if hop % 4 == 3 {
+                host.push(convert_time(&next_image, &d.join("convert.raw")));
+            }
             ("sdk", wall)
         } else {
             let (src, dst) = (current_mon.clone(), next_mon.clone());
@@ -185,8 +208,17 @@ async fn run() {
         current_image = next_image;
     }
     println!(
-        "ratio_wall={:.3}",
-        qhotplug_tests::median_ratio(&floor, &sdk)
+        "the copies (first to last report of the disks copying, ms): {:?}",
+        copies
+            .iter()
+            .map(|c: &Duration| (c.as_secs_f64() * 1e4).round() / 10.0)
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "ratio_wall={:.3} ratio_convert={:.3} ratio_convert_copy={:.3}",
+        qhotplug_tests::median_ratio(&floor, &sdk),
+        qhotplug_tests::median_ratio(&host, &sdk),
+        qhotplug_tests::median_ratio(&host, &copies)
     );
     current.quit().await.unwrap();
 }

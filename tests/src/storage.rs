@@ -60,6 +60,22 @@ pub fn qcow2_data_image(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBu
     path
 }
 
+/// How long `qemu-img convert -U -O raw from to` takes: the host's copy rate for a storage
+/// benchmark's floor of scale. `to` is removed after.
+pub fn convert_time(from: &Path, to: &Path) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("run qemu-img");
+    assert!(status.success(), "qemu-img convert {}", from.display());
+    let took = start.elapsed();
+    std::fs::remove_file(to).unwrap();
+    took
+}
+
 /// `md5sum` of a file on the host.
 pub fn md5(path: &Path) -> String {
     let out = std::process::Command::new("md5sum")
