@@ -62,7 +62,7 @@ struct Target {
 ///
 /// How the jobs copy: with the host's copy offloading (`copy_file_range`, QEMU's `x-perf`
 /// `use-copy-range`) where QEMU has it, which copies a full backup at `qemu-img convert`'s rate
-/// where reading and writing through QEMU's buffers reaches 0.6–0.8 of it (BENCHMARKS.md);
+/// where reading and writing through QEMU's buffers reaches 0.6–0.9 of it (BENCHMARKS.md);
 /// QEMU falls back to reading and writing where the images do not allow it (another file
 /// system, a network disk, compressed clusters). Otherwise QEMU's defaults: 64 requests in
 /// flight, of any size. [`copy_offload`](BackupConfig::copy_offload),

@@ -49,10 +49,10 @@ pub enum MirrorSync {
 
 /// A drive mirror: where to, and how ([`Vm::mirror_disk`](crate::Vm::mirror_disk)).
 ///
-/// How it copies: QEMU's defaults, which copy at 0.9 of `qemu-img convert`'s rate on this
-/// project's machines (BENCHMARKS.md; a larger buffer gave nothing more): a dirty bitmap of the
-/// target's cluster size (at least 64 KiB), up to 16 MiB in flight as requests of up to 1 MiB,
-/// no rate limit, guest writes copied in the background.
+/// How it copies: QEMU's defaults, which copy at 0.9–1.0 of `qemu-img convert`'s rate on this
+/// project's machines (BENCHMARKS.md; other buffer sizes moved nothing beyond noise): a dirty
+/// bitmap of the target's cluster size (at least 64 KiB), up to 16 MiB in flight as requests of
+/// up to 1 MiB, no rate limit, guest writes copied in the background.
 /// [`granularity`](MirrorConfig::granularity), [`buffer`](MirrorConfig::buffer),
 /// [`speed`](MirrorConfig::speed) and [`write_blocking`](MirrorConfig::write_blocking) change
 /// them.
