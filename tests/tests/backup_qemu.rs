@@ -195,6 +195,10 @@ fn bad_backup_requests_are_typed_and_send_nothing() {
             ),
             ("no disk", BackupConfig::full()),
             (
+                "no worker",
+                BackupConfig::full().workers(0).disk("a", &target),
+            ),
+            (
                 "an incremental to raw",
                 BackupConfig::incremental("c1")
                     .format(Format::Raw)

@@ -158,8 +158,8 @@ impl BackupConfig {
         self
     }
 
-    /// How many requests each job keeps in flight (QEMU's default: 64). Needs a QEMU whose
-    /// `blockdev-backup` has `x-perf` ([`Error::Unsupported`](crate::Error::Unsupported)
+    /// How many requests each job keeps in flight (QEMU's default: 64; at least 1). Needs a QEMU
+    /// whose `blockdev-backup` has `x-perf` ([`Error::Unsupported`](crate::Error::Unsupported)
     /// otherwise, before anything is made).
     pub fn workers(mut self, requests: u32) -> Self {
         self.workers = Some(requests);
@@ -176,6 +176,12 @@ impl BackupConfig {
     /// The `x-perf` the jobs get from a QEMU of `schema`: `None` from one without it, unless
     /// the caller asked for workers or a chunk size, which such a QEMU cannot honour.
     fn perf(&self, schema: &Schema) -> Result<Option<BackupPerf>> {
+        if self.workers == Some(0) {
+            return Err(Error::Precondition {
+                operation: "backup",
+                reason: "a backup job needs at least one worker".into(),
+            });
+        }
         if !schema.command_takes("blockdev-backup", "x-perf") {
             if self.workers.is_some() || self.max_chunk.is_some() {
                 return Err(Error::Unsupported {
@@ -443,6 +449,8 @@ mod tests {
     fn a_qemu_without_x_perf_copies_as_always_and_refuses_settings_it_cannot_honour() {
         let without = schema(&["job-id"]);
         assert_eq!(BackupConfig::full().perf(&without).unwrap(), None);
+        let none = BackupConfig::full().workers(0).perf(&schema(&["x-perf"]));
+        assert!(matches!(none, Err(Error::Precondition { .. })), "{none:?}");
         let offload_off = BackupConfig::full().copy_offload(false);
         assert_eq!(offload_off.perf(&without).unwrap(), None);
         for config in [
