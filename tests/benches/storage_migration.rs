@@ -153,9 +153,9 @@ async fn run() {
         let uri_path = d.join(format!("m{hop}.sock"));
         let nbd = d.join(format!("nbd{hop}.sock"));
         let (who, wall) = if hop % 2 == 1 {
-            let convert = || convert_time(&current_image, &d.join("convert.raw"));
+            // The disk's image copied by `qemu-img`: before the hop, or after it, in turn.
             if hop % 4 == 1 {
-                host.push(convert());
+                host.push(convert_time(&current_image, &d.join("convert.raw")));
             }
             let start = Instant::now();
             let options = MigrationOptions::new(Transport::Unix(uri_path))

@@ -60,10 +60,9 @@ pub fn qcow2_data_image(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBu
     path
 }
 
-/// How long `qemu-img convert -U -O raw from to` takes: the host's copy rate for a storage
-/// benchmark's floor of scale. `to` is removed after.
-pub fn convert_time(from: &Path, to: &Path) -> std::time::Duration {
-    let start = std::time::Instant::now();
+/// `qemu-img convert -U -O raw from to`: what a guest reads from `from` (its backing chain
+/// included), into a raw file, read while QEMU may hold it.
+fn convert_to_raw(from: &Path, to: &Path) {
     let status = std::process::Command::new("qemu-img")
         .args(["convert", "-U", "-O", "raw"])
         .arg(from)
@@ -71,6 +70,13 @@ pub fn convert_time(from: &Path, to: &Path) -> std::time::Duration {
         .status()
         .expect("run qemu-img");
     assert!(status.success(), "qemu-img convert {}", from.display());
+}
+
+/// How long `qemu-img convert -U -O raw from to` takes: the host's copy rate, a storage
+/// benchmark's floor of scale. `to` is removed after.
+pub fn convert_time(from: &Path, to: &Path) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    convert_to_raw(from, to);
     let took = start.elapsed();
     std::fs::remove_file(to).unwrap();
     took
@@ -108,13 +114,7 @@ pub fn same_contents(a: &Path, b: &Path) -> bool {
 /// The `md5sum` of what a guest reads from `image` (its backing chain included): converted to
 /// raw with `qemu-img convert -U` into `scratch`.
 pub fn guest_view_md5(image: &Path, scratch: &Path) -> String {
-    let status = std::process::Command::new("qemu-img")
-        .args(["convert", "-U", "-O", "raw"])
-        .arg(image)
-        .arg(scratch)
-        .status()
-        .expect("run qemu-img");
-    assert!(status.success(), "qemu-img convert {}", image.display());
+    convert_to_raw(image, scratch);
     let sum = md5(scratch);
     let _ = std::fs::remove_file(scratch);
     sum
