@@ -25,6 +25,7 @@ use qhotplug_qmp::{Client, EventKind};
 use serde_json::Value;
 
 use crate::discover::pci_at;
+use crate::ended_job::EndedJob;
 use crate::error::Result;
 use crate::qemu::block::{named_block_node_infos, Blocks};
 use crate::qemu::fd_files::fd_files;
@@ -34,6 +35,8 @@ pub(crate) use crate::unreadable::Unreadable;
 pub(crate) struct ReadSpec {
     pub(crate) spec: VmSpec,
     pub(crate) unreadable: Vec<Unreadable>,
+    /// Jobs of the SDK's a dead process left concluded, dismissed so QEMU lists its nodes.
+    pub(crate) ended: Vec<EndedJob>,
 }
 
 /// Reads the VM's spec from QEMU, whose process is `pid` (for the files behind its fds).
@@ -48,10 +51,11 @@ pub(crate) async fn read_spec(client: &Client, pid: Option<u32>) -> Result<ReadS
     read.consoles(client, &chardevs).await?;
     read.vcpus(client).await?;
     let blocks = Blocks::read(client).await?;
+    let mut ended = Vec::new();
     let nodes = match named_block_node_infos(client).await? {
         Some(nodes) => nodes,
         None => {
-            dismiss_orphaned_concluded(client).await?;
+            ended = dismiss_orphaned_concluded(client).await?;
             named_block_node_infos(client).await?.unwrap_or_default()
         }
     };
@@ -72,7 +76,99 @@ pub(crate) async fn read_spec(client: &Client, pid: Option<u32>) -> Result<ReadS
     Ok(ReadSpec {
         spec,
         unreadable: read.unreadable,
+        ended,
     })
+}
+
+/// Each of `disks` whose image chain QEMU runs differently from the one it holds (another top,
+/// other images under it, other checkpoints): the disk with QEMU's chain, read as
+/// [`read_spec`] reads it. A layer that stays keeps its path as `disks` named it (the file
+/// behind an fd is read canonical). A disk whose chain cannot be read (a network disk, an image
+/// no node tells apart) is left out, as are all while QEMU lists no node (a job waits
+/// concluded). `reconcile`'s: a pivot a dead process's job made, or a checkpoint its backup
+/// left, is what QEMU runs, whatever the kept spec said.
+pub(crate) async fn chains_as_run(
+    client: &Client,
+    pid: Option<u32>,
+    disks: &[Disk],
+) -> Result<Vec<Disk>> {
+    if disks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(nodes) = named_block_node_infos(client).await? else {
+        return Ok(Vec::new());
+    };
+    let blocks = Blocks::read(client).await?;
+    let files = FdFiles::read(client, pid).await?;
+    let found = Found {
+        chardevs: &[],
+        blocks: &blocks,
+        nodes: &nodes,
+        files: &files,
+        memory: &[],
+    };
+    let reader = Reader {
+        qom: Qom(client),
+        spec: VmSpec::default(),
+        unreadable: Vec::new(),
+    };
+    let mut changed = Vec::new();
+    for disk in disks
+        .iter()
+        .filter(|d| !matches!(d.backend, DiskBackend::Network(_)))
+    {
+        let read = reader.disk_read(&disk.id, disk.frontend.clone(), &found);
+        let Ok((run, gaps)) = read.await? else {
+            continue;
+        };
+        let layers = |d: &Disk| -> Vec<(u32, Format, Vec<String>)> {
+            std::iter::once(d.top_layer())
+                .chain(d.backing.iter().cloned())
+                .map(|l| (l.generation, l.format, l.checkpoints))
+                .collect()
+        };
+        if layers(&run) == layers(disk) {
+            continue;
+        }
+        let known = |layer: DiskLayer| {
+            let kept = std::iter::once(disk.top_layer())
+                .chain(disk.backing.iter().cloned())
+                .find(|l| l.generation == layer.generation);
+            DiskLayer {
+                path: kept.map_or(layer.path, |l| l.path),
+                ..layer
+            }
+        };
+        // A layer whose file is not known (its fd set gone, or no /proc to read) keeps the
+        // path the spec gave it; a new one must be named.
+        let unnamed = |layer: &DiskLayer| {
+            gaps.iter().any(|g| {
+                matches!(g, Unreadable::ImagePath { node, .. }
+                    if names::generation_of(&disk.id, node) == Some(layer.generation))
+            })
+        };
+        let spec_has = |layer: &DiskLayer| {
+            std::iter::once(disk.top_layer())
+                .chain(disk.backing.iter().cloned())
+                .any(|l| l.generation == layer.generation)
+        };
+        let new_unnamed = std::iter::once(run.top_layer())
+            .chain(run.backing.iter().cloned())
+            .any(|l| unnamed(&l) && !spec_has(&l));
+        if new_unnamed {
+            continue;
+        }
+        let top = known(run.top_layer());
+        changed.push(Disk {
+            path: top.path,
+            format: top.format,
+            generation: top.generation,
+            checkpoints: top.checkpoints,
+            backing: run.backing.into_iter().map(known).collect(),
+            ..disk.clone()
+        });
+    }
+    Ok(changed)
 }
 
 /// How long a concluded job of the SDK's may wait for the call that started it to dismiss it (it
@@ -81,10 +177,10 @@ const CONCLUDED_DISMISSED: std::time::Duration = std::time::Duration::from_secs(
 
 /// QEMU lists no block node while a job waits concluded (it would crash). A job of the SDK's
 /// (`names::is_sdk_job`) that stays concluded was left by a process that died between the job's
-/// end and its dismissal; it is dismissed, its outcome logged. Nothing is lost: what the job did
+/// end and its dismissal; it is dismissed, and returned with its outcome. Nothing is lost: what the job did
 /// is in QEMU's graph (the node a device runs on after a pivot, a chain a commit or a stream
 /// shortened), which is what is read next, and what it left unused is `reconcile`'s to delete.
-async fn dismiss_orphaned_concluded(client: &Client) -> Result<()> {
+async fn dismiss_orphaned_concluded(client: &Client) -> Result<Vec<EndedJob>> {
     let mut events = client.events();
     let concluded: Vec<JobInfo> = client
         .execute(&QueryJobs)
@@ -94,6 +190,7 @@ async fn dismiss_orphaned_concluded(client: &Client) -> Result<()> {
         .collect();
     // One wait for them all: a live caller dismisses its job at once.
     let deadline = tokio::time::Instant::now() + CONCLUDED_DISMISSED;
+    let mut ended = Vec::new();
     for job in concluded {
         let gone = events
             .wait_for(deadline, |e| {
@@ -104,12 +201,13 @@ async fn dismiss_orphaned_concluded(client: &Client) -> Result<()> {
             continue;
         }
         tracing::info!(job = %job.id, error = ?job.error, "a dead process's concluded job: dismissed");
-        match client.execute(&JobDismiss { id: job.id }).await {
+        match client.execute(&JobDismiss { id: job.id.clone() }).await {
+            Ok(_) => ended.push(EndedJob::of(&job)),
             Err(e) if !crate::qemu::errors::is_absent(&e) => return Err(e.into()),
-            _ => {}
+            Err(_) => {}
         }
     }
-    Ok(())
+    Ok(ended)
 }
 
 /// What QEMU's queries said, shared by every device.
@@ -450,6 +548,20 @@ impl Reader<'_> {
         frontend: DiskFrontend,
         found: &Found<'_>,
     ) -> Result<std::result::Result<Disk, Unreadable>> {
+        Ok(match self.disk_read(id, frontend, found).await? {
+            Ok((disk, gaps)) => gaps.into_iter().next().map_or(Ok(disk), Err),
+            Err(gap) => Err(gap),
+        })
+    }
+
+    /// [`Reader::disk`], with the images whose file is not known ([`Unreadable::ImagePath`])
+    /// named by the node's file name.
+    async fn disk_read(
+        &self,
+        id: &str,
+        frontend: DiskFrontend,
+        found: &Found<'_>,
+    ) -> Result<std::result::Result<(Disk, Vec<Unreadable>), Unreadable>> {
         let path = names::peripheral_path(id);
         let Some(inserted) = found.blocks.drive(id).and_then(|b| b.inserted.as_ref()) else {
             return Ok(Err(Unreadable::Foreign {
@@ -545,9 +657,6 @@ impl Reader<'_> {
             .iter()
             .map(|node| self.layer(id, node, found, &mut gaps))
             .collect();
-        if let Some(gap) = gaps.into_iter().next() {
-            return Ok(Err(gap));
-        }
         let mut layers = layers.into_iter();
         let Some(top_layer) = layers.next() else {
             return Ok(Err(Unreadable::Foreign {
@@ -568,7 +677,7 @@ impl Reader<'_> {
             read: on_error(self.qom.string(&path, "rerror").await?, OnError::Report),
             write: on_error(self.qom.string(&path, "werror").await?, OnError::Enospc),
         };
-        Ok(Ok(Disk {
+        let disk = Disk {
             id: id.to_owned(),
             frontend,
             path: top_layer.path,
@@ -581,7 +690,8 @@ impl Reader<'_> {
             backing: layers.collect(),
             on_error,
             checkpoints: top_layer.checkpoints,
-        }))
+        };
+        Ok(Ok((disk, gaps)))
     }
 
     /// One image of disk `id`'s chain, on node `node` (a format node, or the protocol node a

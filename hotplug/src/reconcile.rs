@@ -4,14 +4,15 @@
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
-use qhotplug_cmdline::names;
+use qhotplug_cmdline::{names, Disk};
 use qhotplug_qmp::command::{
-    QomList, QueryChardev, QueryFdsets, QueryJobs, QueryPci, QueryStatus, SetLink,
+    JobInfo, QomList, QueryChardev, QueryFdsets, QueryJobs, QueryPci, QueryStatus, SetLink,
 };
 use qhotplug_qmp::message::VersionTriple;
 use qhotplug_qmp::Client;
 
 use crate::discover::scan_peripherals;
+use crate::ended_job::EndedJob;
 use crate::engine::holds::{self, Cleaning};
 use crate::error::Result;
 use crate::kinds::{Device, DeviceKind};
@@ -45,9 +46,15 @@ pub struct Reconciled {
     pub limits_updated: Vec<String>,
     /// CD-ROM drives the SDK thought loaded that QEMU has empty: the view now has them empty.
     pub media_updated: Vec<String>,
+    /// Disks whose image chain in the SDK's view was not the one QEMU runs (a mirror's or a
+    /// commit's pivot, or a snapshot, that a process which died made; a checkpoint its backup
+    /// left): the view now has QEMU's chain and checkpoints.
+    pub chains_updated: Vec<String>,
     /// Jobs the SDK names that no handle can take back (a push or pull backup's, an image's
-    /// creation, a storage copy's), left by a process that died, ended (cancelled, dismissed).
-    pub jobs_ended: Vec<String>,
+    /// creation, a storage copy's), left by a process that died, ended (cancelled, dismissed),
+    /// each with how it had fared: a push backup that had completed left a whole target. Also
+    /// the jobs of any kind a dead process left concluded that an attach with no spec dismissed.
+    pub jobs_ended: Vec<EndedJob>,
     /// NBD exports the SDK names (a pull backup's, a storage copy's target's), deleted; the NBD
     /// server stopped with them when no other export was left.
     pub exports_deleted: Vec<String>,
@@ -80,13 +87,23 @@ impl Reconciled {
 pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
     core.cleanups_done().await;
     let start = core.state().epoch;
-    let mut report = Reconciled::default();
+    let ended_at_attach = std::mem::take(
+        &mut *core
+            .ended_at_attach
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    let mut report = Reconciled {
+        jobs_ended: ended_at_attach,
+        ..Reconciled::default()
+    };
     // First what a dead process's storage operations left running: its jobs hold nodes (and
     // QEMU lists no node while one waits concluded).
     end_orphaned_storage(core, start, &mut report).await?;
     let seen = Seen::read(&core.client).await?;
     let held = files_of(&seen.fdsets, core.qemu_pid());
-    let judged = judge(core, &seen, start, &mut report);
+    let chains = Chains::read(core, start).await?;
+    let judged = judge(core, &seen, &chains, start, &mut report);
     clean_up(core, &seen, &judged, &mut report).await;
     report.files_released = released(core, held).await?;
     drop(judged.cleaning);
@@ -226,7 +243,13 @@ struct Judged {
 /// the spec before the queries (`start`), is judged. Its stages: hot-adds in doubt settled by
 /// QEMU's word, devices gone forgotten, the slot maps rebuilt, what QEMU applied read back, and
 /// what the clean-up deletes and keeps.
-fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> Judged {
+fn judge(
+    core: &Arc<Core>,
+    seen: &Seen,
+    chains: &Chains,
+    start: u64,
+    report: &mut Reconciled,
+) -> Judged {
     let present = &seen.found.ids;
     let mut guard = core.state();
     let state = &mut *guard;
@@ -234,6 +257,7 @@ fn judge(core: &Arc<Core>, seen: &Seen, start: u64, report: &mut Reconciled) -> 
     let gone = forget_gone(state, present, start);
     state.rebuild_slots(&seen.pci, &seen.found.placements);
     read_back(state, &seen.blocks, start, report);
+    chains.apply(state, start, report);
     // Leftovers may belong to the devices just found gone, to ids this handle used, or to ids
     // whose hot-add a process that died never finished (found by the SDK's names on what QEMU
     // has: that process's ids are not this one's to know).
@@ -346,6 +370,51 @@ fn forget_gone(state: &mut State, present: &HashSet<String>, start: u64) -> Vec<
         state.forget(id, false);
     }
     gone
+}
+
+/// Disks' image chains as QEMU runs them, read for the disks judged (`settled`) whose chain in
+/// the spec is not QEMU's: each as the spec had it when read, and as QEMU runs it.
+struct Chains(Vec<(Disk, Disk)>);
+
+impl Chains {
+    async fn read(core: &Core, start: u64) -> Result<Chains> {
+        let disks: Vec<Disk> = {
+            let state = core.state();
+            let spec = state.spec();
+            spec.disks
+                .iter()
+                .filter(|d| settled(&state, &d.id, start))
+                .cloned()
+                .collect()
+        };
+        let run = crate::read_spec::chains_as_run(&core.client, core.qemu_pid(), &disks).await?;
+        Ok(Chains(
+            run.into_iter()
+                .filter_map(|r| {
+                    let before = disks.iter().find(|d| d.id == r.id)?.clone();
+                    Some((before, r))
+                })
+                .collect(),
+        ))
+    }
+
+    /// QEMU's chain into the spec, for each disk still as it was read and judged.
+    fn apply(&self, state: &mut State, start: u64, report: &mut Reconciled) {
+        for (before, run) in &self.0 {
+            let unchanged = state.spec().disks.iter().any(|d| d == before);
+            if !unchanged || !settled(state, &before.id, start) {
+                continue;
+            }
+            tracing::info!(
+                id = %run.id,
+                top = %run.top_node(),
+                checkpoints = ?run.checkpoints,
+                "reconcile: the disk's chain as QEMU runs it"
+            );
+            report.chains_updated.push(run.id.clone());
+            state.update(run.clone().into());
+        }
+    }
 }
 
 /// What QEMU applied is the truth: disks' I/O limits and CD-ROM media as `query-block` shows
@@ -528,6 +597,17 @@ fn network_objects_of(objects: &HashSet<String>, id: &str, keep: &[String]) -> V
 }
 
 impl Reconciled {
+    /// Ends a job a dead process left (`job-cancel`, waited for, dismissed) and records it
+    /// with how it had fared; a job that went meanwhile is not recorded.
+    async fn end_job(&mut self, client: &qhotplug_qmp::Client, job: EndedJob) {
+        let step = Delete::Job(job.id.clone());
+        match step.run(client).await {
+            Ok(Outcome::Done) => self.jobs_ended.push(job),
+            Ok(Outcome::Absent) => {}
+            Err(e) => tracing::warn!(%step, error = %e, "reconcile: left in place"),
+        }
+    }
+
     /// Runs one delete and records what it removed; false when it failed (the thing is left in
     /// place, and said so in the log).
     async fn run(&mut self, client: &qhotplug_qmp::Client, step: Delete) -> bool {
@@ -538,7 +618,6 @@ impl Reconciled {
             }
             Ok(Outcome::Absent) => {}
             Ok(Outcome::Done) => match step {
-                Delete::Job(job) => self.jobs_ended.push(job),
                 Delete::Export(export) => self.exports_deleted.push(export),
                 Delete::Checkpoint { name, .. } => self.checkpoints_given_back.push(name),
                 Delete::Fdset { id: Some(set), .. } => self.fdsets_removed.push(set),
@@ -580,12 +659,7 @@ fn nodes_of(nodes: &HashSet<String>, id: &str, keep: &[String]) -> Vec<Delete> {
 /// [`Vm::jobs`](crate::Vm::jobs)' to hand back. Each disk is held busy while it is cleaned.
 async fn end_orphaned_storage(core: &Arc<Core>, start: u64, report: &mut Reconciled) -> Result<()> {
     let client = &core.client;
-    let jobs: Vec<String> = client
-        .execute(&QueryJobs)
-        .await?
-        .into_iter()
-        .map(|j| j.id)
-        .collect();
+    let jobs = client.execute(&QueryJobs).await?;
     let exports = crate::qemu::block::export_ids(client).await?;
     let blocks = Blocks::read(client).await?;
     let disks: Vec<qhotplug_cmdline::Disk> = {
@@ -615,8 +689,8 @@ async fn end_orphaned_storage(core: &Arc<Core>, start: u64, report: &mut Reconci
         let mine = |job: &String| {
             backups.contains(job) || exported.contains(job) || creations.contains(job)
         };
-        let (to_end, to_unexport): (Vec<&String>, Vec<&String>) = (
-            jobs.iter().filter(|j| mine(j)).collect(),
+        let (to_end, to_unexport): (Vec<&JobInfo>, Vec<&String>) = (
+            jobs.iter().filter(|j| mine(&j.id)).collect(),
             exports.iter().filter(|e| exported.contains(e)).collect(),
         );
         let temporary = blocks
@@ -638,10 +712,12 @@ async fn end_orphaned_storage(core: &Arc<Core>, start: u64, report: &mut Reconci
             continue;
         };
         marks.push(mark);
-        let unfinished_backup = to_end.iter().any(|j| backups.contains(j));
-        serving |= to_end.contains(&&exported[0]) || !to_unexport.is_empty();
+        serving |= to_end.iter().any(|j| j.id == exported[0]) || !to_unexport.is_empty();
+        let mut unfinished_backup = false;
         for job in to_end {
-            report.run(client, Delete::Job(job.clone())).await;
+            let ended = EndedJob::of(job);
+            unfinished_backup |= backups.contains(&job.id) && !ended.completed();
+            report.end_job(client, ended).await;
         }
         for export in to_unexport {
             ours.push(export.clone());

@@ -178,7 +178,8 @@ impl Vm {
     /// A value QEMU chose where the launch left it to QEMU (a vCPU topology, a vhost-user disk's
     /// queues) is read back as QEMU has it. One thing is changed, not read: a job of the SDK's
     /// a dead process left concluded is dismissed after a second (QEMU lists no block node beside
-    /// a concluded job; what the job did is in QEMU's graph, read next). Run [`Vm::reconcile`]
+    /// a concluded job; what the job did is in QEMU's graph, read next), and the next
+    /// [`Vm::reconcile`] reports it with its outcome ([`Reconciled::jobs_ended`]). Run it
     /// next, as after any restart: it deletes what a dead process's unfinished hot-adds left,
     /// found by the SDK's names.
     pub async fn attach_without_spec(client: Client) -> Result<(Vm, Vec<Unreadable>)> {
@@ -204,6 +205,10 @@ impl Vm {
         let read = crate::read_spec::read_spec(&client, pid).await?;
         let vm = Self::attach_inner(client, read.spec, process).await?;
         *vm.core.unreadable.lock().unwrap_or_else(|p| p.into_inner()) = read.unreadable.clone();
+        *vm.core
+            .ended_at_attach
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = read.ended;
         Ok((vm, read.unreadable))
     }
 

@@ -33,6 +33,9 @@ pub(crate) struct Core {
     /// What attaching without a spec could not read from QEMU and no call has set since (empty
     /// otherwise): the planner does not take what the spec holds in its place for QEMU's.
     pub(crate) unreadable: Mutex<Vec<crate::unreadable::Unreadable>>,
+    /// Jobs a dead process left concluded that the attach dismissed (reading the spec), for the
+    /// next `reconcile` to report.
+    pub(crate) ended_at_attach: Mutex<Vec<crate::ended_job::EndedJob>>,
     /// The task that follows devices the guest gives up unasked (`guest_removals`).
     pub(crate) watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -58,6 +61,7 @@ impl Core {
             idle: tokio::sync::Notify::new(),
             agent: tokio::sync::Mutex::new(None),
             unreadable: Mutex::new(Vec::new()),
+            ended_at_attach: Mutex::new(Vec::new()),
             watcher: Mutex::new(None),
         }
     }

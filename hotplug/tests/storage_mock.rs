@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use qhotplug::{
-    BackupConfig, DiskConfig, Error, Machine, MirrorConfig, NbdServer, PullConfig, SnapshotConfig,
-    Vm, VmSpec,
+    BackupConfig, DiskConfig, Error, JobOutcome, Machine, MirrorConfig, NbdServer, PullConfig,
+    SnapshotConfig, Vm, VmSpec,
 };
 use qhotplug_mock::MockQemu;
 
@@ -74,6 +74,15 @@ fn state(qemu: &MockQemu) -> String {
         qemu.exports().iter().map(|e| &e.id).collect::<Vec<_>>(),
         qemu.nbd_server(),
     )
+}
+
+/// The jobs a reconcile ended, by id, with how each had fared.
+fn ended(report: &qhotplug::Reconciled) -> Vec<(&str, JobOutcome)> {
+    report
+        .jobs_ended
+        .iter()
+        .map(|j| (j.id.as_str(), j.outcome.clone()))
+        .collect()
 }
 
 /// Waits, with a deadline, until `done` holds.
@@ -625,7 +634,7 @@ async fn reconcile_ends_what_a_dead_processs_pull_backup_left_and_gives_its_chec
         .await
         .unwrap();
     let report = again.reconcile().await.unwrap();
-    assert_eq!(report.jobs_ended, ["pull-a"]);
+    assert_eq!(ended(&report), [("pull-a", JobOutcome::Cancelled)]);
     assert_eq!(report.exports_deleted, ["pull-a"]);
     assert_eq!(report.checkpoints_given_back, ["c2"]);
     // QEMU is as before the pull backup: no job, export, server, scratch node or bitmap of it,
@@ -634,4 +643,63 @@ async fn reconcile_ends_what_a_dead_processs_pull_backup_left_and_gives_its_chec
     let c1 = qemu.bitmaps().into_iter().find(|b| b.name == "c1").unwrap();
     assert!(c1.recording);
     assert_eq!(again.spec().disks[0].checkpoints, ["c1"]);
+}
+
+#[tokio::test]
+async fn a_push_backup_that_had_completed_when_its_process_died_keeps_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_disk_of(dir.path(), qhotplug::Format::Qcow2).await;
+    let full = BackupConfig::full().disk("a", dir.path().join("b0.qcow2"));
+    backed_up(&vm, full.checkpoint("c1")).await;
+    let spec = vm.spec();
+    // The incremental backup's job concludes; its process dies before it dismisses it.
+    let since = BackupConfig::incremental("c1").disk("a", dir.path().join("b1.qcow2"));
+    let backup = vm.backup(since.checkpoint("c2")).await.unwrap();
+    std::mem::forget(backup);
+    std::mem::forget(vm);
+    let job = qemu
+        .jobs()
+        .into_iter()
+        .find(|j| j.id == "backup-a")
+        .unwrap();
+    assert_eq!((job.status.as_str(), job.error), ("concluded", None));
+    // The next process, with the spec the dead one kept (c1 only).
+    let again = Vm::attach(qemu.connect().await.unwrap(), spec)
+        .await
+        .unwrap();
+    let report = again.reconcile().await.unwrap();
+    assert_eq!(ended(&report), [("backup-a", JobOutcome::Completed)]);
+    assert!(report.checkpoints_given_back.is_empty(), "{report:?}");
+    // Its checkpoint is QEMU's, so the spec's: the next incremental since c2 is whole.
+    assert_eq!(report.chains_updated, ["a"]);
+    assert_eq!(again.spec().disks[0].checkpoints, ["c1", "c2"]);
+    assert!(qemu.jobs().is_empty());
+    assert!(again.reconcile().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_push_backup_still_running_when_its_process_died_is_cancelled_and_gives_its_checkpoint_back(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = with_disk_of(dir.path(), qhotplug::Format::Qcow2).await;
+    let full = BackupConfig::full().disk("a", dir.path().join("b0.qcow2"));
+    backed_up(&vm, full.checkpoint("c1")).await;
+    let spec = vm.spec();
+    qemu.hold_jobs_of("backup");
+    let since = BackupConfig::incremental("c1").disk("a", dir.path().join("b1.qcow2"));
+    let backup = vm.backup(since.checkpoint("c2")).await.unwrap();
+    std::mem::forget(backup);
+    std::mem::forget(vm);
+    // The next process, with the spec the dead one kept, while the job still copies.
+    let again = Vm::attach(qemu.connect().await.unwrap(), spec)
+        .await
+        .unwrap();
+    let report = again.reconcile().await.unwrap();
+    assert_eq!(ended(&report), [("backup-a", JobOutcome::Cancelled)]);
+    assert_eq!(report.checkpoints_given_back, ["c2"]);
+    assert!(report.chains_updated.is_empty(), "{report:?}");
+    assert_eq!(again.spec().disks[0].checkpoints, ["c1"]);
+    let names: Vec<String> = qemu.bitmaps().into_iter().map(|b| b.name).collect();
+    assert_eq!(names, ["c1"]);
+    assert!(again.reconcile().await.unwrap().is_empty());
 }

@@ -1760,8 +1760,23 @@ pub(crate) enum Later {
 
 impl Model {
     /// A node as `query-named-block-nodes` shows it, with its image's virtual size (the length
-    /// of the file under it, as for a raw image).
+    /// of the file under it, as for a raw image), its dirty bitmaps (newest first, as QEMU
+    /// lists them), and its backing chain (`backing_file_depth`, `image.backing-image`).
     fn node_info(&self, n: &MockBlockNode) -> Value {
+        let mut info = self.image_info(n);
+        let mut depth = 0;
+        let mut below = n.backing.as_deref();
+        while let Some(node) = below.and_then(|b| self.nodes.iter().find(|m| m.node_name == b)) {
+            depth += 1;
+            below = node.backing.as_deref();
+        }
+        info["backing_file_depth"] = json!(depth);
+        info["dirty-bitmaps"] = self.storage.bitmaps_json(&n.node_name);
+        info
+    }
+
+    /// [`Model::node_info`] but the bitmaps and depth; its image with the images under it.
+    fn image_info(&self, n: &MockBlockNode) -> Value {
         let file = n
             .filename
             .clone()
@@ -1777,11 +1792,19 @@ impl Model {
             (Some(f), _) => f.metadata().map_or(0, |m| m.len()),
             (None, _) => 0,
         };
-        json!({"file": file, "node-name": n.node_name, "ro": n.read_only, "drv": n.driver,
-               "encrypted": false, "detect_zeroes": "off", "bps": 0, "bps_rd": 0, "bps_wr": 0,
-               "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0,
+        let mut info = json!({"file": file, "node-name": n.node_name, "ro": n.read_only,
+               "drv": n.driver, "encrypted": false, "detect_zeroes": "off", "bps": 0, "bps_rd": 0,
+               "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0,
                "image": {"filename": file, "format": n.driver, "virtual-size": size},
-               "cache": {"writeback": true, "direct": false, "no-flush": false}})
+               "cache": {"writeback": true, "direct": false, "no-flush": false}});
+        let backing = n
+            .backing
+            .as_deref()
+            .and_then(|b| self.nodes.iter().find(|m| m.node_name == b));
+        if let Some(backing) = backing {
+            info["image"]["backing-image"] = self.image_info(backing)["image"].take();
+        }
+        info
     }
 }
 

@@ -149,8 +149,16 @@ impl MockQemu {
         let mut model = self.model();
         model.storage.hold = hold;
         if !hold {
+            model.storage.held_kinds.clear();
             model.advance_jobs();
         }
+    }
+
+    /// Holds only the jobs of `kind` (`backup`, `mirror`, `commit`, `stream`, `create`) as
+    /// [`MockQemu::hold_jobs`] holds every job, say a backup whose target image is made (a
+    /// `create` job) first; `hold_jobs(false)` lets them go on.
+    pub fn hold_jobs_of(&self, kind: &str) {
+        self.model().storage.held_kinds.push(kind.to_owned());
     }
 
     /// Job `id` fails with `error` when it runs (now, if it is running): `aborting`, then

@@ -92,6 +92,8 @@ pub(crate) struct Storage {
     pub(crate) exports: Vec<MockExport>,
     /// Jobs stay `running` while held.
     pub(crate) hold: bool,
+    /// Jobs of these kinds (`backup`, `mirror`, …) stay `running` too.
+    pub(crate) held_kinds: Vec<String>,
     /// Jobs to fail when they run: the id and the error.
     pub(crate) failing: Vec<(String, String)>,
 }
@@ -434,7 +436,7 @@ impl Storage {
                 self.abort_job(g, &id, Some(error));
                 continue;
             }
-            if job.paused || self.hold {
+            if job.paused || self.hold || self.held_kinds.contains(&job.kind) {
                 continue;
             }
             let needs_complete = matches!(job.effect, Effect::Pivot { .. });
@@ -805,9 +807,11 @@ impl Storage {
 
     /// The dirty bitmaps on node `node`, as `query-block` shows them.
     pub(crate) fn bitmaps_json(&self, node: &str) -> Value {
+        // Newest first, as QEMU lists them.
         Value::Array(
             self.bitmaps
                 .iter()
+                .rev()
                 .filter(|b| b.node == node)
                 .map(|b| {
                     json!({"name": b.name, "recording": b.recording, "persistent": b.persistent,

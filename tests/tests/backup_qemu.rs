@@ -363,7 +363,12 @@ fn a_pull_backup_whose_process_died_is_ended_by_the_next_ones_reconcile() {
         let client = qhotplug_qmp::connect(&mon2).await.unwrap();
         let again = qhotplug::Vm::attach(client, spec).await.unwrap();
         let report = again.reconcile().await.unwrap();
-        assert_eq!(report.jobs_ended, ["pull-a"], "{report:?}");
+        let ended: Vec<(&str, &qhotplug::JobOutcome)> = report
+            .jobs_ended
+            .iter()
+            .map(|j| (j.id.as_str(), &j.outcome))
+            .collect();
+        assert_eq!(ended, [("pull-a", &qhotplug::JobOutcome::Cancelled)]);
         assert_eq!(report.exports_deleted, ["pull-a"]);
         assert_eq!(report.checkpoints_given_back, ["c2"]);
         let after = qhotplug_tests::Snapshot::take(&again).await;
@@ -387,5 +392,61 @@ fn a_pull_backup_whose_process_died_is_ended_by_the_next_ones_reconcile() {
             .cancel()
             .await
             .unwrap();
+    });
+}
+
+#[test]
+fn a_push_backup_that_completed_before_its_process_died_is_reported_whole_and_keeps_its_checkpoint()
+{
+    qhotplug_tests::serial_test(async {
+        let (t, mon2, dir) = with_two_disks().await;
+        let d = dir.path();
+        backed_up(
+            &t,
+            BackupConfig::full()
+                .disk("a", d.join("a.0.qcow2"))
+                .checkpoint("c1"),
+        )
+        .await;
+        let spec = t.vm.spec();
+        write_64k(&t.vm, "a", 1 << 20).await;
+        // The incremental backup's job concludes; its process dies before it dismisses it.
+        let mut events = t.vm.client().events();
+        let since = BackupConfig::incremental("c1").disk("a", d.join("a.1.qcow2"));
+        let backup = t.vm.backup(since.checkpoint("c2")).await.unwrap();
+        std::mem::forget(backup);
+        let concluded = events
+            .wait_for(tokio::time::Instant::now() + DONE, |e| {
+                matches!(e, qhotplug_qmp::EventKind::JobStatusChange(c)
+                    if c.id == "backup-a" && c.status == "concluded")
+            })
+            .await;
+        assert!(concluded);
+        // The next process, with the spec the dead one kept (c1 only).
+        let client = qhotplug_qmp::connect(&mon2).await.unwrap();
+        let again = qhotplug::Vm::attach(client, spec).await.unwrap();
+        let report = again.reconcile().await.unwrap();
+        let ended: Vec<(&str, &qhotplug::JobOutcome)> = report
+            .jobs_ended
+            .iter()
+            .map(|j| (j.id.as_str(), &j.outcome))
+            .collect();
+        assert_eq!(ended, [("backup-a", &qhotplug::JobOutcome::Completed)]);
+        assert!(report.checkpoints_given_back.is_empty(), "{report:?}");
+        // The checkpoint is QEMU's, so now the spec's, and the target is whole: the next
+        // incremental since c2 holds only what is written after it.
+        assert_eq!(report.chains_updated, ["a"], "{report:?}");
+        assert_eq!(again.spec().disks[0].checkpoints, ["c1", "c2"]);
+        assert!(again.client().execute(&QueryJobs).await.unwrap().is_empty());
+        assert!(again.reconcile().await.unwrap().is_empty());
+        assert_eq!(own_data(&d.join("a.1.qcow2")), [(1 << 20, 64 << 10)]);
+        write_64k(&t.vm, "a", 3 << 20).await;
+        let next = BackupConfig::incremental("c2").disk_onto(
+            "a",
+            d.join("a.2.qcow2"),
+            d.join("a.1.qcow2"),
+        );
+        again.backup(next).await.unwrap().wait(DONE).await.unwrap();
+        assert_eq!(own_data(&d.join("a.2.qcow2")), [(3 << 20, 64 << 10)]);
     });
 }

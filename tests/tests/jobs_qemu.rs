@@ -412,3 +412,36 @@ fn commits_an_earlier_process_started_are_found_and_ended() {
         t.vm.quit().await.unwrap();
     });
 }
+
+#[test]
+fn a_pivot_and_a_snapshot_made_after_the_spec_was_kept_are_read_back_by_reconcile() {
+    qhotplug_tests::serial_test(async {
+        let (t, mon2, dir) = with_two_disks().await;
+        // The spec as a process kept it before it mirrored `a` onto a copy and pivoted, and
+        // snapshotted `b`, then died before it kept the spec again.
+        let kept = t.vm.spec();
+        let copy = dir.path().join("a-copy.qcow2");
+        let mut job =
+            t.vm.mirror_disk("a", MirrorConfig::new(&copy).format(Format::Qcow2))
+                .await
+                .unwrap();
+        job.wait_ready(std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        job.pivot().await.unwrap();
+        t.vm.snapshot(SnapshotConfig::new().disk("b", dir.path().join("b.1.qcow2")))
+            .await
+            .unwrap();
+        let ran = t.vm.spec();
+        // The next process attaches with the old spec: reconcile takes the chains QEMU runs,
+        // so a relaunch from its spec boots the images the guest wrote to.
+        let client = qhotplug_qmp::connect(&mon2).await.unwrap();
+        let again = qhotplug::Vm::attach(client, kept).await.unwrap();
+        let report = again.reconcile().await.unwrap();
+        assert_eq!(report.chains_updated, ["a", "b"], "{report:?}");
+        assert!(report.nodes_deleted.is_empty(), "{report:?}");
+        assert_eq!(again.spec().disks, ran.disks);
+        assert_eq!(again.disks()[0].path, copy);
+        assert!(again.reconcile().await.unwrap().is_empty());
+    });
+}
