@@ -130,6 +130,7 @@ pub use kinds::virtio_serial::{SerialPortConfig, VirtioSerialConfig};
 pub use life::{PowerVia, Stopped};
 pub use medium::{MediumOptions, TrayStatus};
 pub use migration::migrate::{MigrationOptions, Progress, SourceAfter, Transport};
+pub use migration::orphaned::MigrationLeft;
 pub use migration::storage_copy::StorageCopy;
 pub use onlining::Onlined;
 pub use qemu::errors as qemu_errors;

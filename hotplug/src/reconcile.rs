@@ -16,6 +16,7 @@ use crate::ended_job::EndedJob;
 use crate::engine::holds::{self, Cleaning};
 use crate::error::Result;
 use crate::kinds::{Device, DeviceKind};
+use crate::migration::orphaned::MigrationLeft;
 use crate::qemu::block::Blocks;
 use crate::qemu::delete::{Delete, Outcome};
 use crate::qemu::errors as qemu_errors;
@@ -46,6 +47,9 @@ pub struct Reconciled {
     pub limits_updated: Vec<String>,
     /// CD-ROM drives the SDK thought loaded that QEMU has empty: the view now has them empty.
     pub media_updated: Vec<String>,
+    /// A migration out of the VM a process that died had started: cancelled if it was under
+    /// way, reported if it had completed (the guest runs on its target) or is in post-copy.
+    pub migration: Option<MigrationLeft>,
     /// Disks whose image chain in the SDK's view was not the one QEMU runs (a mirror's or a
     /// commit's pivot, or a snapshot, that a process which died made; a checkpoint its backup
     /// left): the view now has QEMU's chain and checkpoints.
@@ -97,8 +101,10 @@ pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
         jobs_ended: ended_at_attach,
         ..Reconciled::default()
     };
-    // First what a dead process's storage operations left running: its jobs hold nodes (and
-    // QEMU lists no node while one waits concluded).
+    // First a migration a dead process left (its storage copy's jobs are ended next), then what
+    // its storage operations left running: its jobs hold nodes (and QEMU lists no node while
+    // one waits concluded).
+    report.migration = crate::migration::orphaned::end(core).await?;
     end_orphaned_storage(core, start, &mut report).await?;
     let seen = Seen::read(&core.client).await?;
     let held = files_of(&seen.fdsets, core.qemu_pid());

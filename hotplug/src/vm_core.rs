@@ -33,11 +33,33 @@ pub(crate) struct Core {
     /// What attaching without a spec could not read from QEMU and no call has set since (empty
     /// otherwise): the planner does not take what the spec holds in its place for QEMU's.
     pub(crate) unreadable: Mutex<Vec<crate::unreadable::Unreadable>>,
+    /// Whether a migration of this process's runs from this VM, or ran to its end: any other
+    /// migration QEMU reports was a dead process's (`migration::orphaned`).
+    pub(crate) outgoing: Mutex<Outgoing>,
     /// Jobs a dead process left concluded that the attach dismissed (reading the spec), for the
     /// next `reconcile` to report.
     pub(crate) ended_at_attach: Mutex<Vec<crate::ended_job::EndedJob>>,
     /// The task that follows devices the guest gives up unasked (`guest_removals`).
     pub(crate) watcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// This process's migrations out of the VM ([`Core::outgoing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Outgoing {
+    /// None ran.
+    #[default]
+    None,
+    /// One runs now.
+    Running,
+    /// One completed: the guest runs on its target.
+    Completed,
+}
+
+impl Core {
+    /// This process's migrations out of the VM.
+    pub(crate) fn outgoing(&self) -> std::sync::MutexGuard<'_, Outgoing> {
+        self.outgoing.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Drop for Core {
@@ -62,6 +84,7 @@ impl Core {
             agent: tokio::sync::Mutex::new(None),
             unreadable: Mutex::new(Vec::new()),
             ended_at_attach: Mutex::new(Vec::new()),
+            outgoing: Mutex::new(Outgoing::None),
             watcher: Mutex::new(None),
         }
     }

@@ -12,11 +12,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use qhotplug::{
-    BackupConfig, DiskConfig, Format, MemoryConfig, MirrorConfig, NbdServer, NicConfig, PullConfig,
-    RngConfig, SerialPortConfig, SnapshotConfig, TapBuilder, Vm, VmSpec, MIB,
+    BackupConfig, DiskConfig, Format, MemoryConfig, MigrationLeft, MigrationOptions, MirrorConfig,
+    NbdServer, NicConfig, PullConfig, RngConfig, SerialPortConfig, SnapshotConfig, SourceAfter,
+    TapBuilder, Transport, Vm, VmSpec, MIB,
 };
 use qhotplug_cmdline::{names, Cdrom, IdeAddr};
+use qhotplug_qmp::command::QueryStatus;
 use qhotplug_qmp::command::{QomList, QueryChardev};
+use qhotplug_qmp::EventKind;
 use qhotplug_tests::storage::new_qcow2;
 use qhotplug_tests::timing::AtStep;
 use qhotplug_tests::{fdset_files, image, iso, pc_spec, second_monitor, TestVm};
@@ -54,10 +57,14 @@ fn operation_that_gets_killed() {
         return;
     };
     let op = std::env::var("QHOTPLUG_KILL_OP").unwrap();
-    let step: usize = std::env::var("QHOTPLUG_KILL_STEP")
-        .unwrap()
-        .parse()
-        .unwrap();
+    // A step's number, or `active`: once the migration it starts is under way.
+    let step = std::env::var("QHOTPLUG_KILL_STEP").unwrap();
+    let active = step == "active";
+    let step: usize = if active {
+        usize::MAX
+    } else {
+        step.parse().unwrap()
+    };
     // Dead at once: no destructor, no drop of a future, no word to QEMU.
     let hook = AtStep::new(step, || {
         qhotplug_tests::kill(std::process::id(), libc::SIGKILL).unwrap();
@@ -68,7 +75,31 @@ fn operation_that_gets_killed() {
         .block_on(async move {
             let client = qhotplug_qmp::connect(&dir.join("mon2.sock")).await.unwrap();
             let (vm, _) = Vm::attach_without_spec(client).await.unwrap();
+            if active {
+                let mut events = vm.client().events();
+                tokio::spawn(async move {
+                    let deadline = tokio::time::Instant::now() + JOB;
+                    let under_way = |e: &EventKind| {
+                        matches!(e, EventKind::Migration(m) if m.status == "active")
+                    };
+                    if events.wait_for(deadline, under_way).await {
+                        qhotplug_tests::kill(std::process::id(), libc::SIGKILL).unwrap();
+                    }
+                });
+            }
             match op.as_str() {
+                "migrate" => {
+                    let client = qhotplug_qmp::connect(&dir.join("tgt2.sock")).await.unwrap();
+                    let (target, _) = Vm::attach_without_spec(client).await.unwrap();
+                    let mut options =
+                        MigrationOptions::new(Transport::Unix(dir.join("migrate.sock")))
+                            .source_after(SourceAfter::Paused);
+                    if active {
+                        // Slow enough to be under way when the process dies.
+                        options = options.bandwidth(64 << 10);
+                    }
+                    drop(vm.migrate(target, options, |_| {}).await.unwrap());
+                }
                 "add_nic" => {
                     let tap = TapBuilder::new("qhpk%d").create().unwrap();
                     drop(
@@ -172,8 +203,9 @@ async fn vm_for(op: &str, dir: &Path) -> TestVm {
     t
 }
 
-/// Runs the child for `op`, killed at step `step`; true when it finished instead.
-fn run_child(dir: &Path, op: &str, step: usize) -> bool {
+/// Runs the child for `op`, killed at step `step` (a number, or `active`: see the child); true
+/// when it finished instead.
+fn run_child(dir: &Path, op: &str, step: impl std::fmt::Display) -> bool {
     let status = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -346,5 +378,66 @@ fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() 
         // Files were left to report: a new image QEMU had when its operation died.
         assert!(!released.is_empty());
         println!("released files reported after: {released:?}");
+    });
+}
+
+#[test]
+fn a_migration_whose_process_was_killed_is_cancelled_or_reported_by_the_next_one() {
+    qhotplug_tests::serial_test(async {
+        let mut seen = Vec::new();
+        let mut completed_from: Option<String> = None;
+        let cases = (0..).map(|n: usize| n.to_string());
+        for step in std::iter::once("active".to_owned()).chain(cases) {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path();
+            let t = vm_for("migrate", d).await;
+            let mut launcher = t.vm.migration_launcher(d.join("target"));
+            let spec = launcher.spec_mut();
+            spec.extra_args.clear();
+            second_monitor(spec, &d.join("tgt2.sock"));
+            let target = Vm::launch(launcher).await.unwrap();
+            let mut target_events = target.client().events();
+            let finished = run_child(d, "migrate", &step);
+            let case = format!("migrate killed at step {step}");
+            // A new process attaches to the source with no spec and reconciles.
+            let client = qhotplug_qmp::connect(&d.join("mon2.sock")).await.unwrap();
+            let (vm, _) = Vm::attach_without_spec(client).await.unwrap();
+            let report = vm.reconcile().await.unwrap();
+            let running = vm.client().execute(&QueryStatus).await.unwrap().running;
+            match (step.as_str(), finished) {
+                // Under way: cancelled; the guest runs here, and the target, its stream
+                // broken, exits.
+                ("active", _) => {
+                    assert_eq!(report.migration, Some(MigrationLeft::Cancelled), "{case}");
+                    assert!(running, "{case}");
+                    let gone = async {
+                        while futures::StreamExt::next(&mut target_events).await.is_some() {}
+                    };
+                    tokio::time::timeout(JOB, gone).await.unwrap();
+                }
+                // Killed once `migrate` was sent (or it finished): it completed, as fast as it
+                // goes here; the guest runs on the target, the source is kept paused.
+                (_, finished) if finished || report.migration.is_some() => {
+                    assert_eq!(report.migration, Some(MigrationLeft::Completed), "{case}");
+                    assert!(!running, "{case}");
+                    assert!(target.client().execute(&QueryStatus).await.unwrap().running);
+                    completed_from.get_or_insert(step.clone());
+                }
+                // Killed before `migrate` was sent: nothing to end, the guest runs here.
+                _ => {
+                    assert!(completed_from.is_none(), "{case}: after {completed_from:?}");
+                    assert!(running, "{case}");
+                }
+            }
+            assert_nothing_left(&vm, &t, &vm.spec(), &case).await;
+            seen.push((step, report.migration));
+            if finished {
+                break;
+            }
+        }
+        println!("migration cases: {seen:?}");
+        // Some steps come before `migrate`, and at least the last one after it.
+        let before = seen.iter().filter(|(_, left)| left.is_none()).count();
+        assert!(before >= 2 && completed_from.is_some(), "{seen:?}");
     });
 }

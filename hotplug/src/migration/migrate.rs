@@ -31,7 +31,7 @@ use tracing::Instrument;
 use crate::error::{Error, MigrationFailure, Result};
 use crate::migration::storage_copy::{self, StorageCopy};
 use crate::spans::step;
-use crate::vm_core::{clean_up_after_drop, hotplug_span, Core};
+use crate::vm_core::{clean_up_after_drop, hotplug_span, Core, Outgoing as Migrating};
 
 /// The QMP commands a migration uses on the source.
 const SOURCE_COMMANDS: &[&str] = &[
@@ -202,9 +202,15 @@ struct CancelOnDrop {
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if !self.armed {
+            // Dropped before `migrate` was sent: no migration of this process's runs.
+            let mut outgoing = self.source.outgoing();
+            if *outgoing == Migrating::Running {
+                *outgoing = Migrating::None;
+            }
             return;
         }
         let client = self.source.client.clone();
+        let source = self.source.clone();
         let name = self.source.state().spec().name.clone();
         let _ = clean_up_after_drop(
             Some(&self.source),
@@ -215,6 +221,7 @@ impl Drop for CancelOnDrop {
                 if let Err(error) = client.execute(&MigrateCancel).await {
                     tracing::warn!(%error, "cancelling a dropped migration");
                 }
+                *source.outgoing() = Migrating::None;
             },
         );
     }
@@ -246,10 +253,15 @@ pub(crate) async fn migrate(
         source: source.clone(),
         armed: false,
     };
+    *source.outgoing() = Migrating::Running;
     let outcome = run_migration(source, target, &options, progress, &mut guard)
         .instrument(span.clone())
         .await;
     guard.armed = false;
+    *source.outgoing() = match outcome {
+        Ok(_) => Migrating::Completed,
+        Err(_) => Migrating::None,
+    };
     match outcome {
         Ok(info) => {
             target.state().migrated_in();
