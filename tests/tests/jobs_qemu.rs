@@ -445,3 +445,44 @@ fn a_pivot_and_a_snapshot_made_after_the_spec_was_kept_are_read_back_by_reconcil
         assert!(again.reconcile().await.unwrap().is_empty());
     });
 }
+
+#[test]
+fn a_mirror_found_pivoted_keeps_the_image_the_disk_runs_on_whatever_ends_its_handle() {
+    qhotplug_tests::serial_test(async {
+        let (t, mon2, dir) = with_two_disks().await;
+        let kept = t.vm.spec();
+        let copy = dir.path().join("a-copy.qcow2");
+        let mut job =
+            t.vm.mirror_disk("a", MirrorConfig::new(&copy).format(Format::Qcow2))
+                .await
+                .unwrap();
+        job.wait_ready(std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        // Its process asks for the pivot and dies before it dismisses the job.
+        let mut events = t.vm.client().events();
+        t.vm.client()
+            .execute_raw("job-complete", &serde_json::json!({"id": "mirror-a"}))
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        let concluded = events
+            .wait_for(deadline, |e| {
+                matches!(e, qhotplug_qmp::EventKind::JobStatusChange(c)
+                    if c.id == "mirror-a" && c.status == "concluded")
+            })
+            .await;
+        assert!(concluded);
+        std::mem::forget(job);
+        // The next process finds the job and, not wanting it, cancels it: QEMU had switched
+        // the disk, so the copy is the disk now, kept on the host and in the view.
+        let client = qhotplug_qmp::connect(&mon2).await.unwrap();
+        let again = qhotplug::Vm::attach(client, kept).await.unwrap();
+        let found = again.jobs().await.unwrap();
+        let [job] = <[qhotplug::BlockJob; 1]>::try_from(found).unwrap();
+        job.cancel().await.unwrap();
+        assert_eq!(again.disks()[0].path, copy);
+        assert!(copy.exists());
+        assert!(again.reconcile().await.unwrap().is_empty());
+    });
+}

@@ -392,7 +392,9 @@ impl BlockJob {
                 core.state().touched.insert(id.clone());
             }
         }
-        if matches!(ending, Ending::Cancel | Ending::Failed) {
+        // A job found concluded may have switched the disk before its process died: a cancel
+        // then keeps the file the disk now runs on.
+        if !completed && matches!(ending, Ending::Cancel | Ending::Failed) {
             if let Some(path) = &self.created {
                 let _ = std::fs::remove_file(path);
             }
