@@ -609,8 +609,10 @@ impl Reader<'_> {
             }
         };
         // The chain's images, top first, as QEMU runs them; each below the top is the format
-        // node of this disk's that has as many images under it as that image has (its file
-        // name tells them apart if several do: a job's target beside its source).
+        // node of this disk's whose file name is that image's (a format node's names its whole
+        // chain), or else the one that has as many images under it as that image has. (The
+        // nodes are listed flat, so QEMU counts no image under any: only the bottom one's depth
+        // tells.)
         let mut chain = Vec::new();
         let mut image = inserted.image.as_ref();
         while let Some(info) = image {
@@ -628,18 +630,23 @@ impl Reader<'_> {
         for below in 1..=depth as usize {
             let file = chain.get(below).and_then(|info| info.filename.as_ref());
             let depth = depth - below as u32;
-            let candidates: Vec<&BlockDeviceInfo> = found
+            let unclaimed: Vec<&BlockDeviceInfo> = found
                 .nodes
                 .iter()
                 .filter(|n| {
                     n.node_name.as_deref().is_some_and(|name| {
                         names::is_format_node_of(id, name) && !on.iter().any(|m| m == name)
-                    }) && n.backing_file_depth == Some(depth)
+                    })
                 })
                 .collect();
-            let by_file = candidates.iter().find(|n| Some(&n.file) == file);
-            let node = match (by_file, &candidates[..]) {
-                (Some(node), _) | (None, [node]) => node,
+            let by_file = unclaimed.iter().copied().find(|n| Some(&n.file) == file);
+            let by_depth: Vec<&BlockDeviceInfo> = unclaimed
+                .iter()
+                .copied()
+                .filter(|n| n.backing_file_depth == Some(depth))
+                .collect();
+            let node = match (by_file, &by_depth[..]) {
+                (Some(node), _) | (None, &[node]) => node,
                 _ => {
                     return Ok(Err(Unreadable::Foreign {
                         device: id.to_owned(),
