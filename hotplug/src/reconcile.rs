@@ -40,8 +40,10 @@ pub struct Reconciled {
     pub objects_deleted: Vec<String>,
     /// Chardevs of ours (`<id>-chr`) that no device used any more, removed.
     pub chardevs_removed: Vec<String>,
-    /// Devices a failed hot-add could not take back (the guest kept them): QEMU has them, so the
-    /// SDK's view now lists them, as planned.
+    /// Devices QEMU has that the view lacked, now listed: a failed hot-add could not take them
+    /// back (the guest kept them), listed as planned; or a process that died made them after the
+    /// spec this handle attached with was kept (the SDK's names on their backends say so), read
+    /// from QEMU as an attach with no spec reads them.
     pub adopted: Vec<String>,
     /// Disks whose I/O limits in the SDK's view were not QEMU's: the view now has QEMU's.
     pub limits_updated: Vec<String>,
@@ -109,7 +111,8 @@ pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
     let seen = Seen::read(&core.client).await?;
     let held = files_of(&seen.fdsets, core.qemu_pid());
     let chains = Chains::read(core, start).await?;
-    let judged = judge(core, &seen, &chains, start, &mut report);
+    let unlisted = unlisted(core, &seen).await?;
+    let judged = judge(core, &seen, &chains, unlisted, start, &mut report);
     clean_up(core, &seen, &judged, &mut report).await;
     report.files_released = released(core, held).await?;
     drop(judged.cleaning);
@@ -253,6 +256,7 @@ fn judge(
     core: &Arc<Core>,
     seen: &Seen,
     chains: &Chains,
+    unlisted: Vec<Device>,
     start: u64,
     report: &mut Reconciled,
 ) -> Judged {
@@ -260,6 +264,14 @@ fn judge(
     let mut guard = core.state();
     let state = &mut *guard;
     settle_doubts(state, present, report);
+    for device in unlisted {
+        // Not taken by a call of this process's since it was read.
+        if !state.devices.contains_key(device.id()) {
+            tracing::info!(id = %device.id(), "reconcile: adopted a device a dead process made");
+            report.adopted.push(device.id().to_owned());
+            state.insert(device);
+        }
+    }
     let gone = forget_gone(state, present, start);
     state.rebuild_slots(&seen.pci, &seen.found.placements);
     read_back(state, &seen.blocks, start, report);
@@ -267,25 +279,7 @@ fn judge(
     // Leftovers may belong to the devices just found gone, to ids this handle used, or to ids
     // whose hot-add a process that died never finished (found by the SDK's names on what QEMU
     // has: that process's ids are not this one's to know).
-    let spec = state.spec();
-    let boot_memory = spec.memory_backend.as_ref().map(|b| b.id.as_str());
-    let left_by_name = seen
-        .fdsets
-        .iter()
-        .filter(|_| seen.fdsets_current)
-        .flat_map(|s| s.fds.iter().filter_map(|f| f.opaque.as_deref()))
-        .chain(seen.nodes.iter().map(String::as_str))
-        .chain(seen.chardevs.iter().map(String::as_str))
-        .chain(
-            seen.objects
-                .iter()
-                .map(String::as_str)
-                .filter(|o| Some(*o) != boot_memory),
-        )
-        .filter_map(names::owner_of)
-        .chain(seen.netdevs.iter().filter_map(|n| names::netdev_owner(n)))
-        .map(str::to_owned)
-        .collect::<BTreeSet<String>>();
+    let left_by_name = named_owners(seen, state.spec());
     let orphans: BTreeSet<String> = state
         .touched
         .iter()
@@ -311,6 +305,53 @@ fn judge(
         drives,
         links,
     }
+}
+
+/// The ids the SDK's names on what QEMU has (fd sets' tags, nodes, chardevs, objects but the
+/// boot memory's backend, netdevs) point to.
+fn named_owners(seen: &Seen, spec: &qhotplug_cmdline::VmSpec) -> BTreeSet<String> {
+    let boot_memory = spec.memory_backend.as_ref().map(|b| b.id.as_str());
+    seen.fdsets
+        .iter()
+        .filter(|_| seen.fdsets_current)
+        .flat_map(|s| s.fds.iter().filter_map(|f| f.opaque.as_deref()))
+        .chain(seen.nodes.iter().map(String::as_str))
+        .chain(seen.chardevs.iter().map(String::as_str))
+        .chain(
+            seen.objects
+                .iter()
+                .map(String::as_str)
+                .filter(|o| Some(*o) != boot_memory),
+        )
+        .filter_map(names::owner_of)
+        .chain(seen.netdevs.iter().filter_map(|n| names::netdev_owner(n)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Devices QEMU has that the view does not list though the SDK's names on QEMU's backends point
+/// to them: a hot-add that a process which died finished after the spec the caller attached
+/// with was kept. Read from QEMU as an attach with no spec reads them (a device that cannot be
+/// read so, another driver's, is left alone).
+async fn unlisted(core: &Core, seen: &Seen) -> Result<Vec<Device>> {
+    let ids: Vec<String> = {
+        let state = core.state();
+        let named = named_owners(seen, state.spec());
+        seen.found
+            .ids
+            .iter()
+            .filter(|id| !state.devices.contains_key(*id) && named.contains(*id))
+            .cloned()
+            .collect()
+    };
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let read = crate::read_spec::read_spec(&core.client, core.qemu_pid()).await?;
+    Ok(Device::all(&read.spec)
+        .into_iter()
+        .filter(|d| ids.iter().any(|id| id == d.id()))
+        .collect())
 }
 
 /// The files of `held` (QEMU's fd sets before the clean-up) whose sets are gone now and that no

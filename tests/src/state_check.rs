@@ -95,7 +95,7 @@ pub async fn differences(check: &Check<'_>, reconciled: bool) -> Vec<String> {
     let names: BTreeSet<String> = nodes.iter().filter_map(|n| n.node_name.clone()).collect();
     let mut want: BTreeSet<String> = start.nodes.clone();
     for d in &spec.disks {
-        want.extend([d.file_node(), d.top_node()]);
+        want.extend(d.node_names());
     }
     for cd in spec.cdroms.iter().filter(|c| c.medium.is_some()) {
         want.extend([cd.file_node(), cd.top_node()]);
@@ -113,7 +113,11 @@ pub async fn differences(check: &Check<'_>, reconciled: bool) -> Vec<String> {
             .find(|n| n.node_name.as_deref() == Some(d.top_node().as_str()))
             .and_then(|n| n.image.as_ref())
             .map(|i| i.virtual_size as u64);
-        let file = std::fs::metadata(&d.path).map(|m| m.len()).ok();
+        // A raw image's size is its file's length; a qcow2 one's is in its header.
+        let file = match d.format {
+            qhotplug::Format::Raw => std::fs::metadata(&d.path).map(|m| m.len()).ok(),
+            _ => crate::storage::virtual_size(&d.path),
+        };
         differ(
             &mut out,
             &format!("{} size (node, file)", d.id),

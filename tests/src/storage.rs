@@ -249,3 +249,13 @@ pub async fn write_64k(vm: &qhotplug::Vm, id: &str, offset: u64) {
     let said = vm.client().execute(&write).await.unwrap();
     assert!(!said.contains("rror"), "qemu-io: {said}");
 }
+
+/// A qcow2 image's virtual size, from its header (bytes 24–32, big-endian); `None` when `image`
+/// cannot be read or is not qcow2.
+pub fn virtual_size(image: &Path) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(image).ok()?;
+    let mut header = [0u8; 32];
+    file.read_exact_at(&mut header, 0).ok()?;
+    (header[..4] == *b"QFI\xfb").then(|| u64::from_be_bytes(header[24..32].try_into().unwrap()))
+}
