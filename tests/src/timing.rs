@@ -212,3 +212,39 @@ where
         }
     }
 }
+
+/// Runs this test binary's `child` test (an `#[ignore]`d one that reads its orders from `env`)
+/// in a process of its own, awaited, not blocked on (a guest's console must be read meanwhile):
+/// true when it finished, false when it SIGKILLed itself (an [`AtStep`] hook); a child that
+/// ends any other way (a panic) fails the caller. It writes `done` in `dir` when it finishes,
+/// and a `done` left by an earlier child is removed first.
+pub async fn run_killed_child(child: &str, dir: &std::path::Path, env: &[(&str, String)]) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let done = dir.join("done");
+    let _ = std::fs::remove_file(&done);
+    let status = tokio::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", child, "--ignored", "--nocapture"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .status()
+        .await
+        .expect("the child runs");
+    let finished = done.exists();
+    let killed = status.signal() == Some(libc::SIGKILL);
+    assert!(
+        finished && status.success() || !finished && killed,
+        "{child} {env:?}: {status}"
+    );
+    finished
+}
+
+/// The child's side of [`run_killed_child`]: this process SIGKILLs itself when the SDK's step
+/// `step` begins (dead at once: no destructor, no drop of a future, no word to QEMU), for the
+/// rest of its life (the hook is the global tracing subscriber).
+pub fn kill_at_step(step: usize) {
+    use tracing_subscriber::layer::SubscriberExt;
+    let hook = AtStep::new(step, || {
+        crate::kill(std::process::id(), libc::SIGKILL).expect("SIGKILL myself");
+    });
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(hook))
+        .expect("the child's only subscriber");
+}

@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use qhotplug::{BackupConfig, CheckpointProblem, DiskConfig, Error, Format, NbdServer, PullConfig};
+use qhotplug::{
+    BackupConfig, CheckpointProblem, DiskConfig, Error, Format, JobOutcome, NbdServer, PullConfig,
+};
 use qhotplug_qmp::command::QueryJobs;
 use qhotplug_tests::storage::{own_data, qcow2_data_image, same_contents, write_64k, SmallFs};
 use qhotplug_tests::{assert_rolls_back, pc_spec, second_monitor, TestVm};
@@ -41,6 +43,15 @@ async fn checkpoints(t: &TestVm) -> Vec<Vec<(String, bool)>> {
         out.push(listed.into_iter().map(|c| (c.name, c.recording)).collect());
     }
     out
+}
+
+/// The jobs a reconcile ended, by id, with how each had fared.
+fn ended(report: &qhotplug::Reconciled) -> Vec<(&str, &JobOutcome)> {
+    report
+        .jobs_ended
+        .iter()
+        .map(|j| (j.id.as_str(), &j.outcome))
+        .collect()
 }
 
 /// The steps before a two-disk backup starts, in order.
@@ -363,12 +374,7 @@ fn a_pull_backup_whose_process_died_is_ended_by_the_next_ones_reconcile() {
         let client = qhotplug_qmp::connect(&mon2).await.unwrap();
         let again = qhotplug::Vm::attach(client, spec).await.unwrap();
         let report = again.reconcile().await.unwrap();
-        let ended: Vec<(&str, &qhotplug::JobOutcome)> = report
-            .jobs_ended
-            .iter()
-            .map(|j| (j.id.as_str(), &j.outcome))
-            .collect();
-        assert_eq!(ended, [("pull-a", &qhotplug::JobOutcome::Cancelled)]);
+        assert_eq!(ended(&report), [("pull-a", &JobOutcome::Cancelled)]);
         assert_eq!(report.exports_deleted, ["pull-a"]);
         assert_eq!(report.checkpoints_given_back, ["c2"]);
         let after = qhotplug_tests::Snapshot::take(&again).await;
@@ -426,12 +432,7 @@ fn a_push_backup_that_completed_before_its_process_died_is_reported_whole_and_ke
         let client = qhotplug_qmp::connect(&mon2).await.unwrap();
         let again = qhotplug::Vm::attach(client, spec).await.unwrap();
         let report = again.reconcile().await.unwrap();
-        let ended: Vec<(&str, &qhotplug::JobOutcome)> = report
-            .jobs_ended
-            .iter()
-            .map(|j| (j.id.as_str(), &j.outcome))
-            .collect();
-        assert_eq!(ended, [("backup-a", &qhotplug::JobOutcome::Completed)]);
+        assert_eq!(ended(&report), [("backup-a", &JobOutcome::Completed)]);
         assert!(report.checkpoints_given_back.is_empty(), "{report:?}");
         // The checkpoint is QEMU's, so now the spec's, and the target is whole: the next
         // incremental since c2 holds only what is written after it.

@@ -413,6 +413,16 @@ fn commits_an_earlier_process_started_are_found_and_ended() {
     });
 }
 
+/// A mirror of disk `id` onto a new qcow2 image at `copy`, ready to pivot.
+async fn ready_mirror(t: &TestVm, id: &str, copy: &std::path::Path) -> qhotplug::BlockJob {
+    let config = MirrorConfig::new(copy).format(Format::Qcow2);
+    let mut job = t.vm.mirror_disk(id, config).await.unwrap();
+    job.wait_ready(std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    job
+}
+
 #[test]
 fn a_pivot_and_a_snapshot_made_after_the_spec_was_kept_are_read_back_by_reconcile() {
     qhotplug_tests::serial_test(async {
@@ -421,13 +431,7 @@ fn a_pivot_and_a_snapshot_made_after_the_spec_was_kept_are_read_back_by_reconcil
         // snapshotted `b`, then died before it kept the spec again.
         let kept = t.vm.spec();
         let copy = dir.path().join("a-copy.qcow2");
-        let mut job =
-            t.vm.mirror_disk("a", MirrorConfig::new(&copy).format(Format::Qcow2))
-                .await
-                .unwrap();
-        job.wait_ready(std::time::Duration::from_secs(60))
-            .await
-            .unwrap();
+        let job = ready_mirror(&t, "a", &copy).await;
         job.pivot().await.unwrap();
         t.vm.snapshot(SnapshotConfig::new().disk("b", dir.path().join("b.1.qcow2")))
             .await
@@ -452,13 +456,7 @@ fn a_mirror_found_pivoted_keeps_the_image_the_disk_runs_on_whatever_ends_its_han
         let (t, mon2, dir) = with_two_disks().await;
         let kept = t.vm.spec();
         let copy = dir.path().join("a-copy.qcow2");
-        let mut job =
-            t.vm.mirror_disk("a", MirrorConfig::new(&copy).format(Format::Qcow2))
-                .await
-                .unwrap();
-        job.wait_ready(std::time::Duration::from_secs(60))
-            .await
-            .unwrap();
+        let job = ready_mirror(&t, "a", &copy).await;
         // Its process asks for the pivot and dies before it dismisses the job.
         let mut events = t.vm.client().events();
         t.vm.client()

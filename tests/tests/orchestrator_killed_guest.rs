@@ -15,13 +15,12 @@
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tokio::process::Command;
 
 use qhotplug::{BackupConfig, DiskConfig, Format, MirrorConfig, NicConfig, SnapshotConfig, Vm};
 use qhotplug_netdev::TapBuilder;
 use qhotplug_qmp::EventKind;
 use qhotplug_tests::state_check::{differences, Check, Start};
-use qhotplug_tests::timing::AtStep;
+use qhotplug_tests::timing::{kill_at_step, run_killed_child};
 use qhotplug_tests::{image, pc_spec, q35_spec, second_monitor, Guest, SplitMix};
 
 /// How long the guest may take to show a change, and a job to end (TCG).
@@ -52,7 +51,6 @@ fn tap_prefix() -> String {
 #[test]
 #[ignore = "the child of a_killed_orchestrators_vm_is_settled_round_after_round"]
 fn operation_that_gets_killed() {
-    use tracing_subscriber::layer::SubscriberExt;
     let Some(dir) = std::env::var_os("QHOTPLUG_KILL_DIR").map(PathBuf::from) else {
         return;
     };
@@ -63,10 +61,7 @@ fn operation_that_gets_killed() {
         var("QHOTPLUG_KILL_ROUND"),
     );
     let step: usize = var("QHOTPLUG_KILL_STEP").parse().unwrap();
-    let hook = AtStep::new(step, || {
-        qhotplug_tests::kill(std::process::id(), libc::SIGKILL).unwrap();
-    });
-    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(hook)).unwrap();
+    kill_at_step(step);
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(async move {
@@ -120,35 +115,17 @@ fn operation_that_gets_killed() {
         });
 }
 
-/// Runs the child; true when it finished before its step came. Awaited, not blocked on: the
-/// guest's console must be read meanwhile (a full console stalls the guest, and QEMU with it).
+/// Runs the child; true when it finished before its step came.
 async fn run_child(dir: &Path, op: &str, id: &str, round: u64, step: usize) -> bool {
-    use std::os::unix::process::ExitStatusExt;
-    let _ = std::fs::remove_file(dir.join("done"));
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "operation_that_gets_killed",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("QHOTPLUG_KILL_DIR", dir)
-        .env("QHOTPLUG_KILL_OP", op)
-        .env("QHOTPLUG_KILL_ID", id)
-        .env("QHOTPLUG_KILL_ROUND", round.to_string())
-        .env("QHOTPLUG_KILL_STEP", step.to_string())
-        .env("QHOTPLUG_KILL_TAPS", tap_prefix())
-        .status()
-        .await
-        .unwrap();
-    let done = dir.join("done").exists();
-    // Finished, or killed by its own hook: never a panic.
-    let killed = status.signal() == Some(libc::SIGKILL);
-    assert!(
-        done && status.success() || !done && killed,
-        "{op} {id} at step {step}: {status}"
-    );
-    done
+    let env = [
+        ("QHOTPLUG_KILL_DIR", dir.display().to_string()),
+        ("QHOTPLUG_KILL_OP", op.to_owned()),
+        ("QHOTPLUG_KILL_ID", id.to_owned()),
+        ("QHOTPLUG_KILL_ROUND", round.to_string()),
+        ("QHOTPLUG_KILL_STEP", step.to_string()),
+        ("QHOTPLUG_KILL_TAPS", tap_prefix()),
+    ];
+    run_killed_child("operation_that_gets_killed", dir, &env).await
 }
 
 /// An operation for the VM as `spec` has it: on a disk or NIC it has, or adding one it has not.

@@ -1,15 +1,16 @@
 //! The orchestrator SIGKILLed between any two QMP commands of an operation: a child process
 //! attaches to a running QEMU (no guest OS) through its second monitor and runs one operation
-//! (a NIC's, a DIMM's, a serial port's and an RNG's hot-add, a SCSI disk's hot-add or removal, a
+//! (a NIC's, a DIMM's, a serial port's and an RNG's hot-add, a serial port's and a SCSI disk's
+//! removal (the kinds QEMU unplugs with no guest to answer), a SCSI disk's hot-add, a
 //! CD-ROM medium change, a snapshot, a mirror or an active commit started and pivoted, a stream, a
 //! full push backup and a pull backup, each with a checkpoint), killing itself when
 //! the operation's step `n` begins (before its command is sent), for every `n` in turn. Then a new
 //! process attaches with no spec, reconciles, and finds its view equal to QEMU's read afresh,
 //! every object, node and fd set QEMU has belonging to a device of that view, every fd set's
-//! file one of its images, and nothing left for a second reconcile.
+//! file one of its images, and nothing left for a second reconcile. A migration likewise, killed
+//! at each step and once under way: the next process cancels it, or finds it completed.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use qhotplug::{
     BackupConfig, DiskConfig, Format, MemoryConfig, MigrationLeft, MigrationOptions, MirrorConfig,
@@ -21,15 +22,16 @@ use qhotplug_qmp::command::QueryStatus;
 use qhotplug_qmp::command::{QomList, QueryChardev};
 use qhotplug_qmp::EventKind;
 use qhotplug_tests::storage::new_qcow2;
-use qhotplug_tests::timing::AtStep;
+use qhotplug_tests::timing::{kill_at_step, run_killed_child};
 use qhotplug_tests::{fdset_files, image, iso, pc_spec, second_monitor, TestVm};
 
 /// The operations, by the name the child is given: devices' hot-adds and a medium change.
-const DEVICE_OPERATIONS: [&str; 6] = [
+const DEVICE_OPERATIONS: [&str; 7] = [
     "add_nic",
     "add_disk",
     "add_memory",
     "add_serial_port",
+    "remove_serial_port",
     "add_rng",
     "insert_medium",
 ];
@@ -52,7 +54,6 @@ const JOB: std::time::Duration = std::time::Duration::from_secs(60);
 #[test]
 #[ignore = "the child of an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle"]
 fn operation_that_gets_killed() {
-    use tracing_subscriber::layer::SubscriberExt;
     let Some(dir) = std::env::var_os("QHOTPLUG_KILL_DIR").map(PathBuf::from) else {
         return;
     };
@@ -65,11 +66,7 @@ fn operation_that_gets_killed() {
     } else {
         step.parse().unwrap()
     };
-    // Dead at once: no destructor, no drop of a future, no word to QEMU.
-    let hook = AtStep::new(step, || {
-        qhotplug_tests::kill(std::process::id(), libc::SIGKILL).unwrap();
-    });
-    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(hook)).unwrap();
+    kill_at_step(step);
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(async move {
@@ -135,6 +132,7 @@ fn operation_that_gets_killed() {
                     .await
                     .unwrap(),
                 ),
+                "remove_serial_port" => vm.remove_serial_port("p0").await.unwrap(),
                 "add_rng" => drop(vm.add_rng(RngConfig::new("r1")).await.unwrap()),
                 "commit" => {
                     let mut job = vm.commit_disk("d0").await.unwrap();
@@ -195,6 +193,10 @@ async fn vm_for(op: &str, dir: &Path) -> TestVm {
             .await
             .unwrap();
     }
+    if op == "remove_serial_port" {
+        let port = SerialPortConfig::new("p0", "vser0", "org.example.p0", dir.join("p0.sock"));
+        t.vm.add_serial_port(port).await.unwrap();
+    }
     if op == "commit" || op == "stream" {
         t.vm.snapshot(SnapshotConfig::new().disk("d0", dir.join("d0.1.qcow2")))
             .await
@@ -205,27 +207,13 @@ async fn vm_for(op: &str, dir: &Path) -> TestVm {
 
 /// Runs the child for `op`, killed at step `step` (a number, or `active`: see the child); true
 /// when it finished instead.
-fn run_child(dir: &Path, op: &str, step: impl std::fmt::Display) -> bool {
-    let status = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "operation_that_gets_killed",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("QHOTPLUG_KILL_DIR", dir)
-        .env("QHOTPLUG_KILL_OP", op)
-        .env("QHOTPLUG_KILL_STEP", step.to_string())
-        .status()
-        .unwrap();
-    let done = dir.join("done").exists();
-    // Finished, or killed by its own hook: never a panic.
-    let killed = std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL);
-    assert!(
-        done && status.success() || !done && killed,
-        "{op} at step {step}: {status}"
-    );
-    done
+async fn run_child(dir: &Path, op: &str, step: impl std::fmt::Display) -> bool {
+    let env = [
+        ("QHOTPLUG_KILL_DIR", dir.display().to_string()),
+        ("QHOTPLUG_KILL_OP", op.to_owned()),
+        ("QHOTPLUG_KILL_STEP", step.to_string()),
+    ];
+    run_killed_child("operation_that_gets_killed", dir, &env).await
 }
 
 /// Asserts that everything of the SDK's QEMU has belongs to a device of `spec`: block nodes
@@ -293,7 +281,7 @@ fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() 
                 let dir = tempfile::tempdir().unwrap();
                 let d = dir.path();
                 let t = vm_for(op, d).await;
-                let finished = run_child(d, op, step);
+                let finished = run_child(d, op, step).await;
                 let case = format!("{op} killed at step {step}");
                 // A new process, with no spec: attach, reconcile.
                 let client = qhotplug_qmp::connect(&d.join("mon2.sock")).await.unwrap();
@@ -331,6 +319,10 @@ fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() 
                     }
                     "add_serial_port" => {
                         assert_eq!(spec.serial_ports.len(), usize::from(finished), "{case}")
+                    }
+                    // Gone once its `device_del` (step 0) was sent: QEMU needs no guest for it.
+                    "remove_serial_port" => {
+                        assert_eq!(spec.serial_ports.is_empty(), step > 0, "{case}")
                     }
                     "add_rng" => assert_eq!(spec.rngs.len(), usize::from(finished), "{case}"),
                     "remove_disk" => assert_eq!(has("d0"), step == 0, "{case}"),
@@ -402,7 +394,7 @@ fn a_migration_whose_process_was_killed_is_cancelled_or_reported_by_the_next_one
             second_monitor(spec, &d.join("tgt2.sock"));
             let target = Vm::launch(launcher).await.unwrap();
             let mut target_events = target.client().events();
-            let finished = run_child(d, "migrate", &step);
+            let finished = run_child(d, "migrate", &step).await;
             let case = format!("migrate killed at step {step}");
             // A new process attaches to the source with no spec and reconciles.
             let client = qhotplug_qmp::connect(&d.join("mon2.sock")).await.unwrap();
