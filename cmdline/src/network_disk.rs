@@ -299,6 +299,15 @@ impl NetworkSource {
         }
     }
 
+    /// The secret the node names, to give it a value or replace it.
+    pub fn secret_mut(&mut self) -> Option<&mut Secret> {
+        match self {
+            NetworkSource::Nbd(_) => None,
+            NetworkSource::Iscsi(i) => i.chap.as_mut().map(|c| &mut c.password),
+            NetworkSource::Rbd(r) => r.key.as_mut(),
+        }
+    }
+
     /// What QEMU's `secret` object for [`secret`](NetworkSource::secret) holds: a CHAP
     /// password as it is; a Ceph key decoded from the base64 Ceph prints it in, since QEMU's
     /// `rbd` driver encodes the object's bytes in base64 again for librados (as libvirt stores

@@ -7,7 +7,7 @@
 use crate::cdrom::Medium;
 use crate::device::DiskBackend;
 use crate::error::{Error, Result};
-use crate::network_disk::{Iscsi, NetworkSource, Rbd};
+use crate::network_disk::NetworkSource;
 use crate::secret::Secret;
 use crate::spec::VmSpec;
 
@@ -97,15 +97,7 @@ impl VmSpec {
             Some(Medium::Network(source)) => Some(&mut **source),
             _ => None,
         });
-        for source in disks.chain(media) {
-            match source {
-                NetworkSource::Iscsi(Iscsi {
-                    chap: Some(chap), ..
-                }) => out.push(&mut chap.password),
-                NetworkSource::Rbd(Rbd { key: Some(key), .. }) => out.push(key),
-                _ => {}
-            }
-        }
+        out.extend(disks.chain(media).filter_map(NetworkSource::secret_mut));
         if let Some(password) = self.vnc.as_mut().and_then(|v| v.password.as_mut()) {
             out.push(password);
         }

@@ -101,6 +101,7 @@ mod memory;
 mod migration;
 mod onlining;
 mod qemu;
+mod read_network;
 mod read_spec;
 mod reconcile;
 mod run_to_end;

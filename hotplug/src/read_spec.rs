@@ -13,8 +13,9 @@ use qhotplug_cmdline::names;
 use qhotplug_cmdline::{
     Accel, Balloon, Cache, Cdrom, CdromBus, CpuTopology, Disk, DiskBackend, DiskFrontend,
     DiskLayer, ErrorPolicy, Format, IdeAddr, Machine, MemoryBackend, MemoryDevice,
-    MemoryDeviceKind, MemoryKind, Nic, OnError, Pci, Rng, RootPort, ScsiAddr, ScsiController,
-    Secret, Serial, SerialPort, VhostUserBlk, VirtioFs, VirtioSerial, VmSpec, Vnc, VncListen,
+    MemoryDeviceKind, MemoryKind, NetworkSource, Nic, OnError, Pci, Rng, RootPort, ScsiAddr,
+    ScsiController, Secret, Serial, SerialPort, VhostUserBlk, VirtioFs, VirtioSerial, VmSpec, Vnc,
+    VncListen,
 };
 use qhotplug_qmp::command::{
     BlockDeviceInfo, BlockInfo, ChardevInfo, JobDismiss, JobInfo, MemoryDeviceInfo, QomGet,
@@ -29,6 +30,7 @@ use crate::ended_job::EndedJob;
 use crate::error::Result;
 use crate::qemu::block::{named_block_node_infos, Blocks};
 use crate::qemu::fd_files::fd_files;
+use crate::read_network;
 pub(crate) use crate::unreadable::Unreadable;
 
 /// What was read: the spec, and what QEMU did not tell.
@@ -379,7 +381,12 @@ impl Reader<'_> {
                     return Ok(());
                 };
                 match self.disk(id, frontend, found).await? {
-                    Ok(disk) => self.spec.disks.push(disk),
+                    Ok(disk) => {
+                        if let Some(source) = disk.network_source() {
+                            self.unreadable.extend(read_network::unsaid(id, source));
+                        }
+                        self.spec.disks.push(disk);
+                    }
                     Err(gap) => self.unreadable.push(gap),
                 }
             }
@@ -393,8 +400,13 @@ impl Reader<'_> {
                     return Ok(());
                 };
                 let boot = qom.get(&path, "bootindex").await?.and_then(|v| v.as_i64()) == Some(0);
-                match self.cdrom(id, bus, boot, found) {
-                    Ok(cd) => self.spec.cdroms.push(cd),
+                match self.cdrom(id, bus, boot, found).await? {
+                    Ok(cd) => {
+                        if let Some(source) = cd.network_source() {
+                            self.unreadable.extend(read_network::unsaid(id, source));
+                        }
+                        self.spec.cdroms.push(cd);
+                    }
                     Err(gap) => self.unreadable.push(gap),
                 }
             }
@@ -599,14 +611,17 @@ impl Reader<'_> {
             .nodes
             .iter()
             .find(|n| n.node_name.as_deref() == Some(&names::file_node_at(id, generation)));
-        let backend = match protocol.map(|n| n.drv.as_str()) {
-            Some("file") => DiskBackend::File,
-            Some("host_device") => DiskBackend::HostDevice,
-            _ => {
-                return Ok(Err(Unreadable::NetworkBackend {
-                    device: id.to_owned(),
-                }))
-            }
+        let network = || Unreadable::NetworkBackend {
+            device: id.to_owned(),
+        };
+        let backend = match protocol {
+            Some(n) if n.drv == "file" => DiskBackend::File,
+            Some(n) if n.drv == "host_device" => DiskBackend::HostDevice,
+            Some(n) => match self.network_source(id, generation, n).await? {
+                Some(source) => DiskBackend::Network(Box::new(source)),
+                None => return Ok(Err(network())),
+            },
+            None => return Ok(Err(network())),
         };
         // The chain's images, top first, as QEMU runs them; each below the top is the format
         // node of this disk's whose file name is that image's (a format node's names its whole
@@ -665,13 +680,25 @@ impl Reader<'_> {
             .map(|node| self.layer(id, node, found, &mut gaps))
             .collect();
         let mut layers = layers.into_iter();
-        let Some(top_layer) = layers.next() else {
+        let Some(mut top_layer) = layers.next() else {
             return Ok(Err(Unreadable::Foreign {
                 device: id.to_owned(),
                 driver: "disk".into(),
                 reason: "no image".into(),
             }));
         };
+        // A network image is named by its source, not by a file.
+        if let DiskBackend::Network(source) = &backend {
+            if on.len() > 1 {
+                return Ok(Err(Unreadable::Foreign {
+                    device: id.to_owned(),
+                    driver: "disk".into(),
+                    reason: "a chain over a network image".into(),
+                }));
+            }
+            top_layer.path = source.uri().into();
+            gaps.clear();
+        }
         // The node's `direct` and `no-flush` are the SDK's; `writeback` is the guest's (a
         // virtio-blk driver without the write-cache feature turns it off), so it is not read.
         // `Cache::Directsync` opens the image as `Cache::None` does, and reads back as it.
@@ -749,14 +776,42 @@ impl Reader<'_> {
         }
     }
 
-    /// CD-ROM drive `id`: its medium, an ISO the SDK handed over (a network one is not read).
-    fn cdrom(
+    /// The network source device `id`'s image number `generation` is opened on, its protocol
+    /// node being `protocol`; `None` for a source the SDK does not make.
+    async fn network_source(
+        &self,
+        id: &str,
+        generation: u32,
+        protocol: &BlockDeviceInfo,
+    ) -> Result<Option<NetworkSource>> {
+        let object = |name: &str| format!("/objects/{name}");
+        let secret = names::secret_at(id, generation);
+        let secret = self
+            .qom
+            .string(&object(&secret), "type")
+            .await?
+            .map(|_| secret);
+        let tls_dir = self
+            .qom
+            .string(&object(&names::tls_creds_at(id, generation)), "dir")
+            .await?
+            .map(PathBuf::from);
+        let objects = read_network::Objects { secret, tls_dir };
+        Ok(read_network::network_source(
+            &protocol.drv,
+            &protocol.file,
+            objects,
+        ))
+    }
+
+    /// CD-ROM drive `id`: its medium, an ISO the SDK handed over or a network source.
+    async fn cdrom(
         &self,
         id: &str,
         bus: CdromBus,
         boot: bool,
         found: &Found<'_>,
-    ) -> std::result::Result<Cdrom, Unreadable> {
+    ) -> Result<std::result::Result<Cdrom, Unreadable>> {
         let drive: Option<&BlockInfo> = found.blocks.drive(id);
         let inserted = drive.and_then(|d| d.inserted.as_ref());
         let mut cd = Cdrom {
@@ -767,26 +822,35 @@ impl Reader<'_> {
             boot,
         };
         let Some(inserted) = inserted else {
-            return Ok(cd);
+            return Ok(Ok(cd));
         };
         let top = inserted.node_name.clone().unwrap_or_default();
         cd.generation = names::generation_of(id, &top).unwrap_or(0);
+        let protocol = found
+            .nodes
+            .iter()
+            .find(|n| n.node_name.as_deref() == Some(&names::file_node_at(id, cd.generation)));
         let file = found.files.path_of(&inserted.file);
-        match file {
-            Some(path) => cd.medium = Some(path.into()),
-            None if inserted.file.starts_with("json:") || inserted.file.contains("://") => {
-                return Err(Unreadable::NetworkBackend {
-                    device: id.to_owned(),
-                })
+        match (file, protocol) {
+            (Some(path), _) => cd.medium = Some(path.into()),
+            (None, Some(node)) if !matches!(node.drv.as_str(), "file" | "host_device") => {
+                match self.network_source(id, cd.generation, node).await? {
+                    Some(source) => cd.medium = Some(source.into()),
+                    None => {
+                        return Ok(Err(Unreadable::NetworkBackend {
+                            device: id.to_owned(),
+                        }))
+                    }
+                }
             }
-            None => {
-                return Err(Unreadable::ImagePath {
+            (None, _) => {
+                return Ok(Err(Unreadable::ImagePath {
                     device: id.to_owned(),
                     node: top,
-                })
+                }))
             }
         }
-        Ok(cd)
+        Ok(Ok(cd))
     }
 
     /// Memory device `id` and its backend.

@@ -28,10 +28,24 @@ pub enum Unreadable {
         /// The image's format node.
         node: String,
     },
-    /// A disk or a CD-ROM drive whose image QEMU opens itself over the network (NBD, iSCSI,
-    /// RBD): its source and secrets are not read back. The spec leaves the device out; QEMU
-    /// keeps it, and `reconcile` leaves it alone.
+    /// A disk or a CD-ROM drive whose image QEMU opens itself through a driver or from an
+    /// address the SDK does not make (a network source it does not render, an NBD server on an
+    /// fd). The spec leaves the device out; QEMU keeps it, and `reconcile` leaves it alone.
     NetworkBackend {
+        /// The device.
+        device: String,
+    },
+    /// The value of a network disk's or medium's secret (a CHAP password, a Ceph key), which
+    /// QEMU never tells. The spec holds it as an unresolved secret whose reference is the id of
+    /// QEMU's `secret` object for it (`<device>-secret`, `<device>-secret.<n>` for a later
+    /// medium), to give its value with
+    /// [`VmSpec::resolve_secrets`](qhotplug_cmdline::VmSpec::resolve_secrets).
+    NetworkSecret {
+        /// The device.
+        device: String,
+    },
+    /// An NBD disk's or medium's reconnect delay, which QEMU does not tell. The spec has none.
+    NbdReconnectDelay {
         /// The device.
         device: String,
     },

@@ -2,20 +2,24 @@
 //! (`Vm::attach_without_spec`): a VM launched with a disk, a serial console, VNC and a USB tablet,
 //! then changed through the SDK (every kind hot-added, I/O limits, a snapshot, a backup's
 //! checkpoint, a vCPU), is read back through a second monitor, and the spec read is compared
-//! with the launching handle's field by field. What QEMU cannot tell comes back typed.
+//! with the launching handle's field by field. What QEMU cannot tell comes back typed. Network
+//! disks and media (NBD, over TLS, iSCSI with CHAP, RBD with a key) are read back with their
+//! secrets as references to resolve, and the handle that read them removes them whole.
 
 use std::path::Path;
 
 use qhotplug::{
-    BackupConfig, BalloonConfig, CdromConfig, CpuTopology, DiskConfig, Format, IoLimits, Machine,
-    MemoryBackend, MemoryConfig, NicConfig, OnError, Pci, RngConfig, Serial, SerialPortConfig,
-    SnapshotConfig, StorageDaemon, Unreadable, VhostUserBlkConfig, VirtioFsConfig,
-    VirtioSerialConfig, Vm, VmSpec, Vnc, VncListen, MIB,
+    BackupConfig, BalloonConfig, CdromConfig, CpuTopology, Desired, DiskConfig, DiskModel, Format,
+    IoLimits, Machine, MediumOptions, MemoryBackend, MemoryConfig, NetworkSource, NicConfig,
+    OnError, Pci, RngConfig, Secret, Serial, SerialPortConfig, SnapshotConfig, StorageDaemon,
+    Unreadable, VhostUserBlkConfig, VirtioFsConfig, VirtioSerialConfig, Vm, VmSpec, Vnc, VncListen,
+    MIB,
 };
 use qhotplug_cmdline::{Disk, DiskFrontend, ErrorPolicy};
 use qhotplug_netdev::TapBuilder;
 use qhotplug_qmp::command::{FdsetInfo, QueryFdsets};
-use qhotplug_tests::servers::vhost_user_backends;
+use qhotplug_tests::ceph::CephCluster;
+use qhotplug_tests::servers::{free_port, vhost_user_backends, IscsiTarget, Listen, NbdExport};
 use qhotplug_tests::storage::new_qcow2;
 use qhotplug_tests::{image, iso, pc_spec, q35_spec, second_monitor, TestVm};
 
@@ -245,4 +249,117 @@ fn a_pc_vm_changed_through_the_sdk_is_read_back_whole() {
 #[test]
 fn a_q35_vm_changed_through_the_sdk_is_read_back_whole() {
     a_vm_changed_through_the_sdk_is_read_back_whole(Machine::Q35);
+}
+
+#[test]
+fn network_disks_and_media_are_read_back_with_their_secrets_as_references() {
+    qhotplug_tests::serial_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut spec = pc_spec();
+        second_monitor(&mut spec, &d.join("mon2.sock"));
+        let t = TestVm::running(spec).await;
+        let vm = &t.vm;
+        let before = t.snapshot().await;
+        // An NBD export on a Unix socket with a reconnect delay, one over TLS on TCP, an iSCSI
+        // LUN with CHAP, an RBD image with a key and a ceph.conf, and a drive whose medium was
+        // changed to an RBD image (its objects carry the medium's generation).
+        let unix = NbdExport::start(
+            &t.image("e1.raw", 8),
+            "one",
+            Listen::Unix(d.join("nbd.sock")),
+        );
+        let (server_tls, client_tls) = qhotplug_tests::servers::x509(d);
+        let tcp = NbdExport::start_tls(
+            &t.image("e2.raw", 8),
+            "two",
+            Listen::Tcp(free_port()),
+            Some(&server_tls),
+        );
+        let chap = ("qhotplug", "read-back-Password-1");
+        let target = IscsiTarget::start(&t.image("lun.raw", 8), Some(chap));
+        let ceph = CephCluster::start(&d.join("ceph"));
+        ceph.create_image("disk", 8);
+        ceph.create_image("disc", 8);
+        let mut delayed = unix.source();
+        delayed.reconnect_delay = Some(5);
+        let mut over_tls = tcp.source();
+        over_tls.tls_dir = Some(client_tls);
+        let mut rbd = ceph.source("disk");
+        rbd.conf = Some(d.join("ceph.conf"));
+        std::fs::write(d.join("ceph.conf"), "[global]\n").unwrap();
+        let sources: Vec<(&str, NetworkSource)> = vec![
+            ("nb1", delayed.into()),
+            ("nb2", over_tls.into()),
+            ("is1", target.source(Some(chap)).into()),
+            ("rb1", rbd.into()),
+        ];
+        for (id, source) in sources {
+            vm.add_disk(DiskConfig::network(id, source, DiskModel::ScsiHd))
+                .await
+                .unwrap();
+        }
+        let disc = iso(d, "cd.iso", "hello.txt", "hello");
+        vm.add_cdrom(CdromConfig::new("cd1").medium(disc.as_path()))
+            .await
+            .unwrap();
+        let medium = NetworkSource::from(ceph.source("disc"));
+        vm.change_medium("cd1", Some(medium.into()), MediumOptions::default())
+            .await
+            .unwrap();
+
+        // What QEMU cannot tell: each secret's value (the spec names its object instead), the
+        // NBD reconnect delay.
+        let mut expected = as_read(vm.spec());
+        for disk in &mut expected.disks {
+            let object = qhotplug_cmdline::names::secret_at(&disk.id, disk.generation);
+            if let qhotplug::DiskBackend::Network(source) = &mut disk.backend {
+                if let Some(secret) = source.secret_mut() {
+                    *secret = Secret::unresolved(object);
+                }
+                if let NetworkSource::Nbd(nbd) = &mut **source {
+                    nbd.reconnect_delay = None;
+                }
+            }
+        }
+        for cd in &mut expected.cdroms {
+            let object = qhotplug_cmdline::names::secret_at(&cd.id, cd.generation);
+            if let Some(qhotplug::Medium::Network(source)) = &mut cd.medium {
+                *source.secret_mut().unwrap() = Secret::unresolved(object);
+            }
+        }
+        let client = qhotplug_qmp::Config::new()
+            .connect(&d.join("mon2.sock"))
+            .await
+            .unwrap();
+        let (read, unreadable) = Vm::attach_without_spec(client).await.unwrap();
+        assert_same(&read.spec(), &expected);
+        let mut unreadable: Vec<String> = unreadable.iter().map(|u| format!("{u:?}")).collect();
+        unreadable.sort();
+        assert_eq!(
+            unreadable,
+            [
+                "LaunchOptions",
+                "NbdReconnectDelay { device: \"nb1\" }",
+                "NbdReconnectDelay { device: \"nb2\" }",
+                "NetworkSecret { device: \"cd1\" }",
+                "NetworkSecret { device: \"is1\" }",
+                "NetworkSecret { device: \"rb1\" }",
+            ]
+        );
+        // Planned against the launching handle's spec (every secret's value, the delay), the
+        // VM read back is already as desired: what QEMU did not tell is no difference.
+        let plan = read.plan(&Desired::new(vm.spec())).await.unwrap();
+        assert!(plan.is_empty(), "{plan}");
+
+        // The spec read names every object of every source: the handle that read it removes
+        // each disk and the drive with their secrets and TLS credentials, leaving QEMU as it was.
+        for id in ["nb1", "nb2", "is1", "rb1"] {
+            read.remove_disk(id).await.unwrap();
+        }
+        read.remove_cdrom("cd1").await.unwrap();
+        drop(read);
+        t.assert_settles_to(&before, "every network disk removed")
+            .await;
+    });
 }

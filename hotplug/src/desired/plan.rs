@@ -21,7 +21,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use qhotplug_cmdline::names;
 use qhotplug_cmdline::{
-    CdromBus, Disk, DiskBackend, DiskFrontend, MemoryBackend, MemoryDeviceKind, VmSpec,
+    CdromBus, Disk, DiskBackend, DiskFrontend, Medium, MemoryBackend, MemoryDeviceKind,
+    NetworkSource, VmSpec,
 };
 
 use super::{Change, Desired, Plan, Restart, Step};
@@ -583,7 +584,13 @@ fn diff(a: &Device, d: &Device, desired: &Desired, seen: &Seen) -> Diff {
                     return Diff::Restart("its IDE unit changed".into());
                 }
             }
-            live(a.medium != d.medium, || Change::ChangeMedium {
+            let same = match (&a.medium, &d.medium) {
+                (Some(Medium::Network(x)), Some(Medium::Network(y))) => {
+                    same_source(x, y, &d.id, seen)
+                }
+                (x, y) => x == y,
+            };
+            live(!same, || Change::ChangeMedium {
                 id: d.id.clone(),
                 medium: d.medium.clone(),
             })
@@ -666,7 +673,10 @@ fn disk_diff(a: &Disk, d: &Disk, desired: &Desired, seen: &Seen) -> Diff {
             .map(|l| l.format)
     };
     let image_same = match &d.backend {
-        DiskBackend::Network(_) => a.backend == d.backend,
+        DiskBackend::Network(y) => match &a.backend {
+            DiskBackend::Network(x) => same_source(x, y, &d.id, seen),
+            _ => false,
+        },
         _ => format == Some(d.format),
     };
     if !image_same {
@@ -697,6 +707,28 @@ fn disk_diff(a: &Disk, d: &Disk, desired: &Desired, seen: &Seen) -> Diff {
     } else {
         Diff::Live(changes)
     }
+}
+
+/// Whether device `id`'s network source `actual` (the view's) is `desired`, as far as the view
+/// can tell: a secret read back from QEMU (unresolved, [`Unreadable::NetworkSecret`]) is any
+/// value, and so is a reconnect delay QEMU did not tell ([`Unreadable::NbdReconnectDelay`]).
+fn same_source(actual: &NetworkSource, desired: &NetworkSource, id: &str, seen: &Seen) -> bool {
+    let mut desired = desired.clone();
+    if let (Some(a), Some(d)) = (actual.secret(), desired.secret_mut()) {
+        if !a.is_resolved() {
+            *d = a.clone();
+        }
+    }
+    let delay_unknown = seen
+        .unreadable
+        .iter()
+        .any(|u| matches!(u, Unreadable::NbdReconnectDelay { device } if device == id));
+    if let (NetworkSource::Nbd(a), NetworkSource::Nbd(d)) = (actual, &mut desired) {
+        if delay_unknown {
+            d.reconnect_delay = a.reconnect_delay;
+        }
+    }
+    *actual == desired
 }
 
 fn live(differs: bool, change: impl FnOnce() -> Change) -> Diff {
