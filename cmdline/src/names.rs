@@ -212,9 +212,16 @@ pub fn netdev_owner(name: &str) -> Option<&str> {
     name.strip_suffix("-net").filter(|id| !id.is_empty())
 }
 
+const MASTER_KEY_PREFIX: &str = "qhotplug-key-";
+
 /// The id of the master key's `secret` object, from a random `tag` (hex): `qhotplug-key-<tag>`.
 pub fn master_key(tag: &str) -> String {
-    format!("qhotplug-key-{tag}")
+    format!("{MASTER_KEY_PREFIX}{tag}")
+}
+
+/// Whether `name` is a master key's id ([`master_key`]).
+pub fn is_master_key(name: &str) -> bool {
+    name.starts_with(MASTER_KEY_PREFIX)
 }
 
 /// The job id of a mirror of disk `disk`: `mirror-<disk>`.

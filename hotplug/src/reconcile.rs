@@ -114,6 +114,7 @@ pub(crate) async fn reconcile(core: &Arc<Core>) -> Result<Reconciled> {
     let unlisted = unlisted(core, &seen).await?;
     let judged = judge(core, &seen, &chains, unlisted, start, &mut report);
     clean_up(core, &seen, &judged, &mut report).await;
+    remove_key_pipes(core, &seen, &mut report).await?;
     report.files_released = released(core, held).await?;
     drop(judged.cleaning);
     for (id, up) in judged.links {
@@ -595,6 +596,29 @@ async fn clean_up(core: &Core, seen: &Seen, judged: &Judged, report: &mut Reconc
     for id in clean {
         state.touched.remove(id);
     }
+}
+
+/// Removes the fd sets holding the pipe of a master key whose making a process that died never
+/// finished (tagged with the key's id). A key is made under the core's key lock, so while it is
+/// held no set of a key in the making is this process's; QEMU is asked again under it.
+async fn remove_key_pipes(core: &Core, seen: &Seen, report: &mut Reconciled) -> Result<()> {
+    let key_tag = |s: &qhotplug_qmp::command::FdsetInfo| {
+        s.fds
+            .iter()
+            .filter_map(|f| f.opaque.clone())
+            .find(|t| names::is_master_key(t))
+    };
+    if !seen.fdsets.iter().any(|s| key_tag(s).is_some()) {
+        return Ok(());
+    }
+    let _making = core.master_key.lock().await;
+    for set in core.client.execute(&QueryFdsets).await? {
+        if let Some(tag) = key_tag(&set) {
+            let id = Some(set.fdset_id);
+            report.run(&core.client, Delete::Fdset { id, tag }).await;
+        }
+    }
+    Ok(())
 }
 
 /// The same deletes a rollback or a teardown would run for `id`, for what `seen` has (netdevs

@@ -633,3 +633,26 @@ async fn what_a_dead_processs_unfinished_hot_adds_left_is_found_by_its_names_and
     assert!(qemu.block_nodes().is_empty() && qemu.fdsets().is_empty());
     assert!(vm.reconcile().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_master_keys_pipe_a_process_left_dying_is_removed_by_reconcile() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qemu, vm) = attached().await;
+    vm.add_disk(DiskConfig::virtio_blk("d1", image(dir.path(), "d1.raw")))
+        .await
+        .unwrap();
+    // A process that died making its master key (between the key's `add-fd` and `object-add`)
+    // left the pipe in a set tagged with the key's id; nothing else names it.
+    let (read, _write) = std::io::pipe().unwrap();
+    let other = qemu.connect().await.unwrap();
+    let add = qhotplug_qmp::command::AddFd {
+        fdset_id: None,
+        opaque: Some(qhotplug_cmdline::names::master_key("0123456789ab")),
+    };
+    let left = other.execute_with_fd(&add, read.into()).await.unwrap();
+    let done = vm.reconcile().await.unwrap();
+    assert_eq!(done.fdsets_removed, vec![left.fdset_id], "{done:?}");
+    // The disk's own set stays; a second reconcile finds nothing.
+    assert_eq!(qemu.fdsets().len(), 1, "{:?}", qemu.fdsets());
+    assert!(vm.reconcile().await.unwrap().is_empty());
+}

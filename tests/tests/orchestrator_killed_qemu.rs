@@ -1,8 +1,8 @@
 //! The orchestrator SIGKILLed between any two QMP commands of an operation: a child process
 //! attaches to a running QEMU (no guest OS) through its second monitor and runs one operation
 //! (a NIC's, a DIMM's, a serial port's and an RNG's hot-add, a serial port's and a SCSI disk's
-//! removal (the kinds QEMU unplugs with no guest to answer), a SCSI disk's hot-add, a
-//! CD-ROM medium change, a snapshot, a mirror or an active commit started and pivoted, a stream, a
+//! removal (the kinds QEMU unplugs with no guest to answer), a SCSI disk's hot-add, an iSCSI
+//! disk's with CHAP (a master key and a secret made on the way), a CD-ROM medium change, a snapshot, a mirror or an active commit started and pivoted, a stream, a
 //! full push backup and a pull backup, each with a checkpoint), killing itself when
 //! the operation's step `n` begins (before its command is sent), for every `n` in turn. Then a new
 //! process attaches with no spec, reconciles, and finds its view equal to QEMU's read afresh,
@@ -21,14 +21,16 @@ use qhotplug_cmdline::{names, Cdrom, IdeAddr};
 use qhotplug_qmp::command::QueryStatus;
 use qhotplug_qmp::command::{QomList, QueryChardev};
 use qhotplug_qmp::EventKind;
+use qhotplug_tests::servers::IscsiTarget;
 use qhotplug_tests::storage::new_qcow2;
 use qhotplug_tests::timing::{kill_at_step, run_killed_child};
 use qhotplug_tests::{fdset_files, image, iso, pc_spec, second_monitor, TestVm};
 
 /// The operations, by the name the child is given: devices' hot-adds and a medium change.
-const DEVICE_OPERATIONS: [&str; 7] = [
+const DEVICE_OPERATIONS: [&str; 8] = [
     "add_nic",
     "add_disk",
+    "add_network_disk",
     "add_memory",
     "add_serial_port",
     "remove_serial_port",
@@ -45,6 +47,9 @@ const DISK_OPERATIONS: [&str; 7] = [
     "backup",
     "pull_backup",
 ];
+
+/// The iSCSI target's CHAP credentials.
+const CHAP: (&str, &str) = ("qhotplug", "killed-Password-1");
 
 /// How long a job may take here (4 MiB images).
 const JOB: std::time::Duration = std::time::Duration::from_secs(60);
@@ -110,6 +115,21 @@ fn operation_that_gets_killed() {
                         .await
                         .unwrap(),
                 ),
+                "add_network_disk" => {
+                    let portal = std::fs::read_to_string(dir.join("portal")).unwrap();
+                    let source = qhotplug::Iscsi {
+                        portal,
+                        target: IscsiTarget::IQN.into(),
+                        lun: 1,
+                        initiator: None,
+                        chap: Some(qhotplug::Chap {
+                            user: CHAP.0.into(),
+                            password: qhotplug::Secret::new(CHAP.1),
+                        }),
+                    };
+                    let config = DiskConfig::network("is1", source, qhotplug::DiskModel::ScsiHd);
+                    drop(vm.add_disk(config).await.unwrap());
+                }
                 "remove_disk" => vm.remove_disk("d0").await.unwrap(),
                 "insert_medium" => vm.insert_medium("cd", dir.join("b.iso")).await.unwrap(),
                 "snapshot" => drop(
@@ -281,6 +301,11 @@ fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() 
                 let dir = tempfile::tempdir().unwrap();
                 let d = dir.path();
                 let t = vm_for(op, d).await;
+                let _target = (op == "add_network_disk").then(|| {
+                    let target = IscsiTarget::start(&image(d, "lun.raw", 4), Some(CHAP));
+                    std::fs::write(d.join("portal"), target.portal()).unwrap();
+                    target
+                });
                 let finished = run_child(d, op, step).await;
                 let case = format!("{op} killed at step {step}");
                 // A new process, with no spec: attach, reconcile.
@@ -314,6 +339,7 @@ fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() 
                 match op {
                     "add_nic" => assert_eq!(spec.nics.len(), usize::from(finished), "{case}"),
                     "add_disk" => assert_eq!(has("d1"), finished, "{case}"),
+                    "add_network_disk" => assert_eq!(has("is1"), finished, "{case}"),
                     "add_memory" => {
                         assert_eq!(spec.memory_devices.len(), usize::from(finished), "{case}")
                     }

@@ -15,7 +15,9 @@ use crate::engine::transaction::Transaction;
 use crate::error::{Error, Result};
 use crate::qemu::delete::Delete;
 
-/// Makes a new master key in QEMU, each step in `txn`.
+/// Makes a new master key in QEMU, each step in `txn`; the caller holds the core's key lock, so
+/// the key's pipe is in an fd set (tagged with the key's id) only while a key is in the making
+/// or after a process died making one ([`reconcile`](crate::Vm::reconcile) removes it then).
 pub(crate) async fn create<H: Hold>(
     client: &Client,
     txn: &mut Transaction<H>,

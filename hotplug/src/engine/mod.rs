@@ -93,14 +93,16 @@ async fn with_secrets<H: Hold>(
     if !backends.iter().any(|b| matches!(b, Backend::Secret { .. })) {
         return Ok((backends, None));
     }
-    let held = core.master_key.lock().await.clone();
-    let (key, new) = match held {
+    // Held while a key is made, so `reconcile` never takes a key's pipe from under its making.
+    let held = core.master_key.lock().await;
+    let (key, new) = match held.clone() {
         Some(key) => (key, false),
         None => (
             crate::engine::master_key::create(&core.client, txn).await?,
             true,
         ),
     };
+    drop(held);
     let backends = backends
         .into_iter()
         .map(|backend| match backend {
