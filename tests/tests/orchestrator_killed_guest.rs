@@ -6,6 +6,9 @@
 //! reconciles, and checks that its view is QEMU's read afresh, that QEMU, the host and the guest
 //! hold what the view says and nothing else (`state_check`), and that the guest sees each disk.
 //!
+//! Beside them, deterministic: each step of a NIC's, a DIMM's and an RNG's removal (the kinds
+//! whose unplug the guest answers) killed in turn, the guest letting the device go.
+//!
 //! The suite runs a short seeded run on pc and q35; a long one:
 //!
 //! ```sh
@@ -16,7 +19,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use qhotplug::{BackupConfig, DiskConfig, Format, MirrorConfig, NicConfig, SnapshotConfig, Vm};
+use qhotplug::{
+    BackupConfig, DiskConfig, Format, MemoryConfig, MirrorConfig, NicConfig, RngConfig,
+    SnapshotConfig, Vm, MIB,
+};
 use qhotplug_netdev::TapBuilder;
 use qhotplug_qmp::EventKind;
 use qhotplug_tests::state_check::{differences, Check, Start};
@@ -89,6 +95,8 @@ fn operation_that_gets_killed() {
                     );
                 }
                 "remove_nic" => vm.remove_nic(&id).await.unwrap(),
+                "remove_memory" => vm.remove_memory(&id).await.unwrap(),
+                "remove_rng" => vm.remove_rng(&id).await.unwrap(),
                 "snapshot" => {
                     let overlay = file(format!("{id}.s{round}.qcow2"));
                     drop(
@@ -297,4 +305,112 @@ fn a_killed_orchestrators_vm_is_settled_round_after_round_pc() {
 #[test]
 fn a_killed_orchestrators_vm_is_settled_round_after_round_q35() {
     qhotplug_tests::serial_test(rounds(q35_spec(6), 3737, 6));
+}
+
+/// How many of `op`'s device the guest has: NICs, RNGs, memory blocks.
+async fn in_guest(g: &Guest, op: &str) -> usize {
+    let command = match op {
+        "remove_nic" => "ls /sys/class/net | grep -c '^eth'",
+        "remove_rng" => {
+            "tr ' ' '\\n' < /sys/class/misc/hw_random/rng_available | grep -c virtio_rng"
+        }
+        _ => "ls -d /sys/devices/system/memory/memory* | wc -l",
+    };
+    let out = g.console.run(command, SEEN).await;
+    out.first()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{command}: {out:?}"))
+}
+
+/// Waits until the number of `op`'s device the guest has is `done`, between tries for the next
+/// event or a short while, by a deadline.
+async fn in_guest_until(g: &Guest, op: &str, case: &str, done: impl Fn(usize) -> bool) {
+    let deadline = tokio::time::Instant::now() + SEEN;
+    let mut events = g.vm.client().events();
+    loop {
+        let now = in_guest(g, op).await;
+        if done(now) {
+            return;
+        }
+        let at = tokio::time::Instant::now();
+        assert!(at < deadline, "{case}: the guest has {now}");
+        let any = |_: &EventKind| true;
+        events.wait_for(at + Duration::from_millis(200), any).await;
+    }
+}
+
+#[test]
+fn each_step_of_a_removal_the_guest_answers_killed_in_turn_is_settled() {
+    qhotplug_tests::serial_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut spec = pc_spec();
+        spec.memory_slots = 2;
+        spec.max_memory_mib = Some(1024);
+        second_monitor(&mut spec, &d.join("mon2.sock"));
+        let g = Guest::boot(spec, |l| l).await;
+        let pid = g.vm.pid().unwrap();
+        let start = Start::take(&g.vm, pid).await;
+        let prefix = tap_prefix();
+        let attach = || async {
+            let client = qhotplug_qmp::connect(&d.join("mon2.sock")).await.unwrap();
+            Vm::attach_without_spec(client).await.unwrap().0
+        };
+        for (op, id) in [
+            ("remove_nic", "n1"),
+            ("remove_memory", "m1"),
+            ("remove_rng", "r1"),
+        ] {
+            let without = in_guest(&g, op).await;
+            for step in 0.. {
+                let case = format!("{op} killed at step {step}");
+                // The device, added by a process that attached after the last one settled.
+                let vm = attach().await;
+                match op {
+                    "remove_nic" => {
+                        let tap = TapBuilder::new(format!("{prefix}%d")).create().unwrap();
+                        drop(
+                            vm.add_nic(NicConfig::new(id, tap).no_vhost())
+                                .await
+                                .unwrap(),
+                        );
+                    }
+                    "remove_memory" => {
+                        drop(
+                            vm.add_memory(MemoryConfig::dimm(id, 128 * MIB))
+                                .await
+                                .unwrap(),
+                        );
+                    }
+                    _ => drop(vm.add_rng(RngConfig::new(id)).await.unwrap()),
+                }
+                // A DIMM is blocks of memory, as many as the guest's kernel makes of it.
+                in_guest_until(&g, op, &case, |n| n > without).await;
+                drop(vm);
+                let finished = run_child(d, op, id, 0, step).await;
+
+                // The next process attaches with no spec, reconciles, and finishes a removal
+                // it finds QEMU still has (the dead one's `device_del` may be under way).
+                let vm = attach().await;
+                vm.reconcile().await.unwrap();
+                let spec = vm.spec();
+                let listed = spec.nics.iter().any(|n| n.id == id)
+                    || spec.memory_devices.iter().any(|m| m.id == id)
+                    || spec.rngs.iter().any(|r| r.id == id);
+                if listed {
+                    assert!(!finished, "{case}: finished, yet listed");
+                    match op {
+                        "remove_nic" => vm.remove_nic(id).await.unwrap(),
+                        "remove_memory" => vm.remove_memory(id).await.unwrap(),
+                        _ => vm.remove_rng(id).await.unwrap(),
+                    }
+                }
+                settled(&vm, &g, &start, pid, &prefix, &case).await;
+                in_guest_until(&g, op, &case, |n| n == without).await;
+                if finished {
+                    break;
+                }
+            }
+        }
+    });
 }
