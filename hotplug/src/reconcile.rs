@@ -50,7 +50,8 @@ pub struct Reconciled {
     /// CD-ROM drives the SDK thought loaded that QEMU has empty: the view now has them empty.
     pub media_updated: Vec<String>,
     /// A migration out of the VM a process that died had started: cancelled if it was under
-    /// way, reported if it had completed (the guest runs on its target) or is in post-copy.
+    /// way, reported if it had completed (the guest runs on its target) or is in post-copy (by
+    /// every reconcile, while QEMU stays so).
     pub migration: Option<MigrationLeft>,
     /// Disks whose image chain in the SDK's view was not the one QEMU runs (a mirror's or a
     /// commit's pivot, or a snapshot, that a process which died made; a checkpoint its backup
@@ -76,9 +77,19 @@ pub struct Reconciled {
 }
 
 impl Reconciled {
-    /// True when QEMU and the SDK's view already agreed: nothing was dropped, deleted or updated.
+    /// True when QEMU and the SDK's view already agreed: nothing was dropped, deleted, ended or
+    /// updated. A migration only reported (completed, or in post-copy: every reconcile says so
+    /// while QEMU is in that state) does not count.
     pub fn is_empty(&self) -> bool {
-        *self == Reconciled::default()
+        let reported_only = matches!(
+            self.migration,
+            Some(MigrationLeft::Completed | MigrationLeft::Postcopy)
+        );
+        let done = Reconciled {
+            migration: self.migration.filter(|_| !reported_only),
+            ..self.clone()
+        };
+        done == Reconciled::default()
     }
 }
 
@@ -725,7 +736,7 @@ fn nodes_of(nodes: &HashSet<String>, id: &str, keep: &[String]) -> Vec<Delete> {
 
 /// What a dead process's storage operations left on the disks no call of this one holds: their
 /// jobs that no handle can take back ended, their exports deleted (and the NBD server, when no
-/// export of anyone else's was left), a backup's temporary bitmap removed, and a checkpoint an
+/// export of anyone else's was left), a storage copy's client nodes deleted, a backup's temporary bitmap removed, and a checkpoint an
 /// unfinished backup made given back to the one before it. Mirrors, commits and streams are
 /// [`Vm::jobs`](crate::Vm::jobs)' to hand back. Each disk is held busy while it is cleaned.
 async fn end_orphaned_storage(core: &Arc<Core>, start: u64, report: &mut Reconciled) -> Result<()> {
@@ -733,6 +744,12 @@ async fn end_orphaned_storage(core: &Arc<Core>, start: u64, report: &mut Reconci
     let jobs = client.execute(&QueryJobs).await?;
     let exports = crate::qemu::block::export_ids(client).await?;
     let blocks = Blocks::read(client).await?;
+    // Empty while a job waits concluded: such a job is ended below, and its disk with it.
+    let nodes: HashSet<String> = crate::qemu::block::named_block_nodes(client)
+        .await?
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let disks: Vec<qhotplug_cmdline::Disk> = {
         let state = core.state();
         state
@@ -775,7 +792,11 @@ async fn end_orphaned_storage(core: &Arc<Core>, start: u64, report: &mut Reconci
                 .and_then(|i| i.node_name.as_deref())
                 .is_some_and(|n| n.starts_with('#'))
         });
-        if to_end.is_empty() && to_unexport.is_empty() && !temporary && !filtered {
+        // A storage copy's client nodes, made before its mirror (or left after it).
+        let copying = names::migration_client_nodes(id)
+            .iter()
+            .any(|n| nodes.contains(n));
+        if to_end.is_empty() && to_unexport.is_empty() && !temporary && !filtered && !copying {
             continue;
         }
         // A call of this process took the disk since: it is that call's.
@@ -803,6 +824,10 @@ async fn end_orphaned_storage(core: &Arc<Core>, start: u64, report: &mut Reconci
     // The bitmaps, read again now that no job's filter hides the disks' nodes.
     let blocks = Blocks::read(client).await?;
     for (disk, unfinished_backup) in handled {
+        // The raw node before the NBD client under it; absent ones count as done.
+        for node in names::migration_client_nodes(&disk.id).into_iter().rev() {
+            report.run(client, Delete::BlockNode(node)).await;
+        }
         let top = disk.top_node();
         let bitmaps = blocks.bitmaps_of(&top);
         if bitmaps.iter().any(|b| b.name == names::BACKUP_BITMAP) {

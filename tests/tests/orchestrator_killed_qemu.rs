@@ -8,18 +8,21 @@
 //! process attaches with no spec, reconciles, and finds its view equal to QEMU's read afresh,
 //! every object, node and fd set QEMU has belonging to a device of that view, every fd set's
 //! file one of its images, and nothing left for a second reconcile. A migration likewise, killed
-//! at each step and once under way: the next process cancels it, or finds it completed.
+//! at each step and once under way: the next process cancels it, or finds it completed. A
+//! migration with a storage copy killed at each step: the next processes, on the source and on
+//! the target, end the copy's jobs and remove its nodes, exports and NBD server, whichever way
+//! the migration went.
 
 use std::path::{Path, PathBuf};
 
 use qhotplug::{
     BackupConfig, DiskConfig, Format, MemoryConfig, MigrationLeft, MigrationOptions, MirrorConfig,
     NbdServer, NicConfig, PullConfig, RngConfig, SerialPortConfig, SnapshotConfig, SourceAfter,
-    TapBuilder, Transport, Vm, VmSpec, MIB,
+    StorageCopy, TapBuilder, Transport, Vm, VmSpec, MIB,
 };
 use qhotplug_cmdline::{names, Cdrom, IdeAddr};
-use qhotplug_qmp::command::QueryStatus;
 use qhotplug_qmp::command::{QomList, QueryChardev};
+use qhotplug_qmp::command::{QueryStatus, RunState};
 use qhotplug_qmp::EventKind;
 use qhotplug_tests::servers::IscsiTarget;
 use qhotplug_tests::storage::new_qcow2;
@@ -100,6 +103,15 @@ fn operation_that_gets_killed() {
                         // Slow enough to be under way when the process dies.
                         options = options.bandwidth(64 << 10);
                     }
+                    drop(vm.migrate(target, options, |_| {}).await.unwrap());
+                }
+                "migrate_storage" => {
+                    let client = qhotplug_qmp::connect(&dir.join("tgt2.sock")).await.unwrap();
+                    let (target, _) = Vm::attach_without_spec(client).await.unwrap();
+                    let copy = StorageCopy::new(NbdServer::Unix(dir.join("nbd.sock")));
+                    let options = MigrationOptions::new(Transport::Unix(dir.join("migrate.sock")))
+                        .source_after(SourceAfter::Paused)
+                        .copy_storage(copy);
                     drop(vm.migrate(target, options, |_| {}).await.unwrap());
                 }
                 "add_nic" => {
@@ -207,7 +219,7 @@ async fn vm_for(op: &str, dir: &Path) -> TestVm {
     });
     second_monitor(&mut spec, &dir.join("mon2.sock"));
     let t = TestVm::running(spec).await;
-    if DISK_OPERATIONS.contains(&op) {
+    if DISK_OPERATIONS.contains(&op) || op == "migrate_storage" {
         let d0 = new_qcow2(dir.join("d0.qcow2"), Some(4), None);
         t.vm.add_disk(DiskConfig::scsi_hd("d0", &d0).format(Format::Qcow2))
             .await
@@ -462,5 +474,104 @@ fn a_migration_whose_process_was_killed_is_cancelled_or_reported_by_the_next_one
         // Some steps come before `migrate`, and at least the last one after it.
         let before = seen.iter().filter(|(_, left)| left.is_none()).count();
         assert!(before >= 2 && completed_from.is_some(), "{seen:?}");
+    });
+}
+
+#[test]
+fn a_storage_migration_whose_process_was_killed_leaves_nothing_on_either_side() {
+    qhotplug_tests::serial_test(async {
+        let mut seen = Vec::new();
+        for step in 0.. {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path();
+            let t = vm_for("migrate_storage", d).await;
+            // The target runs d0 on an empty image of its own.
+            let mut launcher = t.vm.migration_launcher(d.join("target"));
+            let spec = launcher.spec_mut();
+            spec.extra_args.clear();
+            second_monitor(spec, &d.join("tgt2.sock"));
+            let d0 = spec.disks.iter_mut().find(|x| x.id == "d0").unwrap();
+            d0.path = new_qcow2(d.join("d0.target.qcow2"), Some(4), None);
+            let target = Vm::launch(launcher).await.unwrap();
+            let finished = run_child(d, "migrate_storage", step).await;
+            let case = format!("migrate_storage killed at step {step}");
+            // New processes attach to each side with no spec and reconcile.
+            let client = qhotplug_qmp::connect(&d.join("mon2.sock")).await.unwrap();
+            let (vm, _) = Vm::attach_without_spec(client).await.unwrap();
+            let report = vm.reconcile().await.unwrap();
+            let client = qhotplug_qmp::connect(&d.join("tgt2.sock")).await.unwrap();
+            let (on_target, _) = Vm::attach_without_spec(client).await.unwrap();
+            let target_report = on_target.reconcile().await.unwrap();
+            let again = vm.reconcile().await.unwrap();
+            assert!(
+                again.is_empty(),
+                "{case}: after {report:?}, again {again:?}"
+            );
+            let again = on_target.reconcile().await.unwrap();
+            assert!(
+                again.is_empty(),
+                "{case}: after {target_report:?}, again {again:?}"
+            );
+            let running = vm.client().execute(&QueryStatus).await.unwrap().running;
+            assert_eq!(
+                running,
+                report.migration != Some(MigrationLeft::Completed),
+                "{case}: {report:?}"
+            );
+            if finished {
+                assert_eq!(report.migration, Some(MigrationLeft::Completed), "{case}");
+            }
+            // Nothing of the copy is left on either side: no job, no node but d0's, no export.
+            for (side, handle) in [("source", &vm), ("target", &on_target)] {
+                let jobs = handle
+                    .client()
+                    .execute_raw("query-jobs", &serde_json::json!({}))
+                    .await
+                    .unwrap();
+                assert_eq!(jobs, serde_json::json!([]), "{case}: {side}'s jobs");
+                let mut nodes = qhotplug_tests::storage::block_nodes(handle).await;
+                nodes.sort();
+                let want = ["cd-file", "cd-fmt", "d0-file", "d0-fmt"];
+                assert_eq!(nodes, want, "{case}: {side}'s nodes");
+                let exports = handle
+                    .client()
+                    .execute_raw("query-block-exports", &serde_json::json!({}))
+                    .await
+                    .unwrap();
+                assert_eq!(exports, serde_json::json!([]), "{case}: {side}'s exports");
+            }
+            assert_nothing_left(&vm, &t, &vm.spec(), &case).await;
+            // The guest runs on the target once the migration completed; until then the target
+            // waits for it (the orchestrator quits it, or migrates again).
+            let target_status = on_target
+                .client()
+                .execute(&QueryStatus)
+                .await
+                .unwrap()
+                .status;
+            let completed = report.migration == Some(MigrationLeft::Completed);
+            let want = if completed {
+                RunState::Running
+            } else {
+                RunState::Inmigrate
+            };
+            assert_eq!(target_status, want, "{case}");
+            assert_eq!(
+                target_report.migration, None,
+                "{case}: the target's is its source's"
+            );
+            seen.push((
+                step,
+                report.migration,
+                report.jobs_ended.len(),
+                target_report.exports_deleted.len(),
+                target_status,
+            ));
+            drop(target);
+            if finished {
+                break;
+            }
+        }
+        println!("storage migration cases: {seen:?}");
     });
 }

@@ -2,7 +2,8 @@
 //! no call of this process runs it. `reconcile` ends it: one under way is cancelled, so the
 //! guest runs on here (the target QEMU, its incoming stream broken, exits); one that completed
 //! is reported, since the guest runs on the target now; one in post-copy is left to finish,
-//! since the guest's memory is split between the two QEMUs and cancelling it would lose it.
+//! since the guest's memory is split between the two QEMUs and cancelling it would lose it. A
+//! migration into the VM (this QEMU its target) is left alone: it is its source's.
 
 use std::time::Duration;
 
@@ -44,6 +45,20 @@ pub(crate) async fn end(core: &Core) -> Result<Option<MigrationLeft>> {
     let client = &core.client;
     let mut events = client.events();
     let status = client.execute(&QueryMigrate).await?.status;
+    if matches!(
+        status.as_deref(),
+        None | Some("none" | "cancelled" | "failed")
+    ) {
+        return Ok(None);
+    }
+    // A migration into this QEMU (waiting in `inmigrate`, or running the guest in post-copy,
+    // which a source never does) is its source's to end: `migrate_cancel` here would break it
+    // (QEMU 10 cancels an incoming migration too).
+    let run = client.execute(&QueryStatus).await?;
+    let postcopy = status.as_deref().is_some_and(|s| s.starts_with("postcopy"));
+    if run.status == RunState::Inmigrate || (postcopy && run.running) {
+        return Ok(None);
+    }
     let left = match status.as_deref() {
         Some("setup" | "active" | "pre-switchover" | "device" | "wait-unplug" | "cancelling") => {
             tracing::info!(?status, "a dead process's migration: cancelled");
@@ -56,9 +71,8 @@ pub(crate) async fn end(core: &Core) -> Result<Option<MigrationLeft>> {
             }
             Some(MigrationLeft::Cancelled)
         }
-        Some(s) if s.starts_with("postcopy") => Some(MigrationLeft::Postcopy),
+        _ if postcopy => Some(MigrationLeft::Postcopy),
         Some("completed") => {
-            let run = client.execute(&QueryStatus).await?;
             (run.status == RunState::Postmigrate).then_some(MigrationLeft::Completed)
         }
         _ => None,
