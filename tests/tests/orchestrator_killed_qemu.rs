@@ -1,9 +1,12 @@
 //! The orchestrator SIGKILLed between any two QMP commands of an operation: a child process
 //! attaches to a running QEMU (no guest OS) through its second monitor and runs one operation
-//! (a NIC's, a DIMM's, a serial port's and an RNG's hot-add, a serial port's and a SCSI disk's
-//! removal (the kinds QEMU unplugs with no guest to answer), a SCSI disk's hot-add, an iSCSI
-//! disk's with CHAP (a master key and a secret made on the way), a CD-ROM medium change, a snapshot, a mirror or an active commit started and pivoted, a stream, a
-//! full push backup and a pull backup, each with a checkpoint), killing itself when
+//! (a NIC's, a DIMM's, a serial port's, an RNG's, a SCSI CD-ROM drive's, a balloon's, a
+//! virtio-serial controller's, a vhost-user disk's and a virtio-fs device's hot-add, a serial
+//! port's, a SCSI CD-ROM drive's and a SCSI disk's removal (the kinds QEMU unplugs with no guest
+//! to answer), a SCSI disk's hot-add, an iSCSI disk's with CHAP (a master key and a secret made
+//! on the way), a CD-ROM medium change, a snapshot, a mirror or an active commit started and
+//! pivoted, a stream, a full push backup and a pull backup, each with a checkpoint), killing
+//! itself when
 //! the operation's step `n` begins (before its command is sent), for every `n` in turn. Then a new
 //! process attaches with no spec, reconciles, and finds its view equal to QEMU's read afresh,
 //! every object, node and fd set QEMU has belonging to a device of that view, every fd set's
@@ -16,24 +19,31 @@
 use std::path::{Path, PathBuf};
 
 use qhotplug::{
-    BackupConfig, DiskConfig, Format, MemoryConfig, MigrationLeft, MigrationOptions, MirrorConfig,
-    NbdServer, NicConfig, PullConfig, RngConfig, SerialPortConfig, SnapshotConfig, SourceAfter,
-    StorageCopy, TapBuilder, Transport, Vm, VmSpec, MIB,
+    BackupConfig, BalloonConfig, CdromConfig, DiskConfig, Format, MemoryBackend, MemoryConfig,
+    MigrationLeft, MigrationOptions, MirrorConfig, NbdServer, NicConfig, PullConfig, RngConfig,
+    SerialPortConfig, SnapshotConfig, SourceAfter, StorageCopy, TapBuilder, Transport,
+    VhostUserBlkConfig, VirtioFsConfig, VirtioSerialConfig, Vm, VmSpec, MIB,
 };
 use qhotplug_cmdline::{names, Cdrom, IdeAddr};
 use qhotplug_qmp::command::{QomList, QueryChardev};
 use qhotplug_qmp::command::{QueryStatus, RunState};
 use qhotplug_qmp::EventKind;
-use qhotplug_tests::servers::IscsiTarget;
+use qhotplug_tests::servers::{vhost_user_backends, IscsiTarget};
 use qhotplug_tests::storage::new_qcow2;
 use qhotplug_tests::timing::{kill_at_step, run_killed_child};
 use qhotplug_tests::{fdset_files, image, iso, pc_spec, second_monitor, TestVm};
 
 /// The operations, by the name the child is given: devices' hot-adds and a medium change.
-const DEVICE_OPERATIONS: [&str; 8] = [
+const DEVICE_OPERATIONS: [&str; 14] = [
     "add_nic",
     "add_disk",
     "add_network_disk",
+    "add_cdrom",
+    "remove_cdrom",
+    "add_balloon",
+    "add_virtio_serial",
+    "add_vhost_user_blk",
+    "add_virtio_fs",
     "add_memory",
     "add_serial_port",
     "remove_serial_port",
@@ -142,6 +152,27 @@ fn operation_that_gets_killed() {
                     let config = DiskConfig::network("is1", source, qhotplug::DiskModel::ScsiHd);
                     drop(vm.add_disk(config).await.unwrap());
                 }
+                "add_cdrom" => {
+                    let config = CdromConfig::new("cd1").medium(dir.join("b.iso"));
+                    drop(vm.add_cdrom(config).await.unwrap());
+                }
+                "remove_cdrom" => vm.remove_cdrom("cd1").await.unwrap(),
+                "add_balloon" => drop(vm.add_balloon(BalloonConfig::new("b0")).await.unwrap()),
+                "add_virtio_serial" => drop(
+                    vm.add_virtio_serial(VirtioSerialConfig::new("vser1"))
+                        .await
+                        .unwrap(),
+                ),
+                "add_vhost_user_blk" => drop(
+                    vm.add_vhost_user_blk(VhostUserBlkConfig::new("vdisk", dir.join("vdisk.sock")))
+                        .await
+                        .unwrap(),
+                ),
+                "add_virtio_fs" => drop(
+                    vm.add_virtio_fs(VirtioFsConfig::new("fs0", dir.join("fs.sock"), "share"))
+                        .await
+                        .unwrap(),
+                ),
                 "remove_disk" => vm.remove_disk("d0").await.unwrap(),
                 "insert_medium" => vm.insert_medium("cd", dir.join("b.iso")).await.unwrap(),
                 "snapshot" => drop(
@@ -217,8 +248,16 @@ async fn vm_for(op: &str, dir: &Path) -> TestVm {
         id: "vser0".into(),
         pci: qhotplug::Pci::new("pci.0", 8),
     });
+    if op.contains("vhost_user") || op.contains("virtio_fs") {
+        // A vhost-user device needs the guest's memory shared with its backend.
+        spec.memory_backend = Some(MemoryBackend::shared_memfd("ram", spec.memory_mib * MIB));
+    }
     second_monitor(&mut spec, &dir.join("mon2.sock"));
     let t = TestVm::running(spec).await;
+    if op == "remove_cdrom" {
+        let config = CdromConfig::new("cd1").medium(dir.join("b.iso"));
+        t.vm.add_cdrom(config).await.unwrap();
+    }
     if DISK_OPERATIONS.contains(&op) || op == "migrate_storage" {
         let d0 = new_qcow2(dir.join("d0.qcow2"), Some(4), None);
         t.vm.add_disk(DiskConfig::scsi_hd("d0", &d0).format(Format::Qcow2))
@@ -284,6 +323,8 @@ async fn assert_nothing_left(vm: &Vm, t: &TestVm, spec: &VmSpec, case: &str) {
         .chain(spec.memory_devices.iter().map(|m| m.id.as_str()))
         .chain(spec.serial_ports.iter().map(|p| p.id.as_str()))
         .chain(spec.rngs.iter().map(|r| r.id.as_str()))
+        .chain(spec.vhost_user_blks.iter().map(|v| v.id.as_str()))
+        .chain(spec.virtio_fs.iter().map(|v| v.id.as_str()))
         .collect();
     let chardevs = vm.client().execute(&QueryChardev).await.unwrap();
     let objects = vm
@@ -313,6 +354,10 @@ fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() 
                 let dir = tempfile::tempdir().unwrap();
                 let d = dir.path();
                 let t = vm_for(op, d).await;
+                let _backends = match op {
+                    "add_vhost_user_blk" | "add_virtio_fs" => Some(vhost_user_backends(d).await),
+                    _ => None,
+                };
                 let _target = (op == "add_network_disk").then(|| {
                     let target = IscsiTarget::start(&image(d, "lun.raw", 4), Some(CHAP));
                     std::fs::write(d.join("portal"), target.portal()).unwrap();
@@ -352,6 +397,33 @@ fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() 
                     "add_nic" => assert_eq!(spec.nics.len(), usize::from(finished), "{case}"),
                     "add_disk" => assert_eq!(has("d1"), finished, "{case}"),
                     "add_network_disk" => assert_eq!(has("is1"), finished, "{case}"),
+                    "add_cdrom" => {
+                        assert_eq!(spec.cdroms.len(), 1 + usize::from(finished), "{case}")
+                    }
+                    // Its medium is taken out first (step 0), then `device_del` (step 1) is
+                    // sent, and it is gone from then on, as a serial port. Killed between the
+                    // two, the drive stays, empty: the removal is the orchestrator's to finish.
+                    "remove_cdrom" => {
+                        let cd1 = spec.cdroms.iter().find(|c| c.id == "cd1");
+                        assert_eq!(cd1.is_some(), step <= 1, "{case}");
+                        if step == 1 {
+                            assert_eq!(cd1.unwrap().medium, None, "{case}");
+                        }
+                    }
+                    "add_balloon" => assert_eq!(spec.balloon.is_some(), finished, "{case}"),
+                    "add_virtio_serial" => {
+                        assert_eq!(
+                            spec.virtio_serials.len(),
+                            1 + usize::from(finished),
+                            "{case}"
+                        )
+                    }
+                    "add_vhost_user_blk" => {
+                        assert_eq!(spec.vhost_user_blks.len(), usize::from(finished), "{case}")
+                    }
+                    "add_virtio_fs" => {
+                        assert_eq!(spec.virtio_fs.len(), usize::from(finished), "{case}")
+                    }
                     "add_memory" => {
                         assert_eq!(spec.memory_devices.len(), usize::from(finished), "{case}")
                     }
