@@ -6,7 +6,8 @@
 //! reconciles, and checks that its view is QEMU's read afresh, that QEMU, the host and the guest
 //! hold what the view says and nothing else (`state_check`), and that the guest sees each disk.
 //!
-//! Beside them, deterministic: each step of a NIC's, a DIMM's and an RNG's removal (the kinds
+//! Beside them, deterministic: each step of a NIC's, a DIMM's, an RNG's, a balloon's, a
+//! virtio-serial controller's, a vhost-user disk's and a virtio-fs device's removal (the kinds
 //! whose unplug the guest answers) killed in turn, the guest letting the device go.
 //!
 //! The suite runs a short seeded run on pc and q35; a long one:
@@ -20,11 +21,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use qhotplug::{
-    BackupConfig, DiskConfig, Format, MemoryConfig, MirrorConfig, NicConfig, RngConfig,
-    SnapshotConfig, Vm, MIB,
+    BackupConfig, BalloonConfig, DiskConfig, Format, MemoryBackend, MemoryConfig, MirrorConfig,
+    NicConfig, RngConfig, SnapshotConfig, VhostUserBlkConfig, VirtioFsConfig, VirtioSerialConfig,
+    Vm, MIB,
 };
 use qhotplug_netdev::TapBuilder;
 use qhotplug_qmp::EventKind;
+use qhotplug_tests::servers::vhost_user_backends;
 use qhotplug_tests::state_check::{differences, Check, Start};
 use qhotplug_tests::timing::{kill_at_step, run_killed_child};
 use qhotplug_tests::{image, pc_spec, q35_spec, second_monitor, Guest, SplitMix};
@@ -94,9 +97,7 @@ fn operation_that_gets_killed() {
                             .unwrap(),
                     );
                 }
-                "remove_nic" => vm.remove_nic(&id).await.unwrap(),
-                "remove_memory" => vm.remove_memory(&id).await.unwrap(),
-                "remove_rng" => vm.remove_rng(&id).await.unwrap(),
+                op if REMOVALS.iter().any(|(o, _)| *o == op) => remove(&vm, op, &id).await,
                 "snapshot" => {
                     let overlay = file(format!("{id}.s{round}.qcow2"));
                     drop(
@@ -307,21 +308,102 @@ fn a_killed_orchestrators_vm_is_settled_round_after_round_q35() {
     qhotplug_tests::serial_test(rounds(q35_spec(6), 3737, 6));
 }
 
-/// How many of `op`'s device the guest has: NICs, RNGs, memory blocks.
-async fn in_guest(g: &Guest, op: &str) -> usize {
-    let command = match op {
-        "remove_nic" => "ls /sys/class/net | grep -c '^eth'",
-        "remove_rng" => {
-            "tr ' ' '\\n' < /sys/class/misc/hw_random/rng_available | grep -c virtio_rng"
+/// The removals whose unplug the guest answers, each with the id of the device it removes.
+const REMOVALS: [(&str, &str); 7] = [
+    ("remove_nic", "n1"),
+    ("remove_memory", "m1"),
+    ("remove_rng", "r1"),
+    ("remove_balloon", "b0"),
+    ("remove_virtio_serial", "vser1"),
+    ("remove_vhost_user_blk", "vdisk"),
+    ("remove_virtio_fs", "fs0"),
+];
+
+/// Removes `id` by the call `op` names.
+async fn remove(vm: &Vm, op: &str, id: &str) {
+    match op {
+        "remove_nic" => vm.remove_nic(id).await.unwrap(),
+        "remove_memory" => vm.remove_memory(id).await.unwrap(),
+        "remove_rng" => vm.remove_rng(id).await.unwrap(),
+        "remove_balloon" => vm.remove_balloon(id).await.unwrap(),
+        "remove_virtio_serial" => vm.remove_virtio_serial(id).await.unwrap(),
+        "remove_vhost_user_blk" => vm.remove_vhost_user_blk(id).await.unwrap(),
+        "remove_virtio_fs" => vm.remove_virtio_fs(id).await.unwrap(),
+        other => panic!("no removal {other}"),
+    }
+}
+
+/// Adds `id`, the device `op` removes, through `vm`; its backends (a tap named after `prefix`,
+/// the storage daemon's export, a virtiofsd for this once) are in `dir`.
+async fn add(
+    vm: &Vm,
+    op: &str,
+    id: &str,
+    dir: &Path,
+    prefix: &str,
+) -> Option<qhotplug::QemuProcess> {
+    match op {
+        "remove_nic" => {
+            let tap = TapBuilder::new(format!("{prefix}%d")).create().unwrap();
+            drop(
+                vm.add_nic(NicConfig::new(id, tap).no_vhost())
+                    .await
+                    .unwrap(),
+            );
         }
-        _ => "ls -d /sys/devices/system/memory/memory* | wc -l",
+        "remove_memory" => drop(
+            vm.add_memory(MemoryConfig::dimm(id, 128 * MIB))
+                .await
+                .unwrap(),
+        ),
+        "remove_rng" => drop(vm.add_rng(RngConfig::new(id)).await.unwrap()),
+        "remove_balloon" => drop(vm.add_balloon(BalloonConfig::new(id)).await.unwrap()),
+        "remove_virtio_serial" => drop(
+            vm.add_virtio_serial(VirtioSerialConfig::new(id))
+                .await
+                .unwrap(),
+        ),
+        "remove_vhost_user_blk" => {
+            let config = VhostUserBlkConfig::new(id, dir.join("vdisk.sock"));
+            drop(vm.add_vhost_user_blk(config).await.unwrap());
+        }
+        _ => {
+            // virtiofsd serves one connection: a new one for each device.
+            let socket = dir.join("fs.sock");
+            let _ = std::fs::remove_file(&socket);
+            let fsd = qhotplug::VirtiofsdLauncher::new(dir.join("shared"), &socket)
+                .launch()
+                .unwrap();
+            drop(
+                vm.add_virtio_fs(VirtioFsConfig::new(id, socket, "share"))
+                    .await
+                    .unwrap(),
+            );
+            return Some(fsd);
+        }
+    }
+    None
+}
+
+/// How many of `op`'s device the guest has: NICs, RNGs, memory blocks, virtio devices.
+async fn in_guest(g: &Guest, op: &str) -> usize {
+    let driver = |name: &str| format!("ls /sys/bus/virtio/drivers/{name} | grep -c virtio");
+    let command = match op {
+        "remove_nic" => "ls /sys/class/net | grep -c '^eth'".to_owned(),
+        "remove_rng" => {
+            "tr ' ' '\\n' < /sys/class/misc/hw_random/rng_available | grep -c virtio_rng".to_owned()
+        }
+        "remove_memory" => "ls -d /sys/devices/system/memory/memory* | wc -l".to_owned(),
+        "remove_balloon" => driver("virtio_balloon"),
+        "remove_virtio_serial" => driver("virtio_console"),
+        "remove_vhost_user_blk" => driver("virtio_blk"),
+        _ => driver("virtiofs"),
     };
-    let out = g.console.run(command, SEEN).await;
+    let out = g.console.run(&command, SEEN).await;
     out.first()
         .and_then(|l| l.trim().parse().ok())
         .unwrap_or_else(|| panic!("{command}: {out:?}"))
 }
-
 /// Waits until the number of `op`'s device the guest has is `done`, between tries for the next
 /// event or a short while, by a deadline.
 async fn in_guest_until(g: &Guest, op: &str, case: &str, done: impl Fn(usize) -> bool) {
@@ -347,6 +429,9 @@ fn each_step_of_a_removal_the_guest_answers_killed_in_turn_is_settled() {
         let mut spec = pc_spec();
         spec.memory_slots = 2;
         spec.max_memory_mib = Some(1024);
+        // Shared with the vhost-user backends.
+        spec.memory_mib = 256;
+        spec.memory_backend = Some(MemoryBackend::shared_memfd("ram", 256 * MIB));
         second_monitor(&mut spec, &d.join("mon2.sock"));
         let g = Guest::boot(spec, |l| l).await;
         let pid = g.vm.pid().unwrap();
@@ -356,34 +441,14 @@ fn each_step_of_a_removal_the_guest_answers_killed_in_turn_is_settled() {
             let client = qhotplug_qmp::connect(&d.join("mon2.sock")).await.unwrap();
             Vm::attach_without_spec(client).await.unwrap().0
         };
-        for (op, id) in [
-            ("remove_nic", "n1"),
-            ("remove_memory", "m1"),
-            ("remove_rng", "r1"),
-        ] {
+        let _backends = vhost_user_backends(d).await;
+        for (op, id) in REMOVALS {
             let without = in_guest(&g, op).await;
             for step in 0.. {
                 let case = format!("{op} killed at step {step}");
                 // The device, added by a process that attached after the last one settled.
                 let vm = attach().await;
-                match op {
-                    "remove_nic" => {
-                        let tap = TapBuilder::new(format!("{prefix}%d")).create().unwrap();
-                        drop(
-                            vm.add_nic(NicConfig::new(id, tap).no_vhost())
-                                .await
-                                .unwrap(),
-                        );
-                    }
-                    "remove_memory" => {
-                        drop(
-                            vm.add_memory(MemoryConfig::dimm(id, 128 * MIB))
-                                .await
-                                .unwrap(),
-                        );
-                    }
-                    _ => drop(vm.add_rng(RngConfig::new(id)).await.unwrap()),
-                }
+                let _fsd = add(&vm, op, id, d, &prefix).await;
                 // A DIMM is blocks of memory, as many as the guest's kernel makes of it.
                 in_guest_until(&g, op, &case, |n| n > without).await;
                 drop(vm);
@@ -393,17 +458,9 @@ fn each_step_of_a_removal_the_guest_answers_killed_in_turn_is_settled() {
                 // it finds QEMU still has (the dead one's `device_del` may be under way).
                 let vm = attach().await;
                 vm.reconcile().await.unwrap();
-                let spec = vm.spec();
-                let listed = spec.nics.iter().any(|n| n.id == id)
-                    || spec.memory_devices.iter().any(|m| m.id == id)
-                    || spec.rngs.iter().any(|r| r.id == id);
-                if listed {
+                if vm.has_device(id).await.unwrap() {
                     assert!(!finished, "{case}: finished, yet listed");
-                    match op {
-                        "remove_nic" => vm.remove_nic(id).await.unwrap(),
-                        "remove_memory" => vm.remove_memory(id).await.unwrap(),
-                        _ => vm.remove_rng(id).await.unwrap(),
-                    }
+                    remove(&vm, op, id).await;
                 }
                 settled(&vm, &g, &start, pid, &prefix, &case).await;
                 in_guest_until(&g, op, &case, |n| n == without).await;
