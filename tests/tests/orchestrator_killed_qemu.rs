@@ -1,13 +1,13 @@
 //! The orchestrator SIGKILLed between any two QMP commands of an operation: a child process
 //! attaches to a running QEMU (no guest OS) through its second monitor and runs one operation
-//! (a NIC's, a DIMM's, a serial port's, an RNG's, a SCSI CD-ROM drive's, a balloon's, a
-//! virtio-serial controller's, a vhost-user disk's and a virtio-fs device's hot-add, a serial
-//! port's, a SCSI CD-ROM drive's and a SCSI disk's removal (the kinds QEMU unplugs with no guest
-//! to answer), a SCSI disk's hot-add, an iSCSI disk's with CHAP (a master key and a secret made
-//! on the way), a CD-ROM medium change, a snapshot, a mirror or an active commit started and
-//! pivoted, a stream, a full push backup and a pull backup, each with a checkpoint), killing
-//! itself when
-//! the operation's step `n` begins (before its command is sent), for every `n` in turn. Then a new
+//! (a NIC's, a DIMM's, a virtio-mem device's, a serial port's, an RNG's, a SCSI CD-ROM drive's,
+//! a balloon's, a virtio-serial controller's, a vhost-user disk's and a virtio-fs device's
+//! hot-add, a serial port's, a SCSI CD-ROM drive's and a SCSI disk's removal (the kinds QEMU
+//! unplugs with no guest to answer), a SCSI disk's hot-add, an iSCSI disk's with CHAP (a master
+//! key and a secret made on the way), a CD-ROM medium change, a snapshot, a mirror or an active
+//! commit started and pivoted, a stream, a full push backup and a pull backup, each with a
+//! checkpoint), killing itself when the operation's step `n` begins (before its command is
+//! sent), for every `n` in turn. Then a new
 //! process attaches with no spec, reconciles, and finds its view equal to QEMU's read afresh,
 //! every object, node and fd set QEMU has belonging to a device of that view, every fd set's
 //! file one of its images, and nothing left for a second reconcile. A migration likewise, killed
@@ -34,7 +34,7 @@ use qhotplug_tests::timing::{kill_at_step, run_killed_child};
 use qhotplug_tests::{fdset_files, image, iso, pc_spec, second_monitor, TestVm};
 
 /// The operations, by the name the child is given: devices' hot-adds and a medium change.
-const DEVICE_OPERATIONS: [&str; 14] = [
+const DEVICE_OPERATIONS: [&str; 15] = [
     "add_nic",
     "add_disk",
     "add_network_disk",
@@ -45,6 +45,7 @@ const DEVICE_OPERATIONS: [&str; 14] = [
     "add_vhost_user_blk",
     "add_virtio_fs",
     "add_memory",
+    "add_virtio_mem",
     "add_serial_port",
     "remove_serial_port",
     "add_rng",
@@ -182,6 +183,11 @@ fn operation_that_gets_killed() {
                 ),
                 "add_memory" => drop(
                     vm.add_memory(MemoryConfig::dimm("m1", 128 * MIB))
+                        .await
+                        .unwrap(),
+                ),
+                "add_virtio_mem" => drop(
+                    vm.add_memory(MemoryConfig::virtio_mem("vm1", 256 * MIB, 0))
                         .await
                         .unwrap(),
                 ),
@@ -424,7 +430,7 @@ fn an_orchestrator_killed_at_each_step_leaves_nothing_a_new_one_cannot_settle() 
                     "add_virtio_fs" => {
                         assert_eq!(spec.virtio_fs.len(), usize::from(finished), "{case}")
                     }
-                    "add_memory" => {
+                    "add_memory" | "add_virtio_mem" => {
                         assert_eq!(spec.memory_devices.len(), usize::from(finished), "{case}")
                     }
                     "add_serial_port" => {
