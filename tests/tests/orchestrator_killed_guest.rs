@@ -8,7 +8,8 @@
 //!
 //! Beside them, deterministic: each step of a NIC's, a DIMM's, an RNG's, a balloon's, a
 //! virtio-serial controller's, a vhost-user disk's and a virtio-fs device's removal (the kinds
-//! whose unplug the guest answers) killed in turn, the guest letting the device go.
+//! whose unplug the guest answers) killed in turn, the guest letting the device go; and each
+//! step of a vCPU's hot-add, the guest seeing every vCPU QEMU has.
 //!
 //! The suite runs a short seeded run on pc and q35; a long one:
 //!
@@ -98,6 +99,11 @@ fn operation_that_gets_killed() {
                     );
                 }
                 op if REMOVALS.iter().any(|(o, _)| *o == op) => remove(&vm, op, &id).await,
+                "add_vcpu" => {
+                    let spec = vm.spec();
+                    let now = spec.smp + spec.vcpus.len() as u32;
+                    drop(vm.set_vcpus(now + 1).await.unwrap());
+                }
                 "snapshot" => {
                     let overlay = file(format!("{id}.s{round}.qcow2"));
                     drop(
@@ -467,6 +473,44 @@ fn each_step_of_a_removal_the_guest_answers_killed_in_turn_is_settled() {
                 if finished {
                     break;
                 }
+            }
+        }
+    });
+}
+
+#[test]
+fn each_step_of_a_vcpus_hot_add_killed_in_turn_is_settled() {
+    qhotplug_tests::serial_test(async {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut spec = pc_spec();
+        spec.cpu_topology = Some(qhotplug::CpuTopology::max(8));
+        second_monitor(&mut spec, &d.join("mon2.sock"));
+        let g = Guest::boot(spec, |l| l).await;
+        let pid = g.vm.pid().unwrap();
+        let start = Start::take(&g.vm, pid).await;
+        let prefix = tap_prefix();
+        // Each step from the count the last one left (a vCPU cannot be unplugged under TCG
+        // before QEMU 10): one more each time.
+        for step in 0.. {
+            let case = format!("add_vcpu killed at step {step}");
+            let finished = run_child(d, "add_vcpu", "", 0, step).await;
+            let client = qhotplug_qmp::connect(&d.join("mon2.sock")).await.unwrap();
+            let (vm, _) = Vm::attach_without_spec(client).await.unwrap();
+            vm.reconcile().await.unwrap();
+            settled(&vm, &g, &start, pid, &prefix, &case).await;
+            // The guest has every vCPU QEMU has (present, whether or not it onlined them).
+            let spec = vm.spec();
+            let want = (spec.smp as usize + spec.vcpus.len()).to_string();
+            let present = "ls -d /sys/devices/system/cpu/cpu[0-9]* | wc -l";
+            let out = g
+                .console
+                .until(present, |o| o == [want.as_str()], SEEN)
+                .await;
+            assert_eq!(out, [want], "{case}");
+            if finished {
+                assert!(step > 0, "a vCPU's hot-add has steps");
+                break;
             }
         }
     });
