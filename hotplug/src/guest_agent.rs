@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use qhotplug_cmdline::{names, SerialPort};
-use qhotplug_qga::command::{FreezeStatus, GuestShutdown};
+use qhotplug_cmdline::{names, Secret, SerialPort};
+use qhotplug_qga::command::{FreezeStatus, GuestSetUserPassword, GuestShutdown};
 use qhotplug_qga::{Agent, Config, Error as AgentError, Frozen, Result as AgentResult};
 use qhotplug_qmp::command::QueryChardev;
 use qhotplug_qmp::{Client, Command, EventKind, EventStream};
@@ -166,6 +166,29 @@ impl GuestAgent {
     pub async fn ensure_thawed(&self) -> AgentResult<FreezeStatus> {
         self.while_running("guest-fsfreeze-thaw", self.shared.agent.ensure_thawed())
             .await
+    }
+
+    /// Sets `user`'s password in the guest to `password` (the guest's `chpasswd`; `crypted`: the
+    /// secret is a `crypt(3)` hash already). The password is in the command sent and nowhere
+    /// else: not in its `Debug`, not in a log, not in an error even where the agent's message
+    /// repeats it. An unresolved secret (read back from a written spec) is refused, nothing sent.
+    pub async fn set_user_password(
+        &self,
+        user: &str,
+        password: &Secret,
+        crypted: bool,
+    ) -> crate::Result<()> {
+        if !password.is_resolved() {
+            return Err(crate::Error::Spec(qhotplug_cmdline::Error::InvalidSpec(
+                format!(
+                    "the password for {user}: secret {:?} was read back and not resolved",
+                    password.reference().unwrap_or("")
+                ),
+            )));
+        }
+        let command = GuestSetUserPassword::new(user, password.expose(), crypted);
+        self.execute(&command).await?;
+        Ok(())
     }
 
     /// Asks the agent to power the guest down (`mode`: `powerdown`, `halt` or `reboot`). The

@@ -256,7 +256,9 @@ impl Agent {
                 match classify(&frame, id) {
                     Line::Reply(reply) => {
                         conn.in_sync = true;
-                        let raw = reply.map_err(|(class, desc)| refusal(C::NAME, class, desc))?;
+                        let raw = reply.map_err(|(class, desc)| {
+                            refusal(C::NAME, class, redact(desc, &command.redacted()))
+                        })?;
                         return decode(command, raw);
                     }
                     Line::Other => tracing::debug!("skipped a line that is not this reply"),
@@ -515,4 +517,12 @@ fn refusal(command: &str, class: String, desc: String) -> Error {
             desc,
         },
     }
+}
+
+/// `desc` with each of `secrets` in it replaced by `<redacted>`.
+fn redact(desc: String, secrets: &[&str]) -> String {
+    secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .fold(desc, |desc, secret| desc.replace(secret, "<redacted>"))
 }

@@ -30,7 +30,9 @@
 //! - a freeze that always thaws ([`Frozen`]): on `thaw`, on drop, on a safety timer, and at once
 //!   when the freeze itself fails and may have frozen something; a thaw is believed only when the
 //!   agent answered it, and tried again until it is ([`FreezeState`]); a second freeze never
-//!   thaws the first.
+//!   thaws the first;
+//! - a password or an ssh key ([`command::Redacted`]) shown by no `Debug`, and replaced by
+//!   `<redacted>` in an error where the agent repeats it.
 //!
 //! Reuses `qhotplug-qmp`'s line codec and request encoding; typed commands are in [`command`].
 //!

@@ -693,3 +693,45 @@ async fn the_default_frame_carries_the_largest_file_read_qemu_ga_sends() {
     assert_eq!(read.bytes().len() as u64, MAX_READ);
     assert!(read.bytes() == &data[..]);
 }
+
+#[tokio::test]
+async fn a_key_or_a_password_the_agent_repeats_in_an_error_is_redacted() {
+    use qhotplug_qga::command::{GuestSetUserPassword, GuestSshAddAuthorizedKeys, Redacted};
+    let (mut fake, path) = Fake::new();
+    let agent = std::sync::Arc::new(Agent::new(path, quick()));
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIbadkey me@host";
+    let add = GuestSshAddAuthorizedKeys {
+        username: "root".into(),
+        keys: vec![Redacted::new(key)],
+        reset: None,
+    };
+    let call = spawned(&agent, add);
+    fake.accept().await;
+    fake.sync(b"").await;
+    let request = fake.recv().await;
+    assert_eq!(request.json["arguments"]["keys"][0], key, "sent whole");
+    // qemu-ga's words for a key it cannot parse.
+    let desc = format!("invalid OpenSSH public key: '{key}'");
+    fake.reply(refuse(&request, "GenericError", &desc)).await;
+    let err = call.await.unwrap().unwrap_err();
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("AAAAC3"), "{shown}");
+    assert!(
+        shown.contains("invalid OpenSSH public key: '<redacted>'"),
+        "{shown}"
+    );
+
+    let set = GuestSetUserPassword::new("root", b"Hunter2-secret", false);
+    let sent = set.password.expose().to_owned();
+    let call = spawned(&agent, set);
+    let request = fake.recv().await;
+    fake.reply(refuse(
+        &request,
+        "GenericError",
+        &format!("bad password {sent}"),
+    ))
+    .await;
+    let err = call.await.unwrap().unwrap_err();
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains(&sent), "{shown}");
+}

@@ -26,6 +26,7 @@ pub mod state_check;
 pub mod storage;
 mod sys;
 pub mod timing;
+pub mod traced;
 pub mod vm;
 
 pub use sys::{clear_cloexec, exited, kill, process_lock, raise_fd_limit};

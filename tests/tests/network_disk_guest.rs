@@ -10,6 +10,7 @@ use qhotplug::{DiskConfig, DiskModel, ErrorPolicy, EventKind, NetworkSource, OnE
 use qhotplug_qmp::event::BlockIoError;
 use qhotplug_tests::ceph::CephCluster;
 use qhotplug_tests::servers::{free_port, IscsiTarget, Listen, NbdExport};
+use qhotplug_tests::traced::Captured;
 use qhotplug_tests::{image, pc_spec, Console, Guest, Snapshot};
 
 const SEEN: Duration = Duration::from_secs(60);
@@ -103,39 +104,10 @@ fn nbd_disks_on_a_unix_socket_and_on_tcp_carry_the_guests_writes_to_the_servers_
     });
 }
 
-/// Everything the process's tracing says, at every level, kept for the secret test.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
-    }
-}
-
 #[test]
 fn iscsi_luns_with_and_without_chap_carry_the_guests_writes_and_the_password_leaks_nowhere() {
     const PASSWORD: &str = "chap-secret-Zq81x";
-    let traced = Captured::default();
-    tracing::subscriber::set_global_default(
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::FULL)
-            .with_writer(traced.clone())
-            .finish(),
-    )
-    .expect("the only subscriber of this test process (nextest runs one test a process)");
+    let traced = Captured::install();
     qhotplug_tests::serial_test(async {
         let g = Guest::boot(pc_spec(), |l| l).await;
         let dir = g.dir().to_owned();
@@ -195,7 +167,7 @@ fn iscsi_luns_with_and_without_chap_carry_the_guests_writes_and_the_password_lea
         drop(target);
     });
     // Nothing the SDK traced, at any level, holds the password.
-    let traced = String::from_utf8_lossy(&traced.0.lock().unwrap()).into_owned();
+    let traced = traced.text();
     assert!(traced.contains("lun2"), "the capture saw the SDK's work");
     assert!(!traced.contains(PASSWORD));
 }

@@ -9,8 +9,11 @@ use std::time::Duration;
 use qhotplug::{NicConfig, SerialPortConfig, TapBuilder, VirtioSerialConfig};
 use qhotplug_qga::command::{
     ExecStatus, FreezeStatus, GuestExec, GuestExecStatus, GuestFileClose, GuestFileOpen,
-    GuestFileRead, GuestFileWrite, GuestFsfreezeFreeze, GuestFsfreezeStatus, GuestGetHostName,
-    GuestGetOsinfo, GuestGetVcpus, GuestNetworkGetInterfaces, GuestPing,
+    GuestFileRead, GuestFileWrite, GuestFsfreezeFreeze, GuestFsfreezeStatus, GuestFstrim,
+    GuestGetDisks, GuestGetFsinfo, GuestGetHostName, GuestGetOsinfo, GuestGetTime,
+    GuestGetTimezone, GuestGetUsers, GuestGetVcpus, GuestNetworkGetInterfaces, GuestPing,
+    GuestSetTime, GuestSshAddAuthorizedKeys, GuestSshGetAuthorizedKeys,
+    GuestSshRemoveAuthorizedKeys, Redacted,
 };
 use qhotplug_qga::{Agent, Config, Error, FreezeState};
 use qhotplug_tests::{pc_spec, with_guest_agent, Guest};
@@ -347,4 +350,171 @@ fn the_vms_agent_is_not_running_until_a_hot_plugged_port_opens_and_one_killed_mi
         assert!(!name.host_name.is_empty());
         agent.execute(&GuestPing).await.unwrap();
     });
+}
+
+#[test]
+fn the_agents_file_system_clock_and_account_calls_do_what_they_say_in_the_guest() {
+    let traced = qhotplug_tests::traced::Captured::install();
+    let key_material = "AAAAC3NzaC1lZDI1NTE5AAAAI";
+    qhotplug_tests::serial_test(async move {
+        let (g, socket, dir) = boot().await;
+        mount_ext4(&g, dir.path()).await;
+        let agent = Agent::connect(&socket, patient()).await.unwrap();
+        let slot = match &g
+            .vm
+            .spec()
+            .disks
+            .iter()
+            .find(|d| d.id == "fs")
+            .unwrap()
+            .frontend
+        {
+            qhotplug::DiskFrontend::VirtioBlk(pci) => i64::from(pci.slot),
+            other => panic!("{other:?}"),
+        };
+
+        // The ext4 disk, mounted at /mnt, at its PCI slot, in both lists.
+        let fs = agent.execute(&GuestGetFsinfo).await.unwrap();
+        let mnt = fs.iter().find(|f| f.mountpoint == "/mnt").expect("/mnt");
+        assert_eq!(mnt.fs_type, "ext4", "{fs:?}");
+        assert!(mnt.total_bytes.is_some_and(|t| t > 8 << 20), "{mnt:?}");
+        let at = &mnt.disk[0];
+        assert_eq!(
+            (at.bus_type.as_str(), at.pci_controller.slot),
+            ("virtio", slot)
+        );
+        let disks = agent.execute(&GuestGetDisks).await.unwrap();
+        let disk = disks
+            .iter()
+            .find(|d| {
+                d.address
+                    .as_ref()
+                    .is_some_and(|a| a.pci_controller.slot == slot)
+            })
+            .expect("the disk in guest-get-disks");
+        assert!(
+            !disk.partition && disk.name.starts_with("/dev/vd"),
+            "{disk:?}"
+        );
+
+        // A file written and removed leaves blocks the trim discards.
+        let churn = "dd if=/dev/urandom of=/mnt/junk bs=1M count=4 2>/dev/null && sync && rm /mnt/junk && sync && echo gone";
+        assert_eq!(g.console.run(churn, SEEN).await, ["gone"]);
+        let trim = agent.execute(&GuestFstrim { minimum: None }).await.unwrap();
+        let mnt = trim
+            .paths
+            .iter()
+            .find(|p| p.path == "/mnt")
+            .expect("/mnt trimmed");
+        assert_eq!(mnt.error, None, "{trim:?}");
+        assert!(mnt.trimmed.is_some_and(|t| t >= 4 << 20), "{trim:?}");
+
+        // The clock: an hour back, read back; the guest's RTC write reaches QMP; then from the
+        // hardware clock, which the set wrote.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64;
+        let hour = 3_600_000_000_000i64;
+        let mut events = g.vm.client().events();
+        agent
+            .execute(&GuestSetTime {
+                time: Some(now - hour),
+            })
+            .await
+            .unwrap();
+        let read = agent.execute(&GuestGetTime).await.unwrap();
+        assert!(
+            (read - (now - hour)).abs() < 60_000_000_000,
+            "{read} vs {now}"
+        );
+        let rtc = |e: &qhotplug_qmp::EventKind| matches!(e, qhotplug_qmp::EventKind::Other { name } if name == "RTC_CHANGE");
+        assert!(
+            events
+                .wait_for(tokio::time::Instant::now() + SEEN, rtc)
+                .await
+        );
+        agent.execute(&GuestSetTime { time: None }).await.unwrap();
+        let read = agent.execute(&GuestGetTime).await.unwrap();
+        assert!(
+            (read - (now - hour)).abs() < 60_000_000_000,
+            "from the RTC: {read}"
+        );
+        agent
+            .execute(&GuestSetTime { time: Some(now) })
+            .await
+            .unwrap();
+        let zone = agent.execute(&GuestGetTimezone).await.unwrap();
+        assert_eq!((zone.zone.as_deref(), zone.offset), (Some("UTC"), 0));
+        // Nobody logged in (no utmp).
+        assert_eq!(agent.execute(&GuestGetUsers).await.unwrap(), []);
+
+        // ssh keys: added, listed, replaced, removed, as root's authorized_keys shows them.
+        let key = |n: u8| Redacted::new(format!("ssh-ed25519 {key_material}{n} k{n}@host"));
+        let get = GuestSshGetAuthorizedKeys {
+            username: "root".into(),
+        };
+        let add = |keys, reset| GuestSshAddAuthorizedKeys {
+            username: "root".into(),
+            keys,
+            reset,
+        };
+        agent.execute(&add(vec![key(1)], None)).await.unwrap();
+        agent.execute(&add(vec![key(2)], None)).await.unwrap();
+        // In whatever order the agent keeps them (7.2 puts a new one first).
+        let exposed = |keys: Vec<Redacted>| -> Vec<String> {
+            let mut keys: Vec<String> = keys.iter().map(|k| k.expose().to_owned()).collect();
+            keys.sort();
+            keys
+        };
+        let got = exposed(agent.execute(&get).await.unwrap().keys);
+        assert_eq!(got, exposed(vec![key(1), key(2)]));
+        // (Its last line has no newline: sorted, every line has one.)
+        let file = "sort /root/.ssh/authorized_keys";
+        let lines: Vec<String> = [key(1), key(2)]
+            .iter()
+            .map(|k| k.expose().to_owned())
+            .collect();
+        assert_eq!(g.console.run(file, SEEN).await, lines);
+        agent.execute(&add(vec![key(3)], Some(true))).await.unwrap();
+        assert_eq!(agent.execute(&get).await.unwrap().keys, [key(3)]);
+        let remove = GuestSshRemoveAuthorizedKeys {
+            username: "root".into(),
+            keys: vec![key(3)],
+        };
+        agent.execute(&remove).await.unwrap();
+        assert!(agent.execute(&get).await.unwrap().keys.is_empty());
+
+        // A password, through the VM's agent handle, as a Secret: the guest's shadow entry is
+        // that password's hash (checked in the guest with its own salt).
+        drop(agent); // The port's socket takes one client at a time.
+        let vm_agent = g.vm.agent().await.unwrap();
+        vm_agent.wait_running(SEEN).await.unwrap();
+        let password = qhotplug::Secret::new("Hunter2-in-guest");
+        vm_agent
+            .set_user_password("root", &password, false)
+            .await
+            .unwrap();
+        let check = "h=$(grep ^root: /etc/shadow | cut -d: -f2); s=$(echo \"$h\" | cut -d'$' -f3); \
+                     [ \"$(printf %s Hunter2-in-guest | mkpasswd -P 0 -m sha512 -S \"$s\")\" = \"$h\" ] && echo match";
+        assert_eq!(g.console.run(check, SEEN).await, ["match"]);
+        let unresolved = qhotplug::Secret::unresolved("vault:root");
+        let refused = vm_agent
+            .set_user_password("root", &unresolved, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, qhotplug::Error::Spec(_)), "{refused:?}");
+    });
+    // Nothing the SDK traced, at any level, holds the password or a key (base64 either).
+    let traced = traced.sdk_text();
+    assert!(
+        traced.contains("guest-set-user-password"),
+        "the capture saw the calls"
+    );
+    let sent = qhotplug_qga::command::GuestSetUserPassword::new("root", b"Hunter2-in-guest", false);
+    for secret in ["Hunter2-in-guest", sent.password.expose(), key_material] {
+        let at = traced.find(secret);
+        let around = at.map(|i| &traced[i.saturating_sub(300)..(i + 100).min(traced.len())]);
+        assert!(at.is_none(), "{secret} traced: {around:?}");
+    }
 }

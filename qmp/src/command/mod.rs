@@ -22,6 +22,13 @@ pub trait Command: Serialize {
     fn check_reply(&self, _reply: &Self::Returns) -> Result<(), String> {
         Ok(())
     }
+
+    /// The texts of the request that no error may show (a password, a key): where the peer's
+    /// error message repeats one, it is replaced by `<redacted>`. None unless a command says
+    /// otherwise.
+    fn redacted(&self) -> Vec<&str> {
+        Vec::new()
+    }
 }
 
 /// The `{}` that commands without a return value return.
@@ -30,7 +37,8 @@ pub struct Empty {}
 
 /// Declares a typed command: a unit struct (no arguments) or a struct of its arguments
 /// (kebab-case on the wire), and its [`Command`] impl, with an optional
-/// `check(command, reply) { … }` block for [`Command::check_reply`]. Used for QMP here and for the guest agent's
+/// `check(command, reply) { … }` block for [`Command::check_reply`] and an optional
+/// `redact(command) { … }` block for [`Command::redacted`]. Used for QMP here and for the guest agent's
 /// protocol, which shares QMP's request shape, in `qhotplug-qga`. The calling crate needs `serde`.
 ///
 /// ```
@@ -48,7 +56,7 @@ macro_rules! command {
 
         $crate::command!(@impl $name, $ty, $ret $(, check($cmd, $reply) $check)?);
     };
-    ($(#[$doc:meta])* $name:literal, $ty:ident { $($(#[$fdoc:meta])* $field:ident : $fty:ty),* $(,)? } -> $ret:ty $(, check($cmd:ident, $reply:ident) $check:block)?) => {
+    ($(#[$doc:meta])* $name:literal, $ty:ident { $($(#[$fdoc:meta])* $field:ident : $fty:ty),* $(,)? } -> $ret:ty $(, check($cmd:ident, $reply:ident) $check:block)? $(, redact($rcmd:ident) $redact:block)?) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, serde::Serialize)]
         #[serde(rename_all = "kebab-case")]
@@ -56,9 +64,9 @@ macro_rules! command {
             $($(#[$fdoc])* pub $field: $fty,)*
         }
 
-        $crate::command!(@impl $name, $ty, $ret $(, check($cmd, $reply) $check)?);
+        $crate::command!(@impl $name, $ty, $ret $(, check($cmd, $reply) $check)? $(, redact($rcmd) $redact)?);
     };
-    (@impl $name:literal, $ty:ident, $ret:ty $(, check($cmd:ident, $reply:ident) $check:block)?) => {
+    (@impl $name:literal, $ty:ident, $ret:ty $(, check($cmd:ident, $reply:ident) $check:block)? $(, redact($rcmd:ident) $redact:block)?) => {
         impl $crate::command::Command for $ty {
             const NAME: &'static str = $name;
             type Returns = $ret;
@@ -66,6 +74,12 @@ macro_rules! command {
                 fn check_reply(&self, $reply: &$ret) -> ::std::result::Result<(), String> {
                     let $cmd = self;
                     $check
+                }
+            )?
+            $(
+                fn redacted(&self) -> Vec<&str> {
+                    let $rcmd = self;
+                    $redact
                 }
             )?
         }

@@ -9,6 +9,20 @@ use serde::{Deserialize, Serialize};
 use qhotplug_qmp::command;
 pub use qhotplug_qmp::command::Empty;
 
+mod accounts;
+mod clock;
+mod filesystems;
+
+pub use accounts::{
+    AuthorizedKeys, GuestGetUsers, GuestSetUserPassword, GuestSshAddAuthorizedKeys,
+    GuestSshGetAuthorizedKeys, GuestSshRemoveAuthorizedKeys, GuestUser, Redacted,
+};
+pub use clock::{GuestGetTimezone, GuestSetTime, Timezone};
+pub use filesystems::{
+    DiskAddress, DiskInfo, FilesystemInfo, GuestFstrim, GuestGetDisks, GuestGetFsinfo, PciAddress,
+    TrimResponse, TrimResult,
+};
+
 command!(
     /// `guest-ping`: the agent is there and answering.
     "guest-ping", GuestPing, Empty
