@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use qhotplug_cmdline::{names, Secret, SerialPort};
-use qhotplug_qga::command::{FreezeStatus, GuestSetUserPassword, GuestShutdown};
+use qhotplug_qga::command::{FreezeStatus, GuestSetUserPassword, GuestShutdown, GuestSuspendRam};
 use qhotplug_qga::{Agent, Config, Error as AgentError, Frozen, Result as AgentResult};
 use qhotplug_qmp::command::QueryChardev;
 use qhotplug_qmp::{Client, Command, EventKind, EventStream};
@@ -189,6 +189,12 @@ impl GuestAgent {
         let command = GuestSetUserPassword::new(user, password.expose(), crypted);
         self.execute(&command).await?;
         Ok(())
+    }
+
+    /// Asks the guest to suspend itself to RAM. The agent does not reply when it complies;
+    /// QMP's `SUSPEND` is the proof.
+    pub(crate) async fn suspend_ram(&self) -> AgentResult<()> {
+        self.send_no_reply(&GuestSuspendRam).await
     }
 
     /// Asks the agent to power the guest down (`mode`: `powerdown`, `halt` or `reboot`). The

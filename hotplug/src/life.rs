@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use qhotplug_qmp::command::{Cont, QueryStatus, RunState, Stop, SystemPowerdown, SystemReset};
+use qhotplug_qmp::command::{
+    Cont, QueryCurrentMachine, QueryStatus, RunState, Stop, SystemPowerdown, SystemReset,
+    SystemWakeup,
+};
 use qhotplug_qmp::{EventKind, EventStream};
 use tokio::time::Instant;
 
@@ -209,6 +212,50 @@ async fn reap(core: &Arc<Core>) -> Result<()> {
             core.quit().await
         }
     }
+}
+
+/// See [`Vm::suspend`](crate::Vm::suspend).
+pub(crate) async fn suspend(core: &Arc<Core>, deadline: Duration) -> Result<()> {
+    let machine = core.client.execute(&QueryCurrentMachine).await?;
+    if !machine.wakeup_suspend_support {
+        return Err(Error::Precondition {
+            operation: "suspend",
+            reason: "the machine cannot wake a guest suspended to RAM".into(),
+        });
+    }
+    let agent = core.agent().await?;
+    let mut events = core.client.events();
+    agent.suspend_ram().await?;
+    let suspended = |e: &EventKind| matches!(e, EventKind::Suspend);
+    if events.wait_for(Instant::now() + deadline, suspended).await
+        || run_state(core).await? == RunState::Suspended
+    {
+        return Ok(());
+    }
+    Err(qhotplug_qga::Error::Timeout {
+        command: "guest-suspend-ram".into(),
+        after: deadline,
+    }
+    .into())
+}
+
+/// See [`Vm::wakeup`](crate::Vm::wakeup).
+pub(crate) async fn wakeup(core: &Arc<Core>, deadline: Duration) -> Result<()> {
+    if run_state(core).await? != RunState::Suspended {
+        return Ok(());
+    }
+    let mut events = core.client.events();
+    core.client.execute(&SystemWakeup).await?;
+    let woke = |e: &EventKind| matches!(e, EventKind::Wakeup);
+    if events.wait_for(Instant::now() + deadline, woke).await
+        || run_state(core).await? != RunState::Suspended
+    {
+        return Ok(());
+    }
+    Err(Error::Precondition {
+        operation: "wakeup",
+        reason: format!("the guest was still suspended {deadline:?} after `system_wakeup`"),
+    })
 }
 
 /// See [`Vm::pause`](crate::Vm::pause).

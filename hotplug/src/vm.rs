@@ -388,6 +388,29 @@ impl Vm {
         .await
     }
 
+    /// Suspends the guest to RAM (S3) through its agent, and waits by `deadline` for QMP's
+    /// `SUSPEND`: the guest's memory stays, its vCPUs stop, and only [`Vm::wakeup`] (or a
+    /// device the guest armed) brings it back. A machine that cannot wake a suspended guest is
+    /// [`Error::Precondition`], nothing asked; a guest that has not suspended to RAM by the
+    /// deadline is the agent's [`Timeout`](qhotplug_qga::Error::Timeout) (it may still do so
+    /// later; a guest whose ACPI offers no S3 may suspend to idle instead, which QEMU does not
+    /// see).
+    pub async fn suspend(&self, deadline: Duration) -> Result<()> {
+        self.call("suspend", "", move |core, _| async move {
+            life::suspend(&core, deadline).await
+        })
+        .await
+    }
+
+    /// Wakes a guest suspended to RAM (`system_wakeup`) and waits by `deadline` for `WAKEUP`;
+    /// a guest that is not suspended is left alone.
+    pub async fn wakeup(&self, deadline: Duration) -> Result<()> {
+        self.call("wakeup", "", move |core, _| async move {
+            life::wakeup(&core, deadline).await
+        })
+        .await
+    }
+
     /// Pauses the VM (`stop`): its vCPUs stop; QEMU and its devices stay. Pausing a paused VM
     /// does nothing.
     pub async fn pause(&self) -> Result<()> {

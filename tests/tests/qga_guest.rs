@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use qhotplug::{NicConfig, SerialPortConfig, TapBuilder, VirtioSerialConfig};
+use qhotplug::{NicConfig, RunState, SerialPortConfig, TapBuilder, VirtioSerialConfig};
 use qhotplug_qga::command::{
     ExecStatus, FreezeStatus, GuestExec, GuestExecStatus, GuestFileClose, GuestFileOpen,
     GuestFileRead, GuestFileWrite, GuestFsfreezeFreeze, GuestFsfreezeStatus, GuestFstrim,
@@ -517,4 +517,23 @@ fn the_agents_file_system_clock_and_account_calls_do_what_they_say_in_the_guest(
         let around = at.map(|i| &traced[i.saturating_sub(300)..(i + 100).min(traced.len())]);
         assert!(at.is_none(), "{secret} traced: {around:?}");
     }
+}
+
+#[test]
+fn the_guest_suspends_to_ram_through_its_agent_and_wakes_on_system_wakeup() {
+    qhotplug_tests::serial_test(async {
+        let (g, _socket, _dir) = boot().await;
+        let agent = g.vm.agent().await.unwrap();
+        agent.wait_running(SEEN).await.unwrap();
+        g.vm.suspend(SEEN).await.unwrap();
+        assert_eq!(g.vm.run_state().await.unwrap(), RunState::Suspended);
+        g.vm.wakeup(SEEN).await.unwrap();
+        assert_eq!(g.vm.run_state().await.unwrap(), RunState::Running);
+        // The guest runs on where it was: its agent answers (resynchronised), then its shell
+        // (once the agent runs, so has the guest's resume, the console's UART with it).
+        agent.execute(&GuestPing).await.unwrap();
+        assert_eq!(g.console.run("echo awake", SEEN).await, ["awake"]);
+        // Waking a guest that is not suspended does nothing.
+        g.vm.wakeup(SEEN).await.unwrap();
+    });
 }

@@ -178,6 +178,14 @@ command!(
     } -> Empty
 );
 
+command!(
+    /// `guest-suspend-ram`: the guest suspends itself to RAM (S3; systemd, pm-utils or
+    /// `/sys/power/state`). Replies only when it fails: send it with
+    /// [`Agent::send_no_reply`](crate::Agent::send_no_reply) and see `SUSPEND` on QMP; QMP's
+    /// `system_wakeup` wakes it (`WAKEUP`).
+    "guest-suspend-ram", GuestSuspendRam, Empty
+);
+
 impl GuestFileWrite {
     /// A write of `bytes` to `handle`.
     pub fn bytes(handle: i64, bytes: &[u8]) -> GuestFileWrite {

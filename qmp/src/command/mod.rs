@@ -208,6 +208,26 @@ command!(
 );
 
 command!(
+    /// `system_wakeup`: wakes a guest suspended to RAM (`WAKEUP` says it woke); does nothing to
+    /// one that is not suspended.
+    "system_wakeup", SystemWakeup, Empty
+);
+
+command!(
+    /// `query-current-machine`: what the running machine supports.
+    "query-current-machine", QueryCurrentMachine, CurrentMachine
+);
+
+/// The reply to `query-current-machine`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub struct CurrentMachine {
+    /// The machine can wake a guest suspended to RAM (`system_wakeup`): true for `pc` and `q35`
+    /// (whose ACPI tables may still hide S3 from the guest: `PIIX4_PM.disable_s3`).
+    #[serde(rename = "wakeup-suspend-support")]
+    pub wakeup_suspend_support: bool,
+}
+
+command!(
     /// `quit`: QEMU exits at once.
     "quit", Quit, Empty
 );
