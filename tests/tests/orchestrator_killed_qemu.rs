@@ -282,6 +282,19 @@ async fn vm_for(op: &str, dir: &Path) -> TestVm {
     t
 }
 
+/// The VM for `op` and a target launched to migrate it into (from its spec as `edit` changes
+/// it), the target's second monitor at `dir/tgt2.sock`.
+async fn source_and_target(op: &str, dir: &Path, edit: impl FnOnce(&mut VmSpec)) -> (TestVm, Vm) {
+    let t = vm_for(op, dir).await;
+    let mut launcher = t.vm.migration_launcher(dir.join("target"));
+    let spec = launcher.spec_mut();
+    spec.extra_args.clear();
+    second_monitor(spec, &dir.join("tgt2.sock"));
+    edit(spec);
+    let target = Vm::launch(launcher).await.unwrap();
+    (t, target)
+}
+
 /// Runs the child for `op`, killed at step `step` (a number, or `active`: see the child); true
 /// when it finished instead.
 async fn run_child(dir: &Path, op: &str, step: impl std::fmt::Display) -> bool {
@@ -503,12 +516,7 @@ fn a_migration_whose_process_was_killed_is_cancelled_or_reported_by_the_next_one
         for step in std::iter::once("active".to_owned()).chain(cases) {
             let dir = tempfile::tempdir().unwrap();
             let d = dir.path();
-            let t = vm_for("migrate", d).await;
-            let mut launcher = t.vm.migration_launcher(d.join("target"));
-            let spec = launcher.spec_mut();
-            spec.extra_args.clear();
-            second_monitor(spec, &d.join("tgt2.sock"));
-            let target = Vm::launch(launcher).await.unwrap();
+            let (t, target) = source_and_target("migrate", d, |_| {}).await;
             let mut target_events = target.client().events();
             let finished = run_child(d, "migrate", &step).await;
             let case = format!("migrate killed at step {step}");
@@ -562,15 +570,12 @@ fn a_storage_migration_whose_process_was_killed_leaves_nothing_on_either_side() 
         for step in 0.. {
             let dir = tempfile::tempdir().unwrap();
             let d = dir.path();
-            let t = vm_for("migrate_storage", d).await;
             // The target runs d0 on an empty image of its own.
-            let mut launcher = t.vm.migration_launcher(d.join("target"));
-            let spec = launcher.spec_mut();
-            spec.extra_args.clear();
-            second_monitor(spec, &d.join("tgt2.sock"));
-            let d0 = spec.disks.iter_mut().find(|x| x.id == "d0").unwrap();
-            d0.path = new_qcow2(d.join("d0.target.qcow2"), Some(4), None);
-            let target = Vm::launch(launcher).await.unwrap();
+            let (t, target) = source_and_target("migrate_storage", d, |spec| {
+                let d0 = spec.disks.iter_mut().find(|x| x.id == "d0").unwrap();
+                d0.path = new_qcow2(d.join("d0.target.qcow2"), Some(4), None);
+            })
+            .await;
             let finished = run_child(d, "migrate_storage", step).await;
             let case = format!("migrate_storage killed at step {step}");
             // New processes attach to each side with no spec and reconcile.
