@@ -219,6 +219,12 @@ pub fn master_key(tag: &str) -> String {
     format!("{MASTER_KEY_PREFIX}{tag}")
 }
 
+/// The `getfd` name of memory dump number `n` of this process (each its own, so two dumps at
+/// once never hand QEMU each other's file).
+pub fn dump_fd(n: u64) -> String {
+    format!("qhotplug-dump-{n}")
+}
+
 /// Whether `name` is a master key's id ([`master_key`]).
 pub fn is_master_key(name: &str) -> bool {
     name.starts_with(MASTER_KEY_PREFIX)

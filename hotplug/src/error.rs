@@ -310,6 +310,10 @@ pub enum Error {
     /// someone else dismissed it).
     #[error("job {0} is gone")]
     JobGone(String),
+    /// A memory dump failed in QEMU (the file system under its file is full, say), in QEMU's
+    /// words. What it wrote is in the file; the VM runs on.
+    #[error("memory dump failed: {0}")]
+    DumpFailed(String),
     /// The guest agent failed: not running, no answer in time, refused, gone mid-command (see
     /// [`qhotplug_qga::Error`]).
     #[error(transparent)]
@@ -442,6 +446,7 @@ impl Error {
             | Error::JobFailed { .. }
             | Error::JobTimeout { .. }
             | Error::JobGone(_)
+            | Error::DumpFailed(_)
             | Error::Agent(_)
             | Error::Io { .. } => Failed,
         }

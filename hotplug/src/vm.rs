@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::cpus::{self, VcpuChange};
 use crate::desired::{Applied, Change, Desired, Plan, Step};
+use crate::dump::{DumpFormat, DumpProgress};
 use crate::error::{Error, Result};
 use crate::guest_agent::GuestAgent;
 use crate::kinds::{Device, DeviceKind, Plug};
@@ -407,6 +408,24 @@ impl Vm {
     pub async fn wakeup(&self, deadline: Duration) -> Result<()> {
         self.call("wakeup", "", move |core, _| async move {
             life::wakeup(&core, deadline).await
+        })
+        .await
+    }
+
+    /// Dumps the guest's memory and vCPU state into `file` (opened by the caller, written from
+    /// where it is) in `format`, the guest running on meanwhile, `progress` told as it goes;
+    /// returns the bytes of guest memory written. QEMU takes the file's fd and closes it when
+    /// done. A format this QEMU was not built with is [`Error::Unsupported`], nothing sent; a
+    /// dump that fails (its file system full) is [`Error::DumpFailed`]. QEMU cannot cancel a
+    /// dump: the call runs to its end even if its caller stops waiting.
+    pub async fn dump_memory(
+        &self,
+        file: std::fs::File,
+        format: DumpFormat,
+        progress: impl FnMut(DumpProgress) + Send + 'static,
+    ) -> Result<DumpProgress> {
+        self.call("dump_memory", "", move |core, _| async move {
+            crate::dump::dump(&core, file, format, progress).await
         })
         .await
     }
