@@ -4,7 +4,7 @@
 //! handle; a handle adds only its unplug policy. Calls that change QEMU run through
 //! [`Vm::call`]: their span, and the rule that they run to their end.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use crate::kinds::{Device, DeviceKind, Plug};
 use crate::life::{self, PowerVia, Stopped};
 use crate::medium::{self, MediumOptions, TrayStatus};
 use crate::migration::migrate::{self, MigrationOptions, Progress};
+use crate::migration::save;
 use crate::onlining::{self, Onlined};
 use crate::qemu::unplug::{self, UnplugPolicy};
 use crate::reconcile::{self, Reconciled};
@@ -1132,6 +1133,45 @@ impl Vm {
             downtime: millis(info.downtime),
             elapsed: start.elapsed(),
         })
+    }
+
+    /// Saves the VM to a new file at `path` (refused if one is there) and stops it: the
+    /// migration stream goes into the file, `progress` told at each status change and pass, and
+    /// QEMU quits once it completed. [`Vm::restore`] brings it back. A save that fails (its file
+    /// system full) leaves the VM running as it was and removes the file: [`Error::Migration`]
+    /// with QEMU's reason. Dropping the future cancels the save, as a migration's.
+    pub async fn save(
+        &self,
+        path: impl AsRef<Path>,
+        progress: impl FnMut(&Progress),
+    ) -> Result<()> {
+        let span = hotplug_span("save", &self.spec().name);
+        save::save(&self.core, path.as_ref(), progress)
+            .instrument(span)
+            .await?;
+        Ok(())
+    }
+
+    /// Restores a VM saved with [`Vm::save`] into a new QEMU launched from `launcher` (the saved
+    /// VM's spec, every hot-plugged device in: [`Vm::spec`] kept before the save), which waits
+    /// for the file (`-incoming defer`) and runs on where the guest was once it is read. A
+    /// restore that fails quits the new QEMU.
+    pub async fn restore(launcher: Launcher, path: impl AsRef<Path>) -> Result<Vm> {
+        let mut launcher = launcher;
+        launcher.spec_mut().incoming = true;
+        launcher.spec_mut().paused = false;
+        let span = hotplug_span("restore", &launcher.spec().name);
+        let vm = Vm::launch(launcher).await?;
+        let restored = save::restore(&vm.core, path.as_ref())
+            .instrument(span)
+            .await;
+        if let Err(error) = restored {
+            if let Err(e) = vm.core.quit().await {
+                tracing::warn!(error = %e, "quitting the QEMU a restore failed in");
+            }
+            return Err(error);
+        }
+        Ok(vm)
     }
 
     /// Cancels this VM's outgoing migration (`migrate_cancel`): the pending [`migrate`](Vm::migrate)

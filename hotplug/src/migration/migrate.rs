@@ -194,9 +194,29 @@ pub(crate) async fn cancel(core: &Core) -> Result<()> {
 }
 
 /// Sends `migrate_cancel` if dropped armed: a migration future dropped part-way cancels.
-struct CancelOnDrop {
+pub(crate) struct CancelOnDrop {
     source: Arc<Core>,
     armed: bool,
+}
+
+impl CancelOnDrop {
+    /// Not armed yet: nothing is sent until [`arm`](CancelOnDrop::arm).
+    pub(crate) fn new(source: Arc<Core>) -> CancelOnDrop {
+        CancelOnDrop {
+            source,
+            armed: false,
+        }
+    }
+
+    /// From now on a drop cancels: `migrate` is about to be sent.
+    pub(crate) fn arm(&mut self) {
+        self.armed = true;
+    }
+
+    /// The migration ended: a drop does nothing.
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
 }
 
 impl Drop for CancelOnDrop {
@@ -249,15 +269,12 @@ pub(crate) async fn migrate(
     let name = source.state().spec().name.clone();
     let span = hotplug_span("migrate", &name);
     let was_running = source.client.execute(&QueryStatus).await?.running;
-    let mut guard = CancelOnDrop {
-        source: source.clone(),
-        armed: false,
-    };
+    let mut guard = CancelOnDrop::new(source.clone());
     *source.outgoing() = Migrating::Running;
     let outcome = run_migration(source, target, &options, progress, &mut guard)
         .instrument(span.clone())
         .await;
-    guard.armed = false;
+    guard.disarm();
     *source.outgoing() = match outcome {
         Ok(_) => Migrating::Completed,
         Err(_) => Migrating::None,
@@ -416,7 +433,7 @@ async fn start(
             format!("fd:{}", names::MIGRATE_OUT_FD)
         }
     };
-    guard.armed = true;
+    guard.arm();
     step(
         "migrate",
         source
@@ -505,7 +522,10 @@ async fn final_figures(source: &Core) -> Result<MigrationInfo> {
 }
 
 /// After a cancel: waits for the migration's final status.
-async fn await_end(source: &Core, events: &mut qhotplug_qmp::EventStream) -> Result<MigrationInfo> {
+pub(crate) async fn await_end(
+    source: &Core,
+    events: &mut qhotplug_qmp::EventStream,
+) -> Result<MigrationInfo> {
     loop {
         let info = source.client.execute(&QueryMigrate).await?;
         if is_final(&info) {
@@ -577,7 +597,7 @@ async fn listen(target: &Core, transport: &Transport) -> Result<Outgoing> {
 }
 
 /// Sets capabilities, each checked against what this QEMU knows.
-async fn set_capabilities(client: &Client, caps: &[(&str, bool)]) -> Result<()> {
+pub(crate) async fn set_capabilities(client: &Client, caps: &[(&str, bool)]) -> Result<()> {
     let known = client.execute(&QueryMigrateCapabilities).await?;
     if let Some((missing, _)) = caps
         .iter()
@@ -603,7 +623,7 @@ async fn set_capabilities(client: &Client, caps: &[(&str, bool)]) -> Result<()> 
     Ok(())
 }
 
-fn progress_of(info: &MigrationInfo) -> Progress {
+pub(crate) fn progress_of(info: &MigrationInfo) -> Progress {
     let ram = info.ram.clone().unwrap_or_default();
     Progress {
         status: info.status.clone().unwrap_or_default(),
@@ -617,7 +637,7 @@ fn progress_of(info: &MigrationInfo) -> Progress {
 }
 
 /// True once a migration has ended, one way or the other.
-fn is_final(info: &MigrationInfo) -> bool {
+pub(crate) fn is_final(info: &MigrationInfo) -> bool {
     matches!(
         info.status.as_deref(),
         Some("completed" | "failed" | "cancelled")
@@ -625,7 +645,7 @@ fn is_final(info: &MigrationInfo) -> bool {
 }
 
 /// The outcome of a migration that ended with `info`.
-fn ended(info: MigrationInfo) -> Result<MigrationInfo> {
+pub(crate) fn ended(info: MigrationInfo) -> Result<MigrationInfo> {
     match info.status.as_deref() {
         Some("completed") => Ok(info),
         Some("cancelled") => Err(Error::Migration(MigrationFailure::Cancelled)),
